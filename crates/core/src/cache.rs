@@ -1,0 +1,310 @@
+//! The per-backend key cache.
+//!
+//! A tenant's entry holds its unwrapped data keys (every non-revoked DEK version, so old rows
+//! decrypt without another KMS call) and is valid for the TTL counted from the root-key unwrap
+//! that produced it. Loading a tenant costs exactly one root-key unwrap (the tenant key); the DEKs
+//! are unwrapped locally and the tenant key is wiped at once, never cached. Evicted, replaced and
+//! cleared entries are dropped, which zeroizes their key schedules.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::datakey::DataKey;
+use crate::provider::{KeyContext, KeyProvider, ProviderError};
+use crate::wrap::{self, WrapAad};
+
+/// A wrapped DEK as stored in the extension's tables.
+#[derive(Debug, Clone)]
+pub struct WrappedDek {
+    pub version: u32,
+    pub wrapped: Vec<u8>,
+}
+
+/// Everything needed to load a tenant's keys, as read from the extension's tables.
+#[derive(Debug, Clone)]
+pub struct TenantRecord {
+    pub tenant: String,
+    pub tenant_key_id: u32,
+    pub wrapped_tenant_key: Vec<u8>,
+    pub active_dek_version: u32,
+    pub deks: Vec<WrappedDek>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadError {
+    Provider(ProviderError),
+    /// A DEK did not unwrap under the tenant key: the key tables were altered.
+    CorruptDataKey { version: u32 },
+    /// The record names an active DEK version that is not among its DEKs.
+    NoActiveDataKey,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Provider(e) => e.fmt(f),
+            LoadError::CorruptDataKey { version } => {
+                write!(f, "data key version {version} does not unwrap under its tenant key")
+            }
+            LoadError::NoActiveDataKey => f.write_str("the tenant has no active data key"),
+        }
+    }
+}
+impl std::error::Error for LoadError {}
+
+/// One tenant's unwrapped keys.
+pub struct TenantKeys {
+    tenant_key_id: u32,
+    active_version: u32,
+    deks: Vec<DataKey>,
+    loaded_at: Instant,
+    hits: u64,
+}
+
+impl TenantKeys {
+    /// Unwraps the tenant key through `provider` (one root-key unwrap), then every DEK locally.
+    pub fn load(provider: &mut dyn KeyProvider, rec: &TenantRecord, now: Instant) -> Result<Self, LoadError> {
+        let ctx = KeyContext { tenant: &rec.tenant, tenant_key_id: rec.tenant_key_id };
+        let kek = provider.unwrap_tenant_key(&ctx, &rec.wrapped_tenant_key).map_err(LoadError::Provider)?;
+        let mut deks = Vec::with_capacity(rec.deks.len());
+        for d in &rec.deks {
+            let aad = WrapAad::DataKey { tenant: &rec.tenant, tenant_key_id: rec.tenant_key_id, version: d.version };
+            let dek = wrap::unwrap_key(&kek, &aad, &d.wrapped)
+                .map_err(|_| LoadError::CorruptDataKey { version: d.version })?;
+            deks.push(DataKey::new(rec.tenant_key_id, d.version, &dek));
+        }
+        drop(kek);
+        if !deks.iter().any(|d| d.version() == rec.active_dek_version) {
+            return Err(LoadError::NoActiveDataKey);
+        }
+        Ok(TenantKeys { tenant_key_id: rec.tenant_key_id, active_version: rec.active_dek_version, deks, loaded_at: now, hits: 0 })
+    }
+
+    pub fn tenant_key_id(&self) -> u32 {
+        self.tenant_key_id
+    }
+    pub fn active_version(&self) -> u32 {
+        self.active_version
+    }
+    pub fn versions(&self) -> Vec<u32> {
+        self.deks.iter().map(|d| d.version()).collect()
+    }
+    pub fn loaded_at(&self) -> Instant {
+        self.loaded_at
+    }
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    /// The DEK new values are encrypted with.
+    pub fn active(&mut self) -> &mut DataKey {
+        let v = self.active_version;
+        self.deks.iter_mut().find(|d| d.version() == v).expect("checked at load")
+    }
+
+    /// The DEK of a given version, if this tenant has it (revoked versions are never loaded).
+    pub fn version(&mut self, version: u32) -> Option<&mut DataKey> {
+        self.deks.iter_mut().find(|d| d.version() == version)
+    }
+}
+
+/// Counters a backend reports in `envelope.status()`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Root-key unwraps (provider calls) made by this cache since the backend started.
+    pub root_unwraps: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub expirations: u64,
+}
+
+/// A cached tenant: its keys and whatever the caller keeps with them (the SQL layer keeps the
+/// roles allowed to use the tenant and the provider name).
+pub struct CacheEntry<M> {
+    pub keys: TenantKeys,
+    pub meta: M,
+}
+
+/// Tenant name -> unwrapped keys, with a TTL counted from the unwrap.
+pub struct KeyCache<M = ()> {
+    ttl: Duration,
+    entries: HashMap<String, CacheEntry<M>>,
+    stats: CacheStats,
+}
+
+impl<M> KeyCache<M> {
+    pub fn new(ttl: Duration) -> Self {
+        KeyCache { ttl, entries: HashMap::new(), stats: CacheStats::default() }
+    }
+
+    pub fn set_ttl(&mut self, ttl: Duration) {
+        self.ttl = ttl;
+    }
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The tenant's keys if cached and younger than the TTL. An expired entry is evicted
+    /// (zeroized) and `None` returned.
+    pub fn get(&mut self, tenant: &str, now: Instant) -> Option<&mut CacheEntry<M>> {
+        let expired = match self.entries.get(tenant) {
+            None => {
+                self.stats.misses += 1;
+                return None;
+            }
+            Some(e) => now.saturating_duration_since(e.keys.loaded_at) >= self.ttl,
+        };
+        if expired {
+            self.entries.remove(tenant);
+            self.stats.expirations += 1;
+            self.stats.misses += 1;
+            return None;
+        }
+        self.stats.hits += 1;
+        let e = self.entries.get_mut(tenant).expect("present");
+        e.keys.hits += 1;
+        Some(e)
+    }
+
+    /// Loads a tenant (one root-key unwrap) and caches it, replacing any older entry.
+    pub fn load(
+        &mut self,
+        provider: &mut dyn KeyProvider,
+        rec: &TenantRecord,
+        meta: M,
+        now: Instant,
+    ) -> Result<&mut CacheEntry<M>, LoadError> {
+        self.stats.root_unwraps += 1;
+        let mut keys = TenantKeys::load(provider, rec, now)?;
+        keys.hits = 1;
+        self.entries.insert(rec.tenant.clone(), CacheEntry { keys, meta });
+        Ok(self.entries.get_mut(&rec.tenant).expect("just inserted"))
+    }
+
+    /// Drops one tenant's keys (zeroizing them).
+    pub fn evict(&mut self, tenant: &str) -> bool {
+        self.entries.remove(tenant).is_some()
+    }
+
+    /// Drops every entry (zeroizing them): backend exit, revocation, configuration change.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Cached tenants, for status output: (tenant, keys). Never exposes key bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &CacheEntry<M>)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::testing::InsecureTestProvider;
+    use crate::rng::BackendRng;
+    use crate::secret::SecretKey;
+
+    pub(crate) fn make_tenant(p: &mut dyn KeyProvider, name: &str, id: u32, versions: &[u32]) -> TenantRecord {
+        let kek = SecretKey::generate().unwrap();
+        let wrapped_tenant_key = p.wrap_tenant_key(&KeyContext { tenant: name, tenant_key_id: id }, &kek).unwrap();
+        let deks = versions
+            .iter()
+            .map(|&v| {
+                let dek = SecretKey::generate().unwrap();
+                let aad = WrapAad::DataKey { tenant: name, tenant_key_id: id, version: v };
+                WrappedDek { version: v, wrapped: wrap::wrap_key(&kek, &aad, &dek).unwrap() }
+            })
+            .collect();
+        TenantRecord {
+            tenant: name.into(),
+            tenant_key_id: id,
+            wrapped_tenant_key,
+            active_dek_version: *versions.last().unwrap(),
+            deks,
+        }
+    }
+
+    #[test]
+    fn one_unwrap_per_tenant_per_ttl() {
+        let mut p = InsecureTestProvider::new();
+        let unwraps = p.unwraps.clone();
+        let tenants: Vec<_> = (0..100).map(|i| make_tenant(&mut p, &format!("t{i}"), i + 1, &[1])).collect();
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(3600));
+        let mut rng = BackendRng::new();
+        let start = Instant::now();
+        for row in 0..100_000u32 {
+            let rec = &tenants[(row % 100) as usize];
+            let now = start + Duration::from_millis(row as u64 / 100);
+            let entry = match cache.get(&rec.tenant, now) {
+                Some(e) => e,
+                None => cache.load(&mut p, rec, (), now).unwrap(),
+            };
+            let _ = entry.keys.active().encrypt(&mut rng, &rec.tenant, None, b"v");
+        }
+        assert_eq!(unwraps.get(), 100);
+        assert_eq!(cache.stats().root_unwraps, 100);
+        // After the TTL every tenant costs one more unwrap, and only one.
+        let later = start + Duration::from_secs(3600);
+        for rec in &tenants {
+            for _ in 0..3 {
+                if cache.get(&rec.tenant, later).is_none() {
+                    cache.load(&mut p, rec, (), later).unwrap();
+                }
+            }
+        }
+        assert_eq!(unwraps.get(), 200);
+        assert_eq!(cache.stats().expirations, 100);
+    }
+
+    #[test]
+    fn old_versions_decrypt_without_another_unwrap() {
+        let mut p = InsecureTestProvider::new();
+        let rec = make_tenant(&mut p, "acme", 1, &[1, 2]);
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let mut rng = BackendRng::new();
+        let keys = &mut cache.load(&mut p, &rec, (), now).unwrap().keys;
+        assert_eq!(keys.active_version(), 2);
+        let old = keys.version(1).unwrap().encrypt(&mut rng, "acme", None, b"old");
+        let env = crate::envelope::Envelope::parse(&old).unwrap();
+        let keys = &mut cache.get("acme", now).unwrap().keys;
+        assert_eq!(keys.version(env.dek_version).unwrap().decrypt("acme", None, &old).unwrap(), b"old");
+        assert_eq!(p.unwraps.get(), 1);
+    }
+
+    #[test]
+    fn provider_failure_and_corrupt_dek_fail_closed() {
+        let mut p = InsecureTestProvider::new();
+        let mut rec = make_tenant(&mut p, "acme", 1, &[1]);
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(60));
+        p.fail_with = Some(ProviderError::Unavailable("down".into()));
+        assert!(matches!(cache.load(&mut p, &rec, (), Instant::now()), Err(LoadError::Provider(_))));
+        assert!(cache.is_empty());
+        p.fail_with = None;
+        rec.deks[0].wrapped[20] ^= 1;
+        assert_eq!(cache.load(&mut p, &rec, (), Instant::now()).err(), Some(LoadError::CorruptDataKey { version: 1 }));
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn wrapped_tenant_key_moved_between_tenants_does_not_load() {
+        let mut p = InsecureTestProvider::new();
+        let a = make_tenant(&mut p, "acme", 1, &[1]);
+        let mut b = make_tenant(&mut p, "globex", 2, &[1]);
+        b.wrapped_tenant_key = a.wrapped_tenant_key.clone();
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(60));
+        assert_eq!(
+            cache.load(&mut p, &b, (), Instant::now()).err(),
+            Some(LoadError::Provider(ProviderError::UnwrapFailed))
+        );
+    }
+}

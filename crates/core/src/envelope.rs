@@ -1,0 +1,171 @@
+//! Envelope format v1: the bytes stored for every encrypted value.
+//!
+//! ```text
+//! offset  length  field
+//! 0       1       format version            0x01
+//! 1       1       algorithm                 0x01 = XAES-256-GCM, HMAC-SHA-256 key commitment
+//! 2       4       tenant key id             u32, big-endian
+//! 6       4       data key (DEK) version    u32, big-endian
+//! 10      32      key commitment            HMAC-SHA-256(DEK, "pg_envelope/v1/key-commitment")
+//! 42      24      nonce                     XAES-256-GCM 192-bit nonce
+//! 66      n       ciphertext                n = plaintext length
+//! 66+n    16      GCM tag
+//! ```
+//!
+//! The additional authenticated data (AAD) is
+//! `header[0..42] || u32be(len(tenant)) || tenant || 0x00` without a context, or
+//! `... || 0x01 || u32be(len(context)) || context` with one, so a ciphertext moved to another
+//! tenant or another context fails to decrypt, and a NULL context differs from an empty one.
+//! `docs/envelope-format.md` is the normative description; golden envelopes in
+//! `crates/core/tests/golden/` pin it.
+
+/// Format version byte of v1 envelopes.
+pub const VERSION_1: u8 = 0x01;
+/// Algorithm byte: XAES-256-GCM with an HMAC-SHA-256 key commitment in the header.
+pub const ALG_XAES_256_GCM_HMAC_COMMIT: u8 = 0x01;
+
+pub const COMMITMENT_LEN: usize = 32;
+pub const NONCE_LEN: usize = 24;
+pub const TAG_LEN: usize = 16;
+/// Header bytes before the nonce (version, algorithm, key id, DEK version, commitment).
+pub const HEADER_LEN: usize = 1 + 1 + 4 + 4 + COMMITMENT_LEN;
+/// Bytes an envelope adds to the plaintext.
+pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+
+/// The structural failure of an envelope that does not parse. Deliberately says nothing about
+/// which byte was wrong; callers turn it into the same opaque decryption error as a bad tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedEnvelope;
+
+/// A parsed, not yet authenticated, view of an envelope.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub tenant_key_id: u32,
+    pub dek_version: u32,
+    pub commitment: &'a [u8; COMMITMENT_LEN],
+    pub nonce: &'a [u8; NONCE_LEN],
+    header: &'a [u8; HEADER_LEN],
+    pub ciphertext: &'a [u8],
+    pub tag: &'a [u8; TAG_LEN],
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses the layout. Never panics, whatever the input; authenticity is checked later by
+    /// [`crate::DataKey::decrypt`].
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, MalformedEnvelope> {
+        if bytes.len() < OVERHEAD {
+            return Err(MalformedEnvelope);
+        }
+        if bytes[0] != VERSION_1 || bytes[1] != ALG_XAES_256_GCM_HMAC_COMMIT {
+            return Err(MalformedEnvelope);
+        }
+        let (header, rest) = bytes.split_at(HEADER_LEN);
+        let (nonce, rest) = rest.split_at(NONCE_LEN);
+        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let header: &[u8; HEADER_LEN] = header.try_into().map_err(|_| MalformedEnvelope)?;
+        Ok(Envelope {
+            tenant_key_id: u32::from_be_bytes(header[2..6].try_into().map_err(|_| MalformedEnvelope)?),
+            dek_version: u32::from_be_bytes(header[6..10].try_into().map_err(|_| MalformedEnvelope)?),
+            commitment: header[10..HEADER_LEN].try_into().map_err(|_| MalformedEnvelope)?,
+            nonce: nonce.try_into().map_err(|_| MalformedEnvelope)?,
+            header,
+            ciphertext,
+            tag: tag.try_into().map_err(|_| MalformedEnvelope)?,
+        })
+    }
+
+    /// The header bytes (everything before the nonce), as authenticated in the AAD.
+    pub fn header(&self) -> &'a [u8; HEADER_LEN] {
+        self.header
+    }
+
+    /// Length of the plaintext this envelope decrypts to.
+    pub fn plaintext_len(&self) -> usize {
+        self.ciphertext.len()
+    }
+}
+
+/// Length of the envelope for a plaintext of `plaintext_len` bytes.
+pub const fn envelope_len(plaintext_len: usize) -> usize {
+    plaintext_len + OVERHEAD
+}
+
+/// Writes the v1 header into `out[..HEADER_LEN]`.
+pub(crate) fn write_header(
+    out: &mut [u8],
+    tenant_key_id: u32,
+    dek_version: u32,
+    commitment: &[u8; COMMITMENT_LEN],
+) {
+    out[0] = VERSION_1;
+    out[1] = ALG_XAES_256_GCM_HMAC_COMMIT;
+    out[2..6].copy_from_slice(&tenant_key_id.to_be_bytes());
+    out[6..10].copy_from_slice(&dek_version.to_be_bytes());
+    out[10..HEADER_LEN].copy_from_slice(commitment);
+}
+
+/// Builds the AAD into `buf` (cleared first) and returns it.
+pub(crate) fn build_aad<'b>(
+    buf: &'b mut Vec<u8>,
+    header: &[u8],
+    tenant: &str,
+    context: Option<&[u8]>,
+) -> &'b [u8] {
+    buf.clear();
+    buf.extend_from_slice(header);
+    buf.extend_from_slice(&(tenant.len() as u32).to_be_bytes());
+    buf.extend_from_slice(tenant.as_bytes());
+    match context {
+        None => buf.push(0),
+        Some(c) => {
+            buf.push(1);
+            buf.extend_from_slice(&(c.len() as u32).to_be_bytes());
+            buf.extend_from_slice(c);
+        }
+    }
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_is_82_bytes() {
+        assert_eq!(OVERHEAD, 82);
+        assert_eq!(envelope_len(0), 82);
+    }
+
+    #[test]
+    fn short_and_unknown_inputs_are_malformed() {
+        assert!(Envelope::parse(&[]).is_err());
+        assert!(Envelope::parse(&[1u8; OVERHEAD - 1]).is_err());
+        let mut v = vec![0u8; OVERHEAD];
+        v[0] = VERSION_1;
+        v[1] = ALG_XAES_256_GCM_HMAC_COMMIT;
+        assert!(Envelope::parse(&v).is_ok());
+        v[0] = 2;
+        assert!(Envelope::parse(&v).is_err());
+        v[0] = VERSION_1;
+        v[1] = 9;
+        assert!(Envelope::parse(&v).is_err());
+    }
+
+    #[test]
+    fn null_and_empty_context_differ_in_aad() {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let x = build_aad(&mut a, b"h", "t", None).to_vec();
+        let y = build_aad(&mut b, b"h", "t", Some(b"")).to_vec();
+        assert_ne!(x, y);
+    }
+
+    #[test]
+    fn tenant_and_context_boundaries_are_unambiguous() {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let x = build_aad(&mut a, b"h", "ab", Some(b"c")).to_vec();
+        let y = build_aad(&mut b, b"h", "a", Some(b"bc")).to_vec();
+        assert_ne!(x, y);
+    }
+}

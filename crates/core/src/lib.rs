@@ -1,0 +1,25 @@
+//! pg_envelope's pure-Rust core: no PostgreSQL in here.
+//!
+//! * [`envelope`]: the self-describing ciphertext format (v1), parsing and AAD.
+//! * [`DataKey`]: field encryption under one data key (XAES-256-GCM, key-committing).
+//! * [`wrap`]: wrapping keys under keys (DEKs under tenant keys; `local` root wrapping).
+//! * [`provider`]: the root-of-trust trait and the `local` provider.
+//! * [`KeyCache`]: per-backend cache of unwrapped tenant keys with a TTL.
+//! * [`BackendRng`]: the per-process, fork-aware nonce generator.
+//! * [`SecretKey`]: key bytes that zeroize on drop and cannot be printed.
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod cache;
+pub mod datakey;
+pub mod envelope;
+pub mod provider;
+pub mod rng;
+pub mod secret;
+pub mod wrap;
+
+pub use cache::{CacheEntry, CacheStats, KeyCache, LoadError, TenantKeys, TenantRecord, WrappedDek};
+pub use datakey::{DataKey, DecryptError};
+pub use envelope::{envelope_len, Envelope, MalformedEnvelope, OVERHEAD};
+pub use provider::{local::LocalProvider, KeyContext, KeyProvider, ProviderError};
+pub use rng::BackendRng;
+pub use secret::{SecretKey, KEY_LEN};

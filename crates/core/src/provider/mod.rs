@@ -1,0 +1,66 @@
+//! Key providers: where the root key lives.
+//!
+//! A provider wraps and unwraps tenant keys (KEKs) under a root key that, for real KMSs and
+//! HSMs, never leaves the key server. Every implementation binds the tenant (name and key id)
+//! to the wrapped bytes: as AES-GCM associated data, a Transit `associated_data`, an AWS
+//! `EncryptionContext`, and so on. A wrapped key moved to another tenant must fail to unwrap.
+//!
+//! Errors carry only non-secret detail (paths, modes, HTTP statuses, provider names), never key
+//! bytes, tokens or PINs; they are safe to show in an error message.
+
+pub mod local;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+use crate::secret::SecretKey;
+
+/// What a tenant key is bound to when it is wrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyContext<'a> {
+    pub tenant: &'a str,
+    pub tenant_key_id: u32,
+}
+
+/// Failures of a key provider. Messages are safe to log: no secret ever goes into them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderError {
+    /// The provider is not set up (no root key file configured, unknown provider kind).
+    NotConfigured(String),
+    /// The provider's configuration is unsafe or invalid (file mode, key length, options).
+    Misconfigured(String),
+    /// The key server or file could not be reached or read right now; may succeed later.
+    Unavailable(String),
+    /// The provider refused the operation (permissions, authentication).
+    Denied(String),
+    /// The wrapped key does not open with this root key and tenant binding: a different root
+    /// key, a wrapped key copied from another tenant, or tampering. Opaque on purpose.
+    UnwrapFailed,
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProviderError::NotConfigured(m) => write!(f, "key provider not configured: {m}"),
+            ProviderError::Misconfigured(m) => write!(f, "key provider misconfigured: {m}"),
+            ProviderError::Unavailable(m) => write!(f, "key provider unavailable: {m}"),
+            ProviderError::Denied(m) => write!(f, "key provider refused the request: {m}"),
+            ProviderError::UnwrapFailed => f.write_str(
+                "the tenant key does not unwrap with this provider's root key (wrong root key, or the wrapped key was altered or moved)",
+            ),
+        }
+    }
+}
+impl std::error::Error for ProviderError {}
+
+/// A root of trust that wraps and unwraps tenant keys.
+pub trait KeyProvider {
+    /// The provider kind, as used in `envelope.add_key_provider(name, kind, ...)`: `local`, ...
+    fn kind(&self) -> &'static str;
+    /// Non-secret facts about the provider for `envelope.status()` (e.g. the key file path).
+    fn describe(&self) -> Vec<(&'static str, String)>;
+    /// Wraps a fresh tenant key under the root key, bound to `ctx`.
+    fn wrap_tenant_key(&mut self, ctx: &KeyContext<'_>, key: &SecretKey) -> Result<Vec<u8>, ProviderError>;
+    /// Unwraps a tenant key. Each call is one "root-key unwrap" (one KMS round trip for remote
+    /// providers); the key cache exists to keep their number at one per tenant per TTL.
+    fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError>;
+}

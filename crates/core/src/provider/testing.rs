@@ -1,0 +1,90 @@
+//! A provider for tests that OFFERS NO SECURITY.
+//!
+//! Its "root key" is a constant compiled into this crate, known to everyone who can read the
+//! source. It exists so that unit tests can count root-key unwraps and inject failures without a
+//! file or a key server. It is only compiled for tests or with the `testing` feature, and the
+//! extension never offers it as a provider kind.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use super::{KeyContext, KeyProvider, ProviderError};
+use crate::secret::SecretKey;
+use crate::wrap::{self, WrapAad};
+
+const PUBLICLY_KNOWN_ROOT_KEY: [u8; 32] = *b"pg_envelope-insecure-test-root!!";
+
+/// Counts calls; can be told to fail, as an unreachable KMS would.
+#[derive(Default)]
+pub struct InsecureTestProvider {
+    pub unwraps: Rc<Cell<u64>>,
+    pub wraps: Rc<Cell<u64>>,
+    pub fail_with: Option<ProviderError>,
+}
+
+impl InsecureTestProvider {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn root() -> SecretKey {
+        SecretKey::from_slice(&PUBLICLY_KNOWN_ROOT_KEY).expect("32 bytes")
+    }
+}
+
+impl KeyProvider for InsecureTestProvider {
+    fn kind(&self) -> &'static str {
+        "insecure_test"
+    }
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        vec![("security", "none: the root key is a public constant (tests only)".into())]
+    }
+    fn wrap_tenant_key(&mut self, ctx: &KeyContext<'_>, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        if let Some(e) = &self.fail_with {
+            return Err(e.clone());
+        }
+        self.wraps.set(self.wraps.get() + 1);
+        let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id };
+        wrap::wrap_key(&Self::root(), &aad, key).map_err(|e| ProviderError::Unavailable(e.to_string()))
+    }
+    fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError> {
+        if let Some(e) = &self.fail_with {
+            return Err(e.clone());
+        }
+        self.unwraps.set(self.unwraps.get() + 1);
+        let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id };
+        wrap::unwrap_key(&Self::root(), &aad, wrapped).map_err(|_| ProviderError::UnwrapFailed)
+    }
+}
+
+/// The provider contract: every real provider must pass it (run from each provider's tests
+/// against its real server). `other` must be the same kind of provider with a different root key.
+pub fn provider_contract(p: &mut dyn KeyProvider, other: &mut dyn KeyProvider) {
+    let kek = SecretKey::generate().unwrap();
+    let ctx = KeyContext { tenant: "contract-tenant", tenant_key_id: 41 };
+    let wrapped = p.wrap_tenant_key(&ctx, &kek).expect("wrap");
+    assert!(!wrapped.windows(32).any(|w| w == kek.expose()), "wrapped form contains the key");
+    let again = p.wrap_tenant_key(&ctx, &kek).expect("wrap twice");
+    assert_ne!(wrapped, again, "wrapping must be randomized");
+    let back = p.unwrap_tenant_key(&ctx, &wrapped).expect("unwrap");
+    assert_eq!(back.expose(), kek.expose(), "round trip");
+    // Bound to the tenant name and to the key id.
+    let moved = KeyContext { tenant: "other-tenant", tenant_key_id: 41 };
+    assert!(p.unwrap_tenant_key(&moved, &wrapped).is_err(), "unwrapped for another tenant");
+    let renumbered = KeyContext { tenant: "contract-tenant", tenant_key_id: 42 };
+    assert!(p.unwrap_tenant_key(&renumbered, &wrapped).is_err(), "unwrapped under another key id");
+    // Tampering, truncation and garbage fail cleanly.
+    let mut t = wrapped.clone();
+    let mid = t.len() / 2;
+    t[mid] ^= 0x01;
+    assert!(p.unwrap_tenant_key(&ctx, &t).is_err(), "tampered");
+    assert!(p.unwrap_tenant_key(&ctx, &wrapped[..wrapped.len() - 1]).is_err(), "truncated");
+    assert!(p.unwrap_tenant_key(&ctx, b"").is_err(), "empty");
+    assert!(p.unwrap_tenant_key(&ctx, &[0u8; 200]).is_err(), "garbage");
+    // A different root key cannot unwrap it.
+    assert!(other.unwrap_tenant_key(&ctx, &wrapped).is_err(), "unwrapped under another root key");
+    // Errors never echo key material.
+    if let Err(e) = other.unwrap_tenant_key(&ctx, &wrapped) {
+        let msg = e.to_string();
+        assert!(!msg.as_bytes().windows(8).any(|w| kek.expose().windows(8).any(|k| k == w)));
+    }
+}

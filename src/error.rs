@@ -1,0 +1,172 @@
+//! The SQL layer's one error type, mapped to SQLSTATEs at the boundary.
+//!
+//! Messages never contain plaintext, key bytes, wrapped keys, tokens or query text. Decryption
+//! failures are opaque: a wrong tenant, a wrong context, a tampered or truncated value and a
+//! different key all produce the same message and SQLSTATE.
+
+use pg_envelope_core::{LoadError, ProviderError};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug)]
+pub enum EnvelopeError {
+    /// The tenant setting is unset or empty.
+    TenantUnset { setting: String },
+    /// No tenant of that name exists.
+    TenantUnknown { tenant: String },
+    /// The current role is not allowed to use the tenant's keys.
+    TenantDenied { tenant: String, role: String },
+    /// `create_tenant` for a name that exists.
+    TenantExists { tenant: String },
+    /// An invalid tenant name (empty, too long, control characters).
+    InvalidTenantName,
+    /// Any decryption failure. Deliberately says nothing more.
+    DecryptFailed,
+    /// The decrypted bytes are not valid text in the database encoding (decrypt_field on a
+    /// value that was encrypted from bytea).
+    NotText,
+    /// The plaintext is larger than `envelope.max_value_size`.
+    TooLarge { size: usize, limit: usize },
+    /// The named key provider does not exist.
+    ProviderUnknown { provider: String },
+    /// A key provider failed.
+    Provider { provider: String, error: ProviderError },
+    /// A stored DEK does not unwrap under its tenant key.
+    CorruptKeys { tenant: String, detail: String },
+    /// The library was not loaded through shared_preload_libraries.
+    NotPreloaded,
+    /// A catalog query failed in a way that is not the user's fault.
+    Internal(String),
+}
+
+impl EnvelopeError {
+    pub fn from_load(tenant: &str, provider: &str, e: LoadError) -> Self {
+        match e {
+            LoadError::Provider(error) => EnvelopeError::Provider { provider: provider.to_string(), error },
+            other => EnvelopeError::CorruptKeys { tenant: tenant.to_string(), detail: other.to_string() },
+        }
+    }
+
+    fn parts(&self) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
+        use PgSqlErrorCode::*;
+        match self {
+            EnvelopeError::TenantUnset { setting } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_envelope: no tenant is set ({setting} is unset or empty)"),
+                Some("Nothing was encrypted or decrypted; pg_envelope never stores plaintext in place of a ciphertext.".into()),
+                Some(format!("SET LOCAL {setting} = '<tenant>' in the transaction (the same setting your RLS policies read).")),
+            ),
+            EnvelopeError::TenantUnknown { tenant } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_envelope: tenant \"{tenant}\" does not exist"),
+                None,
+                Some("A key administrator creates it with SELECT envelope.create_tenant('<tenant>').".into()),
+            ),
+            EnvelopeError::TenantDenied { tenant, role } => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("pg_envelope: role \"{role}\" may not use the keys of tenant \"{tenant}\""),
+                Some("Setting the tenant is not proof of identity: the role must be granted the tenant. Superusers are not exempt.".into()),
+                Some(format!("A key administrator runs SELECT envelope.grant_tenant('{tenant}', '<role>').")),
+            ),
+            EnvelopeError::TenantExists { tenant } => (
+                ERRCODE_DUPLICATE_OBJECT,
+                format!("pg_envelope: tenant \"{tenant}\" already exists"),
+                None,
+                Some("create_tenant never replaces keys; pick another name, or rotate the existing tenant's keys.".into()),
+            ),
+            EnvelopeError::InvalidTenantName => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                "pg_envelope: invalid tenant name".into(),
+                Some("A tenant name is 1 to 255 bytes with no control characters.".into()),
+                None,
+            ),
+            EnvelopeError::DecryptFailed => (
+                ERRCODE_DATA_EXCEPTION,
+                "pg_envelope: decryption failed".into(),
+                Some("The value is not a ciphertext of the current tenant and context, or it was altered.".into()),
+                Some("Check the tenant setting and the context argument.".into()),
+            ),
+            EnvelopeError::NotText => (
+                ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                "pg_envelope: the decrypted value is not valid text in the database encoding".into(),
+                None,
+                Some("It was probably encrypted from bytea: use envelope.decrypt_field_bytea().".into()),
+            ),
+            EnvelopeError::TooLarge { size, limit } => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("pg_envelope: value of {size} bytes exceeds envelope.max_value_size ({limit} bytes)"),
+                None,
+                Some("A superuser can raise envelope.max_value_size, up to about 1 GB.".into()),
+            ),
+            EnvelopeError::ProviderUnknown { provider } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_envelope: key provider \"{provider}\" does not exist"),
+                None,
+                Some("See SELECT * FROM envelope.key_providers.".into()),
+            ),
+            EnvelopeError::Provider { provider, error } => {
+                let (code, hint) = match error {
+                    ProviderError::NotConfigured(_) => (
+                        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        Some(if provider == "local" {
+                            "Set envelope.local_root_key_file in postgresql.conf to a 32-byte key file (mode 0600) and reload.".to_string()
+                        } else {
+                            "Check the provider's configuration in envelope.key_providers.".to_string()
+                        }),
+                    ),
+                    ProviderError::Misconfigured(_) => (ERRCODE_CONFIG_FILE_ERROR, None),
+                    ProviderError::Unavailable(_) => (ERRCODE_SYSTEM_ERROR, Some("Retry when the key provider is reachable.".into())),
+                    ProviderError::Denied(_) => (ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION, None),
+                    ProviderError::UnwrapFailed => (
+                        ERRCODE_DATA_EXCEPTION,
+                        Some("The provider holds a different root key than the one this tenant was created with.".into()),
+                    ),
+                };
+                (code, format!("pg_envelope: key provider \"{provider}\": {error}"), None, hint)
+            }
+            EnvelopeError::CorruptKeys { tenant, detail } => (
+                ERRCODE_DATA_CORRUPTED,
+                format!("pg_envelope: the stored keys of tenant \"{tenant}\" are damaged: {detail}"),
+                None,
+                Some("Restore envelope.tenants and envelope.data_keys from a backup.".into()),
+            ),
+            EnvelopeError::NotPreloaded => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_envelope must be loaded at server start".into(),
+                None,
+                Some("Add pg_envelope to shared_preload_libraries in postgresql.conf and restart the server.".into()),
+            ),
+            EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),
+        }
+    }
+
+    /// Raises the error as a PostgreSQL ERROR. Does not return.
+    pub fn raise(self) -> ! {
+        let (code, message, detail, hint) = self.parts();
+        let mut report = ErrorReport::new(code, message, "pg_envelope");
+        if let Some(d) = detail {
+            report = report.set_detail(d);
+        }
+        if let Some(h) = hint {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EnvelopeError>;
+
+/// Unwraps a result or raises its error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

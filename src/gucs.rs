@@ -1,0 +1,89 @@
+//! Every setting pg_envelope reads, with typed accessors and deliberate contexts.
+//!
+//! | setting                       | context  | default          | who can change it            |
+//! |-------------------------------|----------|------------------|------------------------------|
+//! | envelope.tenant_setting       | SUSET    | app.tenant_id    | superusers                   |
+//! | envelope.key_cache_ttl        | SUSET    | 1h               | superusers                   |
+//! | envelope.max_value_size       | SUSET    | 256MB            | superusers                   |
+//! | envelope.local_root_key_file  | SIGHUP   | (unset)          | postgresql.conf only         |
+//!
+//! None of them holds a secret: the root key file's *path* is configuration; its content is
+//! read by the `local` provider and never stored in a setting. The path is still hidden from
+//! non-superusers (`GUC_SUPERUSER_ONLY`).
+
+use std::ffi::{CStr, CString};
+use std::time::Duration;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+pub static TENANT_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"app.tenant_id"));
+pub static KEY_CACHE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
+pub static LOCAL_ROOT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Largest accepted `envelope.max_value_size`: 1 GiB (PostgreSQL's varlena limit) minus room for
+/// the 82-byte envelope overhead and the varlena header, rounded down to whole kB.
+pub const MAX_VALUE_SIZE_LIMIT_KB: i32 = 1024 * 1024 - 1;
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"envelope.tenant_setting",
+        c"Name of the setting that holds the current tenant (the one RLS policies read).",
+        c"encrypt_field, decrypt_field and the encrypted types read the tenant from this setting. Unset or empty fails closed.",
+        &TENANT_SETTING,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.key_cache_ttl",
+        c"How long a backend keeps a tenant's unwrapped keys, counted from the root-key unwrap.",
+        c"After it expires the next use unwraps the tenant key again (one key-provider call).",
+        &KEY_CACHE_TTL_S,
+        1,
+        7 * 24 * 3600,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.max_value_size",
+        c"Largest plaintext pg_envelope encrypts.",
+        c"Larger values are refused with SQLSTATE 54000. The hard ceiling is PostgreSQL's 1 GB value limit.",
+        &MAX_VALUE_SIZE_KB,
+        1,
+        MAX_VALUE_SIZE_LIMIT_KB,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_string_guc(
+        c"envelope.local_root_key_file",
+        c"Absolute path of the local provider's root key file (32 bytes, mode 0600). Development only.",
+        c"The file must be owned by the server's OS user, with no group or other permissions, outside the data directory.",
+        &LOCAL_ROOT_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+}
+
+/// The name of the tenant setting, borrowed from the GUC without allocating.
+pub fn tenant_setting_name() -> &'static CStr {
+    let p = unsafe { *TENANT_SETTING.as_ptr() };
+    if p.is_null() {
+        c"app.tenant_id"
+    } else {
+        // SAFETY: the GUC machinery keeps the string alive until the setting changes, which
+        // cannot happen while a function reads it.
+        unsafe { CStr::from_ptr(p) }
+    }
+}
+
+pub fn key_cache_ttl() -> Duration {
+    Duration::from_secs(KEY_CACHE_TTL_S.get().max(1) as u64)
+}
+
+pub fn max_value_size() -> usize {
+    MAX_VALUE_SIZE_KB.get().max(1) as usize * 1024
+}
+
+pub fn local_root_key_file() -> Option<String> {
+    LOCAL_ROOT_KEY_FILE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+}
