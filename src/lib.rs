@@ -1,2 +1,240 @@
+//! pg_envelope: envelope encryption inside PostgreSQL.
+//!
+//! This crate is the thin SQL layer: settings (`gucs`), the error mapping to SQLSTATEs
+//! (`error`), backend state and the key cache glue (`backend`), catalog access (`catalog`) and
+//! the SQL functions (`api`, `status`). The cryptography, key types, cache and providers live in
+//! the pure-Rust `pg_envelope_core` crate.
+
 use pgrx::prelude::*;
+
+mod api;
+mod backend;
+mod catalog;
+mod error;
+mod gucs;
+mod status;
+
 ::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        use backend::EPOCH;
+        pgrx::pg_shmem_init!(EPOCH);
+        backend::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    // Wipe cached keys when the backend exits. The nonce generator is NOT touched here: in the
+    // postmaster this runs before fork, and each backend must seed its own.
+    unsafe { pg_sys::on_proc_exit(Some(backend::on_proc_exit), pg_sys::Datum::from(0)) };
+}
+
+extension_sql!(
+    r#"
+-- Tenant key ids are the "tenant key id" in every envelope header: never reused.
+CREATE SEQUENCE tenant_id_seq AS integer MINVALUE 1 NO CYCLE;
+
+CREATE TABLE key_providers (
+    name        text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    kind        text NOT NULL CHECK (kind IN ('local')),
+    options     jsonb NOT NULL DEFAULT '{}'::jsonb,
+    builtin     boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE key_providers IS 'Root-of-trust providers. Options never hold secrets: credentials are file paths.';
+INSERT INTO key_providers (name, kind, builtin) VALUES ('local', 'local', true);
+
+CREATE TABLE tenants (
+    id          integer PRIMARY KEY,
+    name        text NOT NULL UNIQUE CHECK (octet_length(name) BETWEEN 1 AND 255),
+    provider    text NOT NULL REFERENCES key_providers (name),
+    wrapped_key bytea NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tenants IS 'One tenant key (KEK) per tenant, wrapped by its provider''s root key.';
+
+CREATE TABLE data_keys (
+    tenant_id   integer NOT NULL REFERENCES tenants (id),
+    version     integer NOT NULL CHECK (version > 0),
+    wrapped_key bytea NOT NULL,
+    state       text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'retired', 'revoked')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, version)
+);
+CREATE UNIQUE INDEX data_keys_one_active ON data_keys (tenant_id) WHERE state = 'active';
+COMMENT ON TABLE data_keys IS 'Data keys (DEKs), versioned, each wrapped by its tenant key.';
+
+CREATE TABLE tenant_grants (
+    tenant_id   integer NOT NULL REFERENCES tenants (id),
+    grantee     regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, grantee)
+);
+COMMENT ON TABLE tenant_grants IS 'Roles allowed to use a tenant''s keys (members of these roles too; superusers are not exempt).';
+
+-- Key tables travel with pg_dump: a restore needs no key server, and the restored database
+-- decrypts with the same root key.
+SELECT pg_catalog.pg_extension_config_dump('key_providers', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('tenants', '');
+SELECT pg_catalog.pg_extension_config_dump('data_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('tenant_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('tenant_id_seq', '');
+
+REVOKE ALL ON key_providers, tenants, data_keys, tenant_grants FROM PUBLIC;
+REVOKE ALL ON SEQUENCE tenant_id_seq FROM PUBLIC;
+"#,
+    name = "bootstrap",
+    bootstrap
+);
+
+extension_sql!(
+    r#"
+GRANT USAGE ON SCHEMA envelope TO PUBLIC;
+-- Key management: not for PUBLIC. Grant EXECUTE to a key-administrator role as needed.
+REVOKE ALL ON FUNCTION create_tenant(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION grant_tenant(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION revoke_tenant(text, text) FROM PUBLIC;
+-- Monitoring: superusers and pg_monitor.
+REVOKE ALL ON FUNCTION status() FROM PUBLIC;
+REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION status() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION key_cache() TO pg_monitor;
+-- encrypt_field / decrypt_field stay executable by PUBLIC: every call checks the tenant grant.
+"#,
+    name = "privileges",
+    finalize
+);
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn setup_tenant(name: &str) {
+        Spi::run(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM envelope.tenants WHERE name = '{name}') THEN
+                 PERFORM envelope.create_tenant('{name}');
+               END IF;
+               PERFORM envelope.grant_tenant('{name}', current_user);
+             END $$"
+        ))
+        .unwrap();
+    }
+
+    fn root_unwraps() -> i64 {
+        Spi::get_one::<i64>("SELECT (envelope.status()->'backend'->>'root_unwraps')::bigint").unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn round_trip_text_bytea_and_context() {
+        setup_tenant("pgt_acme");
+        Spi::run("SET LOCAL app.tenant_id = 'pgt_acme'").unwrap();
+        let t = Spi::get_one::<String>("SELECT envelope.decrypt_field(envelope.encrypt_field('héllo wörld'))").unwrap();
+        assert_eq!(t.as_deref(), Some("héllo wörld"));
+        let b = Spi::get_one::<Vec<u8>>(
+            "SELECT envelope.decrypt_field_bytea(envelope.encrypt_field('\\x00ff10'::bytea, 'users.blob'), 'users.blob')",
+        )
+        .unwrap();
+        assert_eq!(b, Some(vec![0x00, 0xff, 0x10]));
+        let empty = Spi::get_one::<String>("SELECT envelope.decrypt_field(envelope.encrypt_field(''))").unwrap();
+        assert_eq!(empty.as_deref(), Some(""));
+        let null = Spi::get_one::<Vec<u8>>("SELECT envelope.encrypt_field(NULL::text)").unwrap();
+        assert_eq!(null, None);
+        // Randomized: the same plaintext never gives the same envelope.
+        let same = Spi::get_one::<bool>("SELECT envelope.encrypt_field('x') = envelope.encrypt_field('x')").unwrap();
+        assert_eq!(same, Some(false));
+        // 82 bytes of overhead.
+        let len = Spi::get_one::<i32>("SELECT octet_length(envelope.encrypt_field('abc'))").unwrap();
+        assert_eq!(len, Some(85));
+    }
+
+    #[pg_test]
+    fn one_root_unwrap_per_tenant_for_a_million_rows() {
+        for i in 0..100 {
+            setup_tenant(&format!("pgt_bulk_{i}"));
+        }
+        let before = root_unwraps();
+        // Each row switches the tenant (set_config runs first in the row), then encrypts.
+        let n = Spi::get_one::<i64>(
+            "SELECT count(envelope.encrypt_field(i::text))
+               FROM generate_series(1, 1000000) AS i,
+                    LATERAL (SELECT set_config('app.tenant_id', 'pgt_bulk_' || (i % 100), true)) AS s",
+        )
+        .unwrap();
+        assert_eq!(n, Some(1_000_000));
+        assert_eq!(root_unwraps() - before, 100, "exactly one root-key unwrap per tenant");
+        let cached = Spi::get_one::<i64>("SELECT count(*) FROM envelope.key_cache() WHERE tenant LIKE 'pgt_bulk_%'").unwrap();
+        assert_eq!(cached, Some(100));
+        let hits = Spi::get_one::<i64>("SELECT sum(hits)::bigint FROM envelope.key_cache() WHERE tenant LIKE 'pgt_bulk_%'").unwrap();
+        assert!(hits.unwrap() >= 1_000_000);
+    }
+
+    #[pg_test]
+    fn cache_expires_after_ttl_then_costs_one_unwrap() {
+        setup_tenant("pgt_ttl");
+        Spi::run("SET LOCAL app.tenant_id = 'pgt_ttl'").unwrap();
+        Spi::run("SET LOCAL envelope.key_cache_ttl = '1s'").unwrap();
+        Spi::run("SELECT envelope.encrypt_field('warm')").unwrap();
+        let before = root_unwraps();
+        Spi::run("SELECT envelope.encrypt_field('hit')").unwrap();
+        assert_eq!(root_unwraps(), before, "within the TTL: no unwrap");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        Spi::run("SELECT envelope.encrypt_field('after ttl')").unwrap();
+        Spi::run("SELECT envelope.encrypt_field('after ttl again')").unwrap();
+        assert_eq!(root_unwraps(), before + 1, "after the TTL: exactly one unwrap");
+    }
+
+    #[pg_test]
+    fn wrong_tenant_and_tampering_fail() {
+        setup_tenant("pgt_a");
+        setup_tenant("pgt_b");
+        Spi::run("SET LOCAL app.tenant_id = 'pgt_a'").unwrap();
+        let env = Spi::get_one::<Vec<u8>>("SELECT envelope.encrypt_field('only for a', 'ctx')").unwrap().unwrap();
+        let try_decrypt = |tenant: &str, bytes: &[u8], ctx: &str| -> bool {
+            Spi::run(&format!("SET LOCAL app.tenant_id = '{tenant}'")).unwrap();
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            PgTryBuilder::new(|| {
+                Spi::get_one::<String>(&format!("SELECT envelope.decrypt_field('\\x{hex}'::bytea, {ctx})")).is_ok()
+            })
+            .catch_others(|_| false)
+            .execute()
+        };
+        assert!(try_decrypt("pgt_a", &env, "'ctx'"));
+        assert!(!try_decrypt("pgt_b", &env, "'ctx'"));
+        assert!(!try_decrypt("pgt_a", &env, "'other'"));
+        assert!(!try_decrypt("pgt_a", &env, "NULL"));
+        for i in [0usize, 1, 5, 9, 20, 50, 70, env.len() - 1] {
+            let mut t = env.clone();
+            t[i] ^= 0x40;
+            assert!(!try_decrypt("pgt_a", &t, "'ctx'"), "byte {i}");
+        }
+        assert!(!try_decrypt("pgt_a", &env[..env.len() - 1], "'ctx'"));
+    }
+
+    #[pg_test]
+    fn nonce_generator_is_seeded_in_the_backend_not_the_postmaster() {
+        setup_tenant("pgt_seed");
+        Spi::run("SET LOCAL app.tenant_id = 'pgt_seed'").unwrap();
+        Spi::run("SELECT envelope.encrypt_field('x')").unwrap();
+        let seeds = Spi::get_one::<i64>("SELECT (envelope.status()->'backend'->>'nonce_rng_seeds')::bigint").unwrap();
+        assert_eq!(seeds, Some(1));
+        let preloaded = Spi::get_one::<bool>("SELECT (envelope.status()->>'preloaded')::bool").unwrap();
+        assert_eq!(preloaded, Some(true));
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        // scripts/test.sh creates this key (32 random bytes, mode 0600, owned by postgres).
+        let key = std::env::var("PGE_TEST_ROOT_KEY").unwrap_or_else(|_| "/var/lib/pg_envelope-dev/pgrx-test-root.key".into());
+        vec![
+            "shared_preload_libraries = 'pg_envelope'",
+            Box::leak(format!("envelope.local_root_key_file = '{key}'").into_boxed_str()),
+        ]
+    }
+}

@@ -1,0 +1,248 @@
+//! Backend-local state: the key cache, the nonce generator, and the shared invalidation epoch.
+//!
+//! A PostgreSQL backend is one single-threaded process, so the state lives in a thread-local
+//! owned by the backend's main thread. It is created on first use (after the postmaster forked
+//! this backend, so the nonce generator is seeded here) and wiped at backend exit.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use pg_envelope_core::{BackendRng, DataKey, Envelope, KeyCache, KeyProvider, LocalProvider, ProviderError, TenantKeys};
+use pgrx::prelude::*;
+use pgrx::PgAtomic;
+
+use crate::catalog;
+use crate::error::{EnvelopeError, Result};
+use crate::gucs;
+
+/// Bumped (after commit) by every change to keys or grants; a backend that sees a new value
+/// drops its whole cache before its next key use. Lives in shared memory.
+pub static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_envelope_epoch") };
+/// Set in `_PG_init` when loaded through shared_preload_libraries (shared memory exists).
+pub static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// What the SQL layer keeps next to a tenant's cached keys.
+pub struct TenantMeta {
+    pub provider: String,
+    pub grantees: Vec<pg_sys::Oid>,
+    /// The last role that passed the grant check: repeated calls by the same role skip it.
+    pub last_allowed_role: pg_sys::Oid,
+}
+
+pub struct Backend {
+    pub cache: KeyCache<TenantMeta>,
+    pub epoch_seen: u64,
+    /// Provider calls per provider name, since the backend started.
+    pub provider_calls: HashMap<String, u64>,
+}
+
+thread_local! {
+    static BACKEND: RefCell<Option<Backend>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this backend's state, creating it on first use.
+pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
+    BACKEND.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let b = slot.get_or_insert_with(|| Backend {
+            cache: KeyCache::new(gucs::key_cache_ttl()),
+            epoch_seen: current_epoch(),
+            provider_calls: HashMap::new(),
+        });
+        f(b)
+    })
+}
+
+/// Drops every cached key (zeroizing it). Registered for backend exit.
+pub fn wipe() {
+    BACKEND.with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut() {
+            if let Some(b) = slot.as_mut() {
+                b.cache.clear();
+            }
+        }
+    });
+}
+
+pub unsafe extern "C-unwind" fn on_proc_exit(_code: i32, _arg: pg_sys::Datum) {
+    wipe();
+}
+
+fn current_epoch() -> u64 {
+    if PRELOADED.load(Ordering::Relaxed) {
+        EPOCH.get().load(Ordering::Acquire)
+    } else {
+        0
+    }
+}
+
+/// Announces a committed change of keys or grants to every backend. Called from a commit
+/// callback, so an aborted change announces nothing and a committed one is visible to the
+/// catalog reads that follow the bump.
+pub fn bump_epoch() {
+    if PRELOADED.load(Ordering::Relaxed) {
+        EPOCH.get().fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Registers [`bump_epoch`] for the end of the current transaction (once per transaction)
+/// and drops this backend's own cache right away.
+pub fn invalidate_after_commit() {
+    thread_local! { static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    with_backend(|b| b.cache.clear());
+    if !REGISTERED.with(|r| r.replace(true)) {
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+            bump_epoch();
+            REGISTERED.with(|r| r.set(false));
+        });
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
+            REGISTERED.with(|r| r.set(false));
+        });
+    }
+}
+
+/// The current tenant from the tenant setting, or `TenantUnset`. Borrowed from the GUC; no copy.
+pub fn current_tenant() -> Result<&'static str> {
+    let name = gucs::tenant_setting_name();
+    let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+    let unset = || EnvelopeError::TenantUnset { setting: name.to_string_lossy().into_owned() };
+    if value.is_null() {
+        return Err(unset());
+    }
+    // SAFETY: GetConfigOption returns the GUC's current string, valid until the setting changes.
+    let s = unsafe { CStr::from_ptr(value) }.to_str().map_err(|_| unset())?;
+    if s.is_empty() {
+        return Err(unset());
+    }
+    Ok(s)
+}
+
+/// Builds the provider for a tenant. Providers are cheap to build (the local provider reads its
+/// file on each use and keeps nothing), so none is cached.
+fn provider_for(name: &str, kind: &str) -> Result<Box<dyn KeyProvider>> {
+    match kind {
+        "local" => match gucs::local_root_key_file() {
+            Some(path) => Ok(Box::new(LocalProvider::new(path))),
+            None => Err(EnvelopeError::Provider {
+                provider: name.to_string(),
+                error: ProviderError::NotConfigured("envelope.local_root_key_file is not set".into()),
+            }),
+        },
+        other => Err(EnvelopeError::Provider {
+            provider: name.to_string(),
+            error: ProviderError::NotConfigured(format!("provider kind \"{other}\" is not supported by this build")),
+        }),
+    }
+}
+
+pub fn build_provider(name: &str) -> Result<Box<dyn KeyProvider>> {
+    let kind = catalog::provider_kind(name)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: name.to_string() })?;
+    provider_for(name, &kind)
+}
+
+fn role_allowed(role: pg_sys::Oid, grantees: &[pg_sys::Oid]) -> bool {
+    // Membership, not privilege: a superuser is not a member of every role here, so superusers
+    // too need a grant (directly or through a role they are a member of).
+    grantees.iter().any(|&g| g == role || unsafe { pg_sys::is_member_of_role_nosuper(role, g) })
+}
+
+fn role_name(role: pg_sys::Oid) -> String {
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(role, true);
+        if p.is_null() {
+            format!("oid {}", role.to_u32())
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+impl Backend {
+    fn check_epoch(&mut self) {
+        let e = current_epoch();
+        if e != self.epoch_seen {
+            self.cache.clear();
+            self.epoch_seen = e;
+        }
+        let ttl = gucs::key_cache_ttl();
+        if ttl != self.cache.ttl() {
+            self.cache.set_ttl(ttl);
+        }
+    }
+
+    /// The tenant's keys, loading them (one root-key unwrap) on a miss, after checking that the
+    /// current role may use them.
+    pub fn tenant_keys(&mut self, tenant: &str) -> Result<&mut TenantKeys> {
+        if !PRELOADED.load(Ordering::Relaxed) {
+            return Err(EnvelopeError::NotPreloaded);
+        }
+        self.check_epoch();
+        let role = unsafe { pg_sys::GetUserId() };
+        let now = Instant::now();
+        // Two-step lookup keeps the borrow checker happy about the load on a miss.
+        if self.cache.get(tenant, now).is_none() {
+            let row = catalog::load_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+            // Refuse before any provider call: an unauthorized role costs no KMS traffic.
+            if !role_allowed(role, &row.grantees) {
+                return Err(EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) });
+            }
+            let mut provider = provider_for(&row.provider, &row.provider_kind)?;
+            *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
+            let meta = TenantMeta { provider: row.provider.clone(), grantees: row.grantees, last_allowed_role: role };
+            self.cache
+                .load(provider.as_mut(), &row.record, meta, now)
+                .map_err(|e| EnvelopeError::from_load(tenant, &row.provider, e))?;
+        }
+        let entry = self.cache.get(tenant, now).expect("present after load");
+        if entry.meta.last_allowed_role != role {
+            if !role_allowed(role, &entry.meta.grantees) {
+                return Err(EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) });
+            }
+            entry.meta.last_allowed_role = role;
+        }
+        Ok(&mut entry.keys)
+    }
+}
+
+/// Encrypts for the current tenant.
+pub fn encrypt(plaintext: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
+    let limit = gucs::max_value_size();
+    if plaintext.len() > limit {
+        return Err(EnvelopeError::TooLarge { size: plaintext.len(), limit });
+    }
+    let tenant = current_tenant()?;
+    with_backend(|b| {
+        let dek: &mut DataKey = b.tenant_keys(tenant)?.active();
+        Ok(BACKEND_RNG.with(|r| dek.encrypt(&mut *r.borrow_mut(), tenant, context.map(str::as_bytes), plaintext)))
+    })
+}
+
+thread_local! {
+    /// The nonce generator, kept apart from the cache so both can be borrowed at once.
+    static BACKEND_RNG: RefCell<BackendRng> = const { RefCell::new(BackendRng::new()) };
+}
+
+/// Decrypts for the current tenant. Every failure is the same opaque error.
+pub fn decrypt(envelope: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
+    let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;
+    let tenant = current_tenant()?;
+    with_backend(|b| {
+        let keys = b.tenant_keys(tenant)?;
+        if env.tenant_key_id != keys.tenant_key_id() {
+            return Err(EnvelopeError::DecryptFailed);
+        }
+        let dek = keys.version(env.dek_version).ok_or(EnvelopeError::DecryptFailed)?;
+        let mut out = vec![0u8; env.plaintext_len()];
+        dek.decrypt_into(tenant, context.map(str::as_bytes), &env, &mut out)
+            .map_err(|_| EnvelopeError::DecryptFailed)?;
+        Ok(out)
+    })
+}
+
+/// Number of times this backend's nonce generator seeded itself from the OS.
+pub fn rng_seed_count() -> u64 {
+    BACKEND_RNG.with(|r| r.borrow().seed_count())
+}

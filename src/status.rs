@@ -1,0 +1,110 @@
+//! `envelope.status()` and `envelope.key_cache()`: what this backend holds, never key bytes.
+
+use std::time::Instant;
+
+use pgrx::prelude::*;
+use serde_json::{json, Value};
+
+use crate::backend::{self, PRELOADED};
+use crate::catalog;
+use crate::error::{EnvelopeError, Result};
+use crate::gucs;
+
+type CacheRow = (String, i64, String, i64, Vec<i64>, f64, f64, i64);
+
+pub fn cache_rows() -> Vec<CacheRow> {
+    backend::with_backend(|b| {
+        let now = Instant::now();
+        let ttl = b.cache.ttl().as_secs_f64();
+        let mut rows: Vec<CacheRow> = b
+            .cache
+            .iter()
+            .map(|(tenant, e)| {
+                let age = now.saturating_duration_since(e.keys.loaded_at()).as_secs_f64();
+                (
+                    tenant.to_string(),
+                    e.keys.tenant_key_id() as i64,
+                    e.meta.provider.clone(),
+                    e.keys.active_version() as i64,
+                    e.keys.versions().into_iter().map(i64::from).collect(),
+                    age,
+                    (ttl - age).max(0.0),
+                    e.keys.hits() as i64,
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    })
+}
+
+fn providers() -> Result<Vec<Value>> {
+    let is_superuser = unsafe { pg_sys::superuser() };
+    let rows: Vec<(String, String)> = catalog::as_extension_owner(|| {
+        Spi::connect(|client| {
+            let mut out = Vec::new();
+            let table = client
+                .select("SELECT name, kind FROM envelope.key_providers ORDER BY name", None, &[])
+                .map_err(|e| EnvelopeError::Internal(e.to_string()))?;
+            for r in table {
+                let name: Option<String> = r.get(1).map_err(|e| EnvelopeError::Internal(e.to_string()))?;
+                let kind: Option<String> = r.get(2).map_err(|e| EnvelopeError::Internal(e.to_string()))?;
+                out.push((name.unwrap_or_default(), kind.unwrap_or_default()));
+            }
+            Ok::<_, EnvelopeError>(out)
+        })
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, kind)| {
+            let mut v = json!({ "name": name, "kind": kind });
+            if kind == "local" {
+                v["configured"] = json!(gucs::local_root_key_file().is_some());
+                v["security"] = json!("root key is a file on the database server: development and tests only");
+                // The path is configuration, not a secret, but like the setting itself it is
+                // shown to superusers only.
+                if is_superuser {
+                    v["root_key_file"] = json!(gucs::local_root_key_file());
+                }
+            }
+            v
+        })
+        .collect())
+}
+
+pub fn status_json() -> Result<Value> {
+    let providers = providers()?;
+    let cache: Vec<Value> = cache_rows()
+        .into_iter()
+        .map(|(tenant, id, provider, active, versions, age, expires, hits)| {
+            json!({
+                "tenant": tenant, "tenant_key_id": id, "provider": provider,
+                "active_dek_version": active, "dek_versions": versions,
+                "age_seconds": age, "expires_in_seconds": expires, "hits": hits,
+            })
+        })
+        .collect();
+    let tenant = backend::current_tenant().ok();
+    Ok(backend::with_backend(|b| {
+        let s = b.cache.stats();
+        json!({
+            "extension_version": env!("CARGO_PKG_VERSION"),
+            "preloaded": PRELOADED.load(std::sync::atomic::Ordering::Relaxed),
+            "tenant_setting": gucs::tenant_setting_name().to_string_lossy(),
+            "current_tenant": tenant,
+            "key_cache_ttl_seconds": gucs::key_cache_ttl().as_secs(),
+            "providers": providers,
+            "backend": {
+                "pid": std::process::id(),
+                "root_unwraps": s.root_unwraps,
+                "provider_calls": b.provider_calls,
+                "cache_hits": s.hits,
+                "cache_misses": s.misses,
+                "cache_expirations": s.expirations,
+                "cached_tenants": b.cache.len(),
+                "nonce_rng_seeds": backend::rng_seed_count(),
+            },
+            "cache": cache,
+        })
+    }))
+}
