@@ -60,6 +60,13 @@ impl std::fmt::Display for DecryptError {
 }
 impl std::error::Error for DecryptError {}
 
+/// XAES-256-GCM key derivation for `key` and nonce prefix `n1`, for known-answer tests only.
+#[doc(hidden)]
+pub fn xaes_derive_for_test(key: &[u8; 32], n1: &[u8; 12]) -> Aes256Gcm {
+    let k = DataKey::new(0, 0, &SecretKey::from_slice(key).expect("32 bytes"));
+    DataKey::derive(&k.kdf, &k.k1, n1)
+}
+
 /// The 96-bit GCM nonce from a 12-byte slice (callers slice exactly 12 bytes).
 pub(crate) fn nonce_of(bytes: &[u8]) -> Nonce<aes_gcm::aead::consts::U12> {
     Nonce::try_from(bytes).expect("12-byte GCM nonce")

@@ -1,0 +1,95 @@
+//! Golden envelopes: bytes produced by format v1, checked into the repository. Every later
+//! version of pg_envelope must still open them, through the whole chain
+//! root key -> wrapped tenant key -> wrapped DEK -> envelope.
+//!
+//! To add vectors after a deliberate format addition (never to change existing ones):
+//! `PGE_REGENERATE_GOLDEN=1 cargo test -p pg_envelope_core --test golden` writes
+//! `tests/golden/v1.generated.txt`; review it and append new lines to `v1.txt`.
+
+use std::collections::HashMap;
+
+use pg_envelope_core::wrap::{self, WrapAad};
+use pg_envelope_core::{DataKey, Envelope, SecretKey};
+use rand_core::SeedableRng;
+
+const GOLDEN: &str = include_str!("golden/v1.txt");
+
+fn fields(line: &str) -> HashMap<&str, &str> {
+    line.split_whitespace().skip(1).filter_map(|kv| kv.split_once('=')).collect()
+}
+
+fn ctx(v: &str) -> Option<Vec<u8>> {
+    (v != "-").then(|| hex::decode(v).unwrap())
+}
+
+#[test]
+fn every_golden_envelope_still_decrypts() {
+    let mut n = 0;
+    for line in GOLDEN.lines().filter(|l| l.starts_with("chain ")) {
+        let f = fields(line);
+        let root = SecretKey::from_slice(&hex::decode(f["root"]).unwrap()).unwrap();
+        let tenant = f["tenant"];
+        let id: u32 = f["tenant_key_id"].parse().unwrap();
+        let version: u32 = f["dek_version"].parse().unwrap();
+        let kek = wrap::unwrap_key(&root, &WrapAad::TenantKey { tenant, tenant_key_id: id }, &hex::decode(f["wrapped_kek"]).unwrap())
+            .expect("golden tenant key unwraps");
+        let dek = wrap::unwrap_key(
+            &kek,
+            &WrapAad::DataKey { tenant, tenant_key_id: id, version },
+            &hex::decode(f["wrapped_dek"]).unwrap(),
+        )
+        .expect("golden DEK unwraps");
+        let mut key = DataKey::new(id, version, &dek);
+        let envelope = hex::decode(f["envelope"]).unwrap();
+        let parsed = Envelope::parse(&envelope).unwrap();
+        assert_eq!((parsed.tenant_key_id, parsed.dek_version), (id, version));
+        let context = ctx(f["context"]);
+        let pt = key.decrypt(tenant, context.as_deref(), &envelope).expect("golden envelope decrypts");
+        assert_eq!(hex::encode(pt), f["plaintext"]);
+        // And it is bound: the other context choice fails.
+        let other = if context.is_some() { None } else { Some(&b""[..]) };
+        assert!(key.decrypt(tenant, other, &envelope).is_err());
+        n += 1;
+    }
+    assert!(n >= 6, "golden file has {n} chains");
+}
+
+#[test]
+fn regenerate_golden_vectors_on_request() {
+    if std::env::var_os("PGE_REGENERATE_GOLDEN").is_none() {
+        return;
+    }
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed([42u8; 32]);
+    let root_bytes = [0x11u8; 32];
+    let root = SecretKey::from_slice(&root_bytes).unwrap();
+    let cases: &[(&str, u32, u32, Option<&[u8]>, &[u8])] = &[
+        ("acme", 7, 1, None, b""),
+        ("acme", 7, 1, None, b"x"),
+        ("acme", 7, 1, Some(b"users.email"), b"alice@example.com"),
+        ("acme", 7, 3, Some(b""), b"empty context, not no context"),
+        ("globex", 12, 2, None, "ünïcödé ✓ 日本".as_bytes()),
+        ("globex", 12, 2, Some(b"orders.note"), &[0xA5; 1000]),
+    ];
+    let mut out = String::from("# generated; review, then append new lines to v1.txt\n");
+    for (tenant, id, version, context, pt) in cases {
+        let kek = SecretKey::generate_with(&mut rng);
+        let dek = SecretKey::generate_with(&mut rng);
+        let wrapped_kek = wrap::wrap_key(&root, &WrapAad::TenantKey { tenant, tenant_key_id: *id }, &kek).unwrap();
+        let wrapped_dek =
+            wrap::wrap_key(&kek, &WrapAad::DataKey { tenant, tenant_key_id: *id, version: *version }, &dek).unwrap();
+        let env = DataKey::new(*id, *version, &dek).encrypt(&mut rng, tenant, *context, pt);
+        out.push_str(&format!(
+            "chain root={} tenant={} tenant_key_id={} dek_version={} wrapped_kek={} wrapped_dek={} context={} plaintext={} envelope={}\n",
+            hex::encode(root_bytes),
+            tenant,
+            id,
+            version,
+            hex::encode(wrapped_kek),
+            hex::encode(wrapped_dek),
+            context.map(hex::encode).unwrap_or_else(|| "-".into()),
+            hex::encode(pt),
+            hex::encode(env)
+        ));
+    }
+    std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v1.generated.txt"), out).unwrap();
+}
