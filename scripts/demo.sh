@@ -14,7 +14,7 @@ bash "$here/cluster.sh" start
 DB=envelope_demo
 pge_psql -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 ||
   pge_psql -d postgres -qc "CREATE DATABASE $DB"
-pge_psql -d "$DB" -f "$here/demo.sql"
+pge_psql -q -d "$DB" -f "$here/demo.sql"
 
 as_root tee "$PGE_ENV_FILE" >/dev/null <<ENV
 # Written by scripts/demo.sh: source it, then run psql.
