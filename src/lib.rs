@@ -13,6 +13,7 @@ mod catalog;
 mod error;
 mod gucs;
 mod status;
+mod types;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -86,6 +87,8 @@ REVOKE ALL ON SEQUENCE tenant_id_seq FROM PUBLIC;
     name = "bootstrap",
     bootstrap
 );
+
+extension_sql_file!("../sql/encrypted_types.sql", name = "encrypted_types", requires = ["bootstrap"]);
 
 extension_sql!(
     r#"

@@ -31,7 +31,8 @@ SELECT p.oid::regprocedure AS function,
        p.provolatile AS volatility, p.proparallel AS parallel, p.proisstrict AS strict, p.prosecdef AS secdef,
        p.proacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS public_execute
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
- WHERE n.nspname = 'envelope' ORDER BY p.oid::regprocedure::text;
+ WHERE n.nspname = 'envelope' AND p.proname !~ '^encrypted_[a-z0-9]+_(in|out|recv|send)$'
+ ORDER BY p.oid::regprocedure::text;
 SELECT c.relname, EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = 0) AS public_access
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = 'envelope' AND c.relkind IN ('r', 'S') ORDER BY 1;

@@ -9,7 +9,7 @@ SELECT envelope.decrypt_field_bytea(envelope.encrypt_field(''::bytea)) = '' AS e
 SELECT envelope.decrypt_field(envelope.encrypt_field('ctx', 'users.email'), 'users.email') AS with_context;
 -- NULL stays NULL; a NULL context is "no context".
 SELECT envelope.encrypt_field(NULL::text) IS NULL AS null_text, envelope.encrypt_field(NULL::bytea) IS NULL AS null_bytea,
-       envelope.decrypt_field(NULL) IS NULL AS null_decrypt, envelope.decrypt_field_bytea(NULL) IS NULL AS null_decrypt_bytea;
+       envelope.decrypt_field(NULL::bytea) IS NULL AS null_decrypt, envelope.decrypt_field_bytea(NULL) IS NULL AS null_decrypt_bytea;
 SELECT envelope.decrypt_field(envelope.encrypt_field('x', NULL)) AS null_context;
 -- Randomized; 82 bytes of overhead; header = version 1, algorithm 1.
 SELECT envelope.encrypt_field('same') <> envelope.encrypt_field('same') AS randomized,

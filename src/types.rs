@@ -1,0 +1,281 @@
+//! Encrypted column types: `envelope.encrypted_text`, `encrypted_bytea`, `encrypted_jsonb`,
+//! `encrypted_int8`, `encrypted_numeric`, `encrypted_date`, `encrypted_timestamptz`.
+//!
+//! Every type stores the same thing: a v1 envelope in a plain varlena. Their I/O is the
+//! envelope itself, so COPY, pg_dump and logical replication move ciphertext with no key:
+//!
+//! * text form: `pge1:` followed by the envelope in standard base64 (with padding);
+//! * binary form (COPY BINARY, binary protocol): the raw envelope bytes.
+//!
+//! The input functions accept only a well-formed envelope. Plaintext never enters through them
+//! (a literal would be converted at parse time, freezing whatever tenant was set then); it
+//! enters through the VOLATILE assignment casts from each base type, evaluated at execution.
+//! Errors never echo the rejected input: it may be plaintext somebody tried to store.
+//!
+//! Each value is bound to its type: the AAD context is `pg_envelope/type/<base type>`, so an
+//! envelope moved between columns of different encrypted types fails to decrypt instead of
+//! decoding into garbage. Plaintext encodings: text and bytea as raw bytes, jsonb as its
+//! canonical text output, and int8, numeric, date and timestamptz as their binary send format
+//! (independent of DateStyle, TimeZone and client_encoding).
+//!
+//! The functions here are plain V1 C functions declared by hand in `sql/encrypted_types.sql`:
+//! one C symbol serves every type, reading the concrete type from its SQL signature.
+
+use std::ffi::CStr;
+
+use base64::Engine;
+use pg_envelope_core::Envelope;
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+use crate::backend;
+use crate::error::OrRaise;
+
+/// Prefix of the text form. The digit is the text-form version, not the envelope version.
+pub const TEXT_PREFIX: &str = "pge1:";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Exports `$name` as a V1 C function (with its `pg_finfo_` record) that runs `$imp` guarded.
+macro_rules! v1_function {
+    ($finfo:ident, $name:ident, $imp:path) => {
+        #[no_mangle]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
+            const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+        #[no_mangle]
+        #[doc(hidden)]
+        #[pg_guard]
+        pub unsafe extern "C-unwind" fn $name(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+            unsafe { $imp(fcinfo) }
+        }
+    };
+}
+
+fn invalid_input(type_hint: String) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+        "pg_envelope: input is not a pg_envelope ciphertext",
+        "pg_envelope",
+    )
+    .set_detail(format!(
+        "Encrypted columns accept only ciphertext in their text form ({TEXT_PREFIX}<base64>); the input is not shown because it may be plaintext."
+    ))
+    .set_hint(format!(
+        "To encrypt, send a typed value: a parameter typed as the base type ($1::{type_hint}), a cast ('...'::{type_hint}), or envelope.encrypt_field()."
+    ))
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// Copies `bytes` into a new palloc'd varlena and returns it as a Datum.
+unsafe fn varlena_datum(bytes: &[u8]) -> pg_sys::Datum {
+    let total = bytes.len() + pg_sys::VARHDRSZ;
+    let ptr = pg_sys::palloc(total) as *mut pg_sys::varlena;
+    pgrx::set_varsize_4b(ptr, total as i32);
+    std::ptr::copy_nonoverlapping(bytes.as_ptr(), pgrx::vardata_4b(ptr) as *mut u8, bytes.len());
+    pg_sys::Datum::from(ptr)
+}
+
+/// The bytes of a (possibly toasted) varlena argument.
+unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8] {
+    let raw = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr::<pg_sys::varlena>();
+    let detoasted = pg_sys::pg_detoast_datum_packed(raw);
+    pgrx::varlena_to_byte_slice(detoasted)
+}
+
+/// Parses the text form into envelope bytes, checking the envelope's structure.
+pub fn parse_text_form(s: &str) -> Option<Vec<u8>> {
+    let b64 = s.strip_prefix(TEXT_PREFIX)?;
+    let bytes = B64.decode(b64).ok()?;
+    Envelope::parse(&bytes).ok()?;
+    Some(bytes)
+}
+
+pub fn text_form(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(TEXT_PREFIX.len() + bytes.len().div_ceil(3) * 4);
+    s.push_str(TEXT_PREFIX);
+    B64.encode_string(bytes, &mut s);
+    s
+}
+
+/// The SQL name of the type a function returns (for hints only).
+unsafe fn declared_base_name(fcinfo: pg_sys::FunctionCallInfo) -> String {
+    let ret = pg_sys::get_fn_expr_rettype((*fcinfo).flinfo);
+    if ret == pg_sys::Oid::INVALID {
+        return "text".into();
+    }
+    let name = pg_sys::format_type_be(ret);
+    // envelope.encrypted_<base> -> <base>
+    let full = CStr::from_ptr(name).to_string_lossy();
+    full.rsplit('.').next().unwrap_or("text").trim_start_matches("encrypted_").to_string()
+}
+
+v1_function!(pg_finfo_pge_envelope_in, pge_envelope_in, envelope_in_impl);
+unsafe fn envelope_in_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let cstr = CStr::from_ptr(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).cast_mut_ptr::<std::ffi::c_char>());
+    match cstr.to_str().ok().and_then(parse_text_form) {
+        Some(bytes) => varlena_datum(&bytes),
+        None => invalid_input(declared_base_name(fcinfo)),
+    }
+}
+
+v1_function!(pg_finfo_pge_envelope_out, pge_envelope_out, envelope_out_impl);
+unsafe fn envelope_out_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let s = text_form(arg_bytes(fcinfo, 0));
+    pg_sys::Datum::from(pgrx::pg_sys::pstrdup(std::ffi::CString::new(s).expect("base64 has no NUL").as_ptr()))
+}
+
+v1_function!(pg_finfo_pge_envelope_recv, pge_envelope_recv, envelope_recv_impl);
+unsafe fn envelope_recv_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let buf = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).cast_mut_ptr::<pg_sys::StringInfoData>();
+    let remaining = ((*buf).len - (*buf).cursor) as usize;
+    let start = (*buf).data.add((*buf).cursor as usize) as *const u8;
+    let bytes = std::slice::from_raw_parts(start, remaining);
+    if Envelope::parse(bytes).is_err() {
+        invalid_input(declared_base_name(fcinfo));
+    }
+    (*buf).cursor = (*buf).len;
+    varlena_datum(bytes)
+}
+
+v1_function!(pg_finfo_pge_envelope_send, pge_envelope_send, envelope_send_impl);
+unsafe fn envelope_send_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    varlena_datum(arg_bytes(fcinfo, 0))
+}
+
+/// How a base type's values become plaintext bytes and back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Raw,
+    TextIo,
+    BinaryIo,
+}
+
+/// Per-call-site cache (in `fn_extra`): the base type, its codec and I/O function.
+#[repr(C)]
+struct TypeIo {
+    base: pg_sys::Oid,
+    codec: Codec,
+    ioparam: pg_sys::Oid,
+    tag: [u8; 48],
+    tag_len: usize,
+    io: pg_sys::FmgrInfo,
+}
+
+impl TypeIo {
+    fn tag(&self) -> &str {
+        std::str::from_utf8(&self.tag[..self.tag_len]).unwrap_or("pg_envelope/type/?")
+    }
+}
+
+/// Looks up (once per call site) the base type of an encrypt (`encrypt = true`: the argument) or
+/// decrypt (the return type) function, and the I/O function its codec needs.
+unsafe fn type_io(fcinfo: pg_sys::FunctionCallInfo, encrypt: bool) -> &'static TypeIo {
+    let flinfo = (*fcinfo).flinfo;
+    if !(*flinfo).fn_extra.is_null() {
+        return &*((*flinfo).fn_extra as *const TypeIo);
+    }
+    let mut argtypes: *mut pg_sys::Oid = std::ptr::null_mut();
+    let mut nargs = 0;
+    let ret = pg_sys::get_func_signature((*flinfo).fn_oid, &mut argtypes, &mut nargs);
+    let base = if encrypt { *argtypes } else { ret };
+    let (codec, name) = match base {
+        pg_sys::TEXTOID => (Codec::Raw, "text"),
+        pg_sys::BYTEAOID => (Codec::Raw, "bytea"),
+        pg_sys::JSONBOID => (Codec::TextIo, "jsonb"),
+        pg_sys::INT8OID => (Codec::BinaryIo, "int8"),
+        pg_sys::NUMERICOID => (Codec::BinaryIo, "numeric"),
+        pg_sys::DATEOID => (Codec::BinaryIo, "date"),
+        pg_sys::TIMESTAMPTZOID => (Codec::BinaryIo, "timestamptz"),
+        other => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("pg_envelope: no encrypted type for base type oid {}", other.to_u32()),
+                "pg_envelope",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
+    };
+    let cache = pg_sys::MemoryContextAllocZero((*flinfo).fn_mcxt, std::mem::size_of::<TypeIo>()) as *mut TypeIo;
+    let c = &mut *cache;
+    c.base = base;
+    c.codec = codec;
+    let tag = format!("pg_envelope/type/{name}");
+    c.tag[..tag.len()].copy_from_slice(tag.as_bytes());
+    c.tag_len = tag.len();
+    let mut func = pg_sys::Oid::INVALID;
+    let mut ioparam = pg_sys::Oid::INVALID;
+    let mut is_varlena = false;
+    match (codec, encrypt) {
+        (Codec::Raw, _) => {}
+        (Codec::TextIo, true) => pg_sys::getTypeOutputInfo(base, &mut func, &mut is_varlena),
+        (Codec::TextIo, false) => pg_sys::getTypeInputInfo(base, &mut func, &mut ioparam),
+        (Codec::BinaryIo, true) => pg_sys::getTypeBinaryOutputInfo(base, &mut func, &mut is_varlena),
+        (Codec::BinaryIo, false) => pg_sys::getTypeBinaryInputInfo(base, &mut func, &mut ioparam),
+    }
+    c.ioparam = ioparam;
+    if func != pg_sys::Oid::INVALID {
+        pg_sys::fmgr_info_cxt(func, &mut c.io, (*flinfo).fn_mcxt);
+    }
+    (*flinfo).fn_extra = cache as *mut std::ffi::c_void;
+    &*cache
+}
+
+// Base type -> encrypted type (the assignment casts and envelope.encrypt_<type>()).
+v1_function!(pg_finfo_pge_encrypt_typed, pge_encrypt_typed, encrypt_typed_impl);
+unsafe fn encrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let io = type_io(fcinfo, true);
+    let value = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+    let envelope = match io.codec {
+        Codec::Raw => backend::encrypt(arg_bytes(fcinfo, 0), Some(io.tag())),
+        Codec::TextIo => {
+            let s = pg_sys::OutputFunctionCall(&io.io as *const _ as *mut _, value);
+            let r = backend::encrypt(CStr::from_ptr(s).to_bytes(), Some(io.tag()));
+            pg_sys::pfree(s as *mut _);
+            r
+        }
+        Codec::BinaryIo => {
+            let b = pg_sys::SendFunctionCall(&io.io as *const _ as *mut _, value);
+            let r = backend::encrypt(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag()));
+            pg_sys::pfree(b as *mut _);
+            r
+        }
+    }
+    .or_raise();
+    varlena_datum(&envelope)
+}
+
+// Encrypted type -> base type (the explicit casts and envelope.decrypt_field(encrypted_<type>)).
+v1_function!(pg_finfo_pge_decrypt_typed, pge_decrypt_typed, decrypt_typed_impl);
+unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let io = type_io(fcinfo, false);
+    let mut plain = backend::decrypt(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
+    let out = match io.codec {
+        Codec::Raw => varlena_datum(&plain),
+        Codec::TextIo => {
+            plain.push(0);
+            let d = pg_sys::InputFunctionCall(
+                &io.io as *const _ as *mut _,
+                plain.as_mut_ptr() as *mut std::ffi::c_char,
+                io.ioparam,
+                -1,
+            );
+            d
+        }
+        Codec::BinaryIo => {
+            let mut si: pg_sys::StringInfoData = std::mem::zeroed();
+            pg_sys::initStringInfo(&mut si);
+            pg_sys::appendBinaryStringInfo(&mut si, plain.as_ptr() as *const std::ffi::c_char, plain.len() as i32);
+            let d = pg_sys::ReceiveFunctionCall(&io.io as *const _ as *mut _, &mut si, io.ioparam, -1);
+            pg_sys::pfree(si.data as *mut _);
+            d
+        }
+    };
+    zeroize::Zeroize::zeroize(&mut plain);
+    out
+}
