@@ -5,6 +5,8 @@
 #   scripts/cluster.sh start     # initdb if needed, root key, start (restart if the .so changed)
 #   scripts/cluster.sh stop
 #   scripts/cluster.sh status
+#   PGE_INSTANCE=pg15-b PGE_PORT=54316 scripts/cluster.sh start   # a second cluster
+#   PGE_NO_ROOT_KEY=1 ...                                           # without the local root key
 #
 # The cluster runs as the postgres OS user, listens on 127.0.0.1:$PGE_PORT (default 54315) and
 # on a Unix socket in $PGE_STATE/run, with shared_preload_libraries = 'pg_envelope' and the
@@ -29,7 +31,7 @@ listen_addresses = '127.0.0.1'
 port = $PGE_PORT
 unix_socket_directories = '$PGE_SOCKDIR'
 shared_preload_libraries = 'pg_envelope'
-envelope.local_root_key_file = '$PGE_ROOT_KEY'
+$( [ "${PGE_NO_ROOT_KEY:-0}" = 1 ] && echo "# envelope.local_root_key_file not set (PGE_NO_ROOT_KEY=1)" || echo "envelope.local_root_key_file = '$PGE_ROOT_KEY'" )
 wal_level = logical
 max_connections = 200
 fsync = off
@@ -40,7 +42,7 @@ CONF
 }
 
 start() {
-  as_root install -d -o postgres -g postgres -m 0755 "$PGE_STATE" "$PGE_STATE/pg15"
+  as_root install -d -o postgres -g postgres -m 0755 "$PGE_STATE" "$PGE_STATE/$PGE_INSTANCE"
   as_root install -d -o postgres -g postgres -m 0700 "$PGE_SOCKDIR"
   pge_make_key "$PGE_ROOT_KEY"
   if [ ! -f "$PGE_DATA/PG_VERSION" ]; then
@@ -55,14 +57,14 @@ start() {
   if pg_ctl -D "$PGE_DATA" status >/dev/null 2>&1; then
     if [ "$so" -nt "$PGE_DATA/postmaster.pid" ]; then
       echo "pg_envelope.so changed: restarting the cluster"
-      pg_ctl -D "$PGE_DATA" -w -m fast restart -l "$PGE_STATE/pg15/server.log" >/dev/null
+      pg_ctl -D "$PGE_DATA" -w -m fast restart -l "$PGE_STATE/$PGE_INSTANCE/server.log" >/dev/null
     else
       pg_ctl -D "$PGE_DATA" reload >/dev/null
     fi
   else
-    pg_ctl -D "$PGE_DATA" -w start -l "$PGE_STATE/pg15/server.log" >/dev/null
+    pg_ctl -D "$PGE_DATA" -w start -l "$PGE_STATE/$PGE_INSTANCE/server.log" >/dev/null
   fi
-  echo "PostgreSQL 15 running: 127.0.0.1:$PGE_PORT and $PGE_SOCKDIR (log: $PGE_STATE/pg15/server.log)"
+  echo "PostgreSQL 15 ($PGE_INSTANCE) running: 127.0.0.1:$PGE_PORT and $PGE_SOCKDIR (log: $PGE_STATE/$PGE_INSTANCE/server.log)"
 }
 
 stop() {

@@ -16,15 +16,18 @@ pge_pg18_config() {
 }
 
 # The project's own PostgreSQL 15 cluster (demo and SQL tests).
+# PGE_INSTANCE names a cluster: "pg15" (the main one, port 54315) or others the integration
+# tests start (e.g. "pg15-b" on 54316).
+PGE_INSTANCE="${PGE_INSTANCE:-pg15}"
 PGE_PORT="${PGE_PORT:-54315}"
 PGE_PG15_BIN=/usr/lib/postgresql/15/bin
 PGE_PG15_CONFIG="$PGE_PG15_BIN/pg_config"
-PGE_DATA="$PGE_STATE/pg15/data"
+PGE_DATA="$PGE_STATE/$PGE_INSTANCE/data"
 PGE_SOCKDIR="$PGE_STATE/run"
 PGE_KEYDIR="$PGE_STATE/keys"
 PGE_ROOT_KEY="$PGE_KEYDIR/root.key"
 PGE_ENV_FILE="$PGE_STATE/demo.env"
-export PGE_PORT PGE_DATA PGE_SOCKDIR PGE_ROOT_KEY
+export PGE_INSTANCE PGE_PORT PGE_DATA PGE_SOCKDIR PGE_ROOT_KEY
 
 # Run a command as the postgres OS user (initdb and postgres refuse root).
 as_postgres() {

