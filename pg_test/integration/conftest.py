@@ -1,0 +1,143 @@
+"""Fixtures for the integration tier: real clients and tools against real clusters.
+
+Cluster A is the project's cluster (scripts/cluster.sh, 127.0.0.1:54315). Cluster B (54316) is a
+second cluster started here without the local root key configured, to show that restores and
+replication need no key. pgbouncer (transaction mode, pool size 1) listens on 127.0.0.1:54320.
+"""
+
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.types.string import StrDumper
+
+ROOT = Path(__file__).resolve().parents[2]
+STATE = Path(os.environ.get("PGE_STATE", "/var/lib/pg_envelope-dev"))
+SOCK = str(STATE / "run")
+PORT_A = int(os.environ.get("PGE_PORT", "54315"))
+PORT_B = 54316
+PORT_BOUNCER = 54320
+BIN = "/usr/lib/postgresql/15/bin"
+APP_ROLE = "integ_app"
+
+
+class TextDumper(StrDumper):
+    """Send Python str as `text` (OID 25) rather than psycopg's default `unknown`, so the server
+    applies the assignment cast (encryption) instead of the type's input function."""
+
+    oid = psycopg.adapters.types["text"].oid
+
+
+def sh(*args, env=None, check=True, **kw):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(args, check=check, capture_output=True, text=True, env=full_env, **kw)
+
+
+def connect(port=PORT_A, dbname="postgres", user="postgres", typed_text=True, **kw):
+    conn = psycopg.connect(host=SOCK, port=port, dbname=dbname, user=user, autocommit=True, **kw)
+    if typed_text:
+        conn.adapters.register_dumper(str, TextDumper)
+    return conn
+
+
+def recreate_db(port, name):
+    with connect(port) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        c.execute(f"CREATE DATABASE {name}")
+
+
+@pytest.fixture(scope="session")
+def canary():
+    return f"CANARY-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def cluster_b():
+    env = {"PGE_INSTANCE": "pg15-b", "PGE_PORT": str(PORT_B), "PGE_NO_ROOT_KEY": "1"}
+    sh("bash", str(ROOT / "scripts/cluster.sh"), "start", env=env)
+    with connect(PORT_B) as c:
+        # Start without the root key each session, whatever an earlier run left.
+        c.execute("ALTER SYSTEM RESET envelope.local_root_key_file")
+        c.execute("SELECT pg_reload_conf()")
+        for role in (APP_ROLE,):
+            c.execute(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') "
+                f"THEN CREATE ROLE {role} LOGIN; END IF; END $$"
+            )
+    time.sleep(0.2)
+    yield PORT_B
+
+
+@pytest.fixture(scope="session")
+def source_db(canary):
+    """Database `envelope_integ` on cluster A: two tenants, the README's RLS schema, an app role."""
+    recreate_db(PORT_A, "envelope_integ")
+    with connect(PORT_A, "envelope_integ") as c:
+        c.execute(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') "
+            f"THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
+        )
+        c.execute("CREATE EXTENSION pg_envelope")
+        for t in ("acme", "globex"):
+            c.execute("SELECT envelope.create_tenant(%s)", (t,))
+            c.execute("SELECT envelope.grant_tenant(%s, %s)", (t, APP_ROLE))
+            c.execute("SELECT envelope.grant_tenant(%s, 'postgres')", (t,))
+        c.execute(
+            """
+            CREATE TABLE users (
+              id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+              tenant text NOT NULL DEFAULT current_setting('app.tenant_id'),
+              email  envelope.encrypted_text,
+              profile envelope.encrypted_jsonb,
+              balance envelope.encrypted_numeric
+            );
+            ALTER TABLE users ENABLE ROW LEVEL SECURITY;
+            ALTER TABLE users FORCE ROW LEVEL SECURITY;
+            CREATE POLICY tenant_isolation ON users
+              USING (tenant = current_setting('app.tenant_id'))
+              WITH CHECK (tenant = current_setting('app.tenant_id'));
+            GRANT SELECT, INSERT, UPDATE, DELETE ON users TO integ_app;
+            CREATE TABLE scratch (id serial PRIMARY KEY, env bytea);
+            GRANT SELECT, INSERT ON scratch TO integ_app;
+            GRANT USAGE ON SEQUENCE scratch_id_seq TO integ_app;
+            """
+        )
+    with connect(PORT_A, "envelope_integ", user=APP_ROLE) as c:
+        for tenant, rows in {
+            "acme": [("alice@acme.test", '{"plan": "gold"}', "10.50"), (f"{canary}@acme.test", '{"k": 1}', "0")],
+            "globex": [("carol@globex.test", '{"plan": "free"}', "-3.25")],
+        }.items():
+            with c.transaction():
+                # SET LOCAL takes no bind parameters; set_config(..., true) is the same thing.
+                c.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant,))
+                for email, profile, balance in rows:
+                    c.execute(
+                        "INSERT INTO users (email, profile, balance) VALUES (%s, %s::jsonb, %s::numeric)",
+                        (email, profile, balance),
+                        prepare=True,
+                    )
+    return "envelope_integ"
+
+
+def plaintexts(port, dbname, tenant, user="postgres"):
+    with connect(port, dbname, user=user) as c:
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant,))
+            return c.execute(
+                "SELECT email::text, profile::jsonb, balance::numeric FROM users WHERE tenant = %s ORDER BY 1",
+                (tenant,),
+            ).fetchall()
+
+
+def ciphertexts(port, dbname):
+    """Every stored envelope, in text form, as the table owner sees it (FORCE RLS: via BYPASSRLS superuser)."""
+    with connect(port, dbname) as c:
+        return sorted(
+            c.execute(
+                "SELECT tenant, email::varchar, profile::varchar, balance::varchar FROM users"
+            ).fetchall()
+        )
