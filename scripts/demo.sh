@@ -12,8 +12,8 @@ bash "$here/cluster.sh" install
 bash "$here/cluster.sh" start
 
 DB=envelope_demo
-pge_psql -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 ||
-  pge_psql -d postgres -qc "CREATE DATABASE $DB"
+# The demo database is recreated on every run, so it always matches the installed extension.
+pge_psql -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 pge_psql -q -d "$DB" -f "$here/demo.sql"
 
 as_root tee "$PGE_ENV_FILE" >/dev/null <<ENV

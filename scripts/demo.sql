@@ -1,5 +1,5 @@
--- pg_envelope demo: two tenants, encrypt, decrypt, and a wrong-tenant attempt that fails.
--- Idempotent: safe to run again.
+-- pg_envelope demo: a multi-tenant table with RLS and encrypted columns; two tenants; encrypt,
+-- decrypt, and attempts that fail closed. Idempotent: safe to run again.
 \set ON_ERROR_STOP on
 \pset footer off
 SET client_min_messages = warning;
@@ -18,44 +18,64 @@ END $$;
 SELECT envelope.grant_tenant('acme', 'demo_app') IS NOT NULL AS granted_acme,
        envelope.grant_tenant('globex', 'demo_app') IS NOT NULL AS granted_globex;
 
-DROP TABLE IF EXISTS demo_notes;
-CREATE TABLE demo_notes (
+-- The schema: the tenant column defaults from the same setting the RLS policy reads.
+DROP TABLE IF EXISTS users;
+CREATE TABLE users (
   id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   tenant text NOT NULL DEFAULT current_setting('app.tenant_id'),
-  note   bytea NOT NULL
+  email  envelope.encrypted_text,
+  ssn    envelope.encrypted_text,
+  salary envelope.encrypted_numeric
 );
-GRANT SELECT, INSERT ON demo_notes TO demo_app;
+ALTER TABLE users ENABLE ROW LEVEL SECURITY;
+ALTER TABLE users FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON users
+  USING (tenant = current_setting('app.tenant_id'))
+  WITH CHECK (tenant = current_setting('app.tenant_id'));
+GRANT SELECT, INSERT, UPDATE, DELETE ON users TO demo_app;
 
 \echo
-\echo '== The application writes as each tenant (SET LOCAL, as a pooled connection would)'
+\echo '== The application writes as each tenant (SET LOCAL per transaction, as a pooled connection would)'
 BEGIN;
 SET LOCAL ROLE demo_app;
 SET LOCAL app.tenant_id = 'acme';
-INSERT INTO demo_notes (note) VALUES (envelope.encrypt_field('acme: launch codes are 0000', 'demo_notes.note'));
+INSERT INTO users (email, ssn, salary) VALUES ('alice@acme.test'::text, '111-22-3333'::text, 120000::numeric),
+                                              ('bob@acme.test'::text, '444-55-6666'::text, 95000::numeric);
 COMMIT;
 BEGIN;
 SET LOCAL ROLE demo_app;
 SET LOCAL app.tenant_id = 'globex';
-INSERT INTO demo_notes (note) VALUES (envelope.encrypt_field('globex: quarterly numbers', 'demo_notes.note'));
+INSERT INTO users (email, ssn, salary) VALUES ('carol@globex.test'::text, '777-88-9999'::text, 150000::numeric);
 COMMIT;
 
-\echo '== What is stored: ciphertext only (envelope v1, 82 bytes of overhead)'
-SELECT id, tenant, octet_length(note) AS bytes, left(encode(note, 'hex'), 40) || '...' AS stored FROM demo_notes ORDER BY id;
+\echo '== What is stored (seen by a superuser, who bypasses RLS): ciphertext only'
+SELECT id, tenant, left(email::varchar, 40) || '...' AS email_as_stored, pg_column_size(email) AS bytes FROM users ORDER BY id;
 
-\echo '== acme reads its own row'
+\echo '== acme reads its own rows (RLS filters, the casts decrypt)'
 BEGIN;
 SET LOCAL ROLE demo_app;
 SET LOCAL app.tenant_id = 'acme';
-SELECT id, envelope.decrypt_field(note, 'demo_notes.note') AS plaintext FROM demo_notes WHERE tenant = 'acme';
+SELECT id, email::text AS email, ssn::text AS ssn, salary::numeric AS salary FROM users ORDER BY id;
 COMMIT;
 
-\echo '== globex tries to decrypt acme''s row: refused, nothing revealed'
+\echo '== A plaintext literal never enters an encrypted column'
 DO $$
-DECLARE v text;
 BEGIN
+  PERFORM set_config('app.tenant_id', 'acme', true);
+  INSERT INTO users (email) VALUES ('typed-as-literal@acme.test');
+  RAISE EXCEPTION 'demo failed: a literal was stored';
+EXCEPTION WHEN invalid_text_representation THEN
+  RAISE WARNING 'as expected: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+END $$;
+
+\echo '== globex tries to decrypt acme''s ciphertext: refused, nothing revealed'
+DO $$
+DECLARE v text; stolen envelope.encrypted_text;
+BEGIN
+  SELECT email INTO stolen FROM users WHERE tenant = 'acme' LIMIT 1;   -- copied out by a superuser
   SET LOCAL ROLE demo_app;
   PERFORM set_config('app.tenant_id', 'globex', true);
-  SELECT envelope.decrypt_field(note, 'demo_notes.note') INTO v FROM demo_notes WHERE tenant = 'acme';
+  v := stolen::text;
   RAISE EXCEPTION 'demo failed: globex decrypted acme''s data';
 EXCEPTION WHEN data_exception THEN
   RAISE WARNING 'as expected: % (SQLSTATE %)', SQLERRM, SQLSTATE;
