@@ -270,7 +270,7 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
         Codec::BinaryIo => {
             let mut si: pg_sys::StringInfoData = std::mem::zeroed();
             pg_sys::initStringInfo(&mut si);
-            pg_sys::appendBinaryStringInfo(&mut si, plain.as_ptr() as *const std::ffi::c_char, plain.len() as i32);
+            pg_sys::appendBinaryStringInfo(&mut si, plain.as_ptr().cast(), plain.len() as i32);
             let d = pg_sys::ReceiveFunctionCall(&io.io as *const _ as *mut _, &mut si, io.ioparam, -1);
             pg_sys::pfree(si.data as *mut _);
             d

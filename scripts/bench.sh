@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The benchmark suite (not part of scripts/test.sh): Criterion for the core, then SQL benchmarks
+# against pgcrypto and a bare AES-256-GCM floor, INSERT cost, pgbench, KMS economy.
+# Writes docs/benchmarks.md and the README's summary table.
+#
+#   scripts/bench.sh                 # full run (about 15-25 minutes on 2 cores)
+#   PGE_BENCH_QUICK=1 scripts/bench.sh   # a smoke run with small row counts
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$here/lib.sh"
+cd "$PGE_ROOT"
+
+bash "$here/setup.sh"
+
+echo "==> Criterion (core)"
+cargo bench -p pg_envelope_benches --bench core
+
+echo "==> install a build WITH the bench-only envelope_bench schema"
+sudo=()
+[ "$(id -u)" = 0 ] || sudo=(--sudo)
+cargo pgrx install --release --pg-config "$PGE_PG15_CONFIG" --features bench-floor "${sudo[@]}"
+bash "$here/cluster.sh" start
+restore_normal_build() {
+  echo "==> reinstall the normal build (no envelope_bench)"
+  bash "$here/cluster.sh" install && bash "$here/cluster.sh" start
+}
+trap restore_normal_build EXIT
+
+args=(--out-json "$PGE_ROOT/benches/results/sql.json")
+if [ "${PGE_BENCH_QUICK:-0}" = 1 ]; then
+  args+=(--rows 100000 --rows-1k 20000 --rounds 2 --pgbench-seconds 5 --pgbench-rounds 1)
+fi
+"$PGE_STATE/py-venv/bin/python" benches/sql/bench.py "${args[@]}"
+"$PGE_STATE/py-venv/bin/python" benches/sql/report.py "$PGE_ROOT/benches/results/sql.json" "scripts/bench.sh"

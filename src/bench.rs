@@ -1,0 +1,63 @@
+//! Benchmark-only SQL functions, compiled only with `--features bench-floor` (never in a
+//! release build: `scripts/bench.sh` installs such a build for the run and reinstalls the normal
+//! one afterwards). They give the benchmarks a floor and a CPU clock.
+
+#[pg_schema]
+mod envelope_bench {
+    use std::cell::RefCell;
+
+    use aes_gcm::aead::{inout::InOutBuf, AeadInOut, KeyInit};
+    use aes_gcm::{Aes256Gcm, Tag};
+    use pg_envelope_core::BackendRng;
+    use pgrx::prelude::*;
+    use rand_core::RngCore;
+
+    thread_local! {
+        /// A fixed, publicly known key: this is a speed floor, not encryption.
+        static FLOOR: RefCell<(Aes256Gcm, BackendRng)> =
+            RefCell::new((Aes256Gcm::new((&[7u8; 32]).into()), BackendRng::new()));
+    }
+
+    /// Bare AES-256-GCM with a cached key and an in-process nonce: nonce || ciphertext || tag.
+    #[pg_extern(volatile, parallel_safe)]
+    fn aes_gcm_floor(data: &[u8]) -> Vec<u8> {
+        FLOOR.with(|f| {
+            let (gcm, rng) = &mut *f.borrow_mut();
+            let mut out = vec![0u8; 12 + data.len() + 16];
+            rng.fill_bytes(&mut out[..12]);
+            let (nonce, rest) = out.split_at_mut(12);
+            let (body, tag_out) = rest.split_at_mut(data.len());
+            let nonce = aes_gcm::Nonce::<aes_gcm::aead::consts::U12>::try_from(&nonce[..]).unwrap();
+            let tag = gcm.encrypt_inout_detached(&nonce, b"", InOutBuf::new(data, body).unwrap()).unwrap();
+            tag_out.copy_from_slice(&tag);
+            out
+        })
+    }
+
+    /// The inverse of `aes_gcm_floor`.
+    #[pg_extern(immutable, parallel_safe)]
+    fn aes_gcm_floor_decrypt(data: &[u8]) -> Vec<u8> {
+        FLOOR.with(|f| {
+            let (gcm, _) = &*f.borrow();
+            if data.len() < 28 {
+                error!("too short");
+            }
+            let nonce = aes_gcm::Nonce::<aes_gcm::aead::consts::U12>::try_from(&data[..12]).unwrap();
+            let ct = &data[12..data.len() - 16];
+            let tag = Tag::try_from(&data[data.len() - 16..]).unwrap();
+            let mut out = vec![0u8; ct.len()];
+            gcm.decrypt_inout_detached(&nonce, b"", InOutBuf::new(ct, &mut out).unwrap(), &tag)
+                .unwrap_or_else(|_| error!("floor decrypt failed"));
+            out
+        })
+    }
+
+    /// This backend's user + system CPU time in nanoseconds (getrusage RUSAGE_SELF).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn backend_cpu_ns() -> i64 {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let ns = |t: libc::timeval| t.tv_sec as i64 * 1_000_000_000 + t.tv_usec as i64 * 1_000;
+        ns(ru.ru_utime) + ns(ru.ru_stime)
+    }
+}
