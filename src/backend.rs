@@ -182,8 +182,9 @@ impl Backend {
         self.check_epoch();
         let role = unsafe { pg_sys::GetUserId() };
         let now = Instant::now();
-        // Two-step lookup keeps the borrow checker happy about the load on a miss.
-        if self.cache.get(tenant, now).is_none() {
+        let entry = if self.cache.contains_fresh(tenant, now) {
+            self.cache.hit(tenant).expect("fresh entry present")
+        } else {
             let row = catalog::load_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
             // Refuse before any provider call: an unauthorized role costs no KMS traffic.
             if !role_allowed(role, &row.grantees) {
@@ -194,9 +195,8 @@ impl Backend {
             let meta = TenantMeta { provider: row.provider.clone(), grantees: row.grantees, last_allowed_role: role };
             self.cache
                 .load(provider.as_mut(), &row.record, meta, now)
-                .map_err(|e| EnvelopeError::from_load(tenant, &row.provider, e))?;
-        }
-        let entry = self.cache.get(tenant, now).expect("present after load");
+                .map_err(|e| EnvelopeError::from_load(tenant, &row.provider, e))?
+        };
         if entry.meta.last_allowed_role != role {
             if !role_allowed(role, &entry.meta.grantees) {
                 return Err(EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) });
@@ -209,6 +209,27 @@ impl Backend {
 
 /// Encrypts for the current tenant.
 pub fn encrypt(plaintext: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
+    encrypt_to::<Vec<u8>>(plaintext, context)
+}
+
+/// A buffer an envelope or a plaintext is written into: a `Vec`, or a palloc'd varlena that is
+/// handed to PostgreSQL without another copy.
+pub trait OutBuf: Sized {
+    fn zeroed(len: usize) -> Self;
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+impl OutBuf for Vec<u8> {
+    fn zeroed(len: usize) -> Self {
+        vec![0u8; len]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+/// Encrypts for the current tenant into a new `B`.
+pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&str>) -> Result<B> {
     let limit = gucs::max_value_size();
     if plaintext.len() > limit {
         return Err(EnvelopeError::TooLarge { size: plaintext.len(), limit });
@@ -216,7 +237,11 @@ pub fn encrypt(plaintext: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
     let tenant = current_tenant()?;
     with_backend(|b| {
         let dek: &mut DataKey = b.tenant_keys(tenant)?.active();
-        Ok(BACKEND_RNG.with(|r| dek.encrypt(&mut *r.borrow_mut(), tenant, context.map(str::as_bytes), plaintext)))
+        let mut out = B::zeroed(pg_envelope_core::envelope_len(plaintext.len()));
+        BACKEND_RNG.with(|r| {
+            dek.encrypt_into(&mut *r.borrow_mut(), tenant, context.map(str::as_bytes), plaintext, out.bytes_mut())
+        });
+        Ok(out)
     })
 }
 
@@ -227,6 +252,11 @@ thread_local! {
 
 /// Decrypts for the current tenant. Every failure is the same opaque error.
 pub fn decrypt(envelope: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
+    decrypt_to::<Vec<u8>>(envelope, context)
+}
+
+/// Decrypts for the current tenant into a new `B`. Every failure is the same opaque error.
+pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&str>) -> Result<B> {
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;
     let tenant = current_tenant()?;
     with_backend(|b| {
@@ -235,8 +265,8 @@ pub fn decrypt(envelope: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
             return Err(EnvelopeError::DecryptFailed);
         }
         let dek = keys.version(env.dek_version).ok_or(EnvelopeError::DecryptFailed)?;
-        let mut out = vec![0u8; env.plaintext_len()];
-        dek.decrypt_into(tenant, context.map(str::as_bytes), &env, &mut out)
+        let mut out = B::zeroed(env.plaintext_len());
+        dek.decrypt_into(tenant, context.map(str::as_bytes), &env, out.bytes_mut())
             .map_err(|_| EnvelopeError::DecryptFailed)?;
         Ok(out)
     })

@@ -2,7 +2,7 @@
 //! release build: `scripts/bench.sh` installs such a build for the run and reinstalls the normal
 //! one afterwards). They give the benchmarks a floor and a CPU clock.
 
-#[pg_schema]
+#[pgrx::pg_schema]
 mod envelope_bench {
     use std::cell::RefCell;
 

@@ -71,6 +71,28 @@ fn invalid_input(type_hint: String) -> ! {
     unreachable!()
 }
 
+/// A palloc'd varlena (4-byte header) written in place and returned to PostgreSQL as is.
+pub struct PallocVarlena(*mut pg_sys::varlena, usize);
+
+impl backend::OutBuf for PallocVarlena {
+    fn zeroed(len: usize) -> Self {
+        unsafe {
+            let ptr = pg_sys::palloc0(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
+            pgrx::set_varsize_4b(ptr, (len + pg_sys::VARHDRSZ) as i32);
+            PallocVarlena(ptr, len)
+        }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(pgrx::vardata_4b(self.0) as *mut u8, self.1) }
+    }
+}
+
+impl PallocVarlena {
+    fn into_datum(self) -> pg_sys::Datum {
+        pg_sys::Datum::from(self.0)
+    }
+}
+
 /// Copies `bytes` into a new palloc'd varlena and returns it as a Datum.
 unsafe fn varlena_datum(bytes: &[u8]) -> pg_sys::Datum {
     let total = bytes.len() + pg_sys::VARHDRSZ;
@@ -231,32 +253,37 @@ v1_function!(pg_finfo_pge_encrypt_typed, pge_encrypt_typed, encrypt_typed_impl);
 unsafe fn encrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let io = type_io(fcinfo, true);
     let value = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
-    let envelope = match io.codec {
-        Codec::Raw => backend::encrypt(arg_bytes(fcinfo, 0), Some(io.tag())),
+    let envelope: PallocVarlena = match io.codec {
+        Codec::Raw => backend::encrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())),
         Codec::TextIo => {
             let s = pg_sys::OutputFunctionCall(&io.io as *const _ as *mut _, value);
-            let r = backend::encrypt(CStr::from_ptr(s).to_bytes(), Some(io.tag()));
+            let r = backend::encrypt_to(CStr::from_ptr(s).to_bytes(), Some(io.tag()));
             pg_sys::pfree(s as *mut _);
             r
         }
         Codec::BinaryIo => {
             let b = pg_sys::SendFunctionCall(&io.io as *const _ as *mut _, value);
-            let r = backend::encrypt(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag()));
+            let r = backend::encrypt_to(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag()));
             pg_sys::pfree(b as *mut _);
             r
         }
     }
     .or_raise();
-    varlena_datum(&envelope)
+    envelope.into_datum()
 }
 
 // Encrypted type -> base type (the explicit casts and envelope.decrypt_field(encrypted_<type>)).
 v1_function!(pg_finfo_pge_decrypt_typed, pge_decrypt_typed, decrypt_typed_impl);
 unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let io = type_io(fcinfo, false);
+    if io.codec == Codec::Raw {
+        // text and bytea: decrypt straight into the result varlena.
+        let out: PallocVarlena = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
+        return out.into_datum();
+    }
     let mut plain = backend::decrypt(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
     let out = match io.codec {
-        Codec::Raw => varlena_datum(&plain),
+        Codec::Raw => unreachable!("handled above"),
         Codec::TextIo => {
             plain.push(0);
             let d = pg_sys::InputFunctionCall(

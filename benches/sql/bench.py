@@ -54,6 +54,7 @@ def setup(rows, rows_1k):
 
 def variants(n, val, suffix):
     gs = f"FROM generate_series(1, {n}) i"
+    tbl = "_s" if suffix == "" else "_k"
     b = f"convert_to({val}, 'UTF8')"
     v = {
         # name: (sql, baseline name)
@@ -64,10 +65,10 @@ def variants(n, val, suffix):
         f"pgp_sym_encrypt{suffix}": (f"SELECT count(pgp_sym_encrypt({val}, 'pw', 'cipher-algo=aes256, s2k-mode=0')) {gs}", f"baseline_text{suffix}"),
         f"floor_encrypt{suffix}": (f"SELECT count(envelope_bench.aes_gcm_floor({b})) {gs}", f"baseline_bytea{suffix}"),
         f"encrypt_field{suffix}": (f"SELECT count(envelope.encrypt_field({val})) {gs}", f"baseline_text{suffix}"),
-        f"baseline_read{suffix}": (f"SELECT count(v) FROM dec_field{suffix or '_s'}", None),
-        f"pgcrypto_decrypt{suffix}": (f"SELECT count(decrypt(v, {KEY}, 'aes')) FROM dec_pgc{suffix or '_s'}", f"baseline_read{suffix}"),
-        f"floor_decrypt{suffix}": (f"SELECT count(envelope_bench.aes_gcm_floor_decrypt(v)) FROM dec_floor{suffix or '_s'}", f"baseline_read{suffix}"),
-        f"decrypt_field{suffix}": (f"SELECT count(envelope.decrypt_field(v)) FROM dec_field{suffix or '_s'}", f"baseline_read{suffix}"),
+        f"baseline_read{suffix}": (f"SELECT count(v) FROM dec_field{tbl}", None),
+        f"pgcrypto_decrypt{suffix}": (f"SELECT count(decrypt(v, {KEY}, 'aes')) FROM dec_pgc{tbl}", f"baseline_read{suffix}"),
+        f"floor_decrypt{suffix}": (f"SELECT count(envelope_bench.aes_gcm_floor_decrypt(v)) FROM dec_floor{tbl}", f"baseline_read{suffix}"),
+        f"decrypt_field{suffix}": (f"SELECT count(envelope.decrypt_field(v)) FROM dec_field{tbl}", f"baseline_read{suffix}"),
     }
     return v
 
@@ -75,7 +76,9 @@ def variants(n, val, suffix):
 def measure(c, sql, rows):
     cpu0 = c.execute("SELECT envelope_bench.backend_cpu_ns()").fetchone()[0]
     t0 = time.perf_counter_ns()
-    c.execute(sql).fetchall()
+    cur = c.execute(sql)
+    if cur.description:
+        cur.fetchall()
     t1 = time.perf_counter_ns()
     cpu1 = c.execute("SELECT envelope_bench.backend_cpu_ns()").fetchone()[0]
     return (cpu1 - cpu0) / rows, (t1 - t0) / rows
@@ -99,6 +102,8 @@ def run_interleaved(c, groups, rounds):
 
 def insert_bench(c, rows, rounds):
     out = {"insert_plain_bytea": [], "insert_encrypted_text": []}
+    sizes = {}
+    tables = {"insert_plain_bytea": "ins_plain", "insert_encrypted_text": "ins_enc"}
     for r in range(rounds):
         order = [("insert_plain_bytea", f"INSERT INTO ins_plain SELECT convert_to(i::text, 'UTF8') FROM generate_series(1, {rows}) i"),
                  ("insert_encrypted_text", f"INSERT INTO ins_enc SELECT i::text FROM generate_series(1, {rows}) i")]
@@ -107,10 +112,7 @@ def insert_bench(c, rows, rounds):
         for name, sql in order:
             c.execute("TRUNCATE ins_plain, ins_enc")
             out[name].append(measure(c, sql, rows))
-    sizes = {
-        "insert_plain_bytea": c.execute("SELECT pg_total_relation_size('ins_plain')").fetchone()[0],
-        "insert_encrypted_text": c.execute("SELECT pg_total_relation_size('ins_enc')").fetchone()[0],
-    }
+            sizes[name] = c.execute("SELECT pg_total_relation_size(%s::regclass)", (tables[name],)).fetchone()[0]
     return out, {k: v / rows for k, v in sizes.items()}
 
 

@@ -6,7 +6,7 @@
 //! are unwrapped locally and the tenant key is wiped at once, never cached. Evicted, replaced and
 //! cleared entries are dropped, which zeroizes their key schedules.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
 use crate::datakey::DataKey;
@@ -134,7 +134,7 @@ pub struct KeyCache<M = ()> {
 
 impl<M> KeyCache<M> {
     pub fn new(ttl: Duration) -> Self {
-        KeyCache { ttl, entries: HashMap::new(), stats: CacheStats::default() }
+        KeyCache { ttl, entries: HashMap::default(), stats: CacheStats::default() }
     }
 
     pub fn set_ttl(&mut self, ttl: Duration) {
@@ -156,10 +156,20 @@ impl<M> KeyCache<M> {
     /// The tenant's keys if cached and younger than the TTL. An expired entry is evicted
     /// (zeroized) and `None` returned.
     pub fn get(&mut self, tenant: &str, now: Instant) -> Option<&mut CacheEntry<M>> {
+        if self.contains_fresh(tenant, now) {
+            self.hit(tenant)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a fresh entry exists. Evicts (zeroizes) an expired one and counts the miss; counts
+    /// nothing on success (the caller follows up with [`KeyCache::hit`]).
+    pub fn contains_fresh(&mut self, tenant: &str, now: Instant) -> bool {
         let expired = match self.entries.get(tenant) {
             None => {
                 self.stats.misses += 1;
-                return None;
+                return false;
             }
             Some(e) => now.saturating_duration_since(e.keys.loaded_at) >= self.ttl,
         };
@@ -167,10 +177,15 @@ impl<M> KeyCache<M> {
             self.entries.remove(tenant);
             self.stats.expirations += 1;
             self.stats.misses += 1;
-            return None;
+            return false;
         }
+        true
+    }
+
+    /// The entry, counted as a hit. Use after [`KeyCache::contains_fresh`] returned true.
+    pub fn hit(&mut self, tenant: &str) -> Option<&mut CacheEntry<M>> {
+        let e = self.entries.get_mut(tenant)?;
         self.stats.hits += 1;
-        let e = self.entries.get_mut(tenant).expect("present");
         e.keys.hits += 1;
         Some(e)
     }

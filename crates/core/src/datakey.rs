@@ -25,7 +25,7 @@
 //! committing). The per-message key is a deterministic function of the DEK and the nonce, so
 //! committing to the DEK commits the message key too.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use aes::Aes256;
 use aes_gcm::aead::{inout::InOutBuf, AeadInOut, KeyInit};
@@ -129,7 +129,7 @@ impl DataKey {
             k1,
             commitment,
             enc: None,
-            dec: HashMap::new(),
+            dec: HashMap::default(),
             aad: Vec::with_capacity(HEADER_LEN + 64),
             derivations: 0,
         }
