@@ -56,23 +56,134 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
         return Err(EnvelopeError::TenantExists { tenant: tenant.to_string() });
     }
     let id = catalog::next_tenant_id()?;
-    let ctx = KeyContext { tenant, tenant_key_id: id };
     let fail = |error| EnvelopeError::Provider { provider: provider_name.to_string(), error };
     let rng_err = |e: getrandom::Error| EnvelopeError::Internal(format!("operating system random source failed: {e}"));
 
     let kek = SecretKey::generate().map_err(rng_err)?;
-    let wrapped_kek = provider.wrap_tenant_key(&ctx, &kek).map_err(fail)?;
-    // Prove the provider can give the key back before anything is stored under it.
-    let check = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(fail)?;
+    let key_check = wrap::tenant_key_check(&kek);
+    // Wrap, then prove the provider gives the same key back, before anything is stored under it.
+    let name = tenant.to_string();
+    let (kek, wrapped_kek) = backend::interruptible(move || {
+        let ctx = KeyContext { tenant: &name, tenant_key_id: id };
+        let wrapped = provider.wrap_tenant_key(&ctx, &kek)?;
+        let back = provider.unwrap_tenant_key(&ctx, &wrapped)?;
+        if wrap::tenant_key_check(&back) != wrap::tenant_key_check(&kek) {
+            return Err(pg_envelope_core::ProviderError::UnwrapFailed);
+        }
+        Ok((kek, wrapped))
+    })
+    .map_err(fail)?;
     let dek = SecretKey::generate().map_err(rng_err)?;
     let aad = wrap::WrapAad::DataKey { tenant, tenant_key_id: id, version: 1 };
     let wrapped_dek = wrap::wrap_key(&kek, &aad, &dek).map_err(rng_err)?;
-    if wrap::unwrap_key(&check, &aad, &wrapped_dek).is_err() {
-        return Err(fail(pg_envelope_core::ProviderError::UnwrapFailed));
-    }
-    drop((kek, check, dek));
-    catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &wrapped_dek)?;
+    drop((kek, dek));
+    catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &key_check, &wrapped_dek)?;
     Ok(id)
+}
+
+/// Registers a key provider. `options` name files for credentials, never secrets themselves:
+/// inline tokens, secret ids and PINs are refused. Only key administrators may call it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn add_key_provider(name: &str, kind: &str, options: default!(pgrx::JsonB, "'{}'")) -> bool {
+    add_key_provider_impl(name, kind, &options.0).or_raise();
+    true
+}
+
+fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) -> Result<()> {
+    let valid_name = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid_name {
+        return Err(EnvelopeError::InvalidProvider(format!("invalid provider name \"{name}\"")));
+    }
+    match kind {
+        "vault_transit" => {
+            pg_envelope_core::provider::vault::VaultTransitOptions::from_json(options)
+                .map_err(|error| EnvelopeError::Provider { provider: name.to_string(), error })?;
+        }
+        "local" => {
+            if options.as_object().map(|o| !o.is_empty()).unwrap_or(true) {
+                return Err(EnvelopeError::InvalidProvider(
+                    "the local provider takes no options (its key file is envelope.local_root_key_file)".into(),
+                ));
+            }
+        }
+        other => return Err(EnvelopeError::InvalidProvider(format!("unknown provider kind \"{other}\""))),
+    }
+    if catalog::provider_row(name)?.is_some() {
+        return Err(EnvelopeError::InvalidProvider(format!("key provider \"{name}\" already exists")));
+    }
+    catalog::insert_provider(name, kind, &options.to_string())
+}
+
+/// Checks a provider end to end: wraps a fresh random key, unwraps it, and compares check
+/// values. Returns what it measured; raises the provider's error when it fails.
+#[pg_extern(volatile, parallel_unsafe)]
+fn verify_provider(name: &str) -> pgrx::JsonB {
+    let mut provider = backend::build_provider(name).or_raise();
+    let kind = provider.kind();
+    let started = std::time::Instant::now();
+    let result = backend::interruptible(move || {
+        let key = SecretKey::generate().map_err(|e| pg_envelope_core::ProviderError::Unavailable(e.to_string()))?;
+        let ctx = KeyContext { tenant: "pg_envelope/verify_provider", tenant_key_id: 0 };
+        let wrapped = provider.wrap_tenant_key(&ctx, &key)?;
+        let back = provider.unwrap_tenant_key(&ctx, &wrapped)?;
+        let other = KeyContext { tenant: "pg_envelope/verify_provider/other", tenant_key_id: 0 };
+        let bound = provider.unwrap_tenant_key(&other, &wrapped).is_err();
+        Ok::<_, pg_envelope_core::ProviderError>((wrap::tenant_key_check(&back) == wrap::tenant_key_check(&key), bound))
+    });
+    let (same, bound) = result.map_err(|error| EnvelopeError::Provider { provider: name.to_string(), error }).or_raise();
+    if !same {
+        EnvelopeError::Provider { provider: name.to_string(), error: pg_envelope_core::ProviderError::UnwrapFailed }.raise();
+    }
+    pgrx::JsonB(serde_json::json!({
+        "provider": name, "kind": kind, "round_trip": true, "key_check": "match",
+        "bound_to_tenant": bound, "milliseconds": started.elapsed().as_secs_f64() * 1000.0,
+    }))
+}
+
+/// Moves a tenant to another provider (or re-wraps under the same provider's current root key
+/// version) without touching its DEKs or any data: unwrap with the old provider, check the key,
+/// wrap with the new one. Every backend drops its cache at commit.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rewrap_tenant(tenant: &str, provider: &str) -> bool {
+    rewrap_tenant_impl(tenant, provider).or_raise();
+    true
+}
+
+fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
+    let (id, old_name, wrapped, key_check) =
+        catalog::tenant_wrapping(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    let mut old = backend::build_provider(&old_name)?;
+    let mut new = backend::build_provider(new_provider)?;
+    let name = tenant.to_string();
+    enum Failure {
+        Old(pg_envelope_core::ProviderError),
+        New(pg_envelope_core::ProviderError),
+        OldKeyMismatch,
+    }
+    let result = backend::interruptible(move || -> std::result::Result<Vec<u8>, Failure> {
+        let ctx = KeyContext { tenant: &name, tenant_key_id: id };
+        let kek = old.unwrap_tenant_key(&ctx, &wrapped).map_err(Failure::Old)?;
+        if wrap::tenant_key_check(&kek).as_slice() != key_check.as_slice() {
+            return Err(Failure::OldKeyMismatch);
+        }
+        let rewrapped = new.wrap_tenant_key(&ctx, &kek).map_err(Failure::New)?;
+        let back = new.unwrap_tenant_key(&ctx, &rewrapped).map_err(Failure::New)?;
+        if wrap::tenant_key_check(&back) != wrap::tenant_key_check(&kek) {
+            return Err(Failure::New(pg_envelope_core::ProviderError::UnwrapFailed));
+        }
+        Ok(rewrapped)
+    });
+    let rewrapped = result.map_err(|f| match f {
+        Failure::Old(error) => EnvelopeError::Provider { provider: old_name.clone(), error },
+        Failure::New(error) => EnvelopeError::Provider { provider: new_provider.to_string(), error },
+        Failure::OldKeyMismatch => EnvelopeError::KeyCheckMismatch { tenant: tenant.to_string(), provider: old_name.clone() },
+    })?;
+    catalog::update_tenant_wrapping(tenant, new_provider, &rewrapped)?;
+    backend::invalidate_after_commit();
+    Ok(())
 }
 
 fn validate_tenant_name(tenant: &str) -> Result<()> {

@@ -10,6 +10,7 @@ use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use pg_envelope_core::provider::vault::{VaultTransitOptions, VaultTransitProvider};
 use pg_envelope_core::{BackendRng, DataKey, Envelope, KeyCache, KeyProvider, LocalProvider, ProviderError, TenantKeys};
 use pgrx::prelude::*;
 use pgrx::PgAtomic;
@@ -120,27 +121,65 @@ pub fn current_tenant() -> Result<&'static str> {
     Ok(s)
 }
 
-/// Builds the provider for a tenant. Providers are cheap to build (the local provider reads its
-/// file on each use and keeps nothing), so none is cached.
-fn provider_for(name: &str, kind: &str) -> Result<Box<dyn KeyProvider>> {
+/// Builds a provider from its catalog row. Providers are cheap to build and keep no secret
+/// between calls (the local provider and the token file are read on each use), so none is
+/// cached; a rotated token file is picked up at once.
+pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dyn KeyProvider>> {
+    let not_configured = |m: String| EnvelopeError::Provider { provider: name.to_string(), error: ProviderError::NotConfigured(m) };
+    let fail = |error| EnvelopeError::Provider { provider: name.to_string(), error };
     match kind {
         "local" => match gucs::local_root_key_file() {
             Some(path) => Ok(Box::new(LocalProvider::new(path))),
-            None => Err(EnvelopeError::Provider {
-                provider: name.to_string(),
-                error: ProviderError::NotConfigured("envelope.local_root_key_file is not set".into()),
-            }),
+            None => Err(not_configured("envelope.local_root_key_file is not set".into())),
         },
-        other => Err(EnvelopeError::Provider {
-            provider: name.to_string(),
-            error: ProviderError::NotConfigured(format!("provider kind \"{other}\" is not supported by this build")),
-        }),
+        "vault_transit" => {
+            let v: serde_json::Value =
+                serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
+            let opts = VaultTransitOptions::from_json(&v).map_err(fail)?;
+            Ok(Box::new(VaultTransitProvider::new(opts, gucs::kms_timeout()).map_err(fail)?))
+        }
+        other => Err(not_configured(format!("provider kind \"{other}\" is not supported by this build"))),
     }
 }
 
 pub fn build_provider(name: &str) -> Result<Box<dyn KeyProvider>> {
-    let kind = catalog::provider_kind(name)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: name.to_string() })?;
-    provider_for(name, &kind)
+    let (kind, options) =
+        catalog::provider_row(name)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: name.to_string() })?;
+    provider_for(name, &kind, &options)
+}
+
+/// Runs a key-provider call on a helper thread and waits for it while servicing interrupts, so
+/// pg_cancel_backend and statement_timeout end a hung KMS call within ~50 ms (a blocking HTTP
+/// client never checks for interrupts by itself). The helper has every signal blocked (PostgreSQL's
+/// handlers must run on the main thread), touches no PostgreSQL state, and is abandoned on
+/// cancellation; it ends by itself within envelope.kms_timeout.
+pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let h = std::thread::Builder::new().name("pg_envelope-kms".into()).spawn(move || {
+            let _ = tx.send(f());
+        });
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        h
+    };
+    if spawned.is_err() {
+        EnvelopeError::Internal("could not start the key-provider thread".into()).raise();
+    }
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+            Ok(r) => return r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                pgrx::check_for_interrupts!();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                EnvelopeError::Internal("the key-provider thread failed".into()).raise()
+            }
+        }
+    }
 }
 
 fn role_allowed(role: pg_sys::Oid, grantees: &[pg_sys::Oid]) -> bool {
@@ -190,12 +229,20 @@ impl Backend {
             if !role_allowed(role, &row.grantees) {
                 return Err(EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) });
             }
-            let mut provider = provider_for(&row.provider, &row.provider_kind)?;
+            let mut provider = provider_for(&row.provider, &row.provider_kind, &row.provider_options)?;
             *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
-            let meta = TenantMeta { provider: row.provider.clone(), grantees: row.grantees, last_allowed_role: role };
-            self.cache
-                .load(provider.as_mut(), &row.record, meta, now)
-                .map_err(|e| EnvelopeError::from_load(tenant, &row.provider, e))?
+            let record = row.record;
+            let loaded = interruptible(move || TenantKeys::load(provider.as_mut(), &record, now));
+            match loaded {
+                Ok(keys) => {
+                    let meta = TenantMeta { provider: row.provider.clone(), grantees: row.grantees, last_allowed_role: role };
+                    self.cache.insert_loaded(tenant, keys, meta)
+                }
+                Err(e) => {
+                    self.cache.record_failed_unwrap();
+                    return Err(EnvelopeError::from_load(tenant, &row.provider, e));
+                }
+            }
         };
         if entry.meta.last_allowed_role != role {
             if !role_allowed(role, &entry.meta.grantees) {

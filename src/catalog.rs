@@ -75,6 +75,7 @@ pub struct TenantRow {
     pub record: TenantRecord,
     pub provider: String,
     pub provider_kind: String,
+    pub provider_options: String,
     pub grantees: Vec<pg_sys::Oid>,
 }
 
@@ -84,7 +85,7 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
         Spi::connect(|client| {
             let head = client
                 .select(
-                    "SELECT t.id, t.wrapped_key, t.provider, p.kind
+                    "SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check
                        FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
                       WHERE t.name = $1",
                     Some(1),
@@ -99,6 +100,9 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
             let wrapped: Vec<u8> = row.get(2).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?;
             let provider: String = row.get(3).map_err(spi_err)?.ok_or_else(|| missing("provider"))?;
             let provider_kind: String = row.get(4).map_err(spi_err)?.ok_or_else(|| missing("kind"))?;
+            let provider_options: String = row.get(5).map_err(spi_err)?.ok_or_else(|| missing("options"))?;
+            let key_check: Vec<u8> = row.get(6).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?;
+            let key_check: [u8; 32] = key_check.try_into().map_err(|_| missing("key_check"))?;
 
             let mut deks = Vec::new();
             let mut active = None;
@@ -124,11 +128,13 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                     tenant: tenant.to_string(),
                     tenant_key_id: id as u32,
                     wrapped_tenant_key: wrapped,
+                    tenant_key_check: Some(key_check),
                     active_dek_version: active.unwrap_or(0),
                     deks,
                 },
                 provider,
                 provider_kind,
+                provider_options,
                 grantees,
             }))
         })
@@ -152,14 +158,75 @@ fn missing(col: &str) -> EnvelopeError {
     EnvelopeError::Internal(format!("unexpected NULL in key table column {col}"))
 }
 
-/// The kind of a provider, or `None` if it does not exist.
-pub fn provider_kind(name: &str) -> Result<Option<String>> {
+/// A provider's kind and options (JSON text), or `None` if it does not exist.
+pub fn provider_row(name: &str) -> Result<Option<(String, String)>> {
     as_extension_owner(|| {
-        Spi::get_one_with_args::<String>("SELECT kind FROM envelope.key_providers WHERE name = $1", &[name.into()])
-            .or_else(|e| match e {
-                pgrx::spi::SpiError::InvalidPosition => Ok(None),
-                e => Err(spi_err(e)),
-            })
+        Spi::connect(|client| {
+            let t = client
+                .select("SELECT kind, options::text FROM envelope.key_providers WHERE name = $1", Some(1), &[name.into()])
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<String>(1).map_err(spi_err)?.ok_or_else(|| missing("kind"))?,
+                r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("options"))?,
+            )))
+        })
+    })
+}
+
+/// Registers a provider. The options were validated by the caller.
+pub fn insert_provider(name: &str, kind: &str, options_json: &str) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "INSERT INTO envelope.key_providers (name, kind, options) VALUES ($1, $2, $3::jsonb)",
+                    None,
+                    &[name.into(), kind.into(), options_json.into()],
+                )
+                .map_err(spi_err)?;
+            Ok(())
+        })
+    })
+}
+
+/// The wrapped tenant key, its id and check value, for re-wrapping.
+pub fn tenant_wrapping(tenant: &str) -> Result<Option<(u32, String, Vec<u8>, Vec<u8>)>> {
+    as_extension_owner(|| {
+        Spi::connect(|client| {
+            let t = client
+                .select("SELECT id, provider, wrapped_key, key_check FROM envelope.tenants WHERE name = $1", Some(1), &[tenant.into()])
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))? as u32,
+                r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("provider"))?,
+                r.get::<Vec<u8>>(3).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?,
+                r.get::<Vec<u8>>(4).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?,
+            )))
+        })
+    })
+}
+
+/// Points a tenant at another provider (or a new root key version) with its re-wrapped key.
+pub fn update_tenant_wrapping(tenant: &str, provider: &str, wrapped: &[u8]) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE envelope.tenants SET provider = $2, wrapped_key = $3 WHERE name = $1",
+                    None,
+                    &[tenant.into(), provider.into(), wrapped.into()],
+                )
+                .map_err(spi_err)?;
+            Ok(())
+        })
     })
 }
 
@@ -181,14 +248,14 @@ pub fn next_tenant_id() -> Result<u32> {
 }
 
 /// Inserts a new tenant with its first DEK (version 1, active).
-pub fn insert_tenant(id: u32, name: &str, provider: &str, wrapped_kek: &[u8], wrapped_dek: &[u8]) -> Result<()> {
+pub fn insert_tenant(id: u32, name: &str, provider: &str, wrapped_kek: &[u8], key_check: &[u8], wrapped_dek: &[u8]) -> Result<()> {
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
             client
                 .update(
-                    "INSERT INTO envelope.tenants (id, name, provider, wrapped_key) VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO envelope.tenants (id, name, provider, wrapped_key, key_check) VALUES ($1, $2, $3, $4, $5)",
                     None,
-                    &[(id as i32).into(), name.into(), provider.into(), wrapped_kek.into()],
+                    &[(id as i32).into(), name.into(), provider.into(), wrapped_kek.into(), key_check.into()],
                 )
                 .map_err(spi_err)?;
             client

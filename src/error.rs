@@ -31,6 +31,10 @@ pub enum EnvelopeError {
     ProviderUnknown { provider: String },
     /// A key provider failed.
     Provider { provider: String, error: ProviderError },
+    /// The provider returned a different tenant key than the one stored (check value mismatch).
+    KeyCheckMismatch { tenant: String, provider: String },
+    /// Invalid provider registration (name, kind).
+    InvalidProvider(String),
     /// A stored DEK does not unwrap under its tenant key.
     CorruptKeys { tenant: String, detail: String },
     /// The library was not loaded through shared_preload_libraries.
@@ -43,6 +47,9 @@ impl EnvelopeError {
     pub fn from_load(tenant: &str, provider: &str, e: LoadError) -> Self {
         match e {
             LoadError::Provider(error) => EnvelopeError::Provider { provider: provider.to_string(), error },
+            LoadError::KeyCheckMismatch => {
+                EnvelopeError::KeyCheckMismatch { tenant: tenant.to_string(), provider: provider.to_string() }
+            }
             other => EnvelopeError::CorruptKeys { tenant: tenant.to_string(), detail: other.to_string() },
         }
     }
@@ -124,6 +131,18 @@ impl EnvelopeError {
                 };
                 (code, format!("pg_envelope: key provider \"{provider}\": {error}"), None, hint)
             }
+            EnvelopeError::KeyCheckMismatch { tenant, provider } => (
+                ERRCODE_DATA_EXCEPTION,
+                format!("pg_envelope: key provider \"{provider}\" returned a different key for tenant \"{tenant}\""),
+                Some("The tenant key's check value does not match: the root key behind the provider's key name was replaced. Nothing was decrypted.".into()),
+                Some("Point the provider back at the original key (or key version), then retry.".into()),
+            ),
+            EnvelopeError::InvalidProvider(m) => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("pg_envelope: {m}"),
+                None,
+                Some("Provider names are lower-case identifiers; kinds: local, vault_transit.".into()),
+            ),
             EnvelopeError::CorruptKeys { tenant, detail } => (
                 ERRCODE_DATA_CORRUPTED,
                 format!("pg_envelope: the stored keys of tenant \"{tenant}\" are damaged: {detail}"),

@@ -6,6 +6,7 @@
 //! | envelope.key_cache_ttl        | SUSET    | 1h               | superusers                   |
 //! | envelope.max_value_size       | SUSET    | 256MB            | superusers                   |
 //! | envelope.local_root_key_file  | SIGHUP   | (unset)          | postgresql.conf only         |
+//! | envelope.kms_timeout          | SUSET    | 5s               | superusers                   |
 //!
 //! None of them holds a secret: the root key file's *path* is configuration; its content is
 //! read by the `local` provider and never stored in a setting. The path is still hidden from
@@ -20,12 +21,23 @@ pub static TENANT_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 pub static KEY_CACHE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static LOCAL_ROOT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// Largest accepted `envelope.max_value_size`: 1 GiB (PostgreSQL's varlena limit) minus room for
 /// the 82-byte envelope overhead and the varlena header, rounded down to whole kB.
 pub const MAX_VALUE_SIZE_LIMIT_KB: i32 = 1024 * 1024 - 1;
 
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"envelope.kms_timeout",
+        c"Longest a single key-provider call (connect + request) may take.",
+        c"A call that takes longer fails with 58000. Cancellation (pg_cancel_backend, statement_timeout) ends a call sooner.",
+        &KMS_TIMEOUT_MS,
+        100,
+        120_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_string_guc(
         c"envelope.tenant_setting",
         c"Name of the setting that holds the current tenant (the one RLS policies read).",
@@ -78,6 +90,10 @@ pub fn tenant_setting_name() -> &'static CStr {
 
 pub fn key_cache_ttl() -> Duration {
     Duration::from_secs(KEY_CACHE_TTL_S.get().max(1) as u64)
+}
+
+pub fn kms_timeout() -> Duration {
+    Duration::from_millis(KMS_TIMEOUT_MS.get().max(100) as u64)
 }
 
 pub fn max_value_size() -> usize {

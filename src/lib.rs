@@ -39,7 +39,7 @@ CREATE SEQUENCE tenant_id_seq AS integer MINVALUE 1 NO CYCLE;
 
 CREATE TABLE key_providers (
     name        text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
-    kind        text NOT NULL CHECK (kind IN ('local')),
+    kind        text NOT NULL CHECK (kind IN ('local', 'vault_transit')),
     options     jsonb NOT NULL DEFAULT '{}'::jsonb,
     builtin     boolean NOT NULL DEFAULT false,
     created_at  timestamptz NOT NULL DEFAULT now()
@@ -52,8 +52,10 @@ CREATE TABLE tenants (
     name        text NOT NULL UNIQUE CHECK (octet_length(name) BETWEEN 1 AND 255),
     provider    text NOT NULL REFERENCES key_providers (name),
     wrapped_key bytea NOT NULL,
+    key_check   bytea NOT NULL CHECK (octet_length(key_check) = 32),
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+COMMENT ON COLUMN tenants.key_check IS 'HMAC-SHA-256 check value of the tenant key: a provider that returns another key fails closed.';
 COMMENT ON TABLE tenants IS 'One tenant key (KEK) per tenant, wrapped by its provider''s root key.';
 
 CREATE TABLE data_keys (
@@ -99,6 +101,9 @@ GRANT USAGE ON SCHEMA envelope TO PUBLIC;
 REVOKE ALL ON FUNCTION create_tenant(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION grant_tenant(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION revoke_tenant(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION add_key_provider(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION verify_provider(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION rewrap_tenant(text, text) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

@@ -89,6 +89,7 @@ fn misc(c: &mut Criterion) {
             tenant: name.clone(),
             tenant_key_id: id,
             wrapped_tenant_key,
+            tenant_key_check: Some(wrap::tenant_key_check(&kek)),
             active_dek_version: 1,
             deks: vec![WrappedDek { version: 1, wrapped: wrap::wrap_key(&kek, &aad, &dek).unwrap() }],
         };

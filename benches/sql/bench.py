@@ -242,6 +242,9 @@ def main():
 
     setup(args.rows, args.rows_1k)
     with connect() as c:
+        # One process does all the work: getrusage counts only this backend, so a parallel plan
+        # (pgcrypto and the floor are PARALLEL SAFE) would hide its workers' CPU.
+        c.execute("SET max_parallel_workers_per_gather = 0")
         c.execute("SET app.tenant_id = 'bench_t0'")
         c.execute("SELECT envelope.encrypt_field('warm'), envelope_bench.aes_gcm_floor('\\x00'::bytea)")
         short = variants(args.rows, "i::text", "")

@@ -26,6 +26,9 @@ pub struct TenantRecord {
     pub tenant: String,
     pub tenant_key_id: u32,
     pub wrapped_tenant_key: Vec<u8>,
+    /// [`wrap::tenant_key_check`] of the tenant key, when known (always, for tenants created by
+    /// the extension).
+    pub tenant_key_check: Option<[u8; 32]>,
     pub active_dek_version: u32,
     pub deks: Vec<WrappedDek>,
 }
@@ -37,6 +40,9 @@ pub enum LoadError {
     CorruptDataKey { version: u32 },
     /// The record names an active DEK version that is not among its DEKs.
     NoActiveDataKey,
+    /// The provider returned a tenant key whose check value differs from the stored one: the
+    /// KMS key behind the name changed. Fails closed.
+    KeyCheckMismatch,
 }
 
 impl std::fmt::Display for LoadError {
@@ -47,6 +53,9 @@ impl std::fmt::Display for LoadError {
                 write!(f, "data key version {version} does not unwrap under its tenant key")
             }
             LoadError::NoActiveDataKey => f.write_str("the tenant has no active data key"),
+            LoadError::KeyCheckMismatch => f.write_str(
+                "the key provider returned a different tenant key than the one stored (key check value mismatch)",
+            ),
         }
     }
 }
@@ -66,6 +75,12 @@ impl TenantKeys {
     pub fn load(provider: &mut dyn KeyProvider, rec: &TenantRecord, now: Instant) -> Result<Self, LoadError> {
         let ctx = KeyContext { tenant: &rec.tenant, tenant_key_id: rec.tenant_key_id };
         let kek = provider.unwrap_tenant_key(&ctx, &rec.wrapped_tenant_key).map_err(LoadError::Provider)?;
+        if let Some(expected) = &rec.tenant_key_check {
+            use subtle::ConstantTimeEq;
+            if !bool::from(wrap::tenant_key_check(&kek).ct_eq(expected)) {
+                return Err(LoadError::KeyCheckMismatch);
+            }
+        }
         let mut deks = Vec::with_capacity(rec.deks.len());
         for d in &rec.deks {
             let aad = WrapAad::DataKey { tenant: &rec.tenant, tenant_key_id: rec.tenant_key_id, version: d.version };
@@ -198,11 +213,27 @@ impl<M> KeyCache<M> {
         meta: M,
         now: Instant,
     ) -> Result<&mut CacheEntry<M>, LoadError> {
+        match TenantKeys::load(provider, rec, now) {
+            Ok(keys) => Ok(self.insert_loaded(&rec.tenant, keys, meta)),
+            Err(e) => {
+                self.record_failed_unwrap();
+                Err(e)
+            }
+        }
+    }
+
+    /// Caches keys loaded elsewhere (for example on a helper thread that can be abandoned when
+    /// the query is cancelled), counting the root-key unwrap that produced them.
+    pub fn insert_loaded(&mut self, tenant: &str, mut keys: TenantKeys, meta: M) -> &mut CacheEntry<M> {
         self.stats.root_unwraps += 1;
-        let mut keys = TenantKeys::load(provider, rec, now)?;
         keys.hits = 1;
-        self.entries.insert(rec.tenant.clone(), CacheEntry { keys, meta });
-        Ok(self.entries.get_mut(&rec.tenant).expect("just inserted"))
+        self.entries.insert(tenant.to_string(), CacheEntry { keys, meta });
+        self.entries.get_mut(tenant).expect("just inserted")
+    }
+
+    /// Counts a root-key unwrap that failed (it still cost a provider call).
+    pub fn record_failed_unwrap(&mut self) {
+        self.stats.root_unwraps += 1;
     }
 
     /// Drops one tenant's keys (zeroizing them).
@@ -242,6 +273,7 @@ mod tests {
         TenantRecord {
             tenant: name.into(),
             tenant_key_id: id,
+            tenant_key_check: Some(wrap::tenant_key_check(&kek)),
             wrapped_tenant_key,
             active_dek_version: *versions.last().unwrap(),
             deks,
@@ -265,7 +297,7 @@ mod tests {
             };
             let _ = entry.keys.active().encrypt(&mut rng, &rec.tenant, None, b"v");
         }
-        assert_eq!(unwraps.get(), 100);
+        assert_eq!(unwraps.load(std::sync::atomic::Ordering::Relaxed), 100);
         assert_eq!(cache.stats().root_unwraps, 100);
         // After the TTL every tenant costs one more unwrap, and only one.
         let later = start + Duration::from_secs(3600);
@@ -276,7 +308,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(unwraps.get(), 200);
+        assert_eq!(unwraps.load(std::sync::atomic::Ordering::Relaxed), 200);
         assert_eq!(cache.stats().expirations, 100);
     }
 
@@ -293,7 +325,7 @@ mod tests {
         let env = crate::envelope::Envelope::parse(&old).unwrap();
         let keys = &mut cache.get("acme", now).unwrap().keys;
         assert_eq!(keys.version(env.dek_version).unwrap().decrypt("acme", None, &old).unwrap(), b"old");
-        assert_eq!(p.unwraps.get(), 1);
+        assert_eq!(p.unwraps.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -308,6 +340,18 @@ mod tests {
         rec.deks[0].wrapped[20] ^= 1;
         assert_eq!(cache.load(&mut p, &rec, (), Instant::now()).err(), Some(LoadError::CorruptDataKey { version: 1 }));
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_different_key_from_the_provider_fails_the_key_check() {
+        let mut p = InsecureTestProvider::new();
+        let mut rec = make_tenant(&mut p, "acme", 1, &[1]);
+        // Same name, same wrapping, different key: what a KMS that swapped its key would return.
+        let other = SecretKey::generate().unwrap();
+        rec.wrapped_tenant_key = p.wrap_tenant_key(&KeyContext { tenant: "acme", tenant_key_id: 1 }, &other).unwrap();
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(60));
+        assert_eq!(cache.load(&mut p, &rec, (), Instant::now()).err(), Some(LoadError::KeyCheckMismatch));
+        assert_eq!(cache.stats().root_unwraps, 1);
     }
 
     #[test]

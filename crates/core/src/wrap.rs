@@ -65,6 +65,17 @@ impl std::fmt::Display for UnwrapError {
 }
 impl std::error::Error for UnwrapError {}
 
+/// A tenant key's check value, stored next to its wrapped form: HMAC-SHA-256(KEK,
+/// "pg_envelope/v1/tenant-key-check"). After every unwrap by a provider the value is compared, so
+/// a KMS that hands back a different key under the same name fails closed instead of yielding
+/// keys that decrypt into garbage.
+pub fn tenant_key_check(kek: &SecretKey) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(kek.expose()).expect("any key length");
+    mac.update(b"pg_envelope/v1/tenant-key-check");
+    mac.finalize().into_bytes().into()
+}
+
 /// Wraps `key` under `wrapping_key`, bound to `aad`.
 pub fn wrap_key(wrapping_key: &SecretKey, aad: &WrapAad<'_>, key: &SecretKey) -> Result<Vec<u8>, getrandom::Error> {
     let gcm = Aes256Gcm::new(wrapping_key.expose().into());

@@ -9,6 +9,8 @@
 //! bytes, tokens or PINs; they are safe to show in an error message.
 
 pub mod local;
+#[cfg(feature = "vault")]
+pub mod vault;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -53,7 +55,7 @@ impl std::fmt::Display for ProviderError {
 impl std::error::Error for ProviderError {}
 
 /// A root of trust that wraps and unwraps tenant keys.
-pub trait KeyProvider {
+pub trait KeyProvider: Send {
     /// The provider kind, as used in `envelope.add_key_provider(name, kind, ...)`: `local`, ...
     fn kind(&self) -> &'static str;
     /// Non-secret facts about the provider for `envelope.status()` (e.g. the key file path).

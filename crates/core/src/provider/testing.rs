@@ -5,8 +5,8 @@
 //! file or a key server. It is only compiled for tests or with the `testing` feature, and the
 //! extension never offers it as a provider kind.
 
-use std::cell::Cell;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::{KeyContext, KeyProvider, ProviderError};
 use crate::secret::SecretKey;
@@ -17,8 +17,8 @@ const PUBLICLY_KNOWN_ROOT_KEY: [u8; 32] = *b"pg_envelope-insecure-test-root!!";
 /// Counts calls; can be told to fail, as an unreachable KMS would.
 #[derive(Default)]
 pub struct InsecureTestProvider {
-    pub unwraps: Rc<Cell<u64>>,
-    pub wraps: Rc<Cell<u64>>,
+    pub unwraps: Arc<AtomicU64>,
+    pub wraps: Arc<AtomicU64>,
     pub fail_with: Option<ProviderError>,
 }
 
@@ -42,7 +42,7 @@ impl KeyProvider for InsecureTestProvider {
         if let Some(e) = &self.fail_with {
             return Err(e.clone());
         }
-        self.wraps.set(self.wraps.get() + 1);
+        self.wraps.fetch_add(1, Ordering::Relaxed);
         let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id };
         wrap::wrap_key(&Self::root(), &aad, key).map_err(|e| ProviderError::Unavailable(e.to_string()))
     }
@@ -50,7 +50,7 @@ impl KeyProvider for InsecureTestProvider {
         if let Some(e) = &self.fail_with {
             return Err(e.clone());
         }
-        self.unwraps.set(self.unwraps.get() + 1);
+        self.unwraps.fetch_add(1, Ordering::Relaxed);
         let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id };
         wrap::unwrap_key(&Self::root(), &aad, wrapped).map_err(|_| ProviderError::UnwrapFailed)
     }

@@ -1,0 +1,277 @@
+//! `vault_transit`: HashiCorp Vault / OpenBao Transit. The root key never leaves the server:
+//! tenant keys are sent to `transit/encrypt/<key>` and come back from `transit/decrypt/<key>`,
+//! with the tenant (name and key id) bound as `associated_data` (the Transit key must be an
+//! AEAD type such as `aes256-gcm96`).
+//!
+//! Options (`envelope.add_key_provider(name, 'vault_transit', options)`), none of them secret:
+//!
+//! | option | required | meaning |
+//! |---|---|---|
+//! | `url` | yes | `https://host:port` (plain `http://` only with `allow_insecure_http` and a loopback host) |
+//! | `key` | yes | Transit key name |
+//! | `mount` | no | Transit mount path (default `transit`) |
+//! | `token_file` | yes | file holding a token (the vault-agent sink pattern); re-read on every call |
+//! | `ca_file` | no | PEM CA bundle for the server certificate (default: the webpki roots) |
+//! | `namespace` | no | `X-Vault-Namespace` |
+//! | `allow_insecure_http` | no | `true` to allow `http://` to 127.0.0.1/::1/localhost (development) |
+//!
+//! Inline secrets (`token`, `secret_id`, `password`, ...) are refused: credentials come from files.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use zeroize::Zeroize;
+
+use super::{KeyContext, KeyProvider, ProviderError};
+use crate::secret::SecretKey;
+use crate::wrap::WrapAad;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultTransitOptions {
+    pub url: String,
+    pub key: String,
+    pub mount: String,
+    pub token_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
+    pub namespace: Option<String>,
+    pub allow_insecure_http: bool,
+}
+
+const FORBIDDEN_INLINE: &[&str] = &["token", "secret_id", "secret", "password", "pin", "role_secret"];
+
+fn opt_str<'a>(v: &'a Value, k: &str) -> Result<Option<&'a str>, ProviderError> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+        Some(_) => Err(ProviderError::Misconfigured(format!("option \"{k}\" must be a non-empty string"))),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "::1")
+}
+
+impl VaultTransitOptions {
+    /// Validates provider options. Errors name the option, never echo a value that could be secret.
+    pub fn from_json(v: &Value) -> Result<Self, ProviderError> {
+        let obj = v.as_object().ok_or_else(|| ProviderError::Misconfigured("options must be a JSON object".into()))?;
+        for k in obj.keys() {
+            if FORBIDDEN_INLINE.contains(&k.as_str()) {
+                return Err(ProviderError::Misconfigured(format!(
+                    "option \"{k}\" would put a secret in the database; use \"{k}_file\" (a path readable by the server)"
+                )));
+            }
+            if !["url", "key", "mount", "token_file", "ca_file", "namespace", "allow_insecure_http"].contains(&k.as_str()) {
+                return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
+            }
+        }
+        let url = opt_str(v, "url")?.ok_or_else(|| ProviderError::Misconfigured("option \"url\" is required".into()))?;
+        let url = url.trim_end_matches('/').to_string();
+        let allow_insecure_http = match v.get("allow_insecure_http") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ProviderError::Misconfigured("option \"allow_insecure_http\" must be a boolean".into())),
+        };
+        let host = url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
+        let host_only = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+        if let Some(rest) = url.strip_prefix("http://") {
+            let _ = rest;
+            if !(allow_insecure_http && is_loopback(host_only)) {
+                return Err(ProviderError::Misconfigured(
+                    "plain http is refused; use https, or set \"allow_insecure_http\": true for a loopback development server".into(),
+                ));
+            }
+        } else if !url.starts_with("https://") {
+            return Err(ProviderError::Misconfigured("option \"url\" must start with https://".into()));
+        }
+        let key = opt_str(v, "key")?.ok_or_else(|| ProviderError::Misconfigured("option \"key\" is required".into()))?;
+        let token_file =
+            opt_str(v, "token_file")?.ok_or_else(|| ProviderError::Misconfigured("option \"token_file\" is required".into()))?;
+        let check_path = |name: &str, p: &str| -> Result<PathBuf, ProviderError> {
+            let p = PathBuf::from(p);
+            if !p.is_absolute() {
+                return Err(ProviderError::Misconfigured(format!("option \"{name}\" must be an absolute path")));
+            }
+            Ok(p)
+        };
+        let safe_segment = |name: &str, s: &str| -> Result<String, ProviderError> {
+            if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) || s.contains("..") {
+                return Err(ProviderError::Misconfigured(format!("option \"{name}\" has characters outside [A-Za-z0-9-_./]")));
+            }
+            Ok(s.trim_matches('/').to_string())
+        };
+        Ok(VaultTransitOptions {
+            url,
+            key: safe_segment("key", key)?,
+            mount: safe_segment("mount", opt_str(v, "mount")?.unwrap_or("transit"))?,
+            token_file: check_path("token_file", token_file)?,
+            ca_file: opt_str(v, "ca_file")?.map(|p| check_path("ca_file", p)).transpose()?,
+            namespace: opt_str(v, "namespace")?.map(str::to_string),
+            allow_insecure_http,
+        })
+    }
+}
+
+struct ZeroizingString(String);
+impl Drop for ZeroizingString {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+pub struct VaultTransitProvider {
+    opts: VaultTransitOptions,
+    agent: ureq::Agent,
+}
+
+impl VaultTransitProvider {
+    pub fn new(opts: VaultTransitOptions, timeout: Duration) -> Result<Self, ProviderError> {
+        let mut builder = ureq::AgentBuilder::new().timeout_connect(timeout).timeout(timeout).redirects(0);
+        if let Some(ca) = &opts.ca_file {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(ca)
+                .map_err(|e| ProviderError::Misconfigured(format!("cannot read ca_file \"{}\": {e}", ca.display())))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| ProviderError::Misconfigured(format!("bad PEM in ca_file \"{}\": {e}", ca.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ProviderError::Misconfigured(format!("bad certificate in ca_file \"{}\": {e}", ca.display())))?;
+            }
+            let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            builder = builder.tls_config(Arc::new(config));
+        }
+        Ok(VaultTransitProvider { opts, agent: builder.build() })
+    }
+
+    fn token(&self) -> Result<String, ProviderError> {
+        let shown = self.opts.token_file.display();
+        let mut raw = std::fs::read(&self.opts.token_file).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ProviderError::NotConfigured(format!("token_file \"{shown}\" does not exist")),
+            std::io::ErrorKind::PermissionDenied => {
+                ProviderError::Misconfigured(format!("token_file \"{shown}\" is not readable by the server's OS user"))
+            }
+            _ => ProviderError::Unavailable(format!("cannot read token_file \"{shown}\": {e}")),
+        })?;
+        let token = String::from_utf8(raw.clone()).map(|s| s.trim().to_string());
+        raw.zeroize();
+        match token {
+            Ok(t) if !t.is_empty() && t.chars().all(|c| c.is_ascii_graphic()) => Ok(t),
+            _ => Err(ProviderError::Misconfigured(format!("token_file \"{shown}\" does not hold a token"))),
+        }
+    }
+
+    fn post(&self, op: &str, body: Value) -> Result<Value, ProviderError> {
+        let mut token = self.token()?;
+        let url = format!("{}/v1/{}/{}/{}", self.opts.url, self.opts.mount, op, self.opts.key);
+        let mut req = self.agent.post(&url).set("X-Vault-Token", &token).set("X-Vault-Request", "true");
+        if let Some(ns) = &self.opts.namespace {
+            req = req.set("X-Vault-Namespace", ns);
+        }
+        let result = req.send_json(body);
+        token.zeroize();
+        let where_ = format!("{} {}/{}", self.opts.url, self.opts.mount, op);
+        match result {
+            Ok(resp) => resp
+                .into_json::<Value>()
+                .map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}"))),
+            Err(ureq::Error::Status(code, resp)) => {
+                // Vault's error strings carry no secrets; keep the first one, shortened.
+                let detail = resp
+                    .into_json::<Value>()
+                    .ok()
+                    .and_then(|v| v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()))
+                    .unwrap_or_default();
+                Err(match code {
+                    401 | 403 => ProviderError::Denied(format!("{where_}: HTTP {code} (token invalid, expired or not allowed) {detail}")),
+                    400 if op == "decrypt" => ProviderError::UnwrapFailed,
+                    429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
+                    _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
+                })
+            }
+            Err(ureq::Error::Transport(t)) => {
+                // Transport errors carry the URL (no credentials are ever put in it) and the cause
+                // (refused, timed out, TLS certificate not trusted...), never headers or bodies.
+                let cause = std::error::Error::source(&t).map(|c| c.to_string()).unwrap_or_default();
+                Err(ProviderError::Unavailable(format!("{where_}: {}{}{}", t.kind(), if cause.is_empty() { "" } else { ": " }, cause)))
+            }
+        }
+    }
+}
+
+impl KeyProvider for VaultTransitProvider {
+    fn kind(&self) -> &'static str {
+        "vault_transit"
+    }
+
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("url", self.opts.url.clone()),
+            ("mount", self.opts.mount.clone()),
+            ("key", self.opts.key.clone()),
+            ("token_file", self.opts.token_file.display().to_string()),
+        ]
+    }
+
+    fn wrap_tenant_key(&mut self, ctx: &KeyContext<'_>, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id }.encode();
+        let mut pt = B64.encode(key.expose());
+        let body = json!({ "plaintext": pt, "associated_data": B64.encode(aad) });
+        pt.zeroize();
+        let v = self.post("encrypt", body)?;
+        let ct = v["data"]["ciphertext"]
+            .as_str()
+            .filter(|s| s.starts_with("vault:v"))
+            .ok_or_else(|| ProviderError::Unavailable("transit/encrypt returned no ciphertext".into()))?;
+        Ok(ct.as_bytes().to_vec())
+    }
+
+    fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError> {
+        let ct = std::str::from_utf8(wrapped)
+            .ok()
+            .filter(|s| s.starts_with("vault:v"))
+            .ok_or(ProviderError::UnwrapFailed)?;
+        let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id }.encode();
+        let v = self.post("decrypt", json!({ "ciphertext": ct, "associated_data": B64.encode(aad) }))?;
+        // Best effort: our copies are wiped; serde_json's and the HTTP buffer's are freed unwiped.
+        let mut b64 = ZeroizingString(v["data"]["plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?.to_string());
+        drop(v);
+        let b64 = &mut b64.0;
+        let mut raw = B64.decode(b64.as_bytes()).map_err(|_| ProviderError::UnwrapFailed)?;
+        let key = SecretKey::from_slice(&raw).ok_or(ProviderError::UnwrapFailed);
+        raw.zeroize();
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_validated_and_secrets_refused() {
+        let ok = json!({"url": "https://127.0.0.1:8200", "key": "pg-root", "token_file": "/etc/t"});
+        let o = VaultTransitOptions::from_json(&ok).unwrap();
+        assert_eq!(o.mount, "transit");
+        for (bad, needle) in [
+            (json!({"url": "https://h", "key": "k", "token_file": "/t", "token": "s.abc"}), "token_file"),
+            (json!({"url": "http://10.0.0.1:8200", "key": "k", "token_file": "/t", "allow_insecure_http": true}), "plain http"),
+            (json!({"url": "http://127.0.0.1:8200", "key": "k", "token_file": "/t"}), "plain http"),
+            (json!({"url": "https://h", "key": "../k", "token_file": "/t"}), "characters"),
+            (json!({"url": "https://h", "key": "k", "token_file": "relative"}), "absolute"),
+            (json!({"url": "https://h", "key": "k"}), "token_file"),
+            (json!({"url": "https://h", "key": "k", "token_file": "/t", "bogus": 1}), "unknown"),
+        ] {
+            let e = VaultTransitOptions::from_json(&bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+            assert!(!e.contains("s.abc"), "error echoes a secret: {e}");
+        }
+        let dev = json!({"url": "http://127.0.0.1:8200", "key": "k", "token_file": "/t", "allow_insecure_http": true});
+        assert!(VaultTransitOptions::from_json(&dev).is_ok());
+    }
+}

@@ -1,0 +1,47 @@
+-- Key providers: registration rules, privileges, verification, re-wrapping, key check values.
+-- Options never hold secrets: credentials are file paths.
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"https://127.0.0.1:8200","key":"pg-root","token":"s.SECRET-TOKEN"}')$$) AS inline_token;
+SELECT position('SECRET-TOKEN' IN sqlstate_of($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"https://127.0.0.1:8200","key":"pg-root","token":"s.SECRET-TOKEN"}')$$)) = 0 AS token_not_echoed;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"http://10.1.2.3:8200","key":"k","token_file":"/t","allow_insecure_http":true}')$$) AS http_not_loopback;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"https://127.0.0.1:8200","key":"k"}')$$) AS missing_token_file;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"https://127.0.0.1:8200","key":"k","token_file":"/t","extra":1}')$$) AS unknown_option;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('Bad-Name', 'local', '{}')$$) AS bad_name;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('gcp', 'gcp_kms', '{}')$$) AS unknown_kind;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('local', 'local', '{}')$$) AS duplicate;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('local2', 'local', '{"path":"/x"}')$$) AS local_with_options;
+SELECT envelope.add_key_provider('dev_bao', 'vault_transit', '{"url":"http://127.0.0.1:1","key":"pg-root","token_file":"/nonexistent/token","allow_insecure_http":true}') AS registered;
+SELECT name, kind, options->>'url' AS url FROM envelope.key_providers ORDER BY name;
+-- Not for PUBLIC.
+SET ROLE regress_app;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('x', 'local', '{}')$$) AS app_adds_provider;
+SELECT sqlstate_of($$SELECT envelope.verify_provider('local')$$) AS app_verifies;
+SELECT sqlstate_of($$SELECT envelope.rewrap_tenant('acme', 'local')$$) AS app_rewraps;
+SELECT sqlstate_of($$SELECT * FROM envelope.key_providers$$) AS app_reads_providers;
+RESET ROLE;
+-- verify_provider: a full round trip and a key check, bound to the tenant.
+SELECT v->>'kind' AS kind, v->>'round_trip' AS round_trip, v->>'key_check' AS key_check, v->>'bound_to_tenant' AS bound
+  FROM envelope.verify_provider('local') AS v;
+-- A provider whose token file is missing fails clearly (55000), before any network call.
+SELECT sqlstate_of($$SELECT envelope.verify_provider('dev_bao')$$) AS missing_token_file;
+SELECT sqlstate_of($$SELECT envelope.verify_provider('nope')$$) AS unknown_provider;
+-- Re-wrapping moves a tenant without touching its data.
+SET app.tenant_id = 'acme';
+CREATE TEMP TABLE keep AS SELECT envelope.encrypt_field('survives rewrap') AS env;
+SELECT encode(wrapped_key, 'hex') AS before FROM envelope.tenants WHERE name = 'acme' \gset
+SELECT envelope.rewrap_tenant('acme', 'local') AS rewrapped;
+SELECT encode(wrapped_key, 'hex') <> :'before' AS wrapped_key_changed FROM envelope.tenants WHERE name = 'acme';
+SELECT envelope.decrypt_field(env) AS after_rewrap FROM keep;
+SELECT sqlstate_of($$SELECT envelope.rewrap_tenant('acme', 'nope')$$) AS to_unknown_provider;
+SELECT sqlstate_of($$SELECT envelope.rewrap_tenant('nobody', 'local')$$) AS unknown_tenant;
+-- A provider that hands back a different key under the same name fails closed (check value).
+BEGIN;
+UPDATE envelope.tenants SET key_check = decode(repeat('00', 32), 'hex') WHERE name = 'acme';
+SELECT sqlstate_of($$SELECT envelope.rewrap_tenant('acme', 'local')$$) AS rewrap_refuses_mismatch;
+ROLLBACK;
+BEGIN;
+UPDATE envelope.tenants SET key_check = decode(repeat('00', 32), 'hex') WHERE name = 'acme';
+SELECT envelope.grant_tenant('acme', 'regress_other') IS NOT NULL AS invalidate;
+SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM keep$$) AS key_check_mismatch;
+ROLLBACK;
+SELECT envelope.decrypt_field(env) AS intact_after_rollback FROM keep;
+DELETE FROM envelope.key_providers WHERE name = 'dev_bao';

