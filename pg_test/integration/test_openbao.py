@@ -1,0 +1,208 @@
+"""The vault_transit provider against a real OpenBao (dev mode, TLS) started by scripts/kms.sh on
+127.0.0.1:8200, and against a loopback server that accepts and never answers."""
+
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import PORT_A, ROOT, STATE, connect, recreate_db, sh
+
+DB = "envelope_kms"
+BAO = STATE / "openbao"
+
+
+def bao_options(**over):
+    o = {
+        "url": "https://127.0.0.1:8200",
+        "key": "pg-root",
+        "token_file": str(BAO / "token"),
+        "ca_file": str(BAO / "ca.pem"),
+    }
+    o.update(over)
+    return psycopg.types.json.Jsonb(o)
+
+
+def sqlstate(conn, query, params=None):
+    try:
+        conn.execute(query, params)
+        return None, ""
+    except psycopg.Error as e:
+        return e.sqlstate, str(e)
+
+
+@pytest.fixture(scope="module")
+def openbao():
+    sh("bash", str(ROOT / "scripts/kms.sh"), "start-openbao")
+    yield
+    # Leave a fresh server for the next run.
+    sh("bash", str(ROOT / "scripts/kms.sh"), "start-openbao")
+
+
+@pytest.fixture(scope="module")
+def kms_db(openbao):
+    recreate_db(PORT_A, DB)
+    with connect(PORT_A, DB) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.add_key_provider('bao', 'vault_transit', %s)", (bao_options(),))
+        c.execute("SELECT envelope.add_key_provider('bao2', 'vault_transit', %s)", (bao_options(key="pg-root-2"),))
+        for t in ("kms_acme", "kms_globex", "kms_cold"):
+            c.execute("SELECT envelope.create_tenant(%s, provider => 'bao')", (t,))
+            c.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
+    return DB
+
+
+def test_verify_and_round_trip_through_openbao(kms_db):
+    with connect(PORT_A, kms_db) as c:
+        v = c.execute("SELECT envelope.verify_provider('bao')").fetchone()[0]
+        assert v["round_trip"] is True and v["key_check"] == "match" and v["bound_to_tenant"] is True
+        wrapped = c.execute("SELECT convert_from(wrapped_key, 'UTF8') FROM envelope.tenants WHERE name = 'kms_acme'").fetchone()[0]
+        assert wrapped.startswith("vault:v1:")
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+            env = c.execute("SELECT envelope.encrypt_field('kept in openbao')").fetchone()[0]
+            assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "kept in openbao"
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'kms_globex', true)")
+            assert sqlstate(c, "SELECT envelope.decrypt_field(%s::bytea)", (env,))[0] == "22000"
+
+
+def test_one_openbao_call_per_tenant_per_backend(kms_db):
+    with connect(PORT_A, kms_db) as c:
+        c.execute(
+            "SELECT count(envelope.encrypt_field(i::text)) FROM generate_series(1, 20000) i, "
+            "LATERAL (SELECT set_config('app.tenant_id', CASE WHEN i % 2 = 0 THEN 'kms_acme' ELSE 'kms_globex' END, true)) s"
+        )
+        calls = c.execute("SELECT envelope.status()->'backend'->'provider_calls'->>'bao'").fetchone()[0]
+        assert int(calls) == 2
+
+
+def test_rewrap_between_transit_keys_keeps_data(kms_db):
+    with connect(PORT_A, kms_db) as c:
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+            env = c.execute("SELECT envelope.encrypt_field('moves between keys')").fetchone()[0]
+        c.execute("SELECT envelope.rewrap_tenant('kms_acme', 'bao2')")
+        c.execute("SELECT envelope.rewrap_tenant('kms_acme', 'bao')")
+    with connect(PORT_A, kms_db) as c:  # a new backend: keys come from OpenBao again
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+            assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "moves between keys"
+
+
+def test_wrong_token_and_wrong_ca_fail_without_leaking_the_token(kms_db, tmp_path):
+    token = (BAO / "token").read_text().strip()
+    bad = STATE / "openbao" / "bad-token"
+    bad.write_text("s.not-a-real-token\n")
+    sh("chown", "postgres:postgres", str(bad))
+    with connect(PORT_A, kms_db) as c:
+        c.execute("SELECT envelope.add_key_provider('bao_badtoken', 'vault_transit', %s)", (bao_options(token_file=str(bad)),))
+        c.execute(
+            "SELECT envelope.add_key_provider('bao_badca', 'vault_transit', %s)",
+            (bao_options(ca_file="/etc/ssl/certs/ca-certificates.crt"),),
+        )
+        state, msg = sqlstate(c, "SELECT envelope.verify_provider('bao_badtoken')")
+        assert state == "28000" and "403" in msg
+        state, msg = sqlstate(c, "SELECT envelope.verify_provider('bao_badca')")
+        assert state == "58000" and "certificate" in msg.lower(), msg
+        status = c.execute("SELECT envelope.status()::text").fetchone()[0]
+        for text in (msg, status):
+            assert token not in text
+
+
+class HangingServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers (not even the TLS handshake)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+            except OSError:
+                return
+
+    def close(self):
+        self.stop = True
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def hanging(kms_db):
+    srv = HangingServer()
+    with connect(PORT_A, kms_db) as c:
+        c.execute("DELETE FROM envelope.key_providers WHERE name = 'hang'")
+        c.execute(
+            "SELECT envelope.add_key_provider('hang', 'vault_transit', %s)",
+            (bao_options(url=f"https://127.0.0.1:{srv.port}"),),
+        )
+    yield srv
+    srv.close()
+
+
+def test_statement_timeout_ends_a_hung_kms_call(hanging, kms_db):
+    with connect(PORT_A, kms_db) as c:
+        c.execute("SET statement_timeout = '1s'")
+        t0 = time.monotonic()
+        state, _ = sqlstate(c, "SELECT envelope.verify_provider('hang')")
+        took = time.monotonic() - t0
+    assert state == "57014" and took < 2.0, (state, took)
+
+
+def test_pg_cancel_backend_ends_a_hung_kms_call(hanging, kms_db):
+    with connect(PORT_A, kms_db) as c, connect(PORT_A, kms_db) as admin:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        result = {}
+
+        def run():
+            t0 = time.monotonic()
+            result["state"] = sqlstate(c, "SELECT envelope.verify_provider('hang')")[0]
+            result["took"] = time.monotonic() - t0
+
+        th = threading.Thread(target=run)
+        th.start()
+        time.sleep(0.5)
+        t_cancel = time.monotonic()
+        admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        th.join(10)
+        assert result["state"] == "57014"
+        assert result["took"] < 1.5 and time.monotonic() - t_cancel < 1.0
+
+
+def test_kms_timeout_bounds_a_hung_call(hanging, kms_db):
+    with connect(PORT_A, kms_db) as c:
+        c.execute("SET envelope.kms_timeout = '700ms'")
+        t0 = time.monotonic()
+        state, msg = sqlstate(c, "SELECT envelope.verify_provider('hang')")
+        took = time.monotonic() - t0
+    assert state == "58000" and 0.6 < took < 2.0, (state, took, msg)
+
+
+def test_kms_down_cached_tenant_works_cold_tenant_fails_fast(kms_db):
+    with connect(PORT_A, kms_db) as warm:
+        with warm.transaction():
+            warm.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+            env = warm.execute("SELECT envelope.encrypt_field('before the outage')").fetchone()[0]
+        sh("bash", str(ROOT / "scripts/kms.sh"), "stop-openbao")
+        # Cached (within its TTL): keeps working with the KMS down.
+        with warm.transaction():
+            warm.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+            assert warm.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "before the outage"
+        # Cold tenant: a clear error at once, not a hang.
+        with warm.transaction():
+            warm.execute("SELECT set_config('app.tenant_id', 'kms_cold', true)")
+            t0 = time.monotonic()
+            state, msg = sqlstate(warm, "SELECT envelope.encrypt_field('x')")
+            assert state == "58000" and time.monotonic() - t0 < 1.0, (state, msg)
