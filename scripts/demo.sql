@@ -1,6 +1,10 @@
 -- pg_envelope demo: a multi-tenant table with RLS and encrypted columns; two tenants; encrypt,
 -- decrypt, and attempts that fail closed. Idempotent: safe to run again.
 \set ON_ERROR_STOP on
+\if :{?provider}
+\else
+  \set provider local
+\endif
 \pset footer off
 SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS pg_envelope;
@@ -11,10 +15,9 @@ DO $$ BEGIN
 END $$;
 
 -- DBA, once: two tenants, each with its own tenant key (wrapped by the local root key) and DEK.
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM envelope.tenants WHERE name = 'acme')   THEN PERFORM envelope.create_tenant('acme');   END IF;
-  IF NOT EXISTS (SELECT 1 FROM envelope.tenants WHERE name = 'globex') THEN PERFORM envelope.create_tenant('globex'); END IF;
-END $$;
+\echo '== Tenants under provider' :'provider'
+SELECT envelope.create_tenant('acme', provider => :'provider') > 0 AS acme_created,
+       envelope.create_tenant('globex', provider => :'provider') > 0 AS globex_created;
 SELECT envelope.grant_tenant('acme', 'demo_app') IS NOT NULL AS granted_acme,
        envelope.grant_tenant('globex', 'demo_app') IS NOT NULL AS granted_globex;
 

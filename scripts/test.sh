@@ -42,6 +42,10 @@ regress() {
 integration() {
   bash "$here/cluster.sh" install
   bash "$here/cluster.sh" start
+  bash "$here/kms.sh" start-openbao
+  # The shared provider contract suite against the real server.
+  ( . "$PGE_STATE/openbao/env" &&
+    cargo test -p pg_envelope_core --features vault,testing --test kms_contract -- --ignored )
   "$PGE_STATE/py-venv/bin/python" -m pytest -q -p no:cacheprovider "$PGE_ROOT/pg_test/integration"
 }
 

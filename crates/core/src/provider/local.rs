@@ -188,6 +188,14 @@ mod tests {
     }
 
     #[test]
+    fn passes_the_provider_contract() {
+        let d = tempfile::tempdir().unwrap();
+        let a = key_file(d.path(), "a", &[3u8; 32], 0o600);
+        let b = key_file(d.path(), "b", &[4u8; 32], 0o600);
+        crate::provider::testing::provider_contract(&mut LocalProvider::new(a), &mut LocalProvider::new(b));
+    }
+
+    #[test]
     fn missing_file_and_relative_path() {
         let d = tempfile::tempdir().unwrap();
         assert!(matches!(
