@@ -235,6 +235,7 @@ fn key_cache() -> TableIterator<
         name!(age_seconds, f64),
         name!(expires_in_seconds, f64),
         name!(hits, i64),
+        name!(degraded_by, Option<String>),
     ),
 > {
     TableIterator::new(crate::status::cache_rows())

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use pg_envelope_core::provider::vault::{VaultTransitOptions, VaultTransitProvider};
-use pg_envelope_core::{BackendRng, DataKey, Envelope, KeyCache, KeyProvider, LocalProvider, ProviderError, TenantKeys};
+use pg_envelope_core::{
+    BackendRng, CacheEntry, DataKey, Envelope, Freshness, KeyCache, KeyProvider, LocalProvider, ProviderError, TenantKeys,
+};
 use pgrx::prelude::*;
 use pgrx::PgAtomic;
 
@@ -221,26 +223,29 @@ impl Backend {
         self.check_epoch();
         let role = unsafe { pg_sys::GetUserId() };
         let now = Instant::now();
-        let entry = if self.cache.contains_fresh(tenant, now) {
-            self.cache.hit(tenant).expect("fresh entry present")
-        } else {
-            let row = catalog::load_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
-            // Refuse before any provider call: an unauthorized role costs no KMS traffic.
-            if !role_allowed(role, &row.grantees) {
-                return Err(EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) });
-            }
-            let mut provider = provider_for(&row.provider, &row.provider_kind, &row.provider_options)?;
-            *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
-            let record = row.record;
-            let loaded = interruptible(move || TenantKeys::load(provider.as_mut(), &record, now));
-            match loaded {
-                Ok(keys) => {
-                    let meta = TenantMeta { provider: row.provider.clone(), grantees: row.grantees, last_allowed_role: role };
-                    self.cache.insert_loaded(tenant, keys, meta)
+        let entry = match self.cache.freshness(tenant, now) {
+            Freshness::Fresh => self.cache.hit(tenant).expect("fresh entry present"),
+            Freshness::Stale { age } => self.refresh_stale(tenant, role, now, age)?,
+            Freshness::Missing => {
+                if let Some(f) = self.cache.cold_failure(tenant, now) {
+                    // Backing off: fail at once rather than wait for the KMS again on every row.
+                    return Err(EnvelopeError::Provider {
+                        provider: f.provider.clone(),
+                        error: ProviderError::Unavailable(format!(
+                            "not retried for another {} ms after: {}",
+                            f.retry_at.saturating_duration_since(now).as_millis(),
+                            f.error
+                        )),
+                    });
                 }
-                Err(e) => {
-                    self.cache.record_failed_unwrap();
-                    return Err(EnvelopeError::from_load(tenant, &row.provider, e));
+                match self.load_keys(tenant, role, now) {
+                    Ok((keys, meta)) => self.cache.insert_loaded(tenant, keys, meta),
+                    Err((e, Some((provider, transient)))) => {
+                        let r = rand_u32();
+                        self.cache.record_cold_failure(tenant, &provider, now, transient, r);
+                        return Err(e);
+                    }
+                    Err((e, None)) => return Err(e),
                 }
             }
         };
@@ -252,6 +257,88 @@ impl Backend {
         }
         Ok(&mut entry.keys)
     }
+
+    /// A cached tenant past its TTL: reload it; if the provider is unreachable, keep serving the
+    /// cached keys (degraded, with a WARNING once per statement) until `envelope.max_key_age`
+    /// after the last successful unwrap, retrying with backoff. Any other failure (denied,
+    /// different key, revoked grant) evicts the keys and fails closed.
+    fn refresh_stale(&mut self, tenant: &str, role: pg_sys::Oid, now: Instant, age: std::time::Duration) -> Result<&mut CacheEntry<TenantMeta>> {
+        let max_age = gucs::max_key_age();
+        let backing_off = self
+            .cache
+            .peek_mut(tenant)
+            .and_then(|e| e.degraded.as_ref())
+            .is_some_and(|d| now < d.retry_at);
+        if age < max_age && backing_off {
+            return Ok(self.serve_degraded(tenant));
+        }
+        match self.load_keys(tenant, role, now) {
+            Ok((keys, meta)) => Ok(self.cache.insert_loaded(tenant, keys, meta)),
+            Err((_, Some((_, transient)))) if age < max_age => {
+                let r = rand_u32();
+                self.cache.mark_degraded(tenant, now, transient.to_string(), r);
+                Ok(self.serve_degraded(tenant))
+            }
+            Err((e, _)) => {
+                self.cache.evict(tenant);
+                Err(e)
+            }
+        }
+    }
+
+    fn serve_degraded(&mut self, tenant: &str) -> &mut CacheEntry<TenantMeta> {
+        let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+        let e = self.cache.hit(tenant).expect("stale entry present");
+        if let Some(d) = e.degraded.as_mut() {
+            if d.warned != stmt {
+                d.warned = stmt;
+                pgrx::warning!(
+                    "pg_envelope: key provider \"{}\" is unreachable; tenant \"{}\" is served from keys cached {} s ago (degraded until envelope.max_key_age): {}",
+                    e.meta.provider,
+                    tenant,
+                    e.keys.loaded_at().elapsed().as_secs(),
+                    d.last_error
+                );
+            }
+        }
+        e
+    }
+
+    /// Reads the tenant's row, checks the grant, and unwraps its keys through its provider on a
+    /// helper thread. On failure returns the error and, when it is transient (the provider could
+    /// not be reached), the provider error for backoff bookkeeping.
+    fn load_keys(
+        &mut self,
+        tenant: &str,
+        role: pg_sys::Oid,
+        now: Instant,
+    ) -> std::result::Result<(TenantKeys, TenantMeta), (EnvelopeError, Option<(String, ProviderError)>)> {
+        let row = catalog::load_tenant(tenant)
+            .map_err(|e| (e, None))?
+            .ok_or_else(|| (EnvelopeError::TenantUnknown { tenant: tenant.to_string() }, None))?;
+        // Refuse before any provider call: an unauthorized role costs no KMS traffic.
+        if !role_allowed(role, &row.grantees) {
+            return Err((EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) }, None));
+        }
+        let mut provider = provider_for(&row.provider, &row.provider_kind, &row.provider_options).map_err(|e| (e, None))?;
+        *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
+        let record = row.record;
+        match interruptible(move || TenantKeys::load(provider.as_mut(), &record, now)) {
+            Ok(keys) => Ok((keys, TenantMeta { provider: row.provider, grantees: row.grantees, last_allowed_role: role })),
+            Err(e) => {
+                self.cache.record_failed_unwrap();
+                let transient = match &e {
+                    pg_envelope_core::LoadError::Provider(p @ ProviderError::Unavailable(_)) => Some((row.provider.clone(), p.clone())),
+                    _ => None,
+                };
+                Err((EnvelopeError::from_load(tenant, &row.provider, e), transient))
+            }
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    BACKEND_RNG.with(|r| r.borrow_mut().random_u32())
 }
 
 /// Encrypts for the current tenant.

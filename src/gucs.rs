@@ -7,6 +7,7 @@
 //! | envelope.max_value_size       | SUSET    | 256MB            | superusers                   |
 //! | envelope.local_root_key_file  | SIGHUP   | (unset)          | postgresql.conf only         |
 //! | envelope.kms_timeout          | SUSET    | 5s               | superusers                   |
+//! | envelope.max_key_age          | SUSET    | 7d               | superusers                   |
 //!
 //! None of them holds a secret: the root key file's *path* is configuration; its content is
 //! read by the `local` provider and never stored in a setting. The path is still hidden from
@@ -22,12 +23,23 @@ pub static KEY_CACHE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static LOCAL_ROOT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static MAX_KEY_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 
 /// Largest accepted `envelope.max_value_size`: 1 GiB (PostgreSQL's varlena limit) minus room for
 /// the 82-byte envelope overhead and the varlena header, rounded down to whole kB.
 pub const MAX_VALUE_SIZE_LIMIT_KB: i32 = 1024 * 1024 - 1;
 
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"envelope.max_key_age",
+        c"How long cached keys may keep serving past their TTL while the key provider is unreachable.",
+        c"Counted from the last successful root-key unwrap. Past it the tenant fails closed until the provider answers.",
+        &MAX_KEY_AGE_S,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_int_guc(
         c"envelope.kms_timeout",
         c"Longest a single key-provider call (connect + request) may take.",
@@ -90,6 +102,10 @@ pub fn tenant_setting_name() -> &'static CStr {
 
 pub fn key_cache_ttl() -> Duration {
     Duration::from_secs(KEY_CACHE_TTL_S.get().max(1) as u64)
+}
+
+pub fn max_key_age() -> Duration {
+    Duration::from_secs(MAX_KEY_AGE_S.get().max(1) as u64)
 }
 
 pub fn kms_timeout() -> Duration {

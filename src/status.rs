@@ -10,7 +10,7 @@ use crate::catalog;
 use crate::error::{EnvelopeError, Result};
 use crate::gucs;
 
-type CacheRow = (String, i64, String, i64, Vec<i64>, f64, f64, i64);
+type CacheRow = (String, i64, String, i64, Vec<i64>, f64, f64, i64, Option<String>);
 
 pub fn cache_rows() -> Vec<CacheRow> {
     backend::with_backend(|b| {
@@ -30,6 +30,7 @@ pub fn cache_rows() -> Vec<CacheRow> {
                     age,
                     (ttl - age).max(0.0),
                     e.keys.hits() as i64,
+                    e.degraded.as_ref().map(|d| d.last_error.clone()),
                 )
             })
             .collect();
@@ -76,11 +77,12 @@ pub fn status_json() -> Result<Value> {
     let providers = providers()?;
     let cache: Vec<Value> = cache_rows()
         .into_iter()
-        .map(|(tenant, id, provider, active, versions, age, expires, hits)| {
+        .map(|(tenant, id, provider, active, versions, age, expires, hits, degraded)| {
             json!({
                 "tenant": tenant, "tenant_key_id": id, "provider": provider,
                 "active_dek_version": active, "dek_versions": versions,
                 "age_seconds": age, "expires_in_seconds": expires, "hits": hits,
+                "degraded": degraded.is_some(), "provider_error": degraded,
             })
         })
         .collect();
@@ -93,6 +95,8 @@ pub fn status_json() -> Result<Value> {
             "tenant_setting": gucs::tenant_setting_name().to_string_lossy(),
             "current_tenant": tenant,
             "key_cache_ttl_seconds": gucs::key_cache_ttl().as_secs(),
+            "max_key_age_seconds": gucs::max_key_age().as_secs(),
+            "degraded": b.cache.degraded_count() > 0,
             "providers": providers,
             "backend": {
                 "pid": std::process::id(),
@@ -102,6 +106,7 @@ pub fn status_json() -> Result<Value> {
                 "cache_misses": s.misses,
                 "cache_expirations": s.expirations,
                 "cached_tenants": b.cache.len(),
+                "degraded_tenants": b.cache.degraded_count(),
                 "nonce_rng_seeds": backend::rng_seed_count(),
             },
             "cache": cache,

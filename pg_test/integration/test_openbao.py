@@ -190,6 +190,49 @@ def test_kms_timeout_bounds_a_hung_call(hanging, kms_db):
     assert state == "58000" and 0.6 < took < 2.0, (state, took, msg)
 
 
+def test_hung_kms_past_ttl_costs_one_timeout_per_statement_then_serves_degraded(hanging, kms_db):
+    with connect(PORT_A, kms_db) as c:
+        c.execute("SELECT envelope.create_tenant('kms_stale', provider => 'bao')")
+        c.execute("SELECT envelope.grant_tenant('kms_stale', current_user)")
+    with connect(PORT_A, kms_db) as c:
+        notices = []
+        c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        c.execute("SET envelope.key_cache_ttl = '1s'")
+        c.execute("SET envelope.kms_timeout = '500ms'")
+        c.execute("SET app.tenant_id = 'kms_stale'")
+        env = c.execute("SELECT envelope.encrypt_field('cached before the KMS hung')").fetchone()[0]
+        # The KMS starts hanging (the provider now points at a server that never answers).
+        with connect(PORT_A, kms_db) as admin:
+            admin.execute(
+                "UPDATE envelope.key_providers SET options = jsonb_set(options, '{url}', to_jsonb(%s::text)) WHERE name = 'bao'",
+                (f"https://127.0.0.1:{hanging.port}",),
+            )
+        try:
+            time.sleep(1.2)  # past the TTL
+            t0 = time.monotonic()
+            n = c.execute("SELECT count(envelope.encrypt_field(i::text)) FROM generate_series(1, 200) i").fetchone()[0]
+            took = time.monotonic() - t0
+            assert n == 200
+            assert took < 1.5, f"{took:.2f}s: more than one KMS timeout in one statement"
+            warnings = [m for m in notices if "served from keys cached" in m]
+            assert len(warnings) == 1, notices
+            assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "cached before the KMS hung"
+            st = c.execute("SELECT envelope.status()").fetchone()[0]
+            assert st["degraded"] is True and st["backend"]["degraded_tenants"] == 1
+            row = c.execute("SELECT degraded_by FROM envelope.key_cache() WHERE tenant = 'kms_stale'").fetchone()[0]
+            assert row and "timed out after 500 ms" in row, row
+            # Past envelope.max_key_age (counted from the last successful unwrap): fail closed.
+            c.execute("SET envelope.max_key_age = '2s'")
+            time.sleep(1.0)
+            state, msg = sqlstate(c, "SELECT envelope.encrypt_field('x')")
+            assert state == "58000", (state, msg)
+        finally:
+            with connect(PORT_A, kms_db) as admin:
+                admin.execute(
+                    "UPDATE envelope.key_providers SET options = jsonb_set(options, '{url}', '\"https://127.0.0.1:8200\"') WHERE name = 'bao'"
+                )
+
+
 def test_kms_down_cached_tenant_works_cold_tenant_fails_fast(kms_db):
     with connect(PORT_A, kms_db) as warm:
         with warm.transaction():
@@ -206,3 +249,8 @@ def test_kms_down_cached_tenant_works_cold_tenant_fails_fast(kms_db):
             t0 = time.monotonic()
             state, msg = sqlstate(warm, "SELECT envelope.encrypt_field('x')")
             assert state == "58000" and time.monotonic() - t0 < 1.0, (state, msg)
+        # Retried only after a backoff: the next attempt fails at once without a KMS call.
+        with warm.transaction():
+            warm.execute("SELECT set_config('app.tenant_id', 'kms_cold', true)")
+            state, msg = sqlstate(warm, "SELECT envelope.encrypt_field('x')")
+            assert state == "58000" and "not retried" in msg, msg

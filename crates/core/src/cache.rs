@@ -138,18 +138,63 @@ pub struct CacheStats {
 pub struct CacheEntry<M> {
     pub keys: TenantKeys,
     pub meta: M,
+    /// Set while the keys are past their TTL and the provider could not be reached to refresh
+    /// them: the entry keeps serving, up to the maximum key age.
+    pub degraded: Option<Degraded>,
+}
+
+/// A stale entry kept alive through a key-provider outage.
+#[derive(Debug, Clone)]
+pub struct Degraded {
+    pub since: Instant,
+    pub failures: u32,
+    pub retry_at: Instant,
+    pub last_error: String,
+    /// Opaque marker of the last statement warned about it (the SQL layer passes its statement
+    /// start time), so a degraded tenant warns once per statement, not once per row.
+    pub warned: i64,
+}
+
+/// A cold tenant whose load failed because the provider was unreachable: not retried before
+/// `retry_at`, so a dead KMS costs at most one timeout per backoff step, not one per row.
+#[derive(Debug, Clone)]
+pub struct ColdFailure {
+    /// The provider that failed (its name in the caller's terms).
+    pub provider: String,
+    pub failures: u32,
+    pub retry_at: Instant,
+    pub error: ProviderError,
+}
+
+/// Exponential backoff for provider retries: 1 s, 2 s, 4 s ... capped at 60 s, each with
+/// -25%..+25% jitter drawn from `random` (a uniform u32) so backends do not retry in lockstep.
+pub fn retry_delay(failures: u32, random: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60));
+    let jitter = (random % 501) as f64 / 1000.0 - 0.25; // [-0.25, +0.25]
+    base.mul_f64(1.0 + jitter)
+}
+
+/// Where a tenant stands in the cache at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Cached and younger than the TTL.
+    Fresh,
+    /// Cached, past the TTL: refresh it, or serve it degraded if the provider is down.
+    Stale { age: Duration },
+    Missing,
 }
 
 /// Tenant name -> unwrapped keys, with a TTL counted from the unwrap.
 pub struct KeyCache<M = ()> {
     ttl: Duration,
     entries: HashMap<String, CacheEntry<M>>,
+    cold_failures: HashMap<String, ColdFailure>,
     stats: CacheStats,
 }
 
 impl<M> KeyCache<M> {
     pub fn new(ttl: Duration) -> Self {
-        KeyCache { ttl, entries: HashMap::default(), stats: CacheStats::default() }
+        KeyCache { ttl, entries: HashMap::default(), cold_failures: HashMap::default(), stats: CacheStats::default() }
     }
 
     pub fn set_ttl(&mut self, ttl: Duration) {
@@ -197,6 +242,56 @@ impl<M> KeyCache<M> {
         true
     }
 
+    /// Where `tenant` stands, without changing anything.
+    pub fn freshness(&self, tenant: &str, now: Instant) -> Freshness {
+        match self.entries.get(tenant) {
+            None => Freshness::Missing,
+            Some(e) => {
+                let age = now.saturating_duration_since(e.keys.loaded_at);
+                if age < self.ttl {
+                    Freshness::Fresh
+                } else {
+                    Freshness::Stale { age }
+                }
+            }
+        }
+    }
+
+    /// The entry without counting a hit (for degraded-mode bookkeeping).
+    pub fn peek_mut(&mut self, tenant: &str) -> Option<&mut CacheEntry<M>> {
+        self.entries.get_mut(tenant)
+    }
+
+    /// Records that refreshing a stale entry failed with a transient error: it keeps serving,
+    /// degraded, and is not retried before the returned instant.
+    pub fn mark_degraded(&mut self, tenant: &str, now: Instant, error: String, random: u32) -> Option<&mut CacheEntry<M>> {
+        let e = self.entries.get_mut(tenant)?;
+        let failures = e.degraded.as_ref().map_or(0, |d| d.failures) + 1;
+        let since = e.degraded.as_ref().map_or(now, |d| d.since);
+        let warned = e.degraded.as_ref().map_or(0, |d| d.warned);
+        e.degraded = Some(Degraded { since, failures, retry_at: now + retry_delay(failures, random), last_error: error, warned });
+        Some(e)
+    }
+
+    /// A recorded cold-load failure that is still in its backoff window.
+    pub fn cold_failure(&self, tenant: &str, now: Instant) -> Option<&ColdFailure> {
+        self.cold_failures.get(tenant).filter(|f| now < f.retry_at)
+    }
+
+    /// Records a cold load that failed because the provider was unreachable.
+    pub fn record_cold_failure(&mut self, tenant: &str, provider: &str, now: Instant, error: ProviderError, random: u32) {
+        let failures = self.cold_failures.get(tenant).map_or(0, |f| f.failures) + 1;
+        self.cold_failures.insert(
+            tenant.to_string(),
+            ColdFailure { provider: provider.to_string(), failures, retry_at: now + retry_delay(failures, random), error },
+        );
+    }
+
+    /// Tenants currently served in degraded mode.
+    pub fn degraded_count(&self) -> usize {
+        self.entries.values().filter(|e| e.degraded.is_some()).count()
+    }
+
     /// The entry, counted as a hit. Use after [`KeyCache::contains_fresh`] returned true.
     pub fn hit(&mut self, tenant: &str) -> Option<&mut CacheEntry<M>> {
         let e = self.entries.get_mut(tenant)?;
@@ -227,7 +322,8 @@ impl<M> KeyCache<M> {
     pub fn insert_loaded(&mut self, tenant: &str, mut keys: TenantKeys, meta: M) -> &mut CacheEntry<M> {
         self.stats.root_unwraps += 1;
         keys.hits = 1;
-        self.entries.insert(tenant.to_string(), CacheEntry { keys, meta });
+        self.cold_failures.remove(tenant);
+        self.entries.insert(tenant.to_string(), CacheEntry { keys, meta, degraded: None });
         self.entries.get_mut(tenant).expect("just inserted")
     }
 
@@ -244,6 +340,7 @@ impl<M> KeyCache<M> {
     /// Drops every entry (zeroizing them): backend exit, revocation, configuration change.
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.cold_failures.clear();
     }
 
     /// Cached tenants, for status output: (tenant, keys). Never exposes key bytes.
@@ -326,6 +423,44 @@ mod tests {
         let keys = &mut cache.get("acme", now).unwrap().keys;
         assert_eq!(keys.version(env.dek_version).unwrap().decrypt("acme", None, &old).unwrap(), b"old");
         assert_eq!(p.unwraps.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn retry_delay_grows_caps_and_jitters() {
+        let mid = |f| retry_delay(f, 250);
+        assert_eq!(mid(1), Duration::from_secs(1));
+        assert_eq!(mid(2), Duration::from_secs(2));
+        assert_eq!(mid(4), Duration::from_secs(8));
+        assert_eq!(mid(30), Duration::from_secs(60));
+        for r in [0u32, 1, 499, 500, u32::MAX] {
+            let d = retry_delay(3, r);
+            assert!(d >= Duration::from_secs(3) && d <= Duration::from_secs(5), "{d:?}");
+        }
+        assert_ne!(retry_delay(3, 0), retry_delay(3, 500));
+    }
+
+    #[test]
+    fn stale_entries_are_kept_for_degraded_mode_and_cold_failures_back_off() {
+        let mut p = InsecureTestProvider::new();
+        let rec = make_tenant(&mut p, "acme", 1, &[1]);
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        cache.load(&mut p, &rec, (), t0).unwrap();
+        assert_eq!(cache.freshness("acme", t0 + Duration::from_secs(5)), Freshness::Fresh);
+        assert_eq!(cache.freshness("acme", t0 + Duration::from_secs(11)), Freshness::Stale { age: Duration::from_secs(11) });
+        let later = t0 + Duration::from_secs(11);
+        let e = cache.mark_degraded("acme", later, "down".into(), 250).unwrap();
+        assert_eq!(e.degraded.as_ref().unwrap().failures, 1);
+        assert_eq!(cache.degraded_count(), 1);
+        let e = cache.mark_degraded("acme", later, "down".into(), 250).unwrap();
+        assert_eq!(e.degraded.as_ref().unwrap().retry_at, later + Duration::from_secs(2));
+        // A successful reload clears degraded mode.
+        cache.load(&mut p, &rec, (), later).unwrap();
+        assert_eq!(cache.degraded_count(), 0);
+        // Cold failures are remembered until their retry time, then forgotten by a success.
+        cache.record_cold_failure("globex", "p", t0, ProviderError::Unavailable("down".into()), 250);
+        assert!(cache.cold_failure("globex", t0 + Duration::from_millis(500)).is_some());
+        assert!(cache.cold_failure("globex", t0 + Duration::from_millis(1500)).is_none());
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod rng;
 pub mod secret;
 pub mod wrap;
 
-pub use cache::{CacheEntry, CacheStats, KeyCache, LoadError, TenantKeys, TenantRecord, WrappedDek};
+pub use cache::{retry_delay, CacheEntry, CacheStats, ColdFailure, Degraded, Freshness, KeyCache, LoadError, TenantKeys, TenantRecord, WrappedDek};
 pub use datakey::{DataKey, DecryptError};
 pub use envelope::{envelope_len, Envelope, MalformedEnvelope, OVERHEAD};
 pub use provider::{local::LocalProvider, KeyContext, KeyProvider, ProviderError};

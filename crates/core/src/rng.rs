@@ -50,6 +50,11 @@ impl BackendRng {
         BackendRng { inner: None, reseeds: 0 }
     }
 
+    /// A uniform `u32` (for retry jitter).
+    pub fn random_u32(&mut self) -> u32 {
+        self.rng().next_u32()
+    }
+
     /// How many times this generator has seeded itself from the OS (1 after first use).
     pub fn seed_count(&self) -> u64 {
         self.reseeds

@@ -127,6 +127,7 @@ impl Drop for ZeroizingString {
 pub struct VaultTransitProvider {
     opts: VaultTransitOptions,
     agent: ureq::Agent,
+    timeout: Duration,
 }
 
 impl VaultTransitProvider {
@@ -146,7 +147,7 @@ impl VaultTransitProvider {
             let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
             builder = builder.tls_config(Arc::new(config));
         }
-        Ok(VaultTransitProvider { opts, agent: builder.build() })
+        Ok(VaultTransitProvider { opts, agent: builder.build(), timeout })
     }
 
     fn token(&self) -> Result<String, ProviderError> {
@@ -197,6 +198,15 @@ impl VaultTransitProvider {
             Err(ureq::Error::Transport(t)) => {
                 // Transport errors carry the URL (no credentials are ever put in it) and the cause
                 // (refused, timed out, TLS certificate not trusted...), never headers or bodies.
+                let timed_out = std::error::Error::source(&t)
+                    .and_then(|c| c.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+                if timed_out {
+                    return Err(ProviderError::Unavailable(format!(
+                        "{where_}: timed out after {} ms (envelope.kms_timeout)",
+                        self.timeout.as_millis()
+                    )));
+                }
                 let cause = std::error::Error::source(&t).map(|c| c.to_string()).unwrap_or_default();
                 Err(ProviderError::Unavailable(format!("{where_}: {}{}{}", t.kind(), if cause.is_empty() { "" } else { ": " }, cause)))
             }
