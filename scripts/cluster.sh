@@ -15,7 +15,15 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
 
-pg_ctl() { as_postgres "$PGE_PG15_BIN/pg_ctl" "$@"; }
+# The server's environment: SoftHSM2 (the pkcs11 provider's test HSM) reads its configuration
+# from SOFTHSM2_CONF, which must be set in the postmaster's environment.
+PGE_SERVER_ENV=(SOFTHSM2_CONF="$PGE_STATE/softhsm/softhsm2.conf")
+pg_ctl() { as_postgres env "${PGE_SERVER_ENV[@]}" "$PGE_PG15_BIN/pg_ctl" "$@"; }
+server_env_current() {
+  local pid
+  pid="$(as_root head -n1 "$PGE_DATA/postmaster.pid" 2>/dev/null)" || return 1
+  as_root tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "${PGE_SERVER_ENV[0]}"
+}
 
 install_ext() {
   cd "$PGE_ROOT"
@@ -55,8 +63,8 @@ start() {
   local so
   so="$("$PGE_PG15_CONFIG" --pkglibdir)/pg_envelope.so"
   if pg_ctl -D "$PGE_DATA" status >/dev/null 2>&1; then
-    if [ "$so" -nt "$PGE_DATA/postmaster.pid" ]; then
-      echo "pg_envelope.so changed: restarting the cluster"
+    if [ "$so" -nt "$PGE_DATA/postmaster.pid" ] || ! server_env_current; then
+      echo "pg_envelope.so or the server environment changed: restarting the cluster"
       pg_ctl -D "$PGE_DATA" -w -m fast restart -l "$PGE_STATE/$PGE_INSTANCE/server.log" >/dev/null
     else
       pg_ctl -D "$PGE_DATA" reload >/dev/null

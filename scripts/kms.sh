@@ -73,8 +73,47 @@ stop_openbao() {
   fi
 }
 
+# SoftHSM2: a PKCS#11 token in a private folder, owned by postgres (backends open it), with a
+# non-extractable AES-256 key "pg-kek" (and "pg-kek-2") and the user PIN in a 0600 file.
+HSM_DIR="$PGE_STATE/softhsm"
+HSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
+start_softhsm() {
+  export SOFTHSM2_CONF="$HSM_DIR/softhsm2.conf"
+  if [ ! -f "$HSM_DIR/pin" ] || ! softhsm2-util --show-slots 2>/dev/null | grep -q "pg-envelope"; then
+    as_root rm -rf "$HSM_DIR"
+    as_root install -d -o root -g root -m 0755 "$HSM_DIR"
+    mkdir -p "$HSM_DIR/tokens"
+    cat > "$SOFTHSM2_CONF" <<CONF
+directories.tokendir = $HSM_DIR/tokens
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+library.reset_on_fork = true
+CONF
+    local pin so
+    pin="$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    so="$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    softhsm2-util --init-token --free --label pg-envelope --so-pin "$so" --pin "$pin" >/dev/null
+    for label in pg-kek pg-kek-2; do
+      pkcs11-tool --module "$HSM_MODULE" --token-label pg-envelope --login --pin "$pin" --keygen \
+        --key-type AES:32 --label "$label" --sensitive --private \
+        --usage-decrypt --usage-wrap >/dev/null 2>&1
+    done
+    (umask 077; printf '%s\n' "$pin" > "$HSM_DIR/pin")
+    as_root chown -R postgres:postgres "$HSM_DIR/tokens" "$HSM_DIR/pin"
+    chmod 0644 "$SOFTHSM2_CONF"
+  fi
+  cat > "$HSM_DIR/env" <<ENV
+export SOFTHSM2_CONF=$HSM_DIR/softhsm2.conf
+export PGE_PKCS11_MODULE=$HSM_MODULE
+export PGE_PKCS11_PIN_FILE=$HSM_DIR/pin
+ENV
+  echo "SoftHSM2 token pg-envelope ready (conf $SOFTHSM2_CONF)"
+}
+
 case "${1:-}" in
   start-openbao) start_openbao ;;
   stop-openbao) stop_openbao ;;
-  *) echo "usage: $0 start-openbao|stop-openbao" >&2; exit 2 ;;
+  start-softhsm) start_softhsm ;;
+  *) echo "usage: $0 start-openbao|stop-openbao|start-softhsm" >&2; exit 2 ;;
 esac

@@ -43,9 +43,10 @@ integration() {
   bash "$here/cluster.sh" install
   bash "$here/cluster.sh" start
   bash "$here/kms.sh" start-openbao
-  # The shared provider contract suite against the real server.
-  ( . "$PGE_STATE/openbao/env" &&
-    cargo test -p pg_envelope_core --features vault,testing --test kms_contract -- --ignored )
+  bash "$here/kms.sh" start-softhsm
+  # The shared provider contract suite against the real servers.
+  ( . "$PGE_STATE/openbao/env" && . "$PGE_STATE/softhsm/env" &&
+    cargo test -p pg_envelope_core --features vault,pkcs11,testing --test kms_contract -- --ignored )
   "$PGE_STATE/py-venv/bin/python" -m pytest -q -p no:cacheprovider "$PGE_ROOT/pg_test/integration"
 }
 

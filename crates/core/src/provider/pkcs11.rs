@@ -1,0 +1,222 @@
+//! `pkcs11`: a root key inside a PKCS#11 HSM (SoftHSM2 in tests), through `cryptoki`.
+//!
+//! The root key is a non-extractable AES-256 secret key found by label. Tenant keys are wrapped
+//! with CKM_AES_GCM inside the HSM: a random 96-bit IV from the OS, the tenant binding as AAD,
+//! a 128-bit tag. Stored form: `0x01 || iv (12) || ciphertext+tag (48)`.
+//!
+//! Options (`envelope.add_key_provider(name, 'pkcs11', options)`), none secret:
+//!
+//! | option | required | meaning |
+//! |---|---|---|
+//! | `module` | yes | absolute path of the PKCS#11 library |
+//! | `token_label` | yes | label of the token (slot ids are not stable) |
+//! | `key_label` | yes | label of the AES key |
+//! | `pin_file` | yes | file holding the user PIN; read on every call, never stored |
+//!
+//! The library is loaded and initialised on the thread that makes the call, in the backend
+//! process (never in the postmaster before fork), and finalised afterwards; a lost session is
+//! therefore never reused. SoftHSM2 should run with `library.reset_on_fork = true`.
+
+use std::path::PathBuf;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use serde_json::Value;
+use zeroize::Zeroize;
+
+use super::{KeyContext, KeyProvider, ProviderError};
+use crate::secret::{SecretKey, KEY_LEN};
+use crate::wrap::WrapAad;
+
+const FORMAT: u8 = 0x01;
+const WRAPPED_LEN: usize = 1 + 12 + KEY_LEN + 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Options {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub key_label: String,
+    pub pin_file: PathBuf,
+}
+
+impl Pkcs11Options {
+    pub fn from_json(v: &Value) -> Result<Self, ProviderError> {
+        let obj = v.as_object().ok_or_else(|| ProviderError::Misconfigured("options must be a JSON object".into()))?;
+        for k in obj.keys() {
+            if ["pin", "so_pin", "password", "secret"].contains(&k.as_str()) {
+                return Err(ProviderError::Misconfigured(format!(
+                    "option \"{k}\" would put a secret in the database; use \"pin_file\""
+                )));
+            }
+            if !["module", "token_label", "key_label", "pin_file"].contains(&k.as_str()) {
+                return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
+            }
+        }
+        let get = |k: &str| -> Result<String, ProviderError> {
+            v.get(k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| ProviderError::Misconfigured(format!("option \"{k}\" is required")))
+        };
+        let path = |k: &str| -> Result<PathBuf, ProviderError> {
+            let p = PathBuf::from(get(k)?);
+            if !p.is_absolute() {
+                return Err(ProviderError::Misconfigured(format!("option \"{k}\" must be an absolute path")));
+            }
+            Ok(p)
+        };
+        Ok(Pkcs11Options { module: path("module")?, token_label: get("token_label")?, key_label: get("key_label")?, pin_file: path("pin_file")? })
+    }
+}
+
+pub struct Pkcs11Provider {
+    opts: Pkcs11Options,
+}
+
+fn ck(e: CkError, what: &str) -> ProviderError {
+    match e {
+        CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired | RvError::PinInvalid, _) => {
+            ProviderError::Denied(format!("{what}: the HSM refused the PIN"))
+        }
+        CkError::Pkcs11(RvError::UserNotLoggedIn | RvError::KeyFunctionNotPermitted | RvError::KeyUnextractable, _) => {
+            ProviderError::Denied(format!("{what}: {e}"))
+        }
+        CkError::LibraryLoading(_) => ProviderError::Misconfigured(format!("{what}: cannot load the PKCS#11 module: {e}")),
+        other => ProviderError::Unavailable(format!("{what}: {other}")),
+    }
+}
+
+impl Pkcs11Provider {
+    pub fn new(opts: Pkcs11Options) -> Self {
+        Pkcs11Provider { opts }
+    }
+
+    fn pin(&self) -> Result<AuthPin, ProviderError> {
+        let shown = self.opts.pin_file.display();
+        let mut raw = std::fs::read(&self.opts.pin_file).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ProviderError::NotConfigured(format!("pin_file \"{shown}\" does not exist")),
+            std::io::ErrorKind::PermissionDenied => {
+                ProviderError::Misconfigured(format!("pin_file \"{shown}\" is not readable by the server's OS user"))
+            }
+            _ => ProviderError::Unavailable(format!("cannot read pin_file \"{shown}\": {e}")),
+        })?;
+        let pin = String::from_utf8(raw.clone()).map(|s| s.trim_end_matches(['\n', '\r']).to_string());
+        raw.zeroize();
+        match pin {
+            Ok(p) if !p.is_empty() => Ok(AuthPin::from(p)),
+            _ => Err(ProviderError::Misconfigured(format!("pin_file \"{shown}\" does not hold a PIN"))),
+        }
+    }
+
+    /// Loads and initialises the module, finds the token and the key, logs in, and runs `f`.
+    /// Everything is finalised when it returns.
+    fn with_key<R>(&self, f: impl FnOnce(&Session, ObjectHandle) -> Result<R, ProviderError>) -> Result<R, ProviderError> {
+        let pin = self.pin()?;
+        let p11 = Pkcs11::new(&self.opts.module).map_err(|e| ck(e, "load"))?;
+        match p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) => {}
+            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(ck(e, "initialize")),
+        }
+        let slot = p11
+            .get_slots_with_token()
+            .map_err(|e| ck(e, "list slots"))?
+            .into_iter()
+            .find(|s| p11.get_token_info(*s).map(|i| i.label().trim_end() == self.opts.token_label).unwrap_or(false))
+            .ok_or_else(|| ProviderError::NotConfigured(format!("no token labelled \"{}\"", self.opts.token_label)))?;
+        let session = p11.open_ro_session(slot).map_err(|e| ck(e, "open session"))?;
+        session.login(UserType::User, Some(&pin)).map_err(|e| ck(e, "login"))?;
+        let keys = session
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(self.opts.key_label.as_bytes().to_vec())])
+            .map_err(|e| ck(e, "find key"))?;
+        let key = match keys.as_slice() {
+            [k] => *k,
+            [] => return Err(ProviderError::NotConfigured(format!("no secret key labelled \"{}\"", self.opts.key_label))),
+            _ => return Err(ProviderError::Misconfigured(format!("several keys are labelled \"{}\"", self.opts.key_label))),
+        };
+        let r = f(&session, key);
+        let _ = session.logout();
+        drop(session);
+        let _ = p11.finalize();
+        r
+    }
+}
+
+impl KeyProvider for Pkcs11Provider {
+    fn kind(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("module", self.opts.module.display().to_string()),
+            ("token_label", self.opts.token_label.clone()),
+            ("key_label", self.opts.key_label.clone()),
+        ]
+    }
+
+    fn wrap_tenant_key(&mut self, ctx: &KeyContext<'_>, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id }.encode();
+        let mut iv = [0u8; 12];
+        getrandom::fill(&mut iv).map_err(|e| ProviderError::Unavailable(format!("OS random source: {e}")))?;
+        let iv_copy = iv;
+        let ct = self.with_key(|s, k| {
+            let params = GcmParams::new(&mut iv, &aad, 128u64.into()).map_err(|e| ck(e, "GCM parameters"))?;
+            s.encrypt(&Mechanism::AesGcm(params), k, key.expose()).map_err(|e| ck(e, "encrypt"))
+        })?;
+        if ct.len() != KEY_LEN + 16 {
+            return Err(ProviderError::Unavailable("the HSM returned a ciphertext of unexpected length".into()));
+        }
+        let mut out = Vec::with_capacity(WRAPPED_LEN);
+        out.push(FORMAT);
+        out.extend_from_slice(&iv_copy);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError> {
+        if wrapped.len() != WRAPPED_LEN || wrapped[0] != FORMAT {
+            return Err(ProviderError::UnwrapFailed);
+        }
+        let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id }.encode();
+        let mut iv: [u8; 12] = wrapped[1..13].try_into().map_err(|_| ProviderError::UnwrapFailed)?;
+        let mut pt = self.with_key(|s, k| {
+            let params = GcmParams::new(&mut iv, &aad, 128u64.into()).map_err(|e| ck(e, "GCM parameters"))?;
+            match s.decrypt(&Mechanism::AesGcm(params), k, &wrapped[13..]) {
+                Ok(pt) => Ok(pt),
+                // SoftHSM reports a bad tag as a general error; any decrypt failure of a
+                // well-formed blob means "not this key / not this tenant / altered".
+                Err(CkError::Pkcs11(
+                    RvError::GeneralError | RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                    _,
+                )) => Err(ProviderError::UnwrapFailed),
+                Err(e) => Err(ck(e, "decrypt")),
+            }
+        })?;
+        let key = SecretKey::from_slice(&pt).ok_or(ProviderError::UnwrapFailed);
+        pt.zeroize();
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn options_refuse_inline_pins() {
+        let e = Pkcs11Options::from_json(&json!({"module": "/m.so", "token_label": "t", "key_label": "k", "pin": "1234"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pin_file") && !e.contains("1234"), "{e}");
+        assert!(Pkcs11Options::from_json(&json!({"module": "m.so", "token_label": "t", "key_label": "k", "pin_file": "/p"})).is_err());
+        assert!(Pkcs11Options::from_json(&json!({"module": "/m.so", "token_label": "t", "key_label": "k", "pin_file": "/p"})).is_ok());
+    }
+}
