@@ -111,9 +111,62 @@ ENV
   echo "SoftHSM2 token pg-envelope ready (conf $SOFTHSM2_CONF)"
 }
 
+# moto (AWS KMS emulator) with SigV4 signatures checked: the first few actions (creating an IAM
+# user with a kms:* policy, its access key, and the first KMS key) run unauthenticated; every
+# request after that must be signed with the user's key, and a wrong secret gets 403.
+MOTO_VENV="$PGE_STATE/moto-venv"
+MOTO_DIR="$PGE_STATE/moto"
+MOTO_PORT="${PGE_MOTO_PORT:-5055}"
+start_moto() {
+  if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+    python3 -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q "moto[server]==5.*" boto3
+  fi
+  as_root install -d -m 0755 "$MOTO_DIR"
+  stop_moto
+  INITIAL_NO_AUTH_ACTION_COUNT=4 nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$MOTO_DIR/server.log" 2>&1 &
+  echo $! > "$MOTO_DIR/pid"
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$MOTO_PORT/moto-api/" >/dev/null 2>&1 && break; sleep 0.1; done
+  "$MOTO_VENV/bin/python" - "$MOTO_PORT" "$MOTO_DIR" <<'PY'
+import json, os, sys, boto3
+port, d = sys.argv[1], sys.argv[2]
+url = f"http://127.0.0.1:{port}"
+anon = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+iam = boto3.client("iam", **anon)
+iam.create_user(UserName="pg-envelope")                                                     # 1
+iam.put_user_policy(UserName="pg-envelope", PolicyName="kms", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}))  # 2
+key = iam.create_access_key(UserName="pg-envelope")["AccessKey"]                            # 3
+kms_anon = boto3.client("kms", **anon)
+k1 = kms_anon.create_key(Description="pg-root")["KeyMetadata"]["KeyId"]                     # 4
+signed = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+k2 = boto3.client("kms", **signed).create_key(Description="pg-root-2")["KeyMetadata"]["KeyId"]   # signed from here on
+old = os.umask(0o077)
+with open(f"{d}/credentials", "w") as f:
+    f.write(f"[default]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = {key['SecretAccessKey']}\n")
+with open(f"{d}/bad-credentials", "w") as f:
+    f.write(f"[default]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = wrong-{key['SecretAccessKey'][:8]}\n")
+os.umask(old)
+with open(f"{d}/env", "w") as f:
+    f.write(f"export MOTO_ENDPOINT={url}\nexport MOTO_KEY_ID={k1}\nexport MOTO_KEY_ID_2={k2}\nexport MOTO_CREDENTIALS={d}/credentials\n")
+PY
+  as_root chown postgres:postgres "$MOTO_DIR/credentials" "$MOTO_DIR/bad-credentials"
+  echo "moto (KMS, signatures checked) at http://127.0.0.1:$MOTO_PORT; env: $MOTO_DIR/env"
+}
+
+stop_moto() {
+  if [ -f "$MOTO_DIR/pid" ]; then
+    kill "$(cat "$MOTO_DIR/pid")" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$(cat "$MOTO_DIR/pid")" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$MOTO_DIR/pid"
+  fi
+}
+
 case "${1:-}" in
+  start-moto) start_moto ;;
+  stop-moto) stop_moto ;;
   start-openbao) start_openbao ;;
   stop-openbao) stop_openbao ;;
   start-softhsm) start_softhsm ;;
-  *) echo "usage: $0 start-openbao|stop-openbao|start-softhsm" >&2; exit 2 ;;
+  *) echo "usage: $0 start-openbao|stop-openbao|start-softhsm|start-moto|stop-moto" >&2; exit 2 ;;
 esac

@@ -80,7 +80,17 @@ else
   step "OpenBao: present"
 fi
 
-# 6. cargo pgrx init, only when its config does not already match (rewriting forces a rebuild) --
+# 6. moto, the AWS KMS emulator (run with SigV4 signatures checked) --------------------------------
+MOTO_VENV="$PGE_STATE/moto-venv"
+if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+  step "moto[server] 5 and boto3 into $MOTO_VENV"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install -q "moto[server]==5.*" boto3
+else
+  step "moto: present"
+fi
+
+# 7. cargo pgrx init, only when its config does not already match (rewriting forces a rebuild) --
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PG18_CONFIG="$(pge_pg18_config)"
 cfg="${PGRX_HOME:-$HOME/.pgrx}/config.toml"

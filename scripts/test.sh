@@ -44,9 +44,10 @@ integration() {
   bash "$here/cluster.sh" start
   bash "$here/kms.sh" start-openbao
   bash "$here/kms.sh" start-softhsm
+  bash "$here/kms.sh" start-moto
   # The shared provider contract suite against the real servers.
-  ( . "$PGE_STATE/openbao/env" && . "$PGE_STATE/softhsm/env" &&
-    cargo test -p pg_envelope_core --features vault,pkcs11,testing --test kms_contract -- --ignored )
+  ( . "$PGE_STATE/openbao/env" && . "$PGE_STATE/softhsm/env" && . "$PGE_STATE/moto/env" &&
+    cargo test -p pg_envelope_core --features aws,pkcs11,testing --test kms_contract -- --ignored )
   "$PGE_STATE/py-venv/bin/python" -m pytest -q -p no:cacheprovider "$PGE_ROOT/pg_test/integration"
 }
 

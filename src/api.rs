@@ -102,6 +102,10 @@ fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) ->
             pg_envelope_core::provider::vault::VaultTransitOptions::from_json(options)
                 .map_err(|error| EnvelopeError::Provider { provider: name.to_string(), error })?;
         }
+        "aws_kms" => {
+            pg_envelope_core::provider::aws::AwsKmsOptions::from_json(options)
+                .map_err(|error| EnvelopeError::Provider { provider: name.to_string(), error })?;
+        }
         "pkcs11" => {
             pg_envelope_core::provider::pkcs11::Pkcs11Options::from_json(options)
                 .map_err(|error| EnvelopeError::Provider { provider: name.to_string(), error })?;

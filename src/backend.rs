@@ -10,6 +10,7 @@ use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use pg_envelope_core::provider::aws::{AwsKmsOptions, AwsKmsProvider};
 use pg_envelope_core::provider::pkcs11::{Pkcs11Options, Pkcs11Provider};
 use pg_envelope_core::provider::vault::{VaultTransitOptions, VaultTransitProvider};
 use pg_envelope_core::{
@@ -140,6 +141,12 @@ pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dy
                 serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
             let opts = VaultTransitOptions::from_json(&v).map_err(fail)?;
             Ok(Box::new(VaultTransitProvider::new(opts, gucs::kms_timeout()).map_err(fail)?))
+        }
+        "aws_kms" => {
+            let v: serde_json::Value =
+                serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
+            let opts = AwsKmsOptions::from_json(&v).map_err(fail)?;
+            Ok(Box::new(AwsKmsProvider::new(opts, gucs::kms_timeout()).map_err(fail)?))
         }
         "pkcs11" => {
             let v: serde_json::Value =

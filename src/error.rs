@@ -141,7 +141,7 @@ impl EnvelopeError {
                 ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("pg_envelope: {m}"),
                 None,
-                Some("Provider names are lower-case identifiers; kinds: local, vault_transit, pkcs11.".into()),
+                Some("Provider names are lower-case identifiers; kinds: local, vault_transit, aws_kms, pkcs11.".into()),
             ),
             EnvelopeError::CorruptKeys { tenant, detail } => (
                 ERRCODE_DATA_CORRUPTED,

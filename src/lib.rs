@@ -39,7 +39,7 @@ CREATE SEQUENCE tenant_id_seq AS integer MINVALUE 1 NO CYCLE;
 
 CREATE TABLE key_providers (
     name        text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
-    kind        text NOT NULL CHECK (kind IN ('local', 'vault_transit', 'pkcs11')),
+    kind        text NOT NULL CHECK (kind IN ('local', 'vault_transit', 'aws_kms', 'pkcs11')),
     options     jsonb NOT NULL DEFAULT '{}'::jsonb,
     builtin     boolean NOT NULL DEFAULT false,
     created_at  timestamptz NOT NULL DEFAULT now()

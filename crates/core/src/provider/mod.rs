@@ -9,6 +9,8 @@
 //! bytes, tokens or PINs; they are safe to show in an error message.
 
 pub mod local;
+#[cfg(feature = "aws")]
+pub mod aws;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 #[cfg(feature = "vault")]

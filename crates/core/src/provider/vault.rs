@@ -117,6 +117,34 @@ impl VaultTransitOptions {
     }
 }
 
+/// A rustls client configuration trusting exactly the certificates in `ca` (PEM).
+pub(crate) fn client_config_with_ca(ca: &std::path::Path) -> Result<rustls::ClientConfig, ProviderError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| ProviderError::Misconfigured(format!("cannot read ca_file \"{}\": {e}", ca.display())))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| ProviderError::Misconfigured(format!("bad PEM in ca_file \"{}\": {e}", ca.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| ProviderError::Misconfigured(format!("bad certificate in ca_file \"{}\": {e}", ca.display())))?;
+    }
+    Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+/// A transport failure as a provider error: the URL (never holding credentials) and the cause
+/// (refused, timed out, TLS certificate not trusted...), never headers or bodies.
+pub(crate) fn transport_error(where_: &str, t: &ureq::Transport, timeout: Duration) -> ProviderError {
+    let timed_out = std::error::Error::source(t)
+        .and_then(|c| c.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    if timed_out {
+        return ProviderError::Unavailable(format!("{where_}: timed out after {} ms (envelope.kms_timeout)", timeout.as_millis()));
+    }
+    let cause = std::error::Error::source(t).map(|c| c.to_string()).unwrap_or_default();
+    ProviderError::Unavailable(format!("{where_}: {}{}{}", t.kind(), if cause.is_empty() { "" } else { ": " }, cause))
+}
+
 struct ZeroizingString(String);
 impl Drop for ZeroizingString {
     fn drop(&mut self) {
@@ -134,18 +162,7 @@ impl VaultTransitProvider {
     pub fn new(opts: VaultTransitOptions, timeout: Duration) -> Result<Self, ProviderError> {
         let mut builder = ureq::AgentBuilder::new().timeout_connect(timeout).timeout(timeout).redirects(0);
         if let Some(ca) = &opts.ca_file {
-            use rustls::pki_types::{pem::PemObject, CertificateDer};
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(ca)
-                .map_err(|e| ProviderError::Misconfigured(format!("cannot read ca_file \"{}\": {e}", ca.display())))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| ProviderError::Misconfigured(format!("bad PEM in ca_file \"{}\": {e}", ca.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| ProviderError::Misconfigured(format!("bad certificate in ca_file \"{}\": {e}", ca.display())))?;
-            }
-            let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-            builder = builder.tls_config(Arc::new(config));
+            builder = builder.tls_config(Arc::new(client_config_with_ca(ca)?));
         }
         Ok(VaultTransitProvider { opts, agent: builder.build(), timeout })
     }
@@ -195,21 +212,7 @@ impl VaultTransitProvider {
                     _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
                 })
             }
-            Err(ureq::Error::Transport(t)) => {
-                // Transport errors carry the URL (no credentials are ever put in it) and the cause
-                // (refused, timed out, TLS certificate not trusted...), never headers or bodies.
-                let timed_out = std::error::Error::source(&t)
-                    .and_then(|c| c.downcast_ref::<std::io::Error>())
-                    .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
-                if timed_out {
-                    return Err(ProviderError::Unavailable(format!(
-                        "{where_}: timed out after {} ms (envelope.kms_timeout)",
-                        self.timeout.as_millis()
-                    )));
-                }
-                let cause = std::error::Error::source(&t).map(|c| c.to_string()).unwrap_or_default();
-                Err(ProviderError::Unavailable(format!("{where_}: {}{}{}", t.kind(), if cause.is_empty() { "" } else { ": " }, cause)))
-            }
+            Err(ureq::Error::Transport(t)) => Err(transport_error(&where_, &t, self.timeout)),
         }
     }
 }

@@ -1,0 +1,295 @@
+//! `aws_kms`: AWS KMS (or a compatible endpoint) wraps tenant keys with `Encrypt` / `Decrypt`,
+//! with an `EncryptionContext` naming the tenant and its key id; requests are signed with SigV4
+//! by the maintained `aws-sigv4` crate.
+//!
+//! Options (`envelope.add_key_provider(name, 'aws_kms', options)`), none secret:
+//!
+//! | option | required | meaning |
+//! |---|---|---|
+//! | `key_id` | yes | key id, ARN or alias |
+//! | `region` | yes | e.g. `us-east-1` |
+//! | `endpoint` | no | override, e.g. `https://kms.eu-west-1.amazonaws.com` or a local emulator (`http` only with `allow_insecure_http` on loopback) |
+//! | `credentials_file` | no | an AWS shared credentials file; without it the server's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) is used |
+//! | `profile` | no | profile in the credentials file (default `default`) |
+//! | `ca_file` | no | PEM CA bundle for the endpoint |
+//! | `allow_insecure_http` | no | allow `http://` to a loopback endpoint (development) |
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use base64::Engine;
+use serde_json::{json, Value};
+use zeroize::Zeroize;
+
+use super::{KeyContext, KeyProvider, ProviderError};
+use crate::secret::SecretKey;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsKmsOptions {
+    pub key_id: String,
+    pub region: String,
+    pub endpoint: String,
+    pub credentials_file: Option<PathBuf>,
+    pub profile: String,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AwsKmsOptions {
+    pub fn from_json(v: &Value) -> Result<Self, ProviderError> {
+        let obj = v.as_object().ok_or_else(|| ProviderError::Misconfigured("options must be a JSON object".into()))?;
+        for k in obj.keys() {
+            if ["secret_access_key", "aws_secret_access_key", "session_token", "secret", "password"].contains(&k.as_str()) {
+                return Err(ProviderError::Misconfigured(format!(
+                    "option \"{k}\" would put a secret in the database; use \"credentials_file\" or the server's environment"
+                )));
+            }
+            if !["key_id", "region", "endpoint", "credentials_file", "profile", "ca_file", "allow_insecure_http"].contains(&k.as_str()) {
+                return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
+            }
+        }
+        let s = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+        let key_id = s("key_id").ok_or_else(|| ProviderError::Misconfigured("option \"key_id\" is required".into()))?;
+        let region = s("region").ok_or_else(|| ProviderError::Misconfigured("option \"region\" is required".into()))?;
+        if !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(ProviderError::Misconfigured("option \"region\" is not a region name".into()));
+        }
+        let endpoint = s("endpoint").unwrap_or_else(|| format!("https://kms.{region}.amazonaws.com"));
+        let endpoint = endpoint.trim_end_matches('/').to_string();
+        let insecure = v.get("allow_insecure_http").and_then(Value::as_bool).unwrap_or(false);
+        if let Some(rest) = endpoint.strip_prefix("http://") {
+            let host = rest.split('/').next().unwrap_or("");
+            let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+            if !(insecure && matches!(host, "127.0.0.1" | "localhost" | "[::1]")) {
+                return Err(ProviderError::Misconfigured(
+                    "plain http is refused; use https, or set \"allow_insecure_http\": true for a loopback emulator".into(),
+                ));
+            }
+        } else if !endpoint.starts_with("https://") {
+            return Err(ProviderError::Misconfigured("option \"endpoint\" must start with https://".into()));
+        }
+        let path = |k: &str| -> Result<Option<PathBuf>, ProviderError> {
+            match s(k) {
+                None => Ok(None),
+                Some(p) if p.starts_with('/') => Ok(Some(PathBuf::from(p))),
+                Some(_) => Err(ProviderError::Misconfigured(format!("option \"{k}\" must be an absolute path"))),
+            }
+        };
+        Ok(AwsKmsOptions {
+            key_id,
+            region,
+            endpoint,
+            credentials_file: path("credentials_file")?,
+            profile: s("profile").unwrap_or_else(|| "default".into()),
+            ca_file: path("ca_file")?,
+        })
+    }
+}
+
+/// Access key id, secret and optional session token; the secret is wiped on drop.
+struct AwsCredentials {
+    access_key_id: String,
+    secret: String,
+    session_token: Option<String>,
+}
+
+impl Drop for AwsCredentials {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+        if let Some(t) = self.session_token.as_mut() {
+            t.zeroize();
+        }
+    }
+}
+
+pub struct AwsKmsProvider {
+    opts: AwsKmsOptions,
+    agent: ureq::Agent,
+    timeout: Duration,
+}
+
+impl AwsKmsProvider {
+    pub fn new(opts: AwsKmsOptions, timeout: Duration) -> Result<Self, ProviderError> {
+        let mut builder = ureq::AgentBuilder::new().timeout_connect(timeout).timeout(timeout).redirects(0);
+        if let Some(ca) = &opts.ca_file {
+            builder = builder.tls_config(Arc::new(super::vault::client_config_with_ca(ca)?));
+        }
+        Ok(AwsKmsProvider { opts, agent: builder.build(), timeout })
+    }
+
+    fn credentials(&self) -> Result<AwsCredentials, ProviderError> {
+        match &self.opts.credentials_file {
+            None => {
+                let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                match (get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")) {
+                    (Some(access_key_id), Some(secret)) => {
+                        Ok(AwsCredentials { access_key_id, secret, session_token: get("AWS_SESSION_TOKEN") })
+                    }
+                    _ => Err(ProviderError::NotConfigured(
+                        "no credentials_file option and no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the server's environment".into(),
+                    )),
+                }
+            }
+            Some(path) => {
+                let shown = path.display();
+                let mut text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => ProviderError::NotConfigured(format!("credentials_file \"{shown}\" does not exist")),
+                    _ => ProviderError::Misconfigured(format!("cannot read credentials_file \"{shown}\": {}", e.kind())),
+                })?;
+                let parsed = parse_credentials(&text, &self.opts.profile);
+                text.zeroize();
+                parsed.ok_or_else(|| {
+                    ProviderError::Misconfigured(format!(
+                        "credentials_file \"{shown}\" has no aws_access_key_id/aws_secret_access_key in profile \"{}\"",
+                        self.opts.profile
+                    ))
+                })
+            }
+        }
+    }
+
+    fn call(&self, target: &str, body: Value) -> Result<Value, ProviderError> {
+        let creds = self.credentials()?;
+        let identity = Credentials::new(
+            creds.access_key_id.clone(),
+            creds.secret.clone(),
+            creds.session_token.clone(),
+            None,
+            "pg_envelope",
+        )
+        .into();
+        let settings = SigningSettings::default();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.opts.region)
+            .name("kms")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .map_err(|e| ProviderError::Misconfigured(format!("SigV4 parameters: {e}")))?
+            .into();
+        let url = format!("{}/", self.opts.endpoint);
+        let payload = body.to_string();
+        let amz_target = format!("TrentService.{target}");
+        let headers = [("content-type", "application/x-amz-json-1.1"), ("x-amz-target", amz_target.as_str())];
+        let signable = SignableRequest::new("POST", &url, headers.iter().copied(), SignableBody::Bytes(payload.as_bytes()))
+            .map_err(|e| ProviderError::Misconfigured(format!("SigV4 request: {e}")))?;
+        let (instructions, _signature) =
+            sign(signable, &params).map_err(|e| ProviderError::Misconfigured(format!("SigV4 signing: {e}")))?.into_parts();
+        let mut req = self.agent.post(&url);
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        for (k, v) in instructions.headers() {
+            req = req.set(k, v);
+        }
+        let where_ = format!("{} {}", self.opts.endpoint, target);
+        match req.send_string(&payload) {
+            Ok(resp) => resp.into_json::<Value>().map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}"))),
+            Err(ureq::Error::Status(code, resp)) => {
+                let v = resp.into_json::<Value>().unwrap_or(Value::Null);
+                let kind = v["__type"].as_str().unwrap_or("").rsplit('#').next().unwrap_or("").to_string();
+                let msg: String = v["message"].as_str().or(v["Message"].as_str()).unwrap_or("").chars().take(160).collect();
+                Err(match (code, kind.as_str()) {
+                    (_, "InvalidCiphertextException" | "IncorrectKeyException") => ProviderError::UnwrapFailed,
+                    // moto reports garbage ciphertext this way; real KMS uses it for policy denials.
+                    (400, "AccessDeniedException") if target == "Decrypt" => ProviderError::UnwrapFailed,
+                    (_, "UnrecognizedClientException" | "InvalidSignatureException" | "AccessDeniedException" | "ExpiredTokenException")
+                    | (401 | 403, _) => ProviderError::Denied(format!("{where_}: HTTP {code} {kind} {msg}")),
+                    (_, "NotFoundException" | "DisabledException" | "KMSInvalidStateException") => {
+                        ProviderError::Misconfigured(format!("{where_}: {kind} {msg}"))
+                    }
+                    (429 | 500..=599, _) | (_, "ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException") => {
+                        ProviderError::Unavailable(format!("{where_}: HTTP {code} {kind}"))
+                    }
+                    _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {kind} {msg}")),
+                })
+            }
+            Err(ureq::Error::Transport(t)) => Err(super::vault::transport_error(&where_, &t, self.timeout)),
+        }
+    }
+
+    fn context(ctx: &KeyContext<'_>) -> Value {
+        json!({ "pg_envelope_tenant": ctx.tenant, "pg_envelope_tenant_key_id": ctx.tenant_key_id.to_string() })
+    }
+}
+
+fn parse_credentials(text: &str, profile: &str) -> Option<AwsCredentials> {
+    let mut in_profile = false;
+    let (mut id, mut secret, mut token) = (None, None, None);
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') && line.ends_with(']') {
+            let name = line[1..line.len() - 1].trim();
+            in_profile = name == profile || name == format!("profile {profile}");
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim().to_string();
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v),
+                "aws_secret_access_key" => secret = Some(v),
+                "aws_session_token" => token = Some(v),
+                _ => {}
+            }
+        }
+    }
+    Some(AwsCredentials { access_key_id: id?, secret: secret?, session_token: token })
+}
+
+impl KeyProvider for AwsKmsProvider {
+    fn kind(&self) -> &'static str {
+        "aws_kms"
+    }
+
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        vec![("endpoint", self.opts.endpoint.clone()), ("region", self.opts.region.clone()), ("key_id", self.opts.key_id.clone())]
+    }
+
+    fn wrap_tenant_key(&mut self, ctx: &KeyContext<'_>, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        let mut pt = B64.encode(key.expose());
+        let body = json!({ "KeyId": self.opts.key_id, "Plaintext": pt, "EncryptionContext": Self::context(ctx) });
+        pt.zeroize();
+        let v = self.call("Encrypt", body)?;
+        let blob = v["CiphertextBlob"].as_str().ok_or_else(|| ProviderError::Unavailable("Encrypt returned no CiphertextBlob".into()))?;
+        B64.decode(blob).map_err(|_| ProviderError::Unavailable("Encrypt returned a malformed CiphertextBlob".into()))
+    }
+
+    fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError> {
+        if wrapped.is_empty() || wrapped.len() > 6144 {
+            return Err(ProviderError::UnwrapFailed);
+        }
+        let body = json!({ "KeyId": self.opts.key_id, "CiphertextBlob": B64.encode(wrapped), "EncryptionContext": Self::context(ctx) });
+        let v = self.call("Decrypt", body)?;
+        let mut raw = B64.decode(v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?).map_err(|_| ProviderError::UnwrapFailed)?;
+        let key = SecretKey::from_slice(&raw).ok_or(ProviderError::UnwrapFailed);
+        raw.zeroize();
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_and_credentials_file() {
+        assert!(AwsKmsOptions::from_json(&json!({"key_id": "k", "region": "us-east-1", "secret_access_key": "SECRET"}))
+            .unwrap_err()
+            .to_string()
+            .contains("credentials_file"));
+        assert!(AwsKmsOptions::from_json(&json!({"key_id": "k", "region": "us-east-1", "endpoint": "http://10.0.0.1:5000"})).is_err());
+        let o = AwsKmsOptions::from_json(&json!({"key_id": "k", "region": "eu-west-1"})).unwrap();
+        assert_eq!(o.endpoint, "https://kms.eu-west-1.amazonaws.com");
+        let c = parse_credentials("[default]\naws_access_key_id = A\n[other]\naws_access_key_id=B\naws_secret_access_key=S\n", "other").unwrap();
+        assert_eq!((c.access_key_id.as_str(), c.secret.as_str()), ("B", "S"));
+        assert!(parse_credentials("[default]\naws_access_key_id = A\n", "default").is_none());
+    }
+}

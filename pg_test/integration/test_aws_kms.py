@@ -1,0 +1,76 @@
+"""The aws_kms provider against moto with SigV4 signatures checked (scripts/kms.sh start-moto)."""
+
+import os
+
+import psycopg
+import pytest
+
+from conftest import PORT_A, ROOT, STATE, connect, recreate_db, sh
+
+DB = "envelope_aws"
+MOTO = STATE / "moto"
+
+
+def env():
+    out = {}
+    for line in (MOTO / "env").read_text().splitlines():
+        k, v = line.removeprefix("export ").split("=", 1)
+        out[k] = v
+    return out
+
+
+def aws_options(key_var="MOTO_KEY_ID", credentials="credentials"):
+    e = env()
+    return psycopg.types.json.Jsonb({
+        "key_id": e[key_var], "region": "us-east-1", "endpoint": e["MOTO_ENDPOINT"],
+        "allow_insecure_http": True, "credentials_file": str(MOTO / credentials),
+    })
+
+
+@pytest.fixture(scope="module")
+def aws_db():
+    sh("bash", str(ROOT / "scripts/kms.sh"), "start-moto")
+    recreate_db(PORT_A, DB)
+    with connect(PORT_A, DB) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.add_key_provider('aws', 'aws_kms', %s)", (aws_options(),))
+        c.execute("SELECT envelope.add_key_provider('aws2', 'aws_kms', %s)", (aws_options("MOTO_KEY_ID_2"),))
+        c.execute("SELECT envelope.create_tenant('aws_acme', provider => 'aws')")
+        c.execute("SELECT envelope.grant_tenant('aws_acme', current_user)")
+    return DB
+
+
+def test_round_trip_through_kms_with_encryption_context(aws_db):
+    with connect(PORT_A, aws_db) as c:
+        v = c.execute("SELECT envelope.verify_provider('aws')").fetchone()[0]
+        assert v["kind"] == "aws_kms" and v["key_check"] == "match" and v["bound_to_tenant"]
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+            env_ = c.execute("SELECT envelope.encrypt_field('under aws kms')").fetchone()[0]
+            assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env_,)).fetchone()[0] == "under aws kms"
+        c.execute("SELECT envelope.rewrap_tenant('aws_acme', 'aws2')")
+    with connect(PORT_A, aws_db) as c:
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+            assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env_,)).fetchone()[0] == "under aws kms"
+
+
+def test_wrong_secret_is_refused_by_signature_check(aws_db):
+    secret_prefix = next(l for l in (MOTO / "credentials").read_text().splitlines() if "secret" in l).split("=")[1].strip()[:12]
+    with connect(PORT_A, aws_db) as c:
+        c.execute("SELECT envelope.add_key_provider('aws_bad', 'aws_kms', %s)", (aws_options(credentials="bad-credentials"),))
+        with pytest.raises(psycopg.Error) as e:
+            c.execute("SELECT envelope.verify_provider('aws_bad')")
+        assert e.value.sqlstate == "28000" and "403" in str(e.value)
+        assert secret_prefix not in str(e.value)
+        assert secret_prefix not in c.execute("SELECT envelope.status()::text").fetchone()[0]
+
+
+def test_inline_secret_refused(aws_db):
+    with connect(PORT_A, aws_db) as c:
+        with pytest.raises(psycopg.Error) as e:
+            c.execute(
+                "SELECT envelope.add_key_provider('aws_inline', 'aws_kms', %s)",
+                (psycopg.types.json.Jsonb({"key_id": "k", "region": "us-east-1", "secret_access_key": "NOPE-SECRET"}),),
+            )
+        assert "credentials_file" in str(e.value) and "NOPE-SECRET" not in str(e.value)
