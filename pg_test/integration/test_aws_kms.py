@@ -74,3 +74,44 @@ def test_inline_secret_refused(aws_db):
                 (psycopg.types.json.Jsonb({"key_id": "k", "region": "us-east-1", "secret_access_key": "NOPE-SECRET"}),),
             )
         assert "credentials_file" in str(e.value) and "NOPE-SECRET" not in str(e.value)
+
+
+def test_many_cold_backends_make_one_kms_call_each(aws_db):
+    """16 backends start cold on one tenant at once and each decrypts 200 values: the emulator's
+    own request log shows 16 Decrypt calls (one per backend), not 3,200."""
+    import threading
+
+    with connect(PORT_A, aws_db) as c:
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+            env_ = c.execute("SELECT envelope.encrypt_field('stampede')").fetchone()[0]
+
+    def posts():
+        return sum(1 for line in (MOTO / "server.log").read_text(errors="replace").splitlines() if "POST / HTTP/1.1" in line)
+
+    before = posts()
+    errors = []
+
+    def worker():
+        try:
+            with connect(PORT_A, aws_db) as c:
+                with c.transaction():
+                    c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+                    n = c.execute(
+                        "SELECT count(*) FILTER (WHERE envelope.decrypt_field(%s::bytea) = 'stampede') FROM generate_series(1, 200)",
+                        (env_,),
+                    ).fetchone()[0]
+                    assert n == 200
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    import time as _t
+
+    _t.sleep(0.3)  # let the server flush its log
+    assert posts() - before == 16

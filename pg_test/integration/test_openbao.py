@@ -112,6 +112,31 @@ def test_wrong_token_and_wrong_ca_fail_without_leaking_the_token(kms_db, tmp_pat
             assert token not in text
 
 
+def test_expired_token_is_refused(kms_db):
+    import json
+    import ssl
+    import urllib.request
+
+    root = (BAO / "root-token").read_text().strip()
+    req = urllib.request.Request(
+        "https://127.0.0.1:8200/v1/auth/token/create",
+        data=json.dumps({"policies": ["pg-envelope"], "ttl": "2s", "no_default_policy": True}).encode(),
+        headers={"X-Vault-Token": root},
+        method="POST",
+    )
+    ctx = ssl.create_default_context(cafile=str(BAO / "ca.pem"))
+    token = json.load(urllib.request.urlopen(req, context=ctx))["auth"]["client_token"]
+    f = BAO / "short-token"
+    f.write_text(token + "\n")
+    sh("chown", "postgres:postgres", str(f))
+    with connect(PORT_A, kms_db) as c:
+        c.execute("SELECT envelope.add_key_provider('bao_short', 'vault_transit', %s)", (bao_options(token_file=str(f)),))
+        assert c.execute("SELECT envelope.verify_provider('bao_short')->>'round_trip'").fetchone()[0] == "true"
+        time.sleep(3)
+        state, msg = sqlstate(c, "SELECT envelope.verify_provider('bao_short')")
+        assert state == "28000" and token not in msg, msg
+
+
 class HangingServer:
     """Accepts TCP connections on 127.0.0.1 and never answers (not even the TLS handshake)."""
 
