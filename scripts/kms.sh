@@ -6,6 +6,7 @@
 #
 # Writes, readable by the postgres user:
 #   $PGE_STATE/openbao/token        a token limited to transit encrypt/decrypt on pg-root (0600)
+#   $PGE_STATE/openbao/role-id, secret-id   AppRole credentials with the same policy (0600)
 #   $PGE_STATE/openbao/ca.pem      the dev server's CA
 #   $PGE_STATE/openbao/env          BAO_ADDR, BAO_CACERT, BAO_TOKEN_FILE, BAO_ROOT_TOKEN_FILE
 set -euo pipefail
@@ -52,7 +53,13 @@ start_openbao() {
   local token
   token="$(api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"24h","no_default_policy":true}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')"
   (umask 077; printf '%s\n' "$token" > "$BAO_DIR/token")
-  as_root chown postgres:postgres "$BAO_DIR/token"
+  # AppRole: a role with the same policy; its role id and a secret id in files.
+  api POST sys/auth/approle '{"type":"approle"}' >/dev/null
+  api POST auth/approle/role/pg-envelope '{"token_policies":["pg-envelope"],"token_ttl":"5m","token_max_ttl":"10m"}' >/dev/null
+  (umask 077
+   api GET auth/approle/role/pg-envelope/role-id | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"]["role_id"])' > "$BAO_DIR/role-id"
+   api POST auth/approle/role/pg-envelope/secret-id '{}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"]["secret_id"])' > "$BAO_DIR/secret-id")
+  as_root chown postgres:postgres "$BAO_DIR/token" "$BAO_DIR/role-id" "$BAO_DIR/secret-id"
   # bao -dev-tls deletes its certificate directory when it exits: keep a copy of the CA.
   cp "$BAO_DIR/tls/vault-ca.pem" "$BAO_DIR/ca.pem"
   as_root chmod 0644 "$BAO_DIR/ca.pem"
@@ -70,6 +77,74 @@ stop_openbao() {
     kill "$(cat "$BAO_DIR/pid")" 2>/dev/null || true
     for _ in $(seq 1 50); do kill -0 "$(cat "$BAO_DIR/pid")" 2>/dev/null || break; sleep 0.1; done
     rm -f "$BAO_DIR/pid"
+  fi
+}
+
+# A persistent OpenBao (raft storage, plain http on loopback) for restart tests: keys survive a
+# stop/start; after a start the server is unsealed with the stored unseal key.
+BAOP_DIR="$PGE_STATE/openbao-persistent"
+BAOP_ADDR="http://127.0.0.1:8210"
+baop_api() { # method path [json] -- with the root token once it exists
+  local root=""
+  [ -f "$BAOP_DIR/root-token" ] && root="$(cat "$BAOP_DIR/root-token")"
+  curl -sS --fail-with-body ${root:+-H "X-Vault-Token: $root"} -X "$1" "$BAOP_ADDR/v1/$2" ${3:+-d "$3"}
+}
+wait_baop() { # until the given health status code answers
+  for _ in $(seq 1 200); do
+    code="$(curl -s -o /dev/null -w '%{http_code}' "$BAOP_ADDR/v1/sys/health" || true)"
+    [ "$code" = "$1" ] && return 0
+    sleep 0.1
+  done
+  echo "OpenBao (persistent) did not reach health $1 (last $code)" >&2; return 1
+}
+start_openbao_persistent() {
+  install_bao
+  as_root install -d -m 0755 "$BAOP_DIR"
+  mkdir -p "$BAOP_DIR/data"
+  cat > "$BAOP_DIR/config.hcl" <<HCL
+storage "raft" {
+  path    = "$BAOP_DIR/data"
+  node_id = "pg-envelope-test"
+}
+listener "tcp" {
+  address     = "127.0.0.1:8210"
+  tls_disable = true
+}
+api_addr      = "$BAOP_ADDR"
+cluster_addr  = "http://127.0.0.1:8211"
+disable_mlock = true
+HCL
+  stop_openbao_persistent
+  nohup "$BAO_VENV/bin/bao" server -config="$BAOP_DIR/config.hcl" > "$BAOP_DIR/server.log" 2>&1 &
+  echo $! > "$BAOP_DIR/pid"
+  if [ ! -f "$BAOP_DIR/unseal-key" ]; then
+    wait_baop 501   # not initialised
+    local init
+    init="$(curl -sS --fail-with-body -X PUT "$BAOP_ADDR/v1/sys/init" -d '{"secret_shares":1,"secret_threshold":1}')"
+    (umask 077
+     printf '%s' "$init" | python3 -c 'import json,sys; print(json.load(sys.stdin)["keys"][0])' > "$BAOP_DIR/unseal-key"
+     printf '%s' "$init" | python3 -c 'import json,sys; print(json.load(sys.stdin)["root_token"], end="")' > "$BAOP_DIR/root-token")
+    wait_baop 503
+    curl -sS --fail-with-body -X PUT "$BAOP_ADDR/v1/sys/unseal" -d "{\"key\":\"$(cat "$BAOP_DIR/unseal-key")\"}" >/dev/null
+    wait_baop 200
+    baop_api POST sys/mounts/transit '{"type":"transit"}' >/dev/null
+    baop_api POST transit/keys/pg-root '{"type":"aes256-gcm96"}' >/dev/null
+    baop_api PUT sys/policies/acl/pg-envelope '{"policy":"path \"transit/encrypt/pg-root\" { capabilities = [\"update\"] }\npath \"transit/decrypt/pg-root\" { capabilities = [\"update\"] }"}' >/dev/null
+    (umask 077; baop_api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"768h","no_default_policy":true}' |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])' > "$BAOP_DIR/token")
+    as_root chown postgres:postgres "$BAOP_DIR/token"
+  else
+    wait_baop 503
+    curl -sS --fail-with-body -X PUT "$BAOP_ADDR/v1/sys/unseal" -d "{\"key\":\"$(cat "$BAOP_DIR/unseal-key")\"}" >/dev/null
+    wait_baop 200
+  fi
+  echo "OpenBao (persistent, raft) at $BAOP_ADDR"
+}
+stop_openbao_persistent() {
+  if [ -f "$BAOP_DIR/pid" ]; then
+    kill "$(cat "$BAOP_DIR/pid")" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$(cat "$BAOP_DIR/pid")" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$BAOP_DIR/pid"
   fi
 }
 
@@ -166,7 +241,9 @@ case "${1:-}" in
   start-moto) start_moto ;;
   stop-moto) stop_moto ;;
   start-openbao) start_openbao ;;
+  start-openbao-persistent) start_openbao_persistent ;;
+  stop-openbao-persistent) stop_openbao_persistent ;;
   stop-openbao) stop_openbao ;;
   start-softhsm) start_softhsm ;;
-  *) echo "usage: $0 start-openbao|stop-openbao|start-softhsm|start-moto|stop-moto" >&2; exit 2 ;;
+  *) echo "usage: $0 start-openbao|stop-openbao|start-openbao-persistent|stop-openbao-persistent|start-softhsm|start-moto|stop-moto" >&2; exit 2 ;;
 esac

@@ -27,7 +27,7 @@ bash "$here/setup.sh"
 
 pgrx_test() {
   local pg="$1" data="$PGE_STATE/pgrx-test-data-$1"
-  export PGE_TEST_ROOT_KEY="$PGE_STATE/pgrx-test-root.key"
+  export PGE_TEST_ROOT_KEY="$PGE_STATE/keys/pgrx-test-root.key"
   pge_make_key "$PGE_TEST_ROOT_KEY"
   as_root install -d -o postgres -g postgres -m 0700 "$data"
   cargo pgrx test "$pg" --runas postgres --pgdata "$data"

@@ -277,7 +277,7 @@ pub mod pg_test {
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
         // scripts/test.sh creates this key (32 random bytes, mode 0600, owned by postgres).
-        let key = std::env::var("PGE_TEST_ROOT_KEY").unwrap_or_else(|_| "/var/lib/pg_envelope-dev/pgrx-test-root.key".into());
+        let key = std::env::var("PGE_TEST_ROOT_KEY").unwrap_or_else(|_| "/var/lib/pg_envelope-dev/keys/pgrx-test-root.key".into());
         vec![
             "shared_preload_libraries = 'pg_envelope'",
             Box::leak(format!("envelope.local_root_key_file = '{key}'").into_boxed_str()),

@@ -88,3 +88,20 @@ def test_rewrap_between_hsm_keys_and_providers(hsm_db):
             with pytest.raises(psycopg.Error) as e:
                 c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,))
             assert e.value.sqlstate == "22000"
+
+
+def test_recovers_when_the_token_disappears_and_returns(hsm_db):
+    """A lost HSM (token storage gone mid-run) fails the next operation clearly; once it is back,
+    the next operation works again: every operation opens its own session, none is reused."""
+    tokens = HSM / "tokens"
+    moved = HSM / "tokens.away"
+    with connect(PORT_A, hsm_db) as c:
+        assert c.execute("SELECT envelope.verify_provider('hsm')->>'round_trip'").fetchone()[0] == "true"
+        tokens.rename(moved)
+        try:
+            with pytest.raises(psycopg.Error) as e:
+                c.execute("SELECT envelope.verify_provider('hsm')")
+            assert e.value.sqlstate in ("55000", "58000"), e.value
+        finally:
+            moved.rename(tokens)
+        assert c.execute("SELECT envelope.verify_provider('hsm')->>'round_trip'").fetchone()[0] == "true"

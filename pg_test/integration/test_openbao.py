@@ -112,6 +112,31 @@ def test_wrong_token_and_wrong_ca_fail_without_leaking_the_token(kms_db, tmp_pat
             assert token not in text
 
 
+def test_approle_login(kms_db):
+    opts = bao_options()
+    o = dict(opts.obj)
+    del o["token_file"]
+    o.update(role_id_file=str(BAO / "role-id"), secret_id_file=str(BAO / "secret-id"))
+    with connect(PORT_A, kms_db) as c:
+        c.execute("SELECT envelope.add_key_provider('bao_approle', 'vault_transit', %s)", (psycopg.types.json.Jsonb(o),))
+        v = c.execute("SELECT envelope.verify_provider('bao_approle')").fetchone()[0]
+        assert v["round_trip"] and v["key_check"] == "match"
+        c.execute("SELECT envelope.create_tenant('kms_approle', provider => 'bao_approle')")
+        c.execute("SELECT envelope.grant_tenant('kms_approle', current_user)")
+        with c.transaction():
+            c.execute("SELECT set_config('app.tenant_id', 'kms_approle', true)")
+            env_ = c.execute("SELECT envelope.encrypt_field('approle')").fetchone()[0]
+            assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env_,)).fetchone()[0] == "approle"
+        # A wrong secret id: the login is refused (28000), nothing secret in the message.
+        bad = BAO / "bad-secret-id"
+        bad.write_text("00000000-0000-0000-0000-000000000000\n")
+        sh("chown", "postgres:postgres", str(bad))
+        o["secret_id_file"] = str(bad)
+        c.execute("SELECT envelope.add_key_provider('bao_approle_bad', 'vault_transit', %s)", (psycopg.types.json.Jsonb(o),))
+        state, msg = sqlstate(c, "SELECT envelope.verify_provider('bao_approle_bad')")
+        assert state == "28000" and (BAO / "secret-id").read_text().strip() not in msg, msg
+
+
 def test_expired_token_is_refused(kms_db):
     import json
     import ssl

@@ -10,7 +10,9 @@
 //! | `url` | yes | `https://host:port` (plain `http://` only with `allow_insecure_http` and a loopback host) |
 //! | `key` | yes | Transit key name |
 //! | `mount` | no | Transit mount path (default `transit`) |
-//! | `token_file` | yes | file holding a token (the vault-agent sink pattern); re-read on every call |
+//! | `token_file` | one of | file holding a token (the vault-agent sink pattern); re-read on every call |
+//! | `role_id_file` + `secret_id_file` | one of | AppRole: a login per key operation, the token held only for that operation (so it never needs renewing) |
+//! | `approle_mount` | no | AppRole auth mount (default `approle`) |
 //! | `ca_file` | no | PEM CA bundle for the server certificate (default: the webpki roots) |
 //! | `namespace` | no | `X-Vault-Namespace` |
 //! | `allow_insecure_http` | no | `true` to allow `http://` to 127.0.0.1/::1/localhost (development) |
@@ -31,12 +33,19 @@ use crate::wrap::WrapAad;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// How the provider authenticates to Vault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuth {
+    TokenFile(PathBuf),
+    AppRole { mount: String, role_id_file: PathBuf, secret_id_file: PathBuf },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VaultTransitOptions {
     pub url: String,
     pub key: String,
     pub mount: String,
-    pub token_file: PathBuf,
+    pub auth: VaultAuth,
     pub ca_file: Option<PathBuf>,
     pub namespace: Option<String>,
     pub allow_insecure_http: bool,
@@ -66,7 +75,20 @@ impl VaultTransitOptions {
                     "option \"{k}\" would put a secret in the database; use \"{k}_file\" (a path readable by the server)"
                 )));
             }
-            if !["url", "key", "mount", "token_file", "ca_file", "namespace", "allow_insecure_http"].contains(&k.as_str()) {
+            if ![
+                "url",
+                "key",
+                "mount",
+                "token_file",
+                "role_id_file",
+                "secret_id_file",
+                "approle_mount",
+                "ca_file",
+                "namespace",
+                "allow_insecure_http",
+            ]
+            .contains(&k.as_str())
+            {
                 return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
             }
         }
@@ -90,8 +112,6 @@ impl VaultTransitOptions {
             return Err(ProviderError::Misconfigured("option \"url\" must start with https://".into()));
         }
         let key = opt_str(v, "key")?.ok_or_else(|| ProviderError::Misconfigured("option \"key\" is required".into()))?;
-        let token_file =
-            opt_str(v, "token_file")?.ok_or_else(|| ProviderError::Misconfigured("option \"token_file\" is required".into()))?;
         let check_path = |name: &str, p: &str| -> Result<PathBuf, ProviderError> {
             let p = PathBuf::from(p);
             if !p.is_absolute() {
@@ -105,11 +125,24 @@ impl VaultTransitOptions {
             }
             Ok(s.trim_matches('/').to_string())
         };
+        let auth = match (opt_str(v, "token_file")?, opt_str(v, "role_id_file")?, opt_str(v, "secret_id_file")?) {
+            (Some(t), None, None) => VaultAuth::TokenFile(check_path("token_file", t)?),
+            (None, Some(r), Some(sid)) => VaultAuth::AppRole {
+                mount: safe_segment("approle_mount", opt_str(v, "approle_mount")?.unwrap_or("approle"))?,
+                role_id_file: check_path("role_id_file", r)?,
+                secret_id_file: check_path("secret_id_file", sid)?,
+            },
+            _ => {
+                return Err(ProviderError::Misconfigured(
+                    "give either \"token_file\", or both \"role_id_file\" and \"secret_id_file\" (AppRole)".into(),
+                ))
+            }
+        };
         Ok(VaultTransitOptions {
             url,
             key: safe_segment("key", key)?,
             mount: safe_segment("mount", opt_str(v, "mount")?.unwrap_or("transit"))?,
-            token_file: check_path("token_file", token_file)?,
+            auth,
             ca_file: opt_str(v, "ca_file")?.map(|p| check_path("ca_file", p)).transpose()?,
             namespace: opt_str(v, "namespace")?.map(str::to_string),
             allow_insecure_http,
@@ -156,6 +189,8 @@ pub struct VaultTransitProvider {
     opts: VaultTransitOptions,
     agent: ureq::Agent,
     timeout: Duration,
+    /// An AppRole login's token, kept for the rest of this key operation only.
+    session_token: Option<ZeroizingString>,
 }
 
 impl VaultTransitProvider {
@@ -164,27 +199,65 @@ impl VaultTransitProvider {
         if let Some(ca) = &opts.ca_file {
             builder = builder.tls_config(Arc::new(client_config_with_ca(ca)?));
         }
-        Ok(VaultTransitProvider { opts, agent: builder.build(), timeout })
+        Ok(VaultTransitProvider { opts, agent: builder.build(), timeout, session_token: None })
     }
 
-    fn token(&self) -> Result<String, ProviderError> {
-        let shown = self.opts.token_file.display();
-        let mut raw = std::fs::read(&self.opts.token_file).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ProviderError::NotConfigured(format!("token_file \"{shown}\" does not exist")),
+    /// A secret read from a file (token, role id, secret id): trimmed, wiped from our buffers.
+    fn read_secret_file(what: &str, path: &std::path::Path) -> Result<String, ProviderError> {
+        let shown = path.display();
+        let mut raw = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ProviderError::NotConfigured(format!("{what} \"{shown}\" does not exist")),
             std::io::ErrorKind::PermissionDenied => {
-                ProviderError::Misconfigured(format!("token_file \"{shown}\" is not readable by the server's OS user"))
+                ProviderError::Misconfigured(format!("{what} \"{shown}\" is not readable by the server's OS user"))
             }
-            _ => ProviderError::Unavailable(format!("cannot read token_file \"{shown}\": {e}")),
+            _ => ProviderError::Unavailable(format!("cannot read {what} \"{shown}\": {e}")),
         })?;
-        let token = String::from_utf8(raw.clone()).map(|s| s.trim().to_string());
+        let value = String::from_utf8(raw.clone()).map(|s| s.trim().to_string());
         raw.zeroize();
-        match token {
+        match value {
             Ok(t) if !t.is_empty() && t.chars().all(|c| c.is_ascii_graphic()) => Ok(t),
-            _ => Err(ProviderError::Misconfigured(format!("token_file \"{shown}\" does not hold a token"))),
+            _ => Err(ProviderError::Misconfigured(format!("{what} \"{shown}\" does not hold a value"))),
         }
     }
 
-    fn post(&self, op: &str, body: Value) -> Result<Value, ProviderError> {
+    /// The token for this operation: from the token file, or an AppRole login (cached for the
+    /// life of this provider value, i.e. one key operation).
+    fn token(&mut self) -> Result<String, ProviderError> {
+        if let Some(t) = &self.session_token {
+            return Ok(t.0.clone());
+        }
+        match self.opts.auth.clone() {
+            VaultAuth::TokenFile(path) => Self::read_secret_file("token_file", &path),
+            VaultAuth::AppRole { mount, role_id_file, secret_id_file } => {
+                let role_id = ZeroizingString(Self::read_secret_file("role_id_file", &role_id_file)?);
+                let secret_id = ZeroizingString(Self::read_secret_file("secret_id_file", &secret_id_file)?);
+                let url = format!("{}/v1/auth/{}/login", self.opts.url, mount);
+                let mut req = self.agent.post(&url).set("X-Vault-Request", "true");
+                if let Some(ns) = &self.opts.namespace {
+                    req = req.set("X-Vault-Namespace", ns);
+                }
+                let where_ = format!("{} auth/{}/login", self.opts.url, mount);
+                let v: Value = match req.send_json(json!({ "role_id": role_id.0, "secret_id": secret_id.0 })) {
+                    Ok(resp) => resp
+                        .into_json()
+                        .map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}")))?,
+                    Err(ureq::Error::Status(code @ (400 | 401 | 403), _)) => {
+                        return Err(ProviderError::Denied(format!("{where_}: HTTP {code} (AppRole login refused)")))
+                    }
+                    Err(ureq::Error::Status(code, _)) => return Err(ProviderError::Unavailable(format!("{where_}: HTTP {code}"))),
+                    Err(ureq::Error::Transport(t)) => return Err(transport_error(&where_, &t, self.timeout)),
+                };
+                let token = v["auth"]["client_token"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ProviderError::Unavailable(format!("{where_}: no client_token in the response")))?;
+                self.session_token = Some(ZeroizingString(token.clone()));
+                Ok(token)
+            }
+        }
+    }
+
+    fn post(&mut self, op: &str, body: Value) -> Result<Value, ProviderError> {
         let mut token = self.token()?;
         let url = format!("{}/v1/{}/{}/{}", self.opts.url, self.opts.mount, op, self.opts.key);
         let mut req = self.agent.post(&url).set("X-Vault-Token", &token).set("X-Vault-Request", "true");
@@ -227,7 +300,13 @@ impl KeyProvider for VaultTransitProvider {
             ("url", self.opts.url.clone()),
             ("mount", self.opts.mount.clone()),
             ("key", self.opts.key.clone()),
-            ("token_file", self.opts.token_file.display().to_string()),
+            (
+                "auth",
+                match &self.opts.auth {
+                    VaultAuth::TokenFile(p) => format!("token_file {}", p.display()),
+                    VaultAuth::AppRole { mount, role_id_file, .. } => format!("approle {mount} ({})", role_id_file.display()),
+                },
+            ),
         ]
     }
 
@@ -278,6 +357,8 @@ mod tests {
             (json!({"url": "https://h", "key": "../k", "token_file": "/t"}), "characters"),
             (json!({"url": "https://h", "key": "k", "token_file": "relative"}), "absolute"),
             (json!({"url": "https://h", "key": "k"}), "token_file"),
+            (json!({"url": "https://h", "key": "k", "token_file": "/t", "role_id_file": "/r", "secret_id_file": "/s"}), "either"),
+            (json!({"url": "https://h", "key": "k", "role_id_file": "/r"}), "either"),
             (json!({"url": "https://h", "key": "k", "token_file": "/t", "bogus": 1}), "unknown"),
         ] {
             let e = VaultTransitOptions::from_json(&bad).unwrap_err().to_string();
