@@ -268,10 +268,7 @@ impl KeyProvider for AwsKmsProvider {
         }
         let body = json!({ "KeyId": self.opts.key_id, "CiphertextBlob": B64.encode(wrapped), "EncryptionContext": Self::context(ctx) });
         let v = self.call("Decrypt", body)?;
-        let mut raw = B64.decode(v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?).map_err(|_| ProviderError::UnwrapFailed)?;
-        let key = SecretKey::from_slice(&raw).ok_or(ProviderError::UnwrapFailed);
-        raw.zeroize();
-        key
+        super::key_from_base64(v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?)
     }
 }
 

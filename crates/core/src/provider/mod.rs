@@ -20,6 +20,17 @@ pub mod testing;
 
 use crate::secret::SecretKey;
 
+/// A key returned by a KMS in base64 (Transit's `plaintext`, KMS's `Plaintext`); the decoded
+/// buffer is wiped. Anything that is not 32 bytes of base64 is an unwrap failure.
+#[cfg(feature = "vault")]
+pub(crate) fn key_from_base64(b64: &str) -> Result<SecretKey, ProviderError> {
+    use base64::Engine;
+    let mut raw = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| ProviderError::UnwrapFailed)?;
+    let key = SecretKey::from_slice(&raw).ok_or(ProviderError::UnwrapFailed);
+    zeroize::Zeroize::zeroize(&mut raw);
+    key
+}
+
 /// What a tenant key is bound to when it is wrapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyContext<'a> {

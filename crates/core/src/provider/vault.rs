@@ -331,13 +331,9 @@ impl KeyProvider for VaultTransitProvider {
         let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id }.encode();
         let v = self.post("decrypt", json!({ "ciphertext": ct, "associated_data": B64.encode(aad) }))?;
         // Best effort: our copies are wiped; serde_json's and the HTTP buffer's are freed unwiped.
-        let mut b64 = ZeroizingString(v["data"]["plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?.to_string());
+        let b64 = ZeroizingString(v["data"]["plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?.to_string());
         drop(v);
-        let b64 = &mut b64.0;
-        let mut raw = B64.decode(b64.as_bytes()).map_err(|_| ProviderError::UnwrapFailed)?;
-        let key = SecretKey::from_slice(&raw).ok_or(ProviderError::UnwrapFailed);
-        raw.zeroize();
-        key
+        super::key_from_base64(&b64.0)
     }
 }
 
