@@ -200,7 +200,9 @@ impl AwsKmsProvider {
                     // moto reports garbage ciphertext this way; real KMS uses it for policy denials.
                     (400, "AccessDeniedException") if target == "Decrypt" => ProviderError::UnwrapFailed,
                     (_, "UnrecognizedClientException" | "InvalidSignatureException" | "AccessDeniedException" | "ExpiredTokenException")
-                    | (401 | 403, _) => ProviderError::Denied(format!("{where_}: HTTP {code} {kind} {msg}")),
+                    // No server message here: a signature-mismatch message can quote the canonical
+                    // request, which would include a session token.
+                    | (401 | 403, _) => ProviderError::Denied(format!("{where_}: HTTP {code} {kind}")),
                     (_, "NotFoundException" | "DisabledException" | "KMSInvalidStateException") => {
                         ProviderError::Misconfigured(format!("{where_}: {kind} {msg}"))
                     }
