@@ -7,38 +7,43 @@ use pgrx::JsonB;
 use crate::backend;
 use crate::catalog;
 use crate::error::{EnvelopeError, OrRaise, Result};
+use crate::backend::OutBuf;
+use crate::types::{ByteaOut, PallocVarlena, TextOut};
 
 /// Encrypts text for the current tenant. NULL stays NULL.
 #[pg_extern(volatile, parallel_restricted)]
-fn encrypt_field(data: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<Vec<u8>> {
-    data.map(|d| backend::encrypt(d.as_bytes(), context).or_raise())
+fn encrypt_field(data: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
+    data.map(|d| ByteaOut(backend::encrypt_to(d.as_bytes(), context).or_raise()))
 }
 
 /// Encrypts bytea for the current tenant. NULL stays NULL.
 #[pg_extern(volatile, parallel_restricted, name = "encrypt_field")]
-fn encrypt_field_bytea_input(data: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<Vec<u8>> {
-    data.map(|d| backend::encrypt(d, context).or_raise())
+fn encrypt_field_bytea_input(data: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
+    data.map(|d| ByteaOut(backend::encrypt_to(d, context).or_raise()))
 }
 
 /// Decrypts an envelope to text. NULL stays NULL; anything else that fails raises an error.
 #[pg_extern(stable, parallel_restricted)]
-fn decrypt_field(ciphertext: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<String> {
-    ciphertext.map(|c| into_text(backend::decrypt(c, context)).or_raise())
+fn decrypt_field(ciphertext: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<TextOut> {
+    ciphertext.map(|c| into_text(backend::decrypt_to(c, context)).or_raise())
 }
 
 /// Decrypts an envelope to bytea (the twin of `decrypt_field`, named like pgcrypto's
 /// `pgp_sym_decrypt_bytea`).
 #[pg_extern(stable, parallel_restricted)]
-fn decrypt_field_bytea(ciphertext: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<Vec<u8>> {
-    ciphertext.map(|c| backend::decrypt(c, context).or_raise())
+fn decrypt_field_bytea(ciphertext: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
+    ciphertext.map(|c| ByteaOut(backend::decrypt_to(c, context).or_raise()))
 }
 
-fn into_text(bytes: Result<Vec<u8>>) -> Result<String> {
-    let bytes = bytes?;
-    if bytes.contains(&0) {
+/// Checks that decrypted bytes are text (UTF-8, no NUL) in place; wipes them if not.
+fn into_text(out: Result<PallocVarlena>) -> Result<TextOut> {
+    let mut out = out?;
+    let bytes = out.bytes_mut();
+    if bytes.contains(&0) || std::str::from_utf8(bytes).is_err() {
+        zeroize::Zeroize::zeroize(bytes);
         return Err(EnvelopeError::NotText);
     }
-    String::from_utf8(bytes).map_err(|_| EnvelopeError::NotText)
+    Ok(TextOut(out))
 }
 
 /// Creates a tenant: a fresh tenant key wrapped by the provider's root key, and DEK version 1

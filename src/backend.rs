@@ -354,11 +354,6 @@ fn rand_u32() -> u32 {
     BACKEND_RNG.with(|r| r.borrow_mut().random_u32())
 }
 
-/// Encrypts for the current tenant.
-pub fn encrypt(plaintext: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
-    encrypt_to::<Vec<u8>>(plaintext, context)
-}
-
 /// A buffer an envelope or a plaintext is written into: a `Vec`, or a palloc'd varlena that is
 /// handed to PostgreSQL without another copy.
 pub trait OutBuf: Sized {

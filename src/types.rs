@@ -93,6 +93,43 @@ impl PallocVarlena {
     }
 }
 
+/// A palloc'd varlena returned to SQL as `bytea` without another copy.
+pub struct ByteaOut(pub PallocVarlena);
+/// A palloc'd varlena returned to SQL as `text` (the caller checked it is valid text).
+pub struct TextOut(pub PallocVarlena);
+pgrx::impl_sql_translatable!(ByteaOut, "bytea");
+pgrx::impl_sql_translatable!(TextOut, "text");
+
+unsafe impl pgrx::callconv::BoxRet for ByteaOut {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut pgrx::callconv::FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(self.0.into_datum()) }
+    }
+}
+
+unsafe impl pgrx::callconv::BoxRet for TextOut {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut pgrx::callconv::FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(self.0.into_datum()) }
+    }
+}
+
+impl pgrx::datum::IntoDatum for ByteaOut {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0.into_datum())
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::BYTEAOID
+    }
+}
+
+impl pgrx::datum::IntoDatum for TextOut {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0.into_datum())
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::TEXTOID
+    }
+}
+
 /// Copies `bytes` into a new palloc'd varlena and returns it as a Datum.
 unsafe fn varlena_datum(bytes: &[u8]) -> pg_sys::Datum {
     let total = bytes.len() + pg_sys::VARHDRSZ;
