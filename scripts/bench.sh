@@ -20,6 +20,7 @@ sudo=()
 [ "$(id -u)" = 0 ] || sudo=(--sudo)
 cargo pgrx install --release --pg-config "$PGE_PG15_CONFIG" --features bench-floor "${sudo[@]}"
 bash "$here/cluster.sh" start
+bash "$here/kms.sh" start-openbao   # for the cold-tenant latency with a real KMS
 restore_normal_build() {
   echo "==> reinstall the normal build (no envelope_bench)"
   bash "$here/cluster.sh" install && bash "$here/cluster.sh" start
