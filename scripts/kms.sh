@@ -72,13 +72,16 @@ ENV
   echo "OpenBao running at $BAO_ADDR (pid $(cat "$BAO_DIR/pid")); env: $BAO_DIR/env"
 }
 
-stop_openbao() {
-  if [ -f "$BAO_DIR/pid" ]; then
-    kill "$(cat "$BAO_DIR/pid")" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$(cat "$BAO_DIR/pid")" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$BAO_DIR/pid"
+# Stops the process whose pid is in $1 (waits up to 10 s) and removes the pid file.
+stop_pidfile() {
+  if [ -f "$1" ]; then
+    kill "$(cat "$1")" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$(cat "$1")" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$1"
   fi
 }
+
+stop_openbao() { stop_pidfile "$BAO_DIR/pid"; }
 
 # A persistent OpenBao (raft storage, plain http on loopback) for restart tests: keys survive a
 # stop/start; after a start the server is unsealed with the stored unseal key.
@@ -140,13 +143,7 @@ HCL
   fi
   echo "OpenBao (persistent, raft) at $BAOP_ADDR"
 }
-stop_openbao_persistent() {
-  if [ -f "$BAOP_DIR/pid" ]; then
-    kill "$(cat "$BAOP_DIR/pid")" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$(cat "$BAOP_DIR/pid")" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$BAOP_DIR/pid"
-  fi
-}
+stop_openbao_persistent() { stop_pidfile "$BAOP_DIR/pid"; }
 
 # SoftHSM2: a PKCS#11 token in a private folder, owned by postgres (backends open it), with a
 # non-extractable AES-256 key "pg-kek" (and "pg-kek-2") and the user PIN in a 0600 file.
@@ -229,13 +226,7 @@ PY
   echo "moto (KMS, signatures checked) at http://127.0.0.1:$MOTO_PORT; env: $MOTO_DIR/env"
 }
 
-stop_moto() {
-  if [ -f "$MOTO_DIR/pid" ]; then
-    kill "$(cat "$MOTO_DIR/pid")" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$(cat "$MOTO_DIR/pid")" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$MOTO_DIR/pid"
-  fi
-}
+stop_moto() { stop_pidfile "$MOTO_DIR/pid"; }
 
 case "${1:-}" in
   start-moto) start_moto ;;
