@@ -41,32 +41,41 @@ pub fn cache_rows() -> Vec<CacheRow> {
 
 fn providers() -> Result<Vec<Value>> {
     let is_superuser = unsafe { pg_sys::superuser() };
-    let rows: Vec<(String, String)> = catalog::as_extension_owner(|| {
+    let spi = |e: pgrx::spi::SpiError| EnvelopeError::Internal(e.to_string());
+    let rows: Vec<(String, String, String)> = catalog::as_extension_owner(|| {
         Spi::connect(|client| {
             let mut out = Vec::new();
-            let table = client
-                .select("SELECT name, kind FROM envelope.key_providers ORDER BY name", None, &[])
-                .map_err(|e| EnvelopeError::Internal(e.to_string()))?;
-            for r in table {
-                let name: Option<String> = r.get(1).map_err(|e| EnvelopeError::Internal(e.to_string()))?;
-                let kind: Option<String> = r.get(2).map_err(|e| EnvelopeError::Internal(e.to_string()))?;
-                out.push((name.unwrap_or_default(), kind.unwrap_or_default()));
+            for r in client
+                .select("SELECT name, kind, options::text FROM envelope.key_providers ORDER BY name", None, &[])
+                .map_err(spi)?
+            {
+                let name: Option<String> = r.get(1).map_err(spi)?;
+                let kind: Option<String> = r.get(2).map_err(spi)?;
+                let options: Option<String> = r.get(3).map_err(spi)?;
+                out.push((name.unwrap_or_default(), kind.unwrap_or_default(), options.unwrap_or_default()));
             }
             Ok::<_, EnvelopeError>(out)
         })
     })?;
     Ok(rows
         .into_iter()
-        .map(|(name, kind)| {
+        .map(|(name, kind, options)| {
             let mut v = json!({ "name": name, "kind": kind });
-            if kind == "local" {
-                v["configured"] = json!(gucs::local_root_key_file().is_some());
-                v["security"] = json!("root key is a file on the database server: development and tests only");
-                // The path is configuration, not a secret, but like the setting itself it is
-                // shown to superusers only.
-                if is_superuser {
-                    v["root_key_file"] = json!(gucs::local_root_key_file());
+            // Each provider describes itself (paths, URLs, labels: configuration, never secrets).
+            // Like envelope.local_root_key_file, those details are shown to superusers only.
+            match backend::provider_for(&name, &kind, &options) {
+                Ok(p) => {
+                    v["configured"] = json!(true);
+                    if is_superuser {
+                        for (k, d) in p.describe() {
+                            v[k] = json!(d);
+                        }
+                    }
                 }
+                Err(_) => v["configured"] = json!(false),
+            }
+            if kind == "local" {
+                v["security"] = json!("root key is a file on the database server: development and tests only");
             }
             v
         })
