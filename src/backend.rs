@@ -235,7 +235,7 @@ impl Backend {
         }
         self.check_epoch();
         let role = unsafe { pg_sys::GetUserId() };
-        let now = Instant::now();
+        let now = cache_now();
         let entry = match self.cache.freshness(tenant, now) {
             Freshness::Fresh => self.cache.hit(tenant).expect("fresh entry present"),
             Freshness::Stale { age } => self.refresh_stale(tenant, role, now, age)?,
@@ -348,6 +348,38 @@ impl Backend {
             }
         }
     }
+}
+
+/// The key cache's clock: `CLOCK_MONOTONIC_COARSE` (kernel-tick resolution, a plain read of the
+/// vDSO page) mapped onto `Instant`. A precise `Instant::now()` on every value cost ~6% of a
+/// short encryption; TTLs of seconds to hours and backoffs of a second or more do not need
+/// better than a few milliseconds. Never behind the real clock by more than one tick.
+#[cfg(target_os = "linux")]
+pub fn cache_now() -> Instant {
+    fn coarse() -> std::time::Duration {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid timespec pointer; CLOCK_MONOTONIC_COARSE exists on every Linux.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        if rc != 0 {
+            return std::time::Duration::MAX;
+        }
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+    thread_local! {
+        static BASE: (Instant, std::time::Duration) = (Instant::now(), coarse());
+    }
+    BASE.with(|&(base, base_coarse)| {
+        let c = coarse();
+        if c == std::time::Duration::MAX {
+            return Instant::now();
+        }
+        base + c.saturating_sub(base_coarse)
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn cache_now() -> Instant {
+    Instant::now()
 }
 
 fn rand_u32() -> u32 {

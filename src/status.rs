@@ -1,6 +1,5 @@
 //! `envelope.status()` and `envelope.key_cache()`: what this backend holds, never key bytes.
 
-use std::time::Instant;
 
 use pgrx::prelude::*;
 use serde_json::{json, Value};
@@ -14,7 +13,7 @@ type CacheRow = (String, i64, String, i64, Vec<i64>, f64, f64, i64, Option<Strin
 
 pub fn cache_rows() -> Vec<CacheRow> {
     backend::with_backend(|b| {
-        let now = Instant::now();
+        let now = backend::cache_now();
         let ttl = b.cache.ttl().as_secs_f64();
         let mut rows: Vec<CacheRow> = b
             .cache

@@ -259,7 +259,10 @@ def main():
     ap.add_argument("--pgbench-seconds", type=int, default=15)
     ap.add_argument("--pgbench-rounds", type=int, default=2)
     ap.add_argument("--out-json", required=True)
+    ap.add_argument("--parts", default="sql,insert,kms,pgbench",
+                    help="comma-separated subset, for quick iterations (report.py needs all four)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
 
     setup(args.rows, args.rows_1k)
     with connect() as c:
@@ -271,13 +274,24 @@ def main():
         short = variants(args.rows, "i::text", "")
         long = variants(args.rows_1k, "repeat(md5(i::text), 32)", "_1k")
         print(f"SQL variants: {len(short) + len(long)} x {args.rounds} rounds", file=sys.stderr)
-        results = summarize(run_interleaved(c, [(short, args.rows), (long, args.rows_1k)], args.rounds))
-        print("INSERT comparison", file=sys.stderr)
-        ins, storage = insert_bench(c, args.rows, args.rounds)
-    print("KMS economy", file=sys.stderr)
-    kms = kms_economy(args.rows)
-    print("pgbench", file=sys.stderr)
-    tps = pgbench(100_000, 4, args.pgbench_seconds, args.pgbench_rounds, "/tmp")
+        results = summarize(run_interleaved(c, [(short, args.rows), (long, args.rows_1k)], args.rounds)) if "sql" in parts else {}
+        for name, r in results.items():
+            if "net_cpu_min" in r:
+                print(f"  {name:28} net CPU ns/row min {r['net_cpu_min']:7.0f}  median {r['net_cpu_median']:7.0f}", file=sys.stderr)
+        ins, storage = {}, {}
+        if "insert" in parts:
+            print("INSERT comparison", file=sys.stderr)
+            ins, storage = insert_bench(c, args.rows, args.rounds)
+            for k, v in ins.items():
+                print(f"  INSERT {k:21} CPU ns/row min {min(x[0] for x in v):7.0f}", file=sys.stderr)
+    kms = {}
+    if "kms" in parts:
+        print("KMS economy", file=sys.stderr)
+        kms = kms_economy(args.rows)
+    tps = {}
+    if "pgbench" in parts:
+        print("pgbench", file=sys.stderr)
+        tps = pgbench(100_000, 4, args.pgbench_seconds, args.pgbench_rounds, "/tmp")
     out = {
         "machine": machine(), "args": vars(args), "sql": results,
         "insert": {k: {"cpu_min": min(x[0] for x in v), "cpu_median": statistics.median(x[0] for x in v),

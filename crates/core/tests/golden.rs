@@ -1,10 +1,11 @@
-//! Golden envelopes: bytes produced by format v1, checked into the repository. Every later
-//! version of pg_envelope must still open them, through the whole chain
+//! Golden envelopes: bytes produced by each format version (v1, v2), checked into the
+//! repository. Every later version of pg_envelope must still open them, through the whole chain
 //! root key -> wrapped tenant key -> wrapped DEK -> envelope.
 //!
 //! To add vectors after a deliberate format addition (never to change existing ones):
 //! `PGE_REGENERATE_GOLDEN=1 cargo test -p pg_envelope_core --test golden` writes
-//! `tests/golden/v1.generated.txt`; review it and append new lines to `v1.txt`.
+//! `tests/golden/generated.txt` in the current format; review it and append new lines to the
+//! file of that version (a new version gets a new file).
 
 use std::collections::HashMap;
 
@@ -12,7 +13,7 @@ use pg_envelope_core::wrap::{self, WrapAad};
 use pg_envelope_core::{DataKey, Envelope, SecretKey};
 use rand_core::SeedableRng;
 
-const GOLDEN: &str = include_str!("golden/v1.txt");
+const GOLDEN: &[(u8, &str)] = &[(1, include_str!("golden/v1.txt")), (2, include_str!("golden/v2.txt"))];
 
 fn fields(line: &str) -> HashMap<&str, &str> {
     line.split_whitespace().skip(1).filter_map(|kv| kv.split_once('=')).collect()
@@ -24,8 +25,24 @@ fn ctx(v: &str) -> Option<Vec<u8>> {
 
 #[test]
 fn every_golden_envelope_still_decrypts() {
+    for &(format, text) in GOLDEN {
+        let n = check_golden_file(format, text);
+        assert!(n >= 6, "golden file v{format} has {n} chains");
+    }
+}
+
+#[test]
+fn new_envelopes_are_written_in_the_current_format() {
+    let dek = SecretKey::from_slice(&[9u8; 32]).unwrap();
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed([1u8; 32]);
+    let env = DataKey::new(1, 1, &dek).encrypt(&mut rng, "t", None, b"x");
+    assert_eq!(env[0], pg_envelope_core::envelope::CURRENT_VERSION);
+    assert_eq!(GOLDEN.last().unwrap().0, pg_envelope_core::envelope::CURRENT_VERSION, "the current format has golden vectors");
+}
+
+fn check_golden_file(format: u8, text: &str) -> usize {
     let mut n = 0;
-    for line in GOLDEN.lines().filter(|l| l.starts_with("chain ")) {
+    for line in text.lines().filter(|l| l.starts_with("chain ")) {
         let f = fields(line);
         let root = SecretKey::from_slice(&hex::decode(f["root"]).unwrap()).unwrap();
         let tenant = f["tenant"];
@@ -42,16 +59,21 @@ fn every_golden_envelope_still_decrypts() {
         let mut key = DataKey::new(id, version, &dek);
         let envelope = hex::decode(f["envelope"]).unwrap();
         let parsed = Envelope::parse(&envelope).unwrap();
-        assert_eq!((parsed.tenant_key_id, parsed.dek_version), (id, version));
+        assert_eq!((parsed.version, parsed.tenant_key_id, parsed.dek_version), (format, id, version));
         let context = ctx(f["context"]);
         let pt = key.decrypt(tenant, context.as_deref(), &envelope).expect("golden envelope decrypts");
         assert_eq!(hex::encode(pt), f["plaintext"]);
         // And it is bound: the other context choice fails.
         let other = if context.is_some() { None } else { Some(&b""[..]) };
         assert!(key.decrypt(tenant, other, &envelope).is_err());
+        // v1 authenticated the commitment in the AAD, v2 does not: the same bytes relabelled as
+        // the other version must not open (the version byte itself is authenticated).
+        let mut relabelled = envelope.clone();
+        relabelled[0] = if format == 1 { 2 } else { 1 };
+        assert!(key.decrypt(tenant, context.as_deref(), &relabelled).is_err());
         n += 1;
     }
-    assert!(n >= 6, "golden file has {n} chains");
+    n
 }
 
 #[test]
@@ -70,7 +92,10 @@ fn regenerate_golden_vectors_on_request() {
         ("globex", 12, 2, None, "ünïcödé ✓ 日本".as_bytes()),
         ("globex", 12, 2, Some(b"orders.note"), &[0xA5; 1000]),
     ];
-    let mut out = String::from("# generated; review, then append new lines to v1.txt\n");
+    let mut out = format!(
+        "# generated in format v{}; review, then append new lines to that version's file\n",
+        pg_envelope_core::envelope::CURRENT_VERSION
+    );
     for (tenant, id, version, context, pt) in cases {
         let kek = SecretKey::generate_with(&mut rng);
         let dek = SecretKey::generate_with(&mut rng);
@@ -91,5 +116,5 @@ fn regenerate_golden_vectors_on_request() {
             hex::encode(env)
         ));
     }
-    std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v1.generated.txt"), out).unwrap();
+    std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/generated.txt"), out).unwrap();
 }
