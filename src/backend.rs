@@ -227,15 +227,26 @@ impl Backend {
         }
     }
 
-    /// The tenant's keys, loading them (one root-key unwrap) on a miss, after checking that the
-    /// current role may use them.
-    pub fn tenant_keys(&mut self, tenant: &str) -> Result<&mut TenantKeys> {
+    /// Runs `f` with the tenant's keys, loading them (one root-key unwrap) on a miss, after
+    /// checking that the current role may use them. The hot path (fresh entry, same role as the
+    /// last call) costs one hash lookup.
+    pub fn with_tenant_keys<R>(&mut self, tenant: &str, f: impl FnOnce(&mut TenantKeys) -> Result<R>) -> Result<R> {
         if !PRELOADED.load(Ordering::Relaxed) {
             return Err(EnvelopeError::NotPreloaded);
         }
         self.check_epoch();
         let role = unsafe { pg_sys::GetUserId() };
         let now = cache_now();
+        if let Some(entry) = self.cache.fresh_hit(tenant, now) {
+            if entry.meta.last_allowed_role == role {
+                return f(&mut entry.keys);
+            }
+        }
+        f(self.tenant_keys_slow(tenant, role, now)?)
+    }
+
+    /// Everything but the hot path: a stale or missing entry, or a role not checked yet.
+    fn tenant_keys_slow(&mut self, tenant: &str, role: pg_sys::Oid, now: Instant) -> Result<&mut TenantKeys> {
         let entry = match self.cache.freshness(tenant, now) {
             Freshness::Fresh => self.cache.hit(tenant).expect("fresh entry present"),
             Freshness::Stale { age } => self.refresh_stale(tenant, role, now, age)?,
@@ -410,12 +421,14 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&str>) -> Result<
     }
     let tenant = current_tenant()?;
     with_backend(|b| {
-        let dek: &mut DataKey = b.tenant_keys(tenant)?.active();
-        let mut out = B::zeroed(pg_envelope_core::envelope_len(plaintext.len()));
-        BACKEND_RNG.with(|r| {
-            dek.encrypt_into(&mut *r.borrow_mut(), tenant, context.map(str::as_bytes), plaintext, out.bytes_mut())
-        });
-        Ok(out)
+        b.with_tenant_keys(tenant, |keys| {
+            let dek: &mut DataKey = keys.active();
+            let mut out = B::zeroed(pg_envelope_core::envelope_len(plaintext.len()));
+            BACKEND_RNG.with(|r| {
+                dek.encrypt_into(&mut *r.borrow_mut(), tenant, context.map(str::as_bytes), plaintext, out.bytes_mut())
+            });
+            Ok(out)
+        })
     })
 }
 
@@ -434,15 +447,16 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&str>) -> Result<B
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;
     let tenant = current_tenant()?;
     with_backend(|b| {
-        let keys = b.tenant_keys(tenant)?;
-        if env.tenant_key_id != keys.tenant_key_id() {
-            return Err(EnvelopeError::DecryptFailed);
-        }
-        let dek = keys.version(env.dek_version).ok_or(EnvelopeError::DecryptFailed)?;
-        let mut out = B::zeroed(env.plaintext_len());
-        dek.decrypt_into(tenant, context.map(str::as_bytes), &env, out.bytes_mut())
-            .map_err(|_| EnvelopeError::DecryptFailed)?;
-        Ok(out)
+        b.with_tenant_keys(tenant, |keys| {
+            if env.tenant_key_id != keys.tenant_key_id() {
+                return Err(EnvelopeError::DecryptFailed);
+            }
+            let dek = keys.version(env.dek_version).ok_or(EnvelopeError::DecryptFailed)?;
+            let mut out = B::zeroed(env.plaintext_len());
+            dek.decrypt_into(tenant, context.map(str::as_bytes), &env, out.bytes_mut())
+                .map_err(|_| EnvelopeError::DecryptFailed)?;
+            Ok(out)
+        })
     })
 }
 
