@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(back.as_deref(), Some("héllo"));
         // Binary I/O is the raw envelope.
         let send = Spi::get_one::<Vec<u8>>("SELECT envelope.encrypted_int8_send(i) FROM ty").unwrap().unwrap();
-        assert_eq!(&send[..2], &[1, 1]);
+        assert_eq!(&send[..2], &[pg_envelope_core::envelope::CURRENT_VERSION, 1]);
     }
 
     #[pg_test]

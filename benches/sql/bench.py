@@ -219,6 +219,8 @@ def pgbench(n, clients, seconds, rounds, tmp):
     tps = {"plain": [], "enc": []}
     for r in range(rounds):
         for kind in (("plain", "enc") if r % 2 == 0 else ("enc", "plain")):
+            with connect() as c:
+                c.execute("CHECKPOINT")  # no checkpoint left over from the previous run
             out = subprocess.run(
                 ["/usr/lib/postgresql/15/bin/pgbench", "-h", SOCK, "-p", str(PORT), "-U", "postgres", "-n",
                  "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", "prepared", "-f", scripts[kind], DB],
@@ -266,7 +268,7 @@ def main():
     ap.add_argument("--rows-1k", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pgbench-seconds", type=int, default=15)
-    ap.add_argument("--pgbench-rounds", type=int, default=2)
+    ap.add_argument("--pgbench-rounds", type=int, default=4)
     ap.add_argument("--out-json", required=True)
     ap.add_argument("--parts", default="sql,insert,kms,pgbench",
                     help="comma-separated subset, for quick iterations (report.py needs all four)")
