@@ -28,6 +28,16 @@ use crate::gucs;
 pub static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_envelope_epoch") };
 /// Set in `_PG_init` when loaded through shared_preload_libraries (shared memory exists).
 pub static PRELOADED: AtomicBool = AtomicBool::new(false);
+/// Bumped by a syscache callback whenever this backend learns that role memberships or roles
+/// changed (`GRANT`/`REVOKE role`, `DROP ROLE`, ...). The per-tenant "last role that passed the
+/// grant check" memo is forgotten then, so a revoked membership takes effect when PostgreSQL's
+/// own privilege checks see it (at the next transaction or lock), not after the cache TTL.
+static ROLES_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Registered in `_PG_init` for the `AUTHMEMROLEMEM` and `AUTHOID` syscaches.
+pub unsafe extern "C-unwind" fn on_roles_changed(_arg: pg_sys::Datum, _cache_id: std::ffi::c_int, _hash: u32) {
+    ROLES_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
 
 /// What the SQL layer keeps next to a tenant's cached keys.
 pub struct TenantMeta {
@@ -40,6 +50,7 @@ pub struct TenantMeta {
 pub struct Backend {
     pub cache: KeyCache<TenantMeta>,
     pub epoch_seen: u64,
+    pub roles_generation_seen: u64,
     /// Provider calls per provider name, since the backend started.
     pub provider_calls: HashMap<String, u64>,
 }
@@ -55,6 +66,7 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
         let b = slot.get_or_insert_with(|| Backend {
             cache: KeyCache::new(gucs::key_cache_ttl()),
             epoch_seen: current_epoch(),
+            roles_generation_seen: ROLES_GENERATION.load(Ordering::Relaxed),
             provider_calls: HashMap::new(),
         });
         f(b)
@@ -99,6 +111,12 @@ pub fn invalidate_after_commit() {
     thread_local! { static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
     with_backend(|b| b.cache.clear());
     if !REGISTERED.with(|r| r.replace(true)) {
+        // Other backends learn of the change from the epoch bumped at this backend's commit.
+        // A prepared transaction commits elsewhere (COMMIT PREPARED), so no bump would follow:
+        // refuse to prepare rather than let a revocation go unannounced.
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
+            EnvelopeError::PrepareAfterKeyChange.raise();
+        });
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
             bump_epoch();
             REGISTERED.with(|r| r.set(false));
@@ -220,6 +238,13 @@ impl Backend {
         if e != self.epoch_seen {
             self.cache.clear();
             self.epoch_seen = e;
+        }
+        let g = ROLES_GENERATION.load(Ordering::Relaxed);
+        if g != self.roles_generation_seen {
+            for meta in self.cache.metas_mut() {
+                meta.last_allowed_role = pg_sys::InvalidOid;
+            }
+            self.roles_generation_seen = g;
         }
         let ttl = gucs::key_cache_ttl();
         if ttl != self.cache.ttl() {

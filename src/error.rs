@@ -39,6 +39,9 @@ pub enum EnvelopeError {
     CorruptKeys { tenant: String, detail: String },
     /// The library was not loaded through shared_preload_libraries.
     NotPreloaded,
+    /// PREPARE TRANSACTION after a change of tenants, keys or grants (2PC would commit it
+    /// without announcing it to other backends).
+    PrepareAfterKeyChange,
     /// A catalog query failed in a way that is not the user's fault.
     Internal(String),
 }
@@ -154,6 +157,12 @@ impl EnvelopeError {
                 "pg_envelope must be loaded at server start".into(),
                 None,
                 Some("Add pg_envelope to shared_preload_libraries in postgresql.conf and restart the server.".into()),
+            ),
+            EnvelopeError::PrepareAfterKeyChange => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "pg_envelope: a transaction that changed tenants, keys or grants cannot be prepared".into(),
+                None,
+                Some("Commit it directly: other sessions learn of key and grant changes when it commits.".into()),
             ),
             EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),
         }

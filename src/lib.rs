@@ -30,6 +30,12 @@ pub extern "C-unwind" fn _PG_init() {
     // Wipe cached keys when the backend exits. The nonce generator is NOT touched here: in the
     // postmaster this runs before fork, and each backend must seed its own.
     unsafe { pg_sys::on_proc_exit(Some(backend::on_proc_exit), pg_sys::Datum::from(0)) };
+    // Role membership changes reset the grant-check memo (see backend::on_roles_changed).
+    for cache in [pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM, pg_sys::SysCacheIdentifier::AUTHOID] {
+        unsafe {
+            pg_sys::CacheRegisterSyscacheCallback(cache as std::ffi::c_int, Some(backend::on_roles_changed), pg_sys::Datum::from(0))
+        };
+    }
 }
 
 extension_sql!(

@@ -354,6 +354,11 @@ impl<M> KeyCache<M> {
         self.cold_failures.clear();
     }
 
+    /// Every cached entry's caller metadata, mutably (keys stay untouched).
+    pub fn metas_mut(&mut self) -> impl Iterator<Item = &mut M> {
+        self.entries.values_mut().map(|e| &mut e.meta)
+    }
+
     /// Cached tenants, for status output: (tenant, keys). Never exposes key bytes.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &CacheEntry<M>)> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v))

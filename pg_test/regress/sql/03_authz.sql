@@ -42,5 +42,30 @@ SELECT envelope.revoke_tenant('acme', current_user) AS revoked_self;
 SELECT * FROM dblink('peer', 'SELECT public.sqlstate_of($q$SELECT envelope.decrypt_field(env) FROM secrets$q$)') AS t(v text);
 SELECT envelope.grant_tenant('acme', current_user) AS regranted_self;
 SELECT * FROM dblink('peer', 'SELECT envelope.decrypt_field(env) FROM secrets') AS t(v text);
+-- Revoking a role membership takes effect like PostgreSQL's own privilege checks (at the next
+-- statement here, at the next transaction elsewhere), not after the key cache TTL, although the
+-- grant check for that role was already passed and remembered.
+SET ROLE regress_member;
+SELECT envelope.decrypt_field(env) AS member_reads_before FROM secrets;
+RESET ROLE;
+REVOKE regress_app FROM regress_member;
+SET ROLE regress_member;
+SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM secrets$$) AS member_after_membership_revoked;
+RESET ROLE;
+GRANT regress_app TO regress_member;
+SELECT dblink_exec('peer', 'SET ROLE regress_member');
+SELECT * FROM dblink('peer', 'SELECT envelope.decrypt_field(env) FROM secrets') AS t(v text);
+REVOKE regress_app FROM regress_member;
+SELECT * FROM dblink('peer', 'SELECT public.sqlstate_of($q$SELECT envelope.decrypt_field(env) FROM secrets$q$)') AS t(v text);
+GRANT regress_app TO regress_member;
+SELECT * FROM dblink('peer', 'SELECT envelope.decrypt_field(env) FROM secrets') AS t(v text);
 SELECT dblink_disconnect('peer');
+-- A transaction that changed grants cannot be prepared (2PC): other backends hear of key and
+-- grant changes at commit, and COMMIT PREPARED happens elsewhere. The change is rolled back.
+BEGIN;
+SELECT envelope.revoke_tenant('acme', 'regress_app') AS revoked_in_2pc;
+PREPARE TRANSACTION 'pg_envelope_regress';
+SET ROLE regress_app;
+SELECT envelope.decrypt_field(env) AS still_granted FROM secrets;
+RESET ROLE;
 DROP TABLE secrets;
