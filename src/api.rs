@@ -8,38 +8,51 @@ use crate::backend;
 use crate::catalog;
 use crate::error::{EnvelopeError, OrRaise, Result};
 use crate::backend::OutBuf;
-use crate::types::{ByteaOut, PallocVarlena, TextOut};
+use crate::types::{ByteaOut, PallocVarlena, TextBytes, TextOut};
+
+// Text arguments (data and context) are taken as bytes in the database encoding, so the
+// functions work the same in UTF8, LATIN1 or SQL_ASCII databases.
+type Ctx<'a> = Option<TextBytes<'a>>;
+
+fn ctx<'a>(c: &'a Ctx<'_>) -> Option<&'a [u8]> {
+    c.as_ref().map(|c| c.0)
+}
 
 /// Encrypts text for the current tenant. NULL stays NULL.
 #[pg_extern(volatile, parallel_restricted)]
-fn encrypt_field(data: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
-    data.map(|d| ByteaOut(backend::encrypt_to(d.as_bytes(), context).or_raise()))
+fn encrypt_field(data: Option<TextBytes>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
+    data.map(|d| ByteaOut(backend::encrypt_to(d.0, ctx(&context)).or_raise()))
 }
 
 /// Encrypts bytea for the current tenant. NULL stays NULL.
 #[pg_extern(volatile, parallel_restricted, name = "encrypt_field")]
-fn encrypt_field_bytea_input(data: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
-    data.map(|d| ByteaOut(backend::encrypt_to(d, context).or_raise()))
+fn encrypt_field_bytea_input(data: Option<&[u8]>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
+    data.map(|d| ByteaOut(backend::encrypt_to(d, ctx(&context)).or_raise()))
 }
 
 /// Decrypts an envelope to text. NULL stays NULL; anything else that fails raises an error.
 #[pg_extern(stable, parallel_restricted)]
-fn decrypt_field(ciphertext: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<TextOut> {
-    ciphertext.map(|c| into_text(backend::decrypt_to(c, context)).or_raise())
+fn decrypt_field(ciphertext: Option<&[u8]>, context: default!(Ctx, "NULL")) -> Option<TextOut> {
+    ciphertext.map(|c| into_text(backend::decrypt_to(c, ctx(&context))).or_raise())
 }
 
 /// Decrypts an envelope to bytea (the twin of `decrypt_field`, named like pgcrypto's
 /// `pgp_sym_decrypt_bytea`).
 #[pg_extern(stable, parallel_restricted)]
-fn decrypt_field_bytea(ciphertext: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
-    ciphertext.map(|c| ByteaOut(backend::decrypt_to(c, context).or_raise()))
+fn decrypt_field_bytea(ciphertext: Option<&[u8]>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
+    ciphertext.map(|c| ByteaOut(backend::decrypt_to(c, ctx(&context)).or_raise()))
 }
 
-/// Checks that decrypted bytes are text (UTF-8, no NUL) in place; wipes them if not.
+/// Checks in place that decrypted bytes are valid text in the database encoding (which also
+/// refuses NUL bytes); wipes them if not.
 fn into_text(out: Result<PallocVarlena>) -> Result<TextOut> {
     let mut out = out?;
     let bytes = out.bytes_mut();
-    if bytes.contains(&0) || std::str::from_utf8(bytes).is_err() {
+    let valid = bytes.len() <= i32::MAX as usize
+        && unsafe {
+            pg_sys::pg_verify_mbstr(pg_sys::GetDatabaseEncoding(), bytes.as_ptr().cast(), bytes.len() as i32, true)
+        };
+    if !valid {
         zeroize::Zeroize::zeroize(bytes);
         return Err(EnvelopeError::NotText);
     }

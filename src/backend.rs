@@ -439,7 +439,7 @@ impl OutBuf for Vec<u8> {
 }
 
 /// Encrypts for the current tenant into a new `B`.
-pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&str>) -> Result<B> {
+pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result<B> {
     let limit = gucs::max_value_size();
     if plaintext.len() > limit {
         return Err(EnvelopeError::TooLarge { size: plaintext.len(), limit });
@@ -450,7 +450,7 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&str>) -> Result<
             let dek: &mut DataKey = keys.active();
             let mut out = B::zeroed(pg_envelope_core::envelope_len(plaintext.len()));
             BACKEND_RNG.with(|r| {
-                dek.encrypt_into(&mut *r.borrow_mut(), tenant, context.map(str::as_bytes), plaintext, out.bytes_mut())
+                dek.encrypt_into(&mut *r.borrow_mut(), tenant, context, plaintext, out.bytes_mut())
             });
             Ok(out)
         })
@@ -463,12 +463,12 @@ thread_local! {
 }
 
 /// Decrypts for the current tenant. Every failure is the same opaque error.
-pub fn decrypt(envelope: &[u8], context: Option<&str>) -> Result<Vec<u8>> {
+pub fn decrypt(envelope: &[u8], context: Option<&[u8]>) -> Result<Vec<u8>> {
     decrypt_to::<Vec<u8>>(envelope, context)
 }
 
 /// Decrypts for the current tenant into a new `B`. Every failure is the same opaque error.
-pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&str>) -> Result<B> {
+pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;
     let tenant = current_tenant()?;
     with_backend(|b| {
@@ -478,7 +478,7 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&str>) -> Result<B
             }
             let dek = keys.version(env.dek_version).ok_or(EnvelopeError::DecryptFailed)?;
             let mut out = B::zeroed(env.plaintext_len());
-            dek.decrypt_into(tenant, context.map(str::as_bytes), &env, out.bytes_mut())
+            dek.decrypt_into(tenant, context, &env, out.bytes_mut())
                 .map_err(|_| EnvelopeError::DecryptFailed)?;
             Ok(out)
         })

@@ -98,6 +98,25 @@ pub struct ByteaOut(pub PallocVarlena);
 /// A palloc'd varlena returned to SQL as `text` (the caller checked it is valid text).
 pub struct TextOut(pub PallocVarlena);
 pgrx::impl_sql_translatable!(ByteaOut, "bytea");
+pgrx::impl_sql_translatable!(TextBytes<'_>, "text");
+
+/// A `text` argument as its bytes in the database encoding, unvalidated. pgrx's `&str` insists
+/// on UTF-8, which a LATIN1 or SQL_ASCII database does not give; encryption needs only bytes.
+pub struct TextBytes<'a>(pub &'a [u8]);
+
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for TextBytes<'fcx> {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        TextBytes(
+            arg.unbox_arg_using_from_datum::<&'fcx [u8]>()
+                .unwrap_or_else(|| panic!("argument {index} must not be null")),
+        )
+    }
+
+    unsafe fn unbox_nullable_arg(arg: pgrx::callconv::Arg<'_, 'fcx>) -> pgrx::nullable::Nullable<Self> {
+        arg.unbox_arg_using_from_datum::<&'fcx [u8]>().map(TextBytes).into()
+    }
+}
 pgrx::impl_sql_translatable!(TextOut, "text");
 
 unsafe impl pgrx::callconv::BoxRet for ByteaOut {
@@ -291,16 +310,16 @@ unsafe fn encrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
     let io = type_io(fcinfo, true);
     let value = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
     let envelope: PallocVarlena = match io.codec {
-        Codec::Raw => backend::encrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())),
+        Codec::Raw => backend::encrypt_to(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())),
         Codec::TextIo => {
             let s = pg_sys::OutputFunctionCall(&io.io as *const _ as *mut _, value);
-            let r = backend::encrypt_to(CStr::from_ptr(s).to_bytes(), Some(io.tag()));
+            let r = backend::encrypt_to(CStr::from_ptr(s).to_bytes(), Some(io.tag().as_bytes()));
             pg_sys::pfree(s as *mut _);
             r
         }
         Codec::BinaryIo => {
             let b = pg_sys::SendFunctionCall(&io.io as *const _ as *mut _, value);
-            let r = backend::encrypt_to(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag()));
+            let r = backend::encrypt_to(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag().as_bytes()));
             pg_sys::pfree(b as *mut _);
             r
         }
@@ -315,10 +334,10 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
     let io = type_io(fcinfo, false);
     if io.codec == Codec::Raw {
         // text and bytea: decrypt straight into the result varlena.
-        let out: PallocVarlena = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
+        let out: PallocVarlena = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())).or_raise();
         return out.into_datum();
     }
-    let mut plain = backend::decrypt(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
+    let mut plain = backend::decrypt(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())).or_raise();
     let out = match io.codec {
         Codec::Raw => unreachable!("handled above"),
         Codec::TextIo => {

@@ -1,0 +1,62 @@
+"""Databases whose encoding is not UTF8: text is encrypted as its bytes in the database
+encoding and must come back as the same text, through the functions and the typed column."""
+
+import uuid
+
+import psycopg
+import pytest
+
+from conftest import PORT_A, connect
+
+WORD = "héllo wörld ½"
+
+
+@pytest.fixture(params=["LATIN1", "SQL_ASCII"])
+def db(request):
+    name = f"enc_{request.param.lower()}_{uuid.uuid4().hex[:6]}"
+    tenant = f"t_{name}"
+    with connect(PORT_A) as c:
+        c.execute(f"CREATE DATABASE {name} ENCODING '{request.param}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    with connect(PORT_A, name) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.create_tenant(%s), envelope.grant_tenant(%s, 'postgres')", (tenant, tenant))
+    yield name, tenant, request.param
+    with connect(PORT_A) as c:
+        c.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_text_round_trips_in_a_non_utf8_database(db):
+    name, tenant, encoding = db
+    # The client speaks UTF-8; the server converts to the database encoding (for SQL_ASCII it
+    # stores the UTF-8 bytes as they are).
+    with connect(PORT_A, name, client_encoding="UTF8") as c:
+        c.execute("SELECT set_config('app.tenant_id', %s, false)", (tenant,))
+        assert c.execute("SELECT envelope.decrypt_field(envelope.encrypt_field(%s, 'ctx ½'), 'ctx ½')", (WORD,)).fetchone()[0] == WORD
+        # The plaintext inside is the database encoding's bytes (é is one byte in LATIN1).
+        n = c.execute("SELECT octet_length(envelope.decrypt_field_bytea(envelope.encrypt_field(%s)))", (WORD,)).fetchone()[0]
+        assert n == len(WORD.encode("latin-1" if encoding == "LATIN1" else "utf-8"))
+        # The context is bound as bytes too.
+        env = c.execute("SELECT envelope.encrypt_field(%s, 'ctx ½')", (WORD,)).fetchone()[0]
+        with pytest.raises(psycopg.errors.DataException):
+            c.execute("SELECT envelope.decrypt_field(%s, 'ctx 1/2')", (env,))
+        c.execute("CREATE TABLE t (v envelope.encrypted_text)")
+        c.execute("INSERT INTO t VALUES (%s)", (WORD,))
+        assert c.execute("SELECT v::text FROM t").fetchone()[0] == WORD
+
+
+def test_decrypting_bytes_that_are_not_text_is_22021_not_garbage():
+    name = f"enc_utf8_{uuid.uuid4().hex[:6]}"
+    t = f"t_{name}"
+    with connect(PORT_A) as c:
+        c.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        with connect(PORT_A, name) as c:
+            c.execute("CREATE EXTENSION pg_envelope")
+            c.execute("SELECT envelope.create_tenant(%s), envelope.grant_tenant(%s, 'postgres')", (t, t))
+            c.execute("SELECT set_config('app.tenant_id', %s, false)", (t,))
+            for raw in (b"\xff\xfe", b"a\x00b", b"\xc3"):
+                with pytest.raises(psycopg.errors.CharacterNotInRepertoire):
+                    c.execute("SELECT envelope.decrypt_field(envelope.encrypt_field(%s::bytea))", (raw,))
+    finally:
+        with connect(PORT_A) as c:
+            c.execute(f"DROP DATABASE {name} WITH (FORCE)")
