@@ -462,11 +462,6 @@ thread_local! {
     static BACKEND_RNG: RefCell<BackendRng> = const { RefCell::new(BackendRng::new()) };
 }
 
-/// Decrypts for the current tenant. Every failure is the same opaque error.
-pub fn decrypt(envelope: &[u8], context: Option<&[u8]>) -> Result<Vec<u8>> {
-    decrypt_to::<Vec<u8>>(envelope, context)
-}
-
 /// Decrypts for the current tenant into a new `B`. Every failure is the same opaque error.
 pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;

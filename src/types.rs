@@ -337,28 +337,46 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
         let out: PallocVarlena = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())).or_raise();
         return out.into_datum();
     }
-    let mut plain = backend::decrypt(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())).or_raise();
-    let out = match io.codec {
+    // One allocation with room for a trailing NUL (the text input function needs it), wiped on
+    // drop: no reallocation leaves an unwiped copy of the plaintext behind.
+    let mut plain: WipedCString = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())).or_raise();
+    match io.codec {
         Codec::Raw => unreachable!("handled above"),
-        Codec::TextIo => {
-            plain.push(0);
-            let d = pg_sys::InputFunctionCall(
-                &io.io as *const _ as *mut _,
-                plain.as_mut_ptr() as *mut std::ffi::c_char,
-                io.ioparam,
-                -1,
-            );
-            d
-        }
+        Codec::TextIo => pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, plain.as_c_ptr(), io.ioparam, -1),
         Codec::BinaryIo => {
+            let bytes = backend::OutBuf::bytes_mut(&mut plain);
             let mut si: pg_sys::StringInfoData = std::mem::zeroed();
             pg_sys::initStringInfo(&mut si);
-            pg_sys::appendBinaryStringInfo(&mut si, plain.as_ptr().cast(), plain.len() as i32);
+            pg_sys::appendBinaryStringInfo(&mut si, bytes.as_ptr().cast(), bytes.len() as i32);
             let d = pg_sys::ReceiveFunctionCall(&io.io as *const _ as *mut _, &mut si, io.ioparam, -1);
+            std::ptr::write_bytes(si.data, 0, si.len as usize);
             pg_sys::pfree(si.data as *mut _);
             d
         }
-    };
-    zeroize::Zeroize::zeroize(&mut plain);
-    out
+    }
+}
+
+/// A decrypted plaintext followed by a NUL byte, zeroized on drop.
+struct WipedCString(Vec<u8>);
+
+impl backend::OutBuf for WipedCString {
+    fn zeroed(len: usize) -> Self {
+        WipedCString(vec![0u8; len + 1])
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.0.len() - 1;
+        &mut self.0[..n]
+    }
+}
+
+impl WipedCString {
+    fn as_c_ptr(&mut self) -> *mut std::ffi::c_char {
+        self.0.as_mut_ptr().cast()
+    }
+}
+
+impl Drop for WipedCString {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
