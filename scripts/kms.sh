@@ -184,7 +184,8 @@ ENV
 }
 
 # moto (AWS KMS emulator) with SigV4 signatures checked: the first few actions (creating an IAM
-# user with a kms:* policy, its access key, and the first KMS key) run unauthenticated; every
+# user with a kms:* policy and one allowed only kms:Encrypt, their access keys, and the first
+# KMS key) run unauthenticated; every
 # request after that must be signed with the user's key, and a wrong secret gets 403.
 MOTO_VENV="$PGE_STATE/moto-venv"
 MOTO_DIR="$PGE_STATE/moto"
@@ -196,7 +197,7 @@ start_moto() {
   fi
   as_root install -d -m 0755 "$MOTO_DIR"
   stop_moto
-  INITIAL_NO_AUTH_ACTION_COUNT=4 nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$MOTO_DIR/server.log" 2>&1 &
+  INITIAL_NO_AUTH_ACTION_COUNT=7 nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$MOTO_DIR/server.log" 2>&1 &
   echo $! > "$MOTO_DIR/pid"
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$MOTO_PORT/moto-api/" >/dev/null 2>&1 && break; sleep 0.1; done
   "$MOTO_VENV/bin/python" - "$MOTO_PORT" "$MOTO_DIR" <<'PY'
@@ -209,20 +210,27 @@ iam.create_user(UserName="pg-envelope")                                         
 iam.put_user_policy(UserName="pg-envelope", PolicyName="kms", PolicyDocument=json.dumps(
     {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}))  # 2
 key = iam.create_access_key(UserName="pg-envelope")["AccessKey"]                            # 3
+# A user allowed to Encrypt but not Decrypt: a real policy denial, not a bad ciphertext.
+iam.create_user(UserName="pg-envelope-encrypt-only")                                        # 4
+iam.put_user_policy(UserName="pg-envelope-encrypt-only", PolicyName="kms", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:Encrypt", "Resource": "*"}]}))  # 5
+enc_key = iam.create_access_key(UserName="pg-envelope-encrypt-only")["AccessKey"]           # 6
 kms_anon = boto3.client("kms", **anon)
-k1 = kms_anon.create_key(Description="pg-root")["KeyMetadata"]["KeyId"]                     # 4
+k1 = kms_anon.create_key(Description="pg-root")["KeyMetadata"]["KeyId"]                     # 7
 signed = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
 k2 = boto3.client("kms", **signed).create_key(Description="pg-root-2")["KeyMetadata"]["KeyId"]   # signed from here on
 old = os.umask(0o077)
 with open(f"{d}/credentials", "w") as f:
     f.write(f"[default]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = {key['SecretAccessKey']}\n")
+with open(f"{d}/encrypt-only-credentials", "w") as f:
+    f.write(f"[default]\naws_access_key_id = {enc_key['AccessKeyId']}\naws_secret_access_key = {enc_key['SecretAccessKey']}\n")
 with open(f"{d}/bad-credentials", "w") as f:
     f.write(f"[default]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = wrong-{key['SecretAccessKey'][:8]}\n")
 os.umask(old)
 with open(f"{d}/env", "w") as f:
     f.write(f"export MOTO_ENDPOINT={url}\nexport MOTO_KEY_ID={k1}\nexport MOTO_KEY_ID_2={k2}\nexport MOTO_CREDENTIALS={d}/credentials\n")
 PY
-  as_root chown postgres:postgres "$MOTO_DIR/credentials" "$MOTO_DIR/bad-credentials"
+  as_root chown postgres:postgres "$MOTO_DIR/credentials" "$MOTO_DIR/bad-credentials" "$MOTO_DIR/encrypt-only-credentials"
   echo "moto (KMS, signatures checked) at http://127.0.0.1:$MOTO_PORT; env: $MOTO_DIR/env"
 }
 

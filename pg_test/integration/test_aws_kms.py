@@ -66,6 +66,20 @@ def test_wrong_secret_is_refused_by_signature_check(aws_db):
         assert secret_prefix not in c.execute("SELECT envelope.status()::text").fetchone()[0]
 
 
+def test_policy_denial_on_decrypt_is_28000_not_a_bad_key(aws_db):
+    """A user allowed kms:Encrypt but not kms:Decrypt: creating a tenant wraps, then the round
+    trip's Decrypt is refused by policy. That is an authorization error (28000), not "unwrap
+    failed", and it names no ARN or key material."""
+    with connect(PORT_A, aws_db) as c:
+        c.execute("SELECT envelope.add_key_provider('aws_enc_only', 'aws_kms', %s)",
+                  (aws_options(credentials="encrypt-only-credentials"),))
+        with pytest.raises(psycopg.Error) as e:
+            c.execute("SELECT envelope.create_tenant('aws_denied', provider => 'aws_enc_only')")
+        assert e.value.sqlstate == "28000", str(e.value)
+        assert "Decrypt" in str(e.value) and "arn:" not in str(e.value)
+        assert c.execute("SELECT count(*) FROM envelope.tenants WHERE name = 'aws_denied'").fetchone()[0] == 0
+
+
 def test_inline_secret_refused(aws_db):
     with connect(PORT_A, aws_db) as c:
         with pytest.raises(psycopg.Error) as e:

@@ -195,22 +195,7 @@ impl AwsKmsProvider {
                 let v = resp.into_json::<Value>().unwrap_or(Value::Null);
                 let kind = v["__type"].as_str().unwrap_or("").rsplit('#').next().unwrap_or("").to_string();
                 let msg: String = v["message"].as_str().or(v["Message"].as_str()).unwrap_or("").chars().take(160).collect();
-                Err(match (code, kind.as_str()) {
-                    (_, "InvalidCiphertextException" | "IncorrectKeyException") => ProviderError::UnwrapFailed,
-                    // moto reports garbage ciphertext this way; real KMS uses it for policy denials.
-                    (400, "AccessDeniedException") if target == "Decrypt" => ProviderError::UnwrapFailed,
-                    (_, "UnrecognizedClientException" | "InvalidSignatureException" | "AccessDeniedException" | "ExpiredTokenException")
-                    // No server message here: a signature-mismatch message can quote the canonical
-                    // request, which would include a session token.
-                    | (401 | 403, _) => ProviderError::Denied(format!("{where_}: HTTP {code} {kind}")),
-                    (_, "NotFoundException" | "DisabledException" | "KMSInvalidStateException") => {
-                        ProviderError::Misconfigured(format!("{where_}: {kind} {msg}"))
-                    }
-                    (429 | 500..=599, _) | (_, "ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException") => {
-                        ProviderError::Unavailable(format!("{where_}: HTTP {code} {kind}"))
-                    }
-                    _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {kind} {msg}")),
-                })
+                Err(classify_error(code, &kind, &msg, target, &where_))
             }
             Err(ureq::Error::Transport(t)) => Err(super::vault::transport_error(&where_, &t, self.timeout)),
         }
@@ -274,9 +259,52 @@ impl KeyProvider for AwsKmsProvider {
     }
 }
 
+
+/// Maps a KMS error answer to a provider error. Server messages are quoted only for
+/// configuration errors: an authentication failure's message can quote the canonical request.
+fn classify_error(code: u16, kind: &str, msg: &str, target: &str, where_: &str) -> ProviderError {
+    match (code, kind) {
+        (_, "InvalidCiphertextException" | "IncorrectKeyException") => ProviderError::UnwrapFailed,
+        // "The ciphertext refers to a customer master key that does not exist ... or you
+        // are not allowed to access": how KMS (and moto) answer a ciphertext that is
+        // not one of theirs. A policy denial says "... is not authorized to perform".
+        (400, "AccessDeniedException") if target == "Decrypt" && !msg.contains("not authorized to perform") => {
+            ProviderError::UnwrapFailed
+        }
+        (_, "UnrecognizedClientException" | "InvalidSignatureException" | "AccessDeniedException" | "ExpiredTokenException")
+        // No server message here: a signature-mismatch message can quote the canonical
+        // request, which would include a session token.
+        | (401 | 403, _) => ProviderError::Denied(format!("{where_}: HTTP {code} {kind}")),
+        (_, "NotFoundException" | "DisabledException" | "KMSInvalidStateException") => {
+            ProviderError::Misconfigured(format!("{where_}: {kind} {msg}"))
+        }
+        (429 | 500..=599, _) | (_, "ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException") => {
+            ProviderError::Unavailable(format!("{where_}: HTTP {code} {kind}"))
+        }
+        _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {kind} {msg}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_denial_on_decrypt_is_denied_not_a_bad_ciphertext() {
+        let w = "https://kms.example Decrypt";
+        let foreign = "The ciphertext refers to a customer master key that does not exist, does not exist in this region, or you are not allowed to access.";
+        assert_eq!(classify_error(400, "AccessDeniedException", foreign, "Decrypt", w), ProviderError::UnwrapFailed);
+        let denial = "User: arn:aws:iam::123456789012:user/db is not authorized to perform: kms:Decrypt on resource: arn:aws:kms:us-east-1:123456789012:key/k because no identity-based policy allows the kms:Decrypt action";
+        match classify_error(400, "AccessDeniedException", denial, "Decrypt", w) {
+            ProviderError::Denied(m) => assert!(!m.contains("arn:"), "no server message in a denial: {m}"),
+            other => panic!("expected Denied, got {other:?}"),
+        }
+        assert!(matches!(classify_error(400, "AccessDeniedException", denial, "Encrypt", w), ProviderError::Denied(_)));
+        assert_eq!(classify_error(400, "InvalidCiphertextException", "", "Decrypt", w), ProviderError::UnwrapFailed);
+        assert!(matches!(classify_error(400, "ThrottlingException", "", "Decrypt", w), ProviderError::Unavailable(_)));
+        assert!(matches!(classify_error(503, "", "", "Decrypt", w), ProviderError::Unavailable(_)));
+        assert!(matches!(classify_error(403, "", "<xml>", "Decrypt", w), ProviderError::Denied(_)));
+    }
 
     #[test]
     fn options_and_credentials_file() {
