@@ -48,10 +48,15 @@ fn decrypt_field_bytea(ciphertext: Option<&[u8]>, context: default!(Ctx, "NULL")
 fn into_text(out: Result<PallocVarlena>) -> Result<TextOut> {
     let mut out = out?;
     let bytes = out.bytes_mut();
-    let valid = bytes.len() <= i32::MAX as usize
-        && unsafe {
-            pg_sys::pg_verify_mbstr(pg_sys::GetDatabaseEncoding(), bytes.as_ptr().cast(), bytes.len() as i32, true)
-        };
+    let encoding = crate::nothrow::database_encoding();
+    let valid = if encoding == pg_sys::pg_enc::PG_UTF8 as i32 {
+        // The common case, checked in Rust: the same rules as PostgreSQL's (no surrogates, no
+        // code point above U+10FFFF, no NUL) without a call per value.
+        !bytes.contains(&0) && std::str::from_utf8(bytes).is_ok()
+    } else {
+        bytes.len() <= i32::MAX as usize
+            && unsafe { pg_sys::pg_verify_mbstr(encoding, bytes.as_ptr().cast(), bytes.len() as i32, true) }
+    };
     if !valid {
         zeroize::Zeroize::zeroize(bytes);
         return Err(EnvelopeError::NotText);

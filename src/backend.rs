@@ -130,13 +130,8 @@ pub fn invalidate_after_commit() {
 /// The current tenant from the tenant setting, or `TenantUnset`. Borrowed from the GUC; no copy.
 pub fn current_tenant() -> Result<&'static str> {
     let name = gucs::tenant_setting_name();
-    let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
     let unset = || EnvelopeError::TenantUnset { setting: name.to_string_lossy().into_owned() };
-    if value.is_null() {
-        return Err(unset());
-    }
-    // SAFETY: GetConfigOption returns the GUC's current string, valid until the setting changes.
-    let s = unsafe { CStr::from_ptr(value) }.to_str().map_err(|_| unset())?;
+    let s = crate::nothrow::config_option(name).ok_or_else(unset)?.to_str().map_err(|_| unset())?;
     if s.is_empty() {
         return Err(unset());
     }
@@ -260,7 +255,7 @@ impl Backend {
             return Err(EnvelopeError::NotPreloaded);
         }
         self.check_epoch();
-        let role = unsafe { pg_sys::GetUserId() };
+        let role = crate::nothrow::current_user_id();
         let now = cache_now();
         if let Some(entry) = self.cache.fresh_hit(tenant, now) {
             if entry.meta.last_allowed_role == role {

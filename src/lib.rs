@@ -14,6 +14,7 @@ mod bench;
 mod catalog;
 mod error;
 mod gucs;
+mod nothrow;
 mod status;
 mod types;
 
