@@ -220,7 +220,11 @@ def pgbench(n, clients, seconds, rounds, tmp):
     for r in range(rounds):
         for kind in (("plain", "enc") if r % 2 == 0 else ("enc", "plain")):
             with connect() as c:
-                c.execute("CHECKPOINT")  # no checkpoint left over from the previous run
+                # Every run starts from the same state: no log rows or dead tuples from earlier
+                # runs, no checkpoint left over.
+                c.execute(f"TRUNCATE oltp_{kind}_log")
+                c.execute(f"VACUUM oltp_{kind}")
+                c.execute("CHECKPOINT")
             out = subprocess.run(
                 ["/usr/lib/postgresql/15/bin/pgbench", "-h", SOCK, "-p", str(PORT), "-U", "postgres", "-n",
                  "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", "prepared", "-f", scripts[kind], DB],
