@@ -51,7 +51,14 @@ integration() {
   "$PGE_STATE/py-venv/bin/python" -m pytest -q -p no:cacheprovider "$PGE_ROOT/pg_test/integration"
 }
 
-want core && run_tier core cargo test -p pg_envelope_core
+core_tests() {
+  # Without features: the pure core builds and passes with no network or HSM dependency.
+  cargo test -p pg_envelope_core
+  # The providers' own unit tests (option parsing, error classification), still no server.
+  cargo test -p pg_envelope_core --features vault,aws,pkcs11,testing --lib
+}
+
+want core && run_tier core core_tests
 want pg_test && run_tier pg_test pgrx_test pg15
 want regress && run_tier regress regress
 want integration && run_tier integration integration
