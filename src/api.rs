@@ -21,13 +21,26 @@ fn ctx<'a>(c: &'a Ctx<'_>) -> Option<&'a [u8]> {
 /// Encrypts text for the current tenant. NULL stays NULL.
 #[pg_extern(volatile, parallel_restricted)]
 fn encrypt_field(data: Option<TextBytes>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
-    data.map(|d| ByteaOut(backend::encrypt_to(d.0, ctx(&context)).or_raise()))
+    data.map(|d| ByteaOut(encrypt_with_user_context(d.0, ctx(&context)).or_raise()))
 }
 
 /// Encrypts bytea for the current tenant. NULL stays NULL.
 #[pg_extern(volatile, parallel_restricted, name = "encrypt_field")]
 fn encrypt_field_bytea_input(data: Option<&[u8]>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
-    data.map(|d| ByteaOut(backend::encrypt_to(d, ctx(&context)).or_raise()))
+    data.map(|d| ByteaOut(encrypt_with_user_context(d, ctx(&context)).or_raise()))
+}
+
+/// The prefix of the contexts the encrypted types bind their values to.
+pub const RESERVED_CONTEXT_PREFIX: &[u8] = b"pg_envelope/";
+
+/// Callers may not encrypt under the types' contexts: `encrypt_field(x, 'pg_envelope/type/text')`
+/// would otherwise make a ciphertext that passes for an `encrypted_text` value without having
+/// gone through the type's encoding (for text: the database encoding; for int8: its binary form).
+fn encrypt_with_user_context(data: &[u8], context: Option<&[u8]>) -> Result<PallocVarlena> {
+    if context.is_some_and(|c| c.starts_with(RESERVED_CONTEXT_PREFIX)) {
+        return Err(EnvelopeError::ReservedContext);
+    }
+    backend::encrypt_to(data, context)
 }
 
 /// Decrypts an envelope to text. NULL stays NULL; anything else that fails raises an error.

@@ -20,6 +20,8 @@ pub enum EnvelopeError {
     TenantExists { tenant: String },
     /// An invalid tenant name (empty, too long, control characters).
     InvalidTenantName,
+    /// A caller-supplied context in the namespace the encrypted types use.
+    ReservedContext,
     /// Any decryption failure. Deliberately says nothing more.
     DecryptFailed,
     /// The decrypted bytes are not valid text in the database encoding (decrypt_field on a
@@ -83,6 +85,12 @@ impl EnvelopeError {
                 format!("pg_envelope: tenant \"{tenant}\" already exists"),
                 None,
                 Some("create_tenant never replaces keys; pick another name, or rotate the existing tenant's keys.".into()),
+            ),
+            EnvelopeError::ReservedContext => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                "pg_envelope: contexts starting with \"pg_envelope/\" are reserved".into(),
+                Some("The encrypted column types bind their values to such contexts; a value encrypted under one could be passed off as a typed value.".into()),
+                Some("Use a context of your own, for example table.column.".into()),
             ),
             EnvelopeError::InvalidTenantName => (
                 ERRCODE_INVALID_PARAMETER_VALUE,

@@ -32,6 +32,11 @@ SELECT sqlstate_of($$SELECT envelope.decrypt_field(env, 'orders.other') FROM sam
 SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM sample$$) AS no_context;
 SELECT sqlstate_of($$SELECT envelope.decrypt_field(env, '') FROM sample$$) AS empty_context;
 SELECT envelope.decrypt_field(env, 'orders.note') AS right_tenant_and_context FROM sample;
+-- The encrypted types' contexts are reserved: a caller cannot mint a value that passes for a
+-- typed one (for example text bytes that never went through the database encoding).
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('x', 'pg_envelope/type/text')$$) AS reserved_context;
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('\xff'::bytea, 'pg_envelope/type/text')$$) AS reserved_context_bytea;
+SELECT envelope.decrypt_field(envelope.encrypt_field('x', 'pg_envelope_not_reserved/a'), 'pg_envelope_not_reserved/a') AS similar_prefix_ok;
 -- Truncated, extended, garbage, empty: the same opaque error.
 SELECT sqlstate_of($$SELECT envelope.decrypt_field(substring(env from 1 for octet_length(env) - 1), 'orders.note') FROM sample$$) AS truncated;
 SELECT sqlstate_of($$SELECT envelope.decrypt_field(env || '\x00'::bytea, 'orders.note') FROM sample$$) AS extended;
