@@ -131,7 +131,9 @@ pub fn invalidate_after_commit() {
 pub fn current_tenant() -> Result<&'static str> {
     let name = gucs::tenant_setting_name();
     let unset = || EnvelopeError::TenantUnset { setting: name.to_string_lossy().into_owned() };
-    let s = crate::nothrow::config_option(name).ok_or_else(unset)?.to_str().map_err(|_| unset())?;
+    // A name that is not UTF-8 (non-ASCII in a LATIN1 database) can name no tenant: every
+    // tenant name is UTF-8. Say so rather than calling the setting unset.
+    let s = crate::nothrow::config_option(name).ok_or_else(unset)?.to_str().map_err(|_| EnvelopeError::InvalidTenantName)?;
     if s.is_empty() {
         return Err(unset());
     }

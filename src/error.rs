@@ -95,7 +95,7 @@ impl EnvelopeError {
             EnvelopeError::InvalidTenantName => (
                 ERRCODE_INVALID_PARAMETER_VALUE,
                 "pg_envelope: invalid tenant name".into(),
-                Some("A tenant name is 1 to 255 bytes with no control characters.".into()),
+                Some("A tenant name is 1 to 255 bytes of UTF-8 with no control characters (ASCII in a database whose encoding is not UTF8).".into()),
                 None,
             ),
             EnvelopeError::DecryptFailed => (

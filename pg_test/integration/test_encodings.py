@@ -39,6 +39,12 @@ def test_text_round_trips_in_a_non_utf8_database(db):
         env = c.execute("SELECT envelope.encrypt_field(%s, 'ctx ½')", (WORD,)).fetchone()[0]
         with pytest.raises(psycopg.errors.DataException):
             c.execute("SELECT envelope.decrypt_field(%s, 'ctx 1/2')", (env,))
+        if encoding == "LATIN1":
+            # A tenant setting that is not UTF-8 names no tenant: a clear 22023, not "unset".
+            c.execute("SET app.tenant_id = 'café'")
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                c.execute("SELECT envelope.encrypt_field('x')")
+            c.execute("SELECT set_config('app.tenant_id', %s, false)", (tenant,))
         c.execute("CREATE TABLE t (v envelope.encrypted_text)")
         c.execute("INSERT INTO t VALUES (%s)", (WORD,))
         assert c.execute("SELECT v::text FROM t").fetchone()[0] == WORD
