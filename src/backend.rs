@@ -419,21 +419,13 @@ fn rand_u32() -> u32 {
     BACKEND_RNG.with(|r| r.borrow_mut().random_u32())
 }
 
-/// A buffer an envelope or a plaintext is written into: a `Vec`, or a palloc'd varlena that is
-/// handed to PostgreSQL without another copy.
+/// A buffer an envelope or a plaintext is written into: a palloc'd varlena handed to PostgreSQL
+/// without another copy, or a wiped buffer for the typed decoders.
 pub trait OutBuf: Sized {
     fn zeroed(len: usize) -> Self;
     fn bytes_mut(&mut self) -> &mut [u8];
 }
 
-impl OutBuf for Vec<u8> {
-    fn zeroed(len: usize) -> Self {
-        vec![0u8; len]
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self
-    }
-}
 
 /// Encrypts for the current tenant into a new `B`.
 pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result<B> {

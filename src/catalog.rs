@@ -177,6 +177,26 @@ pub fn provider_row(name: &str) -> Result<Option<(String, String)>> {
     })
 }
 
+/// Every provider as (name, kind, options JSON text), by name.
+pub fn provider_rows() -> Result<Vec<(String, String, String)>> {
+    as_extension_owner(|| {
+        Spi::connect(|client| {
+            let t = client
+                .select("SELECT name, kind, options::text FROM envelope.key_providers ORDER BY name", None, &[])
+                .map_err(spi_err)?;
+            t.into_iter()
+                .map(|r| {
+                    Ok((
+                        r.get::<String>(1).map_err(spi_err)?.ok_or_else(|| missing("name"))?,
+                        r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("kind"))?,
+                        r.get::<String>(3).map_err(spi_err)?.ok_or_else(|| missing("options"))?,
+                    ))
+                })
+                .collect()
+        })
+    })
+}
+
 /// Registers a provider. The options were validated by the caller.
 pub fn insert_provider(name: &str, kind: &str, options_json: &str) -> Result<()> {
     as_extension_owner(|| {

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::backend::{self, PRELOADED};
 use crate::catalog;
-use crate::error::{EnvelopeError, Result};
+use crate::error::Result;
 use crate::gucs;
 
 type CacheRow = (String, i64, String, i64, Vec<i64>, f64, f64, i64, Option<String>);
@@ -40,22 +40,7 @@ pub fn cache_rows() -> Vec<CacheRow> {
 
 fn providers() -> Result<Vec<Value>> {
     let is_superuser = unsafe { pg_sys::superuser() };
-    let spi = |e: pgrx::spi::SpiError| EnvelopeError::Internal(e.to_string());
-    let rows: Vec<(String, String, String)> = catalog::as_extension_owner(|| {
-        Spi::connect(|client| {
-            let mut out = Vec::new();
-            for r in client
-                .select("SELECT name, kind, options::text FROM envelope.key_providers ORDER BY name", None, &[])
-                .map_err(spi)?
-            {
-                let name: Option<String> = r.get(1).map_err(spi)?;
-                let kind: Option<String> = r.get(2).map_err(spi)?;
-                let options: Option<String> = r.get(3).map_err(spi)?;
-                out.push((name.unwrap_or_default(), kind.unwrap_or_default(), options.unwrap_or_default()));
-            }
-            Ok::<_, EnvelopeError>(out)
-        })
-    })?;
+    let rows = catalog::provider_rows()?;
     Ok(rows
         .into_iter()
         .map(|(name, kind, options)| {

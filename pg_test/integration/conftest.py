@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -44,6 +45,33 @@ def connect(port=PORT_A, dbname="postgres", user="postgres", typed_text=True, **
     return conn
 
 
+@contextmanager
+def as_tenant(conn, tenant):
+    """A transaction with the tenant set for it only (SET LOCAL semantics), as an application
+    behind a transaction pooler does."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant,))
+        yield conn
+
+
+def provider_db(db, providers, tenants, kms_command=None):
+    """Recreates `db` with pg_envelope, registers `providers` ({name: (kind, options)}), and
+    creates `tenants` on the first provider, granted to the current user. Starts the key server
+    first with `scripts/kms.sh <kms_command>` when given."""
+    if kms_command:
+        sh("bash", str(ROOT / "scripts/kms.sh"), kms_command)
+    recreate_db(PORT_A, db)
+    first = next(iter(providers))
+    with connect(PORT_A, db) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        for name, (kind, options) in providers.items():
+            c.execute("SELECT envelope.add_key_provider(%s, %s, %s)", (name, kind, options))
+        for t in tenants:
+            c.execute("SELECT envelope.create_tenant(%s, provider => %s)", (t, first))
+            c.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
+    return db
+
+
 def recreate_db(port, name):
     with connect(port) as c:
         c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -72,9 +100,34 @@ def cluster_b():
     yield PORT_B
 
 
+def drop_replication(sub="envelope_sub"):
+    """Undoes the logical replication test's subscription (B, database `sub`) and slot (A). Run
+    before and after that test, and before `envelope_integ` is recreated: a run that failed
+    midway must not leave B subscribed, or A's database cannot be dropped next time."""
+    try:
+        with connect(PORT_B) as c:
+            has_db = c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (sub,)).fetchone()
+    except psycopg.OperationalError:
+        has_db = None  # cluster B is not running, so neither are its subscription workers
+    if has_db:
+        with connect(PORT_B, sub) as s:
+            if s.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (sub,)).fetchone():
+                s.execute(f"ALTER SUBSCRIPTION {sub} DISABLE")
+                s.execute(f"ALTER SUBSCRIPTION {sub} SET (slot_name = NONE)")
+                s.execute(f"DROP SUBSCRIPTION {sub}")
+    with connect(PORT_A) as c:
+        deadline = time.time() + 10
+        while c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (sub,)).fetchone():
+            if time.time() > deadline:
+                raise TimeoutError(f"replication slot {sub} still active")
+            time.sleep(0.1)
+        c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (sub,))
+
+
 @pytest.fixture(scope="session")
 def source_db(canary):
     """Database `envelope_integ` on cluster A: two tenants, the README's RLS schema, an app role."""
+    drop_replication()
     recreate_db(PORT_A, "envelope_integ")
     with connect(PORT_A, "envelope_integ") as c:
         c.execute(
@@ -125,8 +178,7 @@ def source_db(canary):
 
 def plaintexts(port, dbname, tenant, user="postgres"):
     with connect(port, dbname, user=user) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant,))
+        with as_tenant(c, tenant):
             return c.execute(
                 "SELECT email::text, profile::jsonb, balance::numeric FROM users WHERE tenant = %s ORDER BY 1",
                 (tenant,),

@@ -5,7 +5,7 @@ import os
 import psycopg
 import pytest
 
-from conftest import PORT_A, ROOT, STATE, connect, recreate_db, sh
+from conftest import PORT_A, ROOT, STATE, as_tenant, connect, provider_db, sh
 
 DB = "envelope_aws"
 MOTO = STATE / "moto"
@@ -29,29 +29,20 @@ def aws_options(key_var="MOTO_KEY_ID", credentials="credentials"):
 
 @pytest.fixture(scope="module")
 def aws_db():
-    sh("bash", str(ROOT / "scripts/kms.sh"), "start-moto")
-    recreate_db(PORT_A, DB)
-    with connect(PORT_A, DB) as c:
-        c.execute("CREATE EXTENSION pg_envelope")
-        c.execute("SELECT envelope.add_key_provider('aws', 'aws_kms', %s)", (aws_options(),))
-        c.execute("SELECT envelope.add_key_provider('aws2', 'aws_kms', %s)", (aws_options("MOTO_KEY_ID_2"),))
-        c.execute("SELECT envelope.create_tenant('aws_acme', provider => 'aws')")
-        c.execute("SELECT envelope.grant_tenant('aws_acme', current_user)")
-    return DB
+    sh("bash", str(ROOT / "scripts/kms.sh"), "start-moto")  # before aws_options() reads its env file
+    return provider_db(DB, {"aws": ("aws_kms", aws_options()), "aws2": ("aws_kms", aws_options("MOTO_KEY_ID_2"))}, ["aws_acme"])
 
 
 def test_round_trip_through_kms_with_encryption_context(aws_db):
     with connect(PORT_A, aws_db) as c:
         v = c.execute("SELECT envelope.verify_provider('aws')").fetchone()[0]
         assert v["kind"] == "aws_kms" and v["key_check"] == "match" and v["bound_to_tenant"]
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+        with as_tenant(c, "aws_acme"):
             env_ = c.execute("SELECT envelope.encrypt_field('under aws kms')").fetchone()[0]
             assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env_,)).fetchone()[0] == "under aws kms"
         c.execute("SELECT envelope.rewrap_tenant('aws_acme', 'aws2')")
     with connect(PORT_A, aws_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+        with as_tenant(c, "aws_acme"):
             assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env_,)).fetchone()[0] == "under aws kms"
 
 
@@ -96,8 +87,7 @@ def test_many_cold_backends_make_one_kms_call_each(aws_db):
     import threading
 
     with connect(PORT_A, aws_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+        with as_tenant(c, "aws_acme"):
             env_ = c.execute("SELECT envelope.encrypt_field('stampede')").fetchone()[0]
 
     def posts():
@@ -109,8 +99,7 @@ def test_many_cold_backends_make_one_kms_call_each(aws_db):
     def worker():
         try:
             with connect(PORT_A, aws_db) as c:
-                with c.transaction():
-                    c.execute("SELECT set_config('app.tenant_id', 'aws_acme', true)")
+                with as_tenant(c, "aws_acme"):
                     n = c.execute(
                         "SELECT count(*) FILTER (WHERE envelope.decrypt_field(%s::bytea) = 'stampede') FROM generate_series(1, 200)",
                         (env_,),

@@ -3,7 +3,7 @@
 import psycopg
 import pytest
 
-from conftest import PORT_A, ROOT, STATE, connect, recreate_db, sh
+from conftest import PORT_A, STATE, as_tenant, connect, provider_db, sh
 
 DB = "envelope_hsm"
 HSM = STATE / "softhsm"
@@ -17,23 +17,15 @@ def hsm_options(**over):
 
 @pytest.fixture(scope="module")
 def hsm_db():
-    sh("bash", str(ROOT / "scripts/kms.sh"), "start-softhsm")
-    recreate_db(PORT_A, DB)
-    with connect(PORT_A, DB) as c:
-        c.execute("CREATE EXTENSION pg_envelope")
-        c.execute("SELECT envelope.add_key_provider('hsm', 'pkcs11', %s)", (hsm_options(),))
-        c.execute("SELECT envelope.add_key_provider('hsm2', 'pkcs11', %s)", (hsm_options(key_label="pg-kek-2"),))
-        c.execute("SELECT envelope.create_tenant('hsm_acme', provider => 'hsm')")
-        c.execute("SELECT envelope.grant_tenant('hsm_acme', current_user)")
-    return DB
+    return provider_db(DB, {"hsm": ("pkcs11", hsm_options()), "hsm2": ("pkcs11", hsm_options(key_label="pg-kek-2"))},
+                       ["hsm_acme"], kms_command="start-softhsm")
 
 
 def test_round_trip_and_key_never_leaves_the_hsm(hsm_db):
     with connect(PORT_A, hsm_db) as c:
         v = c.execute("SELECT envelope.verify_provider('hsm')").fetchone()[0]
         assert v["kind"] == "pkcs11" and v["key_check"] == "match" and v["bound_to_tenant"]
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'hsm_acme', true)")
+        with as_tenant(c, "hsm_acme"):
             env = c.execute("SELECT envelope.encrypt_field('sealed by the hsm')").fetchone()[0]
             assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "sealed by the hsm"
     out = sh("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "pg-envelope", "--login",
@@ -44,13 +36,11 @@ def test_round_trip_and_key_never_leaves_the_hsm(hsm_db):
 def test_every_backend_initialises_its_own_session(hsm_db):
     # Ten fresh backends (forked from the postmaster) each unwrap the tenant key through the HSM.
     with connect(PORT_A, hsm_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'hsm_acme', true)")
+        with as_tenant(c, "hsm_acme"):
             env = c.execute("SELECT envelope.encrypt_field('x')").fetchone()[0]
     for _ in range(10):
         with connect(PORT_A, hsm_db) as c:
-            with c.transaction():
-                c.execute("SELECT set_config('app.tenant_id', 'hsm_acme', true)")
+            with as_tenant(c, "hsm_acme"):
                 assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "x"
                 assert c.execute("SELECT envelope.status()->'backend'->'provider_calls'->>'hsm'").fetchone()[0] == "1"
 
@@ -72,19 +62,16 @@ def test_wrong_pin_and_missing_key_fail_clearly(hsm_db):
 
 def test_rewrap_between_hsm_keys_and_providers(hsm_db):
     with connect(PORT_A, hsm_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'hsm_acme', true)")
+        with as_tenant(c, "hsm_acme"):
             env = c.execute("SELECT envelope.encrypt_field('portable')").fetchone()[0]
         c.execute("SELECT envelope.rewrap_tenant('hsm_acme', 'hsm2')")
     with connect(PORT_A, hsm_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'hsm_acme', true)")
+        with as_tenant(c, "hsm_acme"):
             assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "portable"
         # Under the other HSM key, the old wrapped form is useless: check by unwrapping under 'hsm'.
         c.execute("UPDATE envelope.tenants SET provider = 'hsm' WHERE name = 'hsm_acme'")
     with connect(PORT_A, hsm_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'hsm_acme', true)")
+        with as_tenant(c, "hsm_acme"):
             with pytest.raises(psycopg.Error) as e:
                 c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,))
             assert e.value.sqlstate == "22000"

@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PORT_A, ROOT, STATE, connect, recreate_db, sh
+from conftest import PORT_A, ROOT, STATE, as_tenant, connect, provider_db, sh
 
 DB = "envelope_kms"
 BAO = STATE / "openbao"
@@ -43,29 +43,25 @@ def openbao():
 
 @pytest.fixture(scope="module")
 def kms_db(openbao):
-    recreate_db(PORT_A, DB)
-    with connect(PORT_A, DB) as c:
-        c.execute("CREATE EXTENSION pg_envelope")
-        c.execute("SELECT envelope.add_key_provider('bao', 'vault_transit', %s)", (bao_options(),))
-        c.execute("SELECT envelope.add_key_provider('bao2', 'vault_transit', %s)", (bao_options(key="pg-root-2"),))
-        for t in ("kms_acme", "kms_globex", "kms_cold"):
-            c.execute("SELECT envelope.create_tenant(%s, provider => 'bao')", (t,))
-            c.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
-    return DB
+    return provider_db(DB, {"bao": ("vault_transit", bao_options()), "bao2": ("vault_transit", bao_options(key="pg-root-2"))},
+                       ["kms_acme", "kms_globex", "kms_cold"])
 
 
 def test_verify_and_round_trip_through_openbao(kms_db):
     with connect(PORT_A, kms_db) as c:
         v = c.execute("SELECT envelope.verify_provider('bao')").fetchone()[0]
         assert v["round_trip"] is True and v["key_check"] == "match" and v["bound_to_tenant"] is True
+        # status() describes each provider (to superusers): where it is, never its token.
+        bao = next(p for p in c.execute("SELECT envelope.status()->'providers'").fetchone()[0] if p["name"] == "bao")
+        assert bao["configured"] is True and bao["url"].startswith("https://127.0.0.1:") and bao["auth"].startswith("token_file ")
+        token = (BAO / "token").read_text().strip()
+        assert token not in c.execute("SELECT envelope.status()::text").fetchone()[0]
         wrapped = c.execute("SELECT convert_from(wrapped_key, 'UTF8') FROM envelope.tenants WHERE name = 'kms_acme'").fetchone()[0]
         assert wrapped.startswith("vault:v1:")
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+        with as_tenant(c, "kms_acme"):
             env = c.execute("SELECT envelope.encrypt_field('kept in openbao')").fetchone()[0]
             assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "kept in openbao"
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'kms_globex', true)")
+        with as_tenant(c, "kms_globex"):
             assert sqlstate(c, "SELECT envelope.decrypt_field(%s::bytea)", (env,))[0] == "22000"
 
 
@@ -81,14 +77,12 @@ def test_one_openbao_call_per_tenant_per_backend(kms_db):
 
 def test_rewrap_between_transit_keys_keeps_data(kms_db):
     with connect(PORT_A, kms_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+        with as_tenant(c, "kms_acme"):
             env = c.execute("SELECT envelope.encrypt_field('moves between keys')").fetchone()[0]
         c.execute("SELECT envelope.rewrap_tenant('kms_acme', 'bao2')")
         c.execute("SELECT envelope.rewrap_tenant('kms_acme', 'bao')")
     with connect(PORT_A, kms_db) as c:  # a new backend: keys come from OpenBao again
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+        with as_tenant(c, "kms_acme"):
             assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "moves between keys"
 
 
@@ -123,8 +117,7 @@ def test_approle_login(kms_db):
         assert v["round_trip"] and v["key_check"] == "match"
         c.execute("SELECT envelope.create_tenant('kms_approle', provider => 'bao_approle')")
         c.execute("SELECT envelope.grant_tenant('kms_approle', current_user)")
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'kms_approle', true)")
+        with as_tenant(c, "kms_approle"):
             env_ = c.execute("SELECT envelope.encrypt_field('approle')").fetchone()[0]
             assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env_,)).fetchone()[0] == "approle"
         # A wrong secret id: the login is refused (28000), nothing secret in the message.
@@ -285,22 +278,18 @@ def test_hung_kms_past_ttl_costs_one_timeout_per_statement_then_serves_degraded(
 
 def test_kms_down_cached_tenant_works_cold_tenant_fails_fast(kms_db):
     with connect(PORT_A, kms_db) as warm:
-        with warm.transaction():
-            warm.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+        with as_tenant(warm, "kms_acme"):
             env = warm.execute("SELECT envelope.encrypt_field('before the outage')").fetchone()[0]
         sh("bash", str(ROOT / "scripts/kms.sh"), "stop-openbao")
         # Cached (within its TTL): keeps working with the KMS down.
-        with warm.transaction():
-            warm.execute("SELECT set_config('app.tenant_id', 'kms_acme', true)")
+        with as_tenant(warm, "kms_acme"):
             assert warm.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == "before the outage"
         # Cold tenant: a clear error at once, not a hang.
-        with warm.transaction():
-            warm.execute("SELECT set_config('app.tenant_id', 'kms_cold', true)")
+        with as_tenant(warm, "kms_cold"):
             t0 = time.monotonic()
             state, msg = sqlstate(warm, "SELECT envelope.encrypt_field('x')")
             assert state == "58000" and time.monotonic() - t0 < 1.0, (state, msg)
         # Retried only after a backoff: the next attempt fails at once without a KMS call.
-        with warm.transaction():
-            warm.execute("SELECT set_config('app.tenant_id', 'kms_cold', true)")
+        with as_tenant(warm, "kms_cold"):
             state, msg = sqlstate(warm, "SELECT envelope.encrypt_field('x')")
             assert state == "58000" and "not retried" in msg, msg

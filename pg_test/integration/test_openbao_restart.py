@@ -5,7 +5,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PORT_A, ROOT, STATE, connect, recreate_db, sh
+from conftest import PORT_A, ROOT, STATE, as_tenant, connect, recreate_db, sh
 
 DB = "envelope_kms_restart"
 BAOP = STATE / "openbao-persistent"
@@ -34,19 +34,16 @@ def restart_db():
 
 
 def decrypt_as(conn, tenant, env):
-    with conn.transaction():
-        conn.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant,))
+    with as_tenant(conn, tenant):
         return conn.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0]
 
 
 def test_kms_stopped_mid_run_and_restarted(restart_db):
     with connect(PORT_A, restart_db) as warm:
-        with warm.transaction():
-            warm.execute("SELECT set_config('app.tenant_id', 'rs_warm', true)")
+        with as_tenant(warm, "rs_warm"):
             env_warm = warm.execute("SELECT envelope.encrypt_field('survives a KMS restart')").fetchone()[0]
         with connect(PORT_A, restart_db) as c:
-            with c.transaction():
-                c.execute("SELECT set_config('app.tenant_id', 'rs_cold', true)")
+            with as_tenant(c, "rs_cold"):
                 env_cold = c.execute("SELECT envelope.encrypt_field('cold tenant')").fetchone()[0]
         kms("stop-openbao-persistent")
         assert decrypt_as(warm, "rs_warm", env_warm) == "survives a KMS restart"  # cached: keeps working

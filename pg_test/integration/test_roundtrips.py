@@ -15,6 +15,8 @@ import psycopg.sql
 import pytest
 
 from conftest import (
+    as_tenant,
+    drop_replication,
     APP_ROLE,
     BIN,
     PORT_A,
@@ -58,8 +60,7 @@ def test_untyped_parameter_is_refused_without_echo(source_db):
     # psycopg's default sends str as `unknown`; the server then uses the type's input function,
     # which accepts only ciphertext. Fails closed, and the error does not repeat the value.
     with connect(PORT_A, source_db, user=APP_ROLE, typed_text=False) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+        with as_tenant(c, "acme"):
             with pytest.raises(psycopg.Error) as err:
                 c.execute("INSERT INTO users (email) VALUES (%s)", ("untyped-secret@acme.test",), prepare=True)
     assert err.value.sqlstate == "22P02"
@@ -97,8 +98,7 @@ def test_copy_round_trip_moves_ciphertext_unchanged(source_db, fmt):
         ).fetchone()[0]
         total = c.execute("SELECT count(*) FROM users").fetchone()[0]
         assert same == total == 3
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+        with as_tenant(c, "acme"):
             got = c.execute(
                 f"SELECT email::text FROM users_copy_{fmt} WHERE tenant = 'acme' ORDER BY 1"
             ).fetchall()
@@ -158,8 +158,7 @@ def test_pgbouncer_transaction_mode_never_leaks_a_tenant(source_db, bouncer):
     b = bouncer_conn(source_db)
     try:
         # Client A works as acme inside a transaction, as a pooled application must.
-        with a.transaction():
-            a.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+        with as_tenant(a, "acme"):
             pid_a = a.execute("SELECT pg_backend_pid()").fetchone()[0]
             acme_rows = a.execute("SELECT email::text FROM users ORDER BY 1").fetchall()
             acme_env = a.execute("SELECT envelope.encrypt_field('acme-only')").fetchone()[0]
@@ -174,8 +173,7 @@ def test_pgbouncer_transaction_mode_never_leaks_a_tenant(source_db, bouncer):
         # Interleave: A as acme, B as globex, many times: each only ever sees its own plaintext.
         for i in range(20):
             for conn, tenant in ((a, "acme"), (b, "globex")):
-                with conn.transaction():
-                    conn.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant,))
+                with as_tenant(conn, tenant):
                     got = {r[0] for r in conn.execute("SELECT email::text FROM users").fetchall()}
                     other = "globex" if tenant == "acme" else "acme"
                     assert not any(e.endswith(f"@{other}.test") for e in got)
@@ -226,8 +224,7 @@ def test_dump_restore_into_second_cluster_needs_no_key(source_db, cluster_b):
     restore(blob, cluster_b, "envelope_integ_restored")  # cluster B has no root key configured
     assert ciphertexts(cluster_b, "envelope_integ_restored") == ciphertexts(PORT_A, source_db)
     with connect(cluster_b, "envelope_integ_restored") as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+        with as_tenant(c, "acme"):
             with pytest.raises(psycopg.Error) as err:
                 c.execute("SELECT email::text FROM users WHERE tenant = 'acme'")
         assert err.value.sqlstate == "55000"  # provider not configured: fails closed
@@ -239,8 +236,7 @@ def test_dump_restore_into_second_cluster_needs_no_key(source_db, cluster_b):
     for tenant in ("acme", "globex"):
         assert plaintexts(cluster_b, "envelope_integ_restored", tenant) == plaintexts(PORT_A, source_db, tenant)
     with connect(cluster_b, "envelope_integ_restored") as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'globex', true)")
+        with as_tenant(c, "globex"):
             assert sqlstate_of(c, "SELECT email::text FROM users WHERE tenant = 'acme'") == "22000"
         # The grants came along (by role name).
         assert c.execute(
@@ -256,13 +252,7 @@ def test_logical_replication_carries_ciphertext(source_db, cluster_b):
         c.execute(
             "CREATE PUBLICATION envelope_pub FOR TABLE users, envelope.tenants, envelope.data_keys, envelope.tenant_grants"
         )
-    with connect(cluster_b) as c:
-        row = c.execute("SELECT 1 FROM pg_database WHERE datname = 'envelope_sub'").fetchone()
-        if row:
-            with connect(cluster_b, "envelope_sub") as s:
-                s.execute("DROP SUBSCRIPTION IF EXISTS envelope_sub")
-    with connect(PORT_A) as c:
-        c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'envelope_sub'")
+    drop_replication()
     recreate_db(cluster_b, "envelope_sub")
     with connect(cluster_b, "envelope_sub") as c:
         c.execute("CREATE EXTENSION pg_envelope")
@@ -278,8 +268,7 @@ def test_logical_replication_carries_ciphertext(source_db, cluster_b):
         )
     # A row written after the subscription exists travels through the WAL stream, not the copy.
     with connect(PORT_A, source_db) as c:
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'globex', true)")
+        with as_tenant(c, "globex"):
             c.execute("INSERT INTO users (email) VALUES (%s)", ("dave@globex.test",))
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -289,15 +278,10 @@ def test_logical_replication_carries_ciphertext(source_db, cluster_b):
     assert ciphertexts(cluster_b, "envelope_sub") == ciphertexts(PORT_A, source_db)
     for tenant in ("acme", "globex"):
         assert plaintexts(cluster_b, "envelope_sub", tenant) == plaintexts(PORT_A, source_db, tenant)
-    with connect(cluster_b, "envelope_sub") as c:
-        c.execute("ALTER SUBSCRIPTION envelope_sub DISABLE")
-        c.execute("ALTER SUBSCRIPTION envelope_sub SET (slot_name = NONE)")
-        c.execute("DROP SUBSCRIPTION envelope_sub")
+    drop_replication()
     with connect(PORT_A, source_db) as c:
-        c.execute("SELECT pg_drop_replication_slot('envelope_sub')")
         c.execute("DROP PUBLICATION envelope_pub")
-        with c.transaction():
-            c.execute("SELECT set_config('app.tenant_id', 'globex', true)")
+        with as_tenant(c, "globex"):
             # As a superuser RLS is bypassed: guard the decryption so only globex rows reach it.
             c.execute("DELETE FROM users WHERE CASE WHEN tenant = 'globex' THEN email::text END = 'dave@globex.test'")
 

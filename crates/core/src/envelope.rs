@@ -90,11 +90,6 @@ impl<'a> Envelope<'a> {
         })
     }
 
-    /// The header bytes (everything before the nonce).
-    pub fn header(&self) -> &'a [u8; HEADER_LEN] {
-        self.header
-    }
-
     /// The part of the header authenticated in the AAD: all of it in v1, everything but the
     /// commitment in v2.
     pub fn aad_header(&self) -> &'a [u8] {
