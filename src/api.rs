@@ -114,6 +114,8 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
     let wrapped_dek = wrap::wrap_key(&kek, &aad, &dek).map_err(rng_err)?;
     drop((kek, dek));
     catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &key_check, &wrapped_dek)?;
+    // Backends may remember that the name did not exist: tell them at commit.
+    backend::invalidate_after_commit();
     Ok(id)
 }
 
@@ -126,6 +128,11 @@ fn add_key_provider(name: &str, kind: &str, options: default!(pgrx::JsonB, "'{}'
 }
 
 fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) -> Result<()> {
+    // Registering a provider decides which files the server reads, which hosts it contacts and
+    // which library it loads: superusers only, whatever EXECUTE grants say.
+    if !unsafe { pg_sys::superuser() } {
+        return Err(EnvelopeError::ProviderRegistrationDenied);
+    }
     let valid_name = !name.is_empty()
         && name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -155,6 +162,7 @@ fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) ->
         }
         other => return Err(EnvelopeError::InvalidProvider(format!("unknown provider kind \"{other}\""))),
     }
+    backend::check_provider_options(name, options)?;
     if catalog::provider_row(name)?.is_some() {
         return Err(EnvelopeError::InvalidProvider(format!("key provider \"{name}\" already exists")));
     }

@@ -39,13 +39,64 @@ pub unsafe extern "C-unwind" fn on_roles_changed(_arg: pg_sys::Datum, _cache_id:
     ROLES_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
+thread_local! {
+    /// Set when this transaction used or built keys: its end wipes the backend's stack.
+    static KEYS_USED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the transaction as one whose end must wipe the stack.
+#[inline]
+pub fn note_keys_used() {
+    KEYS_USED.with(|k| k.set(true));
+}
+
+/// Registered in `_PG_init` (so every backend inherits it): at the end of a transaction that
+/// used keys, wipe the stack below this shallow frame, where the executor's frames built derived
+/// keys, unwrapped data keys or ran AES-GCM. No copy of a key outlives the transaction on the
+/// stack, whether it committed or failed.
+pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE)
+        && KEYS_USED.with(|k| k.replace(false))
+    {
+        pg_envelope_core::secure::wipe_stack();
+    }
+}
+
+/// The OID of `envelope.grant_anchor` in this database, once known (0 before).
+static ANCHOR_OID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+pub fn note_anchor_oid(oid: pg_sys::Oid) {
+    ANCHOR_OID.store(oid.to_u32(), Ordering::Relaxed);
+}
+
+/// Registered in `_PG_init` as a relcache callback: a change of `envelope.grant_anchor`'s
+/// privileges (`DROP OWNED BY`, a hand-made `REVOKE`) or a full reset makes grants stale.
+pub unsafe extern "C-unwind" fn on_relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let anchor = ANCHOR_OID.load(Ordering::Relaxed);
+    if relid == pg_sys::InvalidOid || (anchor != 0 && relid.to_u32() == anchor) {
+        ROLES_GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What the SQL layer keeps next to a tenant's cached keys.
 pub struct TenantMeta {
     pub provider: String,
-    pub grantees: Vec<pg_sys::Oid>,
-    /// The last role that passed the grant check: repeated calls by the same role skip it.
+    /// The last role that passed the grant check with these keys: repeated calls by the same
+    /// role skip it (the hot path). Forgotten on any epoch move or role change.
     pub last_allowed_role: pg_sys::Oid,
 }
+
+/// A tenant as the grant check and the header checks see it: no key material. Read under a
+/// fresh snapshot, dropped with the key cache on every epoch move and on role changes.
+struct DirEntry {
+    id: u32,
+    grantees: Vec<pg_sys::Oid>,
+    last_allowed_role: pg_sys::Oid,
+}
+
+/// At most this many tenant names (including names that do not exist) are remembered.
+const DIRECTORY_LIMIT: usize = 4096;
 
 pub struct Backend {
     pub cache: KeyCache<TenantMeta>,
@@ -53,6 +104,10 @@ pub struct Backend {
     pub roles_generation_seen: u64,
     /// Provider calls per provider name, since the backend started.
     pub provider_calls: HashMap<String, u64>,
+    /// Tenant name -> key id and grantees (`None`: no such tenant).
+    directory: HashMap<String, Option<DirEntry>>,
+    /// Role -> the roles whose privileges it has (PostgreSQL's privilege rule, no superuser shortcut).
+    privs: HashMap<pg_sys::Oid, Vec<pg_sys::Oid>>,
 }
 
 thread_local! {
@@ -68,6 +123,8 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
             epoch_seen: current_epoch(),
             roles_generation_seen: ROLES_GENERATION.load(Ordering::Relaxed),
             provider_calls: HashMap::new(),
+            directory: HashMap::new(),
+            privs: HashMap::new(),
         });
         f(b)
     })
@@ -146,6 +203,11 @@ pub fn current_tenant() -> Result<&'static str> {
 pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dyn KeyProvider>> {
     let not_configured = |m: String| EnvelopeError::Provider { provider: name.to_string(), error: ProviderError::NotConfigured(m) };
     let fail = |error| EnvelopeError::Provider { provider: name.to_string(), error };
+    if kind != "local" {
+        let v: serde_json::Value =
+            serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
+        check_provider_options(name, &v)?;
+    }
     match kind {
         "local" => match gucs::local_root_key_file() {
             Some(path) => Ok(Box::new(LocalProvider::new(path))),
@@ -172,6 +234,19 @@ pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dy
     }
 }
 
+/// Files and modules named by a provider's options must be allowed by postgresql.conf
+/// (`envelope.credential_dirs`, `envelope.pkcs11_modules`). Checked at registration and every
+/// time a provider is built from its row.
+pub fn check_provider_options(name: &str, options: &serde_json::Value) -> Result<()> {
+    let pairs: Vec<(&str, &str)> = options
+        .as_object()
+        .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|s| (k.as_str(), s))).collect())
+        .unwrap_or_default();
+    pg_envelope_core::provider::policy::check_options(pairs, &gucs::credential_dirs(), &gucs::pkcs11_modules()).map_err(|e| {
+        EnvelopeError::ProviderOptionNotAllowed { provider: name.to_string(), option: e.option, setting: e.setting }
+    })
+}
+
 pub fn build_provider(name: &str) -> Result<Box<dyn KeyProvider>> {
     let (kind, options) =
         catalog::provider_row(name)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: name.to_string() })?;
@@ -184,6 +259,7 @@ pub fn build_provider(name: &str) -> Result<Box<dyn KeyProvider>> {
 /// handlers must run on the main thread), touches no PostgreSQL state, and is abandoned on
 /// cancellation; it ends by itself within envelope.kms_timeout.
 pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    note_keys_used();
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let spawned = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -191,7 +267,12 @@ pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) 
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
         let h = std::thread::Builder::new().name("pg_envelope-kms".into()).spawn(move || {
-            let _ = tx.send(f());
+            let r = f();
+            // Key bytes and schedules passed through this thread's frames (root key file,
+            // KMS answers, unwrapping); glibc keeps exited threads' stacks for reuse, so wipe
+            // them before leaving. What `r` holds lives in the key pool (pointers only here).
+            pg_envelope_core::secure::wipe_stack();
+            let _ = tx.send(r);
         });
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         h
@@ -212,12 +293,6 @@ pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) 
     }
 }
 
-fn role_allowed(role: pg_sys::Oid, grantees: &[pg_sys::Oid]) -> bool {
-    // Membership, not privilege: a superuser is not a member of every role here, so superusers
-    // too need a grant (directly or through a role they are a member of).
-    grantees.iter().any(|&g| g == role || unsafe { pg_sys::is_member_of_role_nosuper(role, g) })
-}
-
 fn role_name(role: pg_sys::Oid) -> String {
     unsafe {
         let p = pg_sys::GetUserNameFromId(role, true);
@@ -230,10 +305,14 @@ fn role_name(role: pg_sys::Oid) -> String {
 }
 
 impl Backend {
+    /// Drops whatever a committed key or grant change (the shared epoch) or a role change (the
+    /// syscache callback) may have made stale. The epoch is read *before* anything is reloaded,
+    /// and reloads read under a fresh snapshot, so nothing cached is older than the epoch seen.
     fn check_epoch(&mut self) {
         let e = current_epoch();
         if e != self.epoch_seen {
             self.cache.clear();
+            self.directory.clear();
             self.epoch_seen = e;
         }
         let g = ROLES_GENERATION.load(Ordering::Relaxed);
@@ -241,12 +320,67 @@ impl Backend {
             for meta in self.cache.metas_mut() {
                 meta.last_allowed_role = pg_sys::InvalidOid;
             }
+            self.directory.clear();
+            self.privs.clear();
             self.roles_generation_seen = g;
         }
         let ttl = gucs::key_cache_ttl();
         if ttl != self.cache.ttl() {
             self.cache.set_ttl(ttl);
         }
+    }
+
+    /// The tenant's directory entry (key id, grantees), read on a miss. `None`: no such tenant.
+    fn directory_entry(&mut self, tenant: &str) -> Result<Option<&mut DirEntry>> {
+        if !self.directory.contains_key(tenant) {
+            let d = catalog::tenant_directory(tenant)?;
+            if self.directory.len() >= DIRECTORY_LIMIT {
+                self.directory.clear();
+            }
+            self.directory.insert(
+                tenant.to_string(),
+                d.map(|d| DirEntry { id: d.id, grantees: d.grantees, last_allowed_role: pg_sys::InvalidOid }),
+            );
+        }
+        Ok(self.directory.get_mut(tenant).and_then(|e| e.as_mut()))
+    }
+
+    /// The tenant key id of a tenant, without any grant check or key (header-only checks).
+    pub fn tenant_key_id(&mut self, tenant: &str) -> Result<Option<u32>> {
+        self.check_epoch();
+        Ok(self.directory_entry(tenant)?.map(|e| e.id))
+    }
+
+    /// Whether `role` may use the tenant's keys: it has the privileges of a granted role (by
+    /// PostgreSQL's rule for privileges, without the superuser shortcut). Reads no key and
+    /// changes nothing in the key cache, so a denied role cannot evict another role's keys.
+    pub fn authorize(&mut self, tenant: &str, role: pg_sys::Oid) -> Result<u32> {
+        let Some(entry) = self.directory.get_mut(tenant).and_then(|e| e.as_mut()) else {
+            return Err(EnvelopeError::TenantUnknown { tenant: tenant.to_string() });
+        };
+        if entry.last_allowed_role == role {
+            return Ok(entry.id);
+        }
+        if !self.privs.contains_key(&role) {
+            let p = catalog::roles_with_privs_of(role)?;
+            self.privs.insert(role, p);
+        }
+        let privs = &self.privs[&role];
+        if entry.grantees.iter().any(|g| privs.contains(g)) {
+            entry.last_allowed_role = role;
+            Ok(entry.id)
+        } else {
+            Err(EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) })
+        }
+    }
+
+    /// [`Backend::authorize`] after loading the directory entry and checking the epoch.
+    pub fn check_grant(&mut self, tenant: &str, role: pg_sys::Oid) -> Result<u32> {
+        self.check_epoch();
+        if self.directory_entry(tenant)?.is_none() {
+            return Err(EnvelopeError::TenantUnknown { tenant: tenant.to_string() });
+        }
+        self.authorize(tenant, role)
     }
 
     /// Runs `f` with the tenant's keys, loading them (one root-key unwrap) on a miss, after
@@ -257,13 +391,22 @@ impl Backend {
             return Err(EnvelopeError::NotPreloaded);
         }
         self.check_epoch();
+        // ANALYZE, CREATE INDEX, REFRESH MATERIALIZED VIEW, CLUSTER and the like run as the table
+        // owner in a security-restricted operation: keys are never used there, so no maintenance
+        // path can write a decrypted value into statistics, an index or a materialized view.
+        if crate::nothrow::in_security_restricted_operation() {
+            return Err(EnvelopeError::RestrictedOperation);
+        }
         let role = crate::nothrow::current_user_id();
         let now = cache_now();
+        note_keys_used();
         if let Some(entry) = self.cache.fresh_hit(tenant, now) {
             if entry.meta.last_allowed_role == role {
                 return f(&mut entry.keys);
             }
         }
+        // The grant check comes first: a denial never touches the key cache or the provider.
+        self.check_grant(tenant, role)?;
         f(self.tenant_keys_slow(tenant, role, now)?)
     }
 
@@ -295,12 +438,8 @@ impl Backend {
                 }
             }
         };
-        if entry.meta.last_allowed_role != role {
-            if !role_allowed(role, &entry.meta.grantees) {
-                return Err(EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) });
-            }
-            entry.meta.last_allowed_role = role;
-        }
+        // The caller checked the grant.
+        entry.meta.last_allowed_role = role;
         Ok(&mut entry.keys)
     }
 
@@ -350,7 +489,7 @@ impl Backend {
         e
     }
 
-    /// Reads the tenant's row, checks the grant, and unwraps its keys through its provider on a
+    /// Reads the tenant's row and unwraps its keys through its provider on a
     /// helper thread. On failure returns the error and, when it is transient (the provider could
     /// not be reached), the provider error for backoff bookkeeping.
     fn load_keys(
@@ -362,15 +501,11 @@ impl Backend {
         let row = catalog::load_tenant(tenant)
             .map_err(|e| (e, None))?
             .ok_or_else(|| (EnvelopeError::TenantUnknown { tenant: tenant.to_string() }, None))?;
-        // Refuse before any provider call: an unauthorized role costs no KMS traffic.
-        if !role_allowed(role, &row.grantees) {
-            return Err((EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) }, None));
-        }
         let mut provider = provider_for(&row.provider, &row.provider_kind, &row.provider_options).map_err(|e| (e, None))?;
         *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
         let record = row.record;
         match interruptible(move || TenantKeys::load(provider.as_mut(), &record, now)) {
-            Ok(keys) => Ok((keys, TenantMeta { provider: row.provider, grantees: row.grantees, last_allowed_role: role })),
+            Ok(keys) => Ok((keys, TenantMeta { provider: row.provider, last_allowed_role: role })),
             Err(e) => {
                 self.cache.record_failed_unwrap();
                 let transient = match &e {

@@ -8,7 +8,6 @@
 
 use pg_envelope_core::{TenantRecord, WrappedDek};
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 
 use crate::error::{EnvelopeError, Result};
 
@@ -70,59 +69,135 @@ fn spi_err(e: pgrx::spi::SpiError) -> EnvelopeError {
     EnvelopeError::Internal(format!("catalog query failed: {e}"))
 }
 
-/// A tenant as the cache needs it: keys to unwrap, the provider, and the roles allowed to use it.
+/// One argument of a catalog query run by [`select_latest`].
+pub enum Arg<'a> {
+    Text(&'a str),
+    Int4(i32),
+    Oid(pg_sys::Oid),
+}
+
+/// One result row of [`select_latest`].
+pub struct Row {
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+}
+
+impl Row {
+    /// Column `col` (1-based), converted; `None` for SQL NULL.
+    pub fn get<T: pgrx::FromDatum>(&self, col: usize) -> Option<T> {
+        let mut isnull = false;
+        // SAFETY: tuple and descriptor come from SPI_tuptable and live until SPI_finish.
+        unsafe {
+            let d = pg_sys::SPI_getbinval(self.tuple, self.desc, col as std::ffi::c_int, &mut isnull);
+            T::from_datum(d, isnull)
+        }
+    }
+}
+
+/// Runs a read-only catalog query under a snapshot taken **now** (`GetLatestSnapshot()`), not
+/// the transaction's. Under REPEATABLE READ and SERIALIZABLE the transaction snapshot predates
+/// everything committed since the transaction began: reading grants or keys through it after an
+/// epoch move would cache pre-revocation state under the new epoch (issue 10, item 1). The
+/// caller reads the epoch *before* calling this, so what it caches is never older than the epoch
+/// it records. Must run inside `Spi::connect`.
+pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl FnMut(&Row) -> Result<R>) -> Result<Vec<R>> {
+    use pgrx::IntoDatum;
+    let mut types: Vec<pg_sys::Oid> = Vec::with_capacity(args.len());
+    let mut values: Vec<pg_sys::Datum> = Vec::with_capacity(args.len());
+    for a in args {
+        let (t, d) = match a {
+            Arg::Text(s) => (pg_sys::TEXTOID, s.into_datum()),
+            Arg::Int4(i) => (pg_sys::INT4OID, i.into_datum()),
+            Arg::Oid(o) => (pg_sys::OIDOID, o.into_datum()),
+        };
+        types.push(t);
+        values.push(d.expect("non-null argument"));
+    }
+    let nulls = vec![b' ' as std::ffi::c_char; args.len()];
+    // SAFETY: SPI is connected (caller runs inside Spi::connect); arrays outlive the calls.
+    unsafe {
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), args.len() as std::ffi::c_int, types.as_mut_ptr());
+        if plan.is_null() {
+            return Err(EnvelopeError::Internal("catalog query could not be prepared".into()));
+        }
+        let rc = pg_sys::SPI_execute_snapshot(
+            plan,
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            pg_sys::GetLatestSnapshot(),
+            std::ptr::null_mut(),
+            true,
+            false,
+            0,
+        );
+        if rc != pg_sys::SPI_OK_SELECT as i32 {
+            pg_sys::SPI_freeplan(plan);
+            return Err(EnvelopeError::Internal(format!("catalog query failed (SPI code {rc})")));
+        }
+        let tt = pg_sys::SPI_tuptable;
+        let n = pg_sys::SPI_processed as usize;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let r = Row { tuple: *(*tt).vals.add(i), desc: (*tt).tupdesc };
+            match row(&r) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    pg_sys::SPI_freeplan(plan);
+                    return Err(e);
+                }
+            }
+        }
+        pg_sys::SPI_freeplan(plan);
+        Ok(out)
+    }
+}
+
+/// A tenant as the cache needs it: keys to unwrap and the provider.
 pub struct TenantRow {
     pub record: TenantRecord,
     pub provider: String,
     pub provider_kind: String,
     pub provider_options: String,
-    pub grantees: Vec<pg_sys::Oid>,
 }
 
-/// Loads a tenant's wrapped keys and grants. `Ok(None)` when no such tenant exists.
+/// Loads a tenant's wrapped keys (under a fresh snapshot). `Ok(None)` when no such tenant exists.
 pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
     as_extension_owner(|| {
-        Spi::connect(|client| {
-            let head = client
-                .select(
-                    "SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check
-                       FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
-                      WHERE t.name = $1",
-                    Some(1),
-                    &[tenant.into()],
-                )
-                .map_err(spi_err)?;
-            if head.is_empty() {
+        Spi::connect(|_client| {
+            let head = select_latest(
+                c"SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check
+                    FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
+                   WHERE t.name = $1",
+                &[Arg::Text(tenant)],
+                |r| {
+                    Ok((
+                        r.get::<i32>(1).ok_or_else(|| missing("id"))?,
+                        r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))?,
+                        r.get::<String>(3).ok_or_else(|| missing("provider"))?,
+                        r.get::<String>(4).ok_or_else(|| missing("kind"))?,
+                        r.get::<String>(5).ok_or_else(|| missing("options"))?,
+                        r.get::<Vec<u8>>(6).ok_or_else(|| missing("key_check"))?,
+                    ))
+                },
+            )?;
+            let Some((id, wrapped, provider, provider_kind, provider_options, key_check)) = head.into_iter().next() else {
                 return Ok(None);
-            }
-            let row = head.first();
-            let id: i32 = row.get(1).map_err(spi_err)?.ok_or_else(|| missing("id"))?;
-            let wrapped: Vec<u8> = row.get(2).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?;
-            let provider: String = row.get(3).map_err(spi_err)?.ok_or_else(|| missing("provider"))?;
-            let provider_kind: String = row.get(4).map_err(spi_err)?.ok_or_else(|| missing("kind"))?;
-            let provider_options: String = row.get(5).map_err(spi_err)?.ok_or_else(|| missing("options"))?;
-            let key_check: Vec<u8> = row.get(6).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?;
+            };
             let key_check: [u8; 32] = key_check.try_into().map_err(|_| missing("key_check"))?;
-
-            let mut deks = Vec::new();
             let mut active = None;
-            for r in client
-                .select(
-                    "SELECT version, wrapped_key, state = 'active' FROM envelope.data_keys
-                      WHERE tenant_id = $1 AND state <> 'revoked' ORDER BY version",
-                    None,
-                    &[id.into()],
-                )
-                .map_err(spi_err)?
-            {
-                let version: i32 = r.get(1).map_err(spi_err)?.ok_or_else(|| missing("version"))?;
-                let wrapped: Vec<u8> = r.get(2).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?;
-                if r.get::<bool>(3).map_err(spi_err)?.unwrap_or(false) {
-                    active = Some(version as u32);
-                }
-                deks.push(WrappedDek { version: version as u32, wrapped });
-            }
-            let grantees = grantees_of(&client, id)?;
+            let deks = select_latest(
+                c"SELECT version, wrapped_key, state = 'active' FROM envelope.data_keys
+                   WHERE tenant_id = $1 AND state <> 'revoked' ORDER BY version",
+                &[Arg::Int4(id)],
+                |r| {
+                    let version: i32 = r.get(1).ok_or_else(|| missing("version"))?;
+                    let wrapped: Vec<u8> = r.get(2).ok_or_else(|| missing("wrapped_key"))?;
+                    if r.get::<bool>(3).unwrap_or(false) {
+                        active = Some(version as u32);
+                    }
+                    Ok(WrappedDek { version: version as u32, wrapped })
+                },
+            )?;
             Ok(Some(TenantRow {
                 record: TenantRecord {
                     tenant: tenant.to_string(),
@@ -135,23 +210,69 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                 provider,
                 provider_kind,
                 provider_options,
-                grantees,
             }))
         })
     })
 }
 
-fn grantees_of(client: &SpiClient<'_>, tenant_id: i32) -> Result<Vec<pg_sys::Oid>> {
-    let mut out = Vec::new();
-    for r in client
-        .select("SELECT grantee::oid FROM envelope.tenant_grants WHERE tenant_id = $1", None, &[tenant_id.into()])
-        .map_err(spi_err)?
-    {
-        if let Some(oid) = r.get::<pg_sys::Oid>(1).map_err(spi_err)? {
-            out.push(oid);
-        }
-    }
-    Ok(out)
+/// What the grant check and the header checks need of a tenant: its key id and the roles
+/// granted it. Read under a fresh snapshot; no key is touched.
+pub struct TenantDirEntry {
+    pub id: u32,
+    pub grantees: Vec<pg_sys::Oid>,
+}
+
+/// A grant counts only while its role still holds the anchor privilege (SELECT on
+/// `envelope.grant_anchor`), which `grant_tenant` gives and the last `revoke_tenant` takes. The
+/// privilege is a shared dependency: `DROP ROLE` refuses while the role has grants, and once
+/// `DROP OWNED BY` removed it, leftover rows never count again (nor after a dump and restore,
+/// where a bare OID could name another role).
+const LIVE_GRANTEES: &std::ffi::CStr = c"SELECT g.grantee::oid FROM envelope.tenant_grants g
+  WHERE g.tenant_id = $1
+    AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+                 WHERE c.oid = 'envelope.grant_anchor'::pg_catalog.regclass
+                   AND a.grantee = g.grantee::oid AND a.privilege_type = 'SELECT')";
+
+/// The tenant's key id and live grantees, or `None` if no such tenant exists.
+pub fn tenant_directory(tenant: &str) -> Result<Option<TenantDirEntry>> {
+    as_extension_owner(|| {
+        Spi::connect(|_client| {
+            let ids = select_latest(
+                c"SELECT id, 'envelope.grant_anchor'::pg_catalog.regclass::oid FROM envelope.tenants WHERE name = $1",
+                &[Arg::Text(tenant)],
+                |r| Ok((r.get::<i32>(1).ok_or_else(|| missing("id"))?, r.get::<pg_sys::Oid>(2).ok_or_else(|| missing("anchor"))?)),
+            )?;
+            let Some((id, anchor)) = ids.into_iter().next() else { return Ok(None) };
+            crate::backend::note_anchor_oid(anchor);
+            let grantees = select_latest(LIVE_GRANTEES, &[Arg::Int4(id)], |r| r.get::<pg_sys::Oid>(1).ok_or_else(|| missing("grantee")))?;
+            Ok(Some(TenantDirEntry { id: id as u32, grantees }))
+        })
+    })
+}
+
+/// The roles whose privileges `role` has, by PostgreSQL's own rule for privileges
+/// (`has_privs_of_role` / `roles_is_member_of(ROLERECURSE_PRIVS)`) but **without** its
+/// superuser shortcut: the role itself, then memberships that inherit. On PostgreSQL 15 a
+/// membership inherits when the member role has INHERIT; from 16 on, when the membership was
+/// granted WITH INHERIT TRUE (so the implicit `INHERIT FALSE, SET FALSE` grant a CREATEROLE user
+/// gets on roles it creates does not count).
+pub fn roles_with_privs_of(role: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>> {
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    const Q: &std::ffi::CStr = c"WITH RECURSIVE r(oid) AS (
+            SELECT $1
+            UNION
+            SELECT m.roleid FROM r JOIN pg_catalog.pg_auth_members m ON m.member = r.oid
+              JOIN pg_catalog.pg_roles x ON x.oid = r.oid
+             WHERE x.rolinherit)
+        SELECT oid FROM r";
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    const Q: &std::ffi::CStr = c"WITH RECURSIVE r(oid) AS (
+            SELECT $1
+            UNION
+            SELECT m.roleid FROM r JOIN pg_catalog.pg_auth_members m ON m.member = r.oid
+             WHERE m.inherit_option)
+        SELECT oid FROM r";
+    as_extension_owner(|| Spi::connect(|_client| select_latest(Q, &[Arg::Oid(role)], |r| r.get::<pg_sys::Oid>(1).ok_or_else(|| missing("oid")))))
 }
 
 fn missing(col: &str) -> EnvelopeError {
@@ -290,10 +411,26 @@ pub fn insert_tenant(id: u32, name: &str, provider: &str, wrapped_kek: &[u8], ke
     })
 }
 
-/// Adds or removes a grant. Returns whether anything changed.
+/// Adds or removes a grant, keeping the role's anchor privilege in step (see [`LIVE_GRANTEES`]),
+/// and drops rows that no longer count (their role lost the anchor privilege through
+/// `DROP OWNED BY`, or was dropped since). Returns whether the grant changed.
 pub fn set_grant(tenant: &str, role: pg_sys::Oid, grant: bool) -> Result<bool> {
+    let quoted = unsafe {
+        let name = pg_sys::GetUserNameFromId(role, false);
+        std::ffi::CStr::from_ptr(pg_sys::quote_identifier(name)).to_string_lossy().into_owned()
+    };
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
+            client
+                .update(
+                    "DELETE FROM envelope.tenant_grants g
+                      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+                                         WHERE c.oid = 'envelope.grant_anchor'::pg_catalog.regclass
+                                           AND a.grantee = g.grantee::oid AND a.privilege_type = 'SELECT')",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
             let id: Option<i32> = client
                 .select("SELECT id FROM envelope.tenants WHERE name = $1", Some(1), &[tenant.into()])
                 .map_err(spi_err)?
@@ -303,13 +440,37 @@ pub fn set_grant(tenant: &str, role: pg_sys::Oid, grant: bool) -> Result<bool> {
             let Some(id) = id else {
                 return Err(EnvelopeError::TenantUnknown { tenant: tenant.to_string() });
             };
-            let sql = if grant {
-                "INSERT INTO envelope.tenant_grants (tenant_id, grantee) VALUES ($1, $2::oid::regrole) ON CONFLICT DO NOTHING"
+            let changed = if grant {
+                let t = client
+                    .update(
+                        "INSERT INTO envelope.tenant_grants (tenant_id, grantee) VALUES ($1, $2::oid::regrole) ON CONFLICT DO NOTHING",
+                        None,
+                        &[id.into(), role.into()],
+                    )
+                    .map_err(spi_err)?;
+                client.update(&format!("GRANT SELECT ON envelope.grant_anchor TO {quoted}"), None, &[]).map_err(spi_err)?;
+                t.len() > 0
             } else {
-                "DELETE FROM envelope.tenant_grants WHERE tenant_id = $1 AND grantee = $2::oid::regrole"
+                let t = client
+                    .update(
+                        "DELETE FROM envelope.tenant_grants WHERE tenant_id = $1 AND grantee = $2::oid::regrole",
+                        None,
+                        &[id.into(), role.into()],
+                    )
+                    .map_err(spi_err)?;
+                let left: i64 = client
+                    .select("SELECT count(*) FROM envelope.tenant_grants WHERE grantee = $1::oid::regrole", None, &[role.into()])
+                    .map_err(spi_err)?
+                    .first()
+                    .get(1)
+                    .map_err(spi_err)?
+                    .unwrap_or(0);
+                if left == 0 {
+                    client.update(&format!("REVOKE SELECT ON envelope.grant_anchor FROM {quoted}"), None, &[]).map_err(spi_err)?;
+                }
+                t.len() > 0
             };
-            let t = client.update(sql, None, &[id.into(), role.into()]).map_err(spi_err)?;
-            Ok(t.len() > 0)
+            Ok(changed)
         })
     })
 }

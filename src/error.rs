@@ -44,6 +44,12 @@ pub enum EnvelopeError {
     /// PREPARE TRANSACTION after a change of tenants, keys or grants (2PC would commit it
     /// without announcing it to other backends).
     PrepareAfterKeyChange,
+    /// Key use inside a security-restricted operation (ANALYZE, index build, REFRESH ...).
+    RestrictedOperation,
+    /// Registering a provider is for superusers.
+    ProviderRegistrationDenied,
+    /// A provider option names a file or module outside what postgresql.conf allows.
+    ProviderOptionNotAllowed { provider: String, option: String, setting: &'static str },
     /// A catalog query failed in a way that is not the user's fault.
     Internal(String),
 }
@@ -171,6 +177,24 @@ impl EnvelopeError {
                 "pg_envelope: a transaction that changed tenants, keys or grants cannot be prepared".into(),
                 None,
                 Some("Commit it directly: other sessions learn of key and grant changes when it commits.".into()),
+            ),
+            EnvelopeError::RestrictedOperation => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "pg_envelope: keys cannot be used within a security-restricted operation".into(),
+                Some("ANALYZE, CREATE INDEX, REINDEX, CLUSTER, CREATE/REFRESH MATERIALIZED VIEW and similar maintenance run as the table owner; pg_envelope never encrypts or decrypts there, so no decrypted value can reach statistics, an index or a stored view.".into()),
+                Some("Remove the decrypting expression (statistics object, index expression, materialized view query).".into()),
+            ),
+            EnvelopeError::ProviderRegistrationDenied => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "pg_envelope: only superusers may register key providers".into(),
+                Some("A key provider decides which files the server reads and which hosts it contacts; that is the DBA's decision.".into()),
+                None,
+            ),
+            EnvelopeError::ProviderOptionNotAllowed { provider, option, setting } => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("pg_envelope: key provider \"{provider}\": option \"{option}\" is not allowed by {setting}"),
+                None,
+                Some(format!("The DBA lists what providers may use in postgresql.conf ({setting}).")),
             ),
             EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),
         }

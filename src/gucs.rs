@@ -8,6 +8,8 @@
 //! | envelope.local_root_key_file  | SIGHUP   | (unset)          | postgresql.conf only         |
 //! | envelope.kms_timeout          | SUSET    | 5s               | superusers                   |
 //! | envelope.max_key_age          | SUSET    | 7d               | superusers                   |
+//! | envelope.credential_dirs      | SIGHUP   | (unset: none)    | postgresql.conf only         |
+//! | envelope.pkcs11_modules       | SIGHUP   | (unset: none)    | postgresql.conf only         |
 //!
 //! None of them holds a secret: the root key file's *path* is configuration; its content is
 //! read by the `local` provider and never stored in a setting. The path is still hidden from
@@ -23,6 +25,8 @@ pub static KEY_CACHE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static LOCAL_ROOT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static CREDENTIAL_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PKCS11_MODULES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_KEY_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 
 /// Largest accepted `envelope.max_value_size`: 1 GiB (PostgreSQL's varlena limit) minus room for
@@ -30,6 +34,22 @@ pub static MAX_KEY_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600
 pub const MAX_VALUE_SIZE_LIMIT_KB: i32 = 1024 * 1024 - 1;
 
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"envelope.credential_dirs",
+        c"Directories (comma-separated, absolute) under which key-provider options may name files.",
+        c"Token, AppRole, credentials, PIN and CA files of every provider must resolve (symlinks followed) under one of these. Unset: no provider may name a file.",
+        &CREDENTIAL_DIRS,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"envelope.pkcs11_modules",
+        c"PKCS#11 module libraries (comma-separated, absolute paths) that pkcs11 providers may load.",
+        c"Unset: no pkcs11 provider can be used.",
+        &PKCS11_MODULES,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_int_guc(
         c"envelope.max_key_age",
         c"How long cached keys may keep serving past their TTL while the key provider is unreachable.",
@@ -118,4 +138,21 @@ pub fn max_value_size() -> usize {
 
 pub fn local_root_key_file() -> Option<String> {
     LOCAL_ROOT_KEY_FILE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+}
+
+fn path_list(g: &GucSetting<Option<CString>>) -> Vec<std::path::PathBuf> {
+    g.get()
+        .and_then(|c| c.into_string().ok())
+        .map(|s| pg_envelope_core::provider::policy::parse_path_list(&s))
+        .unwrap_or_default()
+}
+
+/// `envelope.credential_dirs` as absolute paths.
+pub fn credential_dirs() -> Vec<std::path::PathBuf> {
+    path_list(&CREDENTIAL_DIRS)
+}
+
+/// `envelope.pkcs11_modules` as absolute paths.
+pub fn pkcs11_modules() -> Vec<std::path::PathBuf> {
+    path_list(&PKCS11_MODULES)
 }

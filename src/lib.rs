@@ -16,6 +16,7 @@ mod error;
 mod gucs;
 mod nothrow;
 mod status;
+mod tenancy;
 mod types;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -37,69 +38,17 @@ pub extern "C-unwind" fn _PG_init() {
             pg_sys::CacheRegisterSyscacheCallback(cache as std::ffi::c_int, Some(backend::on_roles_changed), pg_sys::Datum::from(0))
         };
     }
+    // The end of a transaction that used keys wipes the stack (see backend::on_xact_end).
+    unsafe { pg_sys::RegisterXactCallback(Some(backend::on_xact_end), std::ptr::null_mut()) };
+    // So do privilege changes of envelope.grant_anchor (see catalog::LIVE_GRANTEES).
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(backend::on_relcache_changed), pg_sys::Datum::from(0)) };
 }
 
-extension_sql!(
-    r#"
--- Tenant key ids are the "tenant key id" in every envelope header: never reused.
-CREATE SEQUENCE tenant_id_seq AS integer MINVALUE 1 NO CYCLE;
-
-CREATE TABLE key_providers (
-    name        text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
-    kind        text NOT NULL CHECK (kind IN ('local', 'vault_transit', 'aws_kms', 'pkcs11')),
-    options     jsonb NOT NULL DEFAULT '{}'::jsonb,
-    builtin     boolean NOT NULL DEFAULT false,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-COMMENT ON TABLE key_providers IS 'Root-of-trust providers. Options never hold secrets: credentials are file paths.';
-INSERT INTO key_providers (name, kind, builtin) VALUES ('local', 'local', true);
-
-CREATE TABLE tenants (
-    id          integer PRIMARY KEY,
-    name        text NOT NULL UNIQUE CHECK (octet_length(name) BETWEEN 1 AND 255),
-    provider    text NOT NULL REFERENCES key_providers (name),
-    wrapped_key bytea NOT NULL,
-    key_check   bytea NOT NULL CHECK (octet_length(key_check) = 32),
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-COMMENT ON COLUMN tenants.key_check IS 'HMAC-SHA-256 check value of the tenant key: a provider that returns another key fails closed.';
-COMMENT ON TABLE tenants IS 'One tenant key (KEK) per tenant, wrapped by its provider''s root key.';
-
-CREATE TABLE data_keys (
-    tenant_id   integer NOT NULL REFERENCES tenants (id),
-    version     integer NOT NULL CHECK (version > 0),
-    wrapped_key bytea NOT NULL,
-    state       text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'retired', 'revoked')),
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, version)
-);
-CREATE UNIQUE INDEX data_keys_one_active ON data_keys (tenant_id) WHERE state = 'active';
-COMMENT ON TABLE data_keys IS 'Data keys (DEKs), versioned, each wrapped by its tenant key.';
-
-CREATE TABLE tenant_grants (
-    tenant_id   integer NOT NULL REFERENCES tenants (id),
-    grantee     regrole NOT NULL,
-    granted_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, grantee)
-);
-COMMENT ON TABLE tenant_grants IS 'Roles allowed to use a tenant''s keys (members of these roles too; superusers are not exempt).';
-
--- Key tables travel with pg_dump: a restore needs no key server, and the restored database
--- decrypts with the same root key.
-SELECT pg_catalog.pg_extension_config_dump('key_providers', 'WHERE NOT builtin');
-SELECT pg_catalog.pg_extension_config_dump('tenants', '');
-SELECT pg_catalog.pg_extension_config_dump('data_keys', '');
-SELECT pg_catalog.pg_extension_config_dump('tenant_grants', '');
-SELECT pg_catalog.pg_extension_config_dump('tenant_id_seq', '');
-
-REVOKE ALL ON key_providers, tenants, data_keys, tenant_grants FROM PUBLIC;
-REVOKE ALL ON SEQUENCE tenant_id_seq FROM PUBLIC;
-"#,
-    name = "bootstrap",
-    bootstrap
-);
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 
 extension_sql_file!("../sql/encrypted_types.sql", name = "encrypted_types", requires = ["bootstrap"]);
+
+extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["encrypted_types", tenancy::belongs_to]);
 
 extension_sql!(
     r#"
@@ -114,9 +63,11 @@ REVOKE ALL ON FUNCTION rewrap_tenant(text, text) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;
+REVOKE ALL ON FUNCTION trust_report() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION status() TO pg_monitor;
 GRANT EXECUTE ON FUNCTION key_cache() TO pg_monitor;
 -- encrypt_field / decrypt_field stay executable by PUBLIC: every call checks the tenant grant.
+-- authorized_tenant() and belongs_to() too: RLS policies call them as the querying role.
 "#,
     name = "privileges",
     finalize

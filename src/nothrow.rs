@@ -22,6 +22,8 @@ mod raw {
         pub fn get_user_id() -> pg_sys::Oid;
         #[link_name = "GetDatabaseEncoding"]
         pub fn get_database_encoding() -> c_int;
+        #[link_name = "InSecurityRestrictedOperation"]
+        pub fn in_security_restricted_operation() -> bool;
         #[link_name = "GetConfigOption"]
         pub fn get_config_option(name: *const c_char, missing_ok: bool, restrict_privileged: bool) -> *const c_char;
     }
@@ -56,4 +58,13 @@ pub fn config_option(name: &CStr) -> Option<&'static CStr> {
         // SAFETY: a NUL-terminated string owned by the GUC machinery.
         Some(unsafe { CStr::from_ptr(p) })
     }
+}
+
+/// Whether the backend runs a security-restricted operation (`InSecurityRestrictedOperation()`:
+/// ANALYZE, index builds, REFRESH MATERIALIZED VIEW, CLUSTER, VACUUM's index work, ... run as
+/// the table owner with this flag set).
+#[inline]
+pub fn in_security_restricted_operation() -> bool {
+    // SAFETY: reads a backend global; no error path.
+    unsafe { raw::in_security_restricted_operation() }
 }

@@ -39,6 +39,7 @@ use zeroize::Zeroize;
 
 use crate::envelope::{self, Envelope, COMMITMENT_LEN, HEADER_LEN, NONCE_LEN, TAG_LEN};
 use crate::secret::SecretKey;
+use crate::secure::SecureBox;
 
 /// Messages encrypted under one derived key before the backend draws a new prefix: 2^32.
 pub const PREFIX_USE_LIMIT: u64 = 1 << 32;
@@ -64,7 +65,7 @@ impl std::error::Error for DecryptError {}
 #[doc(hidden)]
 pub fn xaes_derive_for_test(key: &[u8; 32], n1: &[u8; 12]) -> Aes256Gcm {
     let k = DataKey::new(0, 0, &SecretKey::from_slice(key).expect("32 bytes"));
-    DataKey::derive(&k.kdf, &k.k1, n1)
+    DataKey::derive(&k.s.kdf, &k.s.k1, n1)
 }
 
 /// The 96-bit GCM nonce from a 12-byte slice (callers slice exactly 12 bytes).
@@ -91,27 +92,35 @@ struct EncryptState {
     remaining: u64,
 }
 
-/// One unwrapped data key, ready to encrypt and decrypt fields. Holds only expanded key
-/// schedules (zeroized on drop by the `aes`/`aes-gcm` crates' `zeroize` feature) and the public
-/// commitment; the raw DEK bytes are wiped as soon as the schedules are built.
-/// No `Debug`, no `Clone`.
-pub struct DataKey {
-    tenant_key_id: u32,
-    version: u32,
+/// Everything of a DEK that is key material (the KDF schedule, K1, the derived AES-GCM keys),
+/// kept in the key pool: never in a core dump, wiped on drop, moved by pointer.
+struct KeyState {
     kdf: Aes256,
     k1: [u8; 16],
-    commitment: [u8; COMMITMENT_LEN],
     enc: Option<EncryptState>,
-    dec: HashMap<[u8; 12], Aes256Gcm>,
+    /// Derived keys for decryption, each in its own pool slot so that the map growing or being
+    /// cleared never leaves a key schedule behind in freed heap memory.
+    dec: HashMap<[u8; 12], SecureBox<Aes256Gcm>>,
     aad: Vec<u8>,
     derivations: u64,
 }
 
-impl Drop for DataKey {
+impl Drop for KeyState {
     fn drop(&mut self) {
         self.k1.zeroize();
-        // `kdf`, `enc.gcm` and the `dec` schedules zeroize themselves on drop.
+        // `kdf`, `enc.gcm` and the `dec` schedules zeroize themselves on drop, and the pool
+        // wipes the whole slot afterwards.
     }
+}
+
+/// One unwrapped data key, ready to encrypt and decrypt fields. Holds only expanded key
+/// schedules (in the key pool, see [`crate::secure`]) and the public commitment; the raw DEK
+/// bytes are wiped as soon as the schedules are built. No `Debug`, no `Clone`.
+pub struct DataKey {
+    tenant_key_id: u32,
+    version: u32,
+    commitment: [u8; COMMITMENT_LEN],
+    s: SecureBox<KeyState>,
 }
 
 impl DataKey {
@@ -135,17 +144,16 @@ impl DataKey {
         mac.update(COMMITMENT_LABEL);
         let commitment: [u8; COMMITMENT_LEN] = mac.finalize().into_bytes().into();
 
-        DataKey {
-            tenant_key_id,
-            version,
+        let s = SecureBox::new(KeyState {
             kdf,
             k1,
-            commitment,
             enc: None,
             dec: HashMap::default(),
             aad: Vec::with_capacity(HEADER_LEN + 64),
             derivations: 0,
-        }
+        });
+        k1.zeroize();
+        DataKey { tenant_key_id, version, commitment, s }
     }
 
     pub fn tenant_key_id(&self) -> u32 {
@@ -161,7 +169,7 @@ impl DataKey {
     /// Per-nonce-prefix key derivations this DEK has performed (encrypt rollovers and decrypt
     /// cache misses). Exposed for tests and benchmarks.
     pub fn derivations(&self) -> u64 {
-        self.derivations
+        self.s.derivations
     }
 
     /// XAES-256-GCM key derivation for nonce prefix `n1` (C2SP XAES-256-GCM, steps 2-3).
@@ -195,13 +203,14 @@ impl DataKey {
         out: &mut [u8],
     ) {
         assert_eq!(out.len(), envelope::envelope_len(plaintext.len()), "output buffer length");
-        let state = match &mut self.enc {
+        let st: &mut KeyState = &mut self.s;
+        let state = match &mut st.enc {
             Some(s) if s.remaining > 0 => s,
             slot => {
                 let mut prefix = [0u8; 12];
                 rng.fill_bytes(&mut prefix);
-                let gcm = Self::derive(&self.kdf, &self.k1, &prefix);
-                self.derivations += 1;
+                let gcm = Self::derive(&st.kdf, &st.k1, &prefix);
+                st.derivations += 1;
                 slot.insert(EncryptState { prefix, gcm, remaining: PREFIX_USE_LIMIT })
             }
         };
@@ -213,7 +222,7 @@ impl DataKey {
         envelope::write_header(header, self.tenant_key_id, self.version, &self.commitment);
         nonce[..12].copy_from_slice(&state.prefix);
         rng.fill_bytes(&mut nonce[12..]);
-        let aad = envelope::build_aad(&mut self.aad, &header[..envelope::AAD_HEADER_LEN_V2], tenant, context);
+        let aad = envelope::build_aad(&mut st.aad, &header[..envelope::AAD_HEADER_LEN_V2], tenant, context);
         let buf = InOutBuf::new(plaintext, body).expect("equal lengths");
         let tag = state
             .gcm
@@ -253,21 +262,22 @@ impl DataKey {
             return Err(DecryptError);
         }
         let prefix: &[u8; 12] = env.nonce[..12].try_into().map_err(|_| DecryptError)?;
-        let gcm = match &self.enc {
+        let st: &mut KeyState = &mut self.s;
+        let gcm: &Aes256Gcm = match &st.enc {
             Some(s) if &s.prefix == prefix => &s.gcm,
             _ => {
-                if !self.dec.contains_key(prefix) {
-                    if self.dec.len() >= DECRYPT_PREFIX_CACHE {
-                        self.dec.clear();
+                if !st.dec.contains_key(prefix) {
+                    if st.dec.len() >= DECRYPT_PREFIX_CACHE {
+                        st.dec.clear();
                     }
-                    let gcm = Self::derive(&self.kdf, &self.k1, prefix);
-                    self.derivations += 1;
-                    self.dec.insert(*prefix, gcm);
+                    let gcm = SecureBox::new(Self::derive(&st.kdf, &st.k1, prefix));
+                    st.derivations += 1;
+                    st.dec.insert(*prefix, gcm);
                 }
-                &self.dec[prefix]
+                &st.dec[prefix]
             }
         };
-        let aad = envelope::build_aad(&mut self.aad, env.aad_header(), tenant, context);
+        let aad = envelope::build_aad(&mut st.aad, env.aad_header(), tenant, context);
         let buf = InOutBuf::new(env.ciphertext, out).map_err(|_| DecryptError)?;
         let tag = Tag::from(*env.tag);
         debug_assert_eq!(env.tag.len(), TAG_LEN);
@@ -295,7 +305,7 @@ impl DataKey {
 
     #[cfg(test)]
     pub(crate) fn exhaust_prefix_for_test(&mut self) {
-        if let Some(s) = &mut self.enc {
+        if let Some(s) = &mut self.s.enc {
             s.remaining = 0;
         }
     }

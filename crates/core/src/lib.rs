@@ -7,6 +7,7 @@
 //! * [`KeyCache`]: per-backend cache of unwrapped tenant keys with a TTL.
 //! * [`BackendRng`]: the per-process, fork-aware nonce generator.
 //! * [`SecretKey`]: key bytes that zeroize on drop and cannot be printed.
+//! * [`secure`]: the key pool (no core dumps, mlock, wiped slots) and the stack wipe.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod envelope;
 pub mod provider;
 pub mod rng;
 pub mod secret;
+pub mod secure;
 pub mod wrap;
 
 pub use cache::{retry_delay, CacheEntry, CacheStats, ColdFailure, Degraded, Freshness, KeyCache, LoadError, TenantKeys, TenantRecord, WrappedDek};

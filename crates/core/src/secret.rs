@@ -8,42 +8,57 @@
 use rand_core::{CryptoRng, RngCore};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use crate::secure::SecureBox;
+
 /// Length of every symmetric key in the hierarchy (root, tenant key, data key): 256 bits.
 pub const KEY_LEN: usize = 32;
 
 /// A 256-bit symmetric key. Zeroized on drop; cannot be printed, cloned or serialized.
 pub struct SecretKey {
-    bytes: [u8; KEY_LEN],
+    bytes: SecureBox<[u8; KEY_LEN]>,
 }
 
 impl SecretKey {
     /// Takes ownership of `bytes` and zeroizes the caller's copy.
     pub fn from_bytes(bytes: &mut [u8; KEY_LEN]) -> Self {
-        let key = SecretKey { bytes: *bytes };
+        let key = SecretKey {
+            bytes: SecureBox::filled_with(|b| {
+                b.copy_from_slice(bytes);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .unwrap_or_else(|e| match e {}),
+        };
         bytes.zeroize();
         key
     }
 
     /// Copies a key out of a slice; `None` when the length is not [`KEY_LEN`].
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; KEY_LEN] = bytes.try_into().ok()?;
-        let mut arr = arr;
-        Some(Self::from_bytes(&mut arr))
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        let b = SecureBox::filled_with(|b| {
+            b.copy_from_slice(bytes);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|e| match e {});
+        Some(SecretKey { bytes: b })
     }
 
     /// A fresh key from the operating system's CSPRNG. Keys are generated rarely (a tenant,
     /// a rotation), so they always come straight from the OS, never from a user-space generator.
     pub fn generate() -> Result<Self, getrandom::Error> {
-        let mut bytes = [0u8; KEY_LEN];
-        getrandom::fill(&mut bytes)?;
-        Ok(Self::from_bytes(&mut bytes))
+        Ok(SecretKey { bytes: SecureBox::filled_with(|b| getrandom::fill(b))? })
     }
 
     /// A key from a caller-supplied CSPRNG (tests and deterministic fixtures).
     pub fn generate_with<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
-        let mut bytes = [0u8; KEY_LEN];
-        rng.fill_bytes(&mut bytes);
-        Self::from_bytes(&mut bytes)
+        let bytes = SecureBox::filled_with(|b| {
+            rng.fill_bytes(b);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|e| match e {});
+        SecretKey { bytes }
     }
 
     /// The raw bytes, for the AEAD and key-wrapping code in this crate and for providers.
@@ -54,6 +69,7 @@ impl SecretKey {
 
 impl Drop for SecretKey {
     fn drop(&mut self) {
+        // SecureBox wipes its slot too; this keeps the contract visible here.
         self.bytes.zeroize();
     }
 }
@@ -87,14 +103,18 @@ mod tests {
     }
 
     #[test]
-    fn drop_zeroizes_in_place() {
-        // Drop the key in place inside a MaybeUninit slot and look at the bytes it leaves behind.
-        let mut slot = std::mem::MaybeUninit::<SecretKey>::uninit();
-        slot.write(SecretKey::from_slice(&[0xAB; KEY_LEN]).unwrap());
-        unsafe {
-            std::ptr::drop_in_place(slot.as_mut_ptr());
-            let bytes = std::slice::from_raw_parts(slot.as_ptr() as *const u8, KEY_LEN);
-            assert!(bytes.iter().all(|&b| b == 0), "key bytes survived drop");
-        }
+    fn drop_zeroizes_the_pool_slot() {
+        let k = SecretKey::from_slice(&[0xAB; KEY_LEN]).unwrap();
+        let p = k.expose().as_ptr();
+        drop(k);
+        // The slot stays mapped (the pool never unmaps small slots): it must hold zeros.
+        let bytes = unsafe { std::slice::from_raw_parts(p, KEY_LEN) };
+        assert!(bytes.iter().all(|&b| b == 0), "key bytes survived drop");
+    }
+
+    #[test]
+    fn a_moved_key_leaves_no_copy_in_its_old_place() {
+        // Moving a SecretKey moves a pointer: the struct itself holds no key byte.
+        assert_eq!(std::mem::size_of::<SecretKey>(), std::mem::size_of::<usize>());
     }
 }

@@ -37,4 +37,6 @@ SELECT sqlstate_of($$SET envelope.key_cache_ttl = '10s'$$) AS app_sets_ttl;
 SELECT sqlstate_of($$SET envelope.local_root_key_file = '/tmp/mine'$$) AS app_sets_key_file;
 RESET ROLE;
 SELECT sqlstate_of($$SET envelope.local_root_key_file = '/tmp/mine'$$) AS superuser_sets_key_file;
-SELECT name, setting, unit, context FROM pg_settings WHERE name LIKE 'envelope.%' AND name <> 'envelope.local_root_key_file' ORDER BY name;
+SELECT name, CASE WHEN name IN ('envelope.local_root_key_file', 'envelope.credential_dirs', 'envelope.pkcs11_modules')
+                  THEN '(path)' ELSE setting END AS setting, unit, context
+  FROM pg_settings WHERE name LIKE 'envelope.%' ORDER BY name;

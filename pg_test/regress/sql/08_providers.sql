@@ -9,11 +9,26 @@ SELECT sqlstate_of($$SELECT envelope.add_key_provider('Bad-Name', 'local', '{}')
 SELECT sqlstate_of($$SELECT envelope.add_key_provider('gcp', 'gcp_kms', '{}')$$) AS unknown_kind;
 SELECT sqlstate_of($$SELECT envelope.add_key_provider('local', 'local', '{}')$$) AS duplicate;
 SELECT sqlstate_of($$SELECT envelope.add_key_provider('local2', 'local', '{"path":"/x"}')$$) AS local_with_options;
-SELECT envelope.add_key_provider('dev_bao', 'vault_transit', '{"url":"http://127.0.0.1:1","key":"pg-root","token_file":"/nonexistent/token","allow_insecure_http":true}') AS registered;
+-- Files named by options must resolve under envelope.credential_dirs (postgresql.conf).
+SELECT split_part(current_setting('envelope.credential_dirs'), ',', 1) AS creddir,
+       split_part(current_setting('envelope.credential_dirs'), ',', 1) || '/regress-token' AS tokenfile \gset
+COPY (SELECT 'not-a-real-token') TO :'tokenfile';
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"http://127.0.0.1:1","key":"k","token_file":"/etc/passwd","allow_insecure_http":true}')$$) AS token_file_outside;
+SELECT sqlstate_of(format($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"http://127.0.0.1:1","key":"k","token_file":"%s/../../../etc/passwd","allow_insecure_http":true}')$$, :'creddir')) AS dotdot_escape;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('bao', 'vault_transit', '{"url":"http://127.0.0.1:1","key":"k","token_file":"/nonexistent/token","allow_insecure_http":true}')$$) AS token_file_missing;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('hsm', 'pkcs11', '{"module":"/lib/x86_64-linux-gnu/libc.so.6","token_label":"t","key_label":"k","pin_file":"/etc/passwd"}')$$) AS module_not_listed;
+SELECT envelope.add_key_provider('dev_bao', 'vault_transit', format('{"url":"http://127.0.0.1:1","key":"pg-root","token_file":"%s/regress-token","allow_insecure_http":true}', :'creddir')::jsonb) AS registered;
 SELECT name, kind, options->>'url' AS url FROM envelope.key_providers ORDER BY name;
--- Not for PUBLIC.
+-- Not for PUBLIC, and registration is for superusers even with EXECUTE granted.
 SET ROLE regress_app;
 SELECT sqlstate_of($$SELECT envelope.add_key_provider('x', 'local', '{}')$$) AS app_adds_provider;
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION envelope.add_key_provider(text, text, jsonb) TO regress_app;
+SET ROLE regress_app;
+SELECT sqlstate_of($$SELECT envelope.add_key_provider('x', 'local', '{}')$$) AS key_admin_adds_provider;
+RESET ROLE;
+REVOKE EXECUTE ON FUNCTION envelope.add_key_provider(text, text, jsonb) FROM regress_app;
+SET ROLE regress_app;
 SELECT sqlstate_of($$SELECT envelope.verify_provider('local')$$) AS app_verifies;
 SELECT sqlstate_of($$SELECT envelope.rewrap_tenant('acme', 'local')$$) AS app_rewraps;
 SELECT sqlstate_of($$SELECT * FROM envelope.key_providers$$) AS app_reads_providers;
@@ -21,8 +36,13 @@ RESET ROLE;
 -- verify_provider: a full round trip and a key check, bound to the tenant.
 SELECT v->>'kind' AS kind, v->>'round_trip' AS round_trip, v->>'key_check' AS key_check, v->>'bound_to_tenant' AS bound
   FROM envelope.verify_provider('local') AS v;
--- A provider whose token file is missing fails clearly (55000), before any network call.
-SELECT sqlstate_of($$SELECT envelope.verify_provider('dev_bao')$$) AS missing_token_file;
+-- An unreachable provider fails clearly (58000).
+SELECT sqlstate_of($$SELECT envelope.verify_provider('dev_bao')$$) AS unreachable;
+-- A provider row edited by hand (or restored from a dump) gains nothing: checked at every use.
+BEGIN;
+UPDATE envelope.key_providers SET options = jsonb_set(options, '{token_file}', '"/etc/passwd"') WHERE name = 'dev_bao';
+SELECT sqlstate_of($$SELECT envelope.verify_provider('dev_bao')$$) AS edited_row;
+ROLLBACK;
 SELECT sqlstate_of($$SELECT envelope.verify_provider('nope')$$) AS unknown_provider;
 -- Re-wrapping moves a tenant without touching its data.
 SET app.tenant_id = 'acme';

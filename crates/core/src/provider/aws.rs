@@ -174,10 +174,10 @@ impl AwsKmsProvider {
             .map_err(|e| ProviderError::Misconfigured(format!("SigV4 parameters: {e}")))?
             .into();
         let url = format!("{}/", self.opts.endpoint);
-        let payload = body.to_string();
+        let payload = super::body_bytes(body);
         let amz_target = format!("TrentService.{target}");
         let headers = [("content-type", "application/x-amz-json-1.1"), ("x-amz-target", amz_target.as_str())];
-        let signable = SignableRequest::new("POST", &url, headers.iter().copied(), SignableBody::Bytes(payload.as_bytes()))
+        let signable = SignableRequest::new("POST", &url, headers.iter().copied(), SignableBody::Bytes(&payload))
             .map_err(|e| ProviderError::Misconfigured(format!("SigV4 request: {e}")))?;
         let (instructions, _signature) =
             sign(signable, &params).map_err(|e| ProviderError::Misconfigured(format!("SigV4 signing: {e}")))?.into_parts();
@@ -189,8 +189,10 @@ impl AwsKmsProvider {
             req = req.set(k, v);
         }
         let where_ = format!("{} {}", self.opts.endpoint, target);
-        match req.send_string(&payload) {
-            Ok(resp) => resp.into_json::<Value>().map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}"))),
+        let result = req.send_bytes(&payload);
+        drop(payload);
+        match result {
+            Ok(resp) => super::read_json_wiped(resp).map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}"))),
             Err(ureq::Error::Status(code, resp)) => {
                 let v = resp.into_json::<Value>().unwrap_or(Value::Null);
                 let kind = v["__type"].as_str().unwrap_or("").rsplit('#').next().unwrap_or("").to_string();
@@ -254,8 +256,10 @@ impl KeyProvider for AwsKmsProvider {
             return Err(ProviderError::UnwrapFailed);
         }
         let body = json!({ "KeyId": self.opts.key_id, "CiphertextBlob": B64.encode(wrapped), "EncryptionContext": Self::context(ctx) });
-        let v = self.call("Decrypt", body)?;
-        super::key_from_base64(v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?)
+        let mut v = self.call("Decrypt", body)?;
+        let key = v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed).and_then(super::key_from_base64);
+        super::wipe_json(&mut v);
+        key
     }
 }
 

@@ -9,6 +9,7 @@
 //! bytes, tokens or PINs; they are safe to show in an error message.
 
 pub mod local;
+pub mod policy;
 #[cfg(feature = "aws")]
 pub mod aws;
 #[cfg(feature = "pkcs11")]
@@ -29,6 +30,40 @@ pub(crate) fn key_from_base64(b64: &str) -> Result<SecretKey, ProviderError> {
     let key = SecretKey::from_slice(&raw).ok_or(ProviderError::UnwrapFailed);
     zeroize::Zeroize::zeroize(&mut raw);
     key
+}
+
+/// Reads a KMS answer (at most 1 MiB) into a buffer that is wiped after parsing. The answer to
+/// a decrypt carries the tenant key (in base64): with [`wipe_json`] on the parsed value, no copy
+/// made by this crate outlives the call. (The TLS library's own record buffers are out of reach;
+/// see docs/threat-model.md.)
+#[cfg(feature = "vault")]
+pub(crate) fn read_json_wiped(resp: ureq::Response) -> std::io::Result<serde_json::Value> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(4096);
+    let r = resp.into_reader().take(1 << 20).read_to_end(&mut buf);
+    let parsed = r.and_then(|_| serde_json::from_slice(&buf).map_err(std::io::Error::other));
+    zeroize::Zeroize::zeroize(&mut buf);
+    parsed
+}
+
+/// Overwrites every string in a JSON value (request bodies with a key, decrypt answers) before
+/// it is dropped.
+#[cfg(feature = "vault")]
+pub(crate) fn wipe_json(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => zeroize::Zeroize::zeroize(s),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(wipe_json),
+        serde_json::Value::Object(o) => o.values_mut().for_each(wipe_json),
+        _ => {}
+    }
+}
+
+/// Serializes a request body into a buffer the caller wipes after sending.
+#[cfg(feature = "vault")]
+pub(crate) fn body_bytes(mut body: serde_json::Value) -> zeroize::Zeroizing<Vec<u8>> {
+    let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&body).expect("JSON values serialize"));
+    wipe_json(&mut body);
+    bytes
 }
 
 /// What a tenant key is bound to when it is wrapped.

@@ -264,12 +264,13 @@ impl VaultTransitProvider {
         if let Some(ns) = &self.opts.namespace {
             req = req.set("X-Vault-Namespace", ns);
         }
-        let result = req.send_json(body);
+        let body = super::body_bytes(body);
+        let result = req.set("Content-Type", "application/json").send_bytes(&body);
+        drop(body);
         token.zeroize();
         let where_ = format!("{} {}/{}", self.opts.url, self.opts.mount, op);
         match result {
-            Ok(resp) => resp
-                .into_json::<Value>()
+            Ok(resp) => super::read_json_wiped(resp)
                 .map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}"))),
             Err(ureq::Error::Status(code, resp)) => {
                 // Vault's error strings carry no secrets; keep the first one, shortened.
@@ -329,11 +330,11 @@ impl KeyProvider for VaultTransitProvider {
             .filter(|s| s.starts_with("vault:v"))
             .ok_or(ProviderError::UnwrapFailed)?;
         let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id }.encode();
-        let v = self.post("decrypt", json!({ "ciphertext": ct, "associated_data": B64.encode(aad) }))?;
-        // Best effort: our copies are wiped; serde_json's and the HTTP buffer's are freed unwiped.
-        let b64 = ZeroizingString(v["data"]["plaintext"].as_str().ok_or(ProviderError::UnwrapFailed)?.to_string());
-        drop(v);
-        super::key_from_base64(&b64.0)
+        let mut v = self.post("decrypt", json!({ "ciphertext": ct, "associated_data": B64.encode(aad) }))?;
+        // The answer's body buffer was wiped after parsing; wipe the parsed strings too.
+        let key = v["data"]["plaintext"].as_str().ok_or(ProviderError::UnwrapFailed).and_then(super::key_from_base64);
+        super::wipe_json(&mut v);
+        key
     }
 }
 

@@ -1,0 +1,292 @@
+//! Where key material lives: a small pool of pages that are excluded from core dumps
+//! (`MADV_DONTDUMP`), locked in RAM where `RLIMIT_MEMLOCK` allows (`mlock`), and wiped when a
+//! value is dropped; and a stack wipe for the frames that built keys.
+//!
+//! Every value holding key bytes or an expanded key schedule ([`crate::SecretKey`], the
+//! per-DEK state of [`crate::DataKey`] and its derived AES-GCM keys) is a [`SecureBox`]: moving
+//! it moves a pointer, so no move leaves a copy of a key behind in the heap, and freeing a slot
+//! zeroes it. Building a key schedule still happens in stack frames (Rust returns values through
+//! the stack); those frames are wiped by [`wipe_stack`] after key work: the key-provider helper
+//! thread wipes its own stack before it exits (glibc caches thread stacks for reuse), and the
+//! SQL layer wipes the backend's stack at the end of every transaction that used keys.
+
+use std::alloc::Layout;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Size classes of pool slots (bytes); larger values get their own mapping.
+const CLASSES: [usize; 7] = [64, 128, 256, 512, 1024, 2048, 4096];
+/// Pages are mapped this many bytes at a time.
+const CHUNK: usize = 64 * 1024;
+
+struct Pool {
+    /// Current chunk being carved: (base, used bytes).
+    current: Option<(usize, usize)>,
+    free: [Vec<usize>; CLASSES.len()],
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { current: None, free: [const { Vec::new() }; CLASSES.len()] });
+
+static MAPPED_BYTES: AtomicU64 = AtomicU64::new(0);
+static LOCKED_BYTES: AtomicU64 = AtomicU64::new(0);
+static LIVE_VALUES: AtomicU64 = AtomicU64::new(0);
+
+/// Facts about the pool, for `envelope.status()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes mapped for key material (all excluded from core dumps).
+    pub mapped_bytes: u64,
+    /// Of those, bytes locked in RAM (`mlock`); less than mapped when RLIMIT_MEMLOCK is small.
+    pub locked_bytes: u64,
+    /// Key-holding values alive now.
+    pub live_values: u64,
+}
+
+pub fn pool_stats() -> PoolStats {
+    PoolStats {
+        mapped_bytes: MAPPED_BYTES.load(Ordering::Relaxed),
+        locked_bytes: LOCKED_BYTES.load(Ordering::Relaxed),
+        live_values: LIVE_VALUES.load(Ordering::Relaxed),
+    }
+}
+
+/// Maps `len` bytes (a multiple of the page size) for key material. Panics only if the
+/// operating system refuses anonymous memory altogether.
+fn map(len: usize) -> usize {
+    // SAFETY: an anonymous private mapping; the result is checked.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            panic!("pg_envelope: cannot map memory for key material");
+        }
+        // Never in a core dump. Best effort: on kernels without MADV_DONTDUMP it fails and the
+        // pages are still wiped on drop.
+        #[cfg(target_os = "linux")]
+        libc::madvise(p, len, libc::MADV_DONTDUMP);
+        // Never in swap, where RLIMIT_MEMLOCK allows; a clean fallback when it does not.
+        if libc::mlock(p, len) == 0 {
+            LOCKED_BYTES.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        MAPPED_BYTES.fetch_add(len as u64, Ordering::Relaxed);
+        p as usize
+    }
+}
+
+fn class_of(layout: Layout) -> Option<usize> {
+    let need = layout.size().max(layout.align()).max(1);
+    CLASSES.iter().position(|&c| c >= need)
+}
+
+fn page_round(n: usize) -> usize {
+    n.div_ceil(4096) * 4096
+}
+
+fn alloc(layout: Layout) -> NonNull<u8> {
+    let Some(class) = class_of(layout) else {
+        return NonNull::new(map(page_round(layout.size())) as *mut u8).expect("mapped");
+    };
+    let size = CLASSES[class];
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = pool.free[class].pop() {
+        return NonNull::new(p as *mut u8).expect("pool slot");
+    }
+    let (base, used) = match pool.current {
+        Some((base, used)) if used.next_multiple_of(size) + size <= CHUNK => (base, used.next_multiple_of(size)),
+        _ => (map(CHUNK), 0),
+    };
+    pool.current = Some((base, used + size));
+    NonNull::new((base + used) as *mut u8).expect("pool slot")
+}
+
+/// Returns a slot (already wiped by the caller) to the pool.
+fn free(p: NonNull<u8>, layout: Layout) {
+    match class_of(layout) {
+        Some(class) => {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            pool.free[class].push(p.as_ptr() as usize);
+        }
+        None => {
+            let len = page_round(layout.size());
+            // SAFETY: a mapping of exactly this length made by `map`.
+            unsafe { libc::munmap(p.as_ptr().cast(), len) };
+            MAPPED_BYTES.fetch_sub(len as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Overwrites `len` bytes at `p` with zeros in a way the compiler may not elide.
+fn wipe_bytes(p: *mut u8, len: usize) {
+    // SAFETY: callers pass a live allocation of at least `len` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(p, len) };
+    zeroize::Zeroize::zeroize(bytes);
+}
+
+/// A value in the key pool: never in a core dump, locked in RAM where allowed, wiped on drop,
+/// moved by pointer. Deliberately no `Debug`, `Clone` or `Display`.
+pub struct SecureBox<T> {
+    ptr: NonNull<T>,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: a SecureBox owns its T like a Box does.
+unsafe impl<T: Send> Send for SecureBox<T> {}
+unsafe impl<T: Sync> Sync for SecureBox<T> {}
+
+impl<T> SecureBox<T> {
+    /// Moves `value` into the pool. The caller's copy is whatever the compiler left in its
+    /// stack frame: wipe the stack after building keys ([`wipe_stack`]).
+    pub fn new(value: T) -> Self {
+        let layout = Layout::new::<T>();
+        let p = alloc(layout).cast::<T>();
+        // SAFETY: a fresh, suitably aligned slot of at least size_of::<T>() bytes.
+        unsafe { p.as_ptr().write(value) };
+        LIVE_VALUES.fetch_add(1, Ordering::Relaxed);
+        SecureBox { ptr: p, _owns: PhantomData }
+    }
+}
+
+impl<const N: usize> SecureBox<[u8; N]> {
+    /// A zeroed byte array filled in place by `fill`, so the bytes exist only in the pool.
+    pub fn filled_with<E>(fill: impl FnOnce(&mut [u8; N]) -> Result<(), E>) -> Result<Self, E> {
+        let mut b = SecureBox::new([0u8; N]);
+        fill(&mut b)?;
+        Ok(b)
+    }
+}
+
+impl<T> Deref for SecureBox<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: initialised in `new`, alive until drop.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> DerefMut for SecureBox<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as above; &mut self gives exclusive access.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T> Drop for SecureBox<T> {
+    fn drop(&mut self) {
+        let layout = Layout::new::<T>();
+        // SAFETY: the value is initialised and dropped exactly once; then its bytes are wiped
+        // (also whatever its own Drop did not zeroize: padding, plain fields) and the slot freed.
+        unsafe {
+            std::ptr::drop_in_place(self.ptr.as_ptr());
+            wipe_bytes(self.ptr.as_ptr().cast(), layout.size());
+        }
+        LIVE_VALUES.fetch_sub(1, Ordering::Relaxed);
+        free(self.ptr.cast(), layout);
+    }
+}
+
+/// Bytes [`wipe_stack`] clears below the caller's frame.
+pub const STACK_WIPE_BYTES: usize = 128 * 1024;
+
+/// Zeroes [`STACK_WIPE_BYTES`] of stack below the caller: the frames of functions it called
+/// before (key schedules built and returned by value, keys read from files or KMS answers) are
+/// overwritten. Like libsodium's `sodium_stackzero`. Call it from a frame at or above the ones
+/// that handled keys; costs a few microseconds.
+#[inline(never)]
+pub fn wipe_stack() {
+    wipe_stack_n::<STACK_WIPE_BYTES>();
+}
+
+#[inline(never)]
+fn wipe_stack_n<const N: usize>() {
+    let mut area = [0u8; N];
+    zeroize::Zeroize::zeroize(&mut area[..]);
+    std::hint::black_box(&mut area);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_and_slots_are_wiped_and_reused() {
+        let a = SecureBox::new([0xA5u8; 40]);
+        assert_eq!(a[0], 0xA5);
+        let p = &*a as *const [u8; 40] as usize;
+        drop(a);
+        // The freed slot holds zeros (it stays mapped: the pool never unmaps small slots).
+        let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, 40) };
+        assert!(bytes.iter().all(|&b| b == 0), "slot not wiped");
+        // And it is reused for the next value of the same class.
+        let b = SecureBox::new([1u8; 40]);
+        assert_eq!(&*b as *const [u8; 40] as usize, p);
+    }
+
+    #[test]
+    fn large_values_get_their_own_mapping() {
+        let before = pool_stats().mapped_bytes;
+        let big = SecureBox::new([7u8; 10_000]);
+        assert!(pool_stats().mapped_bytes >= before + 10_000);
+        assert_eq!(big[9_999], 7);
+        drop(big);
+    }
+
+    #[test]
+    fn pool_pages_are_excluded_from_core_dumps() {
+        let v = SecureBox::new([3u8; 64]);
+        let addr = &*v as *const [u8; 64] as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut in_region = false;
+        let mut found = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
+                        in_region = lo <= addr && addr < hi;
+                        continue;
+                    }
+                }
+            }
+            if in_region && line.starts_with("VmFlags:") {
+                found = Some(line.split_whitespace().any(|f| f == "dd"));
+            }
+        }
+        assert_eq!(found, Some(true), "pool page not marked MADV_DONTDUMP");
+    }
+
+    #[test]
+    fn filled_with_builds_in_place() {
+        let k = SecureBox::<[u8; 32]>::filled_with(|b| {
+            b.fill(9);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(*k, [9u8; 32]);
+    }
+
+    #[test]
+    fn stack_wipe_clears_a_dead_frame() {
+        #[inline(never)]
+        fn leave_secret() -> usize {
+            let mut secret = [0x5Au8; 256];
+            std::hint::black_box(&mut secret);
+            secret.as_ptr() as usize
+        }
+        let addr = leave_secret();
+        wipe_stack();
+        // The dead frame lies below this one, inside the wiped area.
+        let here = 0u8;
+        let here_addr = &here as *const u8 as usize;
+        assert!(addr < here_addr && here_addr - addr < STACK_WIPE_BYTES);
+        let bytes: Vec<u8> = (0..256).map(|i| unsafe { std::ptr::read_volatile((addr + i) as *const u8) }).collect();
+        assert!(!bytes.windows(8).any(|w| w.iter().all(|&b| b == 0x5A)), "the dead frame still holds the secret");
+    }
+}

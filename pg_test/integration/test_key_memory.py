@@ -1,0 +1,316 @@
+"""Key material in a backend's memory: what stays there, and what a core dump would carry away.
+
+Each test drives one backend through a scenario over a psycopg connection that stays open, then,
+while that backend idles, searches its address space (/proc/PID/mem) and a `gcore` dump of it
+for every key of the tenant involved (keyscan.py does the work; its docstring lists the forms):
+
+* the `local` root key (file named by `envelope.local_root_key_file`), the tenant key and each
+  data key (DEK), unwrapped here from envelope.tenants / envelope.data_keys exactly as
+  crates/core/src/wrap.rs does;
+* each DEK's XAES-256-GCM subkey K1 and the per-nonce-prefix keys derived from it, for the nonce
+  prefixes of the envelopes the backend wrote and read;
+* for every key: its raw bytes and its expanded AES-256 schedule (two windows of two adjacent
+  round keys, each of which inverts to the key, plus the VAES broadcast forms).
+
+What the scenarios require:
+
+* create_tenant: afterwards no trace of the root key, the new tenant key or DEK v1 anywhere in
+  the backend, nor in a dump;
+* a backend that encrypted and decrypted: the root key and tenant key are gone (wiped after
+  unwrapping, also from the key-provider helper thread's stack, which glibc keeps mapped after
+  the thread exits); no stand-alone copy of the raw DEK; the keys it must keep (DEK and derived
+  schedules, K1) live only in memory marked MADV_DONTDUMP (`dd` in /proc/PID/smaps); a gcore
+  dump (gdb honours MADV_DONTDUMP like the kernel's crash dumps) holds none of them;
+* after revoke_tenant and the next (refused, 42501) use, the backend holds no key at all.
+
+Controls: a canary planted in each backend (a session setting) must be found in memory and in
+the dump, and the cached keys must be found before they are expected to be gone, so an empty
+result means "not there", not "the scanner cannot see it".
+
+Needs root (ptrace access to another user's process) and gdb's `gcore`; skipped otherwise.
+Runs in the database `envelope_keymem` (recreated once per session), each scenario with its own
+tenant under a unique name.
+"""
+
+import os
+import shutil
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from conftest import APP_ROLE, PORT_A, as_tenant, connect, recreate_db
+
+try:
+    import keyscan
+except ImportError as e:  # the `cryptography` package
+    raise ImportError(f"test_key_memory.py needs the `cryptography` package in the test venv: {e}") from e
+
+DB = "envelope_keymem"
+HELPER_THREAD = "pg_envelope-kms"  # std::thread name given in src/backend.rs `interruptible`
+
+
+# -- fixtures and helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root_key_file():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: reading a postgres backend's /proc/PID/mem and gcore (ptrace) need it")
+    if shutil.which("gcore") is None:
+        pytest.skip("gcore is not installed (Debian package gdb)")
+    # A fresh database each session: the extension's SQL matches the build under test.
+    recreate_db(PORT_A, DB)
+    with connect(PORT_A) as c:
+        c.execute(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') "
+            f"THEN CREATE ROLE {APP_ROLE} LOGIN; END IF; END $$"
+        )
+    with connect(PORT_A, DB) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        path = c.execute("SHOW envelope.local_root_key_file").fetchone()[0]
+        pid = backend_pid(c)
+        try:
+            ours = open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"postgres")
+        except OSError:
+            ours = False
+        if not ours:
+            pytest.skip(f"backend {pid} is not a postgres process of this machine (server on another host or in another PID namespace)")
+    assert path, "envelope.local_root_key_file is not set on the project cluster"
+    return path
+
+
+def unique_tenant():
+    return f"keymem-{uuid.uuid4().hex[:12]}"
+
+
+def backend_pid(conn):
+    return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+def new_tenant(admin, grant_to=APP_ROLE):
+    tenant = unique_tenant()
+    admin.execute("SELECT envelope.create_tenant(%s)", (tenant,))
+    admin.execute("SELECT envelope.grant_tenant(%s, %s)", (tenant, grant_to))
+    return tenant
+
+
+def encrypt_in_another_backend(tenant, plaintext):
+    """An envelope written by a different backend: another random nonce prefix, so the scanned
+    backend has to derive (and cache) a second XAES key to decrypt it."""
+    with connect(PORT_A, DB, user=APP_ROLE) as other:
+        with as_tenant(other, tenant):
+            return bytes(other.execute("SELECT envelope.encrypt_field(%s)", (plaintext,)).fetchone()[0])
+
+
+def encrypt_then_decrypt(conn, tenant, foreign_envelope, foreign_plaintext):
+    """In the scanned backend: encrypt a value, decrypt it and the other backend's value."""
+    secret = f"secret-{uuid.uuid4().hex}"
+    with as_tenant(conn, tenant):
+        env = bytes(conn.execute("SELECT envelope.encrypt_field(%s)", (secret,)).fetchone()[0])
+        assert conn.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,)).fetchone()[0] == secret
+        got = conn.execute("SELECT envelope.decrypt_field(%s::bytea)", (foreign_envelope,)).fetchone()[0]
+        assert got == foreign_plaintext
+    return env
+
+
+def plant_canary(conn):
+    """Positive control: a random string the backend keeps (a session setting, in its heap)."""
+    value = f"keyscan-canary-{uuid.uuid4().hex}"
+    conn.execute("SELECT set_config('keymem.canary', %s, false)", (value,))
+    return keyscan.control_pattern(value.encode(), "control canary (session setting)")
+
+
+def wait_for_helper_exit(pid, timeout=5.0):
+    """The key-provider helper thread ends on its own after handing over its result; give it a
+    moment. Returns the backend's threads as (tid, comm, stack pointer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        threads = keyscan.read_threads(pid)
+        if not any(comm == HELPER_THREAD for _, comm, _ in threads) or time.monotonic() > deadline:
+            return threads
+        time.sleep(0.05)
+
+
+def is_control(h):
+    return h.key == "control"
+
+
+def is_root_or_tenant_key(h):
+    return h.key in ("root", "tenant key")
+
+
+def is_dek_material(h):
+    """A DEK, its K1, or a key derived from it, in any form."""
+    return h.key.startswith("dek v")
+
+
+def is_standalone_raw_dek(h):
+    # A DEK's raw bytes outside an expanded schedule (form "raw"; the first 32 bytes of a live
+    # schedule are reported as form schedule[0:32]).
+    return h.key.startswith("dek v") and " derived " not in h.key and h.form == "raw"
+
+
+def is_stack(h):
+    return h.region.startswith(("stack", "thread-stack"))
+
+
+def report(title, hits, stats):
+    text = keyscan.format_hits(hits, title, stats)
+    print(text)
+    return text
+
+
+def threads_text(threads):
+    return ", ".join(f"{tid} {comm!r}" for tid, comm, _ in threads)
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+
+def test_create_tenant_leaves_no_key_in_memory(root_key_file):
+    tenant = unique_tenant()
+    with connect(PORT_A, DB) as be, connect(PORT_A, DB) as admin:
+        pid = backend_pid(be)
+        tenant_key_id = be.execute("SELECT envelope.create_tenant(%s)", (tenant,)).fetchone()[0]
+        canary = plant_canary(be)
+        threads = wait_for_helper_exit(pid)
+
+        keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+        assert keys.tenant_key_id == tenant_key_id and list(keys.deks) == [1]
+        patterns = keys.patterns() + [canary]
+        print(f"\nbackend {pid} ran create_tenant({tenant!r}); threads now: {threads_text(threads)}")
+        print(keys.describe())
+        mem_stats, core_stats = {}, {}
+        mem = keyscan.scan_proc_mem(pid, patterns, mem_stats)
+        mem_text = report(f"/proc/{pid}/mem after create_tenant", mem, mem_stats)
+        core = keyscan.scan_core(pid, patterns, core_stats)
+        core_text = report(f"gcore {pid} after create_tenant", core, core_stats)
+
+    problems = []
+    if not any(is_control(h) for h in mem):
+        problems.append("control: the canary was not found in /proc/PID/mem: the scan is broken")
+    if not any(is_control(h) for h in core):
+        problems.append("control: the canary was not found in the gcore dump: the dump or its scan is broken")
+    if any(comm == HELPER_THREAD for _, comm, _ in threads):
+        problems.append(f"the key-provider helper thread is still running: {threads_text(threads)}")
+    leaked = [h for h in mem if not is_control(h)]
+    if leaked:
+        problems.append("key material left in the backend after create_tenant (root key, tenant key or DEK v1):\n"
+                        + keyscan.format_hits(leaked, "leaked in memory"))
+    leaked = [h for h in core if not is_control(h)]
+    if leaked:
+        problems.append("key material in a gcore dump after create_tenant:\n" + keyscan.format_hits(leaked, "leaked in the dump"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + mem_text + "\n\n" + core_text
+
+
+def test_decrypting_backend_dumps_no_key(root_key_file):
+    with connect(PORT_A, DB) as admin:
+        tenant = new_tenant(admin)
+    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
+    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+
+    with connect(PORT_A, DB, user=APP_ROLE) as be, connect(PORT_A, DB) as admin:
+        pid = backend_pid(be)
+        own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
+        canary = plant_canary(be)
+        threads = wait_for_helper_exit(pid)
+
+        keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+        own_prefix, foreign_prefix = keyscan.envelope_prefix(own), keyscan.envelope_prefix(foreign)
+        active = keyscan.envelope_dek_version(own)
+        patterns = keys.patterns([own_prefix, foreign_prefix]) + [canary]
+        print(f"\nbackend {pid} ({APP_ROLE}) encrypted and decrypted for {tenant!r}; own prefix {own_prefix.hex()}, "
+              f"other backend's prefix {foreign_prefix.hex()}; threads now: {threads_text(threads)}")
+        print(keys.describe())
+        mem_stats, core_stats = {}, {}
+        mem = keyscan.scan_proc_mem(pid, patterns, mem_stats)
+        mem_text = report(f"/proc/{pid}/mem of a decrypting backend", mem, mem_stats)
+        core = keyscan.scan_core(pid, patterns, core_stats)
+        core_text = report(f"gcore {pid} of a decrypting backend", core, core_stats)
+
+    problems = []
+    # Controls: the scan sees this backend, and it sees the keys the backend must still hold
+    # (otherwise "only in dd memory" below would hold vacuously).
+    if not any(is_control(h) for h in mem):
+        problems.append("control: the canary was not found in /proc/PID/mem: the scan is broken")
+    if not any(is_control(h) for h in core):
+        problems.append("control: the canary was not found in the gcore dump: the dump or its scan is broken")
+    cached = {h.key for h in mem if is_dek_material(h) and h.form != "raw"}
+    expected = {f"dek v{active}", f"dek v{active} derived {own_prefix.hex()}"}
+    if not expected <= cached:
+        problems.append(
+            f"control: the cached keys {sorted(expected - cached)} were not found at all in /proc/PID/mem although "
+            "the backend holds them: the patterns do not match this build's key representation (AES-NI round "
+            "keys expected), or the keys live where /proc/PID/mem cannot read (memfd_secret?); the dd-only check "
+            "below would be vacuous"
+        )
+
+    if any(comm == HELPER_THREAD for _, comm, _ in threads):
+        problems.append(f"the key-provider helper thread has not exited: {threads_text(threads)}")
+    on_stacks = [h for h in mem if h.key == "root" and is_stack(h)]
+    if on_stacks:
+        problems.append("the root key is on a thread stack (the helper thread's stack stays mapped in glibc's "
+                        "stack cache after the thread exits):\n" + keyscan.format_hits(on_stacks, "root key on stacks"))
+    root_tenant = [h for h in mem if is_root_or_tenant_key(h)]
+    if root_tenant:
+        problems.append("the root key or the tenant key survived the unwrap (raw or as a schedule):\n"
+                        + keyscan.format_hits(root_tenant, "root / tenant key in memory"))
+    raw_dek = [h for h in mem if is_standalone_raw_dek(h)]
+    if raw_dek:
+        problems.append("stand-alone copies of the raw DEK (outside any key schedule):\n"
+                        + keyscan.format_hits(raw_dek, "raw DEK in memory"))
+    dumpable = [h for h in mem if is_dek_material(h) and not is_standalone_raw_dek(h) and not h.dd]
+    if dumpable:
+        problems.append("DEK / derived-key schedules or K1 in memory NOT marked MADV_DONTDUMP:\n"
+                        + keyscan.format_hits(dumpable, "dumpable key material"))
+    in_core = [h for h in core if not is_control(h)]
+    if in_core:
+        problems.append("key material in the gcore dump:\n" + keyscan.format_hits(in_core, "key material in the dump"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + mem_text + "\n\n" + core_text
+
+
+def test_revoked_backend_holds_no_key(root_key_file):
+    with connect(PORT_A, DB) as admin:
+        tenant = new_tenant(admin)
+    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
+    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+
+    with connect(PORT_A, DB, user=APP_ROLE) as be, connect(PORT_A, DB) as admin:
+        pid = backend_pid(be)
+        own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
+        wait_for_helper_exit(pid)
+        keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+        own_prefix, foreign_prefix = keyscan.envelope_prefix(own), keyscan.envelope_prefix(foreign)
+        active = keyscan.envelope_dek_version(own)
+        patterns = keys.patterns([own_prefix, foreign_prefix])
+        print(f"\nbackend {pid} ({APP_ROLE}) encrypted and decrypted for {tenant!r}")
+        print(keys.describe())
+        before_stats = {}
+        before = keyscan.scan_proc_mem(pid, patterns, before_stats)
+        before_text = report(f"/proc/{pid}/mem before revocation", before, before_stats)
+
+        # Revoke from another session (autocommit: committed at once), then use the key again.
+        assert admin.execute("SELECT envelope.revoke_tenant(%s, %s)", (tenant, APP_ROLE)).fetchone()[0] is True
+        with pytest.raises(psycopg.Error) as err:
+            with as_tenant(be, tenant):
+                be.execute("SELECT envelope.decrypt_field(%s::bytea)", (own,))
+        assert err.value.sqlstate == "42501", f"expected 42501 after revocation, got {err.value.sqlstate}: {err.value}"
+
+        canary = plant_canary(be)
+        after_stats = {}
+        after = keyscan.scan_proc_mem(pid, patterns + [canary], after_stats)
+        after_text = report(f"/proc/{pid}/mem after revocation and a refused decrypt", after, after_stats)
+
+    problems = []
+    if not any(h.key == f"dek v{active}" and h.form != "raw" for h in before):
+        problems.append("control: the cached DEK was not found before revocation, so its absence afterwards "
+                        "proves nothing (patterns do not match this build's key representation?)")
+    if not any(is_control(h) for h in after):
+        problems.append("control: the canary was not found after revocation: the scan is broken")
+    left = [h for h in after if not is_control(h)]
+    if left:
+        problems.append("key material left in the backend after revocation (DEK, derived key, K1, tenant key or root "
+                        "key; dd or not):\n" + keyscan.format_hits(left, "left after revocation"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text

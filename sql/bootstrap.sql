@@ -1,0 +1,61 @@
+-- pg_envelope bootstrap: the key tables. Runs first in CREATE EXTENSION.
+-- Tenant key ids are the "tenant key id" in every envelope header: never reused.
+CREATE SEQUENCE tenant_id_seq AS integer MINVALUE 1 NO CYCLE;
+
+CREATE TABLE key_providers (
+    name        text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    kind        text NOT NULL CHECK (kind IN ('local', 'vault_transit', 'aws_kms', 'pkcs11')),
+    options     jsonb NOT NULL DEFAULT '{}'::jsonb,
+    builtin     boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE key_providers IS 'Root-of-trust providers. Options never hold secrets: credentials are file paths.';
+INSERT INTO key_providers (name, kind, builtin) VALUES ('local', 'local', true);
+
+CREATE TABLE tenants (
+    id          integer PRIMARY KEY,
+    name        text NOT NULL UNIQUE CHECK (octet_length(name) BETWEEN 1 AND 255),
+    provider    text NOT NULL REFERENCES key_providers (name),
+    wrapped_key bytea NOT NULL,
+    key_check   bytea NOT NULL CHECK (octet_length(key_check) = 32),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON COLUMN tenants.key_check IS 'HMAC-SHA-256 check value of the tenant key: a provider that returns another key fails closed.';
+COMMENT ON TABLE tenants IS 'One tenant key (KEK) per tenant, wrapped by its provider''s root key.';
+
+CREATE TABLE data_keys (
+    tenant_id   integer NOT NULL REFERENCES tenants (id),
+    version     integer NOT NULL CHECK (version > 0),
+    wrapped_key bytea NOT NULL,
+    state       text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'retired', 'revoked')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, version)
+);
+CREATE UNIQUE INDEX data_keys_one_active ON data_keys (tenant_id) WHERE state = 'active';
+COMMENT ON TABLE data_keys IS 'Data keys (DEKs), versioned, each wrapped by its tenant key.';
+
+CREATE TABLE tenant_grants (
+    tenant_id   integer NOT NULL REFERENCES tenants (id),
+    grantee     regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, grantee)
+);
+COMMENT ON TABLE tenant_grants IS 'Roles allowed to use a tenant''s keys (members of these roles too; superusers are not exempt).';
+
+-- Key tables travel with pg_dump: a restore needs no key server, and the restored database
+-- decrypts with the same root key.
+SELECT pg_catalog.pg_extension_config_dump('key_providers', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('tenants', '');
+SELECT pg_catalog.pg_extension_config_dump('data_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('tenant_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('tenant_id_seq', '');
+
+-- One SELECT privilege per role that holds tenant grants in this database: a shared dependency,
+-- so DROP ROLE refuses while the role has grants, and a grant whose role lost it (DROP OWNED BY)
+-- never counts again, nor after a dump and restore where a bare role OID could name another role.
+-- The table has no columns and no rows; the privilege is its only purpose.
+CREATE TABLE grant_anchor ();
+COMMENT ON TABLE grant_anchor IS 'Holds SELECT for each role with tenant grants (pg_envelope): ties grants to roles through pg_shdepend.';
+
+REVOKE ALL ON key_providers, tenants, data_keys, tenant_grants, grant_anchor FROM PUBLIC;
+REVOKE ALL ON SEQUENCE tenant_id_seq FROM PUBLIC;
