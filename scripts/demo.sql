@@ -12,6 +12,7 @@ CREATE EXTENSION IF NOT EXISTS pg_envelope;
 -- The application role. It may use only the tenants it is granted.
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'demo_app') THEN CREATE ROLE demo_app NOLOGIN; END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'demo_acme_only') THEN CREATE ROLE demo_acme_only NOLOGIN; END IF;
 END $$;
 
 -- DBA, once: two tenants, each with its own tenant key (wrapped by the local root key) and DEK.
@@ -19,13 +20,15 @@ END $$;
 SELECT envelope.create_tenant('acme', provider => :'provider') > 0 AS acme_created,
        envelope.create_tenant('globex', provider => :'provider') > 0 AS globex_created;
 SELECT envelope.grant_tenant('acme', 'demo_app') IS NOT NULL AS granted_acme,
-       envelope.grant_tenant('globex', 'demo_app') IS NOT NULL AS granted_globex;
+       envelope.grant_tenant('globex', 'demo_app') IS NOT NULL AS granted_globex,
+       envelope.grant_tenant('acme', 'demo_acme_only') IS NOT NULL AS granted_acme_only;
 
--- The schema: the tenant column defaults from the same setting the RLS policy reads.
+-- The schema: policies and the tenant column's default read envelope.authorized_tenant() (the
+-- setting, only if the role holds that tenant), never the raw setting anyone can SET.
 DROP TABLE IF EXISTS users;
 CREATE TABLE users (
   id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  tenant text NOT NULL DEFAULT current_setting('app.tenant_id'),
+  tenant text NOT NULL DEFAULT envelope.authorized_tenant(),
   email  envelope.encrypted_text,
   ssn    envelope.encrypted_text,
   salary envelope.encrypted_numeric
@@ -33,9 +36,11 @@ CREATE TABLE users (
 ALTER TABLE users ENABLE ROW LEVEL SECURITY;
 ALTER TABLE users FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON users
-  USING (tenant = current_setting('app.tenant_id'))
-  WITH CHECK (tenant = current_setting('app.tenant_id'));
-GRANT SELECT, INSERT, UPDATE, DELETE ON users TO demo_app;
+  USING (tenant = envelope.authorized_tenant())
+  WITH CHECK (tenant = envelope.authorized_tenant()
+              AND envelope.belongs_to(email, tenant) AND envelope.belongs_to(ssn, tenant)
+              AND envelope.belongs_to(salary, tenant));
+GRANT SELECT, INSERT, UPDATE, DELETE ON users TO demo_app, demo_acme_only;
 
 \echo
 \echo '== The application writes as each tenant (SET LOCAL per transaction, as a pooled connection would)'
@@ -59,6 +64,14 @@ BEGIN;
 SET LOCAL ROLE demo_app;
 SET LOCAL app.tenant_id = 'acme';
 SELECT id, email::text AS email, ssn::text AS ssn, salary::numeric AS salary FROM users ORDER BY id;
+COMMIT;
+
+\echo '== A role granted only acme names globex: no tenant, no rows, no writes'
+BEGIN;
+SET LOCAL ROLE demo_acme_only;
+SET LOCAL app.tenant_id = 'globex';
+SELECT envelope.authorized_tenant() AS authorized_tenant, count(*) AS globex_rows_seen FROM users;
+UPDATE users SET ssn = NULL;
 COMMIT;
 
 \echo '== A plaintext literal never enters an encrypted column'

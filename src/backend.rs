@@ -267,11 +267,10 @@ pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) 
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
         let h = std::thread::Builder::new().name("pg_envelope-kms".into()).spawn(move || {
-            let r = f();
-            // Key bytes and schedules passed through this thread's frames (root key file,
-            // KMS answers, unwrapping); glibc keeps exited threads' stacks for reuse, so wipe
-            // them before leaving. What `r` holds lives in the key pool (pointers only here).
-            pg_envelope_core::secure::wipe_stack();
+            // Key bytes and schedules pass through this thread's frames (root key file, KMS
+            // answers, unwrapping); glibc keeps exited threads' stacks for reuse, so they are
+            // wiped before the thread leaves. What `r` holds lives in the key pool (pointers here).
+            let r = pg_envelope_core::secure::run_then_wipe(f);
             let _ = tx.send(r);
         });
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());

@@ -216,6 +216,41 @@ mod tests {
         assert_eq!(&send[..2], &[pg_envelope_core::envelope::CURRENT_VERSION, 1]);
     }
 
+    /// Who holds a grant follows PostgreSQL's rule for privileges (inheriting memberships only)
+    /// without its superuser shortcut; on 16+ that also excludes the implicit
+    /// `INHERIT FALSE, SET FALSE` membership a CREATEROLE role gets in roles it creates.
+    #[pg_test]
+    fn grants_follow_the_privilege_rule_of_postgres() {
+        setup_tenant("pgt_priv");
+        Spi::run(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgt_holder') THEN CREATE ROLE pgt_holder NOLOGIN; END IF;
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgt_inherit') THEN CREATE ROLE pgt_inherit NOLOGIN IN ROLE pgt_holder; END IF;
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgt_noinherit') THEN CREATE ROLE pgt_noinherit NOLOGIN NOINHERIT IN ROLE pgt_holder; END IF;
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgt_creator') THEN CREATE ROLE pgt_creator NOLOGIN CREATEROLE; END IF;
+             END $$",
+        )
+        .unwrap();
+        Spi::run("SET LOCAL ROLE pgt_creator").unwrap();
+        Spi::run("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgt_created') THEN CREATE ROLE pgt_created NOLOGIN; END IF; END $$").unwrap();
+        Spi::run("RESET ROLE").unwrap();
+        Spi::run("SELECT envelope.grant_tenant('pgt_priv', 'pgt_holder'), envelope.grant_tenant('pgt_priv', 'pgt_created')").unwrap();
+        Spi::run("SET LOCAL app.tenant_id = 'pgt_priv'").unwrap();
+        let can_encrypt = |role: &str| -> bool {
+            Spi::run(&format!("SET LOCAL ROLE {role}")).unwrap();
+            let ok = PgTryBuilder::new(|| Spi::run("SELECT envelope.encrypt_field('x')").is_ok())
+                .catch_others(|_| false)
+                .execute();
+            Spi::run("RESET ROLE").unwrap();
+            ok
+        };
+        assert!(can_encrypt("pgt_holder"), "the granted role");
+        assert!(can_encrypt("pgt_created"), "another granted role");
+        assert!(can_encrypt("pgt_inherit"), "an inheriting member");
+        assert!(!can_encrypt("pgt_noinherit"), "a NOINHERIT member must SET ROLE first");
+        assert!(!can_encrypt("pgt_creator"), "CREATEROLE's implicit membership (16+) does not inherit");
+    }
+
     #[pg_test]
     fn nonce_generator_is_seeded_in_the_backend_not_the_postmaster() {
         setup_tenant("pgt_seed");

@@ -82,6 +82,7 @@ pub fn status_json() -> Result<Value> {
     let tenant = backend::current_tenant().ok();
     Ok(backend::with_backend(|b| {
         let s = b.cache.stats();
+        let pool = pg_envelope_core::secure::pool_stats();
         json!({
             "extension_version": env!("CARGO_PKG_VERSION"),
             "preloaded": PRELOADED.load(std::sync::atomic::Ordering::Relaxed),
@@ -101,6 +102,13 @@ pub fn status_json() -> Result<Value> {
                 "cached_tenants": b.cache.len(),
                 "degraded_tenants": b.cache.degraded_count(),
                 "nonce_rng_seeds": backend::rng_seed_count(),
+                "key_pool": {
+                    // Key material lives in these pages: never in a core dump; locked in RAM
+                    // where RLIMIT_MEMLOCK allows (locked < mapped means part may be swapped).
+                    "mapped_bytes": pool.mapped_bytes,
+                    "locked_bytes": pool.locked_bytes,
+                    "live_values": pool.live_values,
+                },
             },
             "cache": cache,
         })

@@ -143,7 +143,7 @@ def source_db(canary):
             """
             CREATE TABLE users (
               id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-              tenant text NOT NULL DEFAULT current_setting('app.tenant_id'),
+              tenant text NOT NULL DEFAULT envelope.authorized_tenant(),
               email  envelope.encrypted_text,
               profile envelope.encrypted_jsonb,
               balance envelope.encrypted_numeric
@@ -151,8 +151,8 @@ def source_db(canary):
             ALTER TABLE users ENABLE ROW LEVEL SECURITY;
             ALTER TABLE users FORCE ROW LEVEL SECURITY;
             CREATE POLICY tenant_isolation ON users
-              USING (tenant = current_setting('app.tenant_id'))
-              WITH CHECK (tenant = current_setting('app.tenant_id'));
+              USING (tenant = envelope.authorized_tenant())
+              WITH CHECK (tenant = envelope.authorized_tenant() AND envelope.belongs_to(email, tenant));
             GRANT SELECT, INSERT, UPDATE, DELETE ON users TO integ_app;
             CREATE TABLE scratch (id serial PRIMARY KEY, env bytea);
             GRANT SELECT, INSERT ON scratch TO integ_app;

@@ -193,6 +193,19 @@ impl<T> Drop for SecureBox<T> {
     }
 }
 
+/// Runs `f` in a frame of its own, then wipes the stack below the caller (and the vector
+/// registers). `f` must not be inlined into the caller: its locals (a key schedule built by value,
+/// a key read from a file) would then live in the caller's frame, above the wiped area.
+pub fn run_then_wipe<R>(f: impl FnOnce() -> R) -> R {
+    #[inline(never)]
+    fn call<R>(f: impl FnOnce() -> R) -> R {
+        std::hint::black_box(f())
+    }
+    let r = call(f);
+    wipe_stack();
+    r
+}
+
 /// Bytes [`wipe_stack`] clears below the caller's frame.
 pub const STACK_WIPE_BYTES: usize = 128 * 1024;
 
@@ -203,6 +216,31 @@ pub const STACK_WIPE_BYTES: usize = 128 * 1024;
 #[inline(never)]
 pub fn wipe_stack() {
     wipe_stack_n::<STACK_WIPE_BYTES>();
+    wipe_vector_registers();
+}
+
+/// Zeroes the SIMD registers of the calling thread. AES-NI and CLMUL code keeps round keys and
+/// the GHASH key in them, and nothing else may overwrite all of them for a long time (an idle
+/// backend's registers end up in a core dump's thread notes). The registers are caller-saved in
+/// the C ABI, so declaring them clobbered is all the compiler needs.
+#[inline(never)]
+pub fn wipe_vector_registers() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only clobbers caller-saved registers, declared as such.
+    unsafe {
+        if std::arch::is_x86_feature_detected!("avx") {
+            std::arch::asm!("vzeroall", clobber_abi("C"), options(nostack, preserves_flags));
+        } else {
+            std::arch::asm!(
+                "xorps xmm0, xmm0", "xorps xmm1, xmm1", "xorps xmm2, xmm2", "xorps xmm3, xmm3",
+                "xorps xmm4, xmm4", "xorps xmm5, xmm5", "xorps xmm6, xmm6", "xorps xmm7, xmm7",
+                "xorps xmm8, xmm8", "xorps xmm9, xmm9", "xorps xmm10, xmm10", "xorps xmm11, xmm11",
+                "xorps xmm12, xmm12", "xorps xmm13, xmm13", "xorps xmm14, xmm14", "xorps xmm15, xmm15",
+                clobber_abi("C"),
+                options(nostack, preserves_flags)
+            );
+        }
+    }
 }
 
 #[inline(never)]

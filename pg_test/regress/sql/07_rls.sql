@@ -8,15 +8,15 @@ END $$;
 SELECT envelope.grant_tenant('acme', 'regress_tenant_app') AND envelope.grant_tenant('globex', 'regress_tenant_app') AS granted;
 CREATE TABLE users (
   id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  tenant text NOT NULL DEFAULT current_setting('app.tenant_id'),
+  tenant text NOT NULL DEFAULT envelope.authorized_tenant(),
   email  envelope.encrypted_text,
   ssn    envelope.encrypted_text
 );
 ALTER TABLE users ENABLE ROW LEVEL SECURITY;
 ALTER TABLE users FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON users
-  USING (tenant = current_setting('app.tenant_id'))
-  WITH CHECK (tenant = current_setting('app.tenant_id'));
+  USING (tenant = envelope.authorized_tenant())
+  WITH CHECK (tenant = envelope.authorized_tenant() AND envelope.belongs_to(email, tenant) AND envelope.belongs_to(ssn, tenant));
 GRANT SELECT, INSERT, UPDATE, DELETE ON users TO regress_tenant_app, regress_auditor;
 
 SET ROLE regress_tenant_app;

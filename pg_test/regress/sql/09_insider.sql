@@ -168,3 +168,51 @@ RESET ALL;
 DROP TABLE rr_secrets, accounts, stolen, sro;
 DROP FUNCTION public.dec_wrap(envelope.encrypted_text), public.dec_imm(envelope.encrypted_text), public.audit_trg();
 REVOKE regress_app FROM regress_noinherit;
+
+-- More insider angles: cached plans across SET ROLE / SET SESSION AUTHORIZATION, a table owner
+-- without a grant, role names that need quoting, honest markers, maintenance without a tenant.
+CREATE TABLE more (id int PRIMARY KEY, env bytea, email envelope.encrypted_text);
+GRANT SELECT ON more TO PUBLIC;
+SET app.tenant_id = 'ins_a';
+INSERT INTO more VALUES (1, envelope.encrypt_field('prepared'), 'owner@a.test'::text);
+SET ROLE regress_app;
+PREPARE dec AS SELECT envelope.decrypt_field(env) FROM more;
+EXECUTE dec;
+RESET ROLE;
+SET ROLE regress_other;
+SELECT sqlstate_of('EXECUTE dec') AS prepared_after_set_role;
+RESET ROLE;
+SET SESSION AUTHORIZATION regress_other;
+SELECT sqlstate_of('EXECUTE dec') AS prepared_after_session_authorization;
+RESET SESSION AUTHORIZATION;
+DEALLOCATE dec;
+-- The owner of a table holds no key by owning it.
+ALTER TABLE more OWNER TO regress_other;
+SET ROLE regress_other;
+SELECT sqlstate_of($$SELECT email::text FROM more$$) AS owner_without_grant;
+RESET ROLE;
+ALTER TABLE more OWNER TO CURRENT_USER;
+-- Role names are quoted wherever pg_envelope builds SQL with them.
+DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'Regress Odd"Name') THEN CREATE ROLE "Regress Odd""Name" NOLOGIN; END IF; END $$;
+SELECT envelope.grant_tenant('ins_a', 'Regress Odd"Name') AS odd_granted;
+SELECT has_table_privilege('Regress Odd"Name', 'envelope.grant_anchor', 'SELECT') AS odd_anchor;
+SET ROLE "Regress Odd""Name";
+SELECT envelope.decrypt_field(env) AS odd_reads FROM more;
+RESET ROLE;
+SELECT envelope.revoke_tenant('ins_a', 'Regress Odd"Name') AS odd_revoked;
+DROP ROLE "Regress Odd""Name";
+-- Honest markers: nothing of pg_envelope is LEAKPROOF yet (decryption must never be), and the one
+-- SECURITY DEFINER function pins its search_path.
+SELECT count(*) AS leakproof_functions FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'envelope' AND p.proleakproof;
+SELECT p.oid::regprocedure AS secdef, p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'envelope' AND p.prosecdef;
+-- Maintenance needs no tenant and no key: VACUUM, ANALYZE, REINDEX, CLUSTER.
+RESET app.tenant_id;
+CREATE INDEX more_id ON more (id);
+SELECT sqlstate_of('VACUUM (ANALYZE) more') AS vacuum_analyze, sqlstate_of('REINDEX TABLE more') AS reindex,
+       sqlstate_of('CLUSTER more USING more_id') AS cluster, sqlstate_of('VACUUM FULL more') AS vacuum_full;
+SET app.tenant_id = 'ins_a';
+SELECT envelope.decrypt_field(env) AS after_maintenance, email::text FROM more;
+RESET app.tenant_id;
+DROP TABLE more;

@@ -1,0 +1,163 @@
+"""Upgrade from the installed release: 0.1.0, built from its commit, writes data; the current build
+replaces the library, `ALTER EXTENSION pg_envelope UPDATE` runs, and everything 0.1.0 wrote still
+decrypts, re-encrypts and moves between root keys, with the grants it had. The updated schema is
+the same as a fresh install's.
+
+The test runs its own cluster (127.0.0.1:54317). The library file is shared by every cluster of
+this PostgreSQL installation, so the old one is swapped in by write-new-then-rename (running
+backends of other clusters keep their mapping) and the current build is always put back.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, STATE, connect, sh
+
+PORT = 54317
+INSTANCE = "pg15-upgrade"
+PREVIOUS = "0.1.0"
+LIBDIR = Path(subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--pkglibdir"], capture_output=True, text=True).stdout.strip())
+SHAREDIR = Path(subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True, text=True).stdout.strip())
+CURRENT_STAGE = ROOT / "target/release/pg_envelope-pg15"
+
+
+def swap_library(so: Path):
+    """Installs `so` as pg_envelope.so by write-new-then-rename."""
+    dest = LIBDIR / "pg_envelope.so"
+    tmp = LIBDIR / "pg_envelope.so.pge-new"
+    shutil.copyfile(so, tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, dest)
+
+
+def cluster(cmd):
+    env = {"PGE_INSTANCE": INSTANCE, "PGE_PORT": str(PORT)}
+    return sh("bash", str(ROOT / "scripts/cluster.sh"), cmd, env=env)
+
+
+def schema_of(db):
+    """The extension's objects as pg_dump sees them, normalised for comparison."""
+    out = sh("/usr/lib/postgresql/15/bin/pg_dump", "-h", str(STATE / "run"), "-p", str(PORT), "-U", "postgres",
+             "--schema-only", "--no-owner", "-n", "envelope", db).stdout
+    lines = [l for l in out.splitlines() if l and not l.startswith("--") and not l.startswith("SET ") and "pg_catalog.set_config" not in l]
+    return "\n".join(lines)
+
+
+def extension_members(c):
+    return sorted(r[0] for r in c.execute(
+        "SELECT pg_describe_object(classid, objid, objsubid) FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid "
+        "WHERE e.extname = 'pg_envelope' AND d.deptype = 'e'").fetchall())
+
+
+@pytest.fixture(scope="module")
+def previous_stage():
+    if not (CURRENT_STAGE / "usr/lib/postgresql/15/lib/pg_envelope.so").exists():
+        pytest.fail("the current build is not staged: run scripts/cluster.sh install first")
+    out = sh("bash", str(ROOT / "scripts/build-previous.sh"), PREVIOUS, timeout=3600)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def test_update_from_previous_release_keeps_every_value(previous_stage):
+    old_so = previous_stage / "usr/lib/postgresql/15/lib/pg_envelope.so"
+    old_sql = previous_stage / f"usr/share/postgresql/15/extension/pg_envelope--{PREVIOUS}.sql"
+    new_so = CURRENT_STAGE / "usr/lib/postgresql/15/lib/pg_envelope.so"
+    shutil.copyfile(old_sql, SHAREDIR / "extension" / old_sql.name)
+    data = STATE / INSTANCE / "data"
+    cluster("stop")
+    sh("rm", "-rf", str(data))
+    try:
+        # 1. The previous release, as users run it today.
+        swap_library(old_so)
+        cluster("start")
+        with connect(PORT) as c:
+            c.execute("DROP DATABASE IF EXISTS upgraded")
+            c.execute("DROP DATABASE IF EXISTS fresh")
+            c.execute("CREATE DATABASE upgraded")
+            c.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'upg_app') THEN CREATE ROLE upg_app LOGIN; END IF; END $$")
+        with connect(PORT, "upgraded") as c:
+            c.execute(f"CREATE EXTENSION pg_envelope VERSION '{PREVIOUS}'")
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_envelope'").fetchone()[0] == PREVIOUS
+            for t in ("acme", "globex"):
+                c.execute("SELECT envelope.create_tenant(%s)", (t,))
+                c.execute("SELECT envelope.grant_tenant(%s, 'upg_app')", (t,))
+            c.execute("CREATE TABLE t (id int PRIMARY KEY, tenant text, email envelope.encrypted_text, "
+                      "n envelope.encrypted_int8, blob bytea)")
+            c.execute("GRANT SELECT, INSERT, UPDATE ON t TO upg_app")
+        with connect(PORT, "upgraded", user="upg_app") as c:
+            for t in ("acme", "globex"):
+                with c.transaction():
+                    c.execute("SELECT set_config('app.tenant_id', %s, true)", (t,))
+                    c.execute(
+                        "INSERT INTO t SELECT i, %s, (%s || '-user' || i || '@x.test')::text, i * 1000,"
+                        " envelope.encrypt_field(('blob-' || i)::bytea, 't.blob/' || i)"
+                        " FROM generate_series(%s, %s) i",
+                        (t, t, 1 if t == "acme" else 101, 100 if t == "acme" else 150))
+            before = {}
+            for t in ("acme", "globex"):
+                with c.transaction():
+                    c.execute("SELECT set_config('app.tenant_id', %s, true)", (t,))
+                    before[t] = c.execute(
+                        "SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)), count(*)"
+                        " FROM t WHERE tenant = %s", (t,)).fetchone()
+        assert before["acme"][1] == 100 and before["globex"][1] == 50
+        with connect(PORT, "upgraded") as c:
+            stored = c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0]
+        cluster("stop")
+
+        # 2. The new library, then ALTER EXTENSION ... UPDATE.
+        swap_library(new_so)
+        cluster("start")
+        with connect(PORT, "upgraded") as c:
+            c.execute("ALTER EXTENSION pg_envelope UPDATE")
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_envelope'").fetchone()[0] == "0.2.0"
+            # Nothing stored changed.
+            assert c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0] == stored
+            # 0.1.0's grants carried over (and now hold their role through the anchor privilege).
+            assert c.execute("SELECT has_table_privilege('upg_app', 'envelope.grant_anchor', 'SELECT')").fetchone()[0]
+        with connect(PORT, "upgraded", user="upg_app") as c:
+            for t in ("acme", "globex"):
+                with c.transaction():
+                    c.execute("SELECT set_config('app.tenant_id', %s, true)", (t,))
+                    assert c.execute("SELECT envelope.authorized_tenant()").fetchone()[0] == t
+                    after = c.execute(
+                        "SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)), count(*)"
+                        " FROM t WHERE tenant = %s", (t,)).fetchone()
+                    assert after == before[t], f"{t}: values written by {PREVIOUS} read differently after the update"
+                    # Re-encrypt every value in place (new envelopes, same plaintexts).
+                    c.execute("UPDATE t SET email = email::text, n = n::int8,"
+                              " blob = envelope.encrypt_field(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 't.blob/' || id)"
+                              " WHERE tenant = %s", (t,))
+                    again = c.execute(
+                        "SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)), count(*)"
+                        " FROM t WHERE tenant = %s", (t,)).fetchone()
+                    assert again == before[t]
+        with connect(PORT, "upgraded") as c:
+            assert c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0] != stored
+            # Root-level rotation: re-wrap a tenant of 0.1.0 under the (current) root key.
+            c.execute("SELECT envelope.rewrap_tenant('acme', 'local')")
+        with connect(PORT, "upgraded", user="upg_app") as c:
+            with c.transaction():
+                c.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+                assert c.execute("SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)) FROM t WHERE tenant = 'acme'").fetchone()[0] == before["acme"][0]
+
+        # 3. The updated extension is the same as a fresh install.
+        with connect(PORT) as c:
+            c.execute("CREATE DATABASE fresh")
+        with connect(PORT, "fresh") as c:
+            c.execute("CREATE EXTENSION pg_envelope")
+            fresh_members = extension_members(c)
+        with connect(PORT, "upgraded") as c:
+            upgraded_members = extension_members(c)
+        assert upgraded_members == fresh_members
+        fresh, upgraded = schema_of("fresh"), schema_of("upgraded")
+        # The upgraded database also holds the test's own grants on the anchor table.
+        upgraded = "\n".join(l for l in upgraded.splitlines() if not re.match(r"GRANT SELECT ON TABLE envelope\.grant_anchor TO upg_app;", l))
+        assert upgraded == fresh
+    finally:
+        swap_library(new_so)
+        cluster("stop")
