@@ -19,7 +19,14 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # The server's environment: SoftHSM2 (the pkcs11 provider's test HSM) reads its configuration
 # from SOFTHSM2_CONF, which must be set in the postmaster's environment.
 PGE_SERVER_ENV=(SOFTHSM2_CONF="$PGE_STATE/softhsm/softhsm2.conf")
-pg_ctl() { as_postgres env "${PGE_SERVER_ENV[@]}" "$PGE_PG15_BIN/pg_ctl" "$@"; }
+# PGE_MEMLOCK_KB: start the server under `ulimit -l` (tests of the key pool's mlock fallback).
+pg_ctl() {
+  if [ -n "${PGE_MEMLOCK_KB:-}" ]; then
+    as_postgres env "${PGE_SERVER_ENV[@]}" sh -c 'ulimit -l "$0" && exec "$@"' "$PGE_MEMLOCK_KB" "$PGE_PG15_BIN/pg_ctl" "$@"
+  else
+    as_postgres env "${PGE_SERVER_ENV[@]}" "$PGE_PG15_BIN/pg_ctl" "$@"
+  fi
+}
 server_env_current() {
   local pid
   pid="$(as_root head -n1 "$PGE_DATA/postmaster.pid" 2>/dev/null)" || return 1

@@ -314,3 +314,40 @@ def test_revoked_backend_holds_no_key(root_key_file):
         problems.append("key material left in the backend after revocation (DEK, derived key, K1, tenant key or root "
                         "key; dd or not):\n" + keyscan.format_hits(left, "left after revocation"))
     assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
+
+
+# -- the key pool under a small RLIMIT_MEMLOCK ----------------------------------------------------
+
+
+def test_key_pool_locks_pages_and_falls_back_cleanly_without_memlock():
+    """The key pool mlocks its pages where RLIMIT_MEMLOCK allows; with a limit of 0 it keeps
+    working unlocked (still excluded from dumps) and says so in status()."""
+    import subprocess
+
+    from conftest import ROOT, sh
+
+    def pool_after_use(port):
+        with connect(port) as c:
+            c.execute("DROP DATABASE IF EXISTS envelope_memlock")
+            c.execute("CREATE DATABASE envelope_memlock")
+        with connect(port, "envelope_memlock") as c:
+            c.execute("CREATE EXTENSION pg_envelope")
+            c.execute("SELECT envelope.create_tenant('memlock_t'), envelope.grant_tenant('memlock_t', current_user)")
+            with as_tenant(c, "memlock_t"):
+                v = c.execute("SELECT envelope.decrypt_field(envelope.encrypt_field('still works'))").fetchone()[0]
+                pool = c.execute("SELECT envelope.status()->'backend'->'key_pool'").fetchone()[0]
+        return v, pool
+
+    # The project's cluster runs under the postgres user's default limit (8 MB here): all locked.
+    v, pool = pool_after_use(PORT_A)
+    assert v == "still works"
+    assert pool["mapped_bytes"] > 0 and pool["locked_bytes"] == pool["mapped_bytes"], pool
+    # A cluster started with `ulimit -l 0`: nothing can be locked, everything still works.
+    env = {"PGE_INSTANCE": "pg15-memlock", "PGE_PORT": "54318", "PGE_MEMLOCK_KB": "0"}
+    sh("bash", str(ROOT / "scripts/cluster.sh"), "start", env=env)
+    try:
+        v, pool = pool_after_use(54318)
+        assert v == "still works"
+        assert pool["mapped_bytes"] > 0 and pool["locked_bytes"] == 0, pool
+    finally:
+        sh("bash", str(ROOT / "scripts/cluster.sh"), "stop", env=env)

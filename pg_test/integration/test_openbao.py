@@ -91,11 +91,14 @@ def test_wrong_token_and_wrong_ca_fail_without_leaking_the_token(kms_db, tmp_pat
     bad = STATE / "openbao" / "bad-token"
     bad.write_text("s.not-a-real-token\n")
     sh("chown", "postgres:postgres", str(bad))
+    # A CA bundle that did not sign OpenBao's certificate (copied under envelope.credential_dirs).
+    wrong_ca = STATE / "openbao" / "wrong-ca.pem"
+    sh("cp", "/etc/ssl/certs/ca-certificates.crt", str(wrong_ca))
     with connect(PORT_A, kms_db) as c:
         c.execute("SELECT envelope.add_key_provider('bao_badtoken', 'vault_transit', %s)", (bao_options(token_file=str(bad)),))
         c.execute(
             "SELECT envelope.add_key_provider('bao_badca', 'vault_transit', %s)",
-            (bao_options(ca_file="/etc/ssl/certs/ca-certificates.crt"),),
+            (bao_options(ca_file=str(wrong_ca)),),
         )
         state, msg = sqlstate(c, "SELECT envelope.verify_provider('bao_badtoken')")
         assert state == "28000" and "403" in msg

@@ -210,8 +210,9 @@ SELECT p.oid::regprocedure AS secdef, p.proconfig FROM pg_proc p JOIN pg_namespa
 -- Maintenance needs no tenant and no key: VACUUM, ANALYZE, REINDEX, CLUSTER.
 RESET app.tenant_id;
 CREATE INDEX more_id ON more (id);
-SELECT sqlstate_of('VACUUM (ANALYZE) more') AS vacuum_analyze, sqlstate_of('REINDEX TABLE more') AS reindex,
-       sqlstate_of('CLUSTER more USING more_id') AS cluster, sqlstate_of('VACUUM FULL more') AS vacuum_full;
+VACUUM (ANALYZE) more;
+VACUUM FULL more;
+SELECT sqlstate_of('REINDEX TABLE more') AS reindex, sqlstate_of('CLUSTER more USING more_id') AS cluster;
 SET app.tenant_id = 'ins_a';
 SELECT envelope.decrypt_field(env) AS after_maintenance, email::text FROM more;
 RESET app.tenant_id;
