@@ -18,7 +18,7 @@ cargo bench -p pg_envelope_benches --bench core
 echo "==> install a build WITH the bench-only envelope_bench schema"
 sudo=()
 [ "$(id -u)" = 0 ] || sudo=(--sudo)
-pge_unlink_installed_so "$PGE_PG15_CONFIG"   # a new inode: running backends keep theirs
+pge_rehome_installed_so "$PGE_PG15_CONFIG"   # a new inode: running backends keep theirs
 cargo pgrx install --release --pg-config "$PGE_PG15_CONFIG" --features bench-floor "${sudo[@]}"
 bash "$here/cluster.sh" start
 bash "$here/kms.sh" start-openbao   # for the cold-tenant latency with a real KMS

@@ -85,10 +85,15 @@ pge_install_tree() {
 }
 
 # Before a tool that copies pg_envelope.so over the installed one in place (`cargo pgrx test`,
-# `cargo pgrx install`), unlink the installed file: running backends keep their mapping, and the
-# tool then writes a new inode instead of rewriting the mapped one.
-pge_unlink_installed_so() {
+# `cargo pgrx install`): give the installed file a new inode with the same content (copy, then
+# rename over). Running backends keep their mapping of the old inode, the path never disappears
+# (PostgreSQL checks it on every function lookup, so an unlinked file fails them with 58P01), and
+# the tool then rewrites the new inode, which no process has mapped.
+pge_rehome_installed_so() {
   local pg_config="$1" so
   so="$("$pg_config" --pkglibdir)/pg_envelope.so"
-  if [ -e "$so" ]; then as_root rm -f "$so"; fi
+  if [ -e "$so" ]; then
+    as_root cp -p "$so" "$so.pge-new"
+    as_root mv -f "$so.pge-new" "$so"
+  fi
 }

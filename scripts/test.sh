@@ -30,9 +30,9 @@ pgrx_test() {
   export PGE_TEST_ROOT_KEY="$PGE_STATE/keys/pgrx-test-root.key"
   pge_make_key "$PGE_TEST_ROOT_KEY"
   as_root install -d -o postgres -g postgres -m 0700 "$data"
-  # cargo pgrx test copies the .so over the installed one in place: unlink it first so that
-  # running backends (the project's cluster) keep their mapping.
-  if [ "$pg" = pg15 ]; then pge_unlink_installed_so "$PGE_PG15_CONFIG"; else pge_unlink_installed_so "$(pge_pg18_config)"; fi
+  # cargo pgrx test copies the .so over the installed one in place: give the installed file a
+  # new inode first so that running backends (the project's cluster) keep theirs.
+  if [ "$pg" = pg15 ]; then pge_rehome_installed_so "$PGE_PG15_CONFIG"; else pge_rehome_installed_so "$(pge_pg18_config)"; fi
   cargo pgrx test "$pg" --runas postgres --pgdata "$data"
 }
 

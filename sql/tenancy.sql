@@ -21,48 +21,95 @@ CREATE FUNCTION belongs_to(encrypted_timestamptz, text) RETURNS boolean
 
 -- Who must be trusted as much as the grantees (docs/threat-model.md, "inside the trust
 -- boundary"): code that runs in a granted session uses that session's grant. For every table
--- with an encrypted column: its owner (who can add policies, triggers and defaults), the owners
--- of its trigger functions, and the owners of functions its policies and column defaults call;
--- with whether that role is a superuser and whether it holds the privileges of a granted role
--- itself. A row with holds_a_grant = false and is_superuser = false is a role that can run code
--- in granted sessions without being trusted with the keys: review it.
+-- with an encrypted column (of an encrypted type, a domain over one, an array of one): its owner
+-- (who can add policies, triggers, rules, defaults and constraints), and the owners of every
+-- function and operator its triggers (and their WHEN clauses), policies, column defaults, CHECK
+-- constraints, indexes, rules and the domains of its encrypted columns call; with whether that
+-- role is a superuser and whether it holds the privileges of a role with a live grant itself. A row
+-- with holds_a_grant = false and is_superuser = false is a role that can run code in granted
+-- sessions without being trusted with the keys: review it. Not listed (see the threat model):
+-- functions called by these functions, and code on other tables a granted session writes to.
 CREATE FUNCTION trust_report()
 RETURNS TABLE (table_name regclass, kind text, object text, owner name, is_superuser boolean, holds_a_grant boolean)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH enc_tables AS (
-        SELECT DISTINCT a.attrelid AS relid
-          FROM pg_attribute a
-          JOIN pg_type t ON t.oid = a.atttypid
-          JOIN pg_namespace n ON n.oid = t.typnamespace
-          JOIN pg_extension e ON e.extname = 'pg_envelope' AND e.extnamespace = n.oid
-         WHERE t.typname LIKE 'encrypted\_%' AND a.attnum > 0 AND NOT a.attisdropped
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    WITH RECURSIVE enc(typ) AS (
+        SELECT t.oid FROM pg_type t
+          JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'
+          JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_envelope'
+         WHERE t.typname LIKE 'encrypted\_%'
+        UNION
+        SELECT t.oid FROM pg_type t JOIN enc ON t.typbasetype = enc.typ OR t.typelem = enc.typ
+    ), enc_cols AS (
+        SELECT a.attrelid AS relid, a.atttypid AS typ
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f')
+           AND a.atttypid IN (SELECT typ FROM enc)
+    ), enc_tables AS (
+        SELECT DISTINCT relid FROM enc_cols
+    ), holders AS (
+        -- objects whose code runs in sessions writing or reading the table: (table, kind, name, classid, objid)
+        SELECT tg.tgrelid AS relid, 'trigger'::text AS kind, tg.tgname::text AS name, 'pg_trigger'::regclass AS classid, tg.oid AS objid
+          FROM pg_trigger tg JOIN enc_tables e ON e.relid = tg.tgrelid WHERE NOT tg.tgisinternal
+        UNION ALL
+        SELECT pol.polrelid, 'policy', pol.polname::text, 'pg_policy'::regclass, pol.oid
+          FROM pg_policy pol JOIN enc_tables e ON e.relid = pol.polrelid
+        UNION ALL
+        SELECT ad.adrelid, 'default', a.attname::text, 'pg_attrdef'::regclass, ad.oid
+          FROM pg_attrdef ad JOIN enc_tables e ON e.relid = ad.adrelid
+          JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+        UNION ALL
+        SELECT con.conrelid, 'constraint', con.conname::text, 'pg_constraint'::regclass, con.oid
+          FROM pg_constraint con JOIN enc_tables e ON e.relid = con.conrelid
+        UNION ALL
+        SELECT i.indrelid, 'index', i.indexrelid::regclass::text, 'pg_class'::regclass, i.indexrelid
+          FROM pg_index i JOIN enc_tables e ON e.relid = i.indrelid
+        UNION ALL
+        SELECT rw.ev_class, 'rule', rw.rulename::text, 'pg_rewrite'::regclass, rw.oid
+          FROM pg_rewrite rw JOIN enc_tables e ON e.relid = rw.ev_class WHERE rw.rulename <> '_RETURN'
+        UNION ALL
+        SELECT DISTINCT ec.relid, 'domain constraint', con.conname::text || ' on ' || ec.typ::regtype::text, 'pg_constraint'::regclass, con.oid
+          FROM enc_cols ec JOIN pg_constraint con ON con.contypid = ec.typ
     ), code AS (
         SELECT c.oid AS relid, 'table owner'::text AS kind, c.oid::regclass::text AS object, c.relowner AS owner, 0::oid AS fn
           FROM pg_class c JOIN enc_tables e ON e.relid = c.oid
         UNION ALL
-        SELECT tg.tgrelid, 'trigger function', tg.tgname || ' -> ' || p.oid::regprocedure::text, p.proowner, p.oid
-          FROM pg_trigger tg JOIN enc_tables e ON e.relid = tg.tgrelid JOIN pg_proc p ON p.oid = tg.tgfoid
-         WHERE NOT tg.tgisinternal
+        SELECT DISTINCT ec.relid, 'domain owner', ec.typ::regtype::text, t.typowner, 0::oid
+          FROM enc_cols ec JOIN pg_type t ON t.oid = ec.typ WHERE t.typtype = 'd'
         UNION ALL
-        SELECT pol.polrelid, 'policy function', pol.polname || ' -> ' || p.oid::regprocedure::text, p.proowner, p.oid
-          FROM pg_policy pol JOIN enc_tables e ON e.relid = pol.polrelid
-          JOIN pg_depend d ON d.classid = 'pg_policy'::regclass AND d.objid = pol.oid AND d.refclassid = 'pg_proc'::regclass
+        SELECT h.relid, h.kind || ' function', h.name || ' -> ' || p.oid::regprocedure::text, p.proowner, p.oid
+          FROM holders h
+          JOIN pg_depend d ON d.classid = h.classid AND d.objid = h.objid AND d.refclassid = 'pg_proc'::regclass
           JOIN pg_proc p ON p.oid = d.refobjid
         UNION ALL
-        SELECT ad.adrelid, 'default function', a.attname || ' -> ' || p.oid::regprocedure::text, p.proowner, p.oid
-          FROM pg_attrdef ad JOIN enc_tables e ON e.relid = ad.adrelid
-          JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
-          JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid AND d.refclassid = 'pg_proc'::regclass
-          JOIN pg_proc p ON p.oid = d.refobjid
+        SELECT h.relid, h.kind || ' operator', h.name || ' -> ' || o.oid::regoperator::text, o.oprowner, o.oid
+          FROM holders h
+          JOIN pg_depend d ON d.classid = h.classid AND d.objid = h.objid AND d.refclassid = 'pg_operator'::regclass
+          JOIN pg_operator o ON o.oid = d.refobjid
+        UNION ALL
+        SELECT h.relid, h.kind || ' operator function', h.name || ' -> ' || o.oid::regoperator::text || ' -> ' || p.oid::regprocedure::text, p.proowner, p.oid
+          FROM holders h
+          JOIN pg_depend d ON d.classid = h.classid AND d.objid = h.objid AND d.refclassid = 'pg_operator'::regclass
+          JOIN pg_operator o ON o.oid = d.refobjid JOIN pg_proc p ON p.oid = o.oprcode
+    ), live_grantees AS (
+        SELECT DISTINCT g.grantee::oid AS grantee FROM envelope.tenant_grants g
+         WHERE EXISTS (SELECT 1 FROM pg_class c, aclexplode(c.relacl) a
+                        WHERE c.oid = 'envelope.grant_anchor'::regclass AND a.grantee = g.grantee::oid AND a.privilege_type = 'SELECT')
+    ), members(role, grantee) AS (
+        -- superusers: plain membership (pg_has_role would answer true for everything)
+        SELECT grantee, grantee FROM live_grantees
+        UNION
+        SELECT m.member, members.grantee FROM pg_auth_members m JOIN members ON m.roleid = members.role
     )
     SELECT k.relid::regclass, k.kind, k.object, r.rolname, r.rolsuper,
-           EXISTS (SELECT 1 FROM envelope.tenant_grants g WHERE pg_has_role(k.owner, g.grantee, 'USAGE'))
+           CASE WHEN r.rolsuper THEN EXISTS (SELECT 1 FROM members WHERE members.role = k.owner)
+                ELSE EXISTS (SELECT 1 FROM live_grantees g WHERE pg_has_role(k.owner, g.grantee, 'USAGE')) END
       FROM code k JOIN pg_roles r ON r.oid = k.owner
-     -- pg_envelope's own functions (authorized_tenant, belongs_to, ...) are trusted.
+     -- pg_envelope's own functions and PostgreSQL's are trusted.
      WHERE NOT EXISTS (SELECT 1 FROM pg_depend x
-                        WHERE x.classid = 'pg_proc'::regclass AND x.objid = k.fn AND x.deptype = 'e'
+                        WHERE x.objid = k.fn AND x.deptype = 'e'
                           AND x.refclassid = 'pg_extension'::regclass
                           AND x.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_envelope'))
+       AND (k.fn = 0 OR k.fn >= 16384)
      ORDER BY 1, 2, 3
 $$;
-COMMENT ON FUNCTION trust_report() IS 'Roles whose code runs inside sessions that hold tenant grants (table owners, trigger, policy and default functions), per table with encrypted columns.';
+COMMENT ON FUNCTION trust_report() IS 'Roles whose code runs inside sessions that hold tenant grants (table owners; owners of trigger, policy, default, constraint, index, rule and domain functions and operators), per table with encrypted columns.';

@@ -344,10 +344,17 @@ impl Backend {
         Ok(self.directory.get_mut(tenant).and_then(|e| e.as_mut()))
     }
 
-    /// The tenant key id of a tenant, without any grant check or key (header-only checks).
-    pub fn tenant_key_id(&mut self, tenant: &str) -> Result<Option<u32>> {
+    /// The tenant key id of a tenant, for header-only checks (no key), as far as `role` may know
+    /// it: when it holds the tenant's grant or may read `envelope.tenants`. Otherwise `None`, as
+    /// for a tenant that does not exist: the answer must not confirm that a tenant exists.
+    pub fn visible_tenant_key_id(&mut self, tenant: &str, role: pg_sys::Oid) -> Result<Option<u32>> {
         self.check_epoch();
-        Ok(self.directory_entry(tenant)?.map(|e| e.id))
+        let Some(id) = self.directory_entry(tenant)?.map(|e| e.id) else { return Ok(None) };
+        match self.authorize(tenant, role) {
+            Ok(_) => Ok(Some(id)),
+            Err(EnvelopeError::TenantDenied { .. }) => Ok(catalog::can_list_tenants(role)?.then_some(id)),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether `role` may use the tenant's keys: it has the privileges of a granted role (by
@@ -377,7 +384,13 @@ impl Backend {
     pub fn check_grant(&mut self, tenant: &str, role: pg_sys::Oid) -> Result<u32> {
         self.check_epoch();
         if self.directory_entry(tenant)?.is_none() {
-            return Err(EnvelopeError::TenantUnknown { tenant: tenant.to_string() });
+            // Only roles that may list tenants learn that a name does not exist; to others an
+            // unknown tenant looks like one they hold no grant for (no tenant-name oracle).
+            return Err(if catalog::can_list_tenants(role)? {
+                EnvelopeError::TenantUnknown { tenant: tenant.to_string() }
+            } else {
+                EnvelopeError::TenantDenied { tenant: tenant.to_string(), role: role_name(role) }
+            });
         }
         self.authorize(tenant, role)
     }

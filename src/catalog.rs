@@ -250,6 +250,29 @@ pub fn tenant_directory(tenant: &str) -> Result<Option<TenantDirEntry>> {
     })
 }
 
+/// The OID of `envelope.tenants` (looked up once per backend).
+pub fn tenants_oid() -> Result<pg_sys::Oid> {
+    static OID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let known = OID.load(std::sync::atomic::Ordering::Relaxed);
+    if known != 0 {
+        return Ok(pg_sys::Oid::from(known));
+    }
+    let oid = as_extension_owner(|| {
+        Spi::get_one::<pg_sys::Oid>("SELECT 'envelope.tenants'::pg_catalog.regclass::oid").map_err(spi_err)?.ok_or_else(|| missing("oid"))
+    })?;
+    OID.store(oid.to_u32(), std::sync::atomic::Ordering::Relaxed);
+    Ok(oid)
+}
+
+/// Whether `role` may read `envelope.tenants` (superusers and roles the DBA granted SELECT):
+/// such roles may learn which tenants exist; others get the same answer for a tenant that does
+/// not exist as for one they hold no grant for.
+pub fn can_list_tenants(role: pg_sys::Oid) -> Result<bool> {
+    let oid = tenants_oid()?;
+    // SAFETY: a plain catalog privilege check on the backend's main thread.
+    Ok(unsafe { pg_sys::pg_class_aclcheck(oid, role, pg_sys::ACL_SELECT as pg_sys::AclMode) } == pg_sys::AclResult::ACLCHECK_OK)
+}
+
 /// The roles whose privileges `role` has, by PostgreSQL's own rule for privileges
 /// (`has_privs_of_role` / `roles_is_member_of(ROLERECURSE_PRIVS)`) but **without** its
 /// superuser shortcut: the role itself, then memberships that inherit. On PostgreSQL 15 a

@@ -49,6 +49,7 @@ extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 extension_sql_file!("../sql/encrypted_types.sql", name = "encrypted_types", requires = ["bootstrap"]);
 
 extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["encrypted_types", tenancy::belongs_to]);
+extension_sql_file!("../sql/plaintext_guards.sql", name = "plaintext_guards", requires = ["encrypted_types"]);
 
 extension_sql!(
     r#"
@@ -64,6 +65,7 @@ REVOKE ALL ON FUNCTION rewrap_tenant(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;
 REVOKE ALL ON FUNCTION trust_report() FROM PUBLIC;
+REVOKE ALL ON FUNCTION refuse_derived_plaintext() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION status() TO pg_monitor;
 GRANT EXECUTE ON FUNCTION key_cache() TO pg_monitor;
 -- encrypt_field / decrypt_field stay executable by PUBLIC: every call checks the tenant grant.

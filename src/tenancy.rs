@@ -37,14 +37,17 @@ fn authorized_tenant() -> Option<&'static str> {
 }
 
 /// Whether a stored value (an envelope) was encrypted under `tenant`'s keys, read from its
-/// header alone: no key, no grant needed. NULL values belong to every tenant (there is nothing
-/// stored); anything that is not an envelope, or a tenant that does not exist, is false.
+/// header alone: no key is used. NULL values belong to every tenant (there is nothing stored);
+/// anything that is not an envelope, or a tenant that does not exist, is false. A role that
+/// neither holds the tenant's grant nor may read `envelope.tenants` always gets false, so the
+/// function is no oracle for which tenants exist or which key id they have.
 #[pg_extern(stable, parallel_restricted)]
 fn belongs_to(value: Option<&[u8]>, tenant: Option<&str>) -> bool {
     let Some(value) = value else { return true };
     let Some(tenant) = tenant else { return false };
     let Ok(env) = Envelope::parse(value) else { return false };
-    match backend::with_backend(|b| b.tenant_key_id(tenant)).or_raise() {
+    let role = crate::nothrow::current_user_id();
+    match backend::with_backend(|b| b.visible_tenant_key_id(tenant, role)).or_raise() {
         Some(id) => env.tenant_key_id == id,
         None => false,
     }

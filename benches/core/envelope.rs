@@ -109,6 +109,8 @@ fn misc(c: &mut Criterion) {
     let aad = WrapAad::TenantKey { tenant: "t", tenant_key_id: 1 };
     let w = wrap::wrap_key(&root, &aad, &kek).unwrap();
     c.bench_function("unwrap_key", |b| b.iter(|| wrap::unwrap_key(&root, &aad, black_box(&w)).unwrap()));
+    // What a transaction that used keys pays at its end (128 KiB of stack + vector registers).
+    c.bench_function("wipe_stack_128KiB", |b| b.iter(pg_envelope_core::secure::wipe_stack));
 }
 
 criterion_group! { name = benches; config = configure(); targets = encrypt, decrypt, misc }

@@ -3,8 +3,8 @@
 `cargo pgrx install` copies pg_envelope.so over the installed file in place; a backend that has
 the old one mapped then executes rewritten pages and crashes (seen during a test run). The
 project's scripts install by writing a new file and renaming it over the old one
-(`pge_install_tree` in scripts/lib.sh, used by `scripts/cluster.sh install`), and unlink the
-installed .so before tools that copy in place (`pge_unlink_installed_so`, before `cargo pgrx
+(`pge_install_tree` in scripts/lib.sh, used by `scripts/cluster.sh install`), and give the
+installed .so a new inode before tools that copy in place (`pge_rehome_installed_so`, before `cargo pgrx
 test`). Both are checked here with a process that maps the old file, as a backend does.
 """
 
@@ -55,7 +55,7 @@ def test_install_tree_renames_and_a_live_mapping_keeps_the_old_file(tmp_path):
     assert not list(dest.parent.glob("*.pge-new"))
 
 
-def test_unlink_before_an_in_place_copy_keeps_a_live_mapping(tmp_path):
+def test_rehome_before_an_in_place_copy_keeps_a_live_mapping_and_the_path(tmp_path):
     libdir = tmp_path / "lib"
     libdir.mkdir()
     so = libdir / "pg_envelope.so"
@@ -64,8 +64,12 @@ def test_unlink_before_an_in_place_copy_keeps_a_live_mapping(tmp_path):
     fake_pg_config.write_text(f"#!/bin/sh\necho {libdir}\n")
     fake_pg_config.chmod(0o755)
     backend = mapped_reader(so)
-    sh("bash", "-c", f'. "{ROOT}/scripts/lib.sh" && pge_unlink_installed_so "{fake_pg_config}"')
-    # What `cargo pgrx test/install` does next: an in-place copy (open with O_TRUNC, write).
+    inode = so.stat().st_ino
+    sh("bash", "-c", f'. "{ROOT}/scripts/lib.sh" && pge_rehome_installed_so "{fake_pg_config}"')
+    # The path never went away (PostgreSQL checks it on every function lookup) ...
+    assert so.read_bytes() == b"OLD" * 4096 and so.stat().st_ino != inode
+    # ... and what `cargo pgrx test/install` does next, an in-place copy (O_TRUNC, write), does
+    # not reach the live mapping.
     with open(so, "wb") as f:
         f.write(b"NEW" * 4096)
     assert read_mapping(backend) == "OLD"
@@ -75,4 +79,4 @@ def test_cluster_install_uses_the_renaming_installer():
     script = (ROOT / "scripts/cluster.sh").read_text()
     body = script[script.index("install_ext() {"):script.index("}", script.index("install_ext() {"))]
     assert "pge_install_tree" in body and "cargo pgrx install" not in body
-    assert "pge_unlink_installed_so" in (ROOT / "scripts/test.sh").read_text()
+    assert "pge_rehome_installed_so" in (ROOT / "scripts/test.sh").read_text()

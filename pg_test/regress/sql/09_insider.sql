@@ -78,14 +78,23 @@ UPDATE accounts SET note = 'a-row, edited';
 RESET ROLE;
 RESET app.tenant_id;
 SELECT tenant, note FROM accounts ORDER BY id;
--- belongs_to reads the header only: no key, no grant; NULL belongs to everyone.
-SET ROLE regress_other;
+-- belongs_to reads the header only (no key); NULL belongs to everyone.
 SELECT envelope.belongs_to(email, 'ins_b') AS b_is_b, envelope.belongs_to(email, 'ins_a') AS b_is_a,
        envelope.belongs_to(email, 'no_such_tenant') AS unknown, envelope.belongs_to(NULL::envelope.encrypted_text, 'ins_a') AS null_value,
        envelope.belongs_to(email, NULL) AS null_tenant, envelope.belongs_to('\x0102'::bytea, 'ins_a') AS garbage
   FROM stolen;
+-- No oracle of which tenants exist for a role that holds no grant and cannot read envelope.tenants:
+-- belongs_to is false for every tenant, and an unknown tenant is refused like an ungranted one.
+SET ROLE regress_other;
+SELECT envelope.belongs_to(email, 'ins_b') AS b_is_b_for_other, envelope.belongs_to(email, 'no_such_tenant') AS unknown_for_other FROM stolen;
 SELECT envelope.authorized_tenant() IS NULL AS unset_is_null;
+SET app.tenant_id = 'ins_b';
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('x')$$) AS existing_tenant_for_other;
+SET app.tenant_id = 'no_such_tenant';
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('x')$$) AS unknown_tenant_for_other;
 RESET ROLE;
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('x')$$) AS unknown_tenant_for_superuser;
+RESET app.tenant_id;
 
 -- 5. Maintenance runs as the table owner in a security-restricted operation: no key is used
 -- there, so statistics, indexes and materialized views can never hold decrypted values, even
@@ -154,10 +163,21 @@ SELECT sqlstate_of($$SELECT envelope.encrypt_field('x')$$) AS grant_without_anch
 RESET ROLE;
 SELECT envelope.revoke_tenant('ins_b', 'regress_other') AS cleanup;
 
--- Who can run code in granted sessions: table owners, trigger, policy and default functions.
+-- Who can run code in granted sessions: table owners, and the owners of functions and operators
+-- of triggers (and WHEN clauses), policies, defaults, CHECK constraints and domains.
 CREATE FUNCTION public.audit_trg() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
 ALTER FUNCTION public.audit_trg() OWNER TO regress_other;
 CREATE TRIGGER accounts_audit BEFORE INSERT ON accounts FOR EACH ROW EXECUTE FUNCTION public.audit_trg();
+CREATE FUNCTION public.chk(e envelope.encrypted_text) RETURNS boolean LANGUAGE sql AS $$ SELECT true $$;
+ALTER FUNCTION public.chk(envelope.encrypted_text) OWNER TO regress_other;
+ALTER TABLE accounts ADD CONSTRAINT email_ok CHECK (public.chk(email));
+CREATE TRIGGER accounts_when BEFORE UPDATE ON accounts FOR EACH ROW WHEN (public.chk(NEW.email)) EXECUTE FUNCTION public.audit_trg();
+CREATE FUNCTION public.eqf(a text, b text) RETURNS boolean LANGUAGE sql AS $$ SELECT a = b $$;
+ALTER FUNCTION public.eqf(text, text) OWNER TO regress_other;
+CREATE OPERATOR public.=== (LEFTARG = text, RIGHTARG = text, FUNCTION = public.eqf);
+CREATE POLICY via_operator ON accounts AS RESTRICTIVE USING (tenant OPERATOR(public.===) envelope.authorized_tenant());
+CREATE DOMAIN public.checked_email AS envelope.encrypted_text CHECK (public.chk(VALUE));
+CREATE TABLE contacts (id int, phone public.checked_email, tags envelope.encrypted_text[]);
 SELECT table_name, kind, object, owner, is_superuser, holds_a_grant FROM envelope.trust_report() ORDER BY table_name::text, kind, object;
 SET ROLE regress_app;
 SELECT sqlstate_of('SELECT * FROM envelope.trust_report()') AS app_runs_report;
@@ -165,8 +185,11 @@ RESET ROLE;
 
 SELECT dblink_disconnect('peer');
 RESET ALL;
-DROP TABLE rr_secrets, accounts, stolen, sro;
-DROP FUNCTION public.dec_wrap(envelope.encrypted_text), public.dec_imm(envelope.encrypted_text), public.audit_trg();
+DROP TABLE rr_secrets, accounts, stolen, sro, contacts;
+DROP DOMAIN public.checked_email;
+DROP OPERATOR public.=== (text, text);
+DROP FUNCTION public.dec_wrap(envelope.encrypted_text), public.dec_imm(envelope.encrypted_text), public.audit_trg(),
+              public.chk(envelope.encrypted_text), public.eqf(text, text);
 REVOKE regress_app FROM regress_noinherit;
 
 -- More insider angles: cached plans across SET ROLE / SET SESSION AUTHORIZATION, a table owner
@@ -217,3 +240,27 @@ SET app.tenant_id = 'ins_a';
 SELECT envelope.decrypt_field(env) AS after_maintenance, email::text FROM more;
 RESET app.tenant_id;
 DROP TABLE more;
+
+-- A decrypting function declared IMMUTABLE cannot put plaintext in an index or a stored generated
+-- column over encrypted columns: those are computed during the writes of granted sessions (not
+-- in a security-restricted operation), so the DDL itself is refused.
+CREATE TABLE derived (id int, email envelope.encrypted_text, plain text);
+CREATE FUNCTION public.leak(e envelope.encrypted_text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS
+  $$ BEGIN RETURN envelope.decrypt_field(e); EXCEPTION WHEN others THEN RETURN NULL; END $$;
+CREATE FUNCTION public.leak_row(r derived) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT public.leak(r.email) $$;
+CREATE DOMAIN public.enc_dom AS envelope.encrypted_text;
+SELECT sqlstate_of('CREATE INDEX ON derived (public.leak(email))') AS expression_index;
+SELECT sqlstate_of('CREATE INDEX ON derived (id) WHERE public.leak(email) IS NOT NULL') AS partial_index;
+SELECT sqlstate_of('CREATE INDEX ON derived (public.leak_row(derived))') AS whole_row_index;
+SELECT sqlstate_of('ALTER TABLE derived ADD COLUMN g2 text GENERATED ALWAYS AS (public.leak_row(derived)) STORED') AS whole_row_generated;
+SELECT sqlstate_of('ALTER TABLE derived ADD COLUMN g text GENERATED ALWAYS AS (public.leak(email)) STORED') AS generated_column;
+SELECT sqlstate_of('CREATE TABLE derived2 (e envelope.encrypted_text, g text GENERATED ALWAYS AS (public.leak(e)) STORED)') AS generated_in_create;
+SELECT sqlstate_of('CREATE TABLE derived3 (e public.enc_dom, g text GENERATED ALWAYS AS (public.leak(e::envelope.encrypted_text)) STORED)') AS generated_over_domain;
+SELECT sqlstate_of('CREATE TABLE derived4 (a envelope.encrypted_text[], g int GENERATED ALWAYS AS (cardinality(a)) STORED)') AS generated_over_array;
+-- Columns that are not encrypted stay indexable, also in a table that has encrypted ones.
+SELECT sqlstate_of('CREATE INDEX derived_plain ON derived (lower(plain))') AS unrelated_expression_index;
+SELECT sqlstate_of('CREATE INDEX derived_id ON derived (id) WHERE plain IS NOT NULL') AS unrelated_partial_index;
+SELECT sqlstate_of('ALTER TABLE derived ADD COLUMN g3 text GENERATED ALWAYS AS (upper(plain)) STORED') AS unrelated_generated;
+DROP TABLE derived CASCADE;  -- and leak_row(derived)
+DROP FUNCTION public.leak(envelope.encrypted_text);
+DROP DOMAIN public.enc_dom;
