@@ -67,17 +67,31 @@ CREATE FUNCTION trust_report()
 RETURNS TABLE (table_name regclass, kind text, object text, owner name, is_superuser boolean, holds_a_grant boolean)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     WITH RECURSIVE enc(typ) AS (
+        -- encrypted types, domains over them, arrays of them, composites containing them
         SELECT t.oid FROM pg_type t
           JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'
           JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_envelope'
          WHERE t.typname LIKE 'encrypted\_%'
         UNION
-        SELECT t.oid FROM pg_type t JOIN enc ON t.typbasetype = enc.typ OR t.typelem = enc.typ
-    ), enc_cols AS (
+        SELECT t.oid FROM pg_type t, enc
+         WHERE t.typbasetype = enc.typ OR t.typelem = enc.typ
+            OR (t.typrelid <> 0 AND EXISTS (SELECT 1 FROM pg_attribute a
+                                             WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND a.atttypid = enc.typ))
+    ), enc_cols0 AS (
         SELECT a.attrelid AS relid, a.atttypid AS typ
           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
          WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f')
            AND a.atttypid IN (SELECT typ FROM enc)
+    ), enc_cols(relid, typ) AS (
+        -- every type a column's value passes through: its domain chain, array elements, composite attributes
+        SELECT relid, typ FROM enc_cols0
+        UNION
+        SELECT ec.relid, x.typ FROM enc_cols ec
+          JOIN pg_type t ON t.oid = ec.typ
+          CROSS JOIN LATERAL (SELECT t.typbasetype AS typ WHERE t.typbasetype <> 0
+                              UNION ALL SELECT t.typelem WHERE t.typelem <> 0 AND t.typcategory = 'A'
+                              UNION ALL SELECT a.atttypid FROM pg_attribute a
+                                         WHERE t.typrelid <> 0 AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped) x
     ), enc_tables AS (
         SELECT DISTINCT relid FROM enc_cols
     ), holders AS (
@@ -107,8 +121,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
         SELECT c.oid AS relid, 'table owner'::text AS kind, c.oid::regclass::text AS object, c.relowner AS owner, 0::oid AS fn
           FROM pg_class c JOIN enc_tables e ON e.relid = c.oid
         UNION ALL
-        SELECT DISTINCT ec.relid, 'domain owner', ec.typ::regtype::text, t.typowner, 0::oid
-          FROM enc_cols ec JOIN pg_type t ON t.oid = ec.typ WHERE t.typtype = 'd'
+        SELECT DISTINCT ec.relid, 'type owner', ec.typ::regtype::text, t.typowner, 0::oid
+          FROM enc_cols ec JOIN pg_type t ON t.oid = ec.typ WHERE t.typtype IN ('d', 'c') AND NOT EXISTS (
+              SELECT 1 FROM pg_class tc WHERE tc.oid = t.typrelid AND tc.relkind <> 'c')
         UNION ALL
         SELECT h.relid, h.kind || ' function', h.name || ' -> ' || p.oid::regprocedure::text, p.proowner, p.oid
           FROM holders h
@@ -168,8 +183,8 @@ DECLARE
     r record;
     bad text;
 BEGIN
-    FOR r IN SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
-              WHERE c.object_type IN ('index', 'table', 'table column') AND c.classid = 'pg_class'::regclass LOOP
+    FOR r IN SELECT DISTINCT c.classid, c.objid FROM pg_event_trigger_ddl_commands() c
+              WHERE c.classid IN ('pg_class'::regclass, 'pg_type'::regclass) LOOP
         -- Columns whose type is an encrypted type, a domain over one, an array of one, or a
         -- composite with such an attribute, of every table touched (the index's table too).
         WITH RECURSIVE enc(typ) AS (
@@ -184,8 +199,23 @@ BEGIN
                                                      WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND a.atttypid = enc.typ))
             ),
             rels AS (
-                SELECT r.objid AS relid
-                UNION SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = r.objid
+                SELECT r.objid AS relid WHERE r.classid = 'pg_class'::regclass
+                UNION SELECT i.indrelid FROM pg_index i WHERE r.classid = 'pg_class'::regclass AND i.indexrelid = r.objid
+                -- ALTER TYPE (a composite gaining an encrypted attribute): every table using the type
+                UNION SELECT a.attrelid FROM pg_attribute a
+                 WHERE a.attnum > 0 AND NOT a.attisdropped
+                   AND a.atttypid IN (WITH RECURSIVE users_of(typ) AS (
+                                          SELECT r.objid WHERE r.classid = 'pg_type'::regclass
+                                          UNION ALL
+                                          -- ALTER TYPE ... ADD ATTRIBUTE reports the composite's pg_class row
+                                          SELECT c.reltype FROM pg_class c
+                                           WHERE r.classid = 'pg_class'::regclass AND c.oid = r.objid AND c.relkind = 'c'
+                                          UNION
+                                          SELECT t.oid FROM pg_type t, users_of
+                                           WHERE t.typbasetype = users_of.typ OR t.typelem = users_of.typ
+                                              OR (t.typrelid <> 0 AND EXISTS (SELECT 1 FROM pg_attribute x
+                                                   WHERE x.attrelid = t.typrelid AND x.attnum > 0 AND x.atttypid = users_of.typ)))
+                                      SELECT typ FROM users_of)
             ),
             enc_cols AS (
                 SELECT a.attrelid, a.attnum FROM pg_attribute a JOIN rels ON rels.relid = a.attrelid
@@ -227,7 +257,7 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION refuse_derived_plaintext() FROM PUBLIC;
 CREATE EVENT TRIGGER envelope_refuse_derived_plaintext ON ddl_command_end
-    WHEN TAG IN ('CREATE INDEX', 'ALTER TABLE', 'CREATE TABLE', 'ALTER INDEX')
+    WHEN TAG IN ('CREATE INDEX', 'ALTER TABLE', 'CREATE TABLE', 'ALTER INDEX', 'ALTER TYPE')
     EXECUTE FUNCTION refuse_derived_plaintext();
 
 REVOKE ALL ON FUNCTION trust_report() FROM PUBLIC;

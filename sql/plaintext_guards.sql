@@ -17,8 +17,8 @@ DECLARE
     r record;
     bad text;
 BEGIN
-    FOR r IN SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
-              WHERE c.object_type IN ('index', 'table', 'table column') AND c.classid = 'pg_class'::regclass LOOP
+    FOR r IN SELECT DISTINCT c.classid, c.objid FROM pg_event_trigger_ddl_commands() c
+              WHERE c.classid IN ('pg_class'::regclass, 'pg_type'::regclass) LOOP
         -- Columns whose type is an encrypted type, a domain over one, an array of one, or a
         -- composite with such an attribute, of every table touched (the index's table too).
         WITH RECURSIVE enc(typ) AS (
@@ -33,8 +33,23 @@ BEGIN
                                                      WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND a.atttypid = enc.typ))
             ),
             rels AS (
-                SELECT r.objid AS relid
-                UNION SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = r.objid
+                SELECT r.objid AS relid WHERE r.classid = 'pg_class'::regclass
+                UNION SELECT i.indrelid FROM pg_index i WHERE r.classid = 'pg_class'::regclass AND i.indexrelid = r.objid
+                -- ALTER TYPE (a composite gaining an encrypted attribute): every table using the type
+                UNION SELECT a.attrelid FROM pg_attribute a
+                 WHERE a.attnum > 0 AND NOT a.attisdropped
+                   AND a.atttypid IN (WITH RECURSIVE users_of(typ) AS (
+                                          SELECT r.objid WHERE r.classid = 'pg_type'::regclass
+                                          UNION ALL
+                                          -- ALTER TYPE ... ADD ATTRIBUTE reports the composite's pg_class row
+                                          SELECT c.reltype FROM pg_class c
+                                           WHERE r.classid = 'pg_class'::regclass AND c.oid = r.objid AND c.relkind = 'c'
+                                          UNION
+                                          SELECT t.oid FROM pg_type t, users_of
+                                           WHERE t.typbasetype = users_of.typ OR t.typelem = users_of.typ
+                                              OR (t.typrelid <> 0 AND EXISTS (SELECT 1 FROM pg_attribute x
+                                                   WHERE x.attrelid = t.typrelid AND x.attnum > 0 AND x.atttypid = users_of.typ)))
+                                      SELECT typ FROM users_of)
             ),
             enc_cols AS (
                 SELECT a.attrelid, a.attnum FROM pg_attribute a JOIN rels ON rels.relid = a.attrelid
@@ -76,5 +91,5 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION refuse_derived_plaintext() FROM PUBLIC;
 CREATE EVENT TRIGGER envelope_refuse_derived_plaintext ON ddl_command_end
-    WHEN TAG IN ('CREATE INDEX', 'ALTER TABLE', 'CREATE TABLE', 'ALTER INDEX')
+    WHEN TAG IN ('CREATE INDEX', 'ALTER TABLE', 'CREATE TABLE', 'ALTER INDEX', 'ALTER TYPE')
     EXECUTE FUNCTION refuse_derived_plaintext();

@@ -13,6 +13,7 @@ mod backend;
 mod bench;
 mod catalog;
 mod error;
+mod guards;
 mod gucs;
 mod nothrow;
 mod status;
@@ -38,6 +39,8 @@ pub extern "C-unwind" fn _PG_init() {
             pg_sys::CacheRegisterSyscacheCallback(cache as std::ffi::c_int, Some(backend::on_roles_changed), pg_sys::Datum::from(0))
         };
     }
+    // CREATE INDEX CONCURRENTLY over encrypted columns is refused before it starts (src/guards.rs).
+    guards::install();
     // The end of a transaction that used keys wipes the stack (see backend::on_xact_end).
     unsafe { pg_sys::RegisterXactCallback(Some(backend::on_xact_end), std::ptr::null_mut()) };
     // So do privilege changes of envelope.grant_anchor (see catalog::LIVE_GRANTEES).

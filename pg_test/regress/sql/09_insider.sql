@@ -257,6 +257,21 @@ SELECT sqlstate_of('ALTER TABLE derived ADD COLUMN g text GENERATED ALWAYS AS (p
 SELECT sqlstate_of('CREATE TABLE derived2 (e envelope.encrypted_text, g text GENERATED ALWAYS AS (public.leak(e)) STORED)') AS generated_in_create;
 SELECT sqlstate_of('CREATE TABLE derived3 (e public.enc_dom, g text GENERATED ALWAYS AS (public.leak(e::envelope.encrypted_text)) STORED)') AS generated_over_domain;
 SELECT sqlstate_of('CREATE TABLE derived4 (a envelope.encrypted_text[], g int GENERATED ALWAYS AS (cardinality(a)) STORED)') AS generated_over_array;
+-- A concurrent build commits before the event trigger could refuse it: on a table with encrypted
+-- columns, any concurrent build with expressions or a predicate is refused up front (use CREATE INDEX).
+CREATE INDEX CONCURRENTLY derived_conc ON derived (public.leak(email));
+CREATE INDEX CONCURRENTLY derived_conc ON derived (id) WHERE public.leak(email) IS NOT NULL;
+SELECT count(*) AS leftover_indexes FROM pg_index WHERE indrelid = 'derived'::regclass;
+CREATE INDEX CONCURRENTLY derived_conc_plain ON derived (lower(plain));
+-- A composite type that gains an encrypted attribute after an index over it was created.
+CREATE TYPE public.contact AS (label text);
+CREATE TABLE contact_book (id int, c public.contact);
+CREATE FUNCTION public.cleak(public.contact) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT ($1).label $$;
+CREATE INDEX contact_book_c ON contact_book (public.cleak(c));
+SELECT sqlstate_of('ALTER TYPE public.contact ADD ATTRIBUTE secret envelope.encrypted_text') AS composite_gains_encrypted;
+DROP TABLE contact_book;
+DROP FUNCTION public.cleak(public.contact);
+DROP TYPE public.contact;
 -- Columns that are not encrypted stay indexable, also in a table that has encrypted ones.
 SELECT sqlstate_of('CREATE INDEX derived_plain ON derived (lower(plain))') AS unrelated_expression_index;
 SELECT sqlstate_of('CREATE INDEX derived_id ON derived (id) WHERE plain IS NOT NULL') AS unrelated_partial_index;
