@@ -262,3 +262,36 @@ CREATE EVENT TRIGGER envelope_refuse_derived_plaintext ON ddl_command_end
 
 REVOKE ALL ON FUNCTION trust_report() FROM PUBLIC;
 REVOKE ALL ON FUNCTION refuse_derived_plaintext() FROM PUBLIC;
+
+-- Issue 11 (key lifecycle, first part): data key rotation and header-only inspection.
+CREATE FUNCTION "key_version"(
+	"value" bytea
+) RETURNS INT
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'key_version_wrapper';
+CREATE FUNCTION "rotate_data_key"(
+	"tenant" TEXT
+) RETURNS INT
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'rotate_data_key_wrapper';
+-- sql/lifecycle.sql as of 0.2.0:
+-- Key lifecycle (src/lifecycle.rs). key_version(value): the data key version in a stored value's
+-- header (no key, no grant); one C function for bytea and every encrypted type. IMMUTABLE: it
+-- depends on the bytes only.
+CREATE FUNCTION key_version(encrypted_text) RETURNS integer
+    AS 'MODULE_PATHNAME', 'key_version_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_version(encrypted_bytea) RETURNS integer
+    AS 'MODULE_PATHNAME', 'key_version_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_version(encrypted_jsonb) RETURNS integer
+    AS 'MODULE_PATHNAME', 'key_version_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_version(encrypted_int8) RETURNS integer
+    AS 'MODULE_PATHNAME', 'key_version_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_version(encrypted_numeric) RETURNS integer
+    AS 'MODULE_PATHNAME', 'key_version_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_version(encrypted_date) RETURNS integer
+    AS 'MODULE_PATHNAME', 'key_version_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_version(encrypted_timestamptz) RETURNS integer
+    AS 'MODULE_PATHNAME', 'key_version_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+REVOKE ALL ON FUNCTION rotate_data_key(text) FROM PUBLIC;

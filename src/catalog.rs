@@ -497,3 +497,80 @@ pub fn set_grant(tenant: &str, role: pg_sys::Oid, grant: bool) -> Result<bool> {
         })
     })
 }
+
+/// A tenant's row, locked for a key change (`FOR UPDATE`: concurrent changes of one tenant
+/// serialize), with its provider.
+pub struct LockedTenant {
+    pub id: u32,
+    pub provider: String,
+    pub provider_kind: String,
+    pub provider_options: String,
+    pub wrapped_key: Vec<u8>,
+    pub key_check: Vec<u8>,
+}
+
+pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let t = client
+                .update(
+                    "SELECT t.id, t.provider, p.kind, p.options::text, t.wrapped_key, t.key_check
+                       FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
+                      WHERE t.name = $1 FOR UPDATE OF t",
+                    Some(1),
+                    &[tenant.into()],
+                )
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some(LockedTenant {
+                id: r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))? as u32,
+                provider: r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("provider"))?,
+                provider_kind: r.get::<String>(3).map_err(spi_err)?.ok_or_else(|| missing("kind"))?,
+                provider_options: r.get::<String>(4).map_err(spi_err)?.ok_or_else(|| missing("options"))?,
+                wrapped_key: r.get::<Vec<u8>>(5).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?,
+                key_check: r.get::<Vec<u8>>(6).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?,
+            }))
+        })
+    })
+}
+
+/// The next data key version of a tenant, read under a fresh snapshot (after the caller locked
+/// the tenant, so a rotation that committed while it waited is seen even under REPEATABLE READ).
+pub fn next_data_key_version(tenant_id: u32) -> Result<u32> {
+    as_extension_owner(|| {
+        Spi::connect(|_client| {
+            let v = select_latest(
+                c"SELECT coalesce(max(version), 0) + 1 FROM envelope.data_keys WHERE tenant_id = $1",
+                &[Arg::Int4(tenant_id as i32)],
+                |r| r.get::<i32>(1).ok_or_else(|| missing("version")),
+            )?;
+            Ok(v.into_iter().next().unwrap_or(1) as u32)
+        })
+    })
+}
+
+/// Retires the active data key of a tenant and stores `version` as the new active one.
+pub fn activate_data_key(tenant_id: u32, version: u32, wrapped: &[u8]) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE envelope.data_keys SET state = 'retired' WHERE tenant_id = $1 AND state = 'active'",
+                    None,
+                    &[(tenant_id as i32).into()],
+                )
+                .map_err(spi_err)?;
+            client
+                .update(
+                    "INSERT INTO envelope.data_keys (tenant_id, version, wrapped_key, state) VALUES ($1, $2, $3, 'active')",
+                    None,
+                    &[(tenant_id as i32).into(), (version as i32).into(), wrapped.into()],
+                )
+                .map_err(spi_err)?;
+            Ok(())
+        })
+    })
+}

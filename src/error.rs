@@ -44,6 +44,8 @@ pub enum EnvelopeError {
     /// PREPARE TRANSACTION after a change of tenants, keys or grants (2PC would commit it
     /// without announcing it to other backends).
     PrepareAfterKeyChange,
+    /// A value given to a header-only function is not a pg_envelope value.
+    NotAnEnvelope,
     /// Key use inside a security-restricted operation (ANALYZE, index build, REFRESH ...).
     RestrictedOperation,
     /// Registering a provider is for superusers.
@@ -177,6 +179,12 @@ impl EnvelopeError {
                 "pg_envelope: a transaction that changed tenants, keys or grants cannot be prepared".into(),
                 None,
                 Some("Commit it directly: other sessions learn of key and grant changes when it commits.".into()),
+            ),
+            EnvelopeError::NotAnEnvelope => (
+                ERRCODE_INVALID_TEXT_REPRESENTATION,
+                "pg_envelope: the value is not a pg_envelope ciphertext".into(),
+                Some("Its header could not be read; the value is not shown.".into()),
+                None,
             ),
             EnvelopeError::RestrictedOperation => (
                 ERRCODE_INSUFFICIENT_PRIVILEGE,

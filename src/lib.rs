@@ -15,6 +15,7 @@ mod catalog;
 mod error;
 mod guards;
 mod gucs;
+mod lifecycle;
 mod nothrow;
 mod status;
 mod tenancy;
@@ -53,6 +54,7 @@ extension_sql_file!("../sql/encrypted_types.sql", name = "encrypted_types", requ
 
 extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["encrypted_types", tenancy::belongs_to]);
 extension_sql_file!("../sql/plaintext_guards.sql", name = "plaintext_guards", requires = ["encrypted_types"]);
+extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["encrypted_types", lifecycle::key_version]);
 
 extension_sql!(
     r#"
@@ -64,6 +66,7 @@ REVOKE ALL ON FUNCTION revoke_tenant(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION add_key_provider(text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION verify_provider(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rewrap_tenant(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION rotate_data_key(text) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

@@ -1,6 +1,7 @@
 """Upgrade from the installed release: 0.1.0, built from its commit, writes data; the current build
 replaces the library, `ALTER EXTENSION pg_envelope UPDATE` runs, and everything 0.1.0 wrote still
-decrypts, re-encrypts and moves between root keys, with the grants it had. The updated schema is
+decrypts, re-encrypts, moves between root keys and rotates to a new data key version (values
+re-encrypted under it), with the grants it had. The updated schema is
 the same as a fresh install's.
 
 The test runs its own cluster (127.0.0.1:54317). The library file is shared by every cluster of
@@ -155,9 +156,18 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
             assert c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0] != stored
             # Root-level rotation: re-wrap a tenant of 0.1.0 under the (current) root key.
             c.execute("SELECT envelope.rewrap_tenant('acme', 'local')")
+            # Data-key rotation of a tenant created by 0.1.0: version 2 for new writes.
+            assert c.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0] == 2
         with connect(PORT, "upgraded", user="upg_app") as c:
             with c.transaction():
                 c.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+                assert c.execute("SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)) FROM t WHERE tenant = 'acme'").fetchone()[0] == before["acme"][0]
+                # Re-encrypt every acme value under the new version; the plaintexts stay the same.
+                assert c.execute("SELECT count(*) FROM t WHERE tenant = 'acme' AND envelope.key_version(email) = 1").fetchone()[0] == 100
+                c.execute("UPDATE t SET email = email::text, n = n::int8,"
+                          " blob = envelope.encrypt_field(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 't.blob/' || id)"
+                          " WHERE tenant = 'acme'")
+                assert c.execute("SELECT count(*) FROM t WHERE tenant = 'acme' AND envelope.key_version(email) = 2 AND envelope.key_version(blob) = 2").fetchone()[0] == 100
                 assert c.execute("SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)) FROM t WHERE tenant = 'acme'").fetchone()[0] == before["acme"][0]
 
         # 3. The updated extension is the same as a fresh install.

@@ -5,6 +5,7 @@
 //! * [`wrap`]: wrapping keys under keys (DEKs under tenant keys; `local` root wrapping).
 //! * [`provider`]: the root-of-trust trait and the `local` provider.
 //! * [`KeyCache`]: per-backend cache of unwrapped tenant keys with a TTL.
+//! * [`lifecycle`]: new data key versions (rotation).
 //! * [`BackendRng`]: the per-process, fork-aware nonce generator.
 //! * [`SecretKey`]: key bytes that zeroize on drop and cannot be printed.
 //! * [`secure`]: the key pool (no core dumps, mlock, wiped slots) and the stack wipe.
@@ -13,6 +14,7 @@
 pub mod cache;
 pub mod datakey;
 pub mod envelope;
+pub mod lifecycle;
 pub mod provider;
 pub mod rng;
 pub mod secret;
