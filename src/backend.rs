@@ -56,11 +56,50 @@ pub fn note_keys_used() {
 /// stack, whether it committed or failed.
 pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
-    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE)
-        && KEYS_USED.with(|k| k.replace(false))
-    {
+    let ended = matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE);
+    // A transaction that changed keys or grants and aborted: this backend may have cached what
+    // it saw of its own uncommitted changes (a data key version that now exists nowhere, a grant
+    // that never was). Forget everything; the next use reloads committed state.
+    if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) && KEYS_CHANGED.with(|k| k.get()) {
+        forget_everything();
+    }
+    if ended {
+        KEYS_CHANGED.with(|k| k.set(false));
+    }
+    if ended && KEYS_USED.with(|k| k.replace(false)) {
         pg_envelope_core::secure::wipe_stack();
     }
+}
+
+/// Registered in `_PG_init`: `ROLLBACK TO SAVEPOINT` over a key or grant change forgets what
+/// this backend cached since, like an aborted transaction (see [`on_xact_end`]).
+pub unsafe extern "C-unwind" fn on_subxact_end(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && KEYS_CHANGED.with(|k| k.get()) {
+        forget_everything();
+    }
+}
+
+thread_local! {
+    /// Set when this transaction changed keys or grants (`invalidate_after_commit`).
+    static KEYS_CHANGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Drops every cached key (wiped), tenant directory entry and role memo of this backend.
+fn forget_everything() {
+    BACKEND.with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut() {
+            if let Some(b) = slot.as_mut() {
+                b.cache.clear();
+                b.directory.clear();
+                b.privs.clear();
+            }
+        }
+    });
 }
 
 /// The OID of `envelope.grant_anchor` in this database, once known (0 before).
@@ -166,7 +205,11 @@ pub fn bump_epoch() {
 /// and drops this backend's own cache right away.
 pub fn invalidate_after_commit() {
     thread_local! { static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
-    with_backend(|b| b.cache.clear());
+    KEYS_CHANGED.with(|k| k.set(true));
+    with_backend(|b| {
+        b.cache.clear();
+        b.directory.clear();
+    });
     if !REGISTERED.with(|r| r.replace(true)) {
         // Other backends learn of the change from the epoch bumped at this backend's commit.
         // A prepared transaction commits elsewhere (COMMIT PREPARED), so no bump would follow:

@@ -193,6 +193,14 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                     let version: i32 = r.get(1).ok_or_else(|| missing("version"))?;
                     let wrapped: Vec<u8> = r.get(2).ok_or_else(|| missing("wrapped_key"))?;
                     if r.get::<bool>(3).unwrap_or(false) {
+                        if active.is_some() {
+                            // The key tables were altered (the one-active index dropped): fail
+                            // closed rather than pick one.
+                            return Err(EnvelopeError::CorruptKeys {
+                                tenant: tenant.to_string(),
+                                detail: "more than one data key version is active".into(),
+                            });
+                        }
                         active = Some(version as u32);
                     }
                     Ok(WrappedDek { version: version as u32, wrapped })

@@ -56,6 +56,17 @@ pub enum EnvelopeError {
     Internal(String),
 }
 
+/// A tenant (or role) name as shown in a message: control characters escaped, at most 128
+/// characters. Names come from callers and settings; a message must not carry a megabyte of one
+/// or let it forge log lines.
+fn shown(name: &str) -> String {
+    let mut out: String = name.chars().take(128).flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+    if name.chars().count() > 128 {
+        out.push('…');
+    }
+    out
+}
+
 impl EnvelopeError {
     pub fn from_load(tenant: &str, provider: &str, e: LoadError) -> Self {
         match e {
@@ -78,19 +89,19 @@ impl EnvelopeError {
             ),
             EnvelopeError::TenantUnknown { tenant } => (
                 ERRCODE_UNDEFINED_OBJECT,
-                format!("pg_envelope: tenant \"{tenant}\" does not exist"),
+                format!("pg_envelope: tenant \"{}\" does not exist", shown(tenant)),
                 None,
                 Some("A key administrator creates it with SELECT envelope.create_tenant('<tenant>').".into()),
             ),
             EnvelopeError::TenantDenied { tenant, role } => (
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("pg_envelope: role \"{role}\" may not use the keys of tenant \"{tenant}\""),
+                format!("pg_envelope: role \"{}\" may not use the keys of tenant \"{}\"", shown(role), shown(tenant)),
                 Some("Setting the tenant is not proof of identity: the role must be granted the tenant. Superusers are not exempt.".into()),
-                Some(format!("A key administrator runs SELECT envelope.grant_tenant('{tenant}', '<role>').")),
+                Some(format!("A key administrator runs SELECT envelope.grant_tenant('{}', '<role>').", shown(tenant))),
             ),
             EnvelopeError::TenantExists { tenant } => (
                 ERRCODE_DUPLICATE_OBJECT,
-                format!("pg_envelope: tenant \"{tenant}\" already exists"),
+                format!("pg_envelope: tenant \"{}\" already exists", shown(tenant)),
                 None,
                 Some("create_tenant never replaces keys; pick another name, or rotate the existing tenant's keys.".into()),
             ),
@@ -152,7 +163,7 @@ impl EnvelopeError {
             }
             EnvelopeError::KeyCheckMismatch { tenant, provider } => (
                 ERRCODE_DATA_EXCEPTION,
-                format!("pg_envelope: key provider \"{provider}\" returned a different key for tenant \"{tenant}\""),
+                format!("pg_envelope: key provider \"{provider}\" returned a different key for tenant \"{}\"", shown(tenant)),
                 Some("The tenant key's check value does not match: the root key behind the provider's key name was replaced. Nothing was decrypted.".into()),
                 Some("Point the provider back at the original key (or key version), then retry.".into()),
             ),
@@ -164,7 +175,7 @@ impl EnvelopeError {
             ),
             EnvelopeError::CorruptKeys { tenant, detail } => (
                 ERRCODE_DATA_CORRUPTED,
-                format!("pg_envelope: the stored keys of tenant \"{tenant}\" are damaged: {detail}"),
+                format!("pg_envelope: the stored keys of tenant \"{}\" are damaged: {detail}", shown(tenant)),
                 None,
                 Some("Restore envelope.tenants and envelope.data_keys from a backup.".into()),
             ),

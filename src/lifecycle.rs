@@ -19,8 +19,9 @@ use crate::error::{EnvelopeError, OrRaise, Result};
 #[pg_extern(immutable, parallel_safe, strict)]
 fn key_version(value: &[u8]) -> i32 {
     match Envelope::parse(value) {
-        Ok(env) => env.dek_version as i32,
-        Err(_) => EnvelopeError::NotAnEnvelope.raise(),
+        // Versions are 1..=i32::MAX (envelope.data_keys); anything else was never written by us.
+        Ok(env) if env.dek_version >= 1 && env.dek_version <= i32::MAX as u32 => env.dek_version as i32,
+        _ => EnvelopeError::NotAnEnvelope.raise(),
     }
 }
 

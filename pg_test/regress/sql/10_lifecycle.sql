@@ -41,10 +41,47 @@ SELECT * FROM dblink_get_result('peer') AS t(done int);
 SELECT count(*) FILTER (WHERE d.state = 'active') AS active, max(d.version) AS newest, count(*) AS versions
   FROM envelope.data_keys d JOIN envelope.tenants t ON t.id = d.tenant_id WHERE t.name = 'rot_a';
 SELECT string_agg(v::text || '/' || envelope.decrypt_field(b, 'rot.b'), ',' ORDER BY id) AS all_still_decrypt FROM rot;
+-- A rotation rolled back changes nothing, also in the backend that made it (which may have used
+-- the uncommitted version meanwhile): later writes use a committed version.
+SELECT max(d.version) AS before_rollback FROM envelope.data_keys d JOIN envelope.tenants t ON t.id = d.tenant_id WHERE t.name = 'rot_a';
+BEGIN;
+SELECT envelope.rotate_data_key('rot_a') AS uncommitted;
+SELECT envelope.key_version(envelope.encrypt_field('inside')) AS used_inside;
+ROLLBACK;
+SELECT envelope.key_version(envelope.encrypt_field('after rollback')) AS after_rollback;
+BEGIN;
+SAVEPOINT s;
+SELECT envelope.rotate_data_key('rot_a') AS uncommitted;
+SELECT envelope.key_version(envelope.encrypt_field('inside')) AS used_inside;
+ROLLBACK TO SAVEPOINT s;
+SELECT envelope.key_version(envelope.encrypt_field('after rollback to')) AS after_rollback_to;
+COMMIT;
+-- A grant rolled back is forgotten too.
+BEGIN;
+SELECT envelope.grant_tenant('rot_a', 'regress_other') AS granted_uncommitted;
+SET LOCAL ROLE regress_other;
+SELECT envelope.key_version(envelope.encrypt_field('x')) AS other_inside;
+ROLLBACK;
+SET ROLE regress_other;
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('x')$$) AS other_after_rollback;
+RESET ROLE;
+-- Two active versions (the one-active index dropped by hand) fail closed.
+BEGIN;
+DROP INDEX envelope.data_keys_one_active;
+UPDATE envelope.data_keys d SET state = 'active' FROM envelope.tenants t WHERE t.id = d.tenant_id AND t.name = 'rot_a';
+SELECT envelope.grant_tenant('rot_a', current_user) IS NOT NULL AS invalidate;
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('x')$$) AS two_active_versions;
+ROLLBACK;
+SELECT envelope.key_version(envelope.encrypt_field('x')) > 0 AS intact_after_rollback;
 -- Bad input and privileges.
 SELECT sqlstate_of($$SELECT envelope.rotate_data_key('no_such_tenant')$$) AS unknown_tenant;
 SELECT sqlstate_of($$SELECT envelope.key_version('\x0102'::bytea)$$) AS not_an_envelope;
 SELECT envelope.key_version(NULL::bytea) IS NULL AS null_in_null_out;
+-- A well-formed header naming version 0 or 2^32-1 was never written by pg_envelope.
+SELECT sqlstate_of(format($$SELECT envelope.key_version('\x%s'::bytea)$$,
+       '0201' || '00000001' || 'ffffffff' || repeat('00', 76))) AS version_out_of_range;
+-- Names are shown escaped and shortened in messages.
+SELECT sqlstate_of($$SELECT envelope.rotate_data_key(E'bad\nname' || repeat('x', 300))$$) AS long_name;
 SET ROLE regress_app;
 SELECT sqlstate_of($$SELECT envelope.rotate_data_key('rot_a')$$) AS not_a_key_admin;
 RESET ROLE;
