@@ -41,8 +41,8 @@ fn has_encrypted_columns(relid: pg_sys::Oid) -> bool {
                          WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc))",
         &[relid.into()],
     )
-    .ok()
-    .flatten()
+    // Fail closed: if the check cannot run, the concurrent build does not either.
+    .unwrap_or_else(|e| crate::error::EnvelopeError::Internal(format!("catalog query failed: {e}")).raise())
     .unwrap_or(false)
 }
 
