@@ -115,4 +115,32 @@ pub trait KeyProvider: Send {
     /// Unwraps a tenant key. Each call is one "root-key unwrap" (one KMS round trip for remote
     /// providers); the key cache exists to keep their number at one per tenant per TTL.
     fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError>;
+
+    /// The root key version a wrapped tenant key was made under, where the provider can tell
+    /// without a KMS call (Transit: `v3` from `vault:v3:...`; AWS KMS and PKCS#11: the key id or
+    /// label configured now, since their blobs do not say). `None`: unknown. Never secret.
+    fn root_version_of(&self, _wrapped: &[u8]) -> Option<String> {
+        None
+    }
+
+    /// The newest root key version the provider would wrap under now (Transit: the key's
+    /// `latest_version`, one KMS call; AWS KMS: the configured key id; PKCS#11: the configured
+    /// key label; local: `None`). A tenant whose `root_version_of` differs is due for a rewrap.
+    fn current_root_version(&mut self) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Re-wraps a tenant key under the newest root key version, bound to the same `ctx`.
+    /// Through the KMS's own re-encrypt primitive where it has one (Transit `rewrap`, AWS
+    /// `ReEncrypt`), so the tenant key never leaves the KMS in the clear; otherwise unwrap and
+    /// wrap again in this process (the default).
+    fn rewrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<Vec<u8>, ProviderError> {
+        let key = self.unwrap_tenant_key(ctx, wrapped)?;
+        self.wrap_tenant_key(ctx, &key)
+    }
+
+    /// Whether [`KeyProvider::rewrap_tenant_key`] keeps the tenant key inside the KMS.
+    fn rewraps_inside_kms(&self) -> bool {
+        false
+    }
 }
