@@ -5,7 +5,8 @@
 #   scripts/kms.sh stop-openbao
 #
 # Writes, readable by the postgres user:
-#   $PGE_STATE/openbao/token        a token limited to transit encrypt/decrypt on pg-root (0600)
+#   $PGE_STATE/openbao/token        a token limited to transit encrypt/decrypt and key metadata
+#                                   read on pg-root* (0600)
 #   $PGE_STATE/openbao/role-id, secret-id   AppRole credentials with the same policy (0600)
 #   $PGE_STATE/openbao/ca.pem      the dev server's CA
 #   $PGE_STATE/openbao/env          BAO_ADDR, BAO_CACERT, BAO_TOKEN_FILE, BAO_ROOT_TOKEN_FILE
@@ -19,6 +20,18 @@ BAO_PORT="${PGE_BAO_PORT:-8200}"
 BAO_ADDR="https://127.0.0.1:$BAO_PORT"
 
 install_bao() { pge_ensure_bao; }
+
+# The pg-envelope ACL policy, as the JSON body of PUT sys/policies/acl/pg-envelope, for the
+# Transit key name (or glob) $1: wrap (encrypt), unwrap (decrypt), and read the key's metadata
+# (latest_version, for root-key rotation; no key material). Nothing else: no rotate, config,
+# export, backup or delete; no rewrap either (the provider rewraps with decrypt + encrypt,
+# since Transit's rewrap cannot open ciphertexts bound with associated_data).
+bao_policy_json() {
+  python3 -c 'import json, sys
+k = sys.argv[1]
+rules = [("encrypt", "update"), ("decrypt", "update"), ("keys", "read")]
+print(json.dumps({"policy": "\n".join(f"path \"transit/{p}/{k}\" {{ capabilities = [\"{c}\"] }}" for p, c in rules)}))' "$1"
+}
 
 api() { # method path [json]
   local root; root="$(cat "$BAO_DIR/root-token")"
@@ -44,7 +57,7 @@ start_openbao() {
   api POST sys/mounts/transit '{"type":"transit"}' >/dev/null
   api POST transit/keys/pg-root '{"type":"aes256-gcm96"}' >/dev/null
   api POST transit/keys/pg-root-2 '{"type":"aes256-gcm96"}' >/dev/null
-  api PUT sys/policies/acl/pg-envelope '{"policy":"path \"transit/encrypt/pg-root*\" { capabilities = [\"update\"] }\npath \"transit/decrypt/pg-root*\" { capabilities = [\"update\"] }"}' >/dev/null
+  api PUT sys/policies/acl/pg-envelope "$(bao_policy_json 'pg-root*')" >/dev/null
   local token
   token="$(api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"24h","no_default_policy":true}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')"
   (umask 077; printf '%s\n' "$token" > "$BAO_DIR/token")
@@ -127,7 +140,7 @@ HCL
     wait_baop 200
     baop_api POST sys/mounts/transit '{"type":"transit"}' >/dev/null
     baop_api POST transit/keys/pg-root '{"type":"aes256-gcm96"}' >/dev/null
-    baop_api PUT sys/policies/acl/pg-envelope '{"policy":"path \"transit/encrypt/pg-root\" { capabilities = [\"update\"] }\npath \"transit/decrypt/pg-root\" { capabilities = [\"update\"] }"}' >/dev/null
+    baop_api PUT sys/policies/acl/pg-envelope "$(bao_policy_json 'pg-root')" >/dev/null
     (umask 077; baop_api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"768h","no_default_policy":true}' |
       python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])' > "$BAOP_DIR/token")
     as_root chown postgres:postgres "$BAOP_DIR/token"
@@ -135,6 +148,9 @@ HCL
     wait_baop 503
     curl -sS --fail-with-body -X PUT "$BAOP_ADDR/v1/sys/unseal" -d "{\"key\":\"$(cat "$BAOP_DIR/unseal-key")\"}" >/dev/null
     wait_baop 200
+    # Written again on every start (a PUT replaces it): a server initialised by an older
+    # version of this script gets the current policy; its token, which names it, follows.
+    baop_api PUT sys/policies/acl/pg-envelope "$(bao_policy_json 'pg-root')" >/dev/null
   fi
   echo "OpenBao (persistent, raft) at $BAOP_ADDR"
 }

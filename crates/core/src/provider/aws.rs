@@ -261,6 +261,53 @@ impl KeyProvider for AwsKmsProvider {
         super::wipe_json(&mut v);
         key
     }
+
+    /// The configured `key_id`, whatever the blob. An AWS KMS ciphertext blob names its key
+    /// only in an undocumented format, so this cannot tell which key (or key material) a blob
+    /// was made under: the caller must record the version it wrapped under (this value, or
+    /// [`KeyProvider::current_root_version`], at wrap time) and compare that, not this.
+    fn root_version_of(&self, _wrapped: &[u8]) -> Option<String> {
+        Some(self.opts.key_id.clone())
+    }
+
+    /// The configured `key_id` (no KMS call). Rotating the root key means pointing `key_id`
+    /// at a new KMS key; the material rotation AWS does inside one key (`EnableKeyRotation`)
+    /// needs no rewrap: KMS keeps all older key material.
+    fn current_root_version(&mut self) -> Result<Option<String>, ProviderError> {
+        Ok(Some(self.opts.key_id.clone()))
+    }
+
+    /// `ReEncrypt` to the configured `key_id`, with the tenant's encryption context as both
+    /// source and destination context: KMS decrypts with the key the blob names (after a
+    /// `key_id` change, the old key) and encrypts under `key_id`, and the tenant key never
+    /// leaves KMS. A blob bound to another tenant or key id fails ([`ProviderError::UnwrapFailed`]).
+    /// The caller needs `kms:ReEncryptFrom` on the old key and `kms:ReEncryptTo` on the new
+    /// one; once every tenant is rewrapped, the old key can be disabled.
+    ///
+    /// No `SourceKeyId` is sent (the provider does not know the old key), so KMS decrypts with
+    /// any key the blob names that the caller may `ReEncryptFrom`: scope that permission to
+    /// your own keys (unlike `Decrypt`, which is pinned to `key_id`).
+    fn rewrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<Vec<u8>, ProviderError> {
+        if wrapped.is_empty() || wrapped.len() > 6144 {
+            return Err(ProviderError::UnwrapFailed);
+        }
+        let context = Self::context(ctx);
+        let body = json!({
+            "CiphertextBlob": B64.encode(wrapped),
+            "SourceEncryptionContext": context,
+            "DestinationKeyId": self.opts.key_id,
+            "DestinationEncryptionContext": context,
+        });
+        let v = self.call("ReEncrypt", body)?;
+        let blob =
+            v["CiphertextBlob"].as_str().ok_or_else(|| ProviderError::Unavailable("ReEncrypt returned no CiphertextBlob".into()))?;
+        B64.decode(blob).map_err(|_| ProviderError::Unavailable("ReEncrypt returned a malformed CiphertextBlob".into()))
+    }
+
+    /// `true`: `ReEncrypt` runs inside KMS.
+    fn rewraps_inside_kms(&self) -> bool {
+        true
+    }
 }
 
 
@@ -272,7 +319,7 @@ fn classify_error(code: u16, kind: &str, msg: &str, target: &str, where_: &str) 
         // "The ciphertext refers to a customer master key that does not exist ... or you
         // are not allowed to access": how KMS (and moto) answer a ciphertext that is
         // not one of theirs. A policy denial says "... is not authorized to perform".
-        (400, "AccessDeniedException") if target == "Decrypt" && !msg.contains("not authorized to perform") => {
+        (400, "AccessDeniedException") if matches!(target, "Decrypt" | "ReEncrypt") && !msg.contains("not authorized to perform") => {
             ProviderError::UnwrapFailed
         }
         (_, "UnrecognizedClientException" | "InvalidSignatureException" | "AccessDeniedException" | "ExpiredTokenException")
@@ -308,6 +355,24 @@ mod tests {
         assert!(matches!(classify_error(400, "ThrottlingException", "", "Decrypt", w), ProviderError::Unavailable(_)));
         assert!(matches!(classify_error(503, "", "", "Decrypt", w), ProviderError::Unavailable(_)));
         assert!(matches!(classify_error(403, "", "<xml>", "Decrypt", w), ProviderError::Denied(_)));
+    }
+
+    #[test]
+    fn reencrypt_errors_and_root_versions() {
+        let w = "https://kms.example ReEncrypt";
+        let foreign = "The ciphertext refers to a customer master key that does not exist, does not exist in this region, or you are not allowed to access.";
+        assert_eq!(classify_error(400, "AccessDeniedException", foreign, "ReEncrypt", w), ProviderError::UnwrapFailed);
+        assert_eq!(classify_error(400, "InvalidCiphertextException", "", "ReEncrypt", w), ProviderError::UnwrapFailed);
+        let denial = "User: arn:aws:iam::123456789012:user/db is not authorized to perform: kms:ReEncryptTo on resource: arn:aws:kms:us-east-1:123456789012:key/k";
+        assert!(matches!(classify_error(400, "AccessDeniedException", denial, "ReEncrypt", w), ProviderError::Denied(_)));
+        assert!(matches!(classify_error(400, "DisabledException", "key is disabled", "ReEncrypt", w), ProviderError::Misconfigured(_)));
+
+        let o = AwsKmsOptions::from_json(&json!({"key_id": "alias/pg-root", "region": "us-east-1"})).unwrap();
+        let mut p = AwsKmsProvider::new(o, Duration::from_secs(1)).unwrap();
+        assert_eq!(p.current_root_version().unwrap().as_deref(), Some("alias/pg-root"));
+        assert_eq!(p.root_version_of(b"anything").as_deref(), Some("alias/pg-root"));
+        assert!(p.rewraps_inside_kms());
+        assert_eq!(p.rewrap_tenant_key(&KeyContext { tenant: "t", tenant_key_id: 1 }, b""), Err(ProviderError::UnwrapFailed));
     }
 
     #[test]

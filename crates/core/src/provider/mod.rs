@@ -117,8 +117,10 @@ pub trait KeyProvider: Send {
     fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError>;
 
     /// The root key version a wrapped tenant key was made under, where the provider can tell
-    /// without a KMS call (Transit: `v3` from `vault:v3:...`; AWS KMS and PKCS#11: the key id or
-    /// label configured now, since their blobs do not say). `None`: unknown. Never secret.
+    /// without a KMS call (Transit: `v3` from `vault:v3:...`). AWS KMS: the key id configured
+    /// now, whatever the blob (its blobs do not name their key portably); PKCS#11 and local:
+    /// `None`. Where the blob does not say, the caller must record the version it wrapped under
+    /// ([`KeyProvider::current_root_version`] at wrap time). `None`: unknown. Never secret.
     fn root_version_of(&self, _wrapped: &[u8]) -> Option<String> {
         None
     }
@@ -131,9 +133,11 @@ pub trait KeyProvider: Send {
     }
 
     /// Re-wraps a tenant key under the newest root key version, bound to the same `ctx`.
-    /// Through the KMS's own re-encrypt primitive where it has one (Transit `rewrap`, AWS
+    /// Through the KMS's own re-encrypt primitive where it has one that keeps the binding (AWS
     /// `ReEncrypt`), so the tenant key never leaves the KMS in the clear; otherwise unwrap and
-    /// wrap again in this process (the default).
+    /// wrap again in this process (the default; Transit too, whose `rewrap` cannot open a
+    /// ciphertext bound with `associated_data`). A blob that does not unwrap for `ctx` fails
+    /// with [`ProviderError::UnwrapFailed`].
     fn rewrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<Vec<u8>, ProviderError> {
         let key = self.unwrap_tenant_key(ctx, wrapped)?;
         self.wrap_tenant_key(ctx, &key)

@@ -203,6 +203,25 @@ impl KeyProvider for Pkcs11Provider {
         pt.zeroize();
         key
     }
+
+    /// `None`: the stored form (`0x01 || iv || ciphertext+tag`) does not name the HSM key, so
+    /// the caller must record the label it wrapped under.
+    fn root_version_of(&self, _wrapped: &[u8]) -> Option<String> {
+        None
+    }
+
+    /// The configured `key_label` (no HSM call). Rotating the root key means a new key under
+    /// a new label and a provider pointing at it.
+    fn current_root_version(&mut self) -> Result<Option<String>, ProviderError> {
+        Ok(Some(self.opts.key_label.clone()))
+    }
+
+    // rewrap_tenant_key: the trait's default (unwrap, then wrap again in this process). This
+    // provider sees one key, so a rewrap re-wraps under the same label with a fresh IV; moving
+    // tenants to a new label is unwrap with the old provider and wrap with the new one. An
+    // in-HSM rewrap (C_UnwrapKey into a session object, C_WrapKey under the new key) would need
+    // CKM_AES_GCM for wrapping, which SoftHSM2 (2.6.1) does not offer (only CKM_AES_KEY_WRAP
+    // and _PAD, which bind no associated data). rewraps_inside_kms: the default, false.
 }
 
 #[cfg(test)]
@@ -218,5 +237,14 @@ mod tests {
         assert!(e.contains("pin_file") && !e.contains("1234"), "{e}");
         assert!(Pkcs11Options::from_json(&json!({"module": "m.so", "token_label": "t", "key_label": "k", "pin_file": "/p"})).is_err());
         assert!(Pkcs11Options::from_json(&json!({"module": "/m.so", "token_label": "t", "key_label": "k", "pin_file": "/p"})).is_ok());
+    }
+
+    #[test]
+    fn root_versions_are_the_label_and_unknown() {
+        let o = Pkcs11Options::from_json(&json!({"module": "/m.so", "token_label": "t", "key_label": "pg-kek", "pin_file": "/p"})).unwrap();
+        let mut p = Pkcs11Provider::new(o);
+        assert_eq!(p.current_root_version().unwrap().as_deref(), Some("pg-kek"));
+        assert_eq!(p.root_version_of(&[FORMAT; WRAPPED_LEN]), None);
+        assert!(!p.rewraps_inside_kms());
     }
 }

@@ -258,15 +258,28 @@ impl VaultTransitProvider {
     }
 
     fn post(&mut self, op: &str, body: Value) -> Result<Value, ProviderError> {
+        self.call("POST", op, Some(body))
+    }
+
+    /// One Transit call on this provider's key: `POST <mount>/<op>/<key>` with a JSON body
+    /// (wiped after sending), or `GET <mount>/<op>/<key>` without one. The answer is read into a
+    /// wiped buffer; the caller wipes the parsed value where it holds a key.
+    fn call(&mut self, method: &str, op: &str, body: Option<Value>) -> Result<Value, ProviderError> {
         let mut token = self.token()?;
         let url = format!("{}/v1/{}/{}/{}", self.opts.url, self.opts.mount, op, self.opts.key);
-        let mut req = self.agent.post(&url).set("X-Vault-Token", &token).set("X-Vault-Request", "true");
+        let mut req = self.agent.request(method, &url).set("X-Vault-Token", &token).set("X-Vault-Request", "true");
         if let Some(ns) = &self.opts.namespace {
             req = req.set("X-Vault-Namespace", ns);
         }
-        let body = super::body_bytes(body);
-        let result = req.set("Content-Type", "application/json").send_bytes(&body);
-        drop(body);
+        let result = match body {
+            Some(body) => {
+                let body = super::body_bytes(body);
+                let r = req.set("Content-Type", "application/json").send_bytes(&body);
+                drop(body);
+                r
+            }
+            None => req.call(),
+        };
         token.zeroize();
         let where_ = format!("{} {}/{}", self.opts.url, self.opts.mount, op);
         match result {
@@ -280,7 +293,12 @@ impl VaultTransitProvider {
                     .and_then(|v| v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()))
                     .unwrap_or_default();
                 Err(match code {
-                    401 | 403 => ProviderError::Denied(format!("{where_}: HTTP {code} (token invalid, expired or not allowed) {detail}")),
+                    401 | 403 => ProviderError::Denied(format!(
+                        "{where_}: HTTP {code} (token invalid, expired or not allowed{}) {detail}",
+                        if op == "keys" { "; reading the key's latest version needs \"read\" on this path" } else { "" }
+                    )),
+                    // A ciphertext that does not open: another key, another tenant binding,
+                    // altered, or older than the key's min_decryption_version.
                     400 if op == "decrypt" => ProviderError::UnwrapFailed,
                     429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
                     _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
@@ -289,6 +307,16 @@ impl VaultTransitProvider {
             Err(ureq::Error::Transport(t)) => Err(transport_error(&where_, &t, self.timeout)),
         }
     }
+}
+
+/// The key version in a Transit ciphertext: `v3` from `vault:v3:<base64>`.
+fn transit_version(wrapped: &[u8]) -> Option<u32> {
+    let rest = std::str::from_utf8(wrapped).ok()?.strip_prefix("vault:v")?;
+    let (digits, _) = rest.split_once(':')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u32>().ok().filter(|v| *v > 0)
 }
 
 impl KeyProvider for VaultTransitProvider {
@@ -336,6 +364,45 @@ impl KeyProvider for VaultTransitProvider {
         super::wipe_json(&mut v);
         key
     }
+
+    /// `v3` from `vault:v3:...`; `None` for anything that is not a Transit ciphertext.
+    fn root_version_of(&self, wrapped: &[u8]) -> Option<String> {
+        transit_version(wrapped).map(|v| format!("v{v}"))
+    }
+
+    /// `v<latest_version>` of the Transit key (`GET <mount>/keys/<key>`: metadata only, no key
+    /// material). The token's policy needs `read` on that path; a refusal is
+    /// [`ProviderError::Denied`], never a silent "unknown".
+    fn current_root_version(&mut self) -> Result<Option<String>, ProviderError> {
+        let v = self.call("GET", "keys", None)?;
+        match v["data"]["latest_version"].as_u64() {
+            Some(n) if n > 0 => Ok(Some(format!("v{n}"))),
+            _ => Err(ProviderError::Unavailable(format!("{}/keys/{}: no latest_version in the answer", self.opts.mount, self.opts.key))),
+        }
+    }
+
+    /// Decrypts (bound to `ctx`) and encrypts again (bound to `ctx`, under the key's newest
+    /// version): two Transit calls, the tenant key in this process in between, as on every
+    /// unwrap.
+    ///
+    /// Not `transit/rewrap`: OpenBao's rewrap (2.7.2) has no `associated_data` parameter, nor
+    /// has HashiCorp Vault's (hashicorp/vault issues 29532 and 31791; pull request 31842 would
+    /// add it). It ignores one (a success answer warns "Endpoint ignored
+    /// these unrecognized parameters: [associated_data]") and decrypts without associated data,
+    /// so a tenant key wrapped here, which is always bound, fails with HTTP 400 "cipher: message
+    /// authentication failed", for the right tenant as for the wrong one. (It would rewrap a
+    /// ciphertext made without associated data, into one still without: a binding-free key.)
+    /// The `kms_contract` test `openbao_rewrap_endpoint_ignores_associated_data` pins that
+    /// behaviour, so a server that learns `associated_data` on rewrap shows up there.
+    fn rewrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<Vec<u8>, ProviderError> {
+        let key = self.unwrap_tenant_key(ctx, wrapped)?;
+        self.wrap_tenant_key(ctx, &key)
+    }
+
+    /// `false`: see [`VaultTransitProvider::rewrap_tenant_key`].
+    fn rewraps_inside_kms(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -364,5 +431,17 @@ mod tests {
         }
         let dev = json!({"url": "http://127.0.0.1:8200", "key": "k", "token_file": "/t", "allow_insecure_http": true});
         assert!(VaultTransitOptions::from_json(&dev).is_ok());
+    }
+
+    #[test]
+    fn root_version_is_read_from_the_ciphertext_prefix() {
+        let o = VaultTransitOptions::from_json(&json!({"url": "https://127.0.0.1:8200", "key": "k", "token_file": "/t"})).unwrap();
+        let p = VaultTransitProvider::new(o, Duration::from_secs(1)).unwrap();
+        assert_eq!(p.root_version_of(b"vault:v1:AAAA").as_deref(), Some("v1"));
+        assert_eq!(p.root_version_of(b"vault:v42:AAAA").as_deref(), Some("v42"));
+        for bad in [&b"vault:v:AAAA"[..], b"vault:v3", b"vault:vx:AA", b"vault:v-1:AA", b"vault:v0:AA", b"vault:v+3:AA", b"v3:AA", b"", b"\xffvault:v1:"] {
+            assert_eq!(p.root_version_of(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(!p.rewraps_inside_kms());
     }
 }
