@@ -99,21 +99,22 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
     let key_check = wrap::tenant_key_check(&kek);
     // Wrap, then prove the provider gives the same key back, before anything is stored under it.
     let name = tenant.to_string();
-    let (kek, wrapped_kek) = backend::interruptible(move || {
+    let (kek, wrapped_kek, root_version) = backend::interruptible(move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let wrapped = provider.wrap_tenant_key(&ctx, &kek)?;
         let back = provider.unwrap_tenant_key(&ctx, &wrapped)?;
         if wrap::tenant_key_check(&back) != wrap::tenant_key_check(&kek) {
             return Err(pg_envelope_core::ProviderError::UnwrapFailed);
         }
-        Ok((kek, wrapped))
+        let root_version = provider.root_version_of(&wrapped);
+        Ok((kek, wrapped, root_version))
     })
     .map_err(fail)?;
     let dek = SecretKey::generate().map_err(rng_err)?;
     let aad = wrap::WrapAad::DataKey { tenant, tenant_key_id: id, version: 1 };
     let wrapped_dek = wrap::wrap_key(&kek, &aad, &dek).map_err(rng_err)?;
     drop((kek, dek));
-    catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &key_check, &wrapped_dek)?;
+    catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &key_check, &wrapped_dek, root_version.as_deref())?;
     // Backends may remember that the name did not exist: tell them at commit.
     backend::invalidate_after_commit();
     Ok(id)
@@ -205,9 +206,10 @@ fn rewrap_tenant(tenant: &str, provider: &str) -> bool {
 }
 
 fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
-    let (id, old_name, wrapped, key_check) =
-        catalog::tenant_wrapping(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
-    let mut old = backend::build_provider(&old_name)?;
+    // Locked like every key change of a tenant: a concurrent rotation waits for it.
+    let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    let (id, old_name, wrapped, key_check) = (t.id, t.provider.clone(), t.wrapped_key, t.key_check);
+    let mut old = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let mut new = backend::build_provider(new_provider)?;
     let name = tenant.to_string();
     enum Failure {
@@ -215,7 +217,7 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         New(pg_envelope_core::ProviderError),
         OldKeyMismatch,
     }
-    let result = backend::interruptible(move || -> std::result::Result<Vec<u8>, Failure> {
+    let result = backend::interruptible(move || -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = old.unwrap_tenant_key(&ctx, &wrapped).map_err(Failure::Old)?;
         if wrap::tenant_key_check(&kek).as_slice() != key_check.as_slice() {
@@ -226,14 +228,15 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         if wrap::tenant_key_check(&back) != wrap::tenant_key_check(&kek) {
             return Err(Failure::New(pg_envelope_core::ProviderError::UnwrapFailed));
         }
-        Ok(rewrapped)
+        let root_version = new.root_version_of(&rewrapped);
+        Ok((rewrapped, root_version))
     });
-    let rewrapped = result.map_err(|f| match f {
+    let (rewrapped, root_version) = result.map_err(|f| match f {
         Failure::Old(error) => EnvelopeError::Provider { provider: old_name.clone(), error },
         Failure::New(error) => EnvelopeError::Provider { provider: new_provider.to_string(), error },
         Failure::OldKeyMismatch => EnvelopeError::KeyCheckMismatch { tenant: tenant.to_string(), provider: old_name.clone() },
     })?;
-    catalog::update_tenant_wrapping(tenant, new_provider, &rewrapped)?;
+    catalog::update_tenant_wrapping(tenant, new_provider, &rewrapped, root_version.as_deref())?;
     backend::invalidate_after_commit();
     Ok(())
 }

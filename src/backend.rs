@@ -14,7 +14,7 @@ use pg_envelope_core::provider::aws::{AwsKmsOptions, AwsKmsProvider};
 use pg_envelope_core::provider::pkcs11::{Pkcs11Options, Pkcs11Provider};
 use pg_envelope_core::provider::vault::{VaultTransitOptions, VaultTransitProvider};
 use pg_envelope_core::{
-    BackendRng, CacheEntry, DataKey, Envelope, Freshness, KeyCache, KeyProvider, LocalProvider, ProviderError, TenantKeys,
+    BackendRng, CacheEntry, DataKey, Envelope, Freshness, KeyCache, KeyProvider, LocalProvider, ProviderError, TenantKeys, VersionState,
 };
 use pgrx::prelude::*;
 use pgrx::PgAtomic;
@@ -147,6 +147,8 @@ pub struct Backend {
     directory: HashMap<String, Option<DirEntry>>,
     /// Role -> the roles whose privileges it has (PostgreSQL's privilege rule, no superuser shortcut).
     privs: HashMap<pg_sys::Oid, Vec<pg_sys::Oid>>,
+    /// Tenant key id -> tenant name, for key administration by envelope header (re-encryption).
+    names: HashMap<u32, Option<String>>,
 }
 
 thread_local! {
@@ -164,6 +166,7 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
             provider_calls: HashMap::new(),
             directory: HashMap::new(),
             privs: HashMap::new(),
+            names: HashMap::new(),
         });
         f(b)
     })
@@ -355,6 +358,7 @@ impl Backend {
         if e != self.epoch_seen {
             self.cache.clear();
             self.directory.clear();
+            self.names.clear();
             self.epoch_seen = e;
         }
         let g = ROLES_GENERATION.load(Ordering::Relaxed);
@@ -462,14 +466,49 @@ impl Backend {
         }
         // The grant check comes first: a denial never touches the key cache or the provider.
         self.check_grant(tenant, role)?;
-        f(self.tenant_keys_slow(tenant, role, now)?)
+        f(self.tenant_keys_slow(tenant, role, true, now)?)
+    }
+
+    /// Runs `f` with the keys of the tenant whose key id an envelope header names, for key
+    /// administration (re-encryption): no tenant grant is checked, and none is recorded, so a
+    /// later call by a role without the grant still meets the grant check. Only functions that
+    /// never return plaintext use this, and only key administrators may execute them. Everything
+    /// else holds as for [`Backend::with_tenant_keys`]: the epoch, the TTL, no key use in a
+    /// security-restricted operation.
+    pub fn with_tenant_keys_by_id<R>(&mut self, tenant_key_id: u32, f: impl FnOnce(&str, &mut TenantKeys) -> Result<R>) -> Result<R> {
+        if !PRELOADED.load(Ordering::Relaxed) {
+            return Err(EnvelopeError::NotPreloaded);
+        }
+        self.check_epoch();
+        if crate::nothrow::in_security_restricted_operation() {
+            return Err(EnvelopeError::RestrictedOperation);
+        }
+        note_keys_used();
+        if !self.names.contains_key(&tenant_key_id) {
+            let n = catalog::tenant_name_by_id(tenant_key_id)?;
+            if self.names.len() >= DIRECTORY_LIMIT {
+                self.names.clear();
+            }
+            self.names.insert(tenant_key_id, n);
+        }
+        let Some(name) = self.names[&tenant_key_id].clone() else {
+            return Err(EnvelopeError::TenantKeyIdUnknown { tenant_key_id });
+        };
+        let now = cache_now();
+        if let Some(entry) = self.cache.fresh_hit(&name, now) {
+            return f(&name, &mut entry.keys);
+        }
+        let keys = self.tenant_keys_slow(&name, pg_sys::InvalidOid, false, now)?;
+        f(&name, keys)
     }
 
     /// Everything but the hot path: a stale or missing entry, or a role not checked yet.
-    fn tenant_keys_slow(&mut self, tenant: &str, role: pg_sys::Oid, now: Instant) -> Result<&mut TenantKeys> {
+    /// `granted`: the caller checked `role`'s grant (recorded for the hot path); otherwise
+    /// nothing about roles is recorded.
+    fn tenant_keys_slow(&mut self, tenant: &str, role: pg_sys::Oid, granted: bool, now: Instant) -> Result<&mut TenantKeys> {
         let entry = match self.cache.freshness(tenant, now) {
             Freshness::Fresh => self.cache.hit(tenant).expect("fresh entry present"),
-            Freshness::Stale { age } => self.refresh_stale(tenant, role, now, age)?,
+            Freshness::Stale { age } => self.refresh_stale(tenant, now, age)?,
             Freshness::Missing => {
                 if let Some(f) = self.cache.cold_failure(tenant, now) {
                     // Backing off: fail at once rather than wait for the KMS again on every row.
@@ -482,7 +521,7 @@ impl Backend {
                         )),
                     });
                 }
-                match self.load_keys(tenant, role, now) {
+                match self.load_keys(tenant, now) {
                     Ok((keys, meta)) => self.cache.insert_loaded(tenant, keys, meta),
                     Err((e, Some((provider, transient)))) => {
                         let r = rand_u32();
@@ -493,8 +532,9 @@ impl Backend {
                 }
             }
         };
-        // The caller checked the grant.
-        entry.meta.last_allowed_role = role;
+        if granted {
+            entry.meta.last_allowed_role = role;
+        }
         Ok(&mut entry.keys)
     }
 
@@ -502,7 +542,7 @@ impl Backend {
     /// cached keys (degraded, with a WARNING once per statement) until `envelope.max_key_age`
     /// after the last successful unwrap, retrying with backoff. Any other failure (denied,
     /// different key, revoked grant) evicts the keys and fails closed.
-    fn refresh_stale(&mut self, tenant: &str, role: pg_sys::Oid, now: Instant, age: std::time::Duration) -> Result<&mut CacheEntry<TenantMeta>> {
+    fn refresh_stale(&mut self, tenant: &str, now: Instant, age: std::time::Duration) -> Result<&mut CacheEntry<TenantMeta>> {
         let max_age = gucs::max_key_age();
         let backing_off = self
             .cache
@@ -512,7 +552,7 @@ impl Backend {
         if age < max_age && backing_off {
             return Ok(self.serve_degraded(tenant));
         }
-        match self.load_keys(tenant, role, now) {
+        match self.load_keys(tenant, now) {
             Ok((keys, meta)) => Ok(self.cache.insert_loaded(tenant, keys, meta)),
             Err((_, Some((_, transient)))) if age < max_age => {
                 let r = rand_u32();
@@ -550,7 +590,6 @@ impl Backend {
     fn load_keys(
         &mut self,
         tenant: &str,
-        role: pg_sys::Oid,
         now: Instant,
     ) -> std::result::Result<(TenantKeys, TenantMeta), (EnvelopeError, Option<(String, ProviderError)>)> {
         let row = catalog::load_tenant(tenant)
@@ -560,7 +599,8 @@ impl Backend {
         *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
         let record = row.record;
         match interruptible(move || TenantKeys::load(provider.as_mut(), &record, now)) {
-            Ok(keys) => Ok((keys, TenantMeta { provider: row.provider, last_allowed_role: role })),
+            // The role is recorded by the caller once its grant is known to be checked.
+            Ok(keys) => Ok((keys, TenantMeta { provider: row.provider, last_allowed_role: pg_sys::InvalidOid })),
             Err(e) => {
                 self.cache.record_failed_unwrap();
                 let transient = match &e {
@@ -650,10 +690,51 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
             if env.tenant_key_id != keys.tenant_key_id() {
                 return Err(EnvelopeError::DecryptFailed);
             }
-            let dek = keys.version(env.dek_version).ok_or(EnvelopeError::DecryptFailed)?;
+            let dek = match keys.version(env.dek_version) {
+                Some(dek) => dek,
+                None => return Err(unusable_version(tenant, keys, env.dek_version)),
+            };
             let mut out = B::zeroed(env.plaintext_len());
             dek.decrypt_into(tenant, context, &env, out.bytes_mut())
                 .map_err(|_| EnvelopeError::DecryptFailed)?;
+            Ok(out)
+        })
+    })
+}
+
+/// The error for a value under a version whose key is not loaded: disabled or destroyed (clear
+/// errors, for a role that holds the tenant's grant), or the opaque failure for anything else.
+fn unusable_version(tenant: &str, keys: &TenantKeys, version: u32) -> EnvelopeError {
+    match keys.version_state(version) {
+        Some(VersionState::Disabled) => EnvelopeError::DataKeyDisabled { tenant: tenant.to_string(), version },
+        Some(VersionState::Destroyed) => EnvelopeError::DataKeyDestroyed { tenant: tenant.to_string(), version },
+        None => EnvelopeError::DecryptFailed,
+    }
+}
+
+/// Whether a stored value is under a data key version other than its tenant's active one (read
+/// from its header; the tenant comes from the header too). Key administration only.
+pub fn needs_reencryption(envelope: &[u8]) -> Result<bool> {
+    let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::NotAnEnvelope)?;
+    with_backend(|b| b.with_tenant_keys_by_id(env.tenant_key_id, |_, keys| Ok(env.dek_version != keys.active_version())))
+}
+
+/// Re-encrypts a stored value under its tenant's active data key, with the same context: the
+/// tenant comes from the header, no grant is checked (key administration only) and the
+/// plaintext lives only in a wiped buffer inside this call.
+pub fn reencrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
+    let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::NotAnEnvelope)?;
+    with_backend(|b| {
+        b.with_tenant_keys_by_id(env.tenant_key_id, |tenant, keys| {
+            let dek = match keys.version(env.dek_version) {
+                Some(dek) => dek,
+                None => return Err(unusable_version(tenant, keys, env.dek_version)),
+            };
+            let mut plain = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
+            dek.decrypt_into(tenant, context, &env, &mut plain).map_err(|_| EnvelopeError::DecryptFailed)?;
+            let mut out = B::zeroed(pg_envelope_core::envelope_len(plain.len()));
+            let active = keys.active();
+            BACKEND_RNG.with(|r| active.encrypt_into(&mut *r.borrow_mut(), tenant, context, &plain, out.bytes_mut()));
             Ok(out)
         })
     })

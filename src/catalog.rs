@@ -6,7 +6,7 @@
 //! management, never per row, so the hot path pays nothing for it. Who may call what is decided
 //! by EXECUTE grants on the SQL functions and by `envelope.tenant_grants`, checked in Rust.
 
-use pg_envelope_core::{TenantRecord, WrappedDek};
+use pg_envelope_core::{TenantRecord, VersionState, WrappedDek};
 use pgrx::prelude::*;
 
 use crate::error::{EnvelopeError, Result};
@@ -185,14 +185,28 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
             };
             let key_check: [u8; 32] = key_check.try_into().map_err(|_| missing("key_check"))?;
             let mut active = None;
+            let mut unusable = Vec::new();
             let deks = select_latest(
-                c"SELECT version, wrapped_key, state = 'active' FROM envelope.data_keys
-                   WHERE tenant_id = $1 AND state <> 'revoked' ORDER BY version",
+                c"SELECT version, wrapped_key, state FROM envelope.data_keys WHERE tenant_id = $1 ORDER BY version",
                 &[Arg::Int4(id)],
                 |r| {
                     let version: i32 = r.get(1).ok_or_else(|| missing("version"))?;
+                    let state: String = r.get(3).ok_or_else(|| missing("state"))?;
+                    // Disabled (and 0.1.0's never-used 'revoked') and destroyed versions: no key
+                    // is loaded, only the reason, for a clear error.
+                    match state.as_str() {
+                        "active" | "retired" => {}
+                        "destroyed" => {
+                            unusable.push((version as u32, VersionState::Destroyed));
+                            return Ok(None);
+                        }
+                        _ => {
+                            unusable.push((version as u32, VersionState::Disabled));
+                            return Ok(None);
+                        }
+                    }
                     let wrapped: Vec<u8> = r.get(2).ok_or_else(|| missing("wrapped_key"))?;
-                    if r.get::<bool>(3).unwrap_or(false) {
+                    if state == "active" {
                         if active.is_some() {
                             // The key tables were altered (the one-active index dropped): fail
                             // closed rather than pick one.
@@ -203,9 +217,10 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                         }
                         active = Some(version as u32);
                     }
-                    Ok(WrappedDek { version: version as u32, wrapped })
+                    Ok(Some(WrappedDek { version: version as u32, wrapped }))
                 },
             )?;
+            let deks: Vec<WrappedDek> = deks.into_iter().flatten().collect();
             Ok(Some(TenantRow {
                 record: TenantRecord {
                     tenant: tenant.to_string(),
@@ -214,6 +229,7 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                     tenant_key_check: Some(key_check),
                     active_dek_version: active.unwrap_or(0),
                     deks,
+                    unusable,
                 },
                 provider,
                 provider_kind,
@@ -365,36 +381,15 @@ pub fn insert_provider(name: &str, kind: &str, options_json: &str) -> Result<()>
     })
 }
 
-/// The wrapped tenant key, its id and check value, for re-wrapping.
-pub fn tenant_wrapping(tenant: &str) -> Result<Option<(u32, String, Vec<u8>, Vec<u8>)>> {
-    as_extension_owner(|| {
-        Spi::connect(|client| {
-            let t = client
-                .select("SELECT id, provider, wrapped_key, key_check FROM envelope.tenants WHERE name = $1", Some(1), &[tenant.into()])
-                .map_err(spi_err)?;
-            if t.is_empty() {
-                return Ok(None);
-            }
-            let r = t.first();
-            Ok(Some((
-                r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))? as u32,
-                r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("provider"))?,
-                r.get::<Vec<u8>>(3).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?,
-                r.get::<Vec<u8>>(4).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?,
-            )))
-        })
-    })
-}
-
 /// Points a tenant at another provider (or a new root key version) with its re-wrapped key.
-pub fn update_tenant_wrapping(tenant: &str, provider: &str, wrapped: &[u8]) -> Result<()> {
+pub fn update_tenant_wrapping(tenant: &str, provider: &str, wrapped: &[u8], root_version: Option<&str>) -> Result<()> {
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
             client
                 .update(
-                    "UPDATE envelope.tenants SET provider = $2, wrapped_key = $3 WHERE name = $1",
+                    "UPDATE envelope.tenants SET provider = $2, wrapped_key = $3, root_version = $4, wrapped_at = now() WHERE name = $1",
                     None,
-                    &[tenant.into(), provider.into(), wrapped.into()],
+                    &[tenant.into(), provider.into(), wrapped.into(), root_version.into()],
                 )
                 .map_err(spi_err)?;
             Ok(())
@@ -420,14 +415,23 @@ pub fn next_tenant_id() -> Result<u32> {
 }
 
 /// Inserts a new tenant with its first DEK (version 1, active).
-pub fn insert_tenant(id: u32, name: &str, provider: &str, wrapped_kek: &[u8], key_check: &[u8], wrapped_dek: &[u8]) -> Result<()> {
+pub fn insert_tenant(
+    id: u32,
+    name: &str,
+    provider: &str,
+    wrapped_kek: &[u8],
+    key_check: &[u8],
+    wrapped_dek: &[u8],
+    root_version: Option<&str>,
+) -> Result<()> {
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
             client
                 .update(
-                    "INSERT INTO envelope.tenants (id, name, provider, wrapped_key, key_check) VALUES ($1, $2, $3, $4, $5)",
+                    "INSERT INTO envelope.tenants (id, name, provider, wrapped_key, key_check, root_version, wrapped_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, now())",
                     None,
-                    &[(id as i32).into(), name.into(), provider.into(), wrapped_kek.into(), key_check.into()],
+                    &[(id as i32).into(), name.into(), provider.into(), wrapped_kek.into(), key_check.into(), root_version.into()],
                 )
                 .map_err(spi_err)?;
             client
@@ -580,5 +584,547 @@ pub fn activate_data_key(tenant_id: u32, version: u32, wrapped: &[u8]) -> Result
                 .map_err(spi_err)?;
             Ok(())
         })
+    })
+}
+
+/// The name of the tenant with this tenant key id (under a fresh snapshot), or `None`.
+pub fn tenant_name_by_id(tenant_key_id: u32) -> Result<Option<String>> {
+    as_extension_owner(|| {
+        Spi::connect(|_client| {
+            let n = select_latest(
+                c"SELECT name FROM envelope.tenants WHERE id = $1",
+                &[Arg::Int4(tenant_key_id as i32)],
+                |r| r.get::<String>(1).ok_or_else(|| missing("name")),
+            )?;
+            Ok(n.into_iter().next())
+        })
+    })
+}
+
+/// A data key version's state (under a fresh snapshot, after the caller locked the tenant).
+pub fn data_key_state(tenant_id: u32, version: u32) -> Result<Option<String>> {
+    as_extension_owner(|| {
+        Spi::connect(|_client| {
+            let n = select_latest(
+                c"SELECT state FROM envelope.data_keys WHERE tenant_id = $1 AND version = $2",
+                &[Arg::Int4(tenant_id as i32), Arg::Int4(version as i32)],
+                |r| r.get::<String>(1).ok_or_else(|| missing("state")),
+            )?;
+            Ok(n.into_iter().next())
+        })
+    })
+}
+
+/// Moves a data key version to a new state: `disabled` (from retired), `retired` (from
+/// disabled: enable), `destroyed` (from disabled: the wrapped key is removed, the row stays as a
+/// tombstone so the version number is never reused).
+pub fn set_data_key_state(tenant_id: u32, version: u32, state: &str) -> Result<()> {
+    let sql = match state {
+        "disabled" => "UPDATE envelope.data_keys SET state = 'disabled', disabled_at = now() WHERE tenant_id = $1 AND version = $2",
+        "retired" => "UPDATE envelope.data_keys SET state = 'retired', disabled_at = NULL WHERE tenant_id = $1 AND version = $2",
+        "destroyed" => {
+            "UPDATE envelope.data_keys SET state = 'destroyed', wrapped_key = NULL, destroyed_at = now() WHERE tenant_id = $1 AND version = $2"
+        }
+        other => return Err(EnvelopeError::Internal(format!("unknown data key state {other}"))),
+    };
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client.update(sql, None, &[(tenant_id as i32).into(), (version as i32).into()]).map_err(spi_err)?;
+            Ok(())
+        })
+    })
+}
+
+/// The first tracked column (every column of an encrypted type, and every column a
+/// re-encryption job named) that holds a value under this tenant's data key version, or `None`.
+/// Runs `envelope.data_key_in_use` (sql/lifecycle.sql), which reads headers only.
+pub fn data_key_in_use(tenant_id: u32, version: u32) -> Result<Option<String>> {
+    as_extension_owner(|| {
+        Spi::connect(|client| {
+            let r = client
+                .select(
+                    "SELECT envelope.data_key_in_use($1, $2)",
+                    Some(1),
+                    &[(tenant_id as i32).into(), (version as i32).into()],
+                )
+                .map_err(spi_err)?;
+            Ok(r.first().get::<String>(1).map_err(spi_err)?)
+        })
+    })
+}
+
+/// Every data key version of a tenant that has a key (active, retired, disabled), for a tenant
+/// key rotation, read under a fresh snapshot after the caller locked the tenant.
+pub fn wrapped_data_keys(tenant_id: u32) -> Result<Vec<WrappedDek>> {
+    as_extension_owner(|| {
+        Spi::connect(|_client| {
+            select_latest(
+                c"SELECT version, wrapped_key FROM envelope.data_keys
+                   WHERE tenant_id = $1 AND wrapped_key IS NOT NULL ORDER BY version",
+                &[Arg::Int4(tenant_id as i32)],
+                |r| {
+                    Ok(WrappedDek {
+                        version: r.get::<i32>(1).ok_or_else(|| missing("version"))? as u32,
+                        wrapped: r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))?,
+                    })
+                },
+            )
+        })
+    })
+}
+
+/// Stores a rotated tenant key: the new wrapped tenant key and check value, the next key
+/// generation, and every data key re-wrapped under it. One transaction with the caller's.
+pub fn store_rotated_tenant_key(
+    tenant_id: u32,
+    wrapped_kek: &[u8],
+    key_check: &[u8],
+    root_version: Option<&str>,
+    deks: &[WrappedDek],
+) -> Result<i32> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let g = client
+                .update(
+                    "UPDATE envelope.tenants SET wrapped_key = $2, key_check = $3, key_generation = key_generation + 1,
+                            key_rotated_at = now(), root_version = $4, wrapped_at = now()
+                      WHERE id = $1 RETURNING key_generation",
+                    None,
+                    &[(tenant_id as i32).into(), wrapped_kek.into(), key_check.into(), root_version.into()],
+                )
+                .map_err(spi_err)?;
+            let generation = g.first().get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("key_generation"))?;
+            for d in deks {
+                client
+                    .update(
+                        "UPDATE envelope.data_keys SET wrapped_key = $3 WHERE tenant_id = $1 AND version = $2",
+                        None,
+                        &[(tenant_id as i32).into(), (d.version as i32).into(), d.wrapped.as_slice().into()],
+                    )
+                    .map_err(spi_err)?;
+            }
+            Ok(generation)
+        })
+    })
+}
+
+/// Stores a tenant key re-wrapped under a newer root key version (the tenant key itself, and so
+/// its check value, is unchanged).
+pub fn store_rewrapped_tenant_key(tenant_id: u32, wrapped_kek: &[u8], root_version: Option<&str>) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE envelope.tenants SET wrapped_key = $2, root_version = $3, wrapped_at = clock_timestamp() WHERE id = $1",
+                    None,
+                    &[(tenant_id as i32).into(), wrapped_kek.into(), root_version.into()],
+                )
+                .map_err(spi_err)?;
+            Ok(())
+        })
+    })
+}
+
+/// An open (running) rewrap job of a provider, if any.
+pub fn open_rewrap_job(provider: &str) -> Result<Option<i64>> {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>("SELECT id FROM envelope.rewrap_jobs WHERE provider = $1 AND state = 'running'", &[provider.into()])
+            .map_err(spi_err)
+    })
+}
+
+/// Opens a rewrap job: the provider's newest root version (when it reports one) and how many
+/// tenants are due.
+pub fn insert_rewrap_job(provider: &str, target: Option<&str>, only_outdated: bool) -> Result<i64> {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "INSERT INTO envelope.rewrap_jobs (provider, target_version, only_outdated, state, tenants_total, started_at)
+             SELECT $1, $2, $3, 'running', count(*), clock_timestamp() FROM envelope.tenants t
+              WHERE t.provider = $1 AND (NOT $3 OR t.root_version IS DISTINCT FROM $2)
+             RETURNING id",
+            &[provider.into(), target.into(), only_outdated.into()],
+        )
+        .map_err(spi_err)?
+        .ok_or_else(|| missing("rewrap job id"))
+    })
+}
+
+/// A rewrap job, locked for one batch.
+pub struct RewrapJob {
+    pub provider: String,
+    pub target_version: Option<String>,
+    pub state: String,
+    job: i64,
+}
+
+pub fn lock_rewrap_job(job: i64) -> Result<Option<RewrapJob>> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let t = client
+                .update(
+                    "SELECT provider, target_version, only_outdated, state FROM envelope.rewrap_jobs WHERE id = $1 FOR UPDATE",
+                    Some(1),
+                    &[job.into()],
+                )
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some(RewrapJob {
+                provider: r.get::<String>(1).map_err(spi_err)?.ok_or_else(|| missing("provider"))?,
+                target_version: r.get::<String>(2).map_err(spi_err)?,
+                state: r.get::<String>(4).map_err(spi_err)?.ok_or_else(|| missing("state"))?,
+                job,
+            }))
+        })
+    })
+}
+
+/// A tenant due for a rewrap, locked (`FOR UPDATE`: a concurrent rotation of it waits).
+pub struct DueTenant {
+    pub id: u32,
+    pub name: String,
+    pub wrapped_key: Vec<u8>,
+}
+
+/// The next tenants of the job's provider not re-wrapped since the job started (and, for
+/// providers that tell root versions apart, not already under the target version).
+pub fn lock_tenants_due_for_rewrap(j: &RewrapJob, batch: i32) -> Result<Vec<DueTenant>> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let t = client
+                .update(
+                    "SELECT t.id, t.name, t.wrapped_key FROM envelope.tenants t, envelope.rewrap_jobs j
+                      WHERE j.id = $1 AND t.provider = j.provider
+                        AND coalesce(t.wrapped_at, '-infinity') < j.started_at
+                        AND (NOT j.only_outdated OR t.root_version IS DISTINCT FROM j.target_version)
+                      ORDER BY t.id LIMIT $2 FOR UPDATE OF t",
+                    None,
+                    &[j.job.into(), batch.into()],
+                )
+                .map_err(spi_err)?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push(DueTenant {
+                    id: r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))? as u32,
+                    name: r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("name"))?,
+                    wrapped_key: r.get::<Vec<u8>>(3).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?,
+                });
+            }
+            Ok(out)
+        })
+    })
+}
+
+pub fn advance_rewrap_job(job: i64, n: i32) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.rewrap_jobs SET tenants_done = tenants_done + $2, updated_at = clock_timestamp() WHERE id = $1",
+            &[job.into(), n.into()],
+        )
+        .map_err(spi_err)
+    })
+}
+
+pub fn finish_rewrap_job(job: i64) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.rewrap_jobs SET state = 'done', finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+            &[job.into()],
+        )
+        .map_err(spi_err)
+    })
+}
+
+/// What `reencrypt_open` needs to know of its target, read as the caller.
+pub struct ReencryptTarget {
+    /// Schema-qualified, quoted.
+    pub table: String,
+    pub relkind: char,
+    /// `Some("bytea")`, `Some("encrypted")` (an encrypted type or a domain over one), another
+    /// type's name, or `None` when the column does not exist.
+    pub column_kind: Option<String>,
+    pub context_column_exists: bool,
+    pub can_update: bool,
+    pub rows_per_block: f64,
+}
+
+pub fn reencrypt_target(tbl: pg_sys::Oid, col: &str, context_column: Option<&str>) -> Result<Option<ReencryptTarget>> {
+    Spi::connect(|client| {
+        let t = client
+            .select(
+                "SELECT format('%I.%I', n.nspname, c.relname), c.relkind::text,
+                        (SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid = c.oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped),
+                        $3::text IS NOT NULL AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid = c.oid AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped),
+                        CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 100 END::float8
+                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = $1",
+                Some(1),
+                &[tbl.into(), col.into(), context_column.into()],
+            )
+            .map_err(spi_err)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let r = t.first();
+        let table = r.get::<String>(1).map_err(spi_err)?.ok_or_else(|| missing("table"))?;
+        let relkind = r.get::<String>(2).map_err(spi_err)?.and_then(|k| k.chars().next()).unwrap_or('?');
+        let atttypid = r.get::<pg_sys::Oid>(3).map_err(spi_err)?;
+        let context_column_exists = r.get::<bool>(4).map_err(spi_err)?.unwrap_or(false);
+        let rows_per_block = r.get::<f64>(5).map_err(spi_err)?.unwrap_or(100.0);
+        let (column_kind, can_update) = match atttypid {
+            None => (None, false),
+            Some(typ) => {
+                // SAFETY: a type OID from pg_attribute; getBaseType follows domains.
+                let base = unsafe { pg_sys::getBaseType(typ) };
+                let kind = if base == pg_sys::BYTEAOID {
+                    "bytea".to_string()
+                } else {
+                    let ours = client
+                        .select(
+                            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_type t
+                                 JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass
+                                  AND d.objid = t.oid AND d.deptype = 'e'
+                                 JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_envelope'
+                                WHERE t.oid = $1 AND t.typname LIKE 'encrypted\\_%'),
+                                    pg_catalog.format_type($2, NULL)",
+                            Some(1),
+                            &[base.into(), typ.into()],
+                        )
+                        .map_err(spi_err)?;
+                    let row = ours.first();
+                    if row.get::<bool>(1).map_err(spi_err)?.unwrap_or(false) {
+                        "encrypted".to_string()
+                    } else {
+                        row.get::<String>(2).map_err(spi_err)?.unwrap_or_default()
+                    }
+                };
+                let can = client
+                    .select("SELECT pg_catalog.has_column_privilege($1, $2, 'UPDATE')", Some(1), &[tbl.into(), col.into()])
+                    .map_err(spi_err)?
+                    .first()
+                    .get::<bool>(1)
+                    .map_err(spi_err)?
+                    .unwrap_or(false);
+                (Some(kind), can)
+            }
+        };
+        Ok(Some(ReencryptTarget { table, relkind, column_kind, context_column_exists, can_update, rows_per_block }))
+    })
+}
+
+/// An open (queued or running) job of a column.
+pub struct OpenJob {
+    pub id: i64,
+    pub context: Option<String>,
+    pub context_column: Option<String>,
+    pub next_block: i64,
+}
+
+pub fn open_reencrypt_job(tbl: pg_sys::Oid, col: &str) -> Result<Option<OpenJob>> {
+    as_extension_owner(|| {
+        Spi::connect(|client| {
+            let t = client
+                .select(
+                    "SELECT id, context, context_column::text, next_block FROM envelope.reencrypt_jobs
+                      WHERE relid = $1 AND column_name = $2 AND state IN ('queued', 'running')",
+                    Some(1),
+                    &[tbl.into(), col.into()],
+                )
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some(OpenJob {
+                id: r.get::<i64>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))?,
+                context: r.get::<String>(2).map_err(spi_err)?,
+                context_column: r.get::<String>(3).map_err(spi_err)?,
+                next_block: r.get::<i64>(4).map_err(spi_err)?.unwrap_or(0),
+            }))
+        })
+    })
+}
+
+pub fn set_reencrypt_job_running(job: i64) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args("UPDATE envelope.reencrypt_jobs SET state = 'running' WHERE id = $1 AND state = 'queued'", &[job.into()])
+            .map_err(spi_err)
+    })
+}
+
+pub fn insert_reencrypt_job(
+    tbl: pg_sys::Oid,
+    table: &str,
+    col: &str,
+    context: Option<&str>,
+    context_column: Option<&str>,
+    batch_blocks: i32,
+    queued: bool,
+) -> Result<i64> {
+    let caller = crate::nothrow::current_user_id();
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, context, context_column, state, requested_by, batch_blocks)
+             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $7, $8) RETURNING id",
+            &[
+                tbl.into(),
+                table.into(),
+                col.into(),
+                context.into(),
+                context_column.into(),
+                queued.into(),
+                caller.into(),
+                batch_blocks.into(),
+            ],
+        )
+        .map_err(spi_err)?
+        .ok_or_else(|| missing("job id"))
+    })
+}
+
+/// A re-encryption job, locked for one batch (`FOR UPDATE`: two sessions running one job take
+/// turns, each batch starting where the last committed one ended).
+pub struct ReencryptJob {
+    pub relid: pg_sys::Oid,
+    pub column: String,
+    pub context: Option<String>,
+    pub context_column: Option<String>,
+    pub state: String,
+    pub requested_by: pg_sys::Oid,
+    pub batch_blocks: i32,
+    pub next_block: i64,
+    pub values_done: i64,
+}
+
+pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let t = client
+                .update(
+                    "SELECT relid, column_name::text, context, context_column::text, state, requested_by, batch_blocks, next_block, values_done
+                       FROM envelope.reencrypt_jobs WHERE id = $1 FOR UPDATE",
+                    Some(1),
+                    &[job.into()],
+                )
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some(ReencryptJob {
+                relid: r.get::<pg_sys::Oid>(1).map_err(spi_err)?.ok_or_else(|| missing("relid"))?,
+                column: r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("column_name"))?,
+                context: r.get::<String>(3).map_err(spi_err)?,
+                context_column: r.get::<String>(4).map_err(spi_err)?,
+                state: r.get::<String>(5).map_err(spi_err)?.ok_or_else(|| missing("state"))?,
+                requested_by: r.get::<pg_sys::Oid>(6).map_err(spi_err)?.ok_or_else(|| missing("requested_by"))?,
+                batch_blocks: r.get::<i32>(7).map_err(spi_err)?.unwrap_or(1),
+                next_block: r.get::<i64>(8).map_err(spi_err)?.unwrap_or(0),
+                values_done: r.get::<i64>(9).map_err(spi_err)?.unwrap_or(0),
+            }))
+        })
+    })
+}
+
+/// The table's schema-qualified, quoted name, or `None` if it was dropped.
+pub fn qualified_table(relid: pg_sys::Oid) -> Result<Option<String>> {
+    Spi::get_one_with_args::<String>(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 AND c.relkind = 'r'",
+        &[relid.into()],
+    )
+    .map_err(spi_err)
+}
+
+/// The table's size in blocks now.
+pub fn relation_blocks(relid: pg_sys::Oid) -> Result<i64> {
+    Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::bigint",
+        &[relid.into()],
+    )
+    .map_err(spi_err)
+    .map(|n| n.unwrap_or(0))
+}
+
+/// Runs one batch's UPDATE as the caller, with row security off for this transaction (a caller
+/// that policies would restrict gets an error rather than a silently partial job). Returns the
+/// number of rows updated.
+pub fn run_reencrypt_update(sql: &str, context: Option<&str>) -> Result<i64> {
+    Spi::connect_mut(|client| {
+        client.update("SELECT pg_catalog.set_config('row_security', 'off', true)", None, &[]).map_err(spi_err)?;
+        let t = match context {
+            Some(c) => client.update(sql, None, &[c.into()]),
+            None => client.update(sql, None, &[]),
+        };
+        match t {
+            Ok(t) => Ok(t.len() as i64),
+            Err(e) => Err(spi_err(e)),
+        }
+    })
+}
+
+/// Records a committed batch (in the batch's own transaction) and returns the rate so far
+/// (values/s) and an estimate of the seconds left.
+pub fn advance_reencrypt_job(job: i64, next_block: i64, blocks_total: i64, n: i64) -> Result<(f64, Option<f64>)> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let t = client
+                .update(
+                    "UPDATE envelope.reencrypt_jobs
+                        SET next_block = $2, blocks_total = $3, values_done = values_done + $4, batches = batches + 1,
+                            started_at = coalesce(started_at, clock_timestamp()), updated_at = clock_timestamp(), state = 'running'
+                      WHERE id = $1
+                  RETURNING values_done / greatest(extract(epoch FROM clock_timestamp() - started_at), 0.001)::float8,
+                            CASE WHEN next_block > 0 THEN extract(epoch FROM clock_timestamp() - started_at)::float8
+                                                          * (blocks_total - next_block) / next_block END",
+                    None,
+                    &[job.into(), next_block.into(), blocks_total.into(), n.into()],
+                )
+                .map_err(spi_err)?;
+            let r = t.first();
+            Ok((r.get::<f64>(1).map_err(spi_err)?.unwrap_or(0.0), r.get::<f64>(2).map_err(spi_err)?))
+        })
+    })
+}
+
+pub fn finish_reencrypt_job(job: i64, blocks_total: i64) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.reencrypt_jobs SET state = 'done', next_block = $2, blocks_total = $2,
+                    started_at = coalesce(started_at, clock_timestamp()), finished_at = clock_timestamp(), updated_at = clock_timestamp()
+              WHERE id = $1",
+            &[job.into(), blocks_total.into()],
+        )
+        .map_err(spi_err)
+    })
+}
+
+pub fn fail_reencrypt_job(job: i64, why: &str) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.reencrypt_jobs SET state = 'failed', last_error = $2, finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE id = $1",
+            &[job.into(), why.into()],
+        )
+        .map_err(spi_err)
+    })
+}
+
+/// Marks an open job cancelled. Only its owner or a superuser may (like running it).
+pub fn cancel_reencrypt_job(job: i64) -> Result<bool> {
+    let caller = crate::nothrow::current_user_id();
+    let superuser = unsafe { pg_sys::superuser() };
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "WITH c AS (UPDATE envelope.reencrypt_jobs SET state = 'cancelled', finished_at = clock_timestamp(), updated_at = clock_timestamp()
+                         WHERE id = $1 AND state IN ('queued', 'running') AND (requested_by = $2 OR $3) RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM c)",
+            &[job.into(), caller.into(), superuser.into()],
+        )
+        .map_err(spi_err)
+        .map(|b| b.unwrap_or(false))
     })
 }

@@ -52,6 +52,22 @@ pub enum EnvelopeError {
     ProviderRegistrationDenied,
     /// A provider option names a file or module outside what postgresql.conf allows.
     ProviderOptionNotAllowed { provider: String, option: String, setting: &'static str },
+    /// A value under a data key version that a key administrator disabled.
+    DataKeyDisabled { tenant: String, version: u32 },
+    /// A value under a data key version that was destroyed.
+    DataKeyDestroyed { tenant: String, version: u32 },
+    /// An envelope header names a tenant key id that no tenant has.
+    TenantKeyIdUnknown { tenant_key_id: u32 },
+    /// A lifecycle call names a data key version the tenant does not have.
+    DataKeyUnknown { tenant: String, version: u32 },
+    /// The active version can be neither disabled nor destroyed.
+    DataKeyActive { tenant: String, version: u32 },
+    /// A lifecycle step that needs a version in another state (e.g. destroy before disable).
+    DataKeyState { tenant: String, version: u32, state: String, wanted: &'static str },
+    /// Destroy refused: a column still holds values under the version.
+    DataKeyInUse { tenant: String, version: u32, location: String },
+    /// A request with a bad argument (re-encryption target, job), with its SQLSTATE.
+    BadRequest { code: PgSqlErrorCode, message: String, hint: Option<String> },
     /// A catalog query failed in a way that is not the user's fault.
     Internal(String),
 }
@@ -59,7 +75,7 @@ pub enum EnvelopeError {
 /// A tenant (or role) name as shown in a message: control characters escaped, at most 128
 /// characters. Names come from callers and settings; a message must not carry a megabyte of one
 /// or let it forge log lines.
-fn shown(name: &str) -> String {
+pub(crate) fn shown(name: &str) -> String {
     let mut out: String = name.chars().take(128).flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
     if name.chars().count() > 128 {
         out.push('…');
@@ -215,6 +231,49 @@ impl EnvelopeError {
                 None,
                 Some(format!("The DBA lists what providers may use in postgresql.conf ({setting}).")),
             ),
+            EnvelopeError::DataKeyDisabled { tenant, version } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_envelope: data key version {version} of tenant \"{}\" is disabled", shown(tenant)),
+                Some("A key administrator disabled this version; values under it cannot be decrypted until it is enabled again.".into()),
+                Some(format!("SELECT envelope.enable_data_key('{}', {version}) restores it; CALL envelope.reencrypt(...) moves values to the active version.", shown(tenant))),
+            ),
+            EnvelopeError::DataKeyDestroyed { tenant, version } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_envelope: data key version {version} of tenant \"{}\" was destroyed", shown(tenant)),
+                Some("Values under a destroyed data key can never be decrypted again.".into()),
+                None,
+            ),
+            EnvelopeError::TenantKeyIdUnknown { tenant_key_id } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_envelope: no tenant has tenant key id {tenant_key_id} (named in the value's header)"),
+                None,
+                None,
+            ),
+            EnvelopeError::DataKeyUnknown { tenant, version } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_envelope: tenant \"{}\" has no data key version {version}", shown(tenant)),
+                None,
+                Some("SELECT * FROM envelope.key_versions lists the versions.".into()),
+            ),
+            EnvelopeError::DataKeyActive { tenant, version } => (
+                ERRCODE_OBJECT_IN_USE,
+                format!("pg_envelope: data key version {version} is the active version of tenant \"{}\"", shown(tenant)),
+                Some("New values are encrypted with the active version; it can be neither disabled nor destroyed.".into()),
+                Some(format!("Rotate first: SELECT envelope.rotate_data_key('{}').", shown(tenant))),
+            ),
+            EnvelopeError::DataKeyState { tenant, version, state, wanted } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_envelope: data key version {version} of tenant \"{}\" is {state}, not {wanted}", shown(tenant)),
+                None,
+                Some("A version is destroyed only after it was disabled: SELECT envelope.disable_data_key(tenant, version).".into()),
+            ),
+            EnvelopeError::DataKeyInUse { tenant, version, location } => (
+                ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!("pg_envelope: data key version {version} of tenant \"{}\" is still used by {location}", shown(tenant)),
+                Some("Destroying it would make those values unreadable for good.".into()),
+                Some("Re-encrypt first (CALL envelope.reencrypt(table, column)), or pass force => true to destroy anyway.".into()),
+            ),
+            EnvelopeError::BadRequest { code, message, hint } => (*code, message.clone(), None, hint.clone()),
             EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),
         }
     }

@@ -17,6 +17,7 @@ mod guards;
 mod gucs;
 mod lifecycle;
 mod nothrow;
+mod reencrypt;
 mod status;
 mod tenancy;
 mod types;
@@ -56,7 +57,16 @@ extension_sql_file!("../sql/encrypted_types.sql", name = "encrypted_types", requ
 
 extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["encrypted_types", tenancy::belongs_to]);
 extension_sql_file!("../sql/plaintext_guards.sql", name = "plaintext_guards", requires = ["encrypted_types"]);
-extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["encrypted_types", lifecycle::key_version]);
+extension_sql_file!(
+    "../sql/lifecycle.sql",
+    name = "lifecycle",
+    requires = ["encrypted_types", lifecycle::key_version, lifecycle::key_tenant_id, lifecycle::rewrap_tenants_start, lifecycle::rewrap_tenants_batch]
+);
+extension_sql_file!(
+    "../sql/reencrypt.sql",
+    name = "reencrypt",
+    requires = ["lifecycle", reencrypt::reencrypt_value, reencrypt::needs_reencryption, reencrypt::reencrypt_open, reencrypt::reencrypt_batch]
+);
 
 extension_sql!(
     r#"
@@ -69,6 +79,35 @@ REVOKE ALL ON FUNCTION add_key_provider(text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION verify_provider(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rewrap_tenant(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rotate_data_key(text) FROM PUBLIC;
+-- Key lifecycle (sql/lifecycle.sql, sql/reencrypt.sql): key administrators.
+REVOKE ALL ON FUNCTION rotate_tenant_key(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION disable_data_key(text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION enable_data_key(text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION destroy_data_key(text, integer, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION rewrap_tenants_start(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION rewrap_tenants_batch(bigint, integer) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE rewrap_tenants(text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(bytea, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(encrypted_text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(encrypted_bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(encrypted_jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(encrypted_int8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(encrypted_numeric) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(encrypted_date) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_value(encrypted_timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(encrypted_text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(encrypted_bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(encrypted_jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(encrypted_int8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(encrypted_numeric) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(encrypted_date) FROM PUBLIC;
+REVOKE ALL ON FUNCTION needs_reencryption(encrypted_timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_open(oid, text, text, text, integer, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION reencrypt_batch(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cancel_reencrypt(bigint) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE reencrypt(regclass, name, text, name, integer, interval, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION column_key_versions(regclass, name) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

@@ -1,13 +1,23 @@
-//! Key lifecycle, SQL glue: data key rotation and header-only inspection of stored values.
+//! Key lifecycle, SQL glue: rotation at every level of the key hierarchy, version states, and
+//! header-only inspection of stored values.
 //!
-//! `envelope.rotate_data_key(tenant)` makes a new DEK version, active for new writes in every
-//! backend at its next call (the shared epoch); earlier versions stay readable (`retired`).
-//! Concurrent rotations of one tenant serialize on the tenant's row (`FOR UPDATE`), and the next
-//! version number is read under a fresh snapshot after the lock, so each makes its own version and
-//! exactly one stays active. The tenant key is unwrapped on the key-provider thread and never
-//! leaves it; what comes back is the new wrapped DEK.
+//! * `rotate_data_key(tenant)`: a new DEK version, active for new writes in every backend at its
+//!   next call (the shared epoch); earlier versions stay readable (`retired`).
+//! * `rotate_tenant_key(tenant)`: a new tenant key (KEK); every DEK re-wrapped under it, in the
+//!   caller's transaction. No stored value changes: DEKs, versions and the header's tenant key id
+//!   stay; `tenants.key_check` and `key_generation` change.
+//! * `rewrap_tenants_start/_batch(provider)`: the steps of `CALL envelope.rewrap_tenants(provider)`
+//!   (sql/lifecycle.sql), which re-wraps every tenant of a provider under the root key's newest
+//!   version, through the KMS's re-encrypt primitive where it has one, one committed batch at a
+//!   time, resumable.
+//! * `disable_data_key` / `enable_data_key` / `destroy_data_key`: the version scope of revocation.
+//!
+//! Every key change locks the tenant's row (`FOR UPDATE`), so changes of one tenant serialize,
+//! reads what it changes under a fresh snapshot, and announces itself at commit (the epoch).
+//! Tenant keys are unwrapped on the key-provider thread and never leave it.
 
-use pg_envelope_core::{Envelope, KeyContext};
+use pg_envelope_core::lifecycle::LifecycleError;
+use pg_envelope_core::{Envelope, KeyContext, ProviderError};
 use pgrx::prelude::*;
 
 use crate::backend;
@@ -25,35 +35,229 @@ fn key_version(value: &[u8]) -> i32 {
     }
 }
 
+/// The tenant key id in a stored value's header (`envelope.tenants.id`): no key, no grant.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn key_tenant_id(value: &[u8]) -> i32 {
+    match Envelope::parse(value) {
+        Ok(env) if env.tenant_key_id >= 1 && env.tenant_key_id <= i32::MAX as u32 => env.tenant_key_id as i32,
+        _ => EnvelopeError::NotAnEnvelope.raise(),
+    }
+}
+
 /// Makes a new data key version for `tenant` and returns it. Key administrators only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_data_key(tenant: &str) -> i32 {
     rotate_data_key_impl(tenant).or_raise() as i32
 }
 
-fn rotate_data_key_impl(tenant: &str) -> Result<u32> {
+enum Failure {
+    Provider(ProviderError),
+    Lifecycle(LifecycleError),
+}
+
+fn failure<'a>(tenant: &str, provider: &'a str) -> impl Fn(Failure) -> EnvelopeError + 'a {
+    let tenant = tenant.to_string();
+    move |f| match f {
+        Failure::Provider(error) => EnvelopeError::Provider { provider: provider.to_string(), error },
+        Failure::Lifecycle(LifecycleError::KeyCheckMismatch) => {
+            EnvelopeError::KeyCheckMismatch { tenant: tenant.clone(), provider: provider.to_string() }
+        }
+        Failure::Lifecycle(LifecycleError::CorruptDataKey { version }) => EnvelopeError::CorruptKeys {
+            tenant: tenant.clone(),
+            detail: format!("data key version {version} does not unwrap under its tenant key"),
+        },
+        Failure::Lifecycle(e) => EnvelopeError::Internal(e.to_string()),
+    }
+}
+
+pub fn rotate_data_key_impl(tenant: &str) -> Result<u32> {
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
     let version = catalog::next_data_key_version(t.id)?;
     let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let name = tenant.to_string();
     let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
-    enum Failure {
-        Provider(pg_envelope_core::ProviderError),
-        Lifecycle(pg_envelope_core::lifecycle::LifecycleError),
-    }
     let wrapped = backend::interruptible(move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
         pg_envelope_core::lifecycle::new_wrapped_data_key(&kek, &key_check, &name, id, version).map_err(Failure::Lifecycle)
     })
-    .map_err(|f| match f {
-        Failure::Provider(error) => EnvelopeError::Provider { provider: t.provider.clone(), error },
-        Failure::Lifecycle(pg_envelope_core::lifecycle::LifecycleError::KeyCheckMismatch) => {
-            EnvelopeError::KeyCheckMismatch { tenant: tenant.to_string(), provider: t.provider.clone() }
-        }
-        Failure::Lifecycle(e) => EnvelopeError::Internal(e.to_string()),
-    })?;
+    .map_err(failure(tenant, &t.provider))?;
     catalog::activate_data_key(id, version, &wrapped)?;
     backend::invalidate_after_commit();
     Ok(version)
+}
+
+/// Makes a new tenant key (KEK) for `tenant` and re-wraps every data key under it, in the
+/// caller's transaction: a provider failure or a crash before commit leaves the old keys in
+/// place. Returns the tenant key's new generation. Key administrators only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rotate_tenant_key(tenant: &str) -> i32 {
+    rotate_tenant_key_impl(tenant).or_raise()
+}
+
+fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
+    let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    let deks = catalog::wrapped_data_keys(t.id)?;
+    let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
+    let name = tenant.to_string();
+    let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
+    let (wrapped_new, check, rewrapped, root_version) = backend::interruptible(move || {
+        let ctx = KeyContext { tenant: &name, tenant_key_id: id };
+        let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
+        let r = pg_envelope_core::lifecycle::rotate_tenant_key(&kek, &key_check, &name, id, &deks).map_err(Failure::Lifecycle)?;
+        drop(kek);
+        // Wrap the new tenant key, and prove the provider gives it back, before storing anything.
+        let wrapped = provider.wrap_tenant_key(&ctx, &r.new_kek).map_err(Failure::Provider)?;
+        let back = provider.unwrap_tenant_key(&ctx, &wrapped).map_err(Failure::Provider)?;
+        if pg_envelope_core::wrap::tenant_key_check(&back) != r.key_check {
+            return Err(Failure::Provider(ProviderError::UnwrapFailed));
+        }
+        let root_version = provider.root_version_of(&wrapped);
+        Ok((wrapped, r.key_check, r.deks, root_version))
+    })
+    .map_err(failure(tenant, &t.provider))?;
+    let generation = catalog::store_rotated_tenant_key(id, &wrapped_new, &check, root_version.as_deref(), &rewrapped)?;
+    backend::invalidate_after_commit();
+    Ok(generation)
+}
+
+/// Refuses decryption with one data key version of `tenant`, in every backend at its next call
+/// (a distinct error, 55000). Reversible with `enable_data_key`. The active version cannot be
+/// disabled. Returns whether the state changed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn disable_data_key(tenant: &str, version: i32) -> bool {
+    change_version_state(tenant, version, VersionChange::Disable, false).or_raise()
+}
+
+/// Makes a disabled data key version usable again (`retired`). Returns whether it changed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn enable_data_key(tenant: &str, version: i32) -> bool {
+    change_version_state(tenant, version, VersionChange::Enable, false).or_raise()
+}
+
+/// Removes a disabled data key version for good: its wrapped key is deleted, the row stays as a
+/// tombstone (the version number is never reused; values under it fail with "destroyed").
+/// Refused while a tracked column still holds values under it, unless `force`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn destroy_data_key(tenant: &str, version: i32, force: default!(bool, false)) -> bool {
+    change_version_state(tenant, version, VersionChange::Destroy, force).or_raise()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VersionChange {
+    Disable,
+    Enable,
+    Destroy,
+}
+
+fn change_version_state(tenant: &str, version: i32, change: VersionChange, force: bool) -> Result<bool> {
+    let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    let unknown = || EnvelopeError::DataKeyUnknown { tenant: tenant.to_string(), version: version.max(0) as u32 };
+    if version < 1 {
+        return Err(unknown());
+    }
+    let v = version as u32;
+    let state = catalog::data_key_state(t.id, v)?.ok_or_else(unknown)?;
+    let wrong = |wanted| EnvelopeError::DataKeyState { tenant: tenant.to_string(), version: v, state: state.clone(), wanted };
+    if state == "active" && change != VersionChange::Enable {
+        return Err(EnvelopeError::DataKeyActive { tenant: tenant.to_string(), version: v });
+    }
+    let new_state = match (change, state.as_str()) {
+        (VersionChange::Disable, "disabled" | "revoked") => return Ok(false),
+        (VersionChange::Disable, "retired") => "disabled",
+        (VersionChange::Disable, _) => return Err(wrong("retired")),
+        (VersionChange::Enable, "active" | "retired") => return Ok(false),
+        (VersionChange::Enable, "disabled" | "revoked") => "retired",
+        (VersionChange::Enable, _) => return Err(wrong("disabled")),
+        (VersionChange::Destroy, "destroyed") => return Ok(false),
+        (VersionChange::Destroy, "disabled" | "revoked") => "destroyed",
+        (VersionChange::Destroy, _) => return Err(wrong("disabled")),
+    };
+    if change == VersionChange::Destroy && !force {
+        if let Some(location) = catalog::data_key_in_use(t.id, v)? {
+            return Err(EnvelopeError::DataKeyInUse { tenant: tenant.to_string(), version: v, location });
+        }
+    }
+    catalog::set_data_key_state(t.id, v, new_state)?;
+    backend::invalidate_after_commit();
+    Ok(true)
+}
+
+/// Starts (or resumes) re-wrapping every tenant of `provider` under its root key's newest
+/// version; returns the job id. The first step of `CALL envelope.rewrap_tenants(provider)`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rewrap_tenants_start(provider: &str) -> i64 {
+    rewrap_start_impl(provider).or_raise()
+}
+
+pub fn rewrap_start_impl(provider: &str) -> Result<i64> {
+    if let Some(job) = catalog::open_rewrap_job(provider)? {
+        return Ok(job);
+    }
+    let (kind, options) = catalog::provider_row(provider)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: provider.to_string() })?;
+    let mut p = backend::provider_for(provider, &kind, &options)?;
+    let target = backend::interruptible(move || p.current_root_version())
+        .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })?;
+    // Transit ciphertexts name their root key version: tenants already under the newest one are
+    // skipped. Other providers' blobs do not say, so every tenant is re-wrapped once per job.
+    let only_outdated = kind == "vault_transit" && target.is_some();
+    catalog::insert_rewrap_job(provider, target.as_deref(), only_outdated)
+}
+
+/// Re-wraps the next `batch` tenants of a rewrap job, in the caller's transaction; returns how
+/// many (0: the job is done). The second step of `CALL envelope.rewrap_tenants(provider)`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rewrap_tenants_batch(job: i64, batch: default!(i32, 100)) -> i32 {
+    rewrap_batch_impl(job, batch).or_raise()
+}
+
+pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
+    let j = catalog::lock_rewrap_job(job)?.ok_or_else(|| EnvelopeError::Internal(format!("no rewrap job {job}")))?;
+    if j.state != "running" {
+        return Ok(0);
+    }
+    let due = catalog::lock_tenants_due_for_rewrap(&j, batch.clamp(1, 10_000))?;
+    if due.is_empty() {
+        catalog::finish_rewrap_job(job)?;
+        return Ok(0);
+    }
+    let (kind, options) =
+        catalog::provider_row(&j.provider)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: j.provider.clone() })?;
+    let mut p = backend::provider_for(&j.provider, &kind, &options)?;
+    let target = j.target_version.clone();
+    let inputs: Vec<(u32, String, Vec<u8>)> = due.iter().map(|t| (t.id, t.name.clone(), t.wrapped_key.clone())).collect();
+    let results = backend::interruptible(move || {
+        let mut out = Vec::with_capacity(inputs.len());
+        for (id, name, wrapped) in &inputs {
+            let ctx = KeyContext { tenant: name, tenant_key_id: *id };
+            let w = p.rewrap_tenant_key(&ctx, wrapped).map_err(|e| (name.clone(), e))?;
+            let v = p.root_version_of(&w).or_else(|| target.clone());
+            out.push((*id, w, v));
+        }
+        Ok::<_, (String, ProviderError)>(out)
+    });
+    let results = match results {
+        Ok(r) => r,
+        Err((tenant, error)) => {
+            // Nothing of this batch is stored (the caller's transaction aborts); the job stays
+            // open and a rerun continues where the last committed batch ended.
+            return Err(EnvelopeError::Provider {
+                provider: j.provider.clone(),
+                error: match error {
+                    ProviderError::UnwrapFailed => ProviderError::Misconfigured(format!(
+                        "the tenant key of \"{}\" does not re-wrap (the KMS does not open it with this tenant's binding)",
+                        crate::error::shown(&tenant)
+                    )),
+                    e => e,
+                },
+            });
+        }
+    };
+    for (id, wrapped, version) in &results {
+        catalog::store_rewrapped_tenant_key(*id, wrapped, version.as_deref())?;
+    }
+    catalog::advance_rewrap_job(job, results.len() as i32)?;
+    // No invalidation: the tenant keys themselves did not change, so cached keys stay right;
+    // backends pick up the new wrapping at their next reload (TTL).
+    Ok(results.len() as i32)
 }

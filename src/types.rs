@@ -380,3 +380,50 @@ impl Drop for WipedCString {
         zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
+
+// Encrypted type -> the same type re-encrypted under the tenant's active data key
+// (envelope.reencrypt_value(encrypted_<type>), key administrators). The plaintext bytes are
+// re-encrypted as they are, under the same type context: no decoding, no type change.
+v1_function!(pg_finfo_pge_reencrypt_typed, pge_reencrypt_typed, reencrypt_typed_impl);
+unsafe fn reencrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let tag = typed_tag(fcinfo);
+    let out: PallocVarlena = backend::reencrypt_to(arg_bytes(fcinfo, 0), Some(tag)).or_raise();
+    out.into_datum()
+}
+
+/// The type context of a function's first argument (an encrypted type, or a domain over one):
+/// `pg_envelope/type/<base>`, cached per call site.
+unsafe fn typed_tag(fcinfo: pg_sys::FunctionCallInfo) -> &'static [u8] {
+    #[repr(C)]
+    struct Tag {
+        len: usize,
+        bytes: [u8; 48],
+    }
+    let flinfo = (*fcinfo).flinfo;
+    if (*flinfo).fn_extra.is_null() {
+        let mut argtypes: *mut pg_sys::Oid = std::ptr::null_mut();
+        let mut nargs = 0;
+        pg_sys::get_func_signature((*flinfo).fn_oid, &mut argtypes, &mut nargs);
+        let base = pg_sys::getBaseType(*argtypes);
+        let name = CStr::from_ptr(pg_sys::format_type_be(base)).to_string_lossy().into_owned();
+        let short = name.rsplit('.').next().unwrap_or("").trim_matches('"');
+        let Some(base_name) = short.strip_prefix("encrypted_") else {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("pg_envelope: {name} is not an encrypted type"),
+                "pg_envelope",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        };
+        let tag = format!("pg_envelope/type/{base_name}");
+        let t = pg_sys::MemoryContextAllocZero((*flinfo).fn_mcxt, std::mem::size_of::<Tag>()) as *mut Tag;
+        let n = tag.len().min(48);
+        let t = &mut *t;
+        t.bytes[..n].copy_from_slice(&tag.as_bytes()[..n]);
+        t.len = n;
+        (*flinfo).fn_extra = t as *mut Tag as *mut std::ffi::c_void;
+    }
+    let t = &*((*flinfo).fn_extra as *const Tag);
+    &t.bytes[..t.len]
+}

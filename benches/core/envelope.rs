@@ -92,6 +92,7 @@ fn misc(c: &mut Criterion) {
             tenant_key_check: Some(wrap::tenant_key_check(&kek)),
             active_dek_version: 1,
             deks: vec![WrappedDek { version: 1, wrapped: wrap::wrap_key(&kek, &aad, &dek).unwrap() }],
+            unusable: vec![],
         };
         cache.load(&mut p, &rec, (), now).unwrap();
     }

@@ -31,6 +31,18 @@ pub struct TenantRecord {
     pub tenant_key_check: Option<[u8; 32]>,
     pub active_dek_version: u32,
     pub deks: Vec<WrappedDek>,
+    /// Versions that exist but may not be used (their keys are not loaded), so that a value
+    /// under one fails with a clear error rather than the opaque decryption failure.
+    pub unusable: Vec<(u32, VersionState)>,
+}
+
+/// Why a data key version that exists cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionState {
+    /// `envelope.disable_data_key`: refused until enabled again.
+    Disabled,
+    /// `envelope.destroy_data_key`: the wrapped key is gone for good.
+    Destroyed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +78,7 @@ pub struct TenantKeys {
     tenant_key_id: u32,
     active_version: u32,
     deks: Vec<DataKey>,
+    unusable: Vec<(u32, VersionState)>,
     loaded_at: Instant,
     hits: u64,
 }
@@ -92,7 +105,14 @@ impl TenantKeys {
         if !deks.iter().any(|d| d.version() == rec.active_dek_version) {
             return Err(LoadError::NoActiveDataKey);
         }
-        Ok(TenantKeys { tenant_key_id: rec.tenant_key_id, active_version: rec.active_dek_version, deks, loaded_at: now, hits: 0 })
+        Ok(TenantKeys {
+            tenant_key_id: rec.tenant_key_id,
+            active_version: rec.active_dek_version,
+            deks,
+            unusable: rec.unusable.clone(),
+            loaded_at: now,
+            hits: 0,
+        })
     }
 
     pub fn tenant_key_id(&self) -> u32 {
@@ -117,9 +137,15 @@ impl TenantKeys {
         self.deks.iter_mut().find(|d| d.version() == v).expect("checked at load")
     }
 
-    /// The DEK of a given version, if this tenant has it (revoked versions are never loaded).
+    /// The DEK of a given version, if this tenant has it (disabled and destroyed versions are
+    /// never loaded).
     pub fn version(&mut self, version: u32) -> Option<&mut DataKey> {
         self.deks.iter_mut().find(|d| d.version() == version)
+    }
+
+    /// Why a version this tenant has is not loaded, if it is disabled or destroyed.
+    pub fn version_state(&self, version: u32) -> Option<VersionState> {
+        self.unusable.iter().find(|(v, _)| *v == version).map(|(_, s)| *s)
     }
 }
 
@@ -390,6 +416,7 @@ mod tests {
             wrapped_tenant_key,
             active_dek_version: *versions.last().unwrap(),
             deks,
+            unusable: vec![],
         }
     }
 

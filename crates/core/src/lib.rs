@@ -21,7 +21,7 @@ pub mod secret;
 pub mod secure;
 pub mod wrap;
 
-pub use cache::{retry_delay, CacheEntry, CacheStats, ColdFailure, Degraded, Freshness, KeyCache, LoadError, TenantKeys, TenantRecord, WrappedDek};
+pub use cache::{retry_delay, CacheEntry, CacheStats, ColdFailure, Degraded, Freshness, KeyCache, LoadError, TenantKeys, TenantRecord, VersionState, WrappedDek};
 pub use datakey::{DataKey, DecryptError};
 pub use envelope::{envelope_len, Envelope, MalformedEnvelope, OVERHEAD};
 pub use provider::{local::LocalProvider, KeyContext, KeyProvider, ProviderError};

@@ -1,4 +1,5 @@
-//! Key lifecycle steps that need no PostgreSQL: making a new data key version under a tenant key.
+//! Key lifecycle steps that need no PostgreSQL: making a new data key version under a tenant key,
+//! and re-wrapping every data key under a new tenant key (tenant key rotation).
 //!
 //! The SQL layer (src/lifecycle.rs) reads and locks the tenant's rows, unwraps the tenant key
 //! through its provider, and stores what these functions return.
@@ -13,6 +14,8 @@ pub enum LifecycleError {
     Random(String),
     /// The tenant key does not match its stored check value.
     KeyCheckMismatch,
+    /// A stored data key does not unwrap under the tenant key (the key tables were altered).
+    CorruptDataKey { version: u32 },
 }
 
 impl std::fmt::Display for LifecycleError {
@@ -20,6 +23,9 @@ impl std::fmt::Display for LifecycleError {
         match self {
             LifecycleError::Random(e) => write!(f, "operating system random source failed: {e}"),
             LifecycleError::KeyCheckMismatch => f.write_str("the tenant key does not match its check value"),
+            LifecycleError::CorruptDataKey { version } => {
+                write!(f, "data key version {version} does not unwrap under its tenant key")
+            }
         }
     }
 }
@@ -41,6 +47,42 @@ pub fn new_wrapped_data_key(
     let dek = SecretKey::generate().map_err(|e| LifecycleError::Random(e.to_string()))?;
     let aad = WrapAad::DataKey { tenant, tenant_key_id, version };
     wrap::wrap_key(kek, &aad, &dek).map_err(|e| LifecycleError::Random(e.to_string()))
+}
+
+/// A tenant key rotation, ready to store: the new tenant key's check value and every data key
+/// re-wrapped under it. The new tenant key itself is returned for the provider to wrap; the
+/// caller drops it (wiping it) as soon as that is done.
+pub struct RotatedTenantKey {
+    pub new_kek: SecretKey,
+    pub key_check: [u8; 32],
+    pub deks: Vec<crate::cache::WrappedDek>,
+}
+
+/// Makes a new tenant key and re-wraps every data key version under it, each still bound to
+/// (tenant, tenant key id, version). The old tenant key must match `expected_check`; every data
+/// key must unwrap under it, or nothing is returned (a half-rotated tenant cannot be stored).
+/// The data keys themselves do not change, so no stored value needs re-encryption.
+pub fn rotate_tenant_key(
+    old_kek: &SecretKey,
+    expected_check: &[u8],
+    tenant: &str,
+    tenant_key_id: u32,
+    deks: &[crate::cache::WrappedDek],
+) -> Result<RotatedTenantKey, LifecycleError> {
+    use subtle::ConstantTimeEq;
+    if !bool::from(wrap::tenant_key_check(old_kek).as_slice().ct_eq(expected_check)) {
+        return Err(LifecycleError::KeyCheckMismatch);
+    }
+    let new_kek = SecretKey::generate().map_err(|e| LifecycleError::Random(e.to_string()))?;
+    let mut out = Vec::with_capacity(deks.len());
+    for d in deks {
+        let aad = WrapAad::DataKey { tenant, tenant_key_id, version: d.version };
+        let dek = wrap::unwrap_key(old_kek, &aad, &d.wrapped).map_err(|_| LifecycleError::CorruptDataKey { version: d.version })?;
+        let wrapped = wrap::wrap_key(&new_kek, &aad, &dek).map_err(|e| LifecycleError::Random(e.to_string()))?;
+        out.push(crate::cache::WrappedDek { version: d.version, wrapped });
+    }
+    let key_check = wrap::tenant_key_check(&new_kek);
+    Ok(RotatedTenantKey { new_kek, key_check, deks: out })
 }
 
 #[cfg(test)]
@@ -72,5 +114,32 @@ mod tests {
         let other = SecretKey::generate().unwrap();
         let check = wrap::tenant_key_check(&other);
         assert_eq!(new_wrapped_data_key(&kek, &check, "acme", 1, 2), Err(LifecycleError::KeyCheckMismatch));
+    }
+
+    #[test]
+    fn a_tenant_key_rotation_rewraps_every_data_key_and_keeps_them() {
+        use crate::cache::WrappedDek;
+        let kek = SecretKey::generate().unwrap();
+        let check = wrap::tenant_key_check(&kek);
+        let deks: Vec<WrappedDek> = (1..=3)
+            .map(|v| WrappedDek { version: v, wrapped: new_wrapped_data_key(&kek, &check, "acme", 7, v).unwrap() })
+            .collect();
+        let r = rotate_tenant_key(&kek, &check, "acme", 7, &deks).unwrap();
+        assert_ne!(r.key_check, check, "a new tenant key");
+        assert_eq!(wrap::tenant_key_check(&r.new_kek), r.key_check);
+        for (old, new) in deks.iter().zip(&r.deks) {
+            let aad = WrapAad::DataKey { tenant: "acme", tenant_key_id: 7, version: old.version };
+            let a = wrap::unwrap_key(&kek, &aad, &old.wrapped).unwrap();
+            let b = wrap::unwrap_key(&r.new_kek, &aad, &new.wrapped).unwrap();
+            // The same data key: values encrypted before the rotation still decrypt.
+            assert_eq!(DataKey::new(7, old.version, &a).commitment(), DataKey::new(7, old.version, &b).commitment());
+            assert!(wrap::unwrap_key(&kek, &aad, &new.wrapped).is_err(), "no longer under the old tenant key");
+        }
+        // A wrong old key or a damaged data key: nothing to store.
+        let other = SecretKey::generate().unwrap();
+        assert!(matches!(rotate_tenant_key(&other, &check, "acme", 7, &deks), Err(LifecycleError::KeyCheckMismatch)));
+        let mut bad = deks.clone();
+        bad[1].wrapped[20] ^= 1;
+        assert!(matches!(rotate_tenant_key(&kek, &check, "acme", 7, &bad), Err(LifecycleError::CorruptDataKey { version: 2 })));
     }
 }

@@ -1,0 +1,161 @@
+-- Online re-encryption of stored values (src/reencrypt.rs): CALL envelope.reencrypt(table, column).
+-- One job per column; its progress is stored with each committed batch, so a crash or a cancel
+-- loses at most the batch in flight and a second CALL continues.
+CREATE TABLE reencrypt_jobs (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relid           oid NOT NULL,
+    table_name      text NOT NULL,
+    column_name     name NOT NULL,
+    context         text,
+    context_column  name,
+    state           text NOT NULL CHECK (state IN ('queued', 'running', 'done', 'cancelled', 'failed')),
+    requested_by    oid NOT NULL,
+    batch_blocks    integer NOT NULL CHECK (batch_blocks > 0),
+    next_block      bigint NOT NULL DEFAULT 0,
+    blocks_total    bigint,
+    values_done     bigint NOT NULL DEFAULT 0,
+    batches         bigint NOT NULL DEFAULT 0,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    updated_at      timestamptz,
+    finished_at     timestamptz,
+    last_error      text
+);
+CREATE UNIQUE INDEX reencrypt_jobs_one_open ON reencrypt_jobs (relid, column_name) WHERE state IN ('queued', 'running');
+COMMENT ON TABLE reencrypt_jobs IS 'Re-encryption jobs (CALL envelope.reencrypt): one column each, progress stored with every committed batch.';
+REVOKE ALL ON reencrypt_jobs FROM PUBLIC;
+
+-- The per-value functions of the encrypted types: one C function each for every type.
+CREATE FUNCTION reencrypt_value(encrypted_text) RETURNS encrypted_text
+    AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION reencrypt_value(encrypted_bytea) RETURNS encrypted_bytea
+    AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION reencrypt_value(encrypted_jsonb) RETURNS encrypted_jsonb
+    AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION reencrypt_value(encrypted_int8) RETURNS encrypted_int8
+    AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION reencrypt_value(encrypted_numeric) RETURNS encrypted_numeric
+    AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION reencrypt_value(encrypted_date) RETURNS encrypted_date
+    AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION reencrypt_value(encrypted_timestamptz) RETURNS encrypted_timestamptz
+    AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION needs_reencryption(encrypted_text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION needs_reencryption(encrypted_bytea) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION needs_reencryption(encrypted_jsonb) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION needs_reencryption(encrypted_int8) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION needs_reencryption(encrypted_numeric) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION needs_reencryption(encrypted_date) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+CREATE FUNCTION needs_reencryption(encrypted_timestamptz) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- CALL envelope.reencrypt(table, column): re-encrypts every value of one column under each
+-- tenant's active data key, online, one committed batch at a time. Run it outside a transaction
+-- block, under READ COMMITTED. Throttle with pause (between batches) and time_limit (stop
+-- cleanly; CALL again to continue); cancel with pg_cancel_backend (the batch in flight rolls
+-- back) or envelope.cancel_reencrypt(job). (A procedure that commits cannot carry SET
+-- search_path: every name below is qualified.)
+CREATE PROCEDURE reencrypt(
+    tbl regclass,
+    col name,
+    context text DEFAULT NULL,
+    context_column name DEFAULT NULL,
+    batch_rows integer DEFAULT 10000,
+    pause interval DEFAULT '0',
+    time_limit interval DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+DECLARE
+    job bigint;
+    n bigint;
+    t0 timestamptz := pg_catalog.clock_timestamp();
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pg_envelope: envelope.reencrypt runs under READ COMMITTED'
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'SET default_transaction_isolation = ''read committed'' in the session, then CALL it outside a transaction block.';
+    END IF;
+    job := envelope.reencrypt_open(tbl, col, context, context_column, batch_rows);
+    COMMIT;
+    LOOP
+        n := envelope.reencrypt_batch(job);
+        COMMIT;
+        EXIT WHEN n < 0;
+        IF time_limit IS NOT NULL AND pg_catalog.clock_timestamp() - t0 >= time_limit THEN
+            RAISE NOTICE 'pg_envelope: time limit reached; re-encryption job % stays open: CALL envelope.reencrypt(...) again to continue', job;
+            RETURN;
+        END IF;
+        IF pause > interval '0' THEN
+            PERFORM pg_catalog.pg_sleep(extract(epoch FROM pause)::float8);
+        END IF;
+    END LOOP;
+END $$;
+
+-- Progress of re-encryption jobs: values done, blocks done of the table, rate and an estimate.
+CREATE VIEW reencrypt_progress AS
+SELECT j.id AS job, j.table_name, j.column_name, j.state,
+       j.values_done, j.next_block AS blocks_done, coalesce(j.blocks_total, 0) AS blocks_total,
+       CASE WHEN coalesce(j.blocks_total, 0) > 0 THEN round(100.0 * j.next_block / j.blocks_total, 1) END AS percent,
+       CASE WHEN j.started_at IS NOT NULL AND j.updated_at > j.started_at
+            THEN round((j.values_done / extract(epoch FROM j.updated_at - j.started_at))::numeric, 1) END AS values_per_second,
+       CASE WHEN j.state IN ('queued', 'running') AND j.next_block > 0 AND j.updated_at > j.started_at
+            THEN (j.updated_at - j.started_at) * ((j.blocks_total - j.next_block)::float8 / j.next_block) END AS eta,
+       j.batches, j.created_at, j.started_at, j.updated_at, j.finished_at, j.last_error,
+       j.requested_by::regrole AS requested_by
+  FROM reencrypt_jobs j;
+REVOKE ALL ON reencrypt_progress FROM PUBLIC;
+
+-- How many values of a column are under each tenant and data key version (headers only, no key,
+-- no grant; runs as the caller, who needs SELECT on the column, and on envelope.key_versions
+-- for the names and states).
+CREATE FUNCTION column_key_versions(tbl regclass, col name)
+RETURNS TABLE (tenant text, tenant_key_id integer, version integer, state text, "values" bigint)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT kv.tenant, h.tid, h.ver, kv.state, h.n
+           FROM (SELECT envelope.key_tenant_id(%1$I) AS tid, envelope.key_version(%1$I) AS ver, count(*) AS n
+                   FROM %2$s WHERE %1$I IS NOT NULL GROUP BY 1, 2) h
+           LEFT JOIN envelope.key_versions kv ON kv.tenant_key_id = h.tid AND kv.version = h.ver
+          ORDER BY h.tid, h.ver', col, tbl);
+END $$;
+
+-- Whether a data key version still has values in a tracked column: every column of an encrypted
+-- type (or a domain over one) in this database, and every column a re-encryption job named.
+-- Reads headers only. Used by destroy_data_key; runs as the extension owner.
+CREATE FUNCTION data_key_in_use(tenant_id integer, version integer) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    hit boolean;
+BEGIN
+    FOR r IN
+        WITH RECURSIVE enc(typ) AS (
+                SELECT t.oid FROM pg_type t
+                  JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'
+                  JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_envelope'
+                 WHERE t.typname LIKE 'encrypted\_%'
+                UNION
+                SELECT t.oid FROM pg_type t, enc WHERE t.typtype = 'd' AND t.typbasetype = enc.typ)
+        SELECT a.attrelid AS relid, a.attname
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+         WHERE c.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
+        UNION
+        SELECT j.relid, j.column_name FROM envelope.reencrypt_jobs j JOIN pg_class c ON c.oid = j.relid
+         WHERE EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = j.relid AND a.attname = j.column_name AND NOT a.attisdropped)
+    LOOP
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL AND envelope.key_tenant_id(%I) = $1 AND envelope.key_version(%I) = $2)',
+                       r.relid::regclass, r.attname, r.attname, r.attname)
+           INTO hit USING tenant_id, version;
+        IF hit THEN
+            RETURN format('%s.%I', r.relid::regclass, r.attname);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION data_key_in_use(integer, integer) FROM PUBLIC;

@@ -1,0 +1,225 @@
+//! Online re-encryption of stored values, SQL glue: the steps of `CALL envelope.reencrypt(...)`
+//! (sql/reencrypt.sql) and the per-value functions its UPDATEs call.
+//!
+//! A job walks one column of one table in block ranges (`ctid` ranges, a TID range scan), one
+//! committed batch per range: `UPDATE t SET col = envelope.reencrypt_value(col) WHERE ctid in
+//! the range AND envelope.needs_reencryption(col)`. The job's row in `envelope.reencrypt_jobs`
+//! is updated in the same transaction as its batch, so after a crash (kill -9, immediate
+//! shutdown) the next `CALL` resumes exactly after the last committed batch. The UPDATE runs as
+//! the caller (privileges and RLS apply; `row_security` is off for it, so a caller that RLS
+//! would restrict gets an error instead of silently skipping rows) and takes ROW EXCLUSIVE on the
+//! table and row locks for one batch only. A row the application updates meanwhile is
+//! re-evaluated by PostgreSQL (READ COMMITTED's EvalPlanQual): the new value is re-encrypted or,
+//! being under the active version already, left alone; never overwritten with its old value.
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use crate::backend;
+use crate::catalog;
+use crate::error::{EnvelopeError, OrRaise, Result};
+use crate::types::ByteaOut;
+
+/// Re-encrypts a stored `encrypt_field` value (bytea) under its tenant's active data key, with
+/// the same context. The tenant comes from the header; no tenant grant is needed, the caller
+/// needs EXECUTE (key administrators). The plaintext never leaves this call.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn reencrypt_value(value: &[u8], context: default!(Option<&str>, "NULL")) -> ByteaOut {
+    let ctx = context.map(str::as_bytes);
+    if ctx.is_some_and(|c| c.starts_with(crate::api::RESERVED_CONTEXT_PREFIX)) {
+        EnvelopeError::ReservedContext.raise();
+    }
+    ByteaOut(backend::reencrypt_to(value, ctx).or_raise())
+}
+
+/// Whether a stored value is under a data key version other than its tenant's active one.
+/// One C function for bytea and every encrypted type (declared by hand in sql/reencrypt.sql).
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn needs_reencryption(value: &[u8]) -> bool {
+    backend::needs_reencryption(value).or_raise()
+}
+
+fn bad(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> EnvelopeError {
+    EnvelopeError::BadRequest { code, message, hint: hint.map(str::to_string) }
+}
+
+/// Opens a re-encryption job for one column, or resumes the open one; returns its id. Checks
+/// the table (a plain table), the column (bytea, or an encrypted type or a domain over one),
+/// the context (bytea columns only: a constant or a column) and the caller's UPDATE privilege.
+#[pg_extern(volatile, parallel_unsafe)]
+fn reencrypt_open(
+    tbl: pg_sys::Oid,
+    col: &str,
+    context: default!(Option<&str>, "NULL"),
+    context_column: default!(Option<&str>, "NULL"),
+    batch_rows: default!(i32, 10000),
+    queued: default!(bool, false),
+) -> i64 {
+    open_impl(tbl, col, context, context_column, batch_rows, queued).or_raise()
+}
+
+fn open_impl(tbl: pg_sys::Oid, col: &str, context: Option<&str>, context_column: Option<&str>, batch_rows: i32, queued: bool) -> Result<i64> {
+    use PgSqlErrorCode::*;
+    if context.is_some() && context_column.is_some() {
+        return Err(bad(ERRCODE_INVALID_PARAMETER_VALUE, "pg_envelope: give either context or context_column, not both".into(), None));
+    }
+    if !(1..=10_000_000).contains(&batch_rows) {
+        return Err(bad(ERRCODE_INVALID_PARAMETER_VALUE, "pg_envelope: batch_rows must be between 1 and 10000000".into(), None));
+    }
+    let target = catalog::reencrypt_target(tbl, col, context_column)?;
+    let Some(target) = target else {
+        return Err(bad(ERRCODE_UNDEFINED_TABLE, format!("pg_envelope: no table with oid {}", tbl.to_u32()), None));
+    };
+    match target.relkind {
+        'r' => {}
+        'p' => {
+            return Err(bad(
+                ERRCODE_WRONG_OBJECT_TYPE,
+                format!("pg_envelope: {} is a partitioned table", target.table),
+                Some("Re-encrypt each partition: CALL envelope.reencrypt('<partition>', '<column>')."),
+            ))
+        }
+        _ => return Err(bad(ERRCODE_WRONG_OBJECT_TYPE, format!("pg_envelope: {} is not a table", target.table), None)),
+    }
+    let Some(kind) = target.column_kind.as_deref() else {
+        return Err(bad(ERRCODE_UNDEFINED_COLUMN, format!("pg_envelope: column \"{col}\" of {} does not exist", target.table), None));
+    };
+    let typed = match kind {
+        "bytea" => false,
+        "encrypted" => true,
+        other => {
+            return Err(bad(
+                ERRCODE_DATATYPE_MISMATCH,
+                format!("pg_envelope: column \"{col}\" of {} is of type {other}, not an encrypted type or bytea", target.table),
+                Some("Only columns written by pg_envelope can be re-encrypted."),
+            ))
+        }
+    };
+    if typed && (context.is_some() || context_column.is_some()) {
+        return Err(bad(
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("pg_envelope: column \"{col}\" is of an encrypted type; its values have no context of yours"),
+            Some("Give context or context_column only for bytea columns written by encrypt_field(value, context)."),
+        ));
+    }
+    if context.is_some_and(|c| c.as_bytes().starts_with(crate::api::RESERVED_CONTEXT_PREFIX)) {
+        return Err(EnvelopeError::ReservedContext);
+    }
+    if let Some(cc) = context_column {
+        if !target.context_column_exists {
+            return Err(bad(ERRCODE_UNDEFINED_COLUMN, format!("pg_envelope: column \"{cc}\" of {} does not exist", target.table), None));
+        }
+    }
+    if !target.can_update {
+        return Err(bad(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("pg_envelope: permission denied to update column \"{col}\" of {}", target.table),
+            Some("Re-encryption runs as you: it needs UPDATE on the column (and, on a table with row-level security, a role the policies do not restrict, e.g. the owner or BYPASSRLS)."),
+        ));
+    }
+    if let Some(open) = catalog::open_reencrypt_job(tbl, col)? {
+        if open.context.as_deref() != context || open.context_column.as_deref() != context_column {
+            return Err(bad(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_envelope: re-encryption job {} of this column is open with another context", open.id),
+                Some("Finish it with the same arguments, or cancel it: SELECT envelope.cancel_reencrypt(<job>)."),
+            ));
+        }
+        if !queued {
+            catalog::set_reencrypt_job_running(open.id)?;
+        }
+        pgrx::notice!("pg_envelope: resuming re-encryption job {} of {}.{} at block {}", open.id, target.table, col, open.next_block);
+        return Ok(open.id);
+    }
+    let per_block = target.rows_per_block.max(1.0);
+    let batch_blocks = ((batch_rows as f64) / per_block).ceil().clamp(1.0, 1_000_000.0) as i32;
+    catalog::insert_reencrypt_job(tbl, &target.table, col, context, context_column, batch_blocks, queued)
+}
+
+/// Runs the next batch of a re-encryption job in the caller's transaction; returns how many
+/// values it re-encrypted, or -1 when the job is finished (done or cancelled).
+#[pg_extern(volatile, parallel_unsafe)]
+fn reencrypt_batch(job: i64) -> i64 {
+    batch_impl(job).or_raise()
+}
+
+pub fn batch_impl(job: i64) -> Result<i64> {
+    use PgSqlErrorCode::*;
+    let caller = crate::nothrow::current_user_id();
+    let j = catalog::lock_reencrypt_job(job)?
+        .ok_or_else(|| bad(ERRCODE_UNDEFINED_OBJECT, format!("pg_envelope: no re-encryption job {job}"), None))?;
+    if j.requested_by != caller && !unsafe { pg_sys::superuser() } {
+        return Err(bad(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("pg_envelope: re-encryption job {job} belongs to another role"),
+            Some("A job runs as the role that opened it."),
+        ));
+    }
+    if j.state != "running" && j.state != "queued" {
+        return Ok(-1);
+    }
+    let Some(qualified) = catalog::qualified_table(j.relid)? else {
+        catalog::fail_reencrypt_job(job, "the table no longer exists")?;
+        return Ok(-1);
+    };
+    let nblocks = catalog::relation_blocks(j.relid)?;
+    if j.next_block >= nblocks {
+        catalog::finish_reencrypt_job(job, nblocks)?;
+        pgrx::notice!(
+            "pg_envelope: re-encryption job {job} of {qualified}.{} is done: {} values re-encrypted",
+            j.column,
+            j.values_done
+        );
+        return Ok(-1);
+    }
+    let lo = j.next_block;
+    let hi = lo + j.batch_blocks as i64;
+    let upper = (hi < nblocks).then_some(hi);
+    let col = quote_ident(&j.column);
+    let ctx = match (&j.context, &j.context_column) {
+        (Some(_), _) => ", $1".to_string(),
+        (None, Some(cc)) => format!(", t.{}::text", quote_ident(cc)),
+        (None, None) => String::new(),
+    };
+    let mut sql = format!(
+        "UPDATE {qualified} AS t SET {col} = envelope.reencrypt_value(t.{col}{ctx}) \
+         WHERE t.ctid >= '({lo},0)'::pg_catalog.tid"
+    );
+    if let Some(hi) = upper {
+        sql.push_str(&format!(" AND t.ctid < '({hi},0)'::pg_catalog.tid"));
+    }
+    sql.push_str(&format!(" AND t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col})"));
+    let n = catalog::run_reencrypt_update(&sql, j.context.as_deref())?;
+    let done = j.values_done + n;
+    let next = upper.unwrap_or(nblocks);
+    let (rate, eta) = catalog::advance_reencrypt_job(job, next, nblocks, n)?;
+    let pct = if nblocks > 0 { 100.0 * next as f64 / nblocks as f64 } else { 100.0 };
+    pgrx::notice!(
+        "pg_envelope: re-encryption job {job} of {qualified}.{}: {done} values re-encrypted, block {next} of {nblocks} ({pct:.0}%), {rate:.0} values/s{}",
+        j.column,
+        eta.map(|s| format!(", about {} left", human_duration(s))).unwrap_or_default()
+    );
+    Ok(n)
+}
+
+fn human_duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s < 120 {
+        format!("{s} s")
+    } else if s < 7200 {
+        format!("{} min", s / 60)
+    } else {
+        format!("{:.1} h", s as f64 / 3600.0)
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Cancels an open re-encryption job: its next batch does nothing and it is marked cancelled.
+/// What was committed stays re-encrypted. Returns whether a job was open.
+#[pg_extern(volatile, parallel_unsafe)]
+fn cancel_reencrypt(job: i64) -> bool {
+    catalog::cancel_reencrypt_job(job).or_raise()
+}
