@@ -9,6 +9,7 @@ CREATE TABLE reencrypt_jobs (
     context         text,
     context_column  name,
     state           text NOT NULL CHECK (state IN ('queued', 'running', 'done', 'cancelled', 'failed')),
+    by_worker       boolean NOT NULL DEFAULT false,
     requested_by    oid NOT NULL,
     batch_blocks    integer NOT NULL CHECK (batch_blocks > 0),
     next_block      bigint NOT NULL DEFAULT 0,

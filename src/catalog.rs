@@ -968,8 +968,8 @@ pub fn insert_reencrypt_job(
     let caller = crate::nothrow::current_user_id();
     as_extension_owner(|| {
         Spi::get_one_with_args::<i64>(
-            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, context, context_column, state, requested_by, batch_blocks)
-             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $7, $8) RETURNING id",
+            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, context, context_column, state, by_worker, requested_by, batch_blocks)
+             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8) RETURNING id",
             &[
                 tbl.into(),
                 table.into(),
@@ -1127,4 +1127,83 @@ pub fn cancel_reencrypt_job(job: i64) -> Result<bool> {
         .map_err(spi_err)
         .map(|b| b.unwrap_or(false))
     })
+}
+
+/// The due condition of data key rotation: the active version is at least as old as the
+/// tenant's period (its policy row, else the setting, `$1` seconds); a period of 0 never rotates.
+fn rotation_due_sql(default_s: i64, one_tenant: bool) -> std::ffi::CString {
+    let sql = format!(
+        "SELECT t.name FROM envelope.tenants t
+           JOIN envelope.data_keys d ON d.tenant_id = t.id AND d.state = 'active'
+           LEFT JOIN envelope.rotation_policy p ON p.tenant_id = t.id
+          CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, make_interval(secs => {default_s})) AS period) x
+          WHERE x.period > interval '0' AND d.created_at + x.period <= now() {} ORDER BY t.id",
+        if one_tenant { "AND t.name = $1" } else { "" }
+    );
+    std::ffi::CString::new(sql).expect("no NUL in SQL")
+}
+
+/// Tenants whose data key rotation is due.
+pub fn tenants_due_for_rotation(default_s: i64) -> Result<Vec<String>> {
+    let sql = rotation_due_sql(default_s, false);
+    as_extension_owner(|| Spi::connect(|_c| select_latest(&sql, &[], |r| r.get::<String>(1).ok_or_else(|| missing("name")))))
+}
+
+/// Whether one tenant's rotation is due (under a fresh snapshot).
+pub fn tenant_rotation_due(tenant: &str, default_s: i64) -> Result<bool> {
+    let sql = rotation_due_sql(default_s, true);
+    as_extension_owner(|| {
+        Spi::connect(|_c| Ok(!select_latest(&sql, &[Arg::Text(tenant)], |r| r.get::<String>(1).ok_or_else(|| missing("name")))?.is_empty()))
+    })
+}
+
+/// Providers that wrap at least one tenant: (name, kind, options, has an open rewrap job, the
+/// distinct root versions their tenants are wrapped under).
+pub type ProviderTenants = (String, String, String, bool, Vec<Option<String>>);
+
+pub fn providers_with_tenants() -> Result<Vec<ProviderTenants>> {
+    as_extension_owner(|| {
+        Spi::connect(|_c| {
+            let rows = select_latest(
+                c"SELECT p.name, p.kind, p.options::text,
+                         EXISTS (SELECT 1 FROM envelope.rewrap_jobs j WHERE j.provider = p.name AND j.state = 'running'),
+                         (SELECT array_agg(DISTINCT coalesce(t.root_version, '')) FROM envelope.tenants t WHERE t.provider = p.name)
+                    FROM envelope.key_providers p
+                   WHERE EXISTS (SELECT 1 FROM envelope.tenants t WHERE t.provider = p.name) ORDER BY p.name",
+                &[],
+                |r| {
+                    let versions: Vec<Option<String>> = r.get::<Vec<Option<String>>>(5).unwrap_or_default();
+                    Ok((
+                        r.get::<String>(1).ok_or_else(|| missing("name"))?,
+                        r.get::<String>(2).ok_or_else(|| missing("kind"))?,
+                        r.get::<String>(3).ok_or_else(|| missing("options"))?,
+                        r.get::<bool>(4).unwrap_or(false),
+                        versions.into_iter().map(|v| v.filter(|s| !s.is_empty())).collect(),
+                    ))
+                },
+            )?;
+            Ok(rows)
+        })
+    })
+}
+
+/// Re-encryption jobs queued for the worker that are still open: (job, the role it runs as).
+pub fn queued_reencrypt_jobs() -> Result<Vec<(i64, pg_sys::Oid)>> {
+    as_extension_owner(|| {
+        Spi::connect(|_c| {
+            select_latest(
+                c"SELECT id, requested_by FROM envelope.reencrypt_jobs WHERE by_worker AND state IN ('queued', 'running') ORDER BY id",
+                &[],
+                |r| Ok((r.get::<i64>(1).ok_or_else(|| missing("id"))?, r.get::<pg_sys::Oid>(2).ok_or_else(|| missing("requested_by"))?)),
+            )
+        })
+    })
+}
+
+/// Whether pg_envelope is installed in this database (the worker's database may lack it).
+pub fn extension_installed() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope')")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }

@@ -278,6 +278,11 @@ impl EnvelopeError {
         }
     }
 
+    /// The message alone (for logs and status, e.g. the maintenance worker's last error).
+    pub fn message(&self) -> String {
+        self.parts().1
+    }
+
     /// Raises the error as a PostgreSQL ERROR. Does not return.
     pub fn raise(self) -> ! {
         let (code, message, detail, hint) = self.parts();

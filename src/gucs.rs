@@ -10,6 +10,9 @@
 //! | envelope.max_key_age          | SUSET    | 7d               | superusers                   |
 //! | envelope.credential_dirs      | SIGHUP   | (unset: none)    | postgresql.conf only         |
 //! | envelope.pkcs11_modules       | SIGHUP   | (unset: none)    | postgresql.conf only         |
+//! | envelope.database             | POSTMASTER | postgres       | postgresql.conf, restart     |
+//! | envelope.maintenance_naptime  | SIGHUP   | 1min             | postgresql.conf only         |
+//! | envelope.data_key_rotation_period | SIGHUP | 90d (0: never) | postgresql.conf only         |
 //!
 //! None of them holds a secret: the root key file's *path* is configuration; its content is
 //! read by the `local` provider and never stored in a setting. The path is still hidden from
@@ -28,12 +31,43 @@ pub static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static CREDENTIAL_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PKCS11_MODULES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_KEY_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static MAINTENANCE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static DATA_KEY_ROTATION_PERIOD_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 * 3600);
 
 /// Largest accepted `envelope.max_value_size`: 1 GiB (PostgreSQL's varlena limit) minus room for
 /// the 82-byte envelope overhead and the varlena header, rounded down to whole kB.
 pub const MAX_VALUE_SIZE_LIMIT_KB: i32 = 1024 * 1024 - 1;
 
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"envelope.database",
+        c"The database the pg_envelope maintenance worker connects to.",
+        c"The worker rotates data keys, re-wraps tenants and runs queued re-encryption jobs there. Empty: no worker.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.maintenance_naptime",
+        c"How often the maintenance worker looks for due work.",
+        c"Due data key rotations, root key versions to re-wrap under, queued re-encryption jobs.",
+        &MAINTENANCE_NAPTIME_S,
+        1,
+        24 * 3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.data_key_rotation_period",
+        c"Age at which the maintenance worker (or run_maintenance) rotates a tenant's active data key.",
+        c"0: never automatically. A tenant's row in envelope.rotation_policy overrides it.",
+        &DATA_KEY_ROTATION_PERIOD_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_string_guc(
         c"envelope.credential_dirs",
         c"Directories (comma-separated, absolute) under which key-provider options may name files.",
@@ -155,4 +189,18 @@ pub fn credential_dirs() -> Vec<std::path::PathBuf> {
 /// `envelope.pkcs11_modules` as absolute paths.
 pub fn pkcs11_modules() -> Vec<std::path::PathBuf> {
     path_list(&PKCS11_MODULES)
+}
+
+/// `envelope.database`, or `None` when empty (no worker).
+pub fn database() -> Option<String> {
+    DATABASE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+}
+
+pub fn maintenance_naptime() -> Duration {
+    Duration::from_secs(MAINTENANCE_NAPTIME_S.get().max(1) as u64)
+}
+
+/// `envelope.data_key_rotation_period` in seconds (0: never).
+pub fn data_key_rotation_period_s() -> i64 {
+    DATA_KEY_ROTATION_PERIOD_S.get().max(0) as i64
 }

@@ -16,11 +16,13 @@ mod error;
 mod guards;
 mod gucs;
 mod lifecycle;
+mod maintenance;
 mod nothrow;
 mod reencrypt;
 mod status;
 mod tenancy;
 mod types;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -31,6 +33,8 @@ pub extern "C-unwind" fn _PG_init() {
         use backend::EPOCH;
         pgrx::pg_shmem_init!(EPOCH);
         backend::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The maintenance worker (src/worker.rs): scheduled rotation, rewraps, queued jobs.
+        worker::register();
     }
     // Wipe cached keys when the backend exits. The nonce generator is NOT touched here: in the
     // postmaster this runs before fork, and each backend must seed its own.
@@ -61,6 +65,11 @@ extension_sql_file!(
     "../sql/lifecycle.sql",
     name = "lifecycle",
     requires = ["encrypted_types", lifecycle::key_version, lifecycle::key_tenant_id, lifecycle::rewrap_tenants_start, lifecycle::rewrap_tenants_batch]
+);
+extension_sql_file!(
+    "../sql/maintenance.sql",
+    name = "maintenance",
+    requires = ["reencrypt", maintenance::default_rotation_period, maintenance::maintenance_due, maintenance::rotate_data_key_if_due, status::maintenance_status]
 );
 extension_sql_file!(
     "../sql/reencrypt.sql",
@@ -108,6 +117,13 @@ REVOKE ALL ON FUNCTION reencrypt_batch(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cancel_reencrypt(bigint) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE reencrypt(regclass, name, text, name, integer, interval, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION column_key_versions(regclass, name) FROM PUBLIC;
+REVOKE ALL ON FUNCTION queue_reencrypt(regclass, name, text, name, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION maintenance_due() FROM PUBLIC;
+REVOKE ALL ON FUNCTION rotate_data_key_if_due(text) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE run_maintenance() FROM PUBLIC;
+REVOKE ALL ON FUNCTION set_rotation_period(text, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION maintenance_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION maintenance_status() TO pg_monitor;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

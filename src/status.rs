@@ -80,6 +80,19 @@ pub fn status_json() -> Result<Value> {
         })
         .collect();
     let tenant = backend::current_tenant().ok();
+    let w = worker_status();
+    let worker = json!({
+        "database": gucs::database(),
+        "running": w.pid != 0,
+        "pid": (w.pid != 0).then_some(w.pid),
+        "runs": w.runs,
+        "seconds_since_last_run": (w.last_run_at != 0).then(|| (unsafe { pg_sys::GetCurrentTimestamp() } - w.last_run_at) as f64 / 1e6),
+        "rotations": w.rotations,
+        "tenants_rewrapped": w.rewrapped,
+        "values_reencrypted": w.reencrypted,
+        "last_error": w.last_error(),
+        "data_key_rotation_period_seconds": gucs::data_key_rotation_period_s(),
+    });
     Ok(backend::with_backend(|b| {
         let s = b.cache.stats();
         let pool = pg_envelope_core::secure::pool_stats();
@@ -92,6 +105,7 @@ pub fn status_json() -> Result<Value> {
             "max_key_age_seconds": gucs::max_key_age().as_secs(),
             "degraded": b.cache.degraded_count() > 0,
             "providers": providers,
+            "maintenance_worker": worker,
             "backend": {
                 "pid": std::process::id(),
                 "root_unwraps": s.root_unwraps,
@@ -113,4 +127,43 @@ pub fn status_json() -> Result<Value> {
             "cache": cache,
         })
     }))
+}
+
+/// The maintenance worker as it reports itself (shared memory): one row.
+#[pg_extern(volatile, parallel_safe)]
+fn maintenance_status() -> TableIterator<
+    'static,
+    (
+        name!(worker_pid, Option<i32>),
+        name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_run_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(runs, i64),
+        name!(rotations, i64),
+        name!(tenants_rewrapped, i64),
+        name!(values_reencrypted, i64),
+        name!(last_error_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_error, Option<String>),
+    ),
+> {
+    let s = worker_status();
+    let ts = |t: i64| if t == 0 { None } else { pgrx::datum::TimestampWithTimeZone::try_from(t).ok() };
+    TableIterator::once((
+        (s.pid != 0).then_some(s.pid),
+        ts(s.started_at),
+        ts(s.last_run_at),
+        s.runs as i64,
+        s.rotations as i64,
+        s.rewrapped as i64,
+        s.reencrypted as i64,
+        ts(s.last_error_at),
+        s.last_error(),
+    ))
+}
+
+pub fn worker_status() -> crate::worker::WorkerStatus {
+    if PRELOADED.load(std::sync::atomic::Ordering::Relaxed) {
+        *crate::worker::STATUS.share()
+    } else {
+        crate::worker::WorkerStatus::default()
+    }
 }

@@ -1,0 +1,70 @@
+-- Scheduled key maintenance (src/maintenance.rs, src/worker.rs). The background worker does
+-- this on its own when pg_envelope is preloaded and envelope.database names this database;
+-- CALL envelope.run_maintenance() does the same due work once (for pg_cron users).
+
+-- Per-tenant rotation period: NULL removes the override (envelope.data_key_rotation_period
+-- applies); interval '0' means never automatically.
+CREATE FUNCTION set_rotation_period(tenant text, period interval) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tid integer;
+BEGIN
+    SELECT t.id INTO tid FROM envelope.tenants t WHERE t.name = tenant;
+    IF tid IS NULL THEN
+        RAISE EXCEPTION 'pg_envelope: tenant "%" does not exist', left(tenant, 128) USING ERRCODE = 'undefined_object';
+    END IF;
+    IF period IS NULL THEN
+        DELETE FROM envelope.rotation_policy p WHERE p.tenant_id = tid;
+    ELSIF period < interval '0' THEN
+        RAISE EXCEPTION 'pg_envelope: a rotation period cannot be negative' USING ERRCODE = 'invalid_parameter_value';
+    ELSE
+        INSERT INTO envelope.rotation_policy (tenant_id, data_key_rotation_period) VALUES (tid, period)
+        ON CONFLICT (tenant_id) DO UPDATE SET data_key_rotation_period = excluded.data_key_rotation_period, updated_at = now();
+    END IF;
+END $$;
+
+-- Queues a re-encryption job for the maintenance worker, which runs it as the calling role.
+CREATE FUNCTION queue_reencrypt(tbl regclass, col name, context text DEFAULT NULL, context_column name DEFAULT NULL,
+                                batch_rows integer DEFAULT 10000) RETURNS bigint
+LANGUAGE sql VOLATILE AS $$ SELECT envelope.reencrypt_open(tbl, col, context, context_column, batch_rows, true) $$;
+
+-- Next due rotation per tenant (never key bytes).
+CREATE VIEW rotation_status AS
+SELECT t.name AS tenant, d.version AS active_version, d.created_at AS activated_at,
+       x.period AS rotation_period, (p.tenant_id IS NOT NULL) AS period_overridden,
+       CASE WHEN x.period > interval '0' THEN d.created_at + x.period END AS next_rotation_due,
+       (x.period > interval '0' AND d.created_at + x.period <= now()) AS overdue,
+       t.provider, t.root_version, t.key_generation AS tenant_key_generation, t.key_rotated_at AS tenant_key_rotated_at
+  FROM tenants t
+  JOIN data_keys d ON d.tenant_id = t.id AND d.state = 'active'
+  LEFT JOIN rotation_policy p ON p.tenant_id = t.id
+ CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, default_rotation_period()) AS period) x;
+REVOKE ALL ON rotation_status FROM PUBLIC;
+
+-- CALL envelope.run_maintenance(): the due rotations, rewraps and this role's queued
+-- re-encryption jobs, each committed on its own. Call it outside a transaction block.
+CREATE PROCEDURE run_maintenance()
+LANGUAGE plpgsql AS $$
+DECLARE
+    w record;
+    v integer;
+    n bigint;
+BEGIN
+    FOR w IN SELECT * FROM envelope.maintenance_due() LOOP
+        IF w.action = 'rotate' THEN
+            v := envelope.rotate_data_key_if_due(w.target);
+            IF v IS NOT NULL THEN
+                RAISE NOTICE 'pg_envelope: rotated the data key of tenant "%" to version %', w.target, v;
+            END IF;
+            COMMIT;
+        ELSIF w.action = 'rewrap' THEN
+            CALL envelope.rewrap_tenants(w.target);
+        ELSIF w.action = 'reencrypt' THEN
+            LOOP
+                n := envelope.reencrypt_batch(w.target::bigint);
+                COMMIT;
+                EXIT WHEN n < 0;
+            END LOOP;
+        END IF;
+    END LOOP;
+END $$;

@@ -1,0 +1,261 @@
+//! The project's one background worker: scheduled key maintenance (src/maintenance.rs).
+//!
+//! Registered by `_PG_init` when pg_envelope is in `shared_preload_libraries` and
+//! `envelope.database` is not empty. It connects to that database as the bootstrap superuser,
+//! starts only once recovery has finished (nothing on a hot standby; after a promotion it
+//! starts), is restarted by the postmaster 10 s after a crash, re-reads the configuration on
+//! SIGHUP and stops at SIGTERM between two steps (a key-provider call in flight is bounded by
+//! `envelope.kms_timeout`). Every step runs in its own transaction, so a failure rolls back that
+//! step only; it is logged, kept as the last error (`envelope.status()`, `maintenance_status()`),
+//! and retried at the next run. Re-encryption jobs run as the role that queued them.
+//!
+//! Revocation, shredding and the audit writer (later issues) are meant to run in this worker too.
+
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{PgLwLock, PgTryBuilder};
+
+use crate::maintenance::{self, Work};
+use crate::{catalog, gucs};
+
+/// What the worker reports about itself, in shared memory.
+#[derive(Clone, Copy)]
+pub struct WorkerStatus {
+    pub pid: i32,
+    pub started_at: i64,
+    pub last_run_at: i64,
+    pub last_error_at: i64,
+    pub runs: u64,
+    pub rotations: u64,
+    pub rewrapped: u64,
+    pub reencrypted: u64,
+    pub error_len: u16,
+    pub error: [u8; 256],
+}
+
+impl Default for WorkerStatus {
+    fn default() -> Self {
+        WorkerStatus {
+            pid: 0,
+            started_at: 0,
+            last_run_at: 0,
+            last_error_at: 0,
+            runs: 0,
+            rotations: 0,
+            rewrapped: 0,
+            reencrypted: 0,
+            error_len: 0,
+            error: [0; 256],
+        }
+    }
+}
+
+unsafe impl pgrx::shmem::PGRXSharedMemory for WorkerStatus {}
+
+pub static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"pg_envelope_worker") };
+
+impl WorkerStatus {
+    pub fn last_error(&self) -> Option<String> {
+        (self.error_len > 0).then(|| String::from_utf8_lossy(&self.error[..self.error_len as usize]).into_owned())
+    }
+}
+
+/// Registers the worker (from `_PG_init`, while shared_preload_libraries is processed).
+pub fn register() {
+    pgrx::pg_shmem_init!(STATUS);
+    if gucs::database().is_none() {
+        return;
+    }
+    BackgroundWorkerBuilder::new("pg_envelope maintenance")
+        .set_type("pg_envelope maintenance")
+        .set_function("pg_envelope_worker_main")
+        .set_library("pg_envelope")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(10)))
+        .load();
+}
+
+fn now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn shutdown_requested() -> bool {
+    // SAFETY: a sig_atomic_t set by the SIGTERM handler.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+/// Runs `f` in a transaction of its own; an error aborts that transaction only and comes back
+/// as its message.
+fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let r = PgTryBuilder::new(|| Ok(f()))
+        .catch_others(|e| {
+            Err(match e {
+                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            })
+        })
+        .execute();
+    unsafe {
+        match &r {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    r
+}
+
+fn record_error(what: &str) {
+    pgrx::log!("pg_envelope maintenance: {what}");
+    let mut s = STATUS.exclusive();
+    let bytes = what.as_bytes();
+    let n = bytes.len().min(s.error.len());
+    s.error[..n].copy_from_slice(&bytes[..n]);
+    s.error_len = n as u16;
+    s.last_error_at = now();
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let Some(db) = gucs::database() else { return };
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    {
+        let mut s = STATUS.exclusive();
+        s.pid = unsafe { pg_sys::MyProcPid };
+        s.started_at = now();
+    }
+    pgrx::log!("pg_envelope maintenance worker started in database \"{db}\"");
+    loop {
+        if shutdown_requested() {
+            break;
+        }
+        run_once();
+        if !BackgroundWorker::wait_latch(Some(gucs::maintenance_naptime())) || shutdown_requested() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+    STATUS.exclusive().pid = 0;
+}
+
+/// One maintenance run: find due work, do each item in its own transaction(s).
+fn run_once() {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return;
+    }
+    let due = in_transaction(|| {
+        if !catalog::extension_installed() {
+            return Ok(None);
+        }
+        let mut warnings = Vec::new();
+        maintenance::due_work(&mut warnings).map(|w| Some((w, warnings)))
+    });
+    let work = match due {
+        Ok(Ok(Some((work, warnings)))) => {
+            for w in warnings {
+                record_error(&w);
+            }
+            work
+        }
+        Ok(Ok(None)) => Vec::new(),
+        Ok(Err(e)) => {
+            record_error(&e.message());
+            Vec::new()
+        }
+        Err(m) => {
+            record_error(&m);
+            Vec::new()
+        }
+    };
+    let mut failed = false;
+    for w in work {
+        if shutdown_requested() {
+            return;
+        }
+        if let Err(m) = run_item(&w) {
+            failed = true;
+            record_error(&m);
+        }
+    }
+    let mut s = STATUS.exclusive();
+    s.runs += 1;
+    s.last_run_at = now();
+    if !failed && s.last_error_at < s.last_run_at - 24 * 3600 * 1_000_000 {
+        s.error_len = 0;
+    }
+}
+
+fn flatten<T>(r: Result<crate::error::Result<T>, String>) -> Result<T, String> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.message()),
+        Err(m) => Err(m),
+    }
+}
+
+fn run_item(w: &Work) -> Result<(), String> {
+    match w {
+        Work::Rotate(tenant) => {
+            let t = tenant.clone();
+            if let Some(v) = flatten(in_transaction(move || maintenance::rotate_if_due(&t)))? {
+                pgrx::log!("pg_envelope maintenance: rotated the data key of tenant \"{}\" to version {v}", crate::error::shown(tenant));
+                STATUS.exclusive().rotations += 1;
+            }
+            Ok(())
+        }
+        Work::Rewrap(provider) => {
+            let p = provider.clone();
+            let job = flatten(in_transaction(move || crate::lifecycle::rewrap_start_impl(&p)))?;
+            loop {
+                if shutdown_requested() {
+                    return Ok(());
+                }
+                let n = flatten(in_transaction(move || crate::lifecycle::rewrap_batch_impl(job, 100)))?;
+                if n == 0 {
+                    pgrx::log!("pg_envelope maintenance: rewrap job {job} of provider \"{provider}\" is done");
+                    return Ok(());
+                }
+                STATUS.exclusive().rewrapped += n as u64;
+            }
+        }
+        Work::Reencrypt { job, role } => {
+            let (job, role) = (*job, *role);
+            loop {
+                if shutdown_requested() {
+                    return Ok(());
+                }
+                // As the role that queued the job: its privileges and row-level security apply.
+                let n = flatten(in_transaction(move || {
+                    let (old, ctx) = unsafe {
+                        let mut old = pg_sys::InvalidOid;
+                        let mut ctx = 0;
+                        pg_sys::GetUserIdAndSecContext(&mut old, &mut ctx);
+                        pg_sys::SetUserIdAndSecContext(role, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+                        (old, ctx)
+                    };
+                    let r = crate::reencrypt::batch_impl(job);
+                    unsafe { pg_sys::SetUserIdAndSecContext(old, ctx) };
+                    r
+                }))?;
+                if n < 0 {
+                    return Ok(());
+                }
+                STATUS.exclusive().reencrypted += n as u64;
+            }
+        }
+    }
+}
