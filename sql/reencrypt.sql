@@ -15,6 +15,8 @@ CREATE TABLE reencrypt_jobs (
     next_block      bigint NOT NULL DEFAULT 0,
     blocks_total    bigint,
     values_done     bigint NOT NULL DEFAULT 0,
+    values_remaining bigint,
+    pass            integer NOT NULL DEFAULT 1,
     batches         bigint NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
@@ -106,7 +108,7 @@ SELECT j.id AS job, j.table_name, j.column_name, j.state,
             THEN round((j.values_done / extract(epoch FROM j.updated_at - j.started_at))::numeric, 1) END AS values_per_second,
        CASE WHEN j.state IN ('queued', 'running') AND j.next_block > 0 AND j.updated_at > j.started_at
             THEN (j.updated_at - j.started_at) * ((j.blocks_total - j.next_block)::float8 / j.next_block) END AS eta,
-       j.batches, j.created_at, j.started_at, j.updated_at, j.finished_at, j.last_error,
+       j.pass, j.values_remaining, j.batches, j.created_at, j.started_at, j.updated_at, j.finished_at, j.last_error,
        j.requested_by::regrole AS requested_by
   FROM reencrypt_jobs j;
 REVOKE ALL ON reencrypt_progress FROM PUBLIC;

@@ -968,8 +968,10 @@ pub fn insert_reencrypt_job(
     let caller = crate::nothrow::current_user_id();
     as_extension_owner(|| {
         Spi::get_one_with_args::<i64>(
-            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, context, context_column, state, by_worker, requested_by, batch_blocks)
-             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8) RETURNING id",
+            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, context, context_column, state, by_worker, requested_by,
+                                                  batch_blocks, blocks_total, started_at)
+             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8,
+                     pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::bigint, clock_timestamp()) RETURNING id",
             &[
                 tbl.into(),
                 table.into(),
@@ -998,6 +1000,7 @@ pub struct ReencryptJob {
     pub batch_blocks: i32,
     pub next_block: i64,
     pub values_done: i64,
+    pub pass: i32,
 }
 
 pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
@@ -1005,7 +1008,7 @@ pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
         Spi::connect_mut(|client| {
             let t = client
                 .update(
-                    "SELECT relid, column_name::text, context, context_column::text, state, requested_by, batch_blocks, next_block, values_done
+                    "SELECT relid, column_name::text, context, context_column::text, state, requested_by, batch_blocks, next_block, values_done, pass
                        FROM envelope.reencrypt_jobs WHERE id = $1 FOR UPDATE",
                     Some(1),
                     &[job.into()],
@@ -1025,6 +1028,7 @@ pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
                 batch_blocks: r.get::<i32>(7).map_err(spi_err)?.unwrap_or(1),
                 next_block: r.get::<i64>(8).map_err(spi_err)?.unwrap_or(0),
                 values_done: r.get::<i64>(9).map_err(spi_err)?.unwrap_or(0),
+                pass: r.get::<i32>(10).map_err(spi_err)?.unwrap_or(1),
             }))
         })
     })
@@ -1076,7 +1080,7 @@ pub fn advance_reencrypt_job(job: i64, next_block: i64, blocks_total: i64, n: i6
                 .update(
                     "UPDATE envelope.reencrypt_jobs
                         SET next_block = $2, blocks_total = $3, values_done = values_done + $4, batches = batches + 1,
-                            started_at = coalesce(started_at, clock_timestamp()), updated_at = clock_timestamp(), state = 'running'
+                            updated_at = clock_timestamp(), state = 'running'
                       WHERE id = $1
                   RETURNING values_done / greatest(extract(epoch FROM clock_timestamp() - started_at), 0.001)::float8,
                             CASE WHEN next_block > 0 THEN extract(epoch FROM clock_timestamp() - started_at)::float8
@@ -1091,15 +1095,35 @@ pub fn advance_reencrypt_job(job: i64, next_block: i64, blocks_total: i64, n: i6
     })
 }
 
-pub fn finish_reencrypt_job(job: i64, blocks_total: i64) -> Result<()> {
+pub fn finish_reencrypt_job(job: i64, blocks_total: i64, remaining: i64) -> Result<()> {
     as_extension_owner(|| {
         Spi::run_with_args(
-            "UPDATE envelope.reencrypt_jobs SET state = 'done', next_block = $2, blocks_total = $2,
-                    started_at = coalesce(started_at, clock_timestamp()), finished_at = clock_timestamp(), updated_at = clock_timestamp()
+            "UPDATE envelope.reencrypt_jobs SET state = 'done', next_block = $2, blocks_total = $2, values_remaining = $3,
+                    finished_at = clock_timestamp(), updated_at = clock_timestamp()
               WHERE id = $1",
+            &[job.into(), blocks_total.into(), remaining.into()],
+        )
+        .map_err(spi_err)
+    })
+}
+
+/// Starts another pass over the table (values moved behind the cursor by concurrent updates).
+pub fn restart_reencrypt_pass(job: i64, blocks_total: i64) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.reencrypt_jobs SET next_block = 0, pass = pass + 1, blocks_total = $2, updated_at = clock_timestamp() WHERE id = $1",
             &[job.into(), blocks_total.into()],
         )
         .map_err(spi_err)
+    })
+}
+
+/// Counts, as the caller with row security off, what a job has left (headers only).
+pub fn run_reencrypt_count(sql: &str) -> Result<i64> {
+    Spi::connect_mut(|client| {
+        client.update("SELECT pg_catalog.set_config('row_security', 'off', true)", None, &[]).map_err(spi_err)?;
+        let t = client.update(sql, Some(1), &[]).map_err(spi_err)?;
+        Ok(t.first().get::<i64>(1).map_err(spi_err)?.unwrap_or(0))
     })
 }
 

@@ -162,20 +162,42 @@ pub fn batch_impl(job: i64) -> Result<i64> {
         catalog::fail_reencrypt_job(job, "the table no longer exists")?;
         return Ok(-1);
     };
+    let col = quote_ident(&j.column);
     let nblocks = catalog::relation_blocks(j.relid)?;
     if j.next_block >= nblocks {
-        catalog::finish_reencrypt_job(job, nblocks)?;
-        pgrx::notice!(
-            "pg_envelope: re-encryption job {job} of {qualified}.{} is done: {} values re-encrypted",
-            j.column,
-            j.values_done
-        );
+        // End of a pass. Concurrent updates of other columns can move a row not yet visited
+        // (with its value under an old version) behind the cursor; count what is left (headers
+        // only) and make another pass over the table if anything is.
+        let remaining = catalog::run_reencrypt_count(&format!(
+            "SELECT count(*) FROM {qualified} AS t WHERE t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col})"
+        ))?;
+        if remaining > 0 && j.pass < MAX_PASSES {
+            catalog::restart_reencrypt_pass(job, nblocks)?;
+            pgrx::notice!(
+                "pg_envelope: re-encryption job {job} of {qualified}.{}: {remaining} values still under old versions (moved by concurrent updates); pass {} starts",
+                j.column,
+                j.pass + 1
+            );
+            return Ok(0);
+        }
+        catalog::finish_reencrypt_job(job, nblocks, remaining)?;
+        if remaining > 0 {
+            pgrx::warning!(
+                "pg_envelope: re-encryption job {job} of {qualified}.{} ended after {MAX_PASSES} passes with {remaining} values still under old versions (the table is being updated heavily); CALL envelope.reencrypt again",
+                j.column
+            );
+        } else {
+            pgrx::notice!(
+                "pg_envelope: re-encryption job {job} of {qualified}.{} is done: {} values re-encrypted, none left under old versions",
+                j.column,
+                j.values_done
+            );
+        }
         return Ok(-1);
     }
     let lo = j.next_block;
     let hi = lo + j.batch_blocks as i64;
     let upper = (hi < nblocks).then_some(hi);
-    let col = quote_ident(&j.column);
     let ctx = match (&j.context, &j.context_column) {
         (Some(_), _) => ", $1".to_string(),
         (None, Some(cc)) => format!(", t.{}::text", quote_ident(cc)),
@@ -201,6 +223,9 @@ pub fn batch_impl(job: i64) -> Result<i64> {
     );
     Ok(n)
 }
+
+/// Passes over the table before a job gives up on values that concurrent updates keep moving.
+const MAX_PASSES: i32 = 3;
 
 fn human_duration(s: f64) -> String {
     let s = s.max(0.0).round() as u64;

@@ -142,11 +142,21 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
             break;
         }
         run_once();
-        if !BackgroundWorker::wait_latch(Some(gucs::maintenance_naptime())) || shutdown_requested() {
-            break;
-        }
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        // Sleep out the naptime: the latch is also set for reasons of no interest here
+        // (invalidation catch-up signals), which must not make the worker run early.
+        let deadline = std::time::Instant::now() + gucs::maintenance_naptime();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if !BackgroundWorker::wait_latch(Some(left)) || shutdown_requested() {
+                STATUS.exclusive().pid = 0;
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            }
         }
     }
     STATUS.exclusive().pid = 0;
