@@ -5,7 +5,7 @@
 -- Per-tenant rotation period: NULL removes the override (envelope.data_key_rotation_period
 -- applies); interval '0' means never automatically.
 CREATE FUNCTION set_rotation_period(tenant text, period interval) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     tid integer;
 BEGIN

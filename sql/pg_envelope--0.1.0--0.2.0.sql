@@ -643,7 +643,7 @@ END $$;
 -- type (or a domain over one) in this database, and every column a re-encryption job named.
 -- Reads headers only. Used by destroy_data_key; runs as the extension owner.
 CREATE FUNCTION data_key_in_use(tenant_id integer, version integer) RETURNS text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     r record;
     hit boolean;
@@ -659,9 +659,11 @@ BEGIN
         SELECT a.attrelid AS relid, a.attname
           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
          WHERE c.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
+           -- Other sessions' temporary tables cannot be read.
+           AND (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema())
         UNION
         SELECT j.relid, j.column_name FROM envelope.reencrypt_jobs j JOIN pg_class c ON c.oid = j.relid
-         WHERE EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = j.relid AND a.attname = j.column_name AND NOT a.attisdropped)
+         WHERE (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema()) AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = j.relid AND a.attname = j.column_name AND NOT a.attisdropped)
     LOOP
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL AND envelope.key_tenant_id(%I) = $1 AND envelope.key_version(%I) = $2)',
                        r.relid::regclass, r.attname, r.attname, r.attname)
@@ -681,7 +683,7 @@ REVOKE ALL ON FUNCTION data_key_in_use(integer, integer) FROM PUBLIC;
 -- Per-tenant rotation period: NULL removes the override (envelope.data_key_rotation_period
 -- applies); interval '0' means never automatically.
 CREATE FUNCTION set_rotation_period(tenant text, period interval) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     tid integer;
 BEGIN

@@ -728,8 +728,7 @@ pub fn store_rewrapped_tenant_key(tenant_id: u32, wrapped_kek: &[u8], root_versi
 /// An open (running) rewrap job of a provider, if any.
 pub fn open_rewrap_job(provider: &str) -> Result<Option<i64>> {
     as_extension_owner(|| {
-        Spi::get_one_with_args::<i64>("SELECT id FROM envelope.rewrap_jobs WHERE provider = $1 AND state = 'running'", &[provider.into()])
-            .map_err(spi_err)
+        optional_one::<i64>("SELECT id FROM envelope.rewrap_jobs WHERE provider = $1 AND state = 'running'", &[provider.into()])
     })
 }
 
@@ -1036,12 +1035,22 @@ pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
 
 /// The table's schema-qualified, quoted name, or `None` if it was dropped.
 pub fn qualified_table(relid: pg_sys::Oid) -> Result<Option<String>> {
-    Spi::get_one_with_args::<String>(
+    optional_one::<String>(
         "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 AND c.relkind = 'r'",
         &[relid.into()],
     )
-    .map_err(spi_err)
+}
+
+/// The first column of the first row, or `None` when there is no row (or it is NULL).
+fn optional_one<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Result<Option<T>> {
+    Spi::connect(|client| {
+        let t = client.select(sql, Some(1), args).map_err(spi_err)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        t.first().get::<T>(1).map_err(spi_err)
+    })
 }
 
 /// The table's size in blocks now.

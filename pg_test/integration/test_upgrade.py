@@ -1,7 +1,8 @@
 """Upgrade from the installed release: 0.1.0, built from its commit, writes data; the current build
 replaces the library, `ALTER EXTENSION pg_envelope UPDATE` runs, and everything 0.1.0 wrote still
 decrypts, re-encrypts, moves between root keys and rotates to a new data key version (values
-re-encrypted under it), with the grants it had. The updated schema is
+re-encrypted under it, by UPDATE and by `CALL envelope.reencrypt`), with the grants it had; its
+tenants' keys rotate at every level and an old version is disabled and destroyed. The updated schema is
 the same as a fresh install's.
 
 The test runs its own cluster (127.0.0.1:54317). The library file is shared by every cluster of
@@ -169,6 +170,28 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
                           " WHERE tenant = 'acme'")
                 assert c.execute("SELECT count(*) FROM t WHERE tenant = 'acme' AND envelope.key_version(email) = 2 AND envelope.key_version(blob) = 2").fetchone()[0] == 100
                 assert c.execute("SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)) FROM t WHERE tenant = 'acme'").fetchone()[0] == before["acme"][0]
+
+        # The key lifecycle on 0.1.0's tenants: rotate globex's data key and tenant key, move its
+        # values online with CALL envelope.reencrypt (typed and bytea columns, context per row),
+        # disable and destroy its version 1; the plaintexts are unchanged throughout.
+        with connect(PORT, "upgraded") as c:
+            c.execute("ALTER TABLE t ADD COLUMN blob_ctx text GENERATED ALWAYS AS ('t.blob/' || id) STORED")
+            assert c.execute("SELECT envelope.rotate_data_key('globex')").fetchone()[0] == 2
+            assert c.execute("SELECT envelope.rotate_tenant_key('globex')").fetchone()[0] == 2
+            c.execute("CALL envelope.reencrypt('t', 'email')")
+            c.execute("CALL envelope.reencrypt('t', 'n')")
+            c.execute("CALL envelope.reencrypt('t', 'blob', context_column => 'blob_ctx')")
+            counts = c.execute("SELECT tenant, version, \"values\" FROM envelope.column_key_versions('t', 'blob') ORDER BY 1, 2").fetchall()
+            assert counts == [("acme", 2, 100), ("globex", 2, 50)], counts
+            assert c.execute("SELECT envelope.disable_data_key('globex', 1), envelope.destroy_data_key('globex', 1)").fetchone() == (True, True)
+        with connect(PORT, "upgraded", user="upg_app") as c:
+            for t in ("acme", "globex"):
+                with c.transaction():
+                    c.execute("SELECT set_config('app.tenant_id', %s, true)", (t,))
+                    assert c.execute("SELECT md5(string_agg(email::text || n::int8 || encode(envelope.decrypt_field_bytea(blob, 't.blob/' || id), 'hex'), ',' ORDER BY id)), count(*)"
+                                     " FROM t WHERE tenant = %s", (t,)).fetchone() == before[t]
+        with connect(PORT, "upgraded") as c:
+            c.execute("ALTER TABLE t DROP COLUMN blob_ctx")
 
         # 3. The updated extension is the same as a fresh install.
         with connect(PORT) as c:
