@@ -15,8 +15,10 @@ BEGIN
     END IF;
     IF period IS NULL THEN
         DELETE FROM envelope.rotation_policy p WHERE p.tenant_id = tid;
-    ELSIF period < interval '0' THEN
-        RAISE EXCEPTION 'pg_envelope: a rotation period cannot be negative' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF period < interval '0' OR (period > interval '0' AND period < interval '1 hour') OR period > interval '100 years' THEN
+        RAISE EXCEPTION 'pg_envelope: a rotation period is 0 (never) or between 1 hour and 100 years'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Every rotation makes every backend reload the tenant''s keys: rotating more often than hourly only loads the key server.';
     ELSE
         INSERT INTO envelope.rotation_policy (tenant_id, data_key_rotation_period) VALUES (tid, period)
         ON CONFLICT (tenant_id) DO UPDATE SET data_key_rotation_period = excluded.data_key_rotation_period, updated_at = now();
@@ -33,7 +35,7 @@ CREATE VIEW rotation_status AS
 SELECT t.name AS tenant, d.version AS active_version, d.created_at AS activated_at,
        x.period AS rotation_period, (p.tenant_id IS NOT NULL) AS period_overridden,
        CASE WHEN x.period > interval '0' THEN d.created_at + x.period END AS next_rotation_due,
-       (x.period > interval '0' AND d.created_at + x.period <= now()) AS overdue,
+       (x.period > interval '0' AND now() - d.created_at >= x.period) AS overdue,
        t.provider, t.root_version, t.key_generation AS tenant_key_generation, t.key_rotated_at AS tenant_key_rotated_at
   FROM tenants t
   JOIN data_keys d ON d.tenant_id = t.id AND d.state = 'active'

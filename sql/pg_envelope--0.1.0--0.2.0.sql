@@ -326,10 +326,10 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'rewrap_tenants_batch_wrapper';
 CREATE  FUNCTION "reencrypt_value"(
-	"value" bytea, /* & [u8] */
+	"value" bytea, /* Option < & [u8] > */
 	"context" TEXT DEFAULT NULL /* Option < & str > */
-) RETURNS bytea /* ByteaOut */
-STRICT VOLATILE PARALLEL UNSAFE
+) RETURNS bytea /* Option < ByteaOut > */
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'reencrypt_value_wrapper';
 CREATE  FUNCTION "needs_reencryption"(
@@ -339,12 +339,12 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper';
 CREATE  FUNCTION "reencrypt_open"(
-	"tbl" oid, /* pg_sys :: Oid */
-	"col" TEXT, /* & str */
+	"tbl" oid, /* Option < pg_sys :: Oid > */
+	"col" TEXT, /* Option < & str > */
 	"context" TEXT DEFAULT NULL, /* Option < & str > */
 	"context_column" TEXT DEFAULT NULL, /* Option < & str > */
-	"batch_rows" INT DEFAULT 10000, /* i32 */
-	"queued" bool DEFAULT false /* bool */
+	"batch_rows" INT DEFAULT 10000, /* Option < i32 > */
+	"queued" bool DEFAULT false /* Option < bool > */
 ) RETURNS bigint /* i64 */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -640,8 +640,11 @@ BEGIN
 END $$;
 
 -- Whether a data key version still has values in a tracked column: every column of an encrypted
--- type (or a domain over one) in this database, and every column a re-encryption job named.
--- Reads headers only. Used by destroy_data_key; runs as the extension owner.
+-- type (or a domain over one) in this database, and every bytea column (or domain over bytea) a
+-- re-encryption job named. Reads headers only. Used by destroy_data_key; runs as the extension
+-- owner, so it reads nothing that could run another role's code: plain tables and materialized
+-- views only (no views, no rules), columns whose type is one of ours, bytea, or a domain over
+-- them (no cast function is ever resolved), the operators qualified.
 CREATE FUNCTION data_key_in_use(tenant_id integer, version integer) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
@@ -655,17 +658,27 @@ BEGIN
                   JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_envelope'
                  WHERE t.typname LIKE 'encrypted\_%'
                 UNION
-                SELECT t.oid FROM pg_type t, enc WHERE t.typtype = 'd' AND t.typbasetype = enc.typ)
-        SELECT a.attrelid AS relid, a.attname
-          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-         WHERE c.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
+                SELECT t.oid FROM pg_type t, enc WHERE t.typtype = 'd' AND t.typbasetype = enc.typ),
+            bytes(typ) AS (
+                SELECT 'bytea'::regtype::oid
+                UNION
+                SELECT t.oid FROM pg_type t, bytes WHERE t.typtype = 'd' AND t.typbasetype = bytes.typ),
+            cols AS (
+                SELECT a.attrelid AS relid, a.attname FROM pg_attribute a
+                 WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
+                UNION
+                SELECT a.attrelid, a.attname FROM envelope.reencrypt_jobs j
+                  JOIN pg_attribute a ON a.attrelid = j.relid AND a.attname = j.column_name
+                 WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM bytes))
+        SELECT cols.relid, cols.attname FROM cols JOIN pg_class c ON c.oid = cols.relid
+         WHERE c.relkind IN ('r', 'm')
            -- Other sessions' temporary tables cannot be read.
            AND (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema())
-        UNION
-        SELECT j.relid, j.column_name FROM envelope.reencrypt_jobs j JOIN pg_class c ON c.oid = j.relid
-         WHERE (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema()) AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = j.relid AND a.attname = j.column_name AND NOT a.attisdropped)
+         ORDER BY 1, 2
     LOOP
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL AND envelope.key_tenant_id(%I) = $1 AND envelope.key_version(%I) = $2)',
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL'
+                       ' AND envelope.key_tenant_id(%I) OPERATOR(pg_catalog.=) $1'
+                       ' AND envelope.key_version(%I) OPERATOR(pg_catalog.=) $2)',
                        r.relid::regclass, r.attname, r.attname, r.attname)
            INTO hit USING tenant_id, version;
         IF hit THEN
@@ -693,8 +706,10 @@ BEGIN
     END IF;
     IF period IS NULL THEN
         DELETE FROM envelope.rotation_policy p WHERE p.tenant_id = tid;
-    ELSIF period < interval '0' THEN
-        RAISE EXCEPTION 'pg_envelope: a rotation period cannot be negative' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF period < interval '0' OR (period > interval '0' AND period < interval '1 hour') OR period > interval '100 years' THEN
+        RAISE EXCEPTION 'pg_envelope: a rotation period is 0 (never) or between 1 hour and 100 years'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Every rotation makes every backend reload the tenant''s keys: rotating more often than hourly only loads the key server.';
     ELSE
         INSERT INTO envelope.rotation_policy (tenant_id, data_key_rotation_period) VALUES (tid, period)
         ON CONFLICT (tenant_id) DO UPDATE SET data_key_rotation_period = excluded.data_key_rotation_period, updated_at = now();
@@ -711,7 +726,7 @@ CREATE VIEW rotation_status AS
 SELECT t.name AS tenant, d.version AS active_version, d.created_at AS activated_at,
        x.period AS rotation_period, (p.tenant_id IS NOT NULL) AS period_overridden,
        CASE WHEN x.period > interval '0' THEN d.created_at + x.period END AS next_rotation_due,
-       (x.period > interval '0' AND d.created_at + x.period <= now()) AS overdue,
+       (x.period > interval '0' AND now() - d.created_at >= x.period) AS overdue,
        t.provider, t.root_version, t.key_generation AS tenant_key_generation, t.key_rotated_at AS tenant_key_rotated_at
   FROM tenants t
   JOIN data_keys d ON d.tenant_id = t.id AND d.state = 'active'
@@ -754,22 +769,6 @@ REVOKE ALL ON FUNCTION destroy_data_key(text, integer, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rewrap_tenants_start(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rewrap_tenants_batch(bigint, integer) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE rewrap_tenants(text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(bytea, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_bytea) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_int8) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_numeric) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_date) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(bytea) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_bytea) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_int8) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_numeric) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_date) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION reencrypt_open(oid, text, text, text, integer, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION reencrypt_batch(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cancel_reencrypt(bigint) FROM PUBLIC;

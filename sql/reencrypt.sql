@@ -129,8 +129,11 @@ BEGIN
 END $$;
 
 -- Whether a data key version still has values in a tracked column: every column of an encrypted
--- type (or a domain over one) in this database, and every column a re-encryption job named.
--- Reads headers only. Used by destroy_data_key; runs as the extension owner.
+-- type (or a domain over one) in this database, and every bytea column (or domain over bytea) a
+-- re-encryption job named. Reads headers only. Used by destroy_data_key; runs as the extension
+-- owner, so it reads nothing that could run another role's code: plain tables and materialized
+-- views only (no views, no rules), columns whose type is one of ours, bytea, or a domain over
+-- them (no cast function is ever resolved), the operators qualified.
 CREATE FUNCTION data_key_in_use(tenant_id integer, version integer) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
@@ -144,17 +147,27 @@ BEGIN
                   JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_envelope'
                  WHERE t.typname LIKE 'encrypted\_%'
                 UNION
-                SELECT t.oid FROM pg_type t, enc WHERE t.typtype = 'd' AND t.typbasetype = enc.typ)
-        SELECT a.attrelid AS relid, a.attname
-          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-         WHERE c.relkind IN ('r', 'm') AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
+                SELECT t.oid FROM pg_type t, enc WHERE t.typtype = 'd' AND t.typbasetype = enc.typ),
+            bytes(typ) AS (
+                SELECT 'bytea'::regtype::oid
+                UNION
+                SELECT t.oid FROM pg_type t, bytes WHERE t.typtype = 'd' AND t.typbasetype = bytes.typ),
+            cols AS (
+                SELECT a.attrelid AS relid, a.attname FROM pg_attribute a
+                 WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
+                UNION
+                SELECT a.attrelid, a.attname FROM envelope.reencrypt_jobs j
+                  JOIN pg_attribute a ON a.attrelid = j.relid AND a.attname = j.column_name
+                 WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM bytes))
+        SELECT cols.relid, cols.attname FROM cols JOIN pg_class c ON c.oid = cols.relid
+         WHERE c.relkind IN ('r', 'm')
            -- Other sessions' temporary tables cannot be read.
            AND (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema())
-        UNION
-        SELECT j.relid, j.column_name FROM envelope.reencrypt_jobs j JOIN pg_class c ON c.oid = j.relid
-         WHERE (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema()) AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = j.relid AND a.attname = j.column_name AND NOT a.attisdropped)
+         ORDER BY 1, 2
     LOOP
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL AND envelope.key_tenant_id(%I) = $1 AND envelope.key_version(%I) = $2)',
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL'
+                       ' AND envelope.key_tenant_id(%I) OPERATOR(pg_catalog.=) $1'
+                       ' AND envelope.key_version(%I) OPERATOR(pg_catalog.=) $2)',
                        r.relid::regclass, r.attname, r.attname, r.attname)
            INTO hit USING tenant_id, version;
         IF hit THEN

@@ -186,12 +186,21 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
             let key_check: [u8; 32] = key_check.try_into().map_err(|_| missing("key_check"))?;
             let mut active = None;
             let mut unusable = Vec::new();
+            // Versions this (uncommitted) transaction created: it rotated the tenant itself.
+            let mut mine: Vec<u32> = Vec::new();
             let deks = select_latest(
-                c"SELECT version, wrapped_key, state FROM envelope.data_keys WHERE tenant_id = $1 ORDER BY version",
+                c"SELECT version, wrapped_key, state, xmin::text, created_at = now() FROM envelope.data_keys WHERE tenant_id = $1 ORDER BY version",
                 &[Arg::Int4(id)],
                 |r| {
                     let version: i32 = r.get(1).ok_or_else(|| missing("version"))?;
                     let state: String = r.get(3).ok_or_else(|| missing("state"))?;
+                    // Inserted (not merely retired) by this transaction: our xid and our start time.
+                    let xmin: u32 = r.get::<String>(4).and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let created_now = r.get::<bool>(5).unwrap_or(false);
+                    // SAFETY: a plain check of the current transaction's xids.
+                    if created_now && xmin != 0 && unsafe { pg_sys::TransactionIdIsCurrentTransactionId(xmin.into()) } {
+                        mine.push(version as u32);
+                    }
                     // Disabled (and 0.1.0's never-used 'revoked') and destroyed versions: no key
                     // is loaded, only the reason, for a clear error.
                     match state.as_str() {
@@ -221,6 +230,19 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                 },
             )?;
             let deks: Vec<WrappedDek> = deks.into_iter().flatten().collect();
+            // A version made by this still-uncommitted transaction is not written with until it
+            // commits: if the transaction rolled back after a value escaped (to the client,
+            // through dblink), the number would be made again with another key and the value
+            // lost. New values keep the newest version that another transaction committed (a
+            // tenant created in this transaction has none: its version 1 is used, and its tenant
+            // key id is never reused).
+            if let Some(a) = active {
+                if mine.contains(&a) {
+                    if let Some(prev) = deks.iter().map(|d| d.version).filter(|v| !mine.contains(v)).max() {
+                        active = Some(prev);
+                    }
+                }
+            }
             Ok(Some(TenantRow {
                 record: TenantRecord {
                     tenant: tenant.to_string(),
@@ -785,6 +807,7 @@ pub struct DueTenant {
     pub id: u32,
     pub name: String,
     pub wrapped_key: Vec<u8>,
+    pub key_check: Vec<u8>,
 }
 
 /// The next tenants of the job's provider not re-wrapped since the job started (and, for
@@ -794,7 +817,7 @@ pub fn lock_tenants_due_for_rewrap(j: &RewrapJob, batch: i32) -> Result<Vec<DueT
         Spi::connect_mut(|client| {
             let t = client
                 .update(
-                    "SELECT t.id, t.name, t.wrapped_key FROM envelope.tenants t, envelope.rewrap_jobs j
+                    "SELECT t.id, t.name, t.wrapped_key, t.key_check FROM envelope.tenants t, envelope.rewrap_jobs j
                       WHERE j.id = $1 AND t.provider = j.provider
                         AND coalesce(t.wrapped_at, '-infinity') < j.started_at
                         AND (NOT j.only_outdated OR t.root_version IS DISTINCT FROM j.target_version)
@@ -809,6 +832,7 @@ pub fn lock_tenants_due_for_rewrap(j: &RewrapJob, batch: i32) -> Result<Vec<DueT
                     id: r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))? as u32,
                     name: r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("name"))?,
                     wrapped_key: r.get::<Vec<u8>>(3).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?,
+                    key_check: r.get::<Vec<u8>>(4).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?,
                 });
             }
             Ok(out)
@@ -1063,20 +1087,70 @@ pub fn relation_blocks(relid: pg_sys::Oid) -> Result<i64> {
     .map(|n| n.unwrap_or(0))
 }
 
-/// Runs one batch's UPDATE as the caller, with row security off for this transaction (a caller
-/// that policies would restrict gets an error rather than a silently partial job). Returns the
-/// number of rows updated.
-pub fn run_reencrypt_update(sql: &str, context: Option<&str>) -> Result<i64> {
-    Spi::connect_mut(|client| {
-        client.update("SELECT pg_catalog.set_config('row_security', 'off', true)", None, &[]).map_err(spi_err)?;
-        let t = match context {
-            Some(c) => client.update(sql, None, &[c.into()]),
-            None => client.update(sql, None, &[]),
-        };
-        match t {
-            Ok(t) => Ok(t.len() as i64),
-            Err(e) => Err(spi_err(e)),
-        }
+/// Runs `f` as the table's owner inside a security-restricted operation, in a GUC nest level
+/// whose settings (search_path pinned to `pg_catalog, pg_temp`, `row_security` off) are undone
+/// afterwards, as VACUUM and REINDEX run code of a table: triggers, index expressions,
+/// constraints and casts of the table run as its owner, can neither change the session's
+/// identity or settings beyond this call nor use tenant keys (the key-administration path that
+/// `reencrypt_value` uses never returns plaintext). On an error the aborting transaction
+/// restores identity and settings.
+pub fn as_table_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let owner = Spi::get_one_with_args::<pg_sys::Oid>("SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1", &[relid.into()])
+        .map_err(spi_err)?
+        .ok_or_else(|| missing("relowner"))?;
+    // SAFETY: plain backend calls; the previous identity is restored below or by abort.
+    let (old_user, old_ctx, nest) = unsafe {
+        let mut u = pg_sys::InvalidOid;
+        let mut c = 0;
+        pg_sys::GetUserIdAndSecContext(&mut u, &mut c);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            c | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        (u, c, pg_sys::NewGUCNestLevel())
+    };
+    let r = (|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true), pg_catalog.set_config('row_security', 'off', true)",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)
+                .map(|_| ())
+        })?;
+        f()
+    })();
+    unsafe {
+        pg_sys::AtEOXact_GUC(false, nest);
+        pg_sys::SetUserIdAndSecContext(old_user, old_ctx);
+    }
+    r
+}
+
+/// Runs one batch's UPDATE (see [`as_table_owner`]; with row security off, a table whose
+/// policies bind its owner (FORCE ROW LEVEL SECURITY) gets an error, not a partial job). Returns
+/// the number of rows updated.
+pub fn run_reencrypt_update(relid: pg_sys::Oid, sql: &str, context: Option<&str>) -> Result<i64> {
+    as_table_owner(relid, || {
+        Spi::connect_mut(|client| {
+            let t = match context {
+                Some(c) => client.update(sql, None, &[c.into()]),
+                None => client.update(sql, None, &[]),
+            };
+            t.map(|t| t.len() as i64).map_err(spi_err)
+        })
+    })
+}
+
+/// Counts what a job has left (headers only), like [`run_reencrypt_update`].
+pub fn run_reencrypt_count(relid: pg_sys::Oid, sql: &str) -> Result<i64> {
+    as_table_owner(relid, || {
+        Spi::connect_mut(|client| {
+            let t = client.update(sql, Some(1), &[]).map_err(spi_err)?;
+            Ok(t.first().get::<i64>(1).map_err(spi_err)?.unwrap_or(0))
+        })
     })
 }
 
@@ -1127,15 +1201,6 @@ pub fn restart_reencrypt_pass(job: i64, blocks_total: i64) -> Result<()> {
     })
 }
 
-/// Counts, as the caller with row security off, what a job has left (headers only).
-pub fn run_reencrypt_count(sql: &str) -> Result<i64> {
-    Spi::connect_mut(|client| {
-        client.update("SELECT pg_catalog.set_config('row_security', 'off', true)", None, &[]).map_err(spi_err)?;
-        let t = client.update(sql, Some(1), &[]).map_err(spi_err)?;
-        Ok(t.first().get::<i64>(1).map_err(spi_err)?.unwrap_or(0))
-    })
-}
-
 pub fn fail_reencrypt_job(job: i64, why: &str) -> Result<()> {
     as_extension_owner(|| {
         Spi::run_with_args(
@@ -1170,7 +1235,7 @@ fn rotation_due_sql(default_s: i64, one_tenant: bool) -> std::ffi::CString {
            JOIN envelope.data_keys d ON d.tenant_id = t.id AND d.state = 'active'
            LEFT JOIN envelope.rotation_policy p ON p.tenant_id = t.id
           CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, make_interval(secs => {default_s})) AS period) x
-          WHERE x.period > interval '0' AND d.created_at + x.period <= now() {} ORDER BY t.id",
+          WHERE x.period > interval '0' AND now() - d.created_at >= x.period {} ORDER BY t.id",
         if one_tenant { "AND t.name = $1" } else { "" }
     );
     std::ffi::CString::new(sql).expect("no NUL in SQL")
@@ -1239,4 +1304,13 @@ pub fn extension_installed() -> bool {
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// Whether `role` may update the column (the role a re-encryption job runs on behalf of).
+pub fn role_can_update(role: pg_sys::Oid, relid: pg_sys::Oid, col: &str) -> Result<bool> {
+    Ok(optional_one::<bool>(
+        "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'UPDATE') FROM pg_catalog.pg_roles WHERE oid = $1",
+        &[role.into(), relid.into(), col.into()],
+    )?
+    .unwrap_or(false))
 }

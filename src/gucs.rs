@@ -61,7 +61,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"envelope.data_key_rotation_period",
         c"Age at which the maintenance worker (or run_maintenance) rotates a tenant's active data key.",
-        c"0: never automatically. A tenant's row in envelope.rotation_policy overrides it.",
+        c"0: never automatically; shorter than 1h counts as 1h. A tenant's row in envelope.rotation_policy overrides it.",
         &DATA_KEY_ROTATION_PERIOD_S,
         0,
         i32::MAX,
@@ -200,7 +200,11 @@ pub fn maintenance_naptime() -> Duration {
     Duration::from_secs(MAINTENANCE_NAPTIME_S.get().max(1) as u64)
 }
 
-/// `envelope.data_key_rotation_period` in seconds (0: never).
+/// `envelope.data_key_rotation_period` in seconds (0: never; anything shorter than an hour
+/// counts as an hour: every rotation makes every backend reload the tenant's keys).
 pub fn data_key_rotation_period_s() -> i64 {
-    DATA_KEY_ROTATION_PERIOD_S.get().max(0) as i64
+    match DATA_KEY_ROTATION_PERIOD_S.get() {
+        v if v <= 0 => 0,
+        v => (v as i64).max(3600),
+    }
 }

@@ -96,22 +96,8 @@ REVOKE ALL ON FUNCTION destroy_data_key(text, integer, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rewrap_tenants_start(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rewrap_tenants_batch(bigint, integer) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE rewrap_tenants(text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(bytea, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_bytea) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_int8) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_numeric) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_date) FROM PUBLIC;
-REVOKE ALL ON FUNCTION reencrypt_value(encrypted_timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(bytea) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_bytea) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_int8) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_numeric) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_date) FROM PUBLIC;
-REVOKE ALL ON FUNCTION needs_reencryption(encrypted_timestamptz) FROM PUBLIC;
+-- reencrypt_value / needs_reencryption stay executable by PUBLIC: batches run them as the table
+-- owner, and they refuse to work outside a batch a key administrator started.
 REVOKE ALL ON FUNCTION reencrypt_open(oid, text, text, text, integer, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION reencrypt_batch(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cancel_reencrypt(bigint) FROM PUBLIC;

@@ -225,12 +225,24 @@ pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
         catalog::provider_row(&j.provider)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: j.provider.clone() })?;
     let mut p = backend::provider_for(&j.provider, &kind, &options)?;
     let target = j.target_version.clone();
-    let inputs: Vec<(u32, String, Vec<u8>)> = due.iter().map(|t| (t.id, t.name.clone(), t.wrapped_key.clone())).collect();
+    let inputs: Vec<(u32, String, Vec<u8>, Vec<u8>)> =
+        due.iter().map(|t| (t.id, t.name.clone(), t.wrapped_key.clone(), t.key_check.clone())).collect();
     let results = backend::interruptible(move || {
         let mut out = Vec::with_capacity(inputs.len());
-        for (id, name, wrapped) in &inputs {
+        // Providers that re-wrap in this process hold the key anyway: prove the new wrapping
+        // opens to the same key (its check value) before it replaces the old one. Inside a KMS
+        // (AWS ReEncrypt) the key never comes out; the KMS vouches for it, and the next load
+        // checks it against key_check.
+        let verify = !p.rewraps_inside_kms();
+        for (id, name, wrapped, check) in &inputs {
             let ctx = KeyContext { tenant: name, tenant_key_id: *id };
             let w = p.rewrap_tenant_key(&ctx, wrapped).map_err(|e| (name.clone(), e))?;
+            if verify {
+                let back = p.unwrap_tenant_key(&ctx, &w).map_err(|e| (name.clone(), e))?;
+                if pg_envelope_core::wrap::tenant_key_check(&back).as_slice() != check.as_slice() {
+                    return Err((name.clone(), ProviderError::UnwrapFailed));
+                }
+            }
             let v = p.root_version_of(&w).or_else(|| target.clone());
             out.push((*id, w, v));
         }

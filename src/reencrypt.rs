@@ -5,10 +5,13 @@
 //! committed batch per range: `UPDATE t SET col = envelope.reencrypt_value(col) WHERE ctid in
 //! the range AND envelope.needs_reencryption(col)`. The job's row in `envelope.reencrypt_jobs`
 //! is updated in the same transaction as its batch, so after a crash (kill -9, immediate
-//! shutdown) the next `CALL` resumes exactly after the last committed batch. The UPDATE runs as
-//! the caller (privileges and RLS apply; `row_security` is off for it, so a caller that RLS
-//! would restrict gets an error instead of silently skipping rows) and takes ROW EXCLUSIVE on the
-//! table and row locks for one batch only. A row the application updates meanwhile is
+//! shutdown) the next `CALL` resumes exactly after the last committed batch. The caller needs
+//! UPDATE on the column (checked when the job opens); the UPDATE itself runs as the table's
+//! owner inside a security-restricted operation with the search path pinned, as VACUUM runs a
+//! table's code (catalog::as_table_owner): the table's triggers and index expressions never run
+//! with a key administrator's or superuser's rights. `row_security` is off for it, so a table
+//! whose policies bind the owner gets an error instead of a silently partial job. It takes ROW
+//! EXCLUSIVE on the table and row locks for one batch only. A row the application updates meanwhile is
 //! re-evaluated by PostgreSQL (READ COMMITTED's EvalPlanQual): the new value is re-encrypted or,
 //! being under the active version already, left alone; never overwritten with its old value.
 
@@ -20,23 +23,67 @@ use crate::catalog;
 use crate::error::{EnvelopeError, OrRaise, Result};
 use crate::types::ByteaOut;
 
+thread_local! {
+    /// Set while a re-encryption batch's UPDATE runs (as the table owner, see
+    /// catalog::as_table_owner): the only place the per-value functions work.
+    static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks a batch in progress; cleared on drop, also when an error unwinds through it.
+struct BatchScope;
+impl BatchScope {
+    fn enter() -> Self {
+        IN_BATCH.with(|b| b.set(true));
+        BatchScope
+    }
+}
+impl Drop for BatchScope {
+    fn drop(&mut self) {
+        IN_BATCH.with(|b| b.set(false));
+    }
+}
+
+/// The per-value functions use a tenant's keys without a tenant grant: they run only inside a
+/// batch that a key administrator started (`reencrypt_batch` needs EXECUTE, which PUBLIC lacks),
+/// whichever role the UPDATE runs as.
+fn require_batch() {
+    if !IN_BATCH.with(|b| b.get()) {
+        bad(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "pg_envelope: re-encryption functions run only inside CALL envelope.reencrypt".into(),
+            Some("Use CALL envelope.reencrypt(table, column) (key administrators)."),
+        )
+        .raise()
+    }
+}
+
 /// Re-encrypts a stored `encrypt_field` value (bytea) under its tenant's active data key, with
-/// the same context. The tenant comes from the header; no tenant grant is needed, the caller
-/// needs EXECUTE (key administrators). The plaintext never leaves this call.
-#[pg_extern(volatile, parallel_unsafe, strict)]
-fn reencrypt_value(value: &[u8], context: default!(Option<&str>, "NULL")) -> ByteaOut {
+/// the same context (NULL: no context, like `encrypt_field`). NULL stays NULL. The tenant comes
+/// from the header; no tenant grant is needed. Only inside a re-encryption batch. The plaintext
+/// never leaves this call. Not STRICT: a NULL context must not make the result NULL.
+#[pg_extern(volatile, parallel_unsafe)]
+fn reencrypt_value(value: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
+    require_batch();
+    let value = value?;
     let ctx = context.map(str::as_bytes);
     if ctx.is_some_and(|c| c.starts_with(crate::api::RESERVED_CONTEXT_PREFIX)) {
         EnvelopeError::ReservedContext.raise();
     }
-    ByteaOut(backend::reencrypt_to(value, ctx).or_raise())
+    Some(ByteaOut(backend::reencrypt_to(value, ctx).or_raise()))
 }
 
 /// Whether a stored value is under a data key version other than its tenant's active one.
 /// One C function for bytea and every encrypted type (declared by hand in sql/reencrypt.sql).
+/// Only inside a re-encryption batch.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn needs_reencryption(value: &[u8]) -> bool {
+    require_batch();
     backend::needs_reencryption(value).or_raise()
+}
+
+/// For the typed `reencrypt_value` (src/types.rs).
+pub fn check_in_batch() {
+    require_batch()
 }
 
 fn bad(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> EnvelopeError {
@@ -48,13 +95,21 @@ fn bad(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> EnvelopeErr
 /// the context (bytea columns only: a constant or a column) and the caller's UPDATE privilege.
 #[pg_extern(volatile, parallel_unsafe)]
 fn reencrypt_open(
-    tbl: pg_sys::Oid,
-    col: &str,
+    tbl: Option<pg_sys::Oid>,
+    col: Option<&str>,
     context: default!(Option<&str>, "NULL"),
     context_column: default!(Option<&str>, "NULL"),
-    batch_rows: default!(i32, 10000),
-    queued: default!(bool, false),
+    batch_rows: default!(Option<i32>, 10000),
+    queued: default!(Option<bool>, false),
 ) -> i64 {
+    let (Some(tbl), Some(col), Some(batch_rows), Some(queued)) = (tbl, col, batch_rows, queued) else {
+        bad(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "pg_envelope: table, column, batch_rows and queued must not be NULL".into(),
+            None,
+        )
+        .raise()
+    };
     open_impl(tbl, col, context, context_column, batch_rows, queued).or_raise()
 }
 
@@ -158,6 +213,13 @@ pub fn batch_impl(job: i64) -> Result<i64> {
     if j.state != "running" && j.state != "queued" {
         return Ok(-1);
     }
+    if !catalog::role_can_update(j.requested_by, j.relid, &j.column)? {
+        return Err(bad(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("pg_envelope: the role of re-encryption job {job} may no longer update column \"{}\"", j.column),
+            Some("The job runs on behalf of the role that opened it; grant it UPDATE again or cancel the job."),
+        ));
+    }
     let Some(qualified) = catalog::qualified_table(j.relid)? else {
         catalog::fail_reencrypt_job(job, "the table no longer exists")?;
         return Ok(-1);
@@ -168,7 +230,8 @@ pub fn batch_impl(job: i64) -> Result<i64> {
         // End of a pass. Concurrent updates of other columns can move a row not yet visited
         // (with its value under an old version) behind the cursor; count what is left (headers
         // only) and make another pass over the table if anything is.
-        let remaining = catalog::run_reencrypt_count(&format!(
+        let _scope = BatchScope::enter();
+        let remaining = catalog::run_reencrypt_count(j.relid, &format!(
             "SELECT count(*) FROM {qualified} AS t WHERE t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col})"
         ))?;
         if remaining > 0 && j.pass < MAX_PASSES {
@@ -211,7 +274,10 @@ pub fn batch_impl(job: i64) -> Result<i64> {
         sql.push_str(&format!(" AND t.ctid < '({hi},0)'::pg_catalog.tid"));
     }
     sql.push_str(&format!(" AND t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col})"));
-    let n = catalog::run_reencrypt_update(&sql, j.context.as_deref())?;
+    let n = {
+        let _scope = BatchScope::enter();
+        catalog::run_reencrypt_update(j.relid, &sql, j.context.as_deref())?
+    };
     let done = j.values_done + n;
     let next = upper.unwrap_or(nblocks);
     let (rate, eta) = catalog::advance_reencrypt_job(job, next, nblocks, n)?;

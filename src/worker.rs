@@ -78,6 +78,13 @@ pub fn register() {
         .load();
 }
 
+/// How long the worker works on one re-encryption job per run.
+const JOB_SLICE: Duration = Duration::from_secs(60);
+
+/// Bounds on one batch of a queued job (a trigger that sleeps or a lock held for ever must not
+/// stop the worker).
+const JOB_TIMEOUTS: &str = "SELECT pg_catalog.set_config('statement_timeout', '5min', true), pg_catalog.set_config('lock_timeout', '1min', true)";
+
 fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
@@ -131,6 +138,11 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let Some(db) = gucs::database() else { return };
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // Every statement of this session resolves names in pg_catalog first (and never in a schema a
+    // user controls); jobs cannot change this (they run in GUC nest levels that are undone).
+    if let Err(m) = in_transaction(|| Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)")) {
+        record_error(&m);
+    }
     {
         let mut s = STATUS.exclusive();
         s.pid = unsafe { pg_sys::MyProcPid };
@@ -244,21 +256,32 @@ fn run_item(w: &Work) -> Result<(), String> {
         }
         Work::Reencrypt { job, role } => {
             let (job, role) = (*job, *role);
+            // A time slice per job and run, so one long job never delays rotations (which come
+            // first in every run) or other jobs for long; it continues at the next run.
+            let slice_end = std::time::Instant::now() + JOB_SLICE;
             loop {
-                if shutdown_requested() {
+                if shutdown_requested() || std::time::Instant::now() >= slice_end {
                     return Ok(());
                 }
-                // As the role that queued the job: its privileges and row-level security apply.
+                // As the role that queued the job (whose UPDATE privilege is checked), in a GUC
+                // nest level undone afterwards, with a statement timeout; the batch itself runs
+                // as the table's owner in a security-restricted operation (catalog::as_table_owner).
                 let n = flatten(in_transaction(move || {
-                    let (old, ctx) = unsafe {
+                    let (old, ctx, nest) = unsafe {
                         let mut old = pg_sys::InvalidOid;
                         let mut ctx = 0;
                         pg_sys::GetUserIdAndSecContext(&mut old, &mut ctx);
-                        pg_sys::SetUserIdAndSecContext(role, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-                        (old, ctx)
+                        let nest = pg_sys::NewGUCNestLevel();
+                        (old, ctx, nest)
                     };
-                    let r = crate::reencrypt::batch_impl(job);
-                    unsafe { pg_sys::SetUserIdAndSecContext(old, ctx) };
+                    let r = Spi::run(JOB_TIMEOUTS).map_err(|e| crate::error::EnvelopeError::Internal(e.to_string())).and_then(|_| {
+                        unsafe { pg_sys::SetUserIdAndSecContext(role, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32) };
+                        crate::reencrypt::batch_impl(job)
+                    });
+                    unsafe {
+                        pg_sys::SetUserIdAndSecContext(old, ctx);
+                        pg_sys::AtEOXact_GUC(false, nest);
+                    }
                     r
                 }))?;
                 if n < 0 {

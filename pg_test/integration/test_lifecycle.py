@@ -15,7 +15,9 @@ What a user of rotation and re-encryption would notice:
   the old keys working; after a restart the same job resumes and completes;
 * root key rotation end to end with OpenBao (`transit/keys/<key>/rotate`, rewrap,
   `min_decryption_version`) and with AWS KMS (moto: a new key, `key_id` changed, rewrap);
-* the maintenance worker rotates on its own, runs queued jobs, survives SIGTERM and kill -9;
+* the maintenance worker rotates on its own, runs queued jobs, stops promptly at SIGTERM and
+  comes back after kill -9 (two xfail tests pin bugs: no restart after SIGTERM, a lower naptime
+  waits for the nap in progress);
 * bad input and missing privileges get their SQLSTATEs.
 
 OpenBao (raft storage, so that keys survive a stop) and moto run here as private instances on
@@ -38,7 +40,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -276,6 +277,7 @@ def interrupted_reencrypt(db, interrupt):
         # Values written under version 1 are gone: a stricter check than the view (header scan).
         assert c.execute("SELECT count(*) FROM t WHERE envelope.key_version(v) = 1").fetchone()[0] == 0
     assert digest(db, "t", CRASH_TENANTS) == before
+    return bg.error
 
 
 def test_reencrypt_resumes_after_kill_9_of_its_backend():
@@ -290,6 +292,15 @@ def test_reencrypt_resumes_after_kill_9_of_its_backend():
         interrupted_reencrypt("lc_crash_kill", kill9)
     finally:
         ensure_cluster_running()
+
+
+def test_reencrypt_resumes_after_pg_cancel_backend():
+    def cancel(pid):
+        with connect(PORT_A) as c:
+            assert c.execute("SELECT pg_cancel_backend(%s)", (pid,)).fetchone()[0] is True
+
+    error = interrupted_reencrypt("lc_crash_cancel", cancel)
+    assert isinstance(error, psycopg.errors.QueryCanceled), error
 
 
 def test_reencrypt_resumes_after_immediate_shutdown():
@@ -732,16 +743,17 @@ def bao():
 KMS_TENANTS = [f"kt_{i:02d}" for i in range(30)]
 
 
-def add_tenants(conn, tenants, provider, table="kv", rows=5):
-    create_table(conn, table)
-    for i, t in enumerate(tenants):
+def add_tenants(conn, tenants, provider, table="kv", rows=5, create=True):
+    if create:
+        create_table(conn, table)
+    for t in tenants:
         conn.execute("SELECT envelope.create_tenant(%s, provider => %s)", (t, provider))
         conn.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
         with as_tenant(conn, t):
             conn.execute(
-                f"INSERT INTO {table} (id, tenant, v) SELECT %s * 1000 + g, %s, ('secret of ' || %s || ' #' || g)::text "
-                "FROM generate_series(1, %s) g",
-                (i, t, t, rows),
+                f"INSERT INTO {table} (id, tenant, v) SELECT (SELECT coalesce(max(id), 0) FROM {table}) + g, %s, "
+                "('secret of ' || %s || ' #' || g)::text FROM generate_series(1, %s) g",
+                (t, t, rows),
             )
 
 
@@ -889,3 +901,505 @@ def test_rewrap_tenants_with_kms_stopped_after_first_batch_resumes(bao, kms_db):
     assert set(roots.values()) == {"v2"} and all(w.startswith("vault:v2:") for w in wrapped)
     # Everything decrypts from cold backends, with keys unwrapped from the new wrapping.
     assert decrypt_all(kms_db, KMS_TENANTS) == plain
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Root key rotation end to end: OpenBao Transit, AWS KMS (moto).
+# --------------------------------------------------------------------------------------------
+
+
+def test_root_key_rotation_with_openbao(bao):
+    db = "lc_root_bao"
+    for k in ("lc-rot", "lc-stale"):
+        bao.create_key(k)
+    rot_tenants = [f"r_{i}" for i in range(5)]
+    recreate_db(PORT_A, db)
+    with connect(PORT_A, db) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.add_key_provider('rot', 'vault_transit', %s)", (bao.provider_options("lc-rot"),))
+        c.execute("SELECT envelope.add_key_provider('stale', 'vault_transit', %s)", (bao.provider_options("lc-stale"),))
+        add_tenants(c, rot_tenants, "rot")
+        add_tenants(c, ["s_0"], "stale", create=False)
+        assert set(v for (v,) in c.execute("SELECT root_version FROM envelope.tenants")) == {"v1"}
+    plain = decrypt_all(db, rot_tenants + ["s_0"])
+    # The security team rotates both Transit keys (the root token; pg_envelope's token cannot).
+    assert bao.rotate("lc-rot") == 2 and bao.rotate("lc-stale") == 2
+    with connect(PORT_A, db) as c:
+        due = c.execute("SELECT * FROM envelope.maintenance_due() ORDER BY 2").fetchall()
+        assert due == [("rewrap", "rot"), ("rewrap", "stale")], due
+        c.execute("CALL envelope.rewrap_tenants('rot')")
+        roots = c.execute("SELECT name, root_version, convert_from(wrapped_key, 'UTF8') FROM envelope.tenants WHERE provider = 'rot'").fetchall()
+        assert all(v == "v2" and w.startswith("vault:v2:") for _n, v, w in roots), roots
+        assert c.execute("SELECT state, tenants_done, tenants_total FROM envelope.rewrap_progress WHERE provider = 'rot'").fetchall() == [
+            ("done", 5, 5)]
+        assert c.execute("SELECT * FROM envelope.maintenance_due()").fetchall() == [("rewrap", "stale")]
+    # Version 1 of both keys is retired for decryption.
+    bao.set_min_decryption_version("lc-rot", 2)
+    bao.set_min_decryption_version("lc-stale", 2)
+    # New backends (nothing cached) unwrap every rewrapped tenant key and decrypt everything.
+    assert decrypt_all(db, rot_tenants) == {t: plain[t] for t in rot_tenants}
+    # The tenant that was not rewrapped is still under version 1: it no longer opens.
+    with connect(PORT_A, db) as c:
+        with pytest.raises(psycopg.Error) as e:
+            decrypt_all(db, ["s_0"], conn=c)
+        assert e.value.sqlstate == "22000" and "does not unwrap" in str(e.value), e.value
+        # Nor can it be rewrapped while version 1 is refused.
+        state, msg = sqlstate(c, "CALL envelope.rewrap_tenants('stale')")
+        assert state == "F0000" and "s_0" in msg, (state, msg)
+    # Recovery: allow version 1 again, finish the open rewrap job, retire version 1 again.
+    bao.set_min_decryption_version("lc-stale", 1)
+    with connect(PORT_A, db) as c:
+        c.execute("CALL envelope.rewrap_tenants('stale')")
+        assert c.execute("SELECT state, tenants_done FROM envelope.rewrap_progress WHERE provider = 'stale'").fetchall() == [("done", 1)]
+        assert c.execute("SELECT root_version FROM envelope.tenants WHERE name = 's_0'").fetchone()[0] == "v2"
+    bao.set_min_decryption_version("lc-stale", 2)
+    assert decrypt_all(db, ["s_0"]) == {"s_0": plain["s_0"]}
+
+
+class Moto:
+    """A moto server (AWS KMS emulator) of this module's own on 127.0.0.1:<port>, signatures not
+    checked; keys are created with boto3 from moto's venv."""
+
+    def __init__(self, port=5075):
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.dir = STATE / "moto" / f"lc-{port}"
+        self.credentials = self.dir / "credentials"
+        self.proc = None
+
+    def start(self):
+        pidfile = self.dir / "pid"
+        if pidfile.exists():  # a leftover of an interrupted run of this module
+            try:
+                pid = int(pidfile.read_text())
+                if b"moto_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except (ValueError, FileNotFoundError, ProcessLookupError):
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        log = open(self.dir / "server.log", "ab")
+        self.proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log,
+                                     start_new_session=True)
+        pidfile.write_text(str(self.proc.pid))
+
+        def up():
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)
+                return True
+            except OSError:
+                return False
+
+        wait_until(up, 30, 0.1, "moto to listen")
+        old = os.umask(0o077)
+        try:
+            self.credentials.write_text("[default]\naws_access_key_id = AKIDLIFECYCLE\naws_secret_access_key = lifecycle-test\n")
+        finally:
+            os.umask(old)
+        shutil.chown(self.credentials, "postgres", "postgres")
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        (self.dir / "pid").unlink(missing_ok=True)
+
+    def create_key(self, description):
+        out = sh(str(MOTO_PY), "-c", (
+            "import boto3, sys; k = boto3.client('kms', endpoint_url=sys.argv[1], region_name='us-east-1', "
+            "aws_access_key_id='AKIDLIFECYCLE', aws_secret_access_key='lifecycle-test'); "
+            "print(k.create_key(Description=sys.argv[2])['KeyMetadata']['KeyId'])"), self.endpoint, description)
+        return out.stdout.strip()
+
+    def provider_options(self, key_id):
+        return psycopg.types.json.Jsonb({
+            "key_id": key_id, "region": "us-east-1", "endpoint": self.endpoint,
+            "allow_insecure_http": True, "credentials_file": str(self.credentials),
+        })
+
+
+@pytest.fixture(scope="module")
+def moto():
+    m = Moto().start()
+    yield m
+    m.stop()
+    shutil.rmtree(m.dir, ignore_errors=True)
+
+
+def test_root_key_rotation_with_aws_kms(moto):
+    db = "lc_root_aws"
+    k1 = moto.create_key("lc-root-1")
+    tenants = [f"a_{i}" for i in range(4)]
+    recreate_db(PORT_A, db)
+    with connect(PORT_A, db) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.add_key_provider('lcaws', 'aws_kms', %s)", (moto.provider_options(k1),))
+        add_tenants(c, tenants, "lcaws")
+        # moto's ciphertext blobs start with the key id (an emulator detail, used here only to
+        # see which key a tenant key is wrapped under; real KMS blobs do not show it).
+        blobs = [bytes(w) for (w,) in c.execute("SELECT wrapped_key FROM envelope.tenants")]
+        assert all(b.startswith(k1.encode()) for b in blobs)
+        assert {v for (v,) in c.execute("SELECT root_version FROM envelope.tenants")} == {k1}
+    plain = decrypt_all(db, tenants)
+    # Root key rotation with AWS KMS: a new KMS key; the DBA points the provider at it.
+    k2 = moto.create_key("lc-root-2")
+    with connect(PORT_A, db) as c:
+        c.execute("UPDATE envelope.key_providers SET options = jsonb_set(options, '{key_id}', to_jsonb(%s::text)) WHERE name = 'lcaws'", (k2,))
+        assert c.execute("SELECT * FROM envelope.maintenance_due()").fetchall() == [("rewrap", "lcaws")]
+        c.execute("CALL envelope.rewrap_tenants('lcaws', batch_size => 3)")
+        assert c.execute("SELECT state, tenants_done, tenants_total FROM envelope.rewrap_progress").fetchall() == [("done", 4, 4)]
+        rows = c.execute("SELECT root_version, wrapped_key FROM envelope.tenants").fetchall()
+        assert all(v == k2 and bytes(w).startswith(k2.encode()) for v, w in rows), [(v, bytes(w)[:36]) for v, w in rows]
+        assert c.execute("SELECT * FROM envelope.maintenance_due()").fetchall() == []
+    # Cold backends: every tenant key unwraps under the new key; every value decrypts.
+    assert decrypt_all(db, tenants) == plain
+    # (moto does not enforce DisableKey or pending deletion, so "the old key is disabled and
+    # nothing breaks" cannot be shown here; the blobs above show the new key is the one used.)
+
+
+@pytest.mark.xfail(strict=True, raises=psycopg.errors.DataException, reason=(
+    "bug: after key_id is pointed at a new KMS key, tenant keys not yet rewrapped do not unwrap "
+    "(Decrypt is sent with the new KeyId; KMS answers IncorrectKeyException) in any backend without "
+    "them cached, until rewrap_tenants reaches them"))
+def test_aws_tenants_not_yet_rewrapped_stay_readable_after_key_id_change(moto):
+    """Between the DBA's key_id change and the end of `CALL envelope.rewrap_tenants` (minutes for
+    many tenants; up to a naptime more when the worker does it), a new connection must still read
+    a tenant that is not rewrapped yet: its tenant key is under the old key, which KMS still has."""
+    db = "lc_root_aws_window"
+    k1 = moto.create_key("lc-window-1")
+    recreate_db(PORT_A, db)
+    with connect(PORT_A, db) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.add_key_provider('lcaws', 'aws_kms', %s)", (moto.provider_options(k1),))
+        add_tenants(c, ["w_0"], "lcaws")
+    plain = decrypt_all(db, ["w_0"])
+    k2 = moto.create_key("lc-window-2")
+    with connect(PORT_A, db) as c:
+        c.execute("UPDATE envelope.key_providers SET options = jsonb_set(options, '{key_id}', to_jsonb(%s::text)) WHERE name = 'lcaws'", (k2,))
+    assert decrypt_all(db, ["w_0"]) == plain
+
+
+# --------------------------------------------------------------------------------------------
+# 8. The maintenance worker (in the `postgres` database, envelope.database's default).
+# --------------------------------------------------------------------------------------------
+
+
+def worker_pid(conn=None):
+    c = conn or connect(PORT_A)
+    try:
+        r = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()
+        return r[0] if r else None
+    finally:
+        if conn is None:
+            c.close()
+
+
+def worker_status(conn):
+    return conn.execute("SELECT * FROM envelope.maintenance_status()").fetchone()
+
+
+def restart_cluster():
+    sh("bash", str(ROOT / "scripts/cluster.sh"), "stop")
+    sh("bash", str(ROOT / "scripts/cluster.sh"), "start")
+    wait_for_server()
+
+
+def restore_worker():
+    """After a test that may leave the cluster without its worker: restart the cluster if so."""
+    ensure_cluster_running()
+    try:
+        wait_until(worker_pid, 1, 0.2, "the worker")
+    except TimeoutError:
+        restart_cluster()
+        wait_until(worker_pid, 20, 0.2, "the worker after a restart")
+
+
+@pytest.fixture(scope="module")
+def worker_db():
+    """pg_envelope in the `postgres` database for the duration of these tests (dropped after,
+    with everything in it), the worker napping 1 s (ALTER SYSTEM; reset after)."""
+    ensure_cluster_running()
+    with connect(PORT_A) as c:
+        if c.execute("SELECT current_setting('envelope.database')").fetchone()[0] != "postgres":
+            pytest.skip("envelope.database is not 'postgres'")
+        if c.execute(
+            "SELECT 1 FROM pg_extension WHERE extname = 'pg_envelope' UNION ALL "
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'envelope'"
+        ).fetchone():
+            pytest.skip("the postgres database already has pg_envelope or an envelope schema in use: not touching it")
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("ALTER SYSTEM SET envelope.maintenance_naptime = 1")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        yield "postgres"
+    finally:
+        ensure_cluster_running()
+        with connect(PORT_A) as c:
+            c.execute("ALTER SYSTEM RESET envelope.maintenance_naptime")
+            c.execute("SELECT pg_reload_conf()")
+            c.execute("SET lock_timeout = '30s'")
+            c.execute("DROP TABLE IF EXISTS lc_worker_t")
+            c.execute("DROP EXTENSION IF EXISTS pg_envelope")
+            # CREATE EXTENSION made the schema named by the control file; DROP EXTENSION leaves
+            # it (PostgreSQL's rule). Empty now: without CASCADE this drops nothing else.
+            c.execute("DROP SCHEMA IF EXISTS envelope")
+            assert not c.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'envelope'").fetchone()
+
+
+def wait_worker_cadence(conn, naptime=1.0, timeout=75):
+    """Until the worker runs every ~naptime (it adopts a new naptime after the nap in progress)."""
+    def two_runs_quickly():
+        r0 = worker_status(conn)[3]
+        deadline = time.monotonic() + 2 * naptime + 1.5
+        while time.monotonic() < deadline:
+            if worker_status(conn)[3] >= r0 + 2:
+                return True
+            time.sleep(0.1)
+        return False
+
+    wait_until(two_runs_quickly, timeout, 0, "the worker to run every second")
+
+
+def test_worker_comes_back_after_kill_9(worker_db):
+    old = wait_until(worker_pid, 30, 0.2, "the worker")
+    bystander = connect(PORT_A)
+    try:
+        os.kill(old, signal.SIGKILL)
+        t0 = time.monotonic()
+        # A crashed worker may have left shared memory inconsistent: the postmaster ends every
+        # backend (this connection too) and reinitializes, then starts the worker again.
+        with pytest.raises(psycopg.OperationalError):
+            wait_until(lambda: bystander.execute("SELECT 0").fetchone() is None, 10, 0.1, "the bystander to be ended")
+    finally:
+        bystander.close()
+    wait_for_server()
+    new = wait_until(worker_pid, 30, 0.2, "the worker to be restarted")
+    took = time.monotonic() - t0
+    assert new != old
+    assert took < 30, took
+    with connect(PORT_A) as c:
+        st = c.execute("SELECT envelope.status()->'maintenance_worker'").fetchone()[0]
+        assert st["running"] is True and st["pid"] == new and st["database"] == "postgres", st
+    print(f"worker back {took:.1f} s after kill -9")
+
+
+def test_worker_rotates_on_schedule_and_runs_queued_jobs(worker_db):
+    with connect(PORT_A) as c:
+        wait_worker_cadence(c)
+        c.execute("SELECT envelope.create_tenant('lcw_acme'), envelope.grant_tenant('lcw_acme', current_user)")
+        create_table(c, "lc_worker_t")
+        fill(c, "lc_worker_t", ("lcw_acme",), 3000)
+        before = digest("postgres", "lc_worker_t", ("lcw_acme",))
+        st0 = worker_status(c)
+        # Due every second: the worker rotates the tenant on its own, without any call.
+        c.execute("SELECT envelope.set_rotation_period('lcw_acme', '1 second')")
+        t0 = time.monotonic()
+        wait_until(
+            lambda: c.execute("SELECT count(*) FROM envelope.key_versions WHERE tenant = 'lcw_acme'").fetchone()[0] >= 3,
+            15, 0.1, "two rotations by the worker")
+        took = time.monotonic() - t0
+        st1 = worker_status(c)
+        assert st1[4] >= st0[4] + 2, (st0, st1)  # rotations counted
+        assert st1[0] == worker_pid(c) and st1[8] is None, st1  # pid, no last_error
+        assert c.execute("SELECT (envelope.status()->'maintenance_worker'->>'rotations')::int").fetchone()[0] >= st1[4]
+        assert c.execute("SELECT count(*) FROM envelope.key_versions WHERE tenant = 'lcw_acme' AND state = 'active'").fetchone()[0] == 1
+        # Never automatically: the rotations stop.
+        c.execute("SELECT envelope.set_rotation_period('lcw_acme', '0')")
+        time.sleep(1.5)
+        n = c.execute("SELECT count(*) FROM envelope.key_versions WHERE tenant = 'lcw_acme'").fetchone()[0]
+        time.sleep(2.5)
+        assert c.execute("SELECT count(*) FROM envelope.key_versions WHERE tenant = 'lcw_acme'").fetchone()[0] == n
+        assert not c.execute("SELECT * FROM envelope.maintenance_due()").fetchall()
+        # A queued job: the worker runs it to the end.
+        old_values = column_versions(c, "lc_worker_t")
+        assert list(old_values) == [("lcw_acme", 1, "retired")], old_values
+        job = c.execute("SELECT envelope.queue_reencrypt('lc_worker_t', 'v', batch_rows => 500)").fetchone()[0]
+        wait_until(
+            lambda: c.execute("SELECT state FROM envelope.reencrypt_progress WHERE job = %s", (job,)).fetchone()[0] == "done",
+            30, 0.2, "the worker to finish the queued job")
+        assert c.execute("SELECT by_worker, values_done, values_remaining FROM envelope.reencrypt_jobs WHERE id = %s", (job,)).fetchone() == (
+            True, 3000, 0)
+        assert_all_under_active(c, "lc_worker_t", 3000)
+        st2 = worker_status(c)
+        assert st2[6] >= st1[6] + 3000, (st1, st2)  # values_reencrypted
+    assert digest("postgres", "lc_worker_t", ("lcw_acme",)) == before
+    print(f"worker: first two rotations within {took:.1f} s; status {st2}")
+
+
+def test_worker_stops_promptly_on_sigterm(worker_db):
+    try:
+        with connect(PORT_A) as c:
+            pid = wait_until(worker_pid, 30, 0.2, "the worker")
+            t0 = time.monotonic()
+            assert c.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
+            wait_until(lambda: not Path(f"/proc/{pid}").exists(), 5, 0.02, "the worker to exit")
+            took = time.monotonic() - t0
+            assert took < 1.5, took
+            # The server goes on (a clean exit is not a crash): this session was not ended.
+            assert c.execute("SELECT 1").fetchone()[0] == 1
+    finally:
+        restore_worker()
+
+
+@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
+    "bug: on SIGTERM the worker returns from its main function, i.e. exits with status 0, which "
+    "tells the postmaster not to restart it; it stays gone until the server restarts"))
+def test_worker_is_restarted_after_sigterm(worker_db):
+    try:
+        pid = wait_until(worker_pid, 30, 0.2, "the worker")
+        with connect(PORT_A) as c:
+            c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 5, 0.02, "the worker to exit")
+        # bgw_restart_time is 10 s.
+        new = wait_until(lambda: (p := worker_pid()) and p != pid and p, 15, 0.2, "the worker to be restarted")
+        with connect(PORT_A) as c:
+            assert worker_status(c)[0] == new
+    finally:
+        restore_worker()
+
+
+@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
+    "bug: a new envelope.maintenance_naptime is read at SIGHUP but applies only after the nap in "
+    "progress (computed from the old value) ends: lowering it from 60 s waits up to 60 s"))
+def test_worker_naptime_change_applies_at_reload(worker_db):
+    with connect(PORT_A) as c:
+        try:
+            wait_worker_cadence(c)
+            c.execute("ALTER SYSTEM SET envelope.maintenance_naptime = 30")
+            c.execute("SELECT pg_reload_conf()")
+            time.sleep(2.5)  # the worker finishes its 1 s nap, runs, and starts a 30 s nap
+            runs = worker_status(c)[3]
+            c.execute("ALTER SYSTEM SET envelope.maintenance_naptime = 1")
+            c.execute("SELECT pg_reload_conf()")
+            wait_until(lambda: worker_status(c)[3] > runs, 4, 0.1, "a run within the new naptime")
+        finally:
+            c.execute("ALTER SYSTEM SET envelope.maintenance_naptime = 1")
+            c.execute("SELECT pg_reload_conf()")
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Bad input and privileges.
+# --------------------------------------------------------------------------------------------
+
+NOEXEC_ROLE = "lc_app"
+
+
+def test_bad_input_and_privileges():
+    db = make_db("lc_bad", ("acme",))
+    with connect(PORT_A, db) as c:
+        c.execute(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{NOEXEC_ROLE}') "
+            f"THEN CREATE ROLE {NOEXEC_ROLE} LOGIN; END IF; END $$"
+        )
+        c.execute("SELECT envelope.grant_tenant('acme', %s)", (NOEXEC_ROLE,))
+        create_table(c, "t")
+        fill(c, "t", ("acme",), 10, value="'v1 value ' || i")
+        c.execute(f"GRANT SELECT, INSERT, UPDATE ON t TO {NOEXEC_ROLE}")
+        c.execute("CREATE TABLE plain (id int, s text)")
+        c.execute("CREATE TABLE parted (id int, v envelope.encrypted_text) PARTITION BY RANGE (id)")
+        c.execute("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)")
+        c.execute("CREATE VIEW t_view AS SELECT * FROM t")
+        assert c.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0] == 2
+    # An application role (tenant granted, table privileges) is no key administrator.
+    with connect(PORT_A, db, user=NOEXEC_ROLE) as app:
+        with as_tenant(app, "acme"):
+            assert app.execute("SELECT count(v::text) FROM t").fetchone()[0] == 10  # it can read
+        for q in (
+            "SELECT envelope.rotate_data_key('acme')",
+            "SELECT envelope.rotate_tenant_key('acme')",
+            "SELECT envelope.disable_data_key('acme', 1)",
+            "SELECT envelope.enable_data_key('acme', 1)",
+            "SELECT envelope.destroy_data_key('acme', 1)",
+            "CALL envelope.reencrypt('t', 'v')",
+            "SELECT envelope.queue_reencrypt('t', 'v')",
+            "SELECT envelope.cancel_reencrypt(1)",
+            "CALL envelope.rewrap_tenants('local')",
+            "CALL envelope.run_maintenance()",
+            "SELECT envelope.set_rotation_period('acme', '1 day')",
+            "SELECT * FROM envelope.column_key_versions('t', 'v')",
+        ):
+            state, msg = sqlstate(app, q)
+            assert state == "42501", (q, state, msg)
+    with connect(PORT_A, db) as c:
+        # A role allowed to run re-encryption but without UPDATE on the table: refused up front.
+        c.execute(f"GRANT EXECUTE ON PROCEDURE envelope.reencrypt(regclass, name, text, name, integer, interval, interval) TO {NOEXEC_ROLE}")
+        c.execute(f"GRANT EXECUTE ON FUNCTION envelope.reencrypt_open(oid, text, text, text, integer, boolean), "
+                  f"envelope.reencrypt_batch(bigint) TO {NOEXEC_ROLE}")
+        c.execute(f"REVOKE UPDATE ON t FROM {NOEXEC_ROLE}")
+    with connect(PORT_A, db, user=NOEXEC_ROLE) as app:
+        state, msg = sqlstate(app, "CALL envelope.reencrypt('t', 'v')")
+        assert state == "42501" and "update" in msg.lower(), (state, msg)
+    with connect(PORT_A, db) as c:
+        for q, want in (
+            ("CALL envelope.reencrypt('no_such_table', 'v')", "42P01"),
+            ("CALL envelope.reencrypt('t', 'no_such_column')", "42703"),
+            ("CALL envelope.reencrypt('plain', 's')", "42804"),
+            ("CALL envelope.reencrypt('t', 'id')", "42804"),
+            ("CALL envelope.reencrypt('parted', 'v')", "42809"),
+            ("CALL envelope.reencrypt('t_view', 'v')", "42809"),
+            ("CALL envelope.reencrypt('t', 'v', batch_rows => 0)", "22023"),
+            ("CALL envelope.reencrypt('t', 'v', context => 'x')", "22023"),  # typed column: no context
+            ("SELECT envelope.rotate_data_key('no_such_tenant')", "42704"),
+            ("SELECT envelope.disable_data_key('acme', 99)", "42704"),
+        ):
+            state, msg = sqlstate(c, q)
+            assert state == want, (q, state, msg)
+        # Inside a transaction block (the procedure commits) and under REPEATABLE READ: refused.
+        with pytest.raises(psycopg.Error) as e:
+            with c.transaction():
+                c.execute("CALL envelope.reencrypt('t', 'v')")
+        assert e.value.sqlstate == "2D000", e.value
+        c.execute("SET default_transaction_isolation = 'repeatable read'")
+        state, msg = sqlstate(c, "CALL envelope.reencrypt('t', 'v')")
+        assert state == "25001" and "READ COMMITTED" in msg, (state, msg)
+        c.execute("RESET default_transaction_isolation")
+        assert not c.execute("SELECT * FROM envelope.reencrypt_jobs").fetchall()
+        # Version states. The active version cannot be disabled or destroyed.
+        assert sqlstate(c, "SELECT envelope.disable_data_key('acme', 2)")[0] == "55006"
+        state, msg = sqlstate(c, "SELECT envelope.destroy_data_key('acme', 2)")
+        assert state == "55006", (state, msg)
+        # A retired version must be disabled before it is destroyed.
+        assert sqlstate(c, "SELECT envelope.destroy_data_key('acme', 1)")[0] == "55000"
+        assert c.execute("SELECT envelope.disable_data_key('acme', 1)").fetchone()[0] is True
+        assert c.execute("SELECT envelope.disable_data_key('acme', 1)").fetchone()[0] is False  # no change
+    # Disabled: refused in every backend at its next call (this one is new), distinctly.
+    with connect(PORT_A, db) as c:
+        c.execute("SET app.tenant_id = 'acme'")
+        state, msg = sqlstate(c, "SELECT v::text FROM t WHERE id = 0")
+        assert state == "55000" and "disabled" in msg, (state, msg)
+        # Values under the active version are unaffected.
+        with as_tenant(c, "acme"):
+            c.execute("INSERT INTO t (id, tenant, v) VALUES (100, 'acme', 'v2 value'::text)")
+            assert c.execute("SELECT v::text FROM t WHERE id = 100").fetchone()[0] == "v2 value"
+        # Re-encryption cannot open values under a disabled version: the batch fails, nothing
+        # is lost, the job stays open for after enable_data_key.
+        state, msg = sqlstate(c, "CALL envelope.reencrypt('t', 'v')")
+        assert state == "55000" and "disabled" in msg, (state, msg)
+        # Destroying a version that tracked columns still use: refused, naming the column.
+        state, msg = sqlstate(c, "SELECT envelope.destroy_data_key('acme', 1)")
+        assert state == "2BP01" and "t.v" in msg, (state, msg)
+        assert c.execute("SELECT envelope.enable_data_key('acme', 1)").fetchone()[0] is True
+        c.execute("CALL envelope.reencrypt('t', 'v')")
+        assert_all_under_active(c, "t", 11)
+        with as_tenant(c, "acme"):
+            assert sorted(v for (v,) in c.execute("SELECT v::text FROM t")) == sorted(
+                [f"v1 value {i}" for i in range(10)] + ["v2 value"])
+        # Nothing uses version 1 any more: it can be disabled and destroyed, for good.
+        with as_tenant(c, "acme"):
+            kept = c.execute("SELECT envelope.encrypt_field('x')").fetchone()[0]  # version 2, kept by the app
+        c.execute("SELECT envelope.disable_data_key('acme', 1)")
+        assert c.execute("SELECT envelope.destroy_data_key('acme', 1)").fetchone()[0] is True
+        assert c.execute("SELECT state FROM envelope.key_versions WHERE tenant = 'acme' AND version = 1").fetchone()[0] == "destroyed"
+        assert sqlstate(c, "SELECT envelope.enable_data_key('acme', 1)")[0] == "55000"
+        # Version 2, still in use, destroyed by force: its values fail with "destroyed".
+        assert c.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0] == 3
+        c.execute("SELECT envelope.disable_data_key('acme', 2)")
+        assert sqlstate(c, "SELECT envelope.destroy_data_key('acme', 2)")[0] == "2BP01"
+        assert c.execute("SELECT envelope.destroy_data_key('acme', 2, force => true)").fetchone()[0] is True
+    with connect(PORT_A, db) as c:
+        c.execute("SET app.tenant_id = 'acme'")
+        state, msg = sqlstate(c, "SELECT v::text FROM t WHERE id = 0")
+        assert state == "42704" and "destroyed" in msg, (state, msg)
+        state, msg = sqlstate(c, "SELECT envelope.decrypt_field(%s::bytea)", (kept,))
+        assert state == "42704" and "destroyed" in msg, (state, msg)

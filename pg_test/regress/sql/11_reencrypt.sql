@@ -61,7 +61,8 @@ SELECT sqlstate_of($$CALL envelope.reencrypt('re', 'b', context => 'x', context_
 SELECT sqlstate_of($$CALL envelope.reencrypt('re', 'b', context => 'pg_envelope/type/text')$$) AS reserved_context;
 SET ROLE regress_other;
 SELECT sqlstate_of($$CALL envelope.reencrypt('re', 'v')$$) AS no_execute;
-SELECT sqlstate_of($$SELECT envelope.reencrypt_value('\x00'::bytea)$$) AS no_execute_value;
+SELECT sqlstate_of($$SELECT envelope.reencrypt_value('\x00'::bytea)$$) AS value_outside_a_batch;
+SELECT sqlstate_of($$SELECT envelope.needs_reencryption(v) FROM re LIMIT 1$$) AS needs_outside_a_batch;
 SELECT sqlstate_of($$SELECT envelope.rotate_tenant_key('re_a')$$) AS no_execute_rotate;
 SELECT sqlstate_of($$SELECT envelope.disable_data_key('re_a', 1)$$) AS no_execute_disable;
 SELECT sqlstate_of($$SELECT * FROM envelope.key_versions$$) AS no_select_versions;
@@ -94,10 +95,44 @@ SELECT envelope.cancel_reencrypt(job) AS cancelled FROM envelope.reencrypt_progr
 CALL envelope.reencrypt('re', 'c', context => 'constant-ctx');
 SELECT version, "values" FROM envelope.column_key_versions('re', 'c') WHERE tenant = 're_a';
 
+-- Values without a context (encrypt_field(x)) and rows whose context column is NULL keep their
+-- value and their (absence of) context.
+CREATE TABLE re_noctx (id int PRIMARY KEY, tok bytea, ctx text);
+SET app.tenant_id = 're_a';
+INSERT INTO re_noctx VALUES (1, envelope.encrypt_field('no-context'), NULL), (2, envelope.encrypt_field('with-context', 'c2'), 'c2'),
+                            (3, NULL, NULL);
+RESET app.tenant_id;
+CALL envelope.reencrypt('re_noctx', 'tok');
+SELECT values_done, values_remaining FROM envelope.reencrypt_progress WHERE table_name = 'public.re_noctx' ORDER BY job;
+CALL envelope.reencrypt('re_noctx', 'tok', context_column => 'ctx');
+SET app.tenant_id = 're_a';
+SELECT id, envelope.key_version(tok) AS version, envelope.decrypt_field(tok, ctx) FROM re_noctx ORDER BY id;
+RESET app.tenant_id;
+-- A batch runs the table's code (triggers) as the table's owner in a security-restricted
+-- operation, never with the caller's rights, and no tenant key can be used there.
+CREATE TABLE re_trig (id int PRIMARY KEY, v envelope.encrypted_text);
+CREATE TABLE re_trig_log (who text, can_decrypt text);
+GRANT INSERT ON re_trig_log TO regress_app;
+CREATE FUNCTION re_trig_spy() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO re_trig_log SELECT current_user, left(sqlstate_of(format('SELECT v::text FROM public.re_trig WHERE id = %s', OLD.id)), 5);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER re_trig_spy BEFORE UPDATE ON re_trig FOR EACH ROW EXECUTE FUNCTION re_trig_spy();
+SET app.tenant_id = 're_a';
+INSERT INTO re_trig VALUES (1, 'spied'::text);
+RESET app.tenant_id;
+ALTER TABLE re_trig OWNER TO regress_app;
+SELECT envelope.rotate_data_key('re_a') AS a_v4;
+CALL envelope.reencrypt('re_trig', 'v');
+SELECT who, can_decrypt FROM re_trig_log;
+
 -- Old versions: disable, then destroy once nothing uses them; the tombstone keeps the number.
 CALL envelope.reencrypt('re', 'v');
 CALL envelope.reencrypt('re', 'n');
 CALL envelope.reencrypt('re', 'b', context_column => 'ctx');
+CALL envelope.reencrypt('re', 'c', context => 'constant-ctx');
+CALL envelope.reencrypt('re_noctx', 'tok', context_column => 'ctx');
 SELECT tenant, version, "values" FROM envelope.column_key_versions('re', 'v');
 SELECT envelope.disable_data_key('re_a', 1) AS d1, envelope.disable_data_key('re_a', 2) AS d2;
 -- The temporary copy still holds a version-1 value: refused, unless forced.
@@ -136,7 +171,12 @@ CALL envelope.rewrap_tenants('nope');
 
 -- Rotation policy and run_maintenance (what the worker does, for pg_cron users).
 SELECT tenant, active_version, rotation_period, overdue FROM envelope.rotation_status WHERE tenant LIKE 're\_%' ORDER BY tenant;
-SELECT envelope.set_rotation_period('re_b', '0'), envelope.set_rotation_period('re_a', '1 microsecond');
+SELECT sqlstate_of($$SELECT envelope.set_rotation_period('re_a', '1 minute')$$) AS too_short;
+SELECT sqlstate_of($$SELECT envelope.set_rotation_period('re_a', '1000 years')$$) AS too_long;
+SELECT envelope.set_rotation_period('re_b', '0'), envelope.set_rotation_period('re_a', '1 hour');
+-- Make re_a's active version two hours old (as if time had passed).
+UPDATE envelope.data_keys SET created_at = created_at - interval '2 hours'
+ WHERE state = 'active' AND tenant_id = (SELECT id FROM envelope.tenants WHERE name = 're_a');
 SELECT * FROM envelope.maintenance_due() WHERE target LIKE 're\_%';
 CALL envelope.run_maintenance();
 SELECT tenant, active_version, rotation_period, period_overridden FROM envelope.rotation_status WHERE tenant LIKE 're\_%' ORDER BY tenant;
@@ -160,6 +200,7 @@ SELECT p.oid::regprocedure AS function, p.provolatile, p.proparallel, p.prosecde
                      'rotate_data_key_if_due', 'maintenance_status', 'default_rotation_period')
  ORDER BY 1::text;
 RESET app.tenant_id;
-DROP TABLE re, re_part, old_value CASCADE;
+DROP TABLE re, re_part, old_value, re_noctx, re_trig, re_trig_log CASCADE;
+DROP FUNCTION re_trig_spy();
 DROP FUNCTION re_fill(text, int, int), re_digest();
 RESET client_min_messages;
