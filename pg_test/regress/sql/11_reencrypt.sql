@@ -28,6 +28,12 @@ CREATE TEMP TABLE old_value AS SELECT v FROM re WHERE id = 1;
 SELECT envelope.rotate_data_key('re_a') AS a_v2;
 SELECT re_fill('re_a', 401, 450);
 CREATE TEMP TABLE digest AS SELECT re_digest() AS before;
+CREATE TABLE re_noctx (id int PRIMARY KEY, tok bytea, tok2 bytea, ctx text);
+SET app.tenant_id = 're_a';
+INSERT INTO re_noctx VALUES (1, envelope.encrypt_field('no-context-1'), envelope.encrypt_field('null-ctx'), NULL),
+                            (2, envelope.encrypt_field('no-context-2'), envelope.encrypt_field('with-ctx', 'c2'), 'c2'),
+                            (3, NULL, NULL, NULL);
+RESET app.tenant_id;
 -- Counts per tenant and version, from headers only.
 SELECT tenant, version, state, "values" FROM envelope.column_key_versions('re', 'v');
 
@@ -96,17 +102,13 @@ CALL envelope.reencrypt('re', 'c', context => 'constant-ctx');
 SELECT version, "values" FROM envelope.column_key_versions('re', 'c') WHERE tenant = 're_a';
 
 -- Values without a context (encrypt_field(x)) and rows whose context column is NULL keep their
--- value and their (absence of) context.
-CREATE TABLE re_noctx (id int PRIMARY KEY, tok bytea, ctx text);
-SET app.tenant_id = 're_a';
-INSERT INTO re_noctx VALUES (1, envelope.encrypt_field('no-context'), NULL), (2, envelope.encrypt_field('with-context', 'c2'), 'c2'),
-                            (3, NULL, NULL);
-RESET app.tenant_id;
+-- value and their (absence of) context (written under version 1, at the top).
 CALL envelope.reencrypt('re_noctx', 'tok');
-SELECT values_done, values_remaining FROM envelope.reencrypt_progress WHERE table_name = 'public.re_noctx' ORDER BY job;
-CALL envelope.reencrypt('re_noctx', 'tok', context_column => 'ctx');
+CALL envelope.reencrypt('re_noctx', 'tok2', context_column => 'ctx');
+SELECT column_name, values_done, values_remaining FROM envelope.reencrypt_progress WHERE table_name = 'public.re_noctx' ORDER BY job;
 SET app.tenant_id = 're_a';
-SELECT id, envelope.key_version(tok) AS version, envelope.decrypt_field(tok, ctx) FROM re_noctx ORDER BY id;
+SELECT id, envelope.key_version(tok) AS v1, envelope.decrypt_field(tok) AS tok,
+       envelope.key_version(tok2) AS v2, envelope.decrypt_field(tok2, ctx) AS tok2 FROM re_noctx ORDER BY id;
 RESET app.tenant_id;
 -- A batch runs the table's code (triggers) as the table's owner in a security-restricted
 -- operation, never with the caller's rights, and no tenant key can be used there.
@@ -115,7 +117,9 @@ CREATE TABLE re_trig_log (who text, can_decrypt text);
 GRANT INSERT ON re_trig_log TO regress_app;
 CREATE FUNCTION re_trig_spy() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  INSERT INTO re_trig_log SELECT current_user, left(sqlstate_of(format('SELECT v::text FROM public.re_trig WHERE id = %s', OLD.id)), 5);
+  -- Trigger code sees search_path = pg_catalog, pg_temp during a batch: qualify names.
+  PERFORM set_config('app.tenant_id', 're_a', true);
+  INSERT INTO public.re_trig_log SELECT current_user, public.sqlstate_of(format('SELECT v::text FROM public.re_trig WHERE id = %s', OLD.id));
   RETURN NEW;
 END $$;
 CREATE TRIGGER re_trig_spy BEFORE UPDATE ON re_trig FOR EACH ROW EXECUTE FUNCTION re_trig_spy();
@@ -132,7 +136,9 @@ CALL envelope.reencrypt('re', 'v');
 CALL envelope.reencrypt('re', 'n');
 CALL envelope.reencrypt('re', 'b', context_column => 'ctx');
 CALL envelope.reencrypt('re', 'c', context => 'constant-ctx');
-CALL envelope.reencrypt('re_noctx', 'tok', context_column => 'ctx');
+CALL envelope.reencrypt('re_noctx', 'tok');
+CALL envelope.reencrypt('re_noctx', 'tok2', context_column => 'ctx');
+CALL envelope.reencrypt('re_trig', 'v');
 SELECT tenant, version, "values" FROM envelope.column_key_versions('re', 'v');
 SELECT envelope.disable_data_key('re_a', 1) AS d1, envelope.disable_data_key('re_a', 2) AS d2;
 -- The temporary copy still holds a version-1 value: refused, unless forced.
