@@ -41,8 +41,10 @@ SELECT * FROM dblink_get_result('peer') AS t(done int);
 SELECT count(*) FILTER (WHERE d.state = 'active') AS active, max(d.version) AS newest, count(*) AS versions
   FROM envelope.data_keys d JOIN envelope.tenants t ON t.id = d.tenant_id WHERE t.name = 'rot_a';
 SELECT string_agg(v::text || '/' || envelope.decrypt_field(b, 'rot.b'), ',' ORDER BY id) AS all_still_decrypt FROM rot;
--- A rotation rolled back changes nothing, also in the backend that made it (which may have used
--- the uncommitted version meanwhile): later writes use a committed version.
+-- A rotation rolled back changes nothing, also in the backend that made it. Until it commits,
+-- the rotating transaction itself keeps writing with the committed version (a value written with
+-- the uncommitted one and sent elsewhere would be lost when a rollback lets the number be made
+-- again with another key).
 SELECT max(d.version) AS before_rollback FROM envelope.data_keys d JOIN envelope.tenants t ON t.id = d.tenant_id WHERE t.name = 'rot_a';
 BEGIN;
 SELECT envelope.rotate_data_key('rot_a') AS uncommitted;
