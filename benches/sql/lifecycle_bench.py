@@ -278,7 +278,7 @@ class DevBao:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(15)
-        (self.dir / "pid").unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def bench_rewrap(tenants, batch_size):
