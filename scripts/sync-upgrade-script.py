@@ -19,9 +19,9 @@ GENERATED = ROOT / "target/release/pg_envelope-pg15/usr/share/postgresql/15/exte
 # The lifecycle's #[pg_extern] functions (src/lifecycle.rs, src/reencrypt.rs, src/maintenance.rs,
 # src/status.rs), in the order they are created.
 FUNCTIONS = [
-    "key_version", "key_tenant_id", "rotate_data_key", "rotate_tenant_key", "disable_data_key", "enable_data_key",
+    "key_version", "key_tenant_id", "key_header", "rotate_data_key", "rotate_tenant_key", "disable_data_key", "enable_data_key",
     "destroy_data_key", "rewrap_tenants_start", "rewrap_tenants_batch", "reencrypt_value", "needs_reencryption",
-    "reencrypt_open", "reencrypt_batch", "cancel_reencrypt", "default_rotation_period", "maintenance_due",
+    "reencrypt_open", "reencrypt_batch", "cancel_reencrypt", "column_key_versions_of", "default_rotation_period", "maintenance_due",
     "rotate_data_key_if_due", "maintenance_status",
 ]
 SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql"]

@@ -29,6 +29,22 @@ CREATE FUNCTION key_tenant_id(encrypted_date) RETURNS integer
     AS 'MODULE_PATHNAME', 'key_tenant_id_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 CREATE FUNCTION key_tenant_id(encrypted_timestamptz) RETURNS integer
     AS 'MODULE_PATHNAME', 'key_tenant_id_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+-- key_header(value): tenant key id << 32 | version, or -1 for a value that is not an envelope
+-- (scans that must not stop at one foreign value).
+CREATE FUNCTION key_header(encrypted_text) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_bytea) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_jsonb) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_int8) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_numeric) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_date) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
 -- Version states. 'disabled' (disable_data_key, reversible) and 'destroyed' (destroy_data_key:
 -- the wrapped key is removed, the row stays as a tombstone so a version number is never reused).

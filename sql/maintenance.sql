@@ -44,26 +44,55 @@ SELECT t.name AS tenant, d.version AS active_version, d.created_at AS activated_
 REVOKE ALL ON rotation_status FROM PUBLIC;
 
 -- CALL envelope.run_maintenance(): the due rotations, rewraps and this role's queued
--- re-encryption jobs, each committed on its own. Call it outside a transaction block.
+-- re-encryption jobs (superusers: every role's; each batch runs as the table's owner), each step
+-- committed on its own. A failing step is reported (WARNING) and skipped: it never blocks the
+-- others. Call it outside a transaction block.
 CREATE PROCEDURE run_maintenance()
 LANGUAGE plpgsql AS $$
 DECLARE
     w record;
     v integer;
     n bigint;
+    job bigint;
 BEGIN
     FOR w IN SELECT * FROM envelope.maintenance_due() LOOP
         IF w.action = 'rotate' THEN
-            v := envelope.rotate_data_key_if_due(w.target);
-            IF v IS NOT NULL THEN
-                RAISE NOTICE 'pg_envelope: rotated the data key of tenant "%" to version %', w.target, v;
-            END IF;
+            BEGIN
+                v := envelope.rotate_data_key_if_due(w.target);
+                IF v IS NOT NULL THEN
+                    RAISE NOTICE 'pg_envelope: rotated the data key of tenant "%" to version %', w.target, v;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'pg_envelope: maintenance: rotating tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+            END;
             COMMIT;
         ELSIF w.action = 'rewrap' THEN
-            CALL envelope.rewrap_tenants(w.target);
+            BEGIN
+                job := envelope.rewrap_tenants_start(w.target);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'pg_envelope: maintenance: rewrap of provider "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+                job := NULL;
+            END;
+            COMMIT;
+            LOOP
+                EXIT WHEN job IS NULL;
+                BEGIN
+                    n := envelope.rewrap_tenants_batch(job, 100);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'pg_envelope: maintenance: rewrap of provider "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+                    n := 0;
+                END;
+                COMMIT;
+                EXIT WHEN n = 0;
+            END LOOP;
         ELSIF w.action = 'reencrypt' THEN
             LOOP
-                n := envelope.reencrypt_batch(w.target::bigint);
+                BEGIN
+                    n := envelope.reencrypt_batch(w.target::bigint);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'pg_envelope: maintenance: re-encryption job % failed: % (%)', w.target, SQLERRM, SQLSTATE;
+                    n := -1;
+                END;
                 COMMIT;
                 EXIT WHEN n < 0;
             END LOOP;

@@ -278,6 +278,12 @@ CREATE  FUNCTION "key_tenant_id"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_tenant_id_wrapper';
+CREATE  FUNCTION "key_header"(
+	"value" bytea /* & [u8] */
+) RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_header_wrapper';
 CREATE  FUNCTION "rotate_data_key"(
 	"tenant" TEXT /* & str */
 ) RETURNS INT /* i32 */
@@ -327,13 +333,15 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'rewrap_tenants_batch_wrapper';
 CREATE  FUNCTION "reencrypt_value"(
 	"value" bytea, /* Option < & [u8] > */
-	"context" TEXT DEFAULT NULL /* Option < & str > */
+	"context" TEXT, /* Option < & str > */
+	"batch_token" bigint /* Option < i64 > */
 ) RETURNS bytea /* Option < ByteaOut > */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'reencrypt_value_wrapper';
 CREATE  FUNCTION "needs_reencryption"(
-	"value" bytea /* & [u8] */
+	"value" bytea, /* & [u8] */
+	"batch_token" bigint /* i64 */
 ) RETURNS bool /* bool */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -361,6 +369,19 @@ CREATE  FUNCTION "cancel_reencrypt"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'cancel_reencrypt_wrapper';
+CREATE  FUNCTION "column_key_versions_of"(
+	"tbl" oid, /* pg_sys :: Oid */
+	"col" TEXT /* & str */
+) RETURNS TABLE (
+	"tenant" TEXT,  /* Option < String > */
+	"tenant_key_id" INT,  /* Option < i32 > */
+	"version" INT,  /* Option < i32 > */
+	"state" TEXT,  /* Option < String > */
+	"values" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'column_key_versions_of_wrapper';
 CREATE  FUNCTION "default_rotation_period"() RETURNS interval /* pgrx :: datum :: Interval */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
@@ -424,6 +445,22 @@ CREATE FUNCTION key_tenant_id(encrypted_date) RETURNS integer
     AS 'MODULE_PATHNAME', 'key_tenant_id_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 CREATE FUNCTION key_tenant_id(encrypted_timestamptz) RETURNS integer
     AS 'MODULE_PATHNAME', 'key_tenant_id_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+-- key_header(value): tenant key id << 32 | version, or -1 for a value that is not an envelope
+-- (scans that must not stop at one foreign value).
+CREATE FUNCTION key_header(encrypted_text) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_bytea) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_jsonb) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_int8) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_numeric) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_date) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION key_header(encrypted_timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'key_header_wrapper' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
 -- Version states. 'disabled' (disable_data_key, reversible) and 'destroyed' (destroy_data_key:
 -- the wrapped key is removed, the row stays as a tombstone so a version number is never reused).
@@ -517,6 +554,7 @@ CREATE TABLE reencrypt_jobs (
     relid           oid NOT NULL,
     table_name      text NOT NULL,
     column_name     name NOT NULL,
+    attnum          smallint NOT NULL,
     context         text,
     context_column  name,
     state           text NOT NULL CHECK (state IN ('queued', 'running', 'done', 'cancelled', 'failed')),
@@ -539,34 +577,35 @@ CREATE UNIQUE INDEX reencrypt_jobs_one_open ON reencrypt_jobs (relid, column_nam
 COMMENT ON TABLE reencrypt_jobs IS 'Re-encryption jobs (CALL envelope.reencrypt): one column each, progress stored with every committed batch.';
 REVOKE ALL ON reencrypt_jobs FROM PUBLIC;
 
--- The per-value functions of the encrypted types: one C function each for every type.
-CREATE FUNCTION reencrypt_value(encrypted_text) RETURNS encrypted_text
+-- The per-value functions of the encrypted types: one C function each for every type. They work
+-- only for the UPDATE of a running batch (its token, a bound parameter).
+CREATE FUNCTION reencrypt_value(encrypted_text, batch_token bigint) RETURNS encrypted_text
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_bytea) RETURNS encrypted_bytea
+CREATE FUNCTION reencrypt_value(encrypted_bytea, batch_token bigint) RETURNS encrypted_bytea
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_jsonb) RETURNS encrypted_jsonb
+CREATE FUNCTION reencrypt_value(encrypted_jsonb, batch_token bigint) RETURNS encrypted_jsonb
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_int8) RETURNS encrypted_int8
+CREATE FUNCTION reencrypt_value(encrypted_int8, batch_token bigint) RETURNS encrypted_int8
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_numeric) RETURNS encrypted_numeric
+CREATE FUNCTION reencrypt_value(encrypted_numeric, batch_token bigint) RETURNS encrypted_numeric
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_date) RETURNS encrypted_date
+CREATE FUNCTION reencrypt_value(encrypted_date, batch_token bigint) RETURNS encrypted_date
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_timestamptz) RETURNS encrypted_timestamptz
+CREATE FUNCTION reencrypt_value(encrypted_timestamptz, batch_token bigint) RETURNS encrypted_timestamptz
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_text) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_text, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_bytea) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_bytea, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_jsonb) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_jsonb, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_int8) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_int8, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_numeric) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_numeric, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_date) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_date, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_timestamptz) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_timestamptz, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 
 -- CALL envelope.reencrypt(table, column): re-encrypts every value of one column under each
@@ -625,19 +664,11 @@ SELECT j.id AS job, j.table_name, j.column_name, j.state,
 REVOKE ALL ON reencrypt_progress FROM PUBLIC;
 
 -- How many values of a column are under each tenant and data key version (headers only, no key,
--- no grant; runs as the caller, who needs SELECT on the column, and on envelope.key_versions
--- for the names and states).
+-- no grant). The scan runs as the table's owner in a security-restricted operation; the caller
+-- needs SELECT on the column.
 CREATE FUNCTION column_key_versions(tbl regclass, col name)
 RETURNS TABLE (tenant text, tenant_key_id integer, version integer, state text, "values" bigint)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT kv.tenant, h.tid, h.ver, kv.state, h.n
-           FROM (SELECT envelope.key_tenant_id(%1$I) AS tid, envelope.key_version(%1$I) AS ver, count(*) AS n
-                   FROM %2$s WHERE %1$I IS NOT NULL GROUP BY 1, 2) h
-           LEFT JOIN envelope.key_versions kv ON kv.tenant_key_id = h.tid AND kv.version = h.ver
-          ORDER BY h.tid, h.ver', col, tbl);
-END $$;
+LANGUAGE sql VOLATILE AS $$ SELECT * FROM envelope.column_key_versions_of(tbl, col) $$;
 
 -- Whether a data key version still has values in a tracked column: every column of an encrypted
 -- type (or a domain over one) in this database, and every bytea column (or domain over bytea) a
@@ -646,10 +677,11 @@ END $$;
 -- views only (no views, no rules), columns whose type is one of ours, bytea, or a domain over
 -- them (no cast function is ever resolved), the operators qualified.
 CREATE FUNCTION data_key_in_use(tenant_id integer, version integer) RETURNS text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET lock_timeout = '10s' AS $$
 DECLARE
     r record;
     hit boolean;
+    header bigint := (tenant_id::bigint << 32) | version;
 BEGIN
     FOR r IN
         WITH RECURSIVE enc(typ) AS (
@@ -667,20 +699,24 @@ BEGIN
                 SELECT a.attrelid AS relid, a.attname FROM pg_attribute a
                  WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
                 UNION
+                -- By column number: a renamed column stays tracked.
                 SELECT a.attrelid, a.attname FROM envelope.reencrypt_jobs j
-                  JOIN pg_attribute a ON a.attrelid = j.relid AND a.attname = j.column_name
-                 WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM bytes))
+                  JOIN pg_attribute a ON a.attrelid = j.relid AND a.attnum = j.attnum
+                 WHERE NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM bytes))
         SELECT cols.relid, cols.attname FROM cols JOIN pg_class c ON c.oid = cols.relid
-         WHERE c.relkind IN ('r', 'm')
+         WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated))
            -- Other sessions' temporary tables cannot be read.
            AND (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema())
          ORDER BY 1, 2
     LOOP
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL'
-                       ' AND envelope.key_tenant_id(%I) OPERATOR(pg_catalog.=) $1'
-                       ' AND envelope.key_version(%I) OPERATOR(pg_catalog.=) $2)',
-                       r.relid::regclass, r.attname, r.attname, r.attname)
-           INTO hit USING tenant_id, version;
+        BEGIN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE envelope.key_header(%I) OPERATOR(pg_catalog.=) $1)',
+                           r.relid::regclass, r.attname)
+               INTO hit USING header;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pg_envelope: cannot check %.% for values under the version: %', r.relid::regclass, quote_ident(r.attname), SQLERRM
+                USING ERRCODE = SQLSTATE, HINT = 'Fix or exclude that table, or pass force => true.';
+        END;
         IF hit THEN
             RETURN format('%s.%I', r.relid::regclass, r.attname);
         END IF;
@@ -735,26 +771,55 @@ SELECT t.name AS tenant, d.version AS active_version, d.created_at AS activated_
 REVOKE ALL ON rotation_status FROM PUBLIC;
 
 -- CALL envelope.run_maintenance(): the due rotations, rewraps and this role's queued
--- re-encryption jobs, each committed on its own. Call it outside a transaction block.
+-- re-encryption jobs (superusers: every role's; each batch runs as the table's owner), each step
+-- committed on its own. A failing step is reported (WARNING) and skipped: it never blocks the
+-- others. Call it outside a transaction block.
 CREATE PROCEDURE run_maintenance()
 LANGUAGE plpgsql AS $$
 DECLARE
     w record;
     v integer;
     n bigint;
+    job bigint;
 BEGIN
     FOR w IN SELECT * FROM envelope.maintenance_due() LOOP
         IF w.action = 'rotate' THEN
-            v := envelope.rotate_data_key_if_due(w.target);
-            IF v IS NOT NULL THEN
-                RAISE NOTICE 'pg_envelope: rotated the data key of tenant "%" to version %', w.target, v;
-            END IF;
+            BEGIN
+                v := envelope.rotate_data_key_if_due(w.target);
+                IF v IS NOT NULL THEN
+                    RAISE NOTICE 'pg_envelope: rotated the data key of tenant "%" to version %', w.target, v;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'pg_envelope: maintenance: rotating tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+            END;
             COMMIT;
         ELSIF w.action = 'rewrap' THEN
-            CALL envelope.rewrap_tenants(w.target);
+            BEGIN
+                job := envelope.rewrap_tenants_start(w.target);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'pg_envelope: maintenance: rewrap of provider "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+                job := NULL;
+            END;
+            COMMIT;
+            LOOP
+                EXIT WHEN job IS NULL;
+                BEGIN
+                    n := envelope.rewrap_tenants_batch(job, 100);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'pg_envelope: maintenance: rewrap of provider "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+                    n := 0;
+                END;
+                COMMIT;
+                EXIT WHEN n = 0;
+            END LOOP;
         ELSIF w.action = 'reencrypt' THEN
             LOOP
-                n := envelope.reencrypt_batch(w.target::bigint);
+                BEGIN
+                    n := envelope.reencrypt_batch(w.target::bigint);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'pg_envelope: maintenance: re-encryption job % failed: % (%)', w.target, SQLERRM, SQLSTATE;
+                    n := -1;
+                END;
                 COMMIT;
                 EXIT WHEN n < 0;
             END LOOP;
@@ -774,6 +839,7 @@ REVOKE ALL ON FUNCTION reencrypt_batch(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cancel_reencrypt(bigint) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE reencrypt(regclass, name, text, name, integer, interval, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION column_key_versions(regclass, name) FROM PUBLIC;
+REVOKE ALL ON FUNCTION column_key_versions_of(oid, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION queue_reencrypt(regclass, name, text, name, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION maintenance_due() FROM PUBLIC;
 REVOKE ALL ON FUNCTION rotate_data_key_if_due(text) FROM PUBLIC;

@@ -6,6 +6,7 @@ CREATE TABLE reencrypt_jobs (
     relid           oid NOT NULL,
     table_name      text NOT NULL,
     column_name     name NOT NULL,
+    attnum          smallint NOT NULL,
     context         text,
     context_column  name,
     state           text NOT NULL CHECK (state IN ('queued', 'running', 'done', 'cancelled', 'failed')),
@@ -28,34 +29,35 @@ CREATE UNIQUE INDEX reencrypt_jobs_one_open ON reencrypt_jobs (relid, column_nam
 COMMENT ON TABLE reencrypt_jobs IS 'Re-encryption jobs (CALL envelope.reencrypt): one column each, progress stored with every committed batch.';
 REVOKE ALL ON reencrypt_jobs FROM PUBLIC;
 
--- The per-value functions of the encrypted types: one C function each for every type.
-CREATE FUNCTION reencrypt_value(encrypted_text) RETURNS encrypted_text
+-- The per-value functions of the encrypted types: one C function each for every type. They work
+-- only for the UPDATE of a running batch (its token, a bound parameter).
+CREATE FUNCTION reencrypt_value(encrypted_text, batch_token bigint) RETURNS encrypted_text
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_bytea) RETURNS encrypted_bytea
+CREATE FUNCTION reencrypt_value(encrypted_bytea, batch_token bigint) RETURNS encrypted_bytea
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_jsonb) RETURNS encrypted_jsonb
+CREATE FUNCTION reencrypt_value(encrypted_jsonb, batch_token bigint) RETURNS encrypted_jsonb
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_int8) RETURNS encrypted_int8
+CREATE FUNCTION reencrypt_value(encrypted_int8, batch_token bigint) RETURNS encrypted_int8
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_numeric) RETURNS encrypted_numeric
+CREATE FUNCTION reencrypt_value(encrypted_numeric, batch_token bigint) RETURNS encrypted_numeric
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_date) RETURNS encrypted_date
+CREATE FUNCTION reencrypt_value(encrypted_date, batch_token bigint) RETURNS encrypted_date
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION reencrypt_value(encrypted_timestamptz) RETURNS encrypted_timestamptz
+CREATE FUNCTION reencrypt_value(encrypted_timestamptz, batch_token bigint) RETURNS encrypted_timestamptz
     AS 'MODULE_PATHNAME', 'pge_reencrypt_typed' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_text) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_text, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_bytea) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_bytea, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_jsonb) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_jsonb, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_int8) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_int8, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_numeric) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_numeric, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_date) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_date, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
-CREATE FUNCTION needs_reencryption(encrypted_timestamptz) RETURNS boolean
+CREATE FUNCTION needs_reencryption(encrypted_timestamptz, batch_token bigint) RETURNS boolean
     AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 
 -- CALL envelope.reencrypt(table, column): re-encrypts every value of one column under each
@@ -114,19 +116,11 @@ SELECT j.id AS job, j.table_name, j.column_name, j.state,
 REVOKE ALL ON reencrypt_progress FROM PUBLIC;
 
 -- How many values of a column are under each tenant and data key version (headers only, no key,
--- no grant; runs as the caller, who needs SELECT on the column, and on envelope.key_versions
--- for the names and states).
+-- no grant). The scan runs as the table's owner in a security-restricted operation; the caller
+-- needs SELECT on the column.
 CREATE FUNCTION column_key_versions(tbl regclass, col name)
 RETURNS TABLE (tenant text, tenant_key_id integer, version integer, state text, "values" bigint)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT kv.tenant, h.tid, h.ver, kv.state, h.n
-           FROM (SELECT envelope.key_tenant_id(%1$I) AS tid, envelope.key_version(%1$I) AS ver, count(*) AS n
-                   FROM %2$s WHERE %1$I IS NOT NULL GROUP BY 1, 2) h
-           LEFT JOIN envelope.key_versions kv ON kv.tenant_key_id = h.tid AND kv.version = h.ver
-          ORDER BY h.tid, h.ver', col, tbl);
-END $$;
+LANGUAGE sql VOLATILE AS $$ SELECT * FROM envelope.column_key_versions_of(tbl, col) $$;
 
 -- Whether a data key version still has values in a tracked column: every column of an encrypted
 -- type (or a domain over one) in this database, and every bytea column (or domain over bytea) a
@@ -135,10 +129,11 @@ END $$;
 -- views only (no views, no rules), columns whose type is one of ours, bytea, or a domain over
 -- them (no cast function is ever resolved), the operators qualified.
 CREATE FUNCTION data_key_in_use(tenant_id integer, version integer) RETURNS text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET lock_timeout = '10s' AS $$
 DECLARE
     r record;
     hit boolean;
+    header bigint := (tenant_id::bigint << 32) | version;
 BEGIN
     FOR r IN
         WITH RECURSIVE enc(typ) AS (
@@ -156,20 +151,24 @@ BEGIN
                 SELECT a.attrelid AS relid, a.attname FROM pg_attribute a
                  WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM enc)
                 UNION
+                -- By column number: a renamed column stays tracked.
                 SELECT a.attrelid, a.attname FROM envelope.reencrypt_jobs j
-                  JOIN pg_attribute a ON a.attrelid = j.relid AND a.attname = j.column_name
-                 WHERE a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM bytes))
+                  JOIN pg_attribute a ON a.attrelid = j.relid AND a.attnum = j.attnum
+                 WHERE NOT a.attisdropped AND a.atttypid IN (SELECT typ FROM bytes))
         SELECT cols.relid, cols.attname FROM cols JOIN pg_class c ON c.oid = cols.relid
-         WHERE c.relkind IN ('r', 'm')
+         WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated))
            -- Other sessions' temporary tables cannot be read.
            AND (c.relpersistence <> 't' OR c.relnamespace = pg_my_temp_schema())
          ORDER BY 1, 2
     LOOP
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE %I IS NOT NULL'
-                       ' AND envelope.key_tenant_id(%I) OPERATOR(pg_catalog.=) $1'
-                       ' AND envelope.key_version(%I) OPERATOR(pg_catalog.=) $2)',
-                       r.relid::regclass, r.attname, r.attname, r.attname)
-           INTO hit USING tenant_id, version;
+        BEGIN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s WHERE envelope.key_header(%I) OPERATOR(pg_catalog.=) $1)',
+                           r.relid::regclass, r.attname)
+               INTO hit USING header;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pg_envelope: cannot check %.% for values under the version: %', r.relid::regclass, quote_ident(r.attname), SQLERRM
+                USING ERRCODE = SQLSTATE, HINT = 'Fix or exclude that table, or pass force => true.';
+        END;
         IF hit THEN
             RETURN format('%s.%I', r.relid::regclass, r.attname);
         END IF;

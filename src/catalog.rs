@@ -870,6 +870,8 @@ pub struct ReencryptTarget {
     pub column_kind: Option<String>,
     pub context_column_exists: bool,
     pub can_update: bool,
+    pub can_select: bool,
+    pub has_children: bool,
     pub rows_per_block: f64,
 }
 
@@ -882,7 +884,8 @@ pub fn reencrypt_target(tbl: pg_sys::Oid, col: &str, context_column: Option<&str
                           WHERE a.attrelid = c.oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped),
                         $3::text IS NOT NULL AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
                           WHERE a.attrelid = c.oid AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped),
-                        CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 100 END::float8
+                        CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 100 END::float8,
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid)
                    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.oid = $1",
                 Some(1),
@@ -898,8 +901,9 @@ pub fn reencrypt_target(tbl: pg_sys::Oid, col: &str, context_column: Option<&str
         let atttypid = r.get::<pg_sys::Oid>(3).map_err(spi_err)?;
         let context_column_exists = r.get::<bool>(4).map_err(spi_err)?.unwrap_or(false);
         let rows_per_block = r.get::<f64>(5).map_err(spi_err)?.unwrap_or(100.0);
-        let (column_kind, can_update) = match atttypid {
-            None => (None, false),
+        let has_children = r.get::<bool>(6).map_err(spi_err)?.unwrap_or(false);
+        let (column_kind, can_update, can_select) = match atttypid {
+            None => (None, false, false),
             Some(typ) => {
                 // SAFETY: a type OID from pg_attribute; getBaseType follows domains.
                 let base = unsafe { pg_sys::getBaseType(typ) };
@@ -925,17 +929,20 @@ pub fn reencrypt_target(tbl: pg_sys::Oid, col: &str, context_column: Option<&str
                         row.get::<String>(2).map_err(spi_err)?.unwrap_or_default()
                     }
                 };
-                let can = client
-                    .select("SELECT pg_catalog.has_column_privilege($1, $2, 'UPDATE')", Some(1), &[tbl.into(), col.into()])
-                    .map_err(spi_err)?
-                    .first()
-                    .get::<bool>(1)
-                    .map_err(spi_err)?
-                    .unwrap_or(false);
-                (Some(kind), can)
+                let privs = client
+                    .select(
+                        "SELECT pg_catalog.has_column_privilege($1, $2, 'UPDATE'), pg_catalog.has_column_privilege($1, $2, 'SELECT')",
+                        Some(1),
+                        &[tbl.into(), col.into()],
+                    )
+                    .map_err(spi_err)?;
+                let row = privs.first();
+                let can_update = row.get::<bool>(1).map_err(spi_err)?.unwrap_or(false);
+                let can_select = row.get::<bool>(2).map_err(spi_err)?.unwrap_or(false);
+                (Some(kind), can_update, can_select)
             }
         };
-        Ok(Some(ReencryptTarget { table, relkind, column_kind, context_column_exists, can_update, rows_per_block }))
+        Ok(Some(ReencryptTarget { table, relkind, column_kind, context_column_exists, can_update, can_select, has_children, rows_per_block }))
     })
 }
 
@@ -991,9 +998,10 @@ pub fn insert_reencrypt_job(
     let caller = crate::nothrow::current_user_id();
     as_extension_owner(|| {
         Spi::get_one_with_args::<i64>(
-            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, context, context_column, state, by_worker, requested_by,
+            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, attnum, context, context_column, state, by_worker, requested_by,
                                                   batch_blocks, blocks_total, started_at)
-             VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8,
+             VALUES ($1, $2, $3, (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $3),
+                     $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8,
                      pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::bigint, clock_timestamp()) RETURNING id",
             &[
                 tbl.into(),
@@ -1024,6 +1032,8 @@ pub struct ReencryptJob {
     pub next_block: i64,
     pub values_done: i64,
     pub pass: i32,
+    /// The table's size in blocks when the pass started: where the pass ends.
+    pub pass_blocks: Option<i64>,
 }
 
 pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
@@ -1031,7 +1041,8 @@ pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
         Spi::connect_mut(|client| {
             let t = client
                 .update(
-                    "SELECT relid, column_name::text, context, context_column::text, state, requested_by, batch_blocks, next_block, values_done, pass
+                    "SELECT relid, column_name::text, context, context_column::text, state, requested_by, batch_blocks, next_block, values_done, pass,
+                            blocks_total
                        FROM envelope.reencrypt_jobs WHERE id = $1 FOR UPDATE",
                     Some(1),
                     &[job.into()],
@@ -1052,6 +1063,7 @@ pub fn lock_reencrypt_job(job: i64) -> Result<Option<ReencryptJob>> {
                 next_block: r.get::<i64>(8).map_err(spi_err)?.unwrap_or(0),
                 values_done: r.get::<i64>(9).map_err(spi_err)?.unwrap_or(0),
                 pass: r.get::<i32>(10).map_err(spi_err)?.unwrap_or(1),
+                pass_blocks: r.get::<i64>(11).map_err(spi_err)?,
             }))
         })
     })
@@ -1132,12 +1144,12 @@ pub fn as_table_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> Result<R>) -> R
 /// Runs one batch's UPDATE (see [`as_table_owner`]; with row security off, a table whose
 /// policies bind its owner (FORCE ROW LEVEL SECURITY) gets an error, not a partial job). Returns
 /// the number of rows updated.
-pub fn run_reencrypt_update(relid: pg_sys::Oid, sql: &str, context: Option<&str>) -> Result<i64> {
+pub fn run_reencrypt_update(relid: pg_sys::Oid, sql: &str, token: i64, context: Option<&str>) -> Result<i64> {
     as_table_owner(relid, || {
         Spi::connect_mut(|client| {
             let t = match context {
-                Some(c) => client.update(sql, None, &[c.into()]),
-                None => client.update(sql, None, &[]),
+                Some(c) => client.update(sql, None, &[token.into(), c.into()]),
+                None => client.update(sql, None, &[token.into()]),
             };
             t.map(|t| t.len() as i64).map_err(spi_err)
         })
@@ -1145,12 +1157,56 @@ pub fn run_reencrypt_update(relid: pg_sys::Oid, sql: &str, context: Option<&str>
 }
 
 /// Counts what a job has left (headers only), like [`run_reencrypt_update`].
-pub fn run_reencrypt_count(relid: pg_sys::Oid, sql: &str) -> Result<i64> {
+pub fn run_reencrypt_count(relid: pg_sys::Oid, sql: &str, token: i64) -> Result<i64> {
     as_table_owner(relid, || {
         Spi::connect_mut(|client| {
-            let t = client.update(sql, Some(1), &[]).map_err(spi_err)?;
+            let t = client.update(sql, Some(1), &[token.into()]).map_err(spi_err)?;
             Ok(t.first().get::<i64>(1).map_err(spi_err)?.unwrap_or(0))
         })
+    })
+}
+
+/// (header, count) rows of `column_key_versions`' scan (`envelope.key_header`: tenant key id
+/// << 32 | version, -1 for a value that is not an envelope).
+pub fn header_counts(sql: &str) -> Result<Vec<(i64, i64)>> {
+    Spi::connect_mut(|client| {
+        let t = client.update(sql, None, &[]).map_err(spi_err)?;
+        let mut out = Vec::new();
+        for r in t {
+            out.push((r.get::<i64>(1).map_err(spi_err)?.unwrap_or(-1), r.get::<i64>(2).map_err(spi_err)?.unwrap_or(0)));
+        }
+        Ok(out)
+    })
+}
+
+/// Names and states for `column_key_versions`' counts.
+pub fn name_versions(counts: Vec<(i64, i64)>) -> Result<Vec<(Option<String>, Option<i32>, Option<i32>, Option<String>, i64)>> {
+    as_extension_owner(|| {
+        let mut out = Vec::with_capacity(counts.len());
+        for (h, n) in counts {
+            if h < 0 {
+                out.push((None, None, None, Some("not an envelope".to_string()), n));
+                continue;
+            }
+            let (tid, ver) = ((h >> 32) as i32, (h & 0xffff_ffff) as i32);
+            let row = Spi::connect(|client| {
+                let t = client
+                    .select(
+                        "SELECT t.name, d.state FROM envelope.tenants t
+                           LEFT JOIN envelope.data_keys d ON d.tenant_id = t.id AND d.version = $2 WHERE t.id = $1",
+                        Some(1),
+                        &[tid.into(), ver.into()],
+                    )
+                    .map_err(spi_err)?;
+                if t.is_empty() {
+                    return Ok::<_, EnvelopeError>((None, None));
+                }
+                let r = t.first();
+                Ok((r.get::<String>(1).map_err(spi_err)?, r.get::<String>(2).map_err(spi_err)?))
+            })?;
+            out.push((row.0, Some(tid), Some(ver), row.1, n));
+        }
+        Ok(out)
     })
 }
 
@@ -1306,11 +1362,30 @@ pub fn extension_installed() -> bool {
         .unwrap_or(false)
 }
 
-/// Whether `role` may update the column (the role a re-encryption job runs on behalf of).
-pub fn role_can_update(role: pg_sys::Oid, relid: pg_sys::Oid, col: &str) -> Result<bool> {
+/// Whether `role` may still run a job on the column: UPDATE on it and EXECUTE on
+/// `envelope.reencrypt_batch` (the key-administrator privilege). A dropped role may not.
+pub fn role_may_run_job(role: pg_sys::Oid, relid: pg_sys::Oid, col: &str) -> Result<bool> {
     Ok(optional_one::<bool>(
-        "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'UPDATE') FROM pg_catalog.pg_roles WHERE oid = $1",
+        "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'UPDATE')
+            AND pg_catalog.has_function_privilege($1, 'envelope.reencrypt_batch(bigint)', 'EXECUTE')
+           FROM pg_catalog.pg_roles WHERE oid = $1",
         &[role.into(), relid.into(), col.into()],
     )?
     .unwrap_or(false))
+}
+
+/// Whether this still-uncommitted transaction created a data key version of the tenant (it
+/// rotated the tenant and has not committed yet).
+pub fn rotated_in_this_transaction(tenant_id: u32) -> Result<bool> {
+    as_extension_owner(|| {
+        Spi::connect(|_c| {
+            let rows = select_latest(
+                c"SELECT xmin::text FROM envelope.data_keys WHERE tenant_id = $1 AND created_at = now()",
+                &[Arg::Int4(tenant_id as i32)],
+                |r| Ok(r.get::<String>(1).and_then(|x| x.parse::<u32>().ok()).unwrap_or(0)),
+            )?;
+            // SAFETY: a plain check of the current transaction's xids.
+            Ok(rows.into_iter().any(|x| x != 0 && unsafe { pg_sys::TransactionIdIsCurrentTransactionId(x.into()) }))
+        })
+    })
 }

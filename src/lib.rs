@@ -64,7 +64,14 @@ extension_sql_file!("../sql/plaintext_guards.sql", name = "plaintext_guards", re
 extension_sql_file!(
     "../sql/lifecycle.sql",
     name = "lifecycle",
-    requires = ["encrypted_types", lifecycle::key_version, lifecycle::key_tenant_id, lifecycle::rewrap_tenants_start, lifecycle::rewrap_tenants_batch]
+    requires = [
+        "encrypted_types",
+        lifecycle::key_version,
+        lifecycle::key_tenant_id,
+        lifecycle::key_header,
+        lifecycle::rewrap_tenants_start,
+        lifecycle::rewrap_tenants_batch
+    ]
 );
 extension_sql_file!(
     "../sql/maintenance.sql",
@@ -74,7 +81,14 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/reencrypt.sql",
     name = "reencrypt",
-    requires = ["lifecycle", reencrypt::reencrypt_value, reencrypt::needs_reencryption, reencrypt::reencrypt_open, reencrypt::reencrypt_batch]
+    requires = [
+        "lifecycle",
+        reencrypt::reencrypt_value,
+        reencrypt::needs_reencryption,
+        reencrypt::reencrypt_open,
+        reencrypt::reencrypt_batch,
+        reencrypt::column_key_versions_of
+    ]
 );
 
 extension_sql!(
@@ -103,6 +117,7 @@ REVOKE ALL ON FUNCTION reencrypt_batch(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cancel_reencrypt(bigint) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE reencrypt(regclass, name, text, name, integer, interval, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION column_key_versions(regclass, name) FROM PUBLIC;
+REVOKE ALL ON FUNCTION column_key_versions_of(oid, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION queue_reencrypt(regclass, name, text, name, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION maintenance_due() FROM PUBLIC;
 REVOKE ALL ON FUNCTION rotate_data_key_if_due(text) FROM PUBLIC;

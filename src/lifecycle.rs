@@ -44,6 +44,19 @@ fn key_tenant_id(value: &[u8]) -> i32 {
     }
 }
 
+/// Tenant key id and data key version of a stored value in one number (`id << 32 | version`),
+/// or -1 for bytes that are not a pg_envelope value: for scans that must not stop at a foreign
+/// value (`column_key_versions`, the destroy check). No key, no grant.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn key_header(value: &[u8]) -> i64 {
+    match Envelope::parse(value) {
+        Ok(env) if env.tenant_key_id >= 1 && env.tenant_key_id <= i32::MAX as u32 && env.dek_version >= 1 && env.dek_version <= i32::MAX as u32 => {
+            ((env.tenant_key_id as i64) << 32) | env.dek_version as i64
+        }
+        _ => -1,
+    }
+}
+
 /// Makes a new data key version for `tenant` and returns it. Key administrators only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_data_key(tenant: &str) -> i32 {
@@ -157,6 +170,16 @@ fn change_version_state(tenant: &str, version: i32, change: VersionChange, force
         return Err(unknown());
     }
     let v = version as u32;
+    // Until a rotation commits, its transaction writes with the version before it (see
+    // catalog::load_tenant); disabling that one in the same transaction would leave only the
+    // uncommitted version to write with.
+    if change != VersionChange::Enable && catalog::rotated_in_this_transaction(t.id)? {
+        return Err(EnvelopeError::BadRequest {
+            code: pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            message: format!("pg_envelope: tenant \"{}\" was rotated in this transaction", crate::error::shown(tenant)),
+            hint: Some("Commit the rotation, then disable or destroy older versions.".into()),
+        });
+    }
     let state = catalog::data_key_state(t.id, v)?.ok_or_else(unknown)?;
     let wrong = |wanted| EnvelopeError::DataKeyState { tenant: tenant.to_string(), version: v, state: state.clone(), wanted };
     if state == "active" && change != VersionChange::Enable {

@@ -24,30 +24,36 @@ use crate::error::{EnvelopeError, OrRaise, Result};
 use crate::types::ByteaOut;
 
 thread_local! {
-    /// Set while a re-encryption batch's UPDATE runs (as the table owner, see
-    /// catalog::as_table_owner): the only place the per-value functions work.
-    static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The token of the re-encryption batch running in this backend (0: none). The batch's
+    /// UPDATE passes it to the per-value functions as a bound parameter; code of the table's
+    /// owner that runs inside the batch (triggers, index expressions) cannot see it, so it cannot
+    /// use those functions as an oracle on other values.
+    static BATCH_TOKEN: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
 }
 
-/// Marks a batch in progress; cleared on drop, also when an error unwinds through it.
-struct BatchScope;
+/// A batch in progress; the token is cleared on drop, also when an error unwinds through it.
+struct BatchScope(i64);
 impl BatchScope {
     fn enter() -> Self {
-        IN_BATCH.with(|b| b.set(true));
-        BatchScope
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).unwrap_or_else(|e| EnvelopeError::Internal(format!("operating system random source failed: {e}")).raise());
+        let t = (i64::from_le_bytes(b) & i64::MAX).max(1);
+        BATCH_TOKEN.with(|c| c.set(t));
+        BatchScope(t)
     }
 }
 impl Drop for BatchScope {
     fn drop(&mut self) {
-        IN_BATCH.with(|b| b.set(false));
+        BATCH_TOKEN.with(|c| c.set(0));
     }
 }
 
-/// The per-value functions use a tenant's keys without a tenant grant: they run only inside a
-/// batch that a key administrator started (`reencrypt_batch` needs EXECUTE, which PUBLIC lacks),
-/// whichever role the UPDATE runs as.
-fn require_batch() {
-    if !IN_BATCH.with(|b| b.get()) {
+/// The per-value functions use a tenant's keys without a tenant grant: they work only for the
+/// UPDATE of a batch a key administrator started (`reencrypt_batch` needs EXECUTE, which PUBLIC
+/// lacks), identified by the batch's token, whichever role the UPDATE runs as.
+fn require_batch(token: i64) {
+    let current = BATCH_TOKEN.with(|c| c.get());
+    if current == 0 || token != current {
         bad(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             "pg_envelope: re-encryption functions run only inside CALL envelope.reencrypt".into(),
@@ -59,11 +65,12 @@ fn require_batch() {
 
 /// Re-encrypts a stored `encrypt_field` value (bytea) under its tenant's active data key, with
 /// the same context (NULL: no context, like `encrypt_field`). NULL stays NULL. The tenant comes
-/// from the header; no tenant grant is needed. Only inside a re-encryption batch. The plaintext
-/// never leaves this call. Not STRICT: a NULL context must not make the result NULL.
+/// from the header; no tenant grant is needed. Only for the UPDATE of a re-encryption batch (its
+/// token). The plaintext never leaves this call. Not STRICT: a NULL context must not make the
+/// result NULL.
 #[pg_extern(volatile, parallel_unsafe)]
-fn reencrypt_value(value: Option<&[u8]>, context: default!(Option<&str>, "NULL")) -> Option<ByteaOut> {
-    require_batch();
+fn reencrypt_value(value: Option<&[u8]>, context: Option<&str>, batch_token: Option<i64>) -> Option<ByteaOut> {
+    require_batch(batch_token.unwrap_or(0));
     let value = value?;
     let ctx = context.map(str::as_bytes);
     if ctx.is_some_and(|c| c.starts_with(crate::api::RESERVED_CONTEXT_PREFIX)) {
@@ -74,16 +81,95 @@ fn reencrypt_value(value: Option<&[u8]>, context: default!(Option<&str>, "NULL")
 
 /// Whether a stored value is under a data key version other than its tenant's active one.
 /// One C function for bytea and every encrypted type (declared by hand in sql/reencrypt.sql).
-/// Only inside a re-encryption batch.
+/// Only for the UPDATE of a re-encryption batch (its token).
 #[pg_extern(volatile, parallel_unsafe, strict)]
-fn needs_reencryption(value: &[u8]) -> bool {
-    require_batch();
+fn needs_reencryption(value: &[u8], batch_token: i64) -> bool {
+    require_batch(batch_token);
     backend::needs_reencryption(value).or_raise()
 }
 
 /// For the typed `reencrypt_value` (src/types.rs).
-pub fn check_in_batch() {
-    require_batch()
+pub fn check_in_batch(token: i64) {
+    require_batch(token)
+}
+
+/// Values of one column per tenant and data key version, read from headers (no key, no grant).
+/// The scan runs as the table's owner in a security-restricted operation (like a batch), so the
+/// table's policies or a view's functions never run with the caller's rights; the caller needs
+/// SELECT on the column. Values that are not pg_envelope ciphertexts are counted with version
+/// NULL. Key administrators.
+#[pg_extern(volatile, parallel_unsafe)]
+fn column_key_versions_of(
+    tbl: pg_sys::Oid,
+    col: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(tenant, Option<String>),
+        name!(tenant_key_id, Option<i32>),
+        name!(version, Option<i32>),
+        name!(state, Option<String>),
+        name!(values, i64),
+    ),
+> {
+    TableIterator::new(column_key_versions_impl(tbl, col).or_raise())
+}
+
+type VersionCount = (Option<String>, Option<i32>, Option<i32>, Option<String>, i64);
+
+fn column_key_versions_impl(tbl: pg_sys::Oid, col: &str) -> Result<Vec<VersionCount>> {
+    use PgSqlErrorCode::*;
+    let target = checked_target(tbl, col, None)?;
+    if !target.can_select {
+        return Err(bad(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("pg_envelope: permission denied to read column \"{col}\" of {}", target.table),
+            None,
+        ));
+    }
+    let c = quote_ident(col);
+    let sql = format!(
+        "SELECT h, count(*) FROM (SELECT envelope.key_header(t.{c}) AS h FROM ONLY {} AS t WHERE t.{c} IS NOT NULL) x GROUP BY h ORDER BY h",
+        target.table
+    );
+    let counts = catalog::as_table_owner(tbl, || catalog::header_counts(&sql))?;
+    catalog::name_versions(counts)
+}
+
+/// The checks every re-encryption entry point makes of its target: a plain table without
+/// inheritance children (partitions and children are done one by one), the column bytea or an
+/// encrypted type (or a domain over one).
+fn checked_target(tbl: pg_sys::Oid, col: &str, context_column: Option<&str>) -> Result<catalog::ReencryptTarget> {
+    use PgSqlErrorCode::*;
+    let target = catalog::reencrypt_target(tbl, col, context_column)?
+        .ok_or_else(|| bad(ERRCODE_UNDEFINED_TABLE, format!("pg_envelope: no table with oid {}", tbl.to_u32()), None))?;
+    match target.relkind {
+        'r' if target.has_children => {
+            return Err(bad(
+                ERRCODE_WRONG_OBJECT_TYPE,
+                format!("pg_envelope: {} has inheritance children", target.table),
+                Some("Run it for the parent and for each child: it reads and updates ONLY the table named."),
+            ))
+        }
+        'r' => {}
+        'p' => {
+            return Err(bad(
+                ERRCODE_WRONG_OBJECT_TYPE,
+                format!("pg_envelope: {} is a partitioned table", target.table),
+                Some("Run it for each partition: CALL envelope.reencrypt('<partition>', '<column>')."),
+            ))
+        }
+        _ => return Err(bad(ERRCODE_WRONG_OBJECT_TYPE, format!("pg_envelope: {} is not a table", target.table), None)),
+    }
+    match target.column_kind.as_deref() {
+        None => Err(bad(ERRCODE_UNDEFINED_COLUMN, format!("pg_envelope: column \"{col}\" of {} does not exist", target.table), None)),
+        Some("bytea") | Some("encrypted") => Ok(target),
+        Some(other) => Err(bad(
+            ERRCODE_DATATYPE_MISMATCH,
+            format!("pg_envelope: column \"{col}\" of {} is of type {other}, not an encrypted type or bytea", target.table),
+            Some("Only columns written by pg_envelope can be re-encrypted."),
+        )),
+    }
 }
 
 fn bad(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> EnvelopeError {
@@ -121,35 +207,8 @@ fn open_impl(tbl: pg_sys::Oid, col: &str, context: Option<&str>, context_column:
     if !(1..=10_000_000).contains(&batch_rows) {
         return Err(bad(ERRCODE_INVALID_PARAMETER_VALUE, "pg_envelope: batch_rows must be between 1 and 10000000".into(), None));
     }
-    let target = catalog::reencrypt_target(tbl, col, context_column)?;
-    let Some(target) = target else {
-        return Err(bad(ERRCODE_UNDEFINED_TABLE, format!("pg_envelope: no table with oid {}", tbl.to_u32()), None));
-    };
-    match target.relkind {
-        'r' => {}
-        'p' => {
-            return Err(bad(
-                ERRCODE_WRONG_OBJECT_TYPE,
-                format!("pg_envelope: {} is a partitioned table", target.table),
-                Some("Re-encrypt each partition: CALL envelope.reencrypt('<partition>', '<column>')."),
-            ))
-        }
-        _ => return Err(bad(ERRCODE_WRONG_OBJECT_TYPE, format!("pg_envelope: {} is not a table", target.table), None)),
-    }
-    let Some(kind) = target.column_kind.as_deref() else {
-        return Err(bad(ERRCODE_UNDEFINED_COLUMN, format!("pg_envelope: column \"{col}\" of {} does not exist", target.table), None));
-    };
-    let typed = match kind {
-        "bytea" => false,
-        "encrypted" => true,
-        other => {
-            return Err(bad(
-                ERRCODE_DATATYPE_MISMATCH,
-                format!("pg_envelope: column \"{col}\" of {} is of type {other}, not an encrypted type or bytea", target.table),
-                Some("Only columns written by pg_envelope can be re-encrypted."),
-            ))
-        }
-    };
+    let target = checked_target(tbl, col, context_column)?;
+    let typed = target.column_kind.as_deref() == Some("encrypted");
     if typed && (context.is_some() || context_column.is_some()) {
         return Err(bad(
             ERRCODE_INVALID_PARAMETER_VALUE,
@@ -169,7 +228,7 @@ fn open_impl(tbl: pg_sys::Oid, col: &str, context: Option<&str>, context_column:
         return Err(bad(
             ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("pg_envelope: permission denied to update column \"{col}\" of {}", target.table),
-            Some("Re-encryption runs as you: it needs UPDATE on the column (and, on a table with row-level security, a role the policies do not restrict, e.g. the owner or BYPASSRLS)."),
+            Some("Re-encryption needs UPDATE on the column; its batches then run as the table owner (which, on a table with FORCE ROW LEVEL SECURITY, needs BYPASSRLS)."),
         ));
     }
     if let Some(open) = catalog::open_reencrypt_job(tbl, col)? {
@@ -213,29 +272,50 @@ pub fn batch_impl(job: i64) -> Result<i64> {
     if j.state != "running" && j.state != "queued" {
         return Ok(-1);
     }
-    if !catalog::role_can_update(j.requested_by, j.relid, &j.column)? {
-        return Err(bad(
-            ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("pg_envelope: the role of re-encryption job {job} may no longer update column \"{}\"", j.column),
-            Some("The job runs on behalf of the role that opened it; grant it UPDATE again or cancel the job."),
-        ));
+    if !catalog::role_may_run_job(j.requested_by, j.relid, &j.column)? {
+        // Marked failed (not raised): a job whose role lost its rights must not block other work.
+        let m = format!(
+            "the role of re-encryption job {job} may no longer update column \"{}\" or run re-encryption (EXECUTE on envelope.reencrypt_batch)",
+            j.column
+        );
+        catalog::fail_reencrypt_job(job, &m)?;
+        pgrx::warning!("pg_envelope: {m}; the job is marked failed");
+        return Ok(-1);
     }
     let Some(qualified) = catalog::qualified_table(j.relid)? else {
         catalog::fail_reencrypt_job(job, "the table no longer exists")?;
         return Ok(-1);
     };
+    // The column may have changed since the job opened (dropped, another type, children added).
+    let typed = match checked_target(j.relid, &j.column, j.context_column.as_deref()) {
+        Ok(t) => t.column_kind.as_deref() == Some("encrypted"),
+        Err(e) => {
+            let m = e.message();
+            catalog::fail_reencrypt_job(job, &m)?;
+            pgrx::warning!("pg_envelope: re-encryption job {job} failed: {m}");
+            return Ok(-1);
+        }
+    };
     let col = quote_ident(&j.column);
-    let nblocks = catalog::relation_blocks(j.relid)?;
+    // A pass ends at the table's size when it started: rows its own updates move to new blocks
+    // are under the active version already, and anything else behind the cursor (rows moved by
+    // concurrent updates, appended by transactions older than the rotation) is caught by the
+    // count at the end of the pass, which starts another pass.
+    let current = catalog::relation_blocks(j.relid)?;
+    let nblocks = j.pass_blocks.unwrap_or(current).min(current);
     if j.next_block >= nblocks {
         // End of a pass. Concurrent updates of other columns can move a row not yet visited
         // (with its value under an old version) behind the cursor; count what is left (headers
         // only) and make another pass over the table if anything is.
-        let _scope = BatchScope::enter();
-        let remaining = catalog::run_reencrypt_count(j.relid, &format!(
-            "SELECT count(*) FROM {qualified} AS t WHERE t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col})"
-        ))?;
+        let scope = BatchScope::enter();
+        let remaining = catalog::run_reencrypt_count(
+            j.relid,
+            &format!("SELECT count(*) FROM ONLY {qualified} AS t WHERE t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col}, $1)"),
+            scope.0,
+        )?;
+        drop(scope);
         if remaining > 0 && j.pass < MAX_PASSES {
-            catalog::restart_reencrypt_pass(job, nblocks)?;
+            catalog::restart_reencrypt_pass(job, current)?;
             pgrx::notice!(
                 "pg_envelope: re-encryption job {job} of {qualified}.{}: {remaining} values still under old versions (moved by concurrent updates); pass {} starts",
                 j.column,
@@ -261,22 +341,24 @@ pub fn batch_impl(job: i64) -> Result<i64> {
     let lo = j.next_block;
     let hi = lo + j.batch_blocks as i64;
     let upper = (hi < nblocks).then_some(hi);
+    // $1: the batch token; $2: the constant context. Typed values have no context argument.
     let ctx = match (&j.context, &j.context_column) {
-        (Some(_), _) => ", $1".to_string(),
-        (None, Some(cc)) => format!(", t.{}::text", quote_ident(cc)),
-        (None, None) => String::new(),
+        _ if typed => String::new(),
+        (Some(_), _) => ", $2".to_string(),
+        (None, Some(cc)) => format!(", t.{}::pg_catalog.text", quote_ident(cc)),
+        (None, None) => ", NULL".to_string(),
     };
     let mut sql = format!(
-        "UPDATE {qualified} AS t SET {col} = envelope.reencrypt_value(t.{col}{ctx}) \
+        "UPDATE ONLY {qualified} AS t SET {col} = envelope.reencrypt_value(t.{col}{ctx}, $1) \
          WHERE t.ctid >= '({lo},0)'::pg_catalog.tid"
     );
     if let Some(hi) = upper {
         sql.push_str(&format!(" AND t.ctid < '({hi},0)'::pg_catalog.tid"));
     }
-    sql.push_str(&format!(" AND t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col})"));
+    sql.push_str(&format!(" AND t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col}, $1)"));
     let n = {
-        let _scope = BatchScope::enter();
-        catalog::run_reencrypt_update(j.relid, &sql, j.context.as_deref())?
+        let scope = BatchScope::enter();
+        catalog::run_reencrypt_update(j.relid, &sql, scope.0, j.context.as_deref())?
     };
     let done = j.values_done + n;
     let next = upper.unwrap_or(nblocks);

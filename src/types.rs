@@ -386,7 +386,7 @@ impl Drop for WipedCString {
 // re-encrypted as they are, under the same type context: no decoding, no type change.
 v1_function!(pg_finfo_pge_reencrypt_typed, pge_reencrypt_typed, reencrypt_typed_impl);
 unsafe fn reencrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    crate::reencrypt::check_in_batch();
+    crate::reencrypt::check_in_batch(pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 1).unwrap_or(0));
     let tag = typed_tag(fcinfo);
     let out: PallocVarlena = backend::reencrypt_to(arg_bytes(fcinfo, 0), Some(tag)).or_raise();
     out.into_datum()

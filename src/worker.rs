@@ -81,18 +81,34 @@ pub fn register() {
 /// How long the worker works on one re-encryption job per run.
 const JOB_SLICE: Duration = Duration::from_secs(60);
 
-/// Bounds on one batch of a queued job (a trigger that sleeps or a lock held for ever must not
-/// stop the worker).
-const JOB_TIMEOUTS: &str = "SELECT pg_catalog.set_config('statement_timeout', '5min', true), pg_catalog.set_config('lock_timeout', '1min', true)";
+/// A bound on lock waits of one batch of a queued job (lock_timeout is checked by the lock
+/// manager itself, so setting it is enough).
+const JOB_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '1min', true)";
 
 fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
 fn shutdown_requested() -> bool {
-    // SAFETY: a sig_atomic_t set by the SIGTERM handler.
-    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+    // SAFETY: sig_atomic_t flags set by signal handlers.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 || std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0 }
 }
+
+unsafe extern "C-unwind" fn clear_pid(_code: i32, _arg: pg_sys::Datum) {
+    STATUS.exclusive().pid = 0;
+}
+
+// timeout.h is not in pgrx's bindings. STATEMENT_TIMEOUT is 3 in every supported major.
+extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    /// PostgreSQL's SIGTERM handler for backends (tcop/postgres.c).
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+/// Longest a batch of a queued job may run (a trigger that sleeps must not stop the worker).
+const JOB_STATEMENT_TIMEOUT_MS: std::ffi::c_int = 5 * 60 * 1000;
 
 /// Runs `f` in a transaction of its own; an error aborts that transaction only and comes back
 /// as its message.
@@ -135,7 +151,17 @@ fn record_error(what: &str) {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM: PostgreSQL's own handler (`die`), so a shutdown or pg_terminate_backend ends the
+    // worker at the next interrupt check, also in the middle of a batch (a trigger sleeping in a
+    // queued job included); the postmaster restarts it 10 s later unless the server is stopping.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die));
+        pg_sys::on_shmem_exit(Some(clear_pid), pg_sys::Datum::from(0));
+    }
     let Some(db) = gucs::database() else { return };
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     // Every statement of this session resolves names in pg_catalog first (and never in a schema a
@@ -156,18 +182,22 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
         run_once();
         // Sleep out the naptime: the latch is also set for reasons of no interest here
         // (invalidation catch-up signals), which must not make the worker run early.
-        let deadline = std::time::Instant::now() + gucs::maintenance_naptime();
+        let slept_from = std::time::Instant::now();
+        let mut deadline = slept_from + gucs::maintenance_naptime();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 break;
             }
             if !BackgroundWorker::wait_latch(Some(left)) || shutdown_requested() {
+                // (wait_latch services interrupts: a SIGTERM usually ends the process inside it.)
                 STATUS.exclusive().pid = 0;
                 return;
             }
             if BackgroundWorker::sighup_received() {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                // A shorter naptime applies to the nap in progress.
+                deadline = deadline.min(slept_from + gucs::maintenance_naptime());
             }
         }
     }
@@ -274,11 +304,17 @@ fn run_item(w: &Work) -> Result<(), String> {
                         let nest = pg_sys::NewGUCNestLevel();
                         (old, ctx, nest)
                     };
+                    // A background worker has no client protocol loop to arm statement_timeout:
+                    // arm it here (the transaction's abort disarms it on error).
                     let r = Spi::run(JOB_TIMEOUTS).map_err(|e| crate::error::EnvelopeError::Internal(e.to_string())).and_then(|_| {
-                        unsafe { pg_sys::SetUserIdAndSecContext(role, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32) };
+                        unsafe {
+                            enable_timeout_after(STATEMENT_TIMEOUT, JOB_STATEMENT_TIMEOUT_MS);
+                            pg_sys::SetUserIdAndSecContext(role, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+                        }
                         crate::reencrypt::batch_impl(job)
                     });
                     unsafe {
+                        disable_timeout(STATEMENT_TIMEOUT, false);
                         pg_sys::SetUserIdAndSecContext(old, ctx);
                         pg_sys::AtEOXact_GUC(false, nest);
                     }

@@ -16,10 +16,9 @@ What a user of rotation and re-encryption would notice:
 * root key rotation end to end with OpenBao (`transit/keys/<key>/rotate`, rewrap,
   `min_decryption_version`) and with AWS KMS (moto: a new key, `key_id` changed, rewrap);
 * the maintenance worker rotates on its own, runs queued jobs, stops promptly at SIGTERM and
-  is restarted, comes back after kill -9 (an xfail test pins a bug: a lower naptime waits for
-  the nap in progress);
-* an xfail test pins an AWS KMS root rotation gap (tenants not yet rewrapped do not open once
-  key_id names the new key);
+  is restarted, comes back after kill -9, and a lower naptime applies to the nap in progress;
+* an AWS KMS root rotation to a new key: tenants not yet rewrapped open through
+  `previous_key_ids` (and fail closed without it);
 * bad input and missing privileges get their SQLSTATEs.
 
 OpenBao (raft storage, so that keys survive a stop) and moto run here as private instances on
@@ -1064,14 +1063,12 @@ def test_root_key_rotation_with_aws_kms(moto):
     # nothing breaks" cannot be shown here; the blobs above show the new key is the one used.)
 
 
-@pytest.mark.xfail(strict=True, raises=psycopg.errors.DataException, reason=(
-    "bug: after key_id is pointed at a new KMS key, tenant keys not yet rewrapped do not unwrap "
-    "(Decrypt is sent with the new KeyId; KMS answers IncorrectKeyException) in any backend without "
-    "them cached, until rewrap_tenants reaches them"))
 def test_aws_tenants_not_yet_rewrapped_stay_readable_after_key_id_change(moto):
     """Between the DBA's key_id change and the end of `CALL envelope.rewrap_tenants` (minutes for
     many tenants; up to a naptime more when the worker does it), a new connection must still read
-    a tenant that is not rewrapped yet: its tenant key is under the old key, which KMS still has."""
+    a tenant that is not rewrapped yet: its tenant key is under the old key, which KMS still has,
+    and the provider names it in `previous_key_ids`. Without that option it fails closed (Decrypt
+    is pinned to the provider's keys)."""
     db = "lc_root_aws_window"
     k1 = moto.create_key("lc-window-1")
     recreate_db(PORT_A, db)
@@ -1083,6 +1080,15 @@ def test_aws_tenants_not_yet_rewrapped_stay_readable_after_key_id_change(moto):
     k2 = moto.create_key("lc-window-2")
     with connect(PORT_A, db) as c:
         c.execute("UPDATE envelope.key_providers SET options = jsonb_set(options, '{key_id}', to_jsonb(%s::text)) WHERE name = 'lcaws'", (k2,))
+    with pytest.raises(psycopg.errors.DataException):
+        decrypt_all(db, ["w_0"])
+    with connect(PORT_A, db) as c:
+        c.execute("UPDATE envelope.key_providers SET options = options || jsonb_build_object('previous_key_ids', %s::text) WHERE name = 'lcaws'", (k1,))
+    assert decrypt_all(db, ["w_0"]) == plain
+    with connect(PORT_A, db) as c:
+        c.execute("CALL envelope.rewrap_tenants('lcaws')")
+        assert c.execute("SELECT root_version FROM envelope.tenants WHERE name = 'w_0'").fetchone()[0] == k2
+        c.execute("UPDATE envelope.key_providers SET options = options - 'previous_key_ids' WHERE name = 'lcaws'")
     assert decrypt_all(db, ["w_0"]) == plain
 
 
@@ -1263,9 +1269,6 @@ def test_worker_stops_promptly_on_sigterm_and_is_restarted(worker_db):
         restore_worker()
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "bug: a new envelope.maintenance_naptime is read at SIGHUP but applies only after the nap in "
-    "progress (computed from the old value) ends: lowering it from 60 s waits up to 60 s"))
 def test_worker_naptime_change_applies_at_reload(worker_db):
     with connect(PORT_A) as c:
         try:

@@ -62,13 +62,19 @@ CREATE VIEW re_view AS SELECT * FROM re;
 SELECT sqlstate_of($$CALL envelope.reencrypt('re_view', 'v')$$) AS a_view;
 CREATE TABLE re_part (id int, v envelope.encrypted_text) PARTITION BY RANGE (id);
 SELECT sqlstate_of($$CALL envelope.reencrypt('re_part', 'v')$$) AS partitioned;
+CREATE TABLE re_parent (id int, v envelope.encrypted_text);
+CREATE TABLE re_child () INHERITS (re_parent);
+SELECT sqlstate_of($$CALL envelope.reencrypt('re_parent', 'v')$$) AS inheritance_parent;
+SELECT sqlstate_of($$SELECT * FROM envelope.column_key_versions('re_view', 'v')$$) AS versions_of_a_view;
 SELECT sqlstate_of($$CALL envelope.reencrypt('re', 'v', context => 'x')$$) AS context_on_typed;
 SELECT sqlstate_of($$CALL envelope.reencrypt('re', 'b', context => 'x', context_column => 'ctx')$$) AS both_contexts;
 SELECT sqlstate_of($$CALL envelope.reencrypt('re', 'b', context => 'pg_envelope/type/text')$$) AS reserved_context;
 SET ROLE regress_other;
 SELECT sqlstate_of($$CALL envelope.reencrypt('re', 'v')$$) AS no_execute;
-SELECT sqlstate_of($$SELECT envelope.reencrypt_value('\x00'::bytea)$$) AS value_outside_a_batch;
-SELECT sqlstate_of($$SELECT envelope.needs_reencryption(v) FROM re LIMIT 1$$) AS needs_outside_a_batch;
+-- The per-value functions are executable by anyone but work only for a running batch's UPDATE
+-- (a token only that UPDATE holds).
+SELECT sqlstate_of($$SELECT envelope.reencrypt_value('\x00'::bytea, NULL, 12345)$$) AS value_outside_a_batch;
+SELECT sqlstate_of($$SELECT envelope.needs_reencryption('\x00'::bytea, 0)$$) AS needs_outside_a_batch;
 SELECT sqlstate_of($$SELECT envelope.rotate_tenant_key('re_a')$$) AS no_execute_rotate;
 SELECT sqlstate_of($$SELECT envelope.disable_data_key('re_a', 1)$$) AS no_execute_disable;
 SELECT sqlstate_of($$SELECT * FROM envelope.key_versions$$) AS no_select_versions;
@@ -141,6 +147,9 @@ CALL envelope.reencrypt('re_noctx', 'tok2', context_column => 'ctx');
 CALL envelope.reencrypt('re_trig', 'v');
 SELECT tenant, version, "values" FROM envelope.column_key_versions('re', 'v');
 SELECT envelope.disable_data_key('re_a', 1) AS d1, envelope.disable_data_key('re_a', 2) AS d2;
+-- A value that is not an envelope in a tracked column does not stop the check.
+CREATE TABLE re_junk (v envelope.encrypted_text);
+INSERT INTO re_junk VALUES ('pge1:AgEAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==');
 -- The temporary copy still holds a version-1 value: refused, unless forced.
 SELECT sqlstate_of($$SELECT envelope.destroy_data_key('re_a', 1)$$) AS destroy_in_use;
 SELECT envelope.destroy_data_key('re_a', 1, force => true) AS forced, envelope.destroy_data_key('re_a', 2) AS destroyed;
@@ -160,6 +169,12 @@ SELECT t.key_check <> k.key_check AS new_check, t.wrapped_key <> k.wrapped_key A
   FROM envelope.tenants t, kek k WHERE t.name = 're_b';
 SELECT (SELECT before FROM digest) = re_digest() AS same_plaintexts_after_kek_rotation;
 SELECT sqlstate_of($$SELECT envelope.rotate_tenant_key('nope')$$) AS unknown_tenant;
+-- Older versions cannot be disabled in the transaction that rotated the tenant (it still writes
+-- with the version before its own until it commits).
+BEGIN;
+SELECT envelope.rotate_data_key('re_b') AS uncommitted_b;
+SELECT sqlstate_of($$SELECT envelope.disable_data_key('re_b', 1)$$) AS disable_in_rotating_transaction;
+ROLLBACK;
 -- A rotation rolled back leaves the old tenant key in place.
 BEGIN;
 SELECT envelope.rotate_tenant_key('re_b') AS uncommitted;
@@ -206,7 +221,7 @@ SELECT p.oid::regprocedure AS function, p.provolatile, p.proparallel, p.prosecde
                      'rotate_data_key_if_due', 'maintenance_status', 'default_rotation_period')
  ORDER BY 1::text;
 RESET app.tenant_id;
-DROP TABLE re, re_part, old_value, re_noctx, re_trig, re_trig_log CASCADE;
+DROP TABLE re, re_part, old_value, re_noctx, re_trig, re_trig_log, re_parent, re_junk CASCADE;
 DROP FUNCTION re_trig_spy();
 DROP FUNCTION re_fill(text, int, int), re_digest();
 RESET client_min_messages;

@@ -7,6 +7,7 @@
 //! | option | required | meaning |
 //! |---|---|---|
 //! | `key_id` | yes | key id, ARN or alias |
+//! | `previous_key_ids` | no | comma-separated keys tenants may still be wrapped under while `rewrap_tenants` moves them to `key_id` |
 //! | `region` | yes | e.g. `us-east-1` |
 //! | `endpoint` | no | override, e.g. `https://kms.eu-west-1.amazonaws.com` or a local emulator (`http` only with `allow_insecure_http` on loopback) |
 //! | `credentials_file` | no | an AWS shared credentials file; without it the server's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) is used |
@@ -33,6 +34,10 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwsKmsOptions {
     pub key_id: String,
+    /// Keys tenants may still be wrapped under after `key_id` moved to a new key (root key
+    /// rotation): unwrapping tries `key_id`, then these, until `rewrap_tenants` has moved every
+    /// tenant; then they are removed and the old keys disabled.
+    pub previous_key_ids: Vec<String>,
     pub region: String,
     pub endpoint: String,
     pub credentials_file: Option<PathBuf>,
@@ -49,7 +54,7 @@ impl AwsKmsOptions {
                     "option \"{k}\" would put a secret in the database; use \"credentials_file\" or the server's environment"
                 )));
             }
-            if !["key_id", "region", "endpoint", "credentials_file", "profile", "ca_file", "allow_insecure_http"].contains(&k.as_str()) {
+            if !["key_id", "previous_key_ids", "region", "endpoint", "credentials_file", "profile", "ca_file", "allow_insecure_http"].contains(&k.as_str()) {
                 return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
             }
         }
@@ -80,8 +85,12 @@ impl AwsKmsOptions {
                 Some(_) => Err(ProviderError::Misconfigured(format!("option \"{k}\" must be an absolute path"))),
             }
         };
+        let previous_key_ids = s("previous_key_ids")
+            .map(|l| l.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect())
+            .unwrap_or_default();
         Ok(AwsKmsOptions {
             key_id,
+            previous_key_ids,
             region,
             endpoint,
             credentials_file: path("credentials_file")?,
@@ -239,7 +248,11 @@ impl KeyProvider for AwsKmsProvider {
     }
 
     fn describe(&self) -> Vec<(&'static str, String)> {
-        vec![("endpoint", self.opts.endpoint.clone()), ("region", self.opts.region.clone()), ("key_id", self.opts.key_id.clone())]
+        let mut d = vec![("endpoint", self.opts.endpoint.clone()), ("region", self.opts.region.clone()), ("key_id", self.opts.key_id.clone())];
+        if !self.opts.previous_key_ids.is_empty() {
+            d.push(("previous_key_ids", self.opts.previous_key_ids.join(",")));
+        }
+        d
     }
 
     fn wrap_tenant_key(&mut self, ctx: &KeyContext<'_>, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
@@ -255,11 +268,22 @@ impl KeyProvider for AwsKmsProvider {
         if wrapped.is_empty() || wrapped.len() > 6144 {
             return Err(ProviderError::UnwrapFailed);
         }
-        let body = json!({ "KeyId": self.opts.key_id, "CiphertextBlob": B64.encode(wrapped), "EncryptionContext": Self::context(ctx) });
-        let mut v = self.call("Decrypt", body)?;
-        let key = v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed).and_then(super::key_from_base64);
-        super::wipe_json(&mut v);
-        key
+        // Pinned to our keys: `key_id`, then (during a root key rotation) the previous ones.
+        let keys: Vec<String> = std::iter::once(self.opts.key_id.clone()).chain(self.opts.previous_key_ids.iter().cloned()).collect();
+        let mut last = ProviderError::UnwrapFailed;
+        for key_id in keys {
+            let body = json!({ "KeyId": key_id, "CiphertextBlob": B64.encode(wrapped), "EncryptionContext": Self::context(ctx) });
+            match self.call("Decrypt", body) {
+                Ok(mut v) => {
+                    let key = v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed).and_then(super::key_from_base64);
+                    super::wipe_json(&mut v);
+                    return key;
+                }
+                Err(ProviderError::UnwrapFailed) => last = ProviderError::UnwrapFailed,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
     }
 
     /// The configured `key_id`, whatever the blob. An AWS KMS ciphertext blob names its key

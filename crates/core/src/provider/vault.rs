@@ -299,6 +299,10 @@ impl VaultTransitProvider {
                     )),
                     // A ciphertext that does not open: another key, another tenant binding,
                     // altered, or older than the key's min_decryption_version.
+                    // A key version below min_decryption_version: say so, it is not a wrong key.
+                    400 if detail.contains("disallowed by policy") => ProviderError::Denied(format!(
+                        "{where_}: HTTP 400 {detail} (the Transit key's min_decryption_version excludes the version this tenant key is wrapped under: lower it, rewrap, raise it again)"
+                    )),
                     400 if op == "decrypt" => ProviderError::UnwrapFailed,
                     429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
                     _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
