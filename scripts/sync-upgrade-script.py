@@ -22,9 +22,9 @@ FUNCTIONS = [
     "key_version", "key_tenant_id", "key_header", "rotate_data_key", "rotate_tenant_key", "disable_data_key", "enable_data_key",
     "destroy_data_key", "rewrap_tenants_start", "rewrap_tenants_batch", "reencrypt_value", "needs_reencryption",
     "reencrypt_open", "reencrypt_batch", "cancel_reencrypt", "column_key_versions_of", "default_rotation_period", "maintenance_due",
-    "rotate_data_key_if_due", "maintenance_status",
+    "rotate_data_key_if_due", "maintenance_status", "suspend_tenant", "resume_tenant", "lockdown", "lift_lockdown",
 ]
-SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql"]
+SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql"]
 
 
 def generated_definition(text, name):

@@ -132,6 +132,7 @@ struct DirEntry {
     id: u32,
     grantees: Vec<pg_sys::Oid>,
     last_allowed_role: pg_sys::Oid,
+    suspended: Option<String>,
 }
 
 /// At most this many tenant names (including names that do not exist) are remembered.
@@ -247,6 +248,11 @@ pub fn current_tenant() -> Result<&'static str> {
 /// between calls (the local provider and the token file are read on each use), so none is
 /// cached; a rotated token file is picked up at once.
 pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dyn KeyProvider>> {
+    // No key-provider call in a lockdown (tenant creation, rotations, rewraps, verification).
+    if crate::revocation::locked_down() {
+        let reason = crate::revocation::lockdown_state().map(|(_, r)| r).unwrap_or_default();
+        return Err(EnvelopeError::Lockdown { reason });
+    }
     let not_configured = |m: String| EnvelopeError::Provider { provider: name.to_string(), error: ProviderError::NotConfigured(m) };
     let fail = |error| EnvelopeError::Provider { provider: name.to_string(), error };
     if kind != "local" {
@@ -385,7 +391,7 @@ impl Backend {
             }
             self.directory.insert(
                 tenant.to_string(),
-                d.map(|d| DirEntry { id: d.id, grantees: d.grantees, last_allowed_role: pg_sys::InvalidOid }),
+                d.map(|d| DirEntry { id: d.id, grantees: d.grantees, last_allowed_role: pg_sys::InvalidOid, suspended: d.suspended }),
             );
         }
         Ok(self.directory.get_mut(tenant).and_then(|e| e.as_mut()))
@@ -449,6 +455,7 @@ impl Backend {
         if !PRELOADED.load(Ordering::Relaxed) {
             return Err(EnvelopeError::NotPreloaded);
         }
+        self.refuse_in_lockdown()?;
         self.check_epoch();
         // ANALYZE, CREATE INDEX, REFRESH MATERIALIZED VIEW, CLUSTER and the like run as the table
         // owner in a security-restricted operation: keys are never used there, so no maintenance
@@ -466,6 +473,10 @@ impl Backend {
         }
         // The grant check comes first: a denial never touches the key cache or the provider.
         self.check_grant(tenant, role)?;
+        // A suspended tenant (committed suspensions move the epoch, which emptied the cache).
+        if let Some(reason) = self.directory.get(tenant).and_then(|e| e.as_ref()).and_then(|e| e.suspended.clone()) {
+            return Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason });
+        }
         f(self.tenant_keys_slow(tenant, role, true, now)?)
     }
 
@@ -478,6 +489,7 @@ impl Backend {
         if !PRELOADED.load(Ordering::Relaxed) {
             return Err(EnvelopeError::NotPreloaded);
         }
+        self.refuse_in_lockdown()?;
         self.check_epoch();
         // Allowed inside a security-restricted operation (unlike `with_tenant_keys`): re-encryption
         // batches run as the table owner inside one, and this path never returns plaintext.
@@ -498,6 +510,18 @@ impl Backend {
         }
         let keys = self.tenant_keys_slow(&name, pg_sys::InvalidOid, false, now)?;
         f(&name, keys)
+    }
+
+    /// In a lockdown every key use is refused, and the first refusal drops every cached key.
+    fn refuse_in_lockdown(&mut self) -> Result<()> {
+        if crate::revocation::locked_down() {
+            if !self.cache.is_empty() {
+                self.cache.clear();
+            }
+            let reason = crate::revocation::lockdown_state().map(|(_, r)| r).unwrap_or_default();
+            return Err(EnvelopeError::Lockdown { reason });
+        }
+        Ok(())
     }
 
     /// Everything but the hot path: a stale or missing entry, or a role not checked yet.

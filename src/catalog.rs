@@ -165,7 +165,7 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
     as_extension_owner(|| {
         Spi::connect(|_client| {
             let head = select_latest(
-                c"SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check
+                c"SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check, t.suspended_reason
                     FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
                    WHERE t.name = $1",
                 &[Arg::Text(tenant)],
@@ -177,12 +177,17 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                         r.get::<String>(4).ok_or_else(|| missing("kind"))?,
                         r.get::<String>(5).ok_or_else(|| missing("options"))?,
                         r.get::<Vec<u8>>(6).ok_or_else(|| missing("key_check"))?,
+                        r.get::<String>(7),
                     ))
                 },
             )?;
-            let Some((id, wrapped, provider, provider_kind, provider_options, key_check)) = head.into_iter().next() else {
+            let Some((id, wrapped, provider, provider_kind, provider_options, key_check, suspended)) = head.into_iter().next() else {
                 return Ok(None);
             };
+            // A suspended tenant's keys are never loaded (every path that uses keys comes here).
+            if let Some(reason) = suspended {
+                return Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason });
+            }
             let key_check: [u8; 32] = key_check.try_into().map_err(|_| missing("key_check"))?;
             let mut active = None;
             let mut unusable = Vec::new();
@@ -266,6 +271,8 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
 pub struct TenantDirEntry {
     pub id: u32,
     pub grantees: Vec<pg_sys::Oid>,
+    /// The suspension's reason, when the tenant is suspended.
+    pub suspended: Option<String>,
 }
 
 /// A grant counts only while its role still holds the anchor privilege (SELECT on
@@ -284,14 +291,20 @@ pub fn tenant_directory(tenant: &str) -> Result<Option<TenantDirEntry>> {
     as_extension_owner(|| {
         Spi::connect(|_client| {
             let ids = select_latest(
-                c"SELECT id, 'envelope.grant_anchor'::pg_catalog.regclass::oid FROM envelope.tenants WHERE name = $1",
+                c"SELECT id, 'envelope.grant_anchor'::pg_catalog.regclass::oid, suspended_reason FROM envelope.tenants WHERE name = $1",
                 &[Arg::Text(tenant)],
-                |r| Ok((r.get::<i32>(1).ok_or_else(|| missing("id"))?, r.get::<pg_sys::Oid>(2).ok_or_else(|| missing("anchor"))?)),
+                |r| {
+                    Ok((
+                        r.get::<i32>(1).ok_or_else(|| missing("id"))?,
+                        r.get::<pg_sys::Oid>(2).ok_or_else(|| missing("anchor"))?,
+                        r.get::<String>(3),
+                    ))
+                },
             )?;
-            let Some((id, anchor)) = ids.into_iter().next() else { return Ok(None) };
+            let Some((id, anchor, suspended)) = ids.into_iter().next() else { return Ok(None) };
             crate::backend::note_anchor_oid(anchor);
             let grantees = select_latest(LIVE_GRANTEES, &[Arg::Int4(id)], |r| r.get::<pg_sys::Oid>(1).ok_or_else(|| missing("grantee")))?;
-            Ok(Some(TenantDirEntry { id: id as u32, grantees }))
+            Ok(Some(TenantDirEntry { id: id as u32, grantees, suspended }))
         })
     })
 }
@@ -1386,6 +1399,61 @@ pub fn rotated_in_this_transaction(tenant_id: u32) -> Result<bool> {
             )?;
             // SAFETY: a plain check of the current transaction's xids.
             Ok(rows.into_iter().any(|x| x != 0 && unsafe { pg_sys::TransactionIdIsCurrentTransactionId(x.into()) }))
+        })
+    })
+}
+
+/// Suspends (`Some(reason)`) or resumes (`None`) a tenant. Returns whether its state changed.
+pub fn set_suspension(tenant_id: u32, reason: Option<&str>) -> Result<bool> {
+    let who = current_role_name();
+    as_extension_owner(|| {
+        let sql = match reason {
+            Some(_) => "UPDATE envelope.tenants SET suspended_at = now(), suspended_reason = $2, suspended_by = $3
+                         WHERE id = $1 AND suspended_at IS NULL RETURNING 1",
+            None => "UPDATE envelope.tenants SET suspended_at = NULL, suspended_reason = NULL, suspended_by = NULL
+                      WHERE id = $1 AND suspended_at IS NOT NULL AND $2::text IS NULL AND $3::text IS NOT NULL RETURNING 1",
+        };
+        Spi::connect_mut(|client| {
+            let t = client.update(sql, None, &[(tenant_id as i32).into(), reason.into(), who.as_str().into()]).map_err(spi_err)?;
+            Ok(!t.is_empty())
+        })
+    })
+}
+
+/// The current role's name (for records of who did what).
+pub fn current_role_name() -> String {
+    let role = crate::nothrow::current_user_id();
+    // SAFETY: a role OID of this session; noerr lookup.
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(role, true);
+        if p.is_null() {
+            format!("oid {}", role.to_u32())
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Suspended tenants: (name, since, reason), for status().
+pub fn suspended_tenants() -> Result<Vec<(String, String, String)>> {
+    as_extension_owner(|| {
+        Spi::connect(|client| {
+            let t = client
+                .select(
+                    "SELECT name, suspended_at::text, suspended_reason FROM envelope.tenants WHERE suspended_at IS NOT NULL ORDER BY name",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((
+                    r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
         })
     })
 }

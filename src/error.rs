@@ -66,6 +66,10 @@ pub enum EnvelopeError {
     DataKeyState { tenant: String, version: u32, state: String, wanted: &'static str },
     /// Destroy refused: a column still holds values under the version.
     DataKeyInUse { tenant: String, version: u32, location: String },
+    /// The tenant is suspended (`suspend_tenant`): every use of its keys is refused.
+    TenantSuspended { tenant: String, reason: String },
+    /// The cluster is locked down (`lockdown`): all key use is refused.
+    Lockdown { reason: String },
     /// A request with a bad argument (re-encryption target, job), with its SQLSTATE.
     BadRequest { code: PgSqlErrorCode, message: String, hint: Option<String> },
     /// A catalog query failed in a way that is not the user's fault.
@@ -272,6 +276,18 @@ impl EnvelopeError {
                 format!("pg_envelope: data key version {version} of tenant \"{}\" is still used by {location}", shown(tenant)),
                 Some("Destroying it would make those values unreadable for good.".into()),
                 Some("Re-encrypt first (CALL envelope.reencrypt(table, column)), or pass force => true to destroy anyway.".into()),
+            ),
+            EnvelopeError::TenantSuspended { tenant, reason } => (
+                ERRCODE_OPERATOR_INTERVENTION,
+                format!("pg_envelope: tenant \"{}\" is suspended", shown(tenant)),
+                Some(format!("Every use of this tenant's keys is refused: {}", shown(reason))),
+                Some(format!("A key administrator lifts it with SELECT envelope.resume_tenant('{}').", shown(tenant))),
+            ),
+            EnvelopeError::Lockdown { reason } => (
+                ERRCODE_OPERATOR_INTERVENTION,
+                "pg_envelope: the server is in lockdown; no key may be used".into(),
+                Some(format!("Lockdown: {}", shown(reason))),
+                Some("A superuser lifts it with SELECT envelope.lift_lockdown().".into()),
             ),
             EnvelopeError::BadRequest { code, message, hint } => (*code, message.clone(), None, hint.clone()),
             EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),

@@ -19,6 +19,7 @@ mod lifecycle;
 mod maintenance;
 mod nothrow;
 mod reencrypt;
+mod revocation;
 mod status;
 mod tenancy;
 mod types;
@@ -33,6 +34,8 @@ pub extern "C-unwind" fn _PG_init() {
         use backend::EPOCH;
         pgrx::pg_shmem_init!(EPOCH);
         backend::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The lockdown flag (src/revocation.rs), restored from the data directory at start.
+        revocation::register();
         // The maintenance worker (src/worker.rs): scheduled rotation, rewraps, queued jobs.
         worker::register();
     }
@@ -72,6 +75,11 @@ extension_sql_file!(
         lifecycle::rewrap_tenants_start,
         lifecycle::rewrap_tenants_batch
     ]
+);
+extension_sql_file!(
+    "../sql/revocation.sql",
+    name = "revocation",
+    requires = ["maintenance", revocation::suspend_tenant, revocation::resume_tenant, revocation::lockdown, revocation::lift_lockdown]
 );
 extension_sql_file!(
     "../sql/maintenance.sql",
@@ -125,6 +133,11 @@ REVOKE ALL ON PROCEDURE run_maintenance() FROM PUBLIC;
 REVOKE ALL ON FUNCTION set_rotation_period(text, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION maintenance_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION maintenance_status() TO pg_monitor;
+-- Revocation scopes (sql/revocation.sql): key administrators; lift_lockdown checks for a superuser.
+REVOKE ALL ON FUNCTION suspend_tenant(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION resume_tenant(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION lockdown(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION lift_lockdown() FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

@@ -80,6 +80,14 @@ pub fn status_json() -> Result<Value> {
         })
         .collect();
     let tenant = backend::current_tenant().ok();
+    let lockdown = match crate::revocation::lockdown_state() {
+        Some((since, reason)) => json!({ "active": true, "since_unix": since, "reason": reason }),
+        None => json!({ "active": false }),
+    };
+    let suspended: Vec<Value> = catalog::suspended_tenants()?
+        .into_iter()
+        .map(|(name, since, reason)| json!({ "tenant": name, "since": since, "reason": reason }))
+        .collect();
     let w = worker_status();
     let worker = json!({
         "database": gucs::database(),
@@ -105,6 +113,8 @@ pub fn status_json() -> Result<Value> {
             "max_key_age_seconds": gucs::max_key_age().as_secs(),
             "degraded": b.cache.degraded_count() > 0,
             "providers": providers,
+            "lockdown": lockdown,
+            "suspended_tenants": suspended,
             "maintenance_worker": worker,
             "backend": {
                 "pid": std::process::id(),

@@ -206,7 +206,8 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
 
 /// One maintenance run: find due work, do each item in its own transaction(s).
 fn run_once() {
-    if unsafe { pg_sys::RecoveryInProgress() } {
+    // Nothing on a standby; nothing in a lockdown (no key may be used).
+    if unsafe { pg_sys::RecoveryInProgress() } || crate::revocation::locked_down() {
         return;
     }
     let due = in_transaction(|| {

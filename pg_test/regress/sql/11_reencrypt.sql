@@ -205,6 +205,15 @@ SELECT envelope.set_rotation_period('re_a', NULL), envelope.set_rotation_period(
 SELECT sqlstate_of($$SELECT envelope.set_rotation_period('re_a', '-1 day')$$) AS negative;
 SELECT tenant, rotation_period = envelope.default_rotation_period() AS default_period FROM envelope.rotation_status WHERE tenant LIKE 're\_%' ORDER BY tenant;
 
+-- time_limit: the CALL stops cleanly after a batch; the job stays open and the next CALL ends it.
+SELECT envelope.rotate_data_key('re_b') AS b_v2;
+CALL envelope.reencrypt('re', 'v', batch_rows => 1, time_limit => '0');
+SELECT state, blocks_done < blocks_total AS part_done FROM envelope.reencrypt_progress
+ WHERE column_name = 'v' ORDER BY job DESC LIMIT 1;
+CALL envelope.reencrypt('re', 'v', batch_rows => 1000);
+SELECT state, values_done FROM envelope.reencrypt_progress WHERE column_name = 'v' ORDER BY job DESC LIMIT 1;
+SELECT tenant, version, "values" FROM envelope.column_key_versions('re', 'v');
+
 -- Queued for the worker (it runs in envelope.database, not here): the job waits as queued.
 SELECT envelope.queue_reencrypt('re', 'v') > 0 AS queued;
 SELECT state FROM envelope.reencrypt_progress WHERE column_name = 'v' ORDER BY job DESC LIMIT 1;
