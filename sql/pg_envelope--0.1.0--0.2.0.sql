@@ -413,6 +413,29 @@ CREATE  FUNCTION "maintenance_status"() RETURNS TABLE (
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'maintenance_status_wrapper';
+CREATE  FUNCTION "suspend_tenant"(
+	"tenant" TEXT, /* & str */
+	"reason" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'suspend_tenant_wrapper';
+CREATE  FUNCTION "resume_tenant"(
+	"tenant" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'resume_tenant_wrapper';
+CREATE  FUNCTION "lockdown"(
+	"reason" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'lockdown_wrapper';
+CREATE  FUNCTION "lift_lockdown"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'lift_lockdown_wrapper';
 -- sql/lifecycle.sql as of 0.2.0:
 -- Key lifecycle (src/lifecycle.rs). key_version(value): the data key version in a stored value's
 -- header (no key, no grant); one C function for bytea and every encrypted type. IMMUTABLE: it
@@ -826,6 +849,29 @@ BEGIN
         END IF;
     END LOOP;
 END $$;
+-- sql/revocation.sql as of 0.2.0:
+-- Revocation at every scope (src/revocation.rs). One family:
+--   credential: revoke_tenant(tenant, role)        -- one role loses one tenant
+--   version:    disable_data_key(tenant, version)  -- one data key version refused (55000)
+--   tenant:     suspend_tenant(tenant, reason)     -- every use of one tenant's keys refused (57000)
+--   system:     lockdown(reason)                   -- every key use in the cluster refused (57000)
+-- and their reversals revoke → grant_tenant, enable_data_key, resume_tenant, lift_lockdown.
+ALTER TABLE tenants ADD COLUMN suspended_at timestamptz,
+                    ADD COLUMN suspended_reason text,
+                    ADD COLUMN suspended_by text;
+ALTER TABLE tenants ADD CONSTRAINT tenants_suspension_check
+    CHECK ((suspended_at IS NULL) = (suspended_reason IS NULL));
+COMMENT ON COLUMN tenants.suspended_at IS 'suspend_tenant: every use of the tenant''s keys is refused until resume_tenant.';
+
+-- The revocation state at a glance (no key bytes): suspended tenants and disabled versions.
+CREATE VIEW revocations AS
+SELECT 'tenant'::text AS scope, t.name AS tenant, NULL::integer AS version, t.suspended_at AS since,
+       t.suspended_reason AS reason, t.suspended_by AS by
+  FROM tenants t WHERE t.suspended_at IS NOT NULL
+UNION ALL
+SELECT 'version', t.name, d.version, d.disabled_at, NULL, NULL
+  FROM tenants t JOIN data_keys d ON d.tenant_id = t.id WHERE d.state IN ('disabled', 'revoked');
+REVOKE ALL ON revocations FROM PUBLIC;
 REVOKE ALL ON FUNCTION rotate_data_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rotate_tenant_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION disable_data_key(text, integer) FROM PUBLIC;
@@ -847,6 +893,10 @@ REVOKE ALL ON PROCEDURE run_maintenance() FROM PUBLIC;
 REVOKE ALL ON FUNCTION set_rotation_period(text, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION maintenance_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION maintenance_status() TO pg_monitor;
+REVOKE ALL ON FUNCTION suspend_tenant(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION resume_tenant(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION lockdown(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION lift_lockdown() FROM PUBLIC;
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;
 REVOKE ALL ON FUNCTION trust_report() FROM PUBLIC;

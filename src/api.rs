@@ -208,6 +208,9 @@ fn rewrap_tenant(tenant: &str, provider: &str) -> bool {
 fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
     // Locked like every key change of a tenant: a concurrent rotation waits for it.
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    if let Some(reason) = t.suspended.clone() {
+        return Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason });
+    }
     let (id, old_name, wrapped, key_check) = (t.id, t.provider.clone(), t.wrapped_key, t.key_check);
     let mut old = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let mut new = backend::build_provider(new_provider)?;

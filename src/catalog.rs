@@ -549,6 +549,8 @@ pub fn set_grant(tenant: &str, role: pg_sys::Oid, grant: bool) -> Result<bool> {
 /// serialize), with its provider.
 pub struct LockedTenant {
     pub id: u32,
+    /// The suspension's reason, when the tenant is suspended.
+    pub suspended: Option<String>,
     pub provider: String,
     pub provider_kind: String,
     pub provider_options: String,
@@ -561,7 +563,7 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
         Spi::connect_mut(|client| {
             let t = client
                 .update(
-                    "SELECT t.id, t.provider, p.kind, p.options::text, t.wrapped_key, t.key_check
+                    "SELECT t.id, t.provider, p.kind, p.options::text, t.wrapped_key, t.key_check, t.suspended_reason
                        FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
                       WHERE t.name = $1 FOR UPDATE OF t",
                     Some(1),
@@ -579,6 +581,7 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
                 provider_options: r.get::<String>(4).map_err(spi_err)?.ok_or_else(|| missing("options"))?,
                 wrapped_key: r.get::<Vec<u8>>(5).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?,
                 key_check: r.get::<Vec<u8>>(6).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?,
+                suspended: r.get::<String>(7).map_err(spi_err)?,
             }))
         })
     })
@@ -1304,7 +1307,7 @@ fn rotation_due_sql(default_s: i64, one_tenant: bool) -> std::ffi::CString {
            JOIN envelope.data_keys d ON d.tenant_id = t.id AND d.state = 'active'
            LEFT JOIN envelope.rotation_policy p ON p.tenant_id = t.id
           CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, make_interval(secs => {default_s})) AS period) x
-          WHERE x.period > interval '0' AND now() - d.created_at >= x.period {} ORDER BY t.id",
+          WHERE x.period > interval '0' AND now() - d.created_at >= x.period AND t.suspended_at IS NULL {} ORDER BY t.id",
         if one_tenant { "AND t.name = $1" } else { "" }
     );
     std::ffi::CString::new(sql).expect("no NUL in SQL")

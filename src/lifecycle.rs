@@ -83,8 +83,17 @@ fn failure<'a>(tenant: &str, provider: &'a str) -> impl Fn(Failure) -> EnvelopeE
     }
 }
 
+/// A suspended tenant's keys are not used for rotations either.
+fn refuse_suspended(tenant: &str, t: &catalog::LockedTenant) -> Result<()> {
+    match &t.suspended {
+        Some(reason) => Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason: reason.clone() }),
+        None => Ok(()),
+    }
+}
+
 pub fn rotate_data_key_impl(tenant: &str) -> Result<u32> {
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    refuse_suspended(tenant, &t)?;
     let version = catalog::next_data_key_version(t.id)?;
     let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let name = tenant.to_string();
@@ -110,6 +119,7 @@ fn rotate_tenant_key(tenant: &str) -> i32 {
 
 fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    refuse_suspended(tenant, &t)?;
     let deks = catalog::wrapped_data_keys(t.id)?;
     let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let name = tenant.to_string();
