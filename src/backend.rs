@@ -221,6 +221,13 @@ pub fn invalidate_after_commit() {
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
             EnvelopeError::PrepareAfterKeyChange.raise();
         });
+        // A key change that was under way when a lockdown began does not commit.
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, || {
+            if crate::revocation::locked_down() {
+                let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
+                EnvelopeError::Lockdown { reason }.raise();
+            }
+        });
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
             bump_epoch();
             REGISTERED.with(|r| r.set(false));
@@ -250,7 +257,7 @@ pub fn current_tenant() -> Result<&'static str> {
 pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dyn KeyProvider>> {
     // No key-provider call in a lockdown (tenant creation, rotations, rewraps, verification).
     if crate::revocation::locked_down() {
-        let reason = crate::revocation::lockdown_state().map(|(_, r)| r).unwrap_or_default();
+        let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
         return Err(EnvelopeError::Lockdown { reason });
     }
     let not_configured = |m: String| EnvelopeError::Provider { provider: name.to_string(), error: ProviderError::NotConfigured(m) };
@@ -518,7 +525,7 @@ impl Backend {
             if !self.cache.is_empty() {
                 self.cache.clear();
             }
-            let reason = crate::revocation::lockdown_state().map(|(_, r)| r).unwrap_or_default();
+            let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
             return Err(EnvelopeError::Lockdown { reason });
         }
         Ok(())
@@ -544,6 +551,8 @@ impl Backend {
                     });
                 }
                 match self.load_keys(tenant, now) {
+                    // A lockdown that began while the provider answered: the keys are dropped.
+                    Ok(_) if crate::revocation::locked_down() => return self.refuse_in_lockdown().map(|_| unreachable!()),
                     Ok((keys, meta)) => self.cache.insert_loaded(tenant, keys, meta),
                     Err((e, Some((provider, transient)))) => {
                         let r = rand_u32();

@@ -59,7 +59,9 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 }
 
 fn extension_owner() -> pg_sys::Oid {
-    Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope'")
+    // Read-only SPI: `Spi::get_one` marks the transaction as writing and assigns it an xid, which
+    // fails inside a parallel plan and on a hot standby (found by the revocation review).
+    optional_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope'", &[])
         .ok()
         .flatten()
         .unwrap_or_else(|| EnvelopeError::Internal("the pg_envelope extension is not installed in this database".into()).raise())
@@ -317,7 +319,7 @@ pub fn tenants_oid() -> Result<pg_sys::Oid> {
         return Ok(pg_sys::Oid::from(known));
     }
     let oid = as_extension_owner(|| {
-        Spi::get_one::<pg_sys::Oid>("SELECT 'envelope.tenants'::pg_catalog.regclass::oid").map_err(spi_err)?.ok_or_else(|| missing("oid"))
+        optional_one::<pg_sys::Oid>("SELECT 'envelope.tenants'::pg_catalog.regclass::oid", &[])?.ok_or_else(|| missing("oid"))
     })?;
     OID.store(oid.to_u32(), std::sync::atomic::Ordering::Relaxed);
     Ok(oid)
@@ -434,9 +436,7 @@ pub fn update_tenant_wrapping(tenant: &str, provider: &str, wrapped: &[u8], root
 
 pub fn tenant_exists(name: &str) -> Result<bool> {
     as_extension_owner(|| {
-        Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM envelope.tenants WHERE name = $1)", &[name.into()])
-            .map(|v| v.unwrap_or(false))
-            .map_err(spi_err)
+        optional_one::<bool>("SELECT EXISTS (SELECT 1 FROM envelope.tenants WHERE name = $1)", &[name.into()]).map(|v| v.unwrap_or(false))
     })
 }
 
@@ -1123,8 +1123,7 @@ pub fn relation_blocks(relid: pg_sys::Oid) -> Result<i64> {
 /// `reencrypt_value` uses never returns plaintext). On an error the aborting transaction
 /// restores identity and settings.
 pub fn as_table_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> Result<R>) -> Result<R> {
-    let owner = Spi::get_one_with_args::<pg_sys::Oid>("SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1", &[relid.into()])
-        .map_err(spi_err)?
+    let owner = optional_one::<pg_sys::Oid>("SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1", &[relid.into()])?
         .ok_or_else(|| missing("relowner"))?;
     // SAFETY: plain backend calls; the previous identity is restored below or by abort.
     let (old_user, old_ctx, nest) = unsafe {
@@ -1372,7 +1371,7 @@ pub fn queued_reencrypt_jobs() -> Result<Vec<(i64, pg_sys::Oid)>> {
 
 /// Whether pg_envelope is installed in this database (the worker's database may lack it).
 pub fn extension_installed() -> bool {
-    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope')")
+    optional_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope')", &[])
         .ok()
         .flatten()
         .unwrap_or(false)

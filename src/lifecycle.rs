@@ -267,7 +267,12 @@ pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
         // (AWS ReEncrypt) the key never comes out; the KMS vouches for it, and the next load
         // checks it against key_check.
         let verify = !p.rewraps_inside_kms();
+        let lockdown = crate::revocation::lockdown_flag();
         for (id, name, wrapped, check) in &inputs {
+            // A lockdown stops the loop between two tenants (nothing of the batch is stored).
+            if lockdown.is_some_and(|f| f.load(std::sync::atomic::Ordering::Acquire) != 0) {
+                break;
+            }
             let ctx = KeyContext { tenant: name, tenant_key_id: *id };
             let w = p.rewrap_tenant_key(&ctx, wrapped).map_err(|e| (name.clone(), e))?;
             if verify {
@@ -298,6 +303,10 @@ pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
             });
         }
     };
+    if crate::revocation::locked_down() {
+        let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
+        return Err(EnvelopeError::Lockdown { reason });
+    }
     for (id, wrapped, version) in &results {
         catalog::store_rewrapped_tenant_key(*id, wrapped, version.as_deref())?;
     }

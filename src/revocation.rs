@@ -46,16 +46,37 @@ unsafe extern "C-unwind" fn restore_lockdown() {
     if let Some(prev) = PREV_SHMEM_STARTUP {
         prev();
     }
-    if let Some((since, _)) = read_lockdown_file() {
-        LOCKDOWN.get().store(since.max(1), Ordering::Release);
+    match read_lockdown_file() {
+        FileState::Absent => {}
+        FileState::Locked(since, reason) => {
+            LOCKDOWN.get().store(since.max(1), Ordering::Release);
+            pgrx::log!("pg_envelope: the server starts in LOCKDOWN ({reason}); a superuser lifts it with SELECT envelope.lift_lockdown()");
+        }
+        FileState::Unreadable(e) => {
+            // An emergency stop must not turn itself off on a read error: stay locked.
+            LOCKDOWN.get().store(1, Ordering::Release);
+            pgrx::warning!("pg_envelope: {LOCKDOWN_FILE} exists but cannot be read ({e}); the server starts in LOCKDOWN");
+        }
     }
 }
 
-fn read_lockdown_file() -> Option<(u64, String)> {
-    let text = std::fs::read_to_string(LOCKDOWN_FILE).ok()?;
-    let mut lines = text.splitn(2, '\n');
-    let since = lines.next()?.trim().parse::<u64>().ok().unwrap_or(1);
-    Some((since, lines.next().unwrap_or("").trim_end().to_string()))
+enum FileState {
+    Absent,
+    Locked(u64, String),
+    Unreadable(String),
+}
+
+fn read_lockdown_file() -> FileState {
+    match std::fs::read(LOCKDOWN_FILE) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let mut lines = text.splitn(2, '\n');
+            let since = lines.next().and_then(|l| l.trim().parse::<u64>().ok()).unwrap_or(1);
+            FileState::Locked(since, lines.next().unwrap_or("").trim_end().to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileState::Absent,
+        Err(e) => FileState::Unreadable(e.to_string()),
+    }
 }
 
 /// Whether the cluster is locked down (one atomic load: checked on every key use).
@@ -63,17 +84,41 @@ pub fn locked_down() -> bool {
     backend::PRELOADED.load(Ordering::Relaxed) && LOCKDOWN.get().load(Ordering::Acquire) != 0
 }
 
-/// The lockdown for status(): (since, reason).
-pub fn lockdown_state() -> Option<(u64, String)> {
+/// The flag itself, for loops on the key-provider thread that must stop at a lockdown.
+pub fn lockdown_flag() -> Option<&'static AtomicU64> {
+    backend::PRELOADED.load(Ordering::Relaxed).then(|| LOCKDOWN.get())
+}
+
+/// The lockdown for status() and errors: (since, reason, persisted in the data directory).
+pub fn lockdown_state() -> Option<(u64, String, bool)> {
     if !locked_down() {
         return None;
     }
     let since = LOCKDOWN.get().load(Ordering::Acquire);
-    Some((since, read_lockdown_file().map(|(_, r)| r).unwrap_or_default()))
+    Some(match read_lockdown_file() {
+        FileState::Locked(_, r) => (since, r, true),
+        FileState::Absent => (since, String::new(), false),
+        FileState::Unreadable(e) => (since, format!("(the lockdown file cannot be read: {e})"), true),
+    })
+}
+
+/// Serializes lockdown and lift across backends (an exclusive `flock` on a lock file next to
+/// the lockdown file), so the flag and the file never disagree after concurrent calls.
+struct FileLock(#[allow(dead_code)] std::fs::File); // held: the lock lives as long as the open file
+impl FileLock {
+    fn take() -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(format!("{LOCKDOWN_FILE}.lock"))?;
+        // SAFETY: a valid descriptor; released when the file is closed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(FileLock(f))
+    }
 }
 
 fn write_lockdown_file(since: u64, reason: &str) -> std::io::Result<()> {
-    let tmp = format!("{LOCKDOWN_FILE}.tmp");
+    let tmp = format!("{LOCKDOWN_FILE}.{}.tmp", std::process::id());
     {
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         writeln!(f, "{since}")?;
@@ -92,12 +137,24 @@ fn remove_lockdown_file() -> std::io::Result<()> {
     }
 }
 
+/// Characters that could forge or reorder log lines and messages: controls, Unicode line and
+/// paragraph separators, and format characters (bidi overrides, zero-width).
+fn is_forging(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{FEFF}')
+        || ('\u{200B}'..='\u{200F}').contains(&c)
+        || ('\u{202A}'..='\u{202E}').contains(&c)
+        || ('\u{2060}'..='\u{206F}').contains(&c)
+        || ('\u{FFF9}'..='\u{FFFB}').contains(&c)
+}
+
 fn check_reason(reason: &str) -> Result<()> {
-    if reason.trim().is_empty() || reason.len() > 500 || reason.chars().any(|c| c.is_control()) {
+    let n = reason.chars().count();
+    if reason.trim().is_empty() || n > 200 || reason.chars().any(is_forging) {
         return Err(EnvelopeError::BadRequest {
             code: pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            message: "pg_envelope: a reason is 1 to 500 characters without control characters".into(),
-            hint: Some("Say why, for the next administrator (it is shown in status() and in the errors)".into()),
+            message: "pg_envelope: a reason is 1 to 200 characters, without control or format characters".into(),
+            hint: Some("Say why, for the next administrator: it is shown in status(), in the server log and in the errors users get.".into()),
         });
     }
     Ok(())
@@ -124,6 +181,12 @@ fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
     let changed = catalog::set_suspension(t.id, reason)?;
     if changed {
         backend::invalidate_after_commit();
+        // In the server log (the audit trail is issue 13); in effect once the transaction commits.
+        let who = crate::error::shown(&catalog::current_role_name());
+        match reason {
+            Some(r) => pgrx::log!("pg_envelope: tenant \"{}\" suspended by {who} (at commit): {r}", crate::error::shown(tenant)),
+            None => pgrx::log!("pg_envelope: tenant \"{}\" resumed by {who} (at commit)", crate::error::shown(tenant)),
+        }
     }
     Ok(changed)
 }
@@ -142,18 +205,28 @@ fn lockdown_impl(reason: &str) -> Result<bool> {
     if !backend::PRELOADED.load(Ordering::Relaxed) {
         return Err(EnvelopeError::NotPreloaded);
     }
-    if locked_down() {
+    let who = crate::error::shown(&catalog::current_role_name());
+    let _serial = FileLock::take().ok();
+    let was = locked_down();
+    if was && matches!(read_lockdown_file(), FileState::Locked(..) | FileState::Unreadable(_)) {
         return Ok(false);
     }
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1).max(1);
-    let who = crate::error::shown(&catalog::current_role_name());
-    // Durable first: a crash right after this call must come back locked down.
-    write_lockdown_file(since, &format!("{reason} (by {who})"))
-        .map_err(|e| EnvelopeError::Internal(format!("could not write {LOCKDOWN_FILE} in the data directory: {e}")))?;
+    let since = if was {
+        LOCKDOWN.get().load(Ordering::Acquire)
+    } else {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1).max(1)
+    };
+    // The flag first: an emergency stop must not fail because the disk is full. Then the file,
+    // so that a restart does not end it; if that fails, say so loudly.
     LOCKDOWN.get().store(since, Ordering::Release);
     backend::with_backend(|b| b.cache.clear());
     pgrx::log!("pg_envelope: LOCKDOWN by {who}: {reason}");
-    Ok(true)
+    if let Err(e) = write_lockdown_file(since, &format!("{reason} (by {who})")) {
+        pgrx::warning!(
+            "pg_envelope: the lockdown is in effect but could not be saved in the data directory ({e}): a restart would end it; fix the cause and call envelope.lockdown() again"
+        );
+    }
+    Ok(!was)
 }
 
 /// Ends a lockdown at once. Superusers only, whatever EXECUTE grants say: a key administrator
@@ -174,6 +247,7 @@ fn lift_impl() -> Result<bool> {
     if !backend::PRELOADED.load(Ordering::Relaxed) {
         return Err(EnvelopeError::NotPreloaded);
     }
+    let _serial = FileLock::take().ok();
     let was = locked_down();
     remove_lockdown_file().map_err(|e| EnvelopeError::Internal(format!("could not remove {LOCKDOWN_FILE}: {e}")))?;
     LOCKDOWN.get().store(0, Ordering::Release);

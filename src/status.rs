@@ -46,6 +46,7 @@ fn providers() -> Result<Vec<Value>> {
         .map(|(name, kind, options)| {
             let mut v = json!({ "name": name, "kind": kind });
             // Each provider describes itself (paths, URLs, labels: configuration, never secrets).
+            // (In a lockdown no provider is built: shown as such, not as unconfigured.)
             // Like envelope.local_root_key_file, those details are shown to superusers only.
             match backend::provider_for(&name, &kind, &options) {
                 Ok(p) => {
@@ -56,6 +57,7 @@ fn providers() -> Result<Vec<Value>> {
                         }
                     }
                 }
+                Err(crate::error::EnvelopeError::Lockdown { .. }) => v["lockdown"] = json!(true),
                 Err(_) => v["configured"] = json!(false),
             }
             if kind == "local" {
@@ -81,13 +83,16 @@ pub fn status_json() -> Result<Value> {
         .collect();
     let tenant = backend::current_tenant().ok();
     let lockdown = match crate::revocation::lockdown_state() {
-        Some((since, reason)) => json!({ "active": true, "since_unix": since, "reason": reason }),
+        Some((since, reason, persisted)) => json!({ "active": true, "since_unix": since, "reason": reason, "persisted": persisted }),
         None => json!({ "active": false }),
     };
-    let suspended: Vec<Value> = catalog::suspended_tenants()?
-        .into_iter()
-        .map(|(name, since, reason)| json!({ "tenant": name, "since": since, "reason": reason }))
-        .collect();
+    // Tenant names only for roles that may list tenants (pg_monitor members get a count).
+    let all_suspended = catalog::suspended_tenants()?;
+    let suspended = if catalog::can_list_tenants(crate::nothrow::current_user_id())? {
+        json!(all_suspended.into_iter().map(|(name, since, reason)| json!({ "tenant": name, "since": since, "reason": reason })).collect::<Vec<_>>())
+    } else {
+        json!({ "count": all_suspended.len() })
+    };
     let w = worker_status();
     let worker = json!({
         "database": gucs::database(),
