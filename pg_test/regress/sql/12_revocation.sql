@@ -38,6 +38,8 @@ SELECT * FROM dblink('rv_peer', $$SELECT v::text FROM rv WHERE id = 1$$) AS t(pe
 SELECT sqlstate_of($$SELECT envelope.suspend_tenant('rv_nope', 'x')$$) AS unknown_tenant;
 SELECT sqlstate_of($$SELECT envelope.suspend_tenant('rv_a', '')$$) AS empty_reason;
 SELECT sqlstate_of($$SELECT envelope.suspend_tenant('rv_a', E'two\nlines')$$) AS control_characters;
+SELECT sqlstate_of($$SELECT envelope.suspend_tenant('rv_a', E'a\u2028forged log line')$$) AS line_separator;
+SELECT sqlstate_of($$SELECT envelope.lockdown(E'\u202Eesrever')$$) AS bidi_override;
 
 -- System scope. Every key use in every backend is refused at its next call (and the cache
 -- dropped), key-provider calls too; immediate, not undone by a rollback; only a superuser lifts it.
@@ -49,7 +51,8 @@ SET app.tenant_id = 'rv_b';
 SELECT sqlstate_of($$SELECT v::text FROM rv WHERE id = 2$$) AS here_in_lockdown;
 SELECT sqlstate_of($$SELECT envelope.create_tenant('rv_c')$$) AS create_in_lockdown;
 SELECT sqlstate_of($$SELECT envelope.rotate_tenant_key('rv_b')$$) AS rotate_in_lockdown;
-SELECT envelope.status()->'lockdown'->>'active' AS status_active, envelope.status()->'lockdown'->>'reason' AS status_reason;
+SELECT envelope.status()->'lockdown'->>'active' AS status_active, envelope.status()->'lockdown'->>'reason' AS status_reason,
+       envelope.status()->'lockdown'->>'persisted' AS persisted;
 SELECT envelope.lockdown('drill 2') AS locked_again;
 GRANT EXECUTE ON FUNCTION envelope.lift_lockdown(), envelope.lockdown(text) TO regress_app;
 SET ROLE regress_app;
