@@ -75,6 +75,7 @@ def measure(revoke_sql, victim="victim"):
     time.sleep(0.5)
     assert all(r.calls > 0 for r in readers), "the readers were not decrypting"
     with connect(PORT_A, DB) as c:
+        sent = time.monotonic()
         c.execute(revoke_sql)
         t0 = time.monotonic()
     deadline = time.monotonic() + 30
@@ -88,7 +89,10 @@ def measure(revoke_sql, victim="victim"):
     for r in readers + [bystander]:
         r.join(5)
     assert all(r.refused_at is not None for r in readers), "a backend kept decrypting"
-    return max(r.refused_at for r in readers) - t0, {r.sqlstate for r in readers}, bystander_after, bystander.sqlstate
+    last = max(r.refused_at for r in readers)
+    # (seconds after the call returned, which is negative when every backend was refused before
+    # the caller got its answer; seconds after the call was sent)
+    return (last - t0, last - sent), {r.sqlstate for r in readers}, bystander_after, bystander.sqlstate
 
 
 def test_suspension_and_lockdown_reach_every_backend():
@@ -98,7 +102,7 @@ def test_suspension_and_lockdown_reach_every_backend():
         latency, states, bystander_calls, bystander_state = measure("SELECT envelope.suspend_tenant('victim', 'latency test')")
         assert states == {"57000"}, states
         assert bystander_calls > 0 and bystander_state is None, "the other tenant was affected"
-        report["suspend_tenant"] = {"backends": BACKENDS, "seconds_to_last_refusal": round(latency, 4)}
+        report["suspend_tenant"] = {"backends": BACKENDS, "seconds_after_commit_returned": round(latency[0], 4), "seconds_after_sent": round(latency[1], 4)}
         with connect(PORT_A, DB) as c:
             c.execute("SELECT envelope.resume_tenant('victim')")
             with as_tenant(c, "victim"):
@@ -107,7 +111,7 @@ def test_suspension_and_lockdown_reach_every_backend():
         latency, states, bystander_calls, bystander_state = measure("SELECT envelope.lockdown('latency test')")
         assert states == {"57000"}, states
         assert bystander_state == "57000", "a lockdown stops every tenant"
-        report["lockdown"] = {"backends": BACKENDS, "seconds_to_last_refusal": round(latency, 4)}
+        report["lockdown"] = {"backends": BACKENDS, "seconds_after_call_returned": round(latency[0], 4), "seconds_after_sent": round(latency[1], 4)}
     finally:
         with connect(PORT_A, DB) as c:
             c.execute("SELECT envelope.lift_lockdown()")
