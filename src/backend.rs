@@ -223,9 +223,8 @@ pub fn invalidate_after_commit() {
         });
         // A key change that was under way when a lockdown began does not commit.
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, || {
-            if crate::revocation::locked_down() {
-                let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
-                EnvelopeError::Lockdown { reason }.raise();
+            if let Err(e) = crate::revocation::refuse_if_locked() {
+                e.raise();
             }
         });
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
@@ -256,10 +255,7 @@ pub fn current_tenant() -> Result<&'static str> {
 /// cached; a rotated token file is picked up at once.
 pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dyn KeyProvider>> {
     // No key-provider call in a lockdown (tenant creation, rotations, rewraps, verification).
-    if crate::revocation::locked_down() {
-        let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
-        return Err(EnvelopeError::Lockdown { reason });
-    }
+    crate::revocation::refuse_if_locked()?;
     let not_configured = |m: String| EnvelopeError::Provider { provider: name.to_string(), error: ProviderError::NotConfigured(m) };
     let fail = |error| EnvelopeError::Provider { provider: name.to_string(), error };
     if kind != "local" {
@@ -351,7 +347,7 @@ pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) 
     }
 }
 
-fn role_name(role: pg_sys::Oid) -> String {
+pub fn role_name(role: pg_sys::Oid) -> String {
     unsafe {
         let p = pg_sys::GetUserNameFromId(role, true);
         if p.is_null() {
@@ -521,14 +517,11 @@ impl Backend {
 
     /// In a lockdown every key use is refused, and the first refusal drops every cached key.
     fn refuse_in_lockdown(&mut self) -> Result<()> {
-        if crate::revocation::locked_down() {
-            if !self.cache.is_empty() {
-                self.cache.clear();
-            }
-            let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
-            return Err(EnvelopeError::Lockdown { reason });
+        let r = crate::revocation::refuse_if_locked();
+        if r.is_err() && !self.cache.is_empty() {
+            self.cache.clear();
         }
-        Ok(())
+        r
     }
 
     /// Everything but the hot path: a stale or missing entry, or a role not checked yet.
@@ -551,9 +544,11 @@ impl Backend {
                     });
                 }
                 match self.load_keys(tenant, now) {
-                    // A lockdown that began while the provider answered: the keys are dropped.
-                    Ok(_) if crate::revocation::locked_down() => return self.refuse_in_lockdown().map(|_| unreachable!()),
-                    Ok((keys, meta)) => self.cache.insert_loaded(tenant, keys, meta),
+                    Ok((keys, meta)) => {
+                        // A lockdown that began while the provider answered: the keys are dropped.
+                        self.refuse_in_lockdown()?;
+                        self.cache.insert_loaded(tenant, keys, meta)
+                    }
                     Err((e, Some((provider, transient)))) => {
                         let r = rand_u32();
                         self.cache.record_cold_failure(tenant, &provider, now, transient, r);

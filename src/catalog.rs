@@ -1409,14 +1409,22 @@ pub fn rotated_in_this_transaction(tenant_id: u32) -> Result<bool> {
 pub fn set_suspension(tenant_id: u32, reason: Option<&str>) -> Result<bool> {
     let who = current_role_name();
     as_extension_owner(|| {
-        let sql = match reason {
-            Some(_) => "UPDATE envelope.tenants SET suspended_at = now(), suspended_reason = $2, suspended_by = $3
-                         WHERE id = $1 AND suspended_at IS NULL RETURNING 1",
-            None => "UPDATE envelope.tenants SET suspended_at = NULL, suspended_reason = NULL, suspended_by = NULL
-                      WHERE id = $1 AND suspended_at IS NOT NULL AND $2::text IS NULL AND $3::text IS NOT NULL RETURNING 1",
-        };
         Spi::connect_mut(|client| {
-            let t = client.update(sql, None, &[(tenant_id as i32).into(), reason.into(), who.as_str().into()]).map_err(spi_err)?;
+            let t = match reason {
+                Some(r) => client.update(
+                    "UPDATE envelope.tenants SET suspended_at = now(), suspended_reason = $2, suspended_by = $3
+                      WHERE id = $1 AND suspended_at IS NULL RETURNING 1",
+                    None,
+                    &[(tenant_id as i32).into(), r.into(), who.as_str().into()],
+                ),
+                None => client.update(
+                    "UPDATE envelope.tenants SET suspended_at = NULL, suspended_reason = NULL, suspended_by = NULL
+                      WHERE id = $1 AND suspended_at IS NOT NULL RETURNING 1",
+                    None,
+                    &[(tenant_id as i32).into()],
+                ),
+            }
+            .map_err(spi_err)?;
             Ok(!t.is_empty())
         })
     })
@@ -1424,16 +1432,7 @@ pub fn set_suspension(tenant_id: u32, reason: Option<&str>) -> Result<bool> {
 
 /// The current role's name (for records of who did what).
 pub fn current_role_name() -> String {
-    let role = crate::nothrow::current_user_id();
-    // SAFETY: a role OID of this session; noerr lookup.
-    unsafe {
-        let p = pg_sys::GetUserNameFromId(role, true);
-        if p.is_null() {
-            format!("oid {}", role.to_u32())
-        } else {
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    }
+    crate::backend::role_name(crate::nothrow::current_user_id())
 }
 
 /// Suspended tenants: (name, since, reason), for status().

@@ -303,10 +303,7 @@ pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
             });
         }
     };
-    if crate::revocation::locked_down() {
-        let reason = crate::revocation::lockdown_state().map(|(_, r, _)| r).unwrap_or_default();
-        return Err(EnvelopeError::Lockdown { reason });
-    }
+    crate::revocation::refuse_if_locked()?;
     for (id, wrapped, version) in &results {
         catalog::store_rewrapped_tenant_key(*id, wrapped, version.as_deref())?;
     }

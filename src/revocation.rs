@@ -84,6 +84,14 @@ pub fn locked_down() -> bool {
     backend::PRELOADED.load(Ordering::Relaxed) && LOCKDOWN.get().load(Ordering::Acquire) != 0
 }
 
+/// `Err(Lockdown)` while the cluster is locked down: the one refusal every key path uses.
+pub fn refuse_if_locked() -> Result<()> {
+    if locked_down() {
+        return Err(EnvelopeError::Lockdown { reason: lockdown_state().map(|(_, r, _)| r).unwrap_or_default() });
+    }
+    Ok(())
+}
+
 /// The flag itself, for loops on the key-provider thread that must stop at a lockdown.
 pub fn lockdown_flag() -> Option<&'static AtomicU64> {
     backend::PRELOADED.load(Ordering::Relaxed).then(|| LOCKDOWN.get())
