@@ -434,7 +434,7 @@ fn aws_kms_emulator_root_key_rotation_reencrypts_to_the_new_key() {
     // Real KMS refuses any use of a disabled key (DisabledException). moto 5.2.5 only records
     // the state: Decrypt and ReEncrypt with a disabled key still succeed there.
     match before.unwrap_tenant_key(&c, &old) {
-        Err(ProviderError::Misconfigured(m)) => assert!(m.contains("DisabledException"), "{m}"),
+        Err(ProviderError::Denied(m)) => assert!(m.contains("DisabledException"), "{m}"),
         Ok(k) => {
             assert!(same(&k, &kek));
             eprintln!("note: this KMS emulator does not enforce DisableKey (moto 5.2.5 does not)");
@@ -466,4 +466,133 @@ fn softhsm_rewrap_is_unwrap_and_wrap_under_the_configured_label() {
     assert_eq!(other.rewrap_tenant_key(&c, &old), Err(ProviderError::UnwrapFailed));
     let moved_key = other.wrap_tenant_key(&c, &p.unwrap_tenant_key(&c, &old).unwrap()).unwrap();
     assert!(same(&other.unwrap_tenant_key(&c, &moved_key).unwrap(), &kek));
+}
+
+/// A token file (0600, in a fresh directory) for a token with `policy` only.
+fn bao_token_file(admin: &BaoAdmin, policy_name: &str, rules: &[(String, &str)]) -> (tempfile::TempDir, String) {
+    let hcl: Vec<String> = rules.iter().map(|(p, caps)| format!("path \"{p}\" {{ capabilities = [{caps}] }}")).collect();
+    admin.ok("PUT", &format!("sys/policies/acl/{policy_name}"), Some(json!({"policy": hcl.join("\n")})));
+    let token = admin.ok("POST", "auth/token/create", Some(json!({"policies": [policy_name], "ttl": "10m", "no_default_policy": true})))
+        ["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, token).unwrap();
+    (dir, path.to_str().unwrap().to_string())
+}
+
+fn bao_with_token(key: &str, token_file: &str) -> VaultTransitProvider {
+    let opts = VaultTransitOptions::from_json(&json!({
+        "url": std::env::var("BAO_ADDR").unwrap(),
+        "key": key,
+        "token_file": token_file,
+        "ca_file": format!("{}/openbao/ca.pem", state_dir()),
+    }))
+    .unwrap();
+    VaultTransitProvider::new(opts, Duration::from_secs(5)).unwrap()
+}
+
+#[test]
+#[ignore = "needs OpenBao: run by the integration tier"]
+fn openbao_dedicated_root_key_is_deleted_and_nothing_unwraps_after() {
+    let admin = BaoAdmin::new();
+    let key = fresh_name("pg-shred-test");
+    admin.create_key(&key);
+    admin.ok("POST", &format!("transit/keys/{key}/rotate"), None); // two versions: both go
+    let t = |p: &str| format!("transit/{p}");
+    let wrap_rules = vec![
+        (t(&format!("encrypt/{key}")), "\"update\""),
+        (t(&format!("decrypt/{key}")), "\"update\""),
+        (t(&format!("keys/{key}")), "\"read\""),
+    ];
+    // A token that may use the key but not delete it: the destruction is refused, clearly,
+    // and the key keeps working.
+    let (_d1, use_only) = bao_token_file(&admin, &format!("{key}-use"), &wrap_rules);
+    let (_raw, kek) = known_key();
+    let c = ctx("shredded-tenant", 9);
+    let wrapped = bao_with_token(&key, &use_only).wrap_tenant_key(&c, &kek).unwrap();
+    match bao_with_token(&key, &use_only).destroy_root_key() {
+        Err(ProviderError::Denied(m)) => assert!(m.contains("delete") && m.contains("HTTP 403"), "{m}"),
+        other => panic!("a token without delete must be refused: {other:?}"),
+    }
+    assert!(same(&bao_with_token(&key, &use_only).unwrap_tenant_key(&c, &wrapped).unwrap(), &kek));
+
+    // With config + delete on this key alone: deleted, every version, and nothing unwraps.
+    let mut rules = wrap_rules.clone();
+    rules[2] = (t(&format!("keys/{key}")), "\"read\", \"delete\"");
+    rules.push((t(&format!("keys/{key}/config")), "\"update\""));
+    let (_d2, owner) = bao_token_file(&admin, &format!("{key}-owner"), &rules);
+    let mut p = bao_with_token(&key, &owner);
+    let what = p.destroy_root_key().unwrap();
+    assert!(what.contains("deleted with its 2 version(s)"), "{what}");
+    assert_eq!(admin.call("GET", &format!("transit/keys/{key}"), None).0, 404, "the key is gone from OpenBao");
+    match p.unwrap_tenant_key(&c, &wrapped) {
+        Err(ProviderError::Denied(m)) => assert!(m.contains("does not exist"), "{m}"),
+        Err(e) => panic!("a deleted key must say so: {e:?}"),
+        Ok(_) => panic!("a tenant key unwrapped after its root key was deleted"),
+    }
+    // Idempotent: a second call (a retry after a crash) is success, and says so.
+    assert!(p.destroy_root_key().unwrap().contains("already deleted"));
+    // A key created again under the same name is a new key: the old wrapping does not open.
+    admin.create_key(&key);
+    assert!(p.unwrap_tenant_key(&c, &wrapped).is_err());
+    admin.delete_key(&key);
+}
+
+#[test]
+#[ignore = "needs moto: run by the integration tier"]
+fn aws_kms_emulator_dedicated_root_keys_are_scheduled_for_deletion() {
+    let admin = KmsAdmin::new();
+    let (current, previous) = (admin.create_key(&fresh_name("pg-shred-test")), admin.create_key(&fresh_name("pg-shred-test-old")));
+    let mut p = AwsKmsProvider::new(
+        AwsKmsOptions::from_json(&json!({
+            "key_id": current, "previous_key_ids": previous, "deletion_window_days": 8,
+            "region": "us-east-1", "endpoint": std::env::var("MOTO_ENDPOINT").unwrap(), "allow_insecure_http": true,
+            "credentials_file": std::env::var("MOTO_CREDENTIALS").unwrap(),
+        }))
+        .unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let what = p.destroy_root_key().unwrap();
+    assert!(what.contains(&format!("AWS KMS key {current} pending deletion on ")), "{what}");
+    assert!(what.contains(&format!("AWS KMS key {previous} pending deletion on ")), "previous keys too: {what}");
+    for k in [&current, &previous] {
+        let m = admin.call("DescribeKey", json!({"KeyId": k}))["KeyMetadata"].clone();
+        assert_eq!(m["KeyState"], "PendingDeletion", "{m}");
+    }
+    // The encrypt-only user may not schedule deletions: a denial.
+    let encrypt_only = std::env::var("MOTO_CREDENTIALS").unwrap().replace("credentials", "encrypt-only-credentials");
+    let other = admin.create_key(&fresh_name("pg-shred-test-denied"));
+    assert!(matches!(moto_key_as(&other, &encrypt_only).destroy_root_key(), Err(ProviderError::Denied(_))));
+    // Idempotent: already pending deletion is success. (Real KMS refuses Decrypt from now on
+    // with KMSInvalidStateException, mapped to a denial; moto 5.x does not enforce the state.)
+    assert!(p.destroy_root_key().unwrap().contains("already pending deletion") || p.destroy_root_key().is_ok());
+    admin.call("ScheduleKeyDeletion", json!({"KeyId": other, "PendingWindowInDays": 7}));
+}
+
+#[test]
+#[ignore = "needs SoftHSM2: run by the integration tier"]
+fn softhsm_dedicated_root_key_is_destroyed() {
+    let _one_at_a_time = HSM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let label = fresh_name("pg-shred-test");
+    let pin = std::fs::read_to_string(format!("{}/softhsm/pin", state_dir())).unwrap();
+    let ok = std::process::Command::new("pkcs11-tool")
+        .args(["--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "pg-envelope", "--login", "--pin", pin.trim()])
+        .args(["--keygen", "--key-type", "AES:32", "--label", &label, "--sensitive", "--private", "--usage-decrypt", "--usage-wrap"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let mut p = hsm(&label);
+    let (_raw, kek) = known_key();
+    let c = ctx("shredded-tenant", 3);
+    let wrapped = p.wrap_tenant_key(&c, &kek).unwrap();
+    assert!(same(&p.unwrap_tenant_key(&c, &wrapped).unwrap(), &kek));
+    assert!(p.destroy_root_key().unwrap().contains("destroyed"));
+    assert!(matches!(p.unwrap_tenant_key(&c, &wrapped), Err(ProviderError::NotConfigured(_))), "the key is gone from the token");
+    assert!(p.destroy_root_key().unwrap().contains("already destroyed"));
+    // The other keys on the token are untouched.
+    assert_eq!(hsm("pg-kek").current_root_version().unwrap().as_deref(), Some("pg-kek"));
 }

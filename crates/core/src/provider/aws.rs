@@ -43,6 +43,8 @@ pub struct AwsKmsOptions {
     pub credentials_file: Option<PathBuf>,
     pub profile: String,
     pub ca_file: Option<PathBuf>,
+    /// `PendingWindowInDays` for `ScheduleKeyDeletion` when a dedicated key is shredded (7–30).
+    pub deletion_window_days: u32,
 }
 
 impl AwsKmsOptions {
@@ -54,7 +56,7 @@ impl AwsKmsOptions {
                     "option \"{k}\" would put a secret in the database; use \"credentials_file\" or the server's environment"
                 )));
             }
-            if !["key_id", "previous_key_ids", "region", "endpoint", "credentials_file", "profile", "ca_file", "allow_insecure_http"].contains(&k.as_str()) {
+            if !["key_id", "previous_key_ids", "region", "endpoint", "credentials_file", "profile", "ca_file", "allow_insecure_http", "deletion_window_days"].contains(&k.as_str()) {
                 return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
             }
         }
@@ -88,7 +90,15 @@ impl AwsKmsOptions {
         let previous_key_ids = s("previous_key_ids")
             .map(|l| l.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect())
             .unwrap_or_default();
+        let deletion_window_days = match v.get("deletion_window_days") {
+            None | Some(Value::Null) => 7,
+            Some(n) => match n.as_u64() {
+                Some(d @ 7..=30) => d as u32,
+                _ => return Err(ProviderError::Misconfigured("option \"deletion_window_days\" must be a whole number of days from 7 to 30 (AWS KMS's bounds)".into())),
+            },
+        };
         Ok(AwsKmsOptions {
+            deletion_window_days,
             key_id,
             previous_key_ids,
             region,
@@ -332,6 +342,54 @@ impl KeyProvider for AwsKmsProvider {
     fn rewraps_inside_kms(&self) -> bool {
         true
     }
+
+    /// `ScheduleKeyDeletion` of `key_id` and of every `previous_key_ids` entry, with
+    /// `deletion_window_days` (default 7, AWS's minimum). From the call on, KMS refuses every
+    /// use of the key (`KMSInvalidStateException`); it deletes the key material when the window
+    /// ends. Until then `CancelKeyDeletion` (in KMS, by whoever may call it) would bring it back:
+    /// the report says when the window ends. A key already pending deletion is success.
+    fn destroy_root_key(&mut self) -> Result<String, ProviderError> {
+        let mut done = Vec::new();
+        let keys: Vec<String> = std::iter::once(self.opts.key_id.clone()).chain(self.opts.previous_key_ids.iter().cloned()).collect();
+        for key in keys {
+            let body = json!({ "KeyId": key, "PendingWindowInDays": self.opts.deletion_window_days });
+            match self.call("ScheduleKeyDeletion", body) {
+                Ok(v) => done.push(format!(
+                    "AWS KMS key {key} pending deletion{}",
+                    v["DeletionDate"].as_f64().map(|t| format!(" on {}", utc_date(t as i64))).unwrap_or_default()
+                )),
+                Err(e @ (ProviderError::Misconfigured(_) | ProviderError::Denied(_)))
+                    if e.to_string().contains("KMSInvalidStateException") || e.to_string().contains("NotFoundException") =>
+                {
+                    let d = self.call("DescribeKey", json!({ "KeyId": key }));
+                    match d.as_ref().map(|d| d["KeyMetadata"]["KeyState"].as_str().unwrap_or("")) {
+                        Ok("PendingDeletion") => done.push(format!("AWS KMS key {key} already pending deletion")),
+                        Err(ProviderError::Misconfigured(m)) if m.contains("NotFoundException") => {
+                            done.push(format!("AWS KMS key {key} does not exist (already deleted)"))
+                        }
+                        _ => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done.join("; "))
+    }
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix time, for reports.
+fn utc_date(secs: i64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = secs.div_euclid(86400) + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 
@@ -350,9 +408,10 @@ fn classify_error(code: u16, kind: &str, msg: &str, target: &str, where_: &str) 
         // No server message here: a signature-mismatch message can quote the canonical
         // request, which would include a session token.
         | (401 | 403, _) => ProviderError::Denied(format!("{where_}: HTTP {code} {kind}")),
-        (_, "NotFoundException" | "DisabledException" | "KMSInvalidStateException") => {
-            ProviderError::Misconfigured(format!("{where_}: {kind} {msg}"))
-        }
+        // The key's owner disabled it or scheduled its deletion (bring-your-own-key revocation,
+        // a shredded tenant's key read from a backup): a refusal, never served from a stale cache.
+        (_, "DisabledException" | "KMSInvalidStateException") => ProviderError::Denied(format!("{where_}: {kind} {msg}")),
+        (_, "NotFoundException") => ProviderError::Misconfigured(format!("{where_}: {kind} {msg}")),
         (429 | 500..=599, _) | (_, "ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException") => {
             ProviderError::Unavailable(format!("{where_}: HTTP {code} {kind}"))
         }
@@ -389,7 +448,7 @@ mod tests {
         assert_eq!(classify_error(400, "InvalidCiphertextException", "", "ReEncrypt", w), ProviderError::UnwrapFailed);
         let denial = "User: arn:aws:iam::123456789012:user/db is not authorized to perform: kms:ReEncryptTo on resource: arn:aws:kms:us-east-1:123456789012:key/k";
         assert!(matches!(classify_error(400, "AccessDeniedException", denial, "ReEncrypt", w), ProviderError::Denied(_)));
-        assert!(matches!(classify_error(400, "DisabledException", "key is disabled", "ReEncrypt", w), ProviderError::Misconfigured(_)));
+        assert!(matches!(classify_error(400, "DisabledException", "key is disabled", "ReEncrypt", w), ProviderError::Denied(_)));
 
         let o = AwsKmsOptions::from_json(&json!({"key_id": "alias/pg-root", "region": "us-east-1"})).unwrap();
         let mut p = AwsKmsProvider::new(o, Duration::from_secs(1)).unwrap();
@@ -397,6 +456,13 @@ mod tests {
         assert_eq!(p.root_version_of(b"anything").as_deref(), Some("alias/pg-root"));
         assert!(p.rewraps_inside_kms());
         assert_eq!(p.rewrap_tenant_key(&KeyContext { tenant: "t", tenant_key_id: 1 }, b""), Err(ProviderError::UnwrapFailed));
+    }
+
+    #[test]
+    fn dates_for_reports() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(1_796_601_600), "2026-12-07");
+        assert_eq!(utc_date(951_782_400), "2000-02-29");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! Errors carry only non-secret detail (paths, modes, HTTP statuses, provider names), never key
 //! bytes, tokens or PINs; they are safe to show in an error message.
 
+pub mod common;
 pub mod local;
 pub mod policy;
 #[cfg(feature = "aws")]
@@ -41,7 +42,13 @@ pub(crate) fn read_json_wiped(resp: ureq::Response) -> std::io::Result<serde_jso
     use std::io::Read;
     let mut buf = Vec::with_capacity(4096);
     let r = resp.into_reader().take(1 << 20).read_to_end(&mut buf);
-    let parsed = r.and_then(|_| serde_json::from_slice(&buf).map_err(std::io::Error::other));
+    let parsed = r.and_then(|_| {
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            // An empty answer (HTTP 204 to a DELETE).
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&buf).map_err(std::io::Error::other)
+    });
     zeroize::Zeroize::zeroize(&mut buf);
     parsed
 }
@@ -146,5 +153,16 @@ pub trait KeyProvider: Send {
     /// Whether [`KeyProvider::rewrap_tenant_key`] keeps the tenant key inside the KMS.
     fn rewraps_inside_kms(&self) -> bool {
         false
+    }
+
+    /// Destroys the root key in the key server, for crypto-shredding the one tenant a
+    /// `dedicated` provider serves: afterwards no copy of a tenant key wrapped under it (in a
+    /// backup, a dump, a replica) can be unwrapped. Transit: allow deletion, delete the key (all
+    /// its versions). AWS KMS: `ScheduleKeyDeletion` of `key_id` and every `previous_key_ids`
+    /// entry (KMS waits out its pending window; the key is unusable from the call on). PKCS#11:
+    /// `C_DestroyObject`. Idempotent: a key already gone (or already pending deletion) is
+    /// success. Returns what happened, for the shred report; never secret.
+    fn destroy_root_key(&mut self) -> Result<String, ProviderError> {
+        Err(ProviderError::Misconfigured(format!("the {} provider cannot destroy its root key", self.kind())))
     }
 }

@@ -114,9 +114,9 @@ impl Pkcs11Provider {
         }
     }
 
-    /// Loads and initialises the module, finds the token and the key, logs in, and runs `f`.
-    /// Everything is finalised when it returns.
-    fn with_key<R>(&self, f: impl FnOnce(&Session, ObjectHandle) -> Result<R, ProviderError>) -> Result<R, ProviderError> {
+    /// Loads and initialises the module, finds the token, logs in (read-write session when
+    /// `rw`), and runs `f`. Everything is finalised when it returns.
+    fn with_token<R>(&self, rw: bool, f: impl FnOnce(&Session) -> Result<R, ProviderError>) -> Result<R, ProviderError> {
         let pin = self.pin()?;
         let p11 = Pkcs11::new(&self.opts.module).map_err(|e| ck(e, "load"))?;
         match p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -130,21 +130,32 @@ impl Pkcs11Provider {
             .into_iter()
             .find(|s| p11.get_token_info(*s).map(|i| i.label().trim_end() == self.opts.token_label).unwrap_or(false))
             .ok_or_else(|| ProviderError::NotConfigured(format!("no token labelled \"{}\"", self.opts.token_label)))?;
-        let session = p11.open_ro_session(slot).map_err(|e| ck(e, "open session"))?;
+        let session = if rw { p11.open_rw_session(slot) } else { p11.open_ro_session(slot) }.map_err(|e| ck(e, "open session"))?;
         session.login(UserType::User, Some(&pin)).map_err(|e| ck(e, "login"))?;
-        let keys = session
-            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(self.opts.key_label.as_bytes().to_vec())])
-            .map_err(|e| ck(e, "find key"))?;
-        let key = match keys.as_slice() {
-            [k] => *k,
-            [] => return Err(ProviderError::NotConfigured(format!("no secret key labelled \"{}\"", self.opts.key_label))),
-            _ => return Err(ProviderError::Misconfigured(format!("several keys are labelled \"{}\"", self.opts.key_label))),
-        };
-        let r = f(&session, key);
+        let r = f(&session);
         let _ = session.logout();
         drop(session);
         let _ = p11.finalize();
         r
+    }
+
+    /// The secret keys labelled `key_label` on the token.
+    fn find_keys(&self, session: &Session) -> Result<Vec<ObjectHandle>, ProviderError> {
+        session
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(self.opts.key_label.as_bytes().to_vec())])
+            .map_err(|e| ck(e, "find key"))
+    }
+
+    /// [`Pkcs11Provider::with_token`] with the one key labelled `key_label`.
+    fn with_key<R>(&self, f: impl FnOnce(&Session, ObjectHandle) -> Result<R, ProviderError>) -> Result<R, ProviderError> {
+        self.with_token(false, |session| {
+            let key = match self.find_keys(session)?.as_slice() {
+                [k] => *k,
+                [] => return Err(ProviderError::NotConfigured(format!("no secret key labelled \"{}\"", self.opts.key_label))),
+                _ => return Err(ProviderError::Misconfigured(format!("several keys are labelled \"{}\"", self.opts.key_label))),
+            };
+            f(session, key)
+        })
     }
 }
 
@@ -214,6 +225,28 @@ impl KeyProvider for Pkcs11Provider {
     /// a new label and a provider pointing at it.
     fn current_root_version(&mut self) -> Result<Option<String>, ProviderError> {
         Ok(Some(self.opts.key_label.clone()))
+    }
+
+    /// `C_DestroyObject` on every secret key labelled `key_label` on the token (a read-write
+    /// session). A token without such a key is success (already destroyed). An HSM that marks
+    /// the key `CKA_DESTROYABLE = false` refuses: a denial, reported as such.
+    fn destroy_root_key(&mut self) -> Result<String, ProviderError> {
+        self.with_token(true, |session| {
+            let keys = self.find_keys(session)?;
+            if keys.is_empty() {
+                return Ok(format!("PKCS#11 key \"{}\" on token \"{}\" does not exist (already destroyed)", self.opts.key_label, self.opts.token_label));
+            }
+            for k in &keys {
+                session.destroy_object(*k).map_err(|e| match e {
+                    CkError::Pkcs11(RvError::ActionProhibited, _) => ProviderError::Denied(format!("destroy key: the HSM forbids destroying \"{}\" (CKA_DESTROYABLE false)", self.opts.key_label)),
+                    e => ck(e, "destroy key"),
+                })?;
+            }
+            if !self.find_keys(session)?.is_empty() {
+                return Err(ProviderError::Unavailable(format!("the key \"{}\" is still on the token after C_DestroyObject", self.opts.key_label)));
+            }
+            Ok(format!("PKCS#11 key \"{}\" on token \"{}\" destroyed", self.opts.key_label, self.opts.token_label))
+        })
     }
 
     // rewrap_tenant_key: the trait's default (unwrap, then wrap again in this process). This

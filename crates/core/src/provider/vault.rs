@@ -265,8 +265,39 @@ impl VaultTransitProvider {
     /// (wiped after sending), or `GET <mount>/<op>/<key>` without one. The answer is read into a
     /// wiped buffer; the caller wipes the parsed value where it holds a key.
     fn call(&mut self, method: &str, op: &str, body: Option<Value>) -> Result<Value, ProviderError> {
+        let path = format!("{}/{}", op, self.opts.key);
+        let where_ = format!("{} {}/{}", self.opts.url, self.opts.mount, op);
+        let (code, v) = self.raw(method, &path, &where_, body)?;
+        if (200..300).contains(&code) {
+            return Ok(v);
+        }
+        // Vault's error strings carry no secrets; keep the first one, shortened.
+        let detail = v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()).unwrap_or_default();
+        Err(match code {
+            401 | 403 => ProviderError::Denied(format!(
+                "{where_}: HTTP {code} (token invalid, expired or not allowed{}) {detail}",
+                if op == "keys" { "; reading the key's latest version needs \"read\" on this path" } else { "" }
+            )),
+            // A key version below min_decryption_version: say so, it is not a wrong key.
+            400 if detail.contains("disallowed by policy") => ProviderError::Denied(format!(
+                "{where_}: HTTP 400 {detail} (the Transit key's min_decryption_version excludes the version this tenant key is wrapped under: lower it, rewrap, raise it again)"
+            )),
+            // A deleted key (a shredded tenant's key read from a backup): not a wrong ciphertext.
+            400 | 404 if detail.contains("key not found") => ProviderError::Denied(format!(
+                "{where_}: HTTP {code} {detail} (the Transit key does not exist: deleted, or never created)"
+            )),
+            // A ciphertext that does not open: another key, another tenant binding, altered.
+            400 if op == "decrypt" => ProviderError::UnwrapFailed,
+            429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
+            _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
+        })
+    }
+
+    /// One request to `<url>/v1/<mount>/<path>`: the HTTP status and the JSON answer (`null`
+    /// for an empty one), whatever the status; only a transport failure is an error.
+    fn raw(&mut self, method: &str, path: &str, where_: &str, body: Option<Value>) -> Result<(u16, Value), ProviderError> {
         let mut token = self.token()?;
-        let url = format!("{}/v1/{}/{}/{}", self.opts.url, self.opts.mount, op, self.opts.key);
+        let url = format!("{}/v1/{}/{}", self.opts.url, self.opts.mount, path);
         let mut req = self.agent.request(method, &url).set("X-Vault-Token", &token).set("X-Vault-Request", "true");
         if let Some(ns) = &self.opts.namespace {
             req = req.set("X-Vault-Namespace", ns);
@@ -281,34 +312,27 @@ impl VaultTransitProvider {
             None => req.call(),
         };
         token.zeroize();
-        let where_ = format!("{} {}/{}", self.opts.url, self.opts.mount, op);
         match result {
-            Ok(resp) => super::read_json_wiped(resp)
-                .map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}"))),
-            Err(ureq::Error::Status(code, resp)) => {
-                // Vault's error strings carry no secrets; keep the first one, shortened.
-                let detail = resp
-                    .into_json::<Value>()
-                    .ok()
-                    .and_then(|v| v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()))
-                    .unwrap_or_default();
-                Err(match code {
-                    401 | 403 => ProviderError::Denied(format!(
-                        "{where_}: HTTP {code} (token invalid, expired or not allowed{}) {detail}",
-                        if op == "keys" { "; reading the key's latest version needs \"read\" on this path" } else { "" }
-                    )),
-                    // A ciphertext that does not open: another key, another tenant binding,
-                    // altered, or older than the key's min_decryption_version.
-                    // A key version below min_decryption_version: say so, it is not a wrong key.
-                    400 if detail.contains("disallowed by policy") => ProviderError::Denied(format!(
-                        "{where_}: HTTP 400 {detail} (the Transit key's min_decryption_version excludes the version this tenant key is wrapped under: lower it, rewrap, raise it again)"
-                    )),
-                    400 if op == "decrypt" => ProviderError::UnwrapFailed,
-                    429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
-                    _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
-                })
+            Ok(resp) => {
+                let code = resp.status();
+                super::read_json_wiped(resp)
+                    .map(|v| (code, v))
+                    .map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}")))
             }
-            Err(ureq::Error::Transport(t)) => Err(transport_error(&where_, &t, self.timeout)),
+            Err(ureq::Error::Status(code, resp)) => Ok((code, resp.into_json::<Value>().unwrap_or(Value::Null))),
+            Err(ureq::Error::Transport(t)) => Err(transport_error(where_, &t, self.timeout)),
+        }
+    }
+
+    /// A status other than 2xx as an error, for the key-management calls of `destroy_root_key`.
+    fn admin_error(where_: &str, code: u16, v: &Value) -> ProviderError {
+        let detail = v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()).unwrap_or_default();
+        match code {
+            401 | 403 => ProviderError::Denied(format!(
+                "{where_}: HTTP {code} (the token's policy must allow \"update\" on <mount>/keys/<key>/config and \"delete\" on <mount>/keys/<key>) {detail}"
+            )),
+            429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
+            _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
         }
     }
 }
@@ -406,6 +430,37 @@ impl KeyProvider for VaultTransitProvider {
     /// `false`: see [`VaultTransitProvider::rewrap_tenant_key`].
     fn rewraps_inside_kms(&self) -> bool {
         false
+    }
+
+    /// `POST <mount>/keys/<key>/config {"deletion_allowed": true}`, then `DELETE
+    /// <mount>/keys/<key>` (every version of the key), then a read that must answer 404. A key
+    /// that is already gone is success.
+    fn destroy_root_key(&mut self) -> Result<String, ProviderError> {
+        let key_path = format!("keys/{}", self.opts.key);
+        let shown = format!("{}/{}", self.opts.mount, key_path);
+        let where_ = format!("{} {}", self.opts.url, shown);
+        let (code, v) = self.raw("GET", &key_path, &where_, None)?;
+        if code == 404 {
+            return Ok(format!("Transit key {shown} does not exist (already deleted)"));
+        }
+        if !(200..300).contains(&code) {
+            return Err(Self::admin_error(&where_, code, &v));
+        }
+        let versions = v["data"]["latest_version"].as_u64().unwrap_or(0);
+        let (code, v) = self.raw("POST", &format!("{key_path}/config"), &format!("{where_}/config"), Some(json!({"deletion_allowed": true})))?;
+        if !(200..300).contains(&code) {
+            return Err(Self::admin_error(&format!("{where_}/config"), code, &v));
+        }
+        let (code, v) = self.raw("DELETE", &key_path, &where_, None)?;
+        if !(200..300).contains(&code) && code != 404 {
+            return Err(Self::admin_error(&where_, code, &v));
+        }
+        let (code, v) = self.raw("GET", &key_path, &where_, None)?;
+        if code != 404 {
+            let _ = v;
+            return Err(ProviderError::Unavailable(format!("{where_}: the key still answers (HTTP {code}) after DELETE")));
+        }
+        Ok(format!("Transit key {shown} deleted with its {versions} version(s)"))
     }
 }
 
