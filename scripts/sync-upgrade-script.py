@@ -2,8 +2,8 @@
 """Regenerates the key-lifecycle part of sql/pg_envelope--0.1.0--0.2.0.sql (issue 11) from the
 sources, so the upgrade script cannot drift from a fresh install: the pgrx-generated definitions
 of the lifecycle's C functions (read from the staged extension script after
-`scripts/cluster.sh install`), then sql/lifecycle.sql, sql/reencrypt.sql and sql/maintenance.sql
-verbatim, then the lifecycle's REVOKEs from src/lib.rs. pg_test/integration/test_upgrade.py checks
+`scripts/cluster.sh install`), then sql/lifecycle.sql, sql/reencrypt.sql, sql/maintenance.sql,
+sql/revocation.sql and sql/shred.sql verbatim, then the lifecycle's REVOKEs from src/lib.rs. pg_test/integration/test_upgrade.py checks
 the result against a fresh install.
 
 Usage: python3 scripts/sync-upgrade-script.py   (after scripts/cluster.sh install)
@@ -23,8 +23,9 @@ FUNCTIONS = [
     "destroy_data_key", "rewrap_tenants_start", "rewrap_tenants_batch", "reencrypt_value", "needs_reencryption",
     "reencrypt_open", "reencrypt_batch", "cancel_reencrypt", "column_key_versions_of", "default_rotation_period", "maintenance_due",
     "rotate_data_key_if_due", "maintenance_status", "suspend_tenant", "resume_tenant", "lockdown", "lift_lockdown",
+    "schedule_shred", "cancel_shred", "confirm_shred", "shred_if_due", "shred_destroy_root_key",
 ]
-SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql"]
+SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql", "sql/shred.sql"]
 
 
 def generated_definition(text, name):

@@ -56,7 +56,25 @@ DECLARE
     job bigint;
 BEGIN
     FOR w IN SELECT * FROM envelope.maintenance_due() LOOP
-        IF w.action = 'rotate' THEN
+        IF w.action IN ('shred', 'destroy_root_key') THEN
+            IF w.action = 'shred' THEN
+                BEGIN
+                    IF envelope.shred_if_due(w.target) THEN
+                        RAISE NOTICE 'pg_envelope: tenant "%" crypto-shredded', w.target;
+                    END IF;
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'pg_envelope: maintenance: shredding tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+                END;
+                COMMIT;
+            END IF;
+            -- The dedicated root key, after the shred committed (a failure is recorded and retried).
+            BEGIN
+                PERFORM envelope.shred_destroy_root_key(w.target);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'pg_envelope: maintenance: destroying the root key of tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
+            END;
+            COMMIT;
+        ELSIF w.action = 'rotate' THEN
             BEGIN
                 v := envelope.rotate_data_key_if_due(w.target);
                 IF v IS NOT NULL THEN

@@ -88,6 +88,7 @@ fn create_tenant(tenant: &str, provider: default!(&str, "'local'")) -> i32 {
 fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
     validate_tenant_name(tenant)?;
     let mut provider = backend::build_provider(provider_name)?;
+    crate::shred::check_dedicated_free(provider_name)?;
     if catalog::tenant_exists(tenant)? {
         return Err(EnvelopeError::TenantExists { tenant: tenant.to_string() });
     }
@@ -129,6 +130,7 @@ fn add_key_provider(name: &str, kind: &str, options: default!(pgrx::JsonB, "'{}'
 }
 
 fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) -> Result<()> {
+    let original = options;
     // Registering a provider decides which files the server reads, which hosts it contacts and
     // which library it loads: superusers only, whatever EXECUTE grants say.
     if !unsafe { pg_sys::superuser() } {
@@ -141,6 +143,10 @@ fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) ->
     if !valid_name {
         return Err(EnvelopeError::InvalidProvider(format!("invalid provider name \"{name}\"")));
     }
+    // The options every kind shares (key_cache_ttl, max_key_age, dedicated), then the kind's own.
+    let (common, own) = pg_envelope_core::provider::common::CommonOptions::split(options)
+        .map_err(|error| EnvelopeError::Provider { provider: name.to_string(), error })?;
+    let options = &own;
     match kind {
         "vault_transit" => {
             pg_envelope_core::provider::vault::VaultTransitOptions::from_json(options)
@@ -157,7 +163,12 @@ fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) ->
         "local" => {
             if options.as_object().map(|o| !o.is_empty()).unwrap_or(true) {
                 return Err(EnvelopeError::InvalidProvider(
-                    "the local provider takes no options (its key file is envelope.local_root_key_file)".into(),
+                    "the local provider takes no options but key_cache_ttl and max_key_age (its key file is envelope.local_root_key_file)".into(),
+                ));
+            }
+            if common.dedicated {
+                return Err(EnvelopeError::InvalidProvider(
+                    "a local provider cannot be dedicated: its root key file is shared by every local provider and cannot be destroyed by a shred".into(),
                 ));
             }
         }
@@ -167,7 +178,7 @@ fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) ->
     if catalog::provider_row(name)?.is_some() {
         return Err(EnvelopeError::InvalidProvider(format!("key provider \"{name}\" already exists")));
     }
-    catalog::insert_provider(name, kind, &options.to_string())
+    catalog::insert_provider(name, kind, &original.to_string())
 }
 
 /// Checks a provider end to end: wraps a fresh random key, unwraps it, and compares check
@@ -208,8 +219,11 @@ fn rewrap_tenant(tenant: &str, provider: &str) -> bool {
 fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
     // Locked like every key change of a tenant: a concurrent rotation waits for it.
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
-    if let Some(reason) = t.suspended.clone() {
-        return Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason });
+    if let Some(refusal) = &t.refusal {
+        return Err(refusal.error(tenant));
+    }
+    if new_provider != t.provider {
+        crate::shred::check_dedicated_free(new_provider)?;
     }
     let (id, old_name, wrapped, key_check) = (t.id, t.provider.clone(), t.wrapped_key, t.key_check);
     let mut old = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
@@ -268,8 +282,19 @@ fn revoke_tenant(tenant: &str, role: &str) -> bool {
 fn set_grant(tenant: &str, role: &str, grant: bool) -> Result<bool> {
     let role_c = std::ffi::CString::new(role).map_err(|_| EnvelopeError::Internal("role name contains NUL".into()))?;
     let oid = unsafe { pg_sys::get_role_oid(role_c.as_ptr(), false) };
+    if grant {
+        if let Some(t) = catalog::lock_tenant(tenant)? {
+            if let Some(r @ catalog::Refusal::Shredded { .. }) = &t.refusal {
+                return Err(r.error(tenant));
+            }
+        }
+    }
     let changed = catalog::set_grant(tenant, oid, grant)?;
-    backend::invalidate_after_commit();
+    if grant {
+        backend::invalidate_after_commit();
+    } else {
+        backend::revoke_after_commit();
+    }
     Ok(changed)
 }
 

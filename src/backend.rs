@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use pg_envelope_core::provider::aws::{AwsKmsOptions, AwsKmsProvider};
+use pg_envelope_core::provider::common::CommonOptions;
 use pg_envelope_core::provider::pkcs11::{Pkcs11Options, Pkcs11Provider};
 use pg_envelope_core::provider::vault::{VaultTransitOptions, VaultTransitProvider};
 use pg_envelope_core::{
@@ -65,6 +66,7 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
     }
     if ended {
         KEYS_CHANGED.with(|k| k.set(false));
+        drop_stale_keys();
     }
     if ended && KEYS_USED.with(|k| k.replace(false)) {
         pg_envelope_core::secure::wipe_stack();
@@ -109,12 +111,87 @@ pub fn note_anchor_oid(oid: pg_sys::Oid) {
     ANCHOR_OID.store(oid.to_u32(), Ordering::Relaxed);
 }
 
+/// The OID of `envelope.tenants` in this database, once known (0 before).
+static TENANTS_OID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// Bumped by the relcache callback when `envelope.tenants` is invalidated: every key change
+/// sends that invalidation with its commit ([`invalidate_after_commit`]), and it travels in the
+/// WAL, so a hot standby's backends drop their keys at their next call after replaying a
+/// suspension, shred or revocation (they never see the primary's shared-memory epoch).
+static CATALOG_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+pub fn note_tenants_oid(oid: pg_sys::Oid) {
+    TENANTS_OID.store(oid.to_u32(), Ordering::Relaxed);
+}
+
 /// Registered in `_PG_init` as a relcache callback: a change of `envelope.grant_anchor`'s
-/// privileges (`DROP OWNED BY`, a hand-made `REVOKE`) or a full reset makes grants stale.
+/// privileges (`DROP OWNED BY`, a hand-made `REVOKE`) or a full reset makes grants stale; an
+/// invalidation of `envelope.tenants` (a key change committed here or replayed on a standby)
+/// makes cached keys stale. Only counters move here: the cache may be in use (this runs inside
+/// any lock acquisition), so it is dropped at the next key use or transaction end.
 pub unsafe extern "C-unwind" fn on_relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let anchor = ANCHOR_OID.load(Ordering::Relaxed);
     if relid == pg_sys::InvalidOid || (anchor != 0 && relid.to_u32() == anchor) {
         ROLES_GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+    let tenants = TENANTS_OID.load(Ordering::Relaxed);
+    if relid == pg_sys::InvalidOid || (tenants != 0 && relid.to_u32() == tenants) {
+        CATALOG_GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether this backend's cached keys are stale (a key change committed elsewhere, replayed on
+/// a standby, or a lockdown), without touching the cache.
+fn keys_stale(b: &Backend) -> bool {
+    current_epoch() != b.epoch_seen || CATALOG_GENERATION.load(Ordering::Relaxed) != b.catalog_generation_seen || crate::revocation::locked_down()
+}
+
+/// At every transaction end (from [`on_xact_end`]): drop stale keys now rather than at the next
+/// key use. An idle backend signalled by [`signal_backends`] runs an empty transaction to catch
+/// up with invalidations, so it gets here within milliseconds of a revocation's commit and no
+/// revoked key stays in its memory while it waits for its client.
+fn drop_stale_keys() {
+    BACKEND.with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut() {
+            if let Some(b) = slot.as_mut() {
+                if !b.cache.is_empty() && keys_stale(b) {
+                    b.cache.clear();
+                    b.directory.clear();
+                    b.names.clear();
+                }
+            }
+        }
+    });
+}
+
+/// Sends PROCSIG_CATCHUP_INTERRUPT to every other server process of this database (or of every
+/// database): an idle backend handles it by running an empty transaction, which ends in
+/// [`on_xact_end`] and drops its stale keys. Busy backends handle it when they go idle; their
+/// next key use sees the change anyway. The same signal PostgreSQL itself sends to backends that
+/// fall behind on invalidations, so it is safe for every process that receives it.
+pub fn signal_backends(all_databases: bool) {
+    // SAFETY: ProcGlobal is set up before any backend runs; reading pid and databaseId without
+    // a lock may see a slot being reused, which only means a spurious (harmless) signal or a
+    // missed one for a backend that has just started (and holds no key). SendProcSignal checks
+    // the pid against its own slots.
+    unsafe {
+        let hdr = pg_sys::ProcGlobal;
+        if hdr.is_null() {
+            return;
+        }
+        let me = pg_sys::MyProcPid;
+        let db = pg_sys::MyDatabaseId;
+        for i in 0..(*hdr).allProcCount as usize {
+            let proc_ = (*hdr).allProcs.add(i);
+            let pid = std::ptr::read_volatile(&(*proc_).pid);
+            if pid == 0 || pid == me {
+                continue;
+            }
+            let pdb = std::ptr::read_volatile(&(*proc_).databaseId);
+            if pdb == pg_sys::InvalidOid || (!all_databases && pdb != db) {
+                continue;
+            }
+            pg_sys::SendProcSignal(pid, pg_sys::ProcSignalReason::PROCSIG_CATCHUP_INTERRUPT, -1);
+        }
     }
 }
 
@@ -124,6 +201,8 @@ pub struct TenantMeta {
     /// The last role that passed the grant check with these keys: repeated calls by the same
     /// role skip it (the hot path). Forgotten on any epoch move or role change.
     pub last_allowed_role: pg_sys::Oid,
+    /// The provider's own `max_key_age`, if shorter than the server's.
+    pub max_age_cap: Option<std::time::Duration>,
 }
 
 /// A tenant as the grant check and the header checks see it: no key material. Read under a
@@ -132,7 +211,7 @@ struct DirEntry {
     id: u32,
     grantees: Vec<pg_sys::Oid>,
     last_allowed_role: pg_sys::Oid,
-    suspended: Option<String>,
+    refusal: Option<catalog::Refusal>,
 }
 
 /// At most this many tenant names (including names that do not exist) are remembered.
@@ -142,6 +221,7 @@ pub struct Backend {
     pub cache: KeyCache<TenantMeta>,
     pub epoch_seen: u64,
     pub roles_generation_seen: u64,
+    pub catalog_generation_seen: u64,
     /// Provider calls per provider name, since the backend started.
     pub provider_calls: HashMap<String, u64>,
     /// Tenant name -> key id and grantees (`None`: no such tenant).
@@ -164,6 +244,7 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
             cache: KeyCache::new(gucs::key_cache_ttl()),
             epoch_seen: current_epoch(),
             roles_generation_seen: ROLES_GENERATION.load(Ordering::Relaxed),
+            catalog_generation_seen: CATALOG_GENERATION.load(Ordering::Relaxed),
             provider_calls: HashMap::new(),
             directory: HashMap::new(),
             privs: HashMap::new(),
@@ -205,11 +286,31 @@ pub fn bump_epoch() {
     }
 }
 
+/// Like [`invalidate_after_commit`], for changes that take a right away (suspension, shred,
+/// revocation, a disabled or destroyed version): at commit, idle backends of this database are
+/// also woken to drop their cached keys at once ([`signal_backends`]).
+pub fn revoke_after_commit() {
+    WAKE_IDLE.with(|w| w.set(true));
+    invalidate_after_commit();
+}
+
+thread_local! {
+    /// Set by [`revoke_after_commit`]: the commit signals idle backends.
+    static WAKE_IDLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Registers [`bump_epoch`] for the end of the current transaction (once per transaction)
-/// and drops this backend's own cache right away.
+/// and drops this backend's own cache right away. The transaction also invalidates
+/// `envelope.tenants` in the relation cache: that message is sent with the commit, and written
+/// to the WAL, which is how hot standbys learn of the change ([`on_relcache_changed`]).
 pub fn invalidate_after_commit() {
     thread_local! { static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
     KEYS_CHANGED.with(|k| k.set(true));
+    if let Ok(oid) = catalog::tenants_oid() {
+        note_tenants_oid(oid);
+        // SAFETY: inside a transaction; the relation exists (the OID was just read).
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
+    }
     with_backend(|b| {
         b.cache.clear();
         b.directory.clear();
@@ -230,9 +331,13 @@ pub fn invalidate_after_commit() {
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
             bump_epoch();
             REGISTERED.with(|r| r.set(false));
+            if WAKE_IDLE.with(|w| w.replace(false)) {
+                signal_backends(false);
+            }
         });
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
             REGISTERED.with(|r| r.set(false));
+            WAKE_IDLE.with(|w| w.set(false));
         });
     }
 }
@@ -258,9 +363,11 @@ pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dy
     crate::revocation::refuse_if_locked()?;
     let not_configured = |m: String| EnvelopeError::Provider { provider: name.to_string(), error: ProviderError::NotConfigured(m) };
     let fail = |error| EnvelopeError::Provider { provider: name.to_string(), error };
+    // The options every kind shares (key_cache_ttl, max_key_age, dedicated) are taken out; the
+    // rest goes to the kind's own parser.
+    let v: serde_json::Value = serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
+    let (_, v) = CommonOptions::split(&v).map_err(fail)?;
     if kind != "local" {
-        let v: serde_json::Value =
-            serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
         check_provider_options(name, &v)?;
     }
     match kind {
@@ -269,24 +376,28 @@ pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dy
             None => Err(not_configured("envelope.local_root_key_file is not set".into())),
         },
         "vault_transit" => {
-            let v: serde_json::Value =
-                serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
             let opts = VaultTransitOptions::from_json(&v).map_err(fail)?;
             Ok(Box::new(VaultTransitProvider::new(opts, gucs::kms_timeout()).map_err(fail)?))
         }
         "aws_kms" => {
-            let v: serde_json::Value =
-                serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
             let opts = AwsKmsOptions::from_json(&v).map_err(fail)?;
             Ok(Box::new(AwsKmsProvider::new(opts, gucs::kms_timeout()).map_err(fail)?))
         }
         "pkcs11" => {
-            let v: serde_json::Value =
-                serde_json::from_str(options_json).map_err(|_| not_configured("options are not valid JSON".into()))?;
             Ok(Box::new(Pkcs11Provider::new(Pkcs11Options::from_json(&v).map_err(fail)?)))
         }
         other => Err(not_configured(format!("provider kind \"{other}\" is not supported by this build"))),
     }
+}
+
+/// The options every provider kind shares, from a provider's options (defaults when they do
+/// not parse: `provider_for` refuses such a provider anyway).
+pub fn common_options(options_json: &str) -> CommonOptions {
+    serde_json::from_str::<serde_json::Value>(options_json)
+        .ok()
+        .and_then(|v| CommonOptions::split(&v).ok())
+        .map(|(c, _)| c)
+        .unwrap_or_default()
 }
 
 /// Files and modules named by a provider's options must be allowed by postgresql.conf
@@ -364,11 +475,13 @@ impl Backend {
     /// and reloads read under a fresh snapshot, so nothing cached is older than the epoch seen.
     fn check_epoch(&mut self) {
         let e = current_epoch();
-        if e != self.epoch_seen {
+        let c = CATALOG_GENERATION.load(Ordering::Relaxed);
+        if e != self.epoch_seen || c != self.catalog_generation_seen {
             self.cache.clear();
             self.directory.clear();
             self.names.clear();
             self.epoch_seen = e;
+            self.catalog_generation_seen = c;
         }
         let g = ROLES_GENERATION.load(Ordering::Relaxed);
         if g != self.roles_generation_seen {
@@ -388,13 +501,16 @@ impl Backend {
     /// The tenant's directory entry (key id, grantees), read on a miss. `None`: no such tenant.
     fn directory_entry(&mut self, tenant: &str) -> Result<Option<&mut DirEntry>> {
         if !self.directory.contains_key(tenant) {
+            if TENANTS_OID.load(Ordering::Relaxed) == 0 {
+                note_tenants_oid(catalog::tenants_oid()?);
+            }
             let d = catalog::tenant_directory(tenant)?;
             if self.directory.len() >= DIRECTORY_LIMIT {
                 self.directory.clear();
             }
             self.directory.insert(
                 tenant.to_string(),
-                d.map(|d| DirEntry { id: d.id, grantees: d.grantees, last_allowed_role: pg_sys::InvalidOid, suspended: d.suspended }),
+                d.map(|d| DirEntry { id: d.id, grantees: d.grantees, last_allowed_role: pg_sys::InvalidOid, refusal: d.refusal }),
             );
         }
         Ok(self.directory.get_mut(tenant).and_then(|e| e.as_mut()))
@@ -476,9 +592,10 @@ impl Backend {
         }
         // The grant check comes first: a denial never touches the key cache or the provider.
         self.check_grant(tenant, role)?;
-        // A suspended tenant (committed suspensions move the epoch, which emptied the cache).
-        if let Some(reason) = self.directory.get(tenant).and_then(|e| e.as_ref()).and_then(|e| e.suspended.clone()) {
-            return Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason });
+        // A suspended or shredded tenant (committed suspensions and shreds move the epoch, which
+        // emptied the cache).
+        if let Some(refusal) = self.directory.get(tenant).and_then(|e| e.as_ref()).and_then(|e| e.refusal.as_ref()) {
+            return Err(refusal.error(tenant));
         }
         f(self.tenant_keys_slow(tenant, role, true, now)?)
     }
@@ -544,10 +661,10 @@ impl Backend {
                     });
                 }
                 match self.load_keys(tenant, now) {
-                    Ok((keys, meta)) => {
+                    Ok((keys, meta, ttl_cap)) => {
                         // A lockdown that began while the provider answered: the keys are dropped.
                         self.refuse_in_lockdown()?;
-                        self.cache.insert_loaded(tenant, keys, meta)
+                        self.cache.insert_loaded_capped(tenant, keys, meta, ttl_cap)
                     }
                     Err((e, Some((provider, transient)))) => {
                         let r = rand_u32();
@@ -569,7 +686,10 @@ impl Backend {
     /// after the last successful unwrap, retrying with backoff. Any other failure (denied,
     /// different key, revoked grant) evicts the keys and fails closed.
     fn refresh_stale(&mut self, tenant: &str, now: Instant, age: std::time::Duration) -> Result<&mut CacheEntry<TenantMeta>> {
-        let max_age = gucs::max_key_age();
+        let max_age = match self.cache.peek_mut(tenant).and_then(|e| e.meta.max_age_cap) {
+            Some(cap) => cap.min(gucs::max_key_age()),
+            None => gucs::max_key_age(),
+        };
         let backing_off = self
             .cache
             .peek_mut(tenant)
@@ -579,7 +699,7 @@ impl Backend {
             return Ok(self.serve_degraded(tenant));
         }
         match self.load_keys(tenant, now) {
-            Ok((keys, meta)) => Ok(self.cache.insert_loaded(tenant, keys, meta)),
+            Ok((keys, meta, ttl_cap)) => Ok(self.cache.insert_loaded_capped(tenant, keys, meta, ttl_cap)),
             Err((_, Some((_, transient)))) if age < max_age => {
                 let r = rand_u32();
                 self.cache.mark_degraded(tenant, now, transient.to_string(), r);
@@ -617,16 +737,21 @@ impl Backend {
         &mut self,
         tenant: &str,
         now: Instant,
-    ) -> std::result::Result<(TenantKeys, TenantMeta), (EnvelopeError, Option<(String, ProviderError)>)> {
+    ) -> std::result::Result<(TenantKeys, TenantMeta, Option<std::time::Duration>), (EnvelopeError, Option<(String, ProviderError)>)> {
         let row = catalog::load_tenant(tenant)
             .map_err(|e| (e, None))?
             .ok_or_else(|| (EnvelopeError::TenantUnknown { tenant: tenant.to_string() }, None))?;
         let mut provider = provider_for(&row.provider, &row.provider_kind, &row.provider_options).map_err(|e| (e, None))?;
+        let common = common_options(&row.provider_options);
         *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
         let record = row.record;
         match interruptible(move || TenantKeys::load(provider.as_mut(), &record, now)) {
             // The role is recorded by the caller once its grant is known to be checked.
-            Ok(keys) => Ok((keys, TenantMeta { provider: row.provider, last_allowed_role: pg_sys::InvalidOid })),
+            Ok(keys) => Ok((
+                keys,
+                TenantMeta { provider: row.provider, last_allowed_role: pg_sys::InvalidOid, max_age_cap: common.max_key_age },
+                common.key_cache_ttl,
+            )),
             Err(e) => {
                 self.cache.record_failed_unwrap();
                 let transient = match &e {

@@ -67,7 +67,7 @@ fn extension_owner() -> pg_sys::Oid {
         .unwrap_or_else(|| EnvelopeError::Internal("the pg_envelope extension is not installed in this database".into()).raise())
 }
 
-fn spi_err(e: pgrx::spi::SpiError) -> EnvelopeError {
+pub(crate) fn spi_err(e: pgrx::spi::SpiError) -> EnvelopeError {
     EnvelopeError::Internal(format!("catalog query failed: {e}"))
 }
 
@@ -154,6 +154,32 @@ pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl Fn
     }
 }
 
+/// Why a tenant's keys may not be used: suspended (perhaps scheduled for shredding) or shredded.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    Suspended { reason: String, shred_after: Option<String> },
+    Shredded { at: String },
+}
+
+impl Refusal {
+    /// From the columns `suspended_reason`, `shred_after::text`, `shredded_at::text`.
+    pub fn from_columns(reason: Option<String>, shred_after: Option<String>, shredded_at: Option<String>) -> Option<Refusal> {
+        match (shredded_at, reason) {
+            (Some(at), _) => Some(Refusal::Shredded { at }),
+            (None, Some(reason)) => Some(Refusal::Suspended { reason, shred_after }),
+            (None, None) => None,
+        }
+    }
+
+    pub fn error(&self, tenant: &str) -> EnvelopeError {
+        match self.clone() {
+            Refusal::Suspended { reason, shred_after } => EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason, shred_after },
+            Refusal::Shredded { at } => EnvelopeError::TenantShredded { tenant: tenant.to_string(), at },
+        }
+    }
+}
+
+/// The SQL columns [`Refusal::from_columns`] reads, for a query on `envelope.tenants t`.
 /// A tenant as the cache needs it: keys to unwrap and the provider.
 pub struct TenantRow {
     pub record: TenantRecord,
@@ -167,11 +193,18 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
     as_extension_owner(|| {
         Spi::connect(|_client| {
             let head = select_latest(
-                c"SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check, t.suspended_reason
+                c"SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check,
+                         t.suspended_reason, to_char(t.shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC', to_char(t.shredded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
                     FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
                    WHERE t.name = $1",
                 &[Arg::Text(tenant)],
                 |r| {
+                    let refusal = Refusal::from_columns(r.get::<String>(7), r.get::<String>(8), r.get::<String>(9));
+                    if let Some(refusal) = refusal {
+                        // A suspended or shredded tenant's keys are never loaded (every path
+                        // that uses keys comes here); a shredded one has none to load.
+                        return Err(refusal.error(tenant));
+                    }
                     Ok((
                         r.get::<i32>(1).ok_or_else(|| missing("id"))?,
                         r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))?,
@@ -179,17 +212,12 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                         r.get::<String>(4).ok_or_else(|| missing("kind"))?,
                         r.get::<String>(5).ok_or_else(|| missing("options"))?,
                         r.get::<Vec<u8>>(6).ok_or_else(|| missing("key_check"))?,
-                        r.get::<String>(7),
                     ))
                 },
             )?;
-            let Some((id, wrapped, provider, provider_kind, provider_options, key_check, suspended)) = head.into_iter().next() else {
+            let Some((id, wrapped, provider, provider_kind, provider_options, key_check)) = head.into_iter().next() else {
                 return Ok(None);
             };
-            // A suspended tenant's keys are never loaded (every path that uses keys comes here).
-            if let Some(reason) = suspended {
-                return Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason });
-            }
             let key_check: [u8; 32] = key_check.try_into().map_err(|_| missing("key_check"))?;
             let mut active = None;
             let mut unusable = Vec::new();
@@ -273,8 +301,8 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
 pub struct TenantDirEntry {
     pub id: u32,
     pub grantees: Vec<pg_sys::Oid>,
-    /// The suspension's reason, when the tenant is suspended.
-    pub suspended: Option<String>,
+    /// Why the tenant's keys may not be used, if they may not.
+    pub refusal: Option<Refusal>,
 }
 
 /// A grant counts only while its role still holds the anchor privilege (SELECT on
@@ -293,20 +321,21 @@ pub fn tenant_directory(tenant: &str) -> Result<Option<TenantDirEntry>> {
     as_extension_owner(|| {
         Spi::connect(|_client| {
             let ids = select_latest(
-                c"SELECT id, 'envelope.grant_anchor'::pg_catalog.regclass::oid, suspended_reason FROM envelope.tenants WHERE name = $1",
+                c"SELECT t.id, 'envelope.grant_anchor'::pg_catalog.regclass::oid, t.suspended_reason, to_char(t.shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC', to_char(t.shredded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
+                    FROM envelope.tenants t WHERE t.name = $1",
                 &[Arg::Text(tenant)],
                 |r| {
                     Ok((
                         r.get::<i32>(1).ok_or_else(|| missing("id"))?,
                         r.get::<pg_sys::Oid>(2).ok_or_else(|| missing("anchor"))?,
-                        r.get::<String>(3),
+                        Refusal::from_columns(r.get::<String>(3), r.get::<String>(4), r.get::<String>(5)),
                     ))
                 },
             )?;
-            let Some((id, anchor, suspended)) = ids.into_iter().next() else { return Ok(None) };
+            let Some((id, anchor, refusal)) = ids.into_iter().next() else { return Ok(None) };
             crate::backend::note_anchor_oid(anchor);
             let grantees = select_latest(LIVE_GRANTEES, &[Arg::Int4(id)], |r| r.get::<pg_sys::Oid>(1).ok_or_else(|| missing("grantee")))?;
-            Ok(Some(TenantDirEntry { id: id as u32, grantees, suspended }))
+            Ok(Some(TenantDirEntry { id: id as u32, grantees, refusal }))
         })
     })
 }
@@ -359,7 +388,7 @@ pub fn roles_with_privs_of(role: pg_sys::Oid) -> Result<Vec<pg_sys::Oid>> {
     as_extension_owner(|| Spi::connect(|_client| select_latest(Q, &[Arg::Oid(role)], |r| r.get::<pg_sys::Oid>(1).ok_or_else(|| missing("oid")))))
 }
 
-fn missing(col: &str) -> EnvelopeError {
+pub(crate) fn missing(col: &str) -> EnvelopeError {
     EnvelopeError::Internal(format!("unexpected NULL in key table column {col}"))
 }
 
@@ -549,8 +578,8 @@ pub fn set_grant(tenant: &str, role: pg_sys::Oid, grant: bool) -> Result<bool> {
 /// serialize), with its provider.
 pub struct LockedTenant {
     pub id: u32,
-    /// The suspension's reason, when the tenant is suspended.
-    pub suspended: Option<String>,
+    /// Why the tenant's keys may not be used (suspended, shredded), if they may not.
+    pub refusal: Option<Refusal>,
     pub provider: String,
     pub provider_kind: String,
     pub provider_options: String,
@@ -563,7 +592,8 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
         Spi::connect_mut(|client| {
             let t = client
                 .update(
-                    "SELECT t.id, t.provider, p.kind, p.options::text, t.wrapped_key, t.key_check, t.suspended_reason
+                    "SELECT t.id, t.provider, p.kind, p.options::text, t.wrapped_key, t.key_check,
+                            t.suspended_reason, to_char(t.shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC', to_char(t.shredded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
                        FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
                       WHERE t.name = $1 FOR UPDATE OF t",
                     Some(1),
@@ -579,9 +609,14 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
                 provider: r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("provider"))?,
                 provider_kind: r.get::<String>(3).map_err(spi_err)?.ok_or_else(|| missing("kind"))?,
                 provider_options: r.get::<String>(4).map_err(spi_err)?.ok_or_else(|| missing("options"))?,
-                wrapped_key: r.get::<Vec<u8>>(5).map_err(spi_err)?.ok_or_else(|| missing("wrapped_key"))?,
-                key_check: r.get::<Vec<u8>>(6).map_err(spi_err)?.ok_or_else(|| missing("key_check"))?,
-                suspended: r.get::<String>(7).map_err(spi_err)?,
+                // Empty for a shredded tenant (its refusal says so; nothing may use them).
+                wrapped_key: r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default(),
+                key_check: r.get::<Vec<u8>>(6).map_err(spi_err)?.unwrap_or_default(),
+                refusal: Refusal::from_columns(
+                    r.get::<String>(7).map_err(spi_err)?,
+                    r.get::<String>(8).map_err(spi_err)?,
+                    r.get::<String>(9).map_err(spi_err)?,
+                ),
             }))
         })
     })
@@ -777,7 +812,7 @@ pub fn insert_rewrap_job(provider: &str, target: Option<&str>, only_outdated: bo
         Spi::get_one_with_args::<i64>(
             "INSERT INTO envelope.rewrap_jobs (provider, target_version, only_outdated, state, tenants_total, started_at)
              SELECT $1, $2, $3, 'running', count(*), clock_timestamp() FROM envelope.tenants t
-              WHERE t.provider = $1 AND (NOT $3 OR t.root_version IS DISTINCT FROM $2)
+              WHERE t.provider = $1 AND t.shredded_at IS NULL AND (NOT $3 OR t.root_version IS DISTINCT FROM $2)
              RETURNING id",
             &[provider.into(), target.into(), only_outdated.into()],
         )
@@ -834,7 +869,7 @@ pub fn lock_tenants_due_for_rewrap(j: &RewrapJob, batch: i32) -> Result<Vec<DueT
             let t = client
                 .update(
                     "SELECT t.id, t.name, t.wrapped_key, t.key_check FROM envelope.tenants t, envelope.rewrap_jobs j
-                      WHERE j.id = $1 AND t.provider = j.provider
+                      WHERE j.id = $1 AND t.provider = j.provider AND t.shredded_at IS NULL
                         AND coalesce(t.wrapped_at, '-infinity') < j.started_at
                         AND (NOT j.only_outdated OR t.root_version IS DISTINCT FROM j.target_version)
                       ORDER BY t.id LIMIT $2 FOR UPDATE OF t",
@@ -1336,9 +1371,9 @@ pub fn providers_with_tenants() -> Result<Vec<ProviderTenants>> {
             let rows = select_latest(
                 c"SELECT p.name, p.kind, p.options::text,
                          EXISTS (SELECT 1 FROM envelope.rewrap_jobs j WHERE j.provider = p.name AND j.state = 'running'),
-                         (SELECT array_agg(DISTINCT coalesce(t.root_version, '')) FROM envelope.tenants t WHERE t.provider = p.name)
+                         (SELECT array_agg(DISTINCT coalesce(t.root_version, '')) FROM envelope.tenants t WHERE t.provider = p.name AND t.shredded_at IS NULL)
                     FROM envelope.key_providers p
-                   WHERE EXISTS (SELECT 1 FROM envelope.tenants t WHERE t.provider = p.name) ORDER BY p.name",
+                   WHERE EXISTS (SELECT 1 FROM envelope.tenants t WHERE t.provider = p.name AND t.shredded_at IS NULL) ORDER BY p.name",
                 &[],
                 |r| {
                     let versions: Vec<Option<String>> = r.get::<Vec<Option<String>>>(5).unwrap_or_default();
@@ -1441,7 +1476,8 @@ pub fn suspended_tenants() -> Result<Vec<(String, String, String)>> {
         Spi::connect(|client| {
             let t = client
                 .select(
-                    "SELECT name, suspended_at::text, suspended_reason FROM envelope.tenants WHERE suspended_at IS NOT NULL ORDER BY name",
+                    "SELECT name, suspended_at::text, suspended_reason FROM envelope.tenants
+                      WHERE suspended_at IS NOT NULL AND shredded_at IS NULL ORDER BY name",
                     None,
                     &[],
                 )
@@ -1452,6 +1488,33 @@ pub fn suspended_tenants() -> Result<Vec<(String, String, String)>> {
                     r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
                     r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
                     r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        })
+    })
+}
+
+/// Scheduled and done shreds: (name, state, destroy after, root key destruction), for status().
+pub fn shred_states() -> Result<Vec<(String, String, String, Option<String>)>> {
+    as_extension_owner(|| {
+        Spi::connect(|client| {
+            let t = client
+                .select(
+                    "SELECT name, CASE WHEN shredded_at IS NULL THEN 'scheduled' ELSE 'shredded' END, shred_after::text,
+                            CASE WHEN kms_destruction = 'pending' THEN 'pending: ' || coalesce(kms_last_error, 'not tried yet') ELSE kms_destruction END
+                       FROM envelope.tenants WHERE shred_after IS NOT NULL ORDER BY name",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((
+                    r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<String>(4).map_err(spi_err)?,
                 ));
             }
             Ok(out)

@@ -67,7 +67,9 @@ pub enum EnvelopeError {
     /// Destroy refused: a column still holds values under the version.
     DataKeyInUse { tenant: String, version: u32, location: String },
     /// The tenant is suspended (`suspend_tenant`): every use of its keys is refused.
-    TenantSuspended { tenant: String, reason: String },
+    TenantSuspended { tenant: String, reason: String, shred_after: Option<String> },
+    /// The tenant was crypto-shredded: its keys are gone for good.
+    TenantShredded { tenant: String, at: String },
     /// The cluster is locked down (`lockdown`): all key use is refused.
     Lockdown { reason: String },
     /// A request with a bad argument (re-encryption target, job), with its SQLSTATE.
@@ -277,11 +279,23 @@ impl EnvelopeError {
                 Some("Destroying it would make those values unreadable for good.".into()),
                 Some("Re-encrypt first (CALL envelope.reencrypt(table, column)), or pass force => true to destroy anyway.".into()),
             ),
-            EnvelopeError::TenantSuspended { tenant, reason } => (
+            EnvelopeError::TenantSuspended { tenant, reason, shred_after: None } => (
                 ERRCODE_OPERATOR_INTERVENTION,
                 format!("pg_envelope: tenant \"{}\" is suspended", shown(tenant)),
                 Some(format!("Every use of this tenant's keys is refused: {}", shown(reason))),
                 Some(format!("A key administrator lifts it with SELECT envelope.resume_tenant('{}').", shown(tenant))),
+            ),
+            EnvelopeError::TenantSuspended { tenant, reason, shred_after: Some(after) } => (
+                ERRCODE_OPERATOR_INTERVENTION,
+                format!("pg_envelope: tenant \"{}\" is suspended and scheduled for crypto-shredding", shown(tenant)),
+                Some(format!("Every use of this tenant's keys is refused ({}); its keys are destroyed after {after}.", shown(reason))),
+                Some(format!("Until then a key administrator can undo it with SELECT envelope.cancel_shred('{}').", shown(tenant))),
+            ),
+            EnvelopeError::TenantShredded { tenant, at } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_envelope: tenant \"{}\" was crypto-shredded", shown(tenant)),
+                Some(format!("Its keys were destroyed on {at}; values encrypted for it can never be decrypted again.")),
+                None,
             ),
             EnvelopeError::Lockdown { reason } => (
                 ERRCODE_OPERATOR_INTERVENTION,

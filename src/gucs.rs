@@ -13,6 +13,8 @@
 //! | envelope.database             | POSTMASTER | postgres       | postgresql.conf, restart     |
 //! | envelope.maintenance_naptime  | SIGHUP   | 1min             | postgresql.conf only         |
 //! | envelope.data_key_rotation_period | SIGHUP | 90d (0: never) | postgresql.conf only         |
+//! | envelope.shred_min_delay      | SUSET    | 1h               | superusers                   |
+//! | envelope.shred_requires_confirmation | SIGHUP | off         | postgresql.conf only         |
 //!
 //! None of them holds a secret: the root key file's *path* is configuration; its content is
 //! read by the `local` provider and never stored in a setting. The path is still hidden from
@@ -34,12 +36,32 @@ pub static MAX_KEY_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static MAINTENANCE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static DATA_KEY_ROTATION_PERIOD_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 * 3600);
+pub static SHRED_MIN_DELAY_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static SHRED_REQUIRES_CONFIRMATION: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// Largest accepted `envelope.max_value_size`: 1 GiB (PostgreSQL's varlena limit) minus room for
 /// the 82-byte envelope overhead and the varlena header, rounded down to whole kB.
 pub const MAX_VALUE_SIZE_LIMIT_KB: i32 = 1024 * 1024 - 1;
 
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"envelope.shred_min_delay",
+        c"The shortest window schedule_shred accepts before a tenant's keys are destroyed.",
+        c"A key administrator cannot schedule a destruction sooner than this; superusers may lower it.",
+        &SHRED_MIN_DELAY_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"envelope.shred_requires_confirmation",
+        c"Two-person rule for crypto-shredding.",
+        c"On: a scheduled shred runs only after another role confirmed it with envelope.confirm_shred().",
+        &SHRED_REQUIRES_CONFIRMATION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"envelope.database",
         c"The database the pg_envelope maintenance worker connects to.",
@@ -207,4 +229,14 @@ pub fn data_key_rotation_period_s() -> i64 {
         v if v <= 0 => 0,
         v => (v as i64).max(3600),
     }
+}
+
+/// `envelope.shred_min_delay` in seconds.
+pub fn shred_min_delay_s() -> i64 {
+    SHRED_MIN_DELAY_S.get().max(0) as i64
+}
+
+/// `envelope.shred_requires_confirmation`.
+pub fn shred_requires_confirmation() -> bool {
+    SHRED_REQUIRES_CONFIRMATION.get()
 }

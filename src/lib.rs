@@ -20,6 +20,7 @@ mod maintenance;
 mod nothrow;
 mod reencrypt;
 mod revocation;
+mod shred;
 mod status;
 mod tenancy;
 mod types;
@@ -82,6 +83,18 @@ extension_sql_file!(
     requires = ["maintenance", revocation::suspend_tenant, revocation::resume_tenant, revocation::lockdown, revocation::lift_lockdown]
 );
 extension_sql_file!(
+    "../sql/shred.sql",
+    name = "shred",
+    requires = [
+        "revocation",
+        shred::schedule_shred,
+        shred::cancel_shred,
+        shred::confirm_shred,
+        shred::shred_if_due,
+        shred::shred_destroy_root_key
+    ]
+);
+extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
     requires = ["reencrypt", maintenance::default_rotation_period, maintenance::maintenance_due, maintenance::rotate_data_key_if_due, status::maintenance_status]
@@ -138,6 +151,13 @@ REVOKE ALL ON FUNCTION suspend_tenant(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION resume_tenant(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION lockdown(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION lift_lockdown() FROM PUBLIC;
+-- Crypto-shredding (sql/shred.sql): key administrators.
+REVOKE ALL ON FUNCTION schedule_shred(text, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cancel_shred(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION confirm_shred(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION shred_if_due(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION shred_destroy_root_key(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

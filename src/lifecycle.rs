@@ -85,8 +85,8 @@ fn failure<'a>(tenant: &str, provider: &'a str) -> impl Fn(Failure) -> EnvelopeE
 
 /// A suspended tenant's keys are not used for rotations either.
 fn refuse_suspended(tenant: &str, t: &catalog::LockedTenant) -> Result<()> {
-    match &t.suspended {
-        Some(reason) => Err(EnvelopeError::TenantSuspended { tenant: tenant.to_string(), reason: reason.clone() }),
+    match &t.refusal {
+        Some(refusal) => Err(refusal.error(tenant)),
         None => Ok(()),
     }
 }
@@ -175,6 +175,9 @@ enum VersionChange {
 
 fn change_version_state(tenant: &str, version: i32, change: VersionChange, force: bool) -> Result<bool> {
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    if let Some(r @ catalog::Refusal::Shredded { .. }) = &t.refusal {
+        return Err(r.error(tenant));
+    }
     let unknown = || EnvelopeError::DataKeyUnknown { tenant: tenant.to_string(), version: version.max(0) as u32 };
     if version < 1 {
         return Err(unknown());
@@ -212,7 +215,11 @@ fn change_version_state(tenant: &str, version: i32, change: VersionChange, force
         }
     }
     catalog::set_data_key_state(t.id, v, new_state)?;
-    backend::invalidate_after_commit();
+    if change == VersionChange::Enable {
+        backend::invalidate_after_commit();
+    } else {
+        backend::revoke_after_commit();
+    }
     Ok(true)
 }
 

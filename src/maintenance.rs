@@ -3,6 +3,9 @@
 //! pg_cron users get exactly what the worker does.
 //!
 //! Due work, in order:
+//! 0. `shred`: tenants whose crypto-shredding window elapsed (and, under the two-person rule, was
+//!    confirmed); then `destroy_root_key`: shredded tenants whose dedicated root key is still to
+//!    be destroyed in the key server (retried every run until it succeeds);
 //! 1. `rotate`: tenants whose active data key is older than their rotation period
 //!    (`envelope.rotation_policy`, else `envelope.data_key_rotation_period`; 0 = never);
 //! 2. `rewrap`: providers with an open rewrap job, or whose root key reports a newer version than
@@ -25,6 +28,8 @@ fn default_rotation_period() -> pgrx::datum::Interval {
 
 /// One item of due work.
 pub enum Work {
+    Shred(String),
+    DestroyRootKey(String),
     Rotate(String),
     Rewrap(String),
     Reencrypt { job: i64, role: pg_sys::Oid },
@@ -33,6 +38,8 @@ pub enum Work {
 impl Work {
     fn row(&self) -> (String, String) {
         match self {
+            Work::Shred(t) => ("shred".into(), t.clone()),
+            Work::DestroyRootKey(t) => ("destroy_root_key".into(), t.clone()),
             Work::Rotate(t) => ("rotate".into(), t.clone()),
             Work::Rewrap(p) => ("rewrap".into(), p.clone()),
             Work::Reencrypt { job, .. } => ("reencrypt".into(), job.to_string()),
@@ -43,7 +50,9 @@ impl Work {
 /// The due work now. A provider that cannot be asked for its root version is skipped (and
 /// reported through `warnings`), never fatal: rotations and jobs still run.
 pub fn due_work(warnings: &mut Vec<String>) -> Result<Vec<Work>> {
-    let mut out: Vec<Work> = catalog::tenants_due_for_rotation(gucs::data_key_rotation_period_s())?.into_iter().map(Work::Rotate).collect();
+    let mut out: Vec<Work> = crate::shred::shreds_due()?.into_iter().map(Work::Shred).collect();
+    out.extend(crate::shred::root_keys_to_destroy()?.into_iter().map(Work::DestroyRootKey));
+    out.extend(catalog::tenants_due_for_rotation(gucs::data_key_rotation_period_s())?.into_iter().map(Work::Rotate));
     for (provider, kind, options, open_job, versions) in catalog::providers_with_tenants()? {
         if open_job {
             out.push(Work::Rewrap(provider));

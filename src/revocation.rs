@@ -186,9 +186,34 @@ fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
         check_reason(r)?;
     }
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    if reason.is_none() {
+        // A scheduled shred holds its own suspension: cancel_shred lifts both. A shredded tenant
+        // has no keys to resume.
+        match &t.refusal {
+            Some(catalog::Refusal::Shredded { at }) => {
+                return Err(EnvelopeError::BadRequest {
+                    code: pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    message: format!("pg_envelope: tenant \"{}\" was crypto-shredded on {at} and cannot be resumed", crate::error::shown(tenant)),
+                    hint: None,
+                })
+            }
+            Some(catalog::Refusal::Suspended { shred_after: Some(after), .. }) => {
+                return Err(EnvelopeError::BadRequest {
+                    code: pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    message: format!("pg_envelope: tenant \"{}\" is scheduled for crypto-shredding after {after}", crate::error::shown(tenant)),
+                    hint: Some(format!("SELECT envelope.cancel_shred('{}') cancels the shred and lifts its suspension.", crate::error::shown(tenant))),
+                })
+            }
+            _ => {}
+        }
+    }
     let changed = catalog::set_suspension(t.id, reason)?;
     if changed {
-        backend::invalidate_after_commit();
+        if reason.is_some() {
+            backend::revoke_after_commit();
+        } else {
+            backend::invalidate_after_commit();
+        }
         // In the server log (the audit trail is issue 13); in effect once the transaction commits.
         let who = crate::error::shown(&catalog::current_role_name());
         match reason {
@@ -228,6 +253,8 @@ fn lockdown_impl(reason: &str) -> Result<bool> {
     // so that a restart does not end it; if that fails, say so loudly.
     LOCKDOWN.get().store(since, Ordering::Release);
     backend::with_backend(|b| b.cache.clear());
+    // Idle backends of every database drop their keys now, not at their next call.
+    backend::signal_backends(true);
     pgrx::log!("pg_envelope: LOCKDOWN by {who}: {reason}");
     if let Err(e) = write_lockdown_file(since, &format!("{reason} (by {who})")) {
         pgrx::warning!(

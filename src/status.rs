@@ -14,12 +14,13 @@ type CacheRow = (String, i64, String, i64, Vec<i64>, f64, f64, i64, Option<Strin
 pub fn cache_rows() -> Vec<CacheRow> {
     backend::with_backend(|b| {
         let now = backend::cache_now();
-        let ttl = b.cache.ttl().as_secs_f64();
+        let cache_ttl = b.cache.ttl();
         let mut rows: Vec<CacheRow> = b
             .cache
             .iter()
             .map(|(tenant, e)| {
                 let age = now.saturating_duration_since(e.keys.loaded_at()).as_secs_f64();
+                let ttl = e.ttl(cache_ttl).as_secs_f64();
                 (
                     tenant.to_string(),
                     e.keys.tenant_key_id() as i64,
@@ -88,10 +89,23 @@ pub fn status_json() -> Result<Value> {
     };
     // Tenant names only for roles that may list tenants (pg_monitor members get a count).
     let all_suspended = catalog::suspended_tenants()?;
-    let suspended = if catalog::can_list_tenants(crate::nothrow::current_user_id())? {
+    let all_shreds = catalog::shred_states()?;
+    let can_list = catalog::can_list_tenants(crate::nothrow::current_user_id())?;
+    let suspended = if can_list {
         json!(all_suspended.into_iter().map(|(name, since, reason)| json!({ "tenant": name, "since": since, "reason": reason })).collect::<Vec<_>>())
     } else {
         json!({ "count": all_suspended.len() })
+    };
+    let shreds = if can_list {
+        json!(all_shreds
+            .into_iter()
+            .map(|(name, state, after, kms)| json!({ "tenant": name, "state": state, "destroy_after": after, "root_key_destruction": kms }))
+            .collect::<Vec<_>>())
+    } else {
+        json!({
+            "scheduled": all_shreds.iter().filter(|s| s.1 == "scheduled").count(),
+            "shredded": all_shreds.iter().filter(|s| s.1 == "shredded").count(),
+        })
     };
     let w = worker_status();
     let worker = json!({
@@ -120,6 +134,8 @@ pub fn status_json() -> Result<Value> {
             "providers": providers,
             "lockdown": lockdown,
             "suspended_tenants": suspended,
+            "shreds": shreds,
+            "shred_requires_confirmation": gucs::shred_requires_confirmation(),
             "maintenance_worker": worker,
             "backend": {
                 "pid": std::process::id(),

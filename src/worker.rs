@@ -262,6 +262,21 @@ fn flatten<T>(r: Result<crate::error::Result<T>, String>) -> Result<T, String> {
 
 fn run_item(w: &Work) -> Result<(), String> {
     match w {
+        Work::Shred(tenant) => {
+            let t = tenant.clone();
+            if flatten(in_transaction(move || crate::shred::shred_if_due_impl(&t)))? {
+                pgrx::log!("pg_envelope maintenance: tenant \"{}\" crypto-shredded", crate::error::shown(tenant));
+            }
+            // The dedicated root key, if any, in its own transaction after the shred committed.
+            let t = tenant.clone();
+            flatten(in_transaction(move || crate::shred::destroy_root_key_impl(&t)))?;
+            Ok(())
+        }
+        Work::DestroyRootKey(tenant) => {
+            let t = tenant.clone();
+            flatten(in_transaction(move || crate::shred::destroy_root_key_impl(&t)))?;
+            Ok(())
+        }
         Work::Rotate(tenant) => {
             let t = tenant.clone();
             if let Some(v) = flatten(in_transaction(move || maintenance::rotate_if_due(&t)))? {

@@ -167,6 +167,16 @@ pub struct CacheEntry<M> {
     /// Set while the keys are past their TTL and the provider could not be reached to refresh
     /// them: the entry keeps serving, up to the maximum key age.
     pub degraded: Option<Degraded>,
+    /// A shorter TTL for this entry than the cache's (a provider's `key_cache_ttl`: a
+    /// customer-managed key whose revocation must take effect sooner).
+    pub ttl_cap: Option<Duration>,
+}
+
+impl<M> CacheEntry<M> {
+    /// The entry's TTL: the cache's, or its own cap if shorter.
+    pub fn ttl(&self, cache_ttl: Duration) -> Duration {
+        self.ttl_cap.map_or(cache_ttl, |c| c.min(cache_ttl))
+    }
 }
 
 /// A stale entry kept alive through a key-provider outage.
@@ -257,7 +267,7 @@ impl<M> KeyCache<M> {
                 self.stats.misses += 1;
                 return false;
             }
-            Some(e) => now.saturating_duration_since(e.keys.loaded_at) >= self.ttl,
+            Some(e) => now.saturating_duration_since(e.keys.loaded_at) >= e.ttl(self.ttl),
         };
         if expired {
             self.entries.remove(tenant);
@@ -274,7 +284,7 @@ impl<M> KeyCache<M> {
             None => Freshness::Missing,
             Some(e) => {
                 let age = now.saturating_duration_since(e.keys.loaded_at);
-                if age < self.ttl {
+                if age < e.ttl(self.ttl) {
                     Freshness::Fresh
                 } else {
                     Freshness::Stale { age }
@@ -322,7 +332,7 @@ impl<M> KeyCache<M> {
     /// The entry if it is fresh at `now`, counting a hit: the hot path, one hash lookup.
     pub fn fresh_hit(&mut self, tenant: &str, now: Instant) -> Option<&mut CacheEntry<M>> {
         let e = self.entries.get_mut(tenant)?;
-        if now.saturating_duration_since(e.keys.loaded_at) >= self.ttl {
+        if now.saturating_duration_since(e.keys.loaded_at) >= e.ttl(self.ttl) {
             return None;
         }
         self.stats.hits += 1;
@@ -356,11 +366,16 @@ impl<M> KeyCache<M> {
 
     /// Caches keys loaded elsewhere (for example on a helper thread that can be abandoned when
     /// the query is cancelled), counting the root-key unwrap that produced them.
-    pub fn insert_loaded(&mut self, tenant: &str, mut keys: TenantKeys, meta: M) -> &mut CacheEntry<M> {
+    pub fn insert_loaded(&mut self, tenant: &str, keys: TenantKeys, meta: M) -> &mut CacheEntry<M> {
+        self.insert_loaded_capped(tenant, keys, meta, None)
+    }
+
+    /// [`KeyCache::insert_loaded`] with the entry's own TTL cap (see [`CacheEntry::ttl_cap`]).
+    pub fn insert_loaded_capped(&mut self, tenant: &str, mut keys: TenantKeys, meta: M, ttl_cap: Option<Duration>) -> &mut CacheEntry<M> {
         self.stats.root_unwraps += 1;
         keys.hits = 1;
         self.cold_failures.remove(tenant);
-        self.entries.insert(tenant.to_string(), CacheEntry { keys, meta, degraded: None });
+        self.entries.insert(tenant.to_string(), CacheEntry { keys, meta, degraded: None, ttl_cap });
         self.entries.get_mut(tenant).expect("just inserted")
     }
 
@@ -450,6 +465,29 @@ mod tests {
         }
         assert_eq!(unwraps.load(std::sync::atomic::Ordering::Relaxed), 200);
         assert_eq!(cache.stats().expirations, 100);
+    }
+
+    #[test]
+    fn an_entry_capped_below_the_cache_ttl_expires_first_and_never_later() {
+        let mut p = InsecureTestProvider::new();
+        let (byok, other) = (make_tenant(&mut p, "byok", 1, &[1]), make_tenant(&mut p, "other", 2, &[1]));
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(3600));
+        let t0 = Instant::now();
+        let keys = TenantKeys::load(&mut p, &byok, t0).unwrap();
+        cache.insert_loaded_capped("byok", keys, (), Some(Duration::from_secs(5)));
+        let keys = TenantKeys::load(&mut p, &other, t0).unwrap();
+        cache.insert_loaded("other", keys, ());
+        let t4 = t0 + Duration::from_secs(4);
+        assert!(cache.fresh_hit("byok", t4).is_some());
+        let t5 = t0 + Duration::from_secs(5);
+        assert!(cache.fresh_hit("byok", t5).is_none(), "past its own TTL");
+        assert_eq!(cache.freshness("byok", t5), Freshness::Stale { age: Duration::from_secs(5) });
+        assert!(cache.get("byok", t5).is_none());
+        assert!(cache.fresh_hit("other", t5).is_some(), "other tenants keep the cache's TTL");
+        // A cap longer than the cache's TTL does not extend it.
+        let keys = TenantKeys::load(&mut p, &byok, t0).unwrap();
+        cache.insert_loaded_capped("byok", keys, (), Some(Duration::from_secs(7200)));
+        assert!(cache.fresh_hit("byok", t0 + Duration::from_secs(3600)).is_none());
     }
 
     #[test]

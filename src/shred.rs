@@ -1,0 +1,361 @@
+//! Crypto-shredding, SQL glue (sql/shred.sql has the columns, the `shreds` view and
+//! `shred_report`).
+//!
+//! Two steps with a window between them:
+//! * `schedule_shred(tenant, delay)`: the tenant is suspended at commit (every backend refuses
+//!   its keys at its next call; idle ones drop them at once) and its destruction is due after
+//!   `delay` (at least `envelope.shred_min_delay`). `cancel_shred(tenant)` undoes both inside the
+//!   window; `confirm_shred(tenant)` records a second login's confirmation, required when
+//!   `envelope.shred_requires_confirmation` is on (the two-person rule).
+//! * The destruction (`shred_if_due`, run by the maintenance worker and `run_maintenance()`):
+//!   the wrapped tenant key, its check value and every wrapped data key are removed; the row
+//!   stays as a tombstone (the tenant key id and the name are never reused); every value of the
+//!   tenant then fails with 42704 "crypto-shredded". For a tenant whose provider is `dedicated`,
+//!   the root key is then destroyed in the key server (`shred_destroy_root_key`, a separate
+//!   transaction after the first committed, retried until it succeeds).
+
+use pgrx::prelude::*;
+
+use crate::backend;
+use crate::catalog::{self, as_extension_owner, missing, spi_err, Refusal};
+use crate::error::{shown, EnvelopeError, OrRaise, Result};
+use crate::gucs;
+
+fn bad(code: pgrx::PgSqlErrorCode, message: String, hint: Option<&str>) -> EnvelopeError {
+    EnvelopeError::BadRequest { code, message, hint: hint.map(str::to_string) }
+}
+
+fn not_in_state(message: String, hint: Option<&str>) -> EnvelopeError {
+    bad(pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, message, hint)
+}
+
+/// The login (session user) and the role in effect, as recorded: `role` or `role (login x)`.
+fn who() -> (pg_sys::Oid, String) {
+    let session = unsafe { pg_sys::GetSessionUserId() };
+    let current = crate::nothrow::current_user_id();
+    let name = if session == current {
+        backend::role_name(current)
+    } else {
+        format!("{} (login {})", backend::role_name(current), backend::role_name(session))
+    };
+    (session, name)
+}
+
+/// The tenant, locked, refused if it was shredded already.
+fn lock_live(tenant: &str, shredded: impl FnOnce(&str) -> EnvelopeError) -> Result<catalog::LockedTenant> {
+    let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    if let Some(Refusal::Shredded { at }) = &t.refusal {
+        return Err(shredded(at));
+    }
+    Ok(t)
+}
+
+/// When the tenant's destruction is scheduled (`shred_after::text`), if it is.
+fn scheduled(id: u32) -> Result<Option<String>> {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<String>("SELECT to_char(shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' FROM envelope.tenants WHERE id = $1", &[(id as i32).into()])
+            .map_err(spi_err)
+    })
+}
+
+/// Suspends the tenant at commit and schedules the destruction of its keys after `delay`.
+/// Returns when the destruction becomes due. Key administrators.
+#[pg_extern(volatile, parallel_unsafe)]
+fn schedule_shred(tenant: &str, delay: default!(Option<pgrx::datum::Interval>, "'7 days'")) -> pgrx::datum::TimestampWithTimeZone {
+    schedule_impl(tenant, delay).or_raise()
+}
+
+fn schedule_impl(tenant: &str, delay: Option<pgrx::datum::Interval>) -> Result<pgrx::datum::TimestampWithTimeZone> {
+    let delay = delay.ok_or_else(|| {
+        bad(pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "pg_envelope: the shred delay must not be NULL".into(), None)
+    })?;
+    let t = lock_live(tenant, |at| {
+        not_in_state(format!("pg_envelope: tenant \"{}\" was already crypto-shredded on {at}", shown(tenant)), None)
+    })?;
+    if let Some(after) = scheduled(t.id)? {
+        return Err(not_in_state(
+            format!("pg_envelope: tenant \"{}\" is already scheduled for crypto-shredding after {after}", shown(tenant)),
+            Some("To change the window, cancel_shred() and schedule_shred() again."),
+        ));
+    }
+    let min_s = gucs::shred_min_delay_s();
+    let (session, by) = who();
+    let after = as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let secs = client
+                .select("SELECT extract(epoch FROM $1::interval)::float8", Some(1), &[delay.into()])
+                .map_err(spi_err)?
+                .first()
+                .get::<f64>(1)
+                .map_err(spi_err)?
+                .unwrap_or(-1.0);
+            if secs < min_s as f64 {
+                return Err(bad(
+                    pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("pg_envelope: the shred delay must be at least envelope.shred_min_delay ({min_s} s)"),
+                    Some("The window is what lets a mistaken shred be cancelled; a superuser may lower envelope.shred_min_delay."),
+                ));
+            }
+            let r = client
+                .update(
+                    "UPDATE envelope.tenants
+                        SET shred_after = now() + $2::interval, shred_scheduled_at = now(), shred_scheduled_by = $3,
+                            shred_scheduler = $4, shred_confirmed_by = NULL, shred_resumes = (suspended_at IS NULL),
+                            suspended_at = coalesce(suspended_at, now()),
+                            suspended_reason = coalesce(suspended_reason, 'scheduled for crypto-shredding'),
+                            suspended_by = coalesce(suspended_by, $3)
+                      WHERE id = $1 RETURNING shred_after",
+                    None,
+                    &[(t.id as i32).into(), delay.into(), by.as_str().into(), session.into()],
+                )
+                .map_err(spi_err)?;
+            r.first().get::<pgrx::datum::TimestampWithTimeZone>(1).map_err(spi_err)?.ok_or_else(|| missing("shred_after"))
+        })
+    })?;
+    backend::revoke_after_commit();
+    pgrx::log!("pg_envelope: tenant \"{}\" suspended and scheduled for crypto-shredding by {} (at commit)", shown(tenant), shown(&by));
+    Ok(after)
+}
+
+/// Undoes `schedule_shred` inside the window: the schedule is dropped and the suspension it
+/// made lifted (a suspension that was there before stays). Returns whether a shred was
+/// scheduled. Key administrators.
+#[pg_extern(volatile, parallel_unsafe)]
+fn cancel_shred(tenant: &str) -> bool {
+    cancel_impl(tenant).or_raise()
+}
+
+fn cancel_impl(tenant: &str) -> Result<bool> {
+    let t = lock_live(tenant, |at| {
+        not_in_state(
+            format!("pg_envelope: tenant \"{}\" was crypto-shredded on {at}; a shred cannot be undone", shown(tenant)),
+            None,
+        )
+    })?;
+    if scheduled(t.id)?.is_none() {
+        return Ok(false);
+    }
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.tenants
+                SET suspended_at = CASE WHEN shred_resumes THEN NULL ELSE suspended_at END,
+                    suspended_reason = CASE WHEN shred_resumes THEN NULL ELSE suspended_reason END,
+                    suspended_by = CASE WHEN shred_resumes THEN NULL ELSE suspended_by END,
+                    shred_after = NULL, shred_scheduled_at = NULL, shred_scheduled_by = NULL, shred_scheduler = NULL,
+                    shred_confirmed_by = NULL, shred_resumes = NULL
+              WHERE id = $1",
+            &[(t.id as i32).into()],
+        )
+        .map_err(spi_err)
+    })?;
+    backend::invalidate_after_commit();
+    pgrx::log!("pg_envelope: crypto-shredding of tenant \"{}\" cancelled by {} (at commit)", shown(tenant), shown(&who().1));
+    Ok(true)
+}
+
+/// The second person of the two-person rule: another login than the one that scheduled the
+/// shred confirms it. Returns whether this call confirmed it (false: confirmed already).
+#[pg_extern(volatile, parallel_unsafe)]
+fn confirm_shred(tenant: &str) -> bool {
+    confirm_impl(tenant).or_raise()
+}
+
+fn confirm_impl(tenant: &str) -> Result<bool> {
+    let t = lock_live(tenant, |at| not_in_state(format!("pg_envelope: tenant \"{}\" was already crypto-shredded on {at}", shown(tenant)), None))?;
+    let (scheduler, confirmed) = as_extension_owner(|| {
+        Spi::connect(|client| {
+            let r = client
+                .select("SELECT shred_scheduler, shred_confirmed_by FROM envelope.tenants WHERE id = $1", Some(1), &[(t.id as i32).into()])
+                .map_err(spi_err)?;
+            let r = r.first();
+            Ok::<_, EnvelopeError>((r.get::<pg_sys::Oid>(1).map_err(spi_err)?, r.get::<String>(2).map_err(spi_err)?))
+        })
+    })?;
+    let Some(scheduler) = scheduler else {
+        return Err(not_in_state(format!("pg_envelope: tenant \"{}\" is not scheduled for crypto-shredding", shown(tenant)), None));
+    };
+    let (session, by) = who();
+    if session == scheduler {
+        return Err(bad(
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "pg_envelope: the login that scheduled a shred cannot confirm it".into(),
+            Some("The two-person rule: another key administrator, logged in as someone else, runs envelope.confirm_shred()."),
+        ));
+    }
+    if confirmed.is_some() {
+        return Ok(false);
+    }
+    as_extension_owner(|| {
+        Spi::run_with_args("UPDATE envelope.tenants SET shred_confirmed_by = $2 WHERE id = $1", &[(t.id as i32).into(), by.as_str().into()])
+            .map_err(spi_err)
+    })?;
+    pgrx::log!("pg_envelope: crypto-shredding of tenant \"{}\" confirmed by {}", shown(tenant), shown(&by));
+    Ok(true)
+}
+
+/// Maintenance: destroys the tenant's keys if its shred is due (window elapsed, confirmed when
+/// the two-person rule is on). Re-checked after locking, so the worker and a concurrent
+/// `run_maintenance` shred once. Returns whether it shredded.
+#[pg_extern(volatile, parallel_unsafe)]
+fn shred_if_due(tenant: &str) -> bool {
+    shred_if_due_impl(tenant).or_raise()
+}
+
+pub fn shred_if_due_impl(tenant: &str) -> Result<bool> {
+    let Some(t) = catalog::lock_tenant(tenant)? else { return Ok(false) };
+    if matches!(t.refusal, Some(Refusal::Shredded { .. })) {
+        return Ok(false);
+    }
+    let dedicated = backend::common_options(&t.provider_options).dedicated;
+    let (_, by) = who();
+    let shredded = as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let r = client
+                .update(
+                    "UPDATE envelope.tenants
+                        SET wrapped_key = NULL, key_check = NULL, shredded_at = now(), shredded_by = $3,
+                            kms_destruction = CASE WHEN $4 THEN 'pending' END
+                      WHERE id = $1 AND shredded_at IS NULL AND shred_after <= now()
+                        AND (NOT $2 OR shred_confirmed_by IS NOT NULL)
+                      RETURNING 1",
+                    None,
+                    &[(t.id as i32).into(), gucs::shred_requires_confirmation().into(), by.as_str().into(), dedicated.into()],
+                )
+                .map_err(spi_err)?;
+            if r.is_empty() {
+                return Ok(false);
+            }
+            client
+                .update(
+                    "UPDATE envelope.data_keys SET state = 'destroyed', wrapped_key = NULL, destroyed_at = coalesce(destroyed_at, now())
+                      WHERE tenant_id = $1 AND state <> 'destroyed'",
+                    None,
+                    &[(t.id as i32).into()],
+                )
+                .map_err(spi_err)?;
+            client.update("DELETE FROM envelope.rotation_policy WHERE tenant_id = $1", None, &[(t.id as i32).into()]).map_err(spi_err)?;
+            Ok::<_, EnvelopeError>(true)
+        })
+    })?;
+    if shredded {
+        backend::revoke_after_commit();
+        pgrx::log!(
+            "pg_envelope: tenant \"{}\" crypto-shredded by {} (at commit): its wrapped keys are removed{}",
+            shown(tenant),
+            shown(&by),
+            if dedicated { "; its dedicated root key is destroyed next" } else { "; its root key is shared and stays (see envelope.shred_report)" }
+        );
+    }
+    Ok(shredded)
+}
+
+/// Maintenance: destroys the root key of a shredded tenant whose provider is `dedicated`, in
+/// the key server. Runs after the shred committed; a failure is recorded (`kms_last_error`,
+/// `shred_report`) and retried at the next maintenance run, never raised, so the record stays.
+/// Returns what happened, or NULL when nothing was pending.
+#[pg_extern(volatile, parallel_unsafe)]
+fn shred_destroy_root_key(tenant: &str) -> Option<String> {
+    destroy_root_key_impl(tenant).or_raise()
+}
+
+pub fn destroy_root_key_impl(tenant: &str) -> Result<Option<String>> {
+    let Some(t) = catalog::lock_tenant(tenant)? else { return Ok(None) };
+    let pending = as_extension_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT shredded_at IS NOT NULL AND kms_destruction = 'pending' FROM envelope.tenants WHERE id = $1",
+            &[(t.id as i32).into()],
+        )
+        .map_err(spi_err)
+    })?;
+    if pending != Some(true) {
+        return Ok(None);
+    }
+    let result = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options).and_then(|mut p| {
+        backend::interruptible(move || p.destroy_root_key())
+            .map_err(|error| EnvelopeError::Provider { provider: t.provider.clone(), error })
+    });
+    let (outcome, error) = match &result {
+        Ok(done) => (done.clone(), None),
+        Err(e) => (format!("pending: {}", e.message()), Some(e.message())),
+    };
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.tenants
+                SET kms_destruction = CASE WHEN $2::text IS NULL THEN $3 ELSE kms_destruction END,
+                    kms_destroyed_at = CASE WHEN $2::text IS NULL THEN now() ELSE kms_destroyed_at END,
+                    kms_last_error = $2
+              WHERE id = $1",
+            &[(t.id as i32).into(), error.clone().into(), outcome.as_str().into()],
+        )
+        .map_err(spi_err)
+    })?;
+    match error {
+        None => pgrx::log!("pg_envelope: the dedicated root key of shredded tenant \"{}\": {outcome}", shown(tenant)),
+        Some(e) => pgrx::warning!(
+            "pg_envelope: the dedicated root key of shredded tenant \"{}\" could not be destroyed (retried at the next maintenance run): {e}",
+            shown(tenant)
+        ),
+    }
+    Ok(Some(outcome))
+}
+
+/// Tenants whose shred is due now (window elapsed; confirmed when the two-person rule is on).
+pub fn shreds_due() -> Result<Vec<String>> {
+    names(
+        "SELECT name FROM envelope.tenants
+          WHERE shredded_at IS NULL AND shred_after <= now() AND (NOT $1 OR shred_confirmed_by IS NOT NULL) ORDER BY id",
+        gucs::shred_requires_confirmation(),
+    )
+}
+
+/// Shredded tenants whose dedicated root key is not destroyed yet.
+pub fn root_keys_to_destroy() -> Result<Vec<String>> {
+    names("SELECT name FROM envelope.tenants WHERE shredded_at IS NOT NULL AND kms_destruction = 'pending' AND $1 ORDER BY id", true)
+}
+
+fn names(sql: &str, arg: bool) -> Result<Vec<String>> {
+    as_extension_owner(|| {
+        Spi::connect(|client| {
+            let t = client.select(sql, None, &[arg.into()]).map_err(spi_err)?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push(r.get::<String>(1).map_err(spi_err)?.ok_or_else(|| missing("name"))?);
+            }
+            Ok(out)
+        })
+    })
+}
+
+/// A `dedicated` provider serves one tenant: refused when it already has one (shredded tenants
+/// count: their tombstone names the provider, and its key is destroyed). Locks the provider row
+/// so two concurrent creations cannot both pass.
+pub fn check_dedicated_free(provider: &str) -> Result<()> {
+    let taken = as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            let p = client
+                .update("SELECT options::text FROM envelope.key_providers WHERE name = $1 FOR UPDATE", Some(1), &[provider.into()])
+                .map_err(spi_err)?;
+            if p.is_empty() {
+                return Ok(None);
+            }
+            let options = p.first().get::<String>(1).map_err(spi_err)?.unwrap_or_default();
+            if !backend::common_options(&options).dedicated {
+                return Ok(None);
+            }
+            let t = client
+                .select("SELECT name FROM envelope.tenants WHERE provider = $1 ORDER BY id LIMIT 1", Some(1), &[provider.into()])
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            t.first().get::<String>(1).map_err(spi_err)
+        })
+    })?;
+    match taken {
+        None => Ok(()),
+        Some(other) => Err(not_in_state(
+            format!("pg_envelope: key provider \"{provider}\" is dedicated to tenant \"{}\"", shown(&other)),
+            Some("A dedicated provider's root key belongs to one tenant (shredding it destroys the key): register another provider for this tenant."),
+        )),
+    }
+}
