@@ -22,9 +22,9 @@ PGE_SERVER_ENV=(SOFTHSM2_CONF="$PGE_STATE/softhsm/softhsm2.conf")
 # PGE_MEMLOCK_KB: start the server under `ulimit -l` (tests of the key pool's mlock fallback).
 pg_ctl() {
   if [ -n "${PGE_MEMLOCK_KB:-}" ]; then
-    as_postgres env "${PGE_SERVER_ENV[@]}" sh -c 'ulimit -l "$0" && exec "$@"' "$PGE_MEMLOCK_KB" "$PGE_PG15_BIN/pg_ctl" "$@"
+    as_postgres env -u RUST_BACKTRACE "${PGE_SERVER_ENV[@]}" sh -c 'ulimit -l "$0" && exec "$@"' "$PGE_MEMLOCK_KB" "$PGE_PG15_BIN/pg_ctl" "$@"
   else
-    as_postgres env "${PGE_SERVER_ENV[@]}" "$PGE_PG15_BIN/pg_ctl" "$@"
+    as_postgres env -u RUST_BACKTRACE "${PGE_SERVER_ENV[@]}" "$PGE_PG15_BIN/pg_ctl" "$@"
   fi
 }
 server_env_current() {

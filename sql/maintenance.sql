@@ -56,7 +56,14 @@ DECLARE
     job bigint;
 BEGIN
     FOR w IN SELECT * FROM envelope.maintenance_due() LOOP
-        IF w.action IN ('shred', 'destroy_root_key') THEN
+        IF w.action = 'compact_key_tables' THEN
+            BEGIN
+                PERFORM envelope.shred_compact_key_tables();
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'pg_envelope: maintenance: rewriting the key tables failed: % (%)', SQLERRM, SQLSTATE;
+            END;
+            COMMIT;
+        ELSIF w.action IN ('shred', 'destroy_root_key') THEN
             IF w.action = 'shred' THEN
                 BEGIN
                     IF envelope.shred_if_due(w.target) THEN

@@ -21,7 +21,9 @@ ALTER TABLE tenants ALTER COLUMN wrapped_key DROP NOT NULL,
                     ADD COLUMN shredded_by text,
                     ADD COLUMN kms_destruction text,
                     ADD COLUMN kms_destroyed_at timestamptz,
-                    ADD COLUMN kms_last_error text;
+                    ADD COLUMN kms_last_error text,
+                    ADD COLUMN shredded_xid bigint,
+                    ADD COLUMN keys_compacted_at timestamptz;
 -- A live tenant has its keys; a shredded one has none, stays suspended and keeps its schedule.
 ALTER TABLE tenants ADD CONSTRAINT tenants_shredded_has_no_key
     CHECK ((shredded_at IS NULL) = (wrapped_key IS NOT NULL AND key_check IS NOT NULL));
@@ -31,6 +33,7 @@ ALTER TABLE tenants ADD CONSTRAINT tenants_shredded_was_scheduled
     CHECK (shredded_at IS NULL OR shred_after IS NOT NULL);
 COMMENT ON COLUMN tenants.shred_after IS 'schedule_shred: the destruction runs after this time (cancel_shred before it undoes the schedule).';
 COMMENT ON COLUMN tenants.shredded_at IS 'Crypto-shredded: the wrapped keys are gone; the row is a tombstone so the tenant key id and name are never reused.';
+COMMENT ON COLUMN tenants.keys_compacted_at IS 'When the key tables were rewritten after the shred (CLUSTER): the old row versions that still held the wrapped keys are gone from the data files.';
 COMMENT ON COLUMN tenants.kms_destruction IS 'Dedicated root key: ''pending'' until the key server destroyed it, then what it did; shared root key: NULL.';
 
 -- Shreds at a glance (no key bytes).
@@ -40,7 +43,7 @@ SELECT t.name AS tenant, t.id AS tenant_key_id,
        t.shred_scheduled_at AS scheduled_at, t.shred_scheduled_by AS scheduled_by, t.shred_after AS destroy_after,
        t.shred_confirmed_by AS confirmed_by, t.shredded_at, t.shredded_by, t.provider,
        coalesce((p.options->>'dedicated')::boolean, false) AS dedicated_root_key,
-       t.kms_destruction, t.kms_destroyed_at, t.kms_last_error
+       t.kms_destruction, t.kms_destroyed_at, t.kms_last_error, t.keys_compacted_at
   FROM tenants t JOIN key_providers p ON p.name = t.provider
  WHERE t.shred_after IS NOT NULL;
 REVOKE ALL ON shreds FROM PUBLIC;
@@ -61,7 +64,8 @@ BEGIN
     SELECT x.*, p.kind AS provider_kind, coalesce((p.options->>'dedicated')::boolean, false) AS is_dedicated
       INTO t FROM envelope.tenants x JOIN envelope.key_providers p ON p.name = x.provider WHERE x.name = shred_report.tenant;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_envelope: tenant "%" does not exist', left(shred_report.tenant, 128) USING ERRCODE = 'undefined_object';
+        RAISE EXCEPTION 'pg_envelope: tenant "%" does not exist', regexp_replace(left(shred_report.tenant, 128), '[[:cntrl:]]', '?', 'g')
+            USING ERRCODE = 'undefined_object';
     END IF;
     dedicated := t.is_dedicated;
     kind := t.provider_kind;
@@ -86,19 +90,21 @@ BEGIN
         WHEN t.kms_destruction IS NULL THEN 'will be destroyed when the tenant is shredded'
         WHEN t.kms_destruction = 'pending' THEN 'pending (retried by the maintenance worker)' || coalesce('; last error: ' || t.kms_last_error, '')
         ELSE t.kms_destruction || ' at ' || t.kms_destroyed_at END;
-    backups := CASE
+    backups := CASE WHEN t.shredded_at IS NOT NULL AND t.keys_compacted_at IS NULL THEN
+            'Old row versions of the key tables still hold its wrapped keys in the data files until the maintenance worker rewrites them (pending: it waits for transactions older than the shred to end). '
+        ELSE '' END || CASE
         WHEN t.shredded_at IS NULL AND dedicated THEN
             'Not shredded yet. When it is, the root key is destroyed in the key server, and copies of this tenant''s wrapped keys in backups, dumps, WAL archives and replicas can no longer be unwrapped.'
         WHEN t.shredded_at IS NULL THEN
             'Not shredded yet. Its root key is shared and will not be destroyed: after the shred, copies of this tenant''s wrapped keys in backups, dumps, WAL archives and replicas stay decryptable, by anyone holding such a copy and access to the root key, until those copies expire.'
         WHEN dedicated AND t.kms_destruction = 'pending' THEN
-            'The database holds no key of this tenant, but its root key still exists in the key server (destruction pending): copies of its wrapped keys in backups, dumps, WAL archives and replicas stay decryptable until the destruction succeeds.'
+            'The live database holds no key of this tenant, but its root key still exists in the key server (destruction pending): copies of its wrapped keys in backups, dumps, WAL archives and replicas stay decryptable until the destruction succeeds.'
         WHEN dedicated AND kind = 'aws_kms' THEN
             'The root key is pending deletion in AWS KMS, which refuses every use of it from the request on and deletes it when the window ends (until then, CancelKeyDeletion in KMS would bring it back). Copies of this tenant''s wrapped keys in backups, dumps, WAL archives and replicas cannot be unwrapped.'
         WHEN dedicated THEN
             'The root key was destroyed in the key server: copies of this tenant''s wrapped keys in backups, dumps, WAL archives and replicas can no longer be unwrapped. Its data is unrecoverable.'
         ELSE
-            'The database holds no key of this tenant, but its root key is shared and was not destroyed: copies of its wrapped keys in backups, dumps, WAL archives and replicas taken before the shred (' || t.shredded_at::timestamptz(0) || ')' ||
+            'The live database holds no key of this tenant, but its root key is shared and was not destroyed: copies of its wrapped keys in backups, dumps, WAL (archived, or not yet recycled) and replicas from before the shred (' || t.shredded_at::timestamptz(0) || ')' ||
             ' stay decryptable, by anyone holding such a copy and access to that root key, until those copies expire. Expire or destroy them (README, "Crypto-shredding"), or give tenants that may be shredded a dedicated provider.'
         END;
     RETURN NEXT;

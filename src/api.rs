@@ -175,6 +175,7 @@ fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) ->
         other => return Err(EnvelopeError::InvalidProvider(format!("unknown provider kind \"{other}\""))),
     }
     backend::check_provider_options(name, options)?;
+    crate::shred::check_new_provider(name, kind, &original.to_string())?;
     if catalog::provider_row(name)?.is_some() {
         return Err(EnvelopeError::InvalidProvider(format!("key provider \"{name}\" already exists")));
     }

@@ -126,8 +126,9 @@ pub fn note_tenants_oid(oid: pg_sys::Oid) {
 /// Registered in `_PG_init` as a relcache callback: a change of `envelope.grant_anchor`'s
 /// privileges (`DROP OWNED BY`, a hand-made `REVOKE`) or a full reset makes grants stale; an
 /// invalidation of `envelope.tenants` (a key change committed here or replayed on a standby)
-/// makes cached keys stale. Only counters move here: the cache may be in use (this runs inside
-/// any lock acquisition), so it is dropped at the next key use or transaction end.
+/// makes cached keys stale, and they are dropped here unless the cache is in use (this runs
+/// inside any lock acquisition, also in the middle of pg_envelope's own code: then the next key
+/// use drops them).
 pub unsafe extern "C-unwind" fn on_relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let anchor = ANCHOR_OID.load(Ordering::Relaxed);
     if relid == pg_sys::InvalidOid || (anchor != 0 && relid.to_u32() == anchor) {
@@ -136,6 +137,9 @@ pub unsafe extern "C-unwind" fn on_relcache_changed(_arg: pg_sys::Datum, relid: 
     let tenants = TENANTS_OID.load(Ordering::Relaxed);
     if relid == pg_sys::InvalidOid || (tenants != 0 && relid.to_u32() == tenants) {
         CATALOG_GENERATION.fetch_add(1, Ordering::Relaxed);
+        drop_stale_keys();
+    } else if crate::revocation::locked_down() {
+        drop_stale_keys();
     }
 }
 
@@ -161,6 +165,28 @@ fn drop_stale_keys() {
             }
         }
     });
+}
+
+/// Makes every backend of this database (or of all databases) drop stale keys now: an
+/// invalidation message for `envelope.tenants` sent at once (not with a transaction: this runs
+/// after the commit, so its receivers read committed state), then [`signal_backends`]. An idle
+/// backend runs an empty transaction and drops its keys at its end ([`on_xact_end`]); a backend
+/// idle *inside* a transaction processes the message ([`on_relcache_changed`]), which drops them
+/// too. (The transactional invalidation of [`invalidate_after_commit`] is sent after the commit
+/// callbacks, too late for the signal.)
+pub fn wake_backends(all_databases: bool) {
+    let tenants = TENANTS_OID.load(Ordering::Relaxed);
+    if tenants != 0 {
+        // SAFETY: a plain relcache invalidation message, as CacheInvalidateRelcache builds it.
+        unsafe {
+            let mut msg: pg_sys::SharedInvalidationMessage = std::mem::zeroed();
+            msg.rc.id = pg_sys::SHAREDINVALRELCACHE_ID as i8;
+            msg.rc.dbId = if all_databases { pg_sys::InvalidOid } else { pg_sys::MyDatabaseId };
+            msg.rc.relId = pg_sys::Oid::from(tenants);
+            pg_sys::SendSharedInvalidMessages(&msg, 1);
+        }
+    }
+    signal_backends(all_databases);
 }
 
 /// Sends PROCSIG_CATCHUP_INTERRUPT to every other server process of this database (or of every
@@ -286,6 +312,21 @@ pub fn bump_epoch() {
     }
 }
 
+/// Refuses PREPARE TRANSACTION in this transaction (registered once per transaction): for
+/// transactions that locked a tenant or changed keys.
+pub fn refuse_prepare() {
+    thread_local! { static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    if ARMED.with(|a| a.replace(true)) {
+        return;
+    }
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
+        ARMED.with(|a| a.set(false));
+        EnvelopeError::PrepareAfterKeyChange.raise();
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || ARMED.with(|a| a.set(false)));
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || ARMED.with(|a| a.set(false)));
+}
+
 /// Like [`invalidate_after_commit`], for changes that take a right away (suspension, shred,
 /// revocation, a disabled or destroyed version): at commit, idle backends of this database are
 /// also woken to drop their cached keys at once ([`signal_backends`]).
@@ -332,7 +373,7 @@ pub fn invalidate_after_commit() {
             bump_epoch();
             REGISTERED.with(|r| r.set(false));
             if WAKE_IDLE.with(|w| w.replace(false)) {
-                signal_backends(false);
+                wake_backends(false);
             }
         });
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
@@ -867,7 +908,12 @@ fn unusable_version(tenant: &str, keys: &TenantKeys, version: u32) -> EnvelopeEr
 /// from its header; the tenant comes from the header too). Key administration only.
 pub fn needs_reencryption(envelope: &[u8]) -> Result<bool> {
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::NotAnEnvelope)?;
-    with_backend(|b| b.with_tenant_keys_by_id(env.tenant_key_id, |_, keys| Ok(env.dek_version != keys.active_version())))
+    match with_backend(|b| b.with_tenant_keys_by_id(env.tenant_key_id, |_, keys| Ok(env.dek_version != keys.active_version()))) {
+        // A shredded tenant's values can never be re-encrypted: nothing to do, and a column that
+        // holds some must not stall the re-encryption of every other tenant's values.
+        Err(EnvelopeError::TenantShredded { .. }) => Ok(false),
+        r => r,
+    }
 }
 
 /// Re-encrypts a stored value under its tenant's active data key, with the same context: the

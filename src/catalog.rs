@@ -588,6 +588,9 @@ pub struct LockedTenant {
 }
 
 pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
+    // A prepared transaction would keep the lock (and block every key change of the tenant,
+    // revocations included, and the maintenance worker) past its session and a restart.
+    crate::backend::refuse_prepare();
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
             let t = client
@@ -1447,8 +1450,12 @@ pub fn set_suspension(tenant_id: u32, reason: Option<&str>) -> Result<bool> {
         Spi::connect_mut(|client| {
             let t = match reason {
                 Some(r) => client.update(
-                    "UPDATE envelope.tenants SET suspended_at = now(), suspended_reason = $2, suspended_by = $3
-                      WHERE id = $1 AND suspended_at IS NULL RETURNING 1",
+                    // A suspension that schedule_shred made is taken over (recorded, with its reason),
+                    // so that cancel_shred does not lift it: it is no longer the shred's own.
+                    "UPDATE envelope.tenants SET suspended_at = now(), suspended_reason = $2, suspended_by = $3,
+                            shred_resumes = CASE WHEN shred_after IS NOT NULL THEN false END
+                      WHERE id = $1 AND shredded_at IS NULL
+                        AND (suspended_at IS NULL OR (shred_after IS NOT NULL AND shred_resumes)) RETURNING 1",
                     None,
                     &[(tenant_id as i32).into(), r.into(), who.as_str().into()],
                 ),

@@ -91,7 +91,8 @@ extension_sql_file!(
         shred::cancel_shred,
         shred::confirm_shred,
         shred::shred_if_due,
-        shred::shred_destroy_root_key
+        shred::shred_destroy_root_key,
+        shred::shred_compact_key_tables
     ]
 );
 extension_sql_file!(
@@ -157,6 +158,7 @@ REVOKE ALL ON FUNCTION cancel_shred(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION confirm_shred(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_if_due(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_destroy_root_key(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION shred_compact_key_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;

@@ -5,7 +5,8 @@
 //! Due work, in order:
 //! 0. `shred`: tenants whose crypto-shredding window elapsed (and, under the two-person rule, was
 //!    confirmed); then `destroy_root_key`: shredded tenants whose dedicated root key is still to
-//!    be destroyed in the key server (retried every run until it succeeds);
+//!    be destroyed in the key server (retried every run until it succeeds); then
+//!    `compact_key_tables`: the key tables rewritten once no transaction older than a shred runs;
 //! 1. `rotate`: tenants whose active data key is older than their rotation period
 //!    (`envelope.rotation_policy`, else `envelope.data_key_rotation_period`; 0 = never);
 //! 2. `rewrap`: providers with an open rewrap job, or whose root key reports a newer version than
@@ -30,6 +31,7 @@ fn default_rotation_period() -> pgrx::datum::Interval {
 pub enum Work {
     Shred(String),
     DestroyRootKey(String),
+    CompactKeyTables,
     Rotate(String),
     Rewrap(String),
     Reencrypt { job: i64, role: pg_sys::Oid },
@@ -40,6 +42,7 @@ impl Work {
         match self {
             Work::Shred(t) => ("shred".into(), t.clone()),
             Work::DestroyRootKey(t) => ("destroy_root_key".into(), t.clone()),
+            Work::CompactKeyTables => ("compact_key_tables".into(), "envelope.tenants, envelope.data_keys".into()),
             Work::Rotate(t) => ("rotate".into(), t.clone()),
             Work::Rewrap(p) => ("rewrap".into(), p.clone()),
             Work::Reencrypt { job, .. } => ("reencrypt".into(), job.to_string()),
@@ -52,6 +55,9 @@ impl Work {
 pub fn due_work(warnings: &mut Vec<String>) -> Result<Vec<Work>> {
     let mut out: Vec<Work> = crate::shred::shreds_due()?.into_iter().map(Work::Shred).collect();
     out.extend(crate::shred::root_keys_to_destroy()?.into_iter().map(Work::DestroyRootKey));
+    if crate::shred::compaction_pending()? {
+        out.push(Work::CompactKeyTables);
+    }
     out.extend(catalog::tenants_due_for_rotation(gucs::data_key_rotation_period_s())?.into_iter().map(Work::Rotate));
     for (provider, kind, options, open_job, versions) in catalog::providers_with_tenants()? {
         if open_job {

@@ -208,6 +208,13 @@ fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
         }
     }
     let changed = catalog::set_suspension(t.id, reason)?;
+    if !changed {
+        let who = crate::error::shown(&catalog::current_role_name());
+        match reason {
+            Some(r) => pgrx::log!("pg_envelope: tenant \"{}\" suspension requested by {who}, already suspended: {r}", crate::error::shown(tenant)),
+            None => pgrx::log!("pg_envelope: tenant \"{}\" resume requested by {who}, not suspended", crate::error::shown(tenant)),
+        }
+    }
     if changed {
         if reason.is_some() {
             backend::revoke_after_commit();
@@ -254,7 +261,7 @@ fn lockdown_impl(reason: &str) -> Result<bool> {
     LOCKDOWN.get().store(since, Ordering::Release);
     backend::with_backend(|b| b.cache.clear());
     // Idle backends of every database drop their keys now, not at their next call.
-    backend::signal_backends(true);
+    backend::wake_backends(true);
     pgrx::log!("pg_envelope: LOCKDOWN by {who}: {reason}");
     if let Err(e) = write_lockdown_file(since, &format!("{reason} (by {who})")) {
         pgrx::warning!(

@@ -29,16 +29,17 @@ fn not_in_state(message: String, hint: Option<&str>) -> EnvelopeError {
     bad(pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, message, hint)
 }
 
-/// The login (session user) and the role in effect, as recorded: `role` or `role (login x)`.
+/// The authenticated login (not changed by `SET SESSION AUTHORIZATION` or `SET ROLE`) and the
+/// role in effect, as recorded: `role` or `role (login x)`.
 fn who() -> (pg_sys::Oid, String) {
-    let session = unsafe { pg_sys::GetSessionUserId() };
+    let login = unsafe { pg_sys::GetAuthenticatedUserId() };
     let current = crate::nothrow::current_user_id();
-    let name = if session == current {
+    let name = if login == current {
         backend::role_name(current)
     } else {
-        format!("{} (login {})", backend::role_name(current), backend::role_name(session))
+        format!("{} (login {})", backend::role_name(current), backend::role_name(login))
     };
-    (session, name)
+    (login, name)
 }
 
 /// The tenant, locked, refused if it was shredded already.
@@ -82,14 +83,21 @@ fn schedule_impl(tenant: &str, delay: Option<pgrx::datum::Interval>) -> Result<p
     let (session, by) = who();
     let after = as_extension_owner(|| {
         Spi::connect_mut(|client| {
-            let secs = client
-                .select("SELECT extract(epoch FROM $1::interval)::float8", Some(1), &[delay.into()])
+            // Compared as the deadline it gives, not as a number of seconds: interval arithmetic
+            // on timestamps is calendar arithmetic ('1 year -365 days' is 0 or 1 day from now,
+            // while extract(epoch) counts it as 6 hours), and the deadline is what is stored.
+            let long_enough = client
+                .select(
+                    "SELECT now() + $1::interval >= now() + make_interval(secs => $2::float8)",
+                    Some(1),
+                    &[delay.into(), (min_s as f64).into()],
+                )
                 .map_err(spi_err)?
                 .first()
-                .get::<f64>(1)
+                .get::<bool>(1)
                 .map_err(spi_err)?
-                .unwrap_or(-1.0);
-            if secs < min_s as f64 {
+                .unwrap_or(false);
+            if !long_enough {
                 return Err(bad(
                     pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                     format!("pg_envelope: the shred delay must be at least envelope.shred_min_delay ({min_s} s)"),
@@ -179,7 +187,7 @@ fn confirm_impl(tenant: &str) -> Result<bool> {
         return Err(bad(
             pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             "pg_envelope: the login that scheduled a shred cannot confirm it".into(),
-            Some("The two-person rule: another key administrator, logged in as someone else, runs envelope.confirm_shred()."),
+            Some("The two-person rule: another key administrator, authenticated as someone else, runs envelope.confirm_shred()."),
         ));
     }
     if confirmed.is_some() {
@@ -214,7 +222,8 @@ pub fn shred_if_due_impl(tenant: &str) -> Result<bool> {
                 .update(
                     "UPDATE envelope.tenants
                         SET wrapped_key = NULL, key_check = NULL, shredded_at = now(), shredded_by = $3,
-                            kms_destruction = CASE WHEN $4 THEN 'pending' END
+                            kms_destruction = CASE WHEN $4 THEN 'pending' END,
+                            shredded_xid = pg_catalog.pg_current_xact_id()::text::bigint
                       WHERE id = $1 AND shredded_at IS NULL AND shred_after <= now()
                         AND (NOT $2 OR shred_confirmed_by IS NOT NULL)
                       RETURNING 1",
@@ -270,7 +279,17 @@ pub fn destroy_root_key_impl(tenant: &str) -> Result<Option<String>> {
     if pending != Some(true) {
         return Ok(None);
     }
-    let result = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options).and_then(|mut p| {
+    let shared = shares_root_key(&t.provider, &t.provider_kind, &t.provider_options, false)?;
+    let result = match shared {
+        Some(other) => Err(bad(
+            pgrx::PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!("refused: provider \"{other}\" uses the same root key (unregister it or move its tenants first)"),
+            None,
+        )),
+        None => Ok(()),
+    }
+    .and_then(|_| backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options))
+    .and_then(|mut p| {
         backend::interruptible(move || p.destroy_root_key())
             .map_err(|error| EnvelopeError::Provider { provider: t.provider.clone(), error })
     });
@@ -297,6 +316,73 @@ pub fn destroy_root_key_impl(tenant: &str) -> Result<Option<String>> {
         ),
     }
     Ok(Some(outcome))
+}
+
+/// Maintenance: rewrites `envelope.tenants` and `envelope.data_keys` (CLUSTER) once every
+/// transaction older than a shred has ended, so the old row versions that still held the
+/// shredded tenant's wrapped keys leave the data files (an UPDATE leaves them in the heap, and
+/// VACUUM frees their space without overwriting it). Returns how many shreds it completed (0:
+/// none could be yet).
+#[pg_extern(volatile, parallel_unsafe)]
+fn shred_compact_key_tables() -> i32 {
+    compact_impl().or_raise()
+}
+
+pub fn compact_impl() -> Result<i32> {
+    backend::refuse_prepare();
+    // SAFETY: the most conservative horizon (a NULL relation: shared catalogs' rules).
+    let horizon = unsafe { pg_sys::GetOldestNonRemovableTransactionId(std::ptr::null_mut()) };
+    let pending: Vec<(i32, i64)> = as_extension_owner(|| {
+        Spi::connect(|client| {
+            let t = client
+                .select(
+                    "SELECT id, shredded_xid FROM envelope.tenants WHERE shredded_at IS NOT NULL AND keys_compacted_at IS NULL",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((r.get::<i32>(1).map_err(spi_err)?.unwrap_or(0), r.get::<i64>(2).map_err(spi_err)?.unwrap_or(0)));
+            }
+            Ok::<_, EnvelopeError>(out)
+        })
+    })?;
+    // Removable once the shredding transaction precedes the horizon (older snapshots could
+    // still see the old versions, and CLUSTER keeps what they can see).
+    let ready: Vec<i32> = pending
+        .into_iter()
+        .filter(|(_, xid)| {
+            let x = pg_sys::TransactionId::from((*xid as u64 & 0xffff_ffff) as u32);
+            *xid != 0 && unsafe { pg_sys::TransactionIdPrecedes(x, horizon) }
+        })
+        .map(|(id, _)| id)
+        .collect();
+    if ready.is_empty() {
+        return Ok(0);
+    }
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client.update("SET LOCAL lock_timeout = '5s'", None, &[]).map_err(spi_err)?;
+            client.update("CLUSTER envelope.tenants USING tenants_pkey", None, &[]).map_err(spi_err)?;
+            client.update("CLUSTER envelope.data_keys USING data_keys_pkey", None, &[]).map_err(spi_err)?;
+            client
+                .update("UPDATE envelope.tenants SET keys_compacted_at = now() WHERE id = ANY($1)", None, &[ready.clone().into()])
+                .map_err(spi_err)?;
+            Ok::<_, EnvelopeError>(())
+        })
+    })?;
+    pgrx::log!("pg_envelope: the key tables were rewritten: no old row version of {} shredded tenant(s) is left in them", ready.len());
+    Ok(ready.len() as i32)
+}
+
+/// Whether a shredded tenant's key tables still wait for their rewrite.
+pub fn compaction_pending() -> Result<bool> {
+    as_extension_owner(|| {
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM envelope.tenants WHERE shredded_at IS NOT NULL AND keys_compacted_at IS NULL)")
+            .map_err(spi_err)
+            .map(|b| b.unwrap_or(false))
+    })
 }
 
 /// Tenants whose shred is due now (window elapsed; confirmed when the two-person rule is on).
@@ -358,4 +444,84 @@ pub fn check_dedicated_free(provider: &str) -> Result<()> {
             Some("A dedicated provider's root key belongs to one tenant (shredding it destroys the key): register another provider for this tenant."),
         )),
     }
+}
+
+/// The root keys a provider's options name, as comparable strings (`None`: the options do not
+/// parse). Transit: server, namespace, mount and key; AWS KMS: region and key id (from an ARN or a
+/// bare id; an alias stays an alias) for `key_id` and every `previous_key_ids`; PKCS#11: module,
+/// token and key labels; local: the one server-wide key file.
+pub fn root_key_identities(kind: &str, options_json: &str) -> Option<Vec<String>> {
+    use pg_envelope_core::provider::{aws::AwsKmsOptions, common::CommonOptions, pkcs11::Pkcs11Options, vault::VaultTransitOptions};
+    let v: serde_json::Value = serde_json::from_str(options_json).ok()?;
+    let (_, own) = CommonOptions::split(&v).ok()?;
+    let aws_id = |k: &str| -> String {
+        match k.split_once(":key/") {
+            Some((_, id)) if k.starts_with("arn:") => id.to_ascii_lowercase(),
+            _ => k.to_ascii_lowercase(),
+        }
+    };
+    Some(match kind {
+        "local" => vec!["local".to_string()],
+        "vault_transit" => {
+            let o = VaultTransitOptions::from_json(&own).ok()?;
+            vec![format!("vault_transit {} {} {}/{}", o.url.to_ascii_lowercase(), o.namespace.unwrap_or_default(), o.mount, o.key)]
+        }
+        "aws_kms" => {
+            let o = AwsKmsOptions::from_json(&own).ok()?;
+            std::iter::once(&o.key_id).chain(o.previous_key_ids.iter()).map(|k| format!("aws_kms {} {}", o.region, aws_id(k))).collect()
+        }
+        "pkcs11" => {
+            let o = Pkcs11Options::from_json(&own).ok()?;
+            vec![format!("pkcs11 {} {} {}", o.module.display(), o.token_label, o.key_label)]
+        }
+        _ => return None,
+    })
+}
+
+/// A dedicated provider must be the only provider naming its root key (in this database): a
+/// shred destroys the key, which must not take another provider's tenants with it. Checked when
+/// a provider is registered (either side dedicated) and again before a destruction. Returns the
+/// other provider's name, if one shares a root key with `name`.
+pub fn shares_root_key(name: &str, kind: &str, options_json: &str, only_if_dedicated: bool) -> Result<Option<String>> {
+    let mine = root_key_identities(kind, options_json).unwrap_or_default();
+    let dedicated = backend::common_options(options_json).dedicated;
+    for (other, other_kind, other_options) in catalog::provider_rows()? {
+        if other == name {
+            continue;
+        }
+        if only_if_dedicated && !dedicated && !backend::common_options(&other_options).dedicated {
+            continue;
+        }
+        let theirs = root_key_identities(&other_kind, &other_options).unwrap_or_default();
+        if mine.iter().any(|k| theirs.contains(k)) {
+            return Ok(Some(other));
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses to register a provider that shares a root key with another when either is dedicated,
+/// and a dedicated AWS provider that names its key by an alias (an alias can be repointed, so
+/// the key it names at a shred is not the key it named before).
+pub fn check_new_provider(name: &str, kind: &str, options_json: &str) -> Result<()> {
+    let common = backend::common_options(options_json);
+    if common.dedicated && kind == "aws_kms" {
+        if let Some(ids) = root_key_identities(kind, options_json) {
+            if ids.iter().any(|k| k.contains(" alias/")) {
+                return Err(bad(
+                    pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("pg_envelope: key provider \"{name}\": a dedicated provider names its KMS keys by key id or ARN, not by alias"),
+                    Some("An alias can be pointed at another key: the key a shred would schedule for deletion must be the one that wrapped the tenant."),
+                ));
+            }
+        }
+    }
+    if let Some(other) = shares_root_key(name, kind, options_json, true)? {
+        return Err(bad(
+            pgrx::PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("pg_envelope: key provider \"{name}\" would share its root key with provider \"{other}\", and one of them is dedicated"),
+            Some("A dedicated provider's root key is destroyed when its tenant is shredded: no other provider may use it."),
+        ));
+    }
+    Ok(())
 }

@@ -260,26 +260,40 @@ fn flatten<T>(r: Result<crate::error::Result<T>, String>) -> Result<T, String> {
     }
 }
 
+/// Runs `f` with `lock_timeout` bounded for this transaction: a tenant row held by another
+/// session (a prepared transaction, a long key change) fails this item instead of stalling every
+/// later one; it is retried at the next run.
+fn bounded<R>(f: impl FnOnce() -> R) -> R {
+    let _ = Spi::run("SET LOCAL lock_timeout = '10s'");
+    f()
+}
+
 fn run_item(w: &Work) -> Result<(), String> {
     match w {
         Work::Shred(tenant) => {
             let t = tenant.clone();
-            if flatten(in_transaction(move || crate::shred::shred_if_due_impl(&t)))? {
+            if flatten(in_transaction(move || bounded(|| crate::shred::shred_if_due_impl(&t))))? {
                 pgrx::log!("pg_envelope maintenance: tenant \"{}\" crypto-shredded", crate::error::shown(tenant));
             }
             // The dedicated root key, if any, in its own transaction after the shred committed.
             let t = tenant.clone();
-            flatten(in_transaction(move || crate::shred::destroy_root_key_impl(&t)))?;
+            flatten(in_transaction(move || bounded(|| crate::shred::destroy_root_key_impl(&t))))?;
+            Ok(())
+        }
+        Work::CompactKeyTables => {
+            if let n @ 1.. = flatten(in_transaction(|| bounded(crate::shred::compact_impl)))? {
+                pgrx::log!("pg_envelope maintenance: key tables rewritten after {n} shred(s)");
+            }
             Ok(())
         }
         Work::DestroyRootKey(tenant) => {
             let t = tenant.clone();
-            flatten(in_transaction(move || crate::shred::destroy_root_key_impl(&t)))?;
+            flatten(in_transaction(move || bounded(|| crate::shred::destroy_root_key_impl(&t))))?;
             Ok(())
         }
         Work::Rotate(tenant) => {
             let t = tenant.clone();
-            if let Some(v) = flatten(in_transaction(move || maintenance::rotate_if_due(&t)))? {
+            if let Some(v) = flatten(in_transaction(move || bounded(|| maintenance::rotate_if_due(&t))))? {
                 pgrx::log!("pg_envelope maintenance: rotated the data key of tenant \"{}\" to version {v}", crate::error::shown(tenant));
                 STATUS.exclusive().rotations += 1;
             }

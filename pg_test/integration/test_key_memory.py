@@ -316,6 +316,70 @@ def test_revoked_backend_holds_no_key(root_key_file):
     assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
 
 
+@pytest.mark.parametrize("idle_in_transaction", [False, True], ids=["idle", "idle-in-repeatable-read-transaction"])
+def test_idle_backend_drops_keys_at_a_suspension_without_another_call(root_key_file, idle_in_transaction):
+    """suspend_tenant (like revoke_tenant, disable_data_key and a shred) wakes idle backends at
+    its commit: a backend that decrypted and then sits idle, waiting for its client (a pooled
+    connection), holds no key of the tenant a moment later, without making another call; also
+    when it idles inside an open REPEATABLE READ transaction (it processes the invalidation
+    message sent with the wake-up)."""
+    with connect(PORT_A, DB) as admin:
+        tenant = new_tenant(admin)
+    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
+    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+
+    with connect(PORT_A, DB, user=APP_ROLE) as be, connect(PORT_A, DB) as admin:
+        pid = backend_pid(be)
+        own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
+        canary = plant_canary(be)
+        if idle_in_transaction:
+            be.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            be.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant,))
+            assert be.execute("SELECT envelope.decrypt_field(%s::bytea)", (foreign,)).fetchone()[0] == foreign_plaintext
+        # The backend's last call: from here on it only idles.
+        wait_for_helper_exit(pid)
+        keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+        active = keyscan.envelope_dek_version(own)
+        patterns = keys.patterns([keyscan.envelope_prefix(own), keyscan.envelope_prefix(foreign)])
+        before_stats = {}
+        before = keyscan.scan_proc_mem(pid, patterns + [canary], before_stats)
+        before_text = report(f"/proc/{pid}/mem before the suspension", before, before_stats)
+
+        started = time.monotonic()
+        assert admin.execute("SELECT envelope.suspend_tenant(%s, 'idle wipe test')", (tenant,)).fetchone()[0] is True
+        # Poll the idle backend's memory (no call to it) until no key is left, for up to 5 s.
+        scans = []
+        while True:
+            scan_started = time.monotonic() - started
+            after_stats = {}
+            after = keyscan.scan_proc_mem(pid, patterns + [canary], after_stats)
+            left = [h for h in after if not is_control(h)]
+            elapsed = time.monotonic() - started
+            scans.append((round(scan_started, 3), len(left)))
+            if not left or elapsed > 5:
+                break
+            time.sleep(0.05)
+        after_text = report(f"/proc/{pid}/mem {elapsed:.3f} s after the suspension committed (no call made)", after, after_stats)
+        # Each scan reads the whole address space (~0.5 s): the first clean scan bounds the time.
+        print(f"idle backend {pid}: scans (started at s, key hits): {scans}")
+        if idle_in_transaction:
+            be.execute("ROLLBACK")
+        # The backend is still fine: its next call is refused with the suspension, not an error.
+        with pytest.raises(psycopg.Error) as err:
+            with as_tenant(be, tenant):
+                be.execute("SELECT envelope.decrypt_field(%s::bytea)", (own,))
+        assert err.value.sqlstate == "57000"
+
+    problems = []
+    if not any(h.key == f"dek v{active}" and h.form != "raw" for h in before):
+        problems.append("control: the cached DEK was not found before the suspension, so its absence afterwards proves nothing")
+    if not any(is_control(h) for h in after):
+        problems.append("control: the canary was not found after the suspension: the scan is broken")
+    if left:
+        problems.append("key material left in the idle backend 5 s after the suspension:\n" + keyscan.format_hits(left, "left"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
+
+
 # -- the key pool under a small RLIMIT_MEMLOCK ----------------------------------------------------
 
 

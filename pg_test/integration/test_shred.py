@@ -139,6 +139,21 @@ def restore(blob, port, dbname):
     assert r.returncode == 0, r.stderr.decode()
 
 
+def in_key_table_files(conn, needle):
+    """Whether `needle` occurs in the data files of envelope.tenants or envelope.data_keys (every
+    fork and segment), read from the data directory."""
+    datadir = conn.execute("SHOW data_directory").fetchone()[0]
+    for rel in ("envelope.tenants", "envelope.data_keys"):
+        base = os.path.join(datadir, conn.execute("SELECT pg_relation_filepath(%s)", (rel,)).fetchone()[0])
+        d, stem = os.path.dirname(base), os.path.basename(base)
+        for f in os.listdir(d):
+            if f == stem or f.startswith(stem + ".") or f.startswith(stem + "_"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    if needle in fh.read():
+                        return True
+    return False
+
+
 def read_all(conn, tenant):
     with as_tenant(conn, tenant):
         return [r[0] for r in conn.execute("SELECT v::text FROM secrets WHERE tenant = %s ORDER BY id", (tenant,)).fetchall()]
@@ -166,6 +181,16 @@ def test_shred_destroys_dedicated_root_keys_and_a_restored_dump_cannot_decrypt(s
         assert state == "55000" and 'dedicated to tenant "acme"' in msg
         state, _ = sqlstate(c, "SELECT envelope.rewrap_tenant('globex', 'aws_initech')")
         assert state == "55000"
+        # A dedicated provider's root key is its own: no other provider may name it, either way.
+        state, msg = sqlstate(c, "SELECT envelope.add_key_provider('bao_dup', 'vault_transit', %s)", (bao_options(acme_key, shared_token),))
+        assert state == "42710" and '"bao_acme"' in msg, (state, msg)
+        state, _ = sqlstate(c, "SELECT envelope.add_key_provider('bao_dup', 'vault_transit', %s)", (bao_options(shared_key, acme_token, dedicated=True),))
+        assert state == "42710"
+        state, _ = sqlstate(c, "SELECT envelope.add_key_provider('aws_dup', 'aws_kms', %s)",
+                            (aws_options("arn:aws:kms:us-east-1:123456789012:key/" + initech_key),))
+        assert state == "42710"
+        state, _ = sqlstate(c, "SELECT envelope.add_key_provider('aws_alias', 'aws_kms', %s)", (aws_options("alias/whatever", dedicated=True),))
+        assert state == "22023"
         c.execute("CREATE TABLE secrets (id serial PRIMARY KEY, tenant text, v envelope.encrypted_text)")
         for t in tenants:
             with as_tenant(c, t):
@@ -174,6 +199,13 @@ def test_shred_destroys_dedicated_root_keys_and_a_restored_dump_cannot_decrypt(s
         report = c.execute("SELECT root_key, backups FROM envelope.shred_report('acme')").fetchone()
         assert report[0].startswith("dedicated") and "can no longer be unwrapped" in report[1]
     blob = dump(DB)  # the backup taken before the shred
+    # The wrapped keys of hooli (under the shared root key) are in the key tables' data files.
+    with connect(PORT_A, DB) as c:
+        hooli_keys = [bytes(r[0]) for r in c.execute(
+            "SELECT wrapped_key FROM envelope.tenants WHERE name = 'hooli' UNION ALL "
+            "SELECT d.wrapped_key FROM envelope.data_keys d JOIN envelope.tenants t ON t.id = d.tenant_id WHERE t.name = 'hooli'").fetchall()]
+        c.execute("CHECKPOINT")
+        assert all(in_key_table_files(c, k) for k in hooli_keys), "control: the wrapped keys are not found in the data files"
 
     with connect(PORT_A, DB) as c:
         c.execute("SET envelope.shred_min_delay = 0")
@@ -198,6 +230,19 @@ def test_shred_destroys_dedicated_root_keys_and_a_restored_dump_cannot_decrypt(s
         assert report["state"] == "shredded" and "stay decryptable" in report["backups"] and "until those copies expire" in report["backups"]
         report = c.execute("SELECT kms_destruction, backups FROM envelope.shred_report('acme')").fetchone()
         assert "deleted" in report[0] and "can no longer be unwrapped" in report[1]
+
+    # The old row versions that held the wrapped keys leave the data files once the key tables
+    # are rewritten (the maintenance does it when no transaction older than the shred runs).
+    with connect(PORT_A, DB) as c:
+        deadline = time.monotonic() + 20
+        while c.execute("SELECT count(*) FROM envelope.shreds WHERE state = 'shredded' AND keys_compacted_at IS NULL").fetchone()[0]:
+            assert time.monotonic() < deadline, "the key tables were not rewritten"
+            time.sleep(0.5)
+            c.execute("CALL envelope.run_maintenance()")
+        c.execute("CHECKPOINT")
+        left = [k for k in hooli_keys if in_key_table_files(c, k)]
+        assert not left, f"{len(left)} wrapped key(s) of the shredded tenant still in the key tables' data files"
+        assert "Old row versions" not in c.execute("SELECT backups FROM envelope.shred_report('hooli')").fetchone()[0]
 
     # The key servers: the Transit key is gone, the AWS key pending deletion.
     assert not bao.key_exists(acme_key) and bao.key_exists(shared_key)

@@ -1,4 +1,5 @@
-"""The maintenance worker does nothing on a hot standby and starts once it is promoted.
+"""Hot standbys: the maintenance worker does nothing there and starts once promoted; revocations
+made on the primary reach the standby's backends at their next call.
 
 A streaming standby of the project's cluster (pg_basebackup -R) runs on 127.0.0.1:54318 with its
 own socket directory; it is removed afterwards.
@@ -6,11 +7,12 @@ own socket directory; it is removed afterwards.
 
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 
-from conftest import BIN, PORT_A, SOCK, STATE, sh
+from conftest import BIN, PORT_A, SOCK, STATE, as_tenant, recreate_db, sh
 
 PORT = 54318
 DATA = STATE / "pg15-standby" / "data"
@@ -50,7 +52,7 @@ def test_worker_idle_on_standby_starts_after_promotion():
     shutil.chown(DATA.parent, "postgres", "postgres")
     shutil.chown(SOCKDIR, "postgres", "postgres")
     try:
-        as_postgres(f"{BIN}/pg_basebackup", "-h", SOCK, "-p", str(PORT_A), "-U", "postgres", "-D", str(DATA), "-R", "-X", "stream")
+        as_postgres(f"{BIN}/pg_basebackup", "-h", SOCK, "-p", str(PORT_A), "-U", "postgres", "-D", str(DATA), "-R", "-X", "stream", "-c", "fast")
         as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-w", "-l", str(DATA.parent / "server.log"), "-o",
                     f"-p {PORT} -c listen_addresses=127.0.0.1 -c unix_socket_directories={SOCKDIR}", "start")
         connect = lambda: psycopg.connect(host=str(SOCKDIR), port=PORT, dbname="postgres", user="postgres", autocommit=True)
@@ -66,3 +68,77 @@ def test_worker_idle_on_standby_starts_after_promotion():
     finally:
         as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-m", "immediate", "stop", check=False)
         shutil.rmtree(DATA.parent, ignore_errors=True)
+
+
+@contextmanager
+def standby():
+    if DATA.parent.exists():
+        as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-m", "immediate", "stop", check=False)
+        shutil.rmtree(DATA.parent)
+    SOCKDIR.mkdir(parents=True)
+    shutil.chown(DATA.parent, "postgres", "postgres")
+    shutil.chown(SOCKDIR, "postgres", "postgres")
+    try:
+        as_postgres(f"{BIN}/pg_basebackup", "-h", SOCK, "-p", str(PORT_A), "-U", "postgres", "-D", str(DATA), "-R", "-X", "stream", "-c", "fast")
+        as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-w", "-l", str(DATA.parent / "server.log"), "-o",
+                    f"-p {PORT} -c listen_addresses=127.0.0.1 -c unix_socket_directories={SOCKDIR}", "start")
+        yield lambda db="postgres": psycopg.connect(host=str(SOCKDIR), port=PORT, dbname=db, user="postgres", autocommit=True)
+    finally:
+        as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-m", "immediate", "stop", check=False)
+        shutil.rmtree(DATA.parent, ignore_errors=True)
+
+
+def test_revocations_reach_standby_backends_at_their_next_call():
+    """A standby never sees the primary's shared-memory epoch: the relation-cache invalidation of
+    envelope.tenants that every key change commits travels in the WAL, and a standby backend that
+    replays it drops its cached keys before its next call, which then reads the suspension (or
+    the missing grant, or the shred) from the replayed catalog. Without it, a standby would serve
+    a suspended tenant from its cache for up to envelope.key_cache_ttl (1 h)."""
+    db = "envelope_standby"
+    recreate_db(PORT_A, db)
+    primary = psycopg.connect(host=SOCK, port=PORT_A, dbname=db, user="postgres", autocommit=True)
+    with primary:
+        primary.execute("CREATE EXTENSION pg_envelope")
+        for t in ("sb_a", "sb_b"):
+            primary.execute("SELECT envelope.create_tenant(%s)", (t,))
+            primary.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
+        primary.execute("CREATE TABLE s (tenant text, v envelope.encrypted_text)")
+        for t in ("sb_a", "sb_b"):
+            with as_tenant(primary, t):
+                primary.execute("INSERT INTO s VALUES (%s, (%s || ' on the standby')::text)", (t, t))
+
+        def replayed(conn):
+            lsn = primary.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            assert wait_for(lambda: conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0], 20)
+
+        def read(conn, tenant):
+            try:
+                with as_tenant(conn, tenant):
+                    return conn.execute("SELECT v::text FROM s WHERE tenant = %s", (tenant,)).fetchone()[0]
+            except psycopg.Error as e:
+                return e.sqlstate
+
+        with standby() as connect_standby, connect_standby(db) as sb:
+            assert sb.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            assert read(sb, "sb_a") == "sb_a on the standby"  # cached in this standby backend now
+            primary.execute("SELECT envelope.suspend_tenant('sb_a', 'standby test')")
+            replayed(sb)
+            assert read(sb, "sb_a") == "57000", "a suspension on the primary must reach the standby's next call"
+            assert read(sb, "sb_b") == "sb_b on the standby"
+            primary.execute("SELECT envelope.resume_tenant('sb_a')")
+            replayed(sb)
+            assert read(sb, "sb_a") == "sb_a on the standby"
+            primary.execute("SELECT envelope.revoke_tenant('sb_a', current_user)")
+            replayed(sb)
+            assert read(sb, "sb_a") == "42501"
+            primary.execute("SELECT envelope.grant_tenant('sb_a', current_user)")
+            assert read(sb, "sb_b") == "sb_b on the standby"
+            primary.execute("SET envelope.shred_min_delay = 0")
+            primary.execute("SELECT envelope.schedule_shred('sb_b', '1 second')")
+            replayed(sb)
+            assert read(sb, "sb_b") == "57000"
+            time.sleep(1.1)
+            primary.execute("CALL envelope.run_maintenance()")
+            replayed(sb)
+            assert read(sb, "sb_b") == "42704", "a shredded tenant on the standby"
+            assert read(sb, "sb_a") == "sb_a on the standby"

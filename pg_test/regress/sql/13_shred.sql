@@ -44,6 +44,13 @@ SELECT envelope.suspend_tenant('sh_a', 'incident 7') AS suspended;
 SELECT envelope.schedule_shred('sh_a') IS NOT NULL AS scheduled, envelope.cancel_shred('sh_a') AS cancelled;
 SELECT scope, tenant, reason FROM envelope.revocations WHERE tenant = 'sh_a';
 SELECT envelope.resume_tenant('sh_a') AS resumed;
+-- A suspension requested while a shred is scheduled takes over the shred's own: a cancel then
+-- leaves it in place.
+SELECT envelope.schedule_shred('sh_a') IS NOT NULL AS scheduled;
+SELECT envelope.suspend_tenant('sh_a', 'incident 8') AS suspension_taken_over;
+SELECT envelope.cancel_shred('sh_a') AS cancelled;
+SELECT scope, tenant, reason FROM envelope.revocations WHERE tenant = 'sh_a';
+SELECT envelope.resume_tenant('sh_a') AS resumed;
 -- A schedule rolled back changes nothing.
 BEGIN;
 SELECT envelope.schedule_shred('sh_a') IS NOT NULL AS scheduled_inside;
@@ -81,6 +88,13 @@ SELECT count(*) AS wrapped_deks_left FROM envelope.data_keys d JOIN envelope.ten
  WHERE t.name = 'sh_a' AND d.wrapped_key IS NOT NULL;
 SELECT sqlstate_of($$SELECT envelope.create_tenant('sh_a')$$) AS name_reused;
 SELECT envelope.create_tenant('sh_c') > (SELECT id FROM envelope.tenants WHERE name = 'sh_a') AS new_id_is_newer;
+-- Re-encryption skips a shredded tenant's values (they can never be re-encrypted) and does the
+-- others: a column holding both does not stall.
+SELECT envelope.rotate_data_key('sh_b') AS sh_b_rotated;
+CALL envelope.reencrypt('sh', 'v');
+SELECT id, envelope.key_version(v) AS version FROM sh ORDER BY id;
+SET app.tenant_id = 'sh_b';
+SELECT v::text AS sh_b_after_reencrypt FROM sh WHERE id = 3;
 -- What it means for backups: the root key (local) is shared and stays.
 SELECT state, confirmation, root_key LIKE 'shared (local, %' AS shared_root, kms_destruction, backups LIKE '%stay decryptable%until those copies expire%' AS warns
   FROM envelope.shred_report('sh_a');
@@ -105,32 +119,48 @@ SELECT pg_reload_conf();
 SELECT pg_sleep(0.3);
 SHOW envelope.shred_requires_confirmation;
 DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'regress_keyadmin1') THEN CREATE ROLE regress_keyadmin1 LOGIN; END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'regress_keyadmin2') THEN CREATE ROLE regress_keyadmin2 LOGIN; END IF;
 END $$;
 GRANT EXECUTE ON FUNCTION envelope.schedule_shred(text, interval), envelope.confirm_shred(text),
-      envelope.cancel_shred(text) TO regress_app, regress_keyadmin2;
-SET SESSION AUTHORIZATION regress_app;
-SELECT sqlstate_of($$SELECT envelope.schedule_shred('sh_c', '1 second')$$) AS app_below_min;
+      envelope.cancel_shred(text) TO regress_keyadmin1, regress_keyadmin2;
+-- Two logins of their own (dblink), as two key administrators would connect.
+CREATE FUNCTION pg_temp.login(conn text, who text) RETURNS text LANGUAGE sql AS $$
+  SELECT dblink_connect(conn, format('host=%s port=%s dbname=%s user=%s',
+         current_setting('unix_socket_directories'), current_setting('port'), current_database(), who)) $$;
+SELECT pg_temp.login('sh_app', 'regress_keyadmin1');
+SELECT * FROM dblink('sh_app', $$SELECT public.sqlstate_of('SELECT envelope.schedule_shred(''sh_c'', ''1 second'')')$$) AS t(app_below_min text);
+-- A non-superuser cannot shorten the minimum itself; a superuser can, for a role.
+SELECT * FROM dblink('sh_app', $$SELECT public.sqlstate_of('SET envelope.shred_min_delay = 0')$$) AS t(app_sets_min text);
+SELECT * FROM dblink('sh_app', $$SELECT public.sqlstate_of('SELECT envelope.schedule_shred(''sh_c'', interval ''1 year -365 days -5 hours'')')$$)
+    AS t(calendar_trick text);
+SELECT dblink_disconnect('sh_app');
+ALTER ROLE regress_keyadmin1 SET envelope.shred_min_delay = 0;
+SELECT pg_temp.login('sh_app', 'regress_keyadmin1'), pg_temp.login('sh_admin2', 'regress_keyadmin2');
+SELECT * FROM dblink('sh_app', $$SELECT envelope.schedule_shred('sh_c', '1 second') IS NOT NULL$$) AS t(scheduled_by_app boolean);
+SELECT * FROM dblink('sh_app', $$SELECT public.sqlstate_of('SELECT envelope.confirm_shred(''sh_c'')')$$) AS t(confirm_own text);
+-- SET SESSION AUTHORIZATION (or SET ROLE) does not make another person: the authenticated
+-- login counts. A superuser that scheduled a shred cannot confirm it as someone else.
+SELECT envelope.create_tenant('sh_d') > 0 AS d;
+SELECT envelope.schedule_shred('sh_d', '1 day') IS NOT NULL AS scheduled_by_superuser;
+SET SESSION AUTHORIZATION regress_keyadmin2;
+SELECT sqlstate_of($$SELECT envelope.confirm_shred('sh_d')$$) AS confirm_as_someone_else;
 RESET SESSION AUTHORIZATION;
-SET envelope.shred_min_delay = 0;
-SET SESSION AUTHORIZATION regress_app;
-SELECT envelope.schedule_shred('sh_c', '1 second') IS NOT NULL AS scheduled_by_app;
-SELECT sqlstate_of($$SELECT envelope.confirm_shred('sh_c')$$) AS confirm_own;
-RESET SESSION AUTHORIZATION;
+SELECT envelope.cancel_shred('sh_d') AS cancelled_d;
 SELECT pg_sleep(1.2);
 SELECT count(*) AS due_unconfirmed FROM envelope.maintenance_due() WHERE action = 'shred';
 SELECT envelope.shred_if_due('sh_c') AS shred_unconfirmed;
 SELECT confirmation FROM envelope.shred_report('sh_c');
-SET SESSION AUTHORIZATION regress_keyadmin2;
-SELECT envelope.confirm_shred('sh_c') AS confirmed, envelope.confirm_shred('sh_c') AS confirmed_again;
-RESET SESSION AUTHORIZATION;
+SELECT * FROM dblink('sh_admin2', $$SELECT envelope.confirm_shred('sh_c'), envelope.confirm_shred('sh_c')$$) AS t(confirmed boolean, confirmed_again boolean);
 SELECT confirmation FROM envelope.shred_report('sh_c');
 SELECT envelope.shred_if_due('sh_c') AS shred_confirmed;
+SELECT dblink_disconnect('sh_app'), dblink_disconnect('sh_admin2');
+ALTER ROLE regress_keyadmin1 RESET envelope.shred_min_delay;
 ALTER SYSTEM RESET envelope.shred_requires_confirmation;
 SELECT pg_reload_conf();
 REVOKE EXECUTE ON FUNCTION envelope.schedule_shred(text, interval), envelope.confirm_shred(text),
-       envelope.cancel_shred(text) FROM regress_app, regress_keyadmin2;
-DROP ROLE regress_keyadmin2;
+       envelope.cancel_shred(text) FROM regress_keyadmin1, regress_keyadmin2;
+DROP ROLE regress_keyadmin1, regress_keyadmin2;
 
 -- Nothing of this is for PUBLIC.
 SET ROLE regress_other;
