@@ -11,11 +11,13 @@ backends of other clusters keep their mapping) and the current build is always p
 """
 
 import os
+import time
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from conftest import ROOT, STATE, connect, sh
@@ -192,6 +194,20 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
                                      " FROM t WHERE tenant = %s", (t,)).fetchone() == before[t]
         with connect(PORT, "upgraded") as c:
             c.execute("ALTER TABLE t DROP COLUMN blob_ctx")
+            # Crypto-shredding works on the updated schema (0.1.0's NOT NULL key columns relaxed).
+            c.execute("SELECT envelope.create_tenant('upg_shred'), envelope.grant_tenant('upg_shred', current_user)")
+            with c.transaction():
+                c.execute("SELECT set_config('app.tenant_id', 'upg_shred', true)")
+                env = c.execute("SELECT envelope.encrypt_field('to be shredded')").fetchone()[0]
+            c.execute("SET envelope.shred_min_delay = 0")
+            c.execute("SELECT envelope.schedule_shred('upg_shred', '1 second')")
+            time.sleep(1.1)
+            assert c.execute("SELECT envelope.shred_if_due('upg_shred')").fetchone()[0] is True
+            with pytest.raises(psycopg.Error) as err:
+                with c.transaction():
+                    c.execute("SELECT set_config('app.tenant_id', 'upg_shred', true)")
+                    c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,))
+            assert err.value.sqlstate == "42704"
 
         # 3. The updated extension is the same as a fresh install.
         with connect(PORT) as c:
