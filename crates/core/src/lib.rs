@@ -6,11 +6,13 @@
 //! * [`provider`]: the root-of-trust trait and the `local` provider.
 //! * [`KeyCache`]: per-backend cache of unwrapped tenant keys with a TTL.
 //! * [`lifecycle`]: new data key versions (rotation).
+//! * [`audit`]: the audit chain (canonical records, hash chain, verification, checkpoints).
 //! * [`BackendRng`]: the per-process, fork-aware nonce generator.
 //! * [`SecretKey`]: key bytes that zeroize on drop and cannot be printed.
 //! * [`secure`]: the key pool (no core dumps, mlock, wiped slots) and the stack wipe.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod audit;
 pub mod cache;
 pub mod datakey;
 pub mod envelope;
