@@ -23,9 +23,9 @@ FUNCTIONS = [
     "destroy_data_key", "rewrap_tenants_start", "rewrap_tenants_batch", "reencrypt_value", "needs_reencryption",
     "reencrypt_open", "reencrypt_batch", "cancel_reencrypt", "column_key_versions_of", "default_rotation_period", "maintenance_due",
     "rotate_data_key_if_due", "maintenance_status", "suspend_tenant", "resume_tenant", "lockdown", "lift_lockdown",
-    "schedule_shred", "cancel_shred", "confirm_shred", "shred_if_due", "shred_destroy_root_key", "shred_compact_key_tables",
+    "schedule_shred", "cancel_shred", "confirm_shred", "shred_if_due", "shred_destroy_root_key", "shred_compact_key_tables", "audit_verify",
 ]
-SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql", "sql/shred.sql"]
+SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql", "sql/shred.sql", "sql/audit.sql"]
 
 
 def generated_definition(text, name):

@@ -116,6 +116,7 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
     let wrapped_dek = wrap::wrap_key(&kek, &aad, &dek).map_err(rng_err)?;
     drop((kek, dek));
     catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &key_check, &wrapped_dek, root_version.as_deref())?;
+    crate::audit::key_op("create_tenant", tenant, &format!("provider {provider_name}"), false);
     // Backends may remember that the name did not exist: tell them at commit.
     backend::invalidate_after_commit();
     Ok(id)
@@ -179,6 +180,7 @@ fn add_key_provider_impl(name: &str, kind: &str, options: &serde_json::Value) ->
     if catalog::provider_row(name)?.is_some() {
         return Err(EnvelopeError::InvalidProvider(format!("key provider \"{name}\" already exists")));
     }
+    crate::audit::key_op("add_key_provider", "", &format!("provider {name} ({kind})"), false);
     catalog::insert_provider(name, kind, &original.to_string())
 }
 
@@ -255,6 +257,7 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         Failure::OldKeyMismatch => EnvelopeError::KeyCheckMismatch { tenant: tenant.to_string(), provider: old_name.clone() },
     })?;
     catalog::update_tenant_wrapping(tenant, new_provider, &rewrapped, root_version.as_deref())?;
+    crate::audit::key_op("rewrap_tenant", tenant, &format!("to provider {new_provider}"), false);
     backend::invalidate_after_commit();
     Ok(())
 }
@@ -291,6 +294,7 @@ fn set_grant(tenant: &str, role: &str, grant: bool) -> Result<bool> {
         }
     }
     let changed = catalog::set_grant(tenant, oid, grant)?;
+    crate::audit::key_op(if grant { "grant_tenant" } else { "revoke_tenant" }, tenant, &format!("role {role}"), false);
     if grant {
         backend::invalidate_after_commit();
     } else {

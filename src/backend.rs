@@ -67,6 +67,9 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
     if ended {
         KEYS_CHANGED.with(|k| k.set(false));
         drop_stale_keys();
+        if crate::audit::enabled() {
+            crate::audit::at_transaction_end(matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE));
+        }
     }
     if ended && KEYS_USED.with(|k| k.replace(false)) {
         pg_envelope_core::secure::wipe_stack();
@@ -849,8 +852,24 @@ pub trait OutBuf: Sized {
 }
 
 
-/// Encrypts for the current tenant into a new `B`.
+/// Encrypts for the current tenant into a new `B`. Audited per statement when `envelope.audit`
+/// is on (src/audit.rs).
 pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result<B> {
+    if !crate::audit::enabled() {
+        return encrypt_inner(plaintext, context, &mut 0);
+    }
+    if let Err(e) = crate::audit::check_can_record() {
+        // The refusal is recorded too (late, once the writer is back): nothing is silently lost.
+        crate::audit::note(crate::audit::Op::Encrypt, current_tenant().ok(), 0, Some(&e));
+        return Err(e);
+    }
+    let mut version = 0;
+    let r = encrypt_inner(plaintext, context, &mut version);
+    crate::audit::note(crate::audit::Op::Encrypt, current_tenant().ok(), version, r.as_ref().err());
+    r
+}
+
+fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &mut u32) -> Result<B> {
     let limit = gucs::max_value_size();
     if plaintext.len() > limit {
         return Err(EnvelopeError::TooLarge { size: plaintext.len(), limit });
@@ -859,6 +878,7 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result
     with_backend(|b| {
         b.with_tenant_keys(tenant, |keys| {
             let dek: &mut DataKey = keys.active();
+            *version = dek.version();
             let mut out = B::zeroed(pg_envelope_core::envelope_len(plaintext.len()));
             BACKEND_RNG.with(|r| {
                 dek.encrypt_into(&mut *r.borrow_mut(), tenant, context, plaintext, out.bytes_mut())
@@ -874,7 +894,22 @@ thread_local! {
 }
 
 /// Decrypts for the current tenant into a new `B`. Every failure is the same opaque error.
+/// Audited per statement when `envelope.audit` is on (src/audit.rs).
 pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
+    if !crate::audit::enabled() {
+        return decrypt_inner(envelope, context);
+    }
+    if let Err(e) = crate::audit::check_can_record() {
+        crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), 0, Some(&e));
+        return Err(e);
+    }
+    let r = decrypt_inner(envelope, context);
+    let version = Envelope::parse(envelope).map(|e| e.dek_version).unwrap_or(0);
+    crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), version, r.as_ref().err());
+    r
+}
+
+fn decrypt_inner<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;
     let tenant = current_tenant()?;
     with_backend(|b| {

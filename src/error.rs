@@ -72,6 +72,8 @@ pub enum EnvelopeError {
     TenantShredded { tenant: String, at: String },
     /// The cluster is locked down (`lockdown`): all key use is refused.
     Lockdown { reason: String },
+    /// Auditing is on and events cannot be recorded (queue full, writer gone).
+    AuditUnavailable { reason: String },
     /// A request with a bad argument (re-encryption target, job), with its SQLSTATE.
     BadRequest { code: PgSqlErrorCode, message: String, hint: Option<String> },
     /// A catalog query failed in a way that is not the user's fault.
@@ -303,9 +305,20 @@ impl EnvelopeError {
                 Some(format!("Lockdown: {}", shown(reason))),
                 Some("A superuser lifts it with SELECT envelope.lift_lockdown().".into()),
             ),
+            EnvelopeError::AuditUnavailable { reason } => (
+                ERRCODE_CANNOT_CONNECT_NOW,
+                "pg_envelope: key use refused: it cannot be audited now".into(),
+                Some(reason.clone()),
+                Some("The maintenance worker (in envelope.database) records audit events; check that it runs and that pg_envelope is installed there. envelope.audit_fail_closed = off warns instead.".into()),
+            ),
             EnvelopeError::BadRequest { code, message, hint } => (*code, message.clone(), None, hint.clone()),
             EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),
         }
+    }
+
+    /// The SQLSTATE.
+    pub fn code(&self) -> PgSqlErrorCode {
+        self.parts().0
     }
 
     /// The message alone (for logs and status, e.g. the maintenance worker's last error).

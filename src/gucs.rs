@@ -14,6 +14,11 @@
 //! | envelope.maintenance_naptime  | SIGHUP   | 1min             | postgresql.conf only         |
 //! | envelope.data_key_rotation_period | SIGHUP | 90d (0: never) | postgresql.conf only         |
 //! | envelope.shred_min_delay      | SUSET    | 1h               | superusers                   |
+//! | envelope.audit                | SIGHUP   | off              | postgresql.conf only         |
+//! | envelope.audit_fail_closed    | SIGHUP   | on               | postgresql.conf only         |
+//! | envelope.audit_max_delay      | SIGHUP   | 10s              | postgresql.conf only         |
+//! | envelope.audit_checkpoint_interval | SIGHUP | 5min          | postgresql.conf only         |
+//! | envelope.request_id           | USERSET  | (unset)          | anyone (recorded, not trusted) |
 //! | envelope.shred_requires_confirmation | SIGHUP | off         | postgresql.conf only         |
 //!
 //! None of them holds a secret: the root key file's *path* is configuration; its content is
@@ -36,6 +41,11 @@ pub static MAX_KEY_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static MAINTENANCE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static DATA_KEY_ROTATION_PERIOD_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 * 3600);
+pub static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static AUDIT_FAIL_CLOSED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static AUDIT_MAX_DELAY_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static AUDIT_CHECKPOINT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(300);
+pub static REQUEST_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SHRED_MIN_DELAY_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static SHRED_REQUIRES_CONFIRMATION: GucSetting<bool> = GucSetting::<bool>::new(false);
 
@@ -44,6 +54,50 @@ pub static SHRED_REQUIRES_CONFIRMATION: GucSetting<bool> = GucSetting::<bool>::n
 pub const MAX_VALUE_SIZE_LIMIT_KB: i32 = 1024 * 1024 - 1;
 
 pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"envelope.audit",
+        c"Record every key operation and every encryption and decryption (per statement) in envelope.audit_log.",
+        c"The maintenance worker writes the records in envelope.database; see docs/design-decisions.md.",
+        &AUDIT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"envelope.audit_fail_closed",
+        c"Refuse key use when it cannot be audited (on), or warn and continue (off).",
+        c"Records that cannot be queued are counted in status()->'audit'->'dropped' either way.",
+        &AUDIT_FAIL_CLOSED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.audit_max_delay",
+        c"How long queued audit records may wait for the writer before key use is refused.",
+        c"",
+        &AUDIT_MAX_DELAY_S,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.audit_checkpoint_interval",
+        c"How often the audit writer signs the head of the audit chain.",
+        c"",
+        &AUDIT_CHECKPOINT_INTERVAL_S,
+        1,
+        24 * 3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"envelope.request_id",
+        c"An id of the application's request, recorded with audit events.",
+        c"Set it per transaction (SET LOCAL) to tie audit records to a request; never a secret.",
+        &REQUEST_ID,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"envelope.shred_min_delay",
         c"The shortest window schedule_shred accepts before a tenant's keys are destroyed.",
@@ -239,4 +293,14 @@ pub fn shred_min_delay_s() -> i64 {
 /// `envelope.shred_requires_confirmation`.
 pub fn shred_requires_confirmation() -> bool {
     SHRED_REQUIRES_CONFIRMATION.get()
+}
+
+/// `envelope.audit_max_delay` in seconds.
+pub fn audit_max_delay_s() -> i64 {
+    AUDIT_MAX_DELAY_S.get().max(1) as i64
+}
+
+/// `envelope.audit_checkpoint_interval` in seconds.
+pub fn audit_checkpoint_interval_s() -> i64 {
+    AUDIT_CHECKPOINT_INTERVAL_S.get().max(1) as i64
 }

@@ -8,6 +8,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod audit;
 mod backend;
 #[cfg(feature = "bench-floor")]
 mod bench;
@@ -37,6 +38,8 @@ pub extern "C-unwind" fn _PG_init() {
         backend::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
         // The lockdown flag (src/revocation.rs), restored from the data directory at start.
         revocation::register();
+        // The audit queue (src/audit.rs), drained by the worker.
+        audit::register();
         // The maintenance worker (src/worker.rs): scheduled rotation, rewraps, queued jobs.
         worker::register();
     }
@@ -95,6 +98,7 @@ extension_sql_file!(
         shred::shred_compact_key_tables
     ]
 );
+extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["shred", audit::audit_verify]);
 extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
@@ -160,6 +164,8 @@ REVOKE ALL ON FUNCTION shred_if_due(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_destroy_root_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_compact_key_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
+-- The audit trail (sql/audit.sql): auditors (grant EXECUTE and SELECT as needed).
+REVOKE ALL ON FUNCTION audit_verify() FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

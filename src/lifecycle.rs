@@ -105,6 +105,7 @@ pub fn rotate_data_key_impl(tenant: &str) -> Result<u32> {
     })
     .map_err(failure(tenant, &t.provider))?;
     catalog::activate_data_key(id, version, &wrapped)?;
+    crate::audit::key_op("rotate_data_key", tenant, &format!("version {version}"), false);
     backend::invalidate_after_commit();
     Ok(version)
 }
@@ -140,6 +141,7 @@ fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
     })
     .map_err(failure(tenant, &t.provider))?;
     let generation = catalog::store_rotated_tenant_key(id, &wrapped_new, &check, root_version.as_deref(), &rewrapped)?;
+    crate::audit::key_op("rotate_tenant_key", tenant, &format!("generation {generation}"), false);
     backend::invalidate_after_commit();
     Ok(generation)
 }
@@ -215,6 +217,16 @@ fn change_version_state(tenant: &str, version: i32, change: VersionChange, force
         }
     }
     catalog::set_data_key_state(t.id, v, new_state)?;
+    crate::audit::key_op(
+        match change {
+            VersionChange::Disable => "disable_data_key",
+            VersionChange::Enable => "enable_data_key",
+            VersionChange::Destroy => "destroy_data_key",
+        },
+        tenant,
+        &format!("version {v}{}", if force { " (force)" } else { "" }),
+        false,
+    );
     if change == VersionChange::Enable {
         backend::invalidate_after_commit();
     } else {

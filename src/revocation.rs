@@ -208,6 +208,12 @@ fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
         }
     }
     let changed = catalog::set_suspension(t.id, reason)?;
+    crate::audit::key_op(
+        if reason.is_some() { "suspend_tenant" } else { "resume_tenant" },
+        tenant,
+        &format!("{}{}", reason.unwrap_or(""), if changed { "" } else { " (no change)" }),
+        false,
+    );
     if !changed {
         let who = crate::error::shown(&catalog::current_role_name());
         match reason {
@@ -263,6 +269,7 @@ fn lockdown_impl(reason: &str) -> Result<bool> {
     // Idle backends of every database drop their keys now, not at their next call.
     backend::wake_backends(true);
     pgrx::log!("pg_envelope: LOCKDOWN by {who}: {reason}");
+    crate::audit::key_op("lockdown", "", reason, true);
     if let Err(e) = write_lockdown_file(since, &format!("{reason} (by {who})")) {
         pgrx::warning!(
             "pg_envelope: the lockdown is in effect but could not be saved in the data directory ({e}): a restart would end it; fix the cause and call envelope.lockdown() again"
@@ -296,5 +303,6 @@ fn lift_impl() -> Result<bool> {
     if was {
         pgrx::log!("pg_envelope: lockdown lifted by {}", crate::error::shown(&catalog::current_role_name()));
     }
+    crate::audit::key_op("lift_lockdown", "", if was { "" } else { "(not locked down)" }, true);
     Ok(was)
 }

@@ -121,6 +121,7 @@ fn schedule_impl(tenant: &str, delay: Option<pgrx::datum::Interval>) -> Result<p
         })
     })?;
     backend::revoke_after_commit();
+    crate::audit::key_op("schedule_shred", tenant, "", false);
     pgrx::log!("pg_envelope: tenant \"{}\" suspended and scheduled for crypto-shredding by {} (at commit)", shown(tenant), shown(&by));
     Ok(after)
 }
@@ -157,6 +158,7 @@ fn cancel_impl(tenant: &str) -> Result<bool> {
         .map_err(spi_err)
     })?;
     backend::invalidate_after_commit();
+    crate::audit::key_op("cancel_shred", tenant, "", false);
     pgrx::log!("pg_envelope: crypto-shredding of tenant \"{}\" cancelled by {} (at commit)", shown(tenant), shown(&who().1));
     Ok(true)
 }
@@ -197,6 +199,7 @@ fn confirm_impl(tenant: &str) -> Result<bool> {
         Spi::run_with_args("UPDATE envelope.tenants SET shred_confirmed_by = $2 WHERE id = $1", &[(t.id as i32).into(), by.as_str().into()])
             .map_err(spi_err)
     })?;
+    crate::audit::key_op("confirm_shred", tenant, "", false);
     pgrx::log!("pg_envelope: crypto-shredding of tenant \"{}\" confirmed by {}", shown(tenant), shown(&by));
     Ok(true)
 }
@@ -248,6 +251,7 @@ pub fn shred_if_due_impl(tenant: &str) -> Result<bool> {
     })?;
     if shredded {
         backend::revoke_after_commit();
+        crate::audit::key_op("shred", tenant, if dedicated { "dedicated root key: destroyed next" } else { "shared root key" }, false);
         pgrx::log!(
             "pg_envelope: tenant \"{}\" crypto-shredded by {} (at commit): its wrapped keys are removed{}",
             shown(tenant),
@@ -308,6 +312,7 @@ pub fn destroy_root_key_impl(tenant: &str) -> Result<Option<String>> {
         )
         .map_err(spi_err)
     })?;
+    crate::audit::key_op("destroy_root_key", tenant, &outcome, false);
     match error {
         None => pgrx::log!("pg_envelope: the dedicated root key of shredded tenant \"{}\": {outcome}", shown(tenant)),
         Some(e) => pgrx::warning!(

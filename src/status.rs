@@ -135,6 +135,7 @@ pub fn status_json() -> Result<Value> {
             "lockdown": lockdown,
             "suspended_tenants": suspended,
             "shreds": shreds,
+            "audit": crate::audit::status_json(),
             "shred_requires_confirmation": gucs::shred_requires_confirmation(),
             "maintenance_worker": worker,
             "backend": {

@@ -175,10 +175,12 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
         s.started_at = now();
     }
     pgrx::log!("pg_envelope maintenance worker started in database \"{db}\"");
+    let mut writer = crate::audit::Writer::default();
     loop {
         if shutdown_requested() {
             break;
         }
+        audit_step(&mut writer);
         run_once();
         // Sleep out the naptime: the latch is also set for reasons of no interest here
         // (invalidation catch-up signals), which must not make the worker run early.
@@ -189,7 +191,9 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
             if left.is_zero() {
                 break;
             }
-            if !BackgroundWorker::wait_latch(Some(left)) || shutdown_requested() {
+            // With auditing on, the queue is drained every 200 ms between maintenance runs.
+            let slice = if crate::audit::enabled() { left.min(Duration::from_millis(200)) } else { left };
+            if !BackgroundWorker::wait_latch(Some(slice)) || shutdown_requested() {
                 // (wait_latch services interrupts: a SIGTERM usually ends the process inside it.)
                 STATUS.exclusive().pid = 0;
                 return;
@@ -199,9 +203,51 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
                 // A shorter naptime applies to the nap in progress.
                 deadline = deadline.min(slept_from + gucs::maintenance_naptime());
             }
+            audit_step(&mut writer);
         }
     }
     STATUS.exclusive().pid = 0;
+}
+
+/// The audit writer: drains the shared-memory queue into envelope.audit_log, batch by batch,
+/// each in its own transaction; a batch's slots are freed only after it committed. Also on a
+/// standby? No: it cannot write (records wait, and key use there fails closed or warns).
+fn audit_step(writer: &mut crate::audit::Writer) {
+    if !crate::audit::enabled() || unsafe { pg_sys::RecoveryInProgress() } {
+        return;
+    }
+    loop {
+        let w = std::panic::AssertUnwindSafe(&mut *writer);
+        let r = in_transaction(move || {
+            let w = w;
+            if !catalog::extension_installed() {
+                return Err(crate::error::EnvelopeError::Internal(
+                    "audit: pg_envelope is not installed in envelope.database, so audit records cannot be written".into(),
+                ));
+            }
+            let r = w.0.write_batch()?;
+            w.0.checkpoint()?;
+            Ok(r)
+        });
+        match r {
+            Ok(Ok((n, upto))) => {
+                crate::audit::consumed(upto);
+                if n < 500 {
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                writer.reset();
+                record_error(&e.message());
+                return;
+            }
+            Err(m) => {
+                writer.reset();
+                record_error(&m);
+                return;
+            }
+        }
+    }
 }
 
 /// One maintenance run: find due work, do each item in its own transaction(s).

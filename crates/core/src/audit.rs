@@ -86,6 +86,83 @@ impl Record {
         out
     }
 
+    /// Parses [`Record::canonical`] bytes (the shared-memory queue carries records in this
+    /// form). `None` for anything else: never a panic, whatever the bytes.
+    pub fn from_canonical(b: &[u8]) -> Option<Record> {
+        struct R<'a>(&'a [u8]);
+        impl R<'_> {
+            fn i64(&mut self) -> Option<i64> {
+                let (h, t) = self.0.split_at_checked(8)?;
+                self.0 = t;
+                Some(i64::from_be_bytes(h.try_into().ok()?))
+            }
+            fn s(&mut self) -> Option<String> {
+                let (h, t) = self.0.split_at_checked(4)?;
+                let n = u32::from_be_bytes(h.try_into().ok()?) as usize;
+                let (v, t) = t.split_at_checked(n)?;
+                self.0 = t;
+                String::from_utf8(v.to_vec()).ok()
+            }
+        }
+        let (&format, rest) = b.split_first()?;
+        if format != FORMAT {
+            return None;
+        }
+        let mut r = R(rest);
+        let rec = Record {
+            seq: r.i64()?,
+            at_us: r.i64()?,
+            kind: r.s()?,
+            database: r.s()?,
+            session_user: r.s()?,
+            current_role: r.s()?,
+            client_addr: r.s()?,
+            application_name: r.s()?,
+            backend_pid: r.i64()?,
+            statement_id: r.i64()?,
+            request_id: r.s()?,
+            tenant: r.s()?,
+            key_versions: r.s()?,
+            operation: r.s()?,
+            value_count: r.i64()?,
+            failure_count: r.i64()?,
+            outcome: r.s()?,
+            duration_us: r.i64()?,
+            detail: r.s()?,
+        };
+        r.0.is_empty().then_some(rec)
+    }
+
+    /// Shortens every string field to at most `max` bytes (at a character boundary), `detail` to
+    /// `max_detail`: a record must fit a queue slot.
+    pub fn truncate_fields(&mut self, max: usize, max_detail: usize) {
+        fn cut(s: &mut String, n: usize) {
+            if s.len() > n {
+                let mut i = n;
+                while !s.is_char_boundary(i) {
+                    i -= 1;
+                }
+                s.truncate(i);
+            }
+        }
+        for f in [
+            &mut self.kind,
+            &mut self.database,
+            &mut self.session_user,
+            &mut self.current_role,
+            &mut self.client_addr,
+            &mut self.application_name,
+            &mut self.request_id,
+            &mut self.tenant,
+            &mut self.key_versions,
+            &mut self.operation,
+            &mut self.outcome,
+        ] {
+            cut(f, max);
+        }
+        cut(&mut self.detail, max_detail);
+    }
+
     /// This record's hash after `prev`.
     pub fn hash(&self, prev: &[u8; 32]) -> [u8; 32] {
         let mut h = Sha256::new();
@@ -374,6 +451,33 @@ mod tests {
         }
         // And the previous hash counts.
         assert_ne!(a.hash(&[1u8; 32]), base);
+    }
+
+    #[test]
+    fn canonical_bytes_parse_back_and_garbage_does_not() {
+        let mut r = rec(3);
+        r.detail = "ünïcode détail".into();
+        assert_eq!(Record::from_canonical(&r.canonical()), Some(r.clone()));
+        let b = r.canonical();
+        for n in 0..b.len() {
+            assert_eq!(Record::from_canonical(&b[..n]), None, "truncated at {n}");
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert_eq!(Record::from_canonical(&longer), None);
+        let mut v2 = b.clone();
+        v2[0] = 2;
+        assert_eq!(Record::from_canonical(&v2), None);
+        // A huge length prefix is refused, not allocated.
+        let mut huge = vec![1u8];
+        huge.extend_from_slice(&[0u8; 16]);
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(Record::from_canonical(&huge), None);
+        // Truncation keeps characters whole.
+        let mut t = r.clone();
+        t.detail = "ééééé".into();
+        t.truncate_fields(64, 3);
+        assert_eq!(t.detail, "é");
     }
 
     #[test]

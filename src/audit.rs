@@ -1,0 +1,622 @@
+//! The audit trail, SQL glue (sql/audit.sql has the tables; crates/core/src/audit.rs the chain).
+//!
+//! * Backends aggregate encryptions and decryptions **per statement** (per tenant, role and
+//!   operation: a count, the key versions, failures with their SQLSTATE, the duration) and push
+//!   one record per aggregate into a queue in shared memory when the statement is over (at the
+//!   next statement's first key use, or at the end of the transaction, committed or not), so a
+//!   rolled-back decryption is recorded. Key-management operations push one record each.
+//! * The one writer is the maintenance worker (src/worker.rs): it drains the queue, assigns the
+//!   gapless sequence and the hash chain, and appends to `envelope.audit_log` in the database
+//!   named by `envelope.database`; it checkpoints the chain's head with a MAC.
+//! * Fail closed: with `envelope.audit` on, a key use is refused (57P03, see [`health`]) when the queue is full or the writer has not drained it for
+//!   `envelope.audit_max_delay`, unless `envelope.audit_fail_closed` is off (then a WARNING, and
+//!   the loss is counted).
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+
+use pg_envelope_core::audit::Record;
+use pgrx::prelude::*;
+use pgrx::PgLwLock;
+
+use crate::error::{EnvelopeError, Result};
+use crate::gucs;
+
+pub const SLOTS: usize = 1024;
+const SLOT_BYTES: usize = 1000;
+
+/// The shared-memory queue: a ring of canonical records. Backends append at `write`; only the
+/// writer advances `read`, after the records are committed to the table.
+#[derive(Clone, Copy)]
+pub struct Queue {
+    pub write: u64,
+    pub read: u64,
+    /// Records that could not be queued (full queue in warn mode), since the server started.
+    pub dropped: u64,
+    /// When the writer last drained (µs, PostgreSQL timestamp); 0: never.
+    pub drained_at: i64,
+    lens: [u16; SLOTS],
+    pushed_at: [i64; SLOTS],
+    data: [[u8; SLOT_BYTES]; SLOTS],
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue { write: 0, read: 0, dropped: 0, drained_at: 0, lens: [0; SLOTS], pushed_at: [0; SLOTS], data: [[0; SLOT_BYTES]; SLOTS] }
+    }
+}
+
+unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
+
+pub static QUEUE: PgLwLock<Queue> = unsafe { PgLwLock::new(c"pg_envelope_audit_queue") };
+
+pub fn register() {
+    pgrx::pg_shmem_init!(QUEUE);
+}
+
+fn now_ts() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Whether auditing is on (and possible: shared memory exists).
+#[inline]
+pub fn enabled() -> bool {
+    gucs::AUDIT.get() && crate::backend::PRELOADED.load(Ordering::Relaxed)
+}
+
+/// Whether new records can be recorded now: the queue has room and the writer keeps up.
+pub fn health() -> std::result::Result<(), String> {
+    let q = QUEUE.share();
+    if q.write - q.read >= SLOTS as u64 {
+        return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer)"));
+    }
+    if q.write > q.read {
+        let oldest = q.pushed_at[(q.read % SLOTS as u64) as usize];
+        let late = now_ts() - oldest;
+        if late > gucs::audit_max_delay_s() * 1_000_000 {
+            return Err(format!("the audit writer has not recorded events for {} s (the maintenance worker in envelope.database)", late / 1_000_000));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses key use while records cannot be recorded (fail closed), or warns once per statement
+/// (`envelope.audit_fail_closed = off`).
+pub fn check_can_record() -> Result<()> {
+    let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    // Once per statement: the check takes a shared lock.
+    if CHECKED.with(|c| c.replace(stmt)) == stmt {
+        return Ok(());
+    }
+    if let Err(why) = health() {
+        CHECKED.with(|c| c.set(0));
+        if gucs::AUDIT_FAIL_CLOSED.get() {
+            return Err(EnvelopeError::AuditUnavailable { reason: why });
+        }
+        WARNED.with(|w| {
+            if w.replace(stmt) != stmt {
+                pgrx::warning!("pg_envelope: key use is not being audited: {why} (envelope.audit_fail_closed is off)");
+            }
+        });
+    }
+    Ok(())
+}
+
+thread_local! {
+    static WARNED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+    static CHECKED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// Pushes one record. A full queue (possible only in warn mode, or between the health check and
+/// here) counts it as dropped and says so in the log.
+pub fn push(mut r: Record) {
+    r.truncate_fields(64, 200);
+    let bytes = r.canonical();
+    let mut q = QUEUE.exclusive();
+    if q.write - q.read >= SLOTS as u64 || bytes.len() > SLOT_BYTES {
+        q.dropped += 1;
+        drop(q);
+        pgrx::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
+        return;
+    }
+    let i = (q.write % SLOTS as u64) as usize;
+    q.data[i][..bytes.len()].copy_from_slice(&bytes);
+    q.lens[i] = bytes.len() as u16;
+    q.pushed_at[i] = now_ts();
+    q.write += 1;
+}
+
+/// Up to `max` queued records, oldest first, without removing them; with the position after them.
+pub fn peek(max: usize) -> (Vec<Record>, u64, u64) {
+    let q = QUEUE.share();
+    let n = ((q.write - q.read) as usize).min(max);
+    let mut out = Vec::with_capacity(n);
+    let mut bad = 0;
+    for k in 0..n as u64 {
+        let i = ((q.read + k) % SLOTS as u64) as usize;
+        match Record::from_canonical(&q.data[i][..q.lens[i] as usize]) {
+            Some(r) => out.push(r),
+            None => bad += 1,
+        }
+    }
+    (out, q.read + n as u64, bad)
+}
+
+/// After the records up to `upto` are committed: free their slots.
+pub fn consumed(upto: u64) {
+    let mut q = QUEUE.exclusive();
+    if upto > q.read {
+        q.read = upto;
+    }
+    q.drained_at = now_ts();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-statement aggregation in the backend.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Encrypt,
+    Decrypt,
+}
+
+struct Entry {
+    op: Op,
+    tenant: String,
+    role: pg_sys::Oid,
+    role_name: String,
+    versions: Vec<u32>,
+    count: i64,
+    failures: i64,
+    failure_code: Option<String>,
+    first_us: i64,
+    last_us: i64,
+}
+
+#[derive(Default)]
+struct Acc {
+    stmt: i64,
+    entries: Vec<Entry>,
+}
+
+thread_local! {
+    static ACC: RefCell<Acc> = RefCell::new(Acc::default());
+    static STATEMENT_COUNTER: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// The 5-character SQLSTATE of an error.
+fn sqlstate(e: &EnvelopeError) -> String {
+    let code = e.code() as i32;
+    (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+}
+
+/// Notes one encryption or decryption (or its failure) of the current statement.
+pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
+    let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let role = crate::nothrow::current_user_id();
+    let now = now_ts();
+    ACC.with(|a| {
+        let Ok(mut a) = a.try_borrow_mut() else { return };
+        if a.stmt != stmt {
+            flush_acc(&mut a);
+            a.stmt = stmt;
+        }
+        let tenant = tenant.unwrap_or("");
+        let e = match a.entries.iter_mut().position(|e| e.op == op && e.role == role && e.tenant == tenant) {
+            Some(i) => &mut a.entries[i],
+            None => {
+                // Names are resolved now, not at the flush: that may run in an aborted
+                // transaction, where the catalog cannot be read.
+                prime_session();
+                a.entries.push(Entry {
+                    op,
+                    tenant: tenant.to_string(),
+                    role,
+                    role_name: crate::backend::role_name(role),
+                    versions: Vec::new(),
+                    count: 0,
+                    failures: 0,
+                    failure_code: None,
+                    first_us: now,
+                    last_us: now,
+                });
+                a.entries.last_mut().expect("just pushed")
+            }
+        };
+        e.count += 1;
+        e.last_us = now;
+        if version != 0 && !e.versions.contains(&version) {
+            e.versions.push(version);
+        }
+        if let Some(err) = err {
+            e.failures += 1;
+            if e.failure_code.is_none() {
+                e.failure_code = Some(sqlstate(err));
+            }
+        }
+    });
+}
+
+/// Pushes what the current statement did (at transaction end, and before a new statement).
+pub fn flush() {
+    ACC.with(|a| {
+        if let Ok(mut a) = a.try_borrow_mut() {
+            flush_acc(&mut a);
+        }
+    });
+}
+
+fn flush_acc(a: &mut Acc) {
+    if a.entries.is_empty() {
+        return;
+    }
+    let statement_id = STATEMENT_COUNTER.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    for mut e in a.entries.drain(..) {
+        e.versions.sort_unstable();
+        let mut r = base_record(
+            match e.op {
+                Op::Encrypt => "encrypt",
+                Op::Decrypt => "decrypt",
+            },
+            e.role_name,
+        );
+        r.at_us = pg_to_unix_us(e.first_us);
+        r.statement_id = statement_id;
+        r.tenant = e.tenant;
+        r.key_versions = e.versions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        r.operation = r.kind.clone();
+        r.value_count = e.count;
+        r.failure_count = e.failures;
+        r.outcome = match (&e.failure_code, e.failures == e.count) {
+            (None, _) => "ok".into(),
+            (Some(c), true) => c.clone(),
+            (Some(c), false) => format!("partial:{c}"),
+        };
+        r.duration_us = e.last_us - e.first_us;
+        push(r);
+    }
+}
+
+thread_local! {
+    /// Key-management records of the current transaction, pushed at its end with its outcome.
+    static KEY_OPS: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Records a key-management operation: one record, pushed when the transaction ends (outcome
+/// `ok` at commit, `rolled back` at abort). `immediate`: for non-transactional operations
+/// (lockdown), pushed now with outcome `ok`.
+pub fn key_op(operation: &str, tenant: &str, detail: &str, immediate: bool) {
+    if !enabled() {
+        return;
+    }
+    prime_session();
+    let mut r = base_record("key_op", crate::backend::role_name(crate::nothrow::current_user_id()));
+    r.operation = operation.to_string();
+    r.tenant = tenant.to_string();
+    r.detail = detail.to_string();
+    r.value_count = 1;
+    r.statement_id = STATEMENT_COUNTER.with(|c| c.get() + 1);
+    if immediate {
+        r.outcome = "ok".into();
+        push(r);
+    } else {
+        KEY_OPS.with(|k| k.borrow_mut().push(r));
+    }
+}
+
+/// At transaction end: the statement's aggregates, then the key operations with the outcome.
+pub fn at_transaction_end(committed: bool) {
+    flush();
+    let ops: Vec<Record> = KEY_OPS.with(|k| k.borrow_mut().drain(..).collect());
+    for mut r in ops {
+        r.outcome = if committed { "ok".into() } else { "rolled back".into() };
+        push(r);
+    }
+}
+
+/// PostgreSQL timestamps count from 2000-01-01; the chain uses the Unix epoch.
+fn pg_to_unix_us(ts: i64) -> i64 {
+    ts + 946_684_800_000_000
+}
+
+thread_local! {
+    static SESSION: RefCell<Option<(String, String, String)>> = const { RefCell::new(None) };
+}
+
+/// Reads the session's database, login and client once (catalog access: in a live transaction).
+fn prime_session() {
+    SESSION.with(|s| {
+        s.borrow_mut().get_or_insert_with(|| unsafe {
+                let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+                let db = if db.is_null() { String::new() } else { std::ffi::CStr::from_ptr(db).to_string_lossy().into_owned() };
+                // inet_client_addr(): NULL over a Unix socket (and in background workers).
+                let client = pgrx::direct_function_call::<pgrx::Inet>(pg_sys::inet_client_addr, &[])
+                    .map(|i| i.0)
+                    .unwrap_or_else(|| if pg_sys::MyProcPort.is_null() { "[internal]".into() } else { "[local]".into() });
+                (db, crate::backend::role_name(pg_sys::GetSessionUserId()), client)
+        });
+    });
+}
+
+/// A record with who and where: database, session user, the role, client address, application
+/// name, pid and the application's request id. Reads no catalog (see [`prime_session`]).
+fn base_record(kind: &str, current_role: String) -> Record {
+    let (database, session_user, client) = SESSION.with(|s| s.borrow().clone()).unwrap_or_default();
+    let setting = |name: &std::ffi::CStr| crate::nothrow::config_option(name).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    Record {
+        at_us: pg_to_unix_us(now_ts()),
+        kind: kind.to_string(),
+        database,
+        session_user,
+        current_role,
+        client_addr: client,
+        application_name: setting(c"application_name"),
+        backend_pid: unsafe { pg_sys::MyProcPid } as i64,
+        request_id: setting(c"envelope.request_id"),
+        ..Record::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer (run by the maintenance worker) and verification.
+
+use pg_envelope_core::audit::{Chain, Head, Stored};
+
+use crate::catalog::{as_extension_owner, spi_err};
+
+/// The writer's state between batches: the chain's head and the last checkpointed head.
+#[derive(Default)]
+pub struct Writer {
+    head: Option<Head>,
+    checkpointed: Option<(i64, i64)>,
+}
+
+fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
+    v.try_into().map_err(|_| EnvelopeError::Internal("an audit hash is not 32 bytes".into()))
+}
+
+impl Writer {
+    /// The chain head from the table, and the queue position the last committed record came
+    /// from (this server run only).
+    fn load_head(&mut self) -> Result<Option<i64>> {
+        let row = Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT seq, hash, server_started_at, queue_pos FROM envelope.audit_log ORDER BY seq DESC LIMIT 1",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok::<_, EnvelopeError>(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
+                r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
+                r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
+                r.get::<i64>(4).map_err(spi_err)?.unwrap_or(-1),
+            )))
+        })?;
+        Ok(match row {
+            None => {
+                self.head = Some(Head { seq: 0, hash: pg_envelope_core::audit::GENESIS });
+                None
+            }
+            Some((seq, hash, started, pos)) => {
+                self.head = Some(Head { seq, hash: hash32(hash)? });
+                (started == unsafe { pg_sys::PgStartTime }).then_some(pos)
+            }
+        })
+    }
+
+    /// One batch: up to 500 queued records appended in the caller's transaction. Returns how
+    /// many, and the queue position to free once the transaction committed.
+    pub fn write_batch(&mut self) -> Result<(usize, u64)> {
+        if self.head.is_none() {
+            if let Some(pos) = self.load_head()? {
+                // A restarted writer: what it committed before is not written twice.
+                consumed(pos as u64 + 1);
+            }
+        }
+        let (records, upto, bad) = peek(500);
+        if records.is_empty() && bad == 0 {
+            return Ok((0, upto));
+        }
+        let first_pos = upto - records.len() as u64 - bad;
+        let mut chain = Chain::after(self.head);
+        let started = unsafe { pg_sys::PgStartTime };
+        let mut rows: Vec<(Stored, u64)> = records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)).collect();
+        if bad > 0 {
+            let mut r = base_record("dropped", String::new());
+            r.detail = format!("{bad} unreadable record(s) in the audit queue");
+            r.outcome = "dropped".into();
+            rows.push((chain.append(r), upto - 1));
+        }
+        Spi::connect_mut(|c| {
+            for (s, pos) in &rows {
+                let r = &s.record;
+                c.update(
+                    "INSERT INTO envelope.audit_log VALUES ($1, pg_catalog.to_timestamp($2::float8 / 1e6), $2, $3, $4, $5, $6, $7, $8,
+                            $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+                    None,
+                    &[
+                        r.seq.into(), r.at_us.into(), r.kind.as_str().into(), r.database.as_str().into(), r.session_user.as_str().into(),
+                        r.current_role.as_str().into(), r.client_addr.as_str().into(), r.application_name.as_str().into(), r.backend_pid.into(),
+                        r.statement_id.into(), r.request_id.as_str().into(), r.tenant.as_str().into(), r.key_versions.as_str().into(),
+                        r.operation.as_str().into(), r.value_count.into(), r.failure_count.into(), r.outcome.as_str().into(),
+                        r.duration_us.into(), r.detail.as_str().into(), s.prev_hash.to_vec().into(), s.hash.to_vec().into(),
+                        started.into(), (*pos as i64).into(),
+                    ],
+                )
+                .map_err(spi_err)?;
+            }
+            Ok::<_, EnvelopeError>(())
+        })?;
+        self.head = Some(chain.head());
+        Ok((rows.len(), upto))
+    }
+
+    /// Forgets the head (after a failed transaction: re-read next time).
+    pub fn reset(&mut self) {
+        self.head = None;
+    }
+
+    /// Signs the head if it moved and the interval passed: a row in `audit_checkpoints` and a
+    /// LOG line (the server log keeps a copy outside the table). Returns the checkpointed seq.
+    pub fn checkpoint(&mut self) -> Result<Option<i64>> {
+        let Some(head) = self.head.filter(|h| h.seq > 0) else { return Ok(None) };
+        let now = pg_to_unix_us(now_ts());
+        if let Some((seq, at)) = self.checkpointed {
+            if seq == head.seq || now - at < gucs::audit_checkpoint_interval_s() * 1_000_000 {
+                return Ok(None);
+            }
+        }
+        let (method, mac) = checkpoint_mac(&head, now)?;
+        Spi::run_with_args(
+            "INSERT INTO envelope.audit_checkpoints VALUES ($1, $2, $3, pg_catalog.to_timestamp($3::float8 / 1e6), $4, $5)",
+            &[head.seq.into(), head.hash.to_vec().into(), now.into(), method.as_str().into(), mac.to_vec().into()],
+        )
+        .map_err(spi_err)?;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        pgrx::log!(
+            "pg_envelope audit checkpoint: seq={} hash={} at_us={now} method={method} mac={}",
+            head.seq,
+            hex(&head.hash),
+            hex(&mac)
+        );
+        self.checkpointed = Some((head.seq, now));
+        Ok(Some(head.seq))
+    }
+}
+
+/// The checkpoint MAC. Today the `local` provider's derived key (development only: whoever holds
+/// the root key file can forge checkpoints); KMS-held keys are the next step (docs).
+fn checkpoint_mac(head: &Head, at_us: i64) -> Result<(String, [u8; 32])> {
+    let path = gucs::local_root_key_file()
+        .ok_or_else(|| EnvelopeError::Internal("audit checkpoints need envelope.local_root_key_file (dev) in this version".into()))?;
+    let msg = pg_envelope_core::audit::checkpoint_message(head, at_us);
+    let root = pg_envelope_core::LocalProvider::new(path).load_root_key().map_err(|error| EnvelopeError::Provider { provider: "local".into(), error })?;
+    Ok(("local-hkdf-sha256 (dev only)".into(), pg_envelope_core::audit::local_checkpoint_mac(&root, &msg)))
+}
+
+/// `envelope.audit_verify()`: walks the whole chain in sequence order, checks the newest
+/// checkpoint's MAC and that the chain reaches it; reports the first broken record.
+#[pg_extern(volatile, parallel_unsafe)]
+fn audit_verify() -> TableIterator<
+    'static,
+    (
+        name!(records_checked, i64),
+        name!(head_seq, Option<i64>),
+        name!(checkpoint_seq, Option<i64>),
+        name!(ok, bool),
+        name!(first_break, Option<String>),
+    ),
+> {
+    use crate::error::OrRaise;
+    let r = verify_impl().or_raise();
+    TableIterator::once(r)
+}
+
+fn verify_impl() -> Result<(i64, Option<i64>, Option<i64>, bool, Option<String>)> {
+    let (rows, checkpoint) = as_extension_owner(|| {
+        Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT seq, at_us, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
+                            statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
+                            duration_us, detail, prev_hash, hash FROM envelope.audit_log ORDER BY seq",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
+            let mut rows = Vec::new();
+            for r in t {
+                let s = |i: usize| r.get::<String>(i).map_err(spi_err).map(|v| v.unwrap_or_default());
+                let n = |i: usize| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0));
+                let record = Record {
+                    seq: n(1)?,
+                    at_us: n(2)?,
+                    kind: s(3)?,
+                    database: s(4)?,
+                    session_user: s(5)?,
+                    current_role: s(6)?,
+                    client_addr: s(7)?,
+                    application_name: s(8)?,
+                    backend_pid: n(9)?,
+                    statement_id: n(10)?,
+                    request_id: s(11)?,
+                    tenant: s(12)?,
+                    key_versions: s(13)?,
+                    operation: s(14)?,
+                    value_count: n(15)?,
+                    failure_count: n(16)?,
+                    outcome: s(17)?,
+                    duration_us: n(18)?,
+                    detail: s(19)?,
+                };
+                let h = |i: usize| -> Result<[u8; 32]> { Ok(r.get::<Vec<u8>>(i).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32])) };
+                rows.push(Stored { record, prev_hash: h(20)?, hash: h(21)? });
+            }
+            let cp = c
+                .select("SELECT seq, hash, at_us, mac FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1", None, &[])
+                .map_err(spi_err)?;
+            let checkpoint = if cp.is_empty() {
+                None
+            } else {
+                let r = cp.first();
+                Some((
+                    r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
+                    r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
+                    r.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default(),
+                ))
+            };
+            Ok::<_, EnvelopeError>((rows, checkpoint))
+        })
+    })?;
+    let mut cp_head = None;
+    let mut cp_seq = None;
+    if let Some((seq, hash, at_us, mac)) = checkpoint {
+        cp_seq = Some(seq);
+        let head = Head { seq, hash: hash.clone().try_into().unwrap_or([0xff; 32]) };
+        let good = checkpoint_mac(&head, at_us).map(|(_, m)| m.as_slice() == mac.as_slice()).unwrap_or(false);
+        if !good {
+            return Ok((0, None, cp_seq, false, Some(format!("the checkpoint at record {seq} has an invalid MAC: forged or altered"))));
+        }
+        cp_head = Some(head);
+    }
+    let v = pg_envelope_core::audit::verify(rows, None, cp_head);
+    if enabled() {
+        let mut r = base_record("audit_read", crate::backend::role_name(crate::nothrow::current_user_id()));
+        r.operation = "audit_verify".into();
+        r.value_count = v.records as i64;
+        r.outcome = if v.first_break.is_none() { "ok".into() } else { "broken".into() };
+        prime_session();
+        push(r);
+    }
+    Ok((v.records as i64, v.head.map(|h| h.seq), cp_seq, v.first_break.is_none(), v.first_break.map(|b| b.to_string())))
+}
+
+/// For `status()`: on or off, queued records, records dropped since the start, seconds since the
+/// writer last drained, and whether key use is allowed now.
+pub fn status_json() -> serde_json::Value {
+    if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
+        return serde_json::json!({ "enabled": false });
+    }
+    let (queued, dropped, drained_at) = {
+        let q = QUEUE.share();
+        (q.write - q.read, q.dropped, q.drained_at)
+    };
+    serde_json::json!({
+        "enabled": enabled(),
+        "fail_closed": gucs::AUDIT_FAIL_CLOSED.get(),
+        "queued": queued,
+        "dropped": dropped,
+        "seconds_since_drain": (drained_at != 0).then(|| (now_ts() - drained_at) as f64 / 1e6),
+        "recording": health().err().unwrap_or_else(|| "ok".into()),
+    })
+}
