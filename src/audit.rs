@@ -22,7 +22,7 @@ use pgrx::PgLwLock;
 use crate::error::{EnvelopeError, Result};
 use crate::gucs;
 
-pub const SLOTS: usize = 1024;
+pub const SLOTS: usize = 2048;
 const SLOT_BYTES: usize = 1000;
 
 /// The shared-memory queue: a ring of canonical records. Backends append at `write`; only the
@@ -66,6 +66,9 @@ pub fn enabled() -> bool {
 
 /// Whether new records can be recorded now: the queue has room and the writer keeps up.
 pub fn health() -> std::result::Result<(), String> {
+    if queued() >= SLOTS as u64 {
+        wait_for_room();
+    }
     let q = QUEUE.share();
     if q.write - q.read >= SLOTS as u64 {
         return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer)"));
@@ -107,11 +110,49 @@ thread_local! {
     static CHECKED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
 }
 
-/// Pushes one record. A full queue (possible only in warn mode, or between the health check and
-/// here) counts it as dropped and says so in the log.
+/// Sets the writer's latch: it drains at once rather than at its next 200 ms tick.
+pub fn wake_writer() {
+    let procno = crate::worker::STATUS.share().procno;
+    if procno >= 0 {
+        // SAFETY: a valid index into ProcGlobal->allProcs (set by the worker for itself, cleared
+        // at its exit); SetLatch on another process's latch is what PostgreSQL itself does.
+        unsafe { pg_sys::SetLatch(&raw mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch) };
+    }
+}
+
+fn queued() -> u64 {
+    let q = QUEUE.share();
+    q.write - q.read
+}
+
+/// A full queue: wake the writer and wait for room, up to one second (a burst of short
+/// statements can outrun the writer's tick; it must not fail statements while the writer works).
+fn wait_for_room() -> bool {
+    for _ in 0..200 {
+        if queued() < SLOTS as u64 {
+            return true;
+        }
+        wake_writer();
+        unsafe { pg_sys::pg_usleep(5_000) };
+        // Not at a transaction's end (an ERROR there would nest in the abort).
+        if !AT_END.with(|e| e.get()) {
+            pgrx::check_for_interrupts!();
+        }
+    }
+    queued() < SLOTS as u64
+}
+
+/// Pushes one record, waking the writer when the queue fills up. A full queue (after waiting for
+/// room) counts the record as dropped and says so in the log.
 pub fn push(mut r: Record) {
     r.truncate_fields(64, 200);
     let bytes = r.canonical();
+    if queued() >= SLOTS as u64 / 4 {
+        wake_writer();
+        if queued() >= SLOTS as u64 {
+            wait_for_room();
+        }
+    }
     let mut q = QUEUE.exclusive();
     if q.write - q.read >= SLOTS as u64 || bytes.len() > SLOT_BYTES {
         q.dropped += 1;
@@ -169,8 +210,11 @@ struct Entry {
     count: i64,
     failures: i64,
     failure_code: Option<String>,
-    first_us: i64,
-    last_us: i64,
+    /// When the first value was handled (PostgreSQL timestamp), and the coarse monotonic clock
+    /// then and at the last value (a precise clock per value costs more than the rest).
+    first_ts: i64,
+    first: std::time::Instant,
+    last: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -194,7 +238,7 @@ fn sqlstate(e: &EnvelopeError) -> String {
 pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
     let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
     let role = crate::nothrow::current_user_id();
-    let now = now_ts();
+    let now = crate::backend::cache_now();
     ACC.with(|a| {
         let Ok(mut a) = a.try_borrow_mut() else { return };
         if a.stmt != stmt {
@@ -202,7 +246,12 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             a.stmt = stmt;
         }
         let tenant = tenant.unwrap_or("");
-        let e = match a.entries.iter_mut().position(|e| e.op == op && e.role == role && e.tenant == tenant) {
+        // The common case: the same operation, role and tenant as the statement's first entry.
+        let hit = match a.entries.first() {
+            Some(e) if e.op == op && e.role == role && e.tenant == tenant => Some(0),
+            _ => a.entries.iter().position(|e| e.op == op && e.role == role && e.tenant == tenant),
+        };
+        let e = match hit {
             Some(i) => &mut a.entries[i],
             None => {
                 // Names are resolved now, not at the flush: that may run in an aborted
@@ -217,14 +266,15 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
                     count: 0,
                     failures: 0,
                     failure_code: None,
-                    first_us: now,
-                    last_us: now,
+                    first_ts: now_ts(),
+                    first: now,
+                    last: now,
                 });
                 a.entries.last_mut().expect("just pushed")
             }
         };
         e.count += 1;
-        e.last_us = now;
+        e.last = now;
         if version != 0 && !e.versions.contains(&version) {
             e.versions.push(version);
         }
@@ -263,7 +313,7 @@ fn flush_acc(a: &mut Acc) {
             },
             e.role_name,
         );
-        r.at_us = pg_to_unix_us(e.first_us);
+        r.at_us = pg_to_unix_us(e.first_ts);
         r.statement_id = statement_id;
         r.tenant = e.tenant;
         r.key_versions = e.versions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -275,7 +325,7 @@ fn flush_acc(a: &mut Acc) {
             (Some(c), true) => c.clone(),
             (Some(c), false) => format!("partial:{c}"),
         };
-        r.duration_us = e.last_us - e.first_us;
+        r.duration_us = e.last.saturating_duration_since(e.first).as_micros() as i64;
         push(r);
     }
 }
@@ -309,12 +359,18 @@ pub fn key_op(operation: &str, tenant: &str, detail: &str, immediate: bool) {
 
 /// At transaction end: the statement's aggregates, then the key operations with the outcome.
 pub fn at_transaction_end(committed: bool) {
+    AT_END.with(|e| e.set(true));
     flush();
     let ops: Vec<Record> = KEY_OPS.with(|k| k.borrow_mut().drain(..).collect());
     for mut r in ops {
         r.outcome = if committed { "ok".into() } else { "rolled back".into() };
         push(r);
     }
+    AT_END.with(|e| e.set(false));
+}
+
+thread_local! {
+    static AT_END: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// PostgreSQL timestamps count from 2000-01-01; the chain uses the Unix epoch.

@@ -856,25 +856,26 @@ pub trait OutBuf: Sized {
 /// is on (src/audit.rs).
 pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result<B> {
     if !crate::audit::enabled() {
-        return encrypt_inner(plaintext, context, &mut 0);
+        return encrypt_inner(plaintext, context, &mut 0, &mut None);
     }
     if let Err(e) = crate::audit::check_can_record() {
         // The refusal is recorded too (late, once the writer is back): nothing is silently lost.
         crate::audit::note(crate::audit::Op::Encrypt, current_tenant().ok(), 0, Some(&e));
         return Err(e);
     }
-    let mut version = 0;
-    let r = encrypt_inner(plaintext, context, &mut version);
-    crate::audit::note(crate::audit::Op::Encrypt, current_tenant().ok(), version, r.as_ref().err());
+    let (mut version, mut tenant) = (0, None);
+    let r = encrypt_inner(plaintext, context, &mut version, &mut tenant);
+    crate::audit::note(crate::audit::Op::Encrypt, tenant, version, r.as_ref().err());
     r
 }
 
-fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &mut u32) -> Result<B> {
+fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &mut u32, tenant_out: &mut Option<&'static str>) -> Result<B> {
     let limit = gucs::max_value_size();
+    let tenant = current_tenant()?;
+    *tenant_out = Some(tenant);
     if plaintext.len() > limit {
         return Err(EnvelopeError::TooLarge { size: plaintext.len(), limit });
     }
-    let tenant = current_tenant()?;
     with_backend(|b| {
         b.with_tenant_keys(tenant, |keys| {
             let dek: &mut DataKey = keys.active();
@@ -897,21 +898,26 @@ thread_local! {
 /// Audited per statement when `envelope.audit` is on (src/audit.rs).
 pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
     if !crate::audit::enabled() {
-        return decrypt_inner(envelope, context);
+        return decrypt_inner(envelope, context, &mut 0, &mut None);
     }
     if let Err(e) = crate::audit::check_can_record() {
         crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), 0, Some(&e));
         return Err(e);
     }
-    let r = decrypt_inner(envelope, context);
-    let version = Envelope::parse(envelope).map(|e| e.dek_version).unwrap_or(0);
-    crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), version, r.as_ref().err());
+    let (mut version, mut tenant) = (0, None);
+    let r = decrypt_inner(envelope, context, &mut version, &mut tenant);
+    if tenant.is_none() {
+        tenant = current_tenant().ok();
+    }
+    crate::audit::note(crate::audit::Op::Decrypt, tenant, version, r.as_ref().err());
     r
 }
 
-fn decrypt_inner<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
+fn decrypt_inner<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>, version: &mut u32, tenant_out: &mut Option<&'static str>) -> Result<B> {
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;
+    *version = env.dek_version;
     let tenant = current_tenant()?;
+    *tenant_out = Some(tenant);
     with_backend(|b| {
         b.with_tenant_keys(tenant, |keys| {
             if env.tenant_key_id != keys.tenant_key_id() {

@@ -24,6 +24,8 @@ use crate::{catalog, gucs};
 #[derive(Clone, Copy)]
 pub struct WorkerStatus {
     pub pid: i32,
+    /// The worker's index in ProcGlobal->allProcs (its latch wakes it: the audit queue); -1: none.
+    pub procno: i32,
     pub started_at: i64,
     pub last_run_at: i64,
     pub last_error_at: i64,
@@ -39,6 +41,7 @@ impl Default for WorkerStatus {
     fn default() -> Self {
         WorkerStatus {
             pid: 0,
+            procno: -1,
             started_at: 0,
             last_run_at: 0,
             last_error_at: 0,
@@ -95,7 +98,9 @@ fn shutdown_requested() -> bool {
 }
 
 unsafe extern "C-unwind" fn clear_pid(_code: i32, _arg: pg_sys::Datum) {
-    STATUS.exclusive().pid = 0;
+    let mut s = STATUS.exclusive();
+    s.pid = 0;
+    s.procno = -1;
 }
 
 // timeout.h is not in pgrx's bindings. STATEMENT_TIMEOUT is 3 in every supported major.
@@ -172,6 +177,8 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
     {
         let mut s = STATUS.exclusive();
         s.pid = unsafe { pg_sys::MyProcPid };
+        // SAFETY: MyProc is this process's entry in the ProcGlobal array.
+        s.procno = unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) } as i32;
         s.started_at = now();
     }
     pgrx::log!("pg_envelope maintenance worker started in database \"{db}\"");

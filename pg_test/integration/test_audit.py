@@ -167,3 +167,20 @@ def test_writer_gone_fails_closed_then_records_everything(audited):
         rows = records_after(c, start, "writer-gone")
     # Nothing recorded was lost: the first statement, the refused one, the warned one.
     assert [r[3:6] for r in rows] == [(4, 0, "ok"), (1, 1, "57P03"), (4, 0, "ok")], rows
+
+
+def test_a_burst_of_short_statements_outruns_no_writer(audited):
+    """More single-value statements than the queue holds, as fast as one client sends them:
+    backends wake the writer as the queue fills and wait for room, so none is refused and every
+    statement is recorded once."""
+    n = 5000  # the queue holds 2048
+    with connect(PORT_A, DB) as c:
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'burst'")
+        c.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
+        for i in range(n):
+            c.execute("SELECT v::text FROM audit_t WHERE id = %s", (i % 10000 + 1,), prepare=True)
+        c.execute("SELECT 1")  # the last statement's record is pushed at the next key use or transaction end
+        rows = records_after(c, start, "burst")
+        assert len(rows) == n and all(r[3] == 1 and r[5] == "ok" for r in rows), (len(rows), rows[:3])
+        assert c.execute("SELECT (envelope.status()->'audit'->>'dropped')::int").fetchone()[0] == 0
