@@ -25,9 +25,10 @@ use crate::gucs;
 pub const SLOTS: usize = 2048;
 const SLOT_BYTES: usize = 1000;
 
-/// The shared-memory queue: a ring of canonical records. Backends append at `write`; only the
-/// writer advances `read`, after the records are committed to the table.
-#[derive(Clone, Copy)]
+/// The queue's header, under its lock. The slots live in a shared-memory region of their own
+/// ([`slots`]), initialised in place: pgrx builds a `PgLwLock` value on the postmaster's stack,
+/// which a 2 MB array overflows in a debug build.
+#[derive(Clone, Copy, Default)]
 pub struct Queue {
     pub write: u64,
     pub read: u64,
@@ -35,23 +36,67 @@ pub struct Queue {
     pub dropped: u64,
     /// When the writer last drained (µs, PostgreSQL timestamp); 0: never.
     pub drained_at: i64,
-    lens: [u16; SLOTS],
-    pushed_at: [i64; SLOTS],
-    data: [[u8; SLOT_BYTES]; SLOTS],
-}
-
-impl Default for Queue {
-    fn default() -> Self {
-        Queue { write: 0, read: 0, dropped: 0, drained_at: 0, lens: [0; SLOTS], pushed_at: [0; SLOTS], data: [[0; SLOT_BYTES]; SLOTS] }
-    }
 }
 
 unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
 
 pub static QUEUE: PgLwLock<Queue> = unsafe { PgLwLock::new(c"pg_envelope_audit_queue") };
 
+/// One slot: a canonical record and when it was queued. Read and written under [`QUEUE`]'s lock.
+#[repr(C)]
+struct Slot {
+    len: u16,
+    pushed_at: i64,
+    data: [u8; SLOT_BYTES],
+}
+
+const REGION: usize = SLOTS * std::mem::size_of::<Slot>();
+static SLOTS_PTR: std::sync::atomic::AtomicPtr<Slot> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
+static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
+
 pub fn register() {
     pgrx::pg_shmem_init!(QUEUE);
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request_slots);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(attach_slots);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn request_slots() {
+    if let Some(prev) = PREV_SHMEM_REQUEST {
+        prev();
+    }
+    pg_sys::RequestAddinShmemSpace(REGION);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn attach_slots() {
+    if let Some(prev) = PREV_SHMEM_STARTUP {
+        prev();
+    }
+    let mut found = false;
+    // AddinShmemInitLock is MainLWLockArray[21] (as pgrx's own shared-memory types take it).
+    let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+    pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let p = pg_sys::ShmemInitStruct(c"pg_envelope audit slots".as_ptr(), REGION, &mut found);
+    if !found {
+        std::ptr::write_bytes(p.cast::<u8>(), 0, REGION);
+    }
+    pg_sys::LWLockRelease(init_lock);
+    SLOTS_PTR.store(p.cast(), Ordering::Release);
+}
+
+/// Slot `i` (caller holds [`QUEUE`]'s lock; exclusively to write).
+#[allow(clippy::mut_from_ref)]
+fn slot(i: usize) -> &'static mut Slot {
+    let base = SLOTS_PTR.load(Ordering::Acquire);
+    assert!(!base.is_null() && i < SLOTS, "audit slots not attached");
+    // SAFETY: within the region; access is serialized by the queue's lock.
+    unsafe { &mut *base.add(i) }
 }
 
 fn now_ts() -> i64 {
@@ -74,7 +119,7 @@ pub fn health() -> std::result::Result<(), String> {
         return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer)"));
     }
     if q.write > q.read {
-        let oldest = q.pushed_at[(q.read % SLOTS as u64) as usize];
+        let oldest = slot((q.read % SLOTS as u64) as usize).pushed_at;
         let late = now_ts() - oldest;
         if late > gucs::audit_max_delay_s() * 1_000_000 {
             return Err(format!("the audit writer has not recorded events for {} s (the maintenance worker in envelope.database)", late / 1_000_000));
@@ -160,10 +205,10 @@ pub fn push(mut r: Record) {
         pgrx::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
         return;
     }
-    let i = (q.write % SLOTS as u64) as usize;
-    q.data[i][..bytes.len()].copy_from_slice(&bytes);
-    q.lens[i] = bytes.len() as u16;
-    q.pushed_at[i] = now_ts();
+    let s = slot((q.write % SLOTS as u64) as usize);
+    s.data[..bytes.len()].copy_from_slice(&bytes);
+    s.len = bytes.len() as u16;
+    s.pushed_at = now_ts();
     q.write += 1;
 }
 
@@ -174,8 +219,8 @@ pub fn peek(max: usize) -> (Vec<Record>, u64, u64) {
     let mut out = Vec::with_capacity(n);
     let mut bad = 0;
     for k in 0..n as u64 {
-        let i = ((q.read + k) % SLOTS as u64) as usize;
-        match Record::from_canonical(&q.data[i][..q.lens[i] as usize]) {
+        let s = slot(((q.read + k) % SLOTS as u64) as usize);
+        match Record::from_canonical(&s.data[..(s.len as usize).min(SLOT_BYTES)]) {
             Some(r) => out.push(r),
             None => bad += 1,
         }

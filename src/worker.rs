@@ -144,7 +144,20 @@ fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic
 }
 
 fn record_error(what: &str) {
-    pgrx::log!("pg_envelope maintenance: {what}");
+    // The audit writer retries every 200 ms: the same error is logged at most once a minute.
+    thread_local! { static LAST: std::cell::RefCell<(String, i64)> = const { std::cell::RefCell::new((String::new(), 0)) }; }
+    let t = now();
+    let repeat = LAST.with(|l| {
+        let mut l = l.borrow_mut();
+        let repeat = l.0 == what && t - l.1 < 60_000_000;
+        if !repeat {
+            *l = (what.to_string(), t);
+        }
+        repeat
+    });
+    if !repeat {
+        pgrx::log!("pg_envelope maintenance: {what}");
+    }
     let mut s = STATUS.exclusive();
     let bytes = what.as_bytes();
     let n = bytes.len().min(s.error.len());
