@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--statements", type=int, default=5000)
     a = ap.parse_args()
     admin = connect()
+    had = admin.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_envelope'").fetchone() is not None
     admin.execute("CREATE EXTENSION IF NOT EXISTS pg_envelope")
     if not admin.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (TENANT,)).fetchone():
         admin.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
@@ -82,6 +83,9 @@ def main():
     finally:
         admin.execute("ALTER SYSTEM RESET envelope.audit")
         admin.execute("SELECT pg_reload_conf()")
+        admin.execute("DROP TABLE IF EXISTS audit_bench")
+        if not had:  # the project's tests need `postgres` without the extension
+            admin.execute("DROP EXTENSION pg_envelope CASCADE")
     med = {k: {m: statistics.median(v[m]) for m in v} for k, v in res.items()}
     out = {
         "rows": a.rows,

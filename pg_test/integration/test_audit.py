@@ -39,6 +39,9 @@ def set_audit(c, on, **extra):
 @pytest.fixture(scope="module")
 def audited():
     with connect(PORT_A, DB) as c:
+        # Leave the database as found: test_lifecycle's worker tests need a `postgres` database
+        # without pg_envelope (they install and drop it themselves).
+        had = c.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_envelope'").fetchone() is not None
         c.execute("CREATE EXTENSION IF NOT EXISTS pg_envelope")
         if not c.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (TENANT,)).fetchone():
             c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
@@ -56,6 +59,9 @@ def audited():
         c.execute("ALTER SYSTEM RESET envelope.audit_fail_closed")
         c.execute("ALTER SYSTEM RESET envelope.audit_checkpoint_interval")
         c.execute("SELECT pg_reload_conf()")
+        c.execute("DROP TABLE IF EXISTS audit_t")
+        if not had:
+            c.execute("DROP EXTENSION pg_envelope CASCADE")
 
 
 def last_seq(c):
