@@ -359,13 +359,11 @@ pub fn invalidate_after_commit() {
         b.cache.clear();
         b.directory.clear();
     });
+    // Other backends learn of the change from the epoch bumped at this backend's commit. A
+    // prepared transaction commits elsewhere (COMMIT PREPARED), so no bump would follow: refuse
+    // to prepare rather than let a revocation go unannounced.
+    refuse_prepare();
     if !REGISTERED.with(|r| r.replace(true)) {
-        // Other backends learn of the change from the epoch bumped at this backend's commit.
-        // A prepared transaction commits elsewhere (COMMIT PREPARED), so no bump would follow:
-        // refuse to prepare rather than let a revocation go unannounced.
-        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
-            EnvelopeError::PrepareAfterKeyChange.raise();
-        });
         // A key change that was under way when a lockdown began does not commit.
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, || {
             if let Err(e) = crate::revocation::refuse_if_locked() {

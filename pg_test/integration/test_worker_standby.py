@@ -45,17 +45,7 @@ def test_worker_idle_on_standby_starts_after_promotion():
     with psycopg.connect(host=SOCK, port=PORT_A, dbname="postgres", user="postgres", autocommit=True) as c:
         # The primary runs its worker (envelope.database = postgres by default).
         assert wait_for(lambda: workers(c), 15), "no maintenance worker on the primary"
-    if DATA.parent.exists():
-        as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-m", "immediate", "stop", check=False)
-        shutil.rmtree(DATA.parent)
-    SOCKDIR.mkdir(parents=True)
-    shutil.chown(DATA.parent, "postgres", "postgres")
-    shutil.chown(SOCKDIR, "postgres", "postgres")
-    try:
-        as_postgres(f"{BIN}/pg_basebackup", "-h", SOCK, "-p", str(PORT_A), "-U", "postgres", "-D", str(DATA), "-R", "-X", "stream", "-c", "fast")
-        as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-w", "-l", str(DATA.parent / "server.log"), "-o",
-                    f"-p {PORT} -c listen_addresses=127.0.0.1 -c unix_socket_directories={SOCKDIR}", "start")
-        connect = lambda: psycopg.connect(host=str(SOCKDIR), port=PORT, dbname="postgres", user="postgres", autocommit=True)
+    with standby() as connect:
         with connect() as s:
             assert s.execute("SELECT pg_is_in_recovery()").fetchone()[0]
             assert "pg_envelope" in s.execute("SHOW shared_preload_libraries").fetchone()[0]
@@ -65,9 +55,6 @@ def test_worker_idle_on_standby_starts_after_promotion():
         with connect() as s:
             assert not s.execute("SELECT pg_is_in_recovery()").fetchone()[0]
             assert wait_for(lambda: workers(s), 20), "no maintenance worker after promotion"
-    finally:
-        as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-m", "immediate", "stop", check=False)
-        shutil.rmtree(DATA.parent, ignore_errors=True)
 
 
 @contextmanager

@@ -567,9 +567,15 @@ fn aws_kms_emulator_dedicated_root_keys_are_scheduled_for_deletion() {
     let encrypt_only = std::env::var("MOTO_CREDENTIALS").unwrap().replace("credentials", "encrypt-only-credentials");
     let other = admin.create_key(&fresh_name("pg-shred-test-denied"));
     assert!(matches!(moto_key_as(&other, &encrypt_only).destroy_root_key(), Err(ProviderError::Denied(_))));
-    // Idempotent: already pending deletion is success. (Real KMS refuses Decrypt from now on
-    // with KMSInvalidStateException, mapped to a denial; moto 5.x does not enforce the state.)
-    assert!(p.destroy_root_key().unwrap().contains("already pending deletion") || p.destroy_root_key().is_ok());
+    // Idempotent: a second call (a retry after a crash) succeeds and the keys stay pending
+    // deletion. (Real KMS answers KMSInvalidStateException, reported as "already pending
+    // deletion"; moto reschedules. Real KMS also refuses Decrypt from now on, mapped to a
+    // denial; moto 5.x does not enforce the state.)
+    let again = p.destroy_root_key().unwrap();
+    assert!(again.contains(&current) && again.contains(&previous), "{again}");
+    for k in [&current, &previous] {
+        assert_eq!(admin.call("DescribeKey", json!({"KeyId": k}))["KeyMetadata"]["KeyState"], "PendingDeletion");
+    }
     admin.call("ScheduleKeyDeletion", json!({"KeyId": other, "PendingWindowInDays": 7}));
 }
 
