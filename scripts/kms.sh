@@ -29,8 +29,10 @@ install_bao() { pge_ensure_bao; }
 bao_policy_json() {
   python3 -c 'import json, sys
 k = sys.argv[1]
-rules = [("encrypt", "update"), ("decrypt", "update"), ("keys", "read")]
-print(json.dumps({"policy": "\n".join(f"path \"transit/{p}/{k}\" {{ capabilities = [\"{c}\"] }}" for p, c in rules)}))' "$1"
+rules = [(f"encrypt/{k}", "update"), (f"decrypt/{k}", "update"), (f"keys/{k}", "read"),
+         # Audit checkpoints: HMAC and verify with the Transit key "pg-audit" (envelope.audit_checkpoint_provider).
+         ("hmac/pg-audit/*", "update"), ("verify/pg-audit/*", "update")]
+print(json.dumps({"policy": "\n".join(f"path \"transit/{p}\" {{ capabilities = [\"{c}\"] }}" for p, c in rules)}))' "$1"
 }
 
 api() { # method path [json]
@@ -57,6 +59,7 @@ start_openbao() {
   api POST sys/mounts/transit '{"type":"transit"}' >/dev/null
   api POST transit/keys/pg-root '{"type":"aes256-gcm96"}' >/dev/null
   api POST transit/keys/pg-root-2 '{"type":"aes256-gcm96"}' >/dev/null
+  api POST transit/keys/pg-audit '{"type":"hmac","key_size":32}' >/dev/null
   api PUT sys/policies/acl/pg-envelope "$(bao_policy_json 'pg-root*')" >/dev/null
   local token
   token="$(api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"24h","no_default_policy":true}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')"
@@ -140,6 +143,7 @@ HCL
     wait_baop 200
     baop_api POST sys/mounts/transit '{"type":"transit"}' >/dev/null
     baop_api POST transit/keys/pg-root '{"type":"aes256-gcm96"}' >/dev/null
+    baop_api POST transit/keys/pg-audit '{"type":"hmac","key_size":32}' >/dev/null
     baop_api PUT sys/policies/acl/pg-envelope "$(bao_policy_json 'pg-root')" >/dev/null
     (umask 077; baop_api POST auth/token/create '{"policies":["pg-envelope"],"ttl":"768h","no_default_policy":true}' |
       python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])' > "$BAOP_DIR/token")
@@ -149,7 +153,9 @@ HCL
     curl -sS --fail-with-body -X PUT "$BAOP_ADDR/v1/sys/unseal" -d "{\"key\":\"$(cat "$BAOP_DIR/unseal-key")\"}" >/dev/null
     wait_baop 200
     # Written again on every start (a PUT replaces it): a server initialised by an older
-    # version of this script gets the current policy; its token, which names it, follows.
+    # version of this script gets the current policy and keys; its token, which names it, follows.
+    baop_api GET transit/keys/pg-audit >/dev/null 2>&1 ||
+      baop_api POST transit/keys/pg-audit '{"type":"hmac","key_size":32}' >/dev/null
     baop_api PUT sys/policies/acl/pg-envelope "$(bao_policy_json 'pg-root')" >/dev/null
   fi
   echo "OpenBao (persistent, raft) at $BAOP_ADDR"
@@ -185,6 +191,15 @@ CONF
     (umask 077; printf '%s\n' "$pin" > "$HSM_DIR/pin")
     as_root chown -R postgres:postgres "$HSM_DIR/tokens" "$HSM_DIR/pin"
     chmod 0644 "$SOFTHSM2_CONF"
+  fi
+  # The HMAC key for audit checkpoints (CKM_SHA256_HMAC), also on tokens made by older versions
+  # of this script.
+  local p; p="$(cat "$HSM_DIR/pin")"
+  if ! pkcs11-tool --module "$HSM_MODULE" --token-label pg-envelope --login --pin "$p" --list-objects --type secrkey 2>/dev/null |
+      grep -q "label: *pg-audit$"; then
+    pkcs11-tool --module "$HSM_MODULE" --token-label pg-envelope --login --pin "$p" --keygen \
+      --key-type GENERIC:32 --label pg-audit --sensitive --private --usage-sign >/dev/null 2>&1
+    as_root chown -R postgres:postgres "$HSM_DIR/tokens"
   fi
   cat > "$HSM_DIR/env" <<ENV
 export SOFTHSM2_CONF=$HSM_DIR/softhsm2.conf
@@ -227,6 +242,8 @@ kms_anon = boto3.client("kms", **anon)
 k1 = kms_anon.create_key(Description="pg-root")["KeyMetadata"]["KeyId"]                     # 7
 signed = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
 k2 = boto3.client("kms", **signed).create_key(Description="pg-root-2")["KeyMetadata"]["KeyId"]   # signed from here on
+# The HMAC key for audit checkpoints (GenerateMac / VerifyMac).
+k3 = boto3.client("kms", **signed).create_key(Description="pg-audit", KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]["KeyId"]
 old = os.umask(0o077)
 with open(f"{d}/credentials", "w") as f:
     f.write(f"[default]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = {key['SecretAccessKey']}\n")
@@ -236,7 +253,7 @@ with open(f"{d}/bad-credentials", "w") as f:
     f.write(f"[default]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = wrong-{key['SecretAccessKey'][:8]}\n")
 os.umask(old)
 with open(f"{d}/env", "w") as f:
-    f.write(f"export MOTO_ENDPOINT={url}\nexport MOTO_KEY_ID={k1}\nexport MOTO_KEY_ID_2={k2}\nexport MOTO_CREDENTIALS={d}/credentials\n")
+    f.write(f"export MOTO_ENDPOINT={url}\nexport MOTO_KEY_ID={k1}\nexport MOTO_KEY_ID_2={k2}\nexport MOTO_MAC_KEY_ID={k3}\nexport MOTO_CREDENTIALS={d}/credentials\n")
 PY
   as_root chown postgres:postgres "$MOTO_DIR/credentials" "$MOTO_DIR/bad-credentials" "$MOTO_DIR/encrypt-only-credentials"
   echo "moto (KMS, signatures checked) at http://127.0.0.1:$MOTO_PORT; env: $MOTO_DIR/env"

@@ -602,3 +602,118 @@ fn softhsm_dedicated_root_key_is_destroyed() {
     // The other keys on the token are untouched.
     assert_eq!(hsm("pg-kek").current_root_version().unwrap().as_deref(), Some("pg-kek"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Audit checkpoints: a MAC made inside the key server (Transit hmac/verify, GenerateMac/VerifyMac,
+// CKM_SHA256_HMAC), through the same contract as the local provider's.
+
+use pg_envelope_core::provider::testing::checkpoint_contract;
+
+fn bao_hmac(hmac_key: &str) -> VaultTransitProvider {
+    let state = state_dir();
+    let opts = VaultTransitOptions::from_json(&json!({
+        "url": std::env::var("BAO_ADDR").expect("BAO_ADDR: start OpenBao with scripts/kms.sh start-openbao"),
+        "key": "pg-root",
+        "hmac_key": hmac_key,
+        "token_file": format!("{state}/openbao/token"),
+        "ca_file": format!("{state}/openbao/ca.pem"),
+    }))
+    .unwrap();
+    VaultTransitProvider::new(opts, Duration::from_secs(5)).unwrap()
+}
+
+#[test]
+#[ignore = "needs OpenBao: run by the integration tier"]
+fn openbao_checkpoint_macs_stay_in_transit() {
+    // pg-audit (the provider token's policy allows hmac/verify on it, scripts/kms.sh) against a
+    // fresh hmac key reached with a token of its own.
+    let admin = BaoAdmin::new();
+    let other = fresh_name("pg-audit-other");
+    admin.ok("POST", &format!("transit/keys/{other}"), Some(json!({"type": "hmac", "key_size": 32})));
+    let (_dir, token) = bao_token_file(
+        &admin,
+        &fresh_name("pg-audit-policy"),
+        &[(format!("transit/hmac/{other}/*"), "\"update\""), (format!("transit/verify/{other}/*"), "\"update\"")],
+    );
+    let mut other_p = VaultTransitProvider::new(
+        VaultTransitOptions::from_json(&json!({
+            "url": std::env::var("BAO_ADDR").unwrap(), "key": "pg-root", "hmac_key": other,
+            "token_file": token, "ca_file": format!("{}/openbao/ca.pem", state_dir()),
+        }))
+        .unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    checkpoint_contract(&mut bao_hmac("pg-audit"), &mut other_p);
+    let m = bao_hmac("pg-audit").checkpoint_mac(b"m").unwrap();
+    assert!(String::from_utf8(m.mac).unwrap().starts_with("vault:v1:"), "Transit's own MAC form");
+    // The provider's token may not MAC with a key its policy does not name: a refusal, not a
+    // mismatch.
+    let err = bao_hmac(&other).checkpoint_mac(b"m").unwrap_err();
+    assert!(matches!(err, ProviderError::Denied(ref m) if m.contains("403")), "{err}");
+    let err = bao_hmac(&other).verify_checkpoint_mac(b"m", b"vault:v1:AAAA").unwrap_err();
+    assert!(matches!(err, ProviderError::Denied(_)), "{err}");
+    admin.delete_key(&other);
+}
+
+#[test]
+#[ignore = "needs moto: run by the integration tier"]
+fn aws_kms_emulator_checkpoint_macs_use_generate_mac() {
+    let admin = KmsAdmin::new();
+    let mac_key = |id: &str| {
+        AwsKmsProvider::new(
+            AwsKmsOptions::from_json(&json!({
+                "key_id": std::env::var("MOTO_KEY_ID").unwrap(), "mac_key_id": id, "region": "us-east-1",
+                "endpoint": std::env::var("MOTO_ENDPOINT").unwrap(), "allow_insecure_http": true,
+                "credentials_file": std::env::var("MOTO_CREDENTIALS").unwrap(),
+            }))
+            .unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    let other = admin.call("CreateKey", json!({"Description": "pg-audit-other", "KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}))
+        ["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    checkpoint_contract(&mut mac_key(&std::env::var("MOTO_MAC_KEY_ID").unwrap()), &mut mac_key(&other));
+    // An encryption key cannot MAC: a configuration error that says what key is needed.
+    let err = moto_key(&std::env::var("MOTO_KEY_ID").unwrap()).checkpoint_mac(b"m").unwrap_err();
+    assert!(matches!(err, ProviderError::Misconfigured(ref m) if m.contains("HMAC_256")), "{err}");
+    // (A disabled MAC key: real KMS refuses with DisabledException, mapped to Denied like every
+    // disabled key; moto 5 still MACs with it, so that case is not exercised here.)
+}
+
+#[test]
+#[ignore = "needs SoftHSM2: run by the integration tier"]
+fn softhsm_checkpoint_macs_are_made_in_the_token() {
+    let _one_at_a_time = HSM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let label = fresh_name("pg-audit-other");
+    let pin = std::fs::read_to_string(format!("{}/softhsm/pin", state_dir())).unwrap();
+    let ok = std::process::Command::new("pkcs11-tool")
+        .args(["--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "pg-envelope", "--login", "--pin", pin.trim()])
+        .args(["--keygen", "--key-type", "GENERIC:32", "--label", &label, "--sensitive", "--private", "--usage-sign"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let with_mac_key = |l: &str| {
+        Pkcs11Provider::new(
+            Pkcs11Options::from_json(&json!({
+                "module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "pg-envelope", "key_label": "pg-kek",
+                "mac_key_label": l, "pin_file": format!("{}/softhsm/pin", state_dir()),
+            }))
+            .unwrap(),
+        )
+    };
+    checkpoint_contract(&mut with_mac_key("pg-audit"), &mut with_mac_key(&label));
+    // The AES wrapping key is not an HMAC key: a configuration error, not a MAC.
+    let err = hsm("pg-kek").checkpoint_mac(b"m").unwrap_err();
+    assert!(matches!(err, ProviderError::Misconfigured(_) | ProviderError::Denied(_)), "{err}");
+    let del = std::process::Command::new("pkcs11-tool")
+        .args(["--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "pg-envelope", "--login", "--pin", pin.trim()])
+        .args(["--delete-object", "--type", "secrkey", "--label", &label])
+        .output()
+        .unwrap();
+    assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stderr));
+}

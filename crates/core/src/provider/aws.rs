@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `key_id` | yes | key id, ARN or alias |
 //! | `previous_key_ids` | no | comma-separated keys tenants may still be wrapped under while `rewrap_tenants` moves them to `key_id` |
+//! | `mac_key_id` | no | an HMAC_256 key (`KeyUsage` `GENERATE_VERIFY_MAC`) that MACs audit checkpoints with `GenerateMac` (default: `key_id`, which must then be such a key) |
 //! | `region` | yes | e.g. `us-east-1` |
 //! | `endpoint` | no | override, e.g. `https://kms.eu-west-1.amazonaws.com` or a local emulator (`http` only with `allow_insecure_http` on loopback) |
 //! | `credentials_file` | no | an AWS shared credentials file; without it the server's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) is used |
@@ -38,6 +39,8 @@ pub struct AwsKmsOptions {
     /// rotation): unwrapping tries `key_id`, then these, until `rewrap_tenants` has moved every
     /// tenant; then they are removed and the old keys disabled.
     pub previous_key_ids: Vec<String>,
+    /// The HMAC key for audit checkpoints (`GenerateMac`/`VerifyMac`); `key_id` by default.
+    pub mac_key_id: Option<String>,
     pub region: String,
     pub endpoint: String,
     pub credentials_file: Option<PathBuf>,
@@ -56,7 +59,7 @@ impl AwsKmsOptions {
                     "option \"{k}\" would put a secret in the database; use \"credentials_file\" or the server's environment"
                 )));
             }
-            if !["key_id", "previous_key_ids", "region", "endpoint", "credentials_file", "profile", "ca_file", "allow_insecure_http", "deletion_window_days"].contains(&k.as_str()) {
+            if !["key_id", "previous_key_ids", "mac_key_id", "region", "endpoint", "credentials_file", "profile", "ca_file", "allow_insecure_http", "deletion_window_days"].contains(&k.as_str()) {
                 return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
             }
         }
@@ -101,6 +104,7 @@ impl AwsKmsOptions {
             deletion_window_days,
             key_id,
             previous_key_ids,
+            mac_key_id: s("mac_key_id"),
             region,
             endpoint,
             credentials_file: path("credentials_file")?,
@@ -375,6 +379,31 @@ impl KeyProvider for AwsKmsProvider {
         }
         Ok(done.join("; "))
     }
+
+    /// `GenerateMac` (HMAC_SHA_256) with `mac_key_id`: the HMAC key never leaves KMS, and
+    /// CloudTrail records each call.
+    fn checkpoint_mac(&mut self, message: &[u8]) -> Result<super::CheckpointMac, ProviderError> {
+        let key = self.opts.mac_key_id.clone().unwrap_or_else(|| self.opts.key_id.clone());
+        let v = self.call("GenerateMac", json!({ "KeyId": key, "MacAlgorithm": "HMAC_SHA_256", "Message": B64.encode(message) }))?;
+        let mac = v["Mac"]
+            .as_str()
+            .and_then(|m| B64.decode(m).ok())
+            .filter(|m| m.len() == 32)
+            .ok_or_else(|| ProviderError::Unavailable(format!("{} GenerateMac: no 32-byte Mac in the answer", self.opts.endpoint)))?;
+        Ok(super::CheckpointMac { key: format!("aws-kms {}", v["KeyId"].as_str().unwrap_or(&key)), mac })
+    }
+
+    /// `VerifyMac`: KMS answers `MacValid`, or `KMSInvalidMacException` for a MAC that does not
+    /// match.
+    fn verify_checkpoint_mac(&mut self, message: &[u8], mac: &[u8]) -> Result<bool, ProviderError> {
+        let key = self.opts.mac_key_id.clone().unwrap_or_else(|| self.opts.key_id.clone());
+        let body = json!({ "KeyId": key, "MacAlgorithm": "HMAC_SHA_256", "Message": B64.encode(message), "Mac": B64.encode(mac) });
+        match self.call("VerifyMac", body) {
+            Ok(v) => Ok(v["MacValid"].as_bool() == Some(true)),
+            Err(ProviderError::UnwrapFailed) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// `YYYY-MM-DD` (UTC) of a Unix time, for reports.
@@ -412,6 +441,11 @@ fn classify_error(code: u16, kind: &str, msg: &str, target: &str, where_: &str) 
         // a shredded tenant's key read from a backup): a refusal, never served from a stale cache.
         (_, "DisabledException" | "KMSInvalidStateException") => ProviderError::Denied(format!("{where_}: {kind} {msg}")),
         (_, "NotFoundException") => ProviderError::Misconfigured(format!("{where_}: {kind} {msg}")),
+        // VerifyMac's "this MAC does not match": an answer, not a failure (see verify_checkpoint_mac).
+        (_, "KMSInvalidMacException") => ProviderError::UnwrapFailed,
+        (_, "InvalidKeyUsageException") if matches!(target, "GenerateMac" | "VerifyMac") => ProviderError::Misconfigured(format!(
+            "{where_}: {kind}: audit checkpoints need an HMAC key (KeySpec HMAC_256, KeyUsage GENERATE_VERIFY_MAC) as \"mac_key_id\""
+        )),
         (429 | 500..=599, _) | (_, "ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException") => {
             ProviderError::Unavailable(format!("{where_}: HTTP {code} {kind}"))
         }

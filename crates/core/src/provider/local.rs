@@ -141,6 +141,20 @@ impl KeyProvider for LocalProvider {
         let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id };
         wrap::unwrap_key(&root, &aad, wrapped).map_err(|_| ProviderError::UnwrapFailed)
     }
+
+    /// HMAC-SHA-256 with an HKDF subkey of the root key file. **Development only**: whoever
+    /// reads the file can forge checkpoints, and no KMS log witnesses them.
+    fn checkpoint_mac(&mut self, message: &[u8]) -> Result<super::CheckpointMac, ProviderError> {
+        let root = self.load_root_key()?;
+        let mac = crate::audit::local_checkpoint_mac(&root, message);
+        Ok(super::CheckpointMac { key: format!("local {} (development only)", self.path.display()), mac: mac.to_vec() })
+    }
+
+    fn verify_checkpoint_mac(&mut self, message: &[u8], mac: &[u8]) -> Result<bool, ProviderError> {
+        let root = self.load_root_key()?;
+        let good = crate::audit::local_checkpoint_mac(&root, message);
+        Ok(mac.len() == good.len() && subtle::ConstantTimeEq::ct_eq(mac, &good[..]).into())
+    }
 }
 
 #[cfg(test)]
@@ -192,7 +206,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let a = key_file(d.path(), "a", &[3u8; 32], 0o600);
         let b = key_file(d.path(), "b", &[4u8; 32], 0o600);
-        crate::provider::testing::provider_contract(&mut LocalProvider::new(a), &mut LocalProvider::new(b));
+        crate::provider::testing::provider_contract(&mut LocalProvider::new(&a), &mut LocalProvider::new(&b));
+        crate::provider::testing::checkpoint_contract(&mut LocalProvider::new(&a), &mut LocalProvider::new(&b));
     }
 
     #[test]

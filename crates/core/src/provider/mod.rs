@@ -111,6 +111,14 @@ impl std::fmt::Display for ProviderError {
 }
 impl std::error::Error for ProviderError {}
 
+/// An audit checkpoint's MAC made inside the key server, and the (non-secret) name of the key
+/// that made it, e.g. `transit/pg-audit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointMac {
+    pub key: String,
+    pub mac: Vec<u8>,
+}
+
 /// A root of trust that wraps and unwraps tenant keys.
 pub trait KeyProvider: Send {
     /// The provider kind, as used in `envelope.add_key_provider(name, kind, ...)`: `local`, ...
@@ -164,5 +172,22 @@ pub trait KeyProvider: Send {
     /// success. Returns what happened, for the shred report; never secret.
     fn destroy_root_key(&mut self) -> Result<String, ProviderError> {
         Err(ProviderError::Misconfigured(format!("the {} provider cannot destroy its root key", self.kind())))
+    }
+
+    /// HMAC-SHA-256 of an audit checkpoint message (the chain head) with a key that never
+    /// leaves the key server, so that whoever rewrites the audit tables cannot re-sign their
+    /// head without a KMS call, which the KMS's own audit log records. Transit: `hmac/<key>`;
+    /// AWS KMS: `GenerateMac` (an HMAC_256 key); PKCS#11: `CKM_SHA256_HMAC` in the token;
+    /// local: an HKDF subkey of the root key file (development only). The message is public
+    /// (sequence, hash, time): nothing secret is sent.
+    fn checkpoint_mac(&mut self, _message: &[u8]) -> Result<CheckpointMac, ProviderError> {
+        Err(ProviderError::Misconfigured(format!("the {} provider cannot authenticate audit checkpoints", self.kind())))
+    }
+
+    /// Checks a MAC made by [`KeyProvider::checkpoint_mac`] (inside the key server where it
+    /// has a verify call). `Ok(false)`: the MAC does not match; an error: the question could not
+    /// be asked (never reported as a mismatch).
+    fn verify_checkpoint_mac(&mut self, _message: &[u8], _mac: &[u8]) -> Result<bool, ProviderError> {
+        Err(ProviderError::Misconfigured(format!("the {} provider cannot authenticate audit checkpoints", self.kind())))
     }
 }

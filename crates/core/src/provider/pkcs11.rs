@@ -11,6 +11,7 @@
 //! | `module` | yes | absolute path of the PKCS#11 library |
 //! | `token_label` | yes | label of the token (slot ids are not stable) |
 //! | `key_label` | yes | label of the AES key |
+//! | `mac_key_label` | no | label of a generic secret key (`CKA_SIGN`, `CKA_VERIFY`) that MACs audit checkpoints with `CKM_SHA256_HMAC` (default: `key_label`) |
 //! | `pin_file` | yes | file holding the user PIN; read on every call, never stored |
 //!
 //! The library is loaded and initialised on the thread that makes the call, in the backend
@@ -41,6 +42,8 @@ pub struct Pkcs11Options {
     pub module: PathBuf,
     pub token_label: String,
     pub key_label: String,
+    /// The HMAC key for audit checkpoints; `key_label` by default.
+    pub mac_key_label: Option<String>,
     pub pin_file: PathBuf,
 }
 
@@ -53,7 +56,7 @@ impl Pkcs11Options {
                     "option \"{k}\" would put a secret in the database; use \"pin_file\""
                 )));
             }
-            if !["module", "token_label", "key_label", "pin_file"].contains(&k.as_str()) {
+            if !["module", "token_label", "key_label", "mac_key_label", "pin_file"].contains(&k.as_str()) {
                 return Err(ProviderError::Misconfigured(format!("unknown option \"{k}\"")));
             }
         }
@@ -71,7 +74,10 @@ impl Pkcs11Options {
             }
             Ok(p)
         };
-        Ok(Pkcs11Options { module: path("module")?, token_label: get("token_label")?, key_label: get("key_label")?, pin_file: path("pin_file")? })
+        Ok(Pkcs11Options { module: path("module")?, token_label: get("token_label")?, key_label: get("key_label")?,
+            mac_key_label: get("mac_key_label").ok(),
+            pin_file: path("pin_file")?,
+        })
     }
 }
 
@@ -141,9 +147,23 @@ impl Pkcs11Provider {
 
     /// The secret keys labelled `key_label` on the token.
     fn find_keys(&self, session: &Session) -> Result<Vec<ObjectHandle>, ProviderError> {
+        Self::find_labelled(session, &self.opts.key_label)
+    }
+
+    fn find_labelled(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, ProviderError> {
         session
-            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(self.opts.key_label.as_bytes().to_vec())])
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.as_bytes().to_vec())])
             .map_err(|e| ck(e, "find key"))
+    }
+
+    /// [`Pkcs11Provider::with_token`] with the one HMAC key for audit checkpoints.
+    fn with_mac_key<R>(&self, f: impl FnOnce(&Session, ObjectHandle) -> Result<R, ProviderError>) -> Result<R, ProviderError> {
+        let label = self.opts.mac_key_label.as_deref().unwrap_or(&self.opts.key_label);
+        self.with_token(false, |session| match Self::find_labelled(session, label)?.as_slice() {
+            [k] => f(session, *k),
+            [] => Err(ProviderError::NotConfigured(format!("no secret key labelled \"{label}\""))),
+            _ => Err(ProviderError::Misconfigured(format!("several keys are labelled \"{label}\""))),
+        })
     }
 
     /// [`Pkcs11Provider::with_token`] with the one key labelled `key_label`.
@@ -246,6 +266,31 @@ impl KeyProvider for Pkcs11Provider {
                 return Err(ProviderError::Unavailable(format!("the key \"{}\" is still on the token after C_DestroyObject", self.opts.key_label)));
             }
             Ok(format!("PKCS#11 key \"{}\" on token \"{}\" destroyed", self.opts.key_label, self.opts.token_label))
+        })
+    }
+
+    /// `CKM_SHA256_HMAC` with `mac_key_label` inside the token (`C_Sign`).
+    fn checkpoint_mac(&mut self, message: &[u8]) -> Result<super::CheckpointMac, ProviderError> {
+        let label = self.opts.mac_key_label.clone().unwrap_or_else(|| self.opts.key_label.clone());
+        let mac = self.with_mac_key(|s, k| {
+            s.sign(&Mechanism::Sha256Hmac, k, message).map_err(|e| match e {
+                CkError::Pkcs11(RvError::KeyTypeInconsistent | RvError::KeyFunctionNotPermitted | RvError::MechanismInvalid, _) => {
+                    ProviderError::Misconfigured(format!(
+                        "sign: the key \"{label}\" cannot make an HMAC-SHA-256 (audit checkpoints need a generic secret key with CKA_SIGN): {e}"
+                    ))
+                }
+                e => ck(e, "sign"),
+            })
+        })?;
+        Ok(super::CheckpointMac { key: format!("pkcs11 {}/{}", self.opts.token_label, label), mac })
+    }
+
+    /// `C_Verify` inside the token: a wrong MAC is `CKR_SIGNATURE_INVALID` (or `_LEN_RANGE`).
+    fn verify_checkpoint_mac(&mut self, message: &[u8], mac: &[u8]) -> Result<bool, ProviderError> {
+        self.with_mac_key(|s, k| match s.verify(&Mechanism::Sha256Hmac, k, message, mac) {
+            Ok(()) => Ok(true),
+            Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => Ok(false),
+            Err(e) => Err(ck(e, "verify")),
         })
     }
 

@@ -88,3 +88,25 @@ pub fn provider_contract(p: &mut dyn KeyProvider, other: &mut dyn KeyProvider) {
         assert!(!msg.as_bytes().windows(8).any(|w| kek.expose().windows(8).any(|k| k == w)));
     }
 }
+
+/// The audit-checkpoint contract: a provider's MAC verifies for its message and key only.
+/// `other` holds a different key. Run against every provider that offers checkpoints.
+pub fn checkpoint_contract(p: &mut dyn KeyProvider, other: &mut dyn KeyProvider) {
+    let m1 = crate::audit::checkpoint_message(&crate::audit::Head { seq: 42, hash: [7u8; 32] }, 1_700_000_000_000_000);
+    let a = p.checkpoint_mac(&m1).expect("checkpoint_mac");
+    assert!(!a.key.is_empty(), "the MAC names its key");
+    assert!(!a.mac.is_empty());
+    assert!(p.verify_checkpoint_mac(&m1, &a.mac).expect("verify"), "a MAC verifies for its message");
+    // HMAC: the same message gives the same MAC (a checkpoint can be re-checked offline).
+    assert_eq!(p.checkpoint_mac(&m1).unwrap().mac, a.mac);
+    let m2 = crate::audit::checkpoint_message(&crate::audit::Head { seq: 43, hash: [7u8; 32] }, 1_700_000_000_000_000);
+    assert!(!p.verify_checkpoint_mac(&m2, &a.mac).unwrap(), "another head does not verify");
+    let mut bad = a.mac.clone();
+    let i = bad.len() - 3;
+    bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+    assert!(!p.verify_checkpoint_mac(&m1, &bad).unwrap(), "an altered MAC does not verify");
+    assert!(!p.verify_checkpoint_mac(&m1, b"").unwrap(), "an empty MAC does not verify");
+    let b = other.checkpoint_mac(&m1).expect("checkpoint_mac (other key)");
+    assert_ne!(a.key, b.key);
+    assert!(!p.verify_checkpoint_mac(&m1, &b.mac).unwrap(), "another key's MAC does not verify");
+}

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `url` | yes | `https://host:port` (plain `http://` only with `allow_insecure_http` and a loopback host) |
 //! | `key` | yes | Transit key name |
+//! | `hmac_key` | no | Transit key whose `hmac`/`verify` endpoints MAC audit checkpoints (default: `key`) |
 //! | `mount` | no | Transit mount path (default `transit`) |
 //! | `token_file` | one of | file holding a token (the vault-agent sink pattern); re-read on every call |
 //! | `role_id_file` + `secret_id_file` | one of | AppRole: a login per key operation, the token held only for that operation (so it never needs renewing) |
@@ -44,6 +45,8 @@ pub enum VaultAuth {
 pub struct VaultTransitOptions {
     pub url: String,
     pub key: String,
+    /// The Transit key that MACs audit checkpoints (`hmac/<key>/sha2-256`); `key` by default.
+    pub hmac_key: Option<String>,
     pub mount: String,
     pub auth: VaultAuth,
     pub ca_file: Option<PathBuf>,
@@ -78,6 +81,7 @@ impl VaultTransitOptions {
             if ![
                 "url",
                 "key",
+                "hmac_key",
                 "mount",
                 "token_file",
                 "role_id_file",
@@ -141,6 +145,7 @@ impl VaultTransitOptions {
         Ok(VaultTransitOptions {
             url,
             key: safe_segment("key", key)?,
+            hmac_key: opt_str(v, "hmac_key")?.map(|k| safe_segment("hmac_key", k)).transpose()?,
             mount: safe_segment("mount", opt_str(v, "mount")?.unwrap_or("transit"))?,
             auth,
             ca_file: opt_str(v, "ca_file")?.map(|p| check_path("ca_file", p)).transpose()?,
@@ -337,6 +342,25 @@ impl VaultTransitProvider {
     }
 }
 
+impl VaultTransitProvider {
+    fn hmac_key(&self) -> &str {
+        self.opts.hmac_key.as_deref().unwrap_or(&self.opts.key)
+    }
+
+    /// A status other than 2xx from `hmac`/`verify` as an error.
+    fn mac_error(where_: &str, code: u16, v: &Value) -> ProviderError {
+        let detail = v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()).unwrap_or_default();
+        match code {
+            401 | 403 => ProviderError::Denied(format!(
+                "{where_}: HTTP {code} (the token's policy must allow \"update\" on <mount>/hmac/<key>/* and <mount>/verify/<key>/*) {detail}"
+            )),
+            400 | 404 if detail.contains("not found") => ProviderError::NotConfigured(format!("{where_}: HTTP {code} {detail} (no such Transit key)")),
+            429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
+            _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
+        }
+    }
+}
+
 /// The key version in a Transit ciphertext: `v3` from `vault:v3:<base64>`.
 fn transit_version(wrapped: &[u8]) -> Option<u32> {
     let rest = std::str::from_utf8(wrapped).ok()?.strip_prefix("vault:v")?;
@@ -461,6 +485,40 @@ impl KeyProvider for VaultTransitProvider {
             return Err(ProviderError::Unavailable(format!("{where_}: the key still answers (HTTP {code}) after DELETE")));
         }
         Ok(format!("Transit key {shown} deleted with its {versions} version(s)"))
+    }
+
+    /// `POST <mount>/hmac/<hmac_key>/sha2-256`: Transit's HMAC with the key's own HMAC key,
+    /// which never leaves the server. The MAC is Transit's string (`vault:v1:<base64>`).
+    fn checkpoint_mac(&mut self, message: &[u8]) -> Result<super::CheckpointMac, ProviderError> {
+        let key = self.hmac_key().to_string();
+        let shown = format!("{}/{}", self.opts.mount, key);
+        let where_ = format!("{} {}/hmac/{}", self.opts.url, self.opts.mount, key);
+        let (code, v) = self.raw("POST", &format!("hmac/{key}/sha2-256"), &where_, Some(json!({ "input": B64.encode(message) })))?;
+        if !(200..300).contains(&code) {
+            return Err(Self::mac_error(&where_, code, &v));
+        }
+        let mac = v["data"]["hmac"]
+            .as_str()
+            .filter(|s| s.starts_with("vault:v"))
+            .ok_or_else(|| ProviderError::Unavailable(format!("{where_}: no hmac in the answer")))?;
+        Ok(super::CheckpointMac { key: shown, mac: mac.as_bytes().to_vec() })
+    }
+
+    /// `POST <mount>/verify/<hmac_key>/sha2-256` with the MAC: Transit answers `valid`.
+    fn verify_checkpoint_mac(&mut self, message: &[u8], mac: &[u8]) -> Result<bool, ProviderError> {
+        let Some(hmac) = std::str::from_utf8(mac).ok().filter(|s| s.starts_with("vault:v")) else {
+            return Ok(false);
+        };
+        let key = self.hmac_key().to_string();
+        let where_ = format!("{} {}/verify/{}", self.opts.url, self.opts.mount, key);
+        let (code, v) =
+            self.raw("POST", &format!("verify/{key}/sha2-256"), &where_, Some(json!({ "input": B64.encode(message), "hmac": hmac })))?;
+        match code {
+            200..=299 => v["data"]["valid"].as_bool().ok_or_else(|| ProviderError::Unavailable(format!("{where_}: no \"valid\" in the answer"))),
+            // A malformed MAC, or one of a key version that no longer exists.
+            400 if !v["errors"][0].as_str().unwrap_or("").contains("not found") => Ok(false),
+            _ => Err(Self::mac_error(&where_, code, &v)),
+        }
     }
 }
 
