@@ -34,22 +34,32 @@ CREATE TABLE audit_log (
 );
 COMMENT ON TABLE audit_log IS 'pg_envelope audit trail: append-only, hash-chained; verify with envelope.audit_verify().';
 
--- Signed heads of the chain (the writer MACs (seq, hash, time) every envelope.audit_checkpoint_interval).
+-- Signed heads of the chain: every envelope.audit_checkpoint_interval the writer has the key of
+-- envelope.audit_checkpoint_provider MAC (seq, hash, time) inside its KMS or HSM (Transit hmac,
+-- AWS KMS GenerateMac, PKCS#11 CKM_SHA256_HMAC; 'local': a key derived from the root file, for
+-- development only), and logs the same line to the server log.
 CREATE TABLE audit_checkpoints (
-    seq     bigint NOT NULL,
-    hash    bytea NOT NULL,
-    at_us   bigint NOT NULL,
-    at      timestamptz NOT NULL,
-    method  text NOT NULL,
-    mac     bytea NOT NULL,
+    seq       bigint NOT NULL,
+    hash      bytea NOT NULL,
+    at_us     bigint NOT NULL,
+    at        timestamptz NOT NULL,
+    method    text NOT NULL,     -- 'hmac-sha256'
+    provider  text NOT NULL,     -- the registered provider whose key made the MAC
+    key_name  text NOT NULL,     -- which key (not secret): 'transit/pg-audit', 'aws-kms <id>', ...
+    mac       bytea NOT NULL,    -- as the KMS returns it (Transit: the text 'vault:v1:...')
     PRIMARY KEY (seq, at_us)
 );
 
 -- Append-only through every normal path: UPDATE, DELETE and TRUNCATE are refused to everyone
 -- (the table owner and superusers included: disabling the triggers is a deliberate, visible act,
 -- and audit_verify finds what it changed).
+-- The one exception: envelope.audit_prune (superusers; recorded and checkpointed) deletes the
+-- oldest records of audit_log up to a checkpoint.
 CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log' AND TG_LEVEL = 'ROW' AND @extschema@.audit_prune_in_progress() THEN
+        RETURN OLD;
+    END IF;
     RAISE EXCEPTION 'pg_envelope: % is append-only (% refused)', TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege';
 END $$;
@@ -62,7 +72,88 @@ CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_ch
 CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
 
+-- Anomaly detection (src/audit/alerts.rs): hourly counts per role and tenant, kept by the writer
+-- from the per-statement records (derived data: it can be rebuilt from audit_log).
+CREATE TABLE audit_hourly (
+    hour       timestamptz NOT NULL,
+    role_name  text NOT NULL,
+    tenant     text NOT NULL,
+    decrypts   bigint NOT NULL DEFAULT 0,
+    encrypts   bigint NOT NULL DEFAULT 0,
+    failures   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, role_name, tenant)
+);
+CREATE INDEX ON audit_hourly (role_name, tenant, hour);
+
+-- Alerts: one row per rule, role, tenant and hour (volume, baseline, failures, after_hours,
+-- canary), also sent as NOTIFY envelope_audit_alert (in envelope.database) and logged.
+CREATE TABLE audit_alerts (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    rule       text NOT NULL,
+    role_name  text NOT NULL,
+    tenant     text NOT NULL,
+    hour       timestamptz NOT NULL,
+    observed   bigint NOT NULL,
+    threshold  double precision,
+    detail     text NOT NULL,
+    audit_seq  bigint NOT NULL,          -- the audit record that raised it
+    UNIQUE (rule, role_name, tenant, hour)
+);
+
+-- Canaries: decoy encrypted values whose decryption always alerts (envelope.add_canary). Only
+-- the value's nonce is kept.
+CREATE TABLE audit_canaries (
+    nonce          bytea PRIMARY KEY,
+    tenant_key_id  bigint NOT NULL,
+    label          text NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE TRIGGER audit_alerts_append_only BEFORE UPDATE OR DELETE ON audit_alerts
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+CREATE TRIGGER audit_alerts_no_truncate BEFORE TRUNCATE ON audit_alerts
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+
 SELECT pg_catalog.pg_extension_config_dump('audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('audit_hourly', '');
+SELECT pg_catalog.pg_extension_config_dump('audit_alerts', '');
+SELECT pg_catalog.pg_extension_config_dump('audit_canaries', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_checkpoints', '');
-REVOKE ALL ON audit_log, audit_checkpoints FROM PUBLIC;
+REVOKE ALL ON audit_log, audit_checkpoints, audit_hourly, audit_alerts, audit_canaries FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
+
+-- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line,
+-- every record from `from_seq` on in sequence order ("type": "record", the hashed fields, and
+-- prev_hash/hash in hex), then every checkpoint from from_seq - 1 on ("type": "checkpoint").
+--   \copy (SELECT line FROM envelope.audit_export(1)) TO 'audit.jsonl'
+-- Reading it is recorded like any read of the audit tables.
+CREATE FUNCTION audit_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT line FROM (
+        SELECT 0 AS part, l.seq, json_build_object(
+            'type', 'record', 'seq', l.seq, 'at', l.at, 'at_us', l.at_us, 'kind', l.kind, 'database', l.database,
+            'session_user', l.session_user_name, 'current_role', l.role_name, 'client_addr', l.client_addr,
+            'application_name', l.application_name, 'backend_pid', l.backend_pid, 'statement_id', l.statement_id,
+            'request_id', l.request_id, 'tenant', l.tenant, 'key_versions', l.key_versions, 'operation', l.operation,
+            'value_count', l.value_count, 'failure_count', l.failure_count, 'outcome', l.outcome,
+            'duration_us', l.duration_us, 'detail', l.detail,
+            'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text AS line
+          FROM @extschema@.audit_log l WHERE l.seq >= from_seq
+        UNION ALL
+        SELECT 1, c.seq, json_build_object(
+            'type', 'checkpoint', 'seq', c.seq, 'hash', encode(c.hash, 'hex'), 'at', c.at, 'at_us', c.at_us,
+            'method', c.method, 'provider', c.provider, 'key_name', c.key_name, 'mac', encode(c.mac, 'hex'))::text
+          FROM @extschema@.audit_checkpoints c WHERE c.seq >= from_seq - 1
+    ) e ORDER BY part, seq
+$$;
+
+-- The trail for people and dashboards: one row per record, hashes in hex.
+CREATE VIEW audit_events AS
+    SELECT seq, at, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
+           statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
+           duration_us, detail, encode(hash, 'hex') AS hash
+      FROM audit_log;
+
+REVOKE ALL ON FUNCTION audit_export(bigint) FROM PUBLIC;
+REVOKE ALL ON audit_events FROM PUBLIC;

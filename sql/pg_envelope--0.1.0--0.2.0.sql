@@ -471,7 +471,9 @@ CREATE  FUNCTION "shred_compact_key_tables"() RETURNS INT /* i32 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'shred_compact_key_tables_wrapper';
-CREATE  FUNCTION "audit_verify"() RETURNS TABLE (
+CREATE  FUNCTION "audit_verify"(
+	"all_checkpoints" bool DEFAULT false /* bool */
+) RETURNS TABLE (
 	"records_checked" bigint,  /* i64 */
 	"head_seq" bigint,  /* Option < i64 > */
 	"checkpoint_seq" bigint,  /* Option < i64 > */
@@ -1091,22 +1093,32 @@ CREATE TABLE audit_log (
 );
 COMMENT ON TABLE audit_log IS 'pg_envelope audit trail: append-only, hash-chained; verify with envelope.audit_verify().';
 
--- Signed heads of the chain (the writer MACs (seq, hash, time) every envelope.audit_checkpoint_interval).
+-- Signed heads of the chain: every envelope.audit_checkpoint_interval the writer has the key of
+-- envelope.audit_checkpoint_provider MAC (seq, hash, time) inside its KMS or HSM (Transit hmac,
+-- AWS KMS GenerateMac, PKCS#11 CKM_SHA256_HMAC; 'local': a key derived from the root file, for
+-- development only), and logs the same line to the server log.
 CREATE TABLE audit_checkpoints (
-    seq     bigint NOT NULL,
-    hash    bytea NOT NULL,
-    at_us   bigint NOT NULL,
-    at      timestamptz NOT NULL,
-    method  text NOT NULL,
-    mac     bytea NOT NULL,
+    seq       bigint NOT NULL,
+    hash      bytea NOT NULL,
+    at_us     bigint NOT NULL,
+    at        timestamptz NOT NULL,
+    method    text NOT NULL,     -- 'hmac-sha256'
+    provider  text NOT NULL,     -- the registered provider whose key made the MAC
+    key_name  text NOT NULL,     -- which key (not secret): 'transit/pg-audit', 'aws-kms <id>', ...
+    mac       bytea NOT NULL,    -- as the KMS returns it (Transit: the text 'vault:v1:...')
     PRIMARY KEY (seq, at_us)
 );
 
 -- Append-only through every normal path: UPDATE, DELETE and TRUNCATE are refused to everyone
 -- (the table owner and superusers included: disabling the triggers is a deliberate, visible act,
 -- and audit_verify finds what it changed).
+-- The one exception: envelope.audit_prune (superusers; recorded and checkpointed) deletes the
+-- oldest records of audit_log up to a checkpoint.
 CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log' AND TG_LEVEL = 'ROW' AND @extschema@.audit_prune_in_progress() THEN
+        RETURN OLD;
+    END IF;
     RAISE EXCEPTION 'pg_envelope: % is append-only (% refused)', TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege';
 END $$;
@@ -1123,6 +1135,41 @@ SELECT pg_catalog.pg_extension_config_dump('audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_checkpoints', '');
 REVOKE ALL ON audit_log, audit_checkpoints FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
+
+-- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line,
+-- every record from `from_seq` on in sequence order ("type": "record", the hashed fields, and
+-- prev_hash/hash in hex), then every checkpoint from from_seq - 1 on ("type": "checkpoint").
+--   \copy (SELECT line FROM envelope.audit_export(1)) TO 'audit.jsonl'
+-- Reading it is recorded like any read of the audit tables.
+CREATE FUNCTION audit_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT line FROM (
+        SELECT 0 AS part, l.seq, json_build_object(
+            'type', 'record', 'seq', l.seq, 'at', l.at, 'at_us', l.at_us, 'kind', l.kind, 'database', l.database,
+            'session_user', l.session_user_name, 'current_role', l.role_name, 'client_addr', l.client_addr,
+            'application_name', l.application_name, 'backend_pid', l.backend_pid, 'statement_id', l.statement_id,
+            'request_id', l.request_id, 'tenant', l.tenant, 'key_versions', l.key_versions, 'operation', l.operation,
+            'value_count', l.value_count, 'failure_count', l.failure_count, 'outcome', l.outcome,
+            'duration_us', l.duration_us, 'detail', l.detail,
+            'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text AS line
+          FROM @extschema@.audit_log l WHERE l.seq >= from_seq
+        UNION ALL
+        SELECT 1, c.seq, json_build_object(
+            'type', 'checkpoint', 'seq', c.seq, 'hash', encode(c.hash, 'hex'), 'at', c.at, 'at_us', c.at_us,
+            'method', c.method, 'provider', c.provider, 'key_name', c.key_name, 'mac', encode(c.mac, 'hex'))::text
+          FROM @extschema@.audit_checkpoints c WHERE c.seq >= from_seq - 1
+    ) e ORDER BY part, seq
+$$;
+
+-- The trail for people and dashboards: one row per record, hashes in hex.
+CREATE VIEW audit_events AS
+    SELECT seq, at, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
+           statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
+           duration_us, detail, encode(hash, 'hex') AS hash
+      FROM audit_log;
+
+REVOKE ALL ON FUNCTION audit_export(bigint) FROM PUBLIC;
+REVOKE ALL ON audit_events FROM PUBLIC;
 REVOKE ALL ON FUNCTION rotate_data_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION rotate_tenant_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION disable_data_key(text, integer) FROM PUBLIC;
@@ -1155,7 +1202,9 @@ REVOKE ALL ON FUNCTION shred_if_due(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_destroy_root_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_compact_key_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION audit_verify() FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_verify(boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_prune(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_prune_in_progress() FROM PUBLIC;
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;
 REVOKE ALL ON FUNCTION trust_report() FROM PUBLIC;

@@ -6,7 +6,7 @@ use pgrx::JsonB;
 
 use crate::backend;
 use crate::catalog;
-use crate::error::{EnvelopeError, OrRaise, Result};
+use crate::error::{EnvelopeError, OrRaise, Result, OrRaiseAudited};
 use crate::backend::OutBuf;
 use crate::types::{ByteaOut, PallocVarlena, TextBytes, TextOut};
 
@@ -82,7 +82,7 @@ fn into_text(out: Result<PallocVarlena>) -> Result<TextOut> {
 /// typo cannot hide behind an existing tenant. Returns the tenant key id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn create_tenant(tenant: &str, provider: default!(&str, "'local'")) -> i32 {
-    create_tenant_impl(tenant, provider).or_raise() as i32
+    create_tenant_impl(tenant, provider).or_raise_audited("create_tenant", tenant) as i32
 }
 
 fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
@@ -126,7 +126,7 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
 /// inline tokens, secret ids and PINs are refused. Only key administrators may call it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn add_key_provider(name: &str, kind: &str, options: default!(pgrx::JsonB, "'{}'")) -> bool {
-    add_key_provider_impl(name, kind, &options.0).or_raise();
+    add_key_provider_impl(name, kind, &options.0).or_raise_audited("add_key_provider", "");
     true
 }
 
@@ -215,7 +215,7 @@ fn verify_provider(name: &str) -> pgrx::JsonB {
 /// wrap with the new one. Every backend drops its cache at commit.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rewrap_tenant(tenant: &str, provider: &str) -> bool {
-    rewrap_tenant_impl(tenant, provider).or_raise();
+    rewrap_tenant_impl(tenant, provider).or_raise_audited("rewrap_tenant", tenant);
     true
 }
 
@@ -273,14 +273,14 @@ fn validate_tenant_name(tenant: &str) -> Result<()> {
 /// Returns false when the grant already existed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn grant_tenant(tenant: &str, role: &str) -> bool {
-    set_grant(tenant, role, true).or_raise()
+    set_grant(tenant, role, true).or_raise_audited("grant_tenant", tenant)
 }
 
 /// Takes the right back. Every backend drops its cached keys at the next use after commit.
 /// Returns false when there was no such grant.
 #[pg_extern(volatile, parallel_unsafe)]
 fn revoke_tenant(tenant: &str, role: &str) -> bool {
-    set_grant(tenant, role, false).or_raise()
+    set_grant(tenant, role, false).or_raise_audited("revoke_tenant", tenant)
 }
 
 fn set_grant(tenant: &str, role: &str, grant: bool) -> Result<bool> {

@@ -133,6 +133,8 @@ pub fn note_tenants_oid(oid: pg_sys::Oid) {
 /// inside any lock acquisition, also in the middle of pg_envelope's own code: then the next key
 /// use drops them).
 pub unsafe extern "C-unwind" fn on_relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    crate::audit::hooks::on_relcache_changed(relid);
+    crate::audit::alerts::on_relcache_changed(relid);
     let anchor = ANCHOR_OID.load(Ordering::Relaxed);
     if relid == pg_sys::InvalidOid || (anchor != 0 && relid.to_u32() == anchor) {
         ROLES_GENERATION.fetch_add(1, Ordering::Relaxed);
@@ -403,6 +405,18 @@ pub fn current_tenant() -> Result<&'static str> {
 pub fn provider_for(name: &str, kind: &str, options_json: &str) -> Result<Box<dyn KeyProvider>> {
     // No key-provider call in a lockdown (tenant creation, rotations, rewraps, verification).
     crate::revocation::refuse_if_locked()?;
+    provider_for_any_state(name, kind, options_json)
+}
+
+/// A provider for the audit trail's checkpoints: built in a lockdown too (a lockdown stops key
+/// use, not the record of it).
+pub fn build_audit_provider(name: &str) -> Result<Box<dyn KeyProvider>> {
+    let (kind, options) =
+        catalog::provider_row(name)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: name.to_string() })?;
+    provider_for_any_state(name, &kind, &options)
+}
+
+fn provider_for_any_state(name: &str, kind: &str, options_json: &str) -> Result<Box<dyn KeyProvider>> {
     let not_configured = |m: String| EnvelopeError::Provider { provider: name.to_string(), error: ProviderError::NotConfigured(m) };
     let fail = |error| EnvelopeError::Provider { provider: name.to_string(), error };
     // The options every kind shares (key_cache_ttl, max_key_age, dedicated) are taken out; the
@@ -888,6 +902,27 @@ fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &
 }
 
 thread_local! {
+    /// (statement start, values decrypted in it) for `envelope.max_decrypts_per_statement`.
+    static DECRYPTED_IN_STATEMENT: std::cell::Cell<(i64, i64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Counts one decryption against `envelope.max_decrypts_per_statement`: refused past the cap
+/// (the statement fails: no row of it reaches the client).
+fn count_against_cap(cap: i64) -> Result<()> {
+    let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    DECRYPTED_IN_STATEMENT.with(|c| {
+        let (s, n) = c.get();
+        let n = if s == stmt { n + 1 } else { 1 };
+        c.set((stmt, n));
+        if n > cap {
+            Err(EnvelopeError::DecryptCapReached { limit: cap })
+        } else {
+            Ok(())
+        }
+    })
+}
+
+thread_local! {
     /// The nonce generator, kept apart from the cache so both can be borrowed at once.
     static BACKEND_RNG: RefCell<BackendRng> = const { RefCell::new(BackendRng::new()) };
 }
@@ -895,6 +930,15 @@ thread_local! {
 /// Decrypts for the current tenant into a new `B`. Every failure is the same opaque error.
 /// Audited per statement when `envelope.audit` is on (src/audit.rs).
 pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<B> {
+    let cap = gucs::MAX_DECRYPTS_PER_STATEMENT.get();
+    if cap > 0 {
+        if let Err(e) = count_against_cap(cap as i64) {
+            if crate::audit::enabled() {
+                crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), 0, Some(&e));
+            }
+            return Err(e);
+        }
+    }
     if !crate::audit::enabled() {
         return decrypt_inner(envelope, context, &mut 0, &mut None);
     }
@@ -908,6 +952,9 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
         tenant = current_tenant().ok();
     }
     crate::audit::note(crate::audit::Op::Decrypt, tenant, version, r.as_ref().err());
+    if r.is_ok() {
+        crate::audit::alerts::check_canary(envelope, tenant);
+    }
     r
 }
 

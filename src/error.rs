@@ -74,6 +74,12 @@ pub enum EnvelopeError {
     Lockdown { reason: String },
     /// Auditing is on and events cannot be recorded (queue full, writer gone).
     AuditUnavailable { reason: String },
+    /// `audit_prune` by a role that is not a superuser.
+    AuditRetentionDenied,
+    /// Retention refused: the chain does not match its checkpoint at `seq`.
+    AuditChainBroken { seq: i64 },
+    /// `envelope.max_decrypts_per_statement` reached.
+    DecryptCapReached { limit: i64 },
     /// A request with a bad argument (re-encryption target, job), with its SQLSTATE.
     BadRequest { code: PgSqlErrorCode, message: String, hint: Option<String> },
     /// A catalog query failed in a way that is not the user's fault.
@@ -311,6 +317,24 @@ impl EnvelopeError {
                 Some(reason.clone()),
                 Some("The maintenance worker (in envelope.database) records audit events; check that it runs and that pg_envelope is installed there. envelope.audit_fail_closed = off warns instead.".into()),
             ),
+            EnvelopeError::AuditRetentionDenied => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "pg_envelope: only a superuser may prune the audit trail".into(),
+                None,
+                None,
+            ),
+            EnvelopeError::AuditChainBroken { seq } => (
+                ERRCODE_DATA_CORRUPTED,
+                format!("pg_envelope: the audit chain does not match its checkpoint at record {seq}; nothing was pruned"),
+                None,
+                Some("Run SELECT * FROM envelope.audit_verify(true) and investigate before pruning.".into()),
+            ),
+            EnvelopeError::DecryptCapReached { limit } => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("pg_envelope: this statement reached envelope.max_decrypts_per_statement ({limit} values)"),
+                None,
+                Some("Decrypt fewer rows per statement, or ask a superuser to raise the limit for this role (ALTER ROLE ... SET).".into()),
+            ),
             EnvelopeError::BadRequest { code, message, hint } => (*code, message.clone(), None, hint.clone()),
             EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),
         }
@@ -353,6 +377,24 @@ impl<T> OrRaise<T> for Result<T> {
         match self {
             Ok(v) => v,
             Err(e) => e.raise(),
+        }
+    }
+}
+
+/// For key-management functions: a failure is recorded in the audit trail (operation, tenant,
+/// SQLSTATE) before it is raised.
+pub trait OrRaiseAudited<T> {
+    fn or_raise_audited(self, operation: &str, tenant: &str) -> T;
+}
+
+impl<T> OrRaiseAudited<T> for Result<T> {
+    fn or_raise_audited(self, operation: &str, tenant: &str) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => {
+                crate::audit::refused(operation, tenant, &e);
+                e.raise()
+            }
         }
     }
 }

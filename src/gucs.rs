@@ -45,6 +45,14 @@ pub static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static AUDIT_FAIL_CLOSED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static AUDIT_MAX_DELAY_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static AUDIT_CHECKPOINT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(300);
+pub static AUDIT_CHECKPOINT_PROVIDER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"local"));
+pub static ALERT_DECRYPTS_PER_HOUR: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static ALERT_FAILURES_PER_HOUR: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static ALERT_BASELINE_FACTOR: GucSetting<f64> = GucSetting::<f64>::new(10.0);
+pub static ALERT_BASELINE_WARMUP_H: GucSetting<i32> = GucSetting::<i32>::new(24);
+pub static ALERT_BASELINE_MIN: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static ALERT_HOURS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MAX_DECRYPTS_PER_STATEMENT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static REQUEST_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SHRED_MIN_DELAY_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static SHRED_REQUIRES_CONFIRMATION: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -89,6 +97,82 @@ pub fn init() {
         24 * 3600,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"envelope.audit_checkpoint_provider",
+        c"The registered key provider whose key MACs the audit chain's checkpoints.",
+        c"A KMS or HSM key (Transit hmac_key, AWS mac_key_id, PKCS#11 mac_key_label) keeps checkpoints unforgeable from inside the database; 'local' is for development only.",
+        &AUDIT_CHECKPOINT_PROVIDER,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.alert_decrypts_per_hour",
+        c"Alert when one role decrypts more values of one tenant in an hour (0: off).",
+        c"Alerts are rows in envelope.audit_alerts, NOTIFY envelope_audit_alert and a WARNING in the server log.",
+        &ALERT_DECRYPTS_PER_HOUR,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.alert_failures_per_hour",
+        c"Alert when one role's key uses for one tenant fail more often in an hour (0: off).",
+        c"",
+        &ALERT_FAILURES_PER_HOUR,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"envelope.alert_baseline_factor",
+        c"Alert when an hour's decryptions exceed this multiple of the role and tenant's hourly mean over the past 7 days (0: off).",
+        c"Only once envelope.alert_baseline_warmup hours of history exist, and from envelope.alert_baseline_min values on.",
+        &ALERT_BASELINE_FACTOR,
+        0.0,
+        1e9,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.alert_baseline_warmup",
+        c"Hours of history (per role and tenant, within 7 days) before the baseline rule applies.",
+        c"",
+        &ALERT_BASELINE_WARMUP_H,
+        1,
+        168,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.alert_baseline_min",
+        c"The fewest decryptions in an hour that the baseline rule alerts on.",
+        c"",
+        &ALERT_BASELINE_MIN,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"envelope.alert_hours",
+        c"Hours in which decryption is expected, e.g. '8-19' (from 08:00 to 18:59, server time zone); empty: off.",
+        c"Decryptions in any other hour alert (rule after_hours). '22-6' spans midnight.",
+        &ALERT_HOURS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.max_decrypts_per_statement",
+        c"The most values one statement may decrypt (0: no limit); the statement fails past it.",
+        c"A bound on what one query can exfiltrate; set per role with ALTER ROLE ... SET (superusers).",
+        &MAX_DECRYPTS_PER_STATEMENT,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"envelope.request_id",
@@ -298,6 +382,24 @@ pub fn shred_requires_confirmation() -> bool {
 /// `envelope.audit_max_delay` in seconds.
 pub fn audit_max_delay_s() -> i64 {
     AUDIT_MAX_DELAY_S.get().max(1) as i64
+}
+
+/// `envelope.alert_hours` as `(from, to)` hours of the day; `None`: off (or unparsable, which
+/// the worker logs).
+pub fn alert_hours() -> Option<(i32, i32)> {
+    let s = ALERT_HOURS.get().and_then(|c| c.into_string().ok())?;
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let (a, b) = s.split_once('-')?;
+    let (a, b) = (a.trim().parse::<i32>().ok()?, b.trim().parse::<i32>().ok()?);
+    ((0..=24).contains(&a) && (0..=24).contains(&b) && a != b).then_some((a % 24, b % 24))
+}
+
+/// `envelope.audit_checkpoint_provider` (a provider name; `local` by default).
+pub fn audit_checkpoint_provider() -> String {
+    AUDIT_CHECKPOINT_PROVIDER.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty()).unwrap_or_else(|| "local".into())
 }
 
 /// `envelope.audit_checkpoint_interval` in seconds.

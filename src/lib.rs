@@ -38,8 +38,10 @@ pub extern "C-unwind" fn _PG_init() {
         backend::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
         // The lockdown flag (src/revocation.rs), restored from the data directory at start.
         revocation::register();
-        // The audit queue (src/audit.rs), drained by the worker.
+        // The audit queue (src/audit/), drained by the worker; the hooks that record reads of the
+        // audit trail and refused key-management calls.
         audit::register();
+        audit::hooks::register();
         // The maintenance worker (src/worker.rs): scheduled rotation, rewraps, queued jobs.
         worker::register();
     }
@@ -98,7 +100,18 @@ extension_sql_file!(
         shred::shred_compact_key_tables
     ]
 );
-extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["shred", audit::audit_verify]);
+extension_sql_file!(
+    "../sql/audit.sql",
+    name = "audit",
+    requires = [
+        "shred",
+        audit::trail::audit_verify,
+        audit::trail::audit_prune,
+        audit::trail::audit_prune_in_progress,
+        audit::alerts::add_canary,
+        audit::alerts::drop_canary
+    ]
+);
 extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
@@ -165,7 +178,11 @@ REVOKE ALL ON FUNCTION shred_destroy_root_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_compact_key_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
 -- The audit trail (sql/audit.sql): auditors (grant EXECUTE and SELECT as needed).
-REVOKE ALL ON FUNCTION audit_verify() FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_verify(boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_prune(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_prune_in_progress() FROM PUBLIC;
+REVOKE ALL ON FUNCTION add_canary(bytea, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION drop_canary(text) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

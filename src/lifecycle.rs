@@ -22,7 +22,7 @@ use pgrx::prelude::*;
 
 use crate::backend;
 use crate::catalog;
-use crate::error::{EnvelopeError, OrRaise, Result};
+use crate::error::{EnvelopeError, OrRaiseAudited, Result};
 
 /// The data key version a stored value was encrypted with, read from its header: no key, no
 /// grant, nothing decrypted. An input that is not a pg_envelope value is an error (22P02).
@@ -60,7 +60,7 @@ fn key_header(value: &[u8]) -> i64 {
 /// Makes a new data key version for `tenant` and returns it. Key administrators only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_data_key(tenant: &str) -> i32 {
-    rotate_data_key_impl(tenant).or_raise() as i32
+    rotate_data_key_impl(tenant).or_raise_audited("rotate_data_key", tenant) as i32
 }
 
 enum Failure {
@@ -115,7 +115,7 @@ pub fn rotate_data_key_impl(tenant: &str) -> Result<u32> {
 /// place. Returns the tenant key's new generation. Key administrators only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_tenant_key(tenant: &str) -> i32 {
-    rotate_tenant_key_impl(tenant).or_raise()
+    rotate_tenant_key_impl(tenant).or_raise_audited("rotate_tenant_key", tenant)
 }
 
 fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
@@ -151,13 +151,13 @@ fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
 /// disabled. Returns whether the state changed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn disable_data_key(tenant: &str, version: i32) -> bool {
-    change_version_state(tenant, version, VersionChange::Disable, false).or_raise()
+    change_version_state(tenant, version, VersionChange::Disable, false).or_raise_audited("disable_data_key", tenant)
 }
 
 /// Makes a disabled data key version usable again (`retired`). Returns whether it changed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn enable_data_key(tenant: &str, version: i32) -> bool {
-    change_version_state(tenant, version, VersionChange::Enable, false).or_raise()
+    change_version_state(tenant, version, VersionChange::Enable, false).or_raise_audited("enable_data_key", tenant)
 }
 
 /// Removes a disabled data key version for good: its wrapped key is deleted, the row stays as a
@@ -165,7 +165,7 @@ fn enable_data_key(tenant: &str, version: i32) -> bool {
 /// Refused while a tracked column still holds values under it, unless `force`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn destroy_data_key(tenant: &str, version: i32, force: default!(bool, false)) -> bool {
-    change_version_state(tenant, version, VersionChange::Destroy, force).or_raise()
+    change_version_state(tenant, version, VersionChange::Destroy, force).or_raise_audited("destroy_data_key", tenant)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -239,7 +239,7 @@ fn change_version_state(tenant: &str, version: i32, change: VersionChange, force
 /// version; returns the job id. The first step of `CALL envelope.rewrap_tenants(provider)`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rewrap_tenants_start(provider: &str) -> i64 {
-    rewrap_start_impl(provider).or_raise()
+    rewrap_start_impl(provider).or_raise_audited("rewrap_tenants_start", "")
 }
 
 pub fn rewrap_start_impl(provider: &str) -> Result<i64> {
@@ -260,7 +260,7 @@ pub fn rewrap_start_impl(provider: &str) -> Result<i64> {
 /// many (0: the job is done). The second step of `CALL envelope.rewrap_tenants(provider)`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rewrap_tenants_batch(job: i64, batch: default!(i32, 100)) -> i32 {
-    rewrap_batch_impl(job, batch).or_raise()
+    rewrap_batch_impl(job, batch).or_raise_audited("rewrap_tenants_batch", "")
 }
 
 pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {

@@ -20,7 +20,7 @@ use pgrx::PgAtomic;
 
 use crate::backend;
 use crate::catalog;
-use crate::error::{EnvelopeError, OrRaise, Result};
+use crate::error::{EnvelopeError, OrRaiseAudited, Result};
 
 /// Seconds since the Unix epoch when the lockdown began; 0: none.
 pub static LOCKDOWN: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_envelope_lockdown") };
@@ -172,13 +172,13 @@ fn check_reason(reason: &str) -> Result<()> {
 /// Returns whether the tenant was not suspended before. Key administrators.
 #[pg_extern(volatile, parallel_unsafe)]
 fn suspend_tenant(tenant: &str, reason: &str) -> bool {
-    suspend_impl(tenant, Some(reason)).or_raise()
+    suspend_impl(tenant, Some(reason)).or_raise_audited("suspend_tenant", tenant)
 }
 
 /// Lifts a suspension (from the commit on). Returns whether the tenant was suspended.
 #[pg_extern(volatile, parallel_unsafe)]
 fn resume_tenant(tenant: &str) -> bool {
-    suspend_impl(tenant, None).or_raise()
+    suspend_impl(tenant, None).or_raise_audited("resume_tenant", tenant)
 }
 
 fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
@@ -243,7 +243,7 @@ fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
 /// administrators. Returns whether it was not locked down before.
 #[pg_extern(volatile, parallel_unsafe)]
 fn lockdown(reason: &str) -> bool {
-    lockdown_impl(reason).or_raise()
+    lockdown_impl(reason).or_raise_audited("lockdown", "")
 }
 
 fn lockdown_impl(reason: &str) -> Result<bool> {
@@ -282,7 +282,7 @@ fn lockdown_impl(reason: &str) -> Result<bool> {
 /// can stop everything but not restart it. Returns whether the cluster was locked down.
 #[pg_extern(volatile, parallel_unsafe)]
 fn lift_lockdown() -> bool {
-    lift_impl().or_raise()
+    lift_impl().or_raise_audited("lift_lockdown", "")
 }
 
 fn lift_impl() -> Result<bool> {

@@ -18,7 +18,7 @@ use pgrx::prelude::*;
 
 use crate::backend;
 use crate::catalog::{self, as_extension_owner, missing, spi_err, Refusal};
-use crate::error::{shown, EnvelopeError, OrRaise, Result};
+use crate::error::{shown, EnvelopeError, OrRaise, Result, OrRaiseAudited};
 use crate::gucs;
 
 fn bad(code: pgrx::PgSqlErrorCode, message: String, hint: Option<&str>) -> EnvelopeError {
@@ -63,7 +63,7 @@ fn scheduled(id: u32) -> Result<Option<String>> {
 /// Returns when the destruction becomes due. Key administrators.
 #[pg_extern(volatile, parallel_unsafe)]
 fn schedule_shred(tenant: &str, delay: default!(Option<pgrx::datum::Interval>, "'7 days'")) -> pgrx::datum::TimestampWithTimeZone {
-    schedule_impl(tenant, delay).or_raise()
+    schedule_impl(tenant, delay).or_raise_audited("schedule_shred", tenant)
 }
 
 fn schedule_impl(tenant: &str, delay: Option<pgrx::datum::Interval>) -> Result<pgrx::datum::TimestampWithTimeZone> {
@@ -131,7 +131,7 @@ fn schedule_impl(tenant: &str, delay: Option<pgrx::datum::Interval>) -> Result<p
 /// scheduled. Key administrators.
 #[pg_extern(volatile, parallel_unsafe)]
 fn cancel_shred(tenant: &str) -> bool {
-    cancel_impl(tenant).or_raise()
+    cancel_impl(tenant).or_raise_audited("cancel_shred", tenant)
 }
 
 fn cancel_impl(tenant: &str) -> Result<bool> {
@@ -167,7 +167,7 @@ fn cancel_impl(tenant: &str) -> Result<bool> {
 /// shred confirms it. Returns whether this call confirmed it (false: confirmed already).
 #[pg_extern(volatile, parallel_unsafe)]
 fn confirm_shred(tenant: &str) -> bool {
-    confirm_impl(tenant).or_raise()
+    confirm_impl(tenant).or_raise_audited("confirm_shred", tenant)
 }
 
 fn confirm_impl(tenant: &str) -> Result<bool> {

@@ -196,6 +196,8 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
     }
     pgrx::log!("pg_envelope maintenance worker started in database \"{db}\"");
     let mut writer = crate::audit::Writer::default();
+    // The writer reads the chain's head: not an audit_read.
+    crate::audit::hooks::suppress_reads_in_this_process();
     loop {
         if shutdown_requested() {
             break;
@@ -219,7 +221,9 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
                 return;
             }
             if BackgroundWorker::sighup_received() {
+                let before = crate::audit::settings_snapshot();
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                crate::audit::record_setting_changes(&before);
                 // A shorter naptime applies to the nap in progress.
                 deadline = deadline.min(slept_from + gucs::maintenance_naptime());
             }
@@ -233,7 +237,8 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
 /// each in its own transaction; a batch's slots are freed only after it committed. Also on a
 /// standby? No: it cannot write (records wait, and key use there fails closed or warns).
 fn audit_step(writer: &mut crate::audit::Writer) {
-    if !crate::audit::enabled() || unsafe { pg_sys::RecoveryInProgress() } {
+    // With auditing off, what is still queued (the record of turning it off) is written too.
+    if !(crate::audit::enabled() || crate::audit::queued_now() > 0) || unsafe { pg_sys::RecoveryInProgress() } {
         return;
     }
     loop {
@@ -245,15 +250,13 @@ fn audit_step(writer: &mut crate::audit::Writer) {
                     "audit: pg_envelope is not installed in envelope.database, so audit records cannot be written".into(),
                 ));
             }
-            let r = w.0.write_batch()?;
-            w.0.checkpoint()?;
-            Ok(r)
+            w.0.write_batch()
         });
         match r {
             Ok(Ok((n, upto))) => {
                 crate::audit::consumed(upto);
                 if n < 500 {
-                    return;
+                    break;
                 }
             }
             Ok(Err(e)) => {
@@ -268,6 +271,33 @@ fn audit_step(writer: &mut crate::audit::Writer) {
             }
         }
     }
+    audit_checkpoint(writer);
+}
+
+/// The checkpoint, in a transaction of its own: a KMS that is down delays checkpoints (retried
+/// every 10 s, logged at most once a minute), never the records.
+fn audit_checkpoint(writer: &mut crate::audit::Writer) {
+    let failed_at = crate::audit::QUEUE.share().checkpoint_failed_at;
+    let force = writer.force_checkpoint;
+    if failed_at != 0 && now() - failed_at < 10_000_000 {
+        return;
+    }
+    let w = std::panic::AssertUnwindSafe(&mut *writer);
+    let r = in_transaction(move || {
+        let w = w;
+        w.0.checkpoint(force)
+    });
+    let err = match r {
+        Ok(Ok(_)) => {
+            writer.force_checkpoint = false;
+            crate::audit::QUEUE.exclusive().checkpoint_failed_at = 0;
+            return;
+        }
+        Ok(Err(e)) => e.message(),
+        Err(m) => m,
+    };
+    crate::audit::QUEUE.exclusive().checkpoint_failed_at = now();
+    record_error(&format!("audit checkpoint: {err}"));
 }
 
 /// One maintenance run: find due work, do each item in its own transaction(s).

@@ -243,13 +243,20 @@ pub struct Verified {
 }
 
 /// Walks `records` (in the order stored, expected ascending by sequence) starting after
-/// `start` (`None`: from sequence 1 and [`GENESIS`]), checking sequence, link and hash of each,
-/// then the end against `checkpoint` (the newest checkpoint whose MAC was verified, if any).
-pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, checkpoint: Option<Head>) -> Verified {
+/// `start` (`None`: from sequence 1 and [`GENESIS`]; after a retention, the checkpoint the pruned
+/// range ended at), checking sequence, link and hash of each. Every checkpoint in `checkpoints`
+/// must match the record at its sequence; the chain must reach the newest one (whose MAC the
+/// caller verified), or its tail was truncated.
+pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, checkpoints: &[Head]) -> Verified {
     let (mut expected, mut prev) = match start {
         Some(h) => (h.seq + 1, h.hash),
         None => (1, GENESIS),
     };
+    let by_seq: std::collections::BTreeMap<i64, Vec<[u8; 32]>> = checkpoints.iter().fold(Default::default(), |mut m, c| {
+        m.entry(c.seq).or_insert_with(Vec::new).push(c.hash);
+        m
+    });
+    let newest = checkpoints.iter().map(|c| c.seq).max();
     let mut head = start;
     let mut n = 0u64;
     let mut brk = None;
@@ -267,11 +274,9 @@ pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, ch
             brk = Some(Break::Altered { seq });
             break;
         }
-        if let Some(c) = checkpoint {
-            if c.seq == seq && c.hash != s.hash {
-                brk = Some(Break::CheckpointMismatch { seq });
-                break;
-            }
+        if by_seq.get(&seq).is_some_and(|hs| hs.iter().any(|h| *h != s.hash)) {
+            brk = Some(Break::CheckpointMismatch { seq });
+            break;
         }
         prev = s.hash;
         head = Some(Head { seq, hash: s.hash });
@@ -279,10 +284,10 @@ pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, ch
         n += 1;
     }
     if brk.is_none() {
-        if let Some(c) = checkpoint {
+        if let Some(c) = newest {
             let last = head.map_or(0, |h| h.seq);
-            if last < c.seq {
-                brk = Some(Break::Truncated { checkpoint_seq: c.seq, last_seq: last });
+            if last < c {
+                brk = Some(Break::Truncated { checkpoint_seq: c, last_seq: last });
             }
         }
     }
@@ -364,12 +369,12 @@ mod tests {
     #[test]
     fn an_intact_chain_verifies_to_its_head() {
         let rows = chain(50);
-        let v = verify(rows.clone(), None, None);
+        let v = verify(rows.clone(), None, &[]);
         assert_eq!(v.first_break, None);
         assert_eq!(v.records, 50);
         assert_eq!(v.head, Some(Head { seq: 50, hash: rows[49].hash }));
         // Verifying a suffix from a trusted head gives the same head.
-        let v2 = verify(rows[20..].to_vec(), Some(Head { seq: 20, hash: rows[19].hash }), None);
+        let v2 = verify(rows[20..].to_vec(), Some(Head { seq: 20, hash: rows[19].hash }), &[]);
         assert_eq!((v2.first_break, v2.head), (None, v.head));
     }
 
@@ -379,29 +384,29 @@ mod tests {
         // Edited content (hash kept).
         let mut t = rows.clone();
         t[4].record.value_count = 1;
-        assert_eq!(verify(t, None, None).first_break, Some(Break::Altered { seq: 5 }));
+        assert_eq!(verify(t, None, &[]).first_break, Some(Break::Altered { seq: 5 }));
         // Edited content with a recomputed hash: the next record's link breaks.
         let mut t = rows.clone();
         t[4].record.tenant = "globex".into();
         t[4].hash = t[4].record.hash(&t[4].prev_hash);
-        assert_eq!(verify(t, None, None).first_break, Some(Break::Link { seq: 6 }));
+        assert_eq!(verify(t, None, &[]).first_break, Some(Break::Link { seq: 6 }));
         // Deleted.
         let mut t = rows.clone();
         t.remove(3);
-        assert_eq!(verify(t, None, None).first_break, Some(Break::Gap { expected: 4, found: 5 }));
+        assert_eq!(verify(t, None, &[]).first_break, Some(Break::Gap { expected: 4, found: 5 }));
         // Inserted (a copy of a record).
         let mut t = rows.clone();
         t.insert(3, rows[2].clone());
-        assert_eq!(verify(t, None, None).first_break, Some(Break::Duplicate { seq: 3 }));
+        assert_eq!(verify(t, None, &[]).first_break, Some(Break::Duplicate { seq: 3 }));
         // Reordered (two records swapped, sequence numbers renumbered to look gapless).
         let mut t = rows.clone();
         t.swap(5, 6);
         t[5].record.seq = 6;
         t[6].record.seq = 7;
-        assert_eq!(verify(t, None, None).first_break, Some(Break::Link { seq: 6 }));
+        assert_eq!(verify(t, None, &[]).first_break, Some(Break::Link { seq: 6 }));
         // Truncated tail: a valid chain, caught by the checkpoint.
         let checkpoint = Some(Head { seq: 10, hash: rows[9].hash });
-        assert_eq!(verify(rows[..7].to_vec(), None, checkpoint).first_break, Some(Break::Truncated { checkpoint_seq: 10, last_seq: 7 }));
+        assert_eq!(verify(rows[..7].to_vec(), None, checkpoint.as_slice()).first_break, Some(Break::Truncated { checkpoint_seq: 10, last_seq: 7 }));
         // A tail rewritten from record 9 on (a forged record 9 and 10 with valid hashes).
         let mut c = Chain::after(Some(Head { seq: 8, hash: rows[7].hash }));
         let mut t = rows[..8].to_vec();
@@ -409,10 +414,23 @@ mod tests {
         forged.value_count = 1;
         t.push(c.append(forged));
         t.push(c.append(rec(10)));
-        assert_eq!(verify(t.clone(), None, None).first_break, None, "a rewritten tail is a valid chain");
-        assert_eq!(verify(t, None, checkpoint).first_break, Some(Break::CheckpointMismatch { seq: 10 }));
+        assert_eq!(verify(t.clone(), None, &[]).first_break, None, "a rewritten tail is a valid chain");
+        assert_eq!(verify(t, None, checkpoint.as_slice()).first_break, Some(Break::CheckpointMismatch { seq: 10 }));
         // An intact chain passes its checkpoint.
-        assert_eq!(verify(rows, None, checkpoint).first_break, None);
+        assert_eq!(verify(rows.clone(), None, checkpoint.as_slice()).first_break, None);
+        // An older checkpoint the rewritten tail no longer matches (the newest checkpoint row
+        // deleted with it): caught at that checkpoint.
+        let older = [Head { seq: 10, hash: rows[9].hash }, Head { seq: 5, hash: rows[4].hash }];
+        let mut c = Chain::after(Some(Head { seq: 4, hash: rows[3].hash }));
+        let mut t = rows[..4].to_vec();
+        let mut forged = rec(5);
+        forged.value_count = 99;
+        t.push(c.append(forged));
+        assert_eq!(verify(t, None, &older[1..]).first_break, Some(Break::CheckpointMismatch { seq: 5 }));
+        // After a retention: the kept records start after the checkpoint the pruned range ended at.
+        let anchor = Head { seq: 5, hash: rows[4].hash };
+        assert_eq!(verify(rows[5..].to_vec(), Some(anchor), &older).first_break, None);
+        assert_eq!(verify(rows[6..].to_vec(), Some(anchor), &older).first_break, Some(Break::Gap { expected: 6, found: 7 }));
     }
 
     #[test]

@@ -12,6 +12,13 @@
 //!   `envelope.audit_max_delay`, unless `envelope.audit_fail_closed` is off (then a WARNING, and
 //!   the loss is counted).
 
+pub mod alerts;
+pub mod hooks;
+pub mod trail;
+pub mod writer;
+
+pub use writer::Writer;
+
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
@@ -36,6 +43,10 @@ pub struct Queue {
     pub dropped: u64,
     /// When the writer last drained (µs, PostgreSQL timestamp); 0: never.
     pub drained_at: i64,
+    /// The newest checkpoint this server run made (sequence; when), and when one last failed.
+    pub checkpoint_seq: i64,
+    pub checkpointed_at: i64,
+    pub checkpoint_failed_at: i64,
 }
 
 unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
@@ -165,6 +176,50 @@ pub fn wake_writer() {
     }
 }
 
+/// Records waiting in the queue (0 without shared memory).
+pub fn queued_now() -> u64 {
+    if crate::backend::PRELOADED.load(Ordering::Relaxed) {
+        queued()
+    } else {
+        0
+    }
+}
+
+/// The audit settings as the worker sees them, to record their changes at a reload.
+const AUDIT_SETTINGS: &[&std::ffi::CStr] = &[
+    c"envelope.audit",
+    c"envelope.audit_fail_closed",
+    c"envelope.audit_max_delay",
+    c"envelope.audit_checkpoint_interval",
+    c"envelope.audit_checkpoint_provider",
+    c"envelope.database",
+];
+
+pub fn settings_snapshot() -> Vec<String> {
+    AUDIT_SETTINGS.iter().map(|n| crate::nothrow::config_option(n).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()).collect()
+}
+
+/// After a configuration reload in the worker: one `config` record per audit setting that
+/// changed (turning auditing off included: that record is written before the writer stops).
+pub fn record_setting_changes(before: &[String]) {
+    if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
+        return;
+    }
+    let after = settings_snapshot();
+    for (i, (b, a)) in before.iter().zip(after.iter()).enumerate() {
+        if b != a {
+            let name = AUDIT_SETTINGS[i].to_string_lossy();
+            let mut r = base_record("config", String::new());
+            r.operation = "setting_changed".into();
+            r.detail = format!("{name}: {b} -> {a}");
+            r.value_count = 1;
+            r.outcome = "ok".into();
+            pgrx::log!("pg_envelope audit: {name} changed from {b} to {a}");
+            push(r);
+        }
+    }
+}
+
 fn queued() -> u64 {
     let q = QUEUE.share();
     q.write - q.read
@@ -189,12 +244,22 @@ fn wait_for_room() -> bool {
 
 /// Pushes one record, waking the writer when the queue fills up. A full queue (after waiting for
 /// room) counts the record as dropped and says so in the log.
-pub fn push(mut r: Record) {
+pub fn push(r: Record) {
+    push_inner(r, false);
+}
+
+/// [`push`] from an error callback (`emit_log_hook`): no waiting for room, no interrupt check,
+/// no log line (none of them is allowed while an error is being reported).
+pub fn push_in_error_path(r: Record) {
+    push_inner(r, true);
+}
+
+fn push_inner(mut r: Record, error_path: bool) {
     r.truncate_fields(64, 200);
     let bytes = r.canonical();
     if queued() >= SLOTS as u64 / 4 {
         wake_writer();
-        if queued() >= SLOTS as u64 {
+        if queued() >= SLOTS as u64 && !error_path {
             wait_for_room();
         }
     }
@@ -202,7 +267,9 @@ pub fn push(mut r: Record) {
     if q.write - q.read >= SLOTS as u64 || bytes.len() > SLOT_BYTES {
         q.dropped += 1;
         drop(q);
-        pgrx::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
+        if !error_path {
+            pgrx::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
+        }
         return;
     }
     let s = slot((q.write % SLOTS as u64) as usize);
@@ -402,6 +469,23 @@ pub fn key_op(operation: &str, tenant: &str, detail: &str, immediate: bool) {
     }
 }
 
+/// Records a key-management call that failed with `err` (refused: not a key administrator, a
+/// suspended tenant, a bad argument...), at once: the transaction is about to abort.
+pub fn refused(operation: &str, tenant: &str, err: &EnvelopeError) {
+    if !enabled() {
+        return;
+    }
+    prime_session();
+    let mut r = base_record("key_op", crate::backend::role_name(crate::nothrow::current_user_id()));
+    r.operation = operation.to_string();
+    r.tenant = tenant.to_string();
+    r.value_count = 1;
+    r.failure_count = 1;
+    r.outcome = sqlstate(err);
+    r.statement_id = STATEMENT_COUNTER.with(|c| c.get() + 1);
+    push(r);
+}
+
 /// At transaction end: the statement's aggregates, then the key operations with the outcome.
 pub fn at_transaction_end(committed: bool) {
     AT_END.with(|e| e.set(true));
@@ -461,263 +545,25 @@ fn base_record(kind: &str, current_role: String) -> Record {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The writer (run by the maintenance worker) and verification.
-
-use pg_envelope_core::audit::{Chain, Head, Stored};
-
-use crate::catalog::{as_extension_owner, spi_err};
-
-/// The writer's state between batches: the chain's head and the last checkpointed head.
-#[derive(Default)]
-pub struct Writer {
-    head: Option<Head>,
-    checkpointed: Option<(i64, i64)>,
-}
-
-fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
-    v.try_into().map_err(|_| EnvelopeError::Internal("an audit hash is not 32 bytes".into()))
-}
-
-impl Writer {
-    /// The chain head from the table, and the queue position the last committed record came
-    /// from (this server run only).
-    fn load_head(&mut self) -> Result<Option<i64>> {
-        let row = Spi::connect(|c| {
-            let t = c
-                .select(
-                    "SELECT seq, hash, server_started_at, queue_pos FROM envelope.audit_log ORDER BY seq DESC LIMIT 1",
-                    None,
-                    &[],
-                )
-                .map_err(spi_err)?;
-            if t.is_empty() {
-                return Ok::<_, EnvelopeError>(None);
-            }
-            let r = t.first();
-            Ok(Some((
-                r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
-                r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
-                r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
-                r.get::<i64>(4).map_err(spi_err)?.unwrap_or(-1),
-            )))
-        })?;
-        Ok(match row {
-            None => {
-                self.head = Some(Head { seq: 0, hash: pg_envelope_core::audit::GENESIS });
-                None
-            }
-            Some((seq, hash, started, pos)) => {
-                self.head = Some(Head { seq, hash: hash32(hash)? });
-                (started == unsafe { pg_sys::PgStartTime }).then_some(pos)
-            }
-        })
-    }
-
-    /// One batch: up to 500 queued records appended in the caller's transaction. Returns how
-    /// many, and the queue position to free once the transaction committed.
-    pub fn write_batch(&mut self) -> Result<(usize, u64)> {
-        if self.head.is_none() {
-            if let Some(pos) = self.load_head()? {
-                // A restarted writer: what it committed before is not written twice.
-                consumed(pos as u64 + 1);
-            }
-        }
-        let (records, upto, bad) = peek(500);
-        if records.is_empty() && bad == 0 {
-            return Ok((0, upto));
-        }
-        let first_pos = upto - records.len() as u64 - bad;
-        let mut chain = Chain::after(self.head);
-        let started = unsafe { pg_sys::PgStartTime };
-        let mut rows: Vec<(Stored, u64)> = records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)).collect();
-        if bad > 0 {
-            let mut r = base_record("dropped", String::new());
-            r.detail = format!("{bad} unreadable record(s) in the audit queue");
-            r.outcome = "dropped".into();
-            rows.push((chain.append(r), upto - 1));
-        }
-        Spi::connect_mut(|c| {
-            for (s, pos) in &rows {
-                let r = &s.record;
-                c.update(
-                    "INSERT INTO envelope.audit_log VALUES ($1, pg_catalog.to_timestamp($2::float8 / 1e6), $2, $3, $4, $5, $6, $7, $8,
-                            $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
-                    None,
-                    &[
-                        r.seq.into(), r.at_us.into(), r.kind.as_str().into(), r.database.as_str().into(), r.session_user.as_str().into(),
-                        r.current_role.as_str().into(), r.client_addr.as_str().into(), r.application_name.as_str().into(), r.backend_pid.into(),
-                        r.statement_id.into(), r.request_id.as_str().into(), r.tenant.as_str().into(), r.key_versions.as_str().into(),
-                        r.operation.as_str().into(), r.value_count.into(), r.failure_count.into(), r.outcome.as_str().into(),
-                        r.duration_us.into(), r.detail.as_str().into(), s.prev_hash.to_vec().into(), s.hash.to_vec().into(),
-                        started.into(), (*pos as i64).into(),
-                    ],
-                )
-                .map_err(spi_err)?;
-            }
-            Ok::<_, EnvelopeError>(())
-        })?;
-        self.head = Some(chain.head());
-        Ok((rows.len(), upto))
-    }
-
-    /// Forgets the head (after a failed transaction: re-read next time).
-    pub fn reset(&mut self) {
-        self.head = None;
-    }
-
-    /// Signs the head if it moved and the interval passed: a row in `audit_checkpoints` and a
-    /// LOG line (the server log keeps a copy outside the table). Returns the checkpointed seq.
-    pub fn checkpoint(&mut self) -> Result<Option<i64>> {
-        let Some(head) = self.head.filter(|h| h.seq > 0) else { return Ok(None) };
-        let now = pg_to_unix_us(now_ts());
-        if let Some((seq, at)) = self.checkpointed {
-            if seq == head.seq || now - at < gucs::audit_checkpoint_interval_s() * 1_000_000 {
-                return Ok(None);
-            }
-        }
-        let (method, mac) = checkpoint_mac(&head, now)?;
-        Spi::run_with_args(
-            "INSERT INTO envelope.audit_checkpoints VALUES ($1, $2, $3, pg_catalog.to_timestamp($3::float8 / 1e6), $4, $5)",
-            &[head.seq.into(), head.hash.to_vec().into(), now.into(), method.as_str().into(), mac.to_vec().into()],
-        )
-        .map_err(spi_err)?;
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        pgrx::log!(
-            "pg_envelope audit checkpoint: seq={} hash={} at_us={now} method={method} mac={}",
-            head.seq,
-            hex(&head.hash),
-            hex(&mac)
-        );
-        self.checkpointed = Some((head.seq, now));
-        Ok(Some(head.seq))
-    }
-}
-
-/// The checkpoint MAC. Today the `local` provider's derived key (development only: whoever holds
-/// the root key file can forge checkpoints); KMS-held keys are the next step (docs).
-fn checkpoint_mac(head: &Head, at_us: i64) -> Result<(String, [u8; 32])> {
-    let path = gucs::local_root_key_file()
-        .ok_or_else(|| EnvelopeError::Internal("audit checkpoints need envelope.local_root_key_file (dev) in this version".into()))?;
-    let msg = pg_envelope_core::audit::checkpoint_message(head, at_us);
-    let root = pg_envelope_core::LocalProvider::new(path).load_root_key().map_err(|error| EnvelopeError::Provider { provider: "local".into(), error })?;
-    Ok(("local-hkdf-sha256 (dev only)".into(), pg_envelope_core::audit::local_checkpoint_mac(&root, &msg)))
-}
-
-/// `envelope.audit_verify()`: walks the whole chain in sequence order, checks the newest
-/// checkpoint's MAC and that the chain reaches it; reports the first broken record.
-#[pg_extern(volatile, parallel_unsafe)]
-fn audit_verify() -> TableIterator<
-    'static,
-    (
-        name!(records_checked, i64),
-        name!(head_seq, Option<i64>),
-        name!(checkpoint_seq, Option<i64>),
-        name!(ok, bool),
-        name!(first_break, Option<String>),
-    ),
-> {
-    use crate::error::OrRaise;
-    let r = verify_impl().or_raise();
-    TableIterator::once(r)
-}
-
-fn verify_impl() -> Result<(i64, Option<i64>, Option<i64>, bool, Option<String>)> {
-    let (rows, checkpoint) = as_extension_owner(|| {
-        Spi::connect(|c| {
-            let t = c
-                .select(
-                    "SELECT seq, at_us, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
-                            statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
-                            duration_us, detail, prev_hash, hash FROM envelope.audit_log ORDER BY seq",
-                    None,
-                    &[],
-                )
-                .map_err(spi_err)?;
-            let mut rows = Vec::new();
-            for r in t {
-                let s = |i: usize| r.get::<String>(i).map_err(spi_err).map(|v| v.unwrap_or_default());
-                let n = |i: usize| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0));
-                let record = Record {
-                    seq: n(1)?,
-                    at_us: n(2)?,
-                    kind: s(3)?,
-                    database: s(4)?,
-                    session_user: s(5)?,
-                    current_role: s(6)?,
-                    client_addr: s(7)?,
-                    application_name: s(8)?,
-                    backend_pid: n(9)?,
-                    statement_id: n(10)?,
-                    request_id: s(11)?,
-                    tenant: s(12)?,
-                    key_versions: s(13)?,
-                    operation: s(14)?,
-                    value_count: n(15)?,
-                    failure_count: n(16)?,
-                    outcome: s(17)?,
-                    duration_us: n(18)?,
-                    detail: s(19)?,
-                };
-                let h = |i: usize| -> Result<[u8; 32]> { Ok(r.get::<Vec<u8>>(i).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32])) };
-                rows.push(Stored { record, prev_hash: h(20)?, hash: h(21)? });
-            }
-            let cp = c
-                .select("SELECT seq, hash, at_us, mac FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1", None, &[])
-                .map_err(spi_err)?;
-            let checkpoint = if cp.is_empty() {
-                None
-            } else {
-                let r = cp.first();
-                Some((
-                    r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
-                    r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
-                    r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
-                    r.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default(),
-                ))
-            };
-            Ok::<_, EnvelopeError>((rows, checkpoint))
-        })
-    })?;
-    let mut cp_head = None;
-    let mut cp_seq = None;
-    if let Some((seq, hash, at_us, mac)) = checkpoint {
-        cp_seq = Some(seq);
-        let head = Head { seq, hash: hash.clone().try_into().unwrap_or([0xff; 32]) };
-        let good = checkpoint_mac(&head, at_us).map(|(_, m)| m.as_slice() == mac.as_slice()).unwrap_or(false);
-        if !good {
-            return Ok((0, None, cp_seq, false, Some(format!("the checkpoint at record {seq} has an invalid MAC: forged or altered"))));
-        }
-        cp_head = Some(head);
-    }
-    let v = pg_envelope_core::audit::verify(rows, None, cp_head);
-    if enabled() {
-        let mut r = base_record("audit_read", crate::backend::role_name(crate::nothrow::current_user_id()));
-        r.operation = "audit_verify".into();
-        r.value_count = v.records as i64;
-        r.outcome = if v.first_break.is_none() { "ok".into() } else { "broken".into() };
-        prime_session();
-        push(r);
-    }
-    Ok((v.records as i64, v.head.map(|h| h.seq), cp_seq, v.first_break.is_none(), v.first_break.map(|b| b.to_string())))
-}
-
-/// For `status()`: on or off, queued records, records dropped since the start, seconds since the
-/// writer last drained, and whether key use is allowed now.
 pub fn status_json() -> serde_json::Value {
     if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
         return serde_json::json!({ "enabled": false });
     }
-    let (queued, dropped, drained_at) = {
+    let (queued, dropped, drained_at, checkpoint_seq, checkpointed_at, checkpoint_failed_at) = {
         let q = QUEUE.share();
-        (q.write - q.read, q.dropped, q.drained_at)
+        (q.write - q.read, q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at)
     };
+    let ago = |t: i64| (t != 0).then(|| (now_ts() - t) as f64 / 1e6);
     serde_json::json!({
         "enabled": enabled(),
         "fail_closed": gucs::AUDIT_FAIL_CLOSED.get(),
         "queued": queued,
         "dropped": dropped,
-        "seconds_since_drain": (drained_at != 0).then(|| (now_ts() - drained_at) as f64 / 1e6),
+        "seconds_since_drain": ago(drained_at),
+        "checkpoint_provider": gucs::audit_checkpoint_provider(),
+        "last_checkpoint_seq": (checkpoint_seq != 0).then_some(checkpoint_seq),
+        "seconds_since_checkpoint": ago(checkpointed_at),
+        "seconds_since_checkpoint_failure": ago(checkpoint_failed_at),
         "recording": health().err().unwrap_or_else(|| "ok".into()),
     })
 }

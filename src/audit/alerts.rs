@@ -1,0 +1,320 @@
+//! Anomaly alerts and canaries, evaluated by the audit writer as it writes each batch.
+//!
+//! * `envelope.audit_hourly` keeps, per hour, role and tenant, the values decrypted and
+//!   encrypted and the failures (from the per-statement records).
+//! * Rules, per role and tenant and hour (settings in src/gucs.rs, all SIGHUP):
+//!   `volume` (decryptions above `envelope.alert_decrypts_per_hour`), `baseline` (above
+//!   `envelope.alert_baseline_factor` times the mean of the same role and tenant's hours over the
+//!   past 7 days, once `envelope.alert_baseline_warmup` hours of history exist), `failures`
+//!   (above `envelope.alert_failures_per_hour`), `after_hours` (decryptions in an hour outside
+//!   `envelope.alert_hours`, in the server's time zone), and `canary` (a value registered with
+//!   `envelope.add_canary` was decrypted).
+//! * An alert is a row in `envelope.audit_alerts` (once per rule, role, tenant and hour), a
+//!   `NOTIFY envelope_audit_alert` with the row as JSON (in `envelope.database`), a WARNING in the
+//!   server log, and an `alert` record in the chain.
+
+use std::collections::BTreeMap;
+
+use pg_envelope_core::audit::Stored;
+use pgrx::prelude::*;
+
+use crate::catalog::spi_err;
+use crate::error::{EnvelopeError, Result};
+use crate::gucs;
+
+/// The alerts channel (`LISTEN envelope_audit_alert` in envelope.database).
+pub const CHANNEL: &str = "envelope_audit_alert";
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    decrypts: i64,
+    encrypts: i64,
+    failures: i64,
+}
+
+struct Alert {
+    rule: &'static str,
+    role: String,
+    tenant: String,
+    hour_us: i64,
+    observed: i64,
+    threshold: Option<f64>,
+    detail: String,
+    seq: i64,
+}
+
+/// After a batch was inserted (same transaction): updates the hourly counts of what it holds
+/// and raises the alerts they call for. Returns the alert records to queue for the chain.
+pub fn evaluate(rows: &[Stored]) -> Result<Vec<pg_envelope_core::audit::Record>> {
+    let mut hours: BTreeMap<(i64, String, String), (Counts, i64)> = BTreeMap::new();
+    let mut alerts = Vec::new();
+    for s in rows {
+        let r = &s.record;
+        let hour_us = r.at_us - r.at_us.rem_euclid(3_600_000_000);
+        match r.kind.as_str() {
+            "decrypt" | "encrypt" => {
+                let e = hours.entry((hour_us, r.current_role.clone(), r.tenant.clone())).or_insert((Counts::default(), s.record.seq));
+                let ok = r.value_count - r.failure_count;
+                if r.kind == "decrypt" {
+                    e.0.decrypts += ok;
+                } else {
+                    e.0.encrypts += ok;
+                }
+                e.0.failures += r.failure_count;
+                e.1 = r.seq;
+            }
+            "canary" => alerts.push(Alert {
+                rule: "canary",
+                role: r.current_role.clone(),
+                tenant: r.tenant.clone(),
+                hour_us,
+                observed: r.value_count,
+                threshold: None,
+                detail: format!("canary value decrypted: {} (session user {}, client {}, application {})", r.detail, r.session_user, r.client_addr, r.application_name),
+                seq: r.seq,
+            }),
+            _ => {}
+        }
+    }
+    let per_hour = gucs::ALERT_DECRYPTS_PER_HOUR.get() as i64;
+    let failures_per_hour = gucs::ALERT_FAILURES_PER_HOUR.get() as i64;
+    let factor = gucs::ALERT_BASELINE_FACTOR.get();
+    let warmup = gucs::ALERT_BASELINE_WARMUP_H.get() as i64;
+    let allowed_hours = gucs::alert_hours();
+    for ((hour_us, role, tenant), (delta, seq)) in hours {
+        let total: Counts = Spi::connect_mut(|c| {
+            let t = c
+                .update(
+                    "INSERT INTO envelope.audit_hourly AS h (hour, role_name, tenant, decrypts, encrypts, failures)
+                     VALUES (pg_catalog.to_timestamp($1::float8 / 1e6), $2, $3, $4, $5, $6)
+                     ON CONFLICT (hour, role_name, tenant) DO UPDATE SET decrypts = h.decrypts + excluded.decrypts,
+                         encrypts = h.encrypts + excluded.encrypts, failures = h.failures + excluded.failures
+                     RETURNING decrypts, encrypts, failures",
+                    None,
+                    &[hour_us.into(), role.as_str().into(), tenant.as_str().into(), delta.decrypts.into(), delta.encrypts.into(), delta.failures.into()],
+                )
+                .map_err(spi_err)?;
+            let r = t.first();
+            Ok::<_, EnvelopeError>(Counts {
+                decrypts: r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
+                encrypts: r.get::<i64>(2).map_err(spi_err)?.unwrap_or(0),
+                failures: r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
+            })
+        })?;
+        let alert = |rule, observed, threshold: Option<f64>, detail: String| Alert {
+            rule,
+            role: role.clone(),
+            tenant: tenant.clone(),
+            hour_us,
+            observed,
+            threshold,
+            detail,
+            seq,
+        };
+        if per_hour > 0 && total.decrypts > per_hour {
+            alerts.push(alert("volume", total.decrypts, Some(per_hour as f64), format!("{} values decrypted this hour (envelope.alert_decrypts_per_hour = {per_hour})", total.decrypts)));
+        }
+        if failures_per_hour > 0 && total.failures > failures_per_hour {
+            alerts.push(alert("failures", total.failures, Some(failures_per_hour as f64), format!("{} failed key uses this hour (envelope.alert_failures_per_hour = {failures_per_hour})", total.failures)));
+        }
+        if factor > 0.0 && delta.decrypts > 0 {
+            let (n, mean): (i64, f64) = Spi::connect(|c| {
+                let t = c
+                    .select(
+                        "SELECT count(*), coalesce(avg(decrypts), 0)::float8 FROM envelope.audit_hourly
+                          WHERE role_name = $1 AND tenant = $2
+                            AND hour >= pg_catalog.to_timestamp($3::float8 / 1e6) - interval '7 days'
+                            AND hour < pg_catalog.to_timestamp($3::float8 / 1e6)",
+                        None,
+                        &[role.as_str().into(), tenant.as_str().into(), hour_us.into()],
+                    )
+                    .map_err(spi_err)?;
+                let r = t.first();
+                Ok::<_, EnvelopeError>((r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0), r.get::<f64>(2).map_err(spi_err)?.unwrap_or(0.0)))
+            })?;
+            let limit = factor * mean.max(1.0);
+            if n >= warmup && (total.decrypts as f64) > limit && total.decrypts >= gucs::ALERT_BASELINE_MIN.get() as i64 {
+                alerts.push(alert(
+                    "baseline",
+                    total.decrypts,
+                    Some(limit),
+                    format!("{} values decrypted this hour, {factor} x the hourly mean of {mean:.1} over the past 7 days ({n} hours)", total.decrypts),
+                ));
+            }
+        }
+        if let Some((from, to)) = allowed_hours {
+            if delta.decrypts > 0 {
+                let local_hour: i32 = Spi::get_one_with_args(
+                    "SELECT extract(hour FROM pg_catalog.to_timestamp($1::float8 / 1e6))::int",
+                    &[hour_us.into()],
+                )
+                .map_err(spi_err)?
+                .unwrap_or(0);
+                let inside = if from <= to { local_hour >= from && local_hour < to } else { local_hour >= from || local_hour < to };
+                if !inside {
+                    alerts.push(alert("after_hours", total.decrypts, None, format!("decryptions at {local_hour}:00, outside envelope.alert_hours ({from}-{to})")));
+                }
+            }
+        }
+    }
+    let mut records = Vec::new();
+    for a in alerts {
+        if let Some(r) = raise(&a)? {
+            records.push(r);
+        }
+    }
+    Ok(records)
+}
+
+/// Inserts the alert (once per rule, role, tenant and hour), notifies, logs; the record for
+/// the chain when it is new.
+fn raise(a: &Alert) -> Result<Option<pg_envelope_core::audit::Record>> {
+    let json: Option<String> = Spi::connect_mut(|c| {
+        let t = c
+            .update(
+                "WITH a AS (
+                   INSERT INTO envelope.audit_alerts (rule, role_name, tenant, hour, observed, threshold, detail, audit_seq)
+                   VALUES ($1, $2, $3, pg_catalog.to_timestamp($4::float8 / 1e6), $5, $6, $7, $8)
+                   ON CONFLICT (rule, role_name, tenant, hour) DO NOTHING RETURNING *)
+                 SELECT pg_catalog.row_to_json(a)::text FROM a",
+                None,
+                &[a.rule.into(), a.role.as_str().into(), a.tenant.as_str().into(), a.hour_us.into(), a.observed.into(), a.threshold.into(), a.detail.as_str().into(), a.seq.into()],
+            )
+            .map_err(spi_err)?;
+        if t.is_empty() {
+            return Ok::<_, EnvelopeError>(None);
+        }
+        t.first().get::<String>(1).map_err(spi_err)
+    })?;
+    let Some(json) = json else { return Ok(None) };
+    Spi::run_with_args("SELECT pg_catalog.pg_notify($1, $2)", &[CHANNEL.into(), json.as_str().into()]).map_err(spi_err)?;
+    pgrx::warning!("pg_envelope audit alert: {} (role {}, tenant {}): {}", a.rule, a.role, a.tenant, a.detail);
+    let mut r = super::base_record("alert", a.role.clone());
+    r.operation = a.rule.to_string();
+    r.tenant = a.tenant.clone();
+    r.value_count = a.observed;
+    r.outcome = "alert".into();
+    r.detail = a.detail.clone();
+    Ok(Some(r))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Canaries: values whose decryption always alerts.
+
+thread_local! {
+    /// This backend's canary nonces (loaded at first use; reloaded after add/drop_canary).
+    static CANARIES: std::cell::RefCell<Option<std::collections::HashMap<[u8; 24], String>>> = const { std::cell::RefCell::new(None) };
+    static CANARY_RELID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// From the relcache callback: the canary table changed (add_canary / drop_canary committed).
+pub fn on_relcache_changed(relid: pg_sys::Oid) {
+    let ours = CANARY_RELID.with(|c| c.get());
+    if relid == pg_sys::InvalidOid || (ours != 0 && relid.to_u32() == ours) {
+        CANARIES.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+fn load_canaries() -> std::collections::HashMap<[u8; 24], String> {
+    let mut m = std::collections::HashMap::new();
+    let r: Result<()> = crate::catalog::as_extension_owner(|| {
+        super::hooks::without_read_records(|| {
+            Spi::connect(|c| {
+                let relid: Option<pg_sys::Oid> =
+                    c.select("SELECT 'envelope.audit_canaries'::regclass::oid", None, &[]).map_err(spi_err)?.first().get(1).map_err(spi_err)?;
+                CANARY_RELID.with(|x| x.set(relid.map_or(0, |o| o.to_u32())));
+                for row in c.select("SELECT nonce, label FROM envelope.audit_canaries", None, &[]).map_err(spi_err)? {
+                    let nonce: Vec<u8> = row.get(1).map_err(spi_err)?.unwrap_or_default();
+                    if let Ok(n) = <[u8; 24]>::try_from(nonce.as_slice()) {
+                        m.insert(n, row.get::<String>(2).map_err(spi_err)?.unwrap_or_default());
+                    }
+                }
+                Ok(())
+            })
+        })
+    });
+    if let Err(e) = r {
+        pgrx::log!("pg_envelope: canaries not loaded: {}", e.message());
+    }
+    m
+}
+
+/// After a successful decryption with auditing on: a canary's nonce pushes a `canary` record
+/// (the writer raises the alert) and logs a line (server log only: the client sees nothing).
+pub fn check_canary(envelope: &[u8], tenant: Option<&str>) {
+    let Ok(env) = pg_envelope_core::Envelope::parse(envelope) else { return };
+    let label = CANARIES.with(|c| {
+        let mut c = c.borrow_mut();
+        let m = c.get_or_insert_with(load_canaries);
+        if m.is_empty() {
+            None
+        } else {
+            m.get(env.nonce).cloned()
+        }
+    });
+    let Some(label) = label else { return };
+    super::prime_session();
+    let mut r = super::base_record("canary", crate::backend::role_name(crate::nothrow::current_user_id()));
+    r.operation = "decrypt".into();
+    r.tenant = tenant.unwrap_or("").to_string();
+    r.key_versions = env.dek_version.to_string();
+    r.value_count = 1;
+    r.outcome = "ok".into();
+    r.detail = label.clone();
+    pgrx::ereport!(
+        pgrx::PgLogLevel::LOG,
+        pgrx::PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+        format!("pg_envelope: canary \"{label}\" decrypted by role {}", r.current_role)
+    );
+    super::push(r);
+}
+
+/// `envelope.add_canary(value, label)`: registers an encrypted value (a decoy row planted where
+/// only an intruder would read it) whose every decryption alerts. The value stays decryptable;
+/// only its nonce is recorded. Key administrators.
+#[pg_extern(volatile, parallel_unsafe)]
+fn add_canary(value: &[u8], label: &str) -> bool {
+    use crate::error::OrRaiseAudited;
+    add_canary_impl(value, label).or_raise_audited("add_canary", "")
+}
+
+fn add_canary_impl(value: &[u8], label: &str) -> Result<bool> {
+    let env = pg_envelope_core::Envelope::parse(value).map_err(|_| EnvelopeError::DecryptFailed)?;
+    let n = Spi::connect_mut(|c| {
+        c.update(
+            "INSERT INTO envelope.audit_canaries (nonce, tenant_key_id, label) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            None,
+            &[env.nonce.to_vec().into(), (env.tenant_key_id as i64).into(), label.into()],
+        )
+        .map(|t| t.len())
+        .map_err(spi_err)
+    })?;
+    invalidate_canaries()?;
+    super::key_op("add_canary", "", &format!("canary {label}"), false);
+    Ok(n > 0)
+}
+
+/// `envelope.drop_canary(label)`: forgets a canary. Returns how many were dropped.
+#[pg_extern(volatile, parallel_unsafe)]
+fn drop_canary(label: &str) -> i64 {
+    use crate::error::OrRaiseAudited;
+    drop_canary_impl(label).or_raise_audited("drop_canary", "")
+}
+
+fn drop_canary_impl(label: &str) -> Result<i64> {
+    let n = Spi::connect_mut(|c| {
+        c.update("DELETE FROM envelope.audit_canaries WHERE label = $1", None, &[label.into()]).map(|t| t.len() as i64).map_err(spi_err)
+    })?;
+    invalidate_canaries()?;
+    super::key_op("drop_canary", "", &format!("canary {label}"), false);
+    Ok(n)
+}
+
+/// Every backend reloads its canaries after this transaction commits.
+fn invalidate_canaries() -> Result<()> {
+    let relid: Option<pg_sys::Oid> = Spi::get_one("SELECT 'envelope.audit_canaries'::regclass::oid").map_err(spi_err)?;
+    if let Some(r) = relid {
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(r) };
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! What happens around the key functions and the audit trail, recorded from PostgreSQL's hooks:
+//!
+//! * **Reads of the audit trail** (`ExecutorCheckPerms_hook`): every statement that reads an
+//!   audit table (`SELECT`, `COPY ... TO`, a view or function over them, `pg_dump`) gets an
+//!   `audit_read` record, whoever runs it, superusers included. The hook runs after PostgreSQL's
+//!   own permission checks passed.
+//! * **Refusals** (`emit_log_hook`): a role without EXECUTE on a key-management function, or
+//!   without SELECT on an audit table, gets PostgreSQL's 42501 before any of our code runs; the
+//!   hook turns that error into a `key_op` / `audit_read` record with the outcome `42501`. Errors
+//!   our own functions raise are recorded by [`crate::error::OrRaise`]'s audited variant.
+//!
+//! The hook code reads no catalog in the error path: names come from what the executor hook
+//! cached for the statement (the session, the current role).
+
+use std::cell::{Cell, RefCell};
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// The key-management and audit functions whose refusals are recorded.
+const AUDITED_FUNCTIONS: &[&str] = &[
+    "add_key_provider", "verify_provider", "create_tenant", "grant_tenant", "revoke_tenant", "rewrap_tenant",
+    "rewrap_tenants_start", "rewrap_tenants_batch", "rotate_data_key", "rotate_tenant_key", "disable_data_key",
+    "enable_data_key", "destroy_data_key", "suspend_tenant", "resume_tenant", "lockdown", "lift_lockdown",
+    "schedule_shred", "cancel_shred", "confirm_shred", "audit_verify", "audit_prune", "audit_export",
+];
+
+/// The audit tables: reads are recorded.
+const AUDIT_TABLES: &[&CStr] = &[c"audit_log", c"audit_checkpoints", c"audit_alerts", c"audit_hourly"];
+
+static mut PREV_PERMS: pg_sys::ExecutorCheckPerms_hook_type = None;
+static mut PREV_EMIT: pg_sys::emit_log_hook_type = None;
+
+thread_local! {
+    static SUPPRESS: Cell<u32> = const { Cell::new(0) };
+    /// The audit tables' oids in this database (resolved when the extension exists here).
+    static RELS: Cell<Option<[u32; 4]>> = const { Cell::new(None) };
+    /// The current role's oid and name as of the last statement start (for the error path).
+    static ROLE: RefCell<(u32, String)> = const { RefCell::new((0, String::new())) };
+    static IN_EMIT: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn register() {
+    unsafe {
+        PREV_PERMS = pg_sys::ExecutorCheckPerms_hook;
+        pg_sys::ExecutorCheckPerms_hook = Some(check_perms);
+        PREV_EMIT = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
+    }
+}
+
+/// Runs `f` without recording its reads of the audit tables (audit_verify records one read of
+/// its own; the writer reads the chain's head).
+pub fn without_read_records<R>(f: impl FnOnce() -> R) -> R {
+    struct Undo;
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            SUPPRESS.with(|s| s.set(s.get().saturating_sub(1)));
+        }
+    }
+    SUPPRESS.with(|s| s.set(s.get() + 1));
+    let _undo = Undo;
+    f()
+}
+
+/// For the maintenance worker: its reads of the audit tables (the writer's) are not recorded.
+pub fn suppress_reads_in_this_process() {
+    SUPPRESS.with(|s| s.set(s.get() + 1_000_000));
+}
+
+/// From the relcache callback: an audit table changed or went (DROP EXTENSION): resolve again.
+pub fn on_relcache_changed(relid: pg_sys::Oid) {
+    RELS.with(|r| {
+        if let Some(rels) = r.get() {
+            if relid == pg_sys::InvalidOid || rels.contains(&relid.to_u32()) {
+                r.set(None);
+            }
+        }
+    });
+}
+
+fn audit_rels() -> Option<[u32; 4]> {
+    if let Some(r) = RELS.with(|r| r.get()) {
+        return Some(r);
+    }
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+        if ns == pg_sys::InvalidOid {
+            return None;
+        }
+        let mut rels = [0u32; 4];
+        for (i, name) in AUDIT_TABLES.iter().enumerate() {
+            rels[i] = pg_sys::get_relname_relid(name.as_ptr(), ns).to_u32();
+        }
+        if rels[0] == 0 {
+            return None;
+        }
+        RELS.with(|r| r.set(Some(rels)));
+        Some(rels)
+    }
+}
+
+fn remember_role() {
+    let role = crate::nothrow::current_user_id();
+    ROLE.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.0 != role.to_u32() || r.1.is_empty() {
+            *r = (role.to_u32(), crate::backend::role_name(role));
+        }
+    });
+}
+
+fn role_for_error_path() -> String {
+    let role = crate::nothrow::current_user_id().to_u32();
+    ROLE.with(|r| {
+        let r = r.borrow();
+        if r.0 == role && !r.1.is_empty() {
+            r.1.clone()
+        } else {
+            format!("oid {role}")
+        }
+    })
+}
+
+/// The audit tables among `(relid, required permissions)`, when one is read.
+fn tables_read(rels: impl Iterator<Item = (pg_sys::Oid, u64)>) -> Option<String> {
+    let mut read: Vec<&'static str> = Vec::new();
+    let mut audit = None;
+    for (relid, perms) in rels {
+        if perms & pg_sys::ACL_SELECT as u64 == 0 {
+            continue;
+        }
+        let Some(ours) = audit.get_or_insert_with(audit_rels) else { return None };
+        if let Some(i) = ours.iter().position(|&o| o != 0 && o == relid.to_u32()) {
+            let name = AUDIT_TABLES[i].to_str().unwrap_or("");
+            if !read.contains(&name) {
+                read.push(name);
+            }
+        }
+    }
+    (!read.is_empty()).then(|| read.iter().map(|n| format!("envelope.{n}")).collect::<Vec<_>>().join(","))
+}
+
+fn record_read(tables: String) {
+    super::prime_session();
+    let mut r = super::base_record("audit_read", crate::backend::role_name(crate::nothrow::current_user_id()));
+    r.operation = "select".into();
+    r.detail = tables;
+    r.value_count = 1;
+    r.outcome = "ok".into();
+    super::push(r);
+}
+
+unsafe fn list_ptrs(l: *mut pg_sys::List) -> impl Iterator<Item = *mut std::ffi::c_void> {
+    let n = if l.is_null() { 0 } else { (*l).length as usize };
+    (0..n).map(move |i| (*(*l).elements.add(i)).ptr_value)
+}
+
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport: bool) -> bool {
+    let ok = match PREV_PERMS {
+        Some(prev) => prev(range_table, ereport),
+        None => true,
+    };
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 {
+        remember_role();
+        let rels = list_ptrs(range_table).map(|p| p.cast::<pg_sys::RangeTblEntry>()).filter_map(|rte| {
+            ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION).then(|| ((*rte).relid, (*rte).requiredPerms as u64))
+        });
+        if let Some(t) = tables_read(rels) {
+            record_read(t);
+        }
+    }
+    ok
+}
+
+#[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, perm_infos: *mut pg_sys::List, ereport: bool) -> bool {
+    let ok = match PREV_PERMS {
+        Some(prev) => prev(range_table, perm_infos, ereport),
+        None => true,
+    };
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 {
+        remember_role();
+        let rels = list_ptrs(perm_infos).map(|p| p.cast::<pg_sys::RTEPermissionInfo>()).map(|pi| ((*pi).relid, (*pi).requiredPerms as u64));
+        if let Some(t) = tables_read(rels) {
+            record_read(t);
+        }
+    }
+    ok
+}
+
+/// PostgreSQL's refusals of EXECUTE on a key-management function and of SELECT on an audit
+/// table, as records. In the error path: no catalog access, no error, no log line.
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    if let Some(prev) = PREV_EMIT {
+        prev(edata);
+    }
+    if edata.is_null()
+        || (*edata).elevel < pg_sys::PGERROR as i32
+        || (*edata).sqlerrcode != pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32
+        || (*edata).message_id.is_null()
+        || (*edata).message.is_null()
+        || IN_EMIT.with(|e| e.get())
+        || !super::enabled()
+    {
+        return;
+    }
+    let id = CStr::from_ptr((*edata).message_id).to_bytes();
+    let message = CStr::from_ptr((*edata).message).to_string_lossy();
+    let (kind, name) = if id == b"permission denied for function %s" {
+        // The longest known name in the (possibly translated) message.
+        match AUDITED_FUNCTIONS.iter().filter(|f| message.contains(**f)).max_by_key(|f| f.len()) {
+            Some(f) => ("key_op", f.to_string()),
+            None => return,
+        }
+    } else if id == b"permission denied for table %s" {
+        match AUDIT_TABLES.iter().filter_map(|t| t.to_str().ok()).filter(|t| message.contains(*t)).max_by_key(|t| t.len()) {
+            Some(t) => ("audit_read", format!("envelope.{t}")),
+            None => return,
+        }
+    } else {
+        return;
+    };
+    IN_EMIT.with(|e| e.set(true));
+    let _ = std::panic::catch_unwind(|| {
+        let mut r = super::base_record(kind, role_for_error_path());
+        if kind == "key_op" {
+            r.operation = name;
+        } else {
+            r.operation = "select".into();
+            r.detail = name;
+        }
+        r.value_count = 1;
+        r.failure_count = 1;
+        r.outcome = "42501".into();
+        super::push_in_error_path(r);
+    });
+    IN_EMIT.with(|e| e.set(false));
+}

@@ -1,0 +1,189 @@
+//! The audit writer, run by the maintenance worker: drains the shared-memory queue into
+//! `envelope.audit_log` (the gapless sequence and the hash chain), and checkpoints the chain's
+//! head with a MAC made inside the key server.
+
+use pg_envelope_core::audit::{Chain, Head, Stored};
+use pg_envelope_core::provider::CheckpointMac;
+use pgrx::prelude::*;
+
+use super::{base_record, consumed, now_ts, peek, pg_to_unix_us, QUEUE};
+use crate::catalog::spi_err;
+use crate::error::{EnvelopeError, Result};
+use crate::gucs;
+
+/// The writer's state between batches: the chain's head and the last checkpointed head.
+#[derive(Default)]
+pub struct Writer {
+    head: Option<Head>,
+    checkpointed: Option<(i64, i64)>,
+    /// The oid of the audit_log table the head belongs to.
+    relid: u32,
+    /// A retention record was written: checkpoint the new head at once.
+    pub force_checkpoint: bool,
+}
+
+pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
+    v.try_into().map_err(|_| EnvelopeError::Internal("an audit hash is not 32 bytes".into()))
+}
+
+impl Writer {
+    /// The chain head from the table, and the queue position the last committed record came
+    /// from (this server run only).
+    fn load_head(&mut self) -> Result<Option<i64>> {
+        let row = Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT seq, hash, server_started_at, queue_pos FROM envelope.audit_log ORDER BY seq DESC LIMIT 1",
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok::<_, EnvelopeError>(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
+                r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
+                r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
+                r.get::<i64>(4).map_err(spi_err)?.unwrap_or(-1),
+            )))
+        })?;
+        Ok(match row {
+            None => {
+                self.head = Some(Head { seq: 0, hash: pg_envelope_core::audit::GENESIS });
+                None
+            }
+            Some((seq, hash, started, pos)) => {
+                self.head = Some(Head { seq, hash: hash32(hash)? });
+                (started == unsafe { pg_sys::PgStartTime }).then_some(pos)
+            }
+        })
+    }
+
+    /// One batch: up to 500 queued records appended in the caller's transaction. Returns how
+    /// many, and the queue position to free once the transaction committed.
+    pub fn write_batch(&mut self) -> Result<(usize, u64)> {
+        // The table the head was read from: after DROP EXTENSION and CREATE EXTENSION the chain
+        // starts again at 1 in the new table.
+        let relid = unsafe {
+            let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+            if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns).to_u32() }
+        };
+        if relid != self.relid {
+            self.head = None;
+            self.checkpointed = None;
+            self.relid = relid;
+        }
+        if self.head.is_none() {
+            if let Some(pos) = self.load_head()? {
+                // A restarted writer: what it committed before is not written twice.
+                consumed(pos as u64 + 1);
+            }
+        }
+        let (records, upto, bad) = peek(500);
+        if records.is_empty() && bad == 0 {
+            return Ok((0, upto));
+        }
+        let first_pos = upto - records.len() as u64 - bad;
+        let mut chain = Chain::after(self.head);
+        let started = unsafe { pg_sys::PgStartTime };
+        let mut rows: Vec<(Stored, u64)> = records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)).collect();
+        if bad > 0 {
+            let mut r = base_record("dropped", String::new());
+            r.detail = format!("{bad} unreadable record(s) in the audit queue");
+            r.outcome = "dropped".into();
+            rows.push((chain.append(r), upto - 1));
+        }
+        Spi::connect_mut(|c| {
+            for (s, pos) in &rows {
+                let r = &s.record;
+                c.update(
+                    "INSERT INTO envelope.audit_log VALUES ($1, pg_catalog.to_timestamp($2::float8 / 1e6), $2, $3, $4, $5, $6, $7, $8,
+                            $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+                    None,
+                    &[
+                        r.seq.into(), r.at_us.into(), r.kind.as_str().into(), r.database.as_str().into(), r.session_user.as_str().into(),
+                        r.current_role.as_str().into(), r.client_addr.as_str().into(), r.application_name.as_str().into(), r.backend_pid.into(),
+                        r.statement_id.into(), r.request_id.as_str().into(), r.tenant.as_str().into(), r.key_versions.as_str().into(),
+                        r.operation.as_str().into(), r.value_count.into(), r.failure_count.into(), r.outcome.as_str().into(),
+                        r.duration_us.into(), r.detail.as_str().into(), s.prev_hash.to_vec().into(), s.hash.to_vec().into(),
+                        started.into(), (*pos as i64).into(),
+                    ],
+                )
+                .map_err(spi_err)?;
+            }
+            Ok::<_, EnvelopeError>(())
+        })?;
+        self.head = Some(chain.head());
+        // Hourly counts and alerts (same transaction); alert records join the chain next batch.
+        let stored: Vec<Stored> = rows.iter().map(|(s, _)| s.clone()).collect();
+        for r in super::alerts::evaluate(&stored)? {
+            super::push(r);
+        }
+        if rows.iter().any(|(s, _)| s.record.operation == "audit_prune") {
+            self.force_checkpoint = true;
+        }
+        Ok((rows.len(), upto))
+    }
+
+    /// Forgets the head (after a failed transaction: re-read next time).
+    pub fn reset(&mut self) {
+        self.head = None;
+    }
+
+    /// Signs the head if it moved and the interval passed (or `force`: a retention record was
+    /// just written): a row in `audit_checkpoints` and a LOG line, the server log's copy outside
+    /// the table. The MAC is made by `envelope.audit_checkpoint_provider`'s key inside its KMS or
+    /// HSM, so the KMS's own audit log witnesses every checkpoint. Runs in a transaction of its
+    /// own after the batch: a KMS outage delays checkpoints, never the records.
+    pub fn checkpoint(&mut self, force: bool) -> Result<Option<i64>> {
+        let Some(head) = self.head.filter(|h| h.seq > 0) else { return Ok(None) };
+        let now = pg_to_unix_us(now_ts());
+        if let Some((seq, at)) = self.checkpointed {
+            if seq == head.seq || (!force && now - at < gucs::audit_checkpoint_interval_s() * 1_000_000) {
+                return Ok(None);
+            }
+        }
+        let provider = gucs::audit_checkpoint_provider();
+        let mac = checkpoint_mac(&provider, &head, now)?;
+        Spi::run_with_args(
+            "INSERT INTO envelope.audit_checkpoints (seq, hash, at_us, at, method, provider, key_name, mac)
+             VALUES ($1, $2, $3, pg_catalog.to_timestamp($3::float8 / 1e6), 'hmac-sha256', $4, $5, $6)",
+            &[head.seq.into(), head.hash.to_vec().into(), now.into(), provider.as_str().into(), mac.key.as_str().into(), mac.mac.clone().into()],
+        )
+        .map_err(spi_err)?;
+        pgrx::log!(
+            "pg_envelope audit checkpoint: seq={} hash={} at_us={now} provider={provider} mac={}",
+            head.seq,
+            hex(&head.hash),
+            hex(&mac.mac)
+        );
+        self.checkpointed = Some((head.seq, now));
+        let mut q = QUEUE.exclusive();
+        q.checkpoint_seq = head.seq;
+        q.checkpointed_at = now_ts();
+        Ok(Some(head.seq))
+    }
+}
+
+pub(super) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The checkpoint MAC of `head` by `provider` (a registered provider, built in a lockdown too),
+/// on a helper thread that services interrupts (a hung KMS call ends with envelope.kms_timeout).
+pub(super) fn checkpoint_mac(provider: &str, head: &Head, at_us: i64) -> Result<CheckpointMac> {
+    let mut p = crate::backend::build_audit_provider(provider)?;
+    let msg = pg_envelope_core::audit::checkpoint_message(head, at_us);
+    crate::backend::interruptible(move || p.checkpoint_mac(&msg))
+        .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })
+}
+
+/// Whether `mac` is `provider`'s MAC of the checkpoint (asked of the KMS where it has a verify call).
+pub(super) fn checkpoint_mac_valid(provider: &str, head: &Head, at_us: i64, mac: Vec<u8>) -> Result<bool> {
+    let mut p = crate::backend::build_audit_provider(provider)?;
+    let msg = pg_envelope_core::audit::checkpoint_message(head, at_us);
+    crate::backend::interruptible(move || p.verify_checkpoint_mac(&msg, &mac))
+        .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })
+}
