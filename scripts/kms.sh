@@ -48,7 +48,17 @@ start_openbao() {
   rm -rf "$BAO_DIR/tls"; mkdir -p "$BAO_DIR/tls"
   local root; root="root-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
   (umask 077; printf '%s' "$root" > "$BAO_DIR/root-token")
-  nohup "$BAO_VENV/bin/bao" server -dev -dev-tls -dev-tls-cert-dir="$BAO_DIR/tls" \
+  # The server's own audit log (a file audit device; OpenBao declares them in configuration):
+  # what the KMS witnessed, e.g. every checkpoint MAC of the audit trail.
+  rm -f "$BAO_DIR/audit.log"
+  cat > "$BAO_DIR/audit.hcl" <<HCL
+audit "file" "pg-envelope" {
+  options {
+    file_path = "$BAO_DIR/audit.log"
+  }
+}
+HCL
+  nohup "$BAO_VENV/bin/bao" server -dev -dev-tls -dev-tls-cert-dir="$BAO_DIR/tls" -config="$BAO_DIR/audit.hcl" \
     -dev-root-token-id="$root" -dev-listen-address="127.0.0.1:$BAO_PORT" -dev-no-store-token \
     > "$BAO_DIR/server.log" 2>&1 &
   echo $! > "$BAO_DIR/pid"

@@ -1131,9 +1131,55 @@ CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_ch
 CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
 
+-- Anomaly detection (src/audit/alerts.rs): hourly counts per role and tenant, kept by the writer
+-- from the per-statement records (derived data: it can be rebuilt from audit_log).
+CREATE TABLE audit_hourly (
+    hour       timestamptz NOT NULL,
+    role_name  text NOT NULL,
+    tenant     text NOT NULL,
+    decrypts   bigint NOT NULL DEFAULT 0,
+    encrypts   bigint NOT NULL DEFAULT 0,
+    failures   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, role_name, tenant)
+);
+CREATE INDEX ON audit_hourly (role_name, tenant, hour);
+
+-- Alerts: one row per rule, role, tenant and hour (volume, baseline, failures, after_hours,
+-- canary), also sent as NOTIFY envelope_audit_alert (in envelope.database) and logged.
+CREATE TABLE audit_alerts (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    rule       text NOT NULL,
+    role_name  text NOT NULL,
+    tenant     text NOT NULL,
+    hour       timestamptz NOT NULL,
+    observed   bigint NOT NULL,
+    threshold  double precision,
+    detail     text NOT NULL,
+    audit_seq  bigint NOT NULL,          -- the audit record that raised it
+    UNIQUE (rule, role_name, tenant, hour)
+);
+
+-- Canaries: decoy encrypted values whose decryption always alerts (envelope.add_canary). Only
+-- the value's nonce is kept.
+CREATE TABLE audit_canaries (
+    nonce          bytea PRIMARY KEY,
+    tenant_key_id  bigint NOT NULL,
+    label          text NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE TRIGGER audit_alerts_append_only BEFORE UPDATE OR DELETE ON audit_alerts
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+CREATE TRIGGER audit_alerts_no_truncate BEFORE TRUNCATE ON audit_alerts
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+
 SELECT pg_catalog.pg_extension_config_dump('audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('audit_hourly', '');
+SELECT pg_catalog.pg_extension_config_dump('audit_alerts', '');
+SELECT pg_catalog.pg_extension_config_dump('audit_canaries', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_checkpoints', '');
-REVOKE ALL ON audit_log, audit_checkpoints FROM PUBLIC;
+REVOKE ALL ON audit_log, audit_checkpoints, audit_hourly, audit_alerts, audit_canaries FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
 
 -- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line,
@@ -1205,6 +1251,8 @@ REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_verify(boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_prune_in_progress() FROM PUBLIC;
+REVOKE ALL ON FUNCTION add_canary(bytea, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION drop_canary(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;
 REVOKE ALL ON FUNCTION trust_report() FROM PUBLIC;

@@ -129,3 +129,45 @@ def test_revocations_reach_standby_backends_at_their_next_call():
             replayed(sb)
             assert read(sb, "sb_b") == "42704", "a shredded tenant on the standby"
             assert read(sb, "sb_a") == "sb_a on the standby"
+
+
+def test_audit_on_a_standby_fails_closed_or_logs_unchained_records():
+    """A standby is read-only: the audit trail cannot be written there. With envelope.audit on,
+    key use on the standby is refused (57P03) unless envelope.audit_fail_closed is off there;
+    then each statement's record goes to the standby's server log as JSON (not chained), and the
+    primary's trail is untouched."""
+    db = "envelope_standby_audit"
+    recreate_db(PORT_A, db)
+    with psycopg.connect(host=SOCK, port=PORT_A, dbname=db, user="postgres", autocommit=True) as primary:
+        primary.execute("CREATE EXTENSION pg_envelope")
+        primary.execute("SELECT envelope.create_tenant('sb_audit')")
+        primary.execute("SELECT envelope.grant_tenant('sb_audit', current_user)")
+        primary.execute("CREATE TABLE s (v envelope.encrypted_text)")
+        with as_tenant(primary, "sb_audit"):
+            primary.execute("INSERT INTO s SELECT ('secret-standby-' || g)::text FROM generate_series(1, 5) g")
+        lsn = primary.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        with standby() as connect_standby, connect_standby(db) as sb:
+            assert wait_for(lambda: sb.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0], 20)
+            sb.execute("ALTER SYSTEM SET envelope.audit = on")
+            sb.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+            try:
+                with as_tenant(sb, "sb_audit"):
+                    sb.execute("SELECT count(v::text) FROM s")
+                raise AssertionError("decryption on an audited standby was not refused")
+            except psycopg.Error as e:
+                assert e.sqlstate == "57P03" and "hot standby" in (e.diag.message_detail or ""), (e.sqlstate, e.diag.message_detail)
+            sb.execute("ALTER SYSTEM SET envelope.audit_fail_closed = off")
+            sb.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+            sb.execute("SET envelope.request_id = 'on-the-standby'")
+            with as_tenant(sb, "sb_audit"):
+                assert sb.execute("SELECT count(v::text) FROM s").fetchone()[0] == 5
+                sb.execute("SELECT 1")
+            sb.execute("SELECT 1")
+            log = (DATA.parent / "server.log").read_text(errors="replace")
+            lines = [l for l in log.splitlines() if "pg_envelope audit (standby, not chained):" in l and "on-the-standby" in l]
+            assert lines, "no audit line in the standby's log"
+            rec = __import__("json").loads(lines[0].split("not chained): ", 1)[1])
+            assert (rec["kind"], rec["tenant"], rec["value_count"], rec["outcome"]) == ("decrypt", "sb_audit", 5, "ok"), rec
+            assert "secret-standby" not in log

@@ -220,9 +220,17 @@ fn load_canaries() -> std::collections::HashMap<[u8; 24], String> {
     let r: Result<()> = crate::catalog::as_extension_owner(|| {
         super::hooks::without_read_records(|| {
             Spi::connect(|c| {
-                let relid: Option<pg_sys::Oid> =
-                    c.select("SELECT 'envelope.audit_canaries'::regclass::oid", None, &[]).map_err(spi_err)?.first().get(1).map_err(spi_err)?;
+                // to_regclass: a database whose extension is not updated yet has no such table.
+                let relid: Option<pg_sys::Oid> = c
+                    .select("SELECT pg_catalog.to_regclass('envelope.audit_canaries')::oid", None, &[])
+                    .map_err(spi_err)?
+                    .first()
+                    .get(1)
+                    .map_err(spi_err)?;
                 CANARY_RELID.with(|x| x.set(relid.map_or(0, |o| o.to_u32())));
+                if relid.is_none() {
+                    return Ok(());
+                }
                 for row in c.select("SELECT nonce, label FROM envelope.audit_canaries", None, &[]).map_err(spi_err)? {
                     let nonce: Vec<u8> = row.get(1).map_err(spi_err)?.unwrap_or_default();
                     if let Ok(n) = <[u8; 24]>::try_from(nonce.as_slice()) {

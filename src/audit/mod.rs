@@ -122,6 +122,9 @@ pub fn enabled() -> bool {
 
 /// Whether new records can be recorded now: the queue has room and the writer keeps up.
 pub fn health() -> std::result::Result<(), String> {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return Err("this server is a hot standby: the audit trail cannot be written here (with envelope.audit_fail_closed off, records go to this server's log instead, unchained)".into());
+    }
     if queued() >= SLOTS as u64 {
         wait_for_room();
     }
@@ -256,6 +259,14 @@ pub fn push_in_error_path(r: Record) {
 
 fn push_inner(mut r: Record, error_path: bool) {
     r.truncate_fields(64, 200);
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        // A hot standby cannot write the trail: the record goes to its server log (unchained),
+        // which is what envelope.audit_fail_closed = off means there (see health()).
+        if !error_path {
+            pgrx::log!("pg_envelope audit (standby, not chained): {}", record_json(&r));
+        }
+        return;
+    }
     let bytes = r.canonical();
     if queued() >= SLOTS as u64 / 4 {
         wake_writer();
@@ -277,6 +288,18 @@ fn push_inner(mut r: Record, error_path: bool) {
     s.len = bytes.len() as u16;
     s.pushed_at = now_ts();
     q.write += 1;
+}
+
+/// A record as one JSON object (the standby's log lines).
+fn record_json(r: &Record) -> String {
+    serde_json::json!({
+        "at_us": r.at_us, "kind": r.kind, "database": r.database, "session_user": r.session_user,
+        "current_role": r.current_role, "client_addr": r.client_addr, "application_name": r.application_name,
+        "backend_pid": r.backend_pid, "statement_id": r.statement_id, "request_id": r.request_id, "tenant": r.tenant,
+        "key_versions": r.key_versions, "operation": r.operation, "value_count": r.value_count,
+        "failure_count": r.failure_count, "outcome": r.outcome, "duration_us": r.duration_us, "detail": r.detail,
+    })
+    .to_string()
 }
 
 /// Up to `max` queued records, oldest first, without removing them; with the position after them.

@@ -130,8 +130,10 @@ fn judge(rows: Vec<Stored>, cps: &[Checkpoint], all_checkpoints: bool) -> Result
     }
     // After a retention the kept records start after a checkpointed record: that checkpoint
     // anchors them. Records missing at the start with no checkpoint there: deleted.
+    // (The newest checkpoint before the first kept record: when it is not the record just before
+    // it, the records in between were deleted, and the report names the first of them.)
     let start = match rows.first() {
-        Some(r) if r.record.seq > 1 => cps.iter().find(|c| c.head.seq == r.record.seq - 1).map(|c| c.head),
+        Some(r) if r.record.seq > 1 => cps.iter().filter(|c| c.head.seq < r.record.seq).max_by_key(|c| c.head.seq).map(|c| c.head),
         _ => None,
     };
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
