@@ -466,3 +466,52 @@ def test_the_per_statement_cap_stops_a_bulk_read(audited):
         finally:
             c.execute("RESET ROLE")
             c.execute("DROP ROLE audit_capped")
+
+
+def test_32_sessions_decrypting_at_once_leave_a_gapless_unbroken_exact_trail(audited):
+    """32 sessions decrypt at once for a minute (PGE_AUDIT_CONCURRENCY_S): one writer, so the
+    sequence is gapless and the chain unbroken, and each session's records add up to exactly
+    the values it decrypted."""
+    import random
+    import threading
+    seconds = float(os.environ.get("PGE_AUDIT_CONCURRENCY_S", "60"))
+    done = {}
+    errors = []
+
+    def session(i):
+        try:
+            with connect(PORT_A, DB) as s:
+                s.execute("SELECT set_config('envelope.request_id', %s, false)", (f"conc-{i}",))
+                s.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
+                rnd = random.Random(i)
+                total = 0
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    lo = rnd.randint(1, 9950)
+                    n = rnd.randint(1, 50)
+                    total += s.execute("SELECT count(v::text) FROM audit_t WHERE id BETWEEN %s AND %s", (lo, lo + n - 1)).fetchone()[0]
+                s.execute("SELECT 1")
+                done[i] = total
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    with connect(PORT_A, DB) as c:
+        start = last_seq(c)
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0, timeout=30)
+        got = dict(c.execute(
+            "SELECT request_id, sum(value_count) FROM envelope.audit_log WHERE seq > %s AND request_id LIKE 'conc-%%' AND kind = 'decrypt' "
+            "GROUP BY request_id", (start,)).fetchall())
+        n, lo, hi = c.execute("SELECT count(*), min(seq), max(seq) FROM envelope.audit_log WHERE seq > %s", (start,)).fetchone()
+        ok = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+        dropped = c.execute("SELECT (envelope.status()->'audit'->>'dropped')::int").fetchone()[0]
+    print(f"{sum(done.values())} values in {n} records by 32 sessions in {seconds:.0f} s")
+    assert hi - lo + 1 == n, "the sequence has a gap"
+    assert ok == (True, None), ok
+    assert {f"conc-{i}": v for i, v in done.items()} == {k: int(v) for k, v in got.items()}
+    assert dropped == 0
