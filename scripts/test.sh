@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is needed (scripts/setup.sh) and runs every test tier:
-#   1. core     pure-Rust unit, vector, golden and property tests (cargo test, no PostgreSQL)
+#   1. core     pure-Rust unit, vector, golden and property tests (cargo test, no PostgreSQL),
+#               and the offline audit verifier's tests (pg_test/unit, pytest, no PostgreSQL)
 #   2. pg_test  #[pg_test]s inside a throwaway PostgreSQL 15 (cargo pgrx test, as postgres)
 #   3. regress  golden SQL (pg_regress) against the project's own cluster on 127.0.0.1:54315
 #   4. integration  real clients and tools (psycopg 3, pgbouncer, pg_dump/pg_restore, logical
@@ -59,6 +60,8 @@ core_tests() {
   cargo test -p pg_envelope_core
   # The providers' own unit tests (option parsing, error classification), still no server.
   cargo test -p pg_envelope_core --features vault,aws,pkcs11,testing --lib
+  # scripts/audit-verify.py against the chain's golden vector and tampered chains.
+  "$PGE_STATE/py-venv/bin/python" -m pytest -q -p no:cacheprovider "$PGE_ROOT/pg_test/unit"
 }
 
 want core && run_tier core core_tests

@@ -1182,13 +1182,19 @@ SELECT pg_catalog.pg_extension_config_dump('audit_checkpoints', '');
 REVOKE ALL ON audit_log, audit_checkpoints, audit_hourly, audit_alerts, audit_canaries FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
 
--- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line,
--- every record from `from_seq` on in sequence order ("type": "record", the hashed fields, and
--- prev_hash/hash in hex), then every checkpoint from from_seq - 1 on ("type": "checkpoint").
---   \copy (SELECT line FROM envelope.audit_export(1)) TO 'audit.jsonl'
--- Reading it is recorded like any read of the audit tables.
+-- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line:
+-- the records from `from_seq` on in sequence order ("type": "record": the hashed fields, and
+-- prev_hash/hash in hex), rounded down to the record after the nearest checkpoint so the export
+-- can be verified from its first line; then every checkpoint from there on ("type":
+-- "checkpoint"); then one trailer ("type": "export": when it was taken, the head, the database).
+--   psql -XAt -c 'SELECT line FROM envelope.audit_export(1)' -o audit.jsonl
+-- (not \copy: COPY's text format doubles backslashes, so a field holding " or \ would break the
+-- JSON). Reading it is recorded like any read of the audit tables.
 CREATE FUNCTION audit_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH s AS (
+        SELECT coalesce((SELECT max(c.seq) + 1 FROM @extschema@.audit_checkpoints c WHERE c.seq < from_seq), 1) AS start
+    )
     SELECT line FROM (
         SELECT 0 AS part, l.seq, json_build_object(
             'type', 'record', 'seq', l.seq, 'at', l.at, 'at_us', l.at_us, 'kind', l.kind, 'database', l.database,
@@ -1198,12 +1204,17 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
             'value_count', l.value_count, 'failure_count', l.failure_count, 'outcome', l.outcome,
             'duration_us', l.duration_us, 'detail', l.detail,
             'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text AS line
-          FROM @extschema@.audit_log l WHERE l.seq >= from_seq
+          FROM @extschema@.audit_log l, s WHERE l.seq >= s.start
         UNION ALL
         SELECT 1, c.seq, json_build_object(
             'type', 'checkpoint', 'seq', c.seq, 'hash', encode(c.hash, 'hex'), 'at', c.at, 'at_us', c.at_us,
             'method', c.method, 'provider', c.provider, 'key_name', c.key_name, 'mac', encode(c.mac, 'hex'))::text
-          FROM @extschema@.audit_checkpoints c WHERE c.seq >= from_seq - 1
+          FROM @extschema@.audit_checkpoints c, s WHERE c.seq >= s.start - 1
+        UNION ALL
+        SELECT 2, 0, json_build_object(
+            'type', 'export', 'from_seq', s.start, 'head_seq', (SELECT max(seq) FROM @extschema@.audit_log),
+            'at_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 'database', current_database())::text
+          FROM s
     ) e ORDER BY part, seq
 $$;
 

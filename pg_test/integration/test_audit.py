@@ -200,7 +200,7 @@ def test_a_burst_of_short_statements_outruns_no_writer(audited):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints MACed inside the key servers.
 
-SERVER_LOG = STATE / "pg15" / "server.log"
+SERVER_LOG = STATE / os.environ.get("PGE_INSTANCE", "pg15") / "server.log"
 BAO = STATE / "openbao"
 MOTO = STATE / "moto"
 

@@ -121,7 +121,17 @@ fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
 fn judge(rows: Vec<Stored>, cps: &[Checkpoint], all_checkpoints: bool) -> Result<Verdict> {
     let newest = cps.iter().max_by_key(|c| (c.head.seq, c.at_us));
     let cp_seq = newest.map(|c| c.head.seq);
-    let to_check: Vec<&Checkpoint> = if all_checkpoints { cps.iter().collect() } else { newest.into_iter().collect() };
+    // The checkpoint the kept records start after (after a retention) is an anchor: its MAC is
+    // always checked too, or a superuser could delete the oldest records and insert a made-up
+    // checkpoint in front of the rest.
+    let anchor_seq = rows.first().filter(|r| r.record.seq > 1).map(|r| r.record.seq);
+    let anchor = anchor_seq.and_then(|first| cps.iter().filter(|c| c.head.seq < first).max_by_key(|c| (c.head.seq, c.at_us)));
+    let mut to_check: Vec<&Checkpoint> = if all_checkpoints { cps.iter().collect() } else { newest.into_iter().collect() };
+    if let Some(a) = anchor {
+        if !all_checkpoints {
+            to_check.push(a);
+        }
+    }
     for c in to_check {
         if !checkpoint_mac_valid(&c.provider, &c.head, c.at_us, c.mac.clone())? {
             let why = format!("the checkpoint at record {} has an invalid MAC (provider {}): forged or altered", c.head.seq, c.provider);

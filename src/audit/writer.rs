@@ -2,7 +2,7 @@
 //! `envelope.audit_log` (the gapless sequence and the hash chain), and checkpoints the chain's
 //! head with a MAC made inside the key server.
 
-use pg_envelope_core::audit::{Chain, Head, Stored};
+use pg_envelope_core::audit::{Chain, Head, Record, Stored};
 use pg_envelope_core::provider::CheckpointMac;
 use pgrx::prelude::*;
 
@@ -95,24 +95,49 @@ impl Writer {
             r.outcome = "dropped".into();
             rows.push((chain.append(r), upto - 1));
         }
+        // One INSERT per batch (arrays unnested), not one per record: the writer keeps up with
+        // thousands of statements a second.
+        let col_i64 = |f: &dyn Fn(&Stored, u64) -> i64| rows.iter().map(|(s, p)| f(s, *p)).collect::<Vec<i64>>();
+        let col_str = |f: &dyn Fn(&Record) -> &str| rows.iter().map(|(s, _)| f(&s.record).to_string()).collect::<Vec<String>>();
+        let col_hash = |f: &dyn Fn(&Stored) -> [u8; 32]| rows.iter().map(|(s, _)| f(s).to_vec()).collect::<Vec<Vec<u8>>>();
+        let args: Vec<pgrx::datum::DatumWithOid> = vec![
+            col_i64(&|s, _| s.record.seq).into(),
+            col_i64(&|s, _| s.record.at_us).into(),
+            col_str(&|r| &r.kind).into(),
+            col_str(&|r| &r.database).into(),
+            col_str(&|r| &r.session_user).into(),
+            col_str(&|r| &r.current_role).into(),
+            col_str(&|r| &r.client_addr).into(),
+            col_str(&|r| &r.application_name).into(),
+            col_i64(&|s, _| s.record.backend_pid).into(),
+            col_i64(&|s, _| s.record.statement_id).into(),
+            col_str(&|r| &r.request_id).into(),
+            col_str(&|r| &r.tenant).into(),
+            col_str(&|r| &r.key_versions).into(),
+            col_str(&|r| &r.operation).into(),
+            col_i64(&|s, _| s.record.value_count).into(),
+            col_i64(&|s, _| s.record.failure_count).into(),
+            col_str(&|r| &r.outcome).into(),
+            col_i64(&|s, _| s.record.duration_us).into(),
+            col_str(&|r| &r.detail).into(),
+            col_hash(&|s| s.prev_hash).into(),
+            col_hash(&|s| s.hash).into(),
+            started.into(),
+            col_i64(&|_, p| p as i64).into(),
+        ];
         Spi::connect_mut(|c| {
-            for (s, pos) in &rows {
-                let r = &s.record;
-                c.update(
-                    "INSERT INTO envelope.audit_log VALUES ($1, pg_catalog.to_timestamp($2::float8 / 1e6), $2, $3, $4, $5, $6, $7, $8,
-                            $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
-                    None,
-                    &[
-                        r.seq.into(), r.at_us.into(), r.kind.as_str().into(), r.database.as_str().into(), r.session_user.as_str().into(),
-                        r.current_role.as_str().into(), r.client_addr.as_str().into(), r.application_name.as_str().into(), r.backend_pid.into(),
-                        r.statement_id.into(), r.request_id.as_str().into(), r.tenant.as_str().into(), r.key_versions.as_str().into(),
-                        r.operation.as_str().into(), r.value_count.into(), r.failure_count.into(), r.outcome.as_str().into(),
-                        r.duration_us.into(), r.detail.as_str().into(), s.prev_hash.to_vec().into(), s.hash.to_vec().into(),
-                        started.into(), (*pos as i64).into(),
-                    ],
-                )
-                .map_err(spi_err)?;
-            }
+            c.update(
+                "INSERT INTO envelope.audit_log
+                 SELECT u.seq, pg_catalog.to_timestamp(u.at_us::float8 / 1e6), u.at_us, u.kind, u.database, u.su, u.role, u.client,
+                        u.app, u.pid, u.stmt, u.req, u.tenant, u.versions, u.op, u.n, u.failures, u.outcome, u.duration, u.detail,
+                        u.prev, u.hash, $22, u.pos
+                   FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]), pg_catalog.unnest($9::int8[]), pg_catalog.unnest($10::int8[]), pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]), pg_catalog.unnest($13::text[]), pg_catalog.unnest($14::text[]), pg_catalog.unnest($15::int8[]), pg_catalog.unnest($16::int8[]), pg_catalog.unnest($17::text[]), pg_catalog.unnest($18::int8[]), pg_catalog.unnest($19::text[]), pg_catalog.unnest($20::bytea[]), pg_catalog.unnest($21::bytea[]), pg_catalog.unnest($23::int8[]))
+                        AS u(seq, at_us, kind, database, su, role, client, app, pid, stmt, req, tenant, versions, op, n, failures,
+                             outcome, duration, detail, prev, hash, pos)",
+                None,
+                &args,
+            )
+            .map_err(spi_err)?;
             Ok::<_, EnvelopeError>(())
         })?;
         self.head = Some(chain.head());
@@ -154,10 +179,12 @@ impl Writer {
         )
         .map_err(spi_err)?;
         pgrx::log!(
-            "pg_envelope audit checkpoint: seq={} hash={} at_us={now} provider={provider} mac={}",
+            "pg_envelope audit checkpoint: seq={} hash={} at_us={now} provider={provider} mac={} database={} key={}",
             head.seq,
             hex(&head.hash),
-            hex(&mac.mac)
+            hex(&mac.mac),
+            crate::gucs::database().unwrap_or_default(),
+            mac.key
         );
         self.checkpointed = Some((head.seq, now));
         let mut q = QUEUE.exclusive();

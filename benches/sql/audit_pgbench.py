@@ -1,0 +1,109 @@
+"""Audit overhead under an OLTP mix: pgbench with two encrypted columns, envelope.audit off and
+on, alternating, in the same run. Not a test.
+
+    $PGE_STATE/py-venv/bin/python benches/sql/audit_pgbench.py [--clients 8] [--seconds 20] [--rounds 3]
+
+The schema (in `postgres`, where the audit writer writes): accounts(id, tenant, balance,
+email envelope.encrypted_text, ssn envelope.encrypted_text), 10,000 rows of one tenant. The
+transaction (a pgbench script): read one account's two encrypted columns, update its balance and
+re-encrypt its email, read another account's email, insert a history row. Every transaction
+decrypts three values and encrypts one: the audit trail gets about two records per transaction
+(one per statement that used a key). Reported: TPS per round and variant, the median on/off
+ratio. The goal (issue 13) is >= 0.95x.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+STATE = Path(os.environ.get("PGE_STATE", "/var/lib/pg_envelope-dev"))
+SOCK = str(STATE / "run")
+PORT = int(os.environ.get("PGE_PORT", "54315"))
+DB = "postgres"
+TENANT = "audit_pgbench"
+BIN = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip())
+
+SCRIPT = f"""\\set a random(1, 10000)
+\\set b random(1, 10000)
+BEGIN;
+SELECT set_config('app.tenant_id', '{TENANT}', true);
+SELECT email::text, ssn::text FROM bench_accounts WHERE id = :a;
+UPDATE bench_accounts SET balance = balance + 1, email = ('user' || :a || '@example.com')::text WHERE id = :a;
+SELECT email::text FROM bench_accounts WHERE id = :b;
+INSERT INTO bench_history (account, at) VALUES (:a, now());
+END;
+"""
+
+
+def connect():
+    return psycopg.connect(host=SOCK, port=PORT, dbname=DB, user="postgres", autocommit=True)
+
+
+def set_audit(c, on):
+    c.execute(f"ALTER SYSTEM SET envelope.audit = {'on' if on else 'off'}")
+    c.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+
+
+def pgbench(script, clients, seconds):
+    p = subprocess.run(
+        ["sudo", "-u", "postgres", str(BIN / "pgbench"), "-h", SOCK, "-p", str(PORT), "-n", "-M", "prepared",
+         "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), "-f", script, DB],
+        capture_output=True, text=True,
+    )
+    if p.returncode != 0:
+        raise SystemExit(f"pgbench failed:\n{p.stderr[-2000:]}")
+    out = p.stdout
+    return float(re.search(r"tps = ([0-9.]+)", out).group(1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    admin = connect()
+    had = admin.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_envelope'").fetchone() is not None
+    admin.execute("CREATE EXTENSION IF NOT EXISTS pg_envelope")
+    if not admin.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (TENANT,)).fetchone():
+        admin.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
+    admin.execute("SELECT envelope.grant_tenant(%s, 'postgres')", (TENANT,))
+    admin.execute("DROP TABLE IF EXISTS bench_accounts, bench_history")
+    admin.execute("CREATE TABLE bench_accounts (id int PRIMARY KEY, balance bigint, email envelope.encrypted_text, ssn envelope.encrypted_text)")
+    admin.execute("CREATE TABLE bench_history (account int, at timestamptz)")
+    admin.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
+    admin.execute("INSERT INTO bench_accounts SELECT g, 0, ('user' || g || '@example.com')::text, lpad(g::text, 9, '0')::text FROM generate_series(1, 10000) g")
+    admin.execute("VACUUM ANALYZE bench_accounts")
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(SCRIPT)
+    os.chmod(f.name, 0o644)
+    tps = {False: [], True: []}
+    try:
+        for r in range(a.rounds):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                set_audit(admin, on)
+                tps[on].append(pgbench(f.name, a.clients, a.seconds))
+                print(f"round {r + 1} audit {'on ' if on else 'off'}: {tps[on][-1]:.1f} tps", flush=True)
+    finally:
+        set_audit(admin, False)
+        admin.execute("ALTER SYSTEM RESET envelope.audit")
+        admin.execute("SELECT pg_reload_conf()")
+        os.unlink(f.name)
+        admin.execute("DROP TABLE IF EXISTS bench_accounts, bench_history")
+        if not had:
+            admin.execute("DROP EXTENSION pg_envelope CASCADE")
+    off, on = statistics.median(tps[False]), statistics.median(tps[True])
+    print(f"pgbench {a.clients} clients x {a.seconds} s x {a.rounds} rounds: audit off {off:.1f} tps, on {on:.1f} tps, "
+          f"on/off {on / off:.3f} (goal >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The audit trail's export verified offline: envelope.audit_export() from a real database (with
+psql's \\copy and with psycopg), then scripts/audit-verify.py with the cluster's local root key
+and its server log must say intact; the exported file tampered with (a field edited, a line
+deleted, the tail dropped, the tail dropped with its checkpoint rows, a checkpoint's MAC forged)
+must be reported at the right record; an export from a later sequence number must start at a
+checkpoint.
+
+Like test_audit.py, the audited work runs in the database the maintenance worker writes the trail
+in (envelope.database: `postgres` on the project's cluster), auditing is turned on with ALTER
+SYSTEM (checkpoints every second) and the database is left as found.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PORT_A, ROOT, SOCK, as_tenant, connect
+
+TENANT = "audit_export_t"
+SCRIPT = ROOT / "scripts" / "audit-verify.py"
+
+
+def wait_until(pred, timeout=20, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def audit_status(c):
+    # envelope.status() reads shared memory, not the audit tables: polling it adds no record.
+    return c.execute("SELECT envelope.status()->'audit'").fetchone()[0]
+
+
+def log_path(c):
+    cur = c.execute("SELECT pg_current_logfile()").fetchone()[0]
+    data = c.execute("SHOW data_directory").fetchone()[0]
+    if cur:
+        return Path(cur) if cur.startswith("/") else Path(data) / cur
+    # scripts/cluster.sh: pg_ctl -l $PGE_STATE/$PGE_INSTANCE/server.log, next to the data directory.
+    return Path(data).parent / "server.log"
+
+
+def verify(export, *extra):
+    """Runs the script; returns (exit status, its JSON verdict)."""
+    p = subprocess.run([sys.executable, str(SCRIPT), str(export), "--json", *map(str, extra)], capture_output=True, text=True, timeout=120)
+    try:
+        verdict = json.loads(p.stdout)
+    except ValueError:
+        raise AssertionError(f"no JSON from audit-verify (exit {p.returncode}): {p.stdout}\n{p.stderr}") from None
+    return p.returncode, verdict
+
+
+def export_psycopg(c, path, from_seq=1):
+    lines = [r[0] for r in c.execute("SELECT line FROM envelope.audit_export(%s)", (from_seq,))]
+    path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+    return lines
+
+
+def export_psql(db, path, from_seq=1):
+    subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", SOCK, "-p", str(PORT_A), "-U", "postgres", "-d", db,
+         "-c", f"\\copy (SELECT line FROM envelope.audit_export({int(from_seq)})) TO '{path}'"],
+        check=True, capture_output=True, text=True, env=dict(os.environ, PGCLIENTENCODING="UTF8"),
+    )
+
+
+@pytest.fixture(scope="module")
+def trail(tmp_path_factory):
+    """An audited trail in envelope.database with checkpoints every second, exported twice; the
+    root key file and the server log lines written during the test."""
+    tmp = tmp_path_factory.mktemp("audit_export")
+    with connect(PORT_A) as c:
+        db = c.execute("SHOW envelope.database").fetchone()[0]
+    with connect(PORT_A, db) as c:
+        had = c.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_envelope'").fetchone() is not None
+        log = log_path(c)
+        log_start = log.stat().st_size if log.exists() else 0
+        start_us = int(time.time() * 1_000_000)
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_envelope")
+        try:
+            if c.execute("SELECT to_regprocedure('envelope.audit_export(bigint)')").fetchone()[0] is None:
+                pytest.fail(f"pg_envelope in database {db} has no envelope.audit_export (an older install: ALTER EXTENSION pg_envelope UPDATE)")
+            provider = c.execute("SHOW envelope.audit_checkpoint_provider").fetchone()[0] or "local"
+            kind = c.execute("SELECT kind FROM envelope.key_providers WHERE name = %s", (provider,)).fetchone()
+            root_key = c.execute("SHOW envelope.local_root_key_file").fetchone()[0]
+            if not c.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (TENANT,)).fetchone():
+                c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
+            c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
+            c.execute("DROP TABLE IF EXISTS audit_export_t")
+            c.execute("CREATE TABLE audit_export_t (id int, v envelope.encrypted_text)")
+            with as_tenant(c, TENANT):
+                c.execute("INSERT INTO audit_export_t SELECT g, ('v' || g)::text FROM generate_series(1, 200) g")
+            assert wait_until(lambda: c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1)
+            c.execute("ALTER SYSTEM SET envelope.audit = on")
+            c.execute("ALTER SYSTEM SET envelope.audit_checkpoint_interval = 1")
+            c.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+            # Records in several batches and checkpoints: statements in bursts, a pause between.
+            c.execute("SET envelope.request_id = 'audit-export'")
+            for burst in range(4):
+                for i in range(8):
+                    with as_tenant(c, TENANT):
+                        c.execute("SELECT count(v::text) FROM audit_export_t WHERE id <= %s", (burst * 8 + i + 1,))
+                time.sleep(1.2)
+            # Everything written and checkpointed: the queue empty, the newest checkpoint settled.
+            assert wait_until(lambda: audit_status(c)["queued"] == 0)
+            last = [None]
+
+            def settled():
+                s = audit_status(c)["last_checkpoint_seq"]
+                same, last[0] = s is not None and s == last[0], s
+                return same
+
+            assert wait_until(settled, timeout=30, step=1.5), audit_status(c)
+            ok = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok == (True, None), ok
+            # The export's time: log checkpoints made later certify records the export cannot have.
+            until_us = int(time.time() * 1_000_000)
+            raw = export_psycopg(c, tmp / "psycopg.jsonl")
+            export_psql(db, tmp / "psql.jsonl")
+            # The log lines written during this test (earlier ones may be another chain's).
+            if log.exists():
+                with open(log, "rb") as f:
+                    f.seek(log_start)
+                    (tmp / "server.log").write_bytes(f.read())
+            else:
+                (tmp / "server.log").write_bytes(b"")
+            yield {
+                "db": db, "tmp": tmp, "raw": raw, "provider": provider, "kind": kind[0] if kind else None, "root_key": root_key,
+                "log": tmp / "server.log", "start_us": start_us, "until_us": until_us,
+            }
+        finally:
+            c.execute("ALTER SYSTEM RESET envelope.audit")
+            c.execute("ALTER SYSTEM RESET envelope.audit_checkpoint_interval")
+            c.execute("SELECT pg_reload_conf()")
+            c.execute("DROP TABLE IF EXISTS audit_export_t")
+            if not had:
+                c.execute("DROP EXTENSION pg_envelope CASCADE")
+
+
+def mac_options(trail):
+    if trail["kind"] != "local":
+        pytest.skip(f"checkpoints are made by provider {trail['provider']} ({trail['kind']}); this test verifies local MACs")
+    if not trail["root_key"] or not os.access(trail["root_key"], os.R_OK):
+        pytest.skip(f"the root key file {trail['root_key']!r} is not readable here (the test runs as root)")
+    return ["--local-root-key", trail["root_key"]]
+
+
+def parts(lines):
+    recs = [json.loads(ln) for ln in lines if json.loads(ln)["type"] == "record"]
+    cps = [json.loads(ln) for ln in lines if json.loads(ln)["type"] == "checkpoint"]
+    return recs, cps
+
+
+def dump(path, objs):
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs), encoding="utf-8")
+    return path
+
+
+def test_the_export_verifies_offline_with_its_macs_and_the_log(trail):
+    opts = mac_options(trail)
+    recs, cps = parts(trail["raw"])
+    assert len(recs) >= 10 and cps, (len(recs), len(cps))
+    log = ["--log", trail["log"], "--log-until", trail["until_us"]]
+    for name in ("psycopg.jsonl", "psql.jsonl"):
+        code, v = verify(trail["tmp"] / name, *opts, *log)
+        assert (code, v["status"], v["first_break"]) == (0, "intact", None), (name, v)
+        if name == "psycopg.jsonl":
+            assert v["head_seq"] == recs[-1]["seq"] and v["checkpoint_seq"] == max(c["seq"] for c in cps), v
+        else:  # taken just after (it may hold the first export's own audit_read record)
+            assert v["head_seq"] >= recs[-1]["seq"] and v["checkpoint_seq"] >= max(c["seq"] for c in cps), v
+        # Every local checkpoint verified with the root key (others, e.g. a Transit provider an
+        # earlier test used, are reported as not checked), none invalid.
+        assert v["mac_counts"]["invalid"] == 0 and v["mac_counts"]["error"] == 0, v
+        assert all(c["mac"] == "verified" for c in v["checkpoints"] if c["kind"] == "local"), v["checkpoints"]
+        assert sum(1 for c in v["checkpoints"] if c["mac"] == "verified" and c["in_export"]) >= 1, v
+        # Every checkpoint of the export made during the test is also in the log (the copy
+        # outside the table), up to --log-until.
+        during = [c for c in v["checkpoints"] if c["in_export"] and trail["start_us"] <= c["at_us"] <= trail["until_us"]]
+        assert during and all(c["in_log"] for c in during), v["checkpoints"]
+    # The human summary, and nothing secret in it.
+    p = subprocess.run([sys.executable, str(SCRIPT), str(trail["tmp"] / "psql.jsonl"), *map(str, opts + log)], capture_output=True, text=True)
+    assert p.returncode == 0 and "INTACT" in p.stdout, p.stdout + p.stderr
+    key = Path(trail["root_key"]).read_bytes()
+    assert key.hex() not in p.stdout and key.strip().decode("latin-1") not in p.stdout
+
+
+def test_tampered_exports_are_reported_at_their_record(trail):
+    opts = mac_options(trail)
+    tmp = trail["tmp"]
+    recs, cps = parts(trail["raw"])
+    newest = max(c["seq"] for c in cps)
+    # The kept records (after a prune by an earlier test they start later than 1) up to the
+    # newest checkpoint: one in the middle of them is tampered with.
+    covered = [k for k, r in enumerate(recs) if r["seq"] < newest - 3]
+    assert len(covered) >= 4, (recs[0]["seq"], newest)
+    i = covered[len(covered) // 2]
+    mid = recs[i]["seq"]
+    log = ["--log", trail["log"], "--log-until", trail["until_us"]]
+
+    edited = [dict(r) for r in recs]
+    edited[i]["value_count"] += 1
+    code, v = verify(dump(tmp / "edit.jsonl", edited + cps), *opts)
+    assert (code, v["first_break"]) == (1, f"record {mid} does not match its hash: altered"), v
+
+    deleted = recs[:i] + recs[i + 1:]
+    code, v = verify(dump(tmp / "delete.jsonl", deleted + cps), *opts)
+    assert (code, v["first_break"]) == (1, f"record {mid} is missing (the next record is {mid + 1}): deleted"), v
+
+    cut = [r for r in recs if r["seq"] < newest - 2]
+    code, v = verify(dump(tmp / "tail.jsonl", cut + cps), *opts)
+    expected = f"the chain ends at record {newest - 3}, before the checkpoint at record {newest}: truncated"
+    assert (code, v["first_break"]) == (1, expected), v
+
+    # The tail dropped with the checkpoint rows that certified it: the log's copies catch it.
+    kept = [c for c in cps if c["seq"] < newest - 2]
+    code, v = verify(dump(tmp / "tail-and-checkpoints.jsonl", cut + kept), *opts)
+    assert code == 0, ("without the log the cut is invisible", v)
+    code, v = verify(tmp / "tail-and-checkpoints.jsonl", *opts, *log)
+    assert (code, v["first_break"]) == (1, expected), v
+
+    # A checkpoint's MAC forged in the export.
+    forged = [dict(c) for c in cps]
+    forged[-1]["mac"] = "00" * 32
+    code, v = verify(dump(tmp / "forged.jsonl", recs + forged), *opts)
+    assert code == 1 and f"the checkpoint at record {forged[-1]['seq']} has an invalid MAC" in v["first_break"], v
+
+
+def test_an_export_from_a_later_record_starts_at_a_checkpoint(trail):
+    opts = mac_options(trail)
+    recs, cps = parts(trail["raw"])
+    seqs = sorted({c["seq"] for c in cps})
+    head = recs[-1]["seq"]
+    first = recs[0]["seq"]
+    with connect(PORT_A, trail["db"]) as c:
+        anchored = next((s for s in seqs if first <= s < head), None)
+        assert anchored is not None, seqs
+        export_psql(trail["db"], trail["tmp"] / "from.jsonl", anchored + 1)
+        code, v = verify(trail["tmp"] / "from.jsonl", *opts)
+        assert (code, v["anchor_seq"], v["first_seq"]) == (0, anchored, anchored + 1), v
+        # From a record no checkpoint precedes: the start is not anchored.
+        loose = next((s for s in range(first + 1, head + 1) if s - 1 not in seqs), None)
+        if loose is None:
+            pytest.skip(f"every record of {first}..{head} was checkpointed: no unanchored start to try")
+        export_psycopg(c, trail["tmp"] / "loose.jsonl", loose)
+    # The export rounds the start down to the record after the nearest checkpoint: verifiable.
+    code, v = verify(trail["tmp"] / "loose.jsonl", *opts)
+    below = max((s for s in seqs if s < loose), default=None)
+    assert (code, v["first_seq"]) == (0, below + 1 if below is not None else first), v
+    # A file cut at `loose` by hand (its leading records and their checkpoints removed) is not
+    # anchored: the verifier says so.
+    lines = (trail["tmp"] / "loose.jsonl").read_text().splitlines()
+    cut = [l for l in lines if not ((o := json.loads(l))["type"] == "record" and o["seq"] < loose)
+           and not (o["type"] == "checkpoint" and o["seq"] < loose - 1 + (1 if (loose - 1) not in seqs else 0))]
+    (trail["tmp"] / "cut.jsonl").write_text("\n".join(cut) + "\n")
+    code, v = verify(trail["tmp"] / "cut.jsonl", *opts)
+    assert (code, v["anchored"]) == (1, False), v
+    assert f"the export starts at record {loose} and no checkpoint at record {loose - 1} anchors it" in v["hint"], v
