@@ -131,8 +131,9 @@ REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
 --   psql -XAt -c 'SELECT line FROM envelope.audit_export(1)' -o audit.jsonl
 -- (not \copy: COPY's text format doubles backslashes, so a field holding " or \ would break the
 -- JSON). Reading it is recorded like any read of the audit tables.
+-- VOLATILE: it reads the clock for its trailer, and every call is a recorded read.
 CREATE FUNCTION audit_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     WITH s AS (
         SELECT coalesce((SELECT max(c.seq) + 1 FROM @extschema@.audit_checkpoints c WHERE c.seq < from_seq), 1) AS start
     )

@@ -180,6 +180,33 @@ def test_writer_gone_fails_closed_then_records_everything(audited):
     assert [r[3:6] for r in rows] == [(4, 0, "ok"), (1, 1, "57P03"), (4, 0, "ok")], rows
 
 
+def test_writer_killed_and_restarted_by_the_postmaster_loses_nothing(audited):
+    """The worker ends (SIGTERM, as an administrator or an OOM-kill of a bgworker that exits
+    would): key use fails closed once records wait longer than audit_max_delay, the postmaster
+    starts the worker again (bgw_restart_time 10 s), and it writes every queued record, the
+    refusal included, once."""
+    with connect(PORT_A, DB) as c:
+        set_audit(c, True, audit_max_delay=2)
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'writer-killed'")
+        pid = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0]
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0)
+        with as_tenant(c, TENANT):
+            c.execute("SELECT count(v::text) FROM audit_t WHERE id < 7")   # queued while no writer runs
+        time.sleep(2.5)
+        with pytest.raises(psycopg.Error) as e:
+            with as_tenant(c, TENANT):
+                c.execute("SELECT count(v::text) FROM audit_t WHERE id < 7")
+        assert e.value.sqlstate == "57P03"
+        assert wait_until(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1, timeout=30)
+        with as_tenant(c, TENANT):
+            assert c.execute("SELECT count(v::text) FROM audit_t WHERE id < 7").fetchone()[0] == 6
+        set_audit(c, True, audit_max_delay=10)
+        rows = records_after(c, start, "writer-killed")
+    assert [r[3:6] for r in rows if r[0] == "decrypt"] == [(6, 0, "ok"), (1, 1, "57P03"), (6, 0, "ok")], rows
+
+
 def test_a_burst_of_short_statements_outruns_no_writer(audited):
     """More single-value statements than the queue holds, as fast as one client sends them:
     backends wake the writer as the queue fills and wait for room, so none is refused and every

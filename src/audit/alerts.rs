@@ -249,16 +249,23 @@ fn load_canaries() -> std::collections::HashMap<[u8; 24], String> {
 
 /// After a successful decryption with auditing on: a canary's nonce pushes a `canary` record
 /// (the writer raises the alert) and logs a line (server log only: the client sees nothing).
+#[inline]
 pub fn check_canary(envelope: &[u8], tenant: Option<&str>) {
+    // The common case, no canary in this database: one thread-local check per value.
+    let none = CANARIES.with(|c| c.try_borrow().map(|m| m.as_ref().is_some_and(|m| m.is_empty())).unwrap_or(true));
+    if none {
+        return;
+    }
+    check_canary_slow(envelope, tenant);
+}
+
+#[cold]
+fn check_canary_slow(envelope: &[u8], tenant: Option<&str>) {
     let Ok(env) = pg_envelope_core::Envelope::parse(envelope) else { return };
     let label = CANARIES.with(|c| {
-        let mut c = c.borrow_mut();
+        let Ok(mut c) = c.try_borrow_mut() else { return None };
         let m = c.get_or_insert_with(load_canaries);
-        if m.is_empty() {
-            None
-        } else {
-            m.get(env.nonce).cloned()
-        }
+        m.get(env.nonce).cloned()
     });
     let Some(label) = label else { return };
     super::prime_session();

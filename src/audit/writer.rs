@@ -70,6 +70,11 @@ impl Writer {
             let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
             if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns).to_u32() }
         };
+        if relid == 0 {
+            return Err(EnvelopeError::Internal(
+                "audit: envelope.audit_log does not exist in envelope.database (pg_envelope there is older than 0.2.0: ALTER EXTENSION pg_envelope UPDATE)".into(),
+            ));
+        }
         if relid != self.relid {
             self.head = None;
             self.checkpointed = None;

@@ -1,0 +1,72 @@
+-- The audit trail's SQL surface (issue 13), with envelope.audit off in this cluster (the writer
+-- and the chain are exercised by pg_test/integration/test_audit.py): who may call what, the
+-- append-only tables, bad input, the per-statement cap.
+SET client_min_messages = warning;
+SELECT envelope.create_tenant('au_a') > 0 AS a;
+SELECT envelope.grant_tenant('au_a', current_user);
+CREATE TABLE au (id int, v envelope.encrypted_text);
+SET app.tenant_id = 'au_a';
+INSERT INTO au SELECT g, ('value ' || g)::text FROM generate_series(1, 20) g;
+
+-- Nothing of the trail is open to PUBLIC: reading, verifying, exporting, pruning, canaries.
+SET ROLE regress_other;
+SELECT sqlstate_of($$SELECT * FROM envelope.audit_log$$) AS log_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_checkpoints$$) AS checkpoints_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_alerts$$) AS alerts_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_hourly$$) AS hourly_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_canaries$$) AS canaries_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_events$$) AS events_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_verify()$$) AS verify_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_export(1)$$) AS export_public,
+       sqlstate_of($$SELECT envelope.audit_prune('1 day')$$) AS prune_public,
+       sqlstate_of($$SELECT envelope.add_canary('\x00', 'x')$$) AS canary_public,
+       sqlstate_of($$SELECT envelope.drop_canary('x')$$) AS drop_canary_public,
+       sqlstate_of($$SET envelope.max_decrypts_per_statement = 0$$) AS cap_not_settable;
+RESET ROLE;
+
+-- Append-only: UPDATE, DELETE and TRUNCATE refused to everyone, the superuser included (a row
+-- made up by hand, in a transaction rolled back; audit_verify reports it: it is not in the chain).
+BEGIN;
+INSERT INTO envelope.audit_log VALUES (1, now(), 0, 'decrypt', 'db', 'u', 'u', '', '', 0, 0, '', 't', '', 'decrypt',
+       1, 0, 'ok', 0, '', '\x00'::bytea, '\x00'::bytea, 0, 0);
+SELECT ok, first_break FROM envelope.audit_verify() AS made_up_row;
+SELECT sqlstate_of($$UPDATE envelope.audit_log SET detail = 'x'$$) AS update_log,
+       sqlstate_of($$DELETE FROM envelope.audit_log$$) AS delete_log;
+ROLLBACK;
+SELECT sqlstate_of($$UPDATE envelope.audit_log SET detail = 'x'$$) AS update_log,
+       sqlstate_of($$DELETE FROM envelope.audit_log$$) AS delete_log,
+       sqlstate_of($$TRUNCATE envelope.audit_log$$) AS truncate_log,
+       sqlstate_of($$TRUNCATE envelope.audit_checkpoints$$) AS truncate_checkpoints,
+       sqlstate_of($$TRUNCATE envelope.audit_alerts$$) AS truncate_alerts;
+-- The one deletion path is audit_prune; an empty trail has nothing to prune.
+SELECT envelope.audit_prune('0 seconds') AS pruned_nothing;
+SELECT ok, records_checked, first_break FROM envelope.audit_verify() AS empty_chain_verifies;
+SELECT count(*) = 1 AS export_has_its_trailer,
+       bool_and(line::jsonb ->> 'type' = 'export') AS only_the_trailer
+  FROM envelope.audit_export(1);
+
+-- Canaries: a value that is not an envelope is refused; a real one is registered once.
+SELECT sqlstate_of($$SELECT envelope.add_canary('\x0001', 'bad')$$) AS canary_not_an_envelope;
+CREATE TABLE au_decoy AS SELECT envelope.encrypt_field('decoy value') AS c;
+SELECT envelope.add_canary((SELECT c FROM au_decoy), 'decoy 7') AS added;
+SELECT envelope.add_canary((SELECT c FROM au_decoy), 'decoy 7 again') AS added_again;
+SELECT envelope.decrypt_field(c) AS canary_still_decrypts FROM au_decoy;
+SELECT envelope.drop_canary('decoy 7') AS dropped, envelope.drop_canary('decoy 7') AS dropped_again;
+DROP TABLE au_decoy;
+
+-- The per-statement cap (0: off): the statement that passes it fails with 54000.
+SET envelope.max_decrypts_per_statement = 10;
+SELECT count(v::text) AS ten_allowed FROM au WHERE id <= 10;
+SELECT sqlstate_of($$SELECT count(v::text) FROM au$$) AS eleven_refused;
+SELECT count(v::text) AS next_statement_counts_again FROM au WHERE id <= 10;
+RESET envelope.max_decrypts_per_statement;
+SELECT count(v::text) AS uncapped FROM au;
+
+-- Settings a session cannot change: auditing, fail-closed, the checkpoint provider, alerts.
+SELECT sqlstate_of($$SET envelope.audit = off$$) AS audit_not_per_session,
+       sqlstate_of($$SET envelope.audit_fail_closed = off$$) AS fail_closed_not_per_session,
+       sqlstate_of($$SET envelope.audit_checkpoint_provider = 'x'$$) AS provider_not_per_session,
+       sqlstate_of($$SET envelope.alert_hours = '8-19'$$) AS alert_hours_not_per_session;
+RESET app.tenant_id;
+DROP TABLE au;
+RESET client_min_messages;
