@@ -483,6 +483,29 @@ CREATE  FUNCTION "audit_verify"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'audit_verify_wrapper';
+CREATE  FUNCTION "audit_prune"(
+	"older_than" interval /* pgrx :: datum :: Interval */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'audit_prune_wrapper';
+CREATE  FUNCTION "audit_prune_in_progress"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'audit_prune_in_progress_wrapper';
+CREATE  FUNCTION "add_canary"(
+	"value" bytea, /* & [u8] */
+	"label" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'add_canary_wrapper';
+CREATE  FUNCTION "drop_canary"(
+	"label" TEXT /* & str */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'drop_canary_wrapper';
 -- sql/lifecycle.sql as of 0.2.0:
 -- Key lifecycle (src/lifecycle.rs). key_version(value): the data key version in a stored value's
 -- header (no key, no grant); one C function for bytea and every encrypted type. IMMUTABLE: it
