@@ -102,6 +102,21 @@ impl Row {
 /// epoch move would cache pre-revocation state under the new epoch (issue 10, item 1). The
 /// caller reads the epoch *before* calling this, so what it caches is never older than the epoch
 /// it records. Must run inside `Spi::connect`.
+/// The snapshot key and grant lookups read under: the latest one, so a revocation committed
+/// after this transaction's snapshot is seen at every isolation level. Inside a parallel query
+/// PostgreSQL allows no new snapshot: under READ COMMITTED the statement's own snapshot is used
+/// there (a revocation committed before the statement started is seen; one committed while it
+/// runs takes effect at the next statement); under REPEATABLE READ and SERIALIZABLE the lookup
+/// keeps failing (PostgreSQL's "cannot update SecondarySnapshot during a parallel operation"):
+/// the transaction snapshot could predate a revocation, so that case fails closed.
+unsafe fn snapshot_for_keys() -> pg_sys::Snapshot {
+    if pg_sys::IsInParallelMode() && pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32 && pg_sys::ActiveSnapshotSet() {
+        pg_sys::GetActiveSnapshot()
+    } else {
+        pg_sys::GetLatestSnapshot()
+    }
+}
+
 pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl FnMut(&Row) -> Result<R>) -> Result<Vec<R>> {
     use pgrx::IntoDatum;
     let mut types: Vec<pg_sys::Oid> = Vec::with_capacity(args.len());
@@ -126,7 +141,7 @@ pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl Fn
             plan,
             values.as_mut_ptr(),
             nulls.as_ptr(),
-            pg_sys::GetLatestSnapshot(),
+            snapshot_for_keys(),
             std::ptr::null_mut(),
             true,
             false,

@@ -254,6 +254,7 @@ fn audit_step(writer: &mut crate::audit::Writer) {
         });
         match r {
             Ok(Ok((n, upto))) => {
+                writer.committed();
                 crate::audit::consumed(upto);
                 if n < 500 {
                     break;

@@ -542,3 +542,39 @@ def test_32_sessions_decrypting_at_once_leave_a_gapless_unbroken_exact_trail(aud
     assert ok == (True, None), ok
     assert {f"conc-{i}": v for i, v in done.items()} == {k: int(v) for k, v in got.items()}
     assert dropped == 0
+
+
+def test_a_row_slipped_in_by_a_superuser_hides_nothing_and_is_reported(audited):
+    """A superuser holds the table, adds a row at the next sequence number (INSERT is not
+    blocked by the triggers) while a decryption's record waits in the queue: the writer's insert
+    collides, it re-reads the head, records a `tamper` record naming both heads, and still writes
+    the waiting record (the table never tells it which queued records to skip)."""
+    with connect(PORT_A, DB) as c, connect(PORT_A, DB) as app:
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        c.execute("BEGIN")
+        c.execute("LOCK envelope.audit_log IN EXCLUSIVE MODE")
+        nxt = c.execute("SELECT max(seq) + 1 FROM envelope.audit_log").fetchone()[0]
+        app.execute("SET envelope.request_id = 'hidden?'")
+        with as_tenant(app, TENANT):
+            app.execute("SELECT count(v::text) FROM audit_t WHERE id <= 9")
+        c.execute("INSERT INTO envelope.audit_log SELECT %s, at, at_us, kind, database, session_user_name, role_name, client_addr, "
+                  "application_name, backend_pid, statement_id, 'forged', tenant, key_versions, operation, value_count, failure_count, "
+                  "outcome, duration_us, detail, hash, sha256(hash), server_started_at, queue_pos + 100 "
+                  "FROM envelope.audit_log WHERE seq = %s - 1", (nxt, nxt))
+        time.sleep(0.5)     # the writer tries, and waits for the lock
+        c.execute("COMMIT")
+        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE request_id = 'hidden?' AND kind = 'decrypt'").fetchone()[0] == 1)
+        tamper = c.execute("SELECT detail FROM envelope.audit_log WHERE kind = 'tamper' AND seq > %s", (nxt,)).fetchall()
+        assert len(tamper) == 1 and "changed outside the writer" in tamper[0][0], tamper
+        ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+        assert ok is False and f"record {nxt}" in brk, brk
+        # Put the trail back for the other tests: the forged row and what follows it go (as a
+        # superuser with the triggers off), and the writer starts over from the head before it.
+        c.execute("BEGIN")
+        c.execute("ALTER TABLE envelope.audit_log DISABLE TRIGGER USER")
+        c.execute("DELETE FROM envelope.audit_log WHERE seq >= %s", (nxt,))
+        c.execute("ALTER TABLE envelope.audit_log ENABLE TRIGGER USER")
+        c.execute("ALTER TABLE envelope.audit_checkpoints DISABLE TRIGGER USER")
+        c.execute("DELETE FROM envelope.audit_checkpoints WHERE seq >= %s", (nxt,))
+        c.execute("ALTER TABLE envelope.audit_checkpoints ENABLE TRIGGER USER")
+        c.execute("COMMIT")

@@ -252,11 +252,30 @@ fn load_canaries() -> std::collections::HashMap<[u8; 24], String> {
 #[inline]
 pub fn check_canary(envelope: &[u8], tenant: Option<&str>) {
     // The common case, no canary in this database: one thread-local check per value.
-    let none = CANARIES.with(|c| c.try_borrow().map(|m| m.as_ref().is_some_and(|m| m.is_empty())).unwrap_or(true));
-    if none {
+    let state = CANARIES.with(|c| c.try_borrow().map(|m| m.as_ref().map(|m| m.is_empty())).unwrap_or(Some(true)));
+    match state {
+        Some(true) => {}
+        Some(false) => check_canary_slow(envelope, tenant),
+        // Not loaded yet: loaded here outside parallel mode (a query cannot run there); the
+        // executor hook loads it before a parallel plan starts (see preload_canaries).
+        None if !unsafe { pg_sys::IsInParallelMode() } => check_canary_slow(envelope, tenant),
+        None => {}
+    }
+}
+
+/// From the executor hook, before a plan runs (never in parallel mode): loads this backend's
+/// canaries if they are not loaded, so parallel workers' leader and serial plans check them.
+pub fn preload_canaries() {
+    if unsafe { pg_sys::IsInParallelMode() } || !unsafe { pg_sys::IsTransactionState() } {
         return;
     }
-    check_canary_slow(envelope, tenant);
+    CANARIES.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            if c.is_none() {
+                *c = Some(load_canaries());
+            }
+        }
+    });
 }
 
 #[cold]

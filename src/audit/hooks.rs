@@ -102,6 +102,8 @@ fn audit_rels() -> Option<[u32; 4]> {
 }
 
 fn remember_role() {
+    super::prime_session();
+    super::alerts::preload_canaries();
     let role = crate::nothrow::current_user_id();
     ROLE.with(|r| {
         let mut r = r.borrow_mut();

@@ -47,6 +47,13 @@ pub struct Queue {
     pub checkpoint_seq: i64,
     pub checkpointed_at: i64,
     pub checkpoint_failed_at: i64,
+    /// 5 ms waits of backends for room in a full queue (back-pressure from a slow writer).
+    pub waits: u64,
+    /// The chain head the writer last committed in this server run (and the table's oid): a
+    /// table that ends elsewhere was changed by someone else.
+    pub head_seq: i64,
+    pub head_hash: [u8; 32],
+    pub head_relid: u32,
 }
 
 unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
@@ -129,7 +136,7 @@ pub fn health() -> std::result::Result<(), String> {
         wait_for_room();
     }
     let q = QUEUE.share();
-    if q.write - q.read >= SLOTS as u64 {
+    if q.write.saturating_sub(q.read) >= SLOTS as u64 {
         return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer)"));
     }
     if q.write > q.read {
@@ -225,7 +232,7 @@ pub fn record_setting_changes(before: &[String]) {
 
 fn queued() -> u64 {
     let q = QUEUE.share();
-    q.write - q.read
+    q.write.saturating_sub(q.read)
 }
 
 /// A full queue: wake the writer and wait for room, up to one second (a burst of short
@@ -236,6 +243,7 @@ fn wait_for_room() -> bool {
             return true;
         }
         wake_writer();
+        QUEUE.exclusive().waits += 1;
         unsafe { pg_sys::pg_usleep(5_000) };
         // Not at a transaction's end (an ERROR there would nest in the abort).
         if !AT_END.with(|e| e.get()) {
@@ -275,7 +283,7 @@ fn push_inner(mut r: Record, error_path: bool) {
         }
     }
     let mut q = QUEUE.exclusive();
-    if q.write - q.read >= SLOTS as u64 || bytes.len() > SLOT_BYTES {
+    if q.write.saturating_sub(q.read) >= SLOTS as u64 || bytes.len() > SLOT_BYTES {
         q.dropped += 1;
         drop(q);
         if !error_path {
@@ -305,7 +313,7 @@ fn record_json(r: &Record) -> String {
 /// Up to `max` queued records, oldest first, without removing them; with the position after them.
 pub fn peek(max: usize) -> (Vec<Record>, u64, u64) {
     let q = QUEUE.share();
-    let n = ((q.write - q.read) as usize).min(max);
+    let n = ((q.write.saturating_sub(q.read)) as usize).min(max);
     let mut out = Vec::with_capacity(n);
     let mut bad = 0;
     for k in 0..n as u64 {
@@ -336,11 +344,15 @@ pub enum Op {
     Decrypt,
 }
 
+const MAX_ENTRIES: usize = 16;
+
 struct Entry {
     op: Op,
     tenant: String,
     role: pg_sys::Oid,
     role_name: String,
+    application_name: String,
+    request_id: String,
     versions: Vec<u32>,
     count: i64,
     failures: i64,
@@ -386,17 +398,30 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             Some(e) if e.op == op && e.role == role && e.tenant == tenant => Some(0),
             _ => a.entries.iter().position(|e| e.op == op && e.role == role && e.tenant == tenant),
         };
+        // At most MAX_ENTRIES aggregates per statement: past that (a statement that tries one
+        // made-up tenant per value to flood the queue), the rest share one entry, tenant "*".
+        let (hit, tenant) = match hit {
+            None if a.entries.len() >= MAX_ENTRIES => {
+                (a.entries.iter().position(|e| e.op == op && e.role == role && e.tenant == "*"), "*")
+            }
+            h => (h, tenant),
+        };
         let e = match hit {
             Some(i) => &mut a.entries[i],
             None => {
                 // Names are resolved now, not at the flush: that may run in an aborted
                 // transaction, where the catalog cannot be read.
                 prime_session();
+                let setting = |name: &std::ffi::CStr| crate::nothrow::config_option(name).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
                 a.entries.push(Entry {
                     op,
                     tenant: tenant.to_string(),
                     role,
                     role_name: crate::backend::role_name(role),
+                    // As they are when the keys are used, not when the record is flushed (a later
+                    // SET LOCAL in the same transaction must not relabel it).
+                    application_name: setting(c"application_name"),
+                    request_id: setting(c"envelope.request_id"),
                     versions: Vec::new(),
                     count: 0,
                     failures: 0,
@@ -449,6 +474,8 @@ fn flush_acc(a: &mut Acc) {
             e.role_name,
         );
         r.at_us = pg_to_unix_us(e.first_ts);
+        r.application_name = e.application_name;
+        r.request_id = e.request_id;
         r.statement_id = statement_id;
         r.tenant = e.tenant;
         r.key_versions = e.versions.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -476,6 +503,15 @@ thread_local! {
 pub fn key_op(operation: &str, tenant: &str, detail: &str, immediate: bool) {
     if !enabled() {
         return;
+    }
+    // Fail closed for key management too (a lockdown and its lifting excepted: an emergency
+    // measure must work while the trail is down; they are recorded once it is back). And no
+    // PREPARE TRANSACTION: the record's outcome would be decided later, out of our sight.
+    if !matches!(operation, "lockdown" | "lift_lockdown") {
+        if let Err(e) = check_can_record() {
+            e.raise();
+        }
+        crate::backend::refuse_prepare();
     }
     prime_session();
     let mut r = base_record("key_op", crate::backend::role_name(crate::nothrow::current_user_id()));
@@ -535,7 +571,7 @@ thread_local! {
 }
 
 /// Reads the session's database, login and client once (catalog access: in a live transaction).
-fn prime_session() {
+pub(crate) fn prime_session() {
     SESSION.with(|s| {
         s.borrow_mut().get_or_insert_with(|| unsafe {
                 let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);
@@ -544,7 +580,8 @@ fn prime_session() {
                 let client = pgrx::direct_function_call::<pgrx::Inet>(pg_sys::inet_client_addr, &[])
                     .map(|i| i.0)
                     .unwrap_or_else(|| if pg_sys::MyProcPort.is_null() { "[internal]".into() } else { "[local]".into() });
-                (db, crate::backend::role_name(pg_sys::GetSessionUserId()), client)
+                // The authenticated login: SET SESSION AUTHORIZATION cannot hide who connected.
+                (db, crate::backend::role_name(pg_sys::GetAuthenticatedUserId()), client)
         });
     });
 }
@@ -572,9 +609,9 @@ pub fn status_json() -> serde_json::Value {
     if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
         return serde_json::json!({ "enabled": false });
     }
-    let (queued, dropped, drained_at, checkpoint_seq, checkpointed_at, checkpoint_failed_at) = {
+    let (queued, dropped, drained_at, checkpoint_seq, checkpointed_at, checkpoint_failed_at, waits) = {
         let q = QUEUE.share();
-        (q.write - q.read, q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at)
+        (q.write.saturating_sub(q.read), q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at, q.waits)
     };
     let ago = |t: i64| (t != 0).then(|| (now_ts() - t) as f64 / 1e6);
     serde_json::json!({
@@ -582,6 +619,8 @@ pub fn status_json() -> serde_json::Value {
         "fail_closed": gucs::AUDIT_FAIL_CLOSED.get(),
         "queued": queued,
         "dropped": dropped,
+        "queue_full_waits": waits,
+        "records_written": QUEUE.share().read,
         "seconds_since_drain": ago(drained_at),
         "checkpoint_provider": gucs::audit_checkpoint_provider(),
         "last_checkpoint_seq": (checkpoint_seq != 0).then_some(checkpoint_seq),

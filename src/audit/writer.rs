@@ -6,7 +6,7 @@ use pg_envelope_core::audit::{Chain, Head, Record, Stored};
 use pg_envelope_core::provider::CheckpointMac;
 use pgrx::prelude::*;
 
-use super::{base_record, consumed, now_ts, peek, pg_to_unix_us, QUEUE};
+use super::{base_record, now_ts, peek, pg_to_unix_us, QUEUE};
 use crate::catalog::spi_err;
 use crate::error::{EnvelopeError, Result};
 use crate::gucs;
@@ -27,38 +27,58 @@ pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
 }
 
 impl Writer {
-    /// The chain head from the table, and the queue position the last committed record came
-    /// from (this server run only).
-    fn load_head(&mut self) -> Result<Option<i64>> {
+    /// The chain head from the table. Compared with the head this server's writer last
+    /// committed (kept in shared memory): a difference means rows were added or removed by
+    /// someone else (a superuser with the triggers off, or DROP/CREATE EXTENSION), which the
+    /// next batch records as a `tamper` or `chain_restart` record before anything else. The
+    /// table never tells the writer which queued records to skip (a forged row could hide them):
+    /// queue slots are freed only after the writer's own commit.
+    fn load_head(&mut self) -> Result<Option<String>> {
         let row = Spi::connect(|c| {
-            let t = c
-                .select(
-                    "SELECT seq, hash, server_started_at, queue_pos FROM envelope.audit_log ORDER BY seq DESC LIMIT 1",
-                    None,
-                    &[],
-                )
-                .map_err(spi_err)?;
+            let t = c.select("SELECT seq, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1", None, &[]).map_err(spi_err)?;
             if t.is_empty() {
                 return Ok::<_, EnvelopeError>(None);
             }
             let r = t.first();
-            Ok(Some((
-                r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
-                r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
-                r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
-                r.get::<i64>(4).map_err(spi_err)?.unwrap_or(-1),
-            )))
+            Ok(Some((r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0), r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default())))
         })?;
-        Ok(match row {
-            None => {
-                self.head = Some(Head { seq: 0, hash: pg_envelope_core::audit::GENESIS });
-                None
-            }
-            Some((seq, hash, started, pos)) => {
-                self.head = Some(Head { seq, hash: hash32(hash)? });
-                (started == unsafe { pg_sys::PgStartTime }).then_some(pos)
-            }
-        })
+        let table = match row {
+            None => Head { seq: 0, hash: pg_envelope_core::audit::GENESIS },
+            Some((seq, hash)) => Head { seq, hash: hash32(hash)? },
+        };
+        self.head = Some(table);
+        let (committed_seq, committed_hash, committed_relid) = {
+            let q = QUEUE.share();
+            (q.head_seq, q.head_hash, q.head_relid)
+        };
+        if committed_seq == 0 && committed_relid == 0 {
+            return Ok(None); // nothing written by this server run yet
+        }
+        if committed_relid != self.relid {
+            return Ok(Some(format!(
+                "the audit table was replaced (DROP/CREATE EXTENSION?): the previous chain ended at record {committed_seq} (hash {})",
+                hex(&committed_hash)
+            )));
+        }
+        if table.seq != committed_seq || table.hash != committed_hash {
+            return Ok(Some(format!(
+                "the chain's head changed outside the writer: it wrote up to record {committed_seq} (hash {}), the table ends at record {} (hash {})",
+                hex(&committed_hash),
+                table.seq,
+                hex(&table.hash)
+            )));
+        }
+        Ok(None)
+    }
+
+    /// After the batch's transaction committed: the head this server's writer stands behind.
+    pub fn committed(&self) {
+        if let Some(h) = self.head {
+            let mut q = QUEUE.exclusive();
+            q.head_seq = h.seq;
+            q.head_hash = h.hash;
+            q.head_relid = self.relid;
+        }
     }
 
     /// One batch: up to 500 queued records appended in the caller's transaction. Returns how
@@ -80,20 +100,27 @@ impl Writer {
             self.checkpointed = None;
             self.relid = relid;
         }
+        let mut alarm = None;
         if self.head.is_none() {
-            if let Some(pos) = self.load_head()? {
-                // A restarted writer: what it committed before is not written twice.
-                consumed(pos as u64 + 1);
-            }
+            alarm = self.load_head()?;
         }
         let (records, upto, bad) = peek(500);
-        if records.is_empty() && bad == 0 {
+        if records.is_empty() && bad == 0 && alarm.is_none() {
             return Ok((0, upto));
         }
         let first_pos = upto - records.len() as u64 - bad;
         let mut chain = Chain::after(self.head);
         let started = unsafe { pg_sys::PgStartTime };
-        let mut rows: Vec<(Stored, u64)> = records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)).collect();
+        let mut rows: Vec<(Stored, u64)> = Vec::with_capacity(records.len() + 2);
+        if let Some(why) = alarm {
+            pgrx::warning!("pg_envelope audit: {why}");
+            let mut r = base_record(if why.starts_with("the audit table was replaced") { "chain_restart" } else { "tamper" }, String::new());
+            r.operation = "writer".into();
+            r.outcome = "alert".into();
+            r.detail = why;
+            rows.push((chain.append(r), first_pos.saturating_sub(1)));
+        }
+        rows.extend(records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)));
         if bad > 0 {
             let mut r = base_record("dropped", String::new());
             r.detail = format!("{bad} unreadable record(s) in the audit queue");
