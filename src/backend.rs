@@ -557,9 +557,8 @@ impl Backend {
     /// The tenant's directory entry (key id, grantees), read on a miss. `None`: no such tenant.
     fn directory_entry(&mut self, tenant: &str) -> Result<Option<&mut DirEntry>> {
         if !self.directory.contains_key(tenant) {
-            if TENANTS_OID.load(Ordering::Relaxed) == 0 {
-                note_tenants_oid(catalog::tenants_oid()?);
-            }
+            // (Each miss: after DROP and CREATE EXTENSION the table has a new oid.)
+            note_tenants_oid(catalog::tenants_oid()?);
             let d = catalog::tenant_directory(tenant)?;
             if self.directory.len() >= DIRECTORY_LIMIT {
                 self.directory.clear();

@@ -360,7 +360,11 @@ pub fn tenants_oid() -> Result<pg_sys::Oid> {
     static OID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let known = OID.load(std::sync::atomic::Ordering::Relaxed);
     if known != 0 {
-        return Ok(pg_sys::Oid::from(known));
+        // Still the same table? (DROP and CREATE EXTENSION in this session give it a new oid.)
+        let name = unsafe { pg_sys::get_rel_name(pg_sys::Oid::from(known)) };
+        if !name.is_null() && unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes() == b"tenants" {
+            return Ok(pg_sys::Oid::from(known));
+        }
     }
     let oid = as_extension_owner(|| {
         optional_one::<pg_sys::Oid>("SELECT 'envelope.tenants'::pg_catalog.regclass::oid", &[])?.ok_or_else(|| missing("oid"))
