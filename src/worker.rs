@@ -86,7 +86,9 @@ const JOB_SLICE: Duration = Duration::from_secs(60);
 
 /// A bound on lock waits of one batch of a queued job (lock_timeout is checked by the lock
 /// manager itself, so setting it is enough).
-const JOB_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '1min', true)";
+fn job_timeouts() -> String {
+    format!("SELECT pg_catalog.set_config('lock_timeout', '{}ms', true)", lock_bound_ms(60_000))
+}
 
 fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
@@ -195,14 +197,13 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
         s.started_at = now();
     }
     pgrx::log!("pg_envelope maintenance worker started in database \"{db}\"");
-    let mut writer = crate::audit::Writer::default();
     // The writer reads the chain's head: not an audit_read.
     crate::audit::hooks::suppress_reads_in_this_process();
     loop {
         if shutdown_requested() {
             break;
         }
-        audit_step(&mut writer);
+        drain_audit();
         run_once();
         // Sleep out the naptime: the latch is also set for reasons of no interest here
         // (invalidation catch-up signals), which must not make the worker run early.
@@ -227,10 +228,34 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
                 // A shorter naptime applies to the nap in progress.
                 deadline = deadline.min(slept_from + gucs::maintenance_naptime());
             }
-            audit_step(&mut writer);
+            drain_audit();
         }
     }
     STATUS.exclusive().pid = 0;
+}
+
+thread_local! {
+    static WRITER: std::cell::RefCell<crate::audit::Writer> = std::cell::RefCell::new(crate::audit::Writer::default());
+}
+
+/// One audit step (see [`audit_step`]); also called between the batches of long maintenance
+/// items, so a re-encryption job never holds the trail back past `envelope.audit_max_delay`.
+fn drain_audit() {
+    WRITER.with(|w| {
+        if let Ok(mut w) = w.try_borrow_mut() {
+            audit_step(&mut w);
+        }
+    });
+}
+
+/// A lock wait bound for maintenance work: `default_ms`, or half of `envelope.audit_max_delay`
+/// when auditing is on (the trail is not drained while the worker waits for a lock).
+fn lock_bound_ms(default_ms: i64) -> i64 {
+    if crate::audit::enabled() {
+        default_ms.min(gucs::audit_max_delay_s() * 500)
+    } else {
+        default_ms
+    }
 }
 
 /// The audit writer: drains the shared-memory queue into envelope.audit_log, batch by batch,
@@ -361,7 +386,7 @@ fn flatten<T>(r: Result<crate::error::Result<T>, String>) -> Result<T, String> {
 /// session (a prepared transaction, a long key change) fails this item instead of stalling every
 /// later one; it is retried at the next run.
 fn bounded<R>(f: impl FnOnce() -> R) -> R {
-    let _ = Spi::run("SET LOCAL lock_timeout = '10s'");
+    let _ = Spi::run(&format!("SET LOCAL lock_timeout = '{}ms'", lock_bound_ms(10_000)));
     f()
 }
 
@@ -409,6 +434,7 @@ fn run_item(w: &Work) -> Result<(), String> {
                     return Ok(());
                 }
                 STATUS.exclusive().rewrapped += n as u64;
+                drain_audit();
             }
         }
         Work::Reencrypt { job, role } => {
@@ -433,7 +459,7 @@ fn run_item(w: &Work) -> Result<(), String> {
                     };
                     // A background worker has no client protocol loop to arm statement_timeout:
                     // arm it here (the transaction's abort disarms it on error).
-                    let r = Spi::run(JOB_TIMEOUTS).map_err(|e| crate::error::EnvelopeError::Internal(e.to_string())).and_then(|_| {
+                    let r = Spi::run(&job_timeouts()).map_err(|e| crate::error::EnvelopeError::Internal(e.to_string())).and_then(|_| {
                         unsafe {
                             enable_timeout_after(STATEMENT_TIMEOUT, JOB_STATEMENT_TIMEOUT_MS);
                             pg_sys::SetUserIdAndSecContext(role, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
@@ -451,6 +477,7 @@ fn run_item(w: &Work) -> Result<(), String> {
                     return Ok(());
                 }
                 STATUS.exclusive().reencrypted += n as u64;
+                drain_audit();
             }
         }
     }

@@ -544,6 +544,37 @@ def test_32_sessions_decrypting_at_once_leave_a_gapless_unbroken_exact_trail(aud
     assert dropped == 0
 
 
+def test_a_reencryption_job_waiting_for_a_lock_does_not_hold_the_trail_back(audited):
+    """An application holds row locks on a table the maintenance worker re-encrypts: the
+    worker's lock waits are bounded by half of envelope.audit_max_delay and it drains the trail
+    between batches, so nobody's key use is refused meanwhile (found by the adversarial review:
+    a 1-minute lock wait refused every decryption in the cluster for 34 s)."""
+    with connect(PORT_A, DB) as c, connect(PORT_A, DB) as holder, connect(PORT_A, DB) as app:
+        set_audit(c, True, audit_max_delay=4, maintenance_naptime=1)
+        try:
+            c.execute("SELECT envelope.rotate_data_key(%s)", (TENANT,))
+            holder.execute("BEGIN")
+            holder.execute("SELECT id FROM audit_t FOR UPDATE")
+            c.execute("SELECT envelope.queue_reencrypt('audit_t', 'v', batch_rows => 500)")
+            refused = 0
+            deadline = time.monotonic() + 12
+            while time.monotonic() < deadline:
+                try:
+                    with as_tenant(app, TENANT):
+                        app.execute("SELECT count(v::text) FROM audit_t WHERE id <= 3")
+                except psycopg.Error as e:
+                    refused += 1
+                    print(e.sqlstate, e)
+                time.sleep(0.5)
+            holder.execute("ROLLBACK")
+            assert refused == 0
+            assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.reencrypt_jobs WHERE state IN ('queued', 'running')").fetchone()[0] == 0, timeout=60)
+        finally:
+            holder.execute("ROLLBACK")
+            c.execute("ALTER SYSTEM RESET envelope.maintenance_naptime")
+            set_audit(c, True, audit_max_delay=10)
+
+
 def test_a_row_slipped_in_by_a_superuser_hides_nothing_and_is_reported(audited):
     """A superuser holds the table, adds a row at the next sequence number (INSERT is not
     blocked by the triggers) while a decryption's record waits in the queue: the writer's insert
