@@ -90,8 +90,14 @@ def main():
         for r in range(a.rounds):
             for on in ((False, True) if r % 2 == 0 else (True, False)):
                 set_audit(admin, on)
+                before = admin.execute("SELECT envelope.status()->'audit'").fetchone()[0]
                 tps[on].append(pgbench(f.name, a.clients, a.seconds))
-                print(f"round {r + 1} audit {'on ' if on else 'off'}: {tps[on][-1]:.1f} tps", flush=True)
+                after = admin.execute("SELECT envelope.status()->'audit'").fetchone()[0]
+                extra = ""
+                if on:
+                    n = after["records_written"] - before["records_written"]
+                    extra = f" ({n / a.seconds:.0f} records/s, {after['queue_full_waits'] - before['queue_full_waits']} waits for a full queue)"
+                print(f"round {r + 1} audit {'on ' if on else 'off'}: {tps[on][-1]:.1f} tps{extra}", flush=True)
     finally:
         set_audit(admin, False)
         admin.execute("ALTER SYSTEM RESET envelope.audit")
