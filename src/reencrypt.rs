@@ -362,6 +362,15 @@ pub fn batch_impl(job: i64) -> Result<i64> {
     };
     let done = j.values_done + n;
     let next = upper.unwrap_or(nblocks);
+    if n > 0 {
+        // One record per batch (the values are re-encrypted under each row's own tenant).
+        crate::audit::key_op(
+            "reencrypt_batch",
+            "",
+            &format!("job {job}: {qualified}.{} blocks {lo}..{next}: {n} values re-encrypted", j.column),
+            false,
+        );
+    }
     let (rate, eta) = catalog::advance_reencrypt_job(job, next, nblocks, n)?;
     let pct = if nblocks > 0 { 100.0 * next as f64 / nblocks as f64 } else { 100.0 };
     pgrx::notice!(

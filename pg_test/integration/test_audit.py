@@ -569,6 +569,10 @@ def test_a_reencryption_job_waiting_for_a_lock_does_not_hold_the_trail_back(audi
             holder.execute("ROLLBACK")
             assert refused == 0
             assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.reencrypt_jobs WHERE state IN ('queued', 'running')").fetchone()[0] == 0, timeout=60)
+            # The re-encryption itself is recorded, batch by batch.
+            assert wait_until(lambda: c.execute(
+                "SELECT coalesce(sum(substring(detail FROM ': ([0-9]+) values re-encrypted')::bigint), 0) FROM envelope.audit_log "
+                "WHERE operation = 'reencrypt_batch' AND outcome = 'ok' AND detail LIKE '%audit_t.v%'").fetchone()[0] == 10000)
         finally:
             holder.execute("ROLLBACK")
             c.execute("ALTER SYSTEM RESET envelope.maintenance_naptime")
