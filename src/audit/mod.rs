@@ -202,11 +202,15 @@ const AUDIT_SETTINGS: &[&std::ffi::CStr] = &[
     c"envelope.audit_max_delay",
     c"envelope.audit_checkpoint_interval",
     c"envelope.audit_checkpoint_provider",
-    c"envelope.database",
 ];
 
 pub fn settings_snapshot() -> Vec<String> {
-    AUDIT_SETTINGS.iter().map(|n| crate::nothrow::config_option(n).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()).collect()
+    AUDIT_SETTINGS.iter().map(|n| setting(n)).collect()
+}
+
+/// A setting's current value as text ("" when unset); no error path.
+fn setting(name: &std::ffi::CStr) -> String {
+    crate::nothrow::config_option(name).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// After a configuration reload in the worker: one `config` record per audit setting that
@@ -412,7 +416,6 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
                 // Names are resolved now, not at the flush: that may run in an aborted
                 // transaction, where the catalog cannot be read.
                 prime_session();
-                let setting = |name: &std::ffi::CStr| crate::nothrow::config_option(name).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
                 a.entries.push(Entry {
                     op,
                     tenant: tenant.to_string(),
@@ -590,7 +593,6 @@ pub(crate) fn prime_session() {
 /// name, pid and the application's request id. Reads no catalog (see [`prime_session`]).
 fn base_record(kind: &str, current_role: String) -> Record {
     let (database, session_user, client) = SESSION.with(|s| s.borrow().clone()).unwrap_or_default();
-    let setting = |name: &std::ffi::CStr| crate::nothrow::config_option(name).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
     Record {
         at_us: pg_to_unix_us(now_ts()),
         kind: kind.to_string(),

@@ -12,15 +12,19 @@ use pg_envelope_core::provider::pkcs11::{Pkcs11Options, Pkcs11Provider};
 use pg_envelope_core::provider::vault::{VaultTransitOptions, VaultTransitProvider};
 
 fn bao(key: &str) -> VaultTransitProvider {
+    bao_with(serde_json::json!({ "key": key }))
+}
+
+/// The dev server's provider with the kms.sh token, plus `extra` options.
+fn bao_with(extra: serde_json::Value) -> VaultTransitProvider {
     let state = std::env::var("PGE_STATE").unwrap_or_else(|_| "/var/lib/pg_envelope-dev".into());
-    let opts = VaultTransitOptions::from_json(&serde_json::json!({
+    let mut opts = serde_json::json!({
         "url": std::env::var("BAO_ADDR").expect("BAO_ADDR: start OpenBao with scripts/kms.sh start-openbao"),
-        "key": key,
         "token_file": format!("{state}/openbao/token"),
         "ca_file": format!("{state}/openbao/ca.pem"),
-    }))
-    .unwrap();
-    VaultTransitProvider::new(opts, Duration::from_secs(5)).unwrap()
+    });
+    opts.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    VaultTransitProvider::new(VaultTransitOptions::from_json(&opts).unwrap(), Duration::from_secs(5)).unwrap()
 }
 
 #[test]
@@ -610,16 +614,7 @@ fn softhsm_dedicated_root_key_is_destroyed() {
 use pg_envelope_core::provider::testing::checkpoint_contract;
 
 fn bao_hmac(hmac_key: &str) -> VaultTransitProvider {
-    let state = state_dir();
-    let opts = VaultTransitOptions::from_json(&json!({
-        "url": std::env::var("BAO_ADDR").expect("BAO_ADDR: start OpenBao with scripts/kms.sh start-openbao"),
-        "key": "pg-root",
-        "hmac_key": hmac_key,
-        "token_file": format!("{state}/openbao/token"),
-        "ca_file": format!("{state}/openbao/ca.pem"),
-    }))
-    .unwrap();
-    VaultTransitProvider::new(opts, Duration::from_secs(5)).unwrap()
+    bao_with(json!({ "key": "pg-root", "hmac_key": hmac_key }))
 }
 
 #[test]
