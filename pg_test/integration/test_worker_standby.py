@@ -72,6 +72,11 @@ def standby():
         yield lambda db="postgres": psycopg.connect(host=str(SOCKDIR), port=PORT, dbname=db, user="postgres", autocommit=True)
     finally:
         as_postgres(f"{BIN}/pg_ctl", "-D", str(DATA), "-m", "immediate", "stop", check=False)
+        # Keep the standby's log (a failed start says why there), then remove the rest.
+        log = DATA.parent / "server.log"
+        if log.exists():
+            shutil.copy(log, STATE / "pg15-standby-last.log")
+            print(log.read_text(errors="replace")[-3000:])
         shutil.rmtree(DATA.parent, ignore_errors=True)
 
 
