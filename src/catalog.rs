@@ -1428,10 +1428,8 @@ pub fn queued_reencrypt_jobs() -> Result<Vec<(i64, pg_sys::Oid)>> {
 
 /// Whether pg_envelope is installed in this database (the worker's database may lack it).
 pub fn extension_installed() -> bool {
-    optional_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope')", &[])
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    // SAFETY: a catalog lookup by name in a transaction; missing_ok, so no error.
+    unsafe { pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true) != pg_sys::InvalidOid }
 }
 
 /// Whether `role` may still run a job on the column: UPDATE on it and EXECUTE on

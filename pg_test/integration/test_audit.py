@@ -544,6 +544,56 @@ def test_32_sessions_decrypting_at_once_leave_a_gapless_unbroken_exact_trail(aud
     assert dropped == 0
 
 
+def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_still_fires(audited):
+    """The writer appends without the executor (heap_insert and the index inserts, as
+    PostgreSQL writes its catalogs): amcheck finds every row in the primary key's index and the
+    index sound, and lookups by seq find them. With an INSERT trigger on audit_log (a DBA who
+    forwards records elsewhere), the writer takes the executor path and the trigger sees every
+    record."""
+    with connect(PORT_A, DB) as c:
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'direct'")
+        for i in range(1200):  # more than two batches of 500
+            with as_tenant(c, TENANT):
+                c.execute("SELECT v::text FROM audit_t WHERE id = %s", (i + 1,))
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        had_amcheck = c.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone() is not None
+        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        try:
+            c.execute("SELECT bt_index_parent_check('envelope.audit_log_pkey', true)")  # heapallindexed
+        finally:
+            if not had_amcheck:
+                c.execute("DROP EXTENSION amcheck")
+        c.execute("SET enable_seqscan = off")
+        c.execute("SET enable_bitmapscan = off")
+        by_index = c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'direct'", (start,)).fetchone()[0]
+        c.execute("RESET enable_seqscan")
+        c.execute("RESET enable_bitmapscan")
+        assert by_index == 1200
+
+        c.execute("DROP TABLE IF EXISTS public.audit_forwarded")
+        c.execute("CREATE TABLE public.audit_forwarded (seq bigint, hash bytea)")
+        c.execute("CREATE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.seq, NEW.hash); RETURN NEW; END$$")
+        c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_log FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
+        try:
+            start = last_seq(c)
+            c.execute("SET envelope.request_id = 'forwarded'")
+            for i in range(600):
+                with as_tenant(c, TENANT):
+                    c.execute("SELECT v::text FROM audit_t WHERE id = %s", (i + 1,))
+            assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+            stored = c.execute("SELECT seq, hash FROM envelope.audit_log WHERE seq > %s ORDER BY seq", (start,)).fetchall()
+            forwarded = c.execute("SELECT seq, hash FROM public.audit_forwarded WHERE seq > %s ORDER BY seq", (start,)).fetchall()
+        finally:
+            c.execute("DROP TRIGGER audit_forward ON envelope.audit_log")
+            c.execute("DROP FUNCTION public.audit_forward()")
+            c.execute("DROP TABLE public.audit_forwarded")
+        assert len(stored) >= 600
+        assert forwarded == stored
+        assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+
+
 def test_a_reencryption_job_waiting_for_a_lock_does_not_hold_the_trail_back(audited):
     """An application holds row locks on a table the maintenance worker re-encrypts: the
     worker's lock waits are bounded by half of envelope.audit_max_delay and it drains the trail

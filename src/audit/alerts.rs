@@ -45,7 +45,7 @@ struct Alert {
 
 /// After a batch was inserted (same transaction): updates the hourly counts of what it holds
 /// and raises the alerts they call for. Returns the alert records to queue for the chain.
-pub fn evaluate(rows: &[Stored]) -> Result<Vec<pg_envelope_core::audit::Record>> {
+pub fn evaluate<'a>(rows: impl Iterator<Item = &'a Stored>) -> Result<Vec<pg_envelope_core::audit::Record>> {
     let mut hours: BTreeMap<(i64, String, String), (Counts, i64)> = BTreeMap::new();
     let mut alerts = Vec::new();
     for s in rows {

@@ -213,6 +213,23 @@ fn setting(name: &std::ffi::CStr) -> String {
     crate::nothrow::config_option(name).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// `application_name` as the session has it now (the variable behind the setting: read per
+/// statement, so no lookup by name).
+fn application_name() -> String {
+    // SAFETY: PostgreSQL's GUC variable: NULL or a NUL-terminated string it owns.
+    let p = unsafe { pg_sys::application_name };
+    if p.is_null() {
+        String::new()
+    } else {
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// `envelope.request_id` as the application set it ("" when unset).
+fn request_id() -> String {
+    gucs::REQUEST_ID.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 /// After a configuration reload in the worker: one `config` record per audit setting that
 /// changed (turning auditing off included: that record is written before the writer stops).
 pub fn record_setting_changes(before: &[String]) {
@@ -423,8 +440,8 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
                     role_name: crate::backend::role_name(role),
                     // As they are when the keys are used, not when the record is flushed (a later
                     // SET LOCAL in the same transaction must not relabel it).
-                    application_name: setting(c"application_name"),
-                    request_id: setting(c"envelope.request_id"),
+                    application_name: application_name(),
+                    request_id: request_id(),
                     versions: Vec::new(),
                     count: 0,
                     failures: 0,
@@ -600,9 +617,9 @@ fn base_record(kind: &str, current_role: String) -> Record {
         session_user,
         current_role,
         client_addr: client,
-        application_name: setting(c"application_name"),
+        application_name: application_name(),
         backend_pid: unsafe { pg_sys::MyProcPid } as i64,
-        request_id: setting(c"envelope.request_id"),
+        request_id: request_id(),
         ..Record::default()
     }
 }

@@ -127,55 +127,15 @@ impl Writer {
             r.outcome = "dropped".into();
             rows.push((chain.append(r), upto - 1));
         }
-        // One INSERT per batch (arrays unnested), not one per record: the writer keeps up with
-        // thousands of statements a second.
-        let col_i64 = |f: &dyn Fn(&Stored, u64) -> i64| rows.iter().map(|(s, p)| f(s, *p)).collect::<Vec<i64>>();
-        let col_str = |f: &dyn Fn(&Record) -> &str| rows.iter().map(|(s, _)| f(&s.record).to_string()).collect::<Vec<String>>();
-        let col_hash = |f: &dyn Fn(&Stored) -> [u8; 32]| rows.iter().map(|(s, _)| f(s).to_vec()).collect::<Vec<Vec<u8>>>();
-        let args: Vec<pgrx::datum::DatumWithOid> = vec![
-            col_i64(&|s, _| s.record.seq).into(),
-            col_i64(&|s, _| s.record.at_us).into(),
-            col_str(&|r| &r.kind).into(),
-            col_str(&|r| &r.database).into(),
-            col_str(&|r| &r.session_user).into(),
-            col_str(&|r| &r.current_role).into(),
-            col_str(&|r| &r.client_addr).into(),
-            col_str(&|r| &r.application_name).into(),
-            col_i64(&|s, _| s.record.backend_pid).into(),
-            col_i64(&|s, _| s.record.statement_id).into(),
-            col_str(&|r| &r.request_id).into(),
-            col_str(&|r| &r.tenant).into(),
-            col_str(&|r| &r.key_versions).into(),
-            col_str(&|r| &r.operation).into(),
-            col_i64(&|s, _| s.record.value_count).into(),
-            col_i64(&|s, _| s.record.failure_count).into(),
-            col_str(&|r| &r.outcome).into(),
-            col_i64(&|s, _| s.record.duration_us).into(),
-            col_str(&|r| &r.detail).into(),
-            col_hash(&|s| s.prev_hash).into(),
-            col_hash(&|s| s.hash).into(),
-            started.into(),
-            col_i64(&|_, p| p as i64).into(),
-        ];
-        Spi::connect_mut(|c| {
-            c.update(
-                "INSERT INTO envelope.audit_log
-                 SELECT u.seq, pg_catalog.to_timestamp(u.at_us::float8 / 1e6), u.at_us, u.kind, u.database, u.su, u.role, u.client,
-                        u.app, u.pid, u.stmt, u.req, u.tenant, u.versions, u.op, u.n, u.failures, u.outcome, u.duration, u.detail,
-                        u.prev, u.hash, $22, u.pos
-                   FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]), pg_catalog.unnest($9::int8[]), pg_catalog.unnest($10::int8[]), pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]), pg_catalog.unnest($13::text[]), pg_catalog.unnest($14::text[]), pg_catalog.unnest($15::int8[]), pg_catalog.unnest($16::int8[]), pg_catalog.unnest($17::text[]), pg_catalog.unnest($18::int8[]), pg_catalog.unnest($19::text[]), pg_catalog.unnest($20::bytea[]), pg_catalog.unnest($21::bytea[]), pg_catalog.unnest($23::int8[]))
-                        AS u(seq, at_us, kind, database, su, role, client, app, pid, stmt, req, tenant, versions, op, n, failures,
-                             outcome, duration, detail, prev, hash, pos)",
-                None,
-                &args,
-            )
-            .map_err(spi_err)?;
-            Ok::<_, EnvelopeError>(())
-        })?;
+        // Appended the way COPY appends (heap_multi_insert, one WAL record per page, then the
+        // indexes), unless the table was changed so that only the executor inserts correctly
+        // (see `direct_insert_possible`): then one INSERT per batch through SPI.
+        if !unsafe { insert_direct(relid, &rows, started) }? {
+            insert_spi(&rows, started)?;
+        }
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
-        let stored: Vec<Stored> = rows.iter().map(|(s, _)| s.clone()).collect();
-        for r in super::alerts::evaluate(&stored)? {
+        for r in super::alerts::evaluate(rows.iter().map(|(s, _)| s))? {
             super::push(r);
         }
         if rows.iter().any(|(s, _)| s.record.operation == "audit_prune") {
@@ -245,4 +205,171 @@ pub(super) fn checkpoint_mac_valid(provider: &str, head: &Head, at_us: i64, mac:
     let msg = pg_envelope_core::audit::checkpoint_message(head, at_us);
     crate::backend::interruptible(move || p.verify_checkpoint_mac(&msg, &mac))
         .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })
+}
+
+/// The columns of `envelope.audit_log`, in order, as `sql/audit.sql` creates them.
+const AUDIT_LOG_TYPES: [pg_sys::Oid; 24] = {
+    use pg_sys::{BYTEAOID as B, INT8OID as I, TEXTOID as T, TIMESTAMPTZOID as TS};
+    [I, TS, I, T, T, T, T, T, T, I, I, T, T, T, T, I, I, T, I, T, B, B, I, I]
+};
+
+/// Whether the records can be appended without the executor and give the same table as an
+/// INSERT: a plain table with exactly the columns of `sql/audit.sql`, no CHECK constraints, no
+/// rules, no INSERT triggers (a DBA's trigger that forwards records fires, through the executor
+/// path), and only plain immediate indexes (no expressions, predicates or exclusion).
+unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::ResultRelInfo) -> bool {
+    unsafe {
+        let form = &*(*rel).rd_rel;
+        let desc = (*rel).rd_att;
+        if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char || form.relhasrules || (*desc).natts != 24 {
+            return false;
+        }
+        let constr = (*desc).constr;
+        if !constr.is_null() && ((*constr).num_check > 0 || (*constr).has_generated_stored) {
+            return false;
+        }
+        for (i, want) in AUDIT_LOG_TYPES.iter().enumerate() {
+            let a = &*(*desc).attrs.as_ptr().add(i);
+            if a.attisdropped || a.atttypid != *want || a.attgenerated != 0 {
+                return false;
+            }
+        }
+        let t = (*rel).trigdesc;
+        if !t.is_null() {
+            let t = &*t;
+            if t.trig_insert_before_row
+                || t.trig_insert_after_row
+                || t.trig_insert_instead_row
+                || t.trig_insert_before_statement
+                || t.trig_insert_after_statement
+                || t.trig_insert_new_table
+            {
+                return false;
+            }
+        }
+        let ind = &*ind;
+        for i in 0..ind.ri_NumIndices as usize {
+            let info = &**ind.ri_IndexRelationInfo.add(i);
+            let index = &**ind.ri_IndexRelationDescs.add(i);
+            if !info.ii_Expressions.is_null()
+                || !info.ii_Predicate.is_null()
+                || !info.ii_ExclusionOps.is_null()
+                || !(*index.rd_index).indimmediate
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Appends `rows` with heap_insert and the index inserts (PostgreSQL's
+/// CatalogTupleInsertWithInfo, the executor's work without the executor): no parse, plan or
+/// tuplestore of unnested arrays per batch. Returns false, having written nothing, when the
+/// table does not allow it (see [`direct_insert_possible`]).
+///
+/// Not heap_multi_insert (CatalogTuplesMultiInsertWithInfo): its index pass takes each tuple's
+/// TID from the tuple, which a virtual slot's copy (and a TOASTed row) does not carry: the
+/// index would point nowhere. heap_insert sets the TID on the caller's tuple in every case.
+unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Result<bool> {
+    unsafe {
+        let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(pg_sys::Oid::from(relid), lock);
+        let ind = pg_sys::CatalogOpenIndexes(rel);
+        if !direct_insert_possible(rel, ind) {
+            pg_sys::CatalogCloseIndexes(ind);
+            pg_sys::table_close(rel, lock);
+            return Ok(false);
+        }
+        let text = |b: &[u8]| pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(b.as_ptr().cast(), b.len() as i32));
+        let int = pg_sys::Datum::from;
+        // PostgreSQL's timestamps count microseconds from 2000-01-01.
+        const PG_EPOCH_US: i64 = 946_684_800_000_000;
+        // The text datums are palloc'd in the batch's transaction: freed at its commit.
+        let mut nulls = [false; 24];
+        for (s, pos) in rows {
+            let r = &s.record;
+            let mut values: [pg_sys::Datum; 24] = [
+                int(r.seq),
+                int(r.at_us - PG_EPOCH_US),
+                int(r.at_us),
+                text(r.kind.as_bytes()),
+                text(r.database.as_bytes()),
+                text(r.session_user.as_bytes()),
+                text(r.current_role.as_bytes()),
+                text(r.client_addr.as_bytes()),
+                text(r.application_name.as_bytes()),
+                int(r.backend_pid),
+                int(r.statement_id),
+                text(r.request_id.as_bytes()),
+                text(r.tenant.as_bytes()),
+                text(r.key_versions.as_bytes()),
+                text(r.operation.as_bytes()),
+                int(r.value_count),
+                int(r.failure_count),
+                text(r.outcome.as_bytes()),
+                int(r.duration_us),
+                text(r.detail.as_bytes()),
+                text(&s.prev_hash),
+                text(&s.hash),
+                int(started),
+                int(*pos as i64),
+            ];
+            let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::CatalogTupleInsertWithInfo(rel, tuple, ind);
+            pg_sys::heap_freetuple(tuple);
+        }
+        pg_sys::CatalogCloseIndexes(ind);
+        // The lock is held to the end of the transaction, as an INSERT holds it.
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        Ok(true)
+    }
+}
+
+/// The executor path: one INSERT per batch (arrays unnested).
+fn insert_spi(rows: &[(Stored, u64)], started: i64) -> Result<()> {
+        let col_i64 = |f: &dyn Fn(&Stored, u64) -> i64| rows.iter().map(|(s, p)| f(s, *p)).collect::<Vec<i64>>();
+        let col_str = |f: &dyn Fn(&Record) -> &str| rows.iter().map(|(s, _)| f(&s.record).to_string()).collect::<Vec<String>>();
+        let col_hash = |f: &dyn Fn(&Stored) -> [u8; 32]| rows.iter().map(|(s, _)| f(s).to_vec()).collect::<Vec<Vec<u8>>>();
+        let args: Vec<pgrx::datum::DatumWithOid> = vec![
+            col_i64(&|s, _| s.record.seq).into(),
+            col_i64(&|s, _| s.record.at_us).into(),
+            col_str(&|r| &r.kind).into(),
+            col_str(&|r| &r.database).into(),
+            col_str(&|r| &r.session_user).into(),
+            col_str(&|r| &r.current_role).into(),
+            col_str(&|r| &r.client_addr).into(),
+            col_str(&|r| &r.application_name).into(),
+            col_i64(&|s, _| s.record.backend_pid).into(),
+            col_i64(&|s, _| s.record.statement_id).into(),
+            col_str(&|r| &r.request_id).into(),
+            col_str(&|r| &r.tenant).into(),
+            col_str(&|r| &r.key_versions).into(),
+            col_str(&|r| &r.operation).into(),
+            col_i64(&|s, _| s.record.value_count).into(),
+            col_i64(&|s, _| s.record.failure_count).into(),
+            col_str(&|r| &r.outcome).into(),
+            col_i64(&|s, _| s.record.duration_us).into(),
+            col_str(&|r| &r.detail).into(),
+            col_hash(&|s| s.prev_hash).into(),
+            col_hash(&|s| s.hash).into(),
+            started.into(),
+            col_i64(&|_, p| p as i64).into(),
+        ];
+        Spi::connect_mut(|c| {
+            c.update(
+                "INSERT INTO envelope.audit_log
+                 SELECT u.seq, pg_catalog.to_timestamp(u.at_us::float8 / 1e6), u.at_us, u.kind, u.database, u.su, u.role, u.client,
+                        u.app, u.pid, u.stmt, u.req, u.tenant, u.versions, u.op, u.n, u.failures, u.outcome, u.duration, u.detail,
+                        u.prev, u.hash, $22, u.pos
+                   FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]), pg_catalog.unnest($9::int8[]), pg_catalog.unnest($10::int8[]), pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]), pg_catalog.unnest($13::text[]), pg_catalog.unnest($14::text[]), pg_catalog.unnest($15::int8[]), pg_catalog.unnest($16::int8[]), pg_catalog.unnest($17::text[]), pg_catalog.unnest($18::int8[]), pg_catalog.unnest($19::text[]), pg_catalog.unnest($20::bytea[]), pg_catalog.unnest($21::bytea[]), pg_catalog.unnest($23::int8[]))
+                        AS u(seq, at_us, kind, database, su, role, client, app, pid, stmt, req, tenant, versions, op, n, failures,
+                             outcome, duration, detail, prev, hash, pos)",
+                None,
+                &args,
+            )
+            .map_err(spi_err)?;
+            Ok::<_, EnvelopeError>(())
+        })?;
+        Ok(())
 }
