@@ -7,6 +7,7 @@
 //! * [`KeyCache`]: per-backend cache of unwrapped tenant keys with a TTL.
 //! * [`lifecycle`]: new data key versions (rotation).
 //! * [`audit`]: the audit chain (canonical records, hash chain, verification, checkpoints).
+//! * [`search`]: blind indexes (keyed deterministic terms for equality search on encrypted columns).
 //! * [`BackendRng`]: the per-process, fork-aware nonce generator.
 //! * [`SecretKey`]: key bytes that zeroize on drop and cannot be printed.
 //! * [`secure`]: the key pool (no core dumps, mlock, wiped slots) and the stack wipe.
@@ -19,6 +20,7 @@ pub mod envelope;
 pub mod lifecycle;
 pub mod provider;
 pub mod rng;
+pub mod search;
 pub mod secret;
 pub mod secure;
 pub mod wrap;
