@@ -3,7 +3,7 @@
 sources, so the upgrade script cannot drift from a fresh install: the pgrx-generated definitions
 of the lifecycle's C functions (read from the staged extension script after
 `scripts/cluster.sh install`), then sql/lifecycle.sql, sql/reencrypt.sql, sql/maintenance.sql,
-sql/revocation.sql, sql/shred.sql and sql/audit.sql verbatim, then the lifecycle's REVOKEs from src/lib.rs. pg_test/integration/test_upgrade.py checks
+sql/revocation.sql, sql/shred.sql, sql/audit.sql and sql/search.sql verbatim, then the lifecycle's REVOKEs from src/lib.rs. pg_test/integration/test_upgrade.py checks
 the result against a fresh install.
 
 Usage: python3 scripts/sync-upgrade-script.py   (after scripts/cluster.sh install)
@@ -24,9 +24,9 @@ FUNCTIONS = [
     "reencrypt_open", "reencrypt_batch", "cancel_reencrypt", "column_key_versions_of", "default_rotation_period", "maintenance_due",
     "rotate_data_key_if_due", "maintenance_status", "suspend_tenant", "resume_tenant", "lockdown", "lift_lockdown",
     "schedule_shred", "cancel_shred", "confirm_shred", "shred_if_due", "shred_destroy_root_key", "shred_compact_key_tables", "audit_verify",
-    "audit_prune", "audit_prune_in_progress", "add_canary", "drop_canary",
+    "audit_prune", "audit_prune_in_progress", "add_canary", "drop_canary", "declare_blind_index", "rotate_index_key", "destroy_index_key",
 ]
-SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql", "sql/shred.sql", "sql/audit.sql"]
+SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql", "sql/shred.sql", "sql/audit.sql", "sql/search.sql"]
 
 
 def generated_definition(text, name):

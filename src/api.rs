@@ -114,8 +114,12 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
     let dek = SecretKey::generate().map_err(rng_err)?;
     let aad = wrap::WrapAad::DataKey { tenant, tenant_key_id: id, version: 1 };
     let wrapped_dek = wrap::wrap_key(&kek, &aad, &dek).map_err(rng_err)?;
-    drop((kek, dek));
-    catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &key_check, &wrapped_dek, root_version.as_deref())?;
+    // The first blind-index key (sql/search.sql), in its own wrapping domain.
+    let index_key = SecretKey::generate().map_err(rng_err)?;
+    let aad = wrap::WrapAad::IndexKey { tenant, tenant_key_id: id, version: 1 };
+    let wrapped_index_key = wrap::wrap_key(&kek, &aad, &index_key).map_err(rng_err)?;
+    drop((kek, dek, index_key));
+    catalog::insert_tenant(id, tenant, provider_name, &wrapped_kek, &key_check, &wrapped_dek, &wrapped_index_key, root_version.as_deref())?;
     crate::audit::key_op("create_tenant", tenant, &format!("provider {provider_name}"), false);
     // Backends may remember that the name did not exist: tell them at commit.
     backend::invalidate_after_commit();

@@ -293,6 +293,20 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                     }
                 }
             }
+            // Blind-index keys (sql/search.sql): the live versions, wrapped under the tenant key.
+            let mut active_index_version = 0;
+            let index_keys = select_latest(
+                c"SELECT version, wrapped_key, state FROM envelope.index_keys
+                   WHERE tenant_id = $1 AND state <> 'destroyed' ORDER BY version",
+                &[Arg::Int4(id)],
+                |r| {
+                    let version = r.get::<i32>(1).ok_or_else(|| missing("version"))? as u32;
+                    if r.get::<String>(3).as_deref() == Some("active") {
+                        active_index_version = version;
+                    }
+                    Ok(WrappedDek { version, wrapped: r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))? })
+                },
+            )?;
             Ok(Some(TenantRow {
                 record: TenantRecord {
                     tenant: tenant.to_string(),
@@ -302,6 +316,8 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                     active_dek_version: active.unwrap_or(0),
                     deks,
                     unusable,
+                    index_keys,
+                    active_index_version,
                 },
                 provider,
                 provider_kind,
@@ -497,7 +513,7 @@ pub fn next_tenant_id() -> Result<u32> {
     })
 }
 
-/// Inserts a new tenant with its first DEK (version 1, active).
+/// Inserts a new tenant with its first DEK and its first blind-index key (version 1, active).
 pub fn insert_tenant(
     id: u32,
     name: &str,
@@ -505,6 +521,7 @@ pub fn insert_tenant(
     wrapped_kek: &[u8],
     key_check: &[u8],
     wrapped_dek: &[u8],
+    wrapped_index_key: &[u8],
     root_version: Option<&str>,
 ) -> Result<()> {
     as_extension_owner(|| {
@@ -522,6 +539,13 @@ pub fn insert_tenant(
                     "INSERT INTO envelope.data_keys (tenant_id, version, wrapped_key, state) VALUES ($1, 1, $2, 'active')",
                     None,
                     &[(id as i32).into(), wrapped_dek.into()],
+                )
+                .map_err(spi_err)?;
+            client
+                .update(
+                    "INSERT INTO envelope.index_keys (tenant_id, version, wrapped_key, state) VALUES ($1, 1, $2, 'active')",
+                    None,
+                    &[(id as i32).into(), wrapped_index_key.into()],
                 )
                 .map_err(spi_err)?;
             Ok(())
@@ -776,6 +800,7 @@ pub fn store_rotated_tenant_key(
     key_check: &[u8],
     root_version: Option<&str>,
     deks: &[WrappedDek],
+    index_keys: &[WrappedDek],
 ) -> Result<i32> {
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
@@ -795,6 +820,15 @@ pub fn store_rotated_tenant_key(
                         "UPDATE envelope.data_keys SET wrapped_key = $3 WHERE tenant_id = $1 AND version = $2",
                         None,
                         &[(tenant_id as i32).into(), (d.version as i32).into(), d.wrapped.as_slice().into()],
+                    )
+                    .map_err(spi_err)?;
+            }
+            for k in index_keys {
+                client
+                    .update(
+                        "UPDATE envelope.index_keys SET wrapped_key = $3 WHERE tenant_id = $1 AND version = $2",
+                        None,
+                        &[(tenant_id as i32).into(), (k.version as i32).into(), k.wrapped.as_slice().into()],
                     )
                     .map_err(spi_err)?;
             }
@@ -1543,5 +1577,88 @@ pub fn shred_states() -> Result<Vec<(String, String, String, Option<String>)>> {
             }
             Ok(out)
         })
+    })
+}
+
+/// The live (not destroyed) blind-index keys of a tenant, wrapped (a tenant key rotation
+/// re-wraps them).
+pub fn wrapped_index_keys(tenant_id: u32) -> Result<Vec<WrappedDek>> {
+    as_extension_owner(|| {
+        Spi::connect(|_client| {
+            select_latest(
+                c"SELECT version, wrapped_key FROM envelope.index_keys
+                   WHERE tenant_id = $1 AND wrapped_key IS NOT NULL ORDER BY version",
+                &[Arg::Int4(tenant_id as i32)],
+                |r| {
+                    Ok(WrappedDek {
+                        version: r.get::<i32>(1).ok_or_else(|| missing("version"))? as u32,
+                        wrapped: r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))?,
+                    })
+                },
+            )
+        })
+    })
+}
+
+/// The next blind-index key version of a tenant (1 for a tenant without any).
+pub fn next_index_key_version(tenant_id: u32) -> Result<u32> {
+    as_extension_owner(|| {
+        optional_one::<i32>("SELECT coalesce(max(version), 0) + 1 FROM envelope.index_keys WHERE tenant_id = $1", &[(tenant_id as i32).into()])
+            .map(|v| v.unwrap_or(1) as u32)
+    })
+}
+
+/// Stores a new active blind-index key version; the active one becomes retired.
+pub fn activate_index_key(tenant_id: u32, version: u32, wrapped: &[u8]) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update("UPDATE envelope.index_keys SET state = 'retired' WHERE tenant_id = $1 AND state = 'active'", None, &[(tenant_id as i32).into()])
+                .map_err(spi_err)?;
+            client
+                .update(
+                    "INSERT INTO envelope.index_keys (tenant_id, version, wrapped_key, state) VALUES ($1, $2, $3, 'active')",
+                    None,
+                    &[(tenant_id as i32).into(), (version as i32).into(), wrapped.into()],
+                )
+                .map_err(spi_err)?;
+            Ok(())
+        })
+    })
+}
+
+/// The state of a blind-index key version (`None`: no such version).
+pub fn index_key_state(tenant_id: u32, version: i32) -> Result<Option<String>> {
+    as_extension_owner(|| {
+        optional_one::<String>(
+            "SELECT state FROM envelope.index_keys WHERE tenant_id = $1 AND version = $2",
+            &[(tenant_id as i32).into(), version.into()],
+        )
+    })
+}
+
+/// Erases a blind-index key version (state `destroyed`, wrapped key NULL).
+pub fn destroy_index_key(tenant_id: u32, version: i32) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE envelope.index_keys SET state = 'destroyed', wrapped_key = NULL WHERE tenant_id = $1 AND version = $2",
+            &[(tenant_id as i32).into(), version.into()],
+        )
+        .map_err(spi_err)
+    })
+}
+
+/// A declared purpose's normalisation (`None`: not declared).
+pub fn purpose_normalization(purpose: &str) -> Result<Option<String>> {
+    as_extension_owner(|| optional_one::<String>("SELECT normalization FROM envelope.blind_index_purposes WHERE name = $1", &[purpose.into()]))
+}
+
+pub fn insert_purpose(purpose: &str, normalization: &str) -> Result<()> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO envelope.blind_index_purposes (name, normalization) VALUES ($1, $2)",
+            &[purpose.into(), normalization.into()],
+        )
+        .map_err(spi_err)
     })
 }

@@ -56,6 +56,10 @@ pub enum EnvelopeError {
     DataKeyDisabled { tenant: String, version: u32 },
     /// A value under a data key version that was destroyed.
     DataKeyDestroyed { tenant: String, version: u32 },
+    /// The tenant has no blind-index key (one made before 0.2.0, or all destroyed).
+    NoIndexKey { tenant: String },
+    /// `envelope.blind_index` with a purpose nobody declared.
+    PurposeUnknown { purpose: String },
     /// An envelope header names a tenant key id that no tenant has.
     TenantKeyIdUnknown { tenant_key_id: u32 },
     /// A lifecycle call names a data key version the tenant does not have.
@@ -256,6 +260,18 @@ impl EnvelopeError {
                 format!("pg_envelope: data key version {version} of tenant \"{}\" was destroyed", shown(tenant)),
                 Some("Values under a destroyed data key can never be decrypted again.".into()),
                 None,
+            ),
+            EnvelopeError::NoIndexKey { tenant } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_envelope: tenant \"{}\" has no blind-index key", shown(tenant)),
+                Some("Tenants created by pg_envelope 0.2.0 get one; older tenants need one made.".into()),
+                Some(format!("A key administrator runs SELECT envelope.rotate_index_key('{}').", shown(tenant))),
+            ),
+            EnvelopeError::PurposeUnknown { purpose } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_envelope: blind-index purpose \"{}\" is not declared", shown(purpose)),
+                None,
+                Some("A key administrator declares it once: SELECT envelope.declare_blind_index('<purpose>', '<none|nfc|nfkc_casefold|digits>').".into()),
             ),
             EnvelopeError::TenantKeyIdUnknown { tenant_key_id } => (
                 ERRCODE_UNDEFINED_OBJECT,

@@ -21,6 +21,7 @@ mod maintenance;
 mod nothrow;
 mod reencrypt;
 mod revocation;
+mod search;
 mod shred;
 mod status;
 mod tenancy;
@@ -113,6 +114,11 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/search.sql",
+    name = "search",
+    requires = ["audit", search::declare_blind_index, search::rotate_index_key, search::destroy_index_key]
+);
+extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
     requires = ["reencrypt", maintenance::default_rotation_period, maintenance::maintenance_due, maintenance::rotate_data_key_if_due, status::maintenance_status]
@@ -183,6 +189,12 @@ REVOKE ALL ON FUNCTION audit_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_prune_in_progress() FROM PUBLIC;
 REVOKE ALL ON FUNCTION add_canary(bytea, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION drop_canary(text) FROM PUBLIC;
+-- Blind indexes (sql/search.sql): purposes and index keys are key administration. The terms
+-- themselves (blind_index, blind_index_all, the trigger) stay executable by PUBLIC: every call
+-- checks the tenant grant, as decryption does.
+REVOKE ALL ON FUNCTION declare_blind_index(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION rotate_index_key(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION destroy_index_key(text, integer) FROM PUBLIC;
 -- Monitoring: superusers and pg_monitor.
 REVOKE ALL ON FUNCTION status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION key_cache() FROM PUBLIC;

@@ -110,6 +110,28 @@ pub fn rotate_data_key_impl(tenant: &str) -> Result<u32> {
     Ok(version)
 }
 
+/// A new blind-index key version for `tenant` (sql/search.sql), wrapped under the tenant key:
+/// active for new terms; the previous active version is retired (still matched by
+/// `blind_index_all` until destroyed). One root-key unwrap, in the caller's transaction.
+pub fn rotate_index_key_impl(tenant: &str) -> Result<u32> {
+    let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    refuse_suspended(tenant, &t)?;
+    let version = catalog::next_index_key_version(t.id)?;
+    let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
+    let name = tenant.to_string();
+    let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
+    let wrapped = backend::interruptible(move || {
+        let ctx = KeyContext { tenant: &name, tenant_key_id: id };
+        let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
+        pg_envelope_core::lifecycle::new_wrapped_index_key(&kek, &key_check, &name, id, version).map_err(Failure::Lifecycle)
+    })
+    .map_err(failure(tenant, &t.provider))?;
+    catalog::activate_index_key(id, version, &wrapped)?;
+    crate::audit::key_op("rotate_index_key", tenant, &format!("version {version}"), false);
+    backend::invalidate_after_commit();
+    Ok(version)
+}
+
 /// Makes a new tenant key (KEK) for `tenant` and re-wraps every data key under it, in the
 /// caller's transaction: a provider failure or a crash before commit leaves the old keys in
 /// place. Returns the tenant key's new generation. Key administrators only.
@@ -122,13 +144,16 @@ fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
     refuse_suspended(tenant, &t)?;
     let deks = catalog::wrapped_data_keys(t.id)?;
+    let index_keys = catalog::wrapped_index_keys(t.id)?;
     let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let name = tenant.to_string();
     let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
-    let (wrapped_new, check, rewrapped, root_version) = backend::interruptible(move || {
+    let (wrapped_new, check, rewrapped, rewrapped_index, root_version) = backend::interruptible(move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
         let r = pg_envelope_core::lifecycle::rotate_tenant_key(&kek, &key_check, &name, id, &deks).map_err(Failure::Lifecycle)?;
+        // The blind-index keys too: the same keys under the new tenant key (terms still match).
+        let index = pg_envelope_core::lifecycle::rewrap_index_keys(&kek, &r.new_kek, &name, id, &index_keys).map_err(Failure::Lifecycle)?;
         drop(kek);
         // Wrap the new tenant key, and prove the provider gives it back, before storing anything.
         let wrapped = provider.wrap_tenant_key(&ctx, &r.new_kek).map_err(Failure::Provider)?;
@@ -137,10 +162,10 @@ fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
             return Err(Failure::Provider(ProviderError::UnwrapFailed));
         }
         let root_version = provider.root_version_of(&wrapped);
-        Ok((wrapped, r.key_check, r.deks, root_version))
+        Ok((wrapped, r.key_check, r.deks, index, root_version))
     })
     .map_err(failure(tenant, &t.provider))?;
-    let generation = catalog::store_rotated_tenant_key(id, &wrapped_new, &check, root_version.as_deref(), &rewrapped)?;
+    let generation = catalog::store_rotated_tenant_key(id, &wrapped_new, &check, root_version.as_deref(), &rewrapped, &rewrapped_index)?;
     crate::audit::key_op("rotate_tenant_key", tenant, &format!("generation {generation}"), false);
     backend::invalidate_after_commit();
     Ok(generation)

@@ -245,6 +245,13 @@ pub fn shred_if_due_impl(tenant: &str) -> Result<bool> {
                     &[(t.id as i32).into()],
                 )
                 .map_err(spi_err)?;
+            client
+                .update(
+                    "UPDATE envelope.index_keys SET state = 'destroyed', wrapped_key = NULL WHERE tenant_id = $1 AND state <> 'destroyed'",
+                    None,
+                    &[(t.id as i32).into()],
+                )
+                .map_err(spi_err)?;
             client.update("DELETE FROM envelope.rotation_policy WHERE tenant_id = $1", None, &[(t.id as i32).into()]).map_err(spi_err)?;
             Ok::<_, EnvelopeError>(true)
         })

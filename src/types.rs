@@ -54,6 +54,7 @@ macro_rules! v1_function {
         }
     };
 }
+pub(crate) use v1_function;
 
 fn invalid_input(type_hint: String) -> ! {
     ErrorReport::new(

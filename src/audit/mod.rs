@@ -363,6 +363,8 @@ pub fn consumed(upto: u64) {
 pub enum Op {
     Encrypt,
     Decrypt,
+    /// Blind-index terms made (envelope.blind_index: a use of the tenant's index key).
+    Search,
 }
 
 const MAX_ENTRIES: usize = 16;
@@ -490,6 +492,7 @@ fn flush_acc(a: &mut Acc) {
             match e.op {
                 Op::Encrypt => "encrypt",
                 Op::Decrypt => "decrypt",
+                Op::Search => "search",
             },
             e.role_name,
         );

@@ -9,6 +9,7 @@
 use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
+use crate::search::{IndexKey, Normalization, SearchError, Term, TermKey, Value, ValueKind};
 use crate::datakey::DataKey;
 use crate::provider::{KeyContext, KeyProvider, ProviderError};
 use crate::wrap::{self, WrapAad};
@@ -34,6 +35,11 @@ pub struct TenantRecord {
     /// Versions that exist but may not be used (their keys are not loaded), so that a value
     /// under one fails with a clear error rather than the opaque decryption failure.
     pub unusable: Vec<(u32, VersionState)>,
+    /// The blind-index keys ([`crate::search`]) still live (active or retired, not destroyed),
+    /// wrapped under the tenant key; empty for a tenant that has none yet.
+    pub index_keys: Vec<WrappedDek>,
+    /// The version new search terms are made with (0: none).
+    pub active_index_version: u32,
 }
 
 /// Why a data key version that exists cannot be used.
@@ -52,6 +58,8 @@ pub enum LoadError {
     CorruptDataKey { version: u32 },
     /// The record names an active DEK version that is not among its DEKs.
     NoActiveDataKey,
+    /// A blind-index key did not unwrap under the tenant key: the key tables were altered.
+    CorruptIndexKey { version: u32 },
     /// The provider returned a tenant key whose check value differs from the stored one: the
     /// KMS key behind the name changed. Fails closed.
     KeyCheckMismatch,
@@ -63,6 +71,9 @@ impl std::fmt::Display for LoadError {
             LoadError::Provider(e) => e.fmt(f),
             LoadError::CorruptDataKey { version } => {
                 write!(f, "data key version {version} does not unwrap under its tenant key")
+            }
+            LoadError::CorruptIndexKey { version } => {
+                write!(f, "blind-index key version {version} does not unwrap under its tenant key")
             }
             LoadError::NoActiveDataKey => f.write_str("the tenant has no active data key"),
             LoadError::KeyCheckMismatch => f.write_str(
@@ -79,8 +90,22 @@ pub struct TenantKeys {
     active_version: u32,
     deks: Vec<DataKey>,
     unusable: Vec<(u32, VersionState)>,
+    index_keys: Vec<(u32, IndexKey)>,
+    active_index_version: u32,
+    /// Per-purpose term keys derived so far (HKDF once per purpose, version, normalisation and
+    /// value kind; dropped, and wiped, with the tenant's other keys).
+    term_keys: Vec<(u32, String, Normalization, ValueKind, TermKey)>,
     loaded_at: Instant,
     hits: u64,
+}
+
+/// Why a search term cannot be made with a tenant's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TermError {
+    /// The tenant has no blind-index key of that version (none yet, or destroyed).
+    NoIndexKey { version: u32 },
+    /// The value or purpose is not acceptable ([`SearchError`]).
+    Search(SearchError),
 }
 
 impl TenantKeys {
@@ -101,6 +126,12 @@ impl TenantKeys {
                 .map_err(|_| LoadError::CorruptDataKey { version: d.version })?;
             deks.push(DataKey::new(rec.tenant_key_id, d.version, &dek));
         }
+        let mut index_keys = Vec::with_capacity(rec.index_keys.len());
+        for k in &rec.index_keys {
+            let aad = WrapAad::IndexKey { tenant: &rec.tenant, tenant_key_id: rec.tenant_key_id, version: k.version };
+            let key = wrap::unwrap_key(&kek, &aad, &k.wrapped).map_err(|_| LoadError::CorruptIndexKey { version: k.version })?;
+            index_keys.push((k.version, IndexKey::from_secret_key(key)));
+        }
         drop(kek);
         if !deks.iter().any(|d| d.version() == rec.active_dek_version) {
             return Err(LoadError::NoActiveDataKey);
@@ -110,9 +141,45 @@ impl TenantKeys {
             active_version: rec.active_dek_version,
             deks,
             unusable: rec.unusable.clone(),
+            index_keys,
+            active_index_version: rec.active_index_version,
+            term_keys: Vec::new(),
             loaded_at: now,
             hits: 0,
         })
+    }
+
+    /// The blind-index key version new terms are made with (0: the tenant has none).
+    pub fn active_index_version(&self) -> u32 {
+        self.active_index_version
+    }
+
+    /// The live blind-index key versions (active first, then the retired ones, newest first):
+    /// during a re-index a lookup matches terms of any of them.
+    pub fn index_versions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.index_keys.iter().map(|(v, _)| *v).collect();
+        v.sort_unstable_by(|a, b| (*b == self.active_index_version).cmp(&(*a == self.active_index_version)).then(b.cmp(a)));
+        v
+    }
+
+    /// The search term of `value` for `purpose` (normalised with `n`) under index key `version`.
+    /// The per-purpose term key is derived once and kept with the tenant's keys.
+    pub fn term(&mut self, version: u32, purpose: &str, n: Normalization, value: &Value<'_>) -> Result<Term, TermError> {
+        let kind = value.kind();
+        let pos = match self.term_keys.iter().position(|(v, p, nn, k, _)| *v == version && *nn == n && *k == kind && p == purpose) {
+            Some(i) => i,
+            None => {
+                let (_, key) = self.index_keys.iter().find(|(v, _)| *v == version).ok_or(TermError::NoIndexKey { version })?;
+                let tk = key.term_key(purpose, n, kind).map_err(TermError::Search)?;
+                // A bounded cache: an application has a handful of purposes.
+                if self.term_keys.len() >= 64 {
+                    self.term_keys.remove(0);
+                }
+                self.term_keys.push((version, purpose.to_string(), n, kind, tk));
+                self.term_keys.len() - 1
+            }
+        };
+        self.term_keys[pos].4.term(version, value).map_err(TermError::Search)
     }
 
     pub fn tenant_key_id(&self) -> u32 {
@@ -432,7 +499,35 @@ mod tests {
             active_dek_version: *versions.last().unwrap(),
             deks,
             unusable: vec![],
+            index_keys: vec![WrappedDek {
+                version: 1,
+                wrapped: wrap::wrap_key(&kek, &WrapAad::IndexKey { tenant: name, tenant_key_id: id, version: 1 }, &SecretKey::generate().unwrap())
+                    .unwrap(),
+            }],
+            active_index_version: 1,
         }
+    }
+
+    #[test]
+    fn terms_come_from_the_tenants_index_key_and_differ_across_tenants() {
+        let mut p = InsecureTestProvider::new();
+        let a = make_tenant(&mut p, "acme", 1, &[1]);
+        let b = make_tenant(&mut p, "globex", 2, &[1]);
+        let mut ka = TenantKeys::load(&mut p, &a, Instant::now()).unwrap();
+        let mut ka2 = TenantKeys::load(&mut p, &a, Instant::now()).unwrap();
+        let mut kb = TenantKeys::load(&mut p, &b, Instant::now()).unwrap();
+        let v = Value::Text("a@example.com");
+        let t1 = ka.term(1, "users.email", Normalization::NfkcCasefold, &v).unwrap();
+        assert_eq!(t1, ka2.term(1, "users.email", Normalization::NfkcCasefold, &Value::Text("A@Example.COM")).unwrap());
+        assert_ne!(t1, kb.term(1, "users.email", Normalization::NfkcCasefold, &v).unwrap(), "another tenant");
+        assert_ne!(t1, ka.term(1, "users.login", Normalization::NfkcCasefold, &v).unwrap(), "another purpose");
+        assert_eq!(ka.term(2, "users.email", Normalization::None, &v), Err(TermError::NoIndexKey { version: 2 }));
+        assert_eq!(ka.index_versions(), vec![1]);
+        assert_eq!(ka.active_index_version(), 1);
+        // A data key's wrapping is not accepted as an index key.
+        let mut bad = a.clone();
+        bad.index_keys[0].wrapped = bad.deks[0].wrapped.clone();
+        assert_eq!(TenantKeys::load(&mut p, &bad, Instant::now()).err(), Some(LoadError::CorruptIndexKey { version: 1 }));
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum LifecycleError {
     KeyCheckMismatch,
     /// A stored data key does not unwrap under the tenant key (the key tables were altered).
     CorruptDataKey { version: u32 },
+    /// A stored blind-index key does not unwrap under the tenant key.
+    CorruptIndexKey { version: u32 },
 }
 
 impl std::fmt::Display for LifecycleError {
@@ -25,6 +27,9 @@ impl std::fmt::Display for LifecycleError {
             LifecycleError::KeyCheckMismatch => f.write_str("the tenant key does not match its check value"),
             LifecycleError::CorruptDataKey { version } => {
                 write!(f, "data key version {version} does not unwrap under its tenant key")
+            }
+            LifecycleError::CorruptIndexKey { version } => {
+                write!(f, "blind-index key version {version} does not unwrap under its tenant key")
             }
         }
     }
@@ -52,6 +57,42 @@ pub fn new_wrapped_data_key(
 /// A tenant key rotation, ready to store: the new tenant key's check value and every data key
 /// re-wrapped under it. The new tenant key itself is returned for the provider to wrap; the
 /// caller drops it (wiping it) as soon as that is done.
+/// A new blind-index key (version `version` of `tenant`), wrapped under the tenant key.
+pub fn new_wrapped_index_key(
+    kek: &SecretKey,
+    expected_check: &[u8],
+    tenant: &str,
+    tenant_key_id: u32,
+    version: u32,
+) -> Result<Vec<u8>, LifecycleError> {
+    use subtle::ConstantTimeEq;
+    if !bool::from(wrap::tenant_key_check(kek).as_slice().ct_eq(expected_check)) {
+        return Err(LifecycleError::KeyCheckMismatch);
+    }
+    let key = SecretKey::generate().map_err(|e| LifecycleError::Random(e.to_string()))?;
+    let aad = WrapAad::IndexKey { tenant, tenant_key_id, version };
+    wrap::wrap_key(kek, &aad, &key).map_err(|e| LifecycleError::Random(e.to_string()))
+}
+
+/// The blind-index keys re-wrapped from `old_kek` to `new_kek` (a tenant key rotation): the same
+/// keys, so every stored term still matches.
+pub fn rewrap_index_keys(
+    old_kek: &SecretKey,
+    new_kek: &SecretKey,
+    tenant: &str,
+    tenant_key_id: u32,
+    keys: &[crate::cache::WrappedDek],
+) -> Result<Vec<crate::cache::WrappedDek>, LifecycleError> {
+    keys.iter()
+        .map(|k| {
+            let aad = WrapAad::IndexKey { tenant, tenant_key_id, version: k.version };
+            let key = wrap::unwrap_key(old_kek, &aad, &k.wrapped).map_err(|_| LifecycleError::CorruptIndexKey { version: k.version })?;
+            let wrapped = wrap::wrap_key(new_kek, &aad, &key).map_err(|e| LifecycleError::Random(e.to_string()))?;
+            Ok(crate::cache::WrappedDek { version: k.version, wrapped })
+        })
+        .collect()
+}
+
 pub struct RotatedTenantKey {
     pub new_kek: SecretKey,
     pub key_check: [u8; 32],
@@ -106,6 +147,37 @@ mod tests {
         let w2 = new_wrapped_data_key(&kek, &check, "acme", 7, 3).unwrap();
         let dek2 = wrap::unwrap_key(&kek, &WrapAad::DataKey { tenant: "acme", tenant_key_id: 7, version: 3 }, &w2).unwrap();
         assert_ne!(DataKey::new(7, 3, &dek2).commitment(), k.commitment());
+    }
+
+    #[test]
+    fn index_keys_have_their_own_wrapping_domain_and_survive_a_tenant_key_rotation() {
+        use crate::cache::WrappedDek;
+        let kek = SecretKey::generate().unwrap();
+        let check = wrap::tenant_key_check(&kek);
+        let w = new_wrapped_index_key(&kek, &check, "acme", 7, 1).unwrap();
+        let aad = WrapAad::IndexKey { tenant: "acme", tenant_key_id: 7, version: 1 };
+        let k = wrap::unwrap_key(&kek, &aad, &w).unwrap();
+        // Not a data key, and a data key is not an index key.
+        assert!(wrap::unwrap_key(&kek, &WrapAad::DataKey { tenant: "acme", tenant_key_id: 7, version: 1 }, &w).is_err());
+        let d = new_wrapped_data_key(&kek, &check, "acme", 7, 1).unwrap();
+        assert!(wrap::unwrap_key(&kek, &aad, &d).is_err());
+        let new_kek = SecretKey::generate().unwrap();
+        let r = rewrap_index_keys(&kek, &new_kek, "acme", 7, &[WrappedDek { version: 1, wrapped: w.clone() }]).unwrap();
+        let k2 = wrap::unwrap_key(&new_kek, &aad, &r[0].wrapped).unwrap();
+        let term = |k: SecretKey| {
+            crate::search::IndexKey::from_secret_key(k)
+                .term_key("p", crate::search::Normalization::None, crate::search::ValueKind::Int8)
+                .unwrap()
+                .term(1, &crate::search::Value::Int8(5))
+                .unwrap()
+        };
+        assert_eq!(term(k), term(k2), "the same key: stored terms still match");
+        assert!(wrap::unwrap_key(&kek, &aad, &r[0].wrapped).is_err());
+        assert_eq!(
+            rewrap_index_keys(&new_kek, &kek, "acme", 7, &[WrappedDek { version: 1, wrapped: w }]).err(),
+            Some(LifecycleError::CorruptIndexKey { version: 1 })
+        );
+        assert_eq!(new_wrapped_index_key(&new_kek, &check, "acme", 7, 2), Err(LifecycleError::KeyCheckMismatch));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum WrapAad<'a> {
     TenantKey { tenant: &'a str, tenant_key_id: u32 },
     /// A data key (DEK) under its tenant key.
     DataKey { tenant: &'a str, tenant_key_id: u32, version: u32 },
+    /// A blind-index key (search terms, [`crate::search`]) under its tenant key: a domain of
+    /// its own, so a data key never unwraps as an index key or the other way round.
+    IndexKey { tenant: &'a str, tenant_key_id: u32, version: u32 },
 }
 
 impl WrapAad<'_> {
@@ -42,8 +45,8 @@ impl WrapAad<'_> {
                 v.extend_from_slice(&(tenant.len() as u32).to_be_bytes());
                 v.extend_from_slice(tenant.as_bytes());
             }
-            WrapAad::DataKey { tenant, tenant_key_id, version } => {
-                v.extend_from_slice(b"pg_envelope/v1/data-key\0");
+            WrapAad::DataKey { tenant, tenant_key_id, version } | WrapAad::IndexKey { tenant, tenant_key_id, version } => {
+                v.extend_from_slice(if matches!(self, WrapAad::DataKey { .. }) { b"pg_envelope/v1/data-key\0" } else { b"pg_envelope/v1/index-key\0" });
                 v.extend_from_slice(&tenant_key_id.to_be_bytes());
                 v.extend_from_slice(&version.to_be_bytes());
                 v.extend_from_slice(&(tenant.len() as u32).to_be_bytes());

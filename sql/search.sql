@@ -1,0 +1,187 @@
+-- Blind indexes: equality search on encrypted columns (src/search.rs; the terms themselves in
+-- crates/core/src/search.rs). A term is a keyed hash of a normalised plaintext under the
+-- tenant's index key: equal values of one tenant and purpose give equal terms, so a B-tree or
+-- hash index on a term column finds rows without decrypting anything. See README "Search".
+
+-- Per-tenant index keys, wrapped under the tenant key (like data keys, in a wrapping domain of
+-- their own). Separate from the data keys and the tenant key: rotating those never forces a
+-- re-index. 'active': new terms; 'retired': still matched by blind_index_all() during a
+-- re-index; 'destroyed': the wrapped key is gone (envelope.destroy_index_key).
+CREATE TABLE index_keys (
+    tenant_id   integer NOT NULL REFERENCES tenants (id),
+    version     integer NOT NULL CHECK (version > 0),
+    wrapped_key bytea,
+    state       text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'retired', 'destroyed')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, version),
+    CHECK ((state = 'destroyed') = (wrapped_key IS NULL))
+);
+CREATE UNIQUE INDEX index_keys_one_active ON index_keys (tenant_id) WHERE state = 'active';
+COMMENT ON TABLE index_keys IS 'Blind-index keys (pg_envelope search terms), versioned, each wrapped by its tenant key.';
+
+-- Purposes: what a term column indexes, with its normalisation, declared once. The purpose,
+-- the normalisation and the value's type all go into the derivation of the term key, so terms
+-- of different purposes never match. A purpose cannot be redefined (its terms would stop
+-- matching); declare a new one and re-index.
+CREATE TABLE blind_index_purposes (
+    name          text PRIMARY KEY CHECK (octet_length(name) BETWEEN 1 AND 200),
+    normalization text NOT NULL CHECK (normalization IN ('none', 'nfc', 'nfkc_casefold', 'digits')),
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE blind_index_purposes IS 'Declared blind-index purposes and their normalisation (pg_envelope).';
+
+SELECT pg_catalog.pg_extension_config_dump('index_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('blind_index_purposes', '');
+REVOKE ALL ON index_keys, blind_index_purposes FROM PUBLIC;
+
+-- The term type: 21 bytes (format 0x01, index key version, 128-bit tag). Text form
+-- 'bi1:v<version>:<32 hex>', binary form the 21 bytes: COPY, pg_dump and logical replication
+-- move terms with no key. No cast to or from text or bytea: a term is never taken for a
+-- plaintext, nor a plaintext for a term.
+CREATE TYPE blind_index;
+CREATE FUNCTION blind_index_in(cstring) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index_in' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION blind_index_out(blind_index) RETURNS cstring
+    AS 'MODULE_PATHNAME', 'pge_blind_index_out' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION blind_index_recv(internal) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index_recv' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION blind_index_send(blind_index) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'pge_blind_index_send' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE TYPE blind_index (
+    INPUT = blind_index_in, OUTPUT = blind_index_out, RECEIVE = blind_index_recv, SEND = blind_index_send,
+    INTERNALLENGTH = 21, ALIGNMENT = char, STORAGE = plain, CATEGORY = 'U'
+);
+COMMENT ON TYPE blind_index IS 'A blind-index search term (pg_envelope): equality only; its order means nothing.';
+
+-- Comparisons: byte comparisons of two terms. LEAKPROOF (true: they raise no error and reveal
+-- nothing but the comparison), so the planner uses a term index under Row-Level Security.
+-- The order (for B-tree, merge joins, ORDER BY) is the order of random tags: it says nothing
+-- about the plaintexts.
+CREATE FUNCTION blind_index_eq(blind_index, blind_index) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'pge_blind_index_eq' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_ne(blind_index, blind_index) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'pge_blind_index_ne' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_lt(blind_index, blind_index) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'pge_blind_index_lt' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_le(blind_index, blind_index) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'pge_blind_index_le' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_gt(blind_index, blind_index) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'pge_blind_index_gt' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_ge(blind_index, blind_index) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'pge_blind_index_ge' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_cmp(blind_index, blind_index) RETURNS integer
+    AS 'MODULE_PATHNAME', 'pge_blind_index_cmp' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_hash(blind_index) RETURNS integer
+    AS 'MODULE_PATHNAME', 'pge_blind_index_hash' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+CREATE FUNCTION blind_index_hash_extended(blind_index, bigint) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'pge_blind_index_hash_extended' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+
+-- The operators live in pg_catalog (as plpgsql's handler functions do), so that
+-- `WHERE email_idx = envelope.blind_index(...)` resolves without envelope on the search_path.
+-- They are defined for blind_index only: no other type's operators are touched.
+CREATE OPERATOR pg_catalog.= (
+    LEFTARG = blind_index, RIGHTARG = blind_index, FUNCTION = blind_index_eq,
+    COMMUTATOR = OPERATOR(pg_catalog.=), NEGATOR = OPERATOR(pg_catalog.<>), RESTRICT = eqsel, JOIN = eqjoinsel, HASHES, MERGES
+);
+CREATE OPERATOR pg_catalog.<> (
+    LEFTARG = blind_index, RIGHTARG = blind_index, FUNCTION = blind_index_ne,
+    COMMUTATOR = OPERATOR(pg_catalog.<>), NEGATOR = OPERATOR(pg_catalog.=), RESTRICT = neqsel, JOIN = neqjoinsel
+);
+CREATE OPERATOR pg_catalog.< (
+    LEFTARG = blind_index, RIGHTARG = blind_index, FUNCTION = blind_index_lt,
+    COMMUTATOR = OPERATOR(pg_catalog.>), NEGATOR = OPERATOR(pg_catalog.>=), RESTRICT = scalarltsel, JOIN = scalarltjoinsel
+);
+CREATE OPERATOR pg_catalog.<= (
+    LEFTARG = blind_index, RIGHTARG = blind_index, FUNCTION = blind_index_le,
+    COMMUTATOR = OPERATOR(pg_catalog.>=), NEGATOR = OPERATOR(pg_catalog.>), RESTRICT = scalarlesel, JOIN = scalarlejoinsel
+);
+CREATE OPERATOR pg_catalog.> (
+    LEFTARG = blind_index, RIGHTARG = blind_index, FUNCTION = blind_index_gt,
+    COMMUTATOR = OPERATOR(pg_catalog.<), NEGATOR = OPERATOR(pg_catalog.<=), RESTRICT = scalargtsel, JOIN = scalargtjoinsel
+);
+CREATE OPERATOR pg_catalog.>= (
+    LEFTARG = blind_index, RIGHTARG = blind_index, FUNCTION = blind_index_ge,
+    COMMUTATOR = OPERATOR(pg_catalog.<=), NEGATOR = OPERATOR(pg_catalog.<), RESTRICT = scalargesel, JOIN = scalargejoinsel
+);
+CREATE OPERATOR CLASS blind_index_ops DEFAULT FOR TYPE blind_index USING btree AS
+    OPERATOR 1 pg_catalog.<, OPERATOR 2 pg_catalog.<=, OPERATOR 3 pg_catalog.=, OPERATOR 4 pg_catalog.>=, OPERATOR 5 pg_catalog.>,
+    FUNCTION 1 blind_index_cmp(blind_index, blind_index);
+CREATE OPERATOR CLASS blind_index_hash_ops DEFAULT FOR TYPE blind_index USING hash AS
+    OPERATOR 1 pg_catalog.=,
+    FUNCTION 1 blind_index_hash(blind_index),
+    FUNCTION 2 blind_index_hash_extended(blind_index, bigint);
+
+-- Terms. STABLE, never IMMUTABLE: the key depends on the session's tenant setting, so no
+-- expression index or generated column can hold a term computed under whichever tenant was set.
+-- The same tenant setting and grant as decryption: without the grant, the same error (42501),
+-- never a silent non-match. An undeclared purpose: 42704.
+CREATE FUNCTION blind_index(purpose text, value text) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index(purpose text, value bytea) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index(purpose text, value bigint) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index(purpose text, value numeric) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index(purpose text, value date) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index(purpose text, value timestamptz) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+-- integer: the same term as the bigint of the same value (an int4 column and an int8 parameter match).
+CREATE FUNCTION blind_index(purpose text, value integer) RETURNS blind_index
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, value::bigint) $$;
+-- Every live index key version's term (active first): during a re-index, a lookup matches rows
+-- of either version: WHERE email_idx = ANY(envelope.blind_index_all('users.email', $1)).
+CREATE FUNCTION blind_index_all(purpose text, value text) RETURNS blind_index[]
+    AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index_all(purpose text, value bytea) RETURNS blind_index[]
+    AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index_all(purpose text, value bigint) RETURNS blind_index[]
+    AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index_all(purpose text, value numeric) RETURNS blind_index[]
+    AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index_all(purpose text, value date) RETURNS blind_index[]
+    AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index_all(purpose text, value timestamptz) RETURNS blind_index[]
+    AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index_all(purpose text, value integer) RETURNS blind_index[]
+    LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index_all(purpose, value::bigint) $$;
+-- The encrypted types: the term of the decrypted value (decrypted as decrypt_field does: same
+-- tenant, grant and audit record), equal to the term of the same plaintext.
+CREATE FUNCTION blind_index(purpose text, value encrypted_text) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
+CREATE FUNCTION blind_index(purpose text, value encrypted_bytea) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
+CREATE FUNCTION blind_index(purpose text, value encrypted_jsonb) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)::text) $$;
+CREATE FUNCTION blind_index(purpose text, value encrypted_int8) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
+CREATE FUNCTION blind_index(purpose text, value encrypted_numeric) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
+CREATE FUNCTION blind_index(purpose text, value encrypted_date) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
+CREATE FUNCTION blind_index(purpose text, value encrypted_timestamptz) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
+
+-- Keeping a term column in step with its source column, at INSERT and UPDATE:
+--   CREATE TRIGGER users_email_idx BEFORE INSERT OR UPDATE ON users FOR EACH ROW
+--       EXECUTE FUNCTION envelope.blind_index_trigger('email', 'email_idx', 'users.email');
+-- (source column, term column, purpose). The term is always computed here: whatever the client
+-- put in the term column is overwritten (a forged term never sticks); a NULL source gives a
+-- NULL term. The source may be plaintext or an encrypted column.
+CREATE FUNCTION blind_index_trigger() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    term @extschema@.blind_index;
+BEGIN
+    IF TG_WHEN <> 'BEFORE' OR TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') OR TG_NARGS <> 3 THEN
+        RAISE EXCEPTION 'pg_envelope: blind_index_trigger(source column, term column, purpose) must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    EXECUTE format('SELECT @extschema@.blind_index($1, ($2).%I)', TG_ARGV[0]) INTO term USING TG_ARGV[2], NEW;
+    NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], term::text));
+    RETURN NEW;
+END $$;
+

@@ -1,0 +1,354 @@
+//! Blind indexes: equality search on encrypted columns (sql/search.sql; the terms, keys and
+//! normalisation in crates/core/src/search.rs).
+//!
+//! * The type `envelope.blind_index`: 21 bytes (format, index key version, 128-bit tag), text
+//!   form `bi1:v<version>:<hex>`, binary form the bytes; byte comparisons (LEAKPROOF) and hashes
+//!   for the default B-tree and hash operator classes.
+//! * `envelope.blind_index(purpose, value)`: the term of a value under the session tenant's
+//!   active index key, after the same tenant and grant checks as decryption;
+//!   `blind_index_all(...)`: the terms under every live index key version (a re-index).
+//! * Key administration: `declare_blind_index` (a purpose and its normalisation),
+//!   `rotate_index_key`, `retire_index_key`, `destroy_index_key`, and `blind_index_backfill`.
+
+use std::ffi::CStr;
+
+use pg_envelope_core::search::{Normalization, Term, Value, TERM_LEN};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use crate::backend;
+use crate::catalog;
+use crate::error::{EnvelopeError, OrRaise, OrRaiseAudited, Result};
+use crate::types::v1_function;
+
+fn bad(code: PgSqlErrorCode, message: String, hint: Option<String>) -> EnvelopeError {
+    EnvelopeError::BadRequest { code, message, hint }
+}
+
+fn search_error(e: pg_envelope_core::search::SearchError) -> EnvelopeError {
+    // The core's messages never contain the value.
+    bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("pg_envelope: {e}"), None)
+}
+
+// ---- the type ------------------------------------------------------------------------------
+
+/// The 21 bytes of a `blind_index` argument (a fixed-length, pass-by-reference type).
+unsafe fn arg_term<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8; TERM_LEN] {
+    unsafe { &*(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr::<[u8; TERM_LEN]>()) }
+}
+
+fn palloc_term(t: &Term) -> pg_sys::Datum {
+    unsafe {
+        let p = pg_sys::palloc(TERM_LEN) as *mut u8;
+        std::ptr::copy_nonoverlapping(t.to_bytes().as_ptr(), p, TERM_LEN);
+        pg_sys::Datum::from(p)
+    }
+}
+
+fn invalid_term() -> EnvelopeError {
+    bad(
+        PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+        "pg_envelope: input is not a blind-index term".into(),
+        Some("Terms are made by envelope.blind_index(purpose, value); their text form is bi1:v<version>:<32 hex digits>. The input is not shown: it may be a plaintext.".into()),
+    )
+}
+
+v1_function!(pg_finfo_pge_blind_index_in, pge_blind_index_in, term_in);
+unsafe fn term_in(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let s = unsafe { CStr::from_ptr(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).cast_mut_ptr::<std::ffi::c_char>()) };
+    let t = s.to_str().ok().and_then(|s| Term::from_text(s).ok()).ok_or_else(invalid_term).or_raise();
+    palloc_term(&t)
+}
+
+v1_function!(pg_finfo_pge_blind_index_out, pge_blind_index_out, term_out);
+unsafe fn term_out(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let t = Term::from_bytes(unsafe { arg_term(fcinfo, 0) }).map_err(|_| invalid_term()).or_raise();
+    let s = std::ffi::CString::new(t.to_text()).expect("no NUL in a term's text");
+    unsafe { pg_sys::Datum::from(pg_sys::pstrdup(s.as_ptr())) }
+}
+
+v1_function!(pg_finfo_pge_blind_index_recv, pge_blind_index_recv, term_recv);
+unsafe fn term_recv(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let buf = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).cast_mut_ptr::<pg_sys::StringInfoData>();
+        let left = ((*buf).len - (*buf).cursor) as usize;
+        let bytes = std::slice::from_raw_parts(((*buf).data as *const u8).add((*buf).cursor as usize), left);
+        let t = Term::from_bytes(bytes).map_err(|_| invalid_term()).or_raise();
+        (*buf).cursor = (*buf).len;
+        palloc_term(&t)
+    }
+}
+
+v1_function!(pg_finfo_pge_blind_index_send, pge_blind_index_send, term_send);
+unsafe fn term_send(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let b = arg_term(fcinfo, 0);
+        let p = pg_sys::palloc(TERM_LEN + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
+        pgrx::set_varsize_4b(p, (TERM_LEN + pg_sys::VARHDRSZ) as i32);
+        std::ptr::copy_nonoverlapping(b.as_ptr(), pgrx::vardata_4b(p) as *mut u8, TERM_LEN);
+        pg_sys::Datum::from(p)
+    }
+}
+
+macro_rules! term_compare {
+    ($finfo:ident, $name:ident, $imp:ident, $op:expr) => {
+        v1_function!($finfo, $name, $imp);
+        unsafe fn $imp(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+            let (a, b) = unsafe { (arg_term(fcinfo, 0), arg_term(fcinfo, 1)) };
+            let f: fn(std::cmp::Ordering) -> bool = $op;
+            pg_sys::Datum::from(f(a.cmp(b)))
+        }
+    };
+}
+term_compare!(pg_finfo_pge_blind_index_eq, pge_blind_index_eq, term_eq, |o| o.is_eq());
+term_compare!(pg_finfo_pge_blind_index_ne, pge_blind_index_ne, term_ne, |o| o.is_ne());
+term_compare!(pg_finfo_pge_blind_index_lt, pge_blind_index_lt, term_lt, |o| o.is_lt());
+term_compare!(pg_finfo_pge_blind_index_le, pge_blind_index_le, term_le, |o| o.is_le());
+term_compare!(pg_finfo_pge_blind_index_gt, pge_blind_index_gt, term_gt, |o| o.is_gt());
+term_compare!(pg_finfo_pge_blind_index_ge, pge_blind_index_ge, term_ge, |o| o.is_ge());
+
+v1_function!(pg_finfo_pge_blind_index_cmp, pge_blind_index_cmp, term_cmp);
+unsafe fn term_cmp(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let (a, b) = unsafe { (arg_term(fcinfo, 0), arg_term(fcinfo, 1)) };
+    pg_sys::Datum::from(a.cmp(b) as i32)
+}
+
+/// Hash of a term for hash indexes, hash joins and hash aggregation. The tag is already a
+/// uniformly distributed MAC output, so its first 8 bytes serve as the hash (no other hash is
+/// needed); a non-zero seed (hash partitioning) is mixed in with splitmix64's finaliser. With seed
+/// 0 the extended hash's low 32 bits are the standard hash, as PostgreSQL requires.
+fn term_hash64(t: &[u8; TERM_LEN], seed: u64) -> u64 {
+    let h = u64::from_le_bytes(t[5..13].try_into().expect("8 bytes"));
+    if seed == 0 {
+        return h;
+    }
+    let mut z = h ^ seed;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+v1_function!(pg_finfo_pge_blind_index_hash, pge_blind_index_hash, term_hash);
+unsafe fn term_hash(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let a = unsafe { arg_term(fcinfo, 0) };
+    pg_sys::Datum::from(term_hash64(a, 0) as u32 as i32)
+}
+
+v1_function!(pg_finfo_pge_blind_index_hash_extended, pge_blind_index_hash_extended, term_hash_extended);
+unsafe fn term_hash_extended(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let a = unsafe { arg_term(fcinfo, 0) };
+    let seed = unsafe { pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 1) }.value() as u64;
+    pg_sys::Datum::from(term_hash64(a, seed) as i64)
+}
+
+// ---- terms ---------------------------------------------------------------------------------
+
+/// A purpose's normalisation, remembered for the call site (fn_extra): purposes cannot be
+/// redefined, so a statement never needs to read it twice.
+#[repr(C)]
+struct PurposeCache {
+    len: usize,
+    normalization: Normalization,
+    name: [u8; 200],
+}
+
+unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> (&'a str, Normalization) {
+    unsafe {
+        let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        let bytes = pgrx::varlena_to_byte_slice(v);
+        let purpose = std::str::from_utf8(bytes)
+            .map_err(|_| bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "pg_envelope: a purpose is UTF-8 text".into(), None))
+            .or_raise();
+        let flinfo = (*fcinfo).flinfo;
+        let cache = (*flinfo).fn_extra as *mut PurposeCache;
+        if let Some(c) = cache.as_ref() {
+            if c.name[..c.len] == *bytes {
+                return (purpose, c.normalization);
+            }
+        }
+        let n = catalog::purpose_normalization(purpose).or_raise().ok_or_else(|| EnvelopeError::PurposeUnknown { purpose: purpose.to_string() }).or_raise();
+        let n = Normalization::parse(&n).map_err(search_error).or_raise();
+        if bytes.len() <= 200 {
+            let c = if cache.is_null() {
+                let c = pg_sys::MemoryContextAllocZero((*flinfo).fn_mcxt, std::mem::size_of::<PurposeCache>()) as *mut PurposeCache;
+                (*flinfo).fn_extra = c.cast();
+                c
+            } else {
+                cache
+            };
+            let c = &mut *c;
+            c.len = bytes.len();
+            c.name[..bytes.len()].copy_from_slice(bytes);
+            c.normalization = n;
+        }
+        (purpose, n)
+    }
+}
+
+/// Runs `f` with the second argument as a [`Value`] (by its SQL type).
+unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<'_>) -> Result<R>) -> Result<R> {
+    unsafe {
+        let ty = pg_sys::get_fn_expr_argtype((*fcinfo).flinfo, 1);
+        let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 1);
+        match ty {
+            pg_sys::TEXTOID => {
+                let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                let bytes = pgrx::varlena_to_byte_slice(v);
+                // Terms are of the UTF-8 text, whatever the database encoding.
+                let utf8: &[u8] = if pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 {
+                    bytes
+                } else {
+                    let p = pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+                    CStr::from_ptr(p).to_bytes()
+                };
+                let s = std::str::from_utf8(utf8)
+                    .map_err(|_| bad(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, "pg_envelope: the value is not valid text".into(), None))?;
+                f(&Value::Text(s))
+            }
+            pg_sys::BYTEAOID => {
+                let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                f(&Value::Bytea(pgrx::varlena_to_byte_slice(v)))
+            }
+            pg_sys::INT8OID => f(&Value::Int8(d.value() as i64)),
+            pg_sys::DATEOID => f(&Value::Date(d.value() as i32)),
+            pg_sys::TIMESTAMPTZOID => f(&Value::Timestamptz(d.value() as i64)),
+            pg_sys::NUMERICOID => {
+                let p = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(1702u32), d);
+                f(&Value::Numeric(CStr::from_ptr(p).to_str().unwrap_or("")))
+            }
+            other => Err(bad(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("pg_envelope: no blind index for values of type oid {}", other.to_u32()),
+                None,
+            )),
+        }
+    }
+}
+
+/// The terms of `value` for `purpose` under the current tenant's active index key (`all`:
+/// every live version, active first). The same tenant setting, grant, suspension and lockdown
+/// checks as decryption, and an audit record per statement (kind `search`).
+fn terms(purpose: &str, n: Normalization, value: &Value<'_>, all: bool) -> Result<Vec<Term>> {
+    let audited = crate::audit::enabled();
+    if audited {
+        if let Err(e) = crate::audit::check_can_record() {
+            crate::audit::note(crate::audit::Op::Search, backend::current_tenant().ok(), 0, Some(&e));
+            return Err(e);
+        }
+    }
+    let mut version = 0;
+    let tenant = backend::current_tenant().ok();
+    let r = backend::current_tenant().and_then(|tenant| {
+        backend::with_backend(|b| {
+            b.with_tenant_keys(tenant, |keys| {
+                let versions = if all { keys.index_versions() } else { vec![keys.active_index_version()] };
+                version = versions.first().copied().unwrap_or(0);
+                if version == 0 {
+                    return Err(EnvelopeError::NoIndexKey { tenant: tenant.to_string() });
+                }
+                versions
+                    .iter()
+                    .map(|v| {
+                        keys.term(*v, purpose, n, value).map_err(|e| match e {
+                            pg_envelope_core::cache::TermError::NoIndexKey { .. } => EnvelopeError::NoIndexKey { tenant: tenant.to_string() },
+                            pg_envelope_core::cache::TermError::Search(e) => search_error(e),
+                        })
+                    })
+                    .collect()
+            })
+        })
+    });
+    if audited {
+        crate::audit::note(crate::audit::Op::Search, tenant, version, r.as_ref().err());
+    }
+    r
+}
+
+v1_function!(pg_finfo_pge_blind_index, pge_blind_index, blind_index_impl);
+unsafe fn blind_index_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let (purpose, n) = unsafe { purpose_of(fcinfo) };
+    let t = unsafe { with_value(fcinfo, |v| terms(purpose, n, v, false)) }.or_raise();
+    palloc_term(&t[0])
+}
+
+v1_function!(pg_finfo_pge_blind_index_all, pge_blind_index_all, blind_index_all_impl);
+unsafe fn blind_index_all_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let (purpose, n) = purpose_of(fcinfo);
+        let ts = with_value(fcinfo, |v| terms(purpose, n, v, true)).or_raise();
+        let elem = pg_sys::get_func_rettype((*(*fcinfo).flinfo).fn_oid);
+        let elem = pg_sys::get_element_type(elem);
+        let mut datums: Vec<pg_sys::Datum> = ts.iter().map(palloc_term).collect();
+        let a = pg_sys::construct_array(datums.as_mut_ptr(), datums.len() as i32, elem, TERM_LEN as i32, false, pg_sys::TYPALIGN_CHAR as std::ffi::c_char);
+        pg_sys::Datum::from(a)
+    }
+}
+
+// ---- key administration --------------------------------------------------------------------
+
+/// Declares a purpose (what a term column indexes) and its normalisation: `none`, `nfc`,
+/// `nfkc_casefold` (emails, user names) or `digits` (phone numbers, national ids). A purpose
+/// cannot be redefined: its terms would stop matching. Key administrators only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn declare_blind_index(purpose: &str, normalization: default!(&str, "'none'")) {
+    declare_impl(purpose, normalization).or_raise_audited("declare_blind_index", "")
+}
+
+fn declare_impl(purpose: &str, normalization: &str) -> Result<()> {
+    let n = Normalization::parse(normalization).map_err(search_error)?;
+    // The purpose's rules (non-empty, at most 200 bytes, no NUL) are the core's.
+    pg_envelope_core::search::term_key_info(purpose, n, pg_envelope_core::search::ValueKind::Text).map_err(search_error)?;
+    match catalog::purpose_normalization(purpose)? {
+        Some(existing) if existing == n.name() => Ok(()),
+        Some(existing) => Err(bad(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("pg_envelope: blind-index purpose \"{purpose}\" is already declared with normalization {existing}"),
+            Some("A purpose cannot be redefined (its terms would stop matching): declare a new purpose and re-index with envelope.blind_index_backfill.".into()),
+        )),
+        None => {
+            catalog::insert_purpose(purpose, n.name())?;
+            crate::audit::key_op("declare_blind_index", "", &format!("purpose {purpose} normalization {}", n.name()), false);
+            Ok(())
+        }
+    }
+}
+
+/// A new index key version for `tenant`, active for new terms at commit; the previous one is
+/// retired (still matched by `blind_index_all` until `destroy_index_key`). Returns the version.
+/// Key administrators only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rotate_index_key(tenant: &str) -> i32 {
+    crate::lifecycle::rotate_index_key_impl(tenant).or_raise_audited("rotate_index_key", tenant) as i32
+}
+
+/// Destroys a retired index key version (its wrapped key is erased): terms of that version match
+/// nothing any more. The active version cannot be destroyed. Key administrators only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn destroy_index_key(tenant: &str, version: i32) {
+    destroy_impl(tenant, version).or_raise_audited("destroy_index_key", tenant)
+}
+
+fn destroy_impl(tenant: &str, version: i32) -> Result<()> {
+    let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
+    match catalog::index_key_state(t.id, version)?.as_deref() {
+        None => Err(bad(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("pg_envelope: tenant \"{tenant}\" has no index key version {version}"),
+            None,
+        )),
+        Some("active") => Err(bad(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("pg_envelope: index key version {version} of tenant \"{tenant}\" is active"),
+            Some(format!("Rotate first (SELECT envelope.rotate_index_key('{tenant}')), re-index with envelope.blind_index_backfill, then destroy the old version.")),
+        )),
+        Some("destroyed") => Ok(()),
+        Some(_) => {
+            catalog::destroy_index_key(t.id, version)?;
+            crate::audit::key_op("destroy_index_key", tenant, &format!("version {version}"), false);
+            backend::invalidate_after_commit();
+            Ok(())
+        }
+    }
+}
