@@ -25,6 +25,7 @@ FUNCTIONS = [
     "rotate_data_key_if_due", "maintenance_status", "suspend_tenant", "resume_tenant", "lockdown", "lift_lockdown",
     "schedule_shred", "cancel_shred", "confirm_shred", "shred_if_due", "shred_destroy_root_key", "shred_compact_key_tables", "audit_verify",
     "audit_prune", "audit_prune_in_progress", "add_canary", "drop_canary", "declare_blind_index", "rotate_index_key", "destroy_index_key",
+    "active_index_version", "current_tenant_key_id", "blind_index_cardinality_warning",
 ]
 SQL_FILES = ["sql/lifecycle.sql", "sql/reencrypt.sql", "sql/maintenance.sql", "sql/revocation.sql", "sql/shred.sql", "sql/audit.sql", "sql/search.sql"]
 

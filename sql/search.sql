@@ -185,3 +185,79 @@ BEGIN
     RETURN NEW;
 END $$;
 
+
+-- The index key version of a term (it is in the term's text form; not secret).
+CREATE FUNCTION blind_index_version(blind_index) RETURNS integer
+    AS 'MODULE_PATHNAME', 'pge_blind_index_version' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
+
+-- Backfill: gives every row of the session's tenant a term of the tenant's active index key
+-- version (rows with no term, a term of an older version, or a forged one are all rewritten),
+-- batch by batch, each batch committed (CALL it outside a transaction block):
+--   CALL envelope.blind_index_backfill('users', 'email', 'email_idx', 'users.email');
+-- Which rows are the tenant's: those whose tenant_column equals the tenant setting when one is
+-- named; otherwise, for an encrypted source, those whose ciphertext is under the tenant's key;
+-- otherwise (a plaintext source, no tenant column) every row. Ends with a WARNING when the
+-- column's terms are so few that their frequencies give values away.
+CREATE PROCEDURE blind_index_backfill(tbl regclass, source name, term name, purpose text,
+                                      tenant_column name DEFAULT NULL, batch_size integer DEFAULT 1000)
+LANGUAGE plpgsql AS $$
+DECLARE
+    src_type oid;
+    term_type oid;
+    filter text;
+    stale text;
+    todo bigint;
+    n bigint;
+    total bigint := 0;
+    rounds bigint := 0;
+    active integer;
+    nrows bigint;
+    ndistinct bigint;
+    warn text;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'pg_envelope: batch_size must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT a.atttypid INTO src_type FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = source AND a.attnum > 0 AND NOT a.attisdropped;
+    SELECT a.atttypid INTO term_type FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = term AND a.attnum > 0 AND NOT a.attisdropped;
+    IF src_type IS NULL OR term_type IS NULL THEN
+        RAISE EXCEPTION 'pg_envelope: % has no column %', tbl, coalesce(CASE WHEN src_type IS NULL THEN source END, term)
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    IF term_type <> '@extschema@.blind_index'::pg_catalog.regtype THEN
+        RAISE EXCEPTION 'pg_envelope: column % of % is not of type envelope.blind_index', term, tbl
+            USING ERRCODE = 'datatype_mismatch';
+    END IF;
+    active := @extschema@.active_index_version();
+    IF tenant_column IS NOT NULL THEN
+        filter := pg_catalog.format('%I = pg_catalog.current_setting(pg_catalog.current_setting(%L))', tenant_column, 'envelope.tenant_setting');
+    ELSIF src_type IN (SELECT t.oid FROM pg_catalog.pg_type t
+                        WHERE t.typnamespace = '@extschema@'::pg_catalog.regnamespace AND t.typname LIKE 'encrypted\_%') THEN
+        filter := pg_catalog.format('@extschema@.key_tenant_id(%I) = %s', source, @extschema@.current_tenant_key_id());
+    ELSE
+        filter := 'true';
+    END IF;
+    stale := pg_catalog.format('%I IS NOT NULL AND (%I IS NULL OR @extschema@.blind_index_version(%I) <> %s) AND %s',
+                               source, term, term, active, filter);
+    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %s', tbl, stale) INTO todo;
+    -- Bounded: a trigger that writes another term (another purpose) cannot make this loop forever.
+    WHILE rounds <= todo / batch_size LOOP
+        EXECUTE pg_catalog.format(
+            'UPDATE %s t SET %I = @extschema@.blind_index(%L, t.%I) WHERE t.ctid = ANY (ARRAY(SELECT ctid FROM %s WHERE %s LIMIT %s))',
+            tbl, term, purpose, source, tbl, stale, batch_size);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+        rounds := rounds + 1;
+        COMMIT;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*), pg_catalog.count(DISTINCT %I) FROM %s WHERE %I IS NOT NULL AND %s', term, tbl, term, filter)
+        INTO nrows, ndistinct;
+    warn := @extschema@.blind_index_cardinality_warning(ndistinct, nrows);
+    IF warn IS NOT NULL THEN
+        RAISE WARNING 'pg_envelope: %', warn;
+    END IF;
+    RAISE NOTICE 'pg_envelope: % row(s) of % given terms of index key version %', total, tbl, active;
+END $$;

@@ -116,7 +116,15 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/search.sql",
     name = "search",
-    requires = ["audit", search::declare_blind_index, search::rotate_index_key, search::destroy_index_key]
+    requires = [
+        "audit",
+        search::declare_blind_index,
+        search::rotate_index_key,
+        search::destroy_index_key,
+        search::active_index_version,
+        search::current_tenant_key_id,
+        search::blind_index_cardinality_warning
+    ]
 );
 extension_sql_file!(
     "../sql/maintenance.sql",

@@ -352,3 +352,41 @@ fn destroy_impl(tenant: &str, version: i32) -> Result<()> {
         }
     }
 }
+
+// The version of the index key a term was made with (public: it is in the term's text form).
+v1_function!(pg_finfo_pge_blind_index_version, pge_blind_index_version, term_version);
+unsafe fn term_version(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let b = unsafe { arg_term(fcinfo, 0) };
+    pg_sys::Datum::from(u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as i32)
+}
+
+/// The session tenant's active index key version, for a role holding the tenant's grant (the
+/// backfill compares terms with it).
+#[pg_extern(stable, parallel_restricted)]
+fn active_index_version() -> i32 {
+    active_index_version_impl().or_raise() as i32
+}
+
+fn active_index_version_impl() -> Result<u32> {
+    let tenant = backend::current_tenant()?;
+    let v = backend::with_backend(|b| b.with_tenant_keys(tenant, |keys| Ok(keys.active_index_version())))?;
+    if v == 0 {
+        return Err(EnvelopeError::NoIndexKey { tenant: tenant.to_string() });
+    }
+    Ok(v)
+}
+
+/// The session tenant's key id (the `tenant key id` in its values' headers), for a role
+/// holding the tenant's grant: which rows of a shared table are the tenant's.
+#[pg_extern(stable, parallel_restricted)]
+fn current_tenant_key_id() -> i32 {
+    let tenant = backend::current_tenant().or_raise();
+    backend::with_backend(|b| b.check_grant(tenant, crate::nothrow::current_user_id())).or_raise() as i32
+}
+
+/// The warning for a term column whose terms reveal too much by their frequencies (few
+/// distinct terms over many rows), or NULL.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn blind_index_cardinality_warning(distinct_terms: i64, rows: i64) -> Option<String> {
+    pg_envelope_core::search::low_cardinality_warning(distinct_terms.max(0) as u64, rows.max(0) as u64)
+}
