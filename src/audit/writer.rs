@@ -228,10 +228,12 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
         if !constr.is_null() && ((*constr).num_check > 0 || (*constr).has_generated_stored) {
             return false;
         }
+        // (PgTupleDesc: the attribute array's layout differs between PostgreSQL 15 and 18.)
+        let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
         for (i, want) in AUDIT_LOG_TYPES.iter().enumerate() {
-            let a = &*(*desc).attrs.as_ptr().add(i);
-            if a.attisdropped || a.atttypid != *want || a.attgenerated != 0 {
-                return false;
+            match attrs.get(i) {
+                Some(a) if !a.attisdropped && a.atttypid == *want && a.attgenerated == 0 => {}
+                _ => return false,
             }
         }
         let t = (*rel).trigdesc;
