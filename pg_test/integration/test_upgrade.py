@@ -209,6 +209,24 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
                     c.execute("SELECT envelope.decrypt_field(%s::bytea)", (env,))
             assert err.value.sqlstate == "42704"
 
+        # Blind indexes on 0.1.0's tenants: none has an index key until a key administrator
+        # makes one (a clear 55000 before); then a term column is backfilled and searched.
+        with connect(PORT, "upgraded") as c:
+            c.execute("SELECT envelope.declare_blind_index('t.email', 'nfkc_casefold'), envelope.grant_tenant('acme', current_user)")
+            c.execute("ALTER TABLE t ADD COLUMN email_idx envelope.blind_index")
+            c.execute("SET app.tenant_id = 'acme'")
+            with pytest.raises(psycopg.Error) as err:
+                c.execute("SELECT envelope.blind_index('t.email', 'x')")
+            assert err.value.sqlstate == "55000"
+            assert c.execute("SELECT envelope.rotate_index_key('acme')").fetchone()[0] == 1
+            c.execute("CALL envelope.blind_index_backfill('t', 'email', 'email_idx', 't.email', 'tenant')")
+            some = c.execute("SELECT id, email::text FROM t WHERE tenant = 'acme' ORDER BY id LIMIT 1").fetchone()
+            assert c.execute("SELECT array_agg(id) FROM t WHERE email_idx = envelope.blind_index('t.email', upper(%s))",
+                             (some[1],)).fetchone()[0] == [some[0]]
+            assert c.execute("SELECT count(email_idx) FROM t WHERE tenant = 'acme'").fetchone()[0] == 100
+            c.execute("RESET app.tenant_id")
+            c.execute("ALTER TABLE t DROP COLUMN email_idx")
+
         # 3. The updated extension is the same as a fresh install.
         with connect(PORT) as c:
             c.execute("CREATE DATABASE fresh")
