@@ -127,6 +127,10 @@ CREATE FUNCTION blind_index(purpose text, value date) RETURNS blind_index
     AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
 CREATE FUNCTION blind_index(purpose text, value timestamptz) RETURNS blind_index
     AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+-- timestamp (without time zone) has its own terms: an implicit cast to timestamptz would make
+-- them depend on the session's TimeZone.
+CREATE FUNCTION blind_index(purpose text, value timestamp) RETURNS blind_index
+    AS 'MODULE_PATHNAME', 'pge_blind_index' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
 -- integer: the same term as the bigint of the same value (an int4 column and an int8 parameter match).
 CREATE FUNCTION blind_index(purpose text, value integer) RETURNS blind_index
     LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
@@ -144,6 +148,8 @@ CREATE FUNCTION blind_index_all(purpose text, value numeric) RETURNS blind_index
 CREATE FUNCTION blind_index_all(purpose text, value date) RETURNS blind_index[]
     AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
 CREATE FUNCTION blind_index_all(purpose text, value timestamptz) RETURNS blind_index[]
+    AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+CREATE FUNCTION blind_index_all(purpose text, value timestamp) RETURNS blind_index[]
     AS 'MODULE_PATHNAME', 'pge_blind_index_all' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
 CREATE FUNCTION blind_index_all(purpose text, value integer) RETURNS blind_index[]
     LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
@@ -180,7 +186,16 @@ BEGIN
         RAISE EXCEPTION 'pg_envelope: blind_index_trigger(source column, term column, purpose) must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    EXECUTE format('SELECT @extschema@.blind_index($1, ($2).%I)', TG_ARGV[0]) INTO term USING TG_ARGV[2], NEW;
+    -- The term column must exist and be a blind_index: jsonb_populate_record ignores unknown
+    -- keys, so a misspelled name would silently keep whatever the client sent.
+    PERFORM 1 FROM pg_catalog.pg_attribute a
+      WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[1] AND a.attnum > 0 AND NOT a.attisdropped
+        AND a.atttypid = '@extschema@.blind_index'::pg_catalog.regtype;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_envelope: blind_index_trigger: % has no column % of type envelope.blind_index', TG_RELID::pg_catalog.regclass, TG_ARGV[1]
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    EXECUTE pg_catalog.format('SELECT @extschema@.blind_index($1, ($2).%I)', TG_ARGV[0]) INTO term USING TG_ARGV[2], NEW;
     NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], term::text));
     RETURN NEW;
 END $$;
@@ -190,14 +205,19 @@ END $$;
 CREATE FUNCTION blind_index_version(blind_index) RETURNS integer
     AS 'MODULE_PATHNAME', 'pge_blind_index_version' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE LEAKPROOF;
 
--- Backfill: gives every row of the session's tenant a term of the tenant's active index key
--- version (rows with no term, a term of an older version, or a forged one are all rewritten),
--- batch by batch, each batch committed (CALL it outside a transaction block):
+-- Backfill: gives every row of the session's tenant the term the trigger would give it (the
+-- tenant's active index key version, this purpose): rows without a term, with a term of an
+-- older version, another purpose, or a forged or copied one are rewritten; rows already right
+-- are left alone. One pass over the table in block ranges (a TID range scan per batch of about
+-- batch_size rows), each batch committed (CALL it outside a transaction block):
 --   CALL envelope.blind_index_backfill('users', 'email', 'email_idx', 'users.email');
 -- Which rows are the tenant's: those whose tenant_column equals the tenant setting when one is
--- named; otherwise, for an encrypted source, those whose ciphertext is under the tenant's key;
--- otherwise (a plaintext source, no tenant column) every row. Ends with a WARNING when the
--- column's terms are so few that their frequencies give values away.
+-- named; otherwise, for an encrypted source, those under the tenant's key; otherwise (a
+-- plaintext source, no tenant column) every row. A partitioned table is done partition by
+-- partition; inheritance children are not included (call it per child). Ends with a WARNING when
+-- the column's terms are so few that their frequencies give values away. Runs with the caller's
+-- rights; a procedure that commits cannot pin its search_path, so every name and operator in it
+-- is schema-qualified.
 CREATE PROCEDURE blind_index_backfill(tbl regclass, source name, term name, purpose text,
                                       tenant_column name DEFAULT NULL, batch_size integer DEFAULT 1000)
 LANGUAGE plpgsql AS $$
@@ -205,11 +225,13 @@ DECLARE
     src_type oid;
     term_type oid;
     filter text;
-    stale text;
-    todo bigint;
+    part regclass;
+    per_block float8;
+    step bigint;
+    nblocks bigint;
+    blk bigint;
     n bigint;
     total bigint := 0;
-    rounds bigint := 0;
     active integer;
     nrows bigint;
     ndistinct bigint;
@@ -219,41 +241,57 @@ BEGIN
         RAISE EXCEPTION 'pg_envelope: batch_size must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT a.atttypid INTO src_type FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = tbl AND a.attname = source AND a.attnum > 0 AND NOT a.attisdropped;
+     WHERE a.attrelid OPERATOR(pg_catalog.=) tbl AND a.attname OPERATOR(pg_catalog.=) source AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped;
     SELECT a.atttypid INTO term_type FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = tbl AND a.attname = term AND a.attnum > 0 AND NOT a.attisdropped;
+     WHERE a.attrelid OPERATOR(pg_catalog.=) tbl AND a.attname OPERATOR(pg_catalog.=) term AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped;
     IF src_type IS NULL OR term_type IS NULL THEN
         RAISE EXCEPTION 'pg_envelope: % has no column %', tbl, coalesce(CASE WHEN src_type IS NULL THEN source END, term)
             USING ERRCODE = 'undefined_column';
     END IF;
-    IF term_type <> '@extschema@.blind_index'::pg_catalog.regtype THEN
+    IF term_type OPERATOR(pg_catalog.<>) '@extschema@.blind_index'::pg_catalog.regtype THEN
         RAISE EXCEPTION 'pg_envelope: column % of % is not of type envelope.blind_index', term, tbl
             USING ERRCODE = 'datatype_mismatch';
     END IF;
     active := @extschema@.active_index_version();
     IF tenant_column IS NOT NULL THEN
-        filter := pg_catalog.format('%I = pg_catalog.current_setting(pg_catalog.current_setting(%L))', tenant_column, 'envelope.tenant_setting');
-    ELSIF src_type IN (SELECT t.oid FROM pg_catalog.pg_type t
-                        WHERE t.typnamespace = '@extschema@'::pg_catalog.regnamespace AND t.typname LIKE 'encrypted\_%') THEN
-        filter := pg_catalog.format('@extschema@.key_tenant_id(%I) = %s', source, @extschema@.current_tenant_key_id());
+        filter := pg_catalog.format('t.%I OPERATOR(pg_catalog.=) pg_catalog.current_setting(pg_catalog.current_setting(%L))',
+                                    tenant_column, 'envelope.tenant_setting');
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_type ty
+                   WHERE ty.oid OPERATOR(pg_catalog.=) src_type
+                     AND ty.typnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+                     AND ty.typname OPERATOR(pg_catalog.~~) 'encrypted\_%') THEN
+        filter := pg_catalog.format('@extschema@.key_tenant_id(t.%I) OPERATOR(pg_catalog.=) %s', source, @extschema@.current_tenant_key_id());
     ELSE
         filter := 'true';
     END IF;
-    stale := pg_catalog.format('%I IS NOT NULL AND (%I IS NULL OR @extschema@.blind_index_version(%I) <> %s) AND %s',
-                               source, term, term, active, filter);
-    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %s', tbl, stale) INTO todo;
-    -- Bounded: a trigger that writes another term (another purpose) cannot make this loop forever.
-    WHILE rounds <= todo / batch_size LOOP
-        EXECUTE pg_catalog.format(
-            'UPDATE %s t SET %I = @extschema@.blind_index(%L, t.%I) WHERE t.ctid = ANY (ARRAY(SELECT ctid FROM %s WHERE %s LIMIT %s))',
-            tbl, term, purpose, source, tbl, stale, batch_size);
-        GET DIAGNOSTICS n = ROW_COUNT;
-        total := total + n;
-        rounds := rounds + 1;
-        COMMIT;
-        EXIT WHEN n < batch_size;
+    FOR part IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p
+                 WHERE p.isleaf AND p.relid OPERATOR(pg_catalog.<>) tbl
+                UNION ALL
+                SELECT tbl FROM pg_catalog.pg_class c
+                 WHERE c.oid OPERATOR(pg_catalog.=) tbl AND c.relkind OPERATOR(pg_catalog.<>) 'p' LOOP
+        SELECT CASE WHEN c.relpages OPERATOR(pg_catalog.>) 0 AND c.reltuples OPERATOR(pg_catalog.>) 0
+                    THEN c.reltuples OPERATOR(pg_catalog./) c.relpages ELSE 50 END
+          INTO per_block FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) part;
+        step := GREATEST(1, (batch_size OPERATOR(pg_catalog./) per_block)::bigint);
+        nblocks := pg_catalog.pg_relation_size(part) OPERATOR(pg_catalog./) pg_catalog.current_setting('block_size')::bigint;
+        blk := 0;
+        WHILE blk OPERATOR(pg_catalog.<=) nblocks LOOP
+            -- The tenant filter is evaluated first (CASE): another tenant's value is never
+            -- decrypted, and its term never touched.
+            EXECUTE pg_catalog.format(
+                'UPDATE ONLY %s t SET %I = @extschema@.blind_index(%L, t.%I)
+                  WHERE t.ctid OPERATOR(pg_catalog.>=) ''(%s,0)''::pg_catalog.tid AND t.ctid OPERATOR(pg_catalog.<) ''(%s,0)''::pg_catalog.tid
+                    AND t.%I IS NOT NULL
+                    AND CASE WHEN %s THEN t.%I IS NULL OR NOT (t.%I OPERATOR(pg_catalog.=) @extschema@.blind_index(%L, t.%I)) ELSE false END',
+                part, term, purpose, source, blk, blk OPERATOR(pg_catalog.+) step, source, filter, term, term, purpose, source);
+            GET DIAGNOSTICS n = ROW_COUNT;
+            total := total OPERATOR(pg_catalog.+) n;
+            COMMIT;
+            blk := blk OPERATOR(pg_catalog.+) step;
+        END LOOP;
     END LOOP;
-    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*), pg_catalog.count(DISTINCT %I) FROM %s WHERE %I IS NOT NULL AND %s', term, tbl, term, filter)
+    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*), pg_catalog.count(DISTINCT t.%I) FROM %s t WHERE t.%I IS NOT NULL AND %s',
+                              term, tbl, term, filter)
         INTO nrows, ndistinct;
     warn := @extschema@.blind_index_cardinality_warning(ndistinct, nrows);
     IF warn IS NOT NULL THEN

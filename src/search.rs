@@ -153,23 +153,22 @@ struct PurposeCache {
     name: [u8; 200],
 }
 
-unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> (&'a str, Normalization) {
+unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Result<(&'a str, Normalization)> {
     unsafe {
         let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
         let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
         let bytes = pgrx::varlena_to_byte_slice(v);
         let purpose = std::str::from_utf8(bytes)
-            .map_err(|_| bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "pg_envelope: a purpose is UTF-8 text".into(), None))
-            .or_raise();
+            .map_err(|_| bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "pg_envelope: a purpose is UTF-8 text".into(), None))?;
         let flinfo = (*fcinfo).flinfo;
         let cache = (*flinfo).fn_extra as *mut PurposeCache;
         if let Some(c) = cache.as_ref() {
             if c.name[..c.len] == *bytes {
-                return (purpose, c.normalization);
+                return Ok((purpose, c.normalization));
             }
         }
-        let n = catalog::purpose_normalization(purpose).or_raise().ok_or_else(|| EnvelopeError::PurposeUnknown { purpose: purpose.to_string() }).or_raise();
-        let n = Normalization::parse(&n).map_err(search_error).or_raise();
+        let n = catalog::purpose_normalization(purpose)?.ok_or_else(|| EnvelopeError::PurposeUnknown { purpose: purpose.to_string() })?;
+        let n = Normalization::parse(&n).map_err(search_error)?;
         if bytes.len() <= 200 {
             let c = if cache.is_null() {
                 let c = pg_sys::MemoryContextAllocZero((*flinfo).fn_mcxt, std::mem::size_of::<PurposeCache>()) as *mut PurposeCache;
@@ -183,7 +182,7 @@ unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> (&'a str, Normaliz
             c.name[..bytes.len()].copy_from_slice(bytes);
             c.normalization = n;
         }
-        (purpose, n)
+        Ok((purpose, n))
     }
 }
 
@@ -196,12 +195,20 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<
             pg_sys::TEXTOID => {
                 let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
                 let bytes = pgrx::varlena_to_byte_slice(v);
-                // Terms are of the UTF-8 text, whatever the database encoding.
-                let utf8: &[u8] = if pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 {
+                // Terms are of the UTF-8 text, whatever the database encoding. pg_server_to_any
+                // returns its input (not NUL-terminated: the varlena's bytes) when nothing needs
+                // converting (an empty string, SQL_ASCII, UTF8), else a NUL-terminated palloc'd
+                // copy. Found by the adversarial review: reading the input as a C string ran past
+                // the value into whatever followed it in memory.
+                let utf8: &[u8] = if bytes.is_empty() || pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 {
                     bytes
                 } else {
                     let p = pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
-                    CStr::from_ptr(p).to_bytes()
+                    if std::ptr::eq(p.cast::<u8>(), bytes.as_ptr()) {
+                        bytes
+                    } else {
+                        CStr::from_ptr(p).to_bytes()
+                    }
                 };
                 let s = std::str::from_utf8(utf8)
                     .map_err(|_| bad(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, "pg_envelope: the value is not valid text".into(), None))?;
@@ -214,6 +221,7 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<
             pg_sys::INT8OID => f(&Value::Int8(d.value() as i64)),
             pg_sys::DATEOID => f(&Value::Date(d.value() as i32)),
             pg_sys::TIMESTAMPTZOID => f(&Value::Timestamptz(d.value() as i64)),
+            pg_sys::TIMESTAMPOID => f(&Value::Timestamp(d.value() as i64)),
             pg_sys::NUMERICOID => {
                 let p = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(1702u32), d);
                 f(&Value::Numeric(CStr::from_ptr(p).to_str().unwrap_or("")))
@@ -227,10 +235,12 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<
     }
 }
 
-/// The terms of `value` for `purpose` under the current tenant's active index key (`all`:
-/// every live version, active first). The same tenant setting, grant, suspension and lockdown
-/// checks as decryption, and an audit record per statement (kind `search`).
-fn terms(purpose: &str, n: Normalization, value: &Value<'_>, all: bool) -> Result<Vec<Term>> {
+/// The terms of the call's value for its purpose under the current tenant's active index key
+/// (`all`: every live version, active first). In order: the tenant setting and the grant (so a
+/// role without the grant learns nothing, not even which purposes exist), the purpose, the
+/// value, then the keys (suspension, lockdown, TTL) as for decryption. Audited per statement
+/// (kind `search`), refusals included.
+unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Vec<Term>> {
     let audited = crate::audit::enabled();
     if audited {
         if let Err(e) = crate::audit::check_can_record() {
@@ -241,24 +251,32 @@ fn terms(purpose: &str, n: Normalization, value: &Value<'_>, all: bool) -> Resul
     let mut version = 0;
     let tenant = backend::current_tenant().ok();
     let r = backend::current_tenant().and_then(|tenant| {
-        backend::with_backend(|b| {
-            b.with_tenant_keys(tenant, |keys| {
-                let versions = if all { keys.index_versions() } else { vec![keys.active_index_version()] };
-                version = versions.first().copied().unwrap_or(0);
-                if version == 0 {
-                    return Err(EnvelopeError::NoIndexKey { tenant: tenant.to_string() });
-                }
-                versions
-                    .iter()
-                    .map(|v| {
-                        keys.term(*v, purpose, n, value).map_err(|e| match e {
-                            pg_envelope_core::cache::TermError::NoIndexKey { .. } => EnvelopeError::NoIndexKey { tenant: tenant.to_string() },
-                            pg_envelope_core::cache::TermError::Search(e) => search_error(e),
-                        })
+        backend::with_backend(|b| b.check_grant(tenant, crate::nothrow::current_user_id()))?;
+        let (purpose, n) = unsafe { purpose_of(fcinfo) }?;
+        unsafe {
+            with_value(fcinfo, |value| {
+                backend::with_backend(|b| {
+                    b.with_tenant_keys(tenant, |keys| {
+                        let versions = if all { keys.index_versions() } else { vec![keys.active_index_version()] };
+                        version = versions.first().copied().unwrap_or(0);
+                        if version == 0 {
+                            return Err(EnvelopeError::NoIndexKey { tenant: tenant.to_string() });
+                        }
+                        versions
+                            .iter()
+                            .map(|v| {
+                                keys.term(*v, purpose, n, value).map_err(|e| match e {
+                                    pg_envelope_core::cache::TermError::NoIndexKey { .. } => {
+                                        EnvelopeError::NoIndexKey { tenant: tenant.to_string() }
+                                    }
+                                    pg_envelope_core::cache::TermError::Search(e) => search_error(e),
+                                })
+                            })
+                            .collect()
                     })
-                    .collect()
+                })
             })
-        })
+        }
     });
     if audited {
         crate::audit::note(crate::audit::Op::Search, tenant, version, r.as_ref().err());
@@ -268,16 +286,14 @@ fn terms(purpose: &str, n: Normalization, value: &Value<'_>, all: bool) -> Resul
 
 v1_function!(pg_finfo_pge_blind_index, pge_blind_index, blind_index_impl);
 unsafe fn blind_index_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let (purpose, n) = unsafe { purpose_of(fcinfo) };
-    let t = unsafe { with_value(fcinfo, |v| terms(purpose, n, v, false)) }.or_raise();
+    let t = unsafe { terms(fcinfo, false) }.or_raise();
     palloc_term(&t[0])
 }
 
 v1_function!(pg_finfo_pge_blind_index_all, pge_blind_index_all, blind_index_all_impl);
 unsafe fn blind_index_all_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
-        let (purpose, n) = purpose_of(fcinfo);
-        let ts = with_value(fcinfo, |v| terms(purpose, n, v, true)).or_raise();
+        let ts = terms(fcinfo, true).or_raise();
         let elem = pg_sys::get_func_rettype((*(*fcinfo).flinfo).fn_oid);
         let elem = pg_sys::get_element_type(elem);
         let mut datums: Vec<pg_sys::Datum> = ts.iter().map(palloc_term).collect();

@@ -50,6 +50,30 @@ def test_text_round_trips_in_a_non_utf8_database(db):
         assert c.execute("SELECT v::text FROM t").fetchone()[0] == WORD
 
 
+def test_blind_index_terms_depend_only_on_the_value_in_a_non_utf8_database(db):
+    """Terms are of the value's UTF-8 text: the same in every row and statement, whatever the
+    bytes next to it in memory (the adversarial review found terms of empty strings, and of any
+    string in SQL_ASCII, computed over the value plus the following bytes), and equal to the
+    term of the same text sent again."""
+    name, tenant, encoding = db
+    with connect(PORT_A, name, client_encoding="UTF8") as c:
+        c.execute("SELECT envelope.declare_blind_index('enc.raw'), envelope.declare_blind_index('enc.fold', 'nfkc_casefold')")
+        c.execute("SELECT set_config('app.tenant_id', %s, false)", (tenant,))
+        c.execute("CREATE TABLE bi (s text, neighbour text)")
+        c.execute("INSERT INTO bi VALUES ('', 'hello'), ('', 'world'), ('abc', 'secret1'), ('abc', 'secret2'), (%s, 'x'), (%s, 'y')", (WORD, WORD))
+        terms = c.execute("SELECT s, array_agg(DISTINCT envelope.blind_index('enc.raw', s)::text) FROM bi GROUP BY s").fetchall()
+        assert all(len(t) == 1 for _, t in terms), terms
+        by_value = {s: t[0] for s, t in terms}
+        assert by_value[""] == c.execute("SELECT envelope.blind_index('enc.raw', '')::text").fetchone()[0]
+        assert c.execute("SELECT envelope.blind_index('enc.raw', '') = envelope.blind_index('enc.raw', '')").fetchone()[0] is True
+        assert by_value["abc"] == c.execute("SELECT envelope.blind_index('enc.raw', 'abc')::text").fetchone()[0]
+        assert by_value[WORD] == c.execute("SELECT envelope.blind_index('enc.raw', %s)::text", (WORD,)).fetchone()[0]
+        if encoding == "LATIN1":
+            # Non-ASCII text is folded as Unicode: the upper-case form has the same term.
+            assert c.execute("SELECT envelope.blind_index('enc.fold', %s) = envelope.blind_index('enc.fold', %s)",
+                             (WORD, WORD.upper())).fetchone()[0] is True
+
+
 def test_decrypting_bytes_that_are_not_text_is_22021_not_garbage():
     name = f"enc_utf8_{uuid.uuid4().hex[:6]}"
     t = f"t_{name}"

@@ -108,6 +108,8 @@ pub const TERM_FORMAT_1: u8 = 0x01;
 pub const TAG_LEN: usize = 16;
 /// Length of a term's binary form: format byte, key version, tag.
 pub const TERM_LEN: usize = 1 + 4 + TAG_LEN;
+/// The largest key version a term may carry: PostgreSQL stores versions as `integer`.
+pub const MAX_VERSION: u32 = i32::MAX as u32;
 /// Prefix of a term's text form (format 1), followed by the decimal key version.
 pub const TERM_TEXT_PREFIX: &str = "bi1:v";
 /// Longest purpose, in bytes.
@@ -363,12 +365,22 @@ pub enum ValueKind {
     Numeric,
     Date,
     Timestamptz,
+    /// `timestamp` (without time zone): its own kind, so a term never depends on a session's
+    /// TimeZone (an implicit cast to timestamptz would).
+    Timestamp,
 }
 
 impl ValueKind {
     /// Every kind, in the order of their names in messages.
-    pub const ALL: [ValueKind; 6] =
-        [ValueKind::Text, ValueKind::Bytea, ValueKind::Int8, ValueKind::Numeric, ValueKind::Date, ValueKind::Timestamptz];
+    pub const ALL: [ValueKind; 7] = [
+        ValueKind::Text,
+        ValueKind::Bytea,
+        ValueKind::Int8,
+        ValueKind::Numeric,
+        ValueKind::Date,
+        ValueKind::Timestamptz,
+        ValueKind::Timestamp,
+    ];
 
     /// The SQL-facing name: `text`, `bytea`, `int8`, `numeric`, `date`, `timestamptz`. Part of the
     /// key derivation.
@@ -380,6 +392,7 @@ impl ValueKind {
             ValueKind::Numeric => "numeric",
             ValueKind::Date => "date",
             ValueKind::Timestamptz => "timestamptz",
+            ValueKind::Timestamp => "timestamp",
         }
     }
 
@@ -408,6 +421,8 @@ pub enum Value<'a> {
     Date(i32),
     /// PostgreSQL's `TimestampTz`: microseconds since 2000-01-01 00:00 UTC.
     Timestamptz(i64),
+    /// PostgreSQL's `Timestamp`: microseconds since 2000-01-01 00:00 (no time zone).
+    Timestamp(i64),
 }
 
 impl Value<'_> {
@@ -419,6 +434,7 @@ impl Value<'_> {
             Value::Numeric(_) => ValueKind::Numeric,
             Value::Date(_) => ValueKind::Date,
             Value::Timestamptz(_) => ValueKind::Timestamptz,
+            Value::Timestamp(_) => ValueKind::Timestamp,
         }
     }
 }
@@ -490,7 +506,7 @@ fn with_canonical_bytes<R>(n: Normalization, v: &Value<'_>, f: impl FnOnce(&[u8]
         Value::Int8(i) => fixed(i.to_be_bytes(), f),
         Value::Numeric(s) => f(canonical_numeric_wiping(s)?.as_bytes()),
         Value::Date(d) => fixed(d.to_be_bytes(), f),
-        Value::Timestamptz(t) => fixed(t.to_be_bytes(), f),
+        Value::Timestamptz(t) | Value::Timestamp(t) => fixed(t.to_be_bytes(), f),
     })
 }
 
@@ -678,6 +694,9 @@ impl Term {
         if version == 0 {
             return Err(SearchError::InvalidTerm("key version 0"));
         }
+        if version > MAX_VERSION {
+            return Err(SearchError::InvalidTerm("the version is above 2147483647"));
+        }
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&b[5..]);
         Ok(Term { version, tag })
@@ -717,6 +736,9 @@ impl Term {
             }));
         }
         let version: u32 = version.parse().map_err(|_| SearchError::InvalidTerm("the version does not fit 32 bits"))?;
+        if version > MAX_VERSION {
+            return Err(SearchError::InvalidTerm("the version is above 2147483647"));
+        }
         let hb = hex.as_bytes();
         if hb.len() != 2 * TAG_LEN {
             return Err(SearchError::InvalidTerm("the tag is not 32 hex digits"));
@@ -1116,6 +1138,15 @@ mod tests {
     }
 
     #[test]
+    fn timestamp_and_timestamptz_are_different_kinds() {
+        let key = IndexKey::from_secret_key(SecretKey::from_slice(&[7u8; 32]).unwrap());
+        let a = key.term_key("p", Normalization::None, ValueKind::Timestamp).unwrap().term(1, &Value::Timestamp(42)).unwrap();
+        let b = key.term_key("p", Normalization::None, ValueKind::Timestamptz).unwrap().term(1, &Value::Timestamptz(42)).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(ValueKind::parse("timestamp"), Ok(ValueKind::Timestamp));
+    }
+
+    #[test]
     fn term_encodings_reject_malformed_input() {
         let t = Term { version: 3, tag: core::array::from_fn(|i| (i * 17) as u8) };
         let text = t.to_text();
@@ -1125,9 +1156,13 @@ mod tests {
         let bytes = t.to_bytes();
         assert_eq!(bytes[..5], [1, 0, 0, 0, 3]);
         assert_eq!(Term::from_bytes(&bytes), Ok(t));
-        let max = Term { version: u32::MAX, tag: [0xff; 16] };
+        let max = Term { version: MAX_VERSION, tag: [0xff; 16] };
         assert_eq!(Term::from_text(&max.to_text()), Ok(max));
         assert_eq!(Term::from_bytes(&max.to_bytes()), Ok(max));
+        // Versions are PostgreSQL integers: above 2^31 - 1 is no term.
+        let over = Term { version: MAX_VERSION + 1, tag: [0xff; 16] };
+        assert!(Term::from_text(&over.to_text()).is_err());
+        assert!(Term::from_bytes(&over.to_bytes()).is_err());
 
         for bad in [
             "",
@@ -1159,7 +1194,8 @@ mod tests {
         ] {
             assert!(matches!(Term::from_text(bad), Err(SearchError::InvalidTerm(_))), "{bad:?}");
         }
-        assert!(Term::from_text("bi1:v4294967295:00112233445566778899aabbccddeeff").is_ok());
+        assert!(Term::from_text("bi1:v2147483647:00112233445566778899aabbccddeeff").is_ok());
+        assert!(Term::from_text("bi1:v4294967295:00112233445566778899aabbccddeeff").is_err());
 
         assert!(Term::from_bytes(&bytes[..20]).is_err());
         assert!(Term::from_bytes(&[bytes.as_slice(), &[0]].concat()).is_err());
@@ -1234,7 +1270,7 @@ mod tests {
     ];
 
     fn arb_term() -> impl Strategy<Value = Term> {
-        (1u32.., any::<[u8; 16]>()).prop_map(|(version, tag)| Term { version, tag })
+        (1u32..=MAX_VERSION, any::<[u8; 16]>()).prop_map(|(version, tag)| Term { version, tag })
     }
 
     proptest! {

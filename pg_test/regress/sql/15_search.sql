@@ -16,6 +16,7 @@ SELECT 'bi1:v1:00112233445566778899aabbccddeeff'::envelope.blind_index::text AS 
 SELECT envelope.blind_index_version('bi1:v7:00112233445566778899aabbccddeeff') AS version;
 SELECT sqlstate_of($$SELECT 'bi1:v1:0011'::envelope.blind_index$$) AS short_tag,
        sqlstate_of($$SELECT 'bi1:v0:00112233445566778899aabbccddeeff'::envelope.blind_index$$) AS version_zero,
+       sqlstate_of($$SELECT 'bi1:v2147483648:00112233445566778899aabbccddeeff'::envelope.blind_index$$) AS version_over_int4,
        sqlstate_of($$SELECT 'BI1:V1:00112233445566778899AABBCCDDEEFF'::envelope.blind_index$$) AS upper_case,
        sqlstate_of($$SELECT 'alice@example.com'::envelope.blind_index$$) AS plaintext,
        sqlstate_of($$SELECT 'x'::text::envelope.blind_index$$) AS no_cast_from_text,
@@ -46,6 +47,12 @@ SELECT envelope.blind_index('bi.email', 'Alice@Example.COM') = envelope.blind_in
        envelope.blind_index('bi.raw', 1.50) = envelope.blind_index('bi.raw', 1.5::numeric) AS numeric_scale,
        envelope.blind_index('bi.raw', 'a') = envelope.blind_index('bi.email', 'a') AS across_purposes,
        envelope.blind_index_version(envelope.blind_index('bi.raw', 'a')) AS active_version;
+-- timestamp (without time zone): the same term whatever the session's TimeZone.
+SET TimeZone = 'UTC';
+CREATE TEMP TABLE ts_term AS SELECT envelope.blind_index('bi.raw', '2026-01-01 00:00'::timestamp) AS t;
+SET TimeZone = 'America/New_York';
+SELECT envelope.blind_index('bi.raw', '2026-01-01 00:00'::timestamp) = (SELECT t FROM ts_term) AS timestamp_ignores_timezone;
+RESET TimeZone;
 CREATE TEMP TABLE a_terms AS SELECT envelope.blind_index('bi.email', 'alice@example.com') AS t;
 SET app.tenant_id = 'bi_b';
 SELECT envelope.blind_index('bi.email', 'alice@example.com') = (SELECT t FROM a_terms) AS across_tenants;
@@ -67,6 +74,7 @@ SELECT sqlstate_of($$SELECT envelope.blind_index('bi.nope', 'x')$$) AS undeclare
 SELECT envelope.declare_blind_index('bi.email', 'nfkc_casefold') AS same_definition_is_a_no_op;
 SET ROLE regress_other;
 SELECT sqlstate_of($$SELECT envelope.blind_index('bi.email', 'x')$$) AS no_grant,
+       sqlstate_of($$SELECT envelope.blind_index('bi.no_such_purpose', 'x')$$) AS no_grant_hides_purposes,
        sqlstate_of($$SELECT envelope.declare_blind_index('bi.y')$$) AS declare_not_public,
        sqlstate_of($$SELECT envelope.rotate_index_key('bi_a')$$) AS rotate_not_public,
        sqlstate_of($$SELECT envelope.destroy_index_key('bi_a', 1)$$) AS destroy_not_public,
@@ -115,6 +123,44 @@ SELECT count(*) AS found_after_destroy FROM bi_users WHERE email_idx = envelope.
 -- A tenant key rotation keeps the index keys (re-wrapped): terms still match.
 SELECT envelope.rotate_tenant_key('bi_a') > 0 AS tenant_key_rotated;
 SELECT count(*) AS found_after_tenant_key_rotation FROM bi_users WHERE email_idx = envelope.blind_index('bi.email', 'user9@example.com');
+
+-- The backfill rewrites forged and copied terms of the active version too, and re-indexes
+-- under a new purpose.
+-- (With the trigger off, as a table owner or a replication apply could; the unique index
+-- already refuses a copy of another row's term.)
+ALTER TABLE bi_users DISABLE TRIGGER bi_users_email_idx;
+UPDATE bi_users SET email_idx = 'bi1:v2:00000000000000000000000000000000' WHERE id = 10;
+UPDATE bi_users SET email_idx = 'bi1:v2:11111111111111111111111111111111' WHERE id = 12;
+SELECT sqlstate_of($$UPDATE bi_users SET email_idx = (SELECT email_idx FROM bi_users WHERE id = 11) WHERE id = 13$$) AS copied_term_refused_by_unique_index;
+ALTER TABLE bi_users ENABLE TRIGGER bi_users_email_idx;
+SELECT count(*) AS forged_terms_before FROM bi_users WHERE id IN (10, 12) AND email_idx = envelope.blind_index('bi.email', email);
+CALL envelope.blind_index_backfill('bi_users', 'email', 'email_idx', 'bi.email', 'tenant', 500);
+SELECT count(*) AS right_terms_after_backfill FROM bi_users WHERE id IN (10, 12)
+   AND email_idx = envelope.blind_index('bi.email', email);
+SELECT envelope.declare_blind_index('bi.email2', 'none');
+ALTER TABLE bi_users DISABLE TRIGGER bi_users_email_idx;
+CALL envelope.blind_index_backfill('bi_users', 'email', 'email_idx', 'bi.email2', 'tenant', 500);
+ALTER TABLE bi_users ENABLE TRIGGER bi_users_email_idx;
+SELECT count(*) AS reindexed_under_new_purpose FROM bi_users WHERE email_idx = envelope.blind_index('bi.email2', email);
+-- A misspelled term column in the trigger is an error, not a silently kept client term.
+CREATE TABLE bi_typo (e text, e_idx envelope.blind_index);
+CREATE TRIGGER bi_typo BEFORE INSERT ON bi_typo FOR EACH ROW EXECUTE FUNCTION envelope.blind_index_trigger('e', 'e_idX', 'bi.raw');
+SELECT sqlstate_of($$INSERT INTO bi_typo VALUES ('x', 'bi1:v1:11111111111111111111111111111111')$$) AS misspelled_term_column;
+-- A partitioned table: each tenant's backfill touches only its own rows (the same ctid in two
+-- partitions is two rows).
+CREATE TABLE bi_parts (tenant text, email text, email_idx envelope.blind_index) PARTITION BY LIST (tenant);
+CREATE TABLE bi_parts_a PARTITION OF bi_parts FOR VALUES IN ('bi_a');
+CREATE TABLE bi_parts_b PARTITION OF bi_parts FOR VALUES IN ('bi_b');
+SET app.tenant_id = 'bi_b';
+INSERT INTO bi_parts VALUES ('bi_b', 'bob@b', envelope.blind_index('bi.email', 'bob@b'));
+SET app.tenant_id = 'bi_a';
+INSERT INTO bi_parts VALUES ('bi_a', 'alice@a', NULL);
+CALL envelope.blind_index_backfill('bi_parts', 'email', 'email_idx', 'bi.email', 'tenant');
+SELECT count(*) AS a_row_indexed FROM bi_parts WHERE email_idx = envelope.blind_index('bi.email', 'alice@a');
+SET app.tenant_id = 'bi_b';
+SELECT count(*) AS b_row_untouched FROM bi_parts WHERE email_idx = envelope.blind_index('bi.email', 'bob@b');
+SET app.tenant_id = 'bi_a';
+DROP TABLE bi_typo, bi_parts;
 
 -- A low-cardinality column: the backfill warns.
 CREATE TABLE bi_flags (id int, flag text, flag_idx envelope.blind_index);
