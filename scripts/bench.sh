@@ -5,6 +5,7 @@
 #
 #   scripts/bench.sh                 # full run (about 15-25 minutes on 2 cores)
 #   PGE_BENCH_QUICK=1 scripts/bench.sh   # a smoke run with small row counts
+#   scripts/bench.sh --search        # only the blind-index benchmark (benches/sql/search_bench.py)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
@@ -12,8 +13,12 @@ cd "$PGE_ROOT"
 
 bash "$here/setup.sh"
 
-echo "==> Criterion (core)"
-cargo bench -p pg_envelope_benches --bench core
+search_only=0
+[ "${1:-}" = --search ] && search_only=1
+if [ "$search_only" = 0 ]; then
+  echo "==> Criterion (core)"
+  cargo bench -p pg_envelope_benches --bench core
+fi
 
 echo "==> install a build WITH the bench-only envelope_bench schema"
 sudo=()
@@ -28,9 +33,14 @@ restore_normal_build() {
 }
 trap restore_normal_build EXIT
 
+if [ "$search_only" = 1 ]; then
+  "$PGE_STATE/py-venv/bin/python" benches/sql/search_bench.py
+  exit 0
+fi
 args=(--out-json "$PGE_ROOT/benches/results/sql.json")
 if [ "${PGE_BENCH_QUICK:-0}" = 1 ]; then
   args+=(--rows 100000 --rows-1k 20000 --rounds 2 --pgbench-seconds 5 --pgbench-rounds 1)
 fi
 "$PGE_STATE/py-venv/bin/python" benches/sql/bench.py "${args[@]}"
 "$PGE_STATE/py-venv/bin/python" benches/sql/report.py "$PGE_ROOT/benches/results/sql.json" "scripts/bench.sh"
+"$PGE_STATE/py-venv/bin/python" benches/sql/search_bench.py

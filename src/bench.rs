@@ -52,6 +52,24 @@ mod envelope_bench {
         })
     }
 
+    thread_local! {
+        /// HMAC-SHA-256 keyed once with a fixed, public key: the floor of a search term.
+        static HMAC_FLOOR: hmac::Hmac<sha2::Sha256> =
+            <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(&[9u8; 32]).unwrap();
+    }
+
+    /// A bare pre-keyed HMAC-SHA-256 of the bytes, cut to 16 bytes (what a blind-index term
+    /// computes, without keys per tenant, normalisation or checks).
+    #[pg_extern(immutable, parallel_safe)]
+    fn hmac_floor(data: &[u8]) -> Vec<u8> {
+        use hmac::Mac;
+        HMAC_FLOOR.with(|h| {
+            let mut m = h.clone();
+            m.update(data);
+            m.finalize().into_bytes()[..16].to_vec()
+        })
+    }
+
     /// This backend's user + system CPU time in nanoseconds (getrusage RUSAGE_SELF).
     #[pg_extern(volatile, parallel_unsafe)]
     fn backend_cpu_ns() -> i64 {

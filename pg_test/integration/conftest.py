@@ -126,7 +126,8 @@ def drop_replication(sub="envelope_sub"):
 
 @pytest.fixture(scope="session")
 def source_db(canary):
-    """Database `envelope_integ` on cluster A: two tenants, the README's RLS schema, an app role."""
+    """Database `envelope_integ` on cluster A: two tenants, the README's RLS schema (with its
+    blind-index term column, unique index and trigger), an app role."""
     drop_replication()
     recreate_db(PORT_A, "envelope_integ")
     with connect(PORT_A, "envelope_integ") as c:
@@ -146,8 +147,13 @@ def source_db(canary):
               tenant text NOT NULL DEFAULT envelope.authorized_tenant(),
               email  envelope.encrypted_text,
               profile envelope.encrypted_jsonb,
-              balance envelope.encrypted_numeric
+              balance envelope.encrypted_numeric,
+              email_idx envelope.blind_index
             );
+            CREATE UNIQUE INDEX users_email ON users (tenant, email_idx);
+            CREATE TRIGGER users_email_idx BEFORE INSERT OR UPDATE ON users FOR EACH ROW
+              EXECUTE FUNCTION envelope.blind_index_trigger('email', 'email_idx', 'users.email');
+            SELECT envelope.declare_blind_index('users.email', 'nfkc_casefold');
             ALTER TABLE users ENABLE ROW LEVEL SECURITY;
             ALTER TABLE users FORCE ROW LEVEL SECURITY;
             CREATE POLICY tenant_isolation ON users

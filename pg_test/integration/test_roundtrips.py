@@ -260,7 +260,8 @@ def test_logical_replication_carries_ciphertext(source_db, cluster_b):
             """CREATE TABLE users (
                  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                  tenant text NOT NULL DEFAULT current_setting('app.tenant_id'),
-                 email envelope.encrypted_text, profile envelope.encrypted_jsonb, balance envelope.encrypted_numeric)"""
+                 email envelope.encrypted_text, profile envelope.encrypted_jsonb, balance envelope.encrypted_numeric,
+                 email_idx envelope.blind_index)"""
         )
         c.execute(
             f"CREATE SUBSCRIPTION envelope_sub CONNECTION 'host={SOCK} port={PORT_A} dbname={source_db} user=postgres' "
@@ -311,6 +312,8 @@ def test_no_plaintext_in_heap_or_wal(source_db, canary):
             c.execute(
                 "SELECT pg_relation_filepath(reltoastrelid) FROM pg_class WHERE relname = 'users'"
             ).fetchone()[0],
+            # The blind-index term column's unique index (terms, never plaintext).
+            c.execute("SELECT pg_relation_filepath('users_email')").fetchone()[0],
         ]
         control_rel = c.execute("SELECT pg_relation_filepath('plain_control')").fetchone()[0]
     heap = [f for r in rels for f in glob.glob(os.path.join(datadir, r) + "*")]

@@ -48,9 +48,11 @@ def search_db():
                 c.execute("INSERT INTO users SELECT g, %s, ('user' || g || '@' || %s || '.test')::text, NULL"
                           " FROM generate_series(%s::int, %s::int) g", (t, t, base + 1, base + 5000))
         c.execute("ALTER TABLE users ENABLE ROW LEVEL SECURITY")
+        c.execute("ALTER TABLE users FORCE ROW LEVEL SECURITY")
         c.execute("CREATE POLICY tenant_rows ON users USING (tenant = current_setting('app.tenant_id', true))")
         c.execute(f"GRANT SELECT, INSERT, UPDATE ON users TO {ROLE}")
         c.execute("ANALYZE users")
+        c.execute("ALTER TABLE users NO FORCE ROW LEVEL SECURITY")
     yield DB
     with connect(PORT_A) as c:
         c.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
@@ -195,3 +197,42 @@ def test_suspension_revocation_and_shredding_stop_lookups_at_the_next_call(searc
             lookup(app, "s_acme", "user1@s_acme.test")
         assert err.value.sqlstate == "42704"
         assert lookup(app, "s_globex", "user5001@s_globex.test") == [5001]
+
+
+def test_terms_are_separated_across_tenants_and_purposes(search_db):
+    """100,000 random values under two tenants share no term; the same under two purposes."""
+    with connect(PORT_A, search_db) as c:
+        c.execute("SELECT envelope.declare_blind_index('sep.a'), envelope.declare_blind_index('sep.b')")
+        c.execute("CREATE TEMP TABLE vals AS SELECT md5(random()::text || g) AS v FROM generate_series(1, 100000) g")
+        c.execute("CREATE TEMP TABLE terms (who text, t envelope.blind_index)")
+        for tenant in ("s_acme", "s_globex"):
+            with as_tenant(c, tenant):
+                c.execute("INSERT INTO terms SELECT %s, envelope.blind_index('sep.a', v) FROM vals", (tenant,))
+        with as_tenant(c, "s_globex"):
+            c.execute("INSERT INTO terms SELECT 'purpose b', envelope.blind_index('sep.b', v) FROM vals")
+        counts = dict(c.execute("SELECT who, count(DISTINCT t) FROM terms GROUP BY who").fetchall())
+        assert counts == {"s_acme": 100000, "s_globex": 100000, "purpose b": 100000}, counts
+        shared = c.execute("SELECT count(*) FROM (SELECT t FROM terms GROUP BY t HAVING count(DISTINCT who) > 1) x").fetchone()[0]
+        assert shared == 0
+
+
+def test_terms_are_the_same_in_every_backend_after_a_restart_and_need_no_key_for_maintenance(search_db):
+    from conftest import ROOT, sh
+    with connect(PORT_A, search_db) as a, connect(PORT_A, search_db) as b:
+        ta = lookup_term(a)
+        assert ta == lookup_term(b)
+        # Maintenance of the term index needs no tenant and no key.
+        a.execute("RESET app.tenant_id")
+        a.execute("REINDEX TABLE users")
+        a.execute("VACUUM (ANALYZE) users")
+        a.execute("CLUSTER users USING users_email")
+    sh("bash", str(ROOT / "scripts/cluster.sh"), "stop")
+    sh("bash", str(ROOT / "scripts/cluster.sh"), "start")
+    with connect(PORT_A, search_db) as c:
+        assert lookup_term(c) == ta
+        assert lookup(c, "s_globex", "user5077@s_globex.test") == [5077]
+
+
+def lookup_term(c):
+    with as_tenant(c, "s_globex"):
+        return c.execute("SELECT envelope.blind_index('users.email', 'User5077@S_Globex.test')::text").fetchone()[0]

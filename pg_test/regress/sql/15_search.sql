@@ -103,6 +103,25 @@ EXPLAIN (COSTS OFF) EXECUTE bi_lookup('user43@example.com');
 EXECUTE bi_lookup('User43@example.com');
 RESET plan_cache_mode;
 RESET enable_seqscan;
+-- The same e-mail in another tenant is accepted (its term differs).
+SET app.tenant_id = 'bi_b';
+INSERT INTO bi_users VALUES (4000, 'bi_b', 'user7@example.com'::text, NULL);
+SET app.tenant_id = 'bi_a';
+-- NULL in, NULL out; an unsupported type is refused at planning.
+SELECT envelope.blind_index('bi.raw', NULL::text) IS NULL AS null_in_null_out;
+SELECT sqlstate_of($$SELECT envelope.blind_index('bi.raw', true)$$) AS no_boolean,
+       sqlstate_of($$SELECT envelope.blind_index('bi.raw', '{"a":1}'::jsonb)$$) AS no_jsonb;
+-- A hash join of two tables on terms of a shared purpose.
+CREATE TABLE bi_orders (id int, email_idx envelope.blind_index);
+INSERT INTO bi_orders SELECT g, envelope.blind_index('bi.email', 'user' || g || '@example.com') FROM generate_series(1, 2000, 7) g;
+ANALYZE bi_orders;
+SET enable_mergejoin = off;
+SET enable_nestloop = off;
+EXPLAIN (COSTS OFF) SELECT count(*) FROM bi_users u JOIN bi_orders o ON o.email_idx = u.email_idx;
+SELECT count(*) AS orders_matched FROM bi_users u JOIN bi_orders o ON o.email_idx = u.email_idx;
+RESET enable_mergejoin;
+RESET enable_nestloop;
+DROP TABLE bi_orders;
 -- GROUP BY, DISTINCT, hash join.
 SELECT count(DISTINCT email_idx) AS distinct_terms, count(*) AS rows FROM bi_users;
 SET enable_mergejoin = off;
