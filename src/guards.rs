@@ -96,4 +96,6 @@ unsafe extern "C-unwind" fn process_utility(
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
     }
+    // COPY, CALL, DO and the like use keys outside the executor's end.
+    crate::backend::after_statement();
 }

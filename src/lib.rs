@@ -57,6 +57,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     // CREATE INDEX CONCURRENTLY over encrypted columns is refused before it starts (src/guards.rs).
     guards::install();
+    backend::install_statement_hooks();
     // The end of a transaction that used keys wipes the stack (see backend::on_xact_end).
     unsafe { pg_sys::RegisterXactCallback(Some(backend::on_xact_end), std::ptr::null_mut()) };
     // An aborted key or grant change (also ROLLBACK TO SAVEPOINT) forgets what this backend cached.

@@ -167,38 +167,6 @@ def test_logical_replication_carries_terms_without_keys(search_db, cluster_b):
             c.execute("DROP PUBLICATION search_pub")
 
 
-def test_suspension_revocation_and_shredding_stop_lookups_at_the_next_call(search_db):
-    with connect(PORT_A, search_db) as admin, connect(PORT_A, search_db, user=ROLE) as app:
-        # An open REPEATABLE READ transaction that already used the keys.
-        app.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        app.execute("SELECT set_config('app.tenant_id', 's_acme', true)")
-        assert app.execute("SELECT count(*) FROM users WHERE email_idx = envelope.blind_index('users.email', 'user1@s_acme.test')").fetchone()[0] == 1
-        admin.execute("SELECT envelope.suspend_tenant('s_acme', 'search test')")
-        with pytest.raises(psycopg.Error) as err:
-            app.execute("SELECT envelope.blind_index('users.email', 'user1@s_acme.test')")
-        assert err.value.sqlstate == "57000"
-        app.execute("ROLLBACK")
-        admin.execute("SELECT envelope.resume_tenant('s_acme')")
-        assert lookup(app, "s_acme", "user1@s_acme.test") == [1]
-        admin.execute("SELECT envelope.revoke_tenant('s_acme', %s)", (ROLE,))
-        assert sqlstate_of(app, "SELECT 1") is None
-        with pytest.raises(psycopg.Error) as err:
-            lookup(app, "s_acme", "user1@s_acme.test")
-        assert err.value.sqlstate == "42501"
-        admin.execute("SELECT envelope.grant_tenant('s_acme', %s)", (ROLE,))
-        # Crypto-shredding destroys the index keys too: no term can be made any more.
-        admin.execute("SET envelope.shred_min_delay = 0")
-        admin.execute("SELECT envelope.schedule_shred('s_acme', '1 second')")
-        time.sleep(1.1)
-        assert admin.execute("SELECT envelope.shred_if_due('s_acme')").fetchone()[0] is True
-        assert admin.execute("SELECT count(*) FROM envelope.index_keys k JOIN envelope.tenants t ON t.id = k.tenant_id"
-                             " WHERE t.name = 's_acme' AND (k.state <> 'destroyed' OR k.wrapped_key IS NOT NULL)").fetchone()[0] == 0
-        with pytest.raises(psycopg.Error) as err:
-            lookup(app, "s_acme", "user1@s_acme.test")
-        assert err.value.sqlstate == "42704"
-        assert lookup(app, "s_globex", "user5001@s_globex.test") == [5001]
-
-
 def test_terms_are_separated_across_tenants_and_purposes(search_db):
     """100,000 random values under two tenants share no term; the same under two purposes."""
     with connect(PORT_A, search_db) as c:
@@ -236,3 +204,36 @@ def test_terms_are_the_same_in_every_backend_after_a_restart_and_need_no_key_for
 def lookup_term(c):
     with as_tenant(c, "s_globex"):
         return c.execute("SELECT envelope.blind_index('users.email', 'User5077@S_Globex.test')::text").fetchone()[0]
+
+
+# Last: it shreds a tenant of the module's database.
+def test_suspension_revocation_and_shredding_stop_lookups_at_the_next_call(search_db):
+    with connect(PORT_A, search_db) as admin, connect(PORT_A, search_db, user=ROLE) as app:
+        # An open REPEATABLE READ transaction that already used the keys.
+        app.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        app.execute("SELECT set_config('app.tenant_id', 's_acme', true)")
+        assert app.execute("SELECT count(*) FROM users WHERE email_idx = envelope.blind_index('users.email', 'user1@s_acme.test')").fetchone()[0] == 1
+        admin.execute("SELECT envelope.suspend_tenant('s_acme', 'search test')")
+        with pytest.raises(psycopg.Error) as err:
+            app.execute("SELECT envelope.blind_index('users.email', 'user1@s_acme.test')")
+        assert err.value.sqlstate == "57000"
+        app.execute("ROLLBACK")
+        admin.execute("SELECT envelope.resume_tenant('s_acme')")
+        assert lookup(app, "s_acme", "user1@s_acme.test") == [1]
+        admin.execute("SELECT envelope.revoke_tenant('s_acme', %s)", (ROLE,))
+        assert sqlstate_of(app, "SELECT 1") is None
+        with pytest.raises(psycopg.Error) as err:
+            lookup(app, "s_acme", "user1@s_acme.test")
+        assert err.value.sqlstate == "42501"
+        admin.execute("SELECT envelope.grant_tenant('s_acme', %s)", (ROLE,))
+        # Crypto-shredding destroys the index keys too: no term can be made any more.
+        admin.execute("SET envelope.shred_min_delay = 0")
+        admin.execute("SELECT envelope.schedule_shred('s_acme', '1 second')")
+        time.sleep(1.1)
+        assert admin.execute("SELECT envelope.shred_if_due('s_acme')").fetchone()[0] is True
+        assert admin.execute("SELECT count(*) FROM envelope.index_keys k JOIN envelope.tenants t ON t.id = k.tenant_id"
+                             " WHERE t.name = 's_acme' AND (k.state <> 'destroyed' OR k.wrapped_key IS NOT NULL)").fetchone()[0] == 0
+        with pytest.raises(psycopg.Error) as err:
+            lookup(app, "s_acme", "user1@s_acme.test")
+        assert err.value.sqlstate == "42704"
+        assert lookup(app, "s_globex", "user5001@s_globex.test") == [5001]

@@ -136,7 +136,7 @@ SELECT count(*) AS old_row_by_active_term FROM bi_users WHERE email_idx = envelo
 SELECT count(*) AS old_row_by_all_terms FROM bi_users WHERE email_idx = ANY (envelope.blind_index_all('bi.email', 'user9@example.com'));
 SELECT sqlstate_of($$SELECT envelope.destroy_index_key('bi_a', 2)$$) AS active_not_destroyable;
 CALL envelope.blind_index_backfill('bi_users', 'email', 'email_idx', 'bi.email', 'tenant', 500);
-SELECT envelope.blind_index_version(email_idx) AS version, count(*) FROM bi_users GROUP BY 1;
+SELECT envelope.blind_index_version(email_idx) AS version, count(*) FROM bi_users WHERE tenant = 'bi_a' GROUP BY 1;
 SELECT envelope.destroy_index_key('bi_a', 1);
 SELECT count(*) AS found_after_destroy FROM bi_users WHERE email_idx = envelope.blind_index('bi.email', 'user9@example.com');
 -- A tenant key rotation keeps the index keys (re-wrapped): terms still match.
@@ -160,7 +160,7 @@ SELECT envelope.declare_blind_index('bi.email2', 'none');
 ALTER TABLE bi_users DISABLE TRIGGER bi_users_email_idx;
 CALL envelope.blind_index_backfill('bi_users', 'email', 'email_idx', 'bi.email2', 'tenant', 500);
 ALTER TABLE bi_users ENABLE TRIGGER bi_users_email_idx;
-SELECT count(*) AS reindexed_under_new_purpose FROM bi_users WHERE email_idx = envelope.blind_index('bi.email2', email);
+SELECT count(*) AS reindexed_under_new_purpose FROM bi_users WHERE tenant = 'bi_a' AND email_idx = envelope.blind_index('bi.email2', email);
 -- A misspelled term column in the trigger is an error, not a silently kept client term.
 CREATE TABLE bi_typo (e text, e_idx envelope.blind_index);
 CREATE TRIGGER bi_typo BEFORE INSERT ON bi_typo FOR EACH ROW EXECUTE FUNCTION envelope.blind_index_trigger('e', 'e_idX', 'bi.raw');
