@@ -985,7 +985,7 @@ END $$;
 --   version:    disable_data_key(tenant, version)  -- one data key version refused (55000)
 --   tenant:     suspend_tenant(tenant, reason)     -- every use of one tenant's keys refused (57000)
 --   system:     lockdown(reason)                   -- every key use in the cluster refused (57000)
--- and their reversals revoke → grant_tenant, enable_data_key, resume_tenant, lift_lockdown.
+-- and their reversals revoke -> grant_tenant, enable_data_key, resume_tenant, lift_lockdown.
 ALTER TABLE tenants ADD COLUMN suspended_at timestamptz,
                     ADD COLUMN suspended_reason text,
                     ADD COLUMN suspended_by text;
@@ -1475,14 +1475,22 @@ BEGIN
         RAISE EXCEPTION 'pg_envelope: blind_index_trigger(source column, term column, purpose) must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- The term column must exist and be a blind_index: jsonb_populate_record ignores unknown
-    -- keys, so a misspelled name would silently keep whatever the client sent.
-    PERFORM 1 FROM pg_catalog.pg_attribute a
+    -- The term column must exist and be a blind_index (jsonb_populate_record ignores unknown
+    -- keys, so a misspelled name would silently keep whatever the client sent); the source must
+    -- be a stored, not generated, column (generated columns are NULL in a BEFORE trigger); and
+    -- the trigger must fire for every INSERT and UPDATE (a column list or WHEN clause would let
+    -- an UPDATE of the term column alone keep a client's term).
+    PERFORM 1 FROM pg_catalog.pg_attribute a, pg_catalog.pg_attribute src, pg_catalog.pg_trigger tg
       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[1] AND a.attnum > 0 AND NOT a.attisdropped
-        AND a.atttypid = '@extschema@.blind_index'::pg_catalog.regtype;
+        AND a.atttypid = '@extschema@.blind_index'::pg_catalog.regtype
+        AND src.attrelid = TG_RELID AND src.attname = TG_ARGV[0] AND src.attnum > 0 AND NOT src.attisdropped
+        AND src.attgenerated = ''
+        AND tg.tgrelid = TG_RELID AND tg.tgname = TG_NAME AND tg.tgqual IS NULL
+        AND pg_catalog.cardinality(tg.tgattr::pg_catalog.int2[]) = 0;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_envelope: blind_index_trigger: % has no column % of type envelope.blind_index', TG_RELID::pg_catalog.regclass, TG_ARGV[1]
-            USING ERRCODE = 'undefined_column';
+        RAISE EXCEPTION 'pg_envelope: blind_index_trigger on %: needs a stored source column %, a term column % of type envelope.blind_index, and a trigger without a column list or WHEN clause',
+            TG_RELID::pg_catalog.regclass, TG_ARGV[0], TG_ARGV[1]
+            USING ERRCODE = 'invalid_object_definition';
     END IF;
     EXECUTE pg_catalog.format('SELECT @extschema@.blind_index($1, ($2).%I)', TG_ARGV[0]) INTO term USING TG_ARGV[2], NEW;
     NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], term::text));
@@ -1511,22 +1519,24 @@ CREATE PROCEDURE blind_index_backfill(tbl regclass, source name, term name, purp
                                       tenant_column name DEFAULT NULL, batch_size integer DEFAULT 1000)
 LANGUAGE plpgsql AS $$
 DECLARE
-    src_type oid;
-    term_type oid;
-    filter text;
-    part regclass;
-    per_block float8;
-    step bigint;
-    nblocks bigint;
-    blk bigint;
-    n bigint;
-    total bigint := 0;
-    active integer;
-    nrows bigint;
-    ndistinct bigint;
-    warn text;
+    src_type pg_catalog.oid;
+    base_type pg_catalog.oid;
+    term_type pg_catalog.oid;
+    encrypted pg_catalog.bool;
+    filter pg_catalog.text;
+    part pg_catalog.regclass;
+    per_block pg_catalog.float8;
+    step pg_catalog.int8;
+    nblocks pg_catalog.int8;
+    blk pg_catalog.int8;
+    n pg_catalog.int8;
+    total pg_catalog.int8 := 0;
+    active pg_catalog.int4;
+    nrows pg_catalog.int8;
+    ndistinct pg_catalog.int8;
+    warn pg_catalog.text;
 BEGIN
-    IF batch_size IS NULL OR batch_size < 1 THEN
+    IF batch_size IS NULL OR batch_size OPERATOR(pg_catalog.<) 1 THEN
         RAISE EXCEPTION 'pg_envelope: batch_size must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT a.atttypid INTO src_type FROM pg_catalog.pg_attribute a
@@ -1542,16 +1552,25 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch';
     END IF;
     active := @extschema@.active_index_version();
+    -- The source's base type (a domain over an encrypted type is encrypted too).
+    base_type := src_type;
+    WHILE EXISTS (SELECT 1 FROM pg_catalog.pg_type ty WHERE ty.oid OPERATOR(pg_catalog.=) base_type AND ty.typtype OPERATOR(pg_catalog.=) 'd') LOOP
+        SELECT ty.typbasetype INTO base_type FROM pg_catalog.pg_type ty WHERE ty.oid OPERATOR(pg_catalog.=) base_type;
+    END LOOP;
+    encrypted := EXISTS (SELECT 1 FROM pg_catalog.pg_type ty
+                          WHERE ty.oid OPERATOR(pg_catalog.=) base_type
+                            AND ty.typnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+                            AND ty.typname OPERATOR(pg_catalog.~~) 'encrypted\_%');
+    -- The tenant's rows: by the tenant column when one is named, and by the key in the
+    -- ciphertext's header for an encrypted source (both when both apply: a row whose column
+    -- and key disagree is skipped, never decrypted under the wrong tenant).
+    filter := 'true';
     IF tenant_column IS NOT NULL THEN
         filter := pg_catalog.format('t.%I OPERATOR(pg_catalog.=) pg_catalog.current_setting(pg_catalog.current_setting(%L))',
                                     tenant_column, 'envelope.tenant_setting');
-    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_type ty
-                   WHERE ty.oid OPERATOR(pg_catalog.=) src_type
-                     AND ty.typnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
-                     AND ty.typname OPERATOR(pg_catalog.~~) 'encrypted\_%') THEN
-        filter := pg_catalog.format('@extschema@.key_tenant_id(t.%I) OPERATOR(pg_catalog.=) %s', source, @extschema@.current_tenant_key_id());
-    ELSE
-        filter := 'true';
+    END IF;
+    IF encrypted THEN
+        filter := pg_catalog.format('%s AND @extschema@.key_tenant_id(t.%I) OPERATOR(pg_catalog.=) %s', filter, source, @extschema@.current_tenant_key_id());
     END IF;
     FOR part IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p
                  WHERE p.isleaf AND p.relid OPERATOR(pg_catalog.<>) tbl
@@ -1561,18 +1580,23 @@ BEGIN
         SELECT CASE WHEN c.relpages OPERATOR(pg_catalog.>) 0 AND c.reltuples OPERATOR(pg_catalog.>) 0
                     THEN c.reltuples OPERATOR(pg_catalog./) c.relpages ELSE 50 END
           INTO per_block FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) part;
-        step := GREATEST(1, (batch_size OPERATOR(pg_catalog./) per_block)::bigint);
-        nblocks := pg_catalog.pg_relation_size(part) OPERATOR(pg_catalog./) pg_catalog.current_setting('block_size')::bigint;
+        step := GREATEST(1, (batch_size OPERATOR(pg_catalog./) per_block)::pg_catalog.int8);
+        nblocks := pg_catalog.pg_relation_size(part) OPERATOR(pg_catalog./) pg_catalog.current_setting('block_size')::pg_catalog.int8;
         blk := 0;
         WHILE blk OPERATOR(pg_catalog.<=) nblocks LOOP
             -- The tenant filter is evaluated first (CASE): another tenant's value is never
             -- decrypted, and its term never touched.
+            -- A row with no source gets no term (a term left there, forged or old, is cleared);
+            -- for an encrypted source such a row's tenant is unknown, so it is left alone.
             EXECUTE pg_catalog.format(
-                'UPDATE ONLY %s t SET %I = @extschema@.blind_index(%L, t.%I)
+                'UPDATE ONLY %s t SET %I = CASE WHEN t.%I IS NULL THEN NULL ELSE @extschema@.blind_index(%L, t.%I) END
                   WHERE t.ctid OPERATOR(pg_catalog.>=) ''(%s,0)''::pg_catalog.tid AND t.ctid OPERATOR(pg_catalog.<) ''(%s,0)''::pg_catalog.tid
-                    AND t.%I IS NOT NULL
-                    AND CASE WHEN %s THEN t.%I IS NULL OR NOT (t.%I OPERATOR(pg_catalog.=) @extschema@.blind_index(%L, t.%I)) ELSE false END',
-                part, term, purpose, source, blk, blk OPERATOR(pg_catalog.+) step, source, filter, term, term, purpose, source);
+                    AND CASE WHEN t.%I IS NULL THEN %s AND t.%I IS NOT NULL
+                             WHEN %s THEN t.%I IS NULL OR NOT (t.%I OPERATOR(pg_catalog.=) @extschema@.blind_index(%L, t.%I))
+                             ELSE false END',
+                part, term, source, purpose, source, blk, blk OPERATOR(pg_catalog.+) step,
+                source, CASE WHEN encrypted THEN 'false' ELSE filter END, term,
+                filter, term, term, purpose, source);
             GET DIAGNOSTICS n = ROW_COUNT;
             total := total OPERATOR(pg_catalog.+) n;
             COMMIT;

@@ -3,7 +3,7 @@
 --   version:    disable_data_key(tenant, version)  -- one data key version refused (55000)
 --   tenant:     suspend_tenant(tenant, reason)     -- every use of one tenant's keys refused (57000)
 --   system:     lockdown(reason)                   -- every key use in the cluster refused (57000)
--- and their reversals revoke → grant_tenant, enable_data_key, resume_tenant, lift_lockdown.
+-- and their reversals revoke -> grant_tenant, enable_data_key, resume_tenant, lift_lockdown.
 ALTER TABLE tenants ADD COLUMN suspended_at timestamptz,
                     ADD COLUMN suspended_reason text,
                     ADD COLUMN suspended_by text;

@@ -153,6 +153,21 @@ struct PurposeCache {
     name: [u8; 200],
 }
 
+/// The call's purpose and its normalisation if this call site resolved it before (fn_extra).
+unsafe fn purpose_cached<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Option<(&'a str, Normalization)> {
+    unsafe {
+        let cache = (*(*fcinfo).flinfo).fn_extra as *const PurposeCache;
+        let c = cache.as_ref()?;
+        let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        let bytes = pgrx::varlena_to_byte_slice(v);
+        if c.name[..c.len] != *bytes {
+            return None;
+        }
+        Some((std::str::from_utf8(bytes).ok()?, c.normalization))
+    }
+}
+
 unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Result<(&'a str, Normalization)> {
     unsafe {
         let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
@@ -200,18 +215,27 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<
                 // converting (an empty string, SQL_ASCII, UTF8), else a NUL-terminated palloc'd
                 // copy. Found by the adversarial review: reading the input as a C string ran past
                 // the value into whatever followed it in memory.
-                let utf8: &[u8] = if bytes.is_empty() || pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 {
+                // SQL_ASCII stores bytes unchecked: they are taken as UTF-8 and checked here
+                // (PostgreSQL's own check would quote the offending bytes, which may be
+                // plaintext, in its error: found by the adversarial review). Other encodings are
+                // converted; a conversion that fails is reported without its bytes too.
+                let enc = pg_sys::GetDatabaseEncoding();
+                let not_text = || bad(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, "pg_envelope: the value is not valid text".into(), None);
+                let utf8: &[u8] = if bytes.is_empty() || enc == pg_sys::pg_enc::PG_UTF8 as i32 || enc == pg_sys::pg_enc::PG_SQL_ASCII as i32 {
                     bytes
                 } else {
-                    let p = pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+                    let (ptr, len) = (bytes.as_ptr(), bytes.len() as i32);
+                    let p = pgrx::PgTryBuilder::new(|| Some(pg_sys::pg_server_to_any(ptr.cast(), len, pg_sys::pg_enc::PG_UTF8 as i32)))
+                        .catch_others(|_| None)
+                        .execute()
+                        .ok_or_else(not_text)?;
                     if std::ptr::eq(p.cast::<u8>(), bytes.as_ptr()) {
                         bytes
                     } else {
                         CStr::from_ptr(p).to_bytes()
                     }
                 };
-                let s = std::str::from_utf8(utf8)
-                    .map_err(|_| bad(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, "pg_envelope: the value is not valid text".into(), None))?;
+                let s = std::str::from_utf8(utf8).map_err(|_| not_text())?;
                 f(&Value::Text(s))
             }
             pg_sys::BYTEAOID => {
@@ -251,8 +275,15 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Vec<Term>
     let mut version = 0;
     let tenant = backend::current_tenant().ok();
     let r = backend::current_tenant().and_then(|tenant| {
-        backend::with_backend(|b| b.check_grant(tenant, crate::nothrow::current_user_id()))?;
-        let (purpose, n) = unsafe { purpose_of(fcinfo) }?;
+        // A purpose this call site already resolved (after a grant check) needs no lookup; a new
+        // one is looked up only after the grant check. The keys' own grant check follows anyway.
+        let (purpose, n) = match unsafe { purpose_cached(fcinfo) } {
+            Some(p) => p,
+            None => {
+                backend::with_backend(|b| b.check_grant(tenant, crate::nothrow::current_user_id()))?;
+                unsafe { purpose_of(fcinfo) }?
+            }
+        };
         unsafe {
             with_value(fcinfo, |value| {
                 backend::with_backend(|b| {

@@ -68,6 +68,15 @@ def test_blind_index_terms_depend_only_on_the_value_in_a_non_utf8_database(db):
         assert c.execute("SELECT envelope.blind_index('enc.raw', '') = envelope.blind_index('enc.raw', '')").fetchone()[0] is True
         assert by_value["abc"] == c.execute("SELECT envelope.blind_index('enc.raw', 'abc')::text").fetchone()[0]
         assert by_value[WORD] == c.execute("SELECT envelope.blind_index('enc.raw', %s)::text", (WORD,)).fetchone()[0]
+        if encoding == "SQL_ASCII":
+            # Bytes that are not UTF-8 (SQL_ASCII stores anything): a clear 22021 that quotes
+            # none of them (PostgreSQL's own check would, and they may be plaintext).
+            c.execute("CREATE TABLE bad (v envelope.encrypted_text)")
+            c.execute("INSERT INTO bad VALUES ((%s || convert_from('\\xe9'::bytea, 'SQL_ASCII') || %s)::text)", ("SSN 12", "3-45-6789"))
+            with pytest.raises(psycopg.Error) as err:
+                c.execute("SELECT envelope.blind_index('enc.raw', v) FROM bad")
+            assert err.value.sqlstate == "22021"
+            assert "3-45" not in str(err.value) and "0x" not in str(err.value), str(err.value)
         if encoding == "LATIN1":
             # Non-ASCII text is folded as Unicode: the upper-case form has the same term.
             assert c.execute("SELECT envelope.blind_index('enc.fold', %s) = envelope.blind_index('enc.fold', %s)",

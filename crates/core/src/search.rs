@@ -318,6 +318,21 @@ fn collect_wiping(chars: impl Iterator<Item = char>, hint: usize) -> Result<Zero
 /// Errors: [`SearchError::NoDigits`] and [`SearchError::NonAsciiDigit`] for `digits`;
 /// [`SearchError::ValueTooLarge`] when memory runs out.
 pub fn normalize_text(n: Normalization, s: &str) -> Result<Zeroizing<String>, SearchError> {
+    // ASCII is stable under NFC and NFKC, contains no default-ignorable code point, and folds
+    // by ASCII lower-casing only: the same result without the Unicode machinery (a property
+    // test compares the two on random ASCII strings).
+    if s.is_ascii() {
+        match n {
+            Normalization::None | Normalization::Nfc => return collect_wiping(s.chars(), s.len()),
+            Normalization::NfkcCasefold => return collect_wiping(s.chars().map(|c| c.to_ascii_lowercase()), s.len()),
+            Normalization::Digits => {}
+        }
+    }
+    normalize_text_unicode(n, s)
+}
+
+/// [`normalize_text`] through the Unicode normalisation and folding iterators, for any input.
+fn normalize_text_unicode(n: Normalization, s: &str) -> Result<Zeroizing<String>, SearchError> {
     match n {
         Normalization::None => collect_wiping(s.chars(), s.len()),
         Normalization::Nfc => collect_wiping(s.nfc(), s.len()),
@@ -501,6 +516,21 @@ fn with_canonical_bytes<R>(n: Normalization, v: &Value<'_>, f: impl FnOnce(&[u8]
     }
     Ok(match *v {
         Value::Text(s) if n == Normalization::None => f(s.as_bytes()),
+        // ASCII fast paths (see normalize_text): no copy for NFC or already-lower-case text,
+        // a wiped stack buffer for lower-casing short text.
+        Value::Text(s) if s.is_ascii() && n == Normalization::Nfc => f(s.as_bytes()),
+        Value::Text(s) if s.is_ascii() && n == Normalization::NfkcCasefold && !s.bytes().any(|b| b.is_ascii_uppercase()) => {
+            f(s.as_bytes())
+        }
+        Value::Text(s) if s.is_ascii() && n == Normalization::NfkcCasefold && s.len() <= 256 => {
+            let mut buf = [0u8; 256];
+            for (d, b) in buf.iter_mut().zip(s.bytes()) {
+                *d = b.to_ascii_lowercase();
+            }
+            let r = f(&buf[..s.len()]);
+            buf.zeroize();
+            r
+        }
         Value::Text(s) => f(normalize_text(n, s)?.as_bytes()),
         Value::Bytea(b) => f(b),
         Value::Int8(i) => fixed(i.to_be_bytes(), f),
@@ -1275,6 +1305,20 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// The ASCII fast paths give exactly what the Unicode path gives.
+        #[test]
+        fn ascii_fast_paths_match_the_unicode_path(s in "[\\x00-\\x7f]{0,300}") {
+            for n in [Normalization::None, Normalization::Nfc, Normalization::NfkcCasefold, Normalization::Digits] {
+                let fast = normalize_text(n, &s).map(|z| z.to_string());
+                let slow = normalize_text_unicode(n, &s).map(|z| z.to_string());
+                prop_assert_eq!(&fast, &slow);
+                if n != Normalization::Digits {
+                    let canonical = canonical_value_bytes(n, &Value::Text(&s)).map(|z| z.to_vec());
+                    prop_assert_eq!(canonical, slow.map(|z| z.into_bytes()));
+                }
+            }
+        }
 
         #[test]
         fn terms_round_trip(t in arb_term()) {

@@ -165,6 +165,32 @@ SELECT count(*) AS reindexed_under_new_purpose FROM bi_users WHERE tenant = 'bi_
 CREATE TABLE bi_typo (e text, e_idx envelope.blind_index);
 CREATE TRIGGER bi_typo BEFORE INSERT ON bi_typo FOR EACH ROW EXECUTE FUNCTION envelope.blind_index_trigger('e', 'e_idX', 'bi.raw');
 SELECT sqlstate_of($$INSERT INTO bi_typo VALUES ('x', 'bi1:v1:11111111111111111111111111111111')$$) AS misspelled_term_column;
+-- Triggers the function refuses: a generated source (NULL in a BEFORE trigger), a column list
+-- or a WHEN clause (an UPDATE of the term column alone would keep a client's term).
+CREATE TABLE bi_gen (e text, g text GENERATED ALWAYS AS (lower(e)) STORED, e_idx envelope.blind_index);
+CREATE TRIGGER bi_gen BEFORE INSERT ON bi_gen FOR EACH ROW EXECUTE FUNCTION envelope.blind_index_trigger('g', 'e_idx', 'bi.raw');
+SELECT sqlstate_of($$INSERT INTO bi_gen (e) VALUES ('x')$$) AS generated_source_refused;
+DROP TRIGGER bi_gen ON bi_gen;
+CREATE TRIGGER bi_gen BEFORE INSERT OR UPDATE OF e ON bi_gen FOR EACH ROW EXECUTE FUNCTION envelope.blind_index_trigger('e', 'e_idx', 'bi.raw');
+SELECT sqlstate_of($$INSERT INTO bi_gen (e) VALUES ('x')$$) AS column_list_refused;
+DROP TABLE bi_gen;
+-- The backfill clears a term left on a row without a source, and treats a domain over an
+-- encrypted type as encrypted (another tenant's values are skipped, not decrypted).
+CREATE DOMAIN bi_enc_email AS envelope.encrypted_text;
+CREATE TABLE bi_dom (id int, email bi_enc_email, email_idx envelope.blind_index);
+SET app.tenant_id = 'bi_b';
+INSERT INTO bi_dom VALUES (1, 'b@x'::text::envelope.encrypted_text, NULL);
+SET app.tenant_id = 'bi_a';
+INSERT INTO bi_dom VALUES (2, 'a@x'::text::envelope.encrypted_text, NULL);
+CALL envelope.blind_index_backfill('bi_dom', 'email', 'email_idx', 'bi.email');
+SELECT id, email_idx IS NOT NULL AS has_term FROM bi_dom ORDER BY id;
+CREATE TABLE bi_nulls (tenant text, email text, email_idx envelope.blind_index);
+INSERT INTO bi_nulls VALUES ('bi_a', 'victim@x', NULL), ('bi_a', NULL, envelope.blind_index('bi.email', 'victim@x'));
+CALL envelope.blind_index_backfill('bi_nulls', 'email', 'email_idx', 'bi.email', 'tenant');
+SELECT count(*) AS only_the_real_row FROM bi_nulls WHERE email_idx = envelope.blind_index('bi.email', 'VICTIM@x');
+DROP TABLE bi_dom, bi_nulls;
+DROP DOMAIN bi_enc_email;
+
 -- A partitioned table: each tenant's backfill touches only its own rows (the same ctid in two
 -- partitions is two rows).
 CREATE TABLE bi_parts (tenant text, email text, email_idx envelope.blind_index) PARTITION BY LIST (tenant);
