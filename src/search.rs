@@ -164,7 +164,8 @@ unsafe fn purpose_cached<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Option<(&'a st
         if c.name[..c.len] != *bytes {
             return None;
         }
-        Some((std::str::from_utf8(bytes).ok()?, c.normalization))
+        // SAFETY: the same bytes as the cached name, which was checked to be UTF-8.
+        Some((std::str::from_utf8_unchecked(bytes), c.normalization))
     }
 }
 
@@ -264,7 +265,13 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<
 /// role without the grant learns nothing, not even which purposes exist), the purpose, the
 /// value, then the keys (suspension, lockdown, TTL) as for decryption. Audited per statement
 /// (kind `search`), refusals included.
-unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Vec<Term>> {
+/// One term (`blind_index`) or every live version's (`blind_index_all`).
+enum Terms {
+    One(Term),
+    Many(Vec<Term>),
+}
+
+unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
     let audited = crate::audit::enabled();
     if audited {
         if let Err(e) = crate::audit::check_can_record() {
@@ -288,22 +295,27 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Vec<Term>
             with_value(fcinfo, |value| {
                 backend::with_backend(|b| {
                     b.with_tenant_keys(tenant, |keys| {
-                        let versions = if all { keys.index_versions() } else { vec![keys.active_index_version()] };
+                        let no_key = || EnvelopeError::NoIndexKey { tenant: tenant.to_string() };
+                        let term = |keys: &mut pg_envelope_core::TenantKeys, v: u32| {
+                            keys.term(v, purpose, n, value).map_err(|e| match e {
+                                pg_envelope_core::cache::TermError::NoIndexKey { .. } => no_key(),
+                                pg_envelope_core::cache::TermError::Search(e) => search_error(e),
+                            })
+                        };
+                        if !all {
+                            // The common case: one term, no allocation.
+                            version = keys.active_index_version();
+                            if version == 0 {
+                                return Err(no_key());
+                            }
+                            return term(keys, version).map(Terms::One);
+                        }
+                        let versions = keys.index_versions();
                         version = versions.first().copied().unwrap_or(0);
                         if version == 0 {
-                            return Err(EnvelopeError::NoIndexKey { tenant: tenant.to_string() });
+                            return Err(no_key());
                         }
-                        versions
-                            .iter()
-                            .map(|v| {
-                                keys.term(*v, purpose, n, value).map_err(|e| match e {
-                                    pg_envelope_core::cache::TermError::NoIndexKey { .. } => {
-                                        EnvelopeError::NoIndexKey { tenant: tenant.to_string() }
-                                    }
-                                    pg_envelope_core::cache::TermError::Search(e) => search_error(e),
-                                })
-                            })
-                            .collect()
+                        versions.iter().map(|v| term(keys, *v)).collect::<Result<Vec<_>>>().map(Terms::Many)
                     })
                 })
             })
@@ -317,14 +329,19 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Vec<Term>
 
 v1_function!(pg_finfo_pge_blind_index, pge_blind_index, blind_index_impl);
 unsafe fn blind_index_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let t = unsafe { terms(fcinfo, false) }.or_raise();
-    palloc_term(&t[0])
+    match unsafe { terms(fcinfo, false) }.or_raise() {
+        Terms::One(t) => palloc_term(&t),
+        Terms::Many(ts) => palloc_term(&ts[0]),
+    }
 }
 
 v1_function!(pg_finfo_pge_blind_index_all, pge_blind_index_all, blind_index_all_impl);
 unsafe fn blind_index_all_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
-        let ts = terms(fcinfo, true).or_raise();
+        let ts = match terms(fcinfo, true).or_raise() {
+            Terms::One(t) => vec![t],
+            Terms::Many(ts) => ts,
+        };
         let elem = pg_sys::get_func_rettype((*(*fcinfo).flinfo).fn_oid);
         let elem = pg_sys::get_element_type(elem);
         let mut datums: Vec<pg_sys::Datum> = ts.iter().map(palloc_term).collect();
