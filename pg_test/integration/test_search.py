@@ -52,7 +52,6 @@ def search_db():
         c.execute("CREATE POLICY tenant_rows ON users USING (tenant = current_setting('app.tenant_id', true))")
         c.execute(f"GRANT SELECT, INSERT, UPDATE ON users TO {ROLE}")
         c.execute("ANALYZE users")
-        c.execute("ALTER TABLE users NO FORCE ROW LEVEL SECURITY")
     yield DB
     with connect(PORT_A) as c:
         c.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
@@ -67,6 +66,7 @@ def lookup(c, tenant, email):
 
 
 def test_rls_lookup_by_an_application_role_uses_the_index(search_db):
+    """A role that is not the owner, under the table's policy (FORCE ROW LEVEL SECURITY on)."""
     with connect(PORT_A, search_db, user=ROLE) as c:
         with as_tenant(c, "s_acme"):
             plan = "\n".join(r[0] for r in c.execute(
