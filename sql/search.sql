@@ -177,36 +177,8 @@ CREATE FUNCTION blind_index(purpose text, value encrypted_timestamptz) RETURNS b
 -- (source column, term column, purpose). The term is always computed here: whatever the client
 -- put in the term column is overwritten (a forged term never sticks); a NULL source gives a
 -- NULL term. The source may be plaintext or an encrypted column.
-CREATE FUNCTION blind_index_trigger() RETURNS trigger LANGUAGE plpgsql
-    SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    term @extschema@.blind_index;
-BEGIN
-    IF TG_WHEN <> 'BEFORE' OR TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') OR TG_NARGS <> 3 THEN
-        RAISE EXCEPTION 'pg_envelope: blind_index_trigger(source column, term column, purpose) must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- The term column must exist and be a blind_index (jsonb_populate_record ignores unknown
-    -- keys, so a misspelled name would silently keep whatever the client sent); the source must
-    -- be a stored, not generated, column (generated columns are NULL in a BEFORE trigger); and
-    -- the trigger must fire for every INSERT and UPDATE (a column list or WHEN clause would let
-    -- an UPDATE of the term column alone keep a client's term).
-    PERFORM 1 FROM pg_catalog.pg_attribute a, pg_catalog.pg_attribute src, pg_catalog.pg_trigger tg
-      WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[1] AND a.attnum > 0 AND NOT a.attisdropped
-        AND a.atttypid = '@extschema@.blind_index'::pg_catalog.regtype
-        AND src.attrelid = TG_RELID AND src.attname = TG_ARGV[0] AND src.attnum > 0 AND NOT src.attisdropped
-        AND src.attgenerated = ''
-        AND tg.tgrelid = TG_RELID AND tg.tgname = TG_NAME AND tg.tgqual IS NULL
-        AND pg_catalog.cardinality(tg.tgattr::pg_catalog.int2[]) = 0;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_envelope: blind_index_trigger on %: needs a stored source column %, a term column % of type envelope.blind_index, and a trigger without a column list or WHEN clause',
-            TG_RELID::pg_catalog.regclass, TG_ARGV[0], TG_ARGV[1]
-            USING ERRCODE = 'invalid_object_definition';
-    END IF;
-    EXECUTE pg_catalog.format('SELECT @extschema@.blind_index($1, ($2).%I)', TG_ARGV[0]) INTO term USING TG_ARGV[2], NEW;
-    NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], term::text));
-    RETURN NEW;
-END $$;
+CREATE FUNCTION blind_index_trigger() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'pge_blind_index_trigger' LANGUAGE C;
 
 
 -- The index key version of a term (it is in the term's text form; not secret).

@@ -454,3 +454,143 @@ fn current_tenant_key_id() -> i32 {
 fn blind_index_cardinality_warning(distinct_terms: i64, rows: i64) -> Option<String> {
     pg_envelope_core::search::low_cardinality_warning(distinct_terms.max(0) as u64, rows.max(0) as u64)
 }
+
+// ---- the trigger ---------------------------------------------------------------------------
+
+fn trigger_misuse(rel: &str, a: &str, b: &str) -> EnvelopeError {
+    bad(
+        PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+        format!("pg_envelope: blind_index_trigger on {rel}: needs a stored source column {a}, a term column {b} of type envelope.blind_index, and a trigger without a column list or WHEN clause"),
+        None,
+    )
+}
+
+thread_local! {
+    /// Prepared `SELECT envelope.blind_index($1, $2::<source type>)` per source type: the
+    /// parser picks the overload (and any implicit cast: varchar, domains, integer) once.
+    static TERM_PLANS: std::cell::RefCell<std::collections::HashMap<u32, pg_sys::SPIPlanPtr>> = std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+// `envelope.blind_index_trigger(source, term column, purpose)`: a BEFORE INSERT OR UPDATE row
+// trigger that sets the term column to the term of the source column (NULL for NULL), whatever
+// the client sent. Refuses (42P17) a term column that is not a `blind_index`, a generated or
+// missing source, and a trigger with a column list or WHEN clause. The term is made by
+// `envelope.blind_index` itself (same grant, audit and errors), through a plan prepared once
+// per source type; the checks read the trigger and the relation from the trigger call, not the
+// catalog. (The first version was PL/pgSQL with a dynamic statement and a catalog query per
+// row: about 35 µs per row.)
+v1_function!(pg_finfo_pge_blind_index_trigger, pge_blind_index_trigger, trigger_impl);
+unsafe fn trigger_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
+            bad(PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED, "pg_envelope: blind_index_trigger must be called as a trigger".into(), None).raise();
+        }
+        let td = ctx as *mut pg_sys::TriggerData;
+        let ev = (*td).tg_event;
+        let op = ev & pg_sys::TRIGGER_EVENT_OPMASK;
+        let trigger = (*td).tg_trigger;
+        if ev & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_BEFORE
+            || ev & pg_sys::TRIGGER_EVENT_ROW == 0
+            || (op != pg_sys::TRIGGER_EVENT_INSERT && op != pg_sys::TRIGGER_EVENT_UPDATE)
+            || (*trigger).tgnargs != 3
+        {
+            bad(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "pg_envelope: blind_index_trigger(source column, term column, purpose) must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger".into(),
+                None,
+            )
+            .raise();
+        }
+        let arg = |i: usize| CStr::from_ptr(*(*trigger).tgargs.add(i));
+        let (source, term_col, purpose) = (arg(0), arg(1), arg(2));
+        let rel = (*td).tg_relation;
+        let desc = (*rel).rd_att;
+        let rel_name = || {
+            CStr::from_ptr(pg_sys::quote_qualified_identifier(
+                pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace),
+                (*(*rel).rd_rel).relname.data.as_ptr(),
+            ))
+            .to_string_lossy()
+            .into_owned()
+        };
+        let misuse = || trigger_misuse(&rel_name(), &source.to_string_lossy(), &term_col.to_string_lossy()).raise();
+        let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
+        let src_no = pg_sys::SPI_fnumber(desc, source.as_ptr());
+        let term_no = pg_sys::SPI_fnumber(desc, term_col.as_ptr());
+        if src_no <= 0 || term_no <= 0 || (*trigger).tgnattr != 0 || !(*trigger).tgqual.is_null() {
+            misuse();
+        }
+        let src = attrs.get(src_no as usize - 1).unwrap_or_else(|| misuse());
+        let term = attrs.get(term_no as usize - 1).unwrap_or_else(|| misuse());
+        let nsp = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+        let term_type = pg_sys::GetSysCacheOid(
+            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+            pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
+            pg_sys::Datum::from(c"blind_index".as_ptr()),
+            pg_sys::Datum::from(nsp),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        );
+        if src.attisdropped || src.attgenerated != 0 || term.attisdropped || term.atttypid != term_type || term_type == pg_sys::InvalidOid {
+            misuse();
+        }
+        let tuple = if op == pg_sys::TRIGGER_EVENT_UPDATE { (*td).tg_newtuple } else { (*td).tg_trigtuple };
+        let mut isnull = false;
+        let value = pg_sys::heap_getattr(tuple, src_no, desc, &mut isnull);
+        let mut out = [0u8; TERM_LEN];
+        let mut term_null = isnull;
+        if !isnull {
+            // The term, by envelope.blind_index(purpose, value) through SPI.
+            let src_type = src.atttypid;
+            let purpose_datum = pg_sys::Datum::from(pg_sys::cstring_to_text(purpose.as_ptr()));
+            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+                EnvelopeError::Internal("SPI_connect failed".into()).raise();
+            }
+            let plan = TERM_PLANS.with(|p| {
+                let mut p = p.borrow_mut();
+                if let Some(plan) = p.get(&src_type.to_u32()) {
+                    return *plan;
+                }
+                let mut types = [pg_sys::TEXTOID, src_type];
+                let plan = pg_sys::SPI_prepare(c"SELECT envelope.blind_index($1, $2)".as_ptr(), 2, types.as_mut_ptr());
+                if plan.is_null() {
+                    EnvelopeError::Internal("could not prepare the term query".into()).raise();
+                }
+                pg_sys::SPI_keepplan(plan);
+                if p.len() >= 64 {
+                    for (_, old) in p.drain() {
+                        pg_sys::SPI_freeplan(old);
+                    }
+                }
+                p.insert(src_type.to_u32(), plan);
+                plan
+            });
+            let mut values = [purpose_datum, value];
+            let nulls = [b' ' as std::ffi::c_char, b' ' as std::ffi::c_char];
+            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), true, 1);
+            if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_processed != 1 {
+                EnvelopeError::Internal("the term query returned no row".into()).raise();
+            }
+            let tt = pg_sys::SPI_tuptable;
+            let mut rnull = false;
+            let d = pg_sys::SPI_getbinval(*(*tt).vals, (*tt).tupdesc, 1, &mut rnull);
+            term_null = rnull;
+            if !rnull {
+                out.copy_from_slice(std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), TERM_LEN));
+            }
+            pg_sys::SPI_finish();
+        }
+        let mut cols = [term_no];
+        let mut repl = [if term_null {
+            pg_sys::Datum::from(0)
+        } else {
+            let p = pg_sys::palloc(TERM_LEN) as *mut u8;
+            std::ptr::copy_nonoverlapping(out.as_ptr(), p, TERM_LEN);
+            pg_sys::Datum::from(p)
+        }];
+        let mut repl_null = [term_null];
+        let new = pg_sys::heap_modify_tuple_by_cols(tuple, desc, 1, cols.as_mut_ptr(), repl.as_mut_ptr(), repl_null.as_mut_ptr());
+        pg_sys::Datum::from(new)
+    }
+}
