@@ -655,7 +655,9 @@ class Bao:
         )
         self._spawn()
         wait_until(lambda: self.health() == 501, 30, 0.1, "OpenBao to listen (uninitialised)")
-        init = http_json("PUT", f"{self.addr}/v1/sys/init", {"secret_shares": 1, "secret_threshold": 1})
+        # Initialising (key generation, the raft bootstrap) took more than 10 s once on the busy
+        # 2-core machine: give it a minute.
+        init = http_json("PUT", f"{self.addr}/v1/sys/init", {"secret_shares": 1, "secret_threshold": 1}, timeout=60)
         self.unseal_key, self.root_token = init["keys"][0], init["root_token"]
         self._unseal()
         self.api("POST", "sys/mounts/transit", {"type": "transit"})
@@ -685,7 +687,7 @@ class Bao:
 
     def _unseal(self):
         wait_until(lambda: self.health() == 503, 30, 0.1, "OpenBao to listen (sealed)")
-        http_json("PUT", f"{self.addr}/v1/sys/unseal", {"key": self.unseal_key})
+        http_json("PUT", f"{self.addr}/v1/sys/unseal", {"key": self.unseal_key}, timeout=60)
         wait_until(lambda: self.health() == 200, 60, 0.1, "OpenBao to become active")
         # Active in the health check; transit answers a moment later on a fresh raft leader.
         wait_until(lambda: self._transit_ready(), 30, 0.1, "transit to answer")
