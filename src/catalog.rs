@@ -775,19 +775,19 @@ pub fn data_key_in_use(tenant_id: u32, version: u32) -> Result<Option<String>> {
 /// Every data key version of a tenant that has a key (active, retired, disabled), for a tenant
 /// key rotation, read under a fresh snapshot after the caller locked the tenant.
 pub fn wrapped_data_keys(tenant_id: u32) -> Result<Vec<WrappedDek>> {
+    wrapped_keys(c"SELECT version, wrapped_key FROM envelope.data_keys WHERE tenant_id = $1 AND wrapped_key IS NOT NULL ORDER BY version", tenant_id)
+}
+
+/// The (version, wrapped key) rows `sql` selects for `tenant_id`.
+fn wrapped_keys(sql: &std::ffi::CStr, tenant_id: u32) -> Result<Vec<WrappedDek>> {
     as_extension_owner(|| {
         Spi::connect(|_client| {
-            select_latest(
-                c"SELECT version, wrapped_key FROM envelope.data_keys
-                   WHERE tenant_id = $1 AND wrapped_key IS NOT NULL ORDER BY version",
-                &[Arg::Int4(tenant_id as i32)],
-                |r| {
-                    Ok(WrappedDek {
-                        version: r.get::<i32>(1).ok_or_else(|| missing("version"))? as u32,
-                        wrapped: r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))?,
-                    })
-                },
-            )
+            select_latest(sql, &[Arg::Int4(tenant_id as i32)], |r| {
+                Ok(WrappedDek {
+                    version: r.get::<i32>(1).ok_or_else(|| missing("version"))? as u32,
+                    wrapped: r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))?,
+                })
+            })
         })
     })
 }
@@ -1583,21 +1583,7 @@ pub fn shred_states() -> Result<Vec<(String, String, String, Option<String>)>> {
 /// The live (not destroyed) blind-index keys of a tenant, wrapped (a tenant key rotation
 /// re-wraps them).
 pub fn wrapped_index_keys(tenant_id: u32) -> Result<Vec<WrappedDek>> {
-    as_extension_owner(|| {
-        Spi::connect(|_client| {
-            select_latest(
-                c"SELECT version, wrapped_key FROM envelope.index_keys
-                   WHERE tenant_id = $1 AND wrapped_key IS NOT NULL ORDER BY version",
-                &[Arg::Int4(tenant_id as i32)],
-                |r| {
-                    Ok(WrappedDek {
-                        version: r.get::<i32>(1).ok_or_else(|| missing("version"))? as u32,
-                        wrapped: r.get::<Vec<u8>>(2).ok_or_else(|| missing("wrapped_key"))?,
-                    })
-                },
-            )
-        })
-    })
+    wrapped_keys(c"SELECT version, wrapped_key FROM envelope.index_keys WHERE tenant_id = $1 AND wrapped_key IS NOT NULL ORDER BY version", tenant_id)
 }
 
 /// The next blind-index key version of a tenant (1 for a tenant without any).

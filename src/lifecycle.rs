@@ -92,42 +92,55 @@ fn refuse_suspended(tenant: &str, t: &catalog::LockedTenant) -> Result<()> {
 }
 
 pub fn rotate_data_key_impl(tenant: &str) -> Result<u32> {
-    let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
-    refuse_suspended(tenant, &t)?;
-    let version = catalog::next_data_key_version(t.id)?;
-    let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
-    let name = tenant.to_string();
-    let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
-    let wrapped = backend::interruptible(move || {
-        let ctx = KeyContext { tenant: &name, tenant_key_id: id };
-        let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
-        pg_envelope_core::lifecycle::new_wrapped_data_key(&kek, &key_check, &name, id, version).map_err(Failure::Lifecycle)
-    })
-    .map_err(failure(tenant, &t.provider))?;
-    catalog::activate_data_key(id, version, &wrapped)?;
-    crate::audit::key_op("rotate_data_key", tenant, &format!("version {version}"), false);
-    backend::invalidate_after_commit();
-    Ok(version)
+    new_key_version(tenant, NewKey::Data)
 }
 
 /// A new blind-index key version for `tenant` (sql/search.sql), wrapped under the tenant key:
 /// active for new terms; the previous active version is retired (still matched by
 /// `blind_index_all` until destroyed). One root-key unwrap, in the caller's transaction.
 pub fn rotate_index_key_impl(tenant: &str) -> Result<u32> {
+    new_key_version(tenant, NewKey::Index)
+}
+
+#[derive(Clone, Copy)]
+enum NewKey {
+    Data,
+    Index,
+}
+
+/// A new active version of a tenant's data key or blind-index key: one root-key unwrap of the
+/// tenant key, a fresh key wrapped under it, stored at commit; recorded in the audit trail.
+fn new_key_version(tenant: &str, kind: NewKey) -> Result<u32> {
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
     refuse_suspended(tenant, &t)?;
-    let version = catalog::next_index_key_version(t.id)?;
+    let version = match kind {
+        NewKey::Data => catalog::next_data_key_version(t.id)?,
+        NewKey::Index => catalog::next_index_key_version(t.id)?,
+    };
     let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let name = tenant.to_string();
     let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
     let wrapped = backend::interruptible(move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
-        pg_envelope_core::lifecycle::new_wrapped_index_key(&kek, &key_check, &name, id, version).map_err(Failure::Lifecycle)
+        let new = match kind {
+            NewKey::Data => pg_envelope_core::lifecycle::new_wrapped_data_key,
+            NewKey::Index => pg_envelope_core::lifecycle::new_wrapped_index_key,
+        };
+        new(&kek, &key_check, &name, id, version).map_err(Failure::Lifecycle)
     })
     .map_err(failure(tenant, &t.provider))?;
-    catalog::activate_index_key(id, version, &wrapped)?;
-    crate::audit::key_op("rotate_index_key", tenant, &format!("version {version}"), false);
+    let operation = match kind {
+        NewKey::Data => {
+            catalog::activate_data_key(id, version, &wrapped)?;
+            "rotate_data_key"
+        }
+        NewKey::Index => {
+            catalog::activate_index_key(id, version, &wrapped)?;
+            "rotate_index_key"
+        }
+    };
+    crate::audit::key_op(operation, tenant, &format!("version {version}"), false);
     backend::invalidate_after_commit();
     Ok(version)
 }

@@ -45,18 +45,9 @@ pub fn new_wrapped_data_key(
     tenant_key_id: u32,
     version: u32,
 ) -> Result<Vec<u8>, LifecycleError> {
-    use subtle::ConstantTimeEq;
-    if !bool::from(wrap::tenant_key_check(kek).as_slice().ct_eq(expected_check)) {
-        return Err(LifecycleError::KeyCheckMismatch);
-    }
-    let dek = SecretKey::generate().map_err(|e| LifecycleError::Random(e.to_string()))?;
-    let aad = WrapAad::DataKey { tenant, tenant_key_id, version };
-    wrap::wrap_key(kek, &aad, &dek).map_err(|e| LifecycleError::Random(e.to_string()))
+    new_wrapped_key(kek, expected_check, &WrapAad::DataKey { tenant, tenant_key_id, version })
 }
 
-/// A tenant key rotation, ready to store: the new tenant key's check value and every data key
-/// re-wrapped under it. The new tenant key itself is returned for the provider to wrap; the
-/// caller drops it (wiping it) as soon as that is done.
 /// A new blind-index key (version `version` of `tenant`), wrapped under the tenant key.
 pub fn new_wrapped_index_key(
     kek: &SecretKey,
@@ -65,13 +56,18 @@ pub fn new_wrapped_index_key(
     tenant_key_id: u32,
     version: u32,
 ) -> Result<Vec<u8>, LifecycleError> {
+    new_wrapped_key(kek, expected_check, &WrapAad::IndexKey { tenant, tenant_key_id, version })
+}
+
+/// A fresh random key wrapped under `kek` with `aad`, after checking that `kek` is the tenant key
+/// whose check value is `expected_check`.
+fn new_wrapped_key(kek: &SecretKey, expected_check: &[u8], aad: &WrapAad<'_>) -> Result<Vec<u8>, LifecycleError> {
     use subtle::ConstantTimeEq;
     if !bool::from(wrap::tenant_key_check(kek).as_slice().ct_eq(expected_check)) {
         return Err(LifecycleError::KeyCheckMismatch);
     }
     let key = SecretKey::generate().map_err(|e| LifecycleError::Random(e.to_string()))?;
-    let aad = WrapAad::IndexKey { tenant, tenant_key_id, version };
-    wrap::wrap_key(kek, &aad, &key).map_err(|e| LifecycleError::Random(e.to_string()))
+    wrap::wrap_key(kek, aad, &key).map_err(|e| LifecycleError::Random(e.to_string()))
 }
 
 /// The blind-index keys re-wrapped from `old_kek` to `new_kek` (a tenant key rotation): the same
@@ -93,6 +89,9 @@ pub fn rewrap_index_keys(
         .collect()
 }
 
+/// A tenant key rotation, ready to store: the new tenant key's check value and every data key
+/// re-wrapped under it. The new tenant key itself is returned for the provider to wrap; the
+/// caller drops it (wiping it) as soon as that is done.
 pub struct RotatedTenantKey {
     pub new_kek: SecretKey,
     pub key_check: [u8; 32],
