@@ -6,6 +6,7 @@
 #   scripts/bench.sh                 # full run (about 15-25 minutes on 2 cores)
 #   PGE_BENCH_QUICK=1 scripts/bench.sh   # a smoke run with small row counts
 #   scripts/bench.sh --search        # only the blind-index benchmark (benches/sql/search_bench.py)
+#   scripts/bench.sh --callgrind     # only the instruction counts (benches/sql/callgrind.py)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
@@ -13,9 +14,10 @@ cd "$PGE_ROOT"
 
 bash "$here/setup.sh"
 
-search_only=0
+search_only=0 callgrind_only=0
 [ "${1:-}" = --search ] && search_only=1
-if [ "$search_only" = 0 ]; then
+[ "${1:-}" = --callgrind ] && callgrind_only=1
+if [ "$search_only" = 0 ] && [ "$callgrind_only" = 0 ]; then
   echo "==> Criterion (core)"
   cargo bench -p pg_envelope_benches --bench core
 fi
@@ -35,6 +37,11 @@ trap restore_normal_build EXIT
 
 if [ "$search_only" = 1 ]; then
   "$PGE_STATE/py-venv/bin/python" benches/sql/search_bench.py
+  exit 0
+fi
+if [ "$callgrind_only" = 1 ]; then
+  shift
+  "$PGE_STATE/py-venv/bin/python" benches/sql/callgrind.py "$@"
   exit 0
 fi
 args=(--out-json "$PGE_ROOT/benches/results/sql.json")

@@ -16,7 +16,7 @@ PGRX_VERSION="$(pge_pgrx_version)"
 APT_PACKAGES=(
   postgresql-15 postgresql-server-dev-15 postgresql-contrib
   libclang-dev clang pkg-config build-essential sudo ca-certificates curl
-  pgbouncer softhsm2 opensc binutils gdb
+  pgbouncer softhsm2 opensc binutils gdb valgrind
 )
 
 step() { printf '\n==> %s\n' "$*"; }

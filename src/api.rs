@@ -65,7 +65,7 @@ fn into_text(out: Result<PallocVarlena>) -> Result<TextOut> {
     let valid = if encoding == pg_sys::pg_enc::PG_UTF8 as i32 {
         // The common case, checked in Rust: the same rules as PostgreSQL's (no surrogates, no
         // code point above U+10FFFF, no NUL) without a call per value.
-        !bytes.contains(&0) && std::str::from_utf8(bytes).is_ok()
+        pg_envelope_core::text::valid_utf8_text(bytes)
     } else {
         bytes.len() <= i32::MAX as usize
             && unsafe { pg_sys::pg_verify_mbstr(encoding, bytes.as_ptr().cast(), bytes.len() as i32, true) }

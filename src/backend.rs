@@ -470,7 +470,7 @@ pub fn current_tenant() -> Result<&'static str> {
     let unset = || EnvelopeError::TenantUnset { setting: name.to_string_lossy().into_owned() };
     // A name that is not UTF-8 (non-ASCII in a LATIN1 database) can name no tenant: every
     // tenant name is UTF-8. Say so rather than calling the setting unset.
-    let s = crate::nothrow::config_option(name).ok_or_else(unset)?.to_str().map_err(|_| EnvelopeError::InvalidTenantName)?;
+    let s = crate::nothrow::tenant_setting_value(name).ok_or_else(unset)?.to_str().map_err(|_| EnvelopeError::InvalidTenantName)?;
     if s.is_empty() {
         return Err(unset());
     }
@@ -846,7 +846,7 @@ impl Backend {
     }
 
     fn serve_degraded(&mut self, tenant: &str) -> &mut CacheEntry<TenantMeta> {
-        let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+        let stmt = crate::nothrow::statement_start();
         let e = self.cache.hit(tenant).expect("stale entry present");
         if let Some(d) = e.degraded.as_mut() {
             if d.warned != stmt {
@@ -914,13 +914,23 @@ pub fn cache_now() -> Instant {
     }
     thread_local! {
         static BASE: (Instant, std::time::Duration) = (Instant::now(), coarse());
+        /// The last reading and the Instant made of it: the coarse clock moves every few
+        /// milliseconds, so most calls reuse the Instant instead of computing it again.
+        static LAST: std::cell::Cell<(std::time::Duration, Option<Instant>)> = const { std::cell::Cell::new((std::time::Duration::ZERO, None)) };
     }
-    BASE.with(|&(base, base_coarse)| {
-        let c = coarse();
-        if c == std::time::Duration::MAX {
-            return Instant::now();
+    let c = coarse();
+    if c == std::time::Duration::MAX {
+        return Instant::now();
+    }
+    LAST.with(|last| {
+        if let (l, Some(i)) = last.get() {
+            if l == c {
+                return i;
+            }
         }
-        base + c.saturating_sub(base_coarse)
+        let i = BASE.with(|&(base, base_coarse)| base + c.saturating_sub(base_coarse));
+        last.set((c, Some(i)));
+        i
     })
 }
 
@@ -986,7 +996,7 @@ thread_local! {
 /// Counts one decryption against `envelope.max_decrypts_per_statement`: refused past the cap
 /// (the statement fails: no row of it reaches the client).
 fn count_against_cap(cap: i64) -> Result<()> {
-    let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let stmt = crate::nothrow::statement_start();
     DECRYPTED_IN_STATEMENT.with(|c| {
         let (s, n) = c.get();
         let n = if s == stmt { n + 1 } else { 1 };

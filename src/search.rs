@@ -280,8 +280,9 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
         }
     }
     let mut version = 0;
-    let tenant = backend::current_tenant().ok();
-    let r = backend::current_tenant().and_then(|tenant| {
+    let current = backend::current_tenant();
+    let tenant = current.as_ref().ok().copied();
+    let r = current.and_then(|tenant| {
         // A purpose this call site already resolved (after a grant check) needs no lookup; a new
         // one is looked up only after the grant check. The keys' own grant check follows anyway.
         let (purpose, n) = match unsafe { purpose_cached(fcinfo) } {

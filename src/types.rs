@@ -78,7 +78,7 @@ pub struct PallocVarlena(*mut pg_sys::varlena, usize);
 impl backend::OutBuf for PallocVarlena {
     fn zeroed(len: usize) -> Self {
         unsafe {
-            let ptr = pg_sys::palloc0(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
+            let ptr = crate::nothrow::palloc0(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
             pgrx::set_varsize_4b(ptr, (len + pg_sys::VARHDRSZ) as i32);
             PallocVarlena(ptr, len)
         }
@@ -246,8 +246,9 @@ struct TypeIo {
 }
 
 impl TypeIo {
-    fn tag(&self) -> &str {
-        std::str::from_utf8(&self.tag[..self.tag_len]).unwrap_or("pg_envelope/type/?")
+    /// The type's context (`pg_envelope/type/<base>`), bound into every value's AAD.
+    fn tag(&self) -> &[u8] {
+        &self.tag[..self.tag_len]
     }
 }
 
@@ -311,16 +312,16 @@ unsafe fn encrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
     let io = type_io(fcinfo, true);
     let value = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
     let envelope: PallocVarlena = match io.codec {
-        Codec::Raw => backend::encrypt_to(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())),
+        Codec::Raw => backend::encrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())),
         Codec::TextIo => {
             let s = pg_sys::OutputFunctionCall(&io.io as *const _ as *mut _, value);
-            let r = backend::encrypt_to(CStr::from_ptr(s).to_bytes(), Some(io.tag().as_bytes()));
+            let r = backend::encrypt_to(CStr::from_ptr(s).to_bytes(), Some(io.tag()));
             pg_sys::pfree(s as *mut _);
             r
         }
         Codec::BinaryIo => {
             let b = pg_sys::SendFunctionCall(&io.io as *const _ as *mut _, value);
-            let r = backend::encrypt_to(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag().as_bytes()));
+            let r = backend::encrypt_to(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag()));
             pg_sys::pfree(b as *mut _);
             r
         }
@@ -335,50 +336,89 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
     let io = type_io(fcinfo, false);
     if io.codec == Codec::Raw {
         // text and bytea: decrypt straight into the result varlena.
-        let out: PallocVarlena = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())).or_raise();
+        let out: PallocVarlena = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
         return out.into_datum();
     }
-    // One allocation with room for a trailing NUL (the text input function needs it), wiped on
-    // drop: no reallocation leaves an unwiped copy of the plaintext behind.
-    let mut plain: WipedCString = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag().as_bytes())).or_raise();
+    // Room for a trailing NUL (the text input function needs it), wiped on drop: no
+    // reallocation leaves an unwiped copy of the plaintext behind.
+    let mut plain: WipedCString = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
     match io.codec {
         Codec::Raw => unreachable!("handled above"),
         Codec::TextIo => pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, plain.as_c_ptr(), io.ioparam, -1),
         Codec::BinaryIo => {
-            let bytes = backend::OutBuf::bytes_mut(&mut plain);
-            let mut si: pg_sys::StringInfoData = std::mem::zeroed();
-            pg_sys::initStringInfo(&mut si);
-            pg_sys::appendBinaryStringInfo(&mut si, bytes.as_ptr().cast(), bytes.len() as i32);
-            let d = pg_sys::ReceiveFunctionCall(&io.io as *const _ as *mut _, &mut si, io.ioparam, -1);
-            std::ptr::write_bytes(si.data, 0, si.len as usize);
-            pg_sys::pfree(si.data as *mut _);
-            d
+            // The receive function reads the plaintext where it is: a StringInfo over the
+            // buffer (NUL-terminated, as a StringInfo's data must be), no copy to wipe.
+            let len = backend::OutBuf::bytes_mut(&mut plain).len();
+            let mut si = pg_sys::StringInfoData { data: plain.as_c_ptr(), len: len as i32, maxlen: len as i32 + 1, cursor: 0 };
+            pg_sys::ReceiveFunctionCall(&io.io as *const _ as *mut _, &mut si, io.ioparam, -1)
         }
     }
 }
 
-/// A decrypted plaintext followed by a NUL byte, zeroized on drop.
-struct WipedCString(Vec<u8>);
+/// Plaintexts up to this size (with the trailing NUL) are decoded from a buffer kept for the
+/// backend, longer ones from their own allocation.
+const SCRATCH: usize = 256;
+
+thread_local! {
+    /// The backend's buffer for short typed plaintexts (int8, date, timestamptz, most numerics
+    /// and small jsonb): no allocation per value. Wiped after every use.
+    static SCRATCH_BUF: std::cell::RefCell<Option<Box<[u8; SCRATCH]>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A decrypted plaintext followed by a NUL byte, wiped on drop: in the backend's scratch buffer
+/// when it fits (the buffer in `SCRATCH_BUF` is all zeros whenever it is there), otherwise in its
+/// own allocation.
+enum WipedCString {
+    Scratch(Option<Box<[u8; SCRATCH]>>, usize),
+    Heap(Vec<u8>),
+}
 
 impl backend::OutBuf for WipedCString {
     fn zeroed(len: usize) -> Self {
-        WipedCString(vec![0u8; len + 1])
+        if len < SCRATCH {
+            let b = SCRATCH_BUF.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.take()));
+            // None: the first use in this backend (or a nested one): a new buffer, kept after.
+            return WipedCString::Scratch(Some(b.unwrap_or_else(|| Box::new([0u8; SCRATCH]))), len);
+        }
+        WipedCString::Heap(vec![0u8; len + 1])
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        let n = self.0.len() - 1;
-        &mut self.0[..n]
+        match self {
+            WipedCString::Scratch(b, len) => &mut b.as_mut().expect("present until drop")[..*len],
+            WipedCString::Heap(v) => {
+                let n = v.len() - 1;
+                &mut v[..n]
+            }
+        }
     }
 }
 
 impl WipedCString {
     fn as_c_ptr(&mut self) -> *mut std::ffi::c_char {
-        self.0.as_mut_ptr().cast()
+        match self {
+            WipedCString::Scratch(b, _) => b.as_mut().expect("present until drop").as_mut_ptr().cast(),
+            WipedCString::Heap(v) => v.as_mut_ptr().cast(),
+        }
     }
 }
 
 impl Drop for WipedCString {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0);
+        match self {
+            WipedCString::Scratch(b, len) => {
+                if let Some(mut b) = b.take() {
+                    zeroize::Zeroize::zeroize(&mut b[..=*len]);
+                    SCRATCH_BUF.with(|s| {
+                        if let Ok(mut s) = s.try_borrow_mut() {
+                            if s.is_none() {
+                                *s = Some(b);
+                            }
+                        }
+                    });
+                }
+            }
+            WipedCString::Heap(v) => zeroize::Zeroize::zeroize(v),
+        }
     }
 }
 

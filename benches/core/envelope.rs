@@ -93,6 +93,8 @@ fn misc(c: &mut Criterion) {
             active_dek_version: 1,
             deks: vec![WrappedDek { version: 1, wrapped: wrap::wrap_key(&kek, &aad, &dek).unwrap() }],
             unusable: vec![],
+            index_keys: vec![],
+            active_index_version: 0,
         };
         cache.load(&mut p, &rec, (), now).unwrap();
     }
@@ -114,5 +116,50 @@ fn misc(c: &mut Criterion) {
     c.bench_function("wipe_stack_128KiB", |b| b.iter(pg_envelope_core::secure::wipe_stack));
 }
 
-criterion_group! { name = benches; config = configure(); targets = encrypt, decrypt, misc }
+/// AES-256-GCM implementations side by side, seal and open, with no AAD and with 32 bytes of AAD
+/// (an envelope's header, tenant and context): aes-gcm (RustCrypto, what the extension uses) and
+/// ring (BoringSSL's assembly). docs/design-decisions.md records the choice these figures made.
+fn aead_impl(c: &mut Criterion) {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let mut g = c.benchmark_group("aead_impl");
+    let rc = Aes256Gcm::new((&[2u8; 32]).into());
+    let rk = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[2u8; 32]).unwrap());
+    for size in [16usize, 64, 1024, 16384] {
+        for aad_len in [0usize, 32] {
+            let aad = vec![0xA5u8; aad_len];
+            let pt = vec![0x5Au8; size];
+            let mut body = vec![0u8; size];
+            let n = aes_gcm::Nonce::<aes_gcm::aead::consts::U12>::from([3u8; 12]);
+            g.bench_function(format!("aes-gcm_seal/{size}/aad{aad_len}"), |b| {
+                b.iter(|| black_box(rc.encrypt_inout_detached(&n, &aad, InOutBuf::new(black_box(&pt), &mut body).unwrap()).unwrap()))
+            });
+            let tag = rc.encrypt_inout_detached(&n, &aad, InOutBuf::new(&pt, &mut body).unwrap()).unwrap();
+            let ct = body.clone();
+            let mut out = vec![0u8; size];
+            g.bench_function(format!("aes-gcm_open/{size}/aad{aad_len}"), |b| {
+                b.iter(|| rc.decrypt_inout_detached(&n, &aad, InOutBuf::new(black_box(&ct), &mut out).unwrap(), &tag).unwrap())
+            });
+            let mut buf = pt.clone();
+            g.bench_function(format!("ring_seal/{size}/aad{aad_len}"), |b| {
+                b.iter(|| {
+                    buf.copy_from_slice(black_box(&pt));
+                    black_box(rk.seal_in_place_separate_tag(Nonce::assume_unique_for_key([3u8; 12]), Aad::from(&aad), &mut buf).unwrap())
+                })
+            });
+            let mut sealed = pt.clone();
+            let rtag = rk.seal_in_place_separate_tag(Nonce::assume_unique_for_key([3u8; 12]), Aad::from(&aad), &mut sealed).unwrap();
+            sealed.extend_from_slice(rtag.as_ref());
+            let mut work = sealed.clone();
+            g.bench_function(format!("ring_open/{size}/aad{aad_len}"), |b| {
+                b.iter(|| {
+                    work.copy_from_slice(black_box(&sealed));
+                    black_box(rk.open_in_place(Nonce::assume_unique_for_key([3u8; 12]), Aad::from(&aad), &mut work).unwrap().len())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group! { name = benches; config = configure(); targets = encrypt, decrypt, misc, aead_impl }
 criterion_main!(benches);

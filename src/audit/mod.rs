@@ -152,7 +152,7 @@ pub fn health() -> std::result::Result<(), String> {
 /// Refuses key use while records cannot be recorded (fail closed), or warns once per statement
 /// (`envelope.audit_fail_closed = off`).
 pub fn check_can_record() -> Result<()> {
-    let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let stmt = crate::nothrow::statement_start();
     // Once per statement: the check takes a shared lock.
     if CHECKED.with(|c| c.replace(stmt)) == stmt {
         return Ok(());
@@ -406,7 +406,7 @@ fn sqlstate(e: &EnvelopeError) -> String {
 
 /// Notes one encryption or decryption (or its failure) of the current statement.
 pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
-    let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let stmt = crate::nothrow::statement_start();
     let role = crate::nothrow::current_user_id();
     let now = crate::backend::cache_now();
     ACC.with(|a| {

@@ -23,6 +23,7 @@ pub mod rng;
 pub mod search;
 pub mod secret;
 pub mod secure;
+pub mod text;
 pub mod wrap;
 
 pub use cache::{retry_delay, CacheEntry, CacheStats, ColdFailure, Degraded, Freshness, KeyCache, LoadError, TenantKeys, TenantRecord, VersionState, WrappedDek};

@@ -1,0 +1,49 @@
+//! The check a decrypted value passes before it is returned as `text` in a UTF-8 database.
+
+/// Valid UTF-8 without NUL bytes (PostgreSQL's rules for `text`: no surrogates, nothing above
+/// U+10FFFF, no NUL). ASCII text, the common case, is checked in one branch-free pass that the
+/// compiler vectorises: a byte is ASCII and not NUL exactly when neither it nor itself minus one
+/// has the high bit set.
+#[inline]
+pub fn valid_utf8_text(bytes: &[u8]) -> bool {
+    let high = bytes.iter().fold(0u8, |acc, &b| acc | b | b.wrapping_sub(1));
+    if high & 0x80 == 0 {
+        return true;
+    }
+    !bytes.contains(&0) && std::str::from_utf8(bytes).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn edges() {
+        assert!(valid_utf8_text(b""));
+        assert!(valid_utf8_text(b"user@example.com"));
+        assert!(valid_utf8_text("Zoë 日本".as_bytes()));
+        assert!(!valid_utf8_text(b"a\0b"));
+        assert!(!valid_utf8_text(b"\0"));
+        assert!(!valid_utf8_text(b"\x80"));
+        assert!(!valid_utf8_text(b"\xed\xa0\x80")); // a surrogate
+        assert!(!valid_utf8_text(b"\xf4\x90\x80\x80")); // above U+10FFFF
+        assert!(valid_utf8_text(b"\x7f"));
+        assert!(valid_utf8_text(b"\x01"));
+    }
+
+    proptest! {
+        /// The fast path agrees with the plain definition on every input.
+        #[test]
+        fn agrees_with_the_definition(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let plain = !bytes.contains(&0) && std::str::from_utf8(&bytes).is_ok();
+            prop_assert_eq!(valid_utf8_text(&bytes), plain);
+        }
+
+        #[test]
+        fn agrees_on_mostly_ascii(bytes in proptest::collection::vec(0u8..0x81, 0..64)) {
+            let plain = !bytes.contains(&0) && std::str::from_utf8(&bytes).is_ok();
+            prop_assert_eq!(valid_utf8_text(&bytes), plain);
+        }
+    }
+}
