@@ -346,12 +346,41 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
         Codec::Raw => unreachable!("handled above"),
         Codec::TextIo => pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, plain.as_c_ptr(), io.ioparam, -1),
         Codec::BinaryIo => {
+            // int8, date and timestamptz are fixed-size big-endian integers: decoded here, with
+            // the receive functions' own range checks; anything else (a wrong length, a value
+            // out of range) goes to the receive function, which raises PostgreSQL's error.
+            if let Some(d) = decode_fixed(io.base, backend::OutBuf::bytes_mut(&mut plain)) {
+                return d;
+            }
             // The receive function reads the plaintext where it is: a StringInfo over the
             // buffer (NUL-terminated, as a StringInfo's data must be), no copy to wipe.
             let len = backend::OutBuf::bytes_mut(&mut plain).len();
             let mut si = pg_sys::StringInfoData { data: plain.as_c_ptr(), len: len as i32, maxlen: len as i32 + 1, cursor: 0 };
             pg_sys::ReceiveFunctionCall(&io.io as *const _ as *mut _, &mut si, io.ioparam, -1)
         }
+    }
+}
+
+/// The binary form of an int8, date or timestamptz as a Datum, when it is well-formed and in
+/// range (`int8recv`, `date_recv`, `timestamptz_recv` with typmod -1 accept exactly these).
+fn decode_fixed(base: pg_sys::Oid, b: &[u8]) -> Option<pg_sys::Datum> {
+    // datatype/timestamp.h: MIN_TIMESTAMP, END_TIMESTAMP; the Julian-day bounds of IS_VALID_DATE.
+    const MIN_TIMESTAMP: i64 = -211_813_488_000_000_000;
+    const END_TIMESTAMP: i64 = 9_223_371_331_200_000_000;
+    const MIN_DATE: i32 = -2_451_545; // DATETIME_MIN_JULIAN (0) - POSTGRES_EPOCH_JDATE
+    const END_DATE: i32 = 2_147_483_494 - 2_451_545; // DATE_END_JULIAN - POSTGRES_EPOCH_JDATE
+    match base {
+        pg_sys::INT8OID => Some(pg_sys::Datum::from(i64::from_be_bytes(b.try_into().ok()?))),
+        pg_sys::TIMESTAMPTZOID => {
+            let t = i64::from_be_bytes(b.try_into().ok()?);
+            // -infinity and infinity, or a finite value in range.
+            (t == i64::MIN || t == i64::MAX || (MIN_TIMESTAMP..END_TIMESTAMP).contains(&t)).then(|| pg_sys::Datum::from(t))
+        }
+        pg_sys::DATEOID => {
+            let d = i32::from_be_bytes(b.try_into().ok()?);
+            (d == i32::MIN || d == i32::MAX || (MIN_DATE..END_DATE).contains(&d)).then(|| pg_sys::Datum::from(d))
+        }
+        _ => None,
     }
 }
 

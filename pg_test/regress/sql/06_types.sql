@@ -25,6 +25,14 @@ SELECT id, t::text, b::bytea, j::jsonb, i::int8, n::numeric, d::date, ts::timest
 SELECT envelope.decrypt_field(t) AS t, pg_typeof(envelope.decrypt_field(i)) AS i_type, envelope.decrypt_field(i) + 1 AS i_plus_one,
        pg_typeof(envelope.decrypt_field(ts)) AS ts_type
   FROM typed WHERE id = 1;
+-- The edges of the fixed-size types (decoded in the extension, not by the receive functions):
+-- infinities, the first and the last representable values.
+SELECT d, (d::envelope.encrypted_date)::date = d AS date_ok
+  FROM unnest(ARRAY['-infinity', 'infinity', '4713-01-01 BC', '5874897-12-31']::date[]) d;
+SELECT ts, (ts::envelope.encrypted_timestamptz)::timestamptz = ts AS timestamptz_ok
+  FROM unnest(ARRAY['-infinity', 'infinity', '4713-01-01 00:00:00+00 BC', '294276-12-31 23:59:59.999999+00']::timestamptz[]) ts;
+SELECT i, (i::envelope.encrypted_int8)::int8 = i AS int8_ok
+  FROM unnest(ARRAY[-9223372036854775808, -1, 0, 9223372036854775807]::int8[]) i;
 -- The same value decrypts identically under any DateStyle / TimeZone (binary plaintext encoding).
 SET datestyle = 'SQL, DMY';
 SET timezone = 'America/New_York';
