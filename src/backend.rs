@@ -1005,6 +1005,13 @@ thread_local! {
 /// Counts one decryption against `envelope.max_decrypts_per_statement`: refused past the cap
 /// (the statement fails: no row of it reaches the client).
 fn count_against_cap(cap: i64) -> Result<()> {
+    // The count lives in this process: a parallel worker (reached through a user's PARALLEL SAFE
+    // wrapper, which the planner inlines after choosing a parallel plan) would start from zero,
+    // and the workers together would decrypt up to (workers + 1) x the limit. Refused there.
+    // SAFETY: reads a backend global (access/parallel.h IsParallelWorker()).
+    if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
+        return Err(EnvelopeError::DecryptCapInParallelWorker { limit: cap });
+    }
     let stmt = crate::nothrow::statement_start();
     DECRYPTED_IN_STATEMENT.with(|c| {
         let (s, n) = c.get();

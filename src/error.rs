@@ -84,6 +84,9 @@ pub enum EnvelopeError {
     AuditChainBroken { seq: i64 },
     /// `envelope.max_decrypts_per_statement` reached.
     DecryptCapReached { limit: i64 },
+    /// A decryption in a parallel worker while `envelope.max_decrypts_per_statement` is set: the
+    /// count is per process, so workers would multiply the limit.
+    DecryptCapInParallelWorker { limit: i64 },
     /// A request with a bad argument (re-encryption target, job), with its SQLSTATE.
     BadRequest { code: PgSqlErrorCode, message: String, hint: Option<String> },
     /// A catalog query failed in a way that is not the user's fault.
@@ -350,6 +353,12 @@ impl EnvelopeError {
                 format!("pg_envelope: this statement reached envelope.max_decrypts_per_statement ({limit} values)"),
                 None,
                 Some("Decrypt fewer rows per statement, or ask a superuser to raise the limit for this role (ALTER ROLE ... SET).".into()),
+            ),
+            EnvelopeError::DecryptCapInParallelWorker { limit } => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("pg_envelope: decryption in a parallel worker is refused while envelope.max_decrypts_per_statement is set ({limit} values): the limit is counted per process"),
+                None,
+                Some("Mark functions that decrypt PARALLEL RESTRICTED (as pg_envelope's own are), or SET max_parallel_workers_per_gather = 0.".into()),
             ),
             EnvelopeError::BadRequest { code, message, hint } => (*code, message.clone(), None, hint.clone()),
             EnvelopeError::Internal(m) => (ERRCODE_INTERNAL_ERROR, format!("pg_envelope: {m}"), None, None),

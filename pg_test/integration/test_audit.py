@@ -495,6 +495,32 @@ def test_the_per_statement_cap_stops_a_bulk_read(audited):
             c.execute("DROP ROLE audit_capped")
 
 
+def test_the_per_statement_cap_is_not_multiplied_by_parallel_workers(audited):
+    """A user's PARALLEL SAFE wrapper puts decryption into parallel workers, each of which would
+    count from zero: with a cap set, decryption there is refused (an insider review found the
+    workers together decrypting every row past the cap)."""
+    with connect(PORT_A, DB) as c:
+        c.execute("CREATE OR REPLACE FUNCTION public.audit_ps_decrypt(e envelope.encrypted_text) RETURNS text "
+                  "LANGUAGE sql PARALLEL SAFE AS $$ SELECT e::text $$")
+        try:
+            for s in ("parallel_setup_cost = 0", "parallel_tuple_cost = 0", "min_parallel_table_scan_size = 0",
+                      "max_parallel_workers_per_gather = 2", "parallel_leader_participation = off"):
+                c.execute("SET " + s)
+            with as_tenant(c, TENANT):
+                q = "SELECT count(x), count(DISTINCT x) FROM (SELECT public.audit_ps_decrypt(v) AS x FROM audit_t) s"
+                plan = "\n".join(r[0] for r in c.execute("EXPLAIN (COSTS OFF, VERBOSE) " + q).fetchall())
+                assert "Gather" in plan and "Parallel Seq Scan" in plan, plan
+                n = c.execute("SELECT count(*) FROM audit_t").fetchone()[0]
+                assert c.execute(q).fetchone()[0] == n  # no cap: parallel decryption works
+                c.execute(f"SET envelope.max_decrypts_per_statement = {n - 1}")
+                with pytest.raises(psycopg.Error) as e:
+                    c.execute(q)
+                assert e.value.sqlstate == "0A000" and "parallel worker" in str(e.value), e.value
+        finally:
+            c.execute("RESET ALL")
+            c.execute("DROP FUNCTION IF EXISTS public.audit_ps_decrypt(envelope.encrypted_text)")
+
+
 def test_32_sessions_decrypting_at_once_leave_a_gapless_unbroken_exact_trail(audited):
     """32 sessions decrypt at once for a minute (PGE_AUDIT_CONCURRENCY_S): one writer, so the
     sequence is gapless and the chain unbroken, and each session's records add up to exactly
