@@ -6,7 +6,9 @@
 #   scripts/bench.sh                 # full run (about 15-25 minutes on 2 cores)
 #   PGE_BENCH_QUICK=1 scripts/bench.sh   # a smoke run with small row counts
 #   scripts/bench.sh --search        # only the blind-index benchmark (benches/sql/search_bench.py)
-#   scripts/bench.sh --callgrind     # only the instruction counts (benches/sql/callgrind.py)
+#   scripts/bench.sh --ratios        # per-value ratios to bare AES-GCM, HMAC and pgcrypto: instruction
+#                                    # counts (benches/sql/callgrind.py, ~4 min) then CPU (cpu_ratios.py, ~2 min)
+#   scripts/bench.sh --callgrind     # only the instruction counts
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
@@ -17,6 +19,7 @@ bash "$here/setup.sh"
 search_only=0 callgrind_only=0
 [ "${1:-}" = --search ] && search_only=1
 [ "${1:-}" = --callgrind ] && callgrind_only=1
+[ "${1:-}" = --ratios ] && callgrind_only=2
 if [ "$search_only" = 0 ] && [ "$callgrind_only" = 0 ]; then
   echo "==> Criterion (core)"
   cargo bench -p pg_envelope_benches --bench core
@@ -39,9 +42,12 @@ if [ "$search_only" = 1 ]; then
   "$PGE_STATE/py-venv/bin/python" benches/sql/search_bench.py
   exit 0
 fi
-if [ "$callgrind_only" = 1 ]; then
+if [ "$callgrind_only" != 0 ]; then
   shift
-  "$PGE_STATE/py-venv/bin/python" benches/sql/callgrind.py "$@"
+  "$PGE_STATE/py-venv/bin/python" benches/sql/callgrind.py --audit --out-json "$PGE_ROOT/target/callgrind.json" "$@"
+  if [ "$callgrind_only" = 2 ]; then
+    "$PGE_STATE/py-venv/bin/python" benches/sql/cpu_ratios.py --out-json "$PGE_ROOT/target/cpu-ratios.json"
+  fi
   exit 0
 fi
 args=(--out-json "$PGE_ROOT/benches/results/sql.json")

@@ -62,6 +62,8 @@ core_tests() {
   cargo test -p pg_envelope_core --features vault,aws,pkcs11,testing --lib
   # scripts/audit-verify.py against the chain's golden vector and tampered chains.
   "$PGE_STATE/py-venv/bin/python" -m pytest -q -p no:cacheprovider "$PGE_ROOT/pg_test/unit"
+  # The Criterion benchmarks still compile against the core (they are not run here).
+  cargo check -q -p pg_envelope_benches --benches
 }
 
 want core && run_tier core core_tests

@@ -8,7 +8,10 @@ so the net figure was a small difference of two large, independently noisy numbe
  * the inputs come from tables (callgrind.py's setup): the baseline is a scan, not a computation;
  * every variant and its baseline run back to back in the same round, and the net of a round is
    the difference of the two; a ratio is computed per round, from one round's nets;
- * the reported ratio is the median over many rounds (default 15), with the interquartile range.
+ * every round runs in a new backend (a backend's memory layout alone moved one backend's
+   figures by up to 20%), the rounds are spread over several server starts (default 3: where
+   shared buffers put the tables moved a whole run by up to 10%), and the reported ratio is the
+   median over the rounds (default 21), with the interquartile range.
 CPU is the backend's own user+system time (getrusage via envelope_bench.backend_cpu_ns(); the
 bench-floor build), so other processes on the machine do not count, only their effect on caches.
 
@@ -45,7 +48,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=500000)
     ap.add_argument("--rows-1k", type=int, default=50000)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--restarts", type=int, default=3, help="server starts per run")
     ap.add_argument("--only", help="a regular expression over the ratio labels")
     ap.add_argument("--out-json", default=str(cg.ROOT / "target/cpu-ratios.json"))
     a = ap.parse_args()
@@ -59,14 +63,22 @@ def main():
     order = [n for n in vs if n in needed]
     rows = lambda n: a.rows_1k if n.endswith("_k") else a.rows
     per_round = []
-    with psycopg.connect(host=cg.SOCK, port=cg.PORT, dbname=cg.DB, user="postgres", autocommit=True) as c:
-        c.execute("SET max_parallel_workers_per_gather = 0")
-        c.execute("SET app.tenant_id = 'bench_t0'")
-        # Warm: keys loaded, pages cached, plans of the catalog reads made.
-        for n in order:
-            expr, frm, _ = vs[n]
-            c.execute(f"SELECT {expr} FROM {frm.format(n=min(rows(n), 1000))}").fetchall()
-        for r in range(a.rounds):
+    for r in range(a.rounds):
+        # A server restart every rounds/restarts rounds: where shared buffers put the tables'
+        # pages moved whole runs by up to 10%; the median over several starts moves less.
+        if r > 0 and a.restarts > 1 and r % max(1, a.rounds // a.restarts) == 0:
+            cg.cluster("stop")
+            cg.cluster("start")
+        # A new backend every round: a backend's memory layout (where its keys, buffers and
+        # results land) moved single-backend figures by up to 20% between runs; the median over
+        # many backends does not move.
+        with psycopg.connect(host=cg.SOCK, port=cg.PORT, dbname=cg.DB, user="postgres", autocommit=True) as c:
+            c.execute("SET max_parallel_workers_per_gather = 0")
+            c.execute("SET app.tenant_id = 'bench_t0'")
+            # Warm: keys loaded and derived, pages cached, catalog reads planned.
+            for n in order:
+                expr, frm, _ = vs[n]
+                c.execute(f"SELECT {expr} FROM {frm.format(n=min(rows(n), 2000))}").fetchall()
             k = r % len(order)
             cpu = {}
             # Each baseline right before the variants that use it; the order rotates per round.
@@ -77,10 +89,10 @@ def main():
                     cpu[base] = measure(c, f"SELECT {bexpr} FROM {bfrm.format(n=rows(base))}", rows(base))
                 if n not in cpu:
                     cpu[n] = measure(c, f"SELECT {expr} FROM {frm.format(n=rows(n))}", rows(n))
-            net = {n: cpu[n] - cpu[vs[n][2]] for n in cpu if vs[n][2]}
-            per_round.append({"cpu": cpu, "net": net,
-                              "ratios": {label: net[num] / net[den] for label, num, den, _ in ratios}})
-            print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{l.split(' (')[0][:22]} {v:.2f}" for l, v in list(per_round[-1]["ratios"].items())[:4]), file=sys.stderr, flush=True)
+        net = {n: cpu[n] - cpu[vs[n][2]] for n in cpu if vs[n][2]}
+        per_round.append({"cpu": cpu, "net": net,
+                          "ratios": {label: net[num] / net[den] for label, num, den, _ in ratios}})
+        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{l.split(' (')[0][:22]} {v:.2f}" for l, v in list(per_round[-1]["ratios"].items())[:4]), file=sys.stderr, flush=True)
     cg.cluster("stop")
     model, flags = cg.cpu_flags()
     out = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": model,
