@@ -17,6 +17,7 @@ pub mod audit;
 pub mod cache;
 pub mod datakey;
 pub mod envelope;
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod provider;
 pub mod rng;

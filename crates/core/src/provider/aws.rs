@@ -231,6 +231,11 @@ impl AwsKmsProvider {
     }
 }
 
+/// [`parse_credentials`] for the fuzz targets (crate::fuzzing).
+pub fn parse_credentials_for_fuzzing(text: &str, profile: &str) -> bool {
+    parse_credentials(text, profile).is_some()
+}
+
 fn parse_credentials(text: &str, profile: &str) -> Option<AwsCredentials> {
     let mut in_profile = false;
     let (mut id, mut secret, mut token) = (None, None, None);

@@ -86,6 +86,11 @@ impl LocalProvider {
     }
 }
 
+/// [`parse_key_material`] for the fuzz targets (crate::fuzzing).
+pub fn parse_key_material_for_fuzzing(buf: &[u8]) -> bool {
+    parse_key_material(buf).is_ok()
+}
+
 fn parse_key_material(buf: &[u8]) -> Result<SecretKey, ProviderError> {
     if buf.len() == KEY_LEN {
         return SecretKey::from_slice(buf).ok_or(ProviderError::Misconfigured(String::new()));
