@@ -1003,7 +1003,8 @@ thread_local! {
 }
 
 /// Counts one decryption against `envelope.max_decrypts_per_statement`: refused past the cap
-/// (the statement fails: no row of it reaches the client).
+/// (the statement fails; rows a streaming client already received, as with COPY TO STDOUT or a
+/// row-limited Execute, stay received: at most the cap's worth).
 fn count_against_cap(cap: i64) -> Result<()> {
     // The count lives in this process: a parallel worker (reached through a user's PARALLEL SAFE
     // wrapper, which the planner inlines after choosing a parallel plan) would start from zero,

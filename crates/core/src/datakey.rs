@@ -44,8 +44,8 @@ use crate::secure::SecureBox;
 /// Messages encrypted under one derived key before the backend draws a new prefix: 2^32.
 pub const PREFIX_USE_LIMIT: u64 = 1 << 32;
 /// Derived keys kept per DEK for decryption (rows written by distinct backends): 1,024 (each
-/// 624 bytes, in a 1 KiB slot of the locked key pool: at most 1 MiB per data key). When full,
-/// one entry is evicted (an arbitrary one: the prefixes are random, so is the choice); a miss
+/// 624 bytes, in a 1 KiB slot of the locked key pool: at most 1 MiB per data key), each kept
+/// only after a value under it authenticated. When full, one entry is evicted (an arbitrary one: the prefixes are random, so is the choice); a miss
 /// costs one derivation (two AES blocks and a key schedule, ~400 ns). Sized from the
 /// benchmark's 1,000-writer case (docs/benchmarks.md): with 256 entries cleared when full,
 /// rows from 1,000 backends read in random order cost 1.67x the one-writer decryption (CPU; 1.32x in instructions).
@@ -267,33 +267,42 @@ impl DataKey {
         }
         let prefix: &[u8; 12] = env.nonce[..12].try_into().map_err(|_| DecryptError)?;
         let st: &mut KeyState = &mut self.s;
-        let gcm: &Aes256Gcm = match &st.enc {
-            Some(s) if &s.prefix == prefix => &s.gcm,
-            _ => {
-                if !st.dec.contains_key(prefix) {
-                    if st.dec.len() >= DECRYPT_PREFIX_CACHE {
-                        if let Some(victim) = st.dec.keys().next().copied() {
-                            st.dec.remove(&victim); // SecureBox wipes the key schedule
-                        }
-                    }
-                    let gcm = SecureBox::new(Self::derive(&st.kdf, &st.k1, prefix));
-                    st.derivations += 1;
-                    st.dec.insert(*prefix, gcm);
-                }
-                &st.dec[prefix]
-            }
-        };
         let aad = envelope::build_aad(&mut st.aad, env.aad_header(), tenant, context);
-        let buf = InOutBuf::new(env.ciphertext, out).map_err(|_| DecryptError)?;
+        let nonce = nonce_of(&env.nonce[12..]);
         let tag = Tag::from(*env.tag);
         debug_assert_eq!(env.tag.len(), TAG_LEN);
-        match gcm.decrypt_inout_detached(&nonce_of(&env.nonce[12..]), aad, buf, &tag) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                out.zeroize();
-                Err(DecryptError)
-            }
+        let open = |gcm: &Aes256Gcm, out: &mut [u8]| -> Result<(), DecryptError> {
+            let buf = InOutBuf::new(env.ciphertext, &mut *out).map_err(|_| DecryptError)?;
+            gcm.decrypt_inout_detached(&nonce, aad, buf, &tag).map_err(|_| DecryptError)
+        };
+        let r = match &st.enc {
+            Some(s) if &s.prefix == prefix => open(&s.gcm, out),
+            _ => match st.dec.get(prefix) {
+                Some(gcm) => open(gcm, out),
+                None => {
+                    // A writer not seen yet: derive its key, and keep it only once a value
+                    // under it has authenticated, so forged envelopes (any prefix passes the
+                    // public commitment check) cannot evict real writers' keys or fill the
+                    // locked pool.
+                    let gcm = SecureBox::new(Self::derive(&st.kdf, &st.k1, prefix));
+                    st.derivations += 1;
+                    let r = open(&gcm, out);
+                    if r.is_ok() {
+                        if st.dec.len() >= DECRYPT_PREFIX_CACHE {
+                            if let Some(victim) = st.dec.keys().next().copied() {
+                                st.dec.remove(&victim); // SecureBox wipes the key schedule
+                            }
+                        }
+                        st.dec.insert(*prefix, gcm);
+                    }
+                    r
+                }
+            },
+        };
+        if r.is_err() {
+            out.zeroize();
         }
+        r
     }
 
     /// Convenience wrapper: parse, then [`DataKey::decrypt_into`].
@@ -377,6 +386,20 @@ mod tests {
             reader.decrypt("t", None, v).unwrap();
         }
         assert!(reader.derivations() - before < 50, "{} derivations", reader.derivations() - before);
+        // A forged value (a genuine one with another nonce prefix: it passes the public
+        // commitment check) is refused and its derived key is not kept.
+        let cached: Vec<[u8; 12]> = reader.s.dec.keys().copied().collect();
+        for i in 0..300u32 {
+            let mut forged = values[0].clone();
+            forged[42..46].copy_from_slice(&i.to_be_bytes());
+            forged[46] ^= 0x5a;
+            assert!(reader.decrypt("t", None, &forged).is_err());
+        }
+        let mut after: Vec<[u8; 12]> = reader.s.dec.keys().copied().collect();
+        let mut before_keys = cached.clone();
+        after.sort();
+        before_keys.sort();
+        assert_eq!(after, before_keys, "forged prefixes neither added nor evicted anything");
     }
 
     #[test]
