@@ -339,8 +339,6 @@ pub struct Backend {
     privs: HashMap<pg_sys::Oid, Vec<pg_sys::Oid>>,
     /// Tenant key id -> tenant name, for key administration by envelope header (re-encryption).
     names: HashMap<u32, Option<String>>,
-    /// The cache clock as read by the last key use (the audit aggregate's "last use" time).
-    pub last_now: Option<Instant>,
 }
 
 thread_local! {
@@ -359,7 +357,6 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
             provider_calls: HashMap::new(),
             directory: HashMap::new(),
             privs: HashMap::new(),
-            last_now: None,
             names: HashMap::new(),
         });
         f(b)
@@ -720,7 +717,6 @@ impl Backend {
         }
         let role = crate::nothrow::current_user_id();
         let now = cache_now();
-        self.last_now = Some(now);
         note_keys_used();
         if let Some(entry) = self.cache.fresh_hit(tenant, now) {
             if entry.meta.last_allowed_role == role {
@@ -968,13 +964,8 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result
     }
     let (mut version, mut tenant) = (0, None);
     let r = encrypt_inner(plaintext, context, &mut version, &mut tenant);
-    crate::audit::note_at(crate::audit::Op::Encrypt, tenant, version, r.as_ref().err(), last_key_use());
+    crate::audit::note(crate::audit::Op::Encrypt, tenant, version, r.as_ref().err());
     r
-}
-
-/// The clock reading of the last key use in this backend (set by `with_tenant_keys`).
-fn last_key_use() -> Option<Instant> {
-    with_backend(|b| b.last_now.take())
 }
 
 fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &mut u32, tenant_out: &mut Option<&'static str>) -> Result<B> {
@@ -1055,7 +1046,7 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
     if tenant.is_none() {
         tenant = current_tenant().ok();
     }
-    crate::audit::note_at(crate::audit::Op::Decrypt, tenant, version, r.as_ref().err(), last_key_use());
+    crate::audit::note(crate::audit::Op::Decrypt, tenant, version, r.as_ref().err());
     if r.is_ok() {
         crate::audit::alerts::check_canary(envelope, tenant);
     }

@@ -406,14 +406,9 @@ fn sqlstate(e: &EnvelopeError) -> String {
 
 /// Notes one encryption or decryption (or its failure) of the current statement.
 pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
-    note_at(op, tenant, version, err, None)
-}
-
-/// [`note`] with the clock reading the key use already made (`None`: read it here).
-pub fn note_at(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>, now: Option<std::time::Instant>) {
     let stmt = crate::nothrow::statement_start();
     let role = crate::nothrow::current_user_id();
-    let now = now.unwrap_or_else(crate::backend::cache_now);
+    let now = crate::backend::cache_now();
     ACC.with(|a| {
         let Ok(mut a) = a.try_borrow_mut() else { return };
         if a.stmt != stmt {

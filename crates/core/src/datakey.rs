@@ -43,12 +43,13 @@ use crate::secure::SecureBox;
 
 /// Messages encrypted under one derived key before the backend draws a new prefix: 2^32.
 pub const PREFIX_USE_LIMIT: u64 = 1 << 32;
-/// Derived keys kept per DEK for decryption (rows written by distinct backends): 1,024 (each
-/// 624 bytes, in a 1 KiB slot of the locked key pool: at most 1 MiB per data key), each kept
-/// only after a value under it authenticated. When full, one entry is evicted (an arbitrary one: the prefixes are random, so is the choice); a miss
-/// costs one derivation (two AES blocks and a key schedule, ~400 ns). Sized from the
-/// benchmark's 1,000-writer case (docs/benchmarks.md): with 256 entries cleared when full,
-/// rows from 1,000 backends read in random order cost 1.67x the one-writer decryption (CPU; 1.32x in instructions).
+/// Derived keys kept per DEK for decryption (rows written by distinct backends): 1,024, each
+/// 624 bytes in a 1 KiB slot of the locked key pool (at most 1 MiB per data key), and each kept
+/// only after a value under it authenticated. When full, one entry is evicted (an arbitrary one:
+/// the prefixes are random, so is the choice); a miss costs one derivation (two AES blocks and a
+/// key schedule, ~400 ns). Sized from the benchmark's 1,000-writer case (docs/benchmarks.md):
+/// with 256 entries cleared when full, rows from 1,000 backends read in random order cost 1.67x
+/// the one-writer decryption (CPU; 1.32x in instructions).
 pub const DECRYPT_PREFIX_CACHE: usize = 1024;
 
 const COMMITMENT_LABEL: &[u8] = b"pg_envelope/v1/key-commitment";

@@ -31,17 +31,25 @@ fn key(b: u8) -> SecretKey {
     SecretKey::from_slice(&[b; 32]).expect("32 bytes")
 }
 
-/// An envelope from untrusted bytes: parsed, then decrypted with a key that did not make it
-/// (always an error, never a panic), with and without a context.
+/// An envelope from untrusted bytes: parsed, then decrypted with the key that made the seeds
+/// (so that mutated inputs with an intact commitment reach the derived-key cache and GCM): under
+/// the seeds' tenant it may succeed (an unmodified seed); under any other tenant, or with the
+/// wrong key, it fails, leaves a zeroed buffer and never panics.
 pub fn envelope(data: &[u8]) {
     let Ok(env) = Envelope::parse(data) else { return };
     assert!(env.plaintext_len() < data.len());
-    let mut dek = DataKey::new(env.tenant_key_id, env.dek_version, &key(7));
+    let mut dek = DataKey::new(env.tenant_key_id, env.dek_version, &key(1));
     let mut out = vec![0u8; env.plaintext_len()];
-    assert!(dek.decrypt_into("fuzz", None, &env, &mut out).is_err());
+    let _ = dek.decrypt_into(SEED_TENANT, None, &env, &mut out);
+    out.fill(0);
+    assert!(dek.decrypt_into("fuzz", None, &env, &mut out).is_err(), "bound to its tenant");
     assert!(out.iter().all(|&b| b == 0), "a failed decryption leaves no output");
-    assert!(dek.decrypt("fuzz", Some(b"ctx"), data).is_err());
+    let mut other = DataKey::new(env.tenant_key_id, env.dek_version, &key(7));
+    assert!(other.decrypt(SEED_TENANT, Some(b"ctx"), data).is_err());
 }
+
+/// The tenant and key (`key(1)`) the envelope seeds were made with.
+const SEED_TENANT: &str = "acme";
 
 /// A wrapped key from untrusted bytes, under each kind of associated data; a genuine wrapping
 /// with one byte changed never unwraps.
