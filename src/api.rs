@@ -100,7 +100,7 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
     let key_check = wrap::tenant_key_check(&kek);
     // Wrap, then prove the provider gives the same key back, before anything is stored under it.
     let name = tenant.to_string();
-    let (kek, wrapped_kek, root_version) = backend::interruptible(move || {
+    let (kek, wrapped_kek, root_version) = crate::stampede::provider_call(move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let wrapped = provider.wrap_tenant_key(&ctx, &kek)?;
         let back = provider.unwrap_tenant_key(&ctx, &wrapped)?;
@@ -110,6 +110,7 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
         let root_version = provider.root_version_of(&wrapped);
         Ok((kek, wrapped, root_version))
     })
+    .and_then(|r| r)
     .map_err(fail)?;
     let dek = SecretKey::generate().map_err(rng_err)?;
     let aad = wrap::WrapAad::DataKey { tenant, tenant_key_id: id, version: 1 };
@@ -195,7 +196,7 @@ fn verify_provider(name: &str) -> pgrx::JsonB {
     let mut provider = backend::build_provider(name).or_raise();
     let kind = provider.kind();
     let started = std::time::Instant::now();
-    let result = backend::interruptible(move || {
+    let result = crate::stampede::provider_call(move || {
         let key = SecretKey::generate().map_err(|e| pg_envelope_core::ProviderError::Unavailable(e.to_string()))?;
         let ctx = KeyContext { tenant: "pg_envelope/verify_provider", tenant_key_id: 0 };
         let wrapped = provider.wrap_tenant_key(&ctx, &key)?;
@@ -203,7 +204,8 @@ fn verify_provider(name: &str) -> pgrx::JsonB {
         let other = KeyContext { tenant: "pg_envelope/verify_provider/other", tenant_key_id: 0 };
         let bound = provider.unwrap_tenant_key(&other, &wrapped).is_err();
         Ok::<_, pg_envelope_core::ProviderError>((wrap::tenant_key_check(&back) == wrap::tenant_key_check(&key), bound))
-    });
+    })
+    .and_then(|r| r);
     let (same, bound) = result.map_err(|error| EnvelopeError::Provider { provider: name.to_string(), error }).or_raise();
     if !same {
         EnvelopeError::Provider { provider: name.to_string(), error: pg_envelope_core::ProviderError::UnwrapFailed }.raise();
@@ -241,7 +243,7 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         New(pg_envelope_core::ProviderError),
         OldKeyMismatch,
     }
-    let result = backend::interruptible(move || -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
+    let result = crate::stampede::provider_call(move || -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = old.unwrap_tenant_key(&ctx, &wrapped).map_err(Failure::Old)?;
         if wrap::tenant_key_check(&kek).as_slice() != key_check.as_slice() {
@@ -254,7 +256,8 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         }
         let root_version = new.root_version_of(&rewrapped);
         Ok((rewrapped, root_version))
-    });
+    })
+    .unwrap_or_else(|e| Err(Failure::Old(e)));
     let (rewrapped, root_version) = result.map_err(|f| match f {
         Failure::Old(error) => EnvelopeError::Provider { provider: old_name.clone(), error },
         Failure::New(error) => EnvelopeError::Provider { provider: new_provider.to_string(), error },

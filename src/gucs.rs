@@ -7,6 +7,7 @@
 //! | envelope.max_value_size       | SUSET    | 256MB            | superusers                   |
 //! | envelope.local_root_key_file  | SIGHUP   | (unset)          | postgresql.conf only         |
 //! | envelope.kms_timeout          | SUSET    | 5s               | superusers                   |
+//! | envelope.max_concurrent_provider_calls | SIGHUP | 16 (0: no bound) | postgresql.conf only  |
 //! | envelope.max_key_age          | SUSET    | 7d               | superusers                   |
 //! | envelope.credential_dirs      | SIGHUP   | (unset: none)    | postgresql.conf only         |
 //! | envelope.pkcs11_modules       | SIGHUP   | (unset: none)    | postgresql.conf only         |
@@ -35,6 +36,7 @@ pub static KEY_CACHE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 pub static LOCAL_ROOT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static KMS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static MAX_CONCURRENT_PROVIDER_CALLS: GucSetting<i32> = GucSetting::<i32>::new(16);
 pub static CREDENTIAL_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PKCS11_MODULES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_KEY_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
@@ -264,6 +266,16 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"envelope.max_concurrent_provider_calls",
+        c"Most key-provider calls in flight at once across the whole server (stampede control).",
+        c"A call that finds every slot taken waits, first come first served, up to envelope.kms_timeout. 0: no bound. Needs shared_preload_libraries.",
+        &MAX_CONCURRENT_PROVIDER_CALLS,
+        0,
+        pg_envelope_core::stampede::MAX_SLOTS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"envelope.tenant_setting",
         c"Name of the setting that holds the current tenant (the one RLS policies read).",
@@ -324,6 +336,11 @@ pub fn max_key_age() -> Duration {
 
 pub fn kms_timeout() -> Duration {
     Duration::from_millis(KMS_TIMEOUT_MS.get().max(100) as u64)
+}
+
+/// The bound on key-provider calls in flight across the server; 0: none.
+pub fn max_concurrent_provider_calls() -> u32 {
+    MAX_CONCURRENT_PROVIDER_CALLS.get().max(0) as u32
 }
 
 pub fn max_value_size() -> usize {

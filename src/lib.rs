@@ -23,6 +23,7 @@ mod reencrypt;
 mod revocation;
 mod search;
 mod shred;
+mod stampede;
 mod status;
 mod tenancy;
 mod types;
@@ -43,6 +44,8 @@ pub extern "C-unwind" fn _PG_init() {
         // audit trail and refused key-management calls.
         audit::register();
         audit::hooks::register();
+        // The bound on concurrent key-provider calls (src/stampede.rs).
+        stampede::register();
         // The maintenance worker (src/worker.rs): scheduled rotation, rewraps, queued jobs.
         worker::register();
     }

@@ -130,6 +130,16 @@ pub fn status_json() -> Result<Value> {
             "current_tenant": tenant,
             "key_cache_ttl_seconds": gucs::key_cache_ttl().as_secs(),
             "max_key_age_seconds": gucs::max_key_age().as_secs(),
+            // Stampede control (src/stampede.rs): slots for key-provider calls across the server.
+            "provider_call_slots": crate::stampede::stats().map(|s| json!({
+                "max": gucs::max_concurrent_provider_calls(),
+                "in_use": s.in_use,
+                "peak": s.peak,
+                "calls": s.acquired,
+                "waited": s.waited,
+                "timed_out": s.timed_out,
+                "reclaimed": s.reclaimed,
+            })),
             "degraded": b.cache.degraded_count() > 0,
             "providers": providers,
             "lockdown": lockdown,

@@ -8,6 +8,7 @@
 //! * [`lifecycle`]: new data key versions (rotation).
 //! * [`audit`]: the audit chain (canonical records, hash chain, verification, checkpoints).
 //! * [`search`]: blind indexes (keyed deterministic terms for equality search on encrypted columns).
+//! * [`stampede`]: the cluster-wide bound on concurrent key-provider calls (slots in shared memory).
 //! * [`BackendRng`]: the per-process, fork-aware nonce generator.
 //! * [`SecretKey`]: key bytes that zeroize on drop and cannot be printed.
 //! * [`secure`]: the key pool (no core dumps, mlock, wiped slots) and the stack wipe.
@@ -22,6 +23,7 @@ pub mod lifecycle;
 pub mod provider;
 pub mod rng;
 pub mod search;
+pub mod stampede;
 pub mod secret;
 pub mod secure;
 pub mod text;

@@ -12,6 +12,12 @@ SELECT s->'backend'->'root_unwraps' AS root_unwraps, s->'backend'->'cached_tenan
        s->>'tenant_setting' AS tenant_setting, s->'key_cache_ttl_seconds' AS ttl, s->'preloaded' AS preloaded,
        jsonb_path_query_array(s, '$.providers[*].name') AS providers
   FROM envelope.status() AS s;
+-- Stampede control: slots for key-provider calls across the server (the two cold tenants
+-- above took one each, and gave it back).
+SELECT s->'provider_call_slots'->'max' AS slot_max, s->'provider_call_slots'->'in_use' AS slots_in_use,
+       (s->'provider_call_slots'->>'calls')::int >= 2 AS calls_counted,
+       (s->'provider_call_slots'->>'peak')::int >= 1 AS peak_counted
+  FROM envelope.status() AS s;
 -- No key material anywhere in the status output: not the root key, not a wrapped key.
 SELECT position(encode(pg_read_binary_file(current_setting('envelope.local_root_key_file')), 'hex') IN envelope.status()::text) = 0
    AND position(encode(pg_read_binary_file(current_setting('envelope.local_root_key_file')), 'base64') IN envelope.status()::text) = 0
@@ -35,7 +41,9 @@ SET ROLE regress_app;
 SELECT sqlstate_of($$SET envelope.tenant_setting = 'other.setting'$$) AS app_sets_tenant_setting;
 SELECT sqlstate_of($$SET envelope.key_cache_ttl = '10s'$$) AS app_sets_ttl;
 SELECT sqlstate_of($$SET envelope.local_root_key_file = '/tmp/mine'$$) AS app_sets_key_file;
+SELECT sqlstate_of($$SET envelope.max_concurrent_provider_calls = 0$$) AS app_sets_call_bound;
 RESET ROLE;
+SELECT sqlstate_of($$SET envelope.max_concurrent_provider_calls = 0$$) AS superuser_sets_call_bound;
 SELECT sqlstate_of($$SET envelope.local_root_key_file = '/tmp/mine'$$) AS superuser_sets_key_file;
 SELECT name, CASE WHEN name IN ('envelope.local_root_key_file', 'envelope.credential_dirs', 'envelope.pkcs11_modules')
                   THEN '(path)' ELSE setting END AS setting, unit, context

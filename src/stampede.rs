@@ -1,0 +1,190 @@
+//! The cluster-wide bound on concurrent key-provider calls: `envelope.max_concurrent_provider_calls`
+//! (stampede control, issue 16). The slot table is `pg_envelope_core::stampede`; this module puts
+//! it in shared memory next to a condition variable and makes every key-provider call take a slot.
+//!
+//! * A call takes a slot before it starts and gives it back when the call's helper thread ends
+//!   (so a cancelled statement does not free its slot while its KMS request is still out).
+//! * With every slot taken the caller sleeps on the condition variable (first come, first
+//!   woken), for at most `envelope.kms_timeout`; then the call fails as the provider being
+//!   unavailable: a tenant with keys cached past their TTL is served in outage mode, a cold one
+//!   gets 58000 with a hint. Cancellation and `statement_timeout` end the wait.
+//! * Slots of a process that died holding them are taken back by waiters (checked each time a
+//!   wait times out) and by the process's own exit callback.
+//! * Without `shared_preload_libraries` there is no shared memory and no bound.
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use pg_envelope_core::stampede::{Slot, SlotStats, SlotTable};
+use pg_envelope_core::ProviderError;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::gucs;
+
+#[repr(C)]
+struct Shared {
+    cv: pg_sys::ConditionVariable,
+    table: SlotTable,
+}
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
+static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
+
+/// How often a waiter looks again without being woken (a slot freed by a cancelled call's
+/// thread, or by a process that died, does not signal).
+const POLL_MS: i64 = 50;
+
+/// From `_PG_init` while shared_preload_libraries is processed.
+pub fn register() {
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(attach);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn request() {
+    if let Some(prev) = PREV_SHMEM_REQUEST {
+        prev();
+    }
+    pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn attach() {
+    if let Some(prev) = PREV_SHMEM_STARTUP {
+        prev();
+    }
+    let mut found = false;
+    // AddinShmemInitLock is MainLWLockArray[21] (as pgrx's own shared-memory types take it).
+    let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+    pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let p = pg_sys::ShmemInitStruct(c"pg_envelope provider call slots".as_ptr(), std::mem::size_of::<Shared>(), &mut found)
+        .cast::<Shared>();
+    if !found {
+        // All-zero is the slot table's initial state; the condition variable has its own init.
+        std::ptr::write_bytes(p.cast::<u8>(), 0, std::mem::size_of::<Shared>());
+        pg_sys::ConditionVariableInit(&raw mut (*p).cv);
+    }
+    pg_sys::LWLockRelease(init_lock);
+    SHARED.store(p, Ordering::Release);
+}
+
+fn shared() -> Option<&'static Shared> {
+    let p = SHARED.load(Ordering::Acquire);
+    // SAFETY: set once at startup to shared memory that lives as long as the process.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// A taken slot (or none, when there is no bound). Dropping it gives the slot back, on
+/// whichever thread drops it; it does not wake a waiter (only the backend's main thread may
+/// touch the condition variable): [`provider_call`] does that.
+pub struct CallSlot {
+    slot: Option<(Slot, i32)>,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        if let (Some((slot, pid)), Some(s)) = (self.slot.take(), shared()) {
+            s.table.release(slot, pid);
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn release_own_slots(_code: i32, _arg: pg_sys::Datum) {
+    if let Some(s) = shared() {
+        let me = pg_sys::MyProcPid;
+        s.table.reclaim(|p| p != me);
+    }
+}
+
+thread_local! {
+    static EXIT_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Takes a slot for one key-provider call, waiting up to `envelope.kms_timeout` for one.
+pub fn acquire() -> Result<CallSlot, ProviderError> {
+    let cap = gucs::max_concurrent_provider_calls();
+    let Some(s) = shared().filter(|_| cap > 0) else {
+        return Ok(CallSlot { slot: None });
+    };
+    let pid = unsafe { pg_sys::MyProcPid };
+    if !EXIT_HOOK.get() {
+        unsafe { pg_sys::on_shmem_exit(Some(release_own_slots), pg_sys::Datum::from(0)) };
+        EXIT_HOOK.set(true);
+    }
+    if let Some(slot) = s.table.try_acquire(pid, cap) {
+        return Ok(CallSlot { slot: Some((slot, pid)) });
+    }
+    s.table.note_wait();
+    let timeout = gucs::kms_timeout();
+    let started = std::time::Instant::now();
+    let cv = (&raw const s.cv).cast_mut();
+    unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
+    let got = loop {
+        if let Some(slot) = s.table.try_acquire(pid, cap) {
+            break Some(slot);
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break None;
+        }
+        let ms = (left.as_millis() as i64).clamp(1, POLL_MS);
+        // Services interrupts: a cancel or statement_timeout ends the wait with its error
+        // (the transaction's abort cancels the sleep).
+        let timed_out = unsafe { pg_sys::ConditionVariableTimedSleep(cv, ms as _, pg_sys::PG_WAIT_EXTENSION) };
+        if timed_out {
+            s.table.reclaim(alive);
+        }
+    };
+    unsafe { pg_sys::ConditionVariableCancelSleep() };
+    match got {
+        Some(slot) => Ok(CallSlot { slot: Some((slot, pid)) }),
+        None => {
+            s.table.note_timeout();
+            Err(ProviderError::Unavailable(format!(
+                "all {cap} key-provider call slots (envelope.max_concurrent_provider_calls) stayed taken for {} ms",
+                timeout.as_millis()
+            )))
+        }
+    }
+}
+
+/// Wakes the longest waiter for a slot, if any (after a call gave its slot back).
+fn wake_one() {
+    if let Some(s) = shared() {
+        unsafe { pg_sys::ConditionVariableSignal((&raw const s.cv).cast_mut()) };
+    }
+}
+
+/// One key-provider call: takes a slot, runs `f` on the interruptible helper thread (which gives
+/// the slot back when `f` returns), then wakes the next waiter. `Err` only when no slot came
+/// free within `envelope.kms_timeout` (`f` did not run).
+pub fn provider_call<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, ProviderError> {
+    let slot = acquire()?;
+    let bounded = slot.slot.is_some();
+    let r = crate::backend::interruptible(move || {
+        let r = f();
+        drop(slot);
+        r
+    });
+    if bounded {
+        wake_one();
+    }
+    Ok(r)
+}
+
+/// The table's counters for `status()`; None without shared memory.
+pub fn stats() -> Option<SlotStats> {
+    shared().map(|s| s.table.stats())
+}
