@@ -18,7 +18,8 @@ cd "$PGE_ROOT/fuzz"
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
-all=(envelope wrapped_key term search_value provider_options text_inputs)
+# Every target is a [[bin]] of fuzz/Cargo.toml (and an entry of fuzzing::TARGETS).
+mapfile -t all < <(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^pg_envelope_fuzz$')
 if [ $# -ge 1 ]; then targets=("$1"); else targets=("${all[@]}"); fi
 secs="${2:-${PGE_FUZZ_SECONDS:-60}}"
 jobs="${PGE_FUZZ_JOBS:-1}"

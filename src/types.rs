@@ -23,7 +23,6 @@
 
 use std::ffi::CStr;
 
-use base64::Engine;
 use pg_envelope_core::Envelope;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -34,8 +33,8 @@ use crate::backend;
 use crate::error::OrRaise;
 
 /// Prefix of the text form. The digit is the text-form version, not the envelope version.
-pub const TEXT_PREFIX: &str = "pge1:";
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+// The text form's parser and printer live in the core (fuzzed there).
+use pg_envelope_core::envelope::{parse_text_form, text_form, TEXT_PREFIX};
 
 /// Exports `$name` as a V1 C function (with its `pg_finfo_` record) that runs `$imp` guarded.
 macro_rules! v1_function {
@@ -166,20 +165,6 @@ unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8] 
     pgrx::varlena_to_byte_slice(detoasted)
 }
 
-/// Parses the text form into envelope bytes, checking the envelope's structure.
-pub fn parse_text_form(s: &str) -> Option<Vec<u8>> {
-    let b64 = s.strip_prefix(TEXT_PREFIX)?;
-    let bytes = B64.decode(b64).ok()?;
-    Envelope::parse(&bytes).ok()?;
-    Some(bytes)
-}
-
-pub fn text_form(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(TEXT_PREFIX.len() + bytes.len().div_ceil(3) * 4);
-    s.push_str(TEXT_PREFIX);
-    B64.encode_string(bytes, &mut s);
-    s
-}
 
 /// The SQL name of the type a function returns (for hints only).
 unsafe fn declared_base_name(fcinfo: pg_sys::FunctionCallInfo) -> String {

@@ -146,6 +146,29 @@ pub(crate) fn build_aad<'b>(
     buf
 }
 
+/// The encrypted types' text form: this prefix, then the envelope in standard base64 with
+/// padding (what COPY, pg_dump and `::text` show).
+pub const TEXT_PREFIX: &str = "pge1:";
+
+/// Parses the text form into envelope bytes, checking the envelope's structure. Only the
+/// canonical form is accepted (padding required, no stray bits), so parsing and printing round-trip.
+pub fn parse_text_form(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let b64 = s.strip_prefix(TEXT_PREFIX)?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Envelope::parse(&bytes).ok()?;
+    Some(bytes)
+}
+
+/// The text form of envelope bytes.
+pub fn text_form(bytes: &[u8]) -> String {
+    use base64::Engine;
+    let mut s = String::with_capacity(TEXT_PREFIX.len() + bytes.len().div_ceil(3) * 4);
+    s.push_str(TEXT_PREFIX);
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut s);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,3 +216,4 @@ mod tests {
         assert_ne!(x, y);
     }
 }
+

@@ -25,6 +25,8 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("search_value", search_value),
     ("provider_options", provider_options),
     ("text_inputs", text_inputs),
+    ("typed_text", typed_text),
+    ("provider_answers", provider_answers),
 ];
 
 fn key(b: u8) -> SecretKey {
@@ -150,6 +152,67 @@ pub fn text_inputs(data: &[u8]) {
     }
 }
 
+/// The encrypted types' text input (`pge1:<base64>`, what COPY and pg_dump carry): accepted
+/// only when it is the canonical printing of a well-formed envelope. (Their binary input is the
+/// envelope parser, fuzzed by [`envelope`].)
+pub fn typed_text(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    if let Some(bytes) = crate::envelope::parse_text_form(s) {
+        assert!(Envelope::parse(&bytes).is_ok());
+        assert_eq!(crate::envelope::text_form(&bytes), s, "the text form round-trips");
+    }
+}
+
+/// What the HTTP key servers answer (OpenBao/Vault Transit, AWS KMS): the body parsed as the
+/// providers parse it, then every field reader and error classification over it, as success
+/// and as every error status (a no-op in a build without providers). Server text in an error
+/// stays short; a key that is not 32 bytes of base64 is an unwrap failure.
+pub fn provider_answers(data: &[u8]) {
+    #[cfg(feature = "vault")]
+    {
+        use crate::provider::answers as a;
+        if let Some(v) = crate::provider::vault::transit_version(data) {
+            assert!(v > 0);
+        }
+        let Ok(v) = a::parse_body(&data[..data.len().min(a::MAX_BODY as usize)]) else { return };
+        let bounded = |e: crate::ProviderError| {
+            let m = e.to_string();
+            assert!(m.chars().count() <= 600, "an error message quoting too much of the answer: {} chars", m.chars().count());
+        };
+        let _ = a::transit_ciphertext(&v);
+        let _ = a::transit_latest_version(&v);
+        let _ = a::transit_hmac(&v);
+        let _ = a::transit_valid(&v);
+        if let Ok(k) = a::transit_plaintext_key(&mut v.clone()) {
+            assert_eq!(k.expose().len(), crate::KEY_LEN);
+        }
+        let _ = a::approle_token(&mut v.clone());
+        for op in ["encrypt", "decrypt", "keys"] {
+            for code in [400, 401, 403, 404, 429, 500, 503] {
+                bounded(a::transit_error("https://127.0.0.1:8200 transit/op", op, code, &v));
+            }
+        }
+        #[cfg(feature = "aws")]
+        {
+            let (kind, msg) = a::aws_error_parts(&v);
+            assert!(msg.chars().count() <= a::DETAIL_CHARS);
+            for target in ["Encrypt", "Decrypt", "ReEncrypt", "GenerateMac", "VerifyMac", "DescribeKey", "ScheduleKeyDeletion"] {
+                for code in [400, 401, 403, 429, 500] {
+                    bounded(crate::provider::aws::classify_error(code, &kind, &msg, target, "https://127.0.0.1:4566 target"));
+                }
+            }
+            let _ = a::aws_ciphertext_blob(&v, "Encrypt");
+            let _ = a::aws_mac(&v);
+            let _ = a::aws_mac_valid(&v);
+            if let Ok(k) = a::aws_plaintext_key(&mut v.clone()) {
+                assert_eq!(k.expose().len(), crate::KEY_LEN);
+            }
+        }
+    }
+    #[cfg(not(feature = "vault"))]
+    let _ = data;
+}
+
 #[cfg(test)]
 mod tests {
     /// Replays every input kept in `fuzz/corpus/<target>/` and every crash reproducer in
@@ -190,6 +253,28 @@ mod tests {
         put("envelope", "context", &dek.encrypt(&mut rng, "acme", Some(b"users.email"), b"x"));
         put("envelope", "empty", &dek.encrypt(&mut rng, "acme", None, b""));
         put("envelope", "1k", &dek.encrypt(&mut rng, "acme", None, &[0x41; 1024]));
+        for (name, env) in [("short", dek.encrypt(&mut rng, "acme", None, b"hello")), ("empty", dek.encrypt(&mut rng, "acme", None, b""))] {
+            put("typed_text", name, crate::envelope::text_form(&env).as_bytes());
+        }
+        put("typed_text", "bad-padding", b"pge1:AAA");
+        let key_b64 = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+        for (name, body) in [
+            ("transit-decrypt", format!(r#"{{"data":{{"plaintext":"{key_b64}"}}}}"#)),
+            ("transit-encrypt", r#"{"data":{"ciphertext":"vault:v3:AAAA"}}"#.to_string()),
+            ("transit-keys", r#"{"data":{"latest_version":7}}"#.to_string()),
+            ("transit-hmac", r#"{"data":{"hmac":"vault:v1:abcd"}}"#.to_string()),
+            ("transit-verify", r#"{"data":{"valid":true}}"#.to_string()),
+            ("transit-error", r#"{"errors":["1 error occurred:\n\t* encryption key not found\n\n"]}"#.to_string()),
+            ("approle", r#"{"auth":{"client_token":"s.abcdef","lease_duration":60}}"#.to_string()),
+            ("aws-decrypt", format!(r#"{{"KeyId":"arn:aws:kms:us-east-1:1:key/k","Plaintext":"{key_b64}"}}"#)),
+            ("aws-encrypt", r#"{"CiphertextBlob":"AQIDBA==","KeyId":"k"}"#.to_string()),
+            ("aws-mac", format!(r#"{{"Mac":"{key_b64}","KeyId":"k","MacAlgorithm":"HMAC_SHA_256"}}"#)),
+            ("aws-error", r#"{"__type":"com.amazonaws.kms#DisabledException","message":"key is disabled"}"#.to_string()),
+            ("empty", String::new()),
+        ] {
+            put("provider_answers", name, body.as_bytes());
+        }
+        put("provider_answers", "transit-ciphertext", b"vault:v12:AAAA");
         let k = super::key(3);
         for (i, aad) in [
             crate::wrap::WrapAad::TenantKey { tenant: "fuzz", tenant_key_id: 1 },

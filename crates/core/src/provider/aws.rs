@@ -218,8 +218,7 @@ impl AwsKmsProvider {
             Ok(resp) => super::read_json_wiped(resp).map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}"))),
             Err(ureq::Error::Status(code, resp)) => {
                 let v = resp.into_json::<Value>().unwrap_or(Value::Null);
-                let kind = v["__type"].as_str().unwrap_or("").rsplit('#').next().unwrap_or("").to_string();
-                let msg: String = v["message"].as_str().or(v["Message"].as_str()).unwrap_or("").chars().take(160).collect();
+                let (kind, msg) = super::answers::aws_error_parts(&v);
                 Err(classify_error(code, &kind, &msg, target, &where_))
             }
             Err(ureq::Error::Transport(t)) => Err(super::vault::transport_error(&where_, &t, self.timeout)),
@@ -279,8 +278,7 @@ impl KeyProvider for AwsKmsProvider {
         let body = json!({ "KeyId": self.opts.key_id, "Plaintext": pt, "EncryptionContext": Self::context(ctx) });
         pt.zeroize();
         let v = self.call("Encrypt", body)?;
-        let blob = v["CiphertextBlob"].as_str().ok_or_else(|| ProviderError::Unavailable("Encrypt returned no CiphertextBlob".into()))?;
-        B64.decode(blob).map_err(|_| ProviderError::Unavailable("Encrypt returned a malformed CiphertextBlob".into()))
+        super::answers::aws_ciphertext_blob(&v, "Encrypt")
     }
 
     fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError> {
@@ -293,11 +291,7 @@ impl KeyProvider for AwsKmsProvider {
         for key_id in keys {
             let body = json!({ "KeyId": key_id, "CiphertextBlob": B64.encode(wrapped), "EncryptionContext": Self::context(ctx) });
             match self.call("Decrypt", body) {
-                Ok(mut v) => {
-                    let key = v["Plaintext"].as_str().ok_or(ProviderError::UnwrapFailed).and_then(super::key_from_base64);
-                    super::wipe_json(&mut v);
-                    return key;
-                }
+                Ok(mut v) => return super::answers::aws_plaintext_key(&mut v),
                 Err(ProviderError::UnwrapFailed) => last = ProviderError::UnwrapFailed,
                 Err(e) => return Err(e),
             }
@@ -342,9 +336,7 @@ impl KeyProvider for AwsKmsProvider {
             "DestinationEncryptionContext": context,
         });
         let v = self.call("ReEncrypt", body)?;
-        let blob =
-            v["CiphertextBlob"].as_str().ok_or_else(|| ProviderError::Unavailable("ReEncrypt returned no CiphertextBlob".into()))?;
-        B64.decode(blob).map_err(|_| ProviderError::Unavailable("ReEncrypt returned a malformed CiphertextBlob".into()))
+        super::answers::aws_ciphertext_blob(&v, "ReEncrypt")
     }
 
     /// `true`: `ReEncrypt` runs inside KMS.
@@ -390,12 +382,9 @@ impl KeyProvider for AwsKmsProvider {
     fn checkpoint_mac(&mut self, message: &[u8]) -> Result<super::CheckpointMac, ProviderError> {
         let key = self.opts.mac_key_id.clone().unwrap_or_else(|| self.opts.key_id.clone());
         let v = self.call("GenerateMac", json!({ "KeyId": key, "MacAlgorithm": "HMAC_SHA_256", "Message": B64.encode(message) }))?;
-        let mac = v["Mac"]
-            .as_str()
-            .and_then(|m| B64.decode(m).ok())
-            .filter(|m| m.len() == 32)
+        let (mac, key_id) = super::answers::aws_mac(&v)
             .ok_or_else(|| ProviderError::Unavailable(format!("{} GenerateMac: no 32-byte Mac in the answer", self.opts.endpoint)))?;
-        Ok(super::CheckpointMac { key: format!("aws-kms {}", v["KeyId"].as_str().unwrap_or(&key)), mac })
+        Ok(super::CheckpointMac { key: format!("aws-kms {}", key_id.unwrap_or(&key)), mac })
     }
 
     /// `VerifyMac`: KMS answers `MacValid`, or `KMSInvalidMacException` for a MAC that does not
@@ -404,7 +393,7 @@ impl KeyProvider for AwsKmsProvider {
         let key = self.opts.mac_key_id.clone().unwrap_or_else(|| self.opts.key_id.clone());
         let body = json!({ "KeyId": key, "MacAlgorithm": "HMAC_SHA_256", "Message": B64.encode(message), "Mac": B64.encode(mac) });
         match self.call("VerifyMac", body) {
-            Ok(v) => Ok(v["MacValid"].as_bool() == Some(true)),
+            Ok(v) => Ok(super::answers::aws_mac_valid(&v)),
             Err(ProviderError::UnwrapFailed) => Ok(false),
             Err(e) => Err(e),
         }
@@ -429,7 +418,7 @@ fn utc_date(secs: i64) -> String {
 
 /// Maps a KMS error answer to a provider error. Server messages are quoted only for
 /// configuration errors: an authentication failure's message can quote the canonical request.
-fn classify_error(code: u16, kind: &str, msg: &str, target: &str, where_: &str) -> ProviderError {
+pub(crate) fn classify_error(code: u16, kind: &str, msg: &str, target: &str, where_: &str) -> ProviderError {
     match (code, kind) {
         (_, "InvalidCiphertextException" | "IncorrectKeyException") => ProviderError::UnwrapFailed,
         // "The ciphertext refers to a customer master key that does not exist ... or you

@@ -8,6 +8,8 @@
 //! Errors carry only non-secret detail (paths, modes, HTTP statuses, provider names), never key
 //! bytes, tokens or PINs; they are safe to show in an error message.
 
+#[cfg(feature = "vault")]
+pub mod answers;
 pub mod common;
 pub mod local;
 pub mod policy;
@@ -41,14 +43,9 @@ pub(crate) fn key_from_base64(b64: &str) -> Result<SecretKey, ProviderError> {
 pub(crate) fn read_json_wiped(resp: ureq::Response) -> std::io::Result<serde_json::Value> {
     use std::io::Read;
     let mut buf = Vec::with_capacity(4096);
-    let r = resp.into_reader().take(1 << 20).read_to_end(&mut buf);
-    let parsed = r.and_then(|_| {
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            // An empty answer (HTTP 204 to a DELETE).
-            return Ok(serde_json::Value::Null);
-        }
-        serde_json::from_slice(&buf).map_err(std::io::Error::other)
-    });
+    let r = resp.into_reader().take(answers::MAX_BODY).read_to_end(&mut buf);
+    // An empty answer (HTTP 204 to a DELETE) is null.
+    let parsed = r.and_then(|_| answers::parse_body(&buf).map_err(std::io::Error::other));
     zeroize::Zeroize::zeroize(&mut buf);
     parsed
 }

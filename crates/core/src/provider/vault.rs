@@ -242,9 +242,13 @@ impl VaultTransitProvider {
                     req = req.set("X-Vault-Namespace", ns);
                 }
                 let where_ = format!("{} auth/{}/login", self.opts.url, mount);
-                let v: Value = match req.send_json(json!({ "role_id": role_id.0, "secret_id": secret_id.0 })) {
-                    Ok(resp) => resp
-                        .into_json()
+                // The request body holds the secret id: serialized into a buffer wiped after sending.
+                let body = super::body_bytes(json!({ "role_id": role_id.0, "secret_id": secret_id.0 }));
+                let sent = req.set("Content-Type", "application/json").send_bytes(&body);
+                drop(body);
+                let mut v: Value = match sent {
+                    // The answer holds a token: read into a wiped buffer, the parsed value wiped below.
+                    Ok(resp) => super::read_json_wiped(resp)
                         .map_err(|e| ProviderError::Unavailable(format!("{where_}: unreadable response: {e}")))?,
                     Err(ureq::Error::Status(code @ (400 | 401 | 403), _)) => {
                         return Err(ProviderError::Denied(format!("{where_}: HTTP {code} (AppRole login refused)")))
@@ -252,9 +256,7 @@ impl VaultTransitProvider {
                     Err(ureq::Error::Status(code, _)) => return Err(ProviderError::Unavailable(format!("{where_}: HTTP {code}"))),
                     Err(ureq::Error::Transport(t)) => return Err(transport_error(&where_, &t, self.timeout)),
                 };
-                let token = v["auth"]["client_token"]
-                    .as_str()
-                    .map(str::to_string)
+                let token = super::answers::approle_token(&mut v)
                     .ok_or_else(|| ProviderError::Unavailable(format!("{where_}: no client_token in the response")))?;
                 self.session_token = Some(ZeroizingString(token.clone()));
                 Ok(token)
@@ -276,26 +278,7 @@ impl VaultTransitProvider {
         if (200..300).contains(&code) {
             return Ok(v);
         }
-        // Vault's error strings carry no secrets; keep the first one, shortened.
-        let detail = v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()).unwrap_or_default();
-        Err(match code {
-            401 | 403 => ProviderError::Denied(format!(
-                "{where_}: HTTP {code} (token invalid, expired or not allowed{}) {detail}",
-                if op == "keys" { "; reading the key's latest version needs \"read\" on this path" } else { "" }
-            )),
-            // A key version below min_decryption_version: say so, it is not a wrong key.
-            400 if detail.contains("disallowed by policy") => ProviderError::Denied(format!(
-                "{where_}: HTTP 400 {detail} (the Transit key's min_decryption_version excludes the version this tenant key is wrapped under: lower it, rewrap, raise it again)"
-            )),
-            // A deleted key (a shredded tenant's key read from a backup): not a wrong ciphertext.
-            400 | 404 if detail.contains("key not found") => ProviderError::Denied(format!(
-                "{where_}: HTTP {code} {detail} (the Transit key does not exist: deleted, or never created)"
-            )),
-            // A ciphertext that does not open: another key, another tenant binding, altered.
-            400 if op == "decrypt" => ProviderError::UnwrapFailed,
-            429 | 500..=599 => ProviderError::Unavailable(format!("{where_}: HTTP {code} {detail}")),
-            _ => ProviderError::Misconfigured(format!("{where_}: HTTP {code} {detail}")),
-        })
+        Err(super::answers::transit_error(&where_, op, code, &v))
     }
 
     /// One request to `<url>/v1/<mount>/<path>`: the HTTP status and the JSON answer (`null`
@@ -331,7 +314,7 @@ impl VaultTransitProvider {
 
     /// A status other than 2xx as an error, for the key-management calls of `destroy_root_key`.
     fn admin_error(where_: &str, code: u16, v: &Value) -> ProviderError {
-        let detail = v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()).unwrap_or_default();
+        let detail = super::answers::transit_detail(v);
         match code {
             401 | 403 => ProviderError::Denied(format!(
                 "{where_}: HTTP {code} (the token's policy must allow \"update\" on <mount>/keys/<key>/config and \"delete\" on <mount>/keys/<key>) {detail}"
@@ -349,7 +332,7 @@ impl VaultTransitProvider {
 
     /// A status other than 2xx from `hmac`/`verify` as an error.
     fn mac_error(where_: &str, code: u16, v: &Value) -> ProviderError {
-        let detail = v["errors"][0].as_str().map(|s| s.chars().take(160).collect::<String>()).unwrap_or_default();
+        let detail = super::answers::transit_detail(v);
         match code {
             401 | 403 => ProviderError::Denied(format!(
                 "{where_}: HTTP {code} (the token's policy must allow \"update\" on <mount>/hmac/<key>/* and <mount>/verify/<key>/*) {detail}"
@@ -362,7 +345,7 @@ impl VaultTransitProvider {
 }
 
 /// The key version in a Transit ciphertext: `v3` from `vault:v3:<base64>`.
-fn transit_version(wrapped: &[u8]) -> Option<u32> {
+pub(crate) fn transit_version(wrapped: &[u8]) -> Option<u32> {
     let rest = std::str::from_utf8(wrapped).ok()?.strip_prefix("vault:v")?;
     let (digits, _) = rest.split_once(':')?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -397,11 +380,7 @@ impl KeyProvider for VaultTransitProvider {
         let body = json!({ "plaintext": pt, "associated_data": B64.encode(aad) });
         pt.zeroize();
         let v = self.post("encrypt", body)?;
-        let ct = v["data"]["ciphertext"]
-            .as_str()
-            .filter(|s| s.starts_with("vault:v"))
-            .ok_or_else(|| ProviderError::Unavailable("transit/encrypt returned no ciphertext".into()))?;
-        Ok(ct.as_bytes().to_vec())
+        super::answers::transit_ciphertext(&v)
     }
 
     fn unwrap_tenant_key(&mut self, ctx: &KeyContext<'_>, wrapped: &[u8]) -> Result<SecretKey, ProviderError> {
@@ -411,10 +390,8 @@ impl KeyProvider for VaultTransitProvider {
             .ok_or(ProviderError::UnwrapFailed)?;
         let aad = WrapAad::TenantKey { tenant: ctx.tenant, tenant_key_id: ctx.tenant_key_id }.encode();
         let mut v = self.post("decrypt", json!({ "ciphertext": ct, "associated_data": B64.encode(aad) }))?;
-        // The answer's body buffer was wiped after parsing; wipe the parsed strings too.
-        let key = v["data"]["plaintext"].as_str().ok_or(ProviderError::UnwrapFailed).and_then(super::key_from_base64);
-        super::wipe_json(&mut v);
-        key
+        // The answer's body buffer was wiped after parsing; the parsed strings are wiped too.
+        super::answers::transit_plaintext_key(&mut v)
     }
 
     /// `v3` from `vault:v3:...`; `None` for anything that is not a Transit ciphertext.
@@ -427,9 +404,9 @@ impl KeyProvider for VaultTransitProvider {
     /// [`ProviderError::Denied`], never a silent "unknown".
     fn current_root_version(&mut self) -> Result<Option<String>, ProviderError> {
         let v = self.call("GET", "keys", None)?;
-        match v["data"]["latest_version"].as_u64() {
-            Some(n) if n > 0 => Ok(Some(format!("v{n}"))),
-            _ => Err(ProviderError::Unavailable(format!("{}/keys/{}: no latest_version in the answer", self.opts.mount, self.opts.key))),
+        match super::answers::transit_latest_version(&v) {
+            Some(version) => Ok(Some(version)),
+            None => Err(ProviderError::Unavailable(format!("{}/keys/{}: no latest_version in the answer", self.opts.mount, self.opts.key))),
         }
     }
 
@@ -497,9 +474,7 @@ impl KeyProvider for VaultTransitProvider {
         if !(200..300).contains(&code) {
             return Err(Self::mac_error(&where_, code, &v));
         }
-        let mac = v["data"]["hmac"]
-            .as_str()
-            .filter(|s| s.starts_with("vault:v"))
+        let mac = super::answers::transit_hmac(&v)
             .ok_or_else(|| ProviderError::Unavailable(format!("{where_}: no hmac in the answer")))?;
         Ok(super::CheckpointMac { key: shown, mac: mac.as_bytes().to_vec() })
     }
@@ -514,7 +489,7 @@ impl KeyProvider for VaultTransitProvider {
         let (code, v) =
             self.raw("POST", &format!("verify/{key}/sha2-256"), &where_, Some(json!({ "input": B64.encode(message), "hmac": hmac })))?;
         match code {
-            200..=299 => v["data"]["valid"].as_bool().ok_or_else(|| ProviderError::Unavailable(format!("{where_}: no \"valid\" in the answer"))),
+            200..=299 => super::answers::transit_valid(&v).ok_or_else(|| ProviderError::Unavailable(format!("{where_}: no \"valid\" in the answer"))),
             // A malformed MAC, or one of a key version that no longer exists.
             400 if !v["errors"][0].as_str().unwrap_or("").contains("not found") => Ok(false),
             _ => Err(Self::mac_error(&where_, code, &v)),
