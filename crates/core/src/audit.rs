@@ -248,9 +248,10 @@ pub struct Verified {
 /// must match the record at its sequence; the chain must reach the newest one (whose MAC the
 /// caller verified), or its tail was truncated.
 pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, checkpoints: &[Head]) -> Verified {
+    // `None`: nothing can follow (the sequence reached i64::MAX; only a forged row gets there).
     let (mut expected, mut prev) = match start {
-        Some(h) => (h.seq + 1, h.hash),
-        None => (1, GENESIS),
+        Some(h) => (h.seq.checked_add(1), h.hash),
+        None => (Some(1), GENESIS),
     };
     let by_seq: std::collections::BTreeMap<i64, Vec<[u8; 32]>> = checkpoints.iter().fold(Default::default(), |mut m, c| {
         m.entry(c.seq).or_insert_with(Vec::new).push(c.hash);
@@ -262,8 +263,12 @@ pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, ch
     let mut brk = None;
     for s in records {
         let seq = s.record.seq;
-        if seq != expected {
-            brk = Some(if head.is_some_and(|h| h.seq == seq) { Break::Duplicate { seq } } else { Break::Gap { expected, found: seq } });
+        if Some(seq) != expected {
+            brk = Some(if head.is_some_and(|h| h.seq == seq) {
+                Break::Duplicate { seq }
+            } else {
+                Break::Gap { expected: expected.unwrap_or(i64::MAX), found: seq }
+            });
             break;
         }
         if s.prev_hash != prev {
@@ -280,7 +285,7 @@ pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, ch
         }
         prev = s.hash;
         head = Some(Head { seq, hash: s.hash });
-        expected = seq + 1;
+        expected = seq.checked_add(1);
         n += 1;
     }
     if brk.is_none() {

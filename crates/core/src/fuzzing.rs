@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("text_inputs", text_inputs),
     ("typed_text", typed_text),
     ("provider_answers", provider_answers),
+    ("audit_records", audit_records),
 ];
 
 fn key(b: u8) -> SecretKey {
@@ -213,6 +214,81 @@ pub fn provider_answers(data: &[u8]) {
     let _ = data;
 }
 
+/// Audit records and the chain walk. The first byte picks what the rest is:
+/// * 0: canonical record bytes (the shared-memory queue's form): a parsed record prints back
+///   to the same bytes;
+/// * 1: a recipe: a genuine chain of 1–16 records, one tampering (edit, delete, duplicate, swap,
+///   truncate under a checkpoint) chosen by the bytes; `verify` must report a break exactly when
+///   the stored chain differs from the genuine one;
+/// * otherwise: arbitrary stored rows (sequence numbers, hashes), start and checkpoints, as a
+///   superuser could write them into the table: `verify` must return, never panic.
+pub fn audit_records(data: &[u8]) {
+    use crate::audit::{verify, Chain, Head, Record, Stored};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let i64_at = |b: &[u8], i: usize| -> i64 {
+        let mut w = [0u8; 8];
+        for (k, x) in w.iter_mut().enumerate() {
+            *x = b.get(i * 8 + k).copied().unwrap_or(0);
+        }
+        i64::from_be_bytes(w)
+    };
+    let hash_at = |b: &[u8], i: usize| -> [u8; 32] { std::array::from_fn(|k| b.get(i * 32 + k).copied().unwrap_or(0)) };
+    match mode {
+        0 => {
+            if let Some(r) = Record::from_canonical(rest) {
+                assert_eq!(r.canonical(), rest, "canonical bytes round-trip");
+            }
+        }
+        1 => {
+            let n = 1 + rest.first().map_or(0, |b| b % 16) as usize;
+            let op = rest.get(1).copied().unwrap_or(0) % 6;
+            let at = rest.get(2).map_or(0, |b| *b as usize % n);
+            let text = String::from_utf8_lossy(rest.get(3..).unwrap_or_default()).into_owned();
+            let mut chain = Chain::after(None);
+            let genuine: Vec<Stored> = (0..n)
+                .map(|i| chain.append(Record { kind: "decrypt".into(), tenant: text.clone(), value_count: i as i64, ..Record::default() }))
+                .collect();
+            let head = chain.head();
+            let mut rows = genuine.clone();
+            let mut checkpoints = vec![];
+            match op {
+                0 => rows[at].record.detail.push_str(if text.is_empty() { "x" } else { &text }),
+                1 => {
+                    rows.remove(at);
+                    checkpoints.push(head);
+                }
+                2 => rows.insert(at, rows[at].clone()),
+                3 if n > 1 => rows.swap(at, (at + 1) % n),
+                4 => {
+                    rows.truncate(at);
+                    checkpoints.push(head);
+                }
+                _ => checkpoints.push(head),
+            }
+            let v = verify(rows.clone(), None, &checkpoints);
+            assert_eq!(v.first_break.is_some(), rows != genuine, "op {op} at {at} of {n}: {:?}", v.first_break);
+            if rows == genuine {
+                assert_eq!(v.records, n as u64);
+                assert_eq!(v.head, Some(head));
+            }
+        }
+        _ => {
+            let n = rest.len() / 72;
+            let rows: Vec<Stored> = (0..n.min(64))
+                .map(|i| {
+                    let b = &rest[i * 72..i * 72 + 72];
+                    Stored { record: Record { seq: i64_at(b, 0), ..Record::default() }, prev_hash: hash_at(&b[8..], 0), hash: hash_at(&b[40..], 0) }
+                })
+                .collect();
+            let tail = &rest[n * 72..];
+            let start = (tail.len() >= 40).then(|| Head { seq: i64_at(tail, 0), hash: hash_at(&tail[8..], 0) });
+            let checkpoints: Vec<Head> = tail.get(40..).unwrap_or_default().chunks(40).map(|c| Head { seq: i64_at(c, 0), hash: hash_at(c.get(8..).unwrap_or_default(), 0) }).collect();
+            let v = verify(rows, start, &checkpoints);
+            assert!(v.records <= n as u64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Replays every input kept in `fuzz/corpus/<target>/` and every crash reproducer in
@@ -275,6 +351,17 @@ mod tests {
             put("provider_answers", name, body.as_bytes());
         }
         put("provider_answers", "transit-ciphertext", b"vault:v12:AAAA");
+        let rec = crate::audit::Record { seq: 1, kind: "decrypt".into(), tenant: "acme".into(), outcome: "ok".into(), ..Default::default() };
+        put("audit_records", "canonical", &[&[0u8][..], &rec.canonical()].concat());
+        for op in 0..6u8 {
+            put("audit_records", &format!("tamper-{op}"), &[1, 5, op, 2, b'a', b'c', b'm', b'e']);
+        }
+        let mut rows = vec![2u8];
+        rows.extend_from_slice(&1i64.to_be_bytes());
+        rows.extend_from_slice(&[0u8; 64]);
+        rows.extend_from_slice(&i64::MAX.to_be_bytes());
+        rows.extend_from_slice(&[0u8; 32]);
+        put("audit_records", "rows", &rows);
         let k = super::key(3);
         for (i, aad) in [
             crate::wrap::WrapAad::TenantKey { tenant: "fuzz", tenant_key_id: 1 },
