@@ -1,4 +1,26 @@
 -- pg_envelope bootstrap: the key tables. Runs first in CREATE EXTENSION.
+-- The extension's schema must be one that no untrusted role controls. CREATE EXTENSION installs
+-- into an existing schema of that name as it is, and that schema's owner could later DROP SCHEMA
+-- envelope CASCADE (the extension and its key tables with it), or it or a role with CREATE on it
+-- could plant functions there that callers and the extension's own qualified calls may resolve
+-- to (shown on PostgreSQL 15 with a schema pre-created by a plain role).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+                 JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) n.nspowner
+                WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@' AND NOT o.rolsuper)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+                   CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a
+                    LEFT JOIN pg_catalog.pg_roles g ON g.oid OPERATOR(pg_catalog.=) a.grantee
+                   WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@'
+                     AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+                     AND NOT coalesce(g.rolsuper, false)) THEN
+        RAISE EXCEPTION 'pg_envelope: schema "@extschema@" exists and is not controlled by superusers only'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'CREATE EXTENSION creates the schema itself: drop the existing one (or make a superuser its owner and revoke CREATE on it from other roles) first.';
+    END IF;
+END $$;
+
 -- Tenant key ids are the "tenant key id" in every envelope header: never reused.
 CREATE SEQUENCE tenant_id_seq AS integer MINVALUE 1 NO CYCLE;
 

@@ -95,21 +95,22 @@ REVOKE ALL ON rewrap_jobs, rotation_policy FROM PUBLIC;
 -- CALL envelope.rewrap_tenants(provider): re-wraps every tenant key of a provider under its
 -- root key's newest version, one committed batch at a time; a rerun continues an interrupted
 -- job. Call it outside a transaction block. Needs EXECUTE on the two step functions too.
--- (A procedure that commits cannot carry SET search_path: every name below is qualified.)
+-- (A procedure that commits cannot carry SET search_path: every name, type and operator below
+-- is qualified.)
 CREATE PROCEDURE rewrap_tenants(provider text, batch_size integer DEFAULT 100)
 LANGUAGE plpgsql AS $$
 DECLARE
-    job bigint;
-    n integer;
-    total bigint := 0;
+    job pg_catalog.int8;
+    n pg_catalog.int4;
+    total pg_catalog.int8 := 0;
 BEGIN
     job := envelope.rewrap_tenants_start(provider);
     COMMIT;
     LOOP
         n := envelope.rewrap_tenants_batch(job, batch_size);
         COMMIT;
-        EXIT WHEN n = 0;
-        total := total + n;
+        EXIT WHEN n OPERATOR(pg_catalog.=) 0;
+        total := total OPERATOR(pg_catalog.+) n;
         RAISE NOTICE 'pg_envelope: rewrap job % of provider "%": % tenant keys re-wrapped', job, provider, total;
     END LOOP;
     RAISE NOTICE 'pg_envelope: rewrap job % of provider "%" is done (% tenant keys re-wrapped by this call)', job, provider, total;

@@ -46,25 +46,26 @@ REVOKE ALL ON rotation_status FROM PUBLIC;
 -- CALL envelope.run_maintenance(): the due rotations, rewraps and this role's queued
 -- re-encryption jobs (superusers: every role's; each batch runs as the table's owner), each step
 -- committed on its own. A failing step is reported (WARNING) and skipped: it never blocks the
--- others. Call it outside a transaction block.
+-- others. Call it outside a transaction block. (A procedure that commits cannot carry SET
+-- search_path: every name, type and operator below is qualified.)
 CREATE PROCEDURE run_maintenance()
 LANGUAGE plpgsql AS $$
 DECLARE
     w record;
-    v integer;
-    n bigint;
-    job bigint;
+    v pg_catalog.int4;
+    n pg_catalog.int8;
+    job pg_catalog.int8;
 BEGIN
     FOR w IN SELECT * FROM envelope.maintenance_due() LOOP
-        IF w.action = 'compact_key_tables' THEN
+        IF w.action OPERATOR(pg_catalog.=) 'compact_key_tables' THEN
             BEGIN
                 PERFORM envelope.shred_compact_key_tables();
             EXCEPTION WHEN OTHERS THEN
                 RAISE WARNING 'pg_envelope: maintenance: rewriting the key tables failed: % (%)', SQLERRM, SQLSTATE;
             END;
             COMMIT;
-        ELSIF w.action IN ('shred', 'destroy_root_key') THEN
-            IF w.action = 'shred' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'shred' OR w.action OPERATOR(pg_catalog.=) 'destroy_root_key' THEN
+            IF w.action OPERATOR(pg_catalog.=) 'shred' THEN
                 BEGIN
                     IF envelope.shred_if_due(w.target) THEN
                         RAISE NOTICE 'pg_envelope: tenant "%" crypto-shredded', w.target;
@@ -81,7 +82,7 @@ BEGIN
                 RAISE WARNING 'pg_envelope: maintenance: destroying the root key of tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
             END;
             COMMIT;
-        ELSIF w.action = 'rotate' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'rotate' THEN
             BEGIN
                 v := envelope.rotate_data_key_if_due(w.target);
                 IF v IS NOT NULL THEN
@@ -91,7 +92,7 @@ BEGIN
                 RAISE WARNING 'pg_envelope: maintenance: rotating tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
             END;
             COMMIT;
-        ELSIF w.action = 'rewrap' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'rewrap' THEN
             BEGIN
                 job := envelope.rewrap_tenants_start(w.target);
             EXCEPTION WHEN OTHERS THEN
@@ -108,18 +109,18 @@ BEGIN
                     n := 0;
                 END;
                 COMMIT;
-                EXIT WHEN n = 0;
+                EXIT WHEN n OPERATOR(pg_catalog.=) 0;
             END LOOP;
-        ELSIF w.action = 'reencrypt' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'reencrypt' THEN
             LOOP
                 BEGIN
-                    n := envelope.reencrypt_batch(w.target::bigint);
+                    n := envelope.reencrypt_batch(w.target::pg_catalog.int8);
                 EXCEPTION WHEN OTHERS THEN
                     RAISE WARNING 'pg_envelope: maintenance: re-encryption job % failed: % (%)', w.target, SQLERRM, SQLSTATE;
                     n := -1;
                 END;
                 COMMIT;
-                EXIT WHEN n < 0;
+                EXIT WHEN n OPERATOR(pg_catalog.<) 0;
             END LOOP;
         END IF;
     END LOOP;

@@ -639,21 +639,22 @@ REVOKE ALL ON rewrap_jobs, rotation_policy FROM PUBLIC;
 -- CALL envelope.rewrap_tenants(provider): re-wraps every tenant key of a provider under its
 -- root key's newest version, one committed batch at a time; a rerun continues an interrupted
 -- job. Call it outside a transaction block. Needs EXECUTE on the two step functions too.
--- (A procedure that commits cannot carry SET search_path: every name below is qualified.)
+-- (A procedure that commits cannot carry SET search_path: every name, type and operator below
+-- is qualified.)
 CREATE PROCEDURE rewrap_tenants(provider text, batch_size integer DEFAULT 100)
 LANGUAGE plpgsql AS $$
 DECLARE
-    job bigint;
-    n integer;
-    total bigint := 0;
+    job pg_catalog.int8;
+    n pg_catalog.int4;
+    total pg_catalog.int8 := 0;
 BEGIN
     job := envelope.rewrap_tenants_start(provider);
     COMMIT;
     LOOP
         n := envelope.rewrap_tenants_batch(job, batch_size);
         COMMIT;
-        EXIT WHEN n = 0;
-        total := total + n;
+        EXIT WHEN n OPERATOR(pg_catalog.=) 0;
+        total := total OPERATOR(pg_catalog.+) n;
         RAISE NOTICE 'pg_envelope: rewrap job % of provider "%": % tenant keys re-wrapped', job, provider, total;
     END LOOP;
     RAISE NOTICE 'pg_envelope: rewrap job % of provider "%" is done (% tenant keys re-wrapped by this call)', job, provider, total;
@@ -741,7 +742,7 @@ CREATE FUNCTION needs_reencryption(encrypted_timestamptz, batch_token bigint) RE
 -- block, under READ COMMITTED. Throttle with pause (between batches) and time_limit (stop
 -- cleanly; CALL again to continue); cancel with pg_cancel_backend (the batch in flight rolls
 -- back) or envelope.cancel_reencrypt(job). (A procedure that commits cannot carry SET
--- search_path: every name below is qualified.)
+-- search_path: every name, type and operator below is qualified.)
 CREATE PROCEDURE reencrypt(
     tbl regclass,
     col name,
@@ -752,11 +753,11 @@ CREATE PROCEDURE reencrypt(
     time_limit interval DEFAULT NULL)
 LANGUAGE plpgsql AS $$
 DECLARE
-    job bigint;
-    n bigint;
-    t0 timestamptz := pg_catalog.clock_timestamp();
+    job pg_catalog.int8;
+    n pg_catalog.int8;
+    t0 pg_catalog.timestamptz := pg_catalog.clock_timestamp();
 BEGIN
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+    IF pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.<>) 'read committed' THEN
         RAISE EXCEPTION 'pg_envelope: envelope.reencrypt runs under READ COMMITTED'
             USING ERRCODE = 'active_sql_transaction',
                   HINT = 'SET default_transaction_isolation = ''read committed'' in the session, then CALL it outside a transaction block.';
@@ -766,13 +767,13 @@ BEGIN
     LOOP
         n := envelope.reencrypt_batch(job);
         COMMIT;
-        EXIT WHEN n < 0;
-        IF time_limit IS NOT NULL AND pg_catalog.clock_timestamp() - t0 >= time_limit THEN
+        EXIT WHEN n OPERATOR(pg_catalog.<) 0;
+        IF time_limit IS NOT NULL AND (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) t0) OPERATOR(pg_catalog.>=) time_limit THEN
             RAISE NOTICE 'pg_envelope: time limit reached; re-encryption job % stays open: CALL envelope.reencrypt(...) again to continue', job;
             RETURN;
         END IF;
-        IF pause > interval '0' THEN
-            PERFORM pg_catalog.pg_sleep(extract(epoch FROM pause)::float8);
+        IF pause OPERATOR(pg_catalog.>) interval '0' THEN
+            PERFORM pg_catalog.pg_sleep(extract(epoch FROM pause)::pg_catalog.float8);
         END IF;
     END LOOP;
 END $$;
@@ -901,25 +902,26 @@ REVOKE ALL ON rotation_status FROM PUBLIC;
 -- CALL envelope.run_maintenance(): the due rotations, rewraps and this role's queued
 -- re-encryption jobs (superusers: every role's; each batch runs as the table's owner), each step
 -- committed on its own. A failing step is reported (WARNING) and skipped: it never blocks the
--- others. Call it outside a transaction block.
+-- others. Call it outside a transaction block. (A procedure that commits cannot carry SET
+-- search_path: every name, type and operator below is qualified.)
 CREATE PROCEDURE run_maintenance()
 LANGUAGE plpgsql AS $$
 DECLARE
     w record;
-    v integer;
-    n bigint;
-    job bigint;
+    v pg_catalog.int4;
+    n pg_catalog.int8;
+    job pg_catalog.int8;
 BEGIN
     FOR w IN SELECT * FROM envelope.maintenance_due() LOOP
-        IF w.action = 'compact_key_tables' THEN
+        IF w.action OPERATOR(pg_catalog.=) 'compact_key_tables' THEN
             BEGIN
                 PERFORM envelope.shred_compact_key_tables();
             EXCEPTION WHEN OTHERS THEN
                 RAISE WARNING 'pg_envelope: maintenance: rewriting the key tables failed: % (%)', SQLERRM, SQLSTATE;
             END;
             COMMIT;
-        ELSIF w.action IN ('shred', 'destroy_root_key') THEN
-            IF w.action = 'shred' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'shred' OR w.action OPERATOR(pg_catalog.=) 'destroy_root_key' THEN
+            IF w.action OPERATOR(pg_catalog.=) 'shred' THEN
                 BEGIN
                     IF envelope.shred_if_due(w.target) THEN
                         RAISE NOTICE 'pg_envelope: tenant "%" crypto-shredded', w.target;
@@ -936,7 +938,7 @@ BEGIN
                 RAISE WARNING 'pg_envelope: maintenance: destroying the root key of tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
             END;
             COMMIT;
-        ELSIF w.action = 'rotate' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'rotate' THEN
             BEGIN
                 v := envelope.rotate_data_key_if_due(w.target);
                 IF v IS NOT NULL THEN
@@ -946,7 +948,7 @@ BEGIN
                 RAISE WARNING 'pg_envelope: maintenance: rotating tenant "%" failed: % (%)', w.target, SQLERRM, SQLSTATE;
             END;
             COMMIT;
-        ELSIF w.action = 'rewrap' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'rewrap' THEN
             BEGIN
                 job := envelope.rewrap_tenants_start(w.target);
             EXCEPTION WHEN OTHERS THEN
@@ -963,18 +965,18 @@ BEGIN
                     n := 0;
                 END;
                 COMMIT;
-                EXIT WHEN n = 0;
+                EXIT WHEN n OPERATOR(pg_catalog.=) 0;
             END LOOP;
-        ELSIF w.action = 'reencrypt' THEN
+        ELSIF w.action OPERATOR(pg_catalog.=) 'reencrypt' THEN
             LOOP
                 BEGIN
-                    n := envelope.reencrypt_batch(w.target::bigint);
+                    n := envelope.reencrypt_batch(w.target::pg_catalog.int8);
                 EXCEPTION WHEN OTHERS THEN
                     RAISE WARNING 'pg_envelope: maintenance: re-encryption job % failed: % (%)', w.target, SQLERRM, SQLSTATE;
                     n := -1;
                 END;
                 COMMIT;
-                EXIT WHEN n < 0;
+                EXIT WHEN n OPERATOR(pg_catalog.<) 0;
             END LOOP;
         END IF;
     END LOOP;
@@ -1450,7 +1452,7 @@ CREATE FUNCTION blind_index(purpose text, value encrypted_text) RETURNS blind_in
 CREATE FUNCTION blind_index(purpose text, value encrypted_bytea) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
     AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
 CREATE FUNCTION blind_index(purpose text, value encrypted_jsonb) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
-    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)::text) $$;
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)::pg_catalog.text) $$;
 CREATE FUNCTION blind_index(purpose text, value encrypted_int8) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
     AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
 CREATE FUNCTION blind_index(purpose text, value encrypted_numeric) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED

@@ -65,7 +65,7 @@ CREATE FUNCTION needs_reencryption(encrypted_timestamptz, batch_token bigint) RE
 -- block, under READ COMMITTED. Throttle with pause (between batches) and time_limit (stop
 -- cleanly; CALL again to continue); cancel with pg_cancel_backend (the batch in flight rolls
 -- back) or envelope.cancel_reencrypt(job). (A procedure that commits cannot carry SET
--- search_path: every name below is qualified.)
+-- search_path: every name, type and operator below is qualified.)
 CREATE PROCEDURE reencrypt(
     tbl regclass,
     col name,
@@ -76,11 +76,11 @@ CREATE PROCEDURE reencrypt(
     time_limit interval DEFAULT NULL)
 LANGUAGE plpgsql AS $$
 DECLARE
-    job bigint;
-    n bigint;
-    t0 timestamptz := pg_catalog.clock_timestamp();
+    job pg_catalog.int8;
+    n pg_catalog.int8;
+    t0 pg_catalog.timestamptz := pg_catalog.clock_timestamp();
 BEGIN
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+    IF pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.<>) 'read committed' THEN
         RAISE EXCEPTION 'pg_envelope: envelope.reencrypt runs under READ COMMITTED'
             USING ERRCODE = 'active_sql_transaction',
                   HINT = 'SET default_transaction_isolation = ''read committed'' in the session, then CALL it outside a transaction block.';
@@ -90,13 +90,13 @@ BEGIN
     LOOP
         n := envelope.reencrypt_batch(job);
         COMMIT;
-        EXIT WHEN n < 0;
-        IF time_limit IS NOT NULL AND pg_catalog.clock_timestamp() - t0 >= time_limit THEN
+        EXIT WHEN n OPERATOR(pg_catalog.<) 0;
+        IF time_limit IS NOT NULL AND (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) t0) OPERATOR(pg_catalog.>=) time_limit THEN
             RAISE NOTICE 'pg_envelope: time limit reached; re-encryption job % stays open: CALL envelope.reencrypt(...) again to continue', job;
             RETURN;
         END IF;
-        IF pause > interval '0' THEN
-            PERFORM pg_catalog.pg_sleep(extract(epoch FROM pause)::float8);
+        IF pause OPERATOR(pg_catalog.>) interval '0' THEN
+            PERFORM pg_catalog.pg_sleep(extract(epoch FROM pause)::pg_catalog.float8);
         END IF;
     END LOOP;
 END $$;

@@ -161,7 +161,7 @@ CREATE FUNCTION blind_index(purpose text, value encrypted_text) RETURNS blind_in
 CREATE FUNCTION blind_index(purpose text, value encrypted_bytea) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
     AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
 CREATE FUNCTION blind_index(purpose text, value encrypted_jsonb) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
-    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)::text) $$;
+    AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)::pg_catalog.text) $$;
 CREATE FUNCTION blind_index(purpose text, value encrypted_int8) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED
     AS $$ SELECT @extschema@.blind_index(purpose, @extschema@.decrypt_field(value)) $$;
 CREATE FUNCTION blind_index(purpose text, value encrypted_numeric) RETURNS blind_index LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED

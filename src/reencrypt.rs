@@ -29,6 +29,18 @@ thread_local! {
     /// owner that runs inside the batch (triggers, index expressions) cannot see it, so it cannot
     /// use those functions as an oracle on other values.
     static BATCH_TOKEN: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+    /// The table and column the running batch's UPDATE re-encrypts (for blind_index_trigger).
+    static BATCH_TARGET: std::cell::RefCell<Option<(u32, String)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// While a re-encryption batch's UPDATE runs in this backend: the table (oid) and the column
+/// it re-encrypts. That UPDATE changes no plaintext, so `blind_index_trigger` keeps the rows'
+/// terms instead of computing them (it has no tenant there: the batch runs without one).
+pub fn batch_target() -> Option<(pg_sys::Oid, String)> {
+    if BATCH_TOKEN.with(|c| c.get()) == 0 {
+        return None;
+    }
+    BATCH_TARGET.with(|t| t.borrow().as_ref().map(|(r, c)| (pg_sys::Oid::from(*r), c.clone())))
 }
 
 /// A batch in progress; the token is cleared on drop, also when an error unwinds through it.
@@ -45,6 +57,7 @@ impl BatchScope {
 impl Drop for BatchScope {
     fn drop(&mut self) {
         BATCH_TOKEN.with(|c| c.set(0));
+        BATCH_TARGET.with(|t| t.borrow_mut().take());
     }
 }
 
@@ -358,6 +371,7 @@ pub fn batch_impl(job: i64) -> Result<i64> {
     sql.push_str(&format!(" AND t.{col} IS NOT NULL AND envelope.needs_reencryption(t.{col}, $1)"));
     let n = {
         let scope = BatchScope::enter();
+        BATCH_TARGET.with(|t| *t.borrow_mut() = Some((j.relid.to_u32(), j.column.clone())));
         catalog::run_reencrypt_update(j.relid, &sql, scope.0, j.context.as_deref())?
     };
     let done = j.values_done + n;

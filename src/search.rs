@@ -480,6 +480,29 @@ thread_local! {
 // per source type; the checks read the trigger and the relation from the trigger call, not the
 // catalog. (The first version was PL/pgSQL with a dynamic statement and a catalog query per
 // row: about 35 µs per row.)
+/// Whether two datums of one column are the same bytes as stored (a varlena compared in its
+/// stored form, so an unchanged TOAST pointer is equal to itself; no detoasting).
+unsafe fn raw_equal(a: pg_sys::Datum, b: pg_sys::Datum, byval: bool, len: i16) -> bool {
+    unsafe {
+        if byval {
+            return a == b;
+        }
+        let (pa, pb) = (a.cast_mut_ptr::<u8>(), b.cast_mut_ptr::<u8>());
+        let n = match len {
+            -1 => {
+                let (na, nb) = (pgrx::varsize_any(pa.cast()), pgrx::varsize_any(pb.cast()));
+                if na != nb {
+                    return false;
+                }
+                na
+            }
+            -2 => std::ffi::CStr::from_ptr(pa.cast()).to_bytes().len() + 1,
+            n => n as usize,
+        };
+        std::slice::from_raw_parts(pa, n) == std::slice::from_raw_parts(pb, n)
+    }
+}
+
 v1_function!(pg_finfo_pge_blind_index_trigger, pge_blind_index_trigger, trigger_impl);
 unsafe fn trigger_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
@@ -537,6 +560,35 @@ unsafe fn trigger_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
             misuse();
         }
         let tuple = if op == pg_sys::TRIGGER_EVENT_UPDATE { (*td).tg_newtuple } else { (*td).tg_trigtuple };
+        // A re-encryption batch's UPDATE of this table changes ciphertext, never plaintext: keep
+        // the row's term (the batch has no tenant to compute one with). Only when the source is
+        // the column being re-encrypted, or is byte for byte what it was.
+        if op == pg_sys::TRIGGER_EVENT_UPDATE {
+            if let Some((relid, column)) = crate::reencrypt::batch_target() {
+                let old = (*td).tg_trigtuple;
+                let unchanged = || {
+                    let (mut on, mut nn) = (false, false);
+                    let o = pg_sys::heap_getattr(old, src_no, desc, &mut on);
+                    let n = pg_sys::heap_getattr(tuple, src_no, desc, &mut nn);
+                    on == nn && (on || raw_equal(o, n, src.attbyval, src.attlen))
+                };
+                if relid == (*rel).rd_id && (source.to_bytes() == column.as_bytes() || unchanged()) {
+                    let mut old_null = false;
+                    let old_term = pg_sys::heap_getattr(old, term_no, desc, &mut old_null);
+                    let mut cols = [term_no];
+                    let mut repl = [old_term];
+                    let mut repl_null = [old_null];
+                    return pg_sys::Datum::from(pg_sys::heap_modify_tuple_by_cols(
+                        tuple,
+                        desc,
+                        1,
+                        cols.as_mut_ptr(),
+                        repl.as_mut_ptr(),
+                        repl_null.as_mut_ptr(),
+                    ));
+                }
+            }
+        }
         let mut isnull = false;
         let value = pg_sys::heap_getattr(tuple, src_no, desc, &mut isnull);
         let mut out = [0u8; TERM_LEN];

@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PORT_A, ROOT, STATE, as_tenant, connect, sh
+from conftest import PORT_A, ROOT, STATE, as_tenant, connect, recreate_db, sh
 
 DB = "postgres"
 TENANT = "audit_t"
@@ -67,6 +67,25 @@ def audited():
         c.execute("DROP TABLE IF EXISTS audit_t")
         if not had:
             c.execute("DROP EXTENSION pg_envelope CASCADE")
+
+
+def test_a_database_without_the_extension_keeps_working_with_auditing_on(audited):
+    """Found by the maximal-logging leak test: with envelope.audit on, every statement in a
+    database without pg_envelope failed with XX000 (the read hook looked for the extension's
+    audit canaries there). Such databases (template1, a monitoring database) are not audited and
+    must not be touched."""
+    recreate_db(PORT_A, "audit_noext")
+    try:
+        with connect(PORT_A, "audit_noext") as c:
+            assert c.execute("SHOW envelope.audit").fetchone()[0] == "on"
+            assert c.execute("SELECT 1").fetchone() == (1,)
+            assert c.execute("SELECT count(*) > 0 FROM pg_class").fetchone() == (True,)
+            c.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 10) g")
+            c.execute("DO $$ BEGIN PERFORM count(*) FROM t; END $$")
+            assert c.execute("SELECT sum(g) FROM t").fetchone() == (55,)
+    finally:
+        with connect(PORT_A) as c:
+            c.execute("DROP DATABASE IF EXISTS audit_noext WITH (FORCE)")
 
 
 def last_seq(c):

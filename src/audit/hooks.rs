@@ -166,7 +166,9 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
         Some(prev) => prev(range_table, ereport),
         None => true,
     };
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 {
+    // Only where the extension is installed (its audit tables exist): a database without it
+    // (postgres, template1, a monitoring database) is not touched, and must not fail.
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && audit_rels().is_some() {
         remember_role();
         let rels = list_ptrs(range_table).map(|p| p.cast::<pg_sys::RangeTblEntry>()).filter_map(|rte| {
             ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION).then(|| ((*rte).relid, (*rte).requiredPerms as u64))
@@ -185,7 +187,9 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, perm_inf
         Some(prev) => prev(range_table, perm_infos, ereport),
         None => true,
     };
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 {
+    // Only where the extension is installed (its audit tables exist): a database without it
+    // (postgres, template1, a monitoring database) is not touched, and must not fail.
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && audit_rels().is_some() {
         remember_role();
         let rels = list_ptrs(perm_infos).map(|p| p.cast::<pg_sys::RTEPermissionInfo>()).map(|pi| ((*pi).relid, (*pi).requiredPerms as u64));
         if let Some(t) = tables_read(rels) {
