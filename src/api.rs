@@ -100,7 +100,7 @@ fn create_tenant_impl(tenant: &str, provider_name: &str) -> Result<u32> {
     let key_check = wrap::tenant_key_check(&kek);
     // Wrap, then prove the provider gives the same key back, before anything is stored under it.
     let name = tenant.to_string();
-    let (kek, wrapped_kek, root_version) = crate::stampede::provider_call(move || {
+    let (kek, wrapped_kek, root_version) = crate::stampede::provider_call(provider_name, move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let wrapped = provider.wrap_tenant_key(&ctx, &kek)?;
         let back = provider.unwrap_tenant_key(&ctx, &wrapped)?;
@@ -196,7 +196,7 @@ fn verify_provider(name: &str) -> pgrx::JsonB {
     let mut provider = backend::build_provider(name).or_raise();
     let kind = provider.kind();
     let started = std::time::Instant::now();
-    let result = crate::stampede::provider_call(move || {
+    let result = crate::stampede::provider_call(name, move || {
         let key = SecretKey::generate().map_err(|e| pg_envelope_core::ProviderError::Unavailable(e.to_string()))?;
         let ctx = KeyContext { tenant: "pg_envelope/verify_provider", tenant_key_id: 0 };
         let wrapped = provider.wrap_tenant_key(&ctx, &key)?;
@@ -243,7 +243,8 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         New(pg_envelope_core::ProviderError),
         OldKeyMismatch,
     }
-    let result = crate::stampede::provider_call(move || -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
+    // One slot, of the source provider, for the unwrap there and the wrap under the new one.
+    let result = crate::stampede::provider_call(&t.provider, move || -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = old.unwrap_tenant_key(&ctx, &wrapped).map_err(Failure::Old)?;
         if wrap::tenant_key_check(&kek).as_slice() != key_check.as_slice() {

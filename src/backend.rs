@@ -880,7 +880,7 @@ impl Backend {
         let record = row.record;
         // One slot of envelope.max_concurrent_provider_calls (src/stampede.rs); none free within
         // envelope.kms_timeout is the provider being unavailable (outage mode for cached keys).
-        let loaded = crate::stampede::provider_call(move || TenantKeys::load(provider.as_mut(), &record, now))
+        let loaded = crate::stampede::provider_call(&row.provider, move || TenantKeys::load(provider.as_mut(), &record, now))
             .unwrap_or_else(|p| Err(pg_envelope_core::LoadError::Provider(p)));
         match loaded {
             // The role is recorded by the caller once its grant is known to be checked.

@@ -120,7 +120,7 @@ fn new_key_version(tenant: &str, kind: NewKey) -> Result<u32> {
     let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let name = tenant.to_string();
     let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
-    let wrapped = crate::stampede::provider_call(move || {
+    let wrapped = crate::stampede::provider_call(&t.provider, move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
         let new = match kind {
@@ -162,7 +162,7 @@ fn rotate_tenant_key_impl(tenant: &str) -> Result<i32> {
     let mut provider = backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options)?;
     let name = tenant.to_string();
     let (id, wrapped_kek, key_check) = (t.id, t.wrapped_key, t.key_check);
-    let (wrapped_new, check, rewrapped, rewrapped_index, root_version) = crate::stampede::provider_call(move || {
+    let (wrapped_new, check, rewrapped, rewrapped_index, root_version) = crate::stampede::provider_call(&t.provider, move || {
         let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let kek = provider.unwrap_tenant_key(&ctx, &wrapped_kek).map_err(Failure::Provider)?;
         let r = pg_envelope_core::lifecycle::rotate_tenant_key(&kek, &key_check, &name, id, &deks).map_err(Failure::Lifecycle)?;
@@ -288,7 +288,7 @@ pub fn rewrap_start_impl(provider: &str) -> Result<i64> {
     }
     let (kind, options) = catalog::provider_row(provider)?.ok_or_else(|| EnvelopeError::ProviderUnknown { provider: provider.to_string() })?;
     let mut p = backend::provider_for(provider, &kind, &options)?;
-    let target = crate::stampede::provider_call(move || p.current_root_version())
+    let target = crate::stampede::provider_call(provider, move || p.current_root_version())
         .and_then(|r| r)
         .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })?;
     // Transit ciphertexts name their root key version: tenants already under the newest one are
@@ -321,7 +321,7 @@ pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
     let inputs: Vec<(u32, String, Vec<u8>, Vec<u8>)> =
         due.iter().map(|t| (t.id, t.name.clone(), t.wrapped_key.clone(), t.key_check.clone())).collect();
     // One slot for the whole batch: its calls are made one after another.
-    let results = crate::stampede::provider_call(move || {
+    let results = crate::stampede::provider_call(&j.provider, move || {
         let mut out = Vec::with_capacity(inputs.len());
         // Providers that re-wrap in this process hold the key anyway: prove the new wrapping
         // opens to the same key (its check value) before it replaces the old one. Inside a KMS

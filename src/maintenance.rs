@@ -71,7 +71,7 @@ pub fn due_work(warnings: &mut Vec<String>) -> Result<Vec<Work>> {
                 continue;
             }
         };
-        match crate::stampede::provider_call(move || p.current_root_version()).and_then(|r| r) {
+        match crate::stampede::provider_call(&provider, move || p.current_root_version()).and_then(|r| r) {
             Ok(Some(current)) => {
                 if versions.iter().any(|v| v.as_deref() != Some(current.as_str())) {
                     out.push(Work::Rewrap(provider));

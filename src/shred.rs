@@ -301,7 +301,7 @@ pub fn destroy_root_key_impl(tenant: &str) -> Result<Option<String>> {
     }
     .and_then(|_| backend::provider_for(&t.provider, &t.provider_kind, &t.provider_options))
     .and_then(|mut p| {
-        crate::stampede::provider_call(move || p.destroy_root_key())
+        crate::stampede::provider_call(&t.provider, move || p.destroy_root_key())
             .and_then(|r| r)
             .map_err(|error| EnvelopeError::Provider { provider: t.provider.clone(), error })
     });

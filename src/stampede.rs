@@ -1,20 +1,24 @@
-//! The cluster-wide bound on concurrent key-provider calls: `envelope.max_concurrent_provider_calls`
-//! (stampede control, issue 16). The slot table is `pg_envelope_core::stampede`; this module puts
-//! it in shared memory next to a condition variable and makes every key-provider call take a slot.
+//! The server-wide bound on concurrent calls to each key provider:
+//! `envelope.max_concurrent_provider_calls` (stampede control, issue 16). The slot table is
+//! `pg_envelope_core::stampede`; this module puts it in shared memory next to one condition
+//! variable per provider bucket and makes every key-provider call take a slot.
 //!
-//! * A call takes a slot before it starts and gives it back when the call's helper thread ends
-//!   (so a cancelled statement does not free its slot while its KMS request is still out).
-//! * With every slot taken the caller sleeps on the condition variable (first come, first
-//!   woken), for at most `envelope.kms_timeout`; then the call fails as the provider being
-//!   unavailable: a tenant with keys cached past their TTL is served in outage mode, a cold one
-//!   gets 58000 with a hint. Cancellation and `statement_timeout` end the wait.
-//! * Slots of a process that died holding them are taken back by waiters (checked each time a
-//!   wait times out) and by the process's own exit callback.
+//! * A call takes a slot of its provider before it starts and gives it back when the call's
+//!   helper thread ends (so a cancelled statement does not free its slot while its KMS request
+//!   is still out). A provider that hangs holds only its own slots.
+//! * With every slot of the provider taken the caller sleeps on the provider's condition
+//!   variable (woken in arrival order when a call ends; a newcomer that finds a free slot takes
+//!   it, so the order is roughly first come, first served), for at most `envelope.kms_timeout`;
+//!   then the call fails as the provider being unavailable: a tenant with keys cached past their
+//!   TTL is served in outage mode, a cold one gets 58000. Cancellation and `statement_timeout`
+//!   end the wait.
+//! * Slots of a process that died holding them are taken back by waiters (at most once a second
+//!   each) and by the process's own exit callback.
 //! * Without `shared_preload_libraries` there is no shared memory and no bound.
 
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use pg_envelope_core::stampede::{Slot, SlotStats, SlotTable};
+use pg_envelope_core::stampede::{provider_key, Slot, SlotStats, SlotTable, MAX_PROVIDERS};
 use pg_envelope_core::ProviderError;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -23,7 +27,8 @@ use crate::gucs;
 
 #[repr(C)]
 struct Shared {
-    cv: pg_sys::ConditionVariable,
+    /// One per provider bucket of the table.
+    cvs: [pg_sys::ConditionVariable; MAX_PROVIDERS],
     table: SlotTable,
 }
 
@@ -33,7 +38,10 @@ static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
 
 /// How often a waiter looks again without being woken (a slot freed by a cancelled call's
 /// thread, or by a process that died, does not signal).
-const POLL_MS: i64 = 50;
+const POLL_MS: i64 = 250;
+
+/// How often one waiter looks for slots of processes that died.
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// From `_PG_init` while shared_preload_libraries is processed.
 pub fn register() {
@@ -67,7 +75,9 @@ unsafe extern "C-unwind" fn attach() {
     if !found {
         // All-zero is the slot table's initial state; the condition variable has its own init.
         std::ptr::write_bytes(p.cast::<u8>(), 0, std::mem::size_of::<Shared>());
-        pg_sys::ConditionVariableInit(&raw mut (*p).cv);
+        for i in 0..MAX_PROVIDERS {
+            pg_sys::ConditionVariableInit(&raw mut (*p).cvs[i]);
+        }
     }
     pg_sys::LWLockRelease(init_lock);
     SHARED.store(p, Ordering::Release);
@@ -83,13 +93,13 @@ fn shared() -> Option<&'static Shared> {
 /// whichever thread drops it; it does not wake a waiter (only the backend's main thread may
 /// touch the condition variable): [`provider_call`] does that.
 pub struct CallSlot {
-    slot: Option<(Slot, i32)>,
+    slot: Option<Slot>,
 }
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        if let (Some((slot, pid)), Some(s)) = (self.slot.take(), shared()) {
-            s.table.release(slot, pid);
+        if let (Some(slot), Some(s)) = (self.slot.take(), shared()) {
+            s.table.release(slot);
         }
     }
 }
@@ -112,8 +122,8 @@ thread_local! {
     static EXIT_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Takes a slot for one key-provider call, waiting up to `envelope.kms_timeout` for one.
-pub fn acquire() -> Result<CallSlot, ProviderError> {
+/// Takes a slot for one call to `provider`, waiting up to `envelope.kms_timeout` for one.
+pub fn acquire(provider: &str) -> Result<CallSlot, ProviderError> {
     let cap = gucs::max_concurrent_provider_calls();
     let Some(s) = shared().filter(|_| cap > 0) else {
         return Ok(CallSlot { slot: None });
@@ -123,16 +133,18 @@ pub fn acquire() -> Result<CallSlot, ProviderError> {
         unsafe { pg_sys::on_shmem_exit(Some(release_own_slots), pg_sys::Datum::from(0)) };
         EXIT_HOOK.set(true);
     }
-    if let Some(slot) = s.table.try_acquire(pid, cap) {
-        return Ok(CallSlot { slot: Some((slot, pid)) });
+    let key = provider_key(provider);
+    if let Some(slot) = s.table.try_acquire(pid, key, cap) {
+        return Ok(CallSlot { slot: Some(slot) });
     }
     s.table.note_wait();
     let timeout = gucs::kms_timeout();
     let started = std::time::Instant::now();
-    let cv = (&raw const s.cv).cast_mut();
+    let mut reclaimed_at = started;
+    let cv = (&raw const s.cvs[s.table.bucket(key)]).cast_mut();
     unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
     let got = loop {
-        if let Some(slot) = s.table.try_acquire(pid, cap) {
+        if let Some(slot) = s.table.try_acquire(pid, key, cap) {
             break Some(slot);
         }
         let left = timeout.saturating_sub(started.elapsed());
@@ -143,43 +155,45 @@ pub fn acquire() -> Result<CallSlot, ProviderError> {
         // Services interrupts: a cancel or statement_timeout ends the wait with its error
         // (the transaction's abort cancels the sleep).
         let timed_out = unsafe { pg_sys::ConditionVariableTimedSleep(cv, ms as _, pg_sys::PG_WAIT_EXTENSION) };
-        if timed_out {
+        if timed_out && reclaimed_at.elapsed() >= RECLAIM_EVERY {
             s.table.reclaim(alive);
+            reclaimed_at = std::time::Instant::now();
         }
     };
     unsafe { pg_sys::ConditionVariableCancelSleep() };
     match got {
-        Some(slot) => Ok(CallSlot { slot: Some((slot, pid)) }),
+        Some(slot) => Ok(CallSlot { slot: Some(slot) }),
         None => {
             s.table.note_timeout();
             Err(ProviderError::Unavailable(format!(
-                "all {cap} key-provider call slots (envelope.max_concurrent_provider_calls) stayed taken for {} ms",
+                "all {cap} call slots of key provider \"{}\" (envelope.max_concurrent_provider_calls) stayed taken for {} ms: the provider is slow or overloaded (a larger envelope.kms_timeout or envelope.max_concurrent_provider_calls lets more callers wait or call)",
+                crate::error::shown(provider),
                 timeout.as_millis()
             )))
         }
     }
 }
 
-/// Wakes the longest waiter for a slot, if any (after a call gave its slot back).
-fn wake_one() {
+/// Wakes the longest waiter for a slot of the bucket, if any (after a call gave its slot back).
+fn wake_one(bucket: usize) {
     if let Some(s) = shared() {
-        unsafe { pg_sys::ConditionVariableSignal((&raw const s.cv).cast_mut()) };
+        unsafe { pg_sys::ConditionVariableSignal((&raw const s.cvs[bucket]).cast_mut()) };
     }
 }
 
-/// One key-provider call: takes a slot, runs `f` on the interruptible helper thread (which gives
-/// the slot back when `f` returns), then wakes the next waiter. `Err` only when no slot came
-/// free within `envelope.kms_timeout` (`f` did not run).
-pub fn provider_call<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, ProviderError> {
-    let slot = acquire()?;
-    let bounded = slot.slot.is_some();
+/// One call to key provider `provider` (its registered name): takes a slot, runs `f` on the
+/// interruptible helper thread (which gives the slot back when `f` returns), then wakes the next
+/// waiter. `Err` only when no slot came free within `envelope.kms_timeout` (`f` did not run).
+pub fn provider_call<R: Send + 'static>(provider: &str, f: impl FnOnce() -> R + Send + 'static) -> Result<R, ProviderError> {
+    let slot = acquire(provider)?;
+    let bucket = slot.slot.as_ref().map(Slot::bucket);
     let r = crate::backend::interruptible(move || {
         let r = f();
         drop(slot);
         r
     });
-    if bounded {
-        wake_one();
+    if let Some(b) = bucket {
+        wake_one(b);
     }
     Ok(r)
 }

@@ -195,7 +195,7 @@ pub(super) fn hex(b: &[u8]) -> String {
 pub(super) fn checkpoint_mac(provider: &str, head: &Head, at_us: i64) -> Result<CheckpointMac> {
     let mut p = crate::backend::build_audit_provider(provider)?;
     let msg = pg_envelope_core::audit::checkpoint_message(head, at_us);
-    crate::stampede::provider_call(move || p.checkpoint_mac(&msg))
+    crate::stampede::provider_call(provider, move || p.checkpoint_mac(&msg))
         .and_then(|r| r)
         .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })
 }
@@ -204,7 +204,7 @@ pub(super) fn checkpoint_mac(provider: &str, head: &Head, at_us: i64) -> Result<
 pub(super) fn checkpoint_mac_valid(provider: &str, head: &Head, at_us: i64, mac: Vec<u8>) -> Result<bool> {
     let mut p = crate::backend::build_audit_provider(provider)?;
     let msg = pg_envelope_core::audit::checkpoint_message(head, at_us);
-    crate::stampede::provider_call(move || p.verify_checkpoint_mac(&msg, &mac))
+    crate::stampede::provider_call(provider, move || p.verify_checkpoint_mac(&msg, &mac))
         .and_then(|r| r)
         .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })
 }
