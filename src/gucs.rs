@@ -268,7 +268,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"envelope.max_concurrent_provider_calls",
-        c"Most key-provider calls in flight at once across the whole server (stampede control).",
+        c"Most calls to one key provider in flight at once across the whole server (stampede control).",
         c"A call that finds every slot taken waits, first come first served, up to envelope.kms_timeout. 0: no bound. Needs shared_preload_libraries.",
         &MAX_CONCURRENT_PROVIDER_CALLS,
         0,
