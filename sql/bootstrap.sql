@@ -17,7 +17,21 @@ BEGIN
                      AND NOT coalesce(g.rolsuper, false)) THEN
         RAISE EXCEPTION 'pg_envelope: schema "@extschema@" exists and is not controlled by superusers only'
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'CREATE EXTENSION creates the schema itself: drop the existing one (or make a superuser its owner and revoke CREATE on it from other roles) first.';
+                  HINT = 'CREATE EXTENSION creates the schema itself: drop the existing schema first.';
+    END IF;
+    -- Nor may it hold anything already: an object planted before the owner was changed (every
+    -- object in a schema depends on it in pg_depend), or default privileges that would grant the
+    -- extension's objects to someone (an insider review planted an operator that the
+    -- extension's views then bound to, and became superuser).
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) d.refobjid
+                WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                  AND d.classid OPERATOR(pg_catalog.<>) 'pg_catalog.pg_extension'::pg_catalog.regclass  -- this extension
+                  AND n.nspname OPERATOR(pg_catalog.=) '@extschema@')
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_default_acl a JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) a.defaclnamespace
+                   WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@') THEN
+        RAISE EXCEPTION 'pg_envelope: schema "@extschema@" exists and is not empty'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'CREATE EXTENSION creates the schema itself: drop the existing schema first.';
     END IF;
 END $$;
 

@@ -190,6 +190,10 @@ impl EnvelopeError {
                     ),
                     ProviderError::Misconfigured(_) => (ERRCODE_CONFIG_FILE_ERROR, None),
                     ProviderError::Unavailable(_) => (ERRCODE_SYSTEM_ERROR, Some("Retry when the key provider is reachable.".into())),
+                    ProviderError::Busy(_) => (
+                        ERRCODE_SYSTEM_ERROR,
+                        Some("Retry; if it recurs, raise envelope.max_concurrent_provider_calls or envelope.kms_timeout, or find what keeps this provider's calls slow.".into()),
+                    ),
                     ProviderError::Denied(_) => (ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION, None),
                     ProviderError::UnwrapFailed => (
                         ERRCODE_DATA_EXCEPTION,

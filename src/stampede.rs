@@ -9,16 +9,18 @@
 //! * With every slot of the provider taken the caller sleeps on the provider's condition
 //!   variable (woken in arrival order when a call ends; a newcomer that finds a free slot takes
 //!   it, so the order is roughly first come, first served), for at most `envelope.kms_timeout`;
-//!   then the call fails as the provider being unavailable: a tenant with keys cached past their
-//!   TTL is served in outage mode, a cold one gets 58000. Cancellation and `statement_timeout`
-//!   end the wait.
+//!   then the call fails with 58000 (`ProviderError::Busy`). It does **not** start outage mode
+//!   (serving keys past their TTL): other callers' load must not stretch a revocation that the
+//!   KMS would report (an insider review showed it could). Cancellation and `statement_timeout`
+//!   end the wait. A provider is its database and name: one name in two databases is two
+//!   providers.
 //! * Slots of a process that died holding them are taken back by waiters (at most once a second
 //!   each) and by the process's own exit callback.
 //! * Without `shared_preload_libraries` there is no shared memory and no bound.
 
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use pg_envelope_core::stampede::{provider_key, Slot, SlotStats, SlotTable, MAX_PROVIDERS};
+use pg_envelope_core::stampede::{channel, provider_key, Slot, SlotStats, SlotTable, MAX_PROVIDERS};
 use pg_envelope_core::ProviderError;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -27,7 +29,7 @@ use crate::gucs;
 
 #[repr(C)]
 struct Shared {
-    /// One per provider bucket of the table.
+    /// Wake-up channels: the waiters for a provider sleep on `cvs[channel(key)]`.
     cvs: [pg_sys::ConditionVariable; MAX_PROVIDERS],
     table: SlotTable,
 }
@@ -133,7 +135,7 @@ pub fn acquire(provider: &str) -> Result<CallSlot, ProviderError> {
         unsafe { pg_sys::on_shmem_exit(Some(release_own_slots), pg_sys::Datum::from(0)) };
         EXIT_HOOK.set(true);
     }
-    let key = provider_key(provider);
+    let key = provider_key(unsafe { pg_sys::MyDatabaseId }.to_u32(), provider);
     if let Some(slot) = s.table.try_acquire(pid, key, cap) {
         return Ok(CallSlot { slot: Some(slot) });
     }
@@ -141,7 +143,7 @@ pub fn acquire(provider: &str) -> Result<CallSlot, ProviderError> {
     let timeout = gucs::kms_timeout();
     let started = std::time::Instant::now();
     let mut reclaimed_at = started;
-    let cv = (&raw const s.cvs[s.table.bucket(key)]).cast_mut();
+    let cv = (&raw const s.cvs[channel(key, MAX_PROVIDERS)]).cast_mut();
     unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
     let got = loop {
         if let Some(slot) = s.table.try_acquire(pid, key, cap) {
@@ -165,8 +167,8 @@ pub fn acquire(provider: &str) -> Result<CallSlot, ProviderError> {
         Some(slot) => Ok(CallSlot { slot: Some(slot) }),
         None => {
             s.table.note_timeout();
-            Err(ProviderError::Unavailable(format!(
-                "all {cap} call slots of key provider \"{}\" (envelope.max_concurrent_provider_calls) stayed taken for {} ms: the provider is slow or overloaded (a larger envelope.kms_timeout or envelope.max_concurrent_provider_calls lets more callers wait or call)",
+            Err(ProviderError::Busy(format!(
+                "all {cap} call slots of key provider \"{}\" (envelope.max_concurrent_provider_calls) stayed taken for {} ms: the provider is slow or overloaded",
                 crate::error::shown(provider),
                 timeout.as_millis()
             )))
@@ -174,10 +176,10 @@ pub fn acquire(provider: &str) -> Result<CallSlot, ProviderError> {
     }
 }
 
-/// Wakes the longest waiter for a slot of the bucket, if any (after a call gave its slot back).
-fn wake_one(bucket: usize) {
+/// Wakes the longest waiter on a channel, if any (after a call gave its slot back).
+fn wake_one(channel: usize) {
     if let Some(s) = shared() {
-        unsafe { pg_sys::ConditionVariableSignal((&raw const s.cvs[bucket]).cast_mut()) };
+        unsafe { pg_sys::ConditionVariableSignal((&raw const s.cvs[channel]).cast_mut()) };
     }
 }
 
@@ -186,14 +188,14 @@ fn wake_one(bucket: usize) {
 /// waiter. `Err` only when no slot came free within `envelope.kms_timeout` (`f` did not run).
 pub fn provider_call<R: Send + 'static>(provider: &str, f: impl FnOnce() -> R + Send + 'static) -> Result<R, ProviderError> {
     let slot = acquire(provider)?;
-    let bucket = slot.slot.as_ref().map(Slot::bucket);
+    let wake = slot.slot.is_some().then(|| channel(provider_key(unsafe { pg_sys::MyDatabaseId }.to_u32(), provider), MAX_PROVIDERS));
     let r = crate::backend::interruptible(move || {
         let r = f();
         drop(slot);
         r
     });
-    if let Some(b) = bucket {
-        wake_one(b);
+    if let Some(c) = wake {
+        wake_one(c);
     }
     Ok(r)
 }

@@ -83,6 +83,12 @@ def test_a_database_without_the_extension_keeps_working_with_auditing_on(audited
             c.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 10) g")
             c.execute("DO $$ BEGIN PERFORM count(*) FROM t; END $$")
             assert c.execute("SELECT sum(g) FROM t").fetchone() == (55,)
+            # A look-alike of the extension's schema and table (anyone with CREATE on the
+            # database can make one) is not the extension: still nothing fails (insider review).
+            c.execute("CREATE SCHEMA envelope")
+            c.execute("CREATE TABLE envelope.audit_log (x int)")
+            assert c.execute("SELECT sum(g) FROM t").fetchone() == (55,)
+            assert c.execute("SELECT count(*) FROM envelope.audit_log").fetchone() == (0,)
     finally:
         with connect(PORT_A) as c:
             c.execute("DROP DATABASE IF EXISTS audit_noext WITH (FORCE)")

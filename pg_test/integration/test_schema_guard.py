@@ -42,6 +42,28 @@ def test_a_schema_where_a_plain_role_may_create_is_refused(db):
         c.execute("DROP EXTENSION pg_envelope")
 
 
+def test_a_schema_with_planted_objects_is_refused_even_after_its_owner_is_changed(db):
+    """An insider review: a database owner creates `envelope`, plants an operator there, and the
+    superuser follows the old hint (make a superuser the owner, revoke CREATE). The extension's
+    views bound to the planted operator and the owner became superuser at the first read."""
+    with connect(PORT_A, db) as c:
+        c.execute("CREATE SCHEMA envelope AUTHORIZATION guard_mallory")
+        c.execute("SET ROLE guard_mallory")
+        c.execute("CREATE FUNCTION envelope.mul_hook(numeric, bigint) RETURNS numeric LANGUAGE sql AS 'SELECT $1 * $2::numeric'")
+        c.execute("CREATE OPERATOR envelope.* (FUNCTION = envelope.mul_hook, LEFTARG = numeric, RIGHTARG = bigint)")
+        c.execute("RESET ROLE")
+        c.execute("ALTER SCHEMA envelope OWNER TO postgres")
+        c.execute("REVOKE ALL ON SCHEMA envelope FROM guard_mallory")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not empty"):
+            c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("DROP SCHEMA envelope CASCADE")
+        c.execute("CREATE SCHEMA envelope")
+        c.execute("ALTER DEFAULT PRIVILEGES IN SCHEMA envelope GRANT ALL ON TABLES TO guard_mallory")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not empty"):
+            c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("ALTER DEFAULT PRIVILEGES IN SCHEMA envelope REVOKE ALL ON TABLES FROM guard_mallory")
+
+
 def test_no_schema_installs_as_always(db):
     with connect(PORT_A, db) as c:
         c.execute("CREATE EXTENSION pg_envelope")

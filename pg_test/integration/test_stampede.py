@@ -173,8 +173,8 @@ def hang(env):
 class Call:
     """A statement on its own connection and thread; the backend pid is known before it runs."""
 
-    def __init__(self, cl, sql, setup=()):
-        self.conn = cl.connect(DB)
+    def __init__(self, cl, sql, setup=(), db=DB):
+        self.conn = cl.connect(db)
         for s in setup:
             self.conn.execute(s)
         self.pid = self.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
@@ -335,3 +335,76 @@ def test_a_reload_raising_the_bound_takes_effect(env, hang):
     finally:
         first.close()
         second.close()
+
+
+def test_one_provider_name_in_two_databases_is_two_providers(env, hang):
+    """An insider review: buckets keyed on the name only let a hung provider called `bao` in one
+    database hold the slots of the healthy `bao` of another. A provider is its database and name."""
+    cl, bao = env
+    set_bound(cl, 1)
+    other = "stampede_other"
+    with cl.connect() as c:
+        c.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")
+        c.execute(f"CREATE DATABASE {other}")
+    with cl.connect(other) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.add_key_provider('bao', 'vault_transit', %s)", (bao.options(url=f"http://127.0.0.1:{hang.port}"),))
+    holder = Call(cl, "SELECT envelope.verify_provider('bao')", ["SET envelope.kms_timeout = '5s'"], db=other)
+    try:
+        kit.wait_until(lambda: cl.slots(DB)["in_use"] >= 1 and pid_waits_on_kms(cl, holder.pid), 10, what="the holder to take a slot")
+        healthy = cold_decrypt(cl, "5s")
+        assert healthy.join(10) == "ok", healthy.message
+        assert healthy.took < 2.0, f"the healthy provider waited {healthy.took:.2f} s behind its namesake"
+        healthy.close()
+    finally:
+        with cl.connect(DB) as c:
+            c.execute("SELECT pg_terminate_backend(%s)", (holder.pid,))
+        holder.join(10)
+        holder.close()
+        with cl.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")
+
+
+def test_a_slot_wait_timeout_never_serves_keys_past_their_ttl(env, hang):
+    """An insider review: a slot wait that timed out counted as the KMS being unreachable, so a
+    session whose keys had expired was served from them (outage mode), for as long as other
+    callers kept the provider's slots busy, and a revocation the KMS would report was bridged.
+    Now the wait fails closed (58000, "busy")."""
+    cl, bao = env
+    set_bound(cl, 1)
+    with cl.connect(DB) as c:
+        c.execute("DELETE FROM envelope.key_providers WHERE name = 'bao2' AND NOT EXISTS (SELECT 1 FROM envelope.tenants WHERE provider = 'bao2')")
+        if not c.execute("SELECT 1 FROM envelope.key_providers WHERE name = 'bao2'").fetchone():
+            c.execute("SELECT envelope.add_key_provider('bao2', 'vault_transit', %s)", (bao.options(),))
+        if not c.execute("SELECT 1 FROM envelope.tenants WHERE name = 'st2'").fetchone():
+            c.execute("SELECT envelope.create_tenant('st2', provider => 'bao2')")
+            c.execute("SELECT envelope.grant_tenant('st2', current_user)")
+            with c.transaction():
+                c.execute("SELECT set_config('app.tenant_id', 'st2', true)")
+                c.execute("INSERT INTO st_values VALUES ('st2', %s::text)", (kit.PLAINTEXT,))
+        c.execute("UPDATE envelope.key_providers SET options = %s WHERE name = 'bao2'", (bao.options(),))
+    victim = cl.connect(DB)
+    holder = None
+    try:
+        for s_ in ("SET app.tenant_id = 'st2'", "SET envelope.key_cache_ttl = '1s'", "SET envelope.kms_timeout = '1s'"):
+            victim.execute(s_)
+        assert victim.execute(kit.DECRYPT).fetchone()[0] == kit.PLAINTEXT  # keys cached
+        with cl.connect(DB) as c:
+            c.execute("UPDATE envelope.key_providers SET options = %s WHERE name = 'bao2'", (bao.options(url=f"http://127.0.0.1:{hang.port}"),))
+        holder = Call(cl, "SELECT envelope.verify_provider('bao2')", ["SET envelope.kms_timeout = '10s'"])
+        kit.wait_until(lambda: cl.slots(DB)["in_use"] >= 1 and pid_waits_on_kms(cl, holder.pid), 10, what="the holder to take bao2's slot")
+        time.sleep(1.5)  # the victim's keys are past their TTL
+        notices = []
+        victim.add_notice_handler(lambda d: notices.append(d.message_primary))
+        with pytest.raises(psycopg.errors.SystemError, match="busy"):
+            victim.execute(kit.DECRYPT)
+        assert not any("served from keys cached" in n for n in notices), notices
+    finally:
+        if holder:
+            with cl.connect(DB) as c:
+                c.execute("SELECT pg_terminate_backend(%s)", (holder.pid,))
+            holder.join(10)
+            holder.close()
+        victim.close()
+        with cl.connect(DB) as c:
+            c.execute("UPDATE envelope.key_providers SET options = %s WHERE name = 'bao2'", (bao.options(),))

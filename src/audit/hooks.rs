@@ -96,6 +96,13 @@ fn audit_rels() -> Option<[u32; 4]> {
         if rels[0] == 0 {
             return None;
         }
+        // The extension's own table, not a look-alike: anyone with CREATE on a database can make
+        // a schema `envelope` with a table `audit_log` (an insider review did, and every
+        // statement in that database then failed looking for the extension).
+        let ext = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true);
+        if ext == pg_sys::InvalidOid || pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, pg_sys::Oid::from(rels[0])) != ext {
+            return None;
+        }
         RELS.with(|r| r.set(Some(rels)));
         Some(rels)
     }

@@ -8,37 +8,41 @@
 //! sleeps on a condition variable, FIFO, for at most `envelope.kms_timeout`).
 //!
 //! The bound is **per provider**: a KMS that hangs (a customer's, in bring-your-own-key) holds
-//! only its own slots, never the slots other tenants' providers need.
+//! only its own slots, never the slots other providers need. A provider is identified by a
+//! 64-bit hash of its database and name ([`provider_key`]).
 //!
 //! The table is plain atomics, so this module is tested with threads here, without PostgreSQL:
-//! * A provider (by a 32-bit hash of its name) owns a bucket; a bucket's `in_use` is only raised
-//!   by a compare-and-swap that keeps it at most the cap, so no interleaving of acquirers can
-//!   exceed the cap for one provider. Two names with the same hash, or providers beyond
-//!   [`MAX_PROVIDERS`], share a bucket (and its bound): stricter, never looser.
+//! * A short spin lock (a few hundred nanoseconds per call, not per value) guards the buckets: a
+//!   provider with calls in flight owns exactly one bucket (its key and count), found or claimed
+//!   under the lock, so two providers never share a bound and one provider never has two. A
+//!   bucket whose count falls to 0 can be claimed by another provider. With [`MAX_PROVIDERS`]
+//!   providers in flight at once, the next one waits like a full provider.
 //! * `holders[i]` is the pid that holds slot `i` and its bucket (0: free). A backend that died
 //!   holding a slot (killed outside PostgreSQL's error handling) is found by its pid and its slot
 //!   reclaimed.
-//! * Lowering the cap (a reload) lets calls in flight finish; new ones wait until the bucket is
+//! * Lowering the cap (a reload) lets calls in flight finish; new ones wait until the provider is
 //!   below the new cap.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Most calls in flight at once across all providers (and the largest cap).
 pub const MAX_SLOTS: usize = 1024;
 
-/// Providers with a bucket of their own; more share the last bucket.
+/// Most providers with calls in flight at once.
 pub const MAX_PROVIDERS: usize = 64;
 
 #[repr(C)]
 struct Bucket {
-    /// The provider's key (0: bucket unused).
-    key: AtomicU32,
+    /// The provider's key (meaningful while `in_use` > 0).
+    key: AtomicU64,
     in_use: AtomicU32,
 }
 
 /// The shared-memory layout. All-zero is the initial state (shared memory is zeroed before use).
 #[repr(C)]
 pub struct SlotTable {
+    /// The spin lock over `buckets` and `holders`.
+    lock: AtomicBool,
     /// Calls in flight, all providers.
     in_use: AtomicU32,
     /// The most calls in flight at once (all providers) since the server started.
@@ -79,17 +83,21 @@ impl Slot {
     pub fn index(&self) -> usize {
         self.index
     }
-
-    /// The provider's bucket (whose waiters to wake after the release).
-    pub fn bucket(&self) -> usize {
-        word_bucket(self.word)
-    }
 }
 
-/// The key of a provider name (FNV-1a, never 0).
-pub fn provider_key(name: &str) -> u32 {
-    let h = name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
-    h.max(1)
+/// The key of a provider: FNV-1a (64-bit) of its database's oid and its name. (A collision of
+/// two providers' keys would make them share a bound: about 2^-64 per pair.)
+pub fn provider_key(database: u32, name: &str) -> u64 {
+    database
+        .to_be_bytes()
+        .iter()
+        .chain(name.as_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Which of `n` wake-up channels (condition variables) the waiters for `key` sleep on.
+pub fn channel(key: u64, n: usize) -> usize {
+    (key % n.max(1) as u64) as usize
 }
 
 fn word(pid: i32, bucket: usize) -> u64 {
@@ -104,84 +112,95 @@ fn word_bucket(w: u64) -> usize {
     ((w & 0xffff_ffff) as usize).saturating_sub(1).min(MAX_PROVIDERS - 1)
 }
 
+struct Locked<'a>(&'a AtomicBool);
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl SlotTable {
     /// A zeroed table (for tests; in PostgreSQL the table is zeroed shared memory).
     pub fn new_boxed() -> Box<SlotTable> {
-        // SAFETY: every field is an atomic integer (or an array of them, or of structs of
-        // them), for which all-zero bytes are a valid value.
+        // SAFETY: every field is an atomic integer or boolean (or an array of them, or of structs
+        // of them), for which all-zero bytes are a valid value.
         unsafe { Box::<SlotTable>::new_zeroed().assume_init() }
     }
 
-    /// The bucket of provider `key`: its own, a new one, or the last (shared) one. Waiters for
-    /// a provider sleep on their bucket's condition variable (one per bucket, in the pgrx crate).
-    pub fn bucket(&self, key: u32) -> usize {
-        for (i, b) in self.buckets.iter().enumerate().take(MAX_PROVIDERS - 1) {
-            match b.key.load(Ordering::Acquire) {
-                k if k == key => return i,
-                0 => match b.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return i,
-                    Err(k) if k == key => return i,
-                    Err(_) => continue,
-                },
-                _ => continue,
+    fn lock(&self) -> Locked<'_> {
+        let mut spins = 0u32;
+        while self.lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            spins += 1;
+            if spins.is_multiple_of(64) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
             }
         }
-        MAX_PROVIDERS - 1
+        Locked(&self.lock)
     }
 
     /// Takes a slot for `pid` to call provider `key` if fewer than `cap` calls to it are in
     /// flight (`cap` is clamped to 1..=MAX_SLOTS) and the table has room.
-    pub fn try_acquire(&self, pid: i32, key: u32, cap: u32) -> Option<Slot> {
+    pub fn try_acquire(&self, pid: i32, key: u64, cap: u32) -> Option<Slot> {
         let cap = cap.clamp(1, MAX_SLOTS as u32);
-        let b = self.bucket(key);
-        let count = &self.buckets[b].in_use;
-        let mut n = count.load(Ordering::Acquire);
-        loop {
-            if n >= cap {
-                return None;
+        let _g = self.lock();
+        let live = |b: &Bucket| b.in_use.load(Ordering::Relaxed) > 0;
+        let b = match self.buckets.iter().position(|b| live(b) && b.key.load(Ordering::Relaxed) == key) {
+            Some(i) if self.buckets[i].in_use.load(Ordering::Relaxed) >= cap => return None,
+            Some(i) => i,
+            None => {
+                let i = self.buckets.iter().position(|b| !live(b))?;
+                self.buckets[i].key.store(key, Ordering::Relaxed);
+                i
             }
-            match count.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => n = now,
-            }
-        }
+        };
         let w = word(pid, b);
-        for (i, h) in self.holders.iter().enumerate() {
-            if h.load(Ordering::Relaxed) == 0 && h.compare_exchange(0, w, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                let total = self.in_use.fetch_add(1, Ordering::AcqRel) + 1;
-                self.peak.fetch_max(total, Ordering::Relaxed);
-                self.acquired.fetch_add(1, Ordering::Relaxed);
-                return Some(Slot { index: i, word: w });
-            }
-        }
-        // MAX_SLOTS calls in flight across all providers: wait like a full bucket.
-        count.fetch_sub(1, Ordering::AcqRel);
-        None
+        let (i, h) = self.holders.iter().enumerate().find(|(_, h)| h.load(Ordering::Relaxed) == 0)?;
+        h.store(w, Ordering::Relaxed);
+        self.buckets[b].in_use.fetch_add(1, Ordering::Relaxed);
+        let total = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(total, Ordering::Relaxed);
+        self.acquired.fetch_add(1, Ordering::Relaxed);
+        Some(Slot { index: i, word: w })
+    }
+
+    fn free(&self, w: u64) {
+        self.buckets[word_bucket(w)].in_use.fetch_sub(1, Ordering::Relaxed);
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Gives the slot back. Returns false (and changes nothing) if it was reclaimed meanwhile.
     pub fn release(&self, slot: Slot) -> bool {
-        if self.holders[slot.index].compare_exchange(slot.word, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            self.buckets[word_bucket(slot.word)].in_use.fetch_sub(1, Ordering::AcqRel);
-            self.in_use.fetch_sub(1, Ordering::AcqRel);
-            true
-        } else {
-            false
+        let _g = self.lock();
+        let h = &self.holders[slot.index];
+        if h.load(Ordering::Relaxed) != slot.word {
+            return false;
         }
+        h.store(0, Ordering::Relaxed);
+        self.free(slot.word);
+        true
     }
 
     /// Frees every slot held by a pid for which `alive` is false (a process that died holding
-    /// it). Returns how many were freed.
+    /// it). Returns how many were freed. (`alive` is asked outside the lock.)
     pub fn reclaim(&self, alive: impl Fn(i32) -> bool) -> u32 {
+        let dead: Vec<(usize, u64)> = self
+            .holders
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (i, h.load(Ordering::Acquire)))
+            .filter(|&(_, w)| w != 0 && !alive(word_pid(w)))
+            .collect();
+        if dead.is_empty() {
+            return 0;
+        }
+        let _g = self.lock();
         let mut freed = 0;
-        for h in &self.holders {
-            let w = h.load(Ordering::Acquire);
-            if w == 0 || alive(word_pid(w)) {
-                continue;
-            }
-            if h.compare_exchange(w, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                self.buckets[word_bucket(w)].in_use.fetch_sub(1, Ordering::AcqRel);
-                self.in_use.fetch_sub(1, Ordering::AcqRel);
+        for (i, w) in dead {
+            if self.holders[i].load(Ordering::Relaxed) == w {
+                self.holders[i].store(0, Ordering::Relaxed);
+                self.free(w);
                 freed += 1;
             }
         }
@@ -190,8 +209,12 @@ impl SlotTable {
     }
 
     /// Calls in flight to provider `key` now.
-    pub fn in_use_for(&self, key: u32) -> u32 {
-        self.buckets.iter().find(|b| b.key.load(Ordering::Acquire) == key).map_or(0, |b| b.in_use.load(Ordering::Relaxed))
+    pub fn in_use_for(&self, key: u64) -> u32 {
+        let _g = self.lock();
+        self.buckets
+            .iter()
+            .find(|b| b.in_use.load(Ordering::Relaxed) > 0 && b.key.load(Ordering::Relaxed) == key)
+            .map_or(0, |b| b.in_use.load(Ordering::Relaxed))
     }
 
     pub fn note_wait(&self) {
@@ -223,7 +246,7 @@ mod tests {
     fn never_more_than_the_cap_per_provider_under_contention() {
         let table: Arc<SlotTable> = Arc::from(SlotTable::new_boxed());
         let cap = 3;
-        let keys = [provider_key("bao"), provider_key("aws")];
+        let keys = [provider_key(5, "bao"), provider_key(5, "aws")];
         let inside: Arc<[AtomicU32; 2]> = Arc::new(Default::default());
         let worst: Arc<[AtomicU32; 2]> = Arc::new(Default::default());
         let threads: Vec<_> = (1..=8)
@@ -263,7 +286,7 @@ mod tests {
     #[test]
     fn a_full_provider_refuses_until_a_slot_is_released_and_others_are_not_affected() {
         let t = SlotTable::new_boxed();
-        let (bao, aws) = (provider_key("bao"), provider_key("aws"));
+        let (bao, aws) = (provider_key(5, "bao"), provider_key(5, "aws"));
         let a = t.try_acquire(10, bao, 2).unwrap();
         let b = t.try_acquire(11, bao, 2).unwrap();
         assert_ne!(a.index(), b.index());
@@ -281,7 +304,7 @@ mod tests {
     #[test]
     fn lowering_the_cap_lets_calls_in_flight_finish_and_holds_new_ones() {
         let t = SlotTable::new_boxed();
-        let k = provider_key("bao");
+        let k = provider_key(5, "bao");
         let held: Vec<_> = (1..=4).map(|p| t.try_acquire(p, k, 4).unwrap()).collect();
         assert!(t.try_acquire(9, k, 2).is_none(), "4 in flight, cap lowered to 2");
         let mut held = held.into_iter();
@@ -296,7 +319,7 @@ mod tests {
     #[test]
     fn a_dead_holders_slot_is_reclaimed_and_its_late_release_changes_nothing() {
         let t = SlotTable::new_boxed();
-        let k = provider_key("bao");
+        let k = provider_key(5, "bao");
         let dead = t.try_acquire(100, k, 2).unwrap();
         let live = t.try_acquire(200, k, 2).unwrap();
         assert!(t.try_acquire(300, k, 2).is_none());
@@ -312,29 +335,46 @@ mod tests {
     }
 
     #[test]
-    fn providers_beyond_the_table_share_the_last_bucket() {
+    fn one_name_in_two_databases_is_two_providers() {
         let t = SlotTable::new_boxed();
-        let held: Vec<_> = (0..MAX_PROVIDERS as u32 - 1).map(|i| t.try_acquire(1, 1000 + i, 1).unwrap()).collect();
-        let x = t.try_acquire(2, 5000, 1).expect("the shared bucket");
-        assert!(t.try_acquire(3, 6000, 1).is_none(), "another overflow provider shares the bound");
-        assert!(t.release(x));
-        assert!(t.try_acquire(3, 6000, 1).is_some());
-        drop(held);
+        let (a, b) = (provider_key(16384, "kms"), provider_key(16385, "kms"));
+        assert_ne!(a, b);
+        let held = t.try_acquire(1, b, 1).unwrap();
+        assert!(t.try_acquire(2, b, 1).is_none());
+        assert!(t.try_acquire(3, a, 1).is_some(), "the other database's provider has its own bound");
+        assert!(t.release(held));
+    }
+
+    #[test]
+    fn buckets_are_reused_and_never_shared() {
+        let t = SlotTable::new_boxed();
+        // Many providers over time, one at a time: each drained bucket is reused.
+        for i in 0..10 * MAX_PROVIDERS as u32 {
+            let s = t.try_acquire(1, provider_key(1, &format!("p{i}")), 1).unwrap();
+            assert!(t.release(s));
+        }
+        // MAX_PROVIDERS providers in flight at once: each has its own bound; one more waits.
+        let held: Vec<_> = (0..MAX_PROVIDERS as u32).map(|i| t.try_acquire(1, provider_key(2, &format!("q{i}")), 1).unwrap()).collect();
+        assert!(t.try_acquire(2, provider_key(2, "q0"), 1).is_none(), "q0 is at its cap");
+        assert!(t.try_acquire(2, provider_key(2, "new"), 1).is_none(), "no bucket free: wait");
+        let mut held = held.into_iter();
+        assert!(t.release(held.next().unwrap()));
+        assert!(t.try_acquire(2, provider_key(2, "new"), 1).is_some(), "a drained bucket is claimed");
+        assert!(t.try_acquire(3, provider_key(2, "q1"), 1).is_none(), "q1 still has its own full bucket");
     }
 
     #[test]
     fn the_table_never_holds_more_than_max_slots() {
         let t = SlotTable::new_boxed();
-        let n = (0..MAX_SLOTS as u32 + 10).filter_map(|i| t.try_acquire(1, provider_key(&format!("p{}", i % 40)), u32::MAX)).count();
+        let n = (0..MAX_SLOTS as u32 + 10).filter_map(|i| t.try_acquire(1, provider_key(1, &format!("p{}", i % 40)), u32::MAX)).count();
         assert_eq!(n, MAX_SLOTS);
         assert_eq!(t.stats().in_use as usize, MAX_SLOTS);
     }
 
     #[test]
-    fn the_cap_is_clamped_and_keys_are_never_zero() {
+    fn the_cap_is_clamped() {
         let t = SlotTable::new_boxed();
-        let k = provider_key("");
-        assert_ne!(k, 0);
+        let k = provider_key(0, "");
         assert!(t.try_acquire(1, k, 0).is_some(), "a cap of 0 is treated as 1 here (0 = no table is the caller's choice)");
         assert!(t.try_acquire(2, k, 0).is_none());
     }

@@ -88,6 +88,10 @@ pub enum ProviderError {
     Unavailable(String),
     /// The provider refused the operation (permissions, authentication).
     Denied(String),
+    /// No call was made: every call slot of the provider stayed taken for `envelope.kms_timeout`
+    /// (stampede control). Unlike [`ProviderError::Unavailable`] it never starts serving cached
+    /// keys past their TTL: other callers' load must not stretch a revocation the KMS reports.
+    Busy(String),
     /// The wrapped key does not open with this root key and tenant binding: a different root
     /// key, a wrapped key copied from another tenant, or tampering. Opaque on purpose.
     UnwrapFailed,
@@ -100,6 +104,7 @@ impl std::fmt::Display for ProviderError {
             ProviderError::Misconfigured(m) => write!(f, "key provider misconfigured: {m}"),
             ProviderError::Unavailable(m) => write!(f, "key provider unavailable: {m}"),
             ProviderError::Denied(m) => write!(f, "key provider refused the request: {m}"),
+            ProviderError::Busy(m) => write!(f, "key provider busy: {m}"),
             ProviderError::UnwrapFailed => f.write_str(
                 "the tenant key does not unwrap with this provider's root key (wrong root key, or the wrapped key was altered or moved)",
             ),
