@@ -122,6 +122,24 @@ SELECT pg_catalog.pg_extension_config_dump('audit_canaries', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_checkpoints', '');
 REVOKE ALL ON audit_log, audit_checkpoints, audit_hourly, audit_alerts, audit_canaries FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
+-- ANALYZE keeps no sample of who did what: pg_stats (most common values, histograms) would
+-- otherwise show an auditor, and pg_statistic a superuser, the trail's contents without the read
+-- being recorded (found by an insider review).
+ALTER TABLE audit_log
+    ALTER COLUMN kind SET STATISTICS 0, ALTER COLUMN database SET STATISTICS 0,
+    ALTER COLUMN session_user_name SET STATISTICS 0, ALTER COLUMN role_name SET STATISTICS 0,
+    ALTER COLUMN client_addr SET STATISTICS 0, ALTER COLUMN application_name SET STATISTICS 0,
+    ALTER COLUMN backend_pid SET STATISTICS 0, ALTER COLUMN statement_id SET STATISTICS 0,
+    ALTER COLUMN request_id SET STATISTICS 0, ALTER COLUMN tenant SET STATISTICS 0,
+    ALTER COLUMN key_versions SET STATISTICS 0, ALTER COLUMN operation SET STATISTICS 0,
+    ALTER COLUMN value_count SET STATISTICS 0, ALTER COLUMN failure_count SET STATISTICS 0,
+    ALTER COLUMN outcome SET STATISTICS 0, ALTER COLUMN duration_us SET STATISTICS 0,
+    ALTER COLUMN detail SET STATISTICS 0;
+ALTER TABLE audit_hourly ALTER COLUMN role_name SET STATISTICS 0, ALTER COLUMN tenant SET STATISTICS 0,
+    ALTER COLUMN decrypts SET STATISTICS 0, ALTER COLUMN encrypts SET STATISTICS 0, ALTER COLUMN failures SET STATISTICS 0;
+ALTER TABLE audit_alerts ALTER COLUMN rule SET STATISTICS 0, ALTER COLUMN role_name SET STATISTICS 0,
+    ALTER COLUMN tenant SET STATISTICS 0, ALTER COLUMN observed SET STATISTICS 0, ALTER COLUMN detail SET STATISTICS 0;
+ALTER TABLE audit_canaries ALTER COLUMN label SET STATISTICS 0, ALTER COLUMN tenant_key_id SET STATISTICS 0;
 
 -- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line:
 -- the records from `from_seq` on in sequence order ("type": "record": the hashed fields, and
@@ -164,7 +182,7 @@ $$;
 CREATE VIEW audit_events AS
     SELECT seq, at, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
            statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
-           duration_us, detail, encode(hash, 'hex') AS hash
+           duration_us, detail, pg_catalog.encode(hash, 'hex') AS hash
       FROM audit_log;
 
 REVOKE ALL ON FUNCTION audit_export(bigint) FROM PUBLIC;

@@ -117,16 +117,19 @@ BEGIN
 END $$;
 
 -- Key versions per tenant, never key bytes. Readable by whom the DBA grants (not PUBLIC).
+-- Views qualify every operator and function (OPERATOR(pg_catalog.=)): an exact-match operator
+-- planted in the schema would otherwise win over pg_catalog's (an insider review planted one
+-- before an update; the schema guard refuses that, this is the second line).
 CREATE VIEW key_versions AS
 SELECT t.name AS tenant, t.id AS tenant_key_id, d.version, d.state,
        d.created_at, d.created_at AS activated_at, d.retired_at, d.disabled_at, d.destroyed_at,
        t.provider, t.root_version, t.key_generation AS tenant_key_generation, t.key_rotated_at AS tenant_key_rotated_at
-  FROM tenants t JOIN data_keys d ON d.tenant_id = t.id;
+  FROM tenants t JOIN data_keys d ON d.tenant_id OPERATOR(pg_catalog.=) t.id;
 COMMENT ON VIEW key_versions IS 'Data key versions per tenant with their states and dates, and the tenant key''s provider, root version and generation. No key bytes.';
 
 -- Root key rotations in progress and done.
 CREATE VIEW rewrap_progress AS
 SELECT j.id AS job, j.provider, j.target_version, j.state, j.tenants_done, j.tenants_total,
-       greatest(j.tenants_total - j.tenants_done, 0) AS tenants_remaining, j.started_at, j.updated_at, j.finished_at
+       greatest(j.tenants_total OPERATOR(pg_catalog.-) j.tenants_done, 0) AS tenants_remaining, j.started_at, j.updated_at, j.finished_at
   FROM rewrap_jobs j;
 REVOKE ALL ON key_versions, rewrap_progress FROM PUBLIC;

@@ -34,13 +34,14 @@ LANGUAGE sql VOLATILE AS $$ SELECT envelope.reencrypt_open(tbl, col, context, co
 CREATE VIEW rotation_status AS
 SELECT t.name AS tenant, d.version AS active_version, d.created_at AS activated_at,
        x.period AS rotation_period, (p.tenant_id IS NOT NULL) AS period_overridden,
-       CASE WHEN x.period > interval '0' THEN d.created_at + x.period END AS next_rotation_due,
-       (x.period > interval '0' AND now() - d.created_at >= x.period) AS overdue,
+       CASE WHEN x.period OPERATOR(pg_catalog.>) interval '0' THEN d.created_at OPERATOR(pg_catalog.+) x.period END AS next_rotation_due,
+       (x.period OPERATOR(pg_catalog.>) interval '0'
+        AND (pg_catalog.now() OPERATOR(pg_catalog.-) d.created_at) OPERATOR(pg_catalog.>=) x.period) AS overdue,
        t.provider, t.root_version, t.key_generation AS tenant_key_generation, t.key_rotated_at AS tenant_key_rotated_at
   FROM tenants t
-  JOIN data_keys d ON d.tenant_id = t.id AND d.state = 'active'
-  LEFT JOIN rotation_policy p ON p.tenant_id = t.id
- CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, default_rotation_period()) AS period) x;
+  JOIN data_keys d ON d.tenant_id OPERATOR(pg_catalog.=) t.id AND d.state OPERATOR(pg_catalog.=) 'active'
+  LEFT JOIN rotation_policy p ON p.tenant_id OPERATOR(pg_catalog.=) t.id
+ CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, @extschema@.default_rotation_period()) AS period) x;
 REVOKE ALL ON rotation_status FROM PUBLIC;
 
 -- CALL envelope.run_maintenance(): the due rotations, rewraps and this role's queued

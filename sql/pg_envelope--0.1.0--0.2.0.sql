@@ -4,6 +4,44 @@
 -- of both). Envelope formats are unchanged: every value written by 0.1.0 decrypts.
 \echo Use "ALTER EXTENSION pg_envelope UPDATE TO '0.2.0'" to load this file. \quit
 
+-- The schema guard of a fresh install (sql/bootstrap.sql), again: 0.1.0 had none and installed
+-- into an existing `envelope` schema as it was. The update runs with search_path = envelope, and
+-- its views and functions bind to what they find there: an insider review planted
+-- envelope.*(numeric, bigint) in a schema its role owned, ran this update as a superuser
+-- would, and became superuser at the first read of a view. Refused here, before anything binds:
+-- a schema not owned by a superuser, one where a non-superuser may CREATE, default privileges
+-- in it, or any object in it that is not a member of this extension.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+                 JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) n.nspowner
+                WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@' AND NOT o.rolsuper)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+                   CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a
+                    LEFT JOIN pg_catalog.pg_roles g ON g.oid OPERATOR(pg_catalog.=) a.grantee
+                   WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@'
+                     AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+                     AND NOT coalesce(g.rolsuper, false)) THEN
+        RAISE EXCEPTION 'pg_envelope: schema "@extschema@" is not controlled by superusers only; the update is refused'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Make a superuser its owner (ALTER SCHEMA @extschema@ OWNER TO ...), revoke CREATE on it from every other role, and drop what they created there; then update.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) d.refobjid
+                WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                  AND d.classid OPERATOR(pg_catalog.<>) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                  AND n.nspname OPERATOR(pg_catalog.=) '@extschema@'
+                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
+                                   WHERE e.classid OPERATOR(pg_catalog.=) d.classid AND e.objid OPERATOR(pg_catalog.=) d.objid
+                                     AND e.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                                     AND e.deptype OPERATOR(pg_catalog.=) 'e'))
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_default_acl a JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) a.defaclnamespace
+                   WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@') THEN
+        RAISE EXCEPTION 'pg_envelope: schema "@extschema@" holds objects that are not part of the extension; the update is refused'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop (or move to another schema) what is not the extension''s, and default privileges on the schema; then update.';
+    END IF;
+END $$;
+
 -- Issue 10: grants hold a shared dependency on their role (src/catalog.rs LIVE_GRANTEES).
 CREATE TABLE grant_anchor ();
 COMMENT ON TABLE grant_anchor IS 'Holds SELECT for each role with tenant grants (pg_envelope): ties grants to roles through pg_shdepend.';
@@ -661,17 +699,20 @@ BEGIN
 END $$;
 
 -- Key versions per tenant, never key bytes. Readable by whom the DBA grants (not PUBLIC).
+-- Views qualify every operator and function (OPERATOR(pg_catalog.=)): an exact-match operator
+-- planted in the schema would otherwise win over pg_catalog's (an insider review planted one
+-- before an update; the schema guard refuses that, this is the second line).
 CREATE VIEW key_versions AS
 SELECT t.name AS tenant, t.id AS tenant_key_id, d.version, d.state,
        d.created_at, d.created_at AS activated_at, d.retired_at, d.disabled_at, d.destroyed_at,
        t.provider, t.root_version, t.key_generation AS tenant_key_generation, t.key_rotated_at AS tenant_key_rotated_at
-  FROM tenants t JOIN data_keys d ON d.tenant_id = t.id;
+  FROM tenants t JOIN data_keys d ON d.tenant_id OPERATOR(pg_catalog.=) t.id;
 COMMENT ON VIEW key_versions IS 'Data key versions per tenant with their states and dates, and the tenant key''s provider, root version and generation. No key bytes.';
 
 -- Root key rotations in progress and done.
 CREATE VIEW rewrap_progress AS
 SELECT j.id AS job, j.provider, j.target_version, j.state, j.tenants_done, j.tenants_total,
-       greatest(j.tenants_total - j.tenants_done, 0) AS tenants_remaining, j.started_at, j.updated_at, j.finished_at
+       greatest(j.tenants_total OPERATOR(pg_catalog.-) j.tenants_done, 0) AS tenants_remaining, j.started_at, j.updated_at, j.finished_at
   FROM rewrap_jobs j;
 REVOKE ALL ON key_versions, rewrap_progress FROM PUBLIC;
 -- sql/reencrypt.sql as of 0.2.0:
@@ -782,11 +823,14 @@ END $$;
 CREATE VIEW reencrypt_progress AS
 SELECT j.id AS job, j.table_name, j.column_name, j.state,
        j.values_done, j.next_block AS blocks_done, coalesce(j.blocks_total, 0) AS blocks_total,
-       CASE WHEN coalesce(j.blocks_total, 0) > 0 THEN round(100.0 * j.next_block / j.blocks_total, 1) END AS percent,
-       CASE WHEN j.started_at IS NOT NULL AND j.updated_at > j.started_at
-            THEN round((j.values_done / extract(epoch FROM j.updated_at - j.started_at))::numeric, 1) END AS values_per_second,
-       CASE WHEN j.state IN ('queued', 'running') AND j.next_block > 0 AND j.updated_at > j.started_at
-            THEN (j.updated_at - j.started_at) * ((j.blocks_total - j.next_block)::float8 / j.next_block) END AS eta,
+       CASE WHEN coalesce(j.blocks_total, 0) OPERATOR(pg_catalog.>) 0
+            THEN pg_catalog.round((100.0 OPERATOR(pg_catalog.*) j.next_block::numeric) OPERATOR(pg_catalog./) j.blocks_total::numeric, 1) END AS percent,
+       CASE WHEN j.started_at IS NOT NULL AND j.updated_at OPERATOR(pg_catalog.>) j.started_at
+            THEN pg_catalog.round((j.values_done::float8 OPERATOR(pg_catalog./) extract(epoch FROM j.updated_at OPERATOR(pg_catalog.-) j.started_at)::float8)::numeric, 1) END AS values_per_second,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) ANY (ARRAY['queued', 'running']) AND j.next_block OPERATOR(pg_catalog.>) 0
+                 AND j.updated_at OPERATOR(pg_catalog.>) j.started_at
+            THEN (j.updated_at OPERATOR(pg_catalog.-) j.started_at)
+                 OPERATOR(pg_catalog.*) ((j.blocks_total OPERATOR(pg_catalog.-) j.next_block)::float8 OPERATOR(pg_catalog./) j.next_block::float8) END AS eta,
        j.pass, j.values_remaining, j.batches, j.created_at, j.started_at, j.updated_at, j.finished_at, j.last_error,
        j.requested_by::regrole AS requested_by
   FROM reencrypt_jobs j;
@@ -890,13 +934,14 @@ LANGUAGE sql VOLATILE AS $$ SELECT envelope.reencrypt_open(tbl, col, context, co
 CREATE VIEW rotation_status AS
 SELECT t.name AS tenant, d.version AS active_version, d.created_at AS activated_at,
        x.period AS rotation_period, (p.tenant_id IS NOT NULL) AS period_overridden,
-       CASE WHEN x.period > interval '0' THEN d.created_at + x.period END AS next_rotation_due,
-       (x.period > interval '0' AND now() - d.created_at >= x.period) AS overdue,
+       CASE WHEN x.period OPERATOR(pg_catalog.>) interval '0' THEN d.created_at OPERATOR(pg_catalog.+) x.period END AS next_rotation_due,
+       (x.period OPERATOR(pg_catalog.>) interval '0'
+        AND (pg_catalog.now() OPERATOR(pg_catalog.-) d.created_at) OPERATOR(pg_catalog.>=) x.period) AS overdue,
        t.provider, t.root_version, t.key_generation AS tenant_key_generation, t.key_rotated_at AS tenant_key_rotated_at
   FROM tenants t
-  JOIN data_keys d ON d.tenant_id = t.id AND d.state = 'active'
-  LEFT JOIN rotation_policy p ON p.tenant_id = t.id
- CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, default_rotation_period()) AS period) x;
+  JOIN data_keys d ON d.tenant_id OPERATOR(pg_catalog.=) t.id AND d.state OPERATOR(pg_catalog.=) 'active'
+  LEFT JOIN rotation_policy p ON p.tenant_id OPERATOR(pg_catalog.=) t.id
+ CROSS JOIN LATERAL (SELECT coalesce(p.data_key_rotation_period, @extschema@.default_rotation_period()) AS period) x;
 REVOKE ALL ON rotation_status FROM PUBLIC;
 
 -- CALL envelope.run_maintenance(): the due rotations, rewraps and this role's queued
@@ -1002,7 +1047,7 @@ SELECT 'tenant'::text AS scope, t.name AS tenant, NULL::integer AS version, t.su
   FROM tenants t WHERE t.suspended_at IS NOT NULL
 UNION ALL
 SELECT 'version', t.name, d.version, d.disabled_at, NULL, NULL
-  FROM tenants t JOIN data_keys d ON d.tenant_id = t.id WHERE d.state IN ('disabled', 'revoked');
+  FROM tenants t JOIN data_keys d ON d.tenant_id OPERATOR(pg_catalog.=) t.id WHERE d.state OPERATOR(pg_catalog.=) ANY (ARRAY['disabled', 'revoked']);
 REVOKE ALL ON revocations FROM PUBLIC;
 -- sql/shred.sql as of 0.2.0:
 -- Crypto-shredding (src/shred.rs), in two steps:
@@ -1049,9 +1094,9 @@ SELECT t.name AS tenant, t.id AS tenant_key_id,
        CASE WHEN t.shredded_at IS NOT NULL THEN 'shredded' ELSE 'scheduled' END AS state,
        t.shred_scheduled_at AS scheduled_at, t.shred_scheduled_by AS scheduled_by, t.shred_after AS destroy_after,
        t.shred_confirmed_by AS confirmed_by, t.shredded_at, t.shredded_by, t.provider,
-       coalesce((p.options->>'dedicated')::boolean, false) AS dedicated_root_key,
+       coalesce((p.options OPERATOR(pg_catalog.->>) 'dedicated'::text)::boolean, false) AS dedicated_root_key,
        t.kms_destruction, t.kms_destroyed_at, t.kms_last_error, t.keys_compacted_at
-  FROM tenants t JOIN key_providers p ON p.name = t.provider
+  FROM tenants t JOIN key_providers p ON p.name OPERATOR(pg_catalog.=) t.provider
  WHERE t.shred_after IS NOT NULL;
 REVOKE ALL ON shreds FROM PUBLIC;
 
@@ -1241,6 +1286,24 @@ SELECT pg_catalog.pg_extension_config_dump('audit_canaries', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_checkpoints', '');
 REVOKE ALL ON audit_log, audit_checkpoints, audit_hourly, audit_alerts, audit_canaries FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
+-- ANALYZE keeps no sample of who did what: pg_stats (most common values, histograms) would
+-- otherwise show an auditor, and pg_statistic a superuser, the trail's contents without the read
+-- being recorded (found by an insider review).
+ALTER TABLE audit_log
+    ALTER COLUMN kind SET STATISTICS 0, ALTER COLUMN database SET STATISTICS 0,
+    ALTER COLUMN session_user_name SET STATISTICS 0, ALTER COLUMN role_name SET STATISTICS 0,
+    ALTER COLUMN client_addr SET STATISTICS 0, ALTER COLUMN application_name SET STATISTICS 0,
+    ALTER COLUMN backend_pid SET STATISTICS 0, ALTER COLUMN statement_id SET STATISTICS 0,
+    ALTER COLUMN request_id SET STATISTICS 0, ALTER COLUMN tenant SET STATISTICS 0,
+    ALTER COLUMN key_versions SET STATISTICS 0, ALTER COLUMN operation SET STATISTICS 0,
+    ALTER COLUMN value_count SET STATISTICS 0, ALTER COLUMN failure_count SET STATISTICS 0,
+    ALTER COLUMN outcome SET STATISTICS 0, ALTER COLUMN duration_us SET STATISTICS 0,
+    ALTER COLUMN detail SET STATISTICS 0;
+ALTER TABLE audit_hourly ALTER COLUMN role_name SET STATISTICS 0, ALTER COLUMN tenant SET STATISTICS 0,
+    ALTER COLUMN decrypts SET STATISTICS 0, ALTER COLUMN encrypts SET STATISTICS 0, ALTER COLUMN failures SET STATISTICS 0;
+ALTER TABLE audit_alerts ALTER COLUMN rule SET STATISTICS 0, ALTER COLUMN role_name SET STATISTICS 0,
+    ALTER COLUMN tenant SET STATISTICS 0, ALTER COLUMN observed SET STATISTICS 0, ALTER COLUMN detail SET STATISTICS 0;
+ALTER TABLE audit_canaries ALTER COLUMN label SET STATISTICS 0, ALTER COLUMN tenant_key_id SET STATISTICS 0;
 
 -- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line:
 -- the records from `from_seq` on in sequence order ("type": "record": the hashed fields, and
@@ -1283,7 +1346,7 @@ $$;
 CREATE VIEW audit_events AS
     SELECT seq, at, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
            statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
-           duration_us, detail, encode(hash, 'hex') AS hash
+           duration_us, detail, pg_catalog.encode(hash, 'hex') AS hash
       FROM audit_log;
 
 REVOKE ALL ON FUNCTION audit_export(bigint) FROM PUBLIC;

@@ -105,11 +105,14 @@ END $$;
 CREATE VIEW reencrypt_progress AS
 SELECT j.id AS job, j.table_name, j.column_name, j.state,
        j.values_done, j.next_block AS blocks_done, coalesce(j.blocks_total, 0) AS blocks_total,
-       CASE WHEN coalesce(j.blocks_total, 0) > 0 THEN round(100.0 * j.next_block / j.blocks_total, 1) END AS percent,
-       CASE WHEN j.started_at IS NOT NULL AND j.updated_at > j.started_at
-            THEN round((j.values_done / extract(epoch FROM j.updated_at - j.started_at))::numeric, 1) END AS values_per_second,
-       CASE WHEN j.state IN ('queued', 'running') AND j.next_block > 0 AND j.updated_at > j.started_at
-            THEN (j.updated_at - j.started_at) * ((j.blocks_total - j.next_block)::float8 / j.next_block) END AS eta,
+       CASE WHEN coalesce(j.blocks_total, 0) OPERATOR(pg_catalog.>) 0
+            THEN pg_catalog.round((100.0 OPERATOR(pg_catalog.*) j.next_block::numeric) OPERATOR(pg_catalog./) j.blocks_total::numeric, 1) END AS percent,
+       CASE WHEN j.started_at IS NOT NULL AND j.updated_at OPERATOR(pg_catalog.>) j.started_at
+            THEN pg_catalog.round((j.values_done::float8 OPERATOR(pg_catalog./) extract(epoch FROM j.updated_at OPERATOR(pg_catalog.-) j.started_at)::float8)::numeric, 1) END AS values_per_second,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) ANY (ARRAY['queued', 'running']) AND j.next_block OPERATOR(pg_catalog.>) 0
+                 AND j.updated_at OPERATOR(pg_catalog.>) j.started_at
+            THEN (j.updated_at OPERATOR(pg_catalog.-) j.started_at)
+                 OPERATOR(pg_catalog.*) ((j.blocks_total OPERATOR(pg_catalog.-) j.next_block)::float8 OPERATOR(pg_catalog./) j.next_block::float8) END AS eta,
        j.pass, j.values_remaining, j.batches, j.created_at, j.started_at, j.updated_at, j.finished_at, j.last_error,
        j.requested_by::regrole AS requested_by
   FROM reencrypt_jobs j;

@@ -18,5 +18,5 @@ SELECT 'tenant'::text AS scope, t.name AS tenant, NULL::integer AS version, t.su
   FROM tenants t WHERE t.suspended_at IS NOT NULL
 UNION ALL
 SELECT 'version', t.name, d.version, d.disabled_at, NULL, NULL
-  FROM tenants t JOIN data_keys d ON d.tenant_id = t.id WHERE d.state IN ('disabled', 'revoked');
+  FROM tenants t JOIN data_keys d ON d.tenant_id OPERATOR(pg_catalog.=) t.id WHERE d.state OPERATOR(pg_catalog.=) ANY (ARRAY['disabled', 'revoked']);
 REVOKE ALL ON revocations FROM PUBLIC;

@@ -42,9 +42,9 @@ SELECT t.name AS tenant, t.id AS tenant_key_id,
        CASE WHEN t.shredded_at IS NOT NULL THEN 'shredded' ELSE 'scheduled' END AS state,
        t.shred_scheduled_at AS scheduled_at, t.shred_scheduled_by AS scheduled_by, t.shred_after AS destroy_after,
        t.shred_confirmed_by AS confirmed_by, t.shredded_at, t.shredded_by, t.provider,
-       coalesce((p.options->>'dedicated')::boolean, false) AS dedicated_root_key,
+       coalesce((p.options OPERATOR(pg_catalog.->>) 'dedicated'::text)::boolean, false) AS dedicated_root_key,
        t.kms_destruction, t.kms_destroyed_at, t.kms_last_error, t.keys_compacted_at
-  FROM tenants t JOIN key_providers p ON p.name = t.provider
+  FROM tenants t JOIN key_providers p ON p.name OPERATOR(pg_catalog.=) t.provider
  WHERE t.shred_after IS NOT NULL;
 REVOKE ALL ON shreds FROM PUBLIC;
 

@@ -243,13 +243,27 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         New(pg_envelope_core::ProviderError),
         OldKeyMismatch,
     }
-    // One slot, of the source provider, for the unwrap there and the wrap under the new one.
-    let result = crate::stampede::provider_call(&t.provider, move || -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
-        let ctx = KeyContext { tenant: &name, tenant_key_id: id };
+    let fail = |f: Failure| match f {
+        Failure::Old(error) => EnvelopeError::Provider { provider: old_name.clone(), error },
+        Failure::New(error) => EnvelopeError::Provider { provider: new_provider.to_string(), error },
+        Failure::OldKeyMismatch => EnvelopeError::KeyCheckMismatch { tenant: tenant.to_string(), provider: old_name.clone() },
+    };
+    // The unwrap in a slot of the source provider, the wrap in a slot of the target: a target
+    // that hangs holds only its own slots (an insider review exhausted the `local` provider's
+    // slots with rewraps to a hung key server while they shared one).
+    let source_name = name.clone();
+    let kek = crate::stampede::provider_call(&t.provider, move || -> std::result::Result<_, Failure> {
+        let ctx = KeyContext { tenant: &source_name, tenant_key_id: id };
         let kek = old.unwrap_tenant_key(&ctx, &wrapped).map_err(Failure::Old)?;
         if wrap::tenant_key_check(&kek).as_slice() != key_check.as_slice() {
             return Err(Failure::OldKeyMismatch);
         }
+        Ok(kek)
+    })
+    .unwrap_or_else(|e| Err(Failure::Old(e)))
+    .map_err(fail)?;
+    let result = crate::stampede::provider_call(new_provider, move || -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
+        let ctx = KeyContext { tenant: &name, tenant_key_id: id };
         let rewrapped = new.wrap_tenant_key(&ctx, &kek).map_err(Failure::New)?;
         let back = new.unwrap_tenant_key(&ctx, &rewrapped).map_err(Failure::New)?;
         if wrap::tenant_key_check(&back) != wrap::tenant_key_check(&kek) {
@@ -258,12 +272,8 @@ fn rewrap_tenant_impl(tenant: &str, new_provider: &str) -> Result<()> {
         let root_version = new.root_version_of(&rewrapped);
         Ok((rewrapped, root_version))
     })
-    .unwrap_or_else(|e| Err(Failure::Old(e)));
-    let (rewrapped, root_version) = result.map_err(|f| match f {
-        Failure::Old(error) => EnvelopeError::Provider { provider: old_name.clone(), error },
-        Failure::New(error) => EnvelopeError::Provider { provider: new_provider.to_string(), error },
-        Failure::OldKeyMismatch => EnvelopeError::KeyCheckMismatch { tenant: tenant.to_string(), provider: old_name.clone() },
-    })?;
+    .unwrap_or_else(|e| Err(Failure::New(e)));
+    let (rewrapped, root_version) = result.map_err(fail)?;
     catalog::update_tenant_wrapping(tenant, new_provider, &rewrapped, root_version.as_deref())?;
     crate::audit::key_op("rewrap_tenant", tenant, &format!("to provider {new_provider}"), false);
     backend::invalidate_after_commit();

@@ -58,6 +58,12 @@ pub extern "C-unwind" fn _PG_init() {
             pg_sys::CacheRegisterSyscacheCallback(cache as std::ffi::c_int, Some(backend::on_roles_changed), pg_sys::Datum::from(0))
         };
     }
+    // Privilege changes recompute the audit's refusal filter (see audit::hooks::emit_log).
+    for cache in [pg_sys::SysCacheIdentifier::PROCOID, pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM, pg_sys::SysCacheIdentifier::AUTHOID] {
+        unsafe {
+            pg_sys::CacheRegisterSyscacheCallback(cache as std::ffi::c_int, Some(audit::hooks::on_privileges_changed), pg_sys::Datum::from(0))
+        };
+    }
     // CREATE INDEX CONCURRENTLY over encrypted columns is refused before it starts (src/guards.rs).
     guards::install();
     backend::install_statement_hooks();

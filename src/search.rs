@@ -273,7 +273,9 @@ enum Terms {
 
 unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
     let audited = crate::audit::enabled();
-    if audited {
+    // Armed: this statement's check passed and a like value was noted (src/audit/mod.rs).
+    let armed = audited && crate::audit::fast_armed(crate::audit::Op::Search);
+    if audited && !armed {
         if let Err(e) = crate::audit::check_can_record() {
             crate::audit::note(crate::audit::Op::Search, backend::current_tenant().ok(), 0, Some(&e));
             return Err(e);
@@ -322,7 +324,7 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
             })
         }
     });
-    if audited {
+    if audited && !(armed && r.is_ok() && crate::audit::note_fast(tenant, version)) {
         crate::audit::note(crate::audit::Op::Search, tenant, version, r.as_ref().err());
     }
     r

@@ -167,6 +167,13 @@ pub fn acquire(provider: &str) -> Result<CallSlot, ProviderError> {
         Some(slot) => Ok(CallSlot { slot: Some(slot) }),
         None => {
             s.table.note_timeout();
+            if s.table.in_use_for(key) < cap {
+                return Err(ProviderError::Busy(format!(
+                    "all {} provider call slots of the server (every provider, every database) stayed taken for {} ms: many providers are slow or hung",
+                    pg_envelope_core::stampede::MAX_SLOTS,
+                    timeout.as_millis()
+                )));
+            }
             Err(ProviderError::Busy(format!(
                 "all {cap} call slots of key provider \"{}\" (envelope.max_concurrent_provider_calls) stayed taken for {} ms: the provider is slow or overloaded",
                 crate::error::shown(provider),

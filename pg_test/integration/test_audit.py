@@ -128,6 +128,80 @@ def test_one_record_per_statement_also_when_rolled_back_and_failures_with_their_
     assert len(rows) == 52
 
 
+def test_every_value_of_a_mixed_statement_lands_in_its_own_aggregate(audited):
+    """The per-value fast path (src/audit/mod.rs) counts a value without looking at the
+    aggregate when it is like the statement's last one. One statement here switches tenant per
+    row (set_config inside a function: the setting's string is freed and a same-length name can
+    be allocated at the same address), role (a SECURITY DEFINER function), and key version (a
+    tenant whose data key was rotated half-way), then fails on a bad value: every value must be
+    counted under its own tenant, role and versions, and the failure after it."""
+    other, definer = "audit_u", "audit_definer"
+    with connect(PORT_A, DB) as c:
+        c.execute(f"DROP TABLE IF EXISTS audit_mix; DROP FUNCTION IF EXISTS audit_dec(text, envelope.encrypted_text);"
+                  f"DROP FUNCTION IF EXISTS audit_dec_definer(text, envelope.encrypted_text)")
+        c.execute(f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{definer}') THEN "
+                  f"DROP OWNED BY {definer}; DROP ROLE {definer}; END IF; END $$")   # left by an interrupted run
+        if not c.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (other,)).fetchone():
+            c.execute("SELECT envelope.create_tenant(%s)", (other,))
+        c.execute(f"CREATE ROLE {definer}")
+        for t in (TENANT, other):
+            c.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
+            c.execute(f"SELECT envelope.grant_tenant(%s, '{definer}')", (t,))
+        c.execute("CREATE TABLE audit_mix (id int, tenant text, v envelope.encrypted_text)")
+        v = c.execute("SELECT version FROM envelope.key_versions WHERE tenant = %s AND state = 'active'", (other,)).fetchone()[0]
+        for lo, hi in ((1, 600), (601, 1200)):
+            if lo == 601:
+                c.execute("SELECT envelope.rotate_data_key(%s)", (other,))
+            for t, parity in ((TENANT, 0), (other, 1)):
+                with as_tenant(c, t):
+                    c.execute("INSERT INTO audit_mix SELECT g, %s, ('m' || g)::text FROM generate_series(%s::int, %s::int) g "
+                              "WHERE g %% 2 = %s", (t, lo, hi, parity))
+        c.execute("""CREATE FUNCTION audit_dec(t text, v envelope.encrypted_text) RETURNS text
+                     LANGUAGE plpgsql AS $$ BEGIN PERFORM set_config('app.tenant_id', t, true); RETURN v::text; END $$""")
+        c.execute("""CREATE FUNCTION audit_dec_definer(t text, v envelope.encrypted_text) RETURNS text
+                     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
+                     AS $$ BEGIN PERFORM set_config('app.tenant_id', t, true); RETURN v::text; END $$""")
+        c.execute(f"ALTER FUNCTION audit_dec_definer(text, envelope.encrypted_text) OWNER TO {definer}")
+        c.execute(f"GRANT USAGE ON SCHEMA envelope TO {definer}")
+        try:
+            start = last_seq(c)
+            c.execute("SET envelope.request_id = 'mixed-1'")
+            with c.transaction():
+                got = c.execute("SELECT count(CASE WHEN id % 3 = 0 THEN audit_dec_definer(tenant, v) ELSE audit_dec(tenant, v) END) "
+                                "FROM (SELECT * FROM audit_mix ORDER BY id) m").fetchone()[0]
+            assert got == 1200
+            # Then a statement whose 1,000 good values are followed by a bad one.
+            with pytest.raises(psycopg.Error):
+                with as_tenant(c, TENANT):
+                    c.execute("SELECT count(CASE WHEN g <= 1000 THEN m.v::text ELSE envelope.decrypt_field('\\x00'::bytea) END) "
+                              "FROM generate_series(1, 1001) g, audit_mix m WHERE m.id = 2")
+            assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+            rows = c.execute("SELECT statement_id, tenant, role_name, value_count, failure_count, outcome, key_versions "
+                             "FROM envelope.audit_log WHERE seq > %s AND request_id = 'mixed-1' AND kind = 'decrypt' "
+                             "ORDER BY statement_id, tenant, role_name", (start,)).fetchall()
+        finally:
+            c.execute("RESET envelope.request_id")
+            c.execute("DROP TABLE audit_mix; DROP FUNCTION audit_dec(text, envelope.encrypted_text);"
+                      "DROP FUNCTION audit_dec_definer(text, envelope.encrypted_text)")
+            c.execute(f"REVOKE USAGE ON SCHEMA envelope FROM {definer}")
+            for t in (TENANT, other):
+                c.execute(f"SELECT envelope.revoke_tenant(%s, '{definer}')", (t,))
+            c.execute(f"DROP ROLE {definer}")
+        me = c.execute("SELECT current_user").fetchone()[0]
+    # Rows 1..1200: even ids are TENANT's, odd ids the other's; every third row via the definer.
+    def n(parity, via_definer):
+        return sum(1 for i in range(1, 1201) if i % 2 == parity and (i % 3 == 0) == via_definer)
+    first = [r[1:] for r in rows if r[0] == rows[0][0]]
+    assert sorted(first) == sorted([
+        (TENANT, definer, n(0, True), 0, "ok", "1"),
+        (TENANT, me, n(0, False), 0, "ok", "1"),
+        (other, definer, n(1, True), 0, "ok", f"{v},{v + 1}"),
+        (other, me, n(1, False), 0, "ok", f"{v},{v + 1}"),
+    ]), first
+    second = [r[1:] for r in rows if r[0] != rows[0][0]]
+    assert second == [(TENANT, me, 1001, 1, "partial:22000", "1")], second
+
+
 def test_chain_verifies_and_every_tampering_is_reported(audited):
     with connect(PORT_A, DB) as c:
         c.execute("SET envelope.request_id = 'chain'")
@@ -376,6 +450,64 @@ def test_reads_of_the_trail_refused_calls_and_setting_changes_are_recorded(audit
         ("audit_read", "select", "envelope.audit_log", "audit_nobody", "42501"),
         ("key_op", "lockdown", "", "audit_nobody", "42501"),
     ], rows
+
+
+def test_refusals_on_look_alikes_and_in_other_databases_make_no_records(audited):
+    """An insider review forged 80,000 anonymous refusal records in 11 s: the hook matched
+    PostgreSQL's message text ("permission denied for table audit_log") in any database and for
+    any table or function of that name. Now a refusal is recorded only in a database where the
+    extension is installed, under the refused role, and only when that role really lacks the
+    privilege on the extension's own object (so a look-alike can only make a record its role
+    could have caused by reading the real table)."""
+    with connect(PORT_A, DB) as c:
+        c.execute("DROP SCHEMA IF EXISTS audit_fake CASCADE")
+        c.execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'audit_forger') THEN "
+                  "DROP OWNED BY audit_forger; DROP ROLE audit_forger; END IF; END $$")
+        c.execute("CREATE ROLE audit_forger")
+        c.execute("CREATE SCHEMA audit_fake")
+        c.execute("GRANT USAGE ON SCHEMA audit_fake TO audit_forger")
+        for t in ("audit_log", "audit_alerts"):
+            c.execute(f"CREATE TABLE audit_fake.{t} (x int)")
+        # An auditor of audit_log (not of audit_alerts) who may run rotate_data_key.
+        c.execute("GRANT USAGE ON SCHEMA envelope TO audit_forger")
+        c.execute("GRANT SELECT ON envelope.audit_log TO audit_forger")
+        c.execute("GRANT EXECUTE ON FUNCTION envelope.rotate_data_key(text) TO audit_forger")
+        c.execute("CREATE FUNCTION audit_fake.rotate_data_key(text) RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        c.execute("REVOKE ALL ON FUNCTION audit_fake.rotate_data_key(text) FROM PUBLIC")
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'forgery'")
+        c.execute("SET ROLE audit_forger")
+        for _ in range(20):
+            # Refused on look-alikes of objects the role may use: not the extension's refusals.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT * FROM audit_fake.audit_log")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT audit_fake.rotate_data_key('x')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT * FROM envelope.audit_alerts")   # the real one: recorded
+        c.execute("RESET ROLE")
+    recreate_db(PORT_A, "audit_forge_elsewhere")
+    try:
+        with connect(PORT_A, "audit_forge_elsewhere") as c:
+            c.execute("CREATE SCHEMA envelope")
+            c.execute("CREATE TABLE envelope.audit_log (x int)")
+            c.execute("GRANT USAGE ON SCHEMA envelope TO audit_forger")
+            c.execute("SET ROLE audit_forger")
+            for _ in range(20):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    c.execute("SELECT * FROM envelope.audit_log")
+    finally:
+        with connect(PORT_A) as c:
+            c.execute("DROP DATABASE IF EXISTS audit_forge_elsewhere WITH (FORCE)")
+    with connect(PORT_A, DB) as c:
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        rows = c.execute("SELECT kind, detail, role_name, outcome, database FROM envelope.audit_log "
+                         "WHERE seq > %s AND (role_name = 'audit_forger' OR session_user_name = 'audit_forger' "
+                         "OR database = 'audit_forge_elsewhere' OR role_name LIKE 'oid %%') ORDER BY seq", (start,)).fetchall()
+        c.execute("DROP SCHEMA audit_fake CASCADE")
+        c.execute("DROP OWNED BY audit_forger")
+        c.execute("DROP ROLE audit_forger")
+    assert rows == [("audit_read", "envelope.audit_alerts", "audit_forger", "42501", DB)], rows
 
 
 def test_audit_setting_changes_are_recorded(audited):

@@ -3,7 +3,8 @@ replaces the library, `ALTER EXTENSION pg_envelope UPDATE` runs, and everything 
 decrypts, re-encrypts, moves between root keys and rotates to a new data key version (values
 re-encrypted under it, by UPDATE and by `CALL envelope.reencrypt`), with the grants it had; its
 tenants' keys rotate at every level and an old version is disabled and destroyed. The updated schema is
-the same as a fresh install's.
+the same as a fresh install's. An update into a schema a plain role controls, or one holding objects
+that are not the extension's, is refused.
 
 The test runs its own cluster (127.0.0.1:54317). The library file is shared by every cluster of
 this PostgreSQL installation, so the old one is swapped in by write-new-then-rename (running
@@ -126,6 +127,20 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
         assert before["acme"][1] == 100 and before["globex"][1] == 50
         with connect(PORT, "upgraded") as c:
             stored = c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0]
+        # 0.1.0 had no schema guard: it installed into a schema a plain role had made, and that
+        # role planted an operator the update's views would bind to (an insider review became
+        # superuser through envelope.reencrypt_progress so).
+        with connect(PORT) as c:
+            c.execute("DROP DATABASE IF EXISTS planted")
+            c.execute("CREATE DATABASE planted")
+            c.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'upg_mallory') THEN CREATE ROLE upg_mallory LOGIN; END IF; END $$")
+        with connect(PORT, "planted") as c:
+            c.execute("CREATE SCHEMA envelope AUTHORIZATION upg_mallory")
+            c.execute(f"CREATE EXTENSION pg_envelope VERSION '{PREVIOUS}'")
+        with connect(PORT, "planted", user="upg_mallory") as c:
+            c.execute("CREATE FUNCTION envelope.mul_hook(numeric, bigint) RETURNS numeric LANGUAGE sql"
+                      " AS 'SELECT $1 * $2::numeric'")
+            c.execute("CREATE OPERATOR envelope.* (FUNCTION = envelope.mul_hook, LEFTARG = numeric, RIGHTARG = bigint)")
         cluster("stop")
 
         # 2. The new library, then ALTER EXTENSION ... UPDATE.
@@ -138,6 +153,21 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
             assert c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0] == stored
             # 0.1.0's grants carried over (and now hold their role through the anchor privilege).
             assert c.execute("SELECT has_table_privilege('upg_app', 'envelope.grant_anchor', 'SELECT')").fetchone()[0]
+        with connect(PORT, "planted") as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not controlled by superusers only"):
+                c.execute("ALTER EXTENSION pg_envelope UPDATE")
+            # The owner changed (the hint's first step) but the planted operator is still there.
+            c.execute("ALTER SCHEMA envelope OWNER TO CURRENT_USER")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not part of the extension"):
+                c.execute("ALTER EXTENSION pg_envelope UPDATE")
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_envelope'").fetchone()[0] == PREVIOUS
+            c.execute("DROP OPERATOR envelope.*(numeric, bigint)")
+            c.execute("DROP FUNCTION envelope.mul_hook(numeric, bigint)")
+            c.execute("ALTER EXTENSION pg_envelope UPDATE")
+            assert c.execute("SELECT count(*) FROM envelope.reencrypt_progress").fetchone()[0] == 0
+        with connect(PORT) as c:
+            c.execute("DROP DATABASE planted")
+            c.execute("DROP ROLE upg_mallory")
         with connect(PORT, "upgraded", user="upg_app") as c:
             for t in ("acme", "globex"):
                 with c.transaction():

@@ -207,11 +207,49 @@ thread_local! {
     static CANARY_RELID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
+/// Whether this backend's canaries are loaded and none exist (the common case, checked per
+/// decrypted value with one load instead of a thread-local borrow). Kept in step with CANARIES.
+static NO_CANARIES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+thread_local! {
+    /// Set while the canaries load: the load's own queries start executors, whose hooks would
+    /// otherwise load them again (and again).
+    static LOADING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Loads the canaries if they are not loaded (and no load is under way in this backend).
+fn ensure_canaries() {
+    if LOADING.with(|l| l.get()) || !CANARIES.with(|c| c.try_borrow().is_ok_and(|c| c.is_none())) {
+        return;
+    }
+    struct Done;
+    impl Drop for Done {
+        fn drop(&mut self) {
+            LOADING.with(|l| l.set(false));
+        }
+    }
+    LOADING.with(|l| l.set(true));
+    let _done = Done;
+    let m = load_canaries();
+    set_canaries(Some(m));
+}
+
+fn set_canaries(m: Option<std::collections::HashMap<[u8; 24], String>>) {
+    let none = m.as_ref().is_some_and(|m| m.is_empty());
+    let stored = CANARIES.with(|c| c.try_borrow_mut().map(|mut c| *c = m).is_ok());
+    NO_CANARIES.store(none && stored, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// From the relcache callback: the canary table changed (add_canary / drop_canary committed).
 pub fn on_relcache_changed(relid: pg_sys::Oid) {
     let ours = CANARY_RELID.with(|c| c.get());
     if relid == pg_sys::InvalidOid || (ours != 0 && relid.to_u32() == ours) {
-        CANARIES.with(|c| *c.borrow_mut() = None);
+        NO_CANARIES.store(false, std::sync::atomic::Ordering::Relaxed);
+        CANARIES.with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut() {
+                *c = None;
+            }
+        });
     }
 }
 
@@ -251,7 +289,10 @@ fn load_canaries() -> std::collections::HashMap<[u8; 24], String> {
 /// (the writer raises the alert) and logs a line (server log only: the client sees nothing).
 #[inline]
 pub fn check_canary(envelope: &[u8], tenant: Option<&str>) {
-    // The common case, no canary in this database: one thread-local check per value.
+    // The common case, no canary in this database: one load per value.
+    if NO_CANARIES.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let state = CANARIES.with(|c| c.try_borrow().map(|m| m.as_ref().map(|m| m.is_empty())).unwrap_or(Some(true)));
     match state {
         Some(true) => {}
@@ -269,23 +310,14 @@ pub fn preload_canaries() {
     if unsafe { pg_sys::IsInParallelMode() } || !unsafe { pg_sys::IsTransactionState() } {
         return;
     }
-    CANARIES.with(|c| {
-        if let Ok(mut c) = c.try_borrow_mut() {
-            if c.is_none() {
-                *c = Some(load_canaries());
-            }
-        }
-    });
+    ensure_canaries();
 }
 
 #[cold]
 fn check_canary_slow(envelope: &[u8], tenant: Option<&str>) {
     let Ok(env) = pg_envelope_core::Envelope::parse(envelope) else { return };
-    let label = CANARIES.with(|c| {
-        let Ok(mut c) = c.try_borrow_mut() else { return None };
-        let m = c.get_or_insert_with(load_canaries);
-        m.get(env.nonce).cloned()
-    });
+    ensure_canaries();
+    let label = CANARIES.with(|c| c.try_borrow().ok().and_then(|c| c.as_ref().and_then(|m| m.get(env.nonce).cloned())));
     let Some(label) = label else { return };
     super::prime_session();
     let mut r = super::base_record("canary", crate::backend::role_name(crate::nothrow::current_user_id()));

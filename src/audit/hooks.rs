@@ -31,6 +31,7 @@ const AUDIT_TABLES: &[&CStr] = &[c"audit_log", c"audit_checkpoints", c"audit_ale
 
 static mut PREV_PERMS: pg_sys::ExecutorCheckPerms_hook_type = None;
 static mut PREV_EMIT: pg_sys::emit_log_hook_type = None;
+static mut PREV_PARSE: pg_sys::post_parse_analyze_hook_type = None;
 
 thread_local! {
     static SUPPRESS: Cell<u32> = const { Cell::new(0) };
@@ -39,6 +40,20 @@ thread_local! {
     /// The current role's oid and name as of the last statement start (for the error path).
     static ROLE: RefCell<(u32, String)> = const { RefCell::new((0, String::new())) };
     static IN_EMIT: Cell<bool> = const { Cell::new(false) };
+    /// What the current role may not do among the extension's audited objects, for
+    /// [`emit_log`]'s filter: (role oid, the PRIVS_GENERATION it was computed at, audit tables
+    /// lacking SELECT as bits in AUDIT_TABLES order, audited functions lacking EXECUTE as bits
+    /// in AUDITED_FUNCTIONS order).
+    static PRIVS: Cell<Option<(u32, u64, u8, u32)>> = const { Cell::new(None) };
+}
+
+/// Bumped when privileges may have changed (functions' ACLs, roles and memberships, the audit
+/// tables): the filter is computed again after the next statement is parsed.
+static PRIVS_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Syscache callback (pg_proc, pg_authid, pg_auth_members; registered in `_PG_init`).
+pub unsafe extern "C-unwind" fn on_privileges_changed(_arg: pg_sys::Datum, _cache_id: std::ffi::c_int, _hash: u32) {
+    PRIVS_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn register() {
@@ -47,7 +62,70 @@ pub fn register() {
         pg_sys::ExecutorCheckPerms_hook = Some(check_perms);
         PREV_EMIT = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(emit_log);
+        PREV_PARSE = pg_sys::post_parse_analyze_hook;
+        pg_sys::post_parse_analyze_hook = Some(post_parse);
     }
+}
+
+/// After every statement is parsed (before any refusal, where the catalog may be read): in a
+/// database with the extension, note the role and which of the extension's audited objects it
+/// may not use. A hook around the executor's start would be simpler, but a Rust frame there
+/// re-raises PostgreSQL's errors (losing their message ids), so the filter is kept ready here.
+#[pg_guard]
+unsafe extern "C-unwind" fn post_parse(pstate: *mut pg_sys::ParseState, query: *mut pg_sys::Query, jstate: *mut pg_sys::JumbleState) {
+    if let Some(prev) = PREV_PARSE {
+        prev(pstate, query, jstate);
+    }
+    if !super::enabled()
+        || SUPPRESS.with(|s| s.get()) != 0
+        || !pg_sys::IsTransactionState()
+        || pg_sys::IsAbortedTransactionBlockState()
+        || pg_sys::IsInParallelMode()
+        // Statements that need no snapshot (SET, BEGIN, ...) are passed over: taking one here
+        // would fix a REPEATABLE READ transaction's snapshot too early. They are not refused.
+        || !pg_sys::ActiveSnapshotSet()
+        || audit_rels().is_none()
+    {
+        return;
+    }
+    remember_role();
+    let role = crate::nothrow::current_user_id().to_u32();
+    let generation = PRIVS_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+    if PRIVS.with(|p| p.get()).is_some_and(|(r, g, _, _)| r == role && g == generation) {
+        return;
+    }
+    let (tables, functions) = lacking_privileges();
+    PRIVS.with(|p| p.set(Some((role, generation, tables, functions))));
+}
+
+/// The audit tables the current role may not SELECT and the audited functions it may not
+/// EXECUTE (any overload), as bits.
+fn lacking_privileges() -> (u8, u32) {
+    let tables: Vec<String> = AUDIT_TABLES.iter().filter_map(|t| t.to_str().ok()).map(String::from).collect();
+    let functions: Vec<String> = AUDITED_FUNCTIONS.iter().map(|f| f.to_string()).collect();
+    let found = without_read_records(|| {
+        Spi::connect(|c| {
+            let row = c
+                .select(
+                    "SELECT coalesce((SELECT pg_catalog.array_agg(c.relname::text) FROM pg_catalog.pg_class c
+                                       WHERE c.relnamespace OPERATOR(pg_catalog.=) 'envelope'::pg_catalog.regnamespace
+                                         AND c.relname::text OPERATOR(pg_catalog.=) ANY ($1)
+                                         AND NOT pg_catalog.has_table_privilege(c.oid, 'SELECT')), '{}'),
+                            coalesce((SELECT pg_catalog.array_agg(DISTINCT p.proname::text) FROM pg_catalog.pg_proc p
+                                       WHERE p.pronamespace OPERATOR(pg_catalog.=) 'envelope'::pg_catalog.regnamespace
+                                         AND p.proname::text OPERATOR(pg_catalog.=) ANY ($2)
+                                         AND NOT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')), '{}')",
+                    None,
+                    &[tables.into(), functions.into()],
+                )?
+                .first();
+            Ok::<_, pgrx::spi::Error>((row.get::<Vec<String>>(1)?.unwrap_or_default(), row.get::<Vec<String>>(2)?.unwrap_or_default()))
+        })
+    });
+    let Ok((t, f)) = found else { return (0, 0) };
+    let tbits = AUDIT_TABLES.iter().enumerate().filter(|(_, n)| t.iter().any(|x| n.to_str().is_ok_and(|n| n == x))).fold(0u8, |m, (i, _)| m | 1 << i);
+    let fbits = AUDITED_FUNCTIONS.iter().enumerate().filter(|(_, n)| f.iter().any(|x| x == **n)).fold(0u32, |m, (i, _)| m | 1 << i);
+    (tbits, fbits)
 }
 
 /// Runs `f` without recording its reads of the audit tables (audit_verify records one read of
@@ -75,6 +153,7 @@ pub fn on_relcache_changed(relid: pg_sys::Oid) {
         if let Some(rels) = r.get() {
             if relid == pg_sys::InvalidOid || rels.contains(&relid.to_u32()) {
                 r.set(None);
+                PRIVS_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     });
@@ -223,16 +302,39 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     {
         return;
     }
+    // Only in a database where the extension is installed, and only for a refusal the current
+    // role really gets on one of the extension's objects (as computed after the statement was
+    // parsed): an insider review forged records with look-alike tables and functions and from
+    // other databases. The message names the object only, so a role refused on its own
+    // look-alike while also lacking the privilege on ours gets the record it could have caused
+    // anyway; it can never name another role.
+    if RELS.with(|r| r.get()).is_none() {
+        return;
+    }
+    let role = crate::nothrow::current_user_id().to_u32();
+    let Some((_, _, lack_tables, lack_functions)) = PRIVS.with(|p| p.get()).filter(|p| p.0 == role) else { return };
     let id = CStr::from_ptr((*edata).message_id).to_bytes();
     let message = CStr::from_ptr((*edata).message).to_string_lossy();
     let (kind, name) = if id == b"permission denied for function %s" {
         // The longest known name in the (possibly translated) message.
-        match AUDITED_FUNCTIONS.iter().filter(|f| message.contains(**f)).max_by_key(|f| f.len()) {
-            Some(f) => ("key_op", f.to_string()),
+        match AUDITED_FUNCTIONS
+            .iter()
+            .enumerate()
+            .filter(|(i, f)| lack_functions & (1 << i) != 0 && message.contains(**f))
+            .max_by_key(|(_, f)| f.len())
+        {
+            Some((_, f)) => ("key_op", f.to_string()),
             None => return,
         }
     } else if id == b"permission denied for table %s" {
-        match AUDIT_TABLES.iter().filter_map(|t| t.to_str().ok()).filter(|t| message.contains(*t)).max_by_key(|t| t.len()) {
+        match AUDIT_TABLES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| lack_tables & (1 << i) != 0)
+            .filter_map(|(_, t)| t.to_str().ok())
+            .filter(|t| message.contains(*t))
+            .max_by_key(|t| t.len())
+        {
             Some(t) => ("audit_read", format!("envelope.{t}")),
             None => return,
         }

@@ -404,6 +404,89 @@ fn sqlstate(e: &EnvelopeError) -> String {
     (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
 }
 
+// ---------------------------------------------------------------------------------------------
+// The per-value fast path.
+//
+// A statement's first value goes the slow way (the health check, an aggregate entry with the
+// names, the clock). Once it succeeded, the path is armed for that statement, operation, role,
+// tenant and key version, and each further value like it only bumps `HOT_PENDING`: no
+// thread-local, no `RefCell`, no clock read (the aggregate's last-value time is the key cache's
+// last clock reading, taken for the TTL check anyway). The pending count is folded into the
+// entry before anything else reads or changes the aggregate: the next slow note (another
+// tenant, role, version, or a failure) and the flush. Process statics, not thread-locals: a
+// backend runs SQL functions on one thread (pgrx refuses others), and a thread-local in a
+// `dlopen`ed library costs a `__tls_get_addr` call per access.
+
+use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize};
+
+/// The statement the fast path is armed for (0: disarmed). Armed only after the statement's
+/// `check_can_record` passed, so it also stands for that check.
+static HOT_STMT: AtomicI64 = AtomicI64::new(0);
+static HOT_OP: AtomicU8 = AtomicU8::new(0);
+static HOT_ROLE: AtomicU32 = AtomicU32::new(0);
+static HOT_VERSION: AtomicU32 = AtomicU32::new(0);
+/// The entry's own copy of the tenant name (its `String`'s buffer, alive until the flush, which
+/// disarms first): compared by content, since the setting's string can be freed and another
+/// tenant's name allocated at the same address within a statement (`set_config` per row).
+static HOT_TENANT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static HOT_TENANT_LEN: AtomicUsize = AtomicUsize::new(0);
+static HOT_ENTRY: AtomicUsize = AtomicUsize::new(0);
+/// Values counted by the fast path and not yet folded into entry `HOT_ENTRY`.
+static HOT_PENDING: AtomicI64 = AtomicI64::new(0);
+
+fn op_code(op: Op) -> u8 {
+    match op {
+        Op::Encrypt => 1,
+        Op::Decrypt => 2,
+        Op::Search => 3,
+    }
+}
+
+/// Whether the fast path is armed for this statement and operation: then the statement's
+/// `check_can_record` has passed and need not run again.
+#[inline]
+pub fn fast_armed(op: Op) -> bool {
+    let stmt = crate::nothrow::statement_start();
+    HOT_STMT.load(Ordering::Relaxed) == stmt && HOT_OP.load(Ordering::Relaxed) == op_code(op)
+}
+
+/// After a successful key use on an armed path: counts it and returns true when it is like the
+/// armed one (same role, tenant and version); false leaves it to [`note`].
+#[inline]
+pub fn note_fast(tenant: Option<&str>, version: u32) -> bool {
+    let Some(tenant) = tenant else { return false };
+    if HOT_VERSION.load(Ordering::Relaxed) != version
+        || HOT_ROLE.load(Ordering::Relaxed) != crate::nothrow::current_user_id().to_u32()
+        || HOT_TENANT_LEN.load(Ordering::Relaxed) != tenant.len()
+    {
+        return false;
+    }
+    let p = HOT_TENANT.load(Ordering::Relaxed);
+    // SAFETY: armed means `p` is the buffer of the armed entry's tenant `String` (HOT_TENANT_LEN
+    // bytes), which lives until the flush; the flush disarms before it drops the entries.
+    if p.is_null() || unsafe { std::slice::from_raw_parts(p, tenant.len()) } != tenant.as_bytes() {
+        return false;
+    }
+    HOT_PENDING.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+fn disarm() {
+    HOT_STMT.store(0, Ordering::Relaxed);
+    HOT_TENANT.store(std::ptr::null_mut(), Ordering::Relaxed);
+}
+
+/// Folds the fast path's pending count into its entry.
+fn fold(a: &mut Acc) {
+    let n = HOT_PENDING.swap(0, Ordering::Relaxed);
+    if n > 0 {
+        if let Some(e) = a.entries.get_mut(HOT_ENTRY.load(Ordering::Relaxed)) {
+            e.count += n;
+            e.last = crate::backend::last_cache_now();
+        }
+    }
+}
+
 /// Notes one encryption or decryption (or its failure) of the current statement.
 pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
     let stmt = crate::nothrow::statement_start();
@@ -411,6 +494,8 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
     let now = crate::backend::cache_now();
     ACC.with(|a| {
         let Ok(mut a) = a.try_borrow_mut() else { return };
+        fold(&mut a);
+        disarm();
         if a.stmt != stmt {
             flush_acc(&mut a);
             a.stmt = stmt;
@@ -429,8 +514,8 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             }
             h => (h, tenant),
         };
-        let e = match hit {
-            Some(i) => &mut a.entries[i],
+        let idx = match hit {
+            Some(i) => i,
             None => {
                 // Names are resolved now, not at the flush: that may run in an aborted
                 // transaction, where the catalog cannot be read.
@@ -452,9 +537,10 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
                     first: now,
                     last: now,
                 });
-                a.entries.last_mut().expect("just pushed")
+                a.entries.len() - 1
             }
         };
+        let e = &mut a.entries[idx];
         e.count += 1;
         e.last = now;
         if version != 0 && !e.versions.contains(&version) {
@@ -465,6 +551,16 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             if e.failure_code.is_none() {
                 e.failure_code = Some(sqlstate(err));
             }
+        } else if e.tenant != "*" && !e.tenant.is_empty() {
+            // A success under a named tenant: the statement's next values like this one take
+            // the fast path (the caller passed check_can_record for this statement).
+            HOT_OP.store(op_code(op), Ordering::Relaxed);
+            HOT_ROLE.store(role.to_u32(), Ordering::Relaxed);
+            HOT_VERSION.store(version, Ordering::Relaxed);
+            HOT_TENANT.store(e.tenant.as_ptr().cast_mut(), Ordering::Relaxed);
+            HOT_TENANT_LEN.store(e.tenant.len(), Ordering::Relaxed);
+            HOT_ENTRY.store(idx, Ordering::Relaxed);
+            HOT_STMT.store(stmt, Ordering::Relaxed);
         }
     });
 }
@@ -479,6 +575,8 @@ pub fn flush() {
 }
 
 fn flush_acc(a: &mut Acc) {
+    fold(a);
+    disarm();
     if a.entries.is_empty() {
         return;
     }

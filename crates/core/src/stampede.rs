@@ -15,8 +15,11 @@
 //! * A short spin lock (a few hundred nanoseconds per call, not per value) guards the buckets: a
 //!   provider with calls in flight owns exactly one bucket (its key and count), found or claimed
 //!   under the lock, so two providers never share a bound and one provider never has two. A
-//!   bucket whose count falls to 0 can be claimed by another provider. With [`MAX_PROVIDERS`]
-//!   providers in flight at once, the next one waits like a full provider.
+//!   bucket whose count falls to 0 can be claimed by another provider. There is a bucket per
+//!   slot ([`MAX_BUCKETS`] = [`MAX_SLOTS`]), so buckets never run out before slots do: only
+//!   [`MAX_SLOTS`] calls in flight across all providers make a caller of another provider wait
+//!   (an insider review filled the 64 buckets of an earlier layout with 64 hung providers and
+//!   blocked every other provider of every database).
 //! * `holders[i]` is the pid that holds slot `i` and its bucket (0: free). A backend that died
 //!   holding a slot (killed outside PostgreSQL's error handling) is found by its pid and its slot
 //!   reclaimed.
@@ -28,7 +31,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 /// Most calls in flight at once across all providers (and the largest cap).
 pub const MAX_SLOTS: usize = 1024;
 
-/// Most providers with calls in flight at once.
+/// Most providers with calls in flight at once: one per slot, so never the limit.
+pub const MAX_BUCKETS: usize = MAX_SLOTS;
+
+/// Wait channels (condition variables in the pgrx crate); providers hash onto them
+/// ([`channel`]), and a waiter woken for another provider on its channel simply re-checks.
 pub const MAX_PROVIDERS: usize = 64;
 
 #[repr(C)]
@@ -55,7 +62,7 @@ pub struct SlotTable {
     timed_out: AtomicU64,
     /// Slots taken back from processes that died holding them.
     reclaimed: AtomicU64,
-    buckets: [Bucket; MAX_PROVIDERS],
+    buckets: [Bucket; MAX_BUCKETS],
     /// `pid << 32 | bucket + 1` of the holder of each slot; 0: free.
     holders: [AtomicU64; MAX_SLOTS],
 }
@@ -109,7 +116,7 @@ fn word_pid(w: u64) -> i32 {
 }
 
 fn word_bucket(w: u64) -> usize {
-    ((w & 0xffff_ffff) as usize).saturating_sub(1).min(MAX_PROVIDERS - 1)
+    ((w & 0xffff_ffff) as usize).saturating_sub(1).min(MAX_BUCKETS - 1)
 }
 
 struct Locked<'a>(&'a AtomicBool);
@@ -206,6 +213,11 @@ impl SlotTable {
         }
         self.reclaimed.fetch_add(freed as u64, Ordering::Relaxed);
         freed
+    }
+
+    /// Every slot of the table is taken (all providers together).
+    pub fn is_full(&self) -> bool {
+        self.in_use.load(Ordering::Relaxed) as usize >= MAX_SLOTS
     }
 
     /// Calls in flight to provider `key` now.
@@ -349,14 +361,19 @@ mod tests {
     fn buckets_are_reused_and_never_shared() {
         let t = SlotTable::new_boxed();
         // Many providers over time, one at a time: each drained bucket is reused.
-        for i in 0..10 * MAX_PROVIDERS as u32 {
+        for i in 0..10 * MAX_BUCKETS as u32 {
             let s = t.try_acquire(1, provider_key(1, &format!("p{i}")), 1).unwrap();
             assert!(t.release(s));
         }
-        // MAX_PROVIDERS providers in flight at once: each has its own bound; one more waits.
-        let held: Vec<_> = (0..MAX_PROVIDERS as u32).map(|i| t.try_acquire(1, provider_key(2, &format!("q{i}")), 1).unwrap()).collect();
+        // More providers in flight at once than there are wait channels (64 hung providers
+        // once blocked every other one): each has its own bound and bucket.
+        let held: Vec<_> = (0..MAX_BUCKETS as u32 - 1).map(|i| t.try_acquire(1, provider_key(2, &format!("q{i}")), 1).unwrap()).collect();
         assert!(t.try_acquire(2, provider_key(2, "q0"), 1).is_none(), "q0 is at its cap");
-        assert!(t.try_acquire(2, provider_key(2, "new"), 1).is_none(), "no bucket free: wait");
+        assert!(!t.is_full());
+        let last = t.try_acquire(2, provider_key(2, "last"), 1).expect("the last slot has a bucket too");
+        assert!(t.is_full());
+        assert!(t.try_acquire(2, provider_key(2, "new"), 1).is_none(), "every slot taken: wait");
+        assert!(t.release(last));
         let mut held = held.into_iter();
         assert!(t.release(held.next().unwrap()));
         assert!(t.try_acquire(2, provider_key(2, "new"), 1).is_some(), "a drained bucket is claimed");
