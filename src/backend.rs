@@ -879,7 +879,7 @@ impl Backend {
         *self.provider_calls.entry(row.provider.clone()).or_default() += 1;
         let record = row.record;
         // One slot of envelope.max_concurrent_provider_calls (src/stampede.rs); none free within
-        // envelope.kms_timeout is the provider being unavailable (outage mode for cached keys).
+        // envelope.kms_timeout fails closed with 58000 (it does not start outage mode).
         let loaded = crate::stampede::provider_call(&row.provider, move || TenantKeys::load(provider.as_mut(), &record, now))
             .unwrap_or_else(|p| Err(pg_envelope_core::LoadError::Provider(p)));
         match loaded {

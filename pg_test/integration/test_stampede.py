@@ -251,6 +251,31 @@ def test_a_hung_provider_holds_only_its_own_slots(env, hang):
         holder.close()
 
 
+def test_a_rewrap_to_a_hung_provider_holds_no_slot_of_its_source(env, hang):
+    """An insider review: rewrap_tenant ran the target's wrap inside the source provider's slot,
+    so rewraps to a hung KMS used up the source's slots (the `local` provider's, every tenant's).
+    The unwrap takes a source slot and gives it back; the wrap waits in the target's own."""
+    cl, _ = env
+    set_bound(cl, 1)
+    with cl.connect(DB) as c:
+        c.execute("SELECT envelope.create_tenant('st_move', provider => 'bao') WHERE NOT EXISTS "
+                  "(SELECT 1 FROM envelope.tenants WHERE name = 'st_move')")
+    mover = Call(cl, "SELECT envelope.rewrap_tenant('st_move', 'hang')", ["SET envelope.kms_timeout = '4s'"])
+    try:
+        kit.wait_until(lambda: pid_waits_on_kms(cl, mover.pid) and cl.slots(DB)["in_use"] >= 1, 10,
+                       what="the rewrap to be inside its call to the hung provider")
+        time.sleep(0.3)
+        other = cold_decrypt(cl, "4s")   # a cold tenant of the source provider (bound 1)
+        assert other.join(10) == "ok", other.message
+        assert other.took < 2.0, f"the source provider's only slot was held: waited {other.took:.2f} s"
+        other.close()
+        assert mover.join(15) == "58000", mover.message
+    finally:
+        mover.close()
+    with cl.connect(DB) as c:
+        assert c.execute("SELECT provider FROM envelope.tenants WHERE name = 'st_move'").fetchone()[0] == "bao"
+
+
 def test_a_waiter_times_out_with_58000_and_the_slot_comes_back(env, hang):
     cl, _ = env
     set_bound(cl, 1)
