@@ -21,14 +21,18 @@ BEGIN
     END IF;
     -- Nor may it hold anything already: an object planted before the owner was changed (every
     -- object in a schema depends on it in pg_depend), or default privileges that would grant the
-    -- extension's objects to someone (an insider review planted an operator that the
+    -- extension's objects to someone (a superuser's: any role may set them for its own objects,
+    -- which never include the extension's) (an insider review planted an operator that the
     -- extension's views then bound to, and became superuser).
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) d.refobjid
                 WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
                   AND d.classid OPERATOR(pg_catalog.<>) 'pg_catalog.pg_extension'::pg_catalog.regclass  -- this extension
+                  -- default privileges depend on their schema too; judged below by whose they are
+                  AND d.classid OPERATOR(pg_catalog.<>) 'pg_catalog.pg_default_acl'::pg_catalog.regclass
                   AND n.nspname OPERATOR(pg_catalog.=) '@extschema@')
        OR EXISTS (SELECT 1 FROM pg_catalog.pg_default_acl a JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) a.defaclnamespace
-                   WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@') THEN
+                   JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) a.defaclrole
+                   WHERE n.nspname OPERATOR(pg_catalog.=) '@extschema@' AND r.rolsuper) THEN
         RAISE EXCEPTION 'pg_envelope: schema "@extschema@" exists and is not empty'
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'CREATE EXTENSION creates the schema itself: drop the existing schema first.';

@@ -510,6 +510,90 @@ def test_refusals_on_look_alikes_and_in_other_databases_make_no_records(audited)
     assert rows == [("audit_read", "envelope.audit_alerts", "audit_forger", "42501", DB)], rows
 
 
+def test_refusals_inside_functions_do_blocks_prepared_statements_and_copy_are_recorded(audited):
+    """The third insider review: a refusal re-raised by one of the extension's Rust hooks (around
+    utility statements and the executor) lost its message id and went unrecorded, so wrapping
+    the attempt in a DO block, a function, EXECUTE, a cursor or COPY evaded the trail."""
+    with connect(PORT_A, DB) as c:
+        c.execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'audit_wrapper') THEN "
+                  "DROP OWNED BY audit_wrapper; DROP ROLE audit_wrapper; END IF; END $$")
+        c.execute("CREATE ROLE audit_wrapper")
+        c.execute("CREATE OR REPLACE FUNCTION public.audit_wrap_call() RETURNS void LANGUAGE plpgsql "
+                  "AS $$ BEGIN PERFORM envelope.lockdown('x'); END $$")
+        c.execute("CREATE OR REPLACE FUNCTION public.audit_wrap_read() RETURNS bigint LANGUAGE sql "
+                  "AS $$ SELECT count(*) FROM envelope.audit_log $$")
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'wrapped'")
+        c.execute("SET ROLE audit_wrapper")
+        attempts = [
+            "DO $$ BEGIN PERFORM envelope.lockdown('x'); END $$",
+            "SELECT public.audit_wrap_call()",
+            "SELECT public.audit_wrap_read()",
+            "EXPLAIN ANALYZE SELECT envelope.lockdown('x')",
+            "CREATE TEMP TABLE audit_wrap_copy AS SELECT * FROM envelope.audit_log",
+        ]
+        for q in attempts:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(q)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with c.cursor().copy("COPY envelope.audit_log TO STDOUT") as cp:
+                for _ in cp:
+                    pass
+        c.execute("PREPARE audit_wrap_p AS SELECT envelope.lockdown('x')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("EXECUTE audit_wrap_p")
+        c.execute("DEALLOCATE audit_wrap_p")
+        c.execute("RESET ROLE")
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        rows = c.execute("SELECT kind, operation, detail, role_name, outcome FROM envelope.audit_log "
+                         "WHERE seq > %s AND request_id = 'wrapped' ORDER BY seq", (start,)).fetchall()
+        c.execute("DROP FUNCTION public.audit_wrap_call(); DROP FUNCTION public.audit_wrap_read()")
+        c.execute("DROP ROLE audit_wrapper")
+    call = ("key_op", "lockdown", "", "audit_wrapper", "42501")
+    read = ("audit_read", "select", "envelope.audit_log", "audit_wrapper", "42501")
+    assert rows == [call, call, read, call, read, read, call], rows
+
+
+def test_refusal_records_are_rate_limited_per_session_and_nothing_is_uncounted(audited):
+    """The third insider review: three sessions of a role with nothing but CONNECT wrote
+    950,000 refusal records in 20 s and filled the queue. A session now writes at most 10 a
+    second; the refusals over the limit are counted in its next record."""
+    n = 60
+    with connect(PORT_A, DB) as c:
+        c.execute("DROP ROLE IF EXISTS audit_flooder")
+        c.execute("CREATE ROLE audit_flooder")
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'flood'")
+        c.execute("SET ROLE audit_flooder")
+        t0 = time.monotonic()
+        for _ in range(n):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT envelope.grant_tenant('a', 'b')")
+        took = time.monotonic() - t0
+        time.sleep(1.1)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT envelope.grant_tenant('a', 'b')")
+        c.execute("RESET ROLE")
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        rows = c.execute("SELECT operation, detail, outcome FROM envelope.audit_log "
+                         "WHERE seq > %s AND request_id = 'flood' ORDER BY seq", (start,)).fetchall()
+        c.execute("DROP ROLE audit_flooder")
+    assert all(r[0] == "grant_tenant" and r[2] == "42501" for r in rows), rows
+    assert len(rows) <= 10 * (int(took) + 2) + 1, (len(rows), took)
+    import re
+    suppressed = sum(int(m.group(1)) for r in rows for m in [re.match(r"(\d+) more refusals in this session", r[1])] if m)
+    assert len(rows) + suppressed == n + 1, (len(rows), suppressed)
+    assert suppressed > 0, "the burst was not limited"
+
+
+def test_analyze_keeps_no_statistics_of_the_trail(audited):
+    with connect(PORT_A, DB) as c:
+        c.execute("ANALYZE envelope.audit_log, envelope.audit_checkpoints, envelope.audit_hourly, "
+                  "envelope.audit_alerts, envelope.audit_canaries")
+        assert c.execute("SELECT count(*) FROM envelope.audit_log").fetchone()[0] > 0
+        assert c.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'envelope' AND tablename LIKE 'audit%'").fetchone()[0] == 0
+
+
 def test_audit_setting_changes_are_recorded(audited):
     with connect(PORT_A, DB) as c:
         start = last_seq(c)

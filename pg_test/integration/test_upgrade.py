@@ -163,11 +163,26 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
             assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_envelope'").fetchone()[0] == PREVIOUS
             c.execute("DROP OPERATOR envelope.*(numeric, bigint)")
             c.execute("DROP FUNCTION envelope.mul_hook(numeric, bigint)")
+            # Another extension's objects count as planted (a database owner may create a
+            # trusted extension in any schema it can use: third review).
+            c.execute("CREATE EXTENSION citext SCHEMA envelope")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not part of the extension"):
+                c.execute("ALTER EXTENSION pg_envelope UPDATE")
+            c.execute("DROP EXTENSION citext")
+            # A plain role's default privileges for its own objects never apply to the
+            # extension's, and must not block the update (third review); a superuser's do.
+            c.execute("ALTER DEFAULT PRIVILEGES FOR ROLE CURRENT_USER IN SCHEMA envelope GRANT SELECT ON TABLES TO upg_mallory")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="default privileges"):
+                c.execute("ALTER EXTENSION pg_envelope UPDATE")
+            c.execute("ALTER DEFAULT PRIVILEGES FOR ROLE CURRENT_USER IN SCHEMA envelope REVOKE SELECT ON TABLES FROM upg_mallory")
+        with connect(PORT, "planted", user="upg_mallory") as c:
+            c.execute("ALTER DEFAULT PRIVILEGES IN SCHEMA envelope GRANT SELECT ON TABLES TO PUBLIC")
+        with connect(PORT, "planted") as c:
             c.execute("ALTER EXTENSION pg_envelope UPDATE")
             assert c.execute("SELECT count(*) FROM envelope.reencrypt_progress").fetchone()[0] == 0
         with connect(PORT) as c:
             c.execute("DROP DATABASE planted")
-            c.execute("DROP ROLE upg_mallory")
+            c.execute("DROP ROLE upg_mallory")  # its default privileges went with the database
         with connect(PORT, "upgraded", user="upg_app") as c:
             for t in ("acme", "globex"):
                 with c.transaction():

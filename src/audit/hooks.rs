@@ -45,7 +45,13 @@ thread_local! {
     /// lacking SELECT as bits in AUDIT_TABLES order, audited functions lacking EXECUTE as bits
     /// in AUDITED_FUNCTIONS order).
     static PRIVS: Cell<Option<(u32, u64, u8, u32)>> = const { Cell::new(None) };
+    /// The refusal records' rate limit: (start of the current one-second window, records in
+    /// it, refusals not recorded since the last record).
+    static REFUSAL_LIMIT: Cell<(Option<std::time::Instant>, u32, u64)> = const { Cell::new((None, 0, 0)) };
 }
+
+/// Refusal records a backend may write per second (see [`emit_log`]).
+const REFUSALS_PER_SECOND: u32 = 10;
 
 /// Bumped when privileges may have changed (functions' ACLs, roles and memberships, the audit
 /// tables): the filter is computed again after the next statement is parsed.
@@ -315,7 +321,15 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     let Some((_, _, lack_tables, lack_functions)) = PRIVS.with(|p| p.get()).filter(|p| p.0 == role) else { return };
     let id = CStr::from_ptr((*edata).message_id).to_bytes();
     let message = CStr::from_ptr((*edata).message).to_string_lossy();
-    let (kind, name) = if id == b"permission denied for function %s" {
+    // The untranslated message id, or (when a Rust hook re-raised the error on its way out, as
+    // pgrx does around the utility and executor hooks: DO, EXECUTE, cursors, COPY, functions;
+    // found by the third review) the English text itself. A translated, re-raised refusal is
+    // not recognised (lc_messages other than English: documented).
+    let (is_function, is_table) = (
+        id == b"permission denied for function %s" || message.starts_with("permission denied for function "),
+        id == b"permission denied for table %s" || message.starts_with("permission denied for table "),
+    );
+    let (kind, name) = if is_function {
         // The longest known name in the (possibly translated) message.
         match AUDITED_FUNCTIONS
             .iter()
@@ -326,7 +340,7 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             Some((_, f)) => ("key_op", f.to_string()),
             None => return,
         }
-    } else if id == b"permission denied for table %s" {
+    } else if is_table {
         match AUDIT_TABLES
             .iter()
             .enumerate()
@@ -341,6 +355,29 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     } else {
         return;
     };
+    // At most REFUSALS_PER_SECOND refusal records a second per backend: a role with nothing but
+    // CONNECT wrote 950,000 in 20 s (third review), filling the queue so that other records
+    // were dropped. The ones over the limit are counted and the count goes with the backend's
+    // next refusal record.
+    let Some(suppressed) = REFUSAL_LIMIT.with(|l| {
+        let mut l = l.get();
+        let now = std::time::Instant::now();
+        if l.0.is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(1)) {
+            l.0 = Some(now);
+            l.1 = 0;
+        }
+        let out = if l.1 < REFUSALS_PER_SECOND {
+            l.1 += 1;
+            Some(std::mem::take(&mut l.2))
+        } else {
+            l.2 += 1;
+            None
+        };
+        REFUSAL_LIMIT.with(|x| x.set(l));
+        out
+    }) else {
+        return;
+    };
     IN_EMIT.with(|e| e.set(true));
     let _ = std::panic::catch_unwind(|| {
         let mut r = super::base_record(kind, role_for_error_path());
@@ -349,6 +386,10 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
         } else {
             r.operation = "select".into();
             r.detail = name;
+        }
+        if suppressed > 0 {
+            let sep = if r.detail.is_empty() { "" } else { "; " };
+            r.detail = format!("{}{sep}{suppressed} more refusals in this session before this one, over the limit of {REFUSALS_PER_SECOND} records a second", r.detail);
         }
         r.value_count = 1;
         r.failure_count = 1;
