@@ -12,6 +12,8 @@
 -- a schema not owned by a superuser, one where a non-superuser may CREATE, default privileges
 -- in it, or any object in it that is not a member of this extension.
 DO $$
+DECLARE
+    planted text;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
                  JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) n.nspowner
@@ -26,7 +28,8 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Make a superuser its owner (ALTER SCHEMA @extschema@ OWNER TO ...), revoke CREATE on it from every other role, and drop what they created there; then update.';
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) d.refobjid
+    SELECT pg_catalog.pg_describe_object(d.classid, d.objid, 0) INTO planted
+      FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) d.refobjid
                 WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
                   AND d.classid OPERATOR(pg_catalog.<>) 'pg_catalog.pg_extension'::pg_catalog.regclass
                   -- default privileges depend on their schema too; judged below by whose they are
@@ -38,8 +41,10 @@ BEGIN
                                    WHERE e.classid OPERATOR(pg_catalog.=) d.classid AND e.objid OPERATOR(pg_catalog.=) d.objid
                                      AND e.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
                                      AND e.deptype OPERATOR(pg_catalog.=) 'e'
-                                     AND x.extname OPERATOR(pg_catalog.=) 'pg_envelope')) THEN
-        RAISE EXCEPTION 'pg_envelope: schema "@extschema@" holds objects that are not part of the extension; the update is refused'
+                                     AND x.extname OPERATOR(pg_catalog.=) 'pg_envelope')
+     ORDER BY 1 LIMIT 1;
+    IF planted IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_envelope: schema "@extschema@" holds objects that are not part of the extension (%, ...); the update is refused', planted
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Drop (or move to another schema) what is not the extension''s; then update.';
     END IF;

@@ -554,6 +554,48 @@ def test_refusals_inside_functions_do_blocks_prepared_statements_and_copy_are_re
     assert rows == [call, call, read, call, read, read, call], rows
 
 
+def test_refusals_after_set_role_as_first_statement_and_in_definer_functions_are_recorded(audited):
+    """The fourth review: the privilege filter was computed only for statements that take a
+    snapshot and for one role, so a session's first COPY, a COPY or EXECUTE after a pooler's
+    SET ROLE and the later calls of a SECURITY DEFINER function went unrecorded."""
+    with connect(PORT_A, DB) as c:
+        for r in ("audit_pooled", "audit_owner"):
+            c.execute(f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{r}') THEN "
+                      f"DROP OWNED BY {r}; DROP ROLE {r}; END IF; END $$")
+            c.execute(f"CREATE ROLE {r}")
+        c.execute("CREATE FUNCTION public.audit_definer_call() RETURNS void LANGUAGE plpgsql SECURITY DEFINER "
+                  "SET search_path = pg_catalog AS $$ BEGIN PERFORM envelope.lockdown('x'); END $$")
+        c.execute("ALTER FUNCTION public.audit_definer_call() OWNER TO audit_owner")
+        c.execute("GRANT USAGE ON SCHEMA envelope TO audit_owner")
+        start = last_seq(c)
+    with connect(PORT_A, DB) as q:
+        with q.cursor() as cur:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                q.execute("SET ROLE audit_pooled")
+                q.execute("SET envelope.request_id = 'stale'")
+                with cur.copy("COPY envelope.audit_log TO STDOUT") as cp:
+                    for _ in cp:
+                        pass
+        q.execute("RESET ROLE")
+        q.execute("PREPARE audit_stale_p AS SELECT envelope.lockdown('x')")
+        q.execute("SET ROLE audit_pooled")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            q.execute("EXECUTE audit_stale_p")
+        q.execute("RESET ROLE")
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                q.execute("SELECT public.audit_definer_call()")
+    with connect(PORT_A, DB) as c:
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        rows = c.execute("SELECT kind, operation, role_name FROM envelope.audit_log "
+                         "WHERE seq > %s AND request_id = 'stale' AND outcome = '42501' ORDER BY seq", (start,)).fetchall()
+        c.execute("DROP FUNCTION public.audit_definer_call()")
+        c.execute("REVOKE USAGE ON SCHEMA envelope FROM audit_owner")
+        c.execute("DROP ROLE audit_pooled; DROP ROLE audit_owner")
+    assert rows == ([("audit_read", "select", "audit_pooled"), ("key_op", "lockdown", "audit_pooled")]
+                    + [("key_op", "lockdown", "audit_owner")] * 3), rows
+
+
 def test_refusal_records_are_rate_limited_per_session_and_nothing_is_uncounted(audited):
     """The third insider review: three sessions of a role with nothing but CONNECT wrote
     950,000 refusal records in 20 s and filled the queue. A session now writes at most 10 a
@@ -575,15 +617,56 @@ def test_refusal_records_are_rate_limited_per_session_and_nothing_is_uncounted(a
             c.execute("SELECT envelope.grant_tenant('a', 'b')")
         c.execute("RESET ROLE")
         assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
-        rows = c.execute("SELECT operation, detail, outcome FROM envelope.audit_log "
+        rows = c.execute("SELECT operation, detail, outcome, value_count, failure_count, role_name FROM envelope.audit_log "
                          "WHERE seq > %s AND request_id = 'flood' ORDER BY seq", (start,)).fetchall()
         c.execute("DROP ROLE audit_flooder")
-    assert all(r[0] == "grant_tenant" and r[2] == "42501" for r in rows), rows
-    assert len(rows) <= 10 * (int(took) + 2) + 1, (len(rows), took)
-    import re
-    suppressed = sum(int(m.group(1)) for r in rows for m in [re.match(r"(\d+) more refusals in this session", r[1])] if m)
-    assert len(rows) + suppressed == n + 1, (len(rows), suppressed)
-    assert suppressed > 0, "the burst was not limited"
+    assert all(r[0] == "grant_tenant" and r[2] == "42501" and r[3] == r[4] and r[5] == "audit_flooder" for r in rows), rows
+    assert len(rows) <= 10 * (int(took) + 2) + 2, (len(rows), took)
+    assert sum(r[3] for r in rows) == n + 1, rows
+    summaries = [r for r in rows if r[3] > 1]
+    assert summaries and all("recorded as one" in r[1] for r in summaries), rows
+
+
+def test_refusals_over_the_limit_are_written_when_the_session_ends(audited):
+    """The fourth review: the count of refusals over the limit rode on the session's next
+    refusal, so a burst followed by a disconnect left nothing of the last ones."""
+    with connect(PORT_A, DB) as c:
+        c.execute("DROP ROLE IF EXISTS audit_quitter")
+        c.execute("CREATE ROLE audit_quitter")
+        start = last_seq(c)
+    with connect(PORT_A, DB) as q:
+        q.execute("SET envelope.request_id = 'quit'")
+        q.execute("SET ROLE audit_quitter")
+        for _ in range(10):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                q.execute("SELECT envelope.lockdown('x')")
+        for q_sql in ("SELECT count(*) FROM envelope.audit_log", "SELECT envelope.destroy_data_key('t', 1)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                q.execute(q_sql)
+    with connect(PORT_A, DB) as c:
+        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'quit'",
+                                            (start,)).fetchone()[0] >= 12)
+        rows = c.execute("SELECT kind, operation, detail, value_count FROM envelope.audit_log "
+                         "WHERE seq > %s AND request_id = 'quit' ORDER BY seq", (start,)).fetchall()
+        c.execute("DROP ROLE audit_quitter")
+    assert sum(r[3] for r in rows) == 12, rows
+    assert any(r[0] == "audit_read" and r[2].startswith("envelope.audit_log") for r in rows), rows
+    assert any(r[1] == "destroy_data_key" for r in rows), rows
+
+
+def test_a_raise_that_looks_like_a_refusal_is_not_one(audited):
+    """The fourth review: a table owner's trigger raising 'permission denied for function
+    destroy_data_key' with SQLSTATE 42501 made a record naming whoever ran the INSERT."""
+    with connect(PORT_A, DB) as c:
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'framed'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DO $$ BEGIN RAISE EXCEPTION 'permission denied for function destroy_data_key' USING ERRCODE = '42501'; END $$")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DO $$ BEGIN RAISE EXCEPTION 'permission denied for table audit_log' USING ERRCODE = '42501'; END $$")
+        c.execute("RESET envelope.request_id")
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'framed'", (start,)).fetchone()[0] == 0
 
 
 def test_analyze_keeps_no_statistics_of_the_trail(audited):

@@ -38,16 +38,20 @@ thread_local! {
     /// The audit tables' oids in this database (resolved when the extension exists here).
     static RELS: Cell<Option<[u32; 4]>> = const { Cell::new(None) };
     /// The current role's oid and name as of the last statement start (for the error path).
-    static ROLE: RefCell<(u32, String)> = const { RefCell::new((0, String::new())) };
+    static ROLE: RefCell<Vec<(u32, String)>> = const { RefCell::new(Vec::new()) };
     static IN_EMIT: Cell<bool> = const { Cell::new(false) };
     /// What the current role may not do among the extension's audited objects, for
     /// [`emit_log`]'s filter: (role oid, the PRIVS_GENERATION it was computed at, audit tables
     /// lacking SELECT as bits in AUDIT_TABLES order, audited functions lacking EXECUTE as bits
     /// in AUDITED_FUNCTIONS order).
     static PRIVS: Cell<Option<(u32, u64, u8, u32)>> = const { Cell::new(None) };
-    /// The refusal records' rate limit: (start of the current one-second window, records in
-    /// it, refusals not recorded since the last record).
-    static REFUSAL_LIMIT: Cell<(Option<std::time::Instant>, u32, u64)> = const { Cell::new((None, 0, 0)) };
+    /// The refusal records' rate limit: (start of the current one-second window, records in it).
+    static REFUSAL_LIMIT: Cell<(Option<std::time::Instant>, u32)> = const { Cell::new((None, 0)) };
+    /// Refusals over the limit, not yet recorded: (role name, kind, object, count). Written as
+    /// one record each at the next refusal after the window, after the next statement's parse
+    /// once the window has passed, or when the backend exits.
+    static SUPPRESSED: RefCell<Vec<(String, &'static str, String, u64)>> = const { RefCell::new(Vec::new()) };
+    static EXIT_FLUSH: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Refusal records a backend may write per second (see [`emit_log`]).
@@ -87,14 +91,21 @@ unsafe extern "C-unwind" fn post_parse(pstate: *mut pg_sys::ParseState, query: *
         || !pg_sys::IsTransactionState()
         || pg_sys::IsAbortedTransactionBlockState()
         || pg_sys::IsInParallelMode()
-        // Statements that need no snapshot (SET, BEGIN, ...) are passed over: taking one here
-        // would fix a REPEATABLE READ transaction's snapshot too early. They are not refused.
-        || !pg_sys::ActiveSnapshotSet()
+        // Catalog caches only (no snapshot needed): every statement, utility ones included
+        // (a COPY as a session's first statement, a pooler's SET ROLE: third review).
         || audit_rels().is_none()
     {
         return;
     }
-    remember_role();
+    super::prime_session();
+    note_role_name();
+    flush_suppressed(false);
+    // Statements that need no snapshot (SET, BEGIN, ...) go no further: taking one here would
+    // fix a REPEATABLE READ transaction's snapshot too early.
+    if !pg_sys::ActiveSnapshotSet() {
+        return;
+    }
+    super::alerts::preload_canaries();
     let role = crate::nothrow::current_user_id().to_u32();
     let generation = PRIVS_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
     if PRIVS.with(|p| p.get()).is_some_and(|(r, g, _, _)| r == role && g == generation) {
@@ -196,25 +207,67 @@ fn audit_rels() -> Option<[u32; 4]> {
 fn remember_role() {
     super::prime_session();
     super::alerts::preload_canaries();
+    note_role_name();
+}
+
+/// Keeps the current role's name for the error path (the last 16 roles seen: a pooled
+/// connection's SET ROLE, SECURITY DEFINER owners).
+fn note_role_name() {
     let role = crate::nothrow::current_user_id();
     ROLE.with(|r| {
         let mut r = r.borrow_mut();
-        if r.0 != role.to_u32() || r.1.is_empty() {
-            *r = (role.to_u32(), crate::backend::role_name(role));
+        if !r.iter().any(|(o, _)| *o == role.to_u32()) {
+            if r.len() >= 16 {
+                r.remove(0);
+            }
+            r.push((role.to_u32(), crate::backend::role_name(role)));
         }
     });
 }
 
 fn role_for_error_path() -> String {
     let role = crate::nothrow::current_user_id().to_u32();
-    ROLE.with(|r| {
-        let r = r.borrow();
-        if r.0 == role && !r.1.is_empty() {
-            r.1.clone()
+    ROLE.with(|r| r.borrow().iter().find(|(o, _)| *o == role).map(|(_, n)| n.clone())).unwrap_or_else(|| format!("oid {role}"))
+}
+
+/// Writes the refusals counted over the rate limit, one record per role, kind and object.
+/// `in_error_path`: from emit_log or the exit callback (no waiting for room). Outside them
+/// only once the limit's window has passed.
+fn flush_suppressed(in_error_path: bool) {
+    if SUPPRESSED.with(|s| s.try_borrow().map_or(true, |s| s.is_empty())) {
+        return;
+    }
+    if !in_error_path && REFUSAL_LIMIT.with(|l| l.get().0.is_some_and(|w| w.elapsed() < std::time::Duration::from_secs(1))) {
+        return;
+    }
+    let Ok(pending) = SUPPRESSED.with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut *s))) else { return };
+    for (role, kind, name, count) in pending {
+        let mut r = super::base_record(kind, role);
+        if kind == "key_op" {
+            r.operation = name;
         } else {
-            format!("oid {role}")
+            r.operation = "select".into();
+            r.detail = name;
         }
-    })
+        let sep = if r.detail.is_empty() { "" } else { "; " };
+        r.detail = format!("{}{sep}{count} refusals in this session recorded as one (over the limit of {REFUSALS_PER_SECOND} records a second)", r.detail);
+        r.value_count = count as i64;
+        r.failure_count = count as i64;
+        r.outcome = "42501".into();
+        if in_error_path {
+            super::push_in_error_path(r);
+        } else {
+            super::push(r);
+        }
+    }
+}
+
+/// At backend exit: what was counted over the limit is written, not lost.
+unsafe extern "C-unwind" fn flush_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    if IN_EMIT.with(|e| e.get()) {
+        return;
+    }
+    let _ = std::panic::catch_unwind(|| flush_suppressed(true));
 }
 
 /// The audit tables among `(relid, required permissions)`, when one is read.
@@ -308,27 +361,39 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     {
         return;
     }
-    // Only in a database where the extension is installed, and only for a refusal the current
-    // role really gets on one of the extension's objects (as computed after the statement was
-    // parsed): an insider review forged records with look-alike tables and functions and from
-    // other databases. The message names the object only, so a role refused on its own
-    // look-alike while also lacking the privilege on ours gets the record it could have caused
-    // anyway; it can never name another role.
+    // PostgreSQL's own ACL refusal, not a look-alike: an error with the same text raised by
+    // PL/pgSQL (RAISE ... USING ERRCODE = '42501') in a trigger could otherwise frame the role
+    // running the statement (third review). Re-raised errors keep their origin.
+    if (*edata).funcname.is_null() || CStr::from_ptr((*edata).funcname).to_bytes() != b"aclcheck_error" {
+        return;
+    }
+    // Only in a database where the extension is installed (resolved after each statement's
+    // parse): a refusal elsewhere names nothing of ours (second review: records forged from
+    // other databases).
     if RELS.with(|r| r.get()).is_none() {
         return;
     }
-    let role = crate::nothrow::current_user_id().to_u32();
-    let Some((_, _, lack_tables, lack_functions)) = PRIVS.with(|p| p.get()).filter(|p| p.0 == role) else { return };
     let id = CStr::from_ptr((*edata).message_id).to_bytes();
     let message = CStr::from_ptr((*edata).message).to_string_lossy();
     // The untranslated message id, or (when a Rust hook re-raised the error on its way out, as
     // pgrx does around the utility and executor hooks: DO, EXECUTE, cursors, COPY, functions;
     // found by the third review) the English text itself. A translated, re-raised refusal is
-    // not recognised (lc_messages other than English: documented).
+    // not recognised (lc_messages other than English, which only a superuser sets: documented).
     let (is_function, is_table) = (
         id == b"permission denied for function %s" || message.starts_with("permission denied for function "),
         id == b"permission denied for table %s" || message.starts_with("permission denied for table "),
     );
+    // The message names the object only. When the role's privileges on the extension's objects
+    // are known and current (computed after a parse), a refusal on an object of ours that the
+    // role may use is its own look-alike: not recorded. Otherwise (a SECURITY DEFINER owner, a
+    // role set since the last parse) the refusal is recorded: it is PostgreSQL's, in this
+    // database, of an object named like ours, and it names the role that got it.
+    let role = crate::nothrow::current_user_id().to_u32();
+    let generation = PRIVS_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+    let (lack_tables, lack_functions) = PRIVS
+        .with(|p| p.get())
+        .filter(|p| p.0 == role && p.1 == generation)
+        .map_or((u8::MAX, u32::MAX), |p| (p.2, p.3));
     let (kind, name) = if is_function {
         // The longest known name in the (possibly translated) message.
         match AUDITED_FUNCTIONS
@@ -355,41 +420,51 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     } else {
         return;
     };
-    // At most REFUSALS_PER_SECOND refusal records a second per backend: a role with nothing but
-    // CONNECT wrote 950,000 in 20 s (third review), filling the queue so that other records
-    // were dropped. The ones over the limit are counted and the count goes with the backend's
-    // next refusal record.
-    let Some(suppressed) = REFUSAL_LIMIT.with(|l| {
-        let mut l = l.get();
-        let now = std::time::Instant::now();
-        if l.0.is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(1)) {
-            l.0 = Some(now);
-            l.1 = 0;
-        }
-        let out = if l.1 < REFUSALS_PER_SECOND {
-            l.1 += 1;
-            Some(std::mem::take(&mut l.2))
-        } else {
-            l.2 += 1;
-            None
-        };
-        REFUSAL_LIMIT.with(|x| x.set(l));
-        out
-    }) else {
-        return;
-    };
     IN_EMIT.with(|e| e.set(true));
     let _ = std::panic::catch_unwind(|| {
-        let mut r = super::base_record(kind, role_for_error_path());
+        let role_name = role_for_error_path();
+        // At most REFUSALS_PER_SECOND refusal records a second per backend (a role with nothing
+        // but CONNECT wrote 950,000 in 20 s and filled the queue: third review). The refusals
+        // over the limit are counted per role and object and written as one record each later
+        // (flush_suppressed), also when the backend exits.
+        let allowed = REFUSAL_LIMIT.with(|l| {
+            let (mut window, mut n) = l.get();
+            if window.is_none_or(|w| w.elapsed() >= std::time::Duration::from_secs(1)) {
+                window = Some(std::time::Instant::now());
+                n = 0;
+            }
+            let ok = n < REFUSALS_PER_SECOND;
+            l.set((window, if ok { n + 1 } else { n }));
+            ok
+        });
+        if !allowed {
+            let _ = SUPPRESSED.with(|s| {
+                s.try_borrow_mut().map(|mut s| {
+                    let at = s.iter().position(|e| e.0 == role_name && e.1 == kind && e.2 == name);
+                    match at {
+                        Some(i) => s[i].3 += 1,
+                        None if s.len() < 64 => s.push((role_name.clone(), kind, name.clone(), 1)),
+                        // Beyond 64 distinct objects: counted with the last.
+                        None => {
+                            if let Some(e) = s.last_mut() {
+                                e.3 += 1;
+                            }
+                        }
+                    }
+                })
+            });
+            if !EXIT_FLUSH.with(|f| f.replace(true)) {
+                unsafe { pg_sys::before_shmem_exit(Some(flush_at_exit), pg_sys::Datum::from(0)) };
+            }
+            return;
+        }
+        flush_suppressed(true);
+        let mut r = super::base_record(kind, role_name);
         if kind == "key_op" {
             r.operation = name;
         } else {
             r.operation = "select".into();
             r.detail = name;
-        }
-        if suppressed > 0 {
-            let sep = if r.detail.is_empty() { "" } else { "; " };
-            r.detail = format!("{}{sep}{suppressed} more refusals in this session before this one, over the limit of {REFUSALS_PER_SECOND} records a second", r.detail);
         }
         r.value_count = 1;
         r.failure_count = 1;
