@@ -88,4 +88,18 @@ else
   step "cargo pgrx init: config already matches"
 fi
 
+# 8. Keep the test clusters' ports (127.0.0.1:54300-54399) out of the kernel's ephemeral range:
+#    an outgoing connection (a test's client, a KMS client) that happened to get local port
+#    54344 once kept a test cluster from starting ("could not bind ... Address already in use").
+reserved=/proc/sys/net/ipv4/ip_local_reserved_ports
+if [ -w "$reserved" ]; then
+  if ! grep -q "54300-54399" "$reserved"; then
+    current="$(cat "$reserved")"
+    echo "${current:+$current,}54300-54399" > "$reserved"
+  fi
+  step "ports 54300-54399 reserved from ephemeral use: $(cat "$reserved")"
+else
+  step "cannot reserve ports 54300-54399 (not root?): a test cluster may rarely find its port taken"
+fi
+
 step "setup complete"
