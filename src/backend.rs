@@ -716,6 +716,7 @@ impl Backend {
             return Err(EnvelopeError::RestrictedOperation);
         }
         let role = crate::nothrow::current_user_id();
+        KEYS_ROLE.store(role.to_u32(), Ordering::Relaxed);
         let now = cache_now();
         note_keys_used();
         if let Some(entry) = self.cache.fresh_hit(tenant, now) {
@@ -1038,6 +1039,12 @@ fn count_against_cap(cap: i64) -> Result<()> {
         }
     })
 }
+
+/// The role of the last [`Backend::with_tenant_keys`] call (whose grant it checked), for the
+/// audit's per-value fast path: every successful encryption, decryption and search term went
+/// through that call just before, so this is the role the value is counted under, read
+/// without a second call into PostgreSQL.
+pub static KEYS_ROLE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 thread_local! {
     /// The nonce generator, kept apart from the cache so both can be borrowed at once.

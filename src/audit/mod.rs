@@ -456,7 +456,8 @@ pub fn fast_armed(op: Op) -> bool {
 pub fn note_fast(tenant: Option<&str>, version: u32) -> bool {
     let Some(tenant) = tenant else { return false };
     if HOT_VERSION.load(Ordering::Relaxed) != version
-        || HOT_ROLE.load(Ordering::Relaxed) != crate::nothrow::current_user_id().to_u32()
+        // The role whose grant the key use just checked (with_tenant_keys), not a second call.
+        || HOT_ROLE.load(Ordering::Relaxed) != crate::backend::KEYS_ROLE.load(Ordering::Relaxed)
         || HOT_TENANT_LEN.load(Ordering::Relaxed) != tenant.len()
     {
         return false;
