@@ -465,7 +465,7 @@ pub fn note_fast(tenant: Option<&str>, version: u32) -> bool {
     let p = HOT_TENANT.load(Ordering::Relaxed);
     // SAFETY: armed means `p` is the buffer of the armed entry's tenant `String` (HOT_TENANT_LEN
     // bytes), which lives until the flush; the flush disarms before it drops the entries.
-    if p.is_null() || unsafe { std::slice::from_raw_parts(p, tenant.len()) } != tenant.as_bytes() {
+    if p.is_null() || !pg_envelope_core::audit::same_bytes(unsafe { std::slice::from_raw_parts(p, tenant.len()) }, tenant.as_bytes()) {
         return false;
     }
     HOT_PENDING.fetch_add(1, Ordering::Relaxed);
