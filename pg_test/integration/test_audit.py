@@ -94,6 +94,14 @@ def test_a_database_without_the_extension_keeps_working_with_auditing_on(audited
             c.execute("DROP DATABASE IF EXISTS audit_noext WITH (FORCE)")
 
 
+def fresh_role(c, name):
+    """Creates role `name`, first dropping what an interrupted run left of it (its privileges
+    and objects in this database, then the role)."""
+    c.execute(f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN "
+              f"DROP OWNED BY {name}; DROP ROLE {name}; END IF; END $$")
+    c.execute(f"CREATE ROLE {name}")
+
+
 def last_seq(c):
     return c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_log").fetchone()[0]
 
@@ -139,11 +147,9 @@ def test_every_value_of_a_mixed_statement_lands_in_its_own_aggregate(audited):
     with connect(PORT_A, DB) as c:
         c.execute(f"DROP TABLE IF EXISTS audit_mix; DROP FUNCTION IF EXISTS audit_dec(text, envelope.encrypted_text);"
                   f"DROP FUNCTION IF EXISTS audit_dec_definer(text, envelope.encrypted_text)")
-        c.execute(f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{definer}') THEN "
-                  f"DROP OWNED BY {definer}; DROP ROLE {definer}; END IF; END $$")   # left by an interrupted run
         if not c.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (other,)).fetchone():
             c.execute("SELECT envelope.create_tenant(%s)", (other,))
-        c.execute(f"CREATE ROLE {definer}")
+        fresh_role(c, definer)
         for t in (TENANT, other):
             c.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
             c.execute(f"SELECT envelope.grant_tenant(%s, '{definer}')", (t,))
@@ -461,9 +467,7 @@ def test_refusals_on_look_alikes_and_in_other_databases_make_no_records(audited)
     could have caused by reading the real table)."""
     with connect(PORT_A, DB) as c:
         c.execute("DROP SCHEMA IF EXISTS audit_fake CASCADE")
-        c.execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'audit_forger') THEN "
-                  "DROP OWNED BY audit_forger; DROP ROLE audit_forger; END IF; END $$")
-        c.execute("CREATE ROLE audit_forger")
+        fresh_role(c, "audit_forger")
         c.execute("CREATE SCHEMA audit_fake")
         c.execute("GRANT USAGE ON SCHEMA audit_fake TO audit_forger")
         for t in ("audit_log", "audit_alerts"):
@@ -515,9 +519,7 @@ def test_refusals_inside_functions_do_blocks_prepared_statements_and_copy_are_re
     utility statements and the executor) lost its message id and went unrecorded, so wrapping
     the attempt in a DO block, a function, EXECUTE, a cursor or COPY evaded the trail."""
     with connect(PORT_A, DB) as c:
-        c.execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'audit_wrapper') THEN "
-                  "DROP OWNED BY audit_wrapper; DROP ROLE audit_wrapper; END IF; END $$")
-        c.execute("CREATE ROLE audit_wrapper")
+        fresh_role(c, "audit_wrapper")
         c.execute("CREATE OR REPLACE FUNCTION public.audit_wrap_call() RETURNS void LANGUAGE plpgsql "
                   "AS $$ BEGIN PERFORM envelope.lockdown('x'); END $$")
         c.execute("CREATE OR REPLACE FUNCTION public.audit_wrap_read() RETURNS bigint LANGUAGE sql "
@@ -560,22 +562,20 @@ def test_refusals_after_set_role_as_first_statement_and_in_definer_functions_are
     SET ROLE and the later calls of a SECURITY DEFINER function went unrecorded."""
     with connect(PORT_A, DB) as c:
         for r in ("audit_pooled", "audit_owner"):
-            c.execute(f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{r}') THEN "
-                      f"DROP OWNED BY {r}; DROP ROLE {r}; END IF; END $$")
-            c.execute(f"CREATE ROLE {r}")
+            fresh_role(c, r)
         c.execute("CREATE FUNCTION public.audit_definer_call() RETURNS void LANGUAGE plpgsql SECURITY DEFINER "
                   "SET search_path = pg_catalog AS $$ BEGIN PERFORM envelope.lockdown('x'); END $$")
         c.execute("ALTER FUNCTION public.audit_definer_call() OWNER TO audit_owner")
         c.execute("GRANT USAGE ON SCHEMA envelope TO audit_owner")
         start = last_seq(c)
     with connect(PORT_A, DB) as q:
-        with q.cursor() as cur:
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                q.execute("SET ROLE audit_pooled")
-                q.execute("SET envelope.request_id = 'stale'")
-                with cur.copy("COPY envelope.audit_log TO STDOUT") as cp:
-                    for _ in cp:
-                        pass
+        # A pooler's SET ROLE, then COPY as the session's first statement that reads anything.
+        q.execute("SET ROLE audit_pooled")
+        q.execute("SET envelope.request_id = 'stale'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with q.cursor().copy("COPY envelope.audit_log TO STDOUT") as cp:
+                for _ in cp:
+                    pass
         q.execute("RESET ROLE")
         q.execute("PREPARE audit_stale_p AS SELECT envelope.lockdown('x')")
         q.execute("SET ROLE audit_pooled")

@@ -242,24 +242,31 @@ fn flush_suppressed(in_error_path: bool) {
     }
     let Ok(pending) = SUPPRESSED.with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut *s))) else { return };
     for (role, kind, name, count) in pending {
-        let mut r = super::base_record(kind, role);
-        if kind == "key_op" {
-            r.operation = name;
-        } else {
-            r.operation = "select".into();
-            r.detail = name;
-        }
-        let sep = if r.detail.is_empty() { "" } else { "; " };
-        r.detail = format!("{}{sep}{count} refusals in this session recorded as one (over the limit of {REFUSALS_PER_SECOND} records a second)", r.detail);
-        r.value_count = count as i64;
-        r.failure_count = count as i64;
-        r.outcome = "42501".into();
+        let mut r = refusal_record(kind, role, name, count);
+        r.detail = format!("{}{count} refusals in this session recorded as one (over the limit of {REFUSALS_PER_SECOND} records a second)",
+                           if r.detail.is_empty() { String::new() } else { format!("{}; ", r.detail) });
         if in_error_path {
             super::push_in_error_path(r);
         } else {
             super::push(r);
         }
     }
+}
+
+/// A refusal record: `key_op` names the function as its operation, `audit_read` the table in
+/// its detail; `count` refusals with the outcome 42501.
+fn refusal_record(kind: &str, role: String, name: String, count: u64) -> super::Record {
+    let mut r = super::base_record(kind, role);
+    if kind == "key_op" {
+        r.operation = name;
+    } else {
+        r.operation = "select".into();
+        r.detail = name;
+    }
+    r.value_count = count as i64;
+    r.failure_count = count as i64;
+    r.outcome = "42501".into();
+    r
 }
 
 /// At backend exit: what was counted over the limit is written, not lost.
@@ -459,17 +466,7 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             return;
         }
         flush_suppressed(true);
-        let mut r = super::base_record(kind, role_name);
-        if kind == "key_op" {
-            r.operation = name;
-        } else {
-            r.operation = "select".into();
-            r.detail = name;
-        }
-        r.value_count = 1;
-        r.failure_count = 1;
-        r.outcome = "42501".into();
-        super::push_in_error_path(r);
+        super::push_in_error_path(refusal_record(kind, role_name, name, 1));
     });
     IN_EMIT.with(|e| e.set(false));
 }
