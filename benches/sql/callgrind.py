@@ -150,10 +150,11 @@ def variants(s):
     return v
 
 
-def run_one(bindir, sql, outfile, extra_conf=()):
-    """One single-user backend under callgrind; returns the instructions counted in ExecutorRun."""
+def run_one(bindir, sql, outfile, extra_conf=(), whole=False):
+    """One single-user backend under callgrind; returns the instructions counted in ExecutorRun
+    (`whole`: in the whole process, for per-statement costs outside the executor)."""
     stdin = "SET app.tenant_id = 'bench_t0'\n" + sql + "\n"
-    argv = ["valgrind", "--tool=callgrind", "--toggle-collect=ExecutorRun",
+    argv = ["valgrind", "--tool=callgrind"] + ([] if whole else ["--toggle-collect=ExecutorRun"]) + [
             f"--callgrind-out-file={outfile}", "--quiet",
             f"{bindir}/postgres", "--single", "-D", str(DATA), "-c", "envelope.audit=off"]
     for kv in extra_conf:
@@ -180,6 +181,28 @@ def measure(bindir, tmp, vs, n1, n2, extra_conf=()):
     for name, e in out.items():
         if e["base"]:
             e["net"] = e["per_row"] - out[e["base"]]["per_row"]
+    return out
+
+
+def audit_per_statement(bindir, tmp, k1, k2):
+    """The audit's cost per statement in the backend: K one-value statements (simple protocol,
+    each its own transaction, as an OLTP client's), the whole process counted, audit off and on;
+    the slope over K is the cost of one statement, and on minus off is what auditing adds to it
+    (the aggregate, the record's names and encoding, the queue push, the once-per-statement
+    check and hooks). The writer's share (the row, the chain) is not in it: in single-user mode
+    there is no writer, the records wait in the queue (K2 stays under its 2,048 slots)."""
+    stmt = "SELECT count(envelope.decrypt_field(v)) FROM (SELECT * FROM dec_field_s LIMIT 1) s"
+    out = {}
+    for label, conf in (("off", ()), ("on", AUDIT_ON)):
+        counts = []
+        for k in (k1, k2):
+            counts.append(run_one(bindir, "\n".join([stmt] * k), f"{tmp}/stmt_{label}.{k}.out", conf, whole=True))
+        out[label] = (counts[1] - counts[0]) / (k2 - k1)
+        keep = ROOT / "target/callgrind"
+        keep.mkdir(parents=True, exist_ok=True)
+        for k in (k1, k2):  # for callgrind_annotate (diff the two sizes' profiles)
+            subprocess.run(["cp", f"{tmp}/stmt_{label}.{k}.out", str(keep / f"stmt_{label}.{k}.callgrind")], check=True)
+        print(f"  one-value statement, audit {label:3s} {out[label]:10.1f} instructions/statement", flush=True)
     return out
 
 
@@ -248,6 +271,8 @@ def main():
     ap.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
                     help="also the per-function profile of these short-value variants (e.g. decrypt_field_s encrypt_field_s)")
     ap.add_argument("--audit", action="store_true", help="also decrypt_field with envelope.audit on vs off")
+    ap.add_argument("--audit-statements", type=int, nargs=2, default=None, metavar=("K1", "K2"),
+                    help="also the audit's cost per statement (K1 and K2 one-value statements, e.g. 200 1000)")
     ap.add_argument("--skip-setup", action="store_true")
     ap.add_argument("--setup-rows", type=int, nargs=2, default=[500000, 50000], metavar=("SHORT", "KIB"),
                     help="rows of the tables made at setup (the CPU benchmark, cpu_ratios.py, uses them whole)")
@@ -276,6 +301,9 @@ def main():
             vs = {k: v for k, v in variants("s").items() if k in ("base_field_s", "decrypt_field_s")}
             on = measure(bindir, tmp, vs, a.rows[0], a.rows[1], AUDIT_ON)
             extra["audit_on_decrypt_net"] = on["decrypt_field_s"]["net"]
+        if a.audit_statements:
+            st = audit_per_statement(bindir, tmp, *a.audit_statements)
+            extra["audit_per_statement"] = st
         profiles = {}
         if a.profile:
             outdir = ROOT / "target/callgrind"
@@ -308,6 +336,9 @@ def main():
     if "audit_on_decrypt_net" in extra:
         off = results["decrypt_field_s"]["net"]
         print(f"\naudit on / off, decrypt_field net per value: {extra['audit_on_decrypt_net']:.1f} / {off:.1f} = {extra['audit_on_decrypt_net'] / off:.3f}")
+    if "audit_per_statement" in extra:
+        st = extra["audit_per_statement"]
+        print(f"\naudit per one-value statement: on {st['on']:.0f}, off {st['off']:.0f} instructions: +{st['on'] - st['off']:.0f}")
     for name, p in profiles.items():
         for kind in ("self", "inclusive"):
             print(f"\nprofile {name}: {kind} instructions per row")

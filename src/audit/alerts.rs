@@ -287,12 +287,16 @@ fn load_canaries() -> std::collections::HashMap<[u8; 24], String> {
 
 /// After a successful decryption with auditing on: a canary's nonce pushes a `canary` record
 /// (the writer raises the alert) and logs a line (server log only: the client sees nothing).
-#[inline]
+#[inline(always)]
 pub fn check_canary(envelope: &[u8], tenant: Option<&str>) {
-    // The common case, no canary in this database: one load per value.
-    if NO_CANARIES.load(std::sync::atomic::Ordering::Relaxed) {
-        return;
+    // The common case, no canary in this database: one load per value, inline.
+    if !NO_CANARIES.load(std::sync::atomic::Ordering::Relaxed) {
+        check_canary_loaded(envelope, tenant);
     }
+}
+
+#[inline(never)]
+fn check_canary_loaded(envelope: &[u8], tenant: Option<&str>) {
     let state = CANARIES.with(|c| c.try_borrow().map(|m| m.as_ref().map(|m| m.is_empty())).unwrap_or(Some(true)));
     match state {
         Some(true) => {}

@@ -429,10 +429,28 @@ static HOT_VERSION: AtomicU32 = AtomicU32::new(0);
 /// disarms first): compared by content, since the setting's string can be freed and another
 /// tenant's name allocated at the same address within a statement (`set_config` per row).
 static HOT_TENANT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
-static HOT_TENANT_LEN: AtomicUsize = AtomicUsize::new(0);
+static HOT_TENANT_LEN: AtomicUsize = AtomicUsize::new(usize::MAX);
 static HOT_ENTRY: AtomicUsize = AtomicUsize::new(0);
-/// Values counted by the fast path and not yet folded into entry `HOT_ENTRY`.
-static HOT_PENDING: AtomicI64 = AtomicI64::new(0);
+/// Values counted by the fast path and not yet folded into entry `HOT_ENTRY`. A plain cell, not
+/// an atomic: only the backend's one thread touches it, and an atomic add is a locked
+/// read-modify-write on every value.
+static HOT_PENDING: Pending = Pending(std::cell::UnsafeCell::new(0));
+
+struct Pending(std::cell::UnsafeCell<i64>);
+// SAFETY: read and written only on the backend's thread: the SQL functions that count values
+// (pgrx's thread check refuses any other) and the flush they and the backend's hooks call.
+unsafe impl Sync for Pending {}
+impl Pending {
+    #[inline]
+    fn bump(&self) {
+        // SAFETY: see the `Sync` impl: no other thread, and no reference is held across calls.
+        unsafe { *self.0.get() += 1 }
+    }
+    fn take(&self) -> i64 {
+        // SAFETY: as for `bump`.
+        unsafe { std::mem::take(&mut *self.0.get()) }
+    }
+}
 
 fn op_code(op: Op) -> u8 {
     match op {
@@ -463,23 +481,29 @@ pub fn note_fast(tenant: Option<&str>, version: u32) -> bool {
         return false;
     }
     let p = HOT_TENANT.load(Ordering::Relaxed);
-    // SAFETY: armed means `p` is the buffer of the armed entry's tenant `String` (HOT_TENANT_LEN
-    // bytes), which lives until the flush; the flush disarms before it drops the entries.
-    if p.is_null() || !pg_envelope_core::audit::same_bytes(unsafe { std::slice::from_raw_parts(p, tenant.len()) }, tenant.as_bytes()) {
+    debug_assert!(!p.is_null());
+    // SAFETY: the length matched, so the path is armed (`disarm` sets HOT_TENANT_LEN to
+    // usize::MAX, which no name's length equals: this holds even when the key use in between
+    // disarmed it, e.g. a cache reload whose queries flushed): `p` is the buffer of the armed
+    // entry's tenant `String` (HOT_TENANT_LEN bytes), which lives until the flush; the flush
+    // disarms before it drops the entries.
+    if !pg_envelope_core::audit::same_bytes(unsafe { std::slice::from_raw_parts(p, tenant.len()) }, tenant.as_bytes()) {
         return false;
     }
-    HOT_PENDING.fetch_add(1, Ordering::Relaxed);
+    HOT_PENDING.bump();
     true
 }
 
 fn disarm() {
     HOT_STMT.store(0, Ordering::Relaxed);
+    HOT_OP.store(0, Ordering::Relaxed);
     HOT_TENANT.store(std::ptr::null_mut(), Ordering::Relaxed);
+    HOT_TENANT_LEN.store(usize::MAX, Ordering::Relaxed);
 }
 
 /// Folds the fast path's pending count into its entry.
 fn fold(a: &mut Acc) {
-    let n = HOT_PENDING.swap(0, Ordering::Relaxed);
+    let n = HOT_PENDING.take();
     if n > 0 {
         if let Some(e) = a.entries.get_mut(HOT_ENTRY.load(Ordering::Relaxed)) {
             e.count += n;
