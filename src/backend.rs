@@ -592,7 +592,40 @@ pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) 
     }
 }
 
+/// A role's name (`oid N` for a dropped role). The last few are kept (a catalog lookup per audit
+/// record was a twelfth of a statement's audit cost), dropped when pg_authid changes (the
+/// syscache callback behind `crate::audit::hooks::privileges_generation`: a rename committed
+/// anywhere is seen at the next statement, as the lookup itself would see it).
 pub fn role_name(role: pg_sys::Oid) -> String {
+    thread_local! {
+        static NAMES: RefCell<(u64, Vec<(pg_sys::Oid, String)>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
+    let generation = crate::audit::hooks::privileges_generation();
+    let cached = NAMES.with(|n| {
+        let n = n.borrow();
+        if n.0 != generation {
+            return None;
+        }
+        n.1.iter().find(|(o, _)| *o == role).map(|(_, name)| name.clone())
+    });
+    if let Some(name) = cached {
+        return name;
+    }
+    let name = role_name_uncached(role);
+    NAMES.with(|n| {
+        let mut n = n.borrow_mut();
+        if n.0 != generation {
+            *n = (generation, Vec::new());
+        }
+        if n.1.len() >= 8 {
+            n.1.remove(0);
+        }
+        n.1.push((role, name.clone()));
+    });
+    name
+}
+
+fn role_name_uncached(role: pg_sys::Oid) -> String {
     unsafe {
         let p = pg_sys::GetUserNameFromId(role, true);
         if p.is_null() {

@@ -7,7 +7,7 @@
 //! (issue 6's profile: `sigsetjmp`/`__sigjmp_save`/`run_guarded` ≈ 4%). The functions below
 //! never `ereport` — each is a read of backend-global state (PostgreSQL 15–18 sources:
 //! `miscinit.c` GetUserId, `mbutils.c` GetDatabaseEncoding, `xact.c`
-//! GetCurrentStatementStartTimestamp, `guc.c` GetConfigOption with
+//! GetCurrentStatementStartTimestamp and the transaction-state predicates, `guc.c` GetConfigOption with
 //! `missing_ok = true` and `restrict_privileged = false`, which skips both of its error paths
 //! and formats non-string settings into a static buffer) — so no guard is needed. Like every
 //! PostgreSQL call, they must run on the backend's main thread.
@@ -31,7 +31,42 @@ mod raw {
         pub fn palloc_extended(size: usize, flags: c_int) -> *mut std::ffi::c_void;
         #[link_name = "GetCurrentStatementStartTimestamp"]
         pub fn get_current_statement_start_timestamp() -> pg_sys::TimestampTz;
+        #[link_name = "IsTransactionState"]
+        pub fn is_transaction_state() -> bool;
+        #[link_name = "IsAbortedTransactionBlockState"]
+        pub fn is_aborted_transaction_block_state() -> bool;
+        #[link_name = "IsInParallelMode"]
+        pub fn is_in_parallel_mode() -> bool;
+        #[link_name = "ActiveSnapshotSet"]
+        pub fn active_snapshot_set() -> bool;
     }
+}
+
+/// The transaction-state predicates the audit's per-statement hooks ask (`xact.c`
+/// IsTransactionState, IsAbortedTransactionBlockState, IsInParallelMode; `snapmgr.c`
+/// ActiveSnapshotSet): reads of backend globals, no error path (PostgreSQL 15-18).
+#[inline]
+pub fn is_transaction_state() -> bool {
+    // SAFETY: see above.
+    unsafe { raw::is_transaction_state() }
+}
+
+#[inline]
+pub fn is_aborted_transaction_block_state() -> bool {
+    // SAFETY: see `is_transaction_state`.
+    unsafe { raw::is_aborted_transaction_block_state() }
+}
+
+#[inline]
+pub fn is_in_parallel_mode() -> bool {
+    // SAFETY: see `is_transaction_state`.
+    unsafe { raw::is_in_parallel_mode() }
+}
+
+#[inline]
+pub fn active_snapshot_set() -> bool {
+    // SAFETY: see `is_transaction_state`.
+    unsafe { raw::active_snapshot_set() }
 }
 
 /// `palloc0(size)` in the current memory context without pgrx's guard: with

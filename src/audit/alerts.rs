@@ -303,7 +303,7 @@ fn check_canary_loaded(envelope: &[u8], tenant: Option<&str>) {
         Some(false) => check_canary_slow(envelope, tenant),
         // Not loaded yet: loaded here outside parallel mode (a query cannot run there); the
         // executor hook loads it before a parallel plan starts (see preload_canaries).
-        None if !unsafe { pg_sys::IsInParallelMode() } => check_canary_slow(envelope, tenant),
+        None if !crate::nothrow::is_in_parallel_mode() => check_canary_slow(envelope, tenant),
         None => {}
     }
 }
@@ -311,7 +311,7 @@ fn check_canary_loaded(envelope: &[u8], tenant: Option<&str>) {
 /// From the executor hook, before a plan runs (never in parallel mode): loads this backend's
 /// canaries if they are not loaded, so parallel workers' leader and serial plans check them.
 pub fn preload_canaries() {
-    if unsafe { pg_sys::IsInParallelMode() } || !unsafe { pg_sys::IsTransactionState() } {
+    if crate::nothrow::is_in_parallel_mode() || !crate::nothrow::is_transaction_state() {
         return;
     }
     ensure_canaries();

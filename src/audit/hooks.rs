@@ -66,6 +66,12 @@ pub unsafe extern "C-unwind" fn on_privileges_changed(_arg: pg_sys::Datum, _cach
     PRIVS_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The current [`PRIVS_GENERATION`] (also keys the role-name cache, `backend::role_name`).
+#[inline]
+pub fn privileges_generation() -> u64 {
+    PRIVS_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub fn register() {
     unsafe {
         PREV_PERMS = pg_sys::ExecutorCheckPerms_hook;
@@ -88,9 +94,9 @@ unsafe extern "C-unwind" fn post_parse(pstate: *mut pg_sys::ParseState, query: *
     }
     if !super::enabled()
         || SUPPRESS.with(|s| s.get()) != 0
-        || !pg_sys::IsTransactionState()
-        || pg_sys::IsAbortedTransactionBlockState()
-        || pg_sys::IsInParallelMode()
+        || !crate::nothrow::is_transaction_state()
+        || crate::nothrow::is_aborted_transaction_block_state()
+        || crate::nothrow::is_in_parallel_mode()
         // Catalog caches only (no snapshot needed): every statement, utility ones included
         // (a COPY as a session's first statement, a pooler's SET ROLE: third review).
         || audit_rels().is_none()
@@ -102,7 +108,7 @@ unsafe extern "C-unwind" fn post_parse(pstate: *mut pg_sys::ParseState, query: *
     flush_suppressed(false);
     // Statements that need no snapshot (SET, BEGIN, ...) go no further: taking one here would
     // fix a REPEATABLE READ transaction's snapshot too early.
-    if !pg_sys::ActiveSnapshotSet() {
+    if !crate::nothrow::active_snapshot_set() {
         return;
     }
     super::alerts::preload_canaries();
