@@ -281,7 +281,7 @@ fn audit_step(writer: &mut crate::audit::Writer) {
             Ok(Ok((n, upto))) => {
                 writer.committed();
                 crate::audit::consumed(upto);
-                if n < 500 {
+                if n < crate::audit::writer::BATCH {
                     break;
                 }
             }

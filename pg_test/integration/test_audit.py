@@ -316,7 +316,7 @@ def test_a_burst_of_short_statements_outruns_no_writer(audited):
     """More single-value statements than the queue holds, as fast as one client sends them:
     backends wake the writer as the queue fills and wait for room, so none is refused and every
     statement is recorded once."""
-    n = 5000  # the queue holds 2048
+    n = 9000  # the queue holds 8,192
     with connect(PORT_A, DB) as c:
         start = last_seq(c)
         c.execute("SET envelope.request_id = 'burst'")

@@ -29,7 +29,12 @@ use pgrx::PgLwLock;
 use crate::error::{EnvelopeError, Result};
 use crate::gucs;
 
-pub const SLOTS: usize = 2048;
+/// Records the queue holds (8 MB of shared memory). The writer needs a small share of a CPU (a
+/// seventh of a core at 35,000 records a second) but gets it in slices: on a machine whose cores
+/// are all busy with client backends, the scheduler runs it every few tens of milliseconds, and
+/// 2,048 slots filled in 60 ms at that rate (backends then waited for room: 0.83x the TPS of
+/// audit off in an 8-client pgbench on 2 cores).
+pub const SLOTS: usize = 8192;
 const SLOT_BYTES: usize = 1000;
 
 /// The queue's header, under its lock. The slots live in a shared-memory region of their own
