@@ -111,6 +111,22 @@ SET app.tenant_id = 'acme';
 SELECT (SELECT count(*) FROM typed_text x JOIN typed y USING (id) WHERE x.t::varchar IS NOT DISTINCT FROM y.t::varchar) AS text_copy_identical,
        (SELECT count(*) FROM typed_bin x JOIN typed y USING (id) WHERE x.j::varchar IS NOT DISTINCT FROM y.j::varchar) AS binary_copy_identical;
 SELECT id, t::text, j::jsonb, n::numeric FROM typed_bin ORDER BY id;
+-- numeric decoded in the extension (finite canonical values) or by numeric_recv (the rest):
+-- the same value, display scale and stored form (stored size: the short or the long header) as
+-- the original, across the header boundaries (scale 63/64, weight 63/64 and -64/-65) and the
+-- special values.
+CREATE TABLE numeric_back AS
+SELECT v AS original, (v::envelope.encrypted_numeric)::numeric AS decrypted
+  FROM (VALUES (0::numeric), (0.000), (-0.0), (1), (-1), (12345678901234567890.000000001), (123.4500), (9999.9999),
+               (10000), (0.0001), (-0.00001), (1e-100), (1e100), (-1e200), (1.5e-20), (round(1.1, 63)), (round(1.1, 64)),
+               (1e252), (1e256), (-1e252 + 1), (1e-256), (1e-260), (0.1e-255), (123456789.123456789e-200),
+               ('NaN'), ('Infinity'), ('-Infinity'), (2::numeric ^ 1000), (-(2::numeric ^ -100)),
+               (trunc(3.14159, 3)), (1234.5678::numeric(10, 2))) AS x(v);
+SELECT count(*) AS numerics,
+       count(*) FILTER (WHERE decrypted::text = original::text AND numeric_send(decrypted) = numeric_send(original)
+                          AND pg_column_size(decrypted) = pg_column_size(original)) AS identical
+  FROM numeric_back;
+DROP TABLE numeric_back;
 -- Function markers of the typed functions.
 SELECT p.oid::regprocedure AS function, p.provolatile AS volatility, p.proparallel AS parallel, p.proisstrict AS strict
   FROM pg_proc p WHERE p.pronamespace = 'envelope'::regnamespace
