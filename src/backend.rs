@@ -885,7 +885,7 @@ impl Backend {
         if let Some(d) = e.degraded.as_mut() {
             if d.warned != stmt {
                 d.warned = stmt;
-                pgrx::warning!(
+                crate::warning!(
                     "pg_envelope: key provider \"{}\" is unreachable; tenant \"{}\" is served from keys cached {} s ago (degraded until envelope.max_key_age): {}",
                     e.meta.provider,
                     tenant,

@@ -7,6 +7,35 @@
 
 use pgrx::prelude::*;
 
+/// Server-log and client messages below ERROR (`LOG`, `WARNING`, `NOTICE`) with interrupts held
+/// while PostgreSQL formats them. `errfinish` ends a non-error report with
+/// `CHECK_FOR_INTERRUPTS()`, and pgrx calls it without its guard: a cancel, a
+/// statement_timeout or a terminate pending at that moment raised its ERROR or FATAL by
+/// `longjmp` straight over the Rust frames of the caller, skipping their `Drop`s (a `RefCell`
+/// left borrowed for the rest of the session: the audit aggregate, found by insider review 27;
+/// a plaintext buffer left unwiped). Held, the interrupt is serviced at the next check, in a
+/// guarded call or between statements.
+macro_rules! held_report {
+    ($report:expr) => {{
+        // SAFETY: HOLD_INTERRUPTS()/RESUME_INTERRUPTS() (miscadmin.h): a backend-global counter,
+        // main thread only; an ERROR raised inside the report resets it (error recovery).
+        unsafe { pgrx::pg_sys::InterruptHoldoffCount += 1 };
+        $report;
+        unsafe { pgrx::pg_sys::InterruptHoldoffCount -= 1 };
+    }};
+}
+macro_rules! log {
+    ($($arg:tt)*) => { held_report!(pgrx::log!($($arg)*)) };
+}
+macro_rules! warning {
+    ($($arg:tt)*) => { held_report!(pgrx::warning!($($arg)*)) };
+}
+macro_rules! notice {
+    ($($arg:tt)*) => { held_report!(pgrx::notice!($($arg)*)) };
+}
+#[allow(unused_imports)]
+pub(crate) use {log, notice, warning};
+
 mod api;
 mod audit;
 mod backend;

@@ -93,7 +93,7 @@ fn maintenance_due() -> TableIterator<'static, (name!(action, String), name!(tar
     let mut warnings = Vec::new();
     let work = due_work(&mut warnings).or_raise();
     for w in warnings {
-        pgrx::warning!("pg_envelope: maintenance: {w}");
+        crate::warning!("pg_envelope: maintenance: {w}");
     }
     // Re-encryption jobs run as the role that queued them: a caller sees its own (superusers all).
     let me = crate::nothrow::current_user_id();

@@ -255,7 +255,7 @@ fn open_impl(tbl: pg_sys::Oid, col: &str, context: Option<&str>, context_column:
         if !queued {
             catalog::set_reencrypt_job_running(open.id)?;
         }
-        pgrx::notice!("pg_envelope: resuming re-encryption job {} of {}.{} at block {}", open.id, target.table, col, open.next_block);
+        crate::notice!("pg_envelope: resuming re-encryption job {} of {}.{} at block {}", open.id, target.table, col, open.next_block);
         return Ok(open.id);
     }
     let per_block = target.rows_per_block.max(1.0);
@@ -292,7 +292,7 @@ pub fn batch_impl(job: i64) -> Result<i64> {
             j.column
         );
         catalog::fail_reencrypt_job(job, &m)?;
-        pgrx::warning!("pg_envelope: {m}; the job is marked failed");
+        crate::warning!("pg_envelope: {m}; the job is marked failed");
         return Ok(-1);
     }
     let Some(qualified) = catalog::qualified_table(j.relid)? else {
@@ -305,7 +305,7 @@ pub fn batch_impl(job: i64) -> Result<i64> {
         Err(e) => {
             let m = e.message();
             catalog::fail_reencrypt_job(job, &m)?;
-            pgrx::warning!("pg_envelope: re-encryption job {job} failed: {m}");
+            crate::warning!("pg_envelope: re-encryption job {job} failed: {m}");
             return Ok(-1);
         }
     };
@@ -329,7 +329,7 @@ pub fn batch_impl(job: i64) -> Result<i64> {
         drop(scope);
         if remaining > 0 && j.pass < MAX_PASSES {
             catalog::restart_reencrypt_pass(job, current)?;
-            pgrx::notice!(
+            crate::notice!(
                 "pg_envelope: re-encryption job {job} of {qualified}.{}: {remaining} values still under old versions (moved by concurrent updates); pass {} starts",
                 j.column,
                 j.pass + 1
@@ -338,12 +338,12 @@ pub fn batch_impl(job: i64) -> Result<i64> {
         }
         catalog::finish_reencrypt_job(job, nblocks, remaining)?;
         if remaining > 0 {
-            pgrx::warning!(
+            crate::warning!(
                 "pg_envelope: re-encryption job {job} of {qualified}.{} ended after {MAX_PASSES} passes with {remaining} values still under old versions (the table is being updated heavily); CALL envelope.reencrypt again",
                 j.column
             );
         } else {
-            pgrx::notice!(
+            crate::notice!(
                 "pg_envelope: re-encryption job {job} of {qualified}.{} is done: {} values re-encrypted, none left under old versions",
                 j.column,
                 j.values_done
@@ -387,7 +387,7 @@ pub fn batch_impl(job: i64) -> Result<i64> {
     }
     let (rate, eta) = catalog::advance_reencrypt_job(job, next, nblocks, n)?;
     let pct = if nblocks > 0 { 100.0 * next as f64 / nblocks as f64 } else { 100.0 };
-    pgrx::notice!(
+    crate::notice!(
         "pg_envelope: re-encryption job {job} of {qualified}.{}: {done} values re-encrypted, block {next} of {nblocks} ({pct:.0}%), {rate:.0} values/s{}",
         j.column,
         eta.map(|s| format!(", about {} left", human_duration(s))).unwrap_or_default()

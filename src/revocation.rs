@@ -50,12 +50,12 @@ unsafe extern "C-unwind" fn restore_lockdown() {
         FileState::Absent => {}
         FileState::Locked(since, reason) => {
             LOCKDOWN.get().store(since.max(1), Ordering::Release);
-            pgrx::log!("pg_envelope: the server starts in LOCKDOWN ({reason}); a superuser lifts it with SELECT envelope.lift_lockdown()");
+            crate::log!("pg_envelope: the server starts in LOCKDOWN ({reason}); a superuser lifts it with SELECT envelope.lift_lockdown()");
         }
         FileState::Unreadable(e) => {
             // An emergency stop must not turn itself off on a read error: stay locked.
             LOCKDOWN.get().store(1, Ordering::Release);
-            pgrx::warning!("pg_envelope: {LOCKDOWN_FILE} exists but cannot be read ({e}); the server starts in LOCKDOWN");
+            crate::warning!("pg_envelope: {LOCKDOWN_FILE} exists but cannot be read ({e}); the server starts in LOCKDOWN");
         }
     }
 }
@@ -217,8 +217,8 @@ fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
     if !changed {
         let who = crate::error::shown(&catalog::current_role_name());
         match reason {
-            Some(r) => pgrx::log!("pg_envelope: tenant \"{}\" suspension requested by {who}, already suspended: {r}", crate::error::shown(tenant)),
-            None => pgrx::log!("pg_envelope: tenant \"{}\" resume requested by {who}, not suspended", crate::error::shown(tenant)),
+            Some(r) => crate::log!("pg_envelope: tenant \"{}\" suspension requested by {who}, already suspended: {r}", crate::error::shown(tenant)),
+            None => crate::log!("pg_envelope: tenant \"{}\" resume requested by {who}, not suspended", crate::error::shown(tenant)),
         }
     }
     if changed {
@@ -230,8 +230,8 @@ fn suspend_impl(tenant: &str, reason: Option<&str>) -> Result<bool> {
         // In the server log (the audit trail is issue 13); in effect once the transaction commits.
         let who = crate::error::shown(&catalog::current_role_name());
         match reason {
-            Some(r) => pgrx::log!("pg_envelope: tenant \"{}\" suspended by {who} (at commit): {r}", crate::error::shown(tenant)),
-            None => pgrx::log!("pg_envelope: tenant \"{}\" resumed by {who} (at commit)", crate::error::shown(tenant)),
+            Some(r) => crate::log!("pg_envelope: tenant \"{}\" suspended by {who} (at commit): {r}", crate::error::shown(tenant)),
+            None => crate::log!("pg_envelope: tenant \"{}\" resumed by {who} (at commit)", crate::error::shown(tenant)),
         }
     }
     Ok(changed)
@@ -268,10 +268,10 @@ fn lockdown_impl(reason: &str) -> Result<bool> {
     backend::with_backend(|b| b.cache.clear());
     // Idle backends of every database drop their keys now, not at their next call.
     backend::wake_backends(true);
-    pgrx::log!("pg_envelope: LOCKDOWN by {who}: {reason}");
+    crate::log!("pg_envelope: LOCKDOWN by {who}: {reason}");
     crate::audit::key_op("lockdown", "", reason, true);
     if let Err(e) = write_lockdown_file(since, &format!("{reason} (by {who})")) {
-        pgrx::warning!(
+        crate::warning!(
             "pg_envelope: the lockdown is in effect but could not be saved in the data directory ({e}): a restart would end it; fix the cause and call envelope.lockdown() again"
         );
     }
@@ -301,7 +301,7 @@ fn lift_impl() -> Result<bool> {
     remove_lockdown_file().map_err(|e| EnvelopeError::Internal(format!("could not remove {LOCKDOWN_FILE}: {e}")))?;
     LOCKDOWN.get().store(0, Ordering::Release);
     if was {
-        pgrx::log!("pg_envelope: lockdown lifted by {}", crate::error::shown(&catalog::current_role_name()));
+        crate::log!("pg_envelope: lockdown lifted by {}", crate::error::shown(&catalog::current_role_name()));
     }
     crate::audit::key_op("lift_lockdown", "", if was { "" } else { "(not locked down)" }, true);
     Ok(was)

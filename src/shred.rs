@@ -122,7 +122,7 @@ fn schedule_impl(tenant: &str, delay: Option<pgrx::datum::Interval>) -> Result<p
     })?;
     backend::revoke_after_commit();
     crate::audit::key_op("schedule_shred", tenant, "", false);
-    pgrx::log!("pg_envelope: tenant \"{}\" suspended and scheduled for crypto-shredding by {} (at commit)", shown(tenant), shown(&by));
+    crate::log!("pg_envelope: tenant \"{}\" suspended and scheduled for crypto-shredding by {} (at commit)", shown(tenant), shown(&by));
     Ok(after)
 }
 
@@ -159,7 +159,7 @@ fn cancel_impl(tenant: &str) -> Result<bool> {
     })?;
     backend::invalidate_after_commit();
     crate::audit::key_op("cancel_shred", tenant, "", false);
-    pgrx::log!("pg_envelope: crypto-shredding of tenant \"{}\" cancelled by {} (at commit)", shown(tenant), shown(&who().1));
+    crate::log!("pg_envelope: crypto-shredding of tenant \"{}\" cancelled by {} (at commit)", shown(tenant), shown(&who().1));
     Ok(true)
 }
 
@@ -200,7 +200,7 @@ fn confirm_impl(tenant: &str) -> Result<bool> {
             .map_err(spi_err)
     })?;
     crate::audit::key_op("confirm_shred", tenant, "", false);
-    pgrx::log!("pg_envelope: crypto-shredding of tenant \"{}\" confirmed by {}", shown(tenant), shown(&by));
+    crate::log!("pg_envelope: crypto-shredding of tenant \"{}\" confirmed by {}", shown(tenant), shown(&by));
     Ok(true)
 }
 
@@ -259,7 +259,7 @@ pub fn shred_if_due_impl(tenant: &str) -> Result<bool> {
     if shredded {
         backend::revoke_after_commit();
         crate::audit::key_op("shred", tenant, if dedicated { "dedicated root key: destroyed next" } else { "shared root key" }, false);
-        pgrx::log!(
+        crate::log!(
             "pg_envelope: tenant \"{}\" crypto-shredded by {} (at commit): its wrapped keys are removed{}",
             shown(tenant),
             shown(&by),
@@ -322,8 +322,8 @@ pub fn destroy_root_key_impl(tenant: &str) -> Result<Option<String>> {
     })?;
     crate::audit::key_op("destroy_root_key", tenant, &outcome, false);
     match error {
-        None => pgrx::log!("pg_envelope: the dedicated root key of shredded tenant \"{}\": {outcome}", shown(tenant)),
-        Some(e) => pgrx::warning!(
+        None => crate::log!("pg_envelope: the dedicated root key of shredded tenant \"{}\": {outcome}", shown(tenant)),
+        Some(e) => crate::warning!(
             "pg_envelope: the dedicated root key of shredded tenant \"{}\" could not be destroyed (retried at the next maintenance run): {e}",
             shown(tenant)
         ),
@@ -385,7 +385,7 @@ pub fn compact_impl() -> Result<i32> {
             Ok::<_, EnvelopeError>(())
         })
     })?;
-    pgrx::log!("pg_envelope: the key tables were rewritten: no old row version of {} shredded tenant(s) is left in them", ready.len());
+    crate::log!("pg_envelope: the key tables were rewritten: no old row version of {} shredded tenant(s) is left in them", ready.len());
     Ok(ready.len() as i32)
 }
 

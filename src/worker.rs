@@ -158,7 +158,7 @@ fn record_error(what: &str) {
         repeat
     });
     if !repeat {
-        pgrx::log!("pg_envelope maintenance: {what}");
+        crate::log!("pg_envelope maintenance: {what}");
     }
     let mut s = STATUS.exclusive();
     let bytes = what.as_bytes();
@@ -196,9 +196,10 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
         s.procno = unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) } as i32;
         s.started_at = now();
     }
-    pgrx::log!("pg_envelope maintenance worker started in database \"{db}\"");
+    crate::log!("pg_envelope maintenance worker started in database \"{db}\"");
     // The writer reads the chain's head: not an audit_read.
     crate::audit::hooks::suppress_reads_in_this_process();
+    crate::audit::this_process_is_the_writer();
     loop {
         if shutdown_requested() {
             break;
@@ -395,7 +396,7 @@ fn run_item(w: &Work) -> Result<(), String> {
         Work::Shred(tenant) => {
             let t = tenant.clone();
             if flatten(in_transaction(move || bounded(|| crate::shred::shred_if_due_impl(&t))))? {
-                pgrx::log!("pg_envelope maintenance: tenant \"{}\" crypto-shredded", crate::error::shown(tenant));
+                crate::log!("pg_envelope maintenance: tenant \"{}\" crypto-shredded", crate::error::shown(tenant));
             }
             // The dedicated root key, if any, in its own transaction after the shred committed.
             let t = tenant.clone();
@@ -404,7 +405,7 @@ fn run_item(w: &Work) -> Result<(), String> {
         }
         Work::CompactKeyTables => {
             if let n @ 1.. = flatten(in_transaction(|| bounded(crate::shred::compact_impl)))? {
-                pgrx::log!("pg_envelope maintenance: key tables rewritten after {n} shred(s)");
+                crate::log!("pg_envelope maintenance: key tables rewritten after {n} shred(s)");
             }
             Ok(())
         }
@@ -416,7 +417,7 @@ fn run_item(w: &Work) -> Result<(), String> {
         Work::Rotate(tenant) => {
             let t = tenant.clone();
             if let Some(v) = flatten(in_transaction(move || bounded(|| maintenance::rotate_if_due(&t))))? {
-                pgrx::log!("pg_envelope maintenance: rotated the data key of tenant \"{}\" to version {v}", crate::error::shown(tenant));
+                crate::log!("pg_envelope maintenance: rotated the data key of tenant \"{}\" to version {v}", crate::error::shown(tenant));
                 STATUS.exclusive().rotations += 1;
             }
             Ok(())
@@ -430,7 +431,7 @@ fn run_item(w: &Work) -> Result<(), String> {
                 }
                 let n = flatten(in_transaction(move || crate::lifecycle::rewrap_batch_impl(job, 100)))?;
                 if n == 0 {
-                    pgrx::log!("pg_envelope maintenance: rewrap job {job} of provider \"{provider}\" is done");
+                    crate::log!("pg_envelope maintenance: rewrap job {job} of provider \"{provider}\" is done");
                     return Ok(());
                 }
                 STATUS.exclusive().rewrapped += n as u64;

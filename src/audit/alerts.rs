@@ -216,7 +216,7 @@ fn raise(a: &Alert) -> Result<Option<pg_envelope_core::audit::Record>> {
     })?;
     let Some(json) = json else { return Ok(None) };
     Spi::run_with_args("SELECT pg_catalog.pg_notify($1, $2)", &[CHANNEL.into(), json.as_str().into()]).map_err(spi_err)?;
-    pgrx::warning!("pg_envelope audit alert: {} (role {}, tenant {}): {}", a.rule, a.role, a.tenant, a.detail);
+    crate::warning!("pg_envelope audit alert: {} (role {}, tenant {}): {}", a.rule, a.role, a.tenant, a.detail);
     let mut r = super::base_record("alert", a.role.clone());
     r.operation = a.rule.to_string();
     r.tenant = a.tenant.clone();
@@ -308,7 +308,7 @@ fn load_canaries() -> std::collections::HashMap<[u8; 24], String> {
         })
     });
     if let Err(e) = r {
-        pgrx::log!("pg_envelope: canaries not loaded: {}", e.message());
+        crate::log!("pg_envelope: canaries not loaded: {}", e.message());
     }
     m
 }
@@ -359,11 +359,11 @@ fn check_canary_slow(envelope: &[u8], tenant: Option<&str>) {
     r.value_count = 1;
     r.outcome = "ok".into();
     r.detail = label.clone();
-    pgrx::ereport!(
+    held_report!(pgrx::ereport!(
         pgrx::PgLogLevel::LOG,
         pgrx::PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
         format!("pg_envelope: canary \"{label}\" decrypted by role {}", r.current_role)
-    );
+    ));
     super::push(r);
 }
 

@@ -271,7 +271,7 @@ pub fn check_can_record() -> Result<()> {
         }
         WARNED.with(|w| {
             if w.replace(stmt) != stmt {
-                pgrx::warning!("pg_envelope: key use is not being audited: {why} (envelope.audit_fail_closed is off)");
+                crate::warning!("pg_envelope: key use is not being audited: {why} (envelope.audit_fail_closed is off)");
             }
         });
     }
@@ -352,7 +352,7 @@ pub fn record_setting_changes(before: &[String]) {
             r.detail = format!("{name}: {b} -> {a}");
             r.value_count = 1;
             r.outcome = "ok".into();
-            pgrx::log!("pg_envelope audit: {name} changed from {b} to {a}");
+            crate::log!("pg_envelope audit: {name} changed from {b} to {a}");
             push(r);
         }
     }
@@ -373,8 +373,12 @@ fn wait_for_room() -> bool {
         wake_writer();
         QUEUE.exclusive().waits += 1;
         unsafe { pg_sys::pg_usleep(5_000) };
-        // Not at a transaction's end (an ERROR there would nest in the abort).
-        if !AT_END.with(|e| e.get()) {
+        // Not at a transaction's end (an ERROR there would nest in the abort), and not while a
+        // statement's records are being pushed: a cancel, a statement_timeout or a terminate
+        // there unwound the flush and lost the records of a statement the client already had,
+        // uncounted (insider review 27). A flush waits at most a second per record, then counts
+        // the record as dropped; interrupts are serviced after it.
+        if !AT_END.with(|e| e.get()) && !FLUSHING.with(|f| f.get()) {
             pgrx::check_for_interrupts!();
         }
     }
@@ -404,7 +408,7 @@ fn push_ref(r: RecordRef<'_>, error_path: bool) {
         // A hot standby cannot write the trail: the record goes to its server log (unchained),
         // which is what envelope.audit_fail_closed = off means there (see health()).
         if !error_path {
-            pgrx::log!("pg_envelope audit (standby, not chained): {}", record_json(&r.to_record()));
+            crate::log!("pg_envelope audit (standby, not chained): {}", record_json(&r.to_record()));
         }
         return;
     }
@@ -422,7 +426,17 @@ fn push_ref(r: RecordRef<'_>, error_path: bool) {
     });
 }
 
+/// Set in the maintenance worker: the queue's only reader never waits for room in it.
+static IS_WRITER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn this_process_is_the_writer() {
+    IS_WRITER.store(true, Ordering::Relaxed);
+}
+
 fn push_bytes(bytes: &[u8], error_path: bool) {
+    // The writer's own pushes (a reload's setting changes) find room or are counted as dropped:
+    // waiting for room, it would wait for itself.
+    let no_wait = error_path || IS_WRITER.load(Ordering::Relaxed);
     enum Outcome {
         Stored(u64),
         Full,
@@ -435,7 +449,7 @@ fn push_bytes(bytes: &[u8], error_path: bool) {
             let mut g = fast_lock::Guard::exclusive();
             let q = g.get_mut();
             let queued = q.write.saturating_sub(q.read);
-            if bytes.len() > SLOT_BYTES || (queued >= SLOTS as u64 && (waited || error_path)) {
+            if bytes.len() > SLOT_BYTES || (queued >= SLOTS as u64 && (waited || no_wait)) {
                 q.dropped += 1;
                 Outcome::Dropped
             } else if queued >= SLOTS as u64 {
@@ -464,7 +478,7 @@ fn push_bytes(bytes: &[u8], error_path: bool) {
             }
             Outcome::Dropped => {
                 if !error_path {
-                    pgrx::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
+                    crate::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
                 }
                 return;
             }
@@ -684,10 +698,13 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             Some(e) if e.op == op && e.role == role && e.tenant == tenant => Some(0),
             _ => a.entries.iter().position(|e| e.op == op && e.role == role && e.tenant == tenant),
         };
-        // At most MAX_ENTRIES aggregates per statement: past that (a statement that tries one
-        // made-up tenant per value to flood the queue), the rest share one entry, tenant "*".
+        // At most MAX_ENTRIES aggregates per statement for failures: past that (a statement
+        // that tries one made-up tenant per value to flood the queue), further failures share
+        // one entry, tenant "*". A success always keeps its tenant (it needs a grant, so their
+        // number is bounded by the role's tenants): sixteen cheap failures under made-up names
+        // must not hide a real tenant's decryptions as "*" (insider review 27).
         let (hit, tenant) = match hit {
-            None if a.entries.len() >= MAX_ENTRIES => {
+            None if err.is_some() && a.entries.len() >= MAX_ENTRIES => {
                 (a.entries.iter().position(|e| e.op == op && e.role == role && e.tenant == "*"), "*")
             }
             h => (h, tenant),
@@ -744,20 +761,21 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
 }
 
 /// Pushes what the current statement did (at transaction end, and before a new statement).
-pub fn flush() {
-    ACC.with(|a| {
-        if let Ok(mut a) = a.try_borrow_mut() {
-            flush_acc(&mut a);
-        }
-    });
-}
-
 fn flush_acc(a: &mut Acc) {
     fold(a);
     disarm();
     if a.entries.is_empty() {
         return;
     }
+    // No interrupt is serviced until every entry is pushed or counted as dropped (see
+    // wait_for_room).
+    struct Flushing(bool);
+    impl Drop for Flushing {
+        fn drop(&mut self) {
+            FLUSHING.with(|f| f.set(self.0));
+        }
+    }
+    let _flushing = Flushing(FLUSHING.with(|f| f.replace(true)));
     let statement_id = STATEMENT_COUNTER.with(|c| {
         c.set(c.get() + 1);
         c.get()
@@ -871,7 +889,23 @@ pub fn refused(operation: &str, tenant: &str, err: &EnvelopeError) {
 /// At transaction end: the statement's aggregates, then the key operations with the outcome.
 pub fn at_transaction_end(committed: bool) {
     AT_END.with(|e| e.set(true));
-    flush();
+    let flushed = ACC.with(|a| match a.try_borrow_mut() {
+        Ok(mut a) => {
+            flush_acc(&mut a);
+            true
+        }
+        Err(_) => false,
+    });
+    if !flushed {
+        // Only a FATAL raised while the aggregate was being updated (proc_exit runs this from
+        // inside that frame): the statement's records cannot be read here. Counted and said,
+        // never silent.
+        {
+            let mut g = fast_lock::Guard::exclusive();
+            g.get_mut().dropped += 1;
+        }
+        crate::log!("pg_envelope: the audit records of the current statement could not be written (the session ended while they were being updated); status()->'audit'->'dropped' counts them");
+    }
     let ops: Vec<Record> = KEY_OPS.with(|k| k.borrow_mut().drain(..).collect());
     for mut r in ops {
         r.outcome = if committed { "ok".into() } else { "rolled back".into() };
@@ -882,6 +916,8 @@ pub fn at_transaction_end(committed: bool) {
 
 thread_local! {
     static AT_END: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set while a statement's aggregates are pushed (see [`wait_for_room`]).
+    static FLUSHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// PostgreSQL timestamps count from 2000-01-01; the chain uses the Unix epoch.

@@ -24,6 +24,15 @@ pub struct Writer {
     relid: u32,
     /// A retention record was written: checkpoint the new head at once.
     pub force_checkpoint: bool,
+    /// The writer's own records (alerts raised by a batch), chained at the start of the next
+    /// batch: never pushed through the queue, whose only reader is this process (waiting there
+    /// for room while the queue is full waited on itself: a second per alert, and dropped).
+    pending: Vec<Record>,
+    /// How many of `pending` the batch in progress took (removed once it committed), and the
+    /// alerts it raised (pending once it committed; forgotten if it failed: the batch is
+    /// written again and raises them again).
+    pending_taken: usize,
+    raised: Vec<Record>,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -76,7 +85,10 @@ impl Writer {
     }
 
     /// After the batch's transaction committed: the head this server's writer stands behind.
-    pub fn committed(&self) {
+    pub fn committed(&mut self) {
+        let taken = std::mem::take(&mut self.pending_taken).min(self.pending.len());
+        self.pending.drain(..taken);
+        self.pending.append(&mut self.raised);
         if let Some(h) = self.head {
             let mut q = QUEUE.exclusive();
             q.head_seq = h.seq;
@@ -109,7 +121,7 @@ impl Writer {
             alarm = self.load_head()?;
         }
         let (records, upto, bad) = peek(BATCH);
-        if records.is_empty() && bad == 0 && alarm.is_none() {
+        if records.is_empty() && bad == 0 && alarm.is_none() && self.pending.is_empty() {
             return Ok((0, upto));
         }
         let first_pos = upto - records.len() as u64 - bad;
@@ -117,13 +129,16 @@ impl Writer {
         let started = unsafe { pg_sys::PgStartTime };
         let mut rows: Vec<(Stored, u64)> = Vec::with_capacity(records.len() + 2);
         if let Some(why) = alarm {
-            pgrx::warning!("pg_envelope audit: {why}");
+            crate::warning!("pg_envelope audit: {why}");
             let mut r = base_record(if why.starts_with("the audit table was replaced") { "chain_restart" } else { "tamper" }, String::new());
             r.operation = "writer".into();
             r.outcome = "alert".into();
             r.detail = why;
             rows.push((chain.append(r), first_pos.saturating_sub(1)));
         }
+        // The writer's own records of the previous batch (its alerts), before the queue's.
+        self.pending_taken = self.pending.len();
+        rows.extend(self.pending.iter().cloned().map(|r| (chain.append(r), first_pos.saturating_sub(1))));
         rows.extend(records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)));
         if bad > 0 {
             let mut r = base_record("dropped", String::new());
@@ -139,9 +154,7 @@ impl Writer {
         }
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
-        for r in super::alerts::evaluate(rows.iter().map(|(s, _)| s))? {
-            super::push(r);
-        }
+        self.raised = super::alerts::evaluate(rows.iter().map(|(s, _)| s))?;
         if rows.iter().any(|(s, _)| s.record.operation == "audit_prune") {
             self.force_checkpoint = true;
         }
@@ -151,6 +164,8 @@ impl Writer {
     /// Forgets the head (after a failed transaction: re-read next time).
     pub fn reset(&mut self) {
         self.head = None;
+        self.pending_taken = 0;
+        self.raised.clear();
     }
 
     /// Signs the head if it moved and the interval passed (or `force`: a retention record was
@@ -174,7 +189,7 @@ impl Writer {
             &[head.seq.into(), head.hash.to_vec().into(), now.into(), provider.as_str().into(), mac.key.as_str().into(), mac.mac.clone().into()],
         )
         .map_err(spi_err)?;
-        pgrx::log!(
+        crate::log!(
             "pg_envelope audit checkpoint: seq={} hash={} at_us={now} provider={provider} mac={} database={} key={}",
             head.seq,
             hex(&head.hash),
