@@ -276,11 +276,19 @@ fn refusal_record(kind: &str, role: String, name: String, count: u64) -> super::
 }
 
 /// At backend exit: what was counted over the limit is written, not lost.
+/// Registers (once per process) the exit callback that writes what the rate limits held back.
+pub(crate) fn ensure_exit_flush() {
+    if !EXIT_FLUSH.with(|f| f.replace(true)) {
+        unsafe { pg_sys::before_shmem_exit(Some(flush_at_exit), pg_sys::Datum::from(0)) };
+    }
+}
+
 unsafe extern "C-unwind" fn flush_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     if IN_EMIT.with(|e| e.get()) {
         return;
     }
     let _ = std::panic::catch_unwind(|| flush_suppressed(true));
+    let _ = std::panic::catch_unwind(|| super::flush_failure_summaries(true));
 }
 
 /// The audit tables among `(relid, required permissions)`, when one is read.
@@ -466,9 +474,7 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
                     }
                 })
             });
-            if !EXIT_FLUSH.with(|f| f.replace(true)) {
-                unsafe { pg_sys::before_shmem_exit(Some(flush_at_exit), pg_sys::Datum::from(0)) };
-            }
+            ensure_exit_flush();
             return;
         }
         flush_suppressed(true);

@@ -35,7 +35,9 @@ use crate::gucs;
 /// 2,048 slots filled in 60 ms at that rate (backends then waited for room: 0.83x the TPS of
 /// audit off in an 8-client pgbench on 2 cores).
 pub const SLOTS: usize = 8192;
-const SLOT_BYTES: usize = 1000;
+/// A record's largest canonical form: ten strings cut at 64 bytes, the tenant at 255, the
+/// detail at 200, eight integers, the lengths and the format byte (1,200 bytes).
+const SLOT_BYTES: usize = 1200;
 
 /// The queue's header, under its lock. The slots live in a shared-memory region of their own
 /// ([`slots`]), initialised in place: pgrx builds a `PgLwLock` value on the postmaster's stack,
@@ -786,6 +788,10 @@ fn flush_acc(a: &mut Acc) {
     let (database, session_user, client_addr) = session.as_deref().map(|(d, u, c)| (d.as_str(), u.as_str(), c.as_str())).unwrap_or_default();
     let mut versions = String::new();
     for mut e in a.entries.drain(..) {
+        if e.count > 0 && e.failures == e.count && !failure_record_allowed() {
+            suppress_failures(&e);
+            continue;
+        }
         e.versions.sort_unstable();
         versions.clear();
         for (i, v) in e.versions.iter().enumerate() {
@@ -830,6 +836,113 @@ fn flush_acc(a: &mut Acc) {
             },
             false,
         );
+    }
+    flush_failure_summaries(false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A limit on failure-only records. Each statement's failed key uses are one record, but a
+// session can make statements as fast as it likes (a DO block committing in a loop, one made-up
+// tenant per failure): a role with no grant wrote 50,000 records a second that way (insider
+// review 27), burying real records and, on a faster machine, filling the queue (which refuses
+// key use everywhere when auditing fails closed). Past FAILURE_RECORDS_PER_SECOND failure-only
+// records a second in a session, further ones are counted per operation, role and SQLSTATE and
+// written as one summary record (tenant "*", the totals, the number of statements and tenants
+// in its detail) once the second has passed, at the transaction's end, or when the session
+// exits. Records with any success are never limited.
+
+const FAILURE_RECORDS_PER_SECOND: u32 = 100;
+
+struct FailureSummary {
+    op: Op,
+    role_name: String,
+    outcome: String,
+    statements: i64,
+    values: i64,
+    tenants: std::collections::BTreeSet<String>,
+}
+
+thread_local! {
+    /// (the current one-second window's start, records written in it), and what was held back.
+    static FAILURE_LIMIT: RefCell<(Option<std::time::Instant>, u32, Vec<FailureSummary>)> = const { RefCell::new((None, 0, Vec::new())) };
+}
+
+fn failure_record_allowed() -> bool {
+    let now = crate::backend::cache_now();
+    FAILURE_LIMIT.with(|l| {
+        let Ok(mut l) = l.try_borrow_mut() else { return true };
+        if l.0.is_none_or(|w| now.saturating_duration_since(w) >= std::time::Duration::from_secs(1)) {
+            l.0 = Some(now);
+            l.1 = 0;
+        }
+        l.1 += 1;
+        l.1 <= FAILURE_RECORDS_PER_SECOND
+    })
+}
+
+fn suppress_failures(e: &Entry) {
+    hooks::ensure_exit_flush();
+    let outcome = e.failure_code.clone().unwrap_or_default();
+    FAILURE_LIMIT.with(|l| {
+        let Ok(mut l) = l.try_borrow_mut() else { return };
+        let i = match l.2.iter().position(|s| s.op == e.op && s.role_name == e.role_name && s.outcome == outcome) {
+            Some(i) => i,
+            None => {
+                l.2.push(FailureSummary {
+                    op: e.op,
+                    role_name: e.role_name.clone(),
+                    outcome,
+                    statements: 0,
+                    values: 0,
+                    tenants: Default::default(),
+                });
+                l.2.len() - 1
+            }
+        };
+        let s = &mut l.2[i];
+        s.statements += 1;
+        s.values += e.count;
+        // The distinct tenants tried, counted up to a bound (their names are not kept).
+        if s.tenants.len() < 1000 {
+            s.tenants.insert(e.tenant.clone());
+        }
+    });
+}
+
+/// Writes the held-back failure summaries once their window has passed (`force`: at the end of
+/// the session, in the exit callback, without waiting for room).
+pub fn flush_failure_summaries(force: bool) {
+    let now = crate::backend::cache_now();
+    let pending = FAILURE_LIMIT.with(|l| {
+        let Ok(mut l) = l.try_borrow_mut() else { return Vec::new() };
+        if l.2.is_empty() || (!force && l.0.is_some_and(|w| now.saturating_duration_since(w) < std::time::Duration::from_secs(1))) {
+            return Vec::new();
+        }
+        std::mem::take(&mut l.2)
+    });
+    for s in pending {
+        let kind = match s.op {
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::Search => "search",
+        };
+        let mut r = base_record(kind, s.role_name);
+        r.operation = kind.into();
+        r.tenant = "*".into();
+        r.value_count = s.values;
+        r.failure_count = s.values;
+        r.outcome = s.outcome;
+        r.detail = format!(
+            "{} statements' failure records in this session recorded as one (over the limit of {FAILURE_RECORDS_PER_SECOND} a second), {}{} distinct tenants",
+            s.statements,
+            if s.tenants.len() >= 1000 { "at least " } else { "" },
+            s.tenants.len()
+        );
+        if force {
+            push_in_error_path(r);
+        } else {
+            push(r);
+        }
     }
 }
 
@@ -906,6 +1019,9 @@ pub fn at_transaction_end(committed: bool) {
         }
         crate::log!("pg_envelope: the audit records of the current statement could not be written (the session ended while they were being updated); status()->'audit'->'dropped' counts them");
     }
+    // Failure summaries held back by the rate limit, once their second has passed (also when
+    // this transaction used no key).
+    flush_failure_summaries(false);
     let ops: Vec<Record> = KEY_OPS.with(|k| k.borrow_mut().drain(..).collect());
     for mut r in ops {
         r.outcome = if committed { "ok".into() } else { "rolled back".into() };
@@ -928,6 +1044,7 @@ fn pg_to_unix_us(ts: i64) -> i64 {
 thread_local! {
     /// The session's database, login and client (shared, not copied, into each record).
     static SESSION: RefCell<Option<std::rc::Rc<(String, String, String)>>> = const { RefCell::new(None) };
+    static SESSION_GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
 }
 
 fn session() -> Option<std::rc::Rc<(String, String, String)>> {
@@ -936,6 +1053,12 @@ fn session() -> Option<std::rc::Rc<(String, String, String)>> {
 
 /// Reads the session's database, login and client once (catalog access: in a live transaction).
 pub(crate) fn prime_session() {
+    // Read again after a pg_authid change (the login role renamed, and another role given its
+    // old name: insider review 27), as the role names of the records are.
+    let generation = hooks::privileges_generation();
+    if SESSION_GENERATION.with(|g| g.replace(generation)) != generation {
+        SESSION.with(|s| s.borrow_mut().take());
+    }
     SESSION.with(|s| {
         s.borrow_mut().get_or_insert_with(|| unsafe {
                 let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);

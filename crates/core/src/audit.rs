@@ -89,6 +89,11 @@ pub struct RecordRef<'a> {
     pub detail: &'a str,
 }
 
+/// Tenant names are kept whole in records (up to the 255 bytes a name may have): cut to the
+/// other fields' 64 bytes, two tenants sharing a prefix were one tenant in the trail, the hourly
+/// counts and the alerts (insider review 27).
+pub const MAX_TENANT: usize = 255;
+
 /// `s` cut to at most `n` bytes at a character boundary.
 pub fn cut_str(s: &str, n: usize) -> &str {
     if s.len() <= n {
@@ -112,7 +117,7 @@ impl<'a> RecordRef<'a> {
             client_addr: cut_str(self.client_addr, max),
             application_name: cut_str(self.application_name, max),
             request_id: cut_str(self.request_id, max),
-            tenant: cut_str(self.tenant, max),
+            tenant: cut_str(self.tenant, MAX_TENANT),
             key_versions: cut_str(self.key_versions, max),
             operation: cut_str(self.operation, max),
             outcome: cut_str(self.outcome, max),
@@ -262,7 +267,6 @@ impl Record {
             &mut self.client_addr,
             &mut self.application_name,
             &mut self.request_id,
-            &mut self.tenant,
             &mut self.key_versions,
             &mut self.operation,
             &mut self.outcome,
@@ -270,6 +274,7 @@ impl Record {
             cut(f, max);
         }
         cut(&mut self.detail, max_detail);
+        cut(&mut self.tenant, MAX_TENANT);
     }
 
     /// This record's hash after `prev`.
@@ -681,6 +686,16 @@ mod tests {
         huge.extend_from_slice(&[0u8; 16]);
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(Record::from_canonical(&huge), None);
+        // A tenant name is kept whole up to 255 bytes (two tenants sharing a 64-byte prefix
+        // stay two tenants), cut past that.
+        let mut t = r.clone();
+        t.tenant = "q".repeat(64) + "-victim";
+        t.truncate_fields(64, 200);
+        assert_eq!(t.tenant, "q".repeat(64) + "-victim");
+        assert_eq!(t.as_ref().truncated(64, 200).tenant, t.tenant);
+        t.tenant = "q".repeat(300);
+        t.truncate_fields(64, 200);
+        assert_eq!(t.tenant.len(), 255);
         // Truncation keeps characters whole.
         let mut t = r.clone();
         t.detail = "ééééé".into();
