@@ -161,6 +161,12 @@ unsafe fn varlena_datum(bytes: &[u8]) -> pg_sys::Datum {
 /// The bytes of a (possibly toasted) varlena argument.
 unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8] {
     let raw = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr::<pg_sys::varlena>();
+    // Neither compressed nor external (a short or plain header: every envelope read from a
+    // page, where they are stored uncompressed): read in place, as pg_detoast_datum_packed
+    // itself would return it, without its guarded call (~150 instructions per value).
+    if !pgrx::varatt_is_4b_c(raw) && !pgrx::varatt_is_1b_e(raw) {
+        return pgrx::varlena_to_byte_slice(raw);
+    }
     let detoasted = pg_sys::pg_detoast_datum_packed(raw);
     pgrx::varlena_to_byte_slice(detoasted)
 }
@@ -408,9 +414,6 @@ fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
         return None;
     }
     let digit = |i: usize| u16::from_be_bytes([b[8 + 2 * i], b[9 + 2 * i]]);
-    if (0..n).any(|i| digit(i) >= NBASE) {
-        return None;
-    }
     if n == 0 {
         // Zero: make_result gives it weight 0 and a positive sign.
         if weight != 0 || sign != NUMERIC_POS {
@@ -448,8 +451,14 @@ fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
             body[..2].copy_from_slice(&(sign | (dscale & NUMERIC_DSCALE_MASK)).to_ne_bytes());
             body[2..4].copy_from_slice(&(weight as i16).to_ne_bytes());
         }
+        // Every digit checked as it is copied (one pass).
         for i in 0..n {
-            body[head + 2 * i..head + 2 * i + 2].copy_from_slice(&(digit(i) as i16).to_ne_bytes());
+            let d = digit(i);
+            if d >= NBASE {
+                pg_sys::pfree(p.cast());
+                return None;
+            }
+            body[head + 2 * i..head + 2 * i + 2].copy_from_slice(&(d as i16).to_ne_bytes());
         }
         Some(pg_sys::Datum::from(p))
     }
