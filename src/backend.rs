@@ -346,6 +346,15 @@ thread_local! {
 }
 
 /// Runs `f` with this backend's state, creating it on first use.
+/// Whether this backend's tenant directory holds `tenant` as an existing tenant, without
+/// reading the catalog (for the audit's failure summaries: a name never looked up, or the
+/// directory in use, counts as not known).
+pub fn tenant_known(tenant: &str) -> bool {
+    BACKEND.with(|cell| {
+        cell.try_borrow().is_ok_and(|b| b.as_ref().is_some_and(|b| matches!(b.directory.get(tenant), Some(Some(_)))))
+    })
+}
+
 pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
     BACKEND.with(|cell| {
         let mut slot = cell.borrow_mut();

@@ -288,7 +288,6 @@ unsafe extern "C-unwind" fn flush_at_exit(_code: std::ffi::c_int, _arg: pg_sys::
         return;
     }
     let _ = std::panic::catch_unwind(|| flush_suppressed(true));
-    let _ = std::panic::catch_unwind(|| super::flush_failure_summaries(true));
 }
 
 /// The audit tables among `(relid, required permissions)`, when one is read.

@@ -14,6 +14,7 @@
 
 pub mod alerts;
 pub mod hooks;
+pub mod limit;
 pub mod trail;
 pub mod writer;
 
@@ -48,6 +49,8 @@ pub struct Queue {
     pub read: u64,
     /// Records that could not be queued (full queue in warn mode), since the server started.
     pub dropped: u64,
+    /// How many of `dropped` the writer has recorded in the chain (a `dropped` record each).
+    pub dropped_recorded: u64,
     /// When the writer last drained (µs, PostgreSQL timestamp); 0: never.
     pub drained_at: i64,
     /// The newest checkpoint this server run made (sequence; when), and when one last failed.
@@ -82,6 +85,7 @@ static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
 
 pub fn register() {
     pgrx::pg_shmem_init!(QUEUE);
+    limit::register();
     unsafe {
         PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
         pg_sys::shmem_request_hook = Some(request_slots);
@@ -549,6 +553,9 @@ struct Entry {
     count: i64,
     failures: i64,
     failure_code: Option<String>,
+    /// Whether the tenant exists (as far as this backend's tenant directory knows; a name that
+    /// is no tenant is summarised as `*` past the failure limit, see [`limit`]).
+    tenant_exists: bool,
     /// When the first value was handled (PostgreSQL timestamp), and the coarse monotonic clock
     /// then and at the last value (a precise clock per value costs more than the rest).
     first_ts: i64,
@@ -730,6 +737,7 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
                     count: 0,
                     failures: 0,
                     failure_code: None,
+                    tenant_exists: tenant.is_empty() || crate::backend::tenant_known(tenant),
                     first_ts: now_ts(),
                     first: now,
                     last: now,
@@ -788,8 +796,8 @@ fn flush_acc(a: &mut Acc) {
     let (database, session_user, client_addr) = session.as_deref().map(|(d, u, c)| (d.as_str(), u.as_str(), c.as_str())).unwrap_or_default();
     let mut versions = String::new();
     for mut e in a.entries.drain(..) {
-        if e.count > 0 && e.failures == e.count && !failure_record_allowed() {
-            suppress_failures(&e);
+        if e.count > 0 && e.failures == e.count && !limit::allowed(e.role) {
+            limit::hold(op_code(e.op), database, &e.role_name, e.failure_code.as_deref().unwrap_or(""), &e.tenant, e.tenant_exists, e.count);
             continue;
         }
         e.versions.sort_unstable();
@@ -837,110 +845,14 @@ fn flush_acc(a: &mut Acc) {
             false,
         );
     }
-    flush_failure_summaries(false);
+    flush_failure_summaries();
 }
 
-// ---------------------------------------------------------------------------------------------
-// A limit on failure-only records. Each statement's failed key uses are one record, but a
-// session can make statements as fast as it likes (a DO block committing in a loop, one made-up
-// tenant per failure): a role with no grant wrote 50,000 records a second that way (insider
-// review 27), burying real records and, on a faster machine, filling the queue (which refuses
-// key use everywhere when auditing fails closed). Past FAILURE_RECORDS_PER_SECOND failure-only
-// records a second in a session, further ones are counted per operation, role and SQLSTATE and
-// written as one summary record (tenant "*", the totals, the number of statements and tenants
-// in its detail) once the second has passed, at the transaction's end, or when the session
-// exits. Records with any success are never limited.
-
-const FAILURE_RECORDS_PER_SECOND: u32 = 100;
-
-struct FailureSummary {
-    op: Op,
-    role_name: String,
-    outcome: String,
-    statements: i64,
-    values: i64,
-    tenants: std::collections::BTreeSet<String>,
-}
-
-thread_local! {
-    /// (the current one-second window's start, records written in it), and what was held back.
-    static FAILURE_LIMIT: RefCell<(Option<std::time::Instant>, u32, Vec<FailureSummary>)> = const { RefCell::new((None, 0, Vec::new())) };
-}
-
-fn failure_record_allowed() -> bool {
-    let now = crate::backend::cache_now();
-    FAILURE_LIMIT.with(|l| {
-        let Ok(mut l) = l.try_borrow_mut() else { return true };
-        if l.0.is_none_or(|w| now.saturating_duration_since(w) >= std::time::Duration::from_secs(1)) {
-            l.0 = Some(now);
-            l.1 = 0;
-        }
-        l.1 += 1;
-        l.1 <= FAILURE_RECORDS_PER_SECOND
-    })
-}
-
-fn suppress_failures(e: &Entry) {
-    hooks::ensure_exit_flush();
-    let outcome = e.failure_code.clone().unwrap_or_default();
-    FAILURE_LIMIT.with(|l| {
-        let Ok(mut l) = l.try_borrow_mut() else { return };
-        let i = match l.2.iter().position(|s| s.op == e.op && s.role_name == e.role_name && s.outcome == outcome) {
-            Some(i) => i,
-            None => {
-                l.2.push(FailureSummary {
-                    op: e.op,
-                    role_name: e.role_name.clone(),
-                    outcome,
-                    statements: 0,
-                    values: 0,
-                    tenants: Default::default(),
-                });
-                l.2.len() - 1
-            }
-        };
-        let s = &mut l.2[i];
-        s.statements += 1;
-        s.values += e.count;
-        // The distinct tenants tried, counted up to a bound (their names are not kept).
-        if s.tenants.len() < 1000 {
-            s.tenants.insert(e.tenant.clone());
-        }
-    });
-}
-
-/// Writes the held-back failure summaries once their window has passed (`force`: at the end of
-/// the session, in the exit callback, without waiting for room).
-pub fn flush_failure_summaries(force: bool) {
-    let now = crate::backend::cache_now();
-    let pending = FAILURE_LIMIT.with(|l| {
-        let Ok(mut l) = l.try_borrow_mut() else { return Vec::new() };
-        if l.2.is_empty() || (!force && l.0.is_some_and(|w| now.saturating_duration_since(w) < std::time::Duration::from_secs(1))) {
-            return Vec::new();
-        }
-        std::mem::take(&mut l.2)
-    });
-    for s in pending {
-        let kind = match s.op {
-            Op::Encrypt => "encrypt",
-            Op::Decrypt => "decrypt",
-            Op::Search => "search",
-        };
-        let mut r = base_record(kind, s.role_name);
-        r.operation = kind.into();
-        r.tenant = "*".into();
-        r.value_count = s.values;
-        r.failure_count = s.values;
-        r.outcome = s.outcome;
-        r.detail = format!(
-            "{} statements' failure records in this session recorded as one (over the limit of {FAILURE_RECORDS_PER_SECOND} a second), {}{} distinct tenants",
-            s.statements,
-            if s.tenants.len() >= 1000 { "at least " } else { "" },
-            s.tenants.len()
-        );
-        if force {
-            push_in_error_path(r);
-        } else {
+/// On a hot standby (no writer): the failure summaries that are due, into this backend's server
+/// log. On a primary the writer takes them (see [`limit`]).
+pub fn flush_failure_summaries() {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        for r in limit::take_due(false) {
             push(r);
         }
     }
@@ -1019,9 +931,8 @@ pub fn at_transaction_end(committed: bool) {
         }
         crate::log!("pg_envelope: the audit records of the current statement could not be written (the session ended while they were being updated); status()->'audit'->'dropped' counts them");
     }
-    // Failure summaries held back by the rate limit, once their second has passed (also when
-    // this transaction used no key).
-    flush_failure_summaries(false);
+    // On a standby, failure summaries held back by the limit, once their second has passed.
+    flush_failure_summaries();
     let ops: Vec<Record> = KEY_OPS.with(|k| k.borrow_mut().drain(..).collect());
     for mut r in ops {
         r.outcome = if committed { "ok".into() } else { "rolled back".into() };

@@ -33,6 +33,9 @@ pub struct Writer {
     /// written again and raises them again).
     pending_taken: usize,
     raised: Vec<Record>,
+    /// Records counted as dropped that the batch in progress records in the chain (added to
+    /// the shared `dropped_recorded` once it committed).
+    dropped_taken: u64,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -89,8 +92,10 @@ impl Writer {
         let taken = std::mem::take(&mut self.pending_taken).min(self.pending.len());
         self.pending.drain(..taken);
         self.pending.append(&mut self.raised);
+        let dropped = std::mem::take(&mut self.dropped_taken);
         if let Some(h) = self.head {
             let mut q = QUEUE.exclusive();
+            q.dropped_recorded += dropped;
             q.head_seq = h.seq;
             q.head_hash = h.hash;
             q.head_relid = self.relid;
@@ -120,8 +125,18 @@ impl Writer {
         if self.head.is_none() {
             alarm = self.load_head()?;
         }
+        // Failure summaries held back by the limit (see `limit`) once their second has passed:
+        // kept with the writer's own records until a batch with them committed.
+        self.pending.extend(super::limit::take_due(false));
+        // Records counted as dropped since the last such record: the count joins the chain (it
+        // was only in shared memory and the server log, and gone at the next restart).
+        let (dropped, dropped_recorded) = {
+            let q = QUEUE.share();
+            (q.dropped, q.dropped_recorded)
+        };
+        self.dropped_taken = dropped.saturating_sub(dropped_recorded);
         let (records, upto, bad) = peek(BATCH);
-        if records.is_empty() && bad == 0 && alarm.is_none() && self.pending.is_empty() {
+        if records.is_empty() && bad == 0 && alarm.is_none() && self.pending.is_empty() && self.dropped_taken == 0 {
             return Ok((0, upto));
         }
         let first_pos = upto - records.len() as u64 - bad;
@@ -146,6 +161,17 @@ impl Writer {
             r.outcome = "dropped".into();
             rows.push((chain.append(r), upto - 1));
         }
+        if self.dropped_taken > 0 {
+            let mut r = base_record("dropped", String::new());
+            r.operation = "queue".into();
+            r.value_count = self.dropped_taken as i64;
+            r.outcome = "dropped".into();
+            r.detail = format!(
+                "{} audit record(s) counted as dropped since the previous such record (queue full past the wait, or a session ending while its records were updated); their contents are lost",
+                self.dropped_taken
+            );
+            rows.push((chain.append(r), upto.saturating_sub(1)));
+        }
         // Appended the way COPY appends (heap_multi_insert, one WAL record per page, then the
         // indexes), unless the table was changed so that only the executor inserts correctly
         // (see `direct_insert_possible`): then one INSERT per batch through SPI.
@@ -165,6 +191,7 @@ impl Writer {
     pub fn reset(&mut self) {
         self.head = None;
         self.pending_taken = 0;
+        self.dropped_taken = 0;
         self.raised.clear();
     }
 
