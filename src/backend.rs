@@ -346,12 +346,19 @@ thread_local! {
 }
 
 /// Runs `f` with this backend's state, creating it on first use.
-/// Whether this backend's tenant directory holds `tenant` as an existing tenant, without
-/// reading the catalog (for the audit's failure summaries: a name never looked up, or the
-/// directory in use, counts as not known).
-pub fn tenant_known(tenant: &str) -> bool {
+/// Whether a tenant of that name exists (this backend's tenant directory, read on a miss and
+/// cached, negative answers included), for the audit of failures. Never said to the caller.
+/// False when it cannot be told (the backend's state in use, a catalog read that failed).
+pub fn tenant_exists(tenant: &str) -> bool {
     BACKEND.with(|cell| {
-        cell.try_borrow().is_ok_and(|b| b.as_ref().is_some_and(|b| matches!(b.directory.get(tenant), Some(Some(_)))))
+        let Ok(mut slot) = cell.try_borrow_mut() else { return false };
+        match slot.as_mut() {
+            Some(b) => b.directory_entry(tenant).is_ok_and(|e| e.is_some()),
+            None => {
+                drop(slot);
+                with_backend(|b| b.directory_entry(tenant).is_ok_and(|e| e.is_some()))
+            }
+        }
     })
 }
 
@@ -1016,19 +1023,10 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result
         return encrypt_inner(plaintext, context, &mut 0, &mut None);
     }
     let (mut version, mut tenant) = (0, None);
-    let armed = crate::audit::fast_armed(crate::audit::Op::Encrypt);
-    if !armed {
-        if let Err(e) = crate::audit::check_can_record() {
-            // The refusal is recorded too (late, once the writer is back): nothing is silently lost.
-            crate::audit::note(crate::audit::Op::Encrypt, current_tenant().ok(), 0, Some(&e));
-            return Err(e);
-        }
-    }
+    let armed = crate::audit::begin(crate::audit::Op::Encrypt)?;
     // The error boxed while the result is looked at (see decrypt_to).
     let r = encrypt_inner(plaintext, context, &mut version, &mut tenant).map_err(Box::new);
-    if !(armed && r.is_ok() && crate::audit::note_fast(tenant, version)) {
-        crate::audit::note(crate::audit::Op::Encrypt, tenant, version, r.as_ref().err().map(|e| &**e));
-    }
+    crate::audit::finish(crate::audit::Op::Encrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e));
     r.map_err(|e| *e)
 }
 
@@ -1108,23 +1106,12 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
         return decrypt_inner(envelope, context, &mut 0, &mut None);
     }
     let (mut version, mut tenant) = (0, None);
-    let armed = crate::audit::fast_armed(crate::audit::Op::Decrypt);
-    if !armed {
-        if let Err(e) = crate::audit::check_can_record() {
-            crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), 0, Some(&e));
-            return Err(e);
-        }
-    }
+    let armed = crate::audit::begin(crate::audit::Op::Decrypt)?;
     // The error boxed while the result is looked at: a `Result<B>` is 80 bytes (the error's
     // size) and was copied whole into the caller's on every value; boxed, the success is two
     // words (the per-value fast path is a few dozen instructions: the copy was a sixth of it).
     let r = decrypt_inner(envelope, context, &mut version, &mut tenant).map_err(Box::new);
-    if !(armed && r.is_ok() && crate::audit::note_fast(tenant, version)) {
-        if tenant.is_none() {
-            tenant = current_tenant().ok();
-        }
-        crate::audit::note(crate::audit::Op::Decrypt, tenant, version, r.as_ref().err().map(|e| &**e));
-    }
+    crate::audit::finish(crate::audit::Op::Decrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e));
     if r.is_ok() {
         crate::audit::alerts::check_canary(envelope, tenant);
     }

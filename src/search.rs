@@ -40,7 +40,8 @@ unsafe fn arg_term<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8; T
 
 fn palloc_term(t: &Term) -> pg_sys::Datum {
     unsafe {
-        let p = pg_sys::palloc(TERM_LEN) as *mut u8;
+        // Without pgrx's guard (see nothrow::palloc0: no error path).
+        let p = crate::nothrow::palloc0(TERM_LEN) as *mut u8;
         std::ptr::copy_nonoverlapping(t.to_bytes().as_ptr(), p, TERM_LEN);
         pg_sys::Datum::from(p)
     }
@@ -150,39 +151,38 @@ unsafe fn term_hash_extended(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
 struct PurposeCache {
     len: usize,
     normalization: Normalization,
+    /// The value argument's type at this call site (`get_fn_expr_argtype`: fixed per call site).
+    value_type: pg_sys::Oid,
     name: [u8; 200],
 }
 
 /// The call's purpose and its normalisation if this call site resolved it before (fn_extra).
-unsafe fn purpose_cached<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Option<(&'a str, Normalization)> {
+unsafe fn purpose_cached<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Option<(&'a str, Normalization, pg_sys::Oid)> {
     unsafe {
         let cache = (*(*fcinfo).flinfo).fn_extra as *const PurposeCache;
         let c = cache.as_ref()?;
-        let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
-        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-        let bytes = pgrx::varlena_to_byte_slice(v);
+        let bytes = crate::types::arg_bytes(fcinfo, 0);
         if c.name[..c.len] != *bytes {
             return None;
         }
         // SAFETY: the same bytes as the cached name, which was checked to be UTF-8.
-        Some((std::str::from_utf8_unchecked(bytes), c.normalization))
+        Some((std::str::from_utf8_unchecked(bytes), c.normalization, c.value_type))
     }
 }
 
-unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Result<(&'a str, Normalization)> {
+unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Result<(&'a str, Normalization, pg_sys::Oid)> {
     unsafe {
-        let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
-        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-        let bytes = pgrx::varlena_to_byte_slice(v);
+        let bytes = crate::types::arg_bytes(fcinfo, 0);
         let purpose = std::str::from_utf8(bytes)
             .map_err(|_| bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "pg_envelope: a purpose is UTF-8 text".into(), None))?;
         let flinfo = (*fcinfo).flinfo;
         let cache = (*flinfo).fn_extra as *mut PurposeCache;
         if let Some(c) = cache.as_ref() {
             if c.name[..c.len] == *bytes {
-                return Ok((purpose, c.normalization));
+                return Ok((purpose, c.normalization, c.value_type));
             }
         }
+        let value_type = pg_sys::get_fn_expr_argtype(flinfo, 1);
         let n = catalog::purpose_normalization(purpose)?.ok_or_else(|| EnvelopeError::PurposeUnknown { purpose: purpose.to_string() })?;
         let n = Normalization::parse(&n).map_err(search_error)?;
         if bytes.len() <= 200 {
@@ -197,20 +197,19 @@ unsafe fn purpose_of<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Result<(&'a str, N
             c.len = bytes.len();
             c.name[..bytes.len()].copy_from_slice(bytes);
             c.normalization = n;
+            c.value_type = value_type;
         }
-        Ok((purpose, n))
+        Ok((purpose, n, value_type))
     }
 }
 
 /// Runs `f` with the second argument as a [`Value`] (by its SQL type).
-unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<'_>) -> Result<R>) -> Result<R> {
+unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, ty: pg_sys::Oid, f: impl FnOnce(&Value<'_>) -> Result<R>) -> Result<R> {
     unsafe {
-        let ty = pg_sys::get_fn_expr_argtype((*fcinfo).flinfo, 1);
         let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 1);
         match ty {
             pg_sys::TEXTOID => {
-                let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-                let bytes = pgrx::varlena_to_byte_slice(v);
+                let bytes = crate::types::arg_bytes(fcinfo, 1);
                 // Terms are of the UTF-8 text, whatever the database encoding. pg_server_to_any
                 // returns its input (not NUL-terminated: the varlena's bytes) when nothing needs
                 // converting (an empty string, SQL_ASCII, UTF8), else a NUL-terminated palloc'd
@@ -220,7 +219,7 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<
                 // (PostgreSQL's own check would quote the offending bytes, which may be
                 // plaintext, in its error: found by the adversarial review). Other encodings are
                 // converted; a conversion that fails is reported without its bytes too.
-                let enc = pg_sys::GetDatabaseEncoding();
+                let enc = crate::nothrow::database_encoding();
                 let not_text = || bad(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, "pg_envelope: the value is not valid text".into(), None);
                 let utf8: &[u8] = if bytes.is_empty() || enc == pg_sys::pg_enc::PG_UTF8 as i32 || enc == pg_sys::pg_enc::PG_SQL_ASCII as i32 {
                     bytes
@@ -239,10 +238,7 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, f: impl FnOnce(&Value<
                 let s = std::str::from_utf8(utf8).map_err(|_| not_text())?;
                 f(&Value::Text(s))
             }
-            pg_sys::BYTEAOID => {
-                let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-                f(&Value::Bytea(pgrx::varlena_to_byte_slice(v)))
-            }
+            pg_sys::BYTEAOID => f(&Value::Bytea(crate::types::arg_bytes(fcinfo, 1))),
             pg_sys::INT8OID => f(&Value::Int8(d.value() as i64)),
             pg_sys::DATEOID => f(&Value::Date(d.value() as i32)),
             pg_sys::TIMESTAMPTZOID => f(&Value::Timestamptz(d.value() as i64)),
@@ -274,20 +270,14 @@ enum Terms {
 unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
     let audited = crate::audit::enabled();
     // Armed: this statement's check passed and a like value was noted (src/audit/mod.rs).
-    let armed = audited && crate::audit::fast_armed(crate::audit::Op::Search);
-    if audited && !armed {
-        if let Err(e) = crate::audit::check_can_record() {
-            crate::audit::note(crate::audit::Op::Search, backend::current_tenant().ok(), 0, Some(&e));
-            return Err(e);
-        }
-    }
+    let armed = audited && crate::audit::begin(crate::audit::Op::Search)?;
     let mut version = 0;
     let current = backend::current_tenant();
     let tenant = current.as_ref().ok().copied();
     let r = current.and_then(|tenant| {
         // A purpose this call site already resolved (after a grant check) needs no lookup; a new
         // one is looked up only after the grant check. The keys' own grant check follows anyway.
-        let (purpose, n) = match unsafe { purpose_cached(fcinfo) } {
+        let (purpose, n, ty) = match unsafe { purpose_cached(fcinfo) } {
             Some(p) => p,
             None => {
                 backend::with_backend(|b| b.check_grant(tenant, crate::nothrow::current_user_id()))?;
@@ -295,7 +285,7 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
             }
         };
         unsafe {
-            with_value(fcinfo, |value| {
+            with_value(fcinfo, ty, |value| {
                 backend::with_backend(|b| {
                     b.with_tenant_keys(tenant, |keys| {
                         let no_key = || EnvelopeError::NoIndexKey { tenant: tenant.to_string() };
@@ -324,8 +314,8 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
             })
         }
     });
-    if audited && !(armed && r.is_ok() && crate::audit::note_fast(tenant, version)) {
-        crate::audit::note(crate::audit::Op::Search, tenant, version, r.as_ref().err());
+    if audited {
+        crate::audit::finish(crate::audit::Op::Search, armed, tenant, version, r.as_ref().err());
     }
     r
 }

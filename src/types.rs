@@ -159,7 +159,7 @@ unsafe fn varlena_datum(bytes: &[u8]) -> pg_sys::Datum {
 }
 
 /// The bytes of a (possibly toasted) varlena argument.
-unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8] {
+pub(crate) unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8] {
     let raw = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr::<pg_sys::varlena>();
     // Neither compressed nor external (a short or plain header: every envelope read from a
     // page, where they are stored uncompressed): read in place, as pg_detoast_datum_packed

@@ -636,6 +636,38 @@ fn op_code(op: Op) -> u8 {
     }
 }
 
+/// Before a key use: whether the per-value fast path is armed for this statement and operation
+/// (`Ok(true)`: the statement's check passed already); otherwise the fail-closed check, whose
+/// refusal is noted (recorded once the writer is back: nothing is silently lost) and returned.
+#[inline]
+pub fn begin(op: Op) -> Result<bool> {
+    if fast_armed(op) {
+        return Ok(true);
+    }
+    if let Err(e) = check_can_record() {
+        note(op, crate::backend::current_tenant().ok(), 0, Some(&e));
+        return Err(e);
+    }
+    Ok(false)
+}
+
+/// After a key use begun with [`begin`]: counted on the fast path when it is like the armed one,
+/// else noted (a failure with its error).
+#[inline]
+pub fn finish(op: Op, armed: bool, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
+    if !(armed && err.is_none() && note_fast(tenant, version)) {
+        let current;
+        let tenant = match tenant {
+            Some(t) => Some(t),
+            None => {
+                current = crate::backend::current_tenant().ok();
+                current
+            }
+        };
+        note(op, tenant, version, err);
+    }
+}
+
 /// Whether the fast path is armed for this statement and operation: then the statement's
 /// `check_can_record` has passed and need not run again.
 #[inline]
@@ -693,6 +725,15 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
     let stmt = crate::nothrow::statement_start();
     let role = crate::nothrow::current_user_id();
     let now = crate::backend::cache_now();
+    // Whether a failure's tenant exists, looked up (once per name and backend: the tenant
+    // directory caches it) before the aggregate is borrowed: a value that fails before its
+    // tenant is looked up (a truncated or forged envelope) must keep a real tenant's name past
+    // the per-statement cap and the failure limit (insider review 29). A success's tenant exists.
+    let exists = match (err, tenant) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(_), Some(t)) => t.is_empty() || crate::backend::tenant_exists(t),
+    };
     ACC.with(|a| {
         let Ok(mut a) = a.try_borrow_mut() else { return };
         fold(&mut a);
@@ -707,13 +748,14 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             Some(e) if e.op == op && e.role == role && e.tenant == tenant => Some(0),
             _ => a.entries.iter().position(|e| e.op == op && e.role == role && e.tenant == tenant),
         };
-        // At most MAX_ENTRIES aggregates per statement for failures: past that (a statement
-        // that tries one made-up tenant per value to flood the queue), further failures share
-        // one entry, tenant "*". A success always keeps its tenant (it needs a grant, so their
-        // number is bounded by the role's tenants): sixteen cheap failures under made-up names
-        // must not hide a real tenant's decryptions as "*" (insider review 27).
+        // At most MAX_ENTRIES aggregates per statement for failures under names that are no
+        // tenant: past that (a statement that tries one made-up tenant per value to flood the
+        // queue), further ones share one entry, tenant "*". A success, or a failure under a
+        // tenant that exists, always keeps its tenant (their number is bounded by the tenants
+        // there are): sixteen cheap failures under made-up names must not hide a real tenant's
+        // decryptions (insider review 27) or probes (review 29) as "*".
         let (hit, tenant) = match hit {
-            None if err.is_some() && a.entries.len() >= MAX_ENTRIES => {
+            None if err.is_some() && !exists && a.entries.len() >= MAX_ENTRIES => {
                 (a.entries.iter().position(|e| e.op == op && e.role == role && e.tenant == "*"), "*")
             }
             h => (h, tenant),
@@ -737,7 +779,7 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
                     count: 0,
                     failures: 0,
                     failure_code: None,
-                    tenant_exists: tenant.is_empty() || crate::backend::tenant_known(tenant),
+                    tenant_exists: exists && tenant != "*",
                     first_ts: now_ts(),
                     first: now,
                     last: now,
@@ -797,7 +839,16 @@ fn flush_acc(a: &mut Acc) {
     let mut versions = String::new();
     for mut e in a.entries.drain(..) {
         if e.count > 0 && e.failures == e.count && !limit::allowed(e.role) {
-            limit::hold(op_code(e.op), database, &e.role_name, e.failure_code.as_deref().unwrap_or(""), &e.tenant, e.tenant_exists, e.count);
+            limit::hold(&limit::Failure {
+                op: op_code(e.op),
+                database,
+                login: session_user,
+                role: &e.role_name,
+                outcome: e.failure_code.as_deref().unwrap_or(""),
+                tenant: &e.tenant,
+                tenant_exists: e.tenant_exists,
+                values: e.count,
+            });
             continue;
         }
         e.versions.sort_unstable();
@@ -852,9 +903,11 @@ fn flush_acc(a: &mut Acc) {
 /// log. On a primary the writer takes them (see [`limit`]).
 pub fn flush_failure_summaries() {
     if unsafe { pg_sys::RecoveryInProgress() } {
-        for r in limit::take_due(false) {
+        let (records, taken, overflow) = limit::take_due(false);
+        for r in records {
             push(r);
         }
+        limit::release(&taken, overflow, true);
     }
 }
 

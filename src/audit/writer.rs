@@ -36,6 +36,12 @@ pub struct Writer {
     /// Records counted as dropped that the batch in progress records in the chain (added to
     /// the shared `dropped_recorded` once it committed).
     dropped_taken: u64,
+    /// The failure summaries the batch in progress took from shared memory (freed once it
+    /// committed, put back if it failed: see `limit`), and whether the overflow was among them.
+    summaries_taken: Vec<usize>,
+    overflow_taken: bool,
+    /// Summaries a previous writer process took were put back (once per process).
+    untaken: bool,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -93,6 +99,7 @@ impl Writer {
         self.pending.drain(..taken);
         self.pending.append(&mut self.raised);
         let dropped = std::mem::take(&mut self.dropped_taken);
+        super::limit::release(&std::mem::take(&mut self.summaries_taken), std::mem::take(&mut self.overflow_taken), true);
         if let Some(h) = self.head {
             let mut q = QUEUE.exclusive();
             q.dropped_recorded += dropped;
@@ -126,8 +133,16 @@ impl Writer {
             alarm = self.load_head()?;
         }
         // Failure summaries held back by the limit (see `limit`) once their second has passed:
-        // kept with the writer's own records until a batch with them committed.
-        self.pending.extend(super::limit::take_due(false));
+        // taken, not removed, until this batch committed (a failed batch, or a writer that
+        // exits inside it, leaves them to the next: insider review 29).
+        if !self.untaken {
+            super::limit::untake_all();
+            self.untaken = true;
+        }
+        super::limit::release(&std::mem::take(&mut self.summaries_taken), std::mem::take(&mut self.overflow_taken), false);
+        let (summaries, taken, overflow) = super::limit::take_due(false);
+        self.summaries_taken = taken;
+        self.overflow_taken = overflow;
         // Records counted as dropped since the last such record: the count joins the chain (it
         // was only in shared memory and the server log, and gone at the next restart).
         let (dropped, dropped_recorded) = {
@@ -136,7 +151,7 @@ impl Writer {
         };
         self.dropped_taken = dropped.saturating_sub(dropped_recorded);
         let (records, upto, bad) = peek(BATCH);
-        if records.is_empty() && bad == 0 && alarm.is_none() && self.pending.is_empty() && self.dropped_taken == 0 {
+        if records.is_empty() && bad == 0 && alarm.is_none() && self.pending.is_empty() && self.dropped_taken == 0 && summaries.is_empty() {
             return Ok((0, upto));
         }
         let first_pos = upto - records.len() as u64 - bad;
@@ -154,6 +169,7 @@ impl Writer {
         // The writer's own records of the previous batch (its alerts), before the queue's.
         self.pending_taken = self.pending.len();
         rows.extend(self.pending.iter().cloned().map(|r| (chain.append(r), first_pos.saturating_sub(1))));
+        rows.extend(summaries.into_iter().map(|r| (chain.append(r), first_pos.saturating_sub(1))));
         rows.extend(records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)));
         if bad > 0 {
             let mut r = base_record("dropped", String::new());
@@ -192,6 +208,7 @@ impl Writer {
         self.head = None;
         self.pending_taken = 0;
         self.dropped_taken = 0;
+        super::limit::release(&std::mem::take(&mut self.summaries_taken), std::mem::take(&mut self.overflow_taken), false);
         self.raised.clear();
     }
 
