@@ -639,33 +639,40 @@ fn op_code(op: Op) -> u8 {
 /// Before a key use: whether the per-value fast path is armed for this statement and operation
 /// (`Ok(true)`: the statement's check passed already); otherwise the fail-closed check, whose
 /// refusal is noted (recorded once the writer is back: nothing is silently lost) and returned.
-#[inline]
+#[inline(always)]
 pub fn begin(op: Op) -> Result<bool> {
     if fast_armed(op) {
         return Ok(true);
     }
-    if let Err(e) = check_can_record() {
-        note(op, crate::backend::current_tenant().ok(), 0, Some(&e));
-        return Err(e);
-    }
+    begin_slow(op)?;
     Ok(false)
+}
+
+#[inline(never)]
+fn begin_slow(op: Op) -> Result<()> {
+    check_can_record().inspect_err(|e| note(op, crate::backend::current_tenant().ok(), 0, Some(e)))
 }
 
 /// After a key use begun with [`begin`]: counted on the fast path when it is like the armed one,
 /// else noted (a failure with its error).
-#[inline]
+#[inline(always)]
 pub fn finish(op: Op, armed: bool, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
     if !(armed && err.is_none() && note_fast(tenant, version)) {
-        let current;
-        let tenant = match tenant {
-            Some(t) => Some(t),
-            None => {
-                current = crate::backend::current_tenant().ok();
-                current
-            }
-        };
-        note(op, tenant, version, err);
+        finish_slow(op, tenant, version, err);
     }
+}
+
+#[inline(never)]
+fn finish_slow(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
+    let current;
+    let tenant = match tenant {
+        Some(t) => Some(t),
+        None => {
+            current = crate::backend::current_tenant().ok();
+            current
+        }
+    };
+    note(op, tenant, version, err);
 }
 
 /// Whether the fast path is armed for this statement and operation: then the statement's
