@@ -486,7 +486,15 @@ pub fn current_tenant() -> Result<&'static str> {
     let unset = || EnvelopeError::TenantUnset { setting: name.to_string_lossy().into_owned() };
     // A name that is not UTF-8 (non-ASCII in a LATIN1 database) can name no tenant: every
     // tenant name is UTF-8. Say so rather than calling the setting unset.
-    let s = crate::nothrow::tenant_setting_value(name).ok_or_else(unset)?.to_str().map_err(|_| EnvelopeError::InvalidTenantName)?;
+    let bytes = crate::nothrow::tenant_setting_value(name).ok_or_else(unset)?.to_bytes();
+    // ASCII (the common case) in one vectorised pass, anything else checked fully (a C string
+    // holds no NUL, which is all the fast check adds to UTF-8 validity).
+    let s = if pg_envelope_core::text::valid_utf8_text(bytes) {
+        // SAFETY: checked to be valid UTF-8 just above.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    } else {
+        std::str::from_utf8(bytes).map_err(|_| EnvelopeError::InvalidTenantName)?
+    };
     if s.is_empty() {
         return Err(unset());
     }

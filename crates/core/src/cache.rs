@@ -237,6 +237,9 @@ pub struct CacheEntry<M> {
     /// A shorter TTL for this entry than the cache's (a provider's `key_cache_ttl`: a
     /// customer-managed key whose revocation must take effect sooner).
     pub ttl_cap: Option<Duration>,
+    /// `loaded_at + ttl` under the cache's current TTL, computed at the first hit (a compare per
+    /// value instead of a subtraction of two clock readings); cleared when the TTL changes.
+    fresh_until: Option<Instant>,
 }
 
 impl<M> CacheEntry<M> {
@@ -301,6 +304,11 @@ impl<M> KeyCache<M> {
     }
 
     pub fn set_ttl(&mut self, ttl: Duration) {
+        if ttl != self.ttl {
+            for e in self.entries.values_mut() {
+                e.fresh_until = None;
+            }
+        }
         self.ttl = ttl;
     }
     pub fn ttl(&self) -> Duration {
@@ -399,7 +407,26 @@ impl<M> KeyCache<M> {
     /// The entry if it is fresh at `now`, counting a hit: the hot path, one hash lookup.
     pub fn fresh_hit(&mut self, tenant: &str, now: Instant) -> Option<&mut CacheEntry<M>> {
         let e = self.entries.get_mut(tenant)?;
-        if now.saturating_duration_since(e.keys.loaded_at) >= e.ttl(self.ttl) {
+        let until = match e.fresh_until {
+            Some(u) => u,
+            None => {
+                let ttl = e.ttl(self.ttl);
+                match e.keys.loaded_at.checked_add(ttl) {
+                    // A zero TTL (nothing cached) is never fresh, whatever the clock says.
+                    Some(u) if !ttl.is_zero() => {
+                        e.fresh_until = Some(u);
+                        u
+                    }
+                    _ => {
+                        if now.saturating_duration_since(e.keys.loaded_at) >= ttl {
+                            return None;
+                        }
+                        now + Duration::from_nanos(1)
+                    }
+                }
+            }
+        };
+        if now >= until {
             return None;
         }
         self.stats.hits += 1;
@@ -442,7 +469,7 @@ impl<M> KeyCache<M> {
         self.stats.root_unwraps += 1;
         keys.hits = 1;
         self.cold_failures.remove(tenant);
-        self.entries.insert(tenant.to_string(), CacheEntry { keys, meta, degraded: None, ttl_cap });
+        self.entries.insert(tenant.to_string(), CacheEntry { keys, meta, degraded: None, ttl_cap, fresh_until: None });
         self.entries.get_mut(tenant).expect("just inserted")
     }
 
@@ -583,6 +610,25 @@ mod tests {
         let keys = TenantKeys::load(&mut p, &byok, t0).unwrap();
         cache.insert_loaded_capped("byok", keys, (), Some(Duration::from_secs(7200)));
         assert!(cache.fresh_hit("byok", t0 + Duration::from_secs(3600)).is_none());
+    }
+
+    #[test]
+    fn a_shorter_ttl_applies_to_entries_already_hit_and_a_zero_ttl_caches_nothing() {
+        let mut p = InsecureTestProvider::new();
+        let rec = make_tenant(&mut p, "acme", 1, &[1]);
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(3600));
+        let t0 = Instant::now();
+        cache.insert_loaded("acme", TenantKeys::load(&mut p, &rec, t0).unwrap(), ());
+        // Hit once under the long TTL (its expiry is remembered), then shortened.
+        assert!(cache.fresh_hit("acme", t0 + Duration::from_secs(10)).is_some());
+        cache.set_ttl(Duration::from_secs(20));
+        assert!(cache.fresh_hit("acme", t0 + Duration::from_secs(19)).is_some());
+        assert!(cache.fresh_hit("acme", t0 + Duration::from_secs(20)).is_none(), "the new TTL, not the remembered expiry");
+        cache.set_ttl(Duration::ZERO);
+        assert!(cache.fresh_hit("acme", t0).is_none());
+        // Lengthened again: fresh again (the entry was loaded at t0).
+        cache.set_ttl(Duration::from_secs(3600));
+        assert!(cache.fresh_hit("acme", t0 + Duration::from_secs(30)).is_some());
     }
 
     #[test]
