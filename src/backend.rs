@@ -352,11 +352,19 @@ thread_local! {
 pub fn tenant_exists(tenant: &str) -> bool {
     BACKEND.with(|cell| {
         let Ok(mut slot) = cell.try_borrow_mut() else { return false };
+        // The epoch first, as for key use: a name looked up before its tenant was created must
+        // not stay "no tenant" (insider review 30).
         match slot.as_mut() {
-            Some(b) => b.directory_entry(tenant).is_ok_and(|e| e.is_some()),
+            Some(b) => {
+                b.check_epoch();
+                b.directory_entry(tenant).is_ok_and(|e| e.is_some())
+            }
             None => {
                 drop(slot);
-                with_backend(|b| b.directory_entry(tenant).is_ok_and(|e| e.is_some()))
+                with_backend(|b| {
+                    b.check_epoch();
+                    b.directory_entry(tenant).is_ok_and(|e| e.is_some())
+                })
             }
         }
     })
@@ -695,6 +703,12 @@ impl Backend {
             // (Each miss: after DROP and CREATE EXTENSION the table has a new oid.)
             note_tenants_oid(catalog::tenants_oid()?);
             let d = catalog::tenant_directory(tenant)?;
+            // No tenant's name is longer than 255 bytes (create_tenant refuses it): such names
+            // are not remembered as absent (a role made its backend hold 1 MB per name, up to
+            // DIRECTORY_LIMIT of them: insider review 30).
+            if d.is_none() && tenant.len() > 255 {
+                return Ok(None);
+            }
             if self.directory.len() >= DIRECTORY_LIMIT {
                 self.directory.clear();
             }

@@ -202,20 +202,17 @@ pub fn evaluate<'a>(rows: impl Iterator<Item = &'a Stored>) -> Result<Vec<pg_env
             }
         }
         for ((hour_us, role), seq) in roles {
-            // Only when no single tenant crossed the threshold (its own alert says it already).
-            let (total, most): (i64, i64) = Spi::connect(|c| {
-                let t = c
-                    .select(
-                        "SELECT coalesce(sum(failures), 0)::int8, coalesce(max(failures), 0)::int8 FROM envelope.audit_hourly
-                          WHERE hour = pg_catalog.to_timestamp($1::pg_catalog.float8 OPERATOR(pg_catalog./) 1e6) AND role_name = $2",
-                        None,
-                        &[hour_us.into(), role.as_str().into()],
-                    )
-                    .map_err(spi_err)?;
-                let r = t.first();
-                Ok::<_, EnvelopeError>((r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0), r.get::<i64>(2).map_err(spi_err)?.unwrap_or(0)))
-            })?;
-            if total > failures_per_hour && most <= failures_per_hour {
+            // The failures under tenants that did not cross the threshold themselves (those
+            // have their own alert): one tenant over it must not silence the spread case for the
+            // rest of the hour (insider review 30).
+            let total: i64 = Spi::get_one_with_args(
+                "SELECT coalesce(sum(failures) FILTER (WHERE failures OPERATOR(pg_catalog.<=) $3), 0)::int8 FROM envelope.audit_hourly
+                  WHERE hour = pg_catalog.to_timestamp($1::pg_catalog.float8 OPERATOR(pg_catalog./) 1e6) AND role_name = $2",
+                &[hour_us.into(), role.as_str().into(), failures_per_hour.into()],
+            )
+            .map_err(spi_err)?
+            .unwrap_or(0);
+            if total > failures_per_hour {
                 alerts.push(Alert {
                     // A rule of its own: as ("failures", role, "*") it shared the once-an-hour
                     // key of the alert on the summaries of made-up names (insider review 29).
@@ -225,7 +222,7 @@ pub fn evaluate<'a>(rows: impl Iterator<Item = &'a Stored>) -> Result<Vec<pg_env
                     hour_us,
                     observed: total,
                     threshold: Some(failures_per_hour as f64),
-                    detail: format!("{total} failed key uses this hour across all tenants (envelope.alert_failures_per_hour = {failures_per_hour})"),
+                    detail: format!("{total} failed key uses this hour across tenants that are each below envelope.alert_failures_per_hour = {failures_per_hour}"),
                     seq,
                 });
             }

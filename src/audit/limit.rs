@@ -108,7 +108,10 @@ struct Overflow {
 pub struct Limiter {
     windows: [Window; ROLES],
     held: [Held; HELD],
-    overflow: Overflow,
+    /// Two, so that failures past every entry have somewhere to go while the writer's batch has
+    /// taken one (review 30: the taken one was reset under the batch, which then failed: lost).
+    /// At most one is taken at a time.
+    overflow: [Overflow; 2],
 }
 
 impl Default for Limiter {
@@ -238,8 +241,14 @@ pub fn hold(f: &Failure<'_>) {
                     i
                 }
                 (_, None, None) => {
-                    let o = &mut l.overflow;
-                    if o.state != State::Counting {
+                    let j = l
+                        .overflow
+                        .iter()
+                        .position(|o| o.state == State::Counting)
+                        .or_else(|| l.overflow.iter().position(|o| o.state == State::Free))
+                        .unwrap_or(0);
+                    let o = &mut l.overflow[j];
+                    if o.state == State::Free {
                         *o = Overflow { state: State::Counting, since: now, ..unsafe { std::mem::zeroed() } };
                     }
                     o.statements += 1;
@@ -357,9 +366,15 @@ pub fn take_due(all: bool) -> (Vec<Record>, Vec<usize>, bool) {
             taken.push(i);
         }
     }
-    let o = &mut l.overflow;
-    let overflow = o.state == State::Counting && due(o.since);
-    if overflow {
+    // One overflow at a time (the other keeps counting meanwhile).
+    let j = if l.overflow.iter().any(|o| o.state == State::Taken) {
+        None
+    } else {
+        l.overflow.iter().position(|o| o.state == State::Counting && due(o.since))
+    };
+    let overflow = j.is_some();
+    if let Some(j) = j {
+        let o = &mut l.overflow[j];
         let roles: Vec<String> = (0..OVERFLOW_ROLES).filter(|&j| o.roles_len[j] > 0).map(|j| text(&o.roles[j][..o.roles_len[j] as usize])).collect();
         let mut r = Record {
             at_us: super::pg_to_unix_us(o.since),
@@ -403,11 +418,13 @@ pub fn release(taken: &[usize], overflow: bool, committed: bool) {
             }
         }
     }
-    if overflow && l.overflow.state == State::Taken {
-        if committed {
-            l.overflow = unsafe { std::mem::zeroed() };
-        } else {
-            l.overflow.state = State::Counting;
+    if overflow {
+        for o in l.overflow.iter_mut().filter(|o| o.state == State::Taken) {
+            if committed {
+                *o = unsafe { std::mem::zeroed() };
+            } else {
+                o.state = State::Counting;
+            }
         }
     }
 }
@@ -421,7 +438,7 @@ pub fn untake_all() {
             h.state = State::Counting;
         }
     }
-    if l.overflow.state == State::Taken {
-        l.overflow.state = State::Counting;
+    for o in l.overflow.iter_mut().filter(|o| o.state == State::Taken) {
+        o.state = State::Counting;
     }
 }
