@@ -39,7 +39,19 @@ mod raw {
         pub fn is_in_parallel_mode() -> bool;
         #[link_name = "ActiveSnapshotSet"]
         pub fn active_snapshot_set() -> bool;
+        #[link_name = "RecoveryInProgress"]
+        pub fn recovery_in_progress() -> bool;
     }
+}
+
+/// Whether the server is a hot standby still in recovery (`xlog.c` RecoveryInProgress: a local
+/// flag, and while it is set one read of shared memory; no error path, PostgreSQL 15-18). The
+/// audit asks it per record pushed and per statement flushed, where pgrx's guard cost ~100
+/// instructions a call.
+#[inline]
+pub fn recovery_in_progress() -> bool {
+    // SAFETY: reads backend and shared-memory state; never raises.
+    unsafe { raw::recovery_in_progress() }
 }
 
 /// The transaction-state predicates the audit's per-statement hooks ask (`xact.c`

@@ -227,7 +227,7 @@ pub fn enabled() -> bool {
 
 /// Whether new records can be recorded now: the queue has room and the writer keeps up.
 pub fn health() -> std::result::Result<(), String> {
-    if unsafe { pg_sys::RecoveryInProgress() } {
+    if crate::nothrow::recovery_in_progress() {
         return Err("this server is a hot standby: the audit trail cannot be written here (with envelope.audit_fail_closed off, records go to this server's log instead, unchained)".into());
     }
     // One lock round in the common case (room, the oldest record recent enough).
@@ -410,7 +410,7 @@ thread_local! {
 
 fn push_ref(r: RecordRef<'_>, error_path: bool) {
     let r = r.truncated(64, 200);
-    if unsafe { pg_sys::RecoveryInProgress() } {
+    if crate::nothrow::recovery_in_progress() {
         // A hot standby cannot write the trail: the record goes to its server log (unchained),
         // which is what envelope.audit_fail_closed = off means there (see health()).
         if !error_path {
@@ -909,7 +909,7 @@ fn flush_acc(a: &mut Acc) {
 /// On a hot standby (no writer): the failure summaries that are due, into this backend's server
 /// log. On a primary the writer takes them (see [`limit`]).
 pub fn flush_failure_summaries() {
-    if unsafe { pg_sys::RecoveryInProgress() } {
+    if crate::nothrow::recovery_in_progress() {
         let (records, taken, overflow) = limit::take_due(false);
         for r in records {
             push(r);
