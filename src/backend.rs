@@ -345,31 +345,22 @@ thread_local! {
     static BACKEND: RefCell<Option<Backend>> = const { RefCell::new(None) };
 }
 
-/// Runs `f` with this backend's state, creating it on first use.
 /// Whether a tenant of that name exists (this backend's tenant directory, read on a miss and
 /// cached, negative answers included), for the audit of failures. Never said to the caller.
 /// False when it cannot be told (the backend's state in use, a catalog read that failed).
 pub fn tenant_exists(tenant: &str) -> bool {
-    BACKEND.with(|cell| {
-        let Ok(mut slot) = cell.try_borrow_mut() else { return false };
-        // The epoch first, as for key use: a name looked up before its tenant was created must
-        // not stay "no tenant" (insider review 30).
-        match slot.as_mut() {
-            Some(b) => {
-                b.check_epoch();
-                b.directory_entry(tenant).is_ok_and(|e| e.is_some())
-            }
-            None => {
-                drop(slot);
-                with_backend(|b| {
-                    b.check_epoch();
-                    b.directory_entry(tenant).is_ok_and(|e| e.is_some())
-                })
-            }
-        }
+    if BACKEND.with(|cell| cell.try_borrow_mut().is_err()) {
+        return false;
+    }
+    // The epoch first, as for key use: a name looked up before its tenant was created must not
+    // stay "no tenant" (insider review 30).
+    with_backend(|b| {
+        b.check_epoch();
+        b.directory_entry(tenant).is_ok_and(|e| e.is_some())
     })
 }
 
+/// Runs `f` with this backend's state, creating it on first use.
 pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
     BACKEND.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -495,14 +486,7 @@ pub fn current_tenant() -> Result<&'static str> {
     // A name that is not UTF-8 (non-ASCII in a LATIN1 database) can name no tenant: every
     // tenant name is UTF-8. Say so rather than calling the setting unset.
     let bytes = crate::nothrow::tenant_setting_value(name).ok_or_else(unset)?.to_bytes();
-    // ASCII (the common case) in one vectorised pass, anything else checked fully (a C string
-    // holds no NUL, which is all the fast check adds to UTF-8 validity).
-    let s = if pg_envelope_core::text::valid_utf8_text(bytes) {
-        // SAFETY: checked to be valid UTF-8 just above.
-        unsafe { std::str::from_utf8_unchecked(bytes) }
-    } else {
-        std::str::from_utf8(bytes).map_err(|_| EnvelopeError::InvalidTenantName)?
-    };
+    let s = pg_envelope_core::text::utf8_str(bytes).map_err(|_| EnvelopeError::InvalidTenantName)?;
     if s.is_empty() {
         return Err(unset());
     }

@@ -235,13 +235,7 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, ty: pg_sys::Oid, f: im
                         CStr::from_ptr(p).to_bytes()
                     }
                 };
-                // ASCII (the common case) in one vectorised pass; anything else checked fully.
-                let s = if pg_envelope_core::text::valid_utf8_text(utf8) {
-                    // SAFETY: checked to be valid UTF-8 just above.
-                    std::str::from_utf8_unchecked(utf8)
-                } else {
-                    std::str::from_utf8(utf8).map_err(|_| not_text())?
-                };
+                let s = pg_envelope_core::text::utf8_str(utf8).map_err(|_| not_text())?;
                 f(&Value::Text(s))
             }
             pg_sys::BYTEAOID => f(&Value::Bytea(crate::types::arg_bytes(fcinfo, 1))),

@@ -10,6 +10,7 @@ again at the end.
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -100,6 +101,28 @@ def fresh_role(c, name):
     c.execute(f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN "
               f"DROP OWNED BY {name}; DROP ROLE {name}; END IF; END $$")
     c.execute(f"CREATE ROLE {name}")
+
+
+def junk_flood(n, prefix="junk_"):
+    """A DO block making n failure-only statements, each under its own made-up tenant and
+    committed on its own (the flood insider review 27 used)."""
+    return f"""DO $$ BEGIN
+        FOR i IN 1..{n} LOOP
+          PERFORM set_config('app.tenant_id', '{prefix}' || i, false);
+          BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
+          COMMIT;
+        END LOOP;
+    END $$"""
+
+
+def try_as_tenants_in_one_statement(c, tenants):
+    """One statement failing a decryption under each of `tenants` in turn (a pg_temp helper
+    setting the tenant per row; any role can create one)."""
+    c.execute("""CREATE OR REPLACE FUNCTION pg_temp.try(t text) RETURNS int LANGUAGE plpgsql AS $$
+        BEGIN PERFORM set_config('app.tenant_id', t, true);
+          BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
+          RETURN 1; END $$""")
+    c.execute("SELECT sum(pg_temp.try(t)) FROM unnest(%s::text[]) AS u(t)", (tenants,))
 
 
 def last_seq(c):
@@ -369,14 +392,8 @@ def test_failure_records_past_a_hundred_a_second_per_role_are_summarised_naming_
         fresh_role(su, role)
         su.execute(f"GRANT SELECT ON audit_t TO {role}")
         set_audit(su, True, alert_failures_per_hour=500)
-        flood = """DO $$ BEGIN
-            FOR i IN 1..600 LOOP
-              PERFORM set_config('app.tenant_id', 'made_up_' || i, false);
-              BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
-              COMMIT;
-            END LOOP;
-        END $$"""
-        sessions = [connect(PORT_A, DB) for _ in range(2)]
+        flood = junk_flood(300, "made_up_")
+        sessions = [connect(PORT_A, DB) for _ in range(4)]
         try:
             for c in sessions:
                 c.execute(f"SET ROLE {role}")
@@ -397,7 +414,7 @@ def test_failure_records_past_a_hundred_a_second_per_role_are_summarised_naming_
             # Both sessions stay open and idle: the writer writes the summaries.
             def rows():
                 return su.execute(
-                    "SELECT tenant, value_count, failure_count, outcome, detail, request_id FROM envelope.audit_log "
+                    "SELECT tenant, value_count, failure_count, outcome, detail, at_us FROM envelope.audit_log "
                     "WHERE seq > %s AND role_name = %s AND kind = 'decrypt' ORDER BY seq", (start, role)).fetchall()
             assert wait_until(lambda: sum(r[2] for r in rows()) == 1203, timeout=10), sum(r[2] for r in rows())
             got = rows()
@@ -412,14 +429,18 @@ def test_failure_records_past_a_hundred_a_second_per_role_are_summarised_naming_
     assert all(r[1] == r[2] for r in got), got[-3:]
     summaries = [r for r in got if "recorded as one" in r[4]]
     single = [r for r in got if "recorded as one" not in r[4]]
-    # Per role, not per session: two sessions share the 100 a second.
-    assert 100 <= len(single) <= 100 * (int(elapsed) + 2), (len(single), elapsed)
+    # Per role, not per session: four sessions share the 100 a second. Any one second spans at
+    # most two of the role's one-second windows (a per-session limit gave ~400 in the first).
+    at = sorted(r[5] for r in single)
+    busiest = max(sum(1 for t in at if t0_ <= t < t0_ + 1_000_000) for t0_ in at)
+    assert 100 <= len(single) and busiest <= 200, (len(single), busiest, elapsed)
     assert summaries, got[-3:]
     # The real tenant is named wherever its failures went (a record of its own or a summary).
     assert sum(r[2] for r in got if r[0] == TENANT) == 3, [r for r in got if r[0] == TENANT]
     assert all(r[0] in ("*", TENANT) for r in summaries), summaries
     star = [r for r in summaries if r[0] == "*"]
-    assert star and "distinct names that are no tenant" in star[0][4] and "2 sessions" in " ".join(r[4] for r in star), star
+    assert star and "distinct names that are no tenant" in star[0][4], star
+    assert max(int(m) for r in star for m in re.findall(r"(\d+) sessions", r[4])) >= 2, star
     assert ("*", ) in [(a[0],) for a in alerts], alerts
 
 
@@ -484,21 +505,10 @@ def test_a_real_tenant_keeps_its_name_past_the_statement_cap_and_the_limit_and_r
         with connect(PORT_A, DB) as c:
             c.execute(f"SET ROLE {role}")
             # (a) One statement: 16 made-up tenants, then 5 probes of the real one.
-            c.execute("""CREATE FUNCTION pg_temp.try(t text) RETURNS int LANGUAGE plpgsql AS $$
-                BEGIN PERFORM set_config('app.tenant_id', t, true);
-                  BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
-                  RETURN 1; END $$""")
-            c.execute("SELECT sum(pg_temp.try(t)) FROM (SELECT 'zz_' || g AS t FROM generate_series(1, 16) g "
-                      "UNION ALL SELECT %s FROM generate_series(1, 5)) s", (TENANT,))
+            try_as_tenants_in_one_statement(c, [f"zz_{g}" for g in range(1, 17)] + [TENANT] * 5)
             # Over the limit: 120 junk failures, then (b) 4 forged values under the real
             # tenant in a fresh session, and (c) failures under 18 other real tenants.
-            c.execute("""DO $$ BEGIN
-                FOR i IN 1..120 LOOP
-                  PERFORM set_config('app.tenant_id', 'junk_' || i, false);
-                  BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
-                  COMMIT;
-                END LOOP;
-            END $$""")
+            c.execute(junk_flood(120))
         with connect(PORT_A, DB) as c:
             c.execute(f"SET ROLE {role}")
             c.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
@@ -543,13 +553,7 @@ def test_failure_summaries_survive_failing_batches_and_a_writer_restart(audited)
         try:
             with connect(PORT_A, DB) as c:
                 c.execute(f"SET ROLE {role}")
-                c.execute("""DO $$ BEGIN
-                    FOR i IN 1..500 LOOP
-                      PERFORM set_config('app.tenant_id', 'junk_' || i, false);
-                      BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
-                      COMMIT;
-                    END LOOP;
-                END $$""")
+                c.execute(junk_flood(500))
             time.sleep(2.5)  # the summaries are due and the writer's batches with them fail
             su.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'")
         finally:
@@ -579,12 +583,7 @@ def test_a_tenant_created_after_a_session_looked_its_name_up_keeps_its_name(audi
             with pytest.raises(psycopg.Error):
                 c.execute("SELECT envelope.decrypt_field('\\x00'::bytea)")
             su.execute("SELECT envelope.create_tenant(%s)", (late,))
-            c.execute("""CREATE FUNCTION pg_temp.try(t text) RETURNS int LANGUAGE plpgsql AS $$
-                BEGIN PERFORM set_config('app.tenant_id', t, true);
-                  BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
-                  RETURN 1; END $$""")
-            c.execute("SELECT sum(pg_temp.try(t)) FROM (SELECT 'zz_' || g AS t FROM generate_series(1, 16) g "
-                      "UNION ALL SELECT %s FROM generate_series(1, 3)) s", (late,))
+            try_as_tenants_in_one_statement(c, [f"zz_{g}" for g in range(1, 17)] + [late] * 3)
         def rows():
             return su.execute("SELECT tenant, failure_count FROM envelope.audit_log WHERE seq > %s AND role_name = %s",
                               (start, role)).fetchall()

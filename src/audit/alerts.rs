@@ -88,10 +88,12 @@ pub fn evaluate<'a>(rows: impl Iterator<Item = &'a Stored>) -> Result<Vec<pg_env
     let factor = gucs::ALERT_BASELINE_FACTOR.get();
     let warmup = gucs::ALERT_BASELINE_WARMUP_H.get() as i64;
     let allowed_hours = gucs::alert_hours();
-    let mut hours_failed = Vec::new();
+    // (hour, role) of the batch's failures, with the last record's sequence (see below).
+    let mut failed_roles: BTreeMap<(i64, String), i64> = BTreeMap::new();
     for ((hour_us, role, tenant), (delta, seq)) in hours {
         if delta.failures > 0 {
-            hours_failed.push(((hour_us, role.clone(), tenant.clone()), (Counts { failures: delta.failures, ..Counts::default() }, seq)));
+            let e = failed_roles.entry((hour_us, role.clone())).or_insert(0);
+            *e = (*e).max(seq);
         }
         let total: Counts = Spi::connect_mut(|c| {
             // Prepared once per writer process (parsing and planning it for every batch was a
@@ -194,14 +196,7 @@ pub fn evaluate<'a>(rows: impl Iterator<Item = &'a Stored>) -> Result<Vec<pg_env
     // Failures across all of a role's tenants (150 failures spread over 150 names each stayed
     // under the per-tenant threshold: insider review 28): alerted as tenant `*`.
     if failures_per_hour > 0 {
-        let mut roles: BTreeMap<(i64, String), i64> = BTreeMap::new();
-        for ((hour_us, role, _), (delta, seq)) in &hours_failed {
-            if delta.failures > 0 {
-                let e = roles.entry((*hour_us, role.clone())).or_insert(0);
-                *e = (*e).max(*seq);
-            }
-        }
-        for ((hour_us, role), seq) in roles {
+        for ((hour_us, role), seq) in failed_roles {
             // The failures under tenants that did not cross the threshold themselves (those
             // have their own alert): one tenant over it must not silence the spread case for the
             // rest of the hour (insider review 30).

@@ -275,14 +275,15 @@ fn refusal_record(kind: &str, role: String, name: String, count: u64) -> super::
     r
 }
 
-/// At backend exit: what was counted over the limit is written, not lost.
-/// Registers (once per process) the exit callback that writes what the rate limits held back.
+/// Registers (once per process) the exit callback that writes the refusals the rate limit held
+/// back.
 pub(crate) fn ensure_exit_flush() {
     if !EXIT_FLUSH.with(|f| f.replace(true)) {
         unsafe { pg_sys::before_shmem_exit(Some(flush_at_exit), pg_sys::Datum::from(0)) };
     }
 }
 
+/// At backend exit: what was counted over the limit is written, not lost.
 unsafe extern "C-unwind" fn flush_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     if IN_EMIT.with(|e| e.get()) {
         return;

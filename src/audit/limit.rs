@@ -351,11 +351,11 @@ fn record(h: &Held) -> Record {
     r
 }
 
-/// The summaries whose first count is a second old (`all`: every one), as records, marked as
-/// taken (see [`release`]); and whether the overflow was taken.
-pub fn take_due(all: bool) -> (Vec<Record>, Vec<usize>, bool) {
+/// The summaries whose first count is a second old, as records, marked as taken (see
+/// [`release`]); and whether the overflow was taken.
+pub fn take_due() -> (Vec<Record>, Vec<usize>, bool) {
     let now = now();
-    let due = |since: i64| all || now - since >= SECOND_US;
+    let due = |since: i64| now - since >= SECOND_US;
     let mut l = LIMITER.exclusive();
     let mut out = Vec::new();
     let mut taken = Vec::new();

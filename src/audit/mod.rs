@@ -910,7 +910,7 @@ fn flush_acc(a: &mut Acc) {
 /// log. On a primary the writer takes them (see [`limit`]).
 pub fn flush_failure_summaries() {
     if crate::nothrow::recovery_in_progress() {
-        let (records, taken, overflow) = limit::take_due(false);
+        let (records, taken, overflow) = limit::take_due();
         for r in records {
             push(r);
         }

@@ -139,8 +139,8 @@ impl Writer {
             super::limit::untake_all();
             self.untaken = true;
         }
-        super::limit::release(&std::mem::take(&mut self.summaries_taken), std::mem::take(&mut self.overflow_taken), false);
-        let (summaries, taken, overflow) = super::limit::take_due(false);
+        // (What a previous batch took was freed by `committed` or put back by `reset`.)
+        let (summaries, taken, overflow) = super::limit::take_due();
         self.summaries_taken = taken;
         self.overflow_taken = overflow;
         // Records counted as dropped since the last such record: the count joins the chain (it
