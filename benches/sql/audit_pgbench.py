@@ -56,26 +56,48 @@ def set_audit(c, on):
     time.sleep(0.5)
 
 
-def server_cpu_s():
-    """CPU seconds (user + system) of the whole server so far: the postmaster, its live
-    children (the worker, the checkpointer...) and the children it reaped (every backend that
-    ended: their time accrues to the postmaster's cutime/cstime)."""
+def server_cpu():
+    """CPU seconds (user + system) of the whole server so far, by process: {pid: (title, s)}
+    for the postmaster's live children (backends, the worker, the checkpointer...) and
+    `reaped` for the children it reaped (every backend or autovacuum worker that ended: their
+    time accrues to the postmaster's cutime/cstime) plus the postmaster's own."""
     pm = int((STATE / "pg15" / "data" / "postmaster.pid").read_text().split()[0])
     hz = os.sysconf("SC_CLK_TCK")
-    total = 0
+    out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         ppid = int(f[1])
         if int(pid) == pm:
-            total += sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+            out["reaped"] = ("reaped", sum(int(x) for x in f[11:15]) / hz)  # utime stime cutime cstime
         elif ppid == pm:
-            total += int(f[11]) + int(f[12])
-    return total / hz
+            out[pid] = (title, (int(f[11]) + int(f[12])) / hz)
+    return out
+
+
+def kind(title):
+    if title == "reaped":
+        return "reaped"
+    if "pg_envelope" in title:
+        return "writer"
+    if "autovacuum" in title:
+        return "autovacuum"
+    if any(w in title for w in ("checkpointer", "background writer", "walwriter", "logical replication", "stats")):
+        return "aux"
+    return "backends"
+
+
+def cpu_delta(c0, c1):
+    """CPU seconds between two `server_cpu` readings, by kind of process."""
+    by = {}
+    for pid, (title, s) in c1.items():
+        by[kind(title)] = by.get(kind(title), 0.0) + s - c0.get(pid, (title, 0.0))[1]
+    return by
 
 
 def pgbench(script, clients, seconds):
@@ -113,23 +135,28 @@ def main():
     os.chmod(f.name, 0o644)
     tps = {False: [], True: []}
     cpu = {False: [], True: []}  # CPU microseconds per transaction: server + pgbench
+    split = {False: [], True: []}  # the same by kind of process
     try:
         for r in range(a.rounds):
             for on in ((False, True) if r % 2 == 0 else (True, False)):
                 set_audit(admin, on)
                 before = admin.execute("SELECT envelope.status()->'audit'").fetchone()[0]
-                c0, r0 = server_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                c0, r0 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 t, n = pgbench(f.name, a.clients, a.seconds)
-                c1, r1 = server_cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                c1, r1 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 tps[on].append(t)
                 client = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-                cpu[on].append(((c1 - c0) + client) / n * 1e6)
+                by = cpu_delta(c0, c1)
+                by["pgbench"] = client
+                cpu[on].append(sum(by.values()) / n * 1e6)
+                split[on].append({k: v / n * 1e6 for k, v in by.items()})
                 after = admin.execute("SELECT envelope.status()->'audit'").fetchone()[0]
                 extra = ""
                 if on:
                     n = after["records_written"] - before["records_written"]
                     extra = f" ({n / a.seconds:.0f} records/s, {after['queue_full_waits'] - before['queue_full_waits']} waits for a full queue)"
-                print(f"round {r + 1} audit {'on ' if on else 'off'}: {tps[on][-1]:.1f} tps, {cpu[on][-1]:.1f} CPU-us/transaction{extra}", flush=True)
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(split[on][-1].items()))
+                print(f"round {r + 1} audit {'on ' if on else 'off'}: {tps[on][-1]:.1f} tps, {cpu[on][-1]:.1f} CPU-us/transaction ({parts}){extra}", flush=True)
     finally:
         set_audit(admin, False)
         admin.execute("ALTER SYSTEM RESET envelope.audit")
@@ -143,6 +170,9 @@ def main():
     print(f"pgbench {a.clients} clients x {a.seconds} s x {a.rounds} rounds: audit off {off:.1f} tps, on {on:.1f} tps, "
           f"on/off {on / off:.3f}; CPU per transaction (server + pgbench) off {coff:.1f} us, on {con:.1f} us, "
           f"off/on {coff / con:.3f} (the throughput ratio of a CPU-bound machine without the noise; goal >= 0.95)")
+    kinds = sorted({k for d in split[False] + split[True] for k in d})
+    med = lambda on, k: statistics.median(d.get(k, 0.0) for d in split[on])
+    print("CPU-us per transaction by process (medians), off -> on: " + ", ".join(f"{k} {med(False, k):.1f} -> {med(True, k):.1f}" for k in kinds))
 
 
 if __name__ == "__main__":

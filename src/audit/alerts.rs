@@ -46,6 +46,28 @@ struct Alert {
 thread_local! {
     /// The writer's prepared upsert of the hourly counts (see [`evaluate`]).
     static HOURLY_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> = const { std::cell::RefCell::new(None) };
+    /// Per hour, what the writer already read for it: each (role, tenant)'s baseline (the count
+    /// and mean of its decryptions in the 7 days before the hour) and the hour's local hour of
+    /// day. Both depend only on earlier hours, so they are read once per hour instead of once
+    /// per batch (an unprepared query per batch was 7% of the writer's CPU under an OLTP load).
+    static HOUR_MEMO: std::cell::RefCell<HourMemo> = std::cell::RefCell::new(HourMemo::default());
+}
+
+#[derive(Default)]
+struct HourMemo {
+    hour_us: i64,
+    local_hour: Option<i32>,
+    baselines: std::collections::HashMap<(String, String), (i64, f64)>,
+}
+
+impl HourMemo {
+    /// The memo of `hour_us` (a new hour, or more than 4,096 pairs: starts empty).
+    fn at(&mut self, hour_us: i64) -> &mut Self {
+        if self.hour_us != hour_us || self.baselines.len() >= 4096 {
+            *self = HourMemo { hour_us, ..Default::default() };
+        }
+        self
+    }
 }
 
 /// After a batch was inserted (same transaction): updates the hourly counts of what it holds
@@ -154,20 +176,28 @@ pub fn evaluate<'a>(rows: impl Iterator<Item = &'a Stored>) -> Result<Vec<pg_env
             alerts.push(alert("failures", total.failures, Some(failures_per_hour as f64), format!("{} failed key uses this hour (envelope.alert_failures_per_hour = {failures_per_hour})", total.failures)));
         }
         if factor > 0.0 && delta.decrypts > 0 {
-            let (n, mean): (i64, f64) = Spi::connect(|c| {
-                let t = c
-                    .select(
-                        "SELECT count(*), coalesce(avg(decrypts), 0)::float8 FROM envelope.audit_hourly
-                          WHERE role_name = $1 AND tenant = $2
-                            AND hour >= pg_catalog.to_timestamp($3::float8 / 1e6) - interval '7 days'
-                            AND hour < pg_catalog.to_timestamp($3::float8 / 1e6)",
-                        None,
-                        &[role.as_str().into(), tenant.as_str().into(), hour_us.into()],
-                    )
-                    .map_err(spi_err)?;
-                let r = t.first();
-                Ok::<_, EnvelopeError>((r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0), r.get::<f64>(2).map_err(spi_err)?.unwrap_or(0.0)))
-            })?;
+            let memo = HOUR_MEMO.with(|m| m.borrow_mut().at(hour_us).baselines.get(&(role.clone(), tenant.clone())).copied());
+            let (n, mean) = match memo {
+                Some(b) => b,
+                None => {
+                    let b: (i64, f64) = Spi::connect(|c| {
+                        let t = c
+                            .select(
+                                "SELECT count(*), coalesce(avg(decrypts), 0)::float8 FROM envelope.audit_hourly
+                                  WHERE role_name = $1 AND tenant = $2
+                                    AND hour >= pg_catalog.to_timestamp($3::float8 / 1e6) - interval '7 days'
+                                    AND hour < pg_catalog.to_timestamp($3::float8 / 1e6)",
+                                None,
+                                &[role.as_str().into(), tenant.as_str().into(), hour_us.into()],
+                            )
+                            .map_err(spi_err)?;
+                        let r = t.first();
+                        Ok::<_, EnvelopeError>((r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0), r.get::<f64>(2).map_err(spi_err)?.unwrap_or(0.0)))
+                    })?;
+                    HOUR_MEMO.with(|m| m.borrow_mut().at(hour_us).baselines.insert((role.clone(), tenant.clone()), b));
+                    b
+                }
+            };
             let limit = factor * mean.max(1.0);
             if n >= warmup && (total.decrypts as f64) > limit && total.decrypts >= gucs::ALERT_BASELINE_MIN.get() as i64 {
                 alerts.push(alert(
@@ -180,12 +210,19 @@ pub fn evaluate<'a>(rows: impl Iterator<Item = &'a Stored>) -> Result<Vec<pg_env
         }
         if let Some((from, to)) = allowed_hours {
             if delta.decrypts > 0 {
-                let local_hour: i32 = Spi::get_one_with_args(
-                    "SELECT extract(hour FROM pg_catalog.to_timestamp($1::float8 / 1e6))::int",
-                    &[hour_us.into()],
-                )
-                .map_err(spi_err)?
-                .unwrap_or(0);
+                let local_hour = match HOUR_MEMO.with(|m| m.borrow_mut().at(hour_us).local_hour) {
+                    Some(h) => h,
+                    None => {
+                        let h: i32 = Spi::get_one_with_args(
+                            "SELECT extract(hour FROM pg_catalog.to_timestamp($1::float8 / 1e6))::int",
+                            &[hour_us.into()],
+                        )
+                        .map_err(spi_err)?
+                        .unwrap_or(0);
+                        HOUR_MEMO.with(|m| m.borrow_mut().at(hour_us).local_hour = Some(h));
+                        h
+                    }
+                };
                 let inside = if from <= to { local_hour >= from && local_hour < to } else { local_hour >= from || local_hour < to };
                 if !inside {
                     alerts.push(alert("after_hours", total.decrypts, None, format!("decryptions at {local_hour}:00, outside envelope.alert_hours ({from}-{to})")));

@@ -211,7 +211,8 @@ mod fast_lock {
 fn slot(i: usize) -> &'static mut Slot {
     let base = SLOTS_PTR.load(Ordering::Acquire);
     assert!(!base.is_null() && i < SLOTS, "audit slots not attached");
-    // SAFETY: within the region; access is serialized by the queue's lock.
+    // SAFETY: within the region; access is serialized by the queue's lock (except the one reader's
+    // reads of queued slots, which no push writes: see `peek`).
     unsafe { &mut *base.add(i) }
 }
 
@@ -505,19 +506,29 @@ fn record_json(r: &Record) -> String {
 }
 
 /// Up to `max` queued records, oldest first, without removing them; with the position after them.
+///
+/// Only the positions are read under the queue's lock; the records are parsed after it is
+/// released (parsing 2,000 of them under it kept every pushing backend waiting for a
+/// millisecond or two per batch). That is safe because the slots from `read` to `write` are
+/// never written while they are queued: a push writes at `write` and only when the queue is not
+/// full, and `read` moves only when this process (the one reader) calls [`consumed`]; the
+/// lock's acquire orders the reads after the pushes that the positions count.
 pub fn peek(max: usize) -> (Vec<Record>, u64, u64) {
-    let q = QUEUE.share();
-    let n = ((q.write.saturating_sub(q.read)) as usize).min(max);
+    let (read, write) = {
+        let q = QUEUE.share();
+        (q.read, q.write)
+    };
+    let n = ((write.saturating_sub(read)) as usize).min(max);
     let mut out = Vec::with_capacity(n);
     let mut bad = 0;
     for k in 0..n as u64 {
-        let s = slot(((q.read + k) % SLOTS as u64) as usize);
+        let s = slot(((read + k) % SLOTS as u64) as usize);
         match Record::from_canonical(&s.data[..(s.len as usize).min(SLOT_BYTES)]) {
             Some(r) => out.push(r),
             None => bad += 1,
         }
     }
-    (out, q.read + n as u64, bad)
+    (out, read + n as u64, bad)
 }
 
 /// After the records up to `upto` are committed: free their slots.

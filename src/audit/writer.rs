@@ -188,8 +188,7 @@ impl Writer {
             );
             rows.push((chain.append(r), upto.saturating_sub(1)));
         }
-        // Appended the way COPY appends (heap_multi_insert, one WAL record per page, then the
-        // indexes), unless the table was changed so that only the executor inserts correctly
+        // Appended the way COPY appends (see `insert_direct`), unless the table was changed so that only the executor inserts correctly
         // (see `direct_insert_possible`): then one INSERT per batch through SPI.
         if !unsafe { insert_direct(relid, &rows, started) }? {
             insert_spi(&rows, started)?;
@@ -330,14 +329,15 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
     }
 }
 
-/// Appends `rows` with heap_insert and the index inserts (PostgreSQL's
-/// CatalogTupleInsertWithInfo, the executor's work without the executor): no parse, plan or
-/// tuplestore of unnested arrays per batch. Returns false, having written nothing, when the
-/// table does not allow it (see [`direct_insert_possible`]).
+/// Appends `rows` the way COPY does: the tuples formed here, `heap_multi_insert` (one buffer
+/// lookup and one WAL record per page instead of per row), then
+/// each index entry pointing at the TID the heap insert gave the row's slot. No parse, plan or
+/// tuplestore of unnested arrays per batch. Returns false, having written nothing, when the table
+/// does not allow it (see [`direct_insert_possible`]).
 ///
-/// Not heap_multi_insert (CatalogTuplesMultiInsertWithInfo): its index pass takes each tuple's
-/// TID from the tuple, which a virtual slot's copy (and a TOASTed row) does not carry: the
-/// index would point nowhere. heap_insert sets the TID on the caller's tuple in every case.
+/// (The TIDs are taken from the slots, which `heap_multi_insert` sets in every case, not from
+/// the formed tuples: a row it had to TOAST is inserted as a copy. PostgreSQL's own
+/// CatalogTuplesMultiInsertWithInfo reads the tuple's.)
 unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Result<bool> {
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
@@ -348,48 +348,137 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
             pg_sys::table_close(rel, lock);
             return Ok(false);
         }
-        let text = |b: &[u8]| pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(b.as_ptr().cast(), b.len() as i32));
         let int = pg_sys::Datum::from;
+        // The row's text and bytea values, built in one reused buffer (heap_form_tuple copies
+        // them into the tuple): no palloc and no guarded call per value.
+        let mut texts = Varlenas::default();
         // PostgreSQL's timestamps count microseconds from 2000-01-01.
         const PG_EPOCH_US: i64 = 946_684_800_000_000;
-        // The text datums are palloc'd in the batch's transaction: freed at its commit.
+        // Everything below is palloc'd in the batch's transaction: freed at its commit.
+        let desc = (*rel).rd_att;
         let mut nulls = [false; 24];
-        for (s, pos) in rows {
-            let r = &s.record;
-            let mut values: [pg_sys::Datum; 24] = [
-                int(r.seq),
-                int(r.at_us - PG_EPOCH_US),
-                int(r.at_us),
-                text(r.kind.as_bytes()),
-                text(r.database.as_bytes()),
-                text(r.session_user.as_bytes()),
-                text(r.current_role.as_bytes()),
-                text(r.client_addr.as_bytes()),
-                text(r.application_name.as_bytes()),
-                int(r.backend_pid),
-                int(r.statement_id),
-                text(r.request_id.as_bytes()),
-                text(r.tenant.as_bytes()),
-                text(r.key_versions.as_bytes()),
-                text(r.operation.as_bytes()),
-                int(r.value_count),
-                int(r.failure_count),
-                text(r.outcome.as_bytes()),
-                int(r.duration_us),
-                text(r.detail.as_bytes()),
-                text(&s.prev_hash),
-                text(&s.hash),
-                int(started),
-                int(*pos as i64),
-            ];
-            let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
-            pg_sys::CatalogTupleInsertWithInfo(rel, tuple, ind);
-            pg_sys::heap_freetuple(tuple);
+        // Slots reused chunk by chunk (each slot pins the tuple descriptor with the resource
+        // owner, whose release searches its list: one slot per row made a batch of 2,000 rows
+        // quadratic).
+        const CHUNK: usize = 128;
+        let mut slots: Vec<*mut pg_sys::TupleTableSlot> =
+            (0..rows.len().min(CHUNK)).map(|_| pg_sys::MakeSingleTupleTableSlot(desc, &raw const pg_sys::TTSOpsHeapTuple)).collect();
+        let ind = &*ind;
+        let mut ivalues = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
+        let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+        for chunk in rows.chunks(CHUNK) {
+            for ((s, pos), &slot) in chunk.iter().zip(&slots) {
+                let r = &s.record;
+                texts.clear();
+                let t: [usize; 13] = [
+                    texts.push(r.kind.as_bytes()),
+                    texts.push(r.database.as_bytes()),
+                    texts.push(r.session_user.as_bytes()),
+                    texts.push(r.current_role.as_bytes()),
+                    texts.push(r.client_addr.as_bytes()),
+                    texts.push(r.application_name.as_bytes()),
+                    texts.push(r.request_id.as_bytes()),
+                    texts.push(r.tenant.as_bytes()),
+                    texts.push(r.key_versions.as_bytes()),
+                    texts.push(r.operation.as_bytes()),
+                    texts.push(r.outcome.as_bytes()),
+                    texts.push(r.detail.as_bytes()),
+                    texts.push(&s.prev_hash),
+                ];
+                let h = texts.push(&s.hash);
+                let text = |off: usize| texts.datum(off);
+                let mut values: [pg_sys::Datum; 24] = [
+                    int(r.seq),
+                    int(r.at_us - PG_EPOCH_US),
+                    int(r.at_us),
+                    text(t[0]),
+                    text(t[1]),
+                    text(t[2]),
+                    text(t[3]),
+                    text(t[4]),
+                    text(t[5]),
+                    int(r.backend_pid),
+                    int(r.statement_id),
+                    text(t[6]),
+                    text(t[7]),
+                    text(t[8]),
+                    text(t[9]),
+                    int(r.value_count),
+                    int(r.failure_count),
+                    text(t[10]),
+                    int(r.duration_us),
+                    text(t[11]),
+                    text(t[12]),
+                    text(h),
+                    int(started),
+                    int(*pos as i64),
+                ];
+                let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                // The slot owns the tuple (so heap_multi_insert does not copy it; freed when
+                // the slot is cleared or dropped).
+                pg_sys::ExecStoreHeapTuple(tuple, slot, true);
+            }
+            // Without a bulk-insert state: its ring of 256 kB of buffers made the writer write
+            // and WAL-flush its own pages as it reused them.
+            pg_sys::heap_multi_insert(rel, slots.as_mut_ptr(), chunk.len() as i32, pg_sys::GetCurrentCommandId(true), 0, std::ptr::null_mut());
+            for &slot in &slots[..chunk.len()] {
+                for i in 0..ind.ri_NumIndices as usize {
+                    let info = *ind.ri_IndexRelationInfo.add(i);
+                    let index = *ind.ri_IndexRelationDescs.add(i);
+                    // Plain column indexes only (checked above): no executor state needed.
+                    pg_sys::FormIndexDatum(info, slot, std::ptr::null_mut(), ivalues.as_mut_ptr(), inulls.as_mut_ptr());
+                    let unique =
+                        if (*(*index).rd_index).indisunique { pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES } else { pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO };
+                    pg_sys::index_insert(index, ivalues.as_mut_ptr(), inulls.as_mut_ptr(), &raw mut (*slot).tts_tid, rel, unique, false, info);
+                }
+                pg_sys::ExecClearTuple(slot);
+            }
         }
-        pg_sys::CatalogCloseIndexes(ind);
+        for slot in slots {
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
+        }
+        pg_sys::CatalogCloseIndexes(ind as *const _ as *mut _);
         // The lock is held to the end of the transaction, as an INSERT holds it.
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         Ok(true)
+    }
+}
+
+/// Varlena values (4-byte headers, 4-byte aligned) laid out in one buffer of 8-byte words.
+#[derive(Default)]
+struct Varlenas {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Varlenas {
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends `b` as a varlena; returns its byte offset (valid until the next `clear`; the
+    /// datums are taken with [`Varlenas::datum`] once every value is in).
+    fn push(&mut self, b: &[u8]) -> usize {
+        let off = self.len.next_multiple_of(4);
+        let end = off + 4 + b.len();
+        self.words.resize(end.div_ceil(8).max(self.words.len()), 0);
+        let total = u32::try_from(4 + b.len()).expect("audit values are cut far below 1 GB");
+        // SET_VARSIZE_4B: the length in the upper 30 bits on little-endian machines.
+        #[cfg(target_endian = "little")]
+        let header = total << 2;
+        #[cfg(target_endian = "big")]
+        let header = total & 0x3FFF_FFFF;
+        // SAFETY: `words` holds at least `end` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.words.len() * 8) };
+        bytes[off..off + 4].copy_from_slice(&header.to_ne_bytes());
+        bytes[off + 4..end].copy_from_slice(b);
+        self.len = end;
+        off
+    }
+
+    fn datum(&self, off: usize) -> pg_sys::Datum {
+        // SAFETY: an offset `push` returned, inside the buffer.
+        pg_sys::Datum::from(unsafe { self.words.as_ptr().cast::<u8>().add(off) })
     }
 }
 
