@@ -226,6 +226,7 @@ pub extern "C-unwind" fn pg_envelope_worker_main(_arg: pg_sys::Datum) {
                 let before = crate::audit::settings_snapshot();
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 crate::audit::record_setting_changes(&before);
+                crate::audit::config_reloaded();
                 // A shorter naptime applies to the nap in progress.
                 deadline = deadline.min(slept_from + gucs::maintenance_naptime());
             }

@@ -53,6 +53,12 @@ thread_local! {
     static HOUR_MEMO: std::cell::RefCell<HourMemo> = std::cell::RefCell::new(HourMemo::default());
 }
 
+/// Forgets what [`HOUR_MEMO`] holds: after a failed batch, a new audit table and a reload of
+/// the configuration (a new TimeZone changes the local hour; insider review 31).
+pub(super) fn forget_hour_memo() {
+    HOUR_MEMO.with(|m| *m.borrow_mut() = HourMemo::default());
+}
+
 #[derive(Default)]
 struct HourMemo {
     hour_us: i64,

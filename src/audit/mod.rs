@@ -346,6 +346,12 @@ fn request_id() -> String {
 
 /// After a configuration reload in the worker: one `config` record per audit setting that
 /// changed (turning auditing off included: that record is written before the writer stops).
+/// In the worker, after a reload of the configuration: what the writer remembered per hour is
+/// read again (the TimeZone, the alert settings).
+pub fn config_reloaded() {
+    alerts::forget_hour_memo();
+}
+
 pub fn record_setting_changes(before: &[String]) {
     if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
         return;

@@ -124,6 +124,7 @@ impl Writer {
             ));
         }
         if relid != self.relid {
+            super::alerts::forget_hour_memo();
             self.head = None;
             self.checkpointed = None;
             self.relid = relid;
@@ -209,6 +210,7 @@ impl Writer {
         self.dropped_taken = 0;
         super::limit::release(&std::mem::take(&mut self.summaries_taken), std::mem::take(&mut self.overflow_taken), false);
         self.raised.clear();
+        super::alerts::forget_hour_memo();
     }
 
     /// Signs the head if it moved and the interval passed (or `force`: a retention record was
@@ -285,7 +287,13 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
     unsafe {
         let form = &*(*rel).rd_rel;
         let desc = (*rel).rd_att;
-        if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char || form.relhasrules || (*desc).natts != 24 {
+        // A heap (heap_multi_insert writes heap pages: a table moved to another access method
+        // goes through the executor).
+        if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
+            || form.relam != pg_sys::HEAP_TABLE_AM_OID
+            || form.relhasrules
+            || (*desc).natts != 24
+        {
             return false;
         }
         let constr = (*desc).constr;
@@ -296,7 +304,8 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
         let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
         for (i, want) in AUDIT_LOG_TYPES.iter().enumerate() {
             match attrs.get(i) {
-                Some(a) if !a.attisdropped && a.atttypid == *want && a.attgenerated == 0 => {}
+                // (No type modifier: a `timestamptz(0)` would be rounded by an INSERT, not here.)
+                Some(a) if !a.attisdropped && a.atttypid == *want && a.atttypmod == -1 && a.attgenerated == 0 => {}
                 _ => return false,
             }
         }
@@ -425,6 +434,12 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
                 for i in 0..ind.ri_NumIndices as usize {
                     let info = *ind.ri_IndexRelationInfo.add(i);
                     let index = *ind.ri_IndexRelationDescs.add(i);
+                    // An index being built concurrently (or left behind by a failed concurrent
+                    // build) is not ready for inserts: skipped, as PostgreSQL's insert paths do
+                    // (inserting into it failed every batch: insider review 31).
+                    if !(*info).ii_ReadyForInserts {
+                        continue;
+                    }
                     // Plain column indexes only (checked above): no executor state needed.
                     pg_sys::FormIndexDatum(info, slot, std::ptr::null_mut(), ivalues.as_mut_ptr(), inulls.as_mut_ptr());
                     let unique =
