@@ -57,10 +57,11 @@ def set_audit(c, on):
 
 
 def server_cpu():
-    """CPU seconds (user + system) of the whole server so far, by process: {pid: (title, s)}
-    for the postmaster's live children (backends, the worker, the checkpointer...) and
-    `reaped` for the children it reaped (every backend or autovacuum worker that ended: their
-    time accrues to the postmaster's cutime/cstime) plus the postmaster's own."""
+    """CPU seconds (user + system) of the whole server so far, by process: {(pid, start): (title,
+    s)} for the postmaster's live children (backends, the worker, the checkpointer...; keyed
+    with their start time, as pids are reused) and `reaped` for the children it reaped (every
+    backend or autovacuum worker that ended: their time accrues to the postmaster's
+    cutime/cstime) plus the postmaster's own."""
     pm = int((STATE / "pg15" / "data" / "postmaster.pid").read_text().split()[0])
     hz = os.sysconf("SC_CLK_TCK")
     out = {}
@@ -76,7 +77,7 @@ def server_cpu():
         if int(pid) == pm:
             out["reaped"] = ("reaped", sum(int(x) for x in f[11:15]) / hz)  # utime stime cutime cstime
         elif ppid == pm:
-            out[pid] = (title, (int(f[11]) + int(f[12])) / hz)
+            out[(pid, f[19])] = (title, (int(f[11]) + int(f[12])) / hz)  # f[19]: starttime
     return out
 
 
@@ -93,10 +94,15 @@ def kind(title):
 
 
 def cpu_delta(c0, c1):
-    """CPU seconds between two `server_cpu` readings, by kind of process."""
+    """CPU seconds between two `server_cpu` readings, by kind of process. A child alive at the
+    first reading and reaped by the second has all its time in the postmaster's cutime by then:
+    what it had at the first reading is taken off `reaped`."""
     by = {}
-    for pid, (title, s) in c1.items():
-        by[kind(title)] = by.get(kind(title), 0.0) + s - c0.get(pid, (title, 0.0))[1]
+    for key, (title, s) in c1.items():
+        by[kind(title)] = by.get(kind(title), 0.0) + s - c0.get(key, (title, 0.0))[1]
+    for key, (title, s) in c0.items():
+        if key not in c1:
+            by["reaped"] = by.get("reaped", 0.0) - s
     return by
 
 

@@ -21,7 +21,8 @@ pub mod writer;
 pub use writer::Writer;
 
 use std::cell::RefCell;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicI64;
 
 use pg_envelope_core::audit::{Record, RecordRef};
 use pgrx::prelude::*;
@@ -168,9 +169,6 @@ mod fast_lock {
     }
 
     impl Guard {
-        pub fn share() -> Guard {
-            Self::take(pg_sys::LWLockMode::LW_SHARED)
-        }
         pub fn exclusive() -> Guard {
             Self::take(pg_sys::LWLockMode::LW_EXCLUSIVE)
         }
@@ -180,13 +178,8 @@ mod fast_lock {
             unsafe { raw::lwlock_acquire(lock, mode) };
             Guard { lock, data }
         }
-        pub fn get(&self) -> &Queue {
-            // SAFETY: the header in shared memory, read under the lock.
-            unsafe { &*self.data }
-        }
-        /// Only for a guard taken with [`Guard::exclusive`].
         pub fn get_mut(&mut self) -> &mut Queue {
-            // SAFETY: as for `get`, written under the exclusive lock.
+            // SAFETY: the header in shared memory, written under the exclusive lock.
             unsafe { &mut *self.data }
         }
     }
@@ -196,6 +189,29 @@ mod fast_lock {
             // SAFETY: taken in `take`.
             unsafe { raw::lwlock_release(self.lock) };
         }
+    }
+
+    /// The queue's `read` and `write` positions without the lock (loaded in that order, so
+    /// `write - read` can only be over-estimated), and the time the record at `read` was
+    /// queued when one is (`None`: empty). Both positions and `pushed_at` are stored atomically
+    /// (under the lock) so that these loads never race with a plain write. The slot at `read`
+    /// was written before `write` passed it (release/acquire); it could be written again only
+    /// after the writer consumed it and 8,192 more records were pushed meanwhile, which makes its
+    /// time newer, never older.
+    pub fn unlocked_view() -> (u64, u64, Option<i64>) {
+        let (_, d) = parts();
+        // SAFETY: the header in shared memory; 8-byte aligned fields, stored atomically.
+        let (r, w) = unsafe {
+            let r = AtomicU64::from_ptr(&raw mut (*d).read).load(Ordering::Acquire);
+            let w = AtomicU64::from_ptr(&raw mut (*d).write).load(Ordering::Acquire);
+            (r, w)
+        };
+        let oldest = (w > r).then(|| {
+            let s = slot((r % SLOTS as u64) as usize);
+            // SAFETY: an 8-byte aligned field of the slot, stored atomically.
+            unsafe { AtomicI64::from_ptr(&raw mut s.pushed_at).load(Ordering::Relaxed) }
+        });
+        (r, w, oldest)
     }
 
     /// `GetCurrentTimestamp()` without the guard (`gettimeofday`: no error path).
@@ -231,17 +247,12 @@ pub fn health() -> std::result::Result<(), String> {
     if crate::nothrow::recovery_in_progress() {
         return Err("this server is a hot standby: the audit trail cannot be written here (with envelope.audit_fail_closed off, records go to this server's log instead, unchained)".into());
     }
-    // One lock round in the common case (room, the oldest record recent enough).
+    // No lock in the common case (room, the oldest record recent enough): taking the queue's
+    // lock once per statement here, on top of the push's exclusive round, made the pushing
+    // backends of a busy server wait for each other (a holder preempted on a full machine).
     let oldest = {
-        let g = fast_lock::Guard::share();
-        let q = g.get();
-        if q.write.saturating_sub(q.read) >= SLOTS as u64 {
-            None
-        } else if q.write > q.read {
-            Some(Some(slot((q.read % SLOTS as u64) as usize).pushed_at))
-        } else {
-            Some(None)
-        }
+        let (read, write, oldest) = fast_lock::unlocked_view();
+        if write.saturating_sub(read) >= SLOTS as u64 { None } else { Some(oldest) }
     };
     let oldest = match oldest {
         Some(o) => o,
@@ -457,6 +468,8 @@ fn push_bytes(bytes: &[u8], error_path: bool) {
     }
     let mut waited = false;
     loop {
+        // (The clock read before the lock is taken: the lock is held for the copy only.)
+        let now = now_ts();
         // One exclusive round in the common case: room, and the record stored.
         let outcome = {
             let mut g = fast_lock::Guard::exclusive();
@@ -471,8 +484,12 @@ fn push_bytes(bytes: &[u8], error_path: bool) {
                 let s = slot((q.write % SLOTS as u64) as usize);
                 s.data[..bytes.len()].copy_from_slice(bytes);
                 s.len = bytes.len() as u16;
-                s.pushed_at = now_ts();
-                q.write += 1;
+                // (Stored atomically: `health` reads them without the lock.)
+                // SAFETY: 8-byte aligned fields in shared memory, written under the exclusive lock.
+                unsafe {
+                    AtomicI64::from_ptr(&raw mut s.pushed_at).store(now, Ordering::Relaxed);
+                    AtomicU64::from_ptr(&raw mut q.write).store(q.write + 1, Ordering::Release);
+                }
                 Outcome::Stored(queued + 1)
             }
         };
@@ -541,7 +558,9 @@ pub fn peek(max: usize) -> (Vec<Record>, u64, u64) {
 pub fn consumed(upto: u64) {
     let mut q = QUEUE.exclusive();
     if upto > q.read {
-        q.read = upto;
+        // (Stored atomically: `health` reads it without the lock.)
+        // SAFETY: an 8-byte aligned field in shared memory, written under the exclusive lock.
+        unsafe { AtomicU64::from_ptr(&raw mut q.read).store(upto, Ordering::Release) };
     }
     q.drained_at = now_ts();
 }
@@ -610,7 +629,7 @@ fn sqlstate(e: &EnvelopeError) -> String {
 // backend runs SQL functions on one thread (pgrx refuses others), and a thread-local in a
 // `dlopen`ed library costs a `__tls_get_addr` call per access.
 
-use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU8, AtomicUsize};
 
 /// The statement the fast path is armed for (0: disarmed). Armed only after the statement's
 /// `check_can_record` passed, so it also stands for that check.
