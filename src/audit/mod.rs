@@ -45,6 +45,7 @@ const SLOT_BYTES: usize = 1200;
 /// ([`slots`]), initialised in place: pgrx builds a `PgLwLock` value on the postmaster's stack,
 /// which a 2 MB array overflows in a debug build.
 #[derive(Clone, Copy, Default)]
+#[repr(C, align(8))]
 pub struct Queue {
     pub write: u64,
     pub read: u64,
@@ -68,11 +69,16 @@ pub struct Queue {
 }
 
 unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
+// (`read` and `write` are loaded atomically without the lock: `fast_lock::unlocked_view`.)
+const _: () = assert!(std::mem::offset_of!(Queue, read) % 8 == 0 && std::mem::offset_of!(Queue, write) % 8 == 0);
 
 pub static QUEUE: PgLwLock<Queue> = unsafe { PgLwLock::new(c"pg_envelope_audit_queue") };
 
-/// One slot: a canonical record and when it was queued. Read and written under [`QUEUE`]'s lock.
-#[repr(C)]
+/// One slot: a canonical record and when it was queued. Written under [`QUEUE`]'s exclusive
+/// lock; read under it, except by the writer's `peek` and the health check's
+/// `fast_lock::unlocked_view` (see there). 8-byte aligned so that `pushed_at` can be loaded
+/// atomically on every target.
+#[repr(C, align(8))]
 struct Slot {
     len: u16,
     pushed_at: i64,
@@ -80,6 +86,7 @@ struct Slot {
 }
 
 const REGION: usize = SLOTS * std::mem::size_of::<Slot>();
+const _: () = assert!(std::mem::offset_of!(Slot, pushed_at) % 8 == 0 && std::mem::size_of::<Slot>() % 8 == 0);
 static SLOTS_PTR: std::sync::atomic::AtomicPtr<Slot> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
 static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
@@ -121,7 +128,7 @@ unsafe extern "C-unwind" fn attach_slots() {
 }
 
 /// The queue's lock taken and released without pgrx's guard, for the per-statement path (the
-/// health check and the push: pgrx's guarded `share()`/`exclusive()` cost ~400 instructions a
+/// push; the health check takes no lock, see `unlocked_view`: pgrx's guarded `share()`/`exclusive()` cost ~400 instructions a
 /// round, a sixth of a statement's audit cost). `LWLockAcquire` raises only past 200 locks held
 /// and `LWLockRelease` only for a lock not held; these sections hold one lock and call nothing
 /// that can raise (byte copies, compares, `GetCurrentTimestamp`), so no `longjmp` crosses them.
@@ -195,9 +202,13 @@ mod fast_lock {
     /// `write - read` can only be over-estimated), and the time the record at `read` was
     /// queued when one is (`None`: empty). Both positions and `pushed_at` are stored atomically
     /// (under the lock) so that these loads never race with a plain write. The slot at `read`
-    /// was written before `write` passed it (release/acquire); it could be written again only
-    /// after the writer consumed it and 8,192 more records were pushed meanwhile, which makes its
-    /// time newer, never older.
+    /// was written before `write` passed it (release/acquire) and is not written again while
+    /// `read` stays there: a stuck writer's oldest record keeps its time, and its age grows
+    /// until the check refuses. It is written again only after the writer consumed it (and
+    /// 8,192 more records were pushed), i.e. after the writer made progress. (A slot's time is
+    /// the clock read just before its push took the lock, so times are not strictly in queue
+    /// order: a push that waited for the lock holds an earlier time, which errs towards
+    /// refusing, never towards passing.)
     pub fn unlocked_view() -> (u64, u64, Option<i64>) {
         let (_, d) = parts();
         // SAFETY: the header in shared memory; 8-byte aligned fields, stored atomically.
@@ -207,9 +218,12 @@ mod fast_lock {
             (r, w)
         };
         let oldest = (w > r).then(|| {
-            let s = slot((r % SLOTS as u64) as usize);
-            // SAFETY: an 8-byte aligned field of the slot, stored atomically.
-            unsafe { AtomicI64::from_ptr(&raw mut s.pushed_at).load(Ordering::Relaxed) }
+            let base = SLOTS_PTR.load(Ordering::Acquire);
+            assert!(!base.is_null(), "audit slots not attached");
+            // SAFETY: a slot within the region (no reference to it is made: another process
+            // may be writing its other fields); `pushed_at` is 8-byte aligned (asserted at
+            // compile time) and stored atomically.
+            unsafe { AtomicI64::from_ptr(&raw mut (*base.add((r % SLOTS as u64) as usize)).pushed_at).load(Ordering::Relaxed) }
         });
         (r, w, oldest)
     }
@@ -278,7 +292,8 @@ pub fn health() -> std::result::Result<(), String> {
 /// (`envelope.audit_fail_closed = off`).
 pub fn check_can_record() -> Result<()> {
     let stmt = crate::nothrow::statement_start();
-    // Once per statement: the check takes a shared lock.
+    // Once per statement (the check reads the queue without its lock, but the clock and the
+    // fallback when it looks full cost more than this compare).
     if CHECKED.with(|c| c.replace(stmt)) == stmt {
         return Ok(());
     }
