@@ -1280,6 +1280,16 @@ def test_32_sessions_decrypting_at_once_leave_a_gapless_unbroken_exact_trail(aud
     assert dropped == dropped_before
 
 
+def one_value_statements(c, n, request_id):
+    """n one-value decryptions, one statement each, tagged with `request_id`; returns once the
+    writer has written them all."""
+    c.execute(f"SET envelope.request_id = '{request_id}'")
+    for i in range(n):
+        with as_tenant(c, TENANT):
+            c.execute("SELECT v::text FROM audit_t WHERE id = %s", (i + 1,))
+    assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+
+
 def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_still_fires(audited):
     """The writer appends without the executor (heap_insert and the index inserts, as
     PostgreSQL writes its catalogs): amcheck finds every row in the primary key's index and the
@@ -1288,11 +1298,7 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
     record."""
     with connect(PORT_A, DB) as c:
         start = last_seq(c)
-        c.execute("SET envelope.request_id = 'direct'")
-        for i in range(1200):  # more than two batches of 500
-            with as_tenant(c, TENANT):
-                c.execute("SELECT v::text FROM audit_t WHERE id = %s", (i + 1,))
-        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        one_value_statements(c, 1200, 'direct')
         had_amcheck = c.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone() is not None
         c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
         try:
@@ -1314,11 +1320,7 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
         c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_log FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
         try:
             start = last_seq(c)
-            c.execute("SET envelope.request_id = 'forwarded'")
-            for i in range(600):
-                with as_tenant(c, TENANT):
-                    c.execute("SELECT v::text FROM audit_t WHERE id = %s", (i + 1,))
-            assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+            one_value_statements(c, 600, 'forwarded')
             stored = c.execute("SELECT seq, hash FROM envelope.audit_log WHERE seq > %s ORDER BY seq", (start,)).fetchall()
             forwarded = c.execute("SELECT seq, hash FROM public.audit_forwarded WHERE seq > %s ORDER BY seq", (start,)).fetchall()
         finally:
@@ -1338,11 +1340,7 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
         try:
             assert c.execute("SELECT NOT indisready FROM pg_index WHERE indexrelid = 'envelope.audit_log_not_ready'::regclass").fetchone()[0]
             start = last_seq(c)
-            c.execute("SET envelope.request_id = 'not_ready'")
-            for i in range(300):
-                with as_tenant(c, TENANT):
-                    c.execute("SELECT v::text FROM audit_t WHERE id = %s", (i + 1,))
-            assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+            one_value_statements(c, 300, 'not_ready')
             assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'not_ready'", (start,)).fetchone()[0] == 300
         finally:
             c.execute("DROP INDEX IF EXISTS envelope.audit_log_not_ready")

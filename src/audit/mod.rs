@@ -21,8 +21,7 @@ pub mod writer;
 pub use writer::Writer;
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use pg_envelope_core::audit::{Record, RecordRef};
 use pgrx::prelude::*;
@@ -128,8 +127,8 @@ unsafe extern "C-unwind" fn attach_slots() {
 }
 
 /// The queue's lock taken and released without pgrx's guard, for the per-statement path (the
-/// push; the health check takes no lock, see `unlocked_view`: pgrx's guarded `share()`/`exclusive()` cost ~400 instructions a
-/// round, a sixth of a statement's audit cost). `LWLockAcquire` raises only past 200 locks held
+/// push; the health check takes no lock, see `unlocked_view`: pgrx's guarded
+/// `share()`/`exclusive()` cost ~400 instructions a round, a sixth of a statement's audit cost). `LWLockAcquire` raises only past 200 locks held
 /// and `LWLockRelease` only for a lock not held; these sections hold one lock and call nothing
 /// that can raise (byte copies, compares, `GetCurrentTimestamp`), so no `longjmp` crosses them.
 /// An error after the guard is dropped is no different from pgrx's; a Rust panic inside one
@@ -370,14 +369,14 @@ fn request_id() -> String {
     gucs::REQUEST_ID.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// After a configuration reload in the worker: one `config` record per audit setting that
-/// changed (turning auditing off included: that record is written before the writer stops).
 /// In the worker, after a reload of the configuration: what the writer remembered per hour is
 /// read again (the TimeZone, the alert settings).
 pub fn config_reloaded() {
     alerts::forget_hour_memo();
 }
 
+/// After a configuration reload in the worker: one `config` record per audit setting that
+/// changed (turning auditing off included: that record is written before the writer stops).
 pub fn record_setting_changes(before: &[String]) {
     if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
         return;

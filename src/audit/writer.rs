@@ -189,8 +189,9 @@ impl Writer {
             );
             rows.push((chain.append(r), upto.saturating_sub(1)));
         }
-        // Appended the way COPY appends (see `insert_direct`), unless the table was changed so that only the executor inserts correctly
-        // (see `direct_insert_possible`): then one INSERT per batch through SPI.
+        // Appended the way COPY appends (see `insert_direct`), unless the table was changed so
+        // that only the executor inserts correctly (see `direct_insert_possible`): then one
+        // INSERT per batch through SPI.
         if !unsafe { insert_direct(relid, &rows, started) }? {
             insert_spi(&rows, started)?;
         }
@@ -372,14 +373,15 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
         const CHUNK: usize = 128;
         let mut slots: Vec<*mut pg_sys::TupleTableSlot> =
             (0..rows.len().min(CHUNK)).map(|_| pg_sys::MakeSingleTupleTableSlot(desc, &raw const pg_sys::TTSOpsHeapTuple)).collect();
-        let ind = &*ind;
+        let indexes = &*ind;
         let mut ivalues = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
         let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
         for chunk in rows.chunks(CHUNK) {
             for ((s, pos), &slot) in chunk.iter().zip(&slots) {
                 let r = &s.record;
                 texts.clear();
-                let t: [usize; 13] = [
+                // Every value in first (the buffer may grow), then their datums.
+                let offsets = [
                     texts.push(r.kind.as_bytes()),
                     texts.push(r.database.as_bytes()),
                     texts.push(r.session_user.as_bytes()),
@@ -393,32 +395,34 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
                     texts.push(r.outcome.as_bytes()),
                     texts.push(r.detail.as_bytes()),
                     texts.push(&s.prev_hash),
+                    texts.push(&s.hash),
                 ];
-                let h = texts.push(&s.hash);
-                let text = |off: usize| texts.datum(off);
+                let [kind, database, session_user, role, client, app, request_id, tenant, versions, operation, outcome, detail, prev_hash, hash] =
+                    offsets.map(|o| texts.datum(o));
+                // In the column order of `sql/audit.sql` (checked by `direct_insert_possible`).
                 let mut values: [pg_sys::Datum; 24] = [
                     int(r.seq),
                     int(r.at_us - PG_EPOCH_US),
                     int(r.at_us),
-                    text(t[0]),
-                    text(t[1]),
-                    text(t[2]),
-                    text(t[3]),
-                    text(t[4]),
-                    text(t[5]),
+                    kind,
+                    database,
+                    session_user,
+                    role,
+                    client,
+                    app,
                     int(r.backend_pid),
                     int(r.statement_id),
-                    text(t[6]),
-                    text(t[7]),
-                    text(t[8]),
-                    text(t[9]),
+                    request_id,
+                    tenant,
+                    versions,
+                    operation,
                     int(r.value_count),
                     int(r.failure_count),
-                    text(t[10]),
+                    outcome,
                     int(r.duration_us),
-                    text(t[11]),
-                    text(t[12]),
-                    text(h),
+                    detail,
+                    prev_hash,
+                    hash,
                     int(started),
                     int(*pos as i64),
                 ];
@@ -431,9 +435,9 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
             // and WAL-flush its own pages as it reused them.
             pg_sys::heap_multi_insert(rel, slots.as_mut_ptr(), chunk.len() as i32, pg_sys::GetCurrentCommandId(true), 0, std::ptr::null_mut());
             for &slot in &slots[..chunk.len()] {
-                for i in 0..ind.ri_NumIndices as usize {
-                    let info = *ind.ri_IndexRelationInfo.add(i);
-                    let index = *ind.ri_IndexRelationDescs.add(i);
+                for i in 0..indexes.ri_NumIndices as usize {
+                    let info = *indexes.ri_IndexRelationInfo.add(i);
+                    let index = *indexes.ri_IndexRelationDescs.add(i);
                     // An index being built concurrently (or left behind by a failed concurrent
                     // build) is not ready for inserts: skipped, as PostgreSQL's insert paths do
                     // (inserting into it failed every batch: insider review 31).
@@ -452,7 +456,7 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
         for slot in slots {
             pg_sys::ExecDropSingleTupleTableSlot(slot);
         }
-        pg_sys::CatalogCloseIndexes(ind as *const _ as *mut _);
+        pg_sys::CatalogCloseIndexes(ind);
         // The lock is held to the end of the transaction, as an INSERT holds it.
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         Ok(true)
