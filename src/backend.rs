@@ -41,21 +41,29 @@ pub unsafe extern "C-unwind" fn on_roles_changed(_arg: pg_sys::Datum, _cache_id:
 }
 
 thread_local! {
-    /// Set when this transaction used or built keys: its end wipes the backend's stack.
-    static KEYS_USED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What the end of the transaction and of the statement must wipe: [`STACK`] (this
+    /// transaction used or built keys) and [`REGISTERS`] (keys were used since the SIMD
+    /// registers were last wiped). One thread-local for both: every key use sets them, and each
+    /// thread-local access of a `dlopen`ed library is a call to `__tls_get_addr`.
+    static KEYS_USED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
+const STACK: u8 = 1;
+const REGISTERS: u8 = 2;
 
 /// Marks the transaction as one whose end must wipe the stack, and the statement as one whose
 /// end must wipe the SIMD registers.
 #[inline]
 pub fn note_keys_used() {
-    KEYS_USED.with(|k| k.set(true));
-    REGISTERS_USED.with(|k| k.set(true));
+    KEYS_USED.with(|k| k.set(STACK | REGISTERS));
 }
 
-thread_local! {
-    /// Keys were used since the SIMD registers were last wiped.
-    static REGISTERS_USED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// Clears `flag` and says whether it was set.
+fn take_keys_used(flag: u8) -> bool {
+    KEYS_USED.with(|k| {
+        let v = k.get();
+        k.set(v & !flag);
+        v & flag != 0
+    })
 }
 
 /// At the end of a statement that used keys (ExecutorEnd, ProcessUtility): zero the SIMD
@@ -66,7 +74,7 @@ thread_local! {
 /// test_key_memory.py: a derived key's round keys on the stack of a backend idle in a
 /// REPEATABLE READ transaction, after a suspension woke it). A few nanoseconds per statement.
 pub fn after_statement() {
-    if REGISTERS_USED.with(|k| k.replace(false)) {
+    if take_keys_used(REGISTERS) {
         pg_envelope_core::secure::wipe_vector_registers();
     }
 }
@@ -149,7 +157,7 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
             crate::audit::at_transaction_end(matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE));
         }
     }
-    if ended && KEYS_USED.with(|k| k.replace(false)) {
+    if ended && take_keys_used(STACK) {
         pg_envelope_core::secure::wipe_stack();
     }
 }

@@ -217,7 +217,7 @@ mod guc15 {
             let valid = |x: &Found| {
                 x.table == table
                     && x.len == len
-                    && x.name == name.to_bytes()
+                    && pg_envelope_core::text::short_eq(&x.name, name.to_bytes())
                     && (x.record.is_null()
                         // SAFETY: index < len: inside the table.
                         || (unsafe { *table.add(x.index) } == x.record.cast()

@@ -162,7 +162,7 @@ unsafe fn purpose_cached<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Option<(&'a st
         let cache = (*(*fcinfo).flinfo).fn_extra as *const PurposeCache;
         let c = cache.as_ref()?;
         let bytes = crate::types::arg_bytes(fcinfo, 0);
-        if c.name[..c.len] != *bytes {
+        if !pg_envelope_core::text::short_eq(&c.name[..c.len], bytes) {
             return None;
         }
         // SAFETY: the same bytes as the cached name, which was checked to be UTF-8.

@@ -6,6 +6,7 @@
 //! are unwrapped locally and the tenant key is wiped at once, never cached. Evicted, replaced and
 //! cleared entries are dropped, which zeroizes their key schedules.
 
+use indexmap::IndexMap;
 use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
@@ -166,7 +167,7 @@ impl TenantKeys {
     /// The per-purpose term key is derived once and kept with the tenant's keys.
     pub fn term(&mut self, version: u32, purpose: &str, n: Normalization, value: &Value<'_>) -> Result<Term, TermError> {
         let kind = value.kind();
-        let pos = match self.term_keys.iter().position(|(v, p, nn, k, _)| *v == version && *nn == n && *k == kind && p == purpose) {
+        let pos = match self.term_keys.iter().position(|(v, p, nn, k, _)| *v == version && *nn == n && *k == kind && crate::text::short_eq(p.as_bytes(), purpose.as_bytes())) {
             Some(i) => i,
             None => {
                 let (_, key) = self.index_keys.iter().find(|(v, _)| *v == version).ok_or(TermError::NoIndexKey { version })?;
@@ -293,14 +294,20 @@ pub enum Freshness {
 /// Tenant name -> unwrapped keys, with a TTL counted from the unwrap.
 pub struct KeyCache<M = ()> {
     ttl: Duration,
-    entries: HashMap<String, CacheEntry<M>>,
+    /// Insertion-ordered so that the last hit can be found again by index (`last`).
+    entries: IndexMap<String, CacheEntry<M>, rustc_hash::FxBuildHasher>,
+    /// Index of the entry the last lookup found. A hint, checked against the name on every use
+    /// (a removal that moved another entry there just means a miss on the hint): a backend uses
+    /// one tenant for many values in a row, and comparing one short name is cheaper than hashing
+    /// it and probing the table.
+    last: usize,
     cold_failures: HashMap<String, ColdFailure>,
     stats: CacheStats,
 }
 
 impl<M> KeyCache<M> {
     pub fn new(ttl: Duration) -> Self {
-        KeyCache { ttl, entries: HashMap::default(), cold_failures: HashMap::default(), stats: CacheStats::default() }
+        KeyCache { ttl, entries: IndexMap::default(), last: 0, cold_failures: HashMap::default(), stats: CacheStats::default() }
     }
 
     pub fn set_ttl(&mut self, ttl: Duration) {
@@ -345,7 +352,7 @@ impl<M> KeyCache<M> {
             Some(e) => now.saturating_duration_since(e.keys.loaded_at) >= e.ttl(self.ttl),
         };
         if expired {
-            self.entries.remove(tenant);
+            self.entries.swap_remove(tenant);
             self.stats.expirations += 1;
             self.stats.misses += 1;
             return false;
@@ -406,7 +413,11 @@ impl<M> KeyCache<M> {
     /// The entry, counted as a hit. Use after [`KeyCache::contains_fresh`] returned true.
     /// The entry if it is fresh at `now`, counting a hit: the hot path, one hash lookup.
     pub fn fresh_hit(&mut self, tenant: &str, now: Instant) -> Option<&mut CacheEntry<M>> {
-        let e = self.entries.get_mut(tenant)?;
+        let hinted = self.entries.get_index(self.last).is_some_and(|(k, _)| crate::text::short_eq(k.as_bytes(), tenant.as_bytes()));
+        if !hinted {
+            self.last = self.entries.get_index_of(tenant)?;
+        }
+        let (_, e) = self.entries.get_index_mut(self.last)?;
         let until = match e.fresh_until {
             Some(u) => u,
             None => {
@@ -480,7 +491,7 @@ impl<M> KeyCache<M> {
 
     /// Drops one tenant's keys (zeroizing them).
     pub fn evict(&mut self, tenant: &str) -> bool {
-        self.entries.remove(tenant).is_some()
+        self.entries.swap_remove(tenant).is_some()
     }
 
     /// Drops every entry (zeroizing them): backend exit, revocation, configuration change.

@@ -68,3 +68,50 @@ mod tests {
         }
     }
 }
+
+/// Byte equality for the short, public strings compared on every key use (tenant names, setting
+/// names, blind-index purposes), without a call into libc's `memcmp`: two overlapping 8-byte
+/// loads for 8-16 bytes, a byte loop below 8, the slice compare above 16. Not constant-time:
+/// never for secrets.
+#[inline(always)]
+pub fn short_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if n >= 8 && n <= 16 {
+        let word = |s: &[u8], at: usize| u64::from_ne_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+        return word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8);
+    }
+    if n < 8 {
+        let mut d = 0u8;
+        for i in 0..n {
+            d |= a[i] ^ b[i];
+        }
+        return d == 0;
+    }
+    a == b
+}
+
+#[cfg(test)]
+mod short_eq_tests {
+    use super::short_eq;
+
+    #[test]
+    fn agrees_with_slice_equality_at_every_length_and_position() {
+        let base: Vec<u8> = (0..40u8).map(|i| b'a' + i % 26).collect();
+        for n in 0..=40 {
+            let a = &base[..n];
+            assert!(short_eq(a, a), "{n}");
+            for i in 0..n {
+                let mut b = a.to_vec();
+                b[i] ^= 0x20;
+                assert!(!short_eq(a, &b), "length {n}, byte {i}");
+            }
+            if n > 0 {
+                assert!(!short_eq(a, &base[..n - 1]), "prefix of {n}");
+                assert!(!short_eq(&base[..n - 1], a), "prefix of {n}");
+            }
+        }
+    }
+}
