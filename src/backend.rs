@@ -347,6 +347,11 @@ pub struct Backend {
     privs: HashMap<pg_sys::Oid, Vec<pg_sys::Oid>>,
     /// Tenant key id -> tenant name, for key administration by envelope header (re-encryption).
     names: HashMap<u32, Option<String>>,
+    /// `envelope.key_cache_ttl` as last applied to the cache (the setting's raw value: compared
+    /// on every key use, converted only when it changed).
+    ttl_setting_seen: i32,
+    /// The coarse clock's last reading and the `Instant` made of it ([`Backend::now`]).
+    clock_seen: (std::time::Duration, Option<Instant>),
 }
 
 thread_local! {
@@ -381,6 +386,8 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
             directory: HashMap::new(),
             privs: HashMap::new(),
             names: HashMap::new(),
+            ttl_setting_seen: gucs::KEY_CACHE_TTL_S.get(),
+            clock_seen: (std::time::Duration::ZERO, None),
         });
         f(b)
     })
@@ -683,9 +690,10 @@ impl Backend {
             self.privs.clear();
             self.roles_generation_seen = g;
         }
-        let ttl = gucs::key_cache_ttl();
-        if ttl != self.cache.ttl() {
-            self.cache.set_ttl(ttl);
+        let ttl = gucs::KEY_CACHE_TTL_S.get();
+        if ttl != self.ttl_setting_seen {
+            self.cache.set_ttl(gucs::key_cache_ttl());
+            self.ttl_setting_seen = ttl;
         }
     }
 
@@ -780,7 +788,7 @@ impl Backend {
         }
         let role = crate::nothrow::current_user_id();
         KEYS_ROLE.store(role.to_u32(), Ordering::Relaxed);
-        let now = cache_now();
+        let now = self.now();
         note_keys_used();
         if let Some(entry) = self.cache.fresh_hit(tenant, now) {
             if entry.meta.last_allowed_role == role {
@@ -821,7 +829,7 @@ impl Backend {
         let Some(name) = self.names[&tenant_key_id].clone() else {
             return Err(EnvelopeError::TenantKeyIdUnknown { tenant_key_id });
         };
-        let now = cache_now();
+        let now = self.now();
         if let Some(entry) = self.cache.fresh_hit(&name, now) {
             return f(&name, &mut entry.keys);
         }
@@ -829,8 +837,39 @@ impl Backend {
         f(&name, keys)
     }
 
+    /// [`cache_now`] for the key paths: the last reading is kept here, in the state they already
+    /// hold, rather than in a thread-local of its own (one `__tls_get_addr` call fewer per
+    /// value); [`cache_now`] still records each new reading for [`last_cache_now`].
+    #[cfg(target_os = "linux")]
+    #[inline]
+    fn now(&mut self) -> Instant {
+        let c = coarse_clock();
+        if let (l, Some(i)) = self.clock_seen {
+            if l == c && c != std::time::Duration::MAX {
+                return i;
+            }
+        }
+        let i = instant_of(c);
+        self.clock_seen = (c, Some(i));
+        i
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn now(&mut self) -> Instant {
+        cache_now()
+    }
+
     /// In a lockdown every key use is refused, and the first refusal drops every cached key.
+    #[inline]
     fn refuse_in_lockdown(&mut self) -> Result<()> {
+        if crate::revocation::locked_down() {
+            return self.refuse_locked();
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn refuse_locked(&mut self) -> Result<()> {
         let r = crate::revocation::refuse_if_locked();
         if r.is_err() && !self.cache.is_empty() {
             self.cache.clear();
@@ -971,19 +1010,29 @@ impl Backend {
 /// better than a few milliseconds. Never behind the real clock by more than one tick.
 #[cfg(target_os = "linux")]
 pub fn cache_now() -> Instant {
-    fn coarse() -> std::time::Duration {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: a valid timespec pointer; CLOCK_MONOTONIC_COARSE exists on every Linux.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-        if rc != 0 {
-            return std::time::Duration::MAX;
-        }
-        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    instant_of(coarse_clock())
+}
+
+/// CLOCK_MONOTONIC_COARSE; `Duration::MAX` if it cannot be read.
+#[cfg(target_os = "linux")]
+#[inline]
+fn coarse_clock() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec pointer; CLOCK_MONOTONIC_COARSE exists on every Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return std::time::Duration::MAX;
     }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The `Instant` of a coarse reading `c` (`Instant::now()` if the clock could not be read),
+/// recorded as the last reading.
+#[cfg(target_os = "linux")]
+fn instant_of(c: std::time::Duration) -> Instant {
     thread_local! {
-        static BASE: (Instant, std::time::Duration) = (Instant::now(), coarse());
+        static BASE: (Instant, std::time::Duration) = (Instant::now(), coarse_clock());
     }
-    let c = coarse();
     if c == std::time::Duration::MAX {
         return Instant::now();
     }
