@@ -262,12 +262,15 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, ty: pg_sys::Oid, f: im
 /// value, then the keys (suspension, lockdown, TTL) as for decryption. Audited per statement
 /// (kind `search`), refusals included.
 /// One term (`blind_index`) or every live version's (`blind_index_all`).
+/// Where [`terms`] writes: the one term of `blind_index` (by reference: moving a 20-byte term
+/// back through the nested `Result`s cost store-forwarding stalls per value), or every live
+/// version's term for `blind_index_all`.
 enum Terms {
     One(Term),
     Many(Vec<Term>),
 }
 
-unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
+unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, out: &mut Terms) -> Result<()> {
     let audited = crate::audit::enabled();
     // Armed: this statement's check passed and a like value was noted (src/audit/mod.rs).
     let armed = audited && crate::audit::begin(crate::audit::Op::Search)?;
@@ -289,26 +292,31 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
                 backend::with_backend(|b| {
                     b.with_tenant_keys(tenant, |keys| {
                         let no_key = || EnvelopeError::NoIndexKey { tenant: tenant.to_string() };
-                        let term = |keys: &mut pg_envelope_core::TenantKeys, v: u32| {
-                            keys.term(v, purpose, n, value).map_err(|e| match e {
-                                pg_envelope_core::cache::TermError::NoIndexKey { .. } => no_key(),
-                                pg_envelope_core::cache::TermError::Search(e) => search_error(e),
-                            })
+                        let term_error = |e| match e {
+                            pg_envelope_core::cache::TermError::NoIndexKey { .. } => no_key(),
+                            pg_envelope_core::cache::TermError::Search(e) => search_error(e),
                         };
-                        if !all {
+                        match out {
                             // The common case: one term, no allocation.
-                            version = keys.active_index_version();
-                            if version == 0 {
-                                return Err(no_key());
+                            Terms::One(t) => {
+                                version = keys.active_index_version();
+                                if version == 0 {
+                                    return Err(no_key());
+                                }
+                                keys.term_into(version, purpose, n, value, t).map_err(term_error)
                             }
-                            return term(keys, version).map(Terms::One);
+                            Terms::Many(ts) => {
+                                let versions = keys.index_versions();
+                                version = versions.first().copied().unwrap_or(0);
+                                if version == 0 {
+                                    return Err(no_key());
+                                }
+                                for v in versions {
+                                    ts.push(keys.term(v, purpose, n, value).map_err(term_error)?);
+                                }
+                                Ok(())
+                            }
                         }
-                        let versions = keys.index_versions();
-                        version = versions.first().copied().unwrap_or(0);
-                        if version == 0 {
-                            return Err(no_key());
-                        }
-                        versions.iter().map(|v| term(keys, *v)).collect::<Result<Vec<_>>>().map(Terms::Many)
                     })
                 })
             })
@@ -322,8 +330,10 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, all: bool) -> Result<Terms> {
 
 v1_function!(pg_finfo_pge_blind_index, pge_blind_index, blind_index_impl);
 unsafe fn blind_index_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    match unsafe { terms(fcinfo, false) }.or_raise() {
-        Terms::One(t) => palloc_term(&t),
+    let mut out = Terms::One(Term { version: 0, tag: [0; pg_envelope_core::search::TAG_LEN] });
+    unsafe { terms(fcinfo, &mut out) }.or_raise();
+    match &out {
+        Terms::One(t) => palloc_term(t),
         Terms::Many(ts) => palloc_term(&ts[0]),
     }
 }
@@ -331,7 +341,9 @@ unsafe fn blind_index_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
 v1_function!(pg_finfo_pge_blind_index_all, pge_blind_index_all, blind_index_all_impl);
 unsafe fn blind_index_all_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
-        let ts = match terms(fcinfo, true).or_raise() {
+        let mut out = Terms::Many(Vec::new());
+        terms(fcinfo, &mut out).or_raise();
+        let ts = match out {
             Terms::One(t) => vec![t],
             Terms::Many(ts) => ts,
         };

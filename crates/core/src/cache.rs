@@ -166,6 +166,13 @@ impl TenantKeys {
     /// The search term of `value` for `purpose` (normalised with `n`) under index key `version`.
     /// The per-purpose term key is derived once and kept with the tenant's keys.
     pub fn term(&mut self, version: u32, purpose: &str, n: Normalization, value: &Value<'_>) -> Result<Term, TermError> {
+        let mut t = Term { version: 0, tag: [0; crate::search::TAG_LEN] };
+        self.term_into(version, purpose, n, value, &mut t)?;
+        Ok(t)
+    }
+
+    /// [`TenantKeys::term`] written into `out` (see [`crate::search::TermKey::term_into`]).
+    pub fn term_into(&mut self, version: u32, purpose: &str, n: Normalization, value: &Value<'_>, out: &mut Term) -> Result<(), TermError> {
         let kind = value.kind();
         let pos = match self.term_keys.iter().position(|(v, p, nn, k, _)| *v == version && *nn == n && *k == kind && crate::text::short_eq(p.as_bytes(), purpose.as_bytes())) {
             Some(i) => i,
@@ -180,7 +187,7 @@ impl TenantKeys {
                 self.term_keys.len() - 1
             }
         };
-        self.term_keys[pos].4.term(version, value).map_err(TermError::Search)
+        self.term_keys[pos].4.term_into(version, value, out).map_err(TermError::Search)
     }
 
     pub fn tenant_key_id(&self) -> u32 {

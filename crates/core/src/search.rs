@@ -664,6 +664,15 @@ impl TermKey {
     /// normalisation. Errors: version 0, a value of another kind, and the errors of
     /// [`canonical_value_bytes`].
     pub fn term(&self, version: u32, value: &Value<'_>) -> Result<Term, SearchError> {
+        let mut t = Term { version: 0, tag: [0; TAG_LEN] };
+        self.term_into(version, value, &mut t)?;
+        Ok(t)
+    }
+
+    /// [`TermKey::term`] written into `out` (left as it was on an error): the hot path's form,
+    /// which hands the 20-byte term on by reference rather than through the nested `Result`s of
+    /// its callers (each move of it was a store-forwarding stall, ~10 ns per term in perf).
+    pub fn term_into(&self, version: u32, value: &Value<'_>, out: &mut Term) -> Result<(), SearchError> {
         if version == 0 {
             return Err(SearchError::InvalidVersion);
         }
@@ -674,10 +683,10 @@ impl TermKey {
         let mut mac: HmacSha256 = (*self.mac).clone();
         with_canonical_bytes(self.normalization, value, |b| mac.update(b))?;
         let mut full = mac.finalize().into_bytes();
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&full[..TAG_LEN]);
+        out.version = version;
+        out.tag.copy_from_slice(&full[..TAG_LEN]);
         full.as_mut_slice().zeroize();
-        Ok(Term { version, tag })
+        Ok(())
     }
 }
 
