@@ -256,12 +256,6 @@ unsafe fn with_value<R>(fcinfo: pg_sys::FunctionCallInfo, ty: pg_sys::Oid, f: im
     }
 }
 
-/// The terms of the call's value for its purpose under the current tenant's active index key
-/// (`all`: every live version, active first). In order: the tenant setting and the grant (so a
-/// role without the grant learns nothing, not even which purposes exist), the purpose, the
-/// value, then the keys (suspension, lockdown, TTL) as for decryption. Audited per statement
-/// (kind `search`), refusals included.
-/// One term (`blind_index`) or every live version's (`blind_index_all`).
 /// Where [`terms`] writes: the one term of `blind_index` (by reference: moving a 20-byte term
 /// back through the nested `Result`s cost store-forwarding stalls per value), or every live
 /// version's term for `blind_index_all`.
@@ -270,6 +264,11 @@ enum Terms {
     Many(Vec<Term>),
 }
 
+/// The terms of the call's value for its purpose under the current tenant's active index key
+/// (`Terms::Many`: every live version, active first), written into `out`. In order: the tenant
+/// setting and the grant (so a role without the grant learns nothing, not even which purposes
+/// exist), the purpose, the value, then the keys (suspension, lockdown, TTL) as for decryption.
+/// Audited per statement (kind `search`), refusals included.
 unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, out: &mut Terms) -> Result<()> {
     let audited = crate::audit::enabled();
     // Armed: this statement's check passed and a like value was noted (src/audit/mod.rs).
@@ -333,8 +332,9 @@ unsafe fn blind_index_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let mut out = Terms::One(Term { version: 0, tag: [0; pg_envelope_core::search::TAG_LEN] });
     unsafe { terms(fcinfo, &mut out) }.or_raise();
     match &out {
-        Terms::One(t) => palloc_term(t),
-        Terms::Many(ts) => palloc_term(&ts[0]),
+        // Version 0 is no term: only a success that wrote nothing could leave it (none does).
+        Terms::One(t) if t.version != 0 => palloc_term(t),
+        _ => Err::<pg_sys::Datum, _>(EnvelopeError::Internal("blind_index: no term was computed".into())).or_raise(),
     }
 }
 

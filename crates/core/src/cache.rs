@@ -301,7 +301,11 @@ pub enum Freshness {
 /// Tenant name -> unwrapped keys, with a TTL counted from the unwrap.
 pub struct KeyCache<M = ()> {
     ttl: Duration,
-    /// Insertion-ordered so that the last hit can be found again by index (`last`).
+    /// Insertion-ordered so that the last hit can be found again by index (`last`). Removals
+    /// are `swap_remove`s, which move the last entry's bytes into the freed slot and leave the
+    /// old copy unwiped in the map's storage: harmless because a `CacheEntry` holds no key
+    /// bytes itself (every key lives in a wiped pool slot, `SecureBox`, reached by pointer).
+    /// Keep it so.
     entries: IndexMap<String, CacheEntry<M>, rustc_hash::FxBuildHasher>,
     /// Index of the entry the last lookup found. A hint, checked against the name on every use
     /// (a removal that moved another entry there just means a miss on the hint): a backend uses
@@ -573,6 +577,36 @@ mod tests {
         let mut bad = a.clone();
         bad.index_keys[0].wrapped = bad.deks[0].wrapped.clone();
         assert_eq!(TenantKeys::load(&mut p, &bad, Instant::now()).err(), Some(LoadError::CorruptIndexKey { version: 1 }));
+    }
+
+    #[test]
+    fn the_last_hit_hint_never_returns_another_tenants_keys() {
+        let mut p = InsecureTestProvider::new();
+        let tenants: Vec<_> = ["acme", "acmf", "globex", "initech-0001", "initech-0002"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| make_tenant(&mut p, n, i as u32 + 1, &[1]))
+            .collect();
+        let mut cache: KeyCache = KeyCache::new(Duration::from_secs(3600));
+        let now = Instant::now();
+        for rec in &tenants {
+            cache.load(&mut p, rec, (), now).unwrap();
+        }
+        let id = |c: &mut KeyCache, t: &str| c.fresh_hit(t, now).map(|e| e.keys.tenant_key_id());
+        // The hint points at the first tenant; removing it moves the last one into its slot.
+        assert_eq!(id(&mut cache, "acme"), Some(1));
+        assert!(cache.evict("acme"));
+        assert_eq!(id(&mut cache, "acme"), None);
+        assert_eq!(id(&mut cache, "initech-0002"), Some(5));
+        // Names of the same length, sharing a prefix, and the hint past the end after removals.
+        assert_eq!(id(&mut cache, "acmf"), Some(2));
+        assert_eq!(id(&mut cache, "initech-0001"), Some(4));
+        assert!(cache.evict("initech-0001"));
+        assert_eq!(id(&mut cache, "initech-0001"), None);
+        assert_eq!(id(&mut cache, "initech-0002"), Some(5));
+        assert_eq!(id(&mut cache, "globex"), Some(3));
+        cache.clear();
+        assert_eq!(id(&mut cache, "globex"), None);
     }
 
     #[test]
