@@ -8,7 +8,7 @@ use crate::backend;
 use crate::catalog;
 use crate::error::{EnvelopeError, OrRaise, Result, OrRaiseAudited};
 use crate::backend::OutBuf;
-use crate::types::{ByteaOut, PallocVarlena, TextBytes, TextOut};
+use crate::types::{ByteaBytes, ByteaOut, PallocVarlena, TextBytes, TextOut};
 
 // Text arguments (data and context) are taken as bytes in the database encoding, so the
 // functions work the same in UTF8, LATIN1 or SQL_ASCII databases.
@@ -26,8 +26,8 @@ fn encrypt_field(data: Option<TextBytes>, context: default!(Ctx, "NULL")) -> Opt
 
 /// Encrypts bytea for the current tenant. NULL stays NULL.
 #[pg_extern(volatile, parallel_restricted, name = "encrypt_field")]
-fn encrypt_field_bytea_input(data: Option<&[u8]>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
-    data.map(|d| ByteaOut(encrypt_with_user_context(d, ctx(&context)).or_raise()))
+fn encrypt_field_bytea_input(data: Option<ByteaBytes>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
+    data.map(|d| ByteaOut(encrypt_with_user_context(d.0, ctx(&context)).or_raise()))
 }
 
 /// The prefix of the contexts the encrypted types bind their values to.
@@ -45,15 +45,15 @@ fn encrypt_with_user_context(data: &[u8], context: Option<&[u8]>) -> Result<Pall
 
 /// Decrypts an envelope to text. NULL stays NULL; anything else that fails raises an error.
 #[pg_extern(stable, parallel_restricted)]
-fn decrypt_field(ciphertext: Option<&[u8]>, context: default!(Ctx, "NULL")) -> Option<TextOut> {
-    ciphertext.map(|c| into_text(backend::decrypt_to(c, ctx(&context))).or_raise())
+fn decrypt_field(ciphertext: Option<ByteaBytes>, context: default!(Ctx, "NULL")) -> Option<TextOut> {
+    ciphertext.map(|c| into_text(backend::decrypt_to(c.0, ctx(&context))).or_raise())
 }
 
 /// Decrypts an envelope to bytea (the twin of `decrypt_field`, named like pgcrypto's
 /// `pgp_sym_decrypt_bytea`).
 #[pg_extern(stable, parallel_restricted)]
-fn decrypt_field_bytea(ciphertext: Option<&[u8]>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
-    ciphertext.map(|c| ByteaOut(backend::decrypt_to(c, ctx(&context)).or_raise()))
+fn decrypt_field_bytea(ciphertext: Option<ByteaBytes>, context: default!(Ctx, "NULL")) -> Option<ByteaOut> {
+    ciphertext.map(|c| ByteaOut(backend::decrypt_to(c.0, ctx(&context)).or_raise()))
 }
 
 /// Checks in place that decrypted bytes are valid text in the database encoding (which also
