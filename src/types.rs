@@ -116,7 +116,8 @@ struct InPlace<'a>(&'a [u8]);
 
 impl<'a> pgrx::datum::FromDatum for InPlace<'a> {
     unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
-        if is_null {
+        // (A zero datum not flagged NULL, which only C callers could pass, is NULL as in pgrx.)
+        if is_null || datum.is_null() {
             return None;
         }
         let raw = datum.cast_mut_ptr::<pg_sys::varlena>();
