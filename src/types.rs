@@ -108,10 +108,9 @@ pub struct TextBytes<'a>(pub &'a [u8]);
 pub struct ByteaBytes<'a>(pub &'a [u8]);
 pgrx::impl_sql_translatable!(ByteaBytes<'_>, "bytea");
 
-/// A varlena argument's bytes: in place when it is neither compressed nor external (what
-/// `pg_detoast_datum_packed` would return without copying), else detoasted. pgrx's `&[u8]`
-/// makes a guarded call to `pg_detoast_datum_packed` for every value (~85 instructions of
-/// `sigsetjmp` and call on a short `encrypt_field`).
+/// A varlena argument's bytes, read by [`varlena_bytes`]: pgrx's `&[u8]` makes a guarded call
+/// to `pg_detoast_datum_packed` for every value (~85 instructions of `sigsetjmp` and call on a
+/// short `encrypt_field`).
 struct InPlace<'a>(&'a [u8]);
 
 impl<'a> pgrx::datum::FromDatum for InPlace<'a> {
@@ -120,14 +119,8 @@ impl<'a> pgrx::datum::FromDatum for InPlace<'a> {
         if is_null || datum.is_null() {
             return None;
         }
-        let raw = datum.cast_mut_ptr::<pg_sys::varlena>();
         // SAFETY: a non-null varlena argument of the call.
-        unsafe {
-            if !pgrx::varatt_is_4b_c(raw) && !pgrx::varatt_is_1b_e(raw) {
-                return Some(InPlace(pgrx::varlena_to_byte_slice(raw)));
-            }
-            Some(InPlace(pgrx::varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(raw))))
-        }
+        Some(InPlace(unsafe { varlena_bytes(datum.cast_mut_ptr()) }))
     }
 }
 
@@ -192,15 +185,18 @@ unsafe fn varlena_datum(bytes: &[u8]) -> pg_sys::Datum {
 
 /// The bytes of a (possibly toasted) varlena argument.
 pub(crate) unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8] {
-    let raw = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr::<pg_sys::varlena>();
-    // Neither compressed nor external (a short or plain header: every envelope read from a
-    // page, where they are stored uncompressed): read in place, as pg_detoast_datum_packed
-    // itself would return it, without its guarded call (~150 instructions per value).
+    varlena_bytes(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr::<pg_sys::varlena>())
+}
+
+/// The bytes of a non-null varlena. Neither compressed nor external (a short or plain header:
+/// every envelope read from a page, where they are stored uncompressed): read in place, as
+/// `pg_detoast_datum_packed` itself would return it, without its guarded call (~150
+/// instructions per value); otherwise through that call.
+unsafe fn varlena_bytes<'a>(raw: *mut pg_sys::varlena) -> &'a [u8] {
     if !pgrx::varatt_is_4b_c(raw) && !pgrx::varatt_is_1b_e(raw) {
         return pgrx::varlena_to_byte_slice(raw);
     }
-    let detoasted = pg_sys::pg_detoast_datum_packed(raw);
-    pgrx::varlena_to_byte_slice(detoasted)
+    pgrx::varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(raw))
 }
 
 

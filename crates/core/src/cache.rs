@@ -421,8 +421,8 @@ impl<M> KeyCache<M> {
         self.entries.values().filter(|e| e.degraded.is_some()).count()
     }
 
-    /// The entry, counted as a hit. Use after [`KeyCache::contains_fresh`] returned true.
-    /// The entry if it is fresh at `now`, counting a hit: the hot path, one hash lookup.
+    /// The entry if it is fresh at `now`, counting a hit: the hot path. The last hit's entry is
+    /// tried first (one name compare), then one hash lookup.
     pub fn fresh_hit(&mut self, tenant: &str, now: Instant) -> Option<&mut CacheEntry<M>> {
         let hinted = self.entries.get_index(self.last).is_some_and(|(k, _)| crate::text::short_eq(k.as_bytes(), tenant.as_bytes()));
         if !hinted {
@@ -456,6 +456,7 @@ impl<M> KeyCache<M> {
         Some(e)
     }
 
+    /// The entry, counted as a hit. Use after [`KeyCache::contains_fresh`] returned true.
     pub fn hit(&mut self, tenant: &str) -> Option<&mut CacheEntry<M>> {
         let e = self.entries.get_mut(tenant)?;
         self.stats.hits += 1;
