@@ -48,3 +48,31 @@ SELECT sqlstate_of($$SET envelope.local_root_key_file = '/tmp/mine'$$) AS superu
 SELECT name, CASE WHEN name IN ('envelope.local_root_key_file', 'envelope.credential_dirs', 'envelope.pkcs11_modules')
                   THEN '(path)' ELSE setting END AS setting, unit, context
   FROM pg_settings WHERE name LIKE 'envelope.%' ORDER BY name;
+-- envelope.key_cache_ttl changed in the middle of a session reaches keys already cached, at the
+-- next key use (encryption, then decryption), with no status() or key_cache() call between the
+-- SET and that use: each key use compares the setting with the one the cache last applied.
+SET app.tenant_id = 'acme';
+CREATE TEMP TABLE ttl_probe AS
+  SELECT envelope.encrypt_field('ttl probe') AS v,
+         (envelope.status()->'backend'->>'root_unwraps')::int AS unwraps;
+SET envelope.key_cache_ttl = '1s';
+SELECT pg_sleep(1.2);
+SELECT octet_length(envelope.encrypt_field('past the ttl')) > 0 AS encrypted_past_ttl;
+SELECT (envelope.status()->'backend'->>'root_unwraps')::int - unwraps AS unwraps_by_encrypt FROM ttl_probe;
+RESET envelope.key_cache_ttl;
+SELECT envelope.decrypt_field(v) AS decrypt_after_reset FROM ttl_probe;
+UPDATE ttl_probe SET unwraps = (envelope.status()->'backend'->>'root_unwraps')::int;
+SET envelope.key_cache_ttl = '1s';
+SELECT pg_sleep(1.2);
+SELECT envelope.decrypt_field(v) AS decrypt_past_ttl FROM ttl_probe;
+SELECT (envelope.status()->'backend'->>'root_unwraps')::int - unwraps AS unwraps_by_decrypt,
+       (SELECT expires_in_seconds <= 1 FROM envelope.key_cache() WHERE tenant = 'acme') AS short_ttl_shown
+  FROM ttl_probe;
+RESET envelope.key_cache_ttl;
+UPDATE ttl_probe SET unwraps = (envelope.status()->'backend'->>'root_unwraps')::int;
+SELECT envelope.decrypt_field(v) AS decrypt_after_second_reset FROM ttl_probe;
+SELECT (envelope.status()->'backend'->>'root_unwraps')::int - unwraps AS unwraps_after_reset,
+       (SELECT expires_in_seconds > 3000 FROM envelope.key_cache() WHERE tenant = 'acme') AS long_ttl_again
+  FROM ttl_probe;
+DROP TABLE ttl_probe;
+RESET app.tenant_id;
