@@ -52,6 +52,49 @@ mod envelope_bench {
         })
     }
 
+    /// Associated data as long as a v2 envelope's for an 8-byte tenant name and no context
+    /// (10 header bytes, the name's 4-byte length, the name, the context flag): the floor of
+    /// the format's cryptographic work, for telling the format's cost from the code's.
+    #[cfg(feature = "bench-floor-aad")]
+    const FORMAT_AAD: &[u8; 23] = b"\x02\x01\0\0\0\x01\0\0\0\x01\0\0\0\x08bench_t0\0";
+
+    /// `aes_gcm_floor` authenticating [`FORMAT_AAD`] too. Only with `--features bench-floor-aad`:
+    /// a second call site of aes-gcm's functions changes how `aes_gcm_floor` itself is compiled.
+    #[cfg(feature = "bench-floor-aad")]
+    #[pg_extern(volatile, parallel_safe)]
+    fn aes_gcm_floor_aad(data: &[u8]) -> Vec<u8> {
+        FLOOR.with(|f| {
+            let (gcm, rng) = &mut *f.borrow_mut();
+            let mut out = vec![0u8; 12 + data.len() + 16];
+            rng.fill_bytes(&mut out[..12]);
+            let (nonce, rest) = out.split_at_mut(12);
+            let (body, tag_out) = rest.split_at_mut(data.len());
+            let nonce = aes_gcm::Nonce::<aes_gcm::aead::consts::U12>::try_from(&nonce[..]).unwrap();
+            let tag = gcm.encrypt_inout_detached(&nonce, FORMAT_AAD, InOutBuf::new(data, body).unwrap()).unwrap();
+            tag_out.copy_from_slice(&tag);
+            out
+        })
+    }
+
+    /// The inverse of `aes_gcm_floor_aad`.
+    #[cfg(feature = "bench-floor-aad")]
+    #[pg_extern(immutable, parallel_safe)]
+    fn aes_gcm_floor_aad_decrypt(data: &[u8]) -> Vec<u8> {
+        FLOOR.with(|f| {
+            let (gcm, _) = &*f.borrow();
+            if data.len() < 28 {
+                error!("too short");
+            }
+            let nonce = aes_gcm::Nonce::<aes_gcm::aead::consts::U12>::try_from(&data[..12]).unwrap();
+            let ct = &data[12..data.len() - 16];
+            let tag = Tag::try_from(&data[data.len() - 16..]).unwrap();
+            let mut out = vec![0u8; ct.len()];
+            gcm.decrypt_inout_detached(&nonce, FORMAT_AAD, InOutBuf::new(ct, &mut out).unwrap(), &tag)
+                .unwrap_or_else(|_| error!("floor decrypt failed"));
+            out
+        })
+    }
+
     thread_local! {
         /// HMAC-SHA-256 keyed once with a fixed, public key: the floor of a search term.
         static HMAC_FLOOR: hmac::Hmac<sha2::Sha256> =

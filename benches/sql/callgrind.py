@@ -17,6 +17,12 @@ AVX-512 take.
 
 Run: scripts/bench.sh --callgrind  (installs the bench-floor build first), or directly with the
 bench build installed: $PGE_STATE/py-venv/bin/python benches/sql/callgrind.py [--profile]
+
+Diagnostic: with a build made with `--features bench-floor-aad` installed, the floors are also
+measured authenticating as much associated data as a v2 envelope does (23 bytes), which tells
+the format's cryptographic cost from the code's. That build is not the benchmark's: a second
+call site makes the compiler stop inlining aes-gcm's decryption into the plain floor (+32
+instructions per value there).
 """
 
 import argparse
@@ -62,6 +68,16 @@ def pg_bindir():
     return subprocess.run([cfg, "--bindir"], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def has_aad_floor(c=None):
+    """Whether the installed build has the diagnostic floors with the format's associated data
+    (`--features bench-floor-aad`; not in scripts/bench.sh's build, see Cargo.toml): read from
+    the extension's installed script, so it can be told with the cluster stopped."""
+    cfg = os.environ.get("PGE_PG15_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
+    share = subprocess.run([cfg, "--sharedir"], check=True, capture_output=True, text=True).stdout.strip()
+    scripts = sorted(Path(share, "extension").glob("pg_envelope--[0-9]*.[0-9]*.[0-9]*.sql"))
+    return any("aes_gcm_floor_aad" in p.read_text() for p in scripts if "--" not in p.name[len("pg_envelope--"):])
+
+
 def setup(n_short, n_kib):
     """Tables of N2 rows each: inputs (text and bytea) and ciphertexts of every kind."""
     with psycopg.connect(host=SOCK, port=PORT, dbname="postgres", user="postgres", autocommit=True) as c:
@@ -87,6 +103,8 @@ def setup(n_short, n_kib):
             c.execute(f"CREATE TABLE dec_bytea_{s} AS SELECT envelope.encrypt_field(b) AS v FROM src_{s}")
             c.execute(f"CREATE TABLE dec_pgc_{s} AS SELECT encrypt(b, {KEY}, 'aes') AS v FROM src_{s}")
             c.execute(f"CREATE TABLE dec_floor_{s} AS SELECT envelope_bench.aes_gcm_floor(b) AS v FROM src_{s}")
+            if has_aad_floor():
+                c.execute(f"CREATE TABLE dec_floor_aad_{s} AS SELECT envelope_bench.aes_gcm_floor_aad(b) AS v FROM src_{s}")
             c.execute(f"CREATE TABLE dec_text_{s} AS SELECT t::envelope.encrypted_text AS v FROM src_{s}")
         n = n_short
         c.execute(f"CREATE TABLE dec_int8 AS SELECT (i::bigint)::envelope.encrypted_int8 AS v FROM generate_series(1, {n}) i")
@@ -116,6 +134,9 @@ def lim(table):
     return f"(SELECT * FROM {table} LIMIT {{n}}) s"
 
 
+AAD_FLOOR = has_aad_floor()
+
+
 def variants(s):
     """name: (select expression, FROM clause with {n}, baseline name)."""
     src = lim(f"src_{s}")
@@ -136,6 +157,10 @@ def variants(s):
         f"base_text_{s}": ("count(v)", lim(f"dec_text_{s}"), None),
         f"cast_text_{s}": ("count(v::text)", lim(f"dec_text_{s}"), f"base_text_{s}"),
     }
+    if AAD_FLOOR:
+        v[f"floor_aad_encrypt_{s}"] = ("count(t) + count(envelope_bench.aes_gcm_floor_aad(b))", src, f"base_src_{s}")
+        v[f"base_floor_aad_{s}"] = ("count(v)", lim(f"dec_floor_aad_{s}"), None)
+        v[f"floor_aad_decrypt_{s}"] = ("count(envelope_bench.aes_gcm_floor_aad_decrypt(v))", lim(f"dec_floor_aad_{s}"), f"base_floor_aad_{s}")
     if s == "s":
         for t, ty in (("int8", "bigint"), ("numeric", "numeric"), ("jsonb", "jsonb"), ("ts", "timestamptz")):
             v[f"base_{t}"] = ("count(v)", lim(f"dec_{t}"), None)
@@ -246,6 +271,12 @@ RATIOS = [
     ("decrypt_field / floor (short)", "decrypt_field_s", "floor_decrypt_s", 1.3),
     ("encrypt_field / floor (1 KiB)", "encrypt_field_k", "floor_encrypt_k", 1.3),
     ("decrypt_field / floor (1 KiB)", "decrypt_field_k", "floor_decrypt_k", 1.3),
+    # Diagnostics (no goal): the same floors authenticating as much associated data as the
+    # envelope format does (23 bytes: 10 header bytes, the tenant name bench_t0, no context).
+    ("floor with the format's AAD / floor, encrypt (short)", "floor_aad_encrypt_s", "floor_encrypt_s", None),
+    ("floor with the format's AAD / floor, decrypt (short)", "floor_aad_decrypt_s", "floor_decrypt_s", None),
+    ("encrypt_field / floor with the format's AAD (short)", "encrypt_field_s", "floor_aad_encrypt_s", None),
+    ("decrypt_field / floor with the format's AAD (short)", "decrypt_field_s", "floor_aad_decrypt_s", None),
     ("decrypt_field / encrypt_field (short)", "decrypt_field_s", "encrypt_field_s", 1.1),
     ("decrypt_field / encrypt_field (1 KiB)", "decrypt_field_k", "encrypt_field_k", 1.1),
     ("decrypt_field_bytea / floor (short)", "decrypt_field_bytea_s", "floor_decrypt_s", 1.3),
