@@ -244,17 +244,28 @@ def envelope_dek_version(envelope: bytes) -> int:
     return struct.unpack(">I", bytes(envelope)[6:10])[0]
 
 
+# v3 binds the encrypted types' contexts as one byte (docs/envelope-format.md).
+TYPE_CONTEXT_PREFIX = b"pg_envelope/type/"
+TYPE_CODES = {b"text": 1, b"bytea": 2, b"jsonb": 3, b"int8": 4, b"numeric": 5, b"date": 6, b"timestamptz": 7}
+
+
 def decrypt_envelope(dek: bytes, tenant: str, context: bytes | None, envelope: bytes) -> bytes:
-    """Opens an envelope (v1 or v2) with its DEK, as `DataKey::decrypt` does (for self-tests)."""
+    """Opens an envelope (v1, v2 or v3) with its DEK, as `DataKey::decrypt` does (for
+    self-tests; written from docs/envelope-format.md, not from the Rust code)."""
     env = bytes(envelope)
     header, nonce, body = env[:42], env[42:66], env[66:]
-    if env[0] not in (1, 2) or env[1] != 1:
+    if env[0] not in (1, 2, 3) or env[1] != 1:
         raise ValueError("unknown envelope version/algorithm")
     if not hmac.compare_digest(hmac.new(dek, COMMITMENT_LABEL, hashlib.sha256).digest(), header[10:42]):
         raise ValueError("key commitment mismatch")
     t = tenant.encode("utf-8")
     aad = (header if env[0] == 1 else header[:10]) + struct.pack(">I", len(t)) + t
-    aad += b"\x00" if context is None else b"\x01" + struct.pack(">I", len(context)) + context
+    if context is None:
+        aad += b"\x00"
+    elif env[0] == 3 and context.startswith(TYPE_CONTEXT_PREFIX) and context[len(TYPE_CONTEXT_PREFIX):] in TYPE_CODES:
+        aad += b"\x02" + bytes([TYPE_CODES[context[len(TYPE_CONTEXT_PREFIX):]]])
+    else:
+        aad += b"\x01" + struct.pack(">I", len(context)) + context
     return AESGCM(xaes_derive(dek, nonce[:12])).decrypt(nonce[12:], body, aad)
 
 
@@ -869,7 +880,7 @@ def selftest(verbose: bool = True) -> None:
 
     _check_golden_line(GOLDEN_V2)
     n = 1
-    for name in ("v1.txt", "v2.txt"):
+    for name in ("v1.txt", "v2.txt", "v3.txt"):
         p = GOLDEN_DIR / name if GOLDEN_DIR else None
         if p is not None and p.exists():
             for line in p.read_text().splitlines():

@@ -71,7 +71,7 @@ def test_binary_results_are_the_raw_envelope(source_db):
     with connect(PORT_A, source_db) as c:
         raw = c.execute("SELECT email FROM users WHERE tenant = 'acme' LIMIT 1", binary=True).fetchone()[0]
         text_form = c.execute("SELECT email::varchar FROM users WHERE tenant = 'acme' LIMIT 1").fetchone()[0]
-    assert isinstance(raw, bytes) and raw[:2] == b"\x02\x01"  # format v2, XAES-256-GCM
+    assert isinstance(raw, bytes) and raw[:2] == b"\x03\x01"  # format v3, XAES-256-GCM
     import base64
 
     assert base64.b64decode(text_form[len("pge1:"):]) == raw

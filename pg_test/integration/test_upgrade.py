@@ -1,6 +1,6 @@
 """Upgrade from the installed release: 0.1.0, built from its commit, writes data; the current build
 replaces the library, `ALTER EXTENSION pg_envelope UPDATE` runs, and everything 0.1.0 wrote still
-decrypts, re-encrypts, moves between root keys and rotates to a new data key version (values
+decrypts (envelope format v2, typed values included), re-encrypts (into v3), moves between root keys and rotates to a new data key version (values
 re-encrypted under it, by UPDATE and by `CALL envelope.reencrypt`), with the grants it had; its
 tenants' keys rotate at every level and an old version is disabled and destroyed. The updated schema is
 the same as a fresh install's. An update into a schema a plain role controls, or one holding objects
@@ -108,6 +108,8 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
             c.execute("CREATE TABLE t (id int PRIMARY KEY, tenant text, email envelope.encrypted_text, "
                       "n envelope.encrypted_int8, blob bytea)")
             c.execute("GRANT SELECT, INSERT, UPDATE ON t TO upg_app")
+            c.execute("CREATE TABLE t_v2 (id int PRIMARY KEY, email envelope.encrypted_text, n envelope.encrypted_int8)")
+            c.execute("GRANT SELECT, INSERT ON t_v2 TO upg_app")
         with connect(PORT, "upgraded", user="upg_app") as c:
             for t in ("acme", "globex"):
                 with c.transaction():
@@ -117,6 +119,10 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
                         " envelope.encrypt_field(('blob-' || i)::bytea, 't.blob/' || i)"
                         " FROM generate_series(%s::int, %s::int) i",
                         (t, t, 1 if t == "acme" else 101, 100 if t == "acme" else 150))
+            with c.transaction():
+                c.execute("SELECT set_config('app.tenant_id', 'globex', true)")
+                c.execute("INSERT INTO t_v2 SELECT i, ('kept-' || i)::text, (i * 7)::bigint FROM generate_series(1, 10) i")
+            t_v2_expected = ",".join(f"kept-{i}={i * 7}" for i in range(1, 11))
             before = {}
             for t in ("acme", "globex"):
                 with c.transaction():
@@ -127,6 +133,11 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
         assert before["acme"][1] == 100 and before["globex"][1] == 50
         with connect(PORT, "upgraded") as c:
             stored = c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0]
+            # 0.1.0 writes envelope format v2 (the typed values with their type's full context
+            # string in the associated data); this build writes v3 and must read v2 forever.
+            formats = c.execute("SELECT tenant, get_byte(decode(substr(email::varchar, 6), 'base64'), 0), get_byte(decode(substr(n::varchar, 6), 'base64'), 0),"
+                " get_byte(blob, 0), count(*) FROM t GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4").fetchall()
+            assert formats == [("acme", 2, 2, 2, 100), ("globex", 2, 2, 2, 50)], formats
         # 0.1.0 had no schema guard: it installed into a schema a plain role had made, and that
         # role planted an operator the update's views would bind to (an insider review became
         # superuser through envelope.reencrypt_progress so).
@@ -230,6 +241,19 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
             c.execute("CALL envelope.reencrypt('t', 'blob', context_column => 'blob_ctx')")
             counts = c.execute("SELECT tenant, version, \"values\" FROM envelope.column_key_versions('t', 'blob') ORDER BY 1, 2").fetchall()
             assert counts == [("acme", 2, 100), ("globex", 2, 50)], counts
+            # Values 0.1.0 wrote (v2) and nothing rewrote since: CALL envelope.reencrypt decrypts
+            # them under v2's associated data and writes v3 (typed: the type as a one-byte code).
+            assert c.execute("SELECT get_byte(decode(substr(email::varchar, 6), 'base64'), 0), get_byte(decode(substr(n::varchar, 6), 'base64'), 0), count(*)"
+                             " FROM t_v2 GROUP BY 1, 2").fetchall() == [(2, 2, 10)]
+            c.execute("CALL envelope.reencrypt('t_v2', 'email')")
+            c.execute("CALL envelope.reencrypt('t_v2', 'n')")
+            assert c.execute("SELECT get_byte(decode(substr(email::varchar, 6), 'base64'), 0), get_byte(decode(substr(n::varchar, 6), 'base64'), 0), count(*)"
+                             " FROM t_v2 GROUP BY 1, 2").fetchall() == [(3, 3, 10)]
+            c.execute("SELECT set_config('app.tenant_id', 'globex', false), envelope.grant_tenant('globex', current_user)")
+            assert c.execute("SELECT string_agg(email::text || '=' || n::int8, ',' ORDER BY id) FROM t_v2").fetchone()[0] == t_v2_expected
+            formats = c.execute("SELECT tenant, get_byte(decode(substr(email::varchar, 6), 'base64'), 0), get_byte(decode(substr(n::varchar, 6), 'base64'), 0),"
+                " get_byte(blob, 0), count(*) FROM t GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4").fetchall()
+            assert formats == [("acme", 3, 3, 3, 100), ("globex", 3, 3, 3, 50)], formats
             assert c.execute("SELECT envelope.disable_data_key('globex', 1), envelope.destroy_data_key('globex', 1)").fetchone() == (True, True)
         with connect(PORT, "upgraded", user="upg_app") as c:
             for t in ("acme", "globex"):

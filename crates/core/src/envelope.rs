@@ -1,11 +1,11 @@
-//! Envelope formats v1 and v2: the bytes stored for every encrypted value.
+//! Envelope formats v1, v2 and v3: the bytes stored for every encrypted value.
 //!
-//! Both versions have the same layout; they differ only in how much of the header is
-//! authenticated as AAD. New values are written as v2; v1 values are read forever.
+//! All versions have the same layout; they differ only in the associated data (AAD). New
+//! values are written as v3; v1 and v2 values are read forever.
 //!
 //! ```text
 //! offset  length  field
-//! 0       1       format version            0x02 (0x01 for v1)
+//! 0       1       format version            0x03 (0x02 for v2, 0x01 for v1)
 //! 1       1       algorithm                 0x01 = XAES-256-GCM, HMAC-SHA-256 key commitment
 //! 2       4       tenant key id             u32, big-endian
 //! 6       4       data key (DEK) version    u32, big-endian
@@ -19,10 +19,18 @@
 //! `header[0..H] || u32be(len(tenant)) || tenant || 0x00` without a context, or
 //! `... || 0x01 || u32be(len(context)) || context` with one, so a ciphertext moved to another
 //! tenant or another context fails to decrypt, and a NULL context differs from an empty one.
-//! `H` is 10 in v2 (version, algorithm, key id, DEK version) and 42 in v1 (the same plus the
-//! commitment). The commitment needs no GCM authentication: it is compared with the DEK's own
+//! `H` is 10 in v2 and v3 (version, algorithm, key id, DEK version) and 42 in v1 (the same plus
+//! the commitment). The commitment needs no GCM authentication: it is compared with the DEK's own
 //! commitment before GCM runs, so a changed commitment fails anyway, and leaving it out of the
 //! AAD saves two GHASH blocks per value (about 8% of a short value's cost).
+//!
+//! v3 binds the encrypted types' contexts (`pg_envelope/type/<base type>`, exactly one of
+//! [`TYPE_CODES`]) as `0x02 || code` instead of `0x01 || u32be(len) || context`: one byte
+//! instead of 25-32, one or two GHASH blocks less per typed value. Every other context, and
+//! every context in v1 and v2, is bound as before. The encoding stays unambiguous: the flag byte
+//! (0, 1, 2) says which form follows, each form is injective, and a context has one form per
+//! version. Callers cannot encrypt under `pg_envelope/` contexts (the SQL layer refuses them),
+//! so a type code is only ever bound by the encrypted types.
 //! `docs/envelope-format.md` is the normative description; golden envelopes in
 //! `crates/core/tests/golden/` pin it.
 
@@ -30,9 +38,12 @@
 pub const VERSION_1: u8 = 0x01;
 /// Format version byte of v2 envelopes (written by this version).
 pub const VERSION_2: u8 = 0x02;
+/// Format version byte of v3 envelopes (written by this version): v2 with the encrypted types'
+/// contexts bound as one-byte codes.
+pub const VERSION_3: u8 = 0x03;
 /// The version new envelopes are written in.
-pub const CURRENT_VERSION: u8 = VERSION_2;
-/// Header bytes authenticated as AAD in v2: version, algorithm, tenant key id, DEK version.
+pub const CURRENT_VERSION: u8 = VERSION_3;
+/// Header bytes authenticated as AAD in v2 and v3: version, algorithm, tenant key id, DEK version.
 pub const AAD_HEADER_LEN_V2: usize = 10;
 /// Algorithm byte: XAES-256-GCM with an HMAC-SHA-256 key commitment in the header.
 pub const ALG_XAES_256_GCM_HMAC_COMMIT: u8 = 0x01;
@@ -53,7 +64,7 @@ pub struct MalformedEnvelope;
 /// A parsed, not yet authenticated, view of an envelope.
 #[derive(Debug, Clone, Copy)]
 pub struct Envelope<'a> {
-    /// Format version: [`VERSION_1`] or [`VERSION_2`].
+    /// Format version: [`VERSION_1`], [`VERSION_2`] or [`VERSION_3`].
     pub version: u8,
     pub tenant_key_id: u32,
     pub dek_version: u32,
@@ -71,7 +82,7 @@ impl<'a> Envelope<'a> {
         if bytes.len() < OVERHEAD {
             return Err(MalformedEnvelope);
         }
-        if !matches!(bytes[0], VERSION_1 | VERSION_2) || bytes[1] != ALG_XAES_256_GCM_HMAC_COMMIT {
+        if !matches!(bytes[0], VERSION_1 | VERSION_2 | VERSION_3) || bytes[1] != ALG_XAES_256_GCM_HMAC_COMMIT {
             return Err(MalformedEnvelope);
         }
         let (header, rest) = bytes.split_at(HEADER_LEN);
@@ -91,7 +102,7 @@ impl<'a> Envelope<'a> {
     }
 
     /// The part of the header authenticated in the AAD: all of it in v1, everything but the
-    /// commitment in v2.
+    /// commitment in v2 and v3.
     pub fn aad_header(&self) -> &'a [u8] {
         match self.version {
             VERSION_1 => &self.header[..],
@@ -110,7 +121,7 @@ pub const fn envelope_len(plaintext_len: usize) -> usize {
     plaintext_len + OVERHEAD
 }
 
-/// Writes the header of a new (v2) envelope into `out[..HEADER_LEN]`.
+/// Writes the header of a new (v3) envelope into `out[..HEADER_LEN]`.
 pub(crate) fn write_header(
     out: &mut [u8],
     tenant_key_id: u32,
@@ -124,7 +135,36 @@ pub(crate) fn write_header(
     out[10..HEADER_LEN].copy_from_slice(commitment);
 }
 
-/// Builds the AAD into `buf` (cleared first) and returns it.
+/// The encrypted types' contexts: `pg_envelope/type/` and one of these names, bound in v3 as
+/// the code. Codes are never reused or renumbered (golden vectors pin them).
+pub const TYPE_CODES: [(&str, u8); 7] =
+    [("text", 1), ("bytea", 2), ("jsonb", 3), ("int8", 4), ("numeric", 5), ("date", 6), ("timestamptz", 7)];
+
+/// The prefix of the encrypted types' contexts.
+pub const TYPE_CONTEXT_PREFIX: &[u8; 17] = b"pg_envelope/type/";
+
+/// The v3 code of an encrypted type's context, `None` for any other context.
+#[inline]
+pub fn type_code(context: &[u8]) -> Option<u8> {
+    let (prefix, name) = context.split_first_chunk::<17>()?;
+    if prefix != TYPE_CONTEXT_PREFIX {
+        return None;
+    }
+    match name {
+        b"text" => Some(1),
+        b"bytea" => Some(2),
+        b"jsonb" => Some(3),
+        b"int8" => Some(4),
+        b"numeric" => Some(5),
+        b"date" => Some(6),
+        b"timestamptz" => Some(7),
+        _ => None,
+    }
+}
+
+/// Builds the AAD into `buf` (cleared first) and returns it. The format version is the
+/// header's first byte (authenticated itself), so the context's encoding cannot disagree with
+/// the version the envelope says it is.
 pub(crate) fn build_aad<'b>(
     buf: &'b mut Vec<u8>,
     header: &[u8],
@@ -137,11 +177,14 @@ pub(crate) fn build_aad<'b>(
     buf.extend_from_slice(tenant.as_bytes());
     match context {
         None => buf.push(0),
-        Some(c) => {
-            buf.push(1);
-            buf.extend_from_slice(&(c.len() as u32).to_be_bytes());
-            buf.extend_from_slice(c);
-        }
+        Some(c) => match type_code(c).filter(|_| header.first() == Some(&VERSION_3)) {
+            Some(code) => buf.extend_from_slice(&[2, code]),
+            None => {
+                buf.push(1);
+                buf.extend_from_slice(&(c.len() as u32).to_be_bytes());
+                buf.extend_from_slice(c);
+            }
+        },
     }
     buf
 }
@@ -189,7 +232,9 @@ mod tests {
         assert!(Envelope::parse(&v).is_ok());
         v[0] = VERSION_2;
         assert!(Envelope::parse(&v).is_ok());
-        v[0] = 3;
+        v[0] = VERSION_3;
+        assert!(Envelope::parse(&v).is_ok());
+        v[0] = 4;
         assert!(Envelope::parse(&v).is_err());
         v[0] = 0;
         assert!(Envelope::parse(&v).is_err());
@@ -215,5 +260,43 @@ mod tests {
         let y = build_aad(&mut b, b"h", "a", Some(b"bc")).to_vec();
         assert_ne!(x, y);
     }
-}
 
+    #[test]
+    fn type_codes_match_their_names_and_nothing_else() {
+        for (name, code) in TYPE_CODES {
+            let ctx = [&TYPE_CONTEXT_PREFIX[..], name.as_bytes()].concat();
+            assert_eq!(type_code(&ctx), Some(code), "{name}");
+            assert_eq!(type_code(&ctx[..ctx.len() - 1]), None, "{name} cut short");
+            assert_eq!(type_code(&[&ctx[..], b"x"].concat()), None, "{name} extended");
+            assert_eq!(type_code(name.as_bytes()), None, "{name} without the prefix");
+        }
+        let mut codes: Vec<u8> = TYPE_CODES.iter().map(|t| t.1).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), TYPE_CODES.len(), "codes are distinct");
+        for other in [&b""[..], b"pg_envelope/type/", b"pg_envelope/type/TEXT", b"pg_envelope/types/text", b"Pg_envelope/type/text", b"pg_envelope/type/encrypted_text"] {
+            assert_eq!(type_code(other), None);
+        }
+    }
+
+    #[test]
+    fn v3_binds_type_contexts_as_one_byte_and_every_other_context_as_before() {
+        let v2 = [VERSION_2, 1, 0, 0, 0, 1, 0, 0, 0, 1];
+        let v3 = [VERSION_3, 1, 0, 0, 0, 1, 0, 0, 0, 1];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let typed = b"pg_envelope/type/numeric";
+        let x = build_aad(&mut a, &v3, "acme", Some(typed)).to_vec();
+        assert_eq!(&x[10..], &[&4u32.to_be_bytes()[..], b"acme", &[2, 5]].concat()[..]);
+        let y = build_aad(&mut b, &v2, "acme", Some(typed)).to_vec();
+        assert_eq!(&y[10..], &[&4u32.to_be_bytes()[..], b"acme", &[1], &24u32.to_be_bytes()[..], typed].concat()[..]);
+        for ctx in [None, Some(&b""[..]), Some(b"users.email"), Some(b"pg_envelope/type/other")] {
+            let x = build_aad(&mut a, &v3, "acme", ctx).to_vec();
+            let y = build_aad(&mut b, &v2, "acme", ctx).to_vec();
+            assert_eq!(x[1..], y[1..], "{ctx:?}");
+        }
+        // A user context of the same bytes as a type code's encoding is still length-prefixed.
+        let x = build_aad(&mut a, &v3, "acme", Some(&[5])).to_vec();
+        let y = build_aad(&mut b, &v3, "acme", Some(b"pg_envelope/type/numeric")).to_vec();
+        assert_ne!(x, y);
+    }
+}

@@ -1,4 +1,4 @@
-//! Golden envelopes: bytes produced by each format version (v1, v2), checked into the
+//! Golden envelopes: bytes produced by each format version (v1, v2, v3), checked into the
 //! repository. Every later version of pg_envelope must still open them, through the whole chain
 //! root key -> wrapped tenant key -> wrapped DEK -> envelope.
 //!
@@ -13,7 +13,11 @@ use pg_envelope_core::wrap::{self, WrapAad};
 use pg_envelope_core::{DataKey, Envelope, SecretKey};
 use rand_core::SeedableRng;
 
-const GOLDEN: &[(u8, &str)] = &[(1, include_str!("golden/v1.txt")), (2, include_str!("golden/v2.txt"))];
+const GOLDEN: &[(u8, &str)] = &[
+    (1, include_str!("golden/v1.txt")),
+    (2, include_str!("golden/v2.txt")),
+    (3, include_str!("golden/v3.txt")),
+];
 
 fn fields(line: &str) -> HashMap<&str, &str> {
     line.split_whitespace().skip(1).filter_map(|kv| kv.split_once('=')).collect()
@@ -66,11 +70,14 @@ fn check_golden_file(format: u8, text: &str) -> usize {
         // And it is bound: the other context choice fails.
         let other = if context.is_some() { None } else { Some(&b""[..]) };
         assert!(key.decrypt(tenant, other, &envelope).is_err());
-        // v1 authenticated the commitment in the AAD, v2 does not: the same bytes relabelled as
-        // the other version must not open (the version byte itself is authenticated).
-        let mut relabelled = envelope.clone();
-        relabelled[0] = if format == 1 { 2 } else { 1 };
-        assert!(key.decrypt(tenant, context.as_deref(), &relabelled).is_err());
+        // The versions differ in their AAD (v1 authenticates the commitment, v3 binds the
+        // encrypted types' contexts as one byte): the same bytes relabelled as any other version
+        // must not open (the version byte itself is authenticated).
+        for other in [1u8, 2, 3].into_iter().filter(|&v| v != format) {
+            let mut relabelled = envelope.clone();
+            relabelled[0] = other;
+            assert!(key.decrypt(tenant, context.as_deref(), &relabelled).is_err(), "v{format} relabelled v{other}");
+        }
         n += 1;
     }
     n
@@ -91,6 +98,11 @@ fn regenerate_golden_vectors_on_request() {
         ("acme", 7, 3, Some(b""), b"empty context, not no context"),
         ("globex", 12, 2, None, "ünïcödé ✓ 日本".as_bytes()),
         ("globex", 12, 2, Some(b"orders.note"), &[0xA5; 1000]),
+        // The encrypted types' contexts (bound as one-byte type codes from v3 on).
+        ("acme", 7, 1, Some(b"pg_envelope/type/text"), b"typed text"),
+        ("acme", 7, 1, Some(b"pg_envelope/type/int8"), &42i64.to_be_bytes()),
+        ("globex", 12, 2, Some(b"pg_envelope/type/timestamptz"), &830_000_000_000_000i64.to_be_bytes()),
+        ("globex", 12, 2, Some(b"pg_envelope/type/jsonb"), br#"{"a": 1}"#),
     ];
     let mut out = format!(
         "# generated in format v{}; review, then append new lines to that version's file\n",
