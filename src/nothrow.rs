@@ -81,6 +81,22 @@ pub fn active_snapshot_set() -> bool {
     unsafe { raw::active_snapshot_set() }
 }
 
+/// `palloc` without pgrx's guard, like [`palloc0`] but not zeroed: the caller writes every byte
+/// before anything reads it (through raw pointers, never a slice over the fresh allocation).
+#[inline]
+pub fn palloc(size: usize) -> *mut std::ffi::c_void {
+    const MAX_ALLOC_SIZE: usize = 0x3fff_ffff; // memutils.h MaxAllocSize
+    if size <= MAX_ALLOC_SIZE {
+        // SAFETY: a valid size and flags; CurrentMemoryContext is always set in a backend.
+        let p = unsafe { raw::palloc_extended(size, pg_sys::MCXT_ALLOC_NO_OOM as c_int) };
+        if !p.is_null() {
+            return p;
+        }
+    }
+    // SAFETY: guarded by pgrx: raises "out of memory" or "invalid memory alloc request size".
+    unsafe { pg_sys::palloc(size) }
+}
+
 /// `palloc0(size)` in the current memory context without pgrx's guard: with
 /// `MCXT_ALLOC_NO_OOM` an allocation failure returns NULL instead of raising an ERROR, and the
 /// only other error (a size above `MaxAllocSize`) is excluded here, so nothing can `longjmp`.

@@ -1,7 +1,8 @@
 //! Encrypted column types: `envelope.encrypted_text`, `encrypted_bytea`, `encrypted_jsonb`,
 //! `encrypted_int8`, `encrypted_numeric`, `encrypted_date`, `encrypted_timestamptz`.
 //!
-//! Every type stores the same thing: a v1 envelope in a plain varlena. Their I/O is the
+//! Every type stores the same thing: an envelope (docs/envelope-format.md) in a plain varlena,
+//! bound to its type by its context (a one-byte type code in format v3). Their I/O is the
 //! envelope itself, so COPY, pg_dump and logical replication move ciphertext with no key:
 //!
 //! * text form: `pge1:` followed by the envelope in standard base64 (with padding);
@@ -433,31 +434,36 @@ fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
     const NUMERIC_SHORT_WEIGHT_MAX: i32 = NUMERIC_SHORT_WEIGHT_MASK as i32;
     const NUMERIC_SHORT_WEIGHT_MIN: i32 = -(NUMERIC_SHORT_WEIGHT_MASK as i32) - 1;
     const NUMERIC_DSCALE_MASK: u16 = 0x3FFF;
-    let u16_at = |i: usize| Some(u16::from_be_bytes(b.get(i..i + 2)?.try_into().ok()?));
-    let n = u16_at(0)? as usize;
-    let weight = u16_at(2)? as i16 as i32;
-    let sign = u16_at(4)?;
-    let dscale = u16_at(6)?;
-    if b.len() != 8 + 2 * n || !(sign == NUMERIC_POS || sign == NUMERIC_NEG) || dscale & NUMERIC_DSCALE_MASK != dscale {
+    let (hdr, rest) = b.split_first_chunk::<8>()?;
+    let (digits, tail) = rest.as_chunks::<2>();
+    let n = u16::from_be_bytes([hdr[0], hdr[1]]) as usize;
+    let weight = i16::from_be_bytes([hdr[2], hdr[3]]) as i32;
+    let sign = u16::from_be_bytes([hdr[4], hdr[5]]);
+    let dscale = u16::from_be_bytes([hdr[6], hdr[7]]);
+    if digits.len() != n || !tail.is_empty() || !(sign == NUMERIC_POS || sign == NUMERIC_NEG) || dscale & NUMERIC_DSCALE_MASK != dscale {
         return None;
     }
-    let digit = |i: usize| u16::from_be_bytes([b[8 + 2 * i], b[9 + 2 * i]]);
-    if n == 0 {
-        // Zero: make_result gives it weight 0 and a positive sign.
-        if weight != 0 || sign != NUMERIC_POS {
-            return None;
-        }
-    } else {
-        // Already normalised (make_result would strip zero digits at either end) and nothing
-        // beyond the display scale (trunc_var would cut it).
-        if digit(0) == 0 || digit(n - 1) == 0 {
-            return None;
-        }
-        let frac_groups = n as i32 - (weight + 1);
-        if frac_groups > 0 {
-            let beyond = frac_groups * DEC_DIGITS - dscale as i32;
-            if beyond >= DEC_DIGITS || (beyond > 0 && digit(n - 1) % 10u16.pow(beyond as u32) != 0) {
+    match (digits.first(), digits.last()) {
+        (None, _) | (_, None) => {
+            // Zero: make_result gives it weight 0 and a positive sign.
+            if weight != 0 || sign != NUMERIC_POS {
                 return None;
+            }
+        }
+        (Some(first), Some(last)) => {
+            // Already normalised (make_result would strip zero digits at either end) and
+            // nothing beyond the display scale (trunc_var would cut it).
+            let last = u16::from_be_bytes(*last);
+            if u16::from_be_bytes(*first) == 0 || last == 0 {
+                return None;
+            }
+            let frac_groups = n as i32 - (weight + 1);
+            if frac_groups > 0 {
+                let beyond = frac_groups * DEC_DIGITS - dscale as i32;
+                const POW10: [u16; DEC_DIGITS as usize] = [1, 10, 100, 1000];
+                if beyond >= DEC_DIGITS || (beyond > 0 && last % POW10[beyond as usize] != 0) {
+                    return None;
+                }
             }
         }
     }
@@ -465,28 +471,31 @@ fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
     let head = if short { 2 } else { 4 };
     let size = pg_sys::VARHDRSZ + head + 2 * n;
     unsafe {
-        let p = crate::nothrow::palloc0(size) as *mut u8;
+        // Not zeroed: every byte (header, head, digits) is written below, through raw pointers
+        // (no slice over the uninitialised allocation).
+        let p = crate::nothrow::palloc(size) as *mut u8;
         pgrx::set_varsize_4b(p.cast(), size as i32);
-        let body = std::slice::from_raw_parts_mut(p.add(pg_sys::VARHDRSZ), head + 2 * n);
+        let body = p.add(pg_sys::VARHDRSZ);
+        let put = |off: usize, v: [u8; 2]| std::ptr::copy_nonoverlapping(v.as_ptr(), body.add(off), 2);
         if short {
             let h = NUMERIC_SHORT
                 | if sign == NUMERIC_NEG { NUMERIC_SHORT_SIGN_MASK } else { 0 }
                 | (dscale << NUMERIC_SHORT_DSCALE_SHIFT)
                 | if weight < 0 { NUMERIC_SHORT_WEIGHT_SIGN_MASK } else { 0 }
                 | (weight as u16 & NUMERIC_SHORT_WEIGHT_MASK);
-            body[..2].copy_from_slice(&h.to_ne_bytes());
+            put(0, h.to_ne_bytes());
         } else {
-            body[..2].copy_from_slice(&(sign | (dscale & NUMERIC_DSCALE_MASK)).to_ne_bytes());
-            body[2..4].copy_from_slice(&(weight as i16).to_ne_bytes());
+            put(0, (sign | (dscale & NUMERIC_DSCALE_MASK)).to_ne_bytes());
+            put(2, (weight as i16).to_ne_bytes());
         }
         // Every digit checked as it is copied (one pass).
-        for i in 0..n {
-            let d = digit(i);
+        for (i, d) in digits.iter().enumerate() {
+            let d = u16::from_be_bytes(*d);
             if d >= NBASE {
                 pg_sys::pfree(p.cast());
                 return None;
             }
-            body[head + 2 * i..head + 2 * i + 2].copy_from_slice(&(d as i16).to_ne_bytes());
+            put(head + 2 * i, (d as i16).to_ne_bytes());
         }
         Some(pg_sys::Datum::from(p))
     }

@@ -36,7 +36,7 @@
 
 /// Format version byte of v1 envelopes (read, never written any more).
 pub const VERSION_1: u8 = 0x01;
-/// Format version byte of v2 envelopes (written by this version).
+/// Format version byte of v2 envelopes (read, never written any more).
 pub const VERSION_2: u8 = 0x02;
 /// Format version byte of v3 envelopes (written by this version): v2 with the encrypted types'
 /// contexts bound as one-byte codes.
@@ -136,7 +136,8 @@ pub(crate) fn write_header(
 }
 
 /// The encrypted types' contexts: `pg_envelope/type/` and one of these names, bound in v3 as
-/// the code. Codes are never reused or renumbered (golden vectors pin them).
+/// the code. Codes are never reused or renumbered: the golden v3 vectors (one per type) and
+/// `tests::type_codes_are_pinned` fail if one changes.
 pub const TYPE_CODES: [(&str, u8); 7] =
     [("text", 1), ("bytea", 2), ("jsonb", 3), ("int8", 4), ("numeric", 5), ("date", 6), ("timestamptz", 7)];
 
@@ -177,14 +178,23 @@ pub(crate) fn build_aad<'b>(
     buf.extend_from_slice(tenant.as_bytes());
     match context {
         None => buf.push(0),
-        Some(c) => match type_code(c).filter(|_| header.first() == Some(&VERSION_3)) {
-            Some(code) => buf.extend_from_slice(&[2, code]),
-            None => {
-                buf.push(1);
-                buf.extend_from_slice(&(c.len() as u32).to_be_bytes());
-                buf.extend_from_slice(c);
+        Some(c) => {
+            // Which encodings of a context a version has (a new version must choose here).
+            let code = match header.first() {
+                Some(&VERSION_3) => type_code(c),
+                Some(&VERSION_1 | &VERSION_2) => None,
+                // Not a version `Envelope::parse` accepts (unit tests pass arbitrary headers).
+                _ => None,
+            };
+            match code {
+                Some(code) => buf.extend_from_slice(&[2, code]),
+                None => {
+                    buf.push(1);
+                    buf.extend_from_slice(&(c.len() as u32).to_be_bytes());
+                    buf.extend_from_slice(c);
+                }
             }
-        },
+        }
     }
     buf
 }
@@ -259,6 +269,15 @@ mod tests {
         let x = build_aad(&mut a, b"h", "ab", Some(b"c")).to_vec();
         let y = build_aad(&mut b, b"h", "a", Some(b"bc")).to_vec();
         assert_ne!(x, y);
+    }
+
+    #[test]
+    fn type_codes_are_pinned() {
+        // Stored v3 values depend on these numbers: never change this list, only append to it.
+        assert_eq!(
+            TYPE_CODES,
+            [("text", 1), ("bytea", 2), ("jsonb", 3), ("int8", 4), ("numeric", 5), ("date", 6), ("timestamptz", 7)]
+        );
     }
 
     #[test]

@@ -47,6 +47,14 @@ pub fn envelope(data: &[u8]) {
     out.fill(0);
     assert!(dek.decrypt_into("fuzz", None, &env, &mut out).is_err(), "bound to its tenant");
     assert!(out.iter().all(|&b| b == 0), "a failed decryption leaves no output");
+    // The encrypted types' contexts (a one-byte code in v3's associated data, the string in v1
+    // and v2): a seed made under one opens under that one only.
+    for ctx in [&b"pg_envelope/type/int8"[..], b"pg_envelope/type/numeric", b"pg_envelope/type/"] {
+        out.fill(0);
+        if dek.decrypt_into(SEED_TENANT, Some(ctx), &env, &mut out).is_err() {
+            assert!(out.iter().all(|&b| b == 0), "a failed decryption leaves no output");
+        }
+    }
     let mut other = DataKey::new(env.tenant_key_id, env.dek_version, &key(7));
     assert!(other.decrypt(SEED_TENANT, Some(b"ctx"), data).is_err());
 }

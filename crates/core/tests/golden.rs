@@ -103,6 +103,10 @@ fn regenerate_golden_vectors_on_request() {
         ("acme", 7, 1, Some(b"pg_envelope/type/int8"), &42i64.to_be_bytes()),
         ("globex", 12, 2, Some(b"pg_envelope/type/timestamptz"), &830_000_000_000_000i64.to_be_bytes()),
         ("globex", 12, 2, Some(b"pg_envelope/type/jsonb"), br#"{"a": 1}"#),
+        // Appended to v3 only: every type code is pinned by a vector.
+        ("acme", 7, 1, Some(b"pg_envelope/type/bytea"), b"\x00\x01typed bytes"),
+        ("acme", 7, 1, Some(b"pg_envelope/type/numeric"), &[0, 1, 0, 0, 0, 0, 0, 0, 0, 42]),
+        ("globex", 12, 2, Some(b"pg_envelope/type/date"), &9_000i32.to_be_bytes()),
     ];
     let mut out = format!(
         "# generated in format v{}; review, then append new lines to that version's file\n",
