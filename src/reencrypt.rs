@@ -21,7 +21,7 @@ use pgrx::PgSqlErrorCode;
 use crate::backend;
 use crate::catalog;
 use crate::error::{EnvelopeError, OrRaise, Result};
-use crate::types::ByteaOut;
+use crate::types::{ByteaOut, TextBytes};
 
 thread_local! {
     /// The token of the re-encryption batch running in this backend (0: none). The batch's
@@ -82,10 +82,12 @@ fn require_batch(token: i64) {
 /// token). The plaintext never leaves this call. Not STRICT: a NULL context must not make the
 /// result NULL.
 #[pg_extern(volatile, parallel_unsafe)]
-fn reencrypt_value(value: Option<&[u8]>, context: Option<&str>, batch_token: Option<i64>) -> Option<ByteaOut> {
+fn reencrypt_value(value: Option<&[u8]>, context: Option<TextBytes>, batch_token: Option<i64>) -> Option<ByteaOut> {
     require_batch(batch_token.unwrap_or(0));
     let value = value?;
-    let ctx = context.map(str::as_bytes);
+    // The context's bytes in the database encoding, as `encrypt_field` bound them (not `&str`,
+    // which refuses non-UTF-8 text: a LATIN1 context could not be re-encrypted; review 35).
+    let ctx = context.as_ref().map(|c| c.0);
     if ctx.is_some_and(|c| c.starts_with(crate::api::RESERVED_CONTEXT_PREFIX)) {
         EnvelopeError::ReservedContext.raise();
     }

@@ -99,3 +99,18 @@ def test_decrypting_bytes_that_are_not_text_is_22021_not_garbage():
     finally:
         with connect(PORT_A) as c:
             c.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_reencryption_keeps_a_non_utf8_context(db):
+    """A bytea value encrypted under a context that is not UTF-8 (LATIN1 '½') is re-encrypted
+    under a new data key with the same context bytes (review 35: the re-encryption function
+    took its context as UTF-8 text and refused it)."""
+    name, tenant, encoding = db
+    with connect(PORT_A, name, client_encoding="UTF8") as c:
+        c.execute("SELECT set_config('app.tenant_id', %s, false)", (tenant,))
+        c.execute("CREATE TABLE b (id int PRIMARY KEY, ctx text, v bytea)")
+        c.execute("INSERT INTO b SELECT i, 'ctx ½ ' || i, envelope.encrypt_field(%s || i, 'ctx ½ ' || i) FROM generate_series(1, 20) i", (WORD,))
+        assert c.execute("SELECT envelope.rotate_data_key(%s)", (tenant,)).fetchone()[0] == 2
+        c.execute("CALL envelope.reencrypt('b', 'v', context_column => 'ctx')")
+        rows = c.execute("SELECT envelope.key_version(v), envelope.decrypt_field(v, ctx), get_byte(v, 0) FROM b ORDER BY id").fetchall()
+        assert rows == [(2, f"{WORD}{i}", 3) for i in range(1, 21)], rows[:2]
