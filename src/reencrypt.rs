@@ -198,11 +198,23 @@ fn bad(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> EnvelopeErr
 fn reencrypt_open(
     tbl: Option<pg_sys::Oid>,
     col: Option<&str>,
-    context: default!(Option<&str>, "NULL"),
+    context: default!(Option<TextBytes>, "NULL"),
     context_column: default!(Option<&str>, "NULL"),
     batch_rows: default!(Option<i32>, 10000),
     queued: default!(Option<bool>, false),
 ) -> i64 {
+    // The job row keeps a constant context as UTF-8 text; a context that is not (non-ASCII in
+    // a LATIN1 database) is refused clearly, and context_column takes any bytes.
+    let context = match context.as_ref().map(|c| std::str::from_utf8(c.0)) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => bad(
+            PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            "pg_envelope: a constant re-encryption context must be UTF-8 text".into(),
+            Some("Put the context in a column and give context_column instead: it is read as the column's bytes."),
+        )
+        .raise(),
+    };
     let (Some(tbl), Some(col), Some(batch_rows), Some(queued)) = (tbl, col, batch_rows, queued) else {
         bad(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
