@@ -69,3 +69,21 @@ SET ROLE regress_app;
 SELECT envelope.decrypt_field(env) AS still_granted FROM secrets;
 RESET ROLE;
 DROP TABLE secrets;
+-- A role name that needs quoting (mixed case, a space, a double quote): the grant reaches that
+-- role and no other, and is taken back.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'Regress Mixed "Q" Role') THEN CREATE ROLE "Regress Mixed ""Q"" Role" NOLOGIN; END IF;
+END $$;
+SELECT envelope.grant_tenant('globex', 'Regress Mixed "Q" Role') AS quoted_granted;
+SELECT has_table_privilege('Regress Mixed "Q" Role', 'envelope.grant_anchor', 'SELECT') AS quoted_anchor;
+SET ROLE "Regress Mixed ""Q"" Role";
+SET app.tenant_id = 'globex';
+SELECT envelope.decrypt_field(envelope.encrypt_field('for a quoted role')) AS quoted_reads;
+RESET ROLE;
+SELECT envelope.revoke_tenant('globex', 'Regress Mixed "Q" Role') AS quoted_revoked,
+       has_table_privilege('Regress Mixed "Q" Role', 'envelope.grant_anchor', 'SELECT') AS quoted_anchor_after;
+SET ROLE "Regress Mixed ""Q"" Role";
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('x')$$) AS quoted_after_revoke;
+RESET ROLE;
+RESET app.tenant_id;
+DROP ROLE "Regress Mixed ""Q"" Role";

@@ -73,4 +73,16 @@ SELECT sum(length(v::text)) AS total_length, count(*) FILTER (WHERE v::text LIKE
        md5(string_agg(v::text, ',' ORDER BY id)) AS digest
   FROM big WHERE id % 7 = 0;
 RESET ALL;
+-- A table owner (here a superuser) who rewrites a row's tenant column does not hand the row's
+-- values to the new tenant: the key comes from the session's tenant, and the values name
+-- acme's key. globex sees the moved row through RLS and cannot read it (22000).
+UPDATE users SET tenant = 'globex' WHERE id = 1;
+SET ROLE regress_tenant_app;
+BEGIN;
+SET LOCAL app.tenant_id = 'globex';
+SELECT count(*) AS globex_sees_moved_row FROM users WHERE id = 1;
+SELECT sqlstate_of($$SELECT email::text FROM users WHERE id = 1$$) AS globex_reads_moved_row,
+       sqlstate_of($$SELECT envelope.decrypt_field(email) FROM users WHERE id = 1$$) AS globex_decrypts_moved_row;
+COMMIT;
+RESET ROLE;
 DROP TABLE users, big;

@@ -279,3 +279,18 @@ SELECT sqlstate_of('ALTER TABLE derived ADD COLUMN g3 text GENERATED ALWAYS AS (
 DROP TABLE derived CASCADE;  -- and leak_row(derived)
 DROP FUNCTION public.leak(envelope.encrypted_text);
 DROP DOMAIN public.enc_dom;
+-- A value whose header names another tenant's key: decrypted under acme it fails (22000) without
+-- that tenant's keys ever being looked up (the key comes from the session's tenant; the header's
+-- key id is only compared with it): no unwrap, no provider call, nothing cached for it.
+SELECT envelope.create_tenant('regress_kid_b') IS NOT NULL AS kid_b_created;
+SET app.tenant_id = 'acme';
+CREATE TEMP TABLE kid_probe AS
+  SELECT overlay(envelope.encrypt_field('acme secret') PLACING int4send((SELECT id FROM envelope.tenants WHERE name = 'regress_kid_b')::int4) FROM 3 FOR 4) AS forged,
+         (envelope.status()->'backend'->>'root_unwraps')::int AS unwraps;
+SELECT envelope.key_tenant_id(forged) = (SELECT id FROM envelope.tenants WHERE name = 'regress_kid_b') AS header_names_kid_b FROM kid_probe;
+SELECT sqlstate_of(format('SELECT envelope.decrypt_field(%L::bytea)', forged)) AS acme_decrypts_kid_b_header FROM kid_probe;
+SELECT (envelope.status()->'backend'->>'root_unwraps')::int - unwraps AS unwraps_after,
+       NOT EXISTS (SELECT 1 FROM envelope.key_cache() WHERE tenant = 'regress_kid_b') AS kid_b_not_cached
+  FROM kid_probe;
+DROP TABLE kid_probe;
+RESET app.tenant_id;
