@@ -3,6 +3,11 @@
 //! * Wycheproof AES-GCM (every 256-bit-key, 96-bit-nonce, 128-bit-tag group): the AES-256-GCM
 //!   implementation we use (RustCrypto `aes-gcm`), valid and invalid cases.
 //! * C2SP XAES-256-GCM vectors, through the envelope's own key derivation (`DataKey`).
+//! * Wycheproof HMAC-SHA-256 (every group, tags truncated as the group says): the HMAC used for
+//!   the key commitment, the tenant key check value and the blind-index terms (RustCrypto
+//!   `hmac` + `sha2`); and known answers for the two HMACs of the key hierarchy, computed with
+//!   Python's `hmac` module (an independent implementation).
+//! * Wycheproof HKDF-SHA-256: the derivation of the blind-index term keys (RustCrypto `hkdf`).
 
 use aes_gcm::aead::{inout::InOutBuf, AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
@@ -83,4 +88,77 @@ fn c2sp_xaes_256_gcm_vectors_through_datakey_derivation() {
             .expect("derived key decrypts the C2SP vector");
         assert_eq!(out, b"XAES-256-GCM");
     }
+}
+
+
+#[test]
+fn wycheproof_hmac_sha256() {
+    use hmac::{Hmac, KeyInit, Mac};
+    use wycheproof::mac::{TestName, TestSet};
+    use wycheproof::TestResult;
+    let set = TestSet::load(TestName::HmacSha256).expect("wycheproof HMAC-SHA-256 vectors");
+    let (mut valid, mut invalid) = (0, 0);
+    for group in set.test_groups {
+        let tag_bytes = group.tag_size / 8;
+        for t in group.tests {
+            let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&t.key).expect("any key length");
+            mac.update(&t.msg);
+            let full = mac.finalize().into_bytes();
+            let matches = full[..tag_bytes] == t.tag[..] && t.tag.len() == tag_bytes;
+            match t.result {
+                TestResult::Valid | TestResult::Acceptable => {
+                    assert!(matches, "tc {} tag", t.tc_id);
+                    valid += 1;
+                }
+                TestResult::Invalid => {
+                    assert!(!matches, "tc {} must not verify", t.tc_id);
+                    invalid += 1;
+                }
+            }
+        }
+    }
+    assert!(valid >= 60 && invalid >= 100, "{valid} valid, {invalid} invalid cases");
+}
+
+#[test]
+fn key_commitment_and_tenant_key_check_match_an_independent_hmac() {
+    // python3 -c "import hmac,hashlib; print(hmac.new(bytes([9]*32), b'pg_envelope/v1/key-commitment', hashlib.sha256).hexdigest())"
+    // and the same with b'pg_envelope/v1/tenant-key-check'.
+    let key = pg_envelope_core::SecretKey::from_slice(&[9u8; 32]).unwrap();
+    let dek = pg_envelope_core::DataKey::new(1, 1, &key);
+    assert_eq!(hex::encode(dek.commitment()), "b2499b2a18a1b0b33eac5255a1e9b658dd3f4a3ab16d9a101a899e7173123983");
+    assert_eq!(
+        hex::encode(pg_envelope_core::wrap::tenant_key_check(&key)),
+        "fc095a1121ddfde85c7811559760034657f4ecc6112790f9a6f7efd0c0ef6c76"
+    );
+}
+
+#[test]
+fn wycheproof_hkdf_sha256() {
+    // The blind-index term keys are HKDF-SHA-256 (RustCrypto `hkdf`), as used in search.rs:
+    // extract with a salt, expand with info to the requested length.
+    use wycheproof::hkdf::{TestName, TestSet};
+    use wycheproof::TestResult;
+    let set = TestSet::load(TestName::HkdfSha256).expect("wycheproof HKDF-SHA-256 vectors");
+    let (mut valid, mut invalid) = (0, 0);
+    for group in set.test_groups {
+        for t in group.tests {
+            let salt = (!t.salt.is_empty()).then_some(&t.salt[..]);
+            let hk = hkdf::Hkdf::<sha2::Sha256>::new(salt, &t.ikm);
+            let mut okm = vec![0u8; t.size];
+            let res = hk.expand(&t.info, &mut okm);
+            match t.result {
+                TestResult::Valid | TestResult::Acceptable => {
+                    assert!(res.is_ok(), "tc {} expands", t.tc_id);
+                    assert_eq!(okm, *t.okm, "tc {} okm", t.tc_id);
+                    valid += 1;
+                }
+                TestResult::Invalid => {
+                    assert!(res.is_err(), "tc {} (an output too long) is refused", t.tc_id);
+                    invalid += 1;
+                }
+            }
+        }
+    }
+    assert!(valid >= 50, "{valid} valid, {invalid} invalid cases");
 }
