@@ -160,6 +160,33 @@ mod tests {
     }
 
     #[test]
+    fn transit_status_decides_denied_unavailable_or_a_bad_ciphertext() {
+        // What the key cache does with each: Denied and UnwrapFailed are definitive (a cached
+        // entry past its TTL is evicted, never served stale); Unavailable is transient (served
+        // degraded within envelope.max_key_age, retried with backoff).
+        let e = |op: &str, code: u16, msg: &str| transit_error("w", op, code, &json!({"errors": [msg]}));
+        for code in [401, 403] {
+            for op in ["decrypt", "encrypt", "keys", "rewrap"] {
+                assert!(matches!(e(op, code, "permission denied"), ProviderError::Denied(_)), "{op} {code}");
+            }
+        }
+        assert!(matches!(e("decrypt", 400, "requested version for decryption is disallowed by policy"), ProviderError::Denied(_)));
+        assert!(matches!(e("decrypt", 404, "encryption key not found"), ProviderError::Denied(_)));
+        assert!(matches!(e("encrypt", 400, "encryption key not found"), ProviderError::Denied(_)));
+        assert_eq!(e("decrypt", 400, "cipher: message authentication failed"), ProviderError::UnwrapFailed);
+        for code in [429, 500, 502, 503, 504, 599] {
+            for op in ["decrypt", "encrypt"] {
+                assert!(matches!(e(op, code, "busy"), ProviderError::Unavailable(_)), "{op} {code}");
+            }
+        }
+        // Anything else is a configuration problem, said as such (not a transient outage that
+        // would serve stale keys, not a wrong ciphertext).
+        for (op, code) in [("encrypt", 400), ("decrypt", 404), ("keys", 405), ("decrypt", 412)] {
+            assert!(matches!(e(op, code, "something else"), ProviderError::Misconfigured(_)), "{op} {code}");
+        }
+    }
+
+    #[test]
     fn transit_answers_are_checked() {
         assert!(transit_ciphertext(&json!({"data": {"ciphertext": "AAAA"}})).is_err(), "not a Transit ciphertext");
         assert_eq!(transit_ciphertext(&json!({"data": {"ciphertext": "vault:v2:AAAA"}})).unwrap(), b"vault:v2:AAAA");
