@@ -205,7 +205,7 @@ def verify_layout(cl, ids):
                 e, k, nonce = bytes(e), bytes(k), bytes(nonce)
                 assert dec == pt, "envelope does not decrypt"
                 assert len(e) == OVERHEAD + len(pt), f"envelope length {len(e)}"
-                assert e[0] == 0x02 and e[1] == 0x01, f"version/algorithm bytes {e[:2].hex()}"
+                assert e[0] == 0x03 and e[1] == 0x01, f"version/algorithm bytes {e[:2].hex()}"  # format v3
                 assert int.from_bytes(e[2:6], "big") == ids["nonce_a"], "tenant key id at bytes 2..6"
                 assert int.from_bytes(e[6:10], "big") == ver == 1, "DEK version at bytes 6..10"
                 assert k == e[KEY_OFF:KEY_OFF + KEY_LEN] == key_bytes(ids["nonce_a"], 1)

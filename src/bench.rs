@@ -56,7 +56,7 @@ mod envelope_bench {
     /// (10 header bytes, the name's 4-byte length, the name, the context flag): the floor of
     /// the format's cryptographic work, for telling the format's cost from the code's.
     #[cfg(feature = "bench-floor-aad")]
-    const FORMAT_AAD: &[u8; 23] = b"\x02\x01\0\0\0\x01\0\0\0\x01\0\0\0\x08bench_t0\0";
+    const FORMAT_AAD: &[u8; 23] = b"\x03\x01\0\0\0\x01\0\0\0\x01\0\0\0\x08bench_t0\0";
 
     /// `aes_gcm_floor` authenticating [`FORMAT_AAD`] too. Only with `--features bench-floor-aad`:
     /// a second call site of aes-gcm's functions changes how `aes_gcm_floor` itself is compiled.
