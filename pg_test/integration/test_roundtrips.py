@@ -329,3 +329,36 @@ def test_no_plaintext_in_heap_or_wal(source_db, canary):
         if re.search(re.escape(canary) + r"(?!-control)", out):
             leaked.append(w)
     assert leaked == []
+
+
+def test_no_plaintext_in_toast_or_in_a_dump(source_db, canary):
+    """Security checklist row 27: a long encrypted value stored out of line (TOAST) and a
+    plain-format dump hold no plaintext. Positive controls: the same method finds a marker
+    stored in clear out of line (STORAGE EXTERNAL) and in the dump."""
+    secret = f"{canary}-toasted " + os.urandom(3000).hex()      # 6 KB: its envelope goes to TOAST
+    control = f"{canary}-toastcontrol " + os.urandom(3000).hex()
+    with connect(PORT_A, source_db) as c:
+        c.execute("DROP TABLE IF EXISTS toast_probe")
+        c.execute("CREATE TABLE toast_probe (id int PRIMARY KEY, v envelope.encrypted_text, plain text)")
+        c.execute("ALTER TABLE toast_probe ALTER COLUMN plain SET STORAGE EXTERNAL")
+        with as_tenant(c, "acme"):
+            c.execute("INSERT INTO toast_probe VALUES (1, %s::text, NULL), (2, NULL, %s)", (secret, control))
+            assert c.execute("SELECT v::text FROM toast_probe WHERE id = 1").fetchone()[0] == secret
+        # Both values are out of line: two values in the table's TOAST relation.
+        toast_name = c.execute("SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'toast_probe'").fetchone()[0]
+        assert c.execute(f"SELECT count(DISTINCT chunk_id) FROM {toast_name}").fetchone()[0] == 2
+        c.execute("CHECKPOINT")
+        datadir = c.execute("SHOW data_directory").fetchone()[0]
+        toast_rel = c.execute("SELECT pg_relation_filepath(reltoastrelid) FROM pg_class WHERE relname = 'toast_probe'").fetchone()[0]
+    toast = glob.glob(os.path.join(datadir, toast_rel) + "*")
+    assert files_containing(toast, f"{canary}-toastcontrol"), "control not found in TOAST: method broken"
+    assert files_containing(toast, f"{canary}-toasted") == []
+    dumped = subprocess.run(
+        [f"{BIN}/pg_dump", "-h", SOCK, "-p", str(PORT_A), "-U", "postgres", "-Fp", "-t", "toast_probe", "-t", "users", source_db],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert f"{canary}-toastcontrol" in dumped, "control not in the dump: method broken"
+    assert re.search(re.escape(canary) + r"(?!-toastcontrol)", dumped) is None, "plaintext in the dump"
+    assert "pge1:" in dumped  # the encrypted columns are dumped in their ciphertext form
+    with connect(PORT_A, source_db) as c:
+        c.execute("DROP TABLE toast_probe")
