@@ -246,7 +246,7 @@ def test_dump_restore_into_second_cluster_needs_no_key(source_db, cluster_b):
 
 # -- logical replication ---------------------------------------------------------------------------
 
-def test_logical_replication_carries_ciphertext(source_db, cluster_b):
+def test_logical_replication_carries_ciphertext(source_db, cluster_b, canary):
     with connect(PORT_A, source_db) as c:
         c.execute("DROP PUBLICATION IF EXISTS envelope_pub")
         c.execute(
@@ -279,6 +279,23 @@ def test_logical_replication_carries_ciphertext(source_db, cluster_b):
     assert ciphertexts(cluster_b, "envelope_sub") == ciphertexts(PORT_A, source_db)
     for tenant in ("acme", "globex"):
         assert plaintexts(cluster_b, "envelope_sub", tenant) == plaintexts(PORT_A, source_db, tenant)
+    # The subscriber's files (its copy of the table, its WAL) hold no plaintext either; positive
+    # control: a marker written in clear on the subscriber is found by the same method.
+    marker = f"{canary}-subcontrol"
+    with connect(cluster_b, "envelope_sub") as c:
+        c.execute("CREATE TABLE sub_control (v text)")
+        c.execute("INSERT INTO sub_control VALUES (%s)", (marker,))
+        c.execute("CHECKPOINT")
+        datadir = c.execute("SHOW data_directory").fetchone()[0]
+        rel = c.execute("SELECT pg_relation_filepath('users')").fetchone()[0]
+        control_rel = c.execute("SELECT pg_relation_filepath('sub_control')").fetchone()[0]
+    sub_files = glob.glob(os.path.join(datadir, rel) + "*") + sorted(glob.glob(os.path.join(datadir, "pg_wal", "0*")))
+    assert files_containing([os.path.join(datadir, control_rel)], marker), "control not found: method broken"
+    leaked = [f for f in sub_files
+              if re.search(re.escape(canary) + r"(?!-subcontrol)", subprocess.run(["strings", "-a", f], capture_output=True, text=True).stdout)]
+    assert leaked == [], leaked
+    with connect(cluster_b, "envelope_sub") as c:
+        c.execute("DROP TABLE sub_control")
     drop_replication()
     with connect(PORT_A, source_db) as c:
         c.execute("DROP PUBLICATION envelope_pub")
