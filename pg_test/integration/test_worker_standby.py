@@ -6,7 +6,9 @@ own socket directory; it is removed afterwards.
 """
 
 import shutil
+import subprocess
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,12 +108,29 @@ def test_revocations_reach_standby_backends_at_their_next_call():
         def read(conn, tenant):
             try:
                 with as_tenant(conn, tenant):
-                    return conn.execute("SELECT v::text FROM s WHERE tenant = %s", (tenant,)).fetchone()[0]
+                    return conn.execute("SELECT v::text FROM s WHERE tenant = %s AND v::text LIKE '%% on the standby'", (tenant,)).fetchone()[0]
             except psycopg.Error as e:
                 return e.sqlstate
 
         with standby() as connect_standby, connect_standby(db) as sb:
             assert sb.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            # A physical (streaming) standby holds ciphertext only: its copy of the table and the
+            # WAL it received (security checklist row 27). Written now, so both travel in the WAL
+            # stream: a secret stored encrypted, and a control marker stored in clear (the scan
+            # must find the marker, or it proves nothing).
+            secret, marker = f"standby-secret-{uuid.uuid4().hex}", f"standby-control-{uuid.uuid4().hex}"
+            with as_tenant(primary, "sb_a"):
+                primary.execute("INSERT INTO s VALUES ('sb_a', %s::text)", (secret,))
+            primary.execute("CREATE TABLE standby_control (v text)")
+            primary.execute("INSERT INTO standby_control VALUES (%s)", (marker,))
+            replayed(sb)
+            sb.execute("CHECKPOINT")  # a restartpoint: replayed pages reach the standby's files
+            rels = [sb.execute("SELECT pg_relation_filepath(%s)", (r,)).fetchone()[0] for r in ("s", "standby_control")]
+            files = [str(p) for r in rels for p in DATA.glob(r + "*")] + sorted(str(p) for p in (DATA / "pg_wal").glob("0*"))
+            text = "".join(subprocess.run(["strings", "-a", f], capture_output=True, text=True).stdout for f in files)
+            assert marker in text, "control marker not found in the standby's files: method broken"
+            assert secret not in text and "on the standby" not in text, "plaintext in the standby's files"
+            primary.execute("DROP TABLE standby_control")
             assert read(sb, "sb_a") == "sb_a on the standby"  # cached in this standby backend now
             primary.execute("SELECT envelope.suspend_tenant('sb_a', 'standby test')")
             replayed(sb)
