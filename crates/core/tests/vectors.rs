@@ -162,3 +162,47 @@ fn wycheproof_hkdf_sha256() {
     }
     assert!(valid >= 50, "{valid} valid, {invalid} invalid cases");
 }
+
+/// C2SP XAES-256-GCM's accumulated test (10,000 iterations of keys, nonces, plaintexts and
+/// associated data drawn from a SHAKE-128 stream, every ciphertext hashed into another), through
+/// pg_envelope's own per-nonce key derivation. The 1,000,000-iteration variant runs with
+/// `--ignored` (`cargo test --release -p pg_envelope_core --test vectors -- --ignored`).
+fn xaes_accumulated(iterations: usize, expected: &str) {
+    use sha3::digest::{ExtendableOutput, Update, XofReader};
+    let mut s = sha3::Shake128::default().finalize_xof();
+    let mut d = sha3::Shake128::default();
+    for _ in 0..iterations {
+        let (mut key, mut nonce, mut len) = ([0u8; 32], [0u8; 24], [0u8; 1]);
+        s.read(&mut key);
+        s.read(&mut nonce);
+        s.read(&mut len);
+        let mut plaintext = vec![0u8; len[0] as usize];
+        s.read(&mut plaintext);
+        s.read(&mut len);
+        let mut aad = vec![0u8; len[0] as usize];
+        s.read(&mut aad);
+        let gcm = pg_envelope_core::datakey::xaes_derive_for_test(&key, nonce[..12].try_into().unwrap());
+        let n = Nonce::<aes_gcm::aead::consts::U12>::try_from(&nonce[12..]).unwrap();
+        let mut ct = vec![0u8; plaintext.len()];
+        let tag = gcm.encrypt_inout_detached(&n, &aad, InOutBuf::new(&plaintext, &mut ct).unwrap()).unwrap();
+        let mut back = vec![0u8; ct.len()];
+        gcm.decrypt_inout_detached(&n, &aad, InOutBuf::new(&ct, &mut back).unwrap(), &tag).expect("opens");
+        assert_eq!(back, plaintext);
+        d.update(&ct);
+        d.update(&tag);
+    }
+    let mut out = [0u8; 32];
+    d.finalize_xof().read(&mut out);
+    assert_eq!(hex::encode(out), expected);
+}
+
+#[test]
+fn c2sp_xaes_256_gcm_accumulated_10_000() {
+    xaes_accumulated(10_000, "e6b9edf2df6cec60c8cbd864e2211b597fb69a529160cd040d56c0c210081939");
+}
+
+#[test]
+#[ignore = "about a minute in a debug build; run with --ignored"]
+fn c2sp_xaes_256_gcm_accumulated_1_000_000() {
+    xaes_accumulated(1_000_000, "2163ae1445985a30b60585ee67daa55674df06901b890593e824b8a7c885ab15");
+}
