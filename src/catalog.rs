@@ -117,6 +117,45 @@ unsafe fn snapshot_for_keys() -> pg_sys::Snapshot {
     }
 }
 
+thread_local! {
+    /// The snapshot every [`select_latest`] inside [`one_snapshot`] reads under.
+    static PINNED: std::cell::Cell<pg_sys::Snapshot> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// Runs `f` with every [`select_latest`] in it reading under **one** snapshot, taken (as
+/// [`snapshot_for_keys`] takes it) when `f` starts. A reader of several key tables needs this:
+/// with a fresh snapshot per query, a `rotate_tenant_key` committing between the read of the
+/// tenant row (its wrapped tenant key) and the read of the data keys (rewrapped under the new
+/// tenant key) paired the old tenant key with the new wrappings, and the tenant's stored keys
+/// looked damaged (found by the soak test). The snapshot is registered for the duration: on an
+/// error that aborts the (sub)transaction, the resource owner releases it.
+pub fn one_snapshot<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let outer = PINNED.with(|p| p.get());
+    if !outer.is_null() {
+        // Already inside one: keep reading under the outer snapshot.
+        return f();
+    }
+    // SAFETY: a transaction is open (callers run inside SQL functions); the registered copy
+    // lives until the matching UnregisterSnapshot below or the resource owner's release.
+    let snap = unsafe { pg_sys::RegisterSnapshot(snapshot_for_keys()) };
+    PINNED.with(|p| p.set(snap));
+    struct Unpin;
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            // Runs on return and on unwind alike, so a later call never sees a stale pointer.
+            // The snapshot itself is unregistered only on the normal path (below); after an
+            // error, the aborting (sub)transaction's resource owner releases it.
+            PINNED.with(|p| p.set(std::ptr::null_mut()));
+        }
+    }
+    let guard = Unpin;
+    let out = f();
+    drop(guard);
+    // SAFETY: registered above on the current resource owner, not yet released.
+    unsafe { pg_sys::UnregisterSnapshot(snap) };
+    out
+}
+
 pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl FnMut(&Row) -> Result<R>) -> Result<Vec<R>> {
     use pgrx::IntoDatum;
     let mut types: Vec<pg_sys::Oid> = Vec::with_capacity(args.len());
@@ -141,7 +180,10 @@ pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl Fn
             plan,
             values.as_mut_ptr(),
             nulls.as_ptr(),
-            snapshot_for_keys(),
+            {
+                let pinned = PINNED.with(|p| p.get());
+                if pinned.is_null() { snapshot_for_keys() } else { pinned }
+            },
             std::ptr::null_mut(),
             true,
             false,
@@ -206,7 +248,9 @@ pub struct TenantRow {
 /// Loads a tenant's wrapped keys (under a fresh snapshot). `Ok(None)` when no such tenant exists.
 pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
     as_extension_owner(|| {
-        Spi::connect(|_client| {
+        // The tenant row, its data keys and its index keys from one snapshot: they are
+        // rewrapped together by one transaction.
+        Spi::connect(|_client| one_snapshot(|| {
             let head = select_latest(
                 c"SELECT t.id, t.wrapped_key, t.provider, p.kind, p.options::text, t.key_check,
                          t.suspended_reason, to_char(t.shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC', to_char(t.shredded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
@@ -323,7 +367,7 @@ pub fn load_tenant(tenant: &str) -> Result<Option<TenantRow>> {
                 provider_kind,
                 provider_options,
             }))
-        })
+        }))
     })
 }
 
@@ -350,7 +394,8 @@ const LIVE_GRANTEES: &std::ffi::CStr = c"SELECT g.grantee::oid FROM envelope.ten
 /// The tenant's key id and live grantees, or `None` if no such tenant exists.
 pub fn tenant_directory(tenant: &str) -> Result<Option<TenantDirEntry>> {
     as_extension_owner(|| {
-        Spi::connect(|_client| {
+        // The tenant's state and its grants as of one moment.
+        Spi::connect(|_client| one_snapshot(|| {
             let ids = select_latest(
                 c"SELECT t.id, 'envelope.grant_anchor'::pg_catalog.regclass::oid, t.suspended_reason, to_char(t.shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC', to_char(t.shredded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
                     FROM envelope.tenants t WHERE t.name = $1",
@@ -367,7 +412,7 @@ pub fn tenant_directory(tenant: &str) -> Result<Option<TenantDirEntry>> {
             crate::backend::note_anchor_oid(anchor);
             let grantees = select_latest(LIVE_GRANTEES, &[Arg::Int4(id)], |r| r.get::<pg_sys::Oid>(1).ok_or_else(|| missing("grantee")))?;
             Ok(Some(TenantDirEntry { id: id as u32, grantees, refusal }))
-        })
+        }))
     })
 }
 

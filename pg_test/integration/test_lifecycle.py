@@ -588,6 +588,57 @@ def test_rotation_under_repeatable_read_reader_and_cached_writer():
         writer.close()
 
 
+def test_key_load_reads_one_state_when_a_tenant_key_rotation_commits_midway():
+    """A backend loading a tenant's keys reads the tenant row (the wrapped tenant key) and the
+    data keys (wrapped under it). A `rotate_tenant_key` that commits between the two reads must
+    not pair the old tenant key with the new wrappings ("stored keys ... are damaged", seen in
+    the soak test). Made deterministic with a lock: the rotating session holds ACCESS EXCLUSIVE
+    on envelope.data_keys, so the loading backend reads the tenant row and then waits on the
+    data keys while the rotation commits."""
+    db = make_db("lc_rotate_midload", ("acme",))
+    with connect(PORT_A, db) as c:
+        c.execute("SET app.tenant_id = 'acme'")
+        value = c.execute("SELECT envelope.encrypt_field('read across a tenant key rotation')").fetchone()[0]
+    admin = connect(PORT_A, db)
+    loader = connect(PORT_A, db)  # a new backend: nothing cached
+    try:
+        loader.execute("SET app.tenant_id = 'acme'")
+        loader_pid = loader.info.backend_pid
+        admin.execute("BEGIN")
+        admin.execute("LOCK TABLE envelope.data_keys IN ACCESS EXCLUSIVE MODE")
+        result = {}
+
+        def load():
+            try:
+                result["value"] = loader.execute("SELECT envelope.decrypt_field(%s::bytea)", (value,)).fetchone()[0]
+            except psycopg.Error as e:
+                result["error"] = (e.sqlstate, str(e))
+
+        t = threading.Thread(target=load)
+        t.start()
+        with connect(PORT_A, db) as watch:
+            # The loader has read the tenant row and waits for the data keys.
+            wait_until(lambda: watch.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted AND relation = 'envelope.data_keys'::regclass",
+                (loader_pid,)).fetchone()[0] == 1, 20, what="the loader to wait on envelope.data_keys")
+            assert watch.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND granted AND relation = 'envelope.tenants'::regclass",
+                (loader_pid,)).fetchone()[0] == 1, "the loader has not read the tenant row yet: the test proves nothing"
+        assert admin.execute("SELECT envelope.rotate_tenant_key('acme')").fetchone()[0] == 2
+        admin.execute("COMMIT")
+        t.join(30)
+        assert not t.is_alive()
+        assert result == {"value": "read across a tenant key rotation"}
+        # Its next call loads the rotated keys and reads the value again; new values are written.
+        assert loader.execute("SELECT envelope.decrypt_field(%s::bytea)", (value,)).fetchone()[0] == "read across a tenant key rotation"
+        assert loader.execute("SELECT envelope.decrypt_field(envelope.encrypt_field('after'))").fetchone()[0] == "after"
+    finally:
+        if admin.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            admin.execute("ROLLBACK")
+        admin.close()
+        loader.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Private key servers: OpenBao with raft storage (keys survive a stop), moto.
 # --------------------------------------------------------------------------------------------
