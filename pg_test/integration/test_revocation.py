@@ -4,6 +4,9 @@
   backend's next statement is refused with 57000 (the time from the commit to the last backend's
   refusal is reported, not asserted: see target/revocation-latency.json); a second tenant keeps
   working throughout. Then `resume_tenant`, and the same for `lockdown` / `lift_lockdown`.
+* The same for `revoke_tenant` (42501; the role keeps its other tenant).
+* A revocation committed while one long statement decrypts (6,000,000 values) stops that
+  statement at its next value, under READ COMMITTED, REPEATABLE READ and SERIALIZABLE.
 * A lockdown survives a restart of the server (the flag is restored from the data directory),
   a key administrator cannot lift it, a superuser can.
 """
@@ -108,6 +111,14 @@ def test_suspension_and_lockdown_reach_every_backend():
             with as_tenant(c, "victim"):
                 assert c.execute("SELECT v::text FROM s WHERE tenant = 'victim'").fetchone()[0] == "secret-victim"
 
+        # The grant's revocation (the readers' role loses tenant victim, keeps bystander).
+        latency, states, bystander_calls, bystander_state = measure("SELECT envelope.revoke_tenant('victim', current_user)")
+        assert states == {"42501"}, states
+        assert bystander_calls > 0 and bystander_state is None, "the other tenant was affected"
+        report["revoke_tenant"] = {"backends": BACKENDS, "seconds_after_commit_returned": round(latency[0], 4), "seconds_after_sent": round(latency[1], 4)}
+        with connect(PORT_A, DB) as c:
+            c.execute("SELECT envelope.grant_tenant('victim', current_user)")
+
         latency, states, bystander_calls, bystander_state = measure("SELECT envelope.lockdown('latency test')")
         assert states == {"57000"}, states
         assert bystander_state == "57000", "a lockdown stops every tenant"
@@ -159,3 +170,55 @@ def test_lockdown_survives_a_restart_and_only_a_superuser_lifts_it():
     with connect(PORT_A, DB) as c:
         with as_tenant(c, "bystander"):
             assert c.execute("SELECT v::text FROM s WHERE tenant = 'bystander'").fetchone()[0] == "secret-bystander"
+
+
+def test_revocation_stops_a_long_statement_midway():
+    """Security checklist row 11: a revocation takes effect at the next call, and a call is a
+    value, not a statement: a statement that is decrypting millions of values when the revocation
+    commits fails with 42501 there, at every isolation level (its snapshot predates the commit)."""
+    role = "rv_long_reader"
+    recreate_db(PORT_A, "rv_long")
+    with connect(PORT_A, "rv_long") as c:
+        c.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role} LOGIN; END IF; END $$")
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.create_tenant('acme')")
+        c.execute("SELECT envelope.grant_tenant('acme', current_user)")
+        c.execute("CREATE TABLE big (id int, v envelope.encrypted_text)")
+        c.execute(f"GRANT SELECT ON big TO {role}")
+        with as_tenant(c, "acme"):
+            c.execute("INSERT INTO big SELECT i, ('value ' || i)::text FROM generate_series(1, 1000000) i")
+    for iso in ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"):
+        with connect(PORT_A, "rv_long") as c:
+            c.execute(f"SELECT envelope.grant_tenant('acme', '{role}')")
+        with connect(PORT_A, "rv_long", user=role) as app:
+            app.execute("SET app.tenant_id = 'acme'")
+            assert app.execute("SELECT v::text FROM big WHERE id = 7").fetchone()[0] == "value 7"  # keys cached
+            app.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            assert app.execute("SELECT v::text FROM big WHERE id = 8").fetchone()[0] == "value 8"  # snapshot taken
+            result = {}
+
+            def long_statement():
+                try:
+                    result["count"] = app.execute("SELECT count(v::text) FROM big, generate_series(1, 6) g").fetchone()[0]
+                except psycopg.Error as e:
+                    result["sqlstate"] = e.sqlstate
+
+            t = threading.Thread(target=long_statement)
+            t.start()
+            with connect(PORT_A, "rv_long") as admin:
+                # Wait until the statement is running (and has decrypted for a while).
+                deadline = time.monotonic() + 20
+                while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state = 'active' "
+                                    "AND query LIKE 'SELECT count(v::text)%%'", (role,)).fetchone()[0] == 0:
+                    assert time.monotonic() < deadline, "the statement did not start"
+                    time.sleep(0.01)
+                time.sleep(0.2)
+                assert t.is_alive(), "the statement ended before the revocation: the test proves nothing"
+                admin.execute(f"SELECT envelope.revoke_tenant('acme', '{role}')")
+                revoked_while_running = t.is_alive()
+            t.join(60)
+            assert revoked_while_running, "the statement ended before the revocation committed: the test proves nothing"
+            assert result == {"sqlstate": "42501"}, (iso, result)
+            app.execute("ROLLBACK")
+    with connect(PORT_A, "postgres") as c:
+        c.execute("DROP DATABASE rv_long WITH (FORCE)")
