@@ -64,4 +64,18 @@ SELECT envelope.grant_tenant('acme', 'regress_other') IS NOT NULL AS invalidate;
 SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM keep$$) AS key_check_mismatch;
 ROLLBACK;
 SELECT envelope.decrypt_field(env) AS intact_after_rollback FROM keep;
+-- A stale entry (past its TTL) whose refresh meets a different key is evicted and fails closed;
+-- it is never served degraded (only an unreachable provider is). Checklist row 38.
+SET envelope.key_cache_ttl = '1s';
+SELECT envelope.decrypt_field(env) AS cached_before_mismatch FROM keep;
+BEGIN;
+UPDATE envelope.tenants SET key_check = decode(repeat('00', 32), 'hex') WHERE name = 'acme';
+SELECT pg_sleep(1.2);
+SELECT count(*) AS cached_and_stale FROM envelope.key_cache() WHERE tenant = 'acme' AND expires_in_seconds <= 0;
+SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM keep$$) AS stale_meets_mismatch;
+SELECT count(*) AS evicted FROM envelope.key_cache() WHERE tenant = 'acme';
+SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM keep$$) AS still_refused;
+ROLLBACK;
+RESET envelope.key_cache_ttl;
+SELECT envelope.decrypt_field(env) AS reads_after_rollback FROM keep;
 DELETE FROM envelope.key_providers WHERE name = 'dev_bao';
