@@ -759,6 +759,11 @@ impl Backend {
     /// [`Backend::authorize`] after loading the directory entry and checking the epoch.
     pub fn check_grant(&mut self, tenant: &str, role: pg_sys::Oid) -> Result<u32> {
         self.check_epoch();
+        // The directory entry and the role's privileges as of one moment.
+        catalog::one_snapshot(|| self.check_grant_now(tenant, role))
+    }
+
+    fn check_grant_now(&mut self, tenant: &str, role: pg_sys::Oid) -> Result<u32> {
         if self.directory_entry(tenant)?.is_none() {
             // Only roles that may list tenants learn that a name does not exist; to others an
             // unknown tenant looks like one they hold no grant for (no tenant-name oracle).
@@ -795,14 +800,19 @@ impl Backend {
                 return f(&mut entry.keys);
             }
         }
-        // The grant check comes first: a denial never touches the key cache or the provider.
-        self.check_grant(tenant, role)?;
-        // A suspended or shredded tenant (committed suspensions and shreds move the epoch, which
-        // emptied the cache).
-        if let Some(refusal) = self.directory.get(tenant).and_then(|e| e.as_ref()).and_then(|e| e.refusal.as_ref()) {
-            return Err(refusal.error(tenant));
-        }
-        f(self.tenant_keys_slow(tenant, role, true, now)?)
+        // The grant, the tenant's state and its keys as of one moment (review 36: read at three,
+        // a call could see a state that never existed).
+        let keys = catalog::one_snapshot(move || {
+            // The grant check comes first: a denial never touches the key cache or the provider.
+            self.check_grant(tenant, role)?;
+            // A suspended or shredded tenant (committed suspensions and shreds move the epoch,
+            // which emptied the cache).
+            if let Some(refusal) = self.directory.get(tenant).and_then(|e| e.as_ref()).and_then(|e| e.refusal.as_ref()) {
+                return Err(refusal.error(tenant));
+            }
+            self.tenant_keys_slow(tenant, role, true, now)
+        })?;
+        f(keys)
     }
 
     /// Runs `f` with the keys of the tenant whose key id an envelope header names, for key

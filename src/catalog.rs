@@ -96,64 +96,81 @@ impl Row {
     }
 }
 
-/// Runs a read-only catalog query under a snapshot taken **now** (`GetLatestSnapshot()`), not
-/// the transaction's. Under REPEATABLE READ and SERIALIZABLE the transaction snapshot predates
+/// The snapshot key and grant lookups read under: one taken **now**, never the transaction's or
+/// the statement's. Under REPEATABLE READ and SERIALIZABLE the transaction snapshot predates
 /// everything committed since the transaction began: reading grants or keys through it after an
 /// epoch move would cache pre-revocation state under the new epoch (issue 10, item 1). The
 /// caller reads the epoch *before* calling this, so what it caches is never older than the epoch
-/// it records. Must run inside `Spi::connect`.
-/// The snapshot key and grant lookups read under: the latest one, so a revocation committed
-/// after this transaction's snapshot is seen at every isolation level. Inside a parallel query
-/// PostgreSQL allows no new snapshot: under READ COMMITTED the statement's own snapshot is used
-/// there (a revocation committed before the statement started is seen; one committed while it
-/// runs takes effect at the next statement); under REPEATABLE READ and SERIALIZABLE the lookup
-/// keeps failing (PostgreSQL's "cannot update SecondarySnapshot during a parallel operation"):
-/// the transaction snapshot could predate a revocation, so that case fails closed.
+/// it records.
+///
+/// Taken as PostgreSQL takes a snapshot for a scan of a catalog without a syscache: a new one at
+/// every call (`GetNonHistoricCatalogSnapshot` of a relation without a syscache invalidates the
+/// backend's catalog snapshot and takes a fresh one). Unlike `GetLatestSnapshot()`, that is
+/// allowed in a parallel query (in the leader and in workers, which look catalogs up the same
+/// way). Before, a parallel query read keys under its statement's snapshot under READ COMMITTED,
+/// and a revoked role kept decrypting for the key cache's TTL after one spanned the revocation
+/// (insider review 36); under REPEATABLE READ and SERIALIZABLE it failed with "cannot update
+/// SecondarySnapshot during a parallel operation". The returned snapshot is PostgreSQL's static
+/// catalog snapshot: copy it (`RegisterSnapshot`, or `SPI_execute_snapshot`, which pushes a
+/// copy before it does anything else) before anything else can replace it.
 unsafe fn snapshot_for_keys() -> pg_sys::Snapshot {
-    if pg_sys::IsInParallelMode() && pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32 && pg_sys::ActiveSnapshotSet() {
-        pg_sys::GetActiveSnapshot()
-    } else {
-        pg_sys::GetLatestSnapshot()
-    }
+    pg_sys::GetNonHistoricCatalogSnapshot(pg_sys::InvalidOid)
 }
 
+
 thread_local! {
-    /// The snapshot every [`select_latest`] inside [`one_snapshot`] reads under.
-    static PINNED: std::cell::Cell<pg_sys::Snapshot> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+    /// Inside [`one_snapshot`]: whether it is active, and the snapshot its reads share (taken
+    /// at the first read; null until then).
+    static PINNED: std::cell::Cell<(bool, pg_sys::Snapshot)> = const { std::cell::Cell::new((false, std::ptr::null_mut())) };
 }
 
 /// Runs `f` with every [`select_latest`] in it reading under **one** snapshot, taken (as
-/// [`snapshot_for_keys`] takes it) when `f` starts. A reader of several key tables needs this:
-/// with a fresh snapshot per query, a `rotate_tenant_key` committing between the read of the
-/// tenant row (its wrapped tenant key) and the read of the data keys (rewrapped under the new
-/// tenant key) paired the old tenant key with the new wrappings, and the tenant's stored keys
-/// looked damaged (found by the soak test). The snapshot is registered for the duration: on an
-/// error that aborts the (sub)transaction, the resource owner releases it.
+/// [`snapshot_for_keys`] takes it) at its first read: nothing is taken when everything `f`
+/// needs is cached. A reader of several key tables needs this: with a fresh snapshot per query,
+/// a `rotate_tenant_key` committing between the read of the tenant row (its wrapped tenant key)
+/// and the read of the data keys (rewrapped under the new tenant key) paired the old tenant key
+/// with the new wrappings, and the tenant's stored keys looked damaged (found by the soak test);
+/// and a grant check and a key load read at two moments let one call see a state that never
+/// existed (review 36). The snapshot is registered for the duration: on an error that aborts
+/// the (sub)transaction, the resource owner releases it. Nested calls share the outer one.
 pub fn one_snapshot<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
-    let outer = PINNED.with(|p| p.get());
-    if !outer.is_null() {
-        // Already inside one: keep reading under the outer snapshot.
+    if PINNED.with(|p| p.get().0) {
         return f();
     }
-    // SAFETY: a transaction is open (callers run inside SQL functions); the registered copy
-    // lives until the matching UnregisterSnapshot below or the resource owner's release.
-    let snap = unsafe { pg_sys::RegisterSnapshot(snapshot_for_keys()) };
-    PINNED.with(|p| p.set(snap));
+    PINNED.with(|p| p.set((true, std::ptr::null_mut())));
     struct Unpin;
     impl Drop for Unpin {
         fn drop(&mut self) {
             // Runs on return and on unwind alike, so a later call never sees a stale pointer.
-            // The snapshot itself is unregistered only on the normal path (below); after an
-            // error, the aborting (sub)transaction's resource owner releases it.
-            PINNED.with(|p| p.set(std::ptr::null_mut()));
+            // On the normal path the snapshot is unregistered below; after an error, the
+            // aborting (sub)transaction's resource owner releases it.
+            PINNED.with(|p| p.set((false, std::ptr::null_mut())));
         }
     }
     let guard = Unpin;
     let out = f();
+    let taken = PINNED.with(|p| p.get().1);
     drop(guard);
-    // SAFETY: registered above on the current resource owner, not yet released.
-    unsafe { pg_sys::UnregisterSnapshot(snap) };
+    if !taken.is_null() {
+        // SAFETY: registered by `key_snapshot` on the current resource owner, not yet released.
+        unsafe { pg_sys::UnregisterSnapshot(taken) };
+    }
     out
+}
+
+/// The snapshot a catalog read of key state uses: [`one_snapshot`]'s (taken now if this is its
+/// first read), or else a new one.
+unsafe fn key_snapshot() -> pg_sys::Snapshot {
+    let (active, taken) = PINNED.with(|p| p.get());
+    if !active {
+        return snapshot_for_keys();
+    }
+    if !taken.is_null() {
+        return taken;
+    }
+    let snap = pg_sys::RegisterSnapshot(snapshot_for_keys());
+    PINNED.with(|p| p.set((true, snap)));
+    snap
 }
 
 pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl FnMut(&Row) -> Result<R>) -> Result<Vec<R>> {
@@ -180,10 +197,7 @@ pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl Fn
             plan,
             values.as_mut_ptr(),
             nulls.as_ptr(),
-            {
-                let pinned = PINNED.with(|p| p.get());
-                if pinned.is_null() { snapshot_for_keys() } else { pinned }
-            },
+            key_snapshot(),
             std::ptr::null_mut(),
             true,
             false,
@@ -859,23 +873,43 @@ pub fn store_rotated_tenant_key(
                 )
                 .map_err(spi_err)?;
             let generation = g.first().get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("key_generation"))?;
+            // Every key re-wrapped must be stored, or the tenant key's rotation would strand it
+            // under the old tenant key. The keys were read under a fresh snapshot (after the
+            // tenant's lock); these UPDATEs run under the transaction's. Under REPEATABLE READ
+            // or SERIALIZABLE a key committed after the transaction began (a first blind-index
+            // key, typically) is read but invisible here: the UPDATE matches no row, and the
+            // rotation stops with a serialization failure instead (review 36 saw such a tenant
+            // left unreadable: "blind-index key version 1 does not unwrap").
+            let stranded = || EnvelopeError::BadRequest {
+                code: PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                message: "pg_envelope: the tenant's keys changed after this transaction's snapshot was taken; its tenant key was not rotated".into(),
+                hint: Some("Retry the transaction (or rotate under READ COMMITTED).".into()),
+            };
             for d in deks {
-                client
+                let n = client
                     .update(
                         "UPDATE envelope.data_keys SET wrapped_key = $3 WHERE tenant_id = $1 AND version = $2",
                         None,
                         &[(tenant_id as i32).into(), (d.version as i32).into(), d.wrapped.as_slice().into()],
                     )
-                    .map_err(spi_err)?;
+                    .map_err(spi_err)?
+                    .len();
+                if n != 1 {
+                    return Err(stranded());
+                }
             }
             for k in index_keys {
-                client
+                let n = client
                     .update(
                         "UPDATE envelope.index_keys SET wrapped_key = $3 WHERE tenant_id = $1 AND version = $2",
                         None,
                         &[(tenant_id as i32).into(), (k.version as i32).into(), k.wrapped.as_slice().into()],
                     )
-                    .map_err(spi_err)?;
+                    .map_err(spi_err)?
+                    .len();
+                if n != 1 {
+                    return Err(stranded());
+                }
             }
             Ok(generation)
         })

@@ -639,6 +639,54 @@ def test_key_load_reads_one_state_when_a_tenant_key_rotation_commits_midway():
         loader.close()
 
 
+def test_rotate_tenant_key_under_repeatable_read_never_strands_a_key():
+    """Insider review 36: rotate_tenant_key reads the keys to re-wrap under a fresh snapshot but
+    stores them under the transaction's. Under REPEATABLE READ or SERIALIZABLE, a blind-index key
+    created (a tenant's first: every tenant updated from 0.1.0 has none) after the transaction
+    began was read, re-wrapped, and its UPDATE matched nothing: the rotation committed and left
+    the key under the overwritten tenant key, and every use of the tenant failed with XX001.
+    Now such a rotation fails with 40001 and changes nothing; under READ COMMITTED it rotates."""
+    for iso, expected in (("repeatable read", "40001"), ("serializable", "40001"), ("read committed", 2)):
+        db = make_db("lc_rotate_rr_index", ("legacy",))
+        with connect(PORT_A, db) as c:
+            c.execute("SET app.tenant_id = 'legacy'")
+            value = c.execute("SELECT envelope.encrypt_field('legacy secret')").fetchone()[0]
+            c.execute("DELETE FROM envelope.index_keys")  # as a tenant made by 0.1.0: no index key yet
+        a, b = connect(PORT_A, db), connect(PORT_A, db)
+        try:
+            a.execute(f"SET default_transaction_isolation = '{iso}'")
+            b.execute("BEGIN")
+            assert b.execute("SELECT envelope.rotate_index_key('legacy')").fetchone()[0] == 1
+            out = {}
+
+            def rotate():
+                try:
+                    out["r"] = a.execute("SELECT envelope.rotate_tenant_key('legacy')").fetchone()[0]
+                except psycopg.Error as e:
+                    out["r"] = e.sqlstate
+
+            t = threading.Thread(target=rotate)
+            t.start()
+            with connect(PORT_A, db) as w:
+                # A has its snapshot and waits for the tenant's row lock, which B holds.
+                wait_until(lambda: w.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                                             (a.info.backend_pid,)).fetchone()[0] == 1, 20, what="the rotation to wait for the tenant's lock")
+            b.execute("COMMIT")
+            t.join(30)
+            assert out["r"] == expected, (iso, out)
+            with connect(PORT_A, db) as c:
+                c.execute("SET app.tenant_id = 'legacy'")
+                assert c.execute("SELECT envelope.decrypt_field(%s::bytea)", (value,)).fetchone()[0] == "legacy secret"
+                assert c.execute("SELECT envelope.decrypt_field(envelope.encrypt_field('new'))").fetchone()[0] == "new"
+                c.execute("SELECT envelope.declare_blind_index('lc.email')")
+                assert c.execute("SELECT envelope.blind_index('lc.email', 'x@example.com') = envelope.blind_index('lc.email', 'x@example.com')").fetchone()[0] is True
+                assert c.execute("SELECT key_generation FROM envelope.tenants WHERE name = 'legacy'").fetchone()[0] == (
+                    2 if expected == 2 else 1)
+        finally:
+            a.close()
+            b.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Private key servers: OpenBao with raft storage (keys survive a stop), moto.
 # --------------------------------------------------------------------------------------------

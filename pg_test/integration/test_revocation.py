@@ -222,3 +222,152 @@ def test_revocation_stops_a_long_statement_midway():
             app.execute("ROLLBACK")
     with connect(PORT_A, "postgres") as c:
         c.execute("DROP DATABASE rv_long WITH (FORCE)")
+
+
+def _role(c, name):
+    c.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN CREATE ROLE {name} LOGIN; END IF; END $$")
+
+
+def _sqlstate(conn, query, params=None):
+    try:
+        return conn.execute(query, params).fetchone()
+    except psycopg.Error as e:
+        return e.sqlstate
+
+
+def test_revocation_reaches_a_backend_whose_parallel_statement_spanned_it():
+    """Insider review 36: under READ COMMITTED a parallel query reads keys under its own
+    snapshot (PostgreSQL allows no newer one there). Reloads during a statement that spanned a
+    revocation's commit recorded the new epoch against pre-revocation grants, and the backend
+    kept decrypting for the key cache's TTL. What was read under a statement's snapshot now
+    lasts for that statement only."""
+    db, role = "rv_parallel", "rv_parallel_app"
+    recreate_db(PORT_A, db)
+    with connect(PORT_A, db) as c:
+        _role(c, role)
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.create_tenant('acme')")
+        c.execute("SELECT envelope.grant_tenant('acme', current_user)")
+        c.execute("CREATE TABLE t (id int PRIMARY KEY, v bytea)")
+        c.execute(f"GRANT SELECT ON t TO {role}")
+        with as_tenant(c, "acme"):
+            c.execute("INSERT INTO t SELECT g, envelope.encrypt_field('secret ' || g) FROM generate_series(1, 2000) g")
+        c.execute("ANALYZE t")
+    query = "SELECT id, pg_sleep(CASE WHEN id = 1 THEN 1.5 ELSE 0 END), envelope.decrypt_field(v) FROM t WHERE id <= 3"
+    parallel = ["parallel_setup_cost = 0", "parallel_tuple_cost = 0", "min_parallel_table_scan_size = 0",
+                "enable_indexscan = off", "enable_bitmapscan = off"]
+    # A cold backend's keys are loaded inside a parallel query at every isolation level (under
+    # REPEATABLE READ and SERIALIZABLE this failed with XX000, "cannot update SecondarySnapshot
+    # during a parallel operation", before the lookups took catalog-style snapshots).
+    with connect(PORT_A, db) as c:
+        c.execute(f"SELECT envelope.grant_tenant('acme', '{role}')")
+    for iso in ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"):
+        with connect(PORT_A, db, user=role) as cold:
+            for g in parallel + ["force_parallel_mode = on"]:
+                cold.execute("SET " + g)
+            cold.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            cold.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+            assert "Gather" in "\n".join(r[0] for r in cold.execute("EXPLAIN (COSTS OFF) SELECT envelope.decrypt_field(v) FROM t").fetchall())
+            assert cold.execute("SELECT count(*), count(DISTINCT envelope.decrypt_field(v)) FROM t").fetchone() == (2000, 2000), iso
+            cold.execute("COMMIT")
+    for change, undo, expected in (
+        (f"SELECT envelope.revoke_tenant('acme', '{role}')", None, "42501"),
+        ("SELECT envelope.suspend_tenant('acme', 'parallel test')", "SELECT envelope.resume_tenant('acme')", "57000"),
+    ):
+        with connect(PORT_A, db) as c:
+            c.execute(f"SELECT envelope.grant_tenant('acme', '{role}')")
+        with connect(PORT_A, db, user=role) as app:
+            app.execute("SET app.tenant_id = 'acme'")
+            for g in parallel:
+                app.execute("SET " + g)
+            plan = "\n".join(r[0] for r in app.execute("EXPLAIN (COSTS OFF) " + query).fetchall())
+            assert "Gather" in plan, plan
+            assert app.execute("SELECT envelope.decrypt_field(v) FROM t WHERE id = 1").fetchone()[0] == "secret 1"
+            out = {}
+
+            def spanning():
+                try:
+                    out["rows"] = app.execute(query).fetchall()
+                except psycopg.Error as e:
+                    out["rows"] = e.sqlstate
+
+            t = threading.Thread(target=spanning)
+            t.start()
+            time.sleep(0.5)
+            with connect(PORT_A, db) as admin:
+                admin.execute(change)
+            spanned = t.is_alive()
+            t.join(30)
+            assert spanned, "the statement ended before the change committed: the test proves nothing"
+            # The statement that spanned the commit may finish under its own snapshot (documented).
+            # Every later one is refused, parallel or not.
+            assert _sqlstate(app, query) == expected
+            app.execute("RESET ALL")
+            app.execute("SET app.tenant_id = 'acme'")
+            for _ in range(3):
+                assert _sqlstate(app, "SELECT envelope.decrypt_field(v) FROM t WHERE id = 5") == expected
+                assert _sqlstate(app, "SELECT envelope.encrypt_field('new')") == expected
+        if undo:
+            with connect(PORT_A, db) as c:
+                c.execute(undo)
+    with connect(PORT_A, "postgres") as c:
+        c.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
+def test_a_call_spanning_a_key_change_sees_the_state_before_or_after_it():
+    """Insider review 36: the grant check and the key load read the catalog at different
+    moments, so one call could decrypt a value that neither the state before nor after a key
+    administrator's transaction allowed (before: data key version 1 disabled; after: the role's
+    grant revoked). They now read one snapshot. The lock on pg_auth_members only widens the
+    window: the call reads the tenant directory, then waits for the role's memberships."""
+    db, role, other = "rv_onemoment", "rv_onemoment_app", "rv_onemoment_other"
+    recreate_db(PORT_A, db)
+    with connect(PORT_A, db) as c:
+        _role(c, role)
+        _role(c, other)
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.create_tenant('mix')")
+        c.execute("SELECT envelope.grant_tenant('mix', current_user)")
+        c.execute(f"SELECT envelope.grant_tenant('mix', '{role}')")
+        c.execute("SET app.tenant_id = 'mix'")
+        v1 = c.execute("SELECT envelope.encrypt_field('under version 1')").fetchone()[0]
+        c.execute("SELECT envelope.rotate_data_key('mix')")
+        c.execute("SELECT envelope.disable_data_key('mix', 1)")
+    app = connect(PORT_A, db, user=role)
+    tx = connect(PORT_A, db)
+    try:
+        app.execute("SET app.tenant_id = 'mix'")
+        assert _sqlstate(app, "SELECT envelope.decrypt_field(%s::bytea)", (v1,)) == "55000"
+        with connect(PORT_A, db) as c:
+            c.execute(f"SELECT envelope.grant_tenant('mix', '{other}')")  # the app backend forgets its caches
+        app.execute("SELECT 1")
+        tx.execute("BEGIN")
+        tx.execute("LOCK TABLE pg_catalog.pg_auth_members IN ACCESS EXCLUSIVE MODE")
+        tx.execute(f"SELECT envelope.revoke_tenant('mix', '{role}')")
+        tx.execute("SELECT envelope.enable_data_key('mix', 1)")
+        out = {}
+        pid = app.info.backend_pid
+
+        def call():
+            out["r"] = _sqlstate(app, "SELECT envelope.decrypt_field(%s::bytea)", (v1,))
+
+        t = threading.Thread(target=call)
+        t.start()
+        with connect(PORT_A, db) as w:
+            deadline = time.monotonic() + 20
+            while w.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted "
+                            "AND relation = 'pg_catalog.pg_auth_members'::regclass", (pid,)).fetchone()[0] == 0:
+                assert time.monotonic() < deadline, "the call did not wait for the memberships"
+                time.sleep(0.02)
+        tx.execute("COMMIT")
+        t.join(30)
+        # Before the change (55000) or after it (42501); never the plaintext.
+        assert out["r"] in ("55000", "42501"), out
+        assert _sqlstate(app, "SELECT envelope.decrypt_field(%s::bytea)", (v1,)) == "42501"
+    finally:
+        if tx.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            tx.execute("ROLLBACK")
+        tx.close()
+        app.close()
+    with connect(PORT_A, "postgres") as c:
+        c.execute(f"DROP DATABASE {db} WITH (FORCE)")
