@@ -150,6 +150,9 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
     if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) && KEYS_CHANGED.with(|k| k.get()) {
         forget_everything();
     }
+    if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
+        crate::catalog::forget_pinned_at_abort(None);
+    }
     if ended {
         KEYS_CHANGED.with(|k| k.set(false));
         drop_stale_keys();
@@ -166,12 +169,15 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
 /// this backend cached since, like an aborted transaction (see [`on_xact_end`]).
 pub unsafe extern "C-unwind" fn on_subxact_end(
     event: pg_sys::SubXactEvent::Type,
-    _my: pg_sys::SubTransactionId,
+    my: pg_sys::SubTransactionId,
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && KEYS_CHANGED.with(|k| k.get()) {
         forget_everything();
+    }
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        crate::catalog::forget_pinned_at_abort(Some(my));
     }
 }
 

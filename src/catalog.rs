@@ -118,10 +118,21 @@ unsafe fn snapshot_for_keys() -> pg_sys::Snapshot {
 }
 
 
+/// [`one_snapshot`]'s state: whether one is active and in which subtransaction it began, and the
+/// snapshot its reads share (taken at the first read; null until then) with the subtransaction
+/// that registered it.
+#[derive(Clone, Copy)]
+struct Pinned {
+    active: bool,
+    began_in: pg_sys::SubTransactionId,
+    snapshot: pg_sys::Snapshot,
+    registered_in: pg_sys::SubTransactionId,
+}
+
+const UNPINNED: Pinned = Pinned { active: false, began_in: 0, snapshot: std::ptr::null_mut(), registered_in: 0 };
+
 thread_local! {
-    /// Inside [`one_snapshot`]: whether it is active, and the snapshot its reads share (taken
-    /// at the first read; null until then).
-    static PINNED: std::cell::Cell<(bool, pg_sys::Snapshot)> = const { std::cell::Cell::new((false, std::ptr::null_mut())) };
+    static PINNED: std::cell::Cell<Pinned> = const { std::cell::Cell::new(UNPINNED) };
 }
 
 /// Runs `f` with every [`select_latest`] in it reading under **one** snapshot, taken (as
@@ -131,46 +142,70 @@ thread_local! {
 /// and the read of the data keys (rewrapped under the new tenant key) paired the old tenant key
 /// with the new wrappings, and the tenant's stored keys looked damaged (found by the soak test);
 /// and a grant check and a key load read at two moments let one call see a state that never
-/// existed (review 36). The snapshot is registered for the duration: on an error that aborts
-/// the (sub)transaction, the resource owner releases it. Nested calls share the outer one.
+/// existed (review 36). Nested calls share the outer one.
+///
+/// The snapshot is registered for the duration and unregistered when `f` returns or unwinds (a
+/// PostgreSQL error caught further up without an abort, `PgTryBuilder`, leaks nothing). Should
+/// an error ever jump over these frames without unwinding them, the (sub)transaction abort
+/// releases the snapshot and [`forget_pinned_at_abort`] clears the state, so no later call
+/// reads under a released snapshot.
 pub fn one_snapshot<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
-    if PINNED.with(|p| p.get().0) {
+    if PINNED.with(|p| p.get().active) {
         return f();
     }
-    PINNED.with(|p| p.set((true, std::ptr::null_mut())));
+    // SAFETY: a plain read of the transaction state.
+    let began_in = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    PINNED.with(|p| p.set(Pinned { active: true, began_in, ..UNPINNED }));
     struct Unpin;
     impl Drop for Unpin {
         fn drop(&mut self) {
-            // Runs on return and on unwind alike, so a later call never sees a stale pointer.
-            // On the normal path the snapshot is unregistered below; after an error, the
-            // aborting (sub)transaction's resource owner releases it.
-            PINNED.with(|p| p.set((false, std::ptr::null_mut())));
+            let p = PINNED.with(|p| p.replace(UNPINNED));
+            if !p.snapshot.is_null() {
+                // SAFETY: registered by `key_snapshot` on the current resource owner (or a
+                // subtransaction's that committed into it) and not released: an abort that
+                // released it would have cleared `PINNED` (`forget_pinned_at_abort`).
+                unsafe { pg_sys::UnregisterSnapshot(p.snapshot) };
+            }
         }
     }
-    let guard = Unpin;
-    let out = f();
-    let taken = PINNED.with(|p| p.get().1);
-    drop(guard);
-    if !taken.is_null() {
-        // SAFETY: registered by `key_snapshot` on the current resource owner, not yet released.
-        unsafe { pg_sys::UnregisterSnapshot(taken) };
-    }
-    out
+    let _guard = Unpin;
+    f()
 }
 
 /// The snapshot a catalog read of key state uses: [`one_snapshot`]'s (taken now if this is its
 /// first read), or else a new one.
 unsafe fn key_snapshot() -> pg_sys::Snapshot {
-    let (active, taken) = PINNED.with(|p| p.get());
-    if !active {
+    let p = PINNED.with(|p| p.get());
+    if !p.active {
         return snapshot_for_keys();
     }
-    if !taken.is_null() {
-        return taken;
+    if !p.snapshot.is_null() {
+        return p.snapshot;
     }
-    let snap = pg_sys::RegisterSnapshot(snapshot_for_keys());
-    PINNED.with(|p| p.set((true, snap)));
-    snap
+    let snapshot = pg_sys::RegisterSnapshot(snapshot_for_keys());
+    let registered_in = pg_sys::GetCurrentSubTransactionId();
+    PINNED.with(|c| c.set(Pinned { snapshot, registered_in, ..p }));
+    snapshot
+}
+
+/// From the transaction callbacks: a (sub)transaction abort released what it registered. At a
+/// top-level abort (`subxact` = `None`), or when the subtransaction in which [`one_snapshot`]
+/// began aborts, its frames are gone: the state is cleared. When only the subtransaction that
+/// registered the snapshot aborts (one begun and rolled back inside `f`), the next read takes a
+/// new one.
+pub fn forget_pinned_at_abort(subxact: Option<pg_sys::SubTransactionId>) {
+    PINNED.with(|c| {
+        let p = c.get();
+        if !p.active {
+            return;
+        }
+        match subxact {
+            None => c.set(UNPINNED),
+            Some(s) if s == p.began_in => c.set(UNPINNED),
+            Some(s) if s == p.registered_in => c.set(Pinned { snapshot: std::ptr::null_mut(), registered_in: 0, ..p }),
+            Some(_) => {}
+        }
+    });
 }
 
 pub fn select_latest<R>(sql: &std::ffi::CStr, args: &[Arg<'_>], mut row: impl FnMut(&Row) -> Result<R>) -> Result<Vec<R>> {
