@@ -119,17 +119,15 @@ unsafe fn snapshot_for_keys() -> pg_sys::Snapshot {
 
 
 /// [`one_snapshot`]'s state: whether one is active and in which subtransaction it began, and the
-/// snapshot its reads share (taken at the first read; null until then) with the subtransaction
-/// that registered it.
+/// snapshot its reads share (taken at the first read; null until then).
 #[derive(Clone, Copy)]
 struct Pinned {
     active: bool,
     began_in: pg_sys::SubTransactionId,
     snapshot: pg_sys::Snapshot,
-    registered_in: pg_sys::SubTransactionId,
 }
 
-const UNPINNED: Pinned = Pinned { active: false, began_in: 0, snapshot: std::ptr::null_mut(), registered_in: 0 };
+const UNPINNED: Pinned = Pinned { active: false, began_in: 0, snapshot: std::ptr::null_mut() };
 
 thread_local! {
     static PINNED: std::cell::Cell<Pinned> = const { std::cell::Cell::new(UNPINNED) };
@@ -144,11 +142,13 @@ thread_local! {
 /// and a grant check and a key load read at two moments let one call see a state that never
 /// existed (review 36). Nested calls share the outer one.
 ///
-/// The snapshot is registered for the duration and unregistered when `f` returns or unwinds (a
-/// PostgreSQL error caught further up without an abort, `PgTryBuilder`, leaks nothing). Should
-/// an error ever jump over these frames without unwinding them, the (sub)transaction abort
-/// releases the snapshot and [`forget_pinned_at_abort`] clears the state, so no later call
-/// reads under a released snapshot.
+/// The snapshot is registered on the **top transaction's** resource owner (a subtransaction
+/// begun and ended inside `f` cannot release it: at a subtransaction's commit PostgreSQL
+/// releases what is registered on its owner, review 37) and unregistered when `f` returns or
+/// unwinds (a PostgreSQL error caught further up without an abort, `PgTryBuilder`, leaks
+/// nothing). Should an error ever jump over these frames without unwinding them, the abort of
+/// the (sub)transaction `f` began in clears the state ([`forget_pinned_at_abort`]), so no later
+/// call reads under a released snapshot.
 pub fn one_snapshot<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     if PINNED.with(|p| p.get().active) {
         return f();
@@ -161,10 +161,9 @@ pub fn one_snapshot<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         fn drop(&mut self) {
             let p = PINNED.with(|p| p.replace(UNPINNED));
             if !p.snapshot.is_null() {
-                // SAFETY: registered by `key_snapshot` on the current resource owner (or a
-                // subtransaction's that committed into it) and not released: an abort that
-                // released it would have cleared `PINNED` (`forget_pinned_at_abort`).
-                unsafe { pg_sys::UnregisterSnapshot(p.snapshot) };
+                // SAFETY: registered by `key_snapshot` on the top transaction's owner, which
+                // only the transaction's end releases (and an abort clears `PINNED` first).
+                unsafe { pg_sys::UnregisterSnapshotFromOwner(p.snapshot, pg_sys::TopTransactionResourceOwner) };
             }
         }
     }
@@ -182,17 +181,16 @@ unsafe fn key_snapshot() -> pg_sys::Snapshot {
     if !p.snapshot.is_null() {
         return p.snapshot;
     }
-    let snapshot = pg_sys::RegisterSnapshot(snapshot_for_keys());
-    let registered_in = pg_sys::GetCurrentSubTransactionId();
-    PINNED.with(|c| c.set(Pinned { snapshot, registered_in, ..p }));
+    let snapshot = pg_sys::RegisterSnapshotOnOwner(snapshot_for_keys(), pg_sys::TopTransactionResourceOwner);
+    PINNED.with(|c| c.set(Pinned { snapshot, ..p }));
     snapshot
 }
 
-/// From the transaction callbacks: a (sub)transaction abort released what it registered. At a
-/// top-level abort (`subxact` = `None`), or when the subtransaction in which [`one_snapshot`]
-/// began aborts, its frames are gone: the state is cleared. When only the subtransaction that
-/// registered the snapshot aborts (one begun and rolled back inside `f`), the next read takes a
-/// new one.
+/// From the transaction callbacks. At a top-level abort (`subxact` = `None`) the transaction's
+/// owner releases the snapshot: the state is cleared. When the subtransaction in which
+/// [`one_snapshot`] began aborts, its frames are gone (an error jumped over them): the snapshot
+/// is unregistered here and the state cleared. Other subtransactions do not matter (the
+/// snapshot belongs to the top transaction).
 pub fn forget_pinned_at_abort(subxact: Option<pg_sys::SubTransactionId>) {
     PINNED.with(|c| {
         let p = c.get();
@@ -201,8 +199,14 @@ pub fn forget_pinned_at_abort(subxact: Option<pg_sys::SubTransactionId>) {
         }
         match subxact {
             None => c.set(UNPINNED),
-            Some(s) if s == p.began_in => c.set(UNPINNED),
-            Some(s) if s == p.registered_in => c.set(Pinned { snapshot: std::ptr::null_mut(), registered_in: 0, ..p }),
+            Some(s) if s == p.began_in => {
+                c.set(UNPINNED);
+                if !p.snapshot.is_null() {
+                    // SAFETY: still registered on the top transaction's owner (only its end
+                    // releases it).
+                    unsafe { pg_sys::UnregisterSnapshotFromOwner(p.snapshot, pg_sys::TopTransactionResourceOwner) };
+                }
+            }
             Some(_) => {}
         }
     });
@@ -657,6 +661,31 @@ pub fn set_grant(tenant: &str, role: pg_sys::Oid, grant: bool) -> Result<bool> {
     };
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
+            // Grant changes serialize (readers are not blocked). Under REPEATABLE READ and
+            // SERIALIZABLE the statements below see the transaction's snapshot: a grant of this
+            // role committed after it would be invisible, so a revocation deleted nothing,
+            // returned false and left the role its access (review 37). Such a transaction is
+            // refused with 40001 when what it sees of the role's grants is not what is there.
+            client.update("LOCK TABLE envelope.tenant_grants IN SHARE ROW EXCLUSIVE MODE", None, &[]).map_err(spi_err)?;
+            if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+                let seen: Vec<i32> = client
+                    .select("SELECT tenant_id FROM envelope.tenant_grants WHERE grantee = $1::oid::regrole ORDER BY 1", None, &[role.into()])
+                    .map_err(spi_err)?
+                    .map(|r| r.get::<i32>(1).ok().flatten().unwrap_or(0))
+                    .collect();
+                let now = select_latest(
+                    c"SELECT tenant_id FROM envelope.tenant_grants WHERE grantee = $1::pg_catalog.regrole ORDER BY 1",
+                    &[Arg::Oid(role)],
+                    |r| r.get::<i32>(1).ok_or_else(|| missing("tenant_id")),
+                )?;
+                if seen != now {
+                    return Err(EnvelopeError::BadRequest {
+                        code: PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        message: "pg_envelope: the role's tenant grants changed after this transaction's snapshot was taken".into(),
+                        hint: Some("Retry the transaction (or grant and revoke under READ COMMITTED).".into()),
+                    });
+                }
+            }
             client
                 .update(
                     "DELETE FROM envelope.tenant_grants g

@@ -371,3 +371,50 @@ def test_a_call_spanning_a_key_change_sees_the_state_before_or_after_it():
         app.close()
     with connect(PORT_A, "postgres") as c:
         c.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
+def test_a_revocation_under_repeatable_read_never_misses_a_newer_grant():
+    """Insider review 37: revoke_tenant deleted the grant under the transaction's snapshot.
+    Under REPEATABLE READ or SERIALIZABLE a grant committed after that snapshot was invisible:
+    nothing was deleted, the call returned false, and the role kept decrypting. Grant changes
+    now serialize, and such a transaction fails with 40001 (the grant stays, visibly); under
+    READ COMMITTED the same sequence revokes."""
+    db, role = "rv_rr_revoke", "rv_rr_revoke_app"
+    recreate_db(PORT_A, db)
+    with connect(PORT_A, db) as c:
+        _role(c, role)
+        c.execute("CREATE EXTENSION pg_envelope")
+        for t in ("acme", "globex"):
+            c.execute("SELECT envelope.create_tenant(%s)", (t,))
+            c.execute("SELECT envelope.grant_tenant(%s, current_user)", (t,))
+        c.execute(f"SELECT envelope.grant_tenant('globex', '{role}')")  # the role holds another tenant
+        c.execute("CREATE TABLE t (id int, v bytea)")
+        c.execute(f"GRANT SELECT ON t TO {role}")
+        with as_tenant(c, "acme"):
+            c.execute("INSERT INTO t VALUES (7, envelope.encrypt_field('val7'))")
+
+    def app_reads():
+        with connect(PORT_A, db, user=role) as app:
+            app.execute("SET app.tenant_id = 'acme'")
+            return _sqlstate(app, "SELECT envelope.decrypt_field(v) FROM t WHERE id = 7")
+
+    for iso, expected in (("REPEATABLE READ", "40001"), ("SERIALIZABLE", "40001"), ("READ COMMITTED", True)):
+        with connect(PORT_A, db) as c:
+            c.execute(f"SELECT envelope.revoke_tenant('acme', '{role}')")
+        assert app_reads() == "42501"
+        a, b = connect(PORT_A, db), connect(PORT_A, db)
+        try:
+            a.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            a.execute("SELECT count(*) FROM envelope.tenant_grants")  # the snapshot is taken
+            b.execute(f"SELECT envelope.grant_tenant('acme', '{role}')")
+            assert app_reads() == ("val7",)
+            got = _sqlstate(a, f"SELECT envelope.revoke_tenant('acme', '{role}')")
+            assert got == expected or got == (expected,), (iso, got)
+            a.execute("ROLLBACK" if expected == "40001" else "COMMIT")
+        finally:
+            a.close()
+            b.close()
+        # Refused: the grant is still there, and still works. Revoked: refused at once.
+        assert app_reads() == (("val7",) if expected == "40001" else "42501"), iso
+    with connect(PORT_A, "postgres") as c:
+        c.execute(f"DROP DATABASE {db} WITH (FORCE)")
