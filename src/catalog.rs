@@ -773,8 +773,38 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
                 return Ok(None);
             }
             let r = t.first();
+            let id = r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))?;
+            // Under REPEATABLE READ and SERIALIZABLE what follows the lock reads and writes the
+            // tenant's key rows under the transaction's snapshot. Every change of those rows
+            // happens under this lock, so once it is held nothing changes them until this
+            // transaction ends; but a change committed after the snapshot was taken (and before
+            // the lock was granted) would be invisible: an UPDATE of a version made since would
+            // match nothing and a key function would report success having done nothing
+            // (review 38: disable_data_key and destroy_data_key returned true and changed
+            // nothing). Such a transaction fails with 40001 here instead.
+            if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+                const KEY_ROWS: &str = "SELECT coalesce((SELECT string_agg(version || ':' || state || ':' || xmin::text, ',' ORDER BY version)
+                                                  FROM envelope.data_keys WHERE tenant_id = $1), '')
+                                       || '|' || coalesce((SELECT string_agg(version || ':' || state || ':' || xmin::text, ',' ORDER BY version)
+                                                  FROM envelope.index_keys WHERE tenant_id = $1), '')";
+                let seen: Option<String> = client.select(KEY_ROWS, Some(1), &[id.into()]).map_err(spi_err)?.first().get(1).map_err(spi_err)?;
+                let mut latest_sql = KEY_ROWS.replace("$1", "$1::pg_catalog.int4");
+                latest_sql.push('\0');
+                let latest_sql = std::ffi::CStr::from_bytes_with_nul(latest_sql.as_bytes()).expect("no NUL inside");
+                let now = select_latest(latest_sql, &[Arg::Int4(id)], |r| Ok(r.get::<String>(1)))?;
+                if now.into_iter().next().flatten() != seen {
+                    return Err(EnvelopeError::BadRequest {
+                        code: PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        message: format!(
+                            "pg_envelope: the keys of tenant \"{}\" changed after this transaction's snapshot was taken",
+                            crate::error::shown(tenant)
+                        ),
+                        hint: Some("Retry the transaction (or run key administration under READ COMMITTED).".into()),
+                    });
+                }
+            }
             Ok(Some(LockedTenant {
-                id: r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))? as u32,
+                id: id as u32,
                 provider: r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("provider"))?,
                 provider_kind: r.get::<String>(3).map_err(spi_err)?.ok_or_else(|| missing("kind"))?,
                 provider_options: r.get::<String>(4).map_err(spi_err)?.ok_or_else(|| missing("options"))?,
@@ -871,7 +901,16 @@ pub fn set_data_key_state(tenant_id: u32, version: u32, state: &str) -> Result<(
     };
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
-            client.update(sql, None, &[(tenant_id as i32).into(), (version as i32).into()]).map_err(spi_err)?;
+            let n = client.update(sql, None, &[(tenant_id as i32).into(), (version as i32).into()]).map_err(spi_err)?.len();
+            if n != 1 {
+                // The version's row is not visible to this transaction (lock_tenant refuses the
+                // stale snapshots that cause this; a second line of defence).
+                return Err(EnvelopeError::BadRequest {
+                    code: PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                    message: format!("pg_envelope: data key version {version} changed after this transaction's snapshot was taken"),
+                    hint: Some("Retry the transaction.".into()),
+                });
+            }
             Ok(())
         })
     })
@@ -880,17 +919,46 @@ pub fn set_data_key_state(tenant_id: u32, version: u32, state: &str) -> Result<(
 /// The first tracked column (every column of an encrypted type, and every column a
 /// re-encryption job named) that holds a value under this tenant's data key version, or `None`.
 /// Runs `envelope.data_key_in_use` (sql/lifecycle.sql), which reads headers only.
+///
+/// What it must see: every value written under the version, committed or not. So it first
+/// waits for every other transaction of this database that holds an xid (a writer that
+/// encrypted under the version before it was retired may commit after this call), prepared
+/// ones included, and then looks under a fresh snapshot, not the transaction's (under
+/// REPEATABLE READ rows committed after the snapshot are invisible to it). Review 38 destroyed
+/// a version under which three committed rows then stood: the writer committed after the check
+/// (READ COMMITTED), or before it but after the destroyer's snapshot (REPEATABLE READ). The wait
+/// is PostgreSQL's own (`XactLockTableWait`: cancellable, bounded by `lock_timeout`, and seen by
+/// the deadlock detector). Ciphertexts a client holds and inserts later are not covered (README).
 pub fn data_key_in_use(tenant_id: u32, version: u32) -> Result<Option<String>> {
     as_extension_owner(|| {
-        Spi::connect(|client| {
-            let r = client
-                .select(
-                    "SELECT envelope.data_key_in_use($1, $2)",
-                    Some(1),
-                    &[(tenant_id as i32).into(), (version as i32).into()],
-                )
-                .map_err(spi_err)?;
-            Ok(r.first().get::<String>(1).map_err(spi_err)?)
+        Spi::connect(|_client| {
+            let writers = select_latest(
+                c"SELECT backend_xid::text FROM pg_catalog.pg_stat_activity
+                   WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()
+                     AND datid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+                  UNION
+                  SELECT transaction::text FROM pg_catalog.pg_prepared_xacts WHERE database = pg_catalog.current_database()",
+                &[],
+                |r| Ok(r.get::<String>(1).and_then(|x| x.parse::<u32>().ok())),
+            )?;
+            for xid in writers.into_iter().flatten() {
+                // SAFETY: waits on the transaction's lock, as a row lock wait does; raises
+                // (through pgrx's guard) on cancel, lock_timeout or deadlock.
+                unsafe {
+                    pg_sys::XactLockTableWait(
+                        xid.into(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        pg_sys::XLTW_Oper::XLTW_None,
+                    )
+                };
+            }
+            let r = select_latest(
+                c"SELECT envelope.data_key_in_use($1, $2)",
+                &[Arg::Int4(tenant_id as i32), Arg::Int4(version as i32)],
+                |r| Ok(r.get::<String>(1)),
+            )?;
+            Ok(r.into_iter().next().flatten())
         })
     })
 }

@@ -441,13 +441,16 @@ pub fn check_dedicated_free(provider: &str) -> Result<()> {
             if !backend::common_options(&options).dedicated {
                 return Ok(None);
             }
-            let t = client
-                .select("SELECT name FROM envelope.tenants WHERE provider = $1 ORDER BY id LIMIT 1", Some(1), &[provider.into()])
-                .map_err(spi_err)?;
-            if t.is_empty() {
-                return Ok(None);
-            }
-            t.first().get::<String>(1).map_err(spi_err)
+            // Under a fresh snapshot, after the provider's lock: under REPEATABLE READ a tenant
+            // put on the provider after this transaction's snapshot was taken was invisible,
+            // and two tenants ended up on one dedicated provider (review 38), so that shredding
+            // one would destroy the other's root key.
+            let t = crate::catalog::select_latest(
+                c"SELECT name FROM envelope.tenants WHERE provider = $1 ORDER BY id LIMIT 1",
+                &[crate::catalog::Arg::Text(provider)],
+                |r| Ok(r.get::<String>(1)),
+            )?;
+            Ok(t.into_iter().next().flatten())
         })
     })?;
     match taken {

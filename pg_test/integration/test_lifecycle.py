@@ -687,6 +687,140 @@ def test_rotate_tenant_key_under_repeatable_read_never_strands_a_key():
             b.close()
 
 
+def _state_or_sqlstate(conn, query, params=None):
+    try:
+        return conn.execute(query, params).fetchone()[0]
+    except psycopg.Error as e:
+        return e.sqlstate
+
+
+def test_key_administration_under_repeatable_read_never_reports_a_change_it_did_not_make():
+    """Insider review 38: disable_data_key and destroy_data_key under REPEATABLE READ or
+    SERIALIZABLE returned true and changed nothing when the version was made after the
+    transaction's snapshot (the UPDATE, under that snapshot, matched no row). Any key
+    administration that takes the tenant's lock with a snapshot older than the tenant's key rows
+    now fails with 40001; under READ COMMITTED the same calls work."""
+    db = make_db("lc_rr_admin", ("acme",))
+    for iso in ("repeatable read", "serializable"):
+        a, b = connect(PORT_A, db), connect(PORT_A, db)
+        try:
+            a.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            a.execute("SELECT count(*) FROM envelope.key_versions")  # the snapshot is taken
+            v_new = b.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0]
+            b.execute("SELECT envelope.rotate_data_key('acme')")
+            assert _state_or_sqlstate(a, "SELECT envelope.disable_data_key('acme', %s)", (v_new,)) == "40001", iso
+            a.execute("ROLLBACK")
+            # The destroy of a version disabled after the snapshot: refused the same way.
+            a.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            a.execute("SELECT count(*) FROM envelope.key_versions")
+            b.execute("SELECT envelope.disable_data_key('acme', %s)", (v_new,))
+            assert _state_or_sqlstate(a, "SELECT envelope.destroy_data_key('acme', %s)", (v_new,)) == "40001", iso
+            a.execute("ROLLBACK")
+            with connect(PORT_A, db) as c:
+                assert c.execute("SELECT state FROM envelope.key_versions WHERE tenant = 'acme' AND version = %s",
+                                 (v_new,)).fetchone()[0] == "disabled"
+                c.execute("SELECT envelope.enable_data_key('acme', %s)", (v_new,))
+        finally:
+            a.close()
+            b.close()
+    # READ COMMITTED: the same sequence changes the state.
+    a, b = connect(PORT_A, db), connect(PORT_A, db)
+    try:
+        a.execute("BEGIN")
+        a.execute("SELECT count(*) FROM envelope.key_versions")
+        v_new = b.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0]
+        b.execute("SELECT envelope.rotate_data_key('acme')")
+        assert a.execute("SELECT envelope.disable_data_key('acme', %s)", (v_new,)).fetchone()[0] is True
+        a.execute("COMMIT")
+        with connect(PORT_A, db) as c:
+            assert c.execute("SELECT state FROM envelope.key_versions WHERE tenant = 'acme' AND version = %s",
+                             (v_new,)).fetchone()[0] == "disabled"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_destroy_waits_for_writers_and_sees_what_they_committed():
+    """Insider review 38: destroy_data_key (without force) looked for values under the version
+    with the destroyer's snapshot, so rows a writer had encrypted under the version before it was
+    retired, and committed after that snapshot (REPEATABLE READ) or after the check (READ
+    COMMITTED, still uncommitted when the destroy ran), were destroyed with it. The destroy now
+    waits for the database's writing transactions and looks under a fresh snapshot."""
+    for iso in ("read committed", "repeatable read"):
+        db = make_db("lc_destroy_writers", ("acme",))
+        with connect(PORT_A, db) as c:
+            create_table(c, "t")
+        writer, admin = connect(PORT_A, db), connect(PORT_A, db)
+        try:
+            writer.execute("BEGIN")
+            writer.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+            writer.execute("INSERT INTO t (id, tenant, v) SELECT i, 'acme', ('w' || i)::text FROM generate_series(1, 3) i")
+            with connect(PORT_A, db) as c:
+                assert c.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0] == 2
+                c.execute("SELECT envelope.disable_data_key('acme', 1)")
+            admin.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            admin.execute("SELECT count(*) FROM envelope.key_versions")  # the snapshot is taken
+            out = {}
+
+            def destroy():
+                out["r"] = _state_or_sqlstate(admin, "SELECT envelope.destroy_data_key('acme', 1)")
+
+            t = threading.Thread(target=destroy)
+            t.start()
+            with connect(PORT_A, db) as w:
+                # The destroy waits for the writer's transaction.
+                wait_until(lambda: w.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'transactionid' AND NOT granted",
+                                             (admin.info.backend_pid,)).fetchone()[0] == 1, 20, what="the destroy to wait for the writer")
+            writer.execute("COMMIT")
+            t.join(30)
+            assert out["r"] == "2BP01", (iso, out)
+            admin.execute("ROLLBACK")
+            with connect(PORT_A, db) as c:
+                assert c.execute("SELECT state FROM envelope.key_versions WHERE tenant = 'acme' AND version = 1").fetchone()[0] == "disabled"
+                c.execute("SELECT envelope.enable_data_key('acme', 1)")
+                with as_tenant(c, "acme"):
+                    assert c.execute("SELECT string_agg(v::text, ',' ORDER BY id) FROM t").fetchone()[0] == "w1,w2,w3"
+        finally:
+            writer.close()
+            admin.close()
+
+
+def test_a_dedicated_provider_never_gets_a_second_tenant_under_repeatable_read():
+    """Insider review 38: create_tenant and rewrap_tenant check that a `dedicated` provider has no
+    tenant yet after locking the provider's row, but read the tenants under the transaction's
+    snapshot: under REPEATABLE READ two tenants ended up on one dedicated provider (and shredding
+    one would destroy the other's root key). (A `local` provider marked dedicated in its row: the
+    check reads only that option, as for Transit and AWS KMS.)"""
+    db = make_db("lc_dedicated_rr", ("m1", "m2"))
+    with connect(PORT_A, db) as c:
+        # All registered first: a dedicated provider refuses another one naming its root key.
+        for tag in ("repeatable_read", "serializable"):
+            for p in (f"ded_new_{tag}", f"ded_move_{tag}"):
+                c.execute("SELECT envelope.add_key_provider(%s, 'local', '{}')", (p,))
+        c.execute("""UPDATE envelope.key_providers SET options = options || '{"dedicated": true}' WHERE name LIKE 'ded%'""")
+    for iso in ("repeatable read", "serializable"):
+        tag = iso.replace(" ", "_")
+        for first, second, provider in (
+            (f"SELECT envelope.create_tenant('x_{tag}', 'ded_new_{tag}')", f"SELECT envelope.create_tenant('y_{tag}', 'ded_new_{tag}')", f"ded_new_{tag}"),
+            (f"SELECT envelope.rewrap_tenant('m1', 'ded_move_{tag}')", f"SELECT envelope.rewrap_tenant('m2', 'ded_move_{tag}')", f"ded_move_{tag}"),
+        ):
+            a, b = connect(PORT_A, db), connect(PORT_A, db)
+            try:
+                a.execute(f"BEGIN ISOLATION LEVEL {iso}")
+                a.execute("SELECT count(*) FROM envelope.tenants")  # the snapshot is taken
+                b.execute(first)
+                got = _state_or_sqlstate(a, second)
+                assert got == "55000", (iso, second, got)
+                a.execute("ROLLBACK")
+            finally:
+                a.close()
+                b.close()
+            with connect(PORT_A, db) as c:
+                assert c.execute("SELECT count(*) FROM envelope.tenants WHERE provider = %s", (provider,)).fetchone()[0] == 1
+        with connect(PORT_A, db) as c:
+            c.execute("SELECT envelope.rewrap_tenant('m1', 'local')")
+
+
 # --------------------------------------------------------------------------------------------
 # Private key servers: OpenBao with raft storage (keys survive a stop), moto.
 # --------------------------------------------------------------------------------------------
