@@ -920,39 +920,12 @@ pub fn set_data_key_state(tenant_id: u32, version: u32, state: &str) -> Result<(
 /// re-encryption job named) that holds a value under this tenant's data key version, or `None`.
 /// Runs `envelope.data_key_in_use` (sql/lifecycle.sql), which reads headers only.
 ///
-/// What it must see: every value written under the version, committed or not. So it first
-/// waits for every other transaction of this database that holds an xid (a writer that
-/// encrypted under the version before it was retired may commit after this call), prepared
-/// ones included, and then looks under a fresh snapshot, not the transaction's (under
-/// REPEATABLE READ rows committed after the snapshot are invisible to it). Review 38 destroyed
-/// a version under which three committed rows then stood: the writer committed after the check
-/// (READ COMMITTED), or before it but after the destroyer's snapshot (REPEATABLE READ). The wait
-/// is PostgreSQL's own (`XactLockTableWait`: cancellable, bounded by `lock_timeout`, and seen by
-/// the deadlock detector). Ciphertexts a client holds and inserts later are not covered (README).
+/// Runs under a fresh snapshot, not the transaction's (under REPEATABLE READ rows committed
+/// after the snapshot are invisible to it), after the caller waited for the transactions that
+/// may still write values under the version ([`wait_for_running_transactions`]).
 pub fn data_key_in_use(tenant_id: u32, version: u32) -> Result<Option<String>> {
     as_extension_owner(|| {
         Spi::connect(|_client| {
-            let writers = select_latest(
-                c"SELECT backend_xid::text FROM pg_catalog.pg_stat_activity
-                   WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()
-                     AND datid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
-                  UNION
-                  SELECT transaction::text FROM pg_catalog.pg_prepared_xacts WHERE database = pg_catalog.current_database()",
-                &[],
-                |r| Ok(r.get::<String>(1).and_then(|x| x.parse::<u32>().ok())),
-            )?;
-            for xid in writers.into_iter().flatten() {
-                // SAFETY: waits on the transaction's lock, as a row lock wait does; raises
-                // (through pgrx's guard) on cancel, lock_timeout or deadlock.
-                unsafe {
-                    pg_sys::XactLockTableWait(
-                        xid.into(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        pg_sys::XLTW_Oper::XLTW_None,
-                    )
-                };
-            }
             let r = select_latest(
                 c"SELECT envelope.data_key_in_use($1, $2)",
                 &[Arg::Int4(tenant_id as i32), Arg::Int4(version as i32)],
@@ -961,6 +934,51 @@ pub fn data_key_in_use(tenant_id: u32, version: u32) -> Result<Option<String>> {
             Ok(r.into_iter().next().flatten())
         })
     })
+}
+
+/// A data key version's state by tenant name, under a fresh snapshot (no lock taken).
+pub fn data_key_state_of(tenant: &str, version: u32) -> Result<Option<String>> {
+    as_extension_owner(|| {
+        Spi::connect(|_client| {
+            let n = select_latest(
+                c"SELECT k.state FROM envelope.data_keys k JOIN envelope.tenants t ON t.id = k.tenant_id WHERE t.name = $1 AND k.version = $2",
+                &[Arg::Text(tenant), Arg::Int4(version as i32)],
+                |r| r.get::<String>(1).ok_or_else(|| missing("state")),
+            )?;
+            Ok(n.into_iter().next())
+        })
+    })
+}
+
+/// Waits for every transaction of this database that is running now (other than this one and
+/// VACUUM), as `CREATE INDEX CONCURRENTLY` waits for older transactions: `GetCurrentVirtualXIDs`
+/// from the process array, then `VirtualXactLock` on each (cancellable, bounded by
+/// `lock_timeout`, seen by the deadlock detector). `destroy_data_key` calls it before it takes
+/// any lock: a transaction that began before the version was retired may hold values under it
+/// that it has not inserted yet (computed for a sort, in PL/pgSQL variables: it may not even
+/// have an xid) and commit them later; transactions that begin after the retirement can only
+/// write under a newer version. (Review 38 saw rows committed after the destroyer's check;
+/// review 39 saw the first version of this wait, over `pg_stat_activity.backend_xid`, miss
+/// writers without an xid and read a list that the transaction had cached.)
+pub fn wait_for_running_transactions() {
+    // SAFETY: the process array is read under its lock by PostgreSQL; the array returned is
+    // palloc'd in the current memory context; each wait goes through pgrx's guard.
+    unsafe {
+        let mut n: std::ffi::c_int = 0;
+        let vxids = pg_sys::GetCurrentVirtualXIDs(
+            pg_sys::InvalidTransactionId,
+            false,
+            false,
+            (pg_sys::PROC_IN_VACUUM | pg_sys::PROC_IS_AUTOVACUUM) as std::ffi::c_int,
+            &mut n,
+        );
+        for i in 0..n.max(0) as usize {
+            pg_sys::VirtualXactLock(*vxids.add(i), true);
+        }
+        if !vxids.is_null() {
+            pg_sys::pfree(vxids.cast());
+        }
+    }
 }
 
 /// Every data key version of a tenant that has a key (active, retired, disabled), for a tenant

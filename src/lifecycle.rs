@@ -216,6 +216,22 @@ enum VersionChange {
 }
 
 fn change_version_state(tenant: &str, version: i32, change: VersionChange, force: bool) -> Result<bool> {
+    // A destroy checks that no tracked column holds values under the version. Writers that
+    // began before the version was retired may still hold such values uncommitted: wait for
+    // every transaction running now, before taking any lock of ours (the transactions waited
+    // for may be waiting for the tenant's lock, a rotation, and would deadlock with a destroyer
+    // holding it: review 39). That covers them only if the version was already retired when
+    // the wait began: checked again under the lock below.
+    let retired_before_wait = if change == VersionChange::Destroy && !force && version >= 1 {
+        let before = catalog::data_key_state_of(tenant, version as u32)?;
+        let retired = matches!(before.as_deref(), Some("retired" | "disabled" | "revoked" | "destroyed"));
+        if retired {
+            catalog::wait_for_running_transactions();
+        }
+        retired
+    } else {
+        true
+    };
     let t = catalog::lock_tenant(tenant)?.ok_or_else(|| EnvelopeError::TenantUnknown { tenant: tenant.to_string() })?;
     if let Some(r @ catalog::Refusal::Shredded { .. }) = &t.refusal {
         return Err(r.error(tenant));
@@ -252,6 +268,13 @@ fn change_version_state(tenant: &str, version: i32, change: VersionChange, force
         (VersionChange::Destroy, _) => return Err(wrong("disabled")),
     };
     if change == VersionChange::Destroy && !force {
+        if !retired_before_wait {
+            return Err(EnvelopeError::BadRequest {
+                code: pgrx::PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                message: format!("pg_envelope: data key version {v} of tenant \"{}\" was retired while the destroy waited", crate::error::shown(tenant)),
+                hint: Some("Retry the destroy.".into()),
+            });
+        }
         if let Some(location) = catalog::data_key_in_use(t.id, v)? {
             return Err(EnvelopeError::DataKeyInUse { tenant: tenant.to_string(), version: v, location });
         }

@@ -741,20 +741,27 @@ def test_key_administration_under_repeatable_read_never_reports_a_change_it_did_
 
 
 def test_destroy_waits_for_writers_and_sees_what_they_committed():
-    """Insider review 38: destroy_data_key (without force) looked for values under the version
-    with the destroyer's snapshot, so rows a writer had encrypted under the version before it was
-    retired, and committed after that snapshot (REPEATABLE READ) or after the check (READ
-    COMMITTED, still uncommitted when the destroy ran), were destroyed with it. The destroy now
-    waits for the database's writing transactions and looks under a fresh snapshot."""
+    """Insider reviews 38 and 39: destroy_data_key (without force) looked for values under the
+    version with the destroyer's snapshot, so rows a writer had encrypted under the version
+    before it was retired, and committed after that snapshot (REPEATABLE READ) or after the check
+    (READ COMMITTED), were destroyed with it; the first fix waited only for writers holding an
+    xid. The destroy now waits for every transaction running when it starts, also one that
+    has only computed a ciphertext so far (no xid: here kept in a setting), and looks under a
+    fresh snapshot."""
     for iso in ("read committed", "repeatable read"):
         db = make_db("lc_destroy_writers", ("acme",))
         with connect(PORT_A, db) as c:
             create_table(c, "t")
-        writer, admin = connect(PORT_A, db), connect(PORT_A, db)
+        writer, early, admin = connect(PORT_A, db), connect(PORT_A, db), connect(PORT_A, db)
         try:
             writer.execute("BEGIN")
             writer.execute("SELECT set_config('app.tenant_id', 'acme', true)")
             writer.execute("INSERT INTO t (id, tenant, v) SELECT i, 'acme', ('w' || i)::text FROM generate_series(1, 3) i")
+            # A transaction that encrypted under version 1 but has written nothing (no xid).
+            early.execute("BEGIN")
+            early.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+            early.execute("SELECT set_config('lc.pending', (('pending'::text)::envelope.encrypted_text)::text, true)")
+            assert early.execute("SELECT backend_xid FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0] is None
             with connect(PORT_A, db) as c:
                 assert c.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0] == 2
                 c.execute("SELECT envelope.disable_data_key('acme', 1)")
@@ -767,11 +774,20 @@ def test_destroy_waits_for_writers_and_sees_what_they_committed():
 
             t = threading.Thread(target=destroy)
             t.start()
-            with connect(PORT_A, db) as w:
-                # The destroy waits for the writer's transaction.
-                wait_until(lambda: w.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'transactionid' AND NOT granted",
-                                             (admin.info.backend_pid,)).fetchone()[0] == 1, 20, what="the destroy to wait for the writer")
-            writer.execute("COMMIT")
+
+            def blocker():
+                with connect(PORT_A, db) as w:
+                    r = w.execute("SELECT pg_blocking_pids(%s)", (admin.info.backend_pid,)).fetchone()[0]
+                    return r[0] if r else None
+
+            # The destroy waits for each of the two, in whatever order it found them.
+            pending = {writer.info.backend_pid: writer, early.info.backend_pid: early}
+            while pending:
+                pid = wait_until(lambda: blocker() in pending and blocker(), 20, what="the destroy to wait for a writer")
+                conn = pending.pop(pid)
+                if conn is early:
+                    early.execute("INSERT INTO t (id, tenant, v) VALUES (4, 'acme', current_setting('lc.pending')::envelope.encrypted_text)")
+                conn.execute("COMMIT")
             t.join(30)
             assert out["r"] == "2BP01", (iso, out)
             admin.execute("ROLLBACK")
@@ -779,9 +795,10 @@ def test_destroy_waits_for_writers_and_sees_what_they_committed():
                 assert c.execute("SELECT state FROM envelope.key_versions WHERE tenant = 'acme' AND version = 1").fetchone()[0] == "disabled"
                 c.execute("SELECT envelope.enable_data_key('acme', 1)")
                 with as_tenant(c, "acme"):
-                    assert c.execute("SELECT string_agg(v::text, ',' ORDER BY id) FROM t").fetchone()[0] == "w1,w2,w3"
+                    assert c.execute("SELECT string_agg(v::text, ',' ORDER BY id) FROM t").fetchone()[0] == "w1,w2,w3,pending"
         finally:
             writer.close()
+            early.close()
             admin.close()
 
 
