@@ -181,6 +181,11 @@ fn prune_impl(older_than: pgrx::datum::Interval) -> Result<i64> {
                 "SELECT c.seq, c.hash, l.hash, (SELECT min(seq) FROM envelope.audit_log)
                    FROM envelope.audit_checkpoints c JOIN envelope.audit_log l USING (seq)
                   WHERE l.at < pg_catalog.now() - $1
+                    -- Never the newest record: a prune always leaves the chain's head, so the
+                    -- writer (after a restart) continues the chain instead of starting a new one
+                    -- at 1, and audit_verify has a record to anchor at the checkpoint
+                    -- (review 40: an emptied trail read as truncated, then as a broken chain).
+                    AND c.seq < (SELECT max(seq) FROM envelope.audit_log)
                   ORDER BY c.seq DESC, c.at_us DESC LIMIT 1",
                 None,
                 &[older_than.into()],
