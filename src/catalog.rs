@@ -783,15 +783,13 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
             // (review 38: disable_data_key and destroy_data_key returned true and changed
             // nothing). Such a transaction fails with 40001 here instead.
             if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
-                const KEY_ROWS: &str = "SELECT coalesce((SELECT string_agg(version || ':' || state || ':' || xmin::text, ',' ORDER BY version)
+                const KEY_ROWS: &std::ffi::CStr = c"SELECT coalesce((SELECT string_agg(version || ':' || state || ':' || xmin::text, ',' ORDER BY version)
                                                   FROM envelope.data_keys WHERE tenant_id = $1), '')
                                        || '|' || coalesce((SELECT string_agg(version || ':' || state || ':' || xmin::text, ',' ORDER BY version)
                                                   FROM envelope.index_keys WHERE tenant_id = $1), '')";
-                let seen: Option<String> = client.select(KEY_ROWS, Some(1), &[id.into()]).map_err(spi_err)?.first().get(1).map_err(spi_err)?;
-                let mut latest_sql = KEY_ROWS.replace("$1", "$1::pg_catalog.int4");
-                latest_sql.push('\0');
-                let latest_sql = std::ffi::CStr::from_bytes_with_nul(latest_sql.as_bytes()).expect("no NUL inside");
-                let now = select_latest(latest_sql, &[Arg::Int4(id)], |r| Ok(r.get::<String>(1)))?;
+                let as_seen = KEY_ROWS.to_str().expect("ASCII");
+                let seen: Option<String> = client.select(as_seen, Some(1), &[id.into()]).map_err(spi_err)?.first().get(1).map_err(spi_err)?;
+                let now = select_latest(KEY_ROWS, &[Arg::Int4(id)], |r| Ok(r.get::<String>(1)))?;
                 if now.into_iter().next().flatten() != seen {
                     return Err(EnvelopeError::BadRequest {
                         code: PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,

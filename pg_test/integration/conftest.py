@@ -45,6 +45,14 @@ def connect(port=PORT_A, dbname="postgres", user="postgres", typed_text=True, **
     return conn
 
 
+def row_or_sqlstate(conn, query, params=None):
+    """The first row of a statement, or the SQLSTATE it failed with."""
+    try:
+        return conn.execute(query, params).fetchone()
+    except psycopg.Error as e:
+        return e.sqlstate
+
+
 @contextmanager
 def as_tenant(conn, tenant):
     """A transaction with the tenant set for it only (SET LOCAL semantics), as an application

@@ -46,7 +46,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import BIN, PORT_A, ROOT, STATE, as_tenant, connect, recreate_db, sh
+from conftest import BIN, PORT_A, ROOT, STATE, as_tenant, connect, recreate_db, row_or_sqlstate, sh
 
 INSTANCE = os.environ.get("PGE_INSTANCE", "pg15")
 PGDATA = STATE / INSTANCE / "data"
@@ -688,10 +688,9 @@ def test_rotate_tenant_key_under_repeatable_read_never_strands_a_key():
 
 
 def _state_or_sqlstate(conn, query, params=None):
-    try:
-        return conn.execute(query, params).fetchone()[0]
-    except psycopg.Error as e:
-        return e.sqlstate
+    """The statement's single value, or the SQLSTATE it failed with."""
+    r = row_or_sqlstate(conn, query, params)
+    return r[0] if isinstance(r, tuple) else r
 
 
 def test_key_administration_under_repeatable_read_never_reports_a_change_it_did_not_make():
