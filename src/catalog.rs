@@ -1089,18 +1089,44 @@ pub fn open_rewrap_job(provider: &str) -> Result<Option<i64>> {
 }
 
 /// Opens a rewrap job: the provider's newest root version (when it reports one) and how many
-/// tenants are due.
+/// tenants are due. Two callers starting a job of one provider at once get the same job: the
+/// second one's insert waits for the first (the unique index `rewrap_jobs_one_open`), then
+/// takes the job the first one opened. Under REPEATABLE READ / SERIALIZABLE a job committed
+/// after the caller's snapshot is a serialization failure (40001), as PostgreSQL reports for
+/// `ON CONFLICT` then.
 pub fn insert_rewrap_job(provider: &str, target: Option<&str>, only_outdated: bool) -> Result<i64> {
-    as_extension_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "INSERT INTO envelope.rewrap_jobs (provider, target_version, only_outdated, state, tenants_total, started_at)
-             SELECT $1, $2, $3, 'running', count(*), clock_timestamp() FROM envelope.tenants t
-              WHERE t.provider = $1 AND t.shredded_at IS NULL AND (NOT $3 OR t.root_version IS DISTINCT FROM $2)
-             RETURNING id",
-            &[provider.into(), target.into(), only_outdated.into()],
-        )
-        .map_err(spi_err)?
-        .ok_or_else(|| missing("rewrap job id"))
+    // A job that finished between the conflict and the re-read: open a new one (bounded).
+    for _ in 0..3 {
+        let inserted = as_extension_owner(|| {
+            Spi::connect_mut(|client| {
+                let t = client
+                    .update(
+                        "INSERT INTO envelope.rewrap_jobs (provider, target_version, only_outdated, state, tenants_total, started_at)
+                         SELECT $1, $2, $3, 'running', count(*), clock_timestamp() FROM envelope.tenants t
+                          WHERE t.provider = $1 AND t.shredded_at IS NULL AND (NOT $3 OR t.root_version IS DISTINCT FROM $2)
+                         ON CONFLICT (provider) WHERE state = 'running' DO NOTHING
+                         RETURNING id",
+                        Some(1),
+                        &[provider.into(), target.into(), only_outdated.into()],
+                    )
+                    .map_err(spi_err)?;
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                t.first().get::<i64>(1).map_err(spi_err)
+            })
+        })?;
+        if let Some(job) = inserted {
+            return Ok(job);
+        }
+        if let Some(job) = open_rewrap_job(provider)? {
+            return Ok(job);
+        }
+    }
+    Err(EnvelopeError::BadRequest {
+        code: PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        message: "pg_envelope: rewrap jobs of this provider were opened and finished concurrently".into(),
+        hint: Some("Run CALL envelope.rewrap_tenants again.".into()),
     })
 }
 

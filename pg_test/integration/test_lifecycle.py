@@ -1213,6 +1213,62 @@ def test_root_key_rotation_with_openbao(bao):
     assert decrypt_all(db, ["s_0"]) == {"s_0": plain["s_0"]}
 
 
+def test_concurrent_rewrap_calls_share_one_job():
+    """Two DBAs (or a DBA and the worker) starting a root key rotation of one provider at the
+    same moment: the second start waits for the first one's job and joins it (review 39 saw
+    the second call fail with 23505 from `rewrap_jobs_one_open`). Under REPEATABLE READ a job
+    committed after the snapshot is a serialization failure, never a unique violation."""
+    db = "lc_rewrap_race"
+    recreate_db(PORT_A, db)
+    with connect(PORT_A, db) as c:
+        c.execute("CREATE EXTENSION pg_envelope")
+        add_tenants(c, [f"rr_{i}" for i in range(3)], "local")
+    plain = decrypt_all(db, [f"rr_{i}" for i in range(3)])
+    for iso, want in (("READ COMMITTED", None), ("REPEATABLE READ", "40001")):
+        first = connect(PORT_A, db)
+        second = connect(PORT_A, db)
+        try:
+            first.execute("BEGIN")
+            job = first.execute("SELECT envelope.rewrap_tenants_start('local')").fetchone()[0]
+            second.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            second.execute("SELECT count(*) FROM envelope.tenants")  # the snapshot is taken
+            out = {}
+
+            def start():
+                out["r"] = row_or_sqlstate(second, "SELECT envelope.rewrap_tenants_start('local')")
+
+            t = threading.Thread(target=start)
+            t.start()
+            with connect(PORT_A, db) as w:
+                wait_until(
+                    lambda: first.info.backend_pid in w.execute("SELECT pg_blocking_pids(%s)", (second.info.backend_pid,)).fetchone()[0],
+                    20, what="the second start to wait for the first job")
+            first.execute("COMMIT")
+            t.join(30)
+            assert not t.is_alive()
+            if want is None:
+                assert out["r"] == (job,), (iso, job, out)
+                second.execute("COMMIT")
+            else:
+                assert out["r"] == want, (iso, out)
+                second.execute("ROLLBACK")
+            # Two whole calls at once (each commits per batch) both finish; one job, done.
+            with connect(PORT_A, db) as c:
+                c.execute("CALL envelope.rewrap_tenants('local')")
+                assert c.execute("SELECT count(*) FROM envelope.rewrap_jobs WHERE state = 'running'").fetchone()[0] == 0
+        finally:
+            first.close()
+            second.close()
+    calls = [Background(db, "CALL envelope.rewrap_tenants('local', batch_size => 1)") for _ in range(4)]
+    for b in calls:
+        b.join(60)
+        assert b.error is None, b.error
+    with connect(PORT_A, db) as c:
+        assert c.execute("SELECT count(*) FROM envelope.rewrap_jobs WHERE state = 'running'").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM envelope.rewrap_jobs").fetchone()[0] >= 3
+    assert decrypt_all(db, [f"rr_{i}" for i in range(3)]) == plain
+
+
 class Moto:
     """A moto server (AWS KMS emulator) of this module's own on 127.0.0.1:<port>, signatures not
     checked; keys are created with boto3 from moto's venv."""
