@@ -39,8 +39,21 @@ install_ext() {
   pge_install_tree "$PGE_ROOT/target/release/pg_envelope-pg15"
 }
 
+# Writes pg_envelope.conf; returns 0 when its content changed (a running server then restarts:
+# some settings, max_prepared_transactions for one, apply only at a start).
 write_conf() {
-  as_root tee "$PGE_DATA/pg_envelope.conf" >/dev/null <<CONF
+  local old new
+  old="$(as_root cat "$PGE_DATA/pg_envelope.conf" 2>/dev/null || true)"
+  new="$(conf_text)"
+  printf '%s\n' "$new" | as_root tee "$PGE_DATA/pg_envelope.conf" >/dev/null
+  as_root chown postgres:postgres "$PGE_DATA/pg_envelope.conf"
+  grep -q "include_if_exists = 'pg_envelope.conf'" "$PGE_DATA/postgresql.conf" ||
+    echo "include_if_exists = 'pg_envelope.conf'" | as_root tee -a "$PGE_DATA/postgresql.conf" >/dev/null
+  [ "$old" != "$new" ]
+}
+
+conf_text() {
+  cat <<CONF
 # Written by scripts/cluster.sh; regenerated on every start.
 listen_addresses = '127.0.0.1'
 port = $PGE_PORT
@@ -52,11 +65,10 @@ envelope.credential_dirs = '$PGE_STATE/regress-credentials, $PGE_STATE/openbao, 
 envelope.pkcs11_modules = '/usr/lib/softhsm/libsofthsm2.so'
 wal_level = logical
 max_connections = 200
+# Two-phase commit is tested (prepared transactions and destroy_data_key).
+max_prepared_transactions = 8
 fsync = off
 CONF
-  as_root chown postgres:postgres "$PGE_DATA/pg_envelope.conf"
-  grep -q "include_if_exists = 'pg_envelope.conf'" "$PGE_DATA/postgresql.conf" ||
-    echo "include_if_exists = 'pg_envelope.conf'" | as_root tee -a "$PGE_DATA/postgresql.conf" >/dev/null
 }
 
 start() {
@@ -69,12 +81,12 @@ start() {
     as_postgres "$PGE_PG15_BIN/initdb" -D "$PGE_DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
       --encoding=UTF8 --locale=C.UTF-8 >/dev/null
   fi
-  write_conf
-  local so
+  local so conf_changed=0
+  write_conf && conf_changed=1
   so="$("$PGE_PG15_CONFIG" --pkglibdir)/pg_envelope.so"
   if pg_ctl -D "$PGE_DATA" status >/dev/null 2>&1; then
-    if [ "$so" -nt "$PGE_DATA/postmaster.pid" ] || ! server_env_current; then
-      echo "pg_envelope.so or the server environment changed: restarting the cluster"
+    if [ "$so" -nt "$PGE_DATA/postmaster.pid" ] || ! server_env_current || [ "$conf_changed" = 1 ]; then
+      echo "pg_envelope.so, pg_envelope.conf or the server environment changed: restarting the cluster"
       pg_ctl -D "$PGE_DATA" -w -m fast restart -l "$PGE_STATE/$PGE_INSTANCE/server.log" >/dev/null
     else
       pg_ctl -D "$PGE_DATA" reload >/dev/null

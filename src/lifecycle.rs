@@ -226,6 +226,17 @@ fn change_version_state(tenant: &str, version: i32, change: VersionChange, force
         let before = catalog::data_key_state_of(tenant, version as u32)?;
         let retired = matches!(before.as_deref(), Some("retired" | "disabled" | "revoked" | "destroyed"));
         if retired {
+            // A prepared transaction (two-phase commit) is one of them, and may wait days for
+            // its COMMIT PREPARED: refused at once instead of waiting for it (a transaction
+            // that prepares while this one waits is waited for, bounded by lock_timeout).
+            let prepared = catalog::prepared_transactions_here()?;
+            if prepared > 0 {
+                let location = format!(
+                    "{prepared} prepared transaction{} of this database (their writes are seen only after COMMIT PREPARED or ROLLBACK PREPARED; see pg_prepared_xacts)",
+                    if prepared == 1 { "" } else { "s" }
+                );
+                return Err(EnvelopeError::DataKeyInUse { tenant: tenant.to_string(), version: version as u32, location });
+            }
             catalog::wait_for_running_transactions();
         }
         retired

@@ -801,6 +801,67 @@ def test_destroy_waits_for_writers_and_sees_what_they_committed():
             admin.close()
 
 
+def test_destroy_refuses_while_a_prepared_transaction_may_hold_values_under_the_version():
+    """A prepared transaction (two-phase commit) that encrypted under version 1 holds rows no
+    snapshot sees until its COMMIT PREPARED, which may come days later. destroy_data_key waited
+    for it as for any running transaction, without end (bounded only by lock_timeout; the test
+    sets 5 s). It now refuses at once (2BP01, naming the prepared transaction) until that
+    transaction is committed or rolled back, and never destroys what it committed."""
+    db = make_db("lc_destroy_2pc", ("acme",))
+    with connect(PORT_A, db) as c:
+        create_table(c, "t")
+        assert int(c.execute("SHOW max_prepared_transactions").fetchone()[0]) > 0
+    gid = "lc_destroy_2pc_gid"
+    p = connect(PORT_A, db)
+    try:
+        p.execute("BEGIN")
+        p.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+        p.execute("INSERT INTO t (id, tenant, v) VALUES (1, 'acme', 'prepared under v1'::text)")
+        p.execute(f"PREPARE TRANSACTION '{gid}'")
+    finally:
+        p.close()
+    try:
+        with connect(PORT_A, db) as c:
+            c.execute("SET lock_timeout = '5s'")
+            assert c.execute("SELECT envelope.rotate_data_key('acme')").fetchone()[0] == 2
+            c.execute("SELECT envelope.disable_data_key('acme', 1)")
+            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0  # what the old check saw
+            state, msg = sqlstate(c, "SELECT envelope.destroy_data_key('acme', 1)")
+            assert state == "2BP01" and "1 prepared transaction" in msg, (state, msg)
+            assert c.execute("SELECT state FROM envelope.key_versions WHERE tenant = 'acme' AND version = 1").fetchone()[0] == "disabled"
+            c.execute(f"COMMIT PREPARED '{gid}'")
+            # Committed: the row is there, under version 1, and the usual check names the column.
+            state, msg = sqlstate(c, "SELECT envelope.destroy_data_key('acme', 1)")
+            assert state == "2BP01" and "t.v" in msg, (state, msg)
+            c.execute("SELECT envelope.enable_data_key('acme', 1)")
+            with as_tenant(c, "acme"):
+                assert c.execute("SELECT v::text FROM t").fetchone()[0] == "prepared under v1"
+            # A prepared transaction that is rolled back holds nothing: once it is gone, the
+            # destroy goes through (after the column is re-encrypted).
+            c.execute("CALL envelope.reencrypt('t', 'v')")
+            c.execute("SELECT envelope.disable_data_key('acme', 1)")
+        p = connect(PORT_A, db)
+        try:
+            p.execute("BEGIN")
+            p.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+            p.execute("INSERT INTO t (id, tenant, v) VALUES (2, 'acme', 'rolled back'::text)")
+            p.execute(f"PREPARE TRANSACTION '{gid}'")
+        finally:
+            p.close()
+        with connect(PORT_A, db) as c:
+            c.execute("SET lock_timeout = '5s'")
+            state, _msg = sqlstate(c, "SELECT envelope.destroy_data_key('acme', 1)")
+            assert state == "2BP01", state
+            c.execute(f"ROLLBACK PREPARED '{gid}'")
+            assert c.execute("SELECT envelope.destroy_data_key('acme', 1)").fetchone()[0] is True
+            with as_tenant(c, "acme"):
+                assert c.execute("SELECT string_agg(v::text, ',') FROM t").fetchone()[0] == "prepared under v1"
+    finally:
+        with connect(PORT_A, db) as c:
+            if c.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)).fetchone():
+                c.execute(f"ROLLBACK PREPARED '{gid}'")
+
+
 def test_a_dedicated_provider_never_gets_a_second_tenant_under_repeatable_read():
     """Insider review 38: create_tenant and rewrap_tenant check that a `dedicated` provider has no
     tenant yet after locking the provider's row, but read the tenants under the transaction's
