@@ -389,7 +389,7 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'rewrap_tenants_batch_wrapper';
 CREATE  FUNCTION "reencrypt_value"(
 	"value" bytea, /* Option < & [u8] > */
-	"context" TEXT, /* Option < & str > */
+	"context" text, /* Option < TextBytes > */
 	"batch_token" bigint /* Option < i64 > */
 ) RETURNS bytea /* Option < ByteaOut > */
 VOLATILE PARALLEL UNSAFE
@@ -405,7 +405,7 @@ AS 'MODULE_PATHNAME', 'needs_reencryption_wrapper';
 CREATE  FUNCTION "reencrypt_open"(
 	"tbl" oid, /* Option < pg_sys :: Oid > */
 	"col" TEXT, /* Option < & str > */
-	"context" TEXT DEFAULT NULL, /* Option < & str > */
+	"context" text DEFAULT NULL, /* Option < TextBytes > */
 	"context_column" TEXT DEFAULT NULL, /* Option < & str > */
 	"batch_rows" INT DEFAULT 10000, /* Option < i32 > */
 	"queued" bool DEFAULT false /* Option < bool > */
@@ -1161,7 +1161,7 @@ BEGIN
         WHEN t.kms_destruction = 'pending' THEN 'pending (retried by the maintenance worker)' || coalesce('; last error: ' || t.kms_last_error, '')
         ELSE t.kms_destruction || ' at ' || t.kms_destroyed_at END;
     backups := CASE WHEN t.shredded_at IS NOT NULL AND t.keys_compacted_at IS NULL THEN
-            'Old row versions of the key tables still hold its wrapped keys in the data files until the maintenance worker rewrites them (pending: it waits for transactions older than the shred to end). '
+            'Old row versions of the key tables still hold its wrapped keys in the data files until the maintenance worker rewrites them (pending: it waits for transactions older than the shred to end, and for a moment when no session holds a lock on envelope.tenants or envelope.data_keys: see pg_locks, pg_prepared_xacts). '
         ELSE '' END || CASE
         WHEN t.shredded_at IS NULL AND dedicated THEN
             'Not shredded yet. When it is, the root key is destroyed in the key server, and copies of this tenant''s wrapped keys in backups, dumps, WAL archives and replicas can no longer be unwrapped.'

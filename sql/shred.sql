@@ -91,7 +91,7 @@ BEGIN
         WHEN t.kms_destruction = 'pending' THEN 'pending (retried by the maintenance worker)' || coalesce('; last error: ' || t.kms_last_error, '')
         ELSE t.kms_destruction || ' at ' || t.kms_destroyed_at END;
     backups := CASE WHEN t.shredded_at IS NOT NULL AND t.keys_compacted_at IS NULL THEN
-            'Old row versions of the key tables still hold its wrapped keys in the data files until the maintenance worker rewrites them (pending: it waits for transactions older than the shred to end). '
+            'Old row versions of the key tables still hold its wrapped keys in the data files until the maintenance worker rewrites them (pending: it waits for transactions older than the shred to end, and for a moment when no session holds a lock on envelope.tenants or envelope.data_keys: see pg_locks, pg_prepared_xacts). '
         ELSE '' END || CASE
         WHEN t.shredded_at IS NULL AND dedicated THEN
             'Not shredded yet. When it is, the root key is destroyed in the key server, and copies of this tenant''s wrapped keys in backups, dumps, WAL archives and replicas can no longer be unwrapped.'

@@ -165,6 +165,71 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
     }
 }
 
+/// pg_envelope's tables (sql/*.sql): a transaction holding more than a read lock on any of them
+/// (it changed or locked rows: `FOR UPDATE` takes ROW SHARE) cannot be prepared. Kept in step
+/// with the schema by `test_lifecycle.py` (the list must name every table of `envelope`).
+pub const ENVELOPE_TABLES: &[&std::ffi::CStr] = &[
+    c"audit_alerts",
+    c"audit_canaries",
+    c"audit_checkpoints",
+    c"audit_hourly",
+    c"audit_log",
+    c"blind_index_purposes",
+    c"data_keys",
+    c"grant_anchor",
+    c"index_keys",
+    c"key_providers",
+    c"reencrypt_jobs",
+    c"rewrap_jobs",
+    c"rotation_policy",
+    c"tenant_grants",
+    c"tenants",
+];
+
+/// Registered in `_PG_init`: PREPARE TRANSACTION is refused for a transaction that wrote or
+/// row-locked any of pg_envelope's tables. A prepared transaction keeps its locks past its
+/// session and a restart until someone runs COMMIT or ROLLBACK PREPARED: one that held a
+/// tenant's row (a rewrap batch), a job's row or a key row blocked suspensions, shreds,
+/// rotations and the maintenance worker (review 41), and key changes committed elsewhere are
+/// never announced to other backends. The functions that change keys also refuse by
+/// themselves ([`refuse_prepare`]); this catches every other path, whatever function took
+/// the lock. Encrypting and decrypting only read these tables, so an application's
+/// two-phase transactions that use keys are unaffected.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn refuse_prepare_holding_envelope_locks(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if event != pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE {
+        return;
+    }
+    let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+    if ns == pg_sys::InvalidOid {
+        return;
+    }
+    for name in ENVELOPE_TABLES {
+        let relid = pg_sys::get_relname_relid(name.as_ptr(), ns);
+        if relid == pg_sys::InvalidOid {
+            continue;
+        }
+        // SET_LOCKTAG_RELATION (storage/lock.h).
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field2: relid.to_u32(),
+            locktag_field3: 0,
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
+            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+        };
+        for mode in pg_sys::RowShareLock..=pg_sys::AccessExclusiveLock {
+            #[cfg(not(feature = "pg18"))]
+            let held = pg_sys::LockHeldByMe(&tag, mode as pg_sys::LOCKMODE);
+            #[cfg(feature = "pg18")]
+            let held = pg_sys::LockHeldByMe(&tag, mode as pg_sys::LOCKMODE, false);
+            if held {
+                EnvelopeError::PrepareAfterKeyChange.raise();
+            }
+        }
+    }
+}
+
 /// Registered in `_PG_init`: `ROLLBACK TO SAVEPOINT` over a key or grant change forgets what
 /// this backend cached since, like an aborted transaction (see [`on_xact_end`]).
 pub unsafe extern "C-unwind" fn on_subxact_end(

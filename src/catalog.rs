@@ -759,12 +759,17 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
     crate::backend::refuse_prepare();
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
+            // The tenant's row alone: joined with its provider's row, a wait for a transaction
+            // that moved the tenant to another provider (rewrap_tenant) re-checked the join
+            // against the old provider row and lost the tenant: a suspension raced with a
+            // move failed with "tenant does not exist" (review 41). The provider is read after
+            // the lock, under a new snapshot in READ COMMITTED.
             let t = client
                 .update(
-                    "SELECT t.id, t.provider, p.kind, p.options::text, t.wrapped_key, t.key_check,
+                    "SELECT t.id, t.provider, NULL, NULL, t.wrapped_key, t.key_check,
                             t.suspended_reason, to_char(t.shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC', to_char(t.shredded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
-                       FROM envelope.tenants t JOIN envelope.key_providers p ON p.name = t.provider
-                      WHERE t.name = $1 FOR UPDATE OF t",
+                       FROM envelope.tenants t
+                      WHERE t.name = $1 FOR UPDATE",
                     Some(1),
                     &[tenant.into()],
                 )
@@ -774,6 +779,16 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
             }
             let r = t.first();
             let id = r.get::<i32>(1).map_err(spi_err)?.ok_or_else(|| missing("id"))?;
+            let provider = r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("provider"))?;
+            let p = client
+                .select("SELECT kind, options::text FROM envelope.key_providers WHERE name = $1", Some(1), &[provider.as_str().into()])
+                .map_err(spi_err)?;
+            if p.is_empty() {
+                return Err(EnvelopeError::ProviderUnknown { provider });
+            }
+            let p = p.first();
+            let provider_kind = p.get::<String>(1).map_err(spi_err)?.ok_or_else(|| missing("kind"))?;
+            let provider_options = p.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("options"))?;
             // Under REPEATABLE READ and SERIALIZABLE what follows the lock reads and writes the
             // tenant's key rows under the transaction's snapshot. Every change of those rows
             // happens under this lock, so once it is held nothing changes them until this
@@ -803,9 +818,9 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
             }
             Ok(Some(LockedTenant {
                 id: id as u32,
-                provider: r.get::<String>(2).map_err(spi_err)?.ok_or_else(|| missing("provider"))?,
-                provider_kind: r.get::<String>(3).map_err(spi_err)?.ok_or_else(|| missing("kind"))?,
-                provider_options: r.get::<String>(4).map_err(spi_err)?.ok_or_else(|| missing("options"))?,
+                provider,
+                provider_kind,
+                provider_options,
                 // Empty for a shredded tenant (its refusal says so; nothing may use them).
                 wrapped_key: r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default(),
                 key_check: r.get::<Vec<u8>>(6).map_err(spi_err)?.unwrap_or_default(),
@@ -1365,28 +1380,39 @@ pub fn insert_reencrypt_job(
     context_column: Option<&str>,
     batch_blocks: i32,
     queued: bool,
-) -> Result<i64> {
+) -> Result<Option<i64>> {
     let caller = crate::nothrow::current_user_id();
+    // `None`: a job of this column was opened concurrently (the insert waited for it on
+    // `reencrypt_jobs_one_open`); the caller takes that one (review 41: 23505 before).
     as_extension_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, attnum, context, context_column, state, by_worker, requested_by,
-                                                  batch_blocks, blocks_total, started_at)
-             VALUES ($1, $2, $3, (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $3),
-                     $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8,
-                     pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::bigint, clock_timestamp()) RETURNING id",
-            &[
-                tbl.into(),
-                table.into(),
-                col.into(),
-                context.into(),
-                context_column.into(),
-                queued.into(),
-                caller.into(),
-                batch_blocks.into(),
-            ],
-        )
-        .map_err(spi_err)?
-        .ok_or_else(|| missing("job id"))
+        Spi::connect_mut(|client| {
+            let t = client
+                .update(
+                    "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, attnum, context, context_column, state, by_worker, requested_by,
+                                                          batch_blocks, blocks_total, started_at)
+                     VALUES ($1, $2, $3, (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $3),
+                             $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8,
+                             pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::bigint, clock_timestamp())
+                     ON CONFLICT (relid, column_name) WHERE state IN ('queued', 'running') DO NOTHING
+                     RETURNING id",
+                    Some(1),
+                    &[
+                        tbl.into(),
+                        table.into(),
+                        col.into(),
+                        context.into(),
+                        context_column.into(),
+                        queued.into(),
+                        caller.into(),
+                        batch_blocks.into(),
+                    ],
+                )
+                .map_err(spi_err)?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            t.first().get::<i64>(1).map_err(spi_err)
+        })
     })
 }
 

@@ -228,7 +228,7 @@ impl EnvelopeError {
             ),
             EnvelopeError::PrepareAfterKeyChange => (
                 ERRCODE_FEATURE_NOT_SUPPORTED,
-                "pg_envelope: a transaction that changed tenants, keys or grants cannot be prepared".into(),
+                "pg_envelope: a transaction that changed or locked tenants, keys, grants or key jobs cannot be prepared".into(),
                 None,
                 Some("Commit it directly: other sessions learn of key and grant changes when it commits.".into()),
             ),

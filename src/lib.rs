@@ -98,6 +98,8 @@ pub extern "C-unwind" fn _PG_init() {
     backend::install_statement_hooks();
     // The end of a transaction that used keys wipes the stack (see backend::on_xact_end).
     unsafe { pg_sys::RegisterXactCallback(Some(backend::on_xact_end), std::ptr::null_mut()) };
+    // PREPARE TRANSACTION is refused while the transaction holds locks on pg_envelope's tables.
+    unsafe { pg_sys::RegisterXactCallback(Some(backend::refuse_prepare_holding_envelope_locks), std::ptr::null_mut()) };
     // An aborted key or grant change (also ROLLBACK TO SAVEPOINT) forgets what this backend cached.
     unsafe { pg_sys::RegisterSubXactCallback(Some(backend::on_subxact_end), std::ptr::null_mut()) };
     // So do privilege changes of envelope.grant_anchor (see catalog::LIVE_GRANTEES).

@@ -339,7 +339,11 @@ fn rewrap_tenants_batch(job: i64, batch: default!(i32, 100)) -> i32 {
 }
 
 pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
-    let j = catalog::lock_rewrap_job(job)?.ok_or_else(|| EnvelopeError::Internal(format!("no rewrap job {job}")))?;
+    let j = catalog::lock_rewrap_job(job)?.ok_or_else(|| EnvelopeError::BadRequest {
+        code: pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        message: format!("pg_envelope: no rewrap job {job}"),
+        hint: Some("CALL envelope.rewrap_tenants(provider) opens or resumes the provider's job.".into()),
+    })?;
     if j.state != "running" {
         return Ok(0);
     }

@@ -258,23 +258,34 @@ fn open_impl(tbl: pg_sys::Oid, col: &str, context: Option<&str>, context_column:
             Some("Re-encryption needs UPDATE on the column; its batches then run as the table owner (which, on a table with FORCE ROW LEVEL SECURITY, needs BYPASSRLS)."),
         ));
     }
-    if let Some(open) = catalog::open_reencrypt_job(tbl, col)? {
-        if open.context.as_deref() != context || open.context_column.as_deref() != context_column {
-            return Err(bad(
-                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("pg_envelope: re-encryption job {} of this column is open with another context", open.id),
-                Some("Finish it with the same arguments, or cancel it: SELECT envelope.cancel_reencrypt(<job>)."),
-            ));
+    // Two callers opening a job of one column at once: the second one's insert waits for the
+    // first one's and then finds it (a job that finished meanwhile: a new one; bounded).
+    for _ in 0..3 {
+        if let Some(open) = catalog::open_reencrypt_job(tbl, col)? {
+            if open.context.as_deref() != context || open.context_column.as_deref() != context_column {
+                return Err(bad(
+                    ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("pg_envelope: re-encryption job {} of this column is open with another context", open.id),
+                    Some("Finish it with the same arguments, or cancel it: SELECT envelope.cancel_reencrypt(<job>)."),
+                ));
+            }
+            if !queued {
+                catalog::set_reencrypt_job_running(open.id)?;
+            }
+            crate::notice!("pg_envelope: resuming re-encryption job {} of {}.{} at block {}", open.id, target.table, col, open.next_block);
+            return Ok(open.id);
         }
-        if !queued {
-            catalog::set_reencrypt_job_running(open.id)?;
+        let per_block = target.rows_per_block.max(1.0);
+        let batch_blocks = ((batch_rows as f64) / per_block).ceil().clamp(1.0, 1_000_000.0) as i32;
+        if let Some(job) = catalog::insert_reencrypt_job(tbl, &target.table, col, context, context_column, batch_blocks, queued)? {
+            return Ok(job);
         }
-        crate::notice!("pg_envelope: resuming re-encryption job {} of {}.{} at block {}", open.id, target.table, col, open.next_block);
-        return Ok(open.id);
     }
-    let per_block = target.rows_per_block.max(1.0);
-    let batch_blocks = ((batch_rows as f64) / per_block).ceil().clamp(1.0, 1_000_000.0) as i32;
-    catalog::insert_reencrypt_job(tbl, &target.table, col, context, context_column, batch_blocks, queued)
+    Err(bad(
+        ERRCODE_T_R_SERIALIZATION_FAILURE,
+        "pg_envelope: re-encryption jobs of this column were opened and finished concurrently".into(),
+        Some("Run it again."),
+    ))
 }
 
 /// Runs the next batch of a re-encryption job in the caller's transaction; returns how many

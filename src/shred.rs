@@ -376,7 +376,13 @@ pub fn compact_impl() -> Result<i32> {
     }
     as_extension_owner(|| {
         Spi::connect_mut(|client| {
-            client.update("SET LOCAL lock_timeout = '5s'", None, &[]).map_err(spi_err)?;
+            // The exclusive lock is asked for briefly: a request waiting in the lock queue makes
+            // every later key load of the database wait behind it (review 41: a session that
+            // kept a read lock on envelope.tenants, a prepared transaction, made cold key loads
+            // wait 5 s at every maintenance run). Not granted within 200 ms: the rewrite is
+            // tried again at the next run.
+            client.update("SET LOCAL lock_timeout = '200ms'", None, &[]).map_err(spi_err)?;
+            client.update("LOCK TABLE envelope.tenants, envelope.data_keys IN ACCESS EXCLUSIVE MODE", None, &[]).map_err(spi_err)?;
             client.update("CLUSTER envelope.tenants USING tenants_pkey", None, &[]).map_err(spi_err)?;
             client.update("CLUSTER envelope.data_keys USING data_keys_pkey", None, &[]).map_err(spi_err)?;
             client

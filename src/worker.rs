@@ -425,12 +425,15 @@ fn run_item(w: &Work) -> Result<(), String> {
         }
         Work::Rewrap(provider) => {
             let p = provider.clone();
-            let job = flatten(in_transaction(move || crate::lifecycle::rewrap_start_impl(&p)))?;
+            // Bounded lock waits, as every other item: a transaction holding a tenant's row (an
+            // open key change, a forgotten session) stalled the worker here, and with it every
+            // due shred, rotation and the audit trail (review 41).
+            let job = flatten(in_transaction(move || bounded(|| crate::lifecycle::rewrap_start_impl(&p))))?;
             loop {
                 if shutdown_requested() {
                     return Ok(());
                 }
-                let n = flatten(in_transaction(move || crate::lifecycle::rewrap_batch_impl(job, 100)))?;
+                let n = flatten(in_transaction(move || bounded(|| crate::lifecycle::rewrap_batch_impl(job, 100))))?;
                 if n == 0 {
                     crate::log!("pg_envelope maintenance: rewrap job {job} of provider \"{provider}\" is done");
                     return Ok(());

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -862,6 +863,145 @@ def test_destroy_refuses_while_a_prepared_transaction_may_hold_values_under_the_
                 c.execute(f"ROLLBACK PREPARED '{gid}'")
 
 
+def test_a_key_change_waiting_for_a_provider_move_still_finds_the_tenant():
+    """Insider review 41: a key change that waited for a `rewrap_tenant` moving the tenant to
+    another provider failed with 42704 "tenant does not exist" under READ COMMITTED (the lock's
+    query joined the provider's row, and PostgreSQL's re-check after the wait met the old one):
+    an emergency suspension, a shred schedule or a rotation was not applied. Each now waits,
+    then applies to the moved tenant."""
+    db = make_db("lc_move_race", ("t1",))
+    with connect(PORT_A, db) as c:
+        c.execute("SELECT envelope.add_key_provider('local2', 'local', '{}')")
+    # (A suspended tenant cannot be moved: the suspension and the shred schedule come last, each
+    # after the tenant is resumed.)
+    calls = [
+        ("SELECT envelope.rotate_data_key('t1')", 2),
+        ("SELECT envelope.disable_data_key('t1', 1)", True),
+        ("SELECT envelope.rotate_tenant_key('t1')", None),
+        ("SELECT envelope.suspend_tenant('t1', 'incident 42')", True),
+        ("SELECT envelope.schedule_shred('t1', '2 hours')", None),
+    ]
+    mover, admin = connect(PORT_A, db), connect(PORT_A, db)
+    try:
+        for sql, want in calls:
+            now = admin.execute("SELECT provider FROM envelope.tenants WHERE name = 't1'").fetchone()[0]
+            to = "local2" if now == "local" else "local"
+            mover.execute("BEGIN")
+            mover.execute("SELECT envelope.rewrap_tenant('t1', %s)", (to,))
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("r", _state_or_sqlstate(admin, sql)))
+            t.start()
+            with connect(PORT_A, db) as w:
+                wait_until(lambda: mover.info.backend_pid in w.execute("SELECT pg_blocking_pids(%s)", (admin.info.backend_pid,)).fetchone()[0],
+                           20, what=f"{sql} to wait for the move")
+            mover.execute("COMMIT")
+            t.join(30)
+            assert out["r"] not in ("42704", "XX000") and (want is None or out["r"] == want), (sql, out)
+            assert admin.execute("SELECT provider FROM envelope.tenants WHERE name = 't1'").fetchone()[0] == to
+            if "suspend_tenant" in sql:
+                assert admin.execute("SELECT suspended_reason FROM envelope.tenants WHERE name = 't1'").fetchone()[0] == "incident 42"
+                admin.execute("SELECT envelope.resume_tenant('t1')")
+        row = admin.execute("SELECT suspended_reason IS NOT NULL, shred_after IS NOT NULL FROM envelope.tenants WHERE name = 't1'").fetchone()
+        assert row == (True, True), row  # the schedule suspends; the shred is scheduled
+        admin.execute("SELECT envelope.cancel_shred('t1')")
+    finally:
+        mover.close()
+        admin.close()
+
+
+def test_nothing_that_locks_or_writes_key_tables_can_be_prepared():
+    """Insider review 41: a rewrap batch, a rewrap job's start and a re-encryption batch could be
+    PREPAREd (two-phase commit): the prepared transaction kept the rows it locked (tenants, jobs,
+    the application's rows) past its session and restarts, and blocked suspensions, shreds and
+    rotations of those tenants, and the maintenance worker. Every transaction holding more than
+    a read lock on a table of pg_envelope is now refused at PREPARE (0A000); an application's
+    two-phase transaction that encrypts and decrypts is not."""
+    db = make_db("lc_prepare_locks", ("acme", "globex"))
+    with connect(PORT_A, db) as c:
+        create_table(c, "t")
+        fill(c, "t", ("acme",), 50)
+        c.execute("SELECT envelope.rotate_data_key('acme')")
+    attempts = [
+        ("rewrap_tenants_start", ["SELECT envelope.rewrap_tenants_start('local')"]),
+        ("rewrap_tenants_batch", ["SELECT envelope.rewrap_tenants_batch(envelope.rewrap_tenants_start('local'), 100)"]),
+        ("reencrypt_open", ["SELECT envelope.reencrypt_open('t'::regclass, 'v')"]),
+        ("queue_reencrypt", ["SELECT envelope.queue_reencrypt('t', 'v')"]),
+        ("set_rotation_period", ["SELECT envelope.set_rotation_period('acme', '30 days')"]),
+        ("a row lock taken by hand", ["SELECT 1 FROM envelope.tenants WHERE name = 'acme' FOR UPDATE"]),
+    ]
+    for what, statements in attempts:
+        with connect(PORT_A, db) as c:
+            c.execute("BEGIN")
+            for q in statements:
+                c.execute(q)
+            state, msg = sqlstate(c, f"PREPARE TRANSACTION 'lc_prepare_{what.replace(' ', '_')}'")
+            assert state == "0A000" and "cannot be prepared" in msg, (what, state, msg)
+            assert not c.execute("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()").fetchone()[0]
+    # Key administration is not blocked afterwards: nothing was left holding a lock.
+    with connect(PORT_A, db) as c:
+        c.execute("SET lock_timeout = '5s'")
+        assert c.execute("SELECT envelope.suspend_tenant('acme', 'drill')").fetchone()[0] is True
+        c.execute("SELECT envelope.resume_tenant('acme')")
+    # An application's two-phase transaction that reads and writes encrypted values prepares.
+    with connect(PORT_A, db) as c:
+        c.execute("BEGIN")
+        c.execute("SELECT set_config('app.tenant_id', 'acme', true)")
+        assert c.execute("SELECT count(v::text) FROM t").fetchone()[0] == 50
+        c.execute("INSERT INTO t (id, tenant, v) VALUES (1000, 'acme', 'two-phase'::text)")
+        c.execute("PREPARE TRANSACTION 'lc_prepare_app'")
+        c.execute("COMMIT PREPARED 'lc_prepare_app'")
+        with as_tenant(c, "acme"):
+            assert c.execute("SELECT v::text FROM t WHERE id = 1000").fetchone()[0] == "two-phase"
+
+
+def test_the_key_tables_list_names_every_table_of_the_schema():
+    """`backend::ENVELOPE_TABLES` (the tables whose locks refuse PREPARE) must name every table
+    of the schema: a new table missing from it could be locked by a prepared transaction."""
+    src = (ROOT / "src/backend.rs").read_text()
+    listed = set(re.findall(r'c"([a-z_]+)",', src[src.index("pub const ENVELOPE_TABLES"):src.index("];", src.index("pub const ENVELOPE_TABLES"))]))
+    db = make_db("lc_tables_list", ())
+    with connect(PORT_A, db) as c:
+        tables = {r for (r,) in c.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'envelope'::regnamespace AND relkind IN ('r', 'p', 'm')")}
+    assert tables == listed, (tables - listed, listed - tables)
+
+
+def test_concurrent_reencrypt_calls_share_one_job():
+    """Insider review 41: two sessions queueing (or starting) a re-encryption of one column at
+    once: the second failed with 23505 (`reencrypt_jobs_one_open`). It now waits for the first
+    one's job and takes it; under REPEATABLE READ a job committed after its snapshot is 40001."""
+    db = make_db("lc_reencrypt_race", ("acme",))
+    with connect(PORT_A, db) as c:
+        create_table(c, "t")
+        fill(c, "t", ("acme",), 20)
+        c.execute("SELECT envelope.rotate_data_key('acme')")
+    for iso, want in (("READ COMMITTED", None), ("REPEATABLE READ", "40001")):
+        first, second = connect(PORT_A, db), connect(PORT_A, db)
+        try:
+            first.execute("BEGIN")
+            job = first.execute("SELECT envelope.queue_reencrypt('t', 'v')").fetchone()[0]
+            second.execute(f"BEGIN ISOLATION LEVEL {iso}")
+            second.execute("SELECT count(*) FROM envelope.reencrypt_jobs")  # the snapshot is taken
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("r", row_or_sqlstate(second, "SELECT envelope.queue_reencrypt('t', 'v')")))
+            t.start()
+            with connect(PORT_A, db) as w:
+                wait_until(lambda: first.info.backend_pid in w.execute("SELECT pg_blocking_pids(%s)", (second.info.backend_pid,)).fetchone()[0],
+                           20, what="the second queue_reencrypt to wait")
+            first.execute("COMMIT")
+            t.join(30)
+            assert out["r"] == ((job,) if want is None else want), (iso, job, out)
+            second.execute("ROLLBACK")
+            with connect(PORT_A, db) as c:
+                assert c.execute("SELECT count(*) FROM envelope.reencrypt_jobs WHERE state IN ('queued', 'running')").fetchone()[0] == 1
+                c.execute("SELECT envelope.cancel_reencrypt(%s)", (job,))
+        finally:
+            first.close()
+            second.close()
+    with connect(PORT_A, db) as c:
+        assert sqlstate(c, "SELECT envelope.rewrap_tenants_batch(999999, 10)")[0] == "42704"
+
+
 def test_a_dedicated_provider_never_gets_a_second_tenant_under_repeatable_read():
     """Insider review 38: create_tenant and rewrap_tenant check that a `dedicated` provider has no
     tenant yet after locking the provider's row, but read the tenants under the transaction's
@@ -1613,6 +1753,43 @@ def test_worker_rotates_on_schedule_and_runs_queued_jobs(worker_db):
         assert st2[6] == st1[6] + 3000, (st1, st2)  # values_reencrypted
     assert digest("postgres", "lc_worker_t", ("lcw_acme",)) == before
     print(f"worker: rotated {took:.1f} s after the key became due; status {st2}")
+
+
+def test_a_transaction_holding_a_tenant_never_stalls_the_worker(worker_db):
+    """Insider review 41: the worker's rewrap step waited for locks without a bound, so one open
+    transaction holding a tenant's row (a key administrator's uncommitted suspension, a
+    forgotten session) while a root-key rotation was due stopped every run: a due crypto-shred
+    never happened, nor rotations or the audit trail's drain. The rewrap step now gives up
+    after the worker's lock bound (10 s) and the run goes on; the rewrap is retried next run."""
+    with connect(PORT_A) as c:
+        wait_worker_cadence(c)
+        for t in ("lcw_held", "lcw_doomed"):
+            c.execute("SELECT envelope.create_tenant(%s)", (t,))
+        c.execute("SELECT envelope.rewrap_tenants_start('local')")  # a root-key rotation is due
+    held = connect(PORT_A)
+    try:
+        held.execute("BEGIN")
+        held.execute("SELECT envelope.suspend_tenant('lcw_held', 'investigating')")  # not committed
+        with connect(PORT_A) as c:
+            wait_until(lambda: c.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0],
+                30, 0.1, "the worker to wait for the held tenant")
+            c.execute("SET envelope.shred_min_delay = 0")
+            c.execute("SELECT envelope.schedule_shred('lcw_doomed', '0 seconds')")
+            t0 = time.monotonic()
+            wait_until(lambda: c.execute("SELECT shredded_at IS NOT NULL FROM envelope.tenants WHERE name = 'lcw_doomed'").fetchone()[0],
+                       60, 0.2, "the worker to shred the due tenant while another is held")
+            took = time.monotonic() - t0
+            err = worker_status(c)[8] or ""
+            assert "lock timeout" in err, err
+        held.execute("ROLLBACK")
+        # Once nothing holds the tenant, the rewrap job finishes on its own.
+        with connect(PORT_A) as c:
+            wait_until(lambda: c.execute("SELECT count(*) FROM envelope.rewrap_jobs WHERE state = 'running'").fetchone()[0] == 0,
+                       60, 0.2, "the rewrap job to finish")
+    finally:
+        held.close()
+    print(f"worker: shredded a due tenant {took:.1f} s after it was scheduled, with another tenant held")
 
 
 def test_worker_stops_promptly_on_sigterm_and_is_restarted(worker_db):

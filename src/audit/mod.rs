@@ -40,14 +40,16 @@ pub const SLOTS: usize = 8192;
 /// detail at 200, eight integers, the lengths and the format byte (1,200 bytes).
 const SLOT_BYTES: usize = 1200;
 
-/// The queue's header, under its lock. The slots live in a shared-memory region of their own
-/// ([`slots`]), initialised in place: pgrx builds a `PgLwLock` value on the postmaster's stack,
-/// which a 2 MB array overflows in a debug build.
+/// The queue's header. The slots live in a shared-memory region of their own ([`ring`]),
+/// initialised in place: pgrx builds a `PgLwLock` value on the postmaster's stack, which a
+/// 10 MB array overflows in a debug build. `write` and `read` are the ring's positions, only
+/// ever accessed atomically and without the lock (`pg_envelope_core::ring`: pushes reserve a
+/// slot with a compare-and-swap); the other fields are under the lock.
 #[derive(Clone, Copy, Default)]
 #[repr(C, align(8))]
 pub struct Queue {
-    pub write: u64,
-    pub read: u64,
+    write: u64,
+    read: u64,
     /// Records that could not be queued (full queue in warn mode), since the server started.
     pub dropped: u64,
     /// How many of `dropped` the writer has recorded in the chain (a `dropped` record each).
@@ -68,24 +70,15 @@ pub struct Queue {
 }
 
 unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
-// (`read` and `write` are loaded atomically without the lock: `fast_lock::unlocked_view`.)
+// (`read` and `write` are the lock-free ring's positions, accessed as `AtomicU64`s: see `ring`.)
 const _: () = assert!(std::mem::offset_of!(Queue, read) % 8 == 0 && std::mem::offset_of!(Queue, write) % 8 == 0);
 
 pub static QUEUE: PgLwLock<Queue> = unsafe { PgLwLock::new(c"pg_envelope_audit_queue") };
 
-/// One slot: a canonical record and when it was queued. Written under [`QUEUE`]'s exclusive
-/// lock; read under it, except by the writer's `peek` and the health check's
-/// `fast_lock::unlocked_view` (see there). 8-byte aligned so that `pushed_at` can be loaded
-/// atomically on every target.
-#[repr(C, align(8))]
-struct Slot {
-    len: u16,
-    pushed_at: i64,
-    data: [u8; SLOT_BYTES],
-}
+/// One slot: a canonical record, when it was queued and its place in the ring's laps.
+type Slot = pg_envelope_core::ring::Slot<SLOT_BYTES>;
 
 const REGION: usize = SLOTS * std::mem::size_of::<Slot>();
-const _: () = assert!(std::mem::offset_of!(Slot, pushed_at) % 8 == 0 && std::mem::size_of::<Slot>() % 8 == 0);
 static SLOTS_PTR: std::sync::atomic::AtomicPtr<Slot> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
 static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
@@ -120,15 +113,18 @@ unsafe extern "C-unwind" fn attach_slots() {
     pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
     let p = pg_sys::ShmemInitStruct(c"pg_envelope audit slots".as_ptr(), REGION, &mut found);
     if !found {
+        // All zeros is a valid slot; then the slots are numbered for a ring at position 0 (the
+        // header's positions start at 0 too: pgrx zero-initialises it in the same startup).
         std::ptr::write_bytes(p.cast::<u8>(), 0, REGION);
+        pg_envelope_core::ring::init(std::slice::from_raw_parts(p.cast::<Slot>(), SLOTS));
     }
     pg_sys::LWLockRelease(init_lock);
     SLOTS_PTR.store(p.cast(), Ordering::Release);
 }
 
-/// The queue's lock taken and released without pgrx's guard, for the per-statement path (the
-/// push; the health check takes no lock, see `unlocked_view`: pgrx's guarded
-/// `share()`/`exclusive()` cost ~400 instructions a round, a sixth of a statement's audit cost). `LWLockAcquire` raises only past 200 locks held
+/// The queue's lock taken and released without pgrx's guard, for the rare paths of a push (a
+/// record counted as dropped; the push itself and the health check take no lock, see [`ring`]:
+/// pgrx's guarded `share()`/`exclusive()` cost ~400 instructions a round). `LWLockAcquire` raises only past 200 locks held
 /// and `LWLockRelease` only for a lock not held; these sections hold one lock and call nothing
 /// that can raise (byte copies, compares, `GetCurrentTimestamp`), so no `longjmp` crosses them.
 /// An error after the guard is dropped is no different from pgrx's; a Rust panic inside one
@@ -197,34 +193,9 @@ mod fast_lock {
         }
     }
 
-    /// The queue's `read` and `write` positions without the lock (loaded in that order, so
-    /// `write - read` can only be over-estimated), and the time the record at `read` was
-    /// queued when one is (`None`: empty). Both positions and `pushed_at` are stored atomically
-    /// (under the lock) so that these loads never race with a plain write. The slot at `read`
-    /// was written before `write` passed it (release/acquire) and is not written again while
-    /// `read` stays there: a stuck writer's oldest record keeps its time, and its age grows
-    /// until the check refuses. It is written again only after the writer consumed it (and
-    /// 8,192 more records were pushed), i.e. after the writer made progress. (A slot's time is
-    /// the clock read just before its push took the lock, so times are not strictly in queue
-    /// order: a push that waited for the lock holds an earlier time, which errs towards
-    /// refusing, never towards passing.)
-    pub fn unlocked_view() -> (u64, u64, Option<i64>) {
-        let (_, d) = parts();
-        // SAFETY: the header in shared memory; 8-byte aligned fields, stored atomically.
-        let (r, w) = unsafe {
-            let r = AtomicU64::from_ptr(&raw mut (*d).read).load(Ordering::Acquire);
-            let w = AtomicU64::from_ptr(&raw mut (*d).write).load(Ordering::Acquire);
-            (r, w)
-        };
-        let oldest = (w > r).then(|| {
-            let base = SLOTS_PTR.load(Ordering::Acquire);
-            assert!(!base.is_null(), "audit slots not attached");
-            // SAFETY: a slot within the region (no reference to it is made: another process
-            // may be writing its other fields); `pushed_at` is 8-byte aligned (asserted at
-            // compile time) and stored atomically.
-            unsafe { AtomicI64::from_ptr(&raw mut (*base.add((r % SLOTS as u64) as usize)).pushed_at).load(Ordering::Relaxed) }
-        });
-        (r, w, oldest)
+    /// The queue's header in shared memory (found once per process).
+    pub fn header() -> *mut Queue {
+        parts().1
     }
 
     /// `GetCurrentTimestamp()` without the guard (`gettimeofday`: no error path).
@@ -235,14 +206,24 @@ mod fast_lock {
     }
 }
 
-/// Slot `i` (caller holds [`QUEUE`]'s lock; exclusively to write).
-#[allow(clippy::mut_from_ref)]
-fn slot(i: usize) -> &'static mut Slot {
+/// The queue as a lock-free ring (`pg_envelope_core::ring`) over the header's positions and
+/// the slots' region. Pushes reserve a slot with one compare-and-swap and publish it; the
+/// writer alone peeks and consumes. (Until the fourth session of issue 13 a push took the
+/// queue's exclusive lock for its copy: on a machine with more runnable processes than cores a
+/// holder preempted in its copy made every pushing backend wait, and the lock's cache line
+/// moved between cores twice per push.)
+fn ring() -> pg_envelope_core::ring::Ring<'static, SLOT_BYTES> {
     let base = SLOTS_PTR.load(Ordering::Acquire);
-    assert!(!base.is_null() && i < SLOTS, "audit slots not attached");
-    // SAFETY: within the region; access is serialized by the queue's lock (except the one reader's
-    // reads of queued slots, which no push writes: see `peek`).
-    unsafe { &mut *base.add(i) }
+    assert!(!base.is_null(), "audit slots not attached");
+    let q = fast_lock::header();
+    // SAFETY: the slots' region and the header live as long as the process (shared memory);
+    // the positions are 8-byte aligned (asserted above) and only ever accessed atomically.
+    unsafe {
+        pg_envelope_core::ring::Ring::new(
+            pg_envelope_core::ring::Positions { write: AtomicU64::from_ptr(&raw mut (*q).write), read: AtomicU64::from_ptr(&raw mut (*q).read) },
+            std::slice::from_raw_parts(base, SLOTS),
+        )
+    }
 }
 
 fn now_ts() -> i64 {
@@ -260,24 +241,19 @@ pub fn health() -> std::result::Result<(), String> {
     if crate::nothrow::recovery_in_progress() {
         return Err("this server is a hot standby: the audit trail cannot be written here (with envelope.audit_fail_closed off, records go to this server's log instead, unchained)".into());
     }
-    // No lock in the common case (room, the oldest record recent enough): taking the queue's
-    // lock once per statement here, on top of the push's exclusive round, made the pushing
-    // backends of a busy server wait for each other (a holder preempted on a full machine).
-    let oldest = {
-        let (read, write, oldest) = fast_lock::unlocked_view();
-        if write.saturating_sub(read) >= SLOTS as u64 { None } else { Some(oldest) }
-    };
-    let oldest = match oldest {
-        Some(o) => o,
-        None => {
-            wait_for_room();
-            let q = QUEUE.share();
-            if q.write.saturating_sub(q.read) >= SLOTS as u64 {
-                return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer)"));
-            }
-            (q.write > q.read).then(|| slot((q.read % SLOTS as u64) as usize).pushed_at)
+    // No lock: the ring's positions and the oldest slot's time are atomics (a shared lock per
+    // statement, on top of the push, made the backends of a busy server wait for each other).
+    // The oldest record's time can only read older than it is (see `oldest_pushed_at`), which
+    // errs towards refusing; it is written again only after the writer consumed it, i.e. after
+    // the writer made progress.
+    let r = ring();
+    if r.queued() >= SLOTS as u64 {
+        wait_for_room();
+        if r.queued() >= SLOTS as u64 {
+            return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer)"));
         }
-    };
+    }
+    let oldest = r.oldest_pushed_at();
     if let Some(oldest) = oldest {
         let late = now_ts() - oldest;
         if late > gucs::audit_max_delay_s() * 1_000_000 {
@@ -397,8 +373,7 @@ pub fn record_setting_changes(before: &[String]) {
 }
 
 fn queued() -> u64 {
-    let q = QUEUE.share();
-    q.write.saturating_sub(q.read)
+    ring().queued()
 }
 
 /// A full queue: wake the writer and wait for room, up to one second (a burst of short
@@ -482,29 +457,13 @@ fn push_bytes(bytes: &[u8], error_path: bool) {
     }
     let mut waited = false;
     loop {
-        // (The clock read before the lock is taken: the lock is held for the copy only.)
-        let now = now_ts();
-        // One exclusive round in the common case: room, and the record stored.
-        let outcome = {
-            let mut g = fast_lock::Guard::exclusive();
-            let q = g.get_mut();
-            let queued = q.write.saturating_sub(q.read);
-            if bytes.len() > SLOT_BYTES || (queued >= SLOTS as u64 && (waited || no_wait)) {
-                q.dropped += 1;
+        // No lock: one compare-and-swap reserves a slot (see `ring`).
+        let outcome = match ring().push(bytes, now_ts()) {
+            Ok(n) => Outcome::Stored(n),
+            Err(pg_envelope_core::ring::PushError::Full) if !(waited || no_wait) => Outcome::Full,
+            Err(_) => {
+                fast_lock::Guard::exclusive().get_mut().dropped += 1;
                 Outcome::Dropped
-            } else if queued >= SLOTS as u64 {
-                Outcome::Full
-            } else {
-                let s = slot((q.write % SLOTS as u64) as usize);
-                s.data[..bytes.len()].copy_from_slice(bytes);
-                s.len = bytes.len() as u16;
-                // (Stored atomically: `health` reads them without the lock.)
-                // SAFETY: 8-byte aligned fields in shared memory, written under the exclusive lock.
-                unsafe {
-                    AtomicI64::from_ptr(&raw mut s.pushed_at).store(now, Ordering::Relaxed);
-                    AtomicU64::from_ptr(&raw mut q.write).store(q.write + 1, Ordering::Release);
-                }
-                Outcome::Stored(queued + 1)
             }
         };
         match outcome {
@@ -551,32 +510,24 @@ fn record_json(r: &Record) -> String {
 /// full, and `read` moves only when this process (the one reader) calls [`consumed`]; the
 /// lock's acquire orders the reads after the pushes that the positions count.
 pub fn peek(max: usize) -> (Vec<Record>, u64, u64) {
-    let (read, write) = {
-        let q = QUEUE.share();
-        (q.read, q.write)
-    };
-    let n = ((write.saturating_sub(read)) as usize).min(max);
-    let mut out = Vec::with_capacity(n);
+    let r = ring();
+    let mut out = Vec::with_capacity(r.queued().min(max as u64) as usize);
     let mut bad = 0;
-    for k in 0..n as u64 {
-        let s = slot(((read + k) % SLOTS as u64) as usize);
-        match Record::from_canonical(&s.data[..(s.len as usize).min(SLOT_BYTES)]) {
-            Some(r) => out.push(r),
+    // SAFETY: the writer process is the ring's only reader.
+    let upto = unsafe {
+        r.peek(max, |bytes| match Record::from_canonical(bytes) {
+            Some(rec) => out.push(rec),
             None => bad += 1,
-        }
-    }
-    (out, read + n as u64, bad)
+        })
+    };
+    (out, upto, bad)
 }
 
 /// After the records up to `upto` are committed: free their slots.
 pub fn consumed(upto: u64) {
-    let mut q = QUEUE.exclusive();
-    if upto > q.read {
-        // (Stored atomically: `health` reads it without the lock.)
-        // SAFETY: an 8-byte aligned field in shared memory, written under the exclusive lock.
-        unsafe { AtomicU64::from_ptr(&raw mut q.read).store(upto, Ordering::Release) };
-    }
-    q.drained_at = now_ts();
+    // SAFETY: the writer process is the ring's only reader; `upto` came from its `peek`.
+    unsafe { ring().consume(upto) };
+    QUEUE.exclusive().drained_at = now_ts();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1116,10 +1067,12 @@ pub fn status_json() -> serde_json::Value {
     if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
         return serde_json::json!({ "enabled": false });
     }
-    let (queued, dropped, drained_at, checkpoint_seq, checkpointed_at, checkpoint_failed_at, waits) = {
+    let (dropped, drained_at, checkpoint_seq, checkpointed_at, checkpoint_failed_at, waits) = {
         let q = QUEUE.share();
-        (q.write.saturating_sub(q.read), q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at, q.waits)
+        (q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at, q.waits)
     };
+    let queued = queued();
+    let records_written = ring().read_position();
     let ago = |t: i64| (t != 0).then(|| (now_ts() - t) as f64 / 1e6);
     serde_json::json!({
         "enabled": enabled(),
@@ -1127,7 +1080,7 @@ pub fn status_json() -> serde_json::Value {
         "queued": queued,
         "dropped": dropped,
         "queue_full_waits": waits,
-        "records_written": QUEUE.share().read,
+        "records_written": records_written,
         "seconds_since_drain": ago(drained_at),
         "checkpoint_provider": gucs::audit_checkpoint_provider(),
         "last_checkpoint_seq": (checkpoint_seq != 0).then_some(checkpoint_seq),

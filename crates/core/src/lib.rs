@@ -21,6 +21,7 @@ pub mod envelope;
 pub mod fuzzing;
 pub mod lifecycle;
 pub mod provider;
+pub mod ring;
 pub mod rng;
 pub mod search;
 pub mod stampede;

@@ -1,0 +1,346 @@
+//! A bounded ring of byte records with many writers and one reader, over memory the caller
+//! provides: PostgreSQL shared memory in the extension (the audit queue, where every backend
+//! pushes and the audit writer alone reads), a `Vec` in the tests.
+//!
+//! No lock: a writer reserves the slot at the write position with one compare-and-swap, copies
+//! its record in and publishes it by storing the slot's sequence number (release); the reader
+//! takes published slots in order and stops at the first one that is reserved but not yet
+//! published (acquire). A slot is handed back to the writers by storing the sequence number of
+//! its next lap. This is Dmitry Vyukov's bounded MPMC queue with a single consumer. What it
+//! buys over a lock around the copy: a writer preempted in the middle of its copy holds up no
+//! other writer (only the reader, for that one slot), where a preempted lock holder made every
+//! pushing backend of a busy server wait for it.
+//!
+//! Between the reservation and the publication a writer only copies bytes and stores two
+//! integers: nothing there can fail or unwind, so a reserved slot is always published (a
+//! process killed in between takes the server down with it: PostgreSQL reinitialises shared
+//! memory after a backend crash).
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// One slot of `N` bytes. All zeros is a valid slot (as shared memory is created); [`init`]
+/// then numbers the slots.
+#[repr(C, align(8))]
+pub struct Slot<const N: usize> {
+    /// `pos` when free for the write position `pos`; `pos + 1` once the record written at
+    /// `pos` is published; `pos + capacity` again once the reader consumed it.
+    seq: AtomicU64,
+    /// When the record was pushed (the caller's clock), for the reader's age checks.
+    pushed_at: AtomicI64,
+    len: UnsafeCell<u32>,
+    data: UnsafeCell<[u8; N]>,
+}
+
+// SAFETY: `len` and `data` are written only by the writer that reserved the slot and read only
+// by the reader after the publication (release/acquire on `seq`).
+unsafe impl<const N: usize> Sync for Slot<N> {}
+
+/// The two positions, kept by the caller (in the extension: fields of the queue's header in
+/// shared memory). Both only ever grow.
+pub struct Positions<'a> {
+    pub write: &'a AtomicU64,
+    pub read: &'a AtomicU64,
+}
+
+/// Why a push did not store its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// Every slot holds a record the reader has not consumed yet.
+    Full,
+    /// The record is longer than a slot.
+    TooLong,
+}
+
+/// Numbers the slots of a ring that starts at position 0 (after the region was zeroed).
+pub fn init<const N: usize>(slots: &[Slot<N>]) {
+    for (i, s) in slots.iter().enumerate() {
+        s.seq.store(i as u64, Ordering::Relaxed);
+        s.pushed_at.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The ring: positions and slots (the capacity is the number of slots).
+pub struct Ring<'a, const N: usize> {
+    pos: Positions<'a>,
+    slots: &'a [Slot<N>],
+}
+
+impl<'a, const N: usize> Ring<'a, N> {
+    pub fn new(pos: Positions<'a>, slots: &'a [Slot<N>]) -> Self {
+        assert!(!slots.is_empty(), "a ring needs slots");
+        Ring { pos, slots }
+    }
+
+    fn slot(&self, pos: u64) -> &Slot<N> {
+        &self.slots[(pos % self.slots.len() as u64) as usize]
+    }
+
+    /// Stores `bytes` (any writer, any thread or process). Returns how many records were
+    /// queued after this one went in (an upper bound: the reader may have consumed some).
+    pub fn push(&self, bytes: &[u8], now: i64) -> Result<u64, PushError> {
+        if bytes.len() > N {
+            return Err(PushError::TooLong);
+        }
+        let mut pos = self.pos.write.load(Ordering::Relaxed);
+        loop {
+            let slot = self.slot(pos);
+            let seq = slot.seq.load(Ordering::Acquire);
+            let lap = seq.wrapping_sub(pos) as i64;
+            if lap == 0 {
+                // Free for this position: reserve it.
+                match self.pos.write.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        // SAFETY: this writer owns the slot until it stores `seq` below: no
+                        // other writer reserves `pos` again, and the reader waits for `pos + 1`.
+                        unsafe {
+                            (&mut *slot.data.get())[..bytes.len()].copy_from_slice(bytes);
+                            *slot.len.get() = bytes.len() as u32;
+                        }
+                        slot.pushed_at.store(now, Ordering::Relaxed);
+                        slot.seq.store(pos + 1, Ordering::Release);
+                        let read = self.pos.read.load(Ordering::Relaxed);
+                        return Ok((pos + 1).saturating_sub(read));
+                    }
+                    Err(now_at) => pos = now_at,
+                }
+            } else if lap < 0 {
+                // The slot still holds the record of the previous lap: the ring is full.
+                return Err(PushError::Full);
+            } else {
+                // Another writer reserved this position first.
+                pos = self.pos.write.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records reserved or published and not consumed yet. `read` is loaded before `write`, so
+    /// the count can only be over-estimated (a ring that looks full may just have been drained).
+    pub fn queued(&self) -> u64 {
+        let r = self.pos.read.load(Ordering::Acquire);
+        let w = self.pos.write.load(Ordering::Acquire);
+        w.saturating_sub(r)
+    }
+
+    /// How many records the reader consumed since the ring was made.
+    pub fn read_position(&self) -> u64 {
+        self.pos.read.load(Ordering::Acquire)
+    }
+
+    /// When the oldest record not yet consumed was pushed (`None`: nothing queued). A record
+    /// reserved but not yet published counts as pushed now by its writer: its slot still holds
+    /// the previous lap's time, which is older, so an age check errs towards refusing.
+    pub fn oldest_pushed_at(&self) -> Option<i64> {
+        let r = self.pos.read.load(Ordering::Acquire);
+        let w = self.pos.write.load(Ordering::Acquire);
+        (w > r).then(|| self.slot(r).pushed_at.load(Ordering::Relaxed))
+    }
+
+    /// The reader: calls `f` with each published record from the read position on, in order, up
+    /// to `max` of them, stopping at the first slot not published yet. Returns the position
+    /// after the last record given to `f`. Nothing is consumed: see [`Ring::consume`].
+    ///
+    /// # Safety
+    /// Only one reader may call `peek` and `consume` (the audit writer process).
+    pub unsafe fn peek(&self, max: usize, mut f: impl FnMut(&[u8])) -> u64 {
+        let read = self.pos.read.load(Ordering::Acquire);
+        let mut pos = read;
+        while pos - read < max as u64 {
+            let slot = self.slot(pos);
+            if slot.seq.load(Ordering::Acquire) != pos + 1 {
+                break;
+            }
+            // SAFETY: published (acquire above pairs with the writer's release) and not handed
+            // back yet: no writer touches it until `consume` moves past it.
+            let data = unsafe { &(&*slot.data.get())[..(*slot.len.get() as usize).min(N)] };
+            f(data);
+            pos += 1;
+        }
+        pos
+    }
+
+    /// The reader: hands the slots before `upto` back to the writers. `upto` must not pass a
+    /// position [`Ring::peek`] returned.
+    ///
+    /// # Safety
+    /// Only one reader may call `peek` and `consume`.
+    pub unsafe fn consume(&self, upto: u64) {
+        let read = self.pos.read.load(Ordering::Relaxed);
+        let cap = self.slots.len() as u64;
+        for pos in read..upto {
+            let slot = self.slot(pos);
+            debug_assert_eq!(slot.seq.load(Ordering::Relaxed), pos + 1, "consumed a slot that was not published");
+            slot.seq.store(pos + cap, Ordering::Release);
+        }
+        if upto > read {
+            self.pos.read.store(upto, Ordering::Release);
+        }
+    }
+}
+
+/// A zeroed ring's slots on the heap (tests and benchmarks; the extension places them in shared
+/// memory).
+pub fn heap_slots<const N: usize>(count: usize) -> Vec<Slot<N>> {
+    let slots: Vec<Slot<N>> = (0..count)
+        .map(|_| Slot { seq: AtomicU64::new(0), pushed_at: AtomicI64::new(0), len: UnsafeCell::new(0), data: UnsafeCell::new([0; N]) })
+        .collect();
+    init(&slots);
+    slots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    struct Owned<const N: usize> {
+        write: AtomicU64,
+        read: AtomicU64,
+        slots: Vec<Slot<N>>,
+    }
+
+    impl<const N: usize> Owned<N> {
+        fn new(count: usize) -> Self {
+            Owned { write: AtomicU64::new(0), read: AtomicU64::new(0), slots: heap_slots(count) }
+        }
+        fn ring(&self) -> Ring<'_, N> {
+            Ring::new(Positions { write: &self.write, read: &self.read }, &self.slots)
+        }
+    }
+
+    fn drain<const N: usize>(r: &Ring<'_, N>, max: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        // SAFETY: one reader (this thread).
+        let upto = unsafe { r.peek(max, |b| out.push(b.to_vec())) };
+        unsafe { r.consume(upto) };
+        out
+    }
+
+    #[test]
+    fn records_come_out_in_order_and_whole_and_a_full_ring_refuses() {
+        let o = Owned::<16>::new(4);
+        let r = o.ring();
+        assert_eq!(r.oldest_pushed_at(), None);
+        for i in 0..4u8 {
+            assert_eq!(r.push(&[i; 5][..i as usize + 1], 100 + i as i64), Ok(i as u64 + 1));
+        }
+        assert_eq!(r.push(b"x", 200), Err(PushError::Full));
+        assert_eq!(r.push(&[0; 17], 200), Err(PushError::TooLong));
+        assert_eq!(r.queued(), 4);
+        assert_eq!(r.oldest_pushed_at(), Some(100));
+        // A peek without consume gives the same records again.
+        let mut seen = 0;
+        assert_eq!(unsafe { r.peek(10, |_| seen += 1) }, 4);
+        assert_eq!(seen, 4);
+        assert_eq!(drain(&r, 2), vec![vec![0], vec![1, 1]]);
+        assert_eq!(r.oldest_pushed_at(), Some(102));
+        // Room again, and the ring wraps (positions only grow).
+        assert_eq!(r.push(b"wrap", 300), Ok(3));
+        assert_eq!(r.push(b"wrap2", 301), Ok(4));
+        assert_eq!(r.push(b"no", 302), Err(PushError::Full));
+        assert_eq!(drain(&r, 100), vec![vec![2, 2, 2], vec![3, 3, 3, 3], b"wrap".to_vec(), b"wrap2".to_vec()]);
+        assert_eq!(r.queued(), 0);
+        assert_eq!(r.oldest_pushed_at(), None);
+        assert_eq!(o.write.load(Ordering::Relaxed), 6);
+        // An empty record and a record of exactly a slot's size.
+        r.push(b"", 1).unwrap();
+        r.push(&[7; 16], 1).unwrap();
+        assert_eq!(drain(&r, 100), vec![vec![], vec![7; 16]]);
+    }
+
+    #[test]
+    fn a_reserved_but_unpublished_slot_holds_the_reader_back_not_the_writers() {
+        let o = Owned::<8>::new(4);
+        let r = o.ring();
+        r.push(b"a", 1).unwrap();
+        // A writer that reserved position 1 and has not published yet (simulated by moving the
+        // write position by hand, as its compare-and-swap would).
+        o.write.store(2, Ordering::Relaxed);
+        r.push(b"c", 3).unwrap(); // another writer is not held up
+        assert_eq!(drain(&r, 100), vec![b"a".to_vec()]); // the reader stops before position 1
+        // The late writer publishes: the reader continues, in position order.
+        let s = &o.slots[1];
+        unsafe {
+            (&mut *s.data.get())[..1].copy_from_slice(b"b");
+            *s.len.get() = 1;
+        }
+        s.seq.store(2, Ordering::Release);
+        assert_eq!(drain(&r, 100), vec![b"b".to_vec(), b"c".to_vec()]);
+    }
+
+    /// Many writers and one reader at full speed: every record arrives once, whole, and each
+    /// writer's records in the order it pushed them.
+    #[test]
+    fn concurrent_writers_lose_duplicate_and_reorder_nothing() {
+        const WRITERS: usize = 8;
+        const EACH: u32 = 50_000;
+        let o = Arc::new(Owned::<64>::new(32));
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (o, done) = (o.clone(), done.clone());
+            std::thread::spawn(move || {
+                let r = o.ring();
+                let mut next = [0u32; WRITERS];
+                let mut total = 0u64;
+                loop {
+                    let finished = done.load(Ordering::Acquire);
+                    let mut got = 0;
+                    let upto = unsafe {
+                        r.peek(usize::MAX, |b| {
+                            // writer id, counter, then a filler derived from both.
+                            let w = b[0] as usize;
+                            let n = u32::from_le_bytes(b[1..5].try_into().unwrap());
+                            assert_eq!(n, next[w], "writer {w}: out of order or lost");
+                            let fill = (n as usize + w) % 50;
+                            assert_eq!(b.len(), 5 + fill);
+                            assert!(b[5..].iter().all(|&x| x == (n as u8) ^ (w as u8)), "torn record");
+                            next[w] += 1;
+                            got += 1;
+                        })
+                    };
+                    unsafe { r.consume(upto) };
+                    total += got;
+                    if finished && got == 0 && r.queued() == 0 {
+                        break;
+                    }
+                    if got == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                assert!(next.iter().all(|&n| n == EACH), "{next:?}");
+                total
+            })
+        };
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    let r = o.ring();
+                    let mut full = 0u64;
+                    for n in 0..EACH {
+                        let fill = (n as usize + w) % 50;
+                        let mut rec = vec![w as u8];
+                        rec.extend_from_slice(&n.to_le_bytes());
+                        rec.extend(std::iter::repeat_n((n as u8) ^ (w as u8), fill));
+                        loop {
+                            match r.push(&rec, n as i64) {
+                                Ok(_) => break,
+                                Err(PushError::Full) => {
+                                    full += 1;
+                                    std::thread::yield_now();
+                                }
+                                Err(e) => panic!("{e:?}"),
+                            }
+                        }
+                    }
+                    full
+                })
+            })
+            .collect();
+        let fulls: u64 = writers.into_iter().map(|t| t.join().unwrap()).sum();
+        done.store(true, Ordering::Release);
+        assert_eq!(reader.join().unwrap(), WRITERS as u64 * EACH as u64);
+        eprintln!("writers found the ring full {fulls} times");
+    }
+}
