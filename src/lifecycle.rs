@@ -404,8 +404,16 @@ pub fn rewrap_batch_impl(job: i64, batch: i32) -> Result<i32> {
         }
     };
     crate::revocation::refuse_if_locked()?;
-    for (id, wrapped, version) in &results {
+    for ((id, wrapped, version), t) in results.iter().zip(&due) {
         catalog::store_rewrapped_tenant_key(*id, wrapped, version.as_deref())?;
+        // One record per tenant key re-wrapped (review 41: a root-key rotation of every
+        // tenant left nothing in the trail but its failures).
+        crate::audit::key_op(
+            "rewrap_tenants",
+            &t.name,
+            &format!("job {job}, provider {}, root version {}", j.provider, version.as_deref().unwrap_or("(not reported)")),
+            false,
+        );
     }
     catalog::advance_rewrap_job(job, results.len() as i32)?;
     // No invalidation: the tenant keys themselves did not change, so cached keys stay right;

@@ -238,6 +238,27 @@ def test_every_value_of_a_mixed_statement_lands_in_its_own_aggregate(audited):
     assert second == [(TENANT, me, 1001, 1, "partial:22000", "1")], second
 
 
+def test_a_root_key_rotation_records_every_tenant_key_it_rewraps(audited):
+    """Insider review 41: `CALL envelope.rewrap_tenants` (a root-key rotation: every tenant key
+    of a provider re-wrapped) left nothing in the trail when it succeeded. One key_op record per
+    tenant key re-wrapped, naming the job and the provider."""
+    with connect(PORT_A, DB) as c:
+        for t in ("aud_rw_1", "aud_rw_2"):
+            if not c.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (t,)).fetchone():
+                c.execute("SELECT envelope.create_tenant(%s)", (t,))
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'rewrap-1'")
+        c.execute("CALL envelope.rewrap_tenants('local', batch_size => 1)")
+        job = c.execute("SELECT max(id) FROM envelope.rewrap_jobs WHERE provider = 'local'").fetchone()[0]
+        want = {t for (t,) in c.execute("SELECT name FROM envelope.tenants WHERE provider = 'local' AND shredded_at IS NULL")}
+        rows = records_after(c, start, "rewrap-1")
+        c.execute("RESET envelope.request_id")
+        details = c.execute("SELECT DISTINCT detail FROM envelope.audit_log WHERE seq > %s AND operation = 'rewrap_tenants'", (start,)).fetchall()
+    got = [r[1] for r in rows if r[0] == "key_op" and r[2] == "rewrap_tenants"]
+    assert sorted(got) == sorted(want) and {"aud_rw_1", "aud_rw_2"} <= want, (got, want)
+    assert details == [(f"job {job}, provider local, root version (not reported)",)], details
+
+
 def test_chain_verifies_and_every_tampering_is_reported(audited):
     with connect(PORT_A, DB) as c:
         c.execute("SET envelope.request_id = 'chain'")
