@@ -243,6 +243,7 @@ pub unsafe extern "C-unwind" fn on_subxact_end(
     }
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         crate::catalog::forget_pinned_at_abort(Some(my));
+        crate::audit::at_subtransaction_abort(my);
     }
 }
 

@@ -11,6 +11,7 @@ again at the end.
 import json
 import os
 import re
+import secrets
 import signal
 import time
 
@@ -257,6 +258,33 @@ def test_a_root_key_rotation_records_every_tenant_key_it_rewraps(audited):
     got = [r[1] for r in rows if r[0] == "key_op" and r[2] == "rewrap_tenants"]
     assert sorted(got) == sorted(want) and {"aud_rw_1", "aud_rw_2"} <= want, (got, want)
     assert details == [(f"job {job}, provider local, root version (not reported)",)], details
+
+
+def test_key_operations_undone_by_a_savepoint_are_recorded_as_rolled_back(audited):
+    """A key operation inside a savepoint that was rolled back (ROLLBACK TO SAVEPOINT, or a
+    PL/pgSQL exception block) did not happen, even though its transaction commits: its record
+    says "rolled back", not "ok" (before, it said "ok": an audit_prune undone this way claimed
+    records removed that were still there)."""
+    tag = secrets.token_hex(4)
+    undone, kept, caught = f"aud_sp_undone_{tag}", f"aud_sp_kept_{tag}", f"aud_sp_caught_{tag}"
+    with connect(PORT_A, DB) as c:
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'savepoint-1'")
+        c.execute("BEGIN")
+        c.execute("SAVEPOINT a")
+        c.execute("SELECT envelope.create_tenant(%s)", (undone,))
+        c.execute("ROLLBACK TO SAVEPOINT a")
+        c.execute("SAVEPOINT b")
+        c.execute("SELECT envelope.create_tenant(%s)", (kept,))
+        c.execute("RELEASE SAVEPOINT b")
+        c.execute(f"DO $$ BEGIN PERFORM envelope.create_tenant('{caught}'); RAISE EXCEPTION 'undo'; "
+                  "EXCEPTION WHEN raise_exception THEN NULL; END $$")
+        c.execute("COMMIT")
+        rows = records_after(c, start, "savepoint-1")
+        c.execute("RESET envelope.request_id")
+        assert {t for (t,) in c.execute("SELECT name FROM envelope.tenants WHERE name LIKE %s", (f"aud_sp_%_{tag}",))} == {kept}
+    ops = [(r[1], r[5]) for r in rows if r[0] == "key_op" and r[2] == "create_tenant"]
+    assert ops == [(undone, "rolled back"), (kept, "ok"), (caught, "rolled back")], ops
 
 
 def test_chain_verifies_and_every_tampering_is_reported(audited):

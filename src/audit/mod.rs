@@ -920,8 +920,26 @@ pub fn flush_failure_summaries() {
 }
 
 thread_local! {
-    /// Key-management records of the current transaction, pushed at its end with its outcome.
-    static KEY_OPS: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+    /// Key-management records of the current transaction, pushed at its end with its outcome,
+    /// each with the subtransaction that made it (a `ROLLBACK TO SAVEPOINT` over it marks it
+    /// rolled back: the transaction's commit does not make it happen).
+    static KEY_OPS: RefCell<Vec<(Record, pg_sys::SubTransactionId)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `ROLLBACK TO SAVEPOINT` (or a PL/pgSQL exception block) undid subtransaction `sub` and every
+/// subtransaction inside it: their key operations did not happen, whatever the transaction
+/// does next. (Subtransaction ids grow within a transaction, and a subtransaction that began
+/// after `sub` while `sub` was open is inside it.)
+pub fn at_subtransaction_abort(sub: pg_sys::SubTransactionId) {
+    KEY_OPS.with(|k| {
+        if let Ok(mut ops) = k.try_borrow_mut() {
+            for (r, made_in) in ops.iter_mut() {
+                if *made_in >= sub {
+                    r.outcome = "rolled back".into();
+                }
+            }
+        }
+    });
 }
 
 /// Records a key-management operation: one record, pushed when the transaction ends (outcome
@@ -951,7 +969,9 @@ pub fn key_op(operation: &str, tenant: &str, detail: &str, immediate: bool) {
         r.outcome = "ok".into();
         push(r);
     } else {
-        KEY_OPS.with(|k| k.borrow_mut().push(r));
+        // SAFETY: no error path (reads the current transaction state).
+        let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        KEY_OPS.with(|k| k.borrow_mut().push((r, sub)));
     }
 }
 
@@ -994,9 +1014,11 @@ pub fn at_transaction_end(committed: bool) {
     }
     // On a standby, failure summaries held back by the limit, once their second has passed.
     flush_failure_summaries();
-    let ops: Vec<Record> = KEY_OPS.with(|k| k.borrow_mut().drain(..).collect());
-    for mut r in ops {
-        r.outcome = if committed { "ok".into() } else { "rolled back".into() };
+    let ops: Vec<(Record, pg_sys::SubTransactionId)> = KEY_OPS.with(|k| k.borrow_mut().drain(..).collect());
+    for (mut r, _) in ops {
+        if r.outcome.is_empty() {
+            r.outcome = if committed { "ok".into() } else { "rolled back".into() };
+        }
         push(r);
     }
     AT_END.with(|e| e.set(false));
