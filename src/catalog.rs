@@ -949,15 +949,29 @@ pub fn data_key_in_use(tenant_id: u32, version: u32) -> Result<Option<String>> {
     })
 }
 
-/// How many prepared transactions (`PREPARE TRANSACTION`) of this database are waiting for
-/// their COMMIT or ROLLBACK PREPARED. Their writes are visible to no snapshot until then, and
-/// `wait_for_running_transactions` waits for them as for any transaction that was running (as
-/// `CREATE INDEX CONCURRENTLY` does): a forgotten one would hold `destroy_data_key` until its
-/// lock_timeout, so the destroy refuses at once while there are any.
-pub fn prepared_transactions_here() -> Result<i64> {
-    Spi::get_one::<i64>("SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_xacts WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()")
-        .map_err(spi_err)
-        .map(|n| n.unwrap_or(0))
+/// The prepared transactions (`PREPARE TRANSACTION`) of this database waiting for their COMMIT
+/// or ROLLBACK PREPARED, as "'gid' (owner role)" (empty: none). Their writes are visible to no
+/// snapshot until then, and `wait_for_running_transactions` waits for them as for any
+/// transaction that was running (as `CREATE INDEX CONCURRENTLY` does): a forgotten one would
+/// hold `destroy_data_key` until its lock_timeout, so the destroy refuses at once while there
+/// are any, naming them. (Even one that wrote nothing is waited for: PREPARE gives it an xid.
+/// Any role that can connect can leave one behind; its owner or a superuser ends it.)
+pub fn prepared_transactions_here() -> Result<Vec<String>> {
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT pg_catalog.quote_literal(gid) || ' (owner ' || owner || ')' FROM pg_catalog.pg_prepared_xacts
+                  WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database() ORDER BY prepared LIMIT 10",
+                None,
+                &[],
+            )
+            .map_err(spi_err)?;
+        let mut out = Vec::new();
+        for r in t {
+            out.push(r.get::<String>(1).map_err(spi_err)?.unwrap_or_default());
+        }
+        Ok(out)
+    })
 }
 
 /// A data key version's state by tenant name, under a fresh snapshot (no lock taken).

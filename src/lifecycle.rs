@@ -230,12 +230,16 @@ fn change_version_state(tenant: &str, version: i32, change: VersionChange, force
             // its COMMIT PREPARED: refused at once instead of waiting for it (a transaction
             // that prepares while this one waits is waited for, bounded by lock_timeout).
             let prepared = catalog::prepared_transactions_here()?;
-            if prepared > 0 {
-                let location = format!(
-                    "{prepared} prepared transaction{} of this database (their writes are seen only after COMMIT PREPARED or ROLLBACK PREPARED; see pg_prepared_xacts)",
-                    if prepared == 1 { "" } else { "s" }
-                );
-                return Err(EnvelopeError::DataKeyInUse { tenant: tenant.to_string(), version: version as u32, location });
+            if !prepared.is_empty() {
+                return Err(EnvelopeError::BadRequest {
+                    code: pgrx::PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                    message: format!(
+                        "pg_envelope: data key version {version} of tenant \"{}\" cannot be checked for values while this database has prepared transactions: {}",
+                        crate::error::shown(tenant),
+                        crate::error::shown(&prepared.join(", "))
+                    ),
+                    hint: Some("Their writes are seen only after COMMIT PREPARED: their owner or a superuser finishes them (COMMIT PREPARED or ROLLBACK PREPARED), or pass force => true to destroy anyway.".into()),
+                });
             }
             catalog::wait_for_running_transactions();
         }

@@ -828,7 +828,7 @@ def test_destroy_refuses_while_a_prepared_transaction_may_hold_values_under_the_
             c.execute("SELECT envelope.disable_data_key('acme', 1)")
             assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 0  # what the old check saw
             state, msg = sqlstate(c, "SELECT envelope.destroy_data_key('acme', 1)")
-            assert state == "2BP01" and "1 prepared transaction" in msg, (state, msg)
+            assert state == "2BP01" and f"prepared transactions: '{gid}' (owner postgres)" in msg, (state, msg)
             assert c.execute("SELECT state FROM envelope.key_versions WHERE tenant = 'acme' AND version = 1").fetchone()[0] == "disabled"
             c.execute(f"COMMIT PREPARED '{gid}'")
             # Committed: the row is there, under version 1, and the usual check names the column.

@@ -926,6 +926,46 @@ thread_local! {
     static KEY_OPS: RefCell<Vec<(Record, pg_sys::SubTransactionId)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Before the transaction commits, the queue must have room for all of its key-management
+/// records (pushed in the commit callback, where nothing can fail any more and interrupts are
+/// held: a batch re-wrapping hundreds of tenant keys against a nearly full queue committed with
+/// most of its records counted as dropped, and its COMMIT sat for a second per record,
+/// deaf to cancel and terminate: review 42). At PRE_COMMIT the transaction can still abort:
+/// it waits for room (up to a second, interruptibly), then fails closed with 57P03 (or warns,
+/// with `envelope.audit_fail_closed` off). Registered once per transaction.
+fn room_for_key_ops_at_pre_commit() {
+    thread_local! { static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    if ARMED.with(|a| a.replace(true)) {
+        return;
+    }
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, || {
+        ARMED.with(|a| a.set(false));
+        let wanted = KEY_OPS.with(|k| k.borrow().len()) as u64;
+        if wanted == 0 || !enabled() {
+            return;
+        }
+        let room = || SLOTS as u64 - queued().min(SLOTS as u64) >= wanted;
+        for _ in 0..200 {
+            if room() {
+                return;
+            }
+            wake_writer();
+            unsafe { pg_sys::pg_usleep(5_000) };
+            pgrx::check_for_interrupts!();
+        }
+        if room() {
+            return;
+        }
+        let why = format!("the audit queue has no room for this transaction's {wanted} key-management record(s)");
+        if gucs::AUDIT_FAIL_CLOSED.get() {
+            EnvelopeError::AuditUnavailable { reason: why }.raise();
+        }
+        crate::warning!("pg_envelope: key use is not being audited: {why} (envelope.audit_fail_closed is off)");
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || ARMED.with(|a| a.set(false)));
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || ARMED.with(|a| a.set(false)));
+}
+
 /// `ROLLBACK TO SAVEPOINT` (or a PL/pgSQL exception block) undid subtransaction `sub` and every
 /// subtransaction inside it: their key operations did not happen, whatever the transaction
 /// does next. (Subtransaction ids grow within a transaction, and a subtransaction that began
@@ -972,6 +1012,7 @@ pub fn key_op(operation: &str, tenant: &str, detail: &str, immediate: bool) {
         // SAFETY: no error path (reads the current transaction state).
         let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
         KEY_OPS.with(|k| k.borrow_mut().push((r, sub)));
+        room_for_key_ops_at_pre_commit();
     }
 }
 

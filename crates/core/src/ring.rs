@@ -127,13 +127,18 @@ impl<'a, const N: usize> Ring<'a, N> {
         self.pos.read.load(Ordering::Acquire)
     }
 
-    /// When the oldest record not yet consumed was pushed (`None`: nothing queued). A record
-    /// reserved but not yet published counts as pushed now by its writer: its slot still holds
-    /// the previous lap's time, which is older, so an age check errs towards refusing.
+    /// When the oldest record not yet consumed was pushed (`None`: nothing queued, or the
+    /// oldest slot is reserved but not published yet: its writer is copying it right now, and
+    /// its time field still holds the previous lap's, 0 on the first lap; reading that made a
+    /// health check see a writer hours late: review 42).
     pub fn oldest_pushed_at(&self) -> Option<i64> {
         let r = self.pos.read.load(Ordering::Acquire);
         let w = self.pos.write.load(Ordering::Acquire);
-        (w > r).then(|| self.slot(r).pushed_at.load(Ordering::Relaxed))
+        if w <= r {
+            return None;
+        }
+        let slot = self.slot(r);
+        (slot.seq.load(Ordering::Acquire) == r + 1).then(|| slot.pushed_at.load(Ordering::Relaxed))
     }
 
     /// The reader: calls `f` with each published record from the read position on, in order, up
@@ -259,6 +264,9 @@ mod tests {
         o.write.store(2, Ordering::Relaxed);
         r.push(b"c", 3).unwrap(); // another writer is not held up
         assert_eq!(drain(&r, 100), vec![b"a".to_vec()]); // the reader stops before position 1
+        // The oldest slot is not published: no age is read from it (its time is a lap old).
+        assert_eq!(r.queued(), 2);
+        assert_eq!(r.oldest_pushed_at(), None);
         // The late writer publishes: the reader continues, in position order.
         let s = &o.slots[1];
         unsafe {
