@@ -409,6 +409,69 @@ def test_a_burst_of_short_statements_outruns_no_writer(audited):
         assert c.execute("SELECT (envelope.status()->'audit'->>'dropped')::int").fetchone()[0] == dropped_before
 
 
+def test_a_transaction_whose_key_records_find_no_room_fails_before_it_commits(audited):
+    """Insider review 42: key-management records are pushed in the commit callback, where
+    nothing can fail and interrupts are held; a transaction with many of them (a root-key
+    re-wrap of many tenants) against a nearly full queue committed with most records counted
+    as dropped, its COMMIT stuck a second per record and deaf to cancel. Now the room for all
+    of them is checked before the commit: the transaction fails with 57P03 and changes
+    nothing; once the writer drains, the same transaction commits with every record."""
+    tag = secrets.token_hex(3)
+    names = [f"aud_room_{tag}_{i}" for i in range(30)]
+    with connect(PORT_A, DB) as c:
+        # (So that the stalled writer is not refused as late while the queue is being filled.)
+        c.execute("ALTER SYSTEM SET envelope.audit_max_delay = 120")
+        c.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    try:
+        _no_room_then_room(names, tag)
+    finally:
+        with connect(PORT_A, DB) as c:
+            c.execute("ALTER SYSTEM RESET envelope.audit_max_delay")
+            c.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+
+
+def _no_room_then_room(names, tag):
+    with connect(PORT_A, DB) as c, connect(PORT_A, DB) as blocker, connect(PORT_A, DB) as filler:
+        start = last_seq(c)
+        # The writer stalls: it cannot insert while this lock is held.
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE envelope.audit_log IN SHARE MODE")
+        filler.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
+        queued = lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0]
+        # One record per statement, up to 10 slots short of the queue's 8,192.
+        for _ in range(8192 - 10 - queued()):
+            filler.execute("SELECT envelope.encrypt_field('x'::text)", prepare=True)
+        filler.execute("SELECT 1")
+        assert 8192 - 12 <= queued() <= 8192 - 8, queued()
+        c.execute("SET envelope.request_id = 'room-1'")
+        c.execute("BEGIN")
+        for n in names:
+            c.execute("SELECT envelope.create_tenant(%s)", (n,))
+        t0 = time.monotonic()
+        state, msg = None, ""
+        try:
+            c.execute("COMMIT")
+        except psycopg.Error as e:
+            state, msg = e.sqlstate, str(e)
+        took = time.monotonic() - t0
+        assert state == "57P03" and "no room for this transaction's 30 key-management record(s)" in msg, (state, msg)
+        assert took < 10, took  # a second of waiting for room, not thirty inside COMMIT
+        assert not c.execute("SELECT count(*) FROM envelope.tenants WHERE name LIKE %s", (f"aud_room_{tag}_%",)).fetchone()[0]
+        blocker.execute("ROLLBACK")
+        assert wait_until(lambda: queued() == 0)
+        c.execute("BEGIN")
+        for n in names:
+            c.execute("SELECT envelope.create_tenant(%s)", (n,))
+        c.execute("COMMIT")
+        rows = records_after(c, start, "room-1")
+        c.execute("RESET envelope.request_id")
+        assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+    created = [r[1] for r in rows if r[0] == "key_op" and r[2] == "create_tenant" and r[5] == "ok"]
+    assert created == names, created
+
+
 def test_sixteen_made_up_tenants_do_not_hide_a_real_tenants_decryptions(audited):
     """Insider review 27: a statement's aggregates are capped at 16 for failures (the rest share
     tenant "*"), but a success keeps its tenant: sixteen cheap failures under made-up tenant
