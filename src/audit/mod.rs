@@ -1060,7 +1060,14 @@ pub fn at_transaction_end(committed: bool) {
         if r.outcome.is_empty() {
             r.outcome = if committed { "ok".into() } else { "rolled back".into() };
         }
-        push(r);
+        if committed {
+            push(r);
+        } else {
+            // What was rolled back changed nothing: its records find room or are counted as
+            // dropped, without waiting (a transaction refused at PRE_COMMIT for want of room
+            // would otherwise wait a second per record here, interrupts held).
+            push_in_error_path(r);
+        }
     }
     AT_END.with(|e| e.set(false));
 }
