@@ -766,7 +766,7 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
             // the lock, under a new snapshot in READ COMMITTED.
             let t = client
                 .update(
-                    "SELECT t.id, t.provider, NULL, NULL, t.wrapped_key, t.key_check,
+                    "SELECT t.id, t.provider, t.wrapped_key, t.key_check,
                             t.suspended_reason, to_char(t.shred_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC', to_char(t.shredded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
                        FROM envelope.tenants t
                       WHERE t.name = $1 FOR UPDATE",
@@ -822,12 +822,12 @@ pub fn lock_tenant(tenant: &str) -> Result<Option<LockedTenant>> {
                 provider_kind,
                 provider_options,
                 // Empty for a shredded tenant (its refusal says so; nothing may use them).
-                wrapped_key: r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default(),
-                key_check: r.get::<Vec<u8>>(6).map_err(spi_err)?.unwrap_or_default(),
+                wrapped_key: r.get::<Vec<u8>>(3).map_err(spi_err)?.unwrap_or_default(),
+                key_check: r.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default(),
                 refusal: Refusal::from_columns(
+                    r.get::<String>(5).map_err(spi_err)?,
+                    r.get::<String>(6).map_err(spi_err)?,
                     r.get::<String>(7).map_err(spi_err)?,
-                    r.get::<String>(8).map_err(spi_err)?,
-                    r.get::<String>(9).map_err(spi_err)?,
                 ),
             }))
         })
@@ -1138,23 +1138,14 @@ pub fn insert_rewrap_job(provider: &str, target: Option<&str>, only_outdated: bo
     // A job that finished between the conflict and the re-read: open a new one (bounded).
     for _ in 0..3 {
         let inserted = as_extension_owner(|| {
-            Spi::connect_mut(|client| {
-                let t = client
-                    .update(
-                        "INSERT INTO envelope.rewrap_jobs (provider, target_version, only_outdated, state, tenants_total, started_at)
-                         SELECT $1, $2, $3, 'running', count(*), clock_timestamp() FROM envelope.tenants t
-                          WHERE t.provider = $1 AND t.shredded_at IS NULL AND (NOT $3 OR t.root_version IS DISTINCT FROM $2)
-                         ON CONFLICT (provider) WHERE state = 'running' DO NOTHING
-                         RETURNING id",
-                        Some(1),
-                        &[provider.into(), target.into(), only_outdated.into()],
-                    )
-                    .map_err(spi_err)?;
-                if t.is_empty() {
-                    return Ok(None);
-                }
-                t.first().get::<i64>(1).map_err(spi_err)
-            })
+            inserted_id(
+                "INSERT INTO envelope.rewrap_jobs (provider, target_version, only_outdated, state, tenants_total, started_at)
+                 SELECT $1, $2, $3, 'running', count(*), clock_timestamp() FROM envelope.tenants t
+                  WHERE t.provider = $1 AND t.shredded_at IS NULL AND (NOT $3 OR t.root_version IS DISTINCT FROM $2)
+                 ON CONFLICT (provider) WHERE state = 'running' DO NOTHING
+                 RETURNING id",
+                &[provider.into(), target.into(), only_outdated.into()],
+            )
         })?;
         if let Some(job) = inserted {
             return Ok(job);
@@ -1399,18 +1390,15 @@ pub fn insert_reencrypt_job(
     // `None`: a job of this column was opened concurrently (the insert waited for it on
     // `reencrypt_jobs_one_open`); the caller takes that one (review 41: 23505 before).
     as_extension_owner(|| {
-        Spi::connect_mut(|client| {
-            let t = client
-                .update(
-                    "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, attnum, context, context_column, state, by_worker, requested_by,
+        inserted_id(
+            "INSERT INTO envelope.reencrypt_jobs (relid, table_name, column_name, attnum, context, context_column, state, by_worker, requested_by,
                                                           batch_blocks, blocks_total, started_at)
                      VALUES ($1, $2, $3, (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $3),
                              $4, $5, CASE WHEN $6 THEN 'queued' ELSE 'running' END, $6, $7, $8,
                              pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::bigint, clock_timestamp())
                      ON CONFLICT (relid, column_name) WHERE state IN ('queued', 'running') DO NOTHING
                      RETURNING id",
-                    Some(1),
-                    &[
+            &[
                         tbl.into(),
                         table.into(),
                         col.into(),
@@ -1420,13 +1408,7 @@ pub fn insert_reencrypt_job(
                         caller.into(),
                         batch_blocks.into(),
                     ],
-                )
-                .map_err(spi_err)?;
-            if t.is_empty() {
-                return Ok(None);
-            }
-            t.first().get::<i64>(1).map_err(spi_err)
-        })
+        )
     })
 }
 
@@ -1497,6 +1479,18 @@ fn optional_one<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: &str, args: &[pgrx::d
             return Ok(None);
         }
         t.first().get::<T>(1).map_err(spi_err)
+    })
+}
+
+/// The id an `INSERT ... ON CONFLICT DO NOTHING RETURNING id` gave, or `None` when it inserted
+/// nothing (the conflicting row was there, or committed while the insert waited for it).
+fn inserted_id(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Result<Option<i64>> {
+    Spi::connect_mut(|client| {
+        let t = client.update(sql, Some(1), args).map_err(spi_err)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        t.first().get::<i64>(1).map_err(spi_err)
     })
 }
 

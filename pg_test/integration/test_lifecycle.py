@@ -694,6 +694,19 @@ def _state_or_sqlstate(conn, query, params=None):
     return r[0] if isinstance(r, tuple) else r
 
 
+def run_until_blocked(db, waiter, sql, blocker, result=row_or_sqlstate):
+    """Runs `sql` on `waiter` in a thread and returns once that backend waits for `blocker`'s
+    (`pg_blocking_pids`): the interleaving is forced, not timed. Join the thread, then read
+    `out["r"]` (`result(waiter, sql)`)."""
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", result(waiter, sql)))
+    t.start()
+    with connect(PORT_A, db) as w:
+        wait_until(lambda: blocker.info.backend_pid in w.execute("SELECT pg_blocking_pids(%s)", (waiter.info.backend_pid,)).fetchone()[0],
+                   20, what=f"{sql} to wait for backend {blocker.info.backend_pid}")
+    return t, out
+
+
 def test_key_administration_under_repeatable_read_never_reports_a_change_it_did_not_make():
     """Insider review 38: disable_data_key and destroy_data_key under REPEATABLE READ or
     SERIALIZABLE returned true and changed nothing when the version was made after the
@@ -888,12 +901,7 @@ def test_a_key_change_waiting_for_a_provider_move_still_finds_the_tenant():
             to = "local2" if now == "local" else "local"
             mover.execute("BEGIN")
             mover.execute("SELECT envelope.rewrap_tenant('t1', %s)", (to,))
-            out = {}
-            t = threading.Thread(target=lambda: out.setdefault("r", _state_or_sqlstate(admin, sql)))
-            t.start()
-            with connect(PORT_A, db) as w:
-                wait_until(lambda: mover.info.backend_pid in w.execute("SELECT pg_blocking_pids(%s)", (admin.info.backend_pid,)).fetchone()[0],
-                           20, what=f"{sql} to wait for the move")
+            t, out = run_until_blocked(db, admin, sql, mover, result=_state_or_sqlstate)
             mover.execute("COMMIT")
             t.join(30)
             assert out["r"] not in ("42704", "XX000") and (want is None or out["r"] == want), (sql, out)
@@ -982,12 +990,7 @@ def test_concurrent_reencrypt_calls_share_one_job():
             job = first.execute("SELECT envelope.queue_reencrypt('t', 'v')").fetchone()[0]
             second.execute(f"BEGIN ISOLATION LEVEL {iso}")
             second.execute("SELECT count(*) FROM envelope.reencrypt_jobs")  # the snapshot is taken
-            out = {}
-            t = threading.Thread(target=lambda: out.setdefault("r", row_or_sqlstate(second, "SELECT envelope.queue_reencrypt('t', 'v')")))
-            t.start()
-            with connect(PORT_A, db) as w:
-                wait_until(lambda: first.info.backend_pid in w.execute("SELECT pg_blocking_pids(%s)", (second.info.backend_pid,)).fetchone()[0],
-                           20, what="the second queue_reencrypt to wait")
+            t, out = run_until_blocked(db, second, "SELECT envelope.queue_reencrypt('t', 'v')", first)
             first.execute("COMMIT")
             t.join(30)
             assert out["r"] == ((job,) if want is None else want), (iso, job, out)
@@ -1433,17 +1436,7 @@ def test_concurrent_rewrap_calls_share_one_job():
             job = first.execute("SELECT envelope.rewrap_tenants_start('local')").fetchone()[0]
             second.execute(f"BEGIN ISOLATION LEVEL {iso}")
             second.execute("SELECT count(*) FROM envelope.tenants")  # the snapshot is taken
-            out = {}
-
-            def start():
-                out["r"] = row_or_sqlstate(second, "SELECT envelope.rewrap_tenants_start('local')")
-
-            t = threading.Thread(target=start)
-            t.start()
-            with connect(PORT_A, db) as w:
-                wait_until(
-                    lambda: first.info.backend_pid in w.execute("SELECT pg_blocking_pids(%s)", (second.info.backend_pid,)).fetchone()[0],
-                    20, what="the second start to wait for the first job")
+            t, out = run_until_blocked(db, second, "SELECT envelope.rewrap_tenants_start('local')", first)
             first.execute("COMMIT")
             t.join(30)
             assert not t.is_alive()
