@@ -156,7 +156,9 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
     if ended {
         KEYS_CHANGED.with(|k| k.set(false));
         drop_stale_keys();
-        if crate::audit::enabled() {
+        // (Also after auditing was turned off mid-transaction: what was counted while it was on,
+        // with slots claimed for it, is pushed.)
+        if crate::audit::enabled() || crate::audit::holds_claims() {
             crate::audit::at_transaction_end(matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE));
         }
     }
@@ -1171,7 +1173,9 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result
     let armed = crate::audit::begin(crate::audit::Op::Encrypt)?;
     // The error boxed while the result is looked at (see decrypt_to).
     let r = encrypt_inner(plaintext, context, &mut version, &mut tenant).map_err(Box::new);
-    crate::audit::finish(crate::audit::Op::Encrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e));
+    if !crate::audit::finish(crate::audit::Op::Encrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e)) {
+        return Err(crate::audit::no_room());
+    }
     r.map_err(|e| *e)
 }
 
@@ -1242,7 +1246,7 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
     if cap > 0 {
         if let Err(e) = count_against_cap(cap as i64) {
             if crate::audit::enabled() {
-                crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), 0, Some(&e));
+                let _ = crate::audit::note(crate::audit::Op::Decrypt, current_tenant().ok(), 0, Some(&e));
             }
             return Err(e);
         }
@@ -1255,8 +1259,14 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
     // The error boxed while the result is looked at: a `Result<B>` is 80 bytes (the error's
     // size) and was copied whole into the caller's on every value; boxed, the success is two
     // words (the per-value fast path is a few dozen instructions: the copy was a sixth of it).
-    let r = decrypt_inner(envelope, context, &mut version, &mut tenant).map_err(Box::new);
-    crate::audit::finish(crate::audit::Op::Decrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e));
+    let r = decrypt_inner::<B>(envelope, context, &mut version, &mut tenant).map_err(Box::new);
+    if !crate::audit::finish(crate::audit::Op::Decrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e)) {
+        // Fail closed: the value's record has no room, the value is not returned.
+        if let Ok(mut b) = r {
+            zeroize::Zeroize::zeroize(b.bytes_mut());
+        }
+        return Err(crate::audit::no_room());
+    }
     if r.is_ok() {
         crate::audit::alerts::check_canary(envelope, tenant);
     }

@@ -321,8 +321,8 @@ unsafe fn terms(fcinfo: pg_sys::FunctionCallInfo, out: &mut Terms) -> Result<()>
             })
         }
     });
-    if audited {
-        crate::audit::finish(crate::audit::Op::Search, armed, tenant, version, r.as_ref().err());
+    if audited && !crate::audit::finish(crate::audit::Op::Search, armed, tenant, version, r.as_ref().err()) {
+        return Err(crate::audit::no_room());
     }
     r
 }

@@ -472,6 +472,69 @@ def _no_room_then_room(names, tag):
     assert created == names, created
 
 
+def test_a_statement_that_used_keys_keeps_room_for_its_record(audited):
+    """Insider review 42 (F2): fail-closed was checked at a statement's first key use, but its
+    record is pushed later (at the next statement that uses keys, or the transaction's end).
+    Other sessions could fill the queue in between: the statement had decrypted, and its
+    record was counted as dropped, its contents lost. Now the statement's aggregate claims its
+    slot before its first value is returned: the others are refused (57P03) once every slot is
+    queued or promised, and the record is written."""
+    with connect(PORT_A, DB) as c:
+        c.execute("ALTER SYSTEM SET envelope.audit_max_delay = 120")
+        c.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    try:
+        with connect(PORT_A, DB) as c, connect(PORT_A, DB) as blocker, connect(PORT_A, DB) as filler, \
+                connect(PORT_A, DB) as victim:
+            start = last_seq(c)
+            status = lambda: c.execute("SELECT envelope.status()->'audit'").fetchone()[0]
+            dropped = status()["dropped"]
+            blocker.execute("BEGIN")
+            blocker.execute("LOCK TABLE envelope.audit_log IN SHARE MODE")  # the writer stalls
+            filler.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
+            for _ in range(8192 - 3 - status()["queued"]):
+                filler.execute("SELECT envelope.encrypt_field('x'::text)", prepare=True)
+            filler.execute("SELECT 1")
+            assert status()["queued"] == 8192 - 3
+            # The victim's statement decrypts with room left; its record waits in the session.
+            victim.execute("SET envelope.request_id = 'claimed-1'")
+            victim.execute("BEGIN")
+            victim.execute("SELECT set_config('app.tenant_id', %s, true)", (TENANT,))
+            assert victim.execute("SELECT count(v::text) FROM audit_t WHERE id <= 5").fetchone()[0] == 5
+            assert status()["promised"] == 1
+            # The others take the rest of the room, then are refused: the promised slot stays.
+            states = []
+            for _ in range(4):
+                try:
+                    filler.execute("SELECT envelope.encrypt_field('x'::text)", prepare=True)
+                    states.append("ok")
+                except psycopg.Error as e:
+                    states.append(e.sqlstate)
+            filler.execute("SELECT 1")
+            assert states == ["ok", "ok", "57P03", "57P03"], states
+            # A new statement of the victim is refused too (no room for its own record)...
+            victim.execute("SAVEPOINT s")
+            with pytest.raises(psycopg.Error) as e:
+                victim.execute("SELECT count(v::text) FROM audit_t WHERE id <= 1")
+            assert e.value.sqlstate == "57P03", e.value
+            victim.execute("ROLLBACK TO SAVEPOINT s")
+            # ...and its first statement's record goes into the slot it claimed.
+            victim.execute("COMMIT")
+            # What was dropped: the three refusals (with the queue full they are counted, and the
+            # chain gets a `dropped` record for them); not the victim's decryption.
+            assert status()["dropped"] - dropped == 3
+            blocker.execute("ROLLBACK")
+            rows = records_after(c, start, "claimed-1")
+            assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+            assert status()["promised"] == 0
+        assert ("decrypt", TENANT, "decrypt", 5, 0, "ok") in [r[:6] for r in rows], rows
+    finally:
+        with connect(PORT_A, DB) as c:
+            c.execute("ALTER SYSTEM RESET envelope.audit_max_delay")
+            c.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+
+
 def test_sixteen_made_up_tenants_do_not_hide_a_real_tenants_decryptions(audited):
     """Insider review 27: a statement's aggregates are capped at 16 for failures (the rest share
     tenant "*"), but a success keeps its tenant: sixteen cheap failures under made-up tenant
@@ -791,17 +854,21 @@ def test_a_cancelled_wait_for_room_still_counts_the_statements_records(audited):
         su.execute("BEGIN")
         su.execute("LOCK TABLE envelope.audit_log IN ACCESS EXCLUSIVE MODE")
         try:
-            # Fill the queue (8,192 records: one per committed transaction that decrypted).
+            # Fill the queue (8,192 records: one per committed transaction that decrypted, less
+            # the slot S1's record holds: the flood is refused once none is left).
             flood.execute("SET envelope.request_id = 'flood'")
-            flood.execute(f"""DO $$ BEGIN
-                FOR i IN 1..8194 LOOP
-                  PERFORM set_config('app.tenant_id', '{TENANT}', false);
-                  PERFORM count(v::text) FROM audit_t WHERE id = 1;
-                  COMMIT;
-                END LOOP;
-            END $$""")
+            with pytest.raises(psycopg.Error) as e:
+                flood.execute(f"""DO $$ BEGIN
+                    FOR i IN 1..8194 LOOP
+                      PERFORM set_config('app.tenant_id', '{TENANT}', false);
+                      PERFORM count(v::text) FROM audit_t WHERE id = 1;
+                      COMMIT;
+                    END LOOP;
+                END $$""")
+            assert e.value.sqlstate == "57P03", e.value
             with connect(PORT_A, DB) as probe:
-                assert probe.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] >= 8192
+                assert probe.execute("SELECT (envelope.status()->'audit'->>'queued')::int + "
+                                     "(envelope.status()->'audit'->>'promised')::int").fetchone()[0] >= 8192
                 before = probe.execute("SELECT (envelope.status()->'audit'->>'dropped')::int").fetchone()[0]
             v.execute("SET LOCAL statement_timeout = '1500ms'")
             with pytest.raises(psycopg.Error) as e:

@@ -50,6 +50,9 @@ const SLOT_BYTES: usize = 1200;
 pub struct Queue {
     write: u64,
     read: u64,
+    /// Records queued plus slots promised to backends that push later (`ring::Ring::claim`):
+    /// a statement's aggregate claims its slot before its first value is returned.
+    claimed: u64,
     /// Records that could not be queued (full queue in warn mode), since the server started.
     pub dropped: u64,
     /// How many of `dropped` the writer has recorded in the chain (a `dropped` record each).
@@ -71,7 +74,7 @@ pub struct Queue {
 
 unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
 // (`read` and `write` are the lock-free ring's positions, accessed as `AtomicU64`s: see `ring`.)
-const _: () = assert!(std::mem::offset_of!(Queue, read) % 8 == 0 && std::mem::offset_of!(Queue, write) % 8 == 0);
+const _: () = assert!(std::mem::offset_of!(Queue, read) % 8 == 0 && std::mem::offset_of!(Queue, write) % 8 == 0 && std::mem::offset_of!(Queue, claimed) % 8 == 0);
 
 pub static QUEUE: PgLwLock<Queue> = unsafe { PgLwLock::new(c"pg_envelope_audit_queue") };
 
@@ -220,7 +223,11 @@ fn ring() -> pg_envelope_core::ring::Ring<'static, SLOT_BYTES> {
     // the positions are 8-byte aligned (asserted above) and only ever accessed atomically.
     unsafe {
         pg_envelope_core::ring::Ring::new(
-            pg_envelope_core::ring::Positions { write: AtomicU64::from_ptr(&raw mut (*q).write), read: AtomicU64::from_ptr(&raw mut (*q).read) },
+            pg_envelope_core::ring::Positions {
+                write: AtomicU64::from_ptr(&raw mut (*q).write),
+                read: AtomicU64::from_ptr(&raw mut (*q).read),
+                claimed: AtomicU64::from_ptr(&raw mut (*q).claimed),
+            },
             std::slice::from_raw_parts(base, SLOTS),
         )
     }
@@ -247,10 +254,12 @@ pub fn health() -> std::result::Result<(), String> {
     // errs towards refusing; it is written again only after the writer consumed it, i.e. after
     // the writer made progress.
     let r = ring();
-    if r.queued() >= SLOTS as u64 {
+    // Full: every slot holds a record or is promised to one (a statement that used keys and
+    // pushes its record when it ends).
+    if r.claimed() >= SLOTS as u64 {
         wait_for_room();
-        if r.queued() >= SLOTS as u64 {
-            return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer)"));
+        if r.claimed() >= SLOTS as u64 {
+            return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer, or promised to statements in progress)"));
         }
     }
     let oldest = r.oldest_pushed_at();
@@ -379,8 +388,45 @@ fn queued() -> u64 {
 /// A full queue: wake the writer and wait for room, up to one second (a burst of short
 /// statements can outrun the writer's tick; it must not fail statements while the writer works).
 fn wait_for_room() -> bool {
+    wait_for(|| ring().claimed() < SLOTS as u64)
+}
+
+/// Slots this backend claimed and has not pushed yet (its statements' aggregates, its
+/// transaction's key-management records). None is held after a transaction ends.
+static HELD: AtomicU64 = AtomicU64::new(0);
+
+/// Claims `n` slots of the queue for records pushed later (`ring::Ring::claim`).
+fn claim(n: u64) -> bool {
+    let ok = ring().claim(n);
+    if ok {
+        HELD.fetch_add(n, Ordering::Relaxed);
+    }
+    ok
+}
+
+/// [`claim`], waiting for room as [`wait_for_room`] does when there is none.
+fn claim_waiting(n: u64) -> bool {
+    claim(n) || wait_for(|| claim(n))
+}
+
+/// Gives back what this backend still holds (at a transaction's end nothing should be left; a
+/// session ending in the middle of an aggregate's update leaves its claim).
+fn release_held() {
+    let n = HELD.swap(0, Ordering::Relaxed);
+    if n > 0 {
+        ring().unclaim(n);
+    }
+}
+
+/// Whether this backend holds claims (records of the current transaction to push).
+pub fn holds_claims() -> bool {
+    HELD.load(Ordering::Relaxed) > 0
+}
+
+/// Waits up to one second for `done`, waking the writer every 5 ms.
+fn wait_for(mut done: impl FnMut() -> bool) -> bool {
     for _ in 0..200 {
-        if queued() < SLOTS as u64 {
+        if done() {
             return true;
         }
         wake_writer();
@@ -395,19 +441,19 @@ fn wait_for_room() -> bool {
             pgrx::check_for_interrupts!();
         }
     }
-    queued() < SLOTS as u64
+    done()
 }
 
 /// Pushes one record, waking the writer when the queue fills up. A full queue (after waiting for
 /// room) counts the record as dropped and says so in the log.
 pub fn push(r: Record) {
-    push_ref(r.as_ref(), false);
+    push_ref(r.as_ref(), false, false);
 }
 
 /// [`push`] from an error callback (`emit_log_hook`): no waiting for room, no interrupt check,
 /// no log line (none of them is allowed while an error is being reported).
 pub fn push_in_error_path(r: Record) {
-    push_ref(r.as_ref(), true);
+    push_ref(r.as_ref(), true, false);
 }
 
 thread_local! {
@@ -415,7 +461,9 @@ thread_local! {
     static ENCODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn push_ref(r: RecordRef<'_>, error_path: bool) {
+/// `claimed`: the record uses a slot this backend claimed earlier (it has one for sure);
+/// otherwise it claims one now.
+fn push_ref(r: RecordRef<'_>, error_path: bool, claimed: bool) {
     let r = r.truncated(64, 200);
     if crate::nothrow::recovery_in_progress() {
         // A hot standby cannot write the trail: the record goes to its server log (unchained),
@@ -423,18 +471,21 @@ fn push_ref(r: RecordRef<'_>, error_path: bool) {
         if !error_path {
             crate::log!("pg_envelope audit (standby, not chained): {}", record_json(&r.to_record()));
         }
+        if claimed {
+            release_one();
+        }
         return;
     }
     ENCODED.with(|buf| match buf.try_borrow_mut() {
         Ok(mut buf) => {
             buf.clear();
             r.canonical_into(&mut buf);
-            push_bytes(&buf, error_path);
+            push_bytes(&buf, error_path, claimed);
         }
         Err(_) => {
             let mut own = Vec::with_capacity(256);
             r.canonical_into(&mut own);
-            push_bytes(&own, error_path);
+            push_bytes(&own, error_path, claimed);
         }
     });
 }
@@ -446,45 +497,41 @@ pub fn this_process_is_the_writer() {
     IS_WRITER.store(true, Ordering::Relaxed);
 }
 
-fn push_bytes(bytes: &[u8], error_path: bool) {
+fn release_one() {
+    if HELD.load(Ordering::Relaxed) > 0 {
+        HELD.fetch_sub(1, Ordering::Relaxed);
+        ring().unclaim(1);
+    }
+}
+
+fn push_bytes(bytes: &[u8], error_path: bool, claimed: bool) {
     // The writer's own pushes (a reload's setting changes) find room or are counted as dropped:
     // waiting for room, it would wait for itself.
     let no_wait = error_path || IS_WRITER.load(Ordering::Relaxed);
-    enum Outcome {
-        Stored(u64),
-        Full,
-        Dropped,
+    let dropped = || {
+        fast_lock::Guard::exclusive().get_mut().dropped += 1;
+        if !error_path {
+            crate::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
+        }
+    };
+    // A record without a claim claims its slot now (waiting for room, up to a second, unless it
+    // may not wait); one that finds none is counted as dropped.
+    if !claimed && !(claim(1) || (!no_wait && { wake_writer(); claim_waiting(1) })) {
+        dropped();
+        return;
     }
-    let mut waited = false;
-    loop {
-        // No lock: one compare-and-swap reserves a slot (see `ring`).
-        let outcome = match ring().push(bytes, now_ts()) {
-            Ok(n) => Outcome::Stored(n),
-            Err(pg_envelope_core::ring::PushError::Full) if !(waited || no_wait) => Outcome::Full,
-            Err(_) => {
-                fast_lock::Guard::exclusive().get_mut().dropped += 1;
-                Outcome::Dropped
-            }
-        };
-        match outcome {
-            Outcome::Stored(n) => {
-                if n >= SLOTS as u64 / 4 {
-                    wake_writer();
-                }
-                return;
-            }
-            // A full queue: wake the writer, wait for room (up to a second), try once more.
-            Outcome::Full => {
-                waited = true;
+    // No lock: one compare-and-swap reserves the slot (see `ring`). A claimed slot is always
+    // free; `Full` would mean a claim was lost (counted, never silent).
+    match ring().push(bytes, now_ts()) {
+        Ok(n) => {
+            HELD.fetch_sub(1, Ordering::Relaxed);
+            if n >= SLOTS as u64 / 4 {
                 wake_writer();
-                wait_for_room();
             }
-            Outcome::Dropped => {
-                if !error_path {
-                    crate::log!("pg_envelope: an audit record was dropped (queue full); status()->'audit'->'dropped' counts them");
-                }
-                return;
-            }
+        }
+        Err(_) => {
+            release_one();
+            dropped();
         }
     }
 }
@@ -557,6 +604,9 @@ struct Entry {
     /// Whether the tenant exists (as far as this backend's tenant directory knows; a name that
     /// is no tenant is summarised as `*` past the failure limit, see [`limit`]).
     tenant_exists: bool,
+    /// Whether the entry holds a claimed slot of the queue for its record (taken with its first
+    /// success: no value is returned before its record is sure to find room).
+    claimed: bool,
     /// When the first value was handled (PostgreSQL timestamp), and the coarse monotonic clock
     /// then and at the last value (a precise clock per value costs more than the rest).
     first_ts: i64,
@@ -651,20 +701,27 @@ pub fn begin(op: Op) -> Result<bool> {
 
 #[inline(never)]
 fn begin_slow(op: Op) -> Result<()> {
-    check_can_record().inspect_err(|e| note(op, crate::backend::current_tenant().ok(), 0, Some(e)))
+    check_can_record().inspect_err(|e| {
+        note(op, crate::backend::current_tenant().ok(), 0, Some(e));
+    })
 }
 
 /// After a key use begun with [`begin`]: counted on the fast path when it is like the armed one,
-/// else noted (a failure with its error).
+/// else noted (a failure with its error). False: a success whose record found no room in the
+/// queue (fail closed): the caller must not return the value, but [`no_room`].
 #[inline(always)]
-pub fn finish(op: Op, armed: bool, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
-    if !(armed && err.is_none() && note_fast(tenant, version)) {
-        finish_slow(op, tenant, version, err);
-    }
+#[must_use]
+pub fn finish(op: Op, armed: bool, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) -> bool {
+    (armed && err.is_none() && note_fast(tenant, version)) || finish_slow(op, tenant, version, err)
+}
+
+/// The error of a key use whose record found no room (see [`finish`]).
+pub fn no_room() -> EnvelopeError {
+    EnvelopeError::AuditUnavailable { reason: format!("the audit queue has no room for this statement's record ({SLOTS} records waiting for the writer, or promised to statements in progress)") }
 }
 
 #[inline(never)]
-fn finish_slow(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
+fn finish_slow(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) -> bool {
     let current;
     let tenant = match tenant {
         Some(t) => Some(t),
@@ -673,7 +730,7 @@ fn finish_slow(op: Op, tenant: Option<&str>, version: u32, err: Option<&Envelope
             current
         }
     };
-    note(op, tenant, version, err);
+    note(op, tenant, version, err)
 }
 
 /// Whether the fast path is armed for this statement and operation: then the statement's
@@ -728,8 +785,13 @@ fn fold(a: &mut Acc) {
     }
 }
 
-/// Notes one encryption or decryption (or its failure) of the current statement.
-pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) {
+/// Notes one encryption or decryption (or its failure) of the current statement. A success is
+/// counted only once its aggregate holds a claimed slot for the record (review 42: the
+/// statement's check passed at its first value, but the record, pushed when the statement
+/// ends, could then find the queue full and be lost, counted). False: no slot could be claimed
+/// within a second and auditing fails closed; the value is counted as failed (57P03) and must
+/// not be returned.
+pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeError>) -> bool {
     let stmt = crate::nothrow::statement_start();
     let role = crate::nothrow::current_user_id();
     let now = crate::backend::cache_now();
@@ -742,6 +804,9 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
         (Some(_), None) => false,
         (Some(_), Some(t)) => t.is_empty() || crate::backend::tenant_exists(t),
     };
+    // Set when a success found no slot to claim: (entry, whether 57P03 is the entry's code
+    // because of it).
+    let mut no_room = None;
     ACC.with(|a| {
         let Ok(mut a) = a.try_borrow_mut() else { return };
         fold(&mut a);
@@ -788,6 +853,7 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
                     failures: 0,
                     failure_code: None,
                     tenant_exists: exists && tenant != "*",
+                    claimed: false,
                     first_ts: now_ts(),
                     first: now,
                     last: now,
@@ -806,18 +872,81 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             if e.failure_code.is_none() {
                 e.failure_code = Some(sqlstate(err));
             }
-        } else if e.tenant != "*" && !e.tenant.is_empty() {
-            // A success under a named tenant: the statement's next values like this one take
-            // the fast path (the caller passed check_can_record for this statement).
-            HOT_OP.store(op_code(op), Ordering::Relaxed);
-            HOT_ROLE.store(role.to_u32(), Ordering::Relaxed);
-            HOT_VERSION.store(version, Ordering::Relaxed);
-            HOT_TENANT.store(e.tenant.as_ptr().cast_mut(), Ordering::Relaxed);
-            HOT_TENANT_LEN.store(e.tenant.len(), Ordering::Relaxed);
-            HOT_ENTRY.store(idx, Ordering::Relaxed);
-            HOT_STMT.store(stmt, Ordering::Relaxed);
+        } else {
+            // The record's slot, claimed with the entry's first success (a hot standby claims
+            // nothing: its records go to its log, see push_ref).
+            if !e.claimed && !crate::nothrow::recovery_in_progress() {
+                if claim(1) {
+                    e.claimed = true;
+                } else {
+                    // No room: counted as a refusal until a slot is claimed (settle_no_room).
+                    e.failures += 1;
+                    let set_code = e.failure_code.is_none();
+                    if set_code {
+                        e.failure_code = Some("57P03".into());
+                    }
+                    no_room = Some((idx, set_code));
+                    return;
+                }
+            }
+            if e.tenant != "*" && !e.tenant.is_empty() {
+                // A success under a named tenant: the statement's next values like this one take
+                // the fast path (the caller passed check_can_record for this statement).
+                HOT_OP.store(op_code(op), Ordering::Relaxed);
+                HOT_ROLE.store(role.to_u32(), Ordering::Relaxed);
+                HOT_VERSION.store(version, Ordering::Relaxed);
+                HOT_TENANT.store(e.tenant.as_ptr().cast_mut(), Ordering::Relaxed);
+                HOT_TENANT_LEN.store(e.tenant.len(), Ordering::Relaxed);
+                HOT_ENTRY.store(idx, Ordering::Relaxed);
+                HOT_STMT.store(stmt, Ordering::Relaxed);
+            }
         }
     });
+    match no_room {
+        None => true,
+        Some((idx, set_code)) => settle_no_room(idx, set_code),
+    }
+}
+
+/// A success whose aggregate found no slot to claim: waits for room (up to a second,
+/// interruptibly: no borrow is held here), then counts the value as the success it is, or
+/// leaves it counted as refused (57P03, fail closed) and returns false.
+#[cold]
+fn settle_no_room(idx: usize, set_code: bool) -> bool {
+    wake_writer();
+    let got = claim_waiting(1);
+    let fail_closed = gucs::AUDIT_FAIL_CLOSED.get();
+    let mut kept = false;
+    ACC.with(|a| {
+        if let Ok(mut a) = a.try_borrow_mut() {
+            if let Some(e) = a.entries.get_mut(idx) {
+                if got || !fail_closed {
+                    e.failures -= 1;
+                    if set_code {
+                        e.failure_code = None;
+                    }
+                }
+                e.claimed |= got;
+                kept = got;
+            }
+        }
+    });
+    if got && !kept {
+        release_one();
+    }
+    if got {
+        return true;
+    }
+    if fail_closed {
+        return false;
+    }
+    let stmt = crate::nothrow::statement_start();
+    WARNED.with(|w| {
+        if w.replace(stmt) != stmt {
+            crate::warning!("pg_envelope: key use is not being audited: the audit queue is full (envelope.audit_fail_closed is off)");
+        }
+    });
+    true
 }
 
 /// Pushes what the current statement did (at transaction end, and before a new statement).
@@ -902,6 +1031,7 @@ fn flush_acc(a: &mut Acc) {
                 detail: "",
             },
             false,
+            std::mem::take(&mut e.claimed),
         );
     }
     flush_failure_summaries();
@@ -926,6 +1056,20 @@ thread_local! {
     static KEY_OPS: RefCell<Vec<(Record, pg_sys::SubTransactionId)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// How many of `KEY_OPS` have a claimed slot (claimed at PRE_COMMIT).
+static KEY_OPS_CLAIMED: KeyOpsClaimed = KeyOpsClaimed(std::cell::Cell::new(0));
+struct KeyOpsClaimed(std::cell::Cell<u64>);
+// SAFETY: touched only on the backend's one thread (transaction callbacks).
+unsafe impl Sync for KeyOpsClaimed {}
+impl KeyOpsClaimed {
+    fn get(&self) -> u64 {
+        self.0.get()
+    }
+    fn set(&self, n: u64) {
+        self.0.set(n)
+    }
+}
+
 /// Before the transaction commits, the queue must have room for all of its key-management
 /// records (pushed in the commit callback, where nothing can fail any more and interrupts are
 /// held: a batch re-wrapping hundreds of tenant keys against a nearly full queue committed with
@@ -940,20 +1084,25 @@ fn room_for_key_ops_at_pre_commit() {
     }
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PreCommit, || {
         ARMED.with(|a| a.set(false));
-        let wanted = KEY_OPS.with(|k| k.borrow().len()) as u64;
-        if wanted == 0 || !enabled() {
+        let wanted = (KEY_OPS.with(|k| k.borrow().len()) as u64).saturating_sub(KEY_OPS_CLAIMED.get());
+        if wanted == 0 || !enabled() || crate::nothrow::recovery_in_progress() {
             return;
         }
-        let room = || SLOTS as u64 - queued().min(SLOTS as u64) >= wanted;
+        // Claimed, not just seen free: other backends' records cannot take the room between
+        // this check and the commit callback's pushes (review 42's residual).
+        let mut got = claim(wanted);
         for _ in 0..200 {
-            if room() {
+            if got {
+                KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
                 return;
             }
             wake_writer();
             unsafe { pg_sys::pg_usleep(5_000) };
             pgrx::check_for_interrupts!();
+            got = claim(wanted);
         }
-        if room() {
+        if got {
+            KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
             return;
         }
         let why = format!("the audit queue has no room for this transaction's {wanted} key-management record(s)");
@@ -1060,15 +1209,19 @@ pub fn at_transaction_end(committed: bool) {
         if r.outcome.is_empty() {
             r.outcome = if committed { "ok".into() } else { "rolled back".into() };
         }
-        if committed {
-            push(r);
-        } else {
-            // What was rolled back changed nothing: its records find room or are counted as
-            // dropped, without waiting (a transaction refused at PRE_COMMIT for want of room
-            // would otherwise wait a second per record here, interrupts held).
-            push_in_error_path(r);
+        let claimed = KEY_OPS_CLAIMED.get() > 0;
+        if claimed {
+            KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() - 1);
         }
+        // What was rolled back changed nothing: without a claimed slot its records find room
+        // or are counted as dropped, without waiting (a transaction refused at PRE_COMMIT for
+        // want of room would otherwise wait a second per record here, interrupts held).
+        push_ref(r.as_ref(), !committed && !claimed, claimed);
     }
+    KEY_OPS_CLAIMED.set(0);
+    // Nothing is held past a transaction's end (a session ending while an aggregate was being
+    // updated, above, leaves that aggregate's claim).
+    release_held();
     AT_END.with(|e| e.set(false));
 }
 
@@ -1142,12 +1295,15 @@ pub fn status_json() -> serde_json::Value {
         (q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at, q.waits)
     };
     let queued = queued();
+    // Slots claimed by statements and transactions in progress for records they push later.
+    let promised = ring().claimed().saturating_sub(queued);
     let records_written = ring().read_position();
     let ago = |t: i64| (t != 0).then(|| (now_ts() - t) as f64 / 1e6);
     serde_json::json!({
         "enabled": enabled(),
         "fail_closed": gucs::AUDIT_FAIL_CLOSED.get(),
         "queued": queued,
+        "promised": promised,
         "dropped": dropped,
         "queue_full_waits": waits,
         "records_written": records_written,

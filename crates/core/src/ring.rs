@@ -15,6 +15,14 @@
 //! integers: nothing there can fail or unwind, so a reserved slot is always published (a
 //! process killed in between takes the server down with it: PostgreSQL reinitialises shared
 //! memory after a backend crash).
+//!
+//! **Claims.** A writer may need to know that its record will find room *before* it does the
+//! work the record describes (the audit: a statement may decrypt only if its record is sure to
+//! be queued later). [`Ring::claim`] promises slots; every push must be covered by a claim
+//! (made just before, or long before). The count of claims (`claimed`: records queued plus
+//! slots promised and not pushed yet) never exceeds the capacity, so a claimed push always
+//! finds its slot free: a push turns one promise into one queued record (the count does not
+//! change), and only [`Ring::consume`] lowers it, after it handed the slots back.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -36,11 +44,13 @@ pub struct Slot<const N: usize> {
 // by the reader after the publication (release/acquire on `seq`).
 unsafe impl<const N: usize> Sync for Slot<N> {}
 
-/// The two positions, kept by the caller (in the extension: fields of the queue's header in
-/// shared memory). Both only ever grow.
+/// The two positions and the claims, kept by the caller (in the extension: fields of the
+/// queue's header in shared memory). The positions only ever grow.
 pub struct Positions<'a> {
     pub write: &'a AtomicU64,
     pub read: &'a AtomicU64,
+    /// Records queued plus slots claimed and not pushed yet (see [`Ring::claim`]).
+    pub claimed: &'a AtomicU64,
 }
 
 /// Why a push did not store its record.
@@ -76,8 +86,29 @@ impl<'a, const N: usize> Ring<'a, N> {
         &self.slots[(pos % self.slots.len() as u64) as usize]
     }
 
-    /// Stores `bytes` (any writer, any thread or process). Returns how many records were
-    /// queued after this one went in (an upper bound: the reader may have consumed some).
+    /// Promises `n` slots to the caller, who pushes that many records later (each push uses
+    /// one claim). False, and nothing claimed, when that would promise more slots than the
+    /// ring has free: records queued plus claims outstanding never exceed the capacity.
+    pub fn claim(&self, n: u64) -> bool {
+        let cap = self.slots.len() as u64;
+        // Acquire: a claim made possible by `consume` sees the slots it handed back.
+        self.pos.claimed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c + n <= cap).then_some(c + n)).is_ok()
+    }
+
+    /// Gives back `n` claims that will not be pushed.
+    pub fn unclaim(&self, n: u64) {
+        let _ = self.pos.claimed.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |c| Some(c.saturating_sub(n)));
+    }
+
+    /// Records queued plus claims outstanding (the capacity: nothing more can be claimed).
+    pub fn claimed(&self) -> u64 {
+        self.pos.claimed.load(Ordering::Acquire)
+    }
+
+    /// Stores `bytes` (any writer, any thread or process). The caller holds a claim for it
+    /// ([`Ring::claim`]), which the push uses up; without one, `Full` may come back. Returns how
+    /// many records were queued after this one went in (an upper bound: the reader may have
+    /// consumed some).
     pub fn push(&self, bytes: &[u8], now: i64) -> Result<u64, PushError> {
         if bytes.len() > N {
             return Err(PushError::TooLong);
@@ -179,6 +210,10 @@ impl<'a, const N: usize> Ring<'a, N> {
         }
         if upto > read {
             self.pos.read.store(upto, Ordering::Release);
+            // After the slots are handed back (release: a claim that reads the lower count sees
+            // them free). Saturating: a push without a claim must not wrap the count into "full
+            // for ever".
+            self.unclaim(upto - read);
         }
     }
 }
@@ -202,16 +237,57 @@ mod tests {
     struct Owned<const N: usize> {
         write: AtomicU64,
         read: AtomicU64,
+        claimed: AtomicU64,
         slots: Vec<Slot<N>>,
     }
 
     impl<const N: usize> Owned<N> {
         fn new(count: usize) -> Self {
-            Owned { write: AtomicU64::new(0), read: AtomicU64::new(0), slots: heap_slots(count) }
+            Owned { write: AtomicU64::new(0), read: AtomicU64::new(0), claimed: AtomicU64::new(0), slots: heap_slots(count) }
         }
         fn ring(&self) -> Ring<'_, N> {
-            Ring::new(Positions { write: &self.write, read: &self.read }, &self.slots)
+            Ring::new(Positions { write: &self.write, read: &self.read, claimed: &self.claimed }, &self.slots)
         }
+    }
+
+    /// A push as the extension makes it: a claim, then the push.
+    fn claim_push<const N: usize>(r: &Ring<'_, N>, bytes: &[u8], now: i64) -> Result<u64, PushError> {
+        if !r.claim(1) {
+            return Err(PushError::Full);
+        }
+        r.push(bytes, now).inspect_err(|_| r.unclaim(1))
+    }
+
+    #[test]
+    fn claims_keep_room_for_the_records_they_promise() {
+        let o = Owned::<8>::new(4);
+        let r = o.ring();
+        // Three slots promised (say, to statements that decrypt now and push their records later).
+        assert!(r.claim(2) && r.claim(1));
+        assert!(!r.claim(2), "only one slot is not promised");
+        // Others may take the one slot left, and no more.
+        assert_eq!(claim_push(&r, b"other", 1), Ok(1));
+        assert_eq!(claim_push(&r, b"more", 1), Err(PushError::Full));
+        assert_eq!(r.claimed(), 4);
+        // The promised records all go in, whenever they come.
+        for i in 0..3u8 {
+            r.push(&[i], 2).expect("a promised slot");
+        }
+        assert_eq!((r.queued(), r.claimed()), (4, 4));
+        // Consuming gives the room back; a claim given back without a push too.
+        assert_eq!(drain(&r, 2).len(), 2);
+        assert_eq!(r.claimed(), 2);
+        assert!(r.claim(2));
+        r.unclaim(1);
+        assert_eq!(r.claimed(), 3);
+        r.push(b"x", 3).unwrap();
+        assert_eq!(drain(&r, 10).len(), 3);
+        assert_eq!((r.queued(), r.claimed()), (0, 0));
+        // A count cannot wrap below zero (a push without a claim, then its consumption).
+        r.push(b"no claim", 4).unwrap();
+        drain(&r, 10);
+        assert_eq!(r.claimed(), 0);
+        assert!(r.claim(4) && !r.claim(1));
     }
 
     fn drain<const N: usize>(r: &Ring<'_, N>, max: usize) -> Vec<Vec<u8>> {
@@ -228,9 +304,9 @@ mod tests {
         let r = o.ring();
         assert_eq!(r.oldest_pushed_at(), None);
         for i in 0..4u8 {
-            assert_eq!(r.push(&[i; 5][..i as usize + 1], 100 + i as i64), Ok(i as u64 + 1));
+            assert_eq!(claim_push(&r, &[i; 5][..i as usize + 1], 100 + i as i64), Ok(i as u64 + 1));
         }
-        assert_eq!(r.push(b"x", 200), Err(PushError::Full));
+        assert_eq!(claim_push(&r, b"x", 200), Err(PushError::Full));
         assert_eq!(r.push(&[0; 17], 200), Err(PushError::TooLong));
         assert_eq!(r.queued(), 4);
         assert_eq!(r.oldest_pushed_at(), Some(100));
@@ -241,16 +317,16 @@ mod tests {
         assert_eq!(drain(&r, 2), vec![vec![0], vec![1, 1]]);
         assert_eq!(r.oldest_pushed_at(), Some(102));
         // Room again, and the ring wraps (positions only grow).
-        assert_eq!(r.push(b"wrap", 300), Ok(3));
-        assert_eq!(r.push(b"wrap2", 301), Ok(4));
-        assert_eq!(r.push(b"no", 302), Err(PushError::Full));
+        assert_eq!(claim_push(&r, b"wrap", 300), Ok(3));
+        assert_eq!(claim_push(&r, b"wrap2", 301), Ok(4));
+        assert_eq!(claim_push(&r, b"no", 302), Err(PushError::Full));
         assert_eq!(drain(&r, 100), vec![vec![2, 2, 2], vec![3, 3, 3, 3], b"wrap".to_vec(), b"wrap2".to_vec()]);
         assert_eq!(r.queued(), 0);
         assert_eq!(r.oldest_pushed_at(), None);
         assert_eq!(o.write.load(Ordering::Relaxed), 6);
         // An empty record and a record of exactly a slot's size.
-        r.push(b"", 1).unwrap();
-        r.push(&[7; 16], 1).unwrap();
+        claim_push(&r, b"", 1).unwrap();
+        claim_push(&r, &[7; 16], 1).unwrap();
         assert_eq!(drain(&r, 100), vec![vec![], vec![7; 16]]);
     }
 
@@ -258,11 +334,11 @@ mod tests {
     fn a_reserved_but_unpublished_slot_holds_the_reader_back_not_the_writers() {
         let o = Owned::<8>::new(4);
         let r = o.ring();
-        r.push(b"a", 1).unwrap();
+        claim_push(&r, b"a", 1).unwrap();
         // A writer that reserved position 1 and has not published yet (simulated by moving the
         // write position by hand, as its compare-and-swap would).
         o.write.store(2, Ordering::Relaxed);
-        r.push(b"c", 3).unwrap(); // another writer is not held up
+        claim_push(&r, b"c", 3).unwrap(); // another writer is not held up
         assert_eq!(drain(&r, 100), vec![b"a".to_vec()]); // the reader stops before position 1
         // The oldest slot is not published: no age is read from it (its time is a lap old).
         assert_eq!(r.queued(), 2);
@@ -331,16 +407,13 @@ mod tests {
                         let mut rec = vec![w as u8];
                         rec.extend_from_slice(&n.to_le_bytes());
                         rec.extend(std::iter::repeat_n((n as u8) ^ (w as u8), fill));
-                        loop {
-                            match r.push(&rec, n as i64) {
-                                Ok(_) => break,
-                                Err(PushError::Full) => {
-                                    full += 1;
-                                    std::thread::yield_now();
-                                }
-                                Err(e) => panic!("{e:?}"),
-                            }
+                        // Claimed first, as the extension does: a claimed push always finds
+                        // its slot (the reader hands slots back before it lowers the count).
+                        while !r.claim(1) {
+                            full += 1;
+                            std::thread::yield_now();
                         }
+                        r.push(&rec, n as i64).expect("a claimed push found no free slot");
                     }
                     full
                 })
