@@ -535,6 +535,44 @@ def test_a_statement_that_used_keys_keeps_room_for_its_record(audited):
         time.sleep(0.5)
 
 
+def test_a_statement_through_many_tenants_holds_a_bounded_number_of_slots(audited):
+    """Each aggregate of a statement holds a claimed slot of the queue until it is pushed. A
+    statement going through many tenants (a role granted them all) and then left idle in its
+    transaction would hold a slot per tenant: thousands could claim the whole queue and refuse
+    every other session. Past 32 aggregates the statement pushes what it has (parts of one
+    statement: same statement id) and goes on; the counts stay exact."""
+    tag = secrets.token_hex(3)
+    names = [f"aud_many_{tag}_{i:02}" for i in range(40)]
+    with connect(PORT_A, DB) as c:
+        for n in names:
+            c.execute("SELECT envelope.create_tenant(%s)", (n,))
+            c.execute("SELECT envelope.grant_tenant(%s, current_user)", (n,))
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'many-tenants'")
+        c.execute("BEGIN")
+        c.execute("""DO $$ DECLARE x bytea; p int; BEGIN
+            FOR i IN 0..39 LOOP
+              PERFORM set_config('app.tenant_id', 'aud_many_""" + tag + """_' || lpad(i::text, 2, '0'), true);
+              x := envelope.encrypt_field('v' || i);
+              PERFORM envelope.decrypt_field(x);
+              PERFORM envelope.decrypt_field(x);
+            END LOOP;
+            p := (envelope.status()->'audit'->>'promised')::int;
+            IF p > 32 THEN RAISE EXCEPTION 'one statement holds % slots', p; END IF;
+        END $$""")
+        c.execute("COMMIT")
+        records_after(c, start, "many-tenants")  # (waits for the writer)
+        rows = c.execute(
+            "SELECT kind, tenant, value_count, outcome, statement_id FROM envelope.audit_log "
+            "WHERE seq > %s AND request_id = 'many-tenants' ORDER BY seq", (start,)).fetchall()
+        c.execute("RESET envelope.request_id")
+        for n in names:
+            c.execute("SELECT envelope.revoke_tenant(%s, current_user)", (n,))
+    assert len({r[4] for r in rows}) == 1, rows  # one statement
+    got = sorted((r[0], r[1], r[2], r[3]) for r in rows)
+    assert got == sorted([("encrypt", n, 1, "ok") for n in names] + [("decrypt", n, 2, "ok") for n in names]), got
+
+
 def test_sixteen_made_up_tenants_do_not_hide_a_real_tenants_decryptions(audited):
     """Insider review 27: a statement's aggregates are capped at 16 for failures (the rest share
     tenant "*"), but a success keeps its tenant: sixteen cheap failures under made-up tenant

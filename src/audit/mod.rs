@@ -812,7 +812,7 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
         fold(&mut a);
         disarm();
         if a.stmt != stmt {
-            flush_acc(&mut a);
+            flush_acc(&mut a, true);
             a.stmt = stmt;
         }
         let tenant = tenant.unwrap_or("");
@@ -835,31 +835,13 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
         };
         let idx = match hit {
             Some(i) => i,
-            None => {
-                // Names are resolved now, not at the flush: that may run in an aborted
-                // transaction, where the catalog cannot be read.
-                prime_session();
-                a.entries.push(Entry {
-                    op,
-                    tenant: tenant.to_string(),
-                    role,
-                    role_name: crate::backend::role_name(role),
-                    // As they are when the keys are used, not when the record is flushed (a later
-                    // SET LOCAL in the same transaction must not relabel it).
-                    application_name: application_name(),
-                    request_id: request_id(),
-                    versions: Vec::new(),
-                    count: 0,
-                    failures: 0,
-                    failure_code: None,
-                    tenant_exists: exists && tenant != "*",
-                    claimed: false,
-                    first_ts: now_ts(),
-                    first: now,
-                    last: now,
-                });
-                a.entries.len() - 1
+            None if err.is_none() && a.entries.len() >= CLAIMS_PER_STATEMENT => {
+                // A statement that went through many tenants (or roles): its aggregates so far
+                // are pushed now, into the slots they claimed, and it goes on with new ones.
+                flush_acc(&mut a, false);
+                new_entry(&mut a, op, tenant, role, exists, now)
             }
+            None => new_entry(&mut a, op, tenant, role, exists, now),
         };
         let e = &mut a.entries[idx];
         e.count += 1;
@@ -908,6 +890,40 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
     }
 }
 
+/// Most aggregates a statement keeps before it pushes them (a part of the statement, same
+/// statement id) and goes on with new ones. Each holds a claimed slot until it is pushed: a
+/// statement going through thousands of tenants (a role granted them all, the tenant set per
+/// row), left idle in its transaction, would otherwise hold a slot per tenant and could claim
+/// the whole queue, refusing every other session's key use.
+const CLAIMS_PER_STATEMENT: usize = 32;
+
+/// A new aggregate of the current statement; its index.
+fn new_entry(a: &mut Acc, op: Op, tenant: &str, role: pg_sys::Oid, exists: bool, now: std::time::Instant) -> usize {
+    // Names are resolved now, not at the flush: that may run in an aborted transaction, where
+    // the catalog cannot be read.
+    prime_session();
+    a.entries.push(Entry {
+        op,
+        tenant: tenant.to_string(),
+        role,
+        role_name: crate::backend::role_name(role),
+        // As they are when the keys are used, not when the record is flushed (a later SET LOCAL
+        // in the same transaction must not relabel it).
+        application_name: application_name(),
+        request_id: request_id(),
+        versions: Vec::new(),
+        count: 0,
+        failures: 0,
+        failure_code: None,
+        tenant_exists: exists && tenant != "*",
+        claimed: false,
+        first_ts: now_ts(),
+        first: now,
+        last: now,
+    });
+    a.entries.len() - 1
+}
+
 /// A success whose aggregate found no slot to claim: waits for room (up to a second,
 /// interruptibly: no borrow is held here), then counts the value as the success it is, or
 /// leaves it counted as refused (57P03, fail closed) and returns false.
@@ -949,8 +965,9 @@ fn settle_no_room(idx: usize, set_code: bool) -> bool {
     true
 }
 
-/// Pushes what the current statement did (at transaction end, and before a new statement).
-fn flush_acc(a: &mut Acc) {
+/// Pushes what the current statement did (at transaction end, and before a new statement;
+/// `ended` false: a part of a statement that is still running, see [`CLAIMS_PER_STATEMENT`]).
+fn flush_acc(a: &mut Acc, ended: bool) {
     fold(a);
     disarm();
     if a.entries.is_empty() {
@@ -965,9 +982,14 @@ fn flush_acc(a: &mut Acc) {
         }
     }
     let _flushing = Flushing(FLUSHING.with(|f| f.replace(true)));
+    // A statement's parts share its id: the counter moves when the statement has ended.
     let statement_id = STATEMENT_COUNTER.with(|c| {
-        c.set(c.get() + 1);
-        c.get()
+        if ended {
+            c.set(c.get() + 1);
+            c.get()
+        } else {
+            c.get() + 1
+        }
     });
     // Encoded from borrowed fields (no owned Record: its dozen Strings were a third of the
     // audit's cost per statement).
@@ -1187,7 +1209,7 @@ pub fn at_transaction_end(committed: bool) {
     AT_END.with(|e| e.set(true));
     let flushed = ACC.with(|a| match a.try_borrow_mut() {
         Ok(mut a) => {
-            flush_acc(&mut a);
+            flush_acc(&mut a, true);
             true
         }
         Err(_) => false,
