@@ -156,9 +156,9 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
     if ended {
         KEYS_CHANGED.with(|k| k.set(false));
         drop_stale_keys();
-        // (Also after auditing was turned off mid-transaction: what was counted while it was on,
-        // with slots claimed for it, is pushed.)
-        if crate::audit::enabled() || crate::audit::holds_claims() {
+        // (Also after auditing was turned off mid-transaction: what was counted or done while it
+        // was on is pushed with this transaction's outcome.)
+        if crate::audit::enabled() || (PRELOADED.load(Ordering::Relaxed) && crate::audit::pending()) {
             crate::audit::at_transaction_end(matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE));
         }
     }

@@ -418,9 +418,15 @@ fn release_held() {
     }
 }
 
-/// Whether this backend holds claims (records of the current transaction to push).
-pub fn holds_claims() -> bool {
+/// Whether this backend has records of the current transaction to push: claims, aggregates,
+/// key-management records. The transaction's end pushes them also when auditing was turned off
+/// in the meantime: left behind, a later transaction pushed them with its own outcome (review
+/// 43: a `create_tenant` rolled back after a reload turned auditing off was recorded `ok` by
+/// the next transaction once auditing was back on).
+pub fn pending() -> bool {
     HELD.load(Ordering::Relaxed) > 0
+        || KEY_OPS.with(|k| k.try_borrow().map_or(true, |k| !k.is_empty()))
+        || ACC.with(|a| a.try_borrow().map_or(true, |a| !a.entries.is_empty()))
 }
 
 /// Waits up to one second for `done`, waking the writer every 5 ms.
@@ -833,14 +839,21 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             }
             h => (h, tenant),
         };
+        // A success needing a claim (a new aggregate, or the first success of one that so far
+        // only failed) while this backend holds its share of claims (a statement that went
+        // through many tenants or roles): the statement's aggregates so far are pushed now, as
+        // a part of it, into the slots they claimed, and it goes on with new ones (review 43:
+        // the share was first checked only for new aggregates, and one role held the whole
+        // queue through aggregates that had failed first).
+        let needs_claim = err.is_none() && hit.is_none_or(|i| !a.entries[i].claimed);
+        let hit = if needs_claim && HELD.load(Ordering::Relaxed) >= claims_per_backend() {
+            flush_acc(&mut a, false);
+            None
+        } else {
+            hit
+        };
         let idx = match hit {
             Some(i) => i,
-            None if err.is_none() && a.entries.len() >= CLAIMS_PER_STATEMENT => {
-                // A statement that went through many tenants (or roles): its aggregates so far
-                // are pushed now, into the slots they claimed, and it goes on with new ones.
-                flush_acc(&mut a, false);
-                new_entry(&mut a, op, tenant, role, exists, now)
-            }
             None => new_entry(&mut a, op, tenant, role, exists, now),
         };
         let e = &mut a.entries[idx];
@@ -890,12 +903,20 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
     }
 }
 
-/// Most aggregates a statement keeps before it pushes them (a part of the statement, same
-/// statement id) and goes on with new ones. Each holds a claimed slot until it is pushed: a
-/// statement going through thousands of tenants (a role granted them all, the tenant set per
-/// row), left idle in its transaction, would otherwise hold a slot per tenant and could claim
-/// the whole queue, refusing every other session's key use.
-const CLAIMS_PER_STATEMENT: usize = 32;
+/// Most claims a backend holds for its current statement's aggregates before it pushes them (a
+/// part of the statement, same statement id) and goes on with new ones: half the queue shared
+/// by every process the server may run (`MaxBackends`: 33 with the default 100 connections; at
+/// least 2, at most 256). Each aggregate holds its slot until it is pushed: a statement going
+/// through thousands of tenants (a role granted them all, the tenant set per row), left idle in
+/// its transaction or kept running, would otherwise hold a slot per tenant, and a few such
+/// sessions could claim the whole queue and refuse every other session's key use. Bounded so,
+/// every session at once holds at most half the queue; the other half is only ever taken by
+/// records the writer drains.
+fn claims_per_backend() -> u64 {
+    // SAFETY: a global PostgreSQL sets once at startup, before any backend runs SQL.
+    let backends = unsafe { pg_sys::MaxBackends }.max(1) as u64;
+    (SLOTS as u64 / 2 / backends).clamp(2, 256)
+}
 
 /// A new aggregate of the current statement; its index.
 fn new_entry(a: &mut Acc, op: Op, tenant: &str, role: pg_sys::Oid, exists: bool, now: std::time::Instant) -> usize {
@@ -966,7 +987,7 @@ fn settle_no_room(idx: usize, set_code: bool) -> bool {
 }
 
 /// Pushes what the current statement did (at transaction end, and before a new statement;
-/// `ended` false: a part of a statement that is still running, see [`CLAIMS_PER_STATEMENT`]).
+/// `ended` false: a part of a statement that is still running, see [`claims_per_backend`]).
 fn flush_acc(a: &mut Acc, ended: bool) {
     fold(a);
     disarm();
@@ -1113,7 +1134,7 @@ fn room_for_key_ops_at_pre_commit() {
         // Claimed, not just seen free: other backends' records cannot take the room between
         // this check and the commit callback's pushes (review 42's residual).
         let mut got = claim(wanted);
-        for _ in 0..200 {
+        for _ in 0..if wanted > SLOTS as u64 { 0 } else { 200 } {
             if got {
                 KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
                 return;
@@ -1127,7 +1148,12 @@ fn room_for_key_ops_at_pre_commit() {
             KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
             return;
         }
-        let why = format!("the audit queue has no room for this transaction's {wanted} key-management record(s)");
+        let mut why = format!("the audit queue has no room for this transaction's {wanted} key-management record(s)");
+        if wanted > SLOTS as u64 / 2 {
+            // (Never: claims held by statements in progress and records not yet written share
+            // the queue's 8,192 slots.)
+            why.push_str(&format!("; a transaction can record at most about {} key-management operations: split it", SLOTS / 2));
+        }
         if gucs::AUDIT_FAIL_CLOSED.get() {
             EnvelopeError::AuditUnavailable { reason: why }.raise();
         }
