@@ -505,32 +505,39 @@ fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
 /// backend, longer ones from their own allocation.
 const SCRATCH: usize = 256;
 
-thread_local! {
-    /// The backend's buffer for short typed plaintexts (int8, date, timestamptz, most numerics
-    /// and small jsonb): no allocation per value. Wiped after every use.
-    static SCRATCH_BUF: std::cell::RefCell<Option<Box<[u8; SCRATCH]>>> = const { std::cell::RefCell::new(None) };
+/// The backend's buffer for short typed plaintexts (int8, date, timestamptz, most numerics and
+/// small jsonb): no allocation per value. All zeros whenever it is not in use (wiped after every
+/// value). A process static, not a thread-local: a backend runs SQL functions on one thread
+/// (pgrx refuses others), and a thread-local in a `dlopen`ed library costs a `__tls_get_addr`
+/// call per access (two per value, with the `RefCell` and `Option` around the buffer).
+struct Scratch {
+    buf: std::cell::UnsafeCell<[u8; SCRATCH]>,
+    busy: std::cell::Cell<bool>,
 }
+// SAFETY: used only on the backend's one thread (the typed decryption functions); `busy` keeps
+// a nested use (none is known) off the buffer: it gets its own allocation.
+unsafe impl Sync for Scratch {}
+static SCRATCH_BUF: Scratch = Scratch { buf: std::cell::UnsafeCell::new([0; SCRATCH]), busy: std::cell::Cell::new(false) };
 
 /// A decrypted plaintext followed by a NUL byte, wiped on drop: in the backend's scratch buffer
-/// when it fits (the buffer in `SCRATCH_BUF` is all zeros whenever it is there), otherwise in its
-/// own allocation.
+/// when it fits, otherwise in its own allocation.
 enum WipedCString {
-    Scratch(Option<Box<[u8; SCRATCH]>>, usize),
+    /// The plaintext's length in `SCRATCH_BUF`, which this value holds (`busy`) until dropped.
+    Scratch(usize),
     Heap(Vec<u8>),
 }
 
 impl backend::OutBuf for WipedCString {
     fn zeroed(len: usize) -> Self {
-        if len < SCRATCH {
-            let b = SCRATCH_BUF.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.take()));
-            // None: the first use in this backend (or a nested one): a new buffer, kept after.
-            return WipedCString::Scratch(Some(b.unwrap_or_else(|| Box::new([0u8; SCRATCH]))), len);
+        if len < SCRATCH && !SCRATCH_BUF.busy.replace(true) {
+            return WipedCString::Scratch(len);
         }
         WipedCString::Heap(vec![0u8; len + 1])
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
         match self {
-            WipedCString::Scratch(b, len) => &mut b.as_mut().expect("present until drop")[..*len],
+            // SAFETY: this value holds the buffer (`busy`), and the borrow is tied to `self`.
+            WipedCString::Scratch(len) => unsafe { &mut (&mut *SCRATCH_BUF.buf.get())[..*len] },
             WipedCString::Heap(v) => {
                 let n = v.len() - 1;
                 &mut v[..n]
@@ -542,7 +549,7 @@ impl backend::OutBuf for WipedCString {
 impl WipedCString {
     fn as_c_ptr(&mut self) -> *mut std::ffi::c_char {
         match self {
-            WipedCString::Scratch(b, _) => b.as_mut().expect("present until drop").as_mut_ptr().cast(),
+            WipedCString::Scratch(_) => SCRATCH_BUF.buf.get().cast(),
             WipedCString::Heap(v) => v.as_mut_ptr().cast(),
         }
     }
@@ -551,17 +558,11 @@ impl WipedCString {
 impl Drop for WipedCString {
     fn drop(&mut self) {
         match self {
-            WipedCString::Scratch(b, len) => {
-                if let Some(mut b) = b.take() {
-                    zeroize::Zeroize::zeroize(&mut b[..=*len]);
-                    SCRATCH_BUF.with(|s| {
-                        if let Ok(mut s) = s.try_borrow_mut() {
-                            if s.is_none() {
-                                *s = Some(b);
-                            }
-                        }
-                    });
-                }
+            WipedCString::Scratch(len) => {
+                // SAFETY: as in `bytes_mut`; the plaintext and its NUL are wiped before the buffer
+                // is handed back.
+                zeroize::Zeroize::zeroize(unsafe { &mut (&mut *SCRATCH_BUF.buf.get())[..=*len] });
+                SCRATCH_BUF.busy.set(false);
             }
             WipedCString::Heap(v) => zeroize::Zeroize::zeroize(v),
         }
