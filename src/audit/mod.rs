@@ -562,15 +562,23 @@ fn record_json(r: &Record) -> String {
 /// never written while they are queued: a push writes at `write` and only when the queue is not
 /// full, and `read` moves only when this process (the one reader) calls [`consumed`]; the
 /// lock's acquire orders the reads after the pushes that the positions count.
-pub fn peek(max: usize) -> (Vec<Record>, u64, u64) {
+///
+/// The records are parsed into records taken from `pool` (their strings' allocations reused:
+/// see `Record::read_canonical`); the writer gives them back after the batch.
+pub fn peek(max: usize, pool: &mut Vec<Record>) -> (Vec<Record>, u64, u64) {
     let r = ring();
     let mut out = Vec::with_capacity(r.queued().min(max as u64) as usize);
     let mut bad = 0;
     // SAFETY: the writer process is the ring's only reader.
     let upto = unsafe {
-        r.peek(max, |bytes| match Record::from_canonical(bytes) {
-            Some(rec) => out.push(rec),
-            None => bad += 1,
+        r.peek(max, |bytes| {
+            let mut rec = pool.pop().unwrap_or_default();
+            if rec.read_canonical(bytes) {
+                out.push(rec);
+            } else {
+                pool.push(rec);
+                bad += 1;
+            }
         })
     };
     (out, upto, bad)

@@ -42,6 +42,9 @@ pub struct Writer {
     overflow_taken: bool,
     /// Summaries a previous writer process took were put back (once per process).
     untaken: bool,
+    /// Records of the last batch, given back to be parsed into again (their strings keep their
+    /// allocations: see `Record::read_canonical`).
+    pool: Vec<Record>,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -151,7 +154,7 @@ impl Writer {
             (q.dropped, q.dropped_recorded)
         };
         self.dropped_taken = dropped.saturating_sub(dropped_recorded);
-        let (records, upto, bad) = peek(BATCH);
+        let (records, upto, bad) = peek(BATCH, &mut self.pool);
         if records.is_empty() && bad == 0 && alarm.is_none() && self.pending.is_empty() && self.dropped_taken == 0 && summaries.is_empty() {
             return Ok((0, upto));
         }
@@ -201,7 +204,10 @@ impl Writer {
         if rows.iter().any(|(s, _)| s.record.operation == "audit_prune") {
             self.force_checkpoint = true;
         }
-        Ok((rows.len(), upto))
+        let n = rows.len();
+        // (Bounded: a batch's records and the few the writer adds.)
+        self.pool.extend(rows.into_iter().map(|(s, _)| s.record).take((BATCH + 16).saturating_sub(self.pool.len())));
+        Ok((n, upto))
     }
 
     /// Forgets the head (after a failed transaction: re-read next time).
