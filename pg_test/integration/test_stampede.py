@@ -198,6 +198,19 @@ class Call:
         return self.state
 
     def close(self):
+        # Never close a connection under a thread still inside a statement on it: libpq's
+        # PQfinish would free it and close its socket while that thread waits on it, the socket's
+        # number would be reused by the next connection this process opens, and the waiting
+        # thread would read that connection's bytes (CI once saw the next connection's startup
+        # messages torn: "message contents do not agree with length in message type S"). The
+        # statement is cancelled and the thread joined first.
+        if self.thread.is_alive():
+            try:
+                self.conn.cancel_safe(timeout=5)
+            except psycopg.Error:
+                pass
+            self.thread.join(15)
+            assert not self.thread.is_alive(), "the statement did not end after its cancel"
         self.conn.close()
 
 
