@@ -615,6 +615,41 @@ def test_a_key_operation_rolled_back_after_auditing_was_turned_off_is_not_record
     assert [r[5] for r in rows if r[0] == "key_op" and r[1] == name] == ["rolled back"], rows
 
 
+def test_statements_of_one_transaction_get_their_own_ids_in_order(audited):
+    """Review 44: the statement counter moved only when a statement's aggregate was pushed, so a
+    key operation and the next statement's decryption in one transaction shared an id."""
+    name = f"aud_ids_{secrets.token_hex(3)}"
+    with connect(PORT_A, DB) as c:
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'ids'")
+        c.execute("BEGIN")
+        c.execute("SELECT set_config('app.tenant_id', %s, true)", (TENANT,))
+        c.execute("SELECT count(v::text) FROM audit_t WHERE id <= 3")       # statement 1
+        c.execute("SELECT envelope.create_tenant(%s)", (name,))              # statement 2
+        c.execute("SELECT count(v::text) FROM audit_t WHERE id <= 4")       # statement 3
+        c.execute("COMMIT")
+        records_after(c, start, "ids")
+        rows = c.execute("SELECT kind, value_count, statement_id FROM envelope.audit_log "
+                         "WHERE seq > %s AND request_id = 'ids' ORDER BY statement_id", (start,)).fetchall()
+        c.execute("RESET envelope.request_id")
+    assert [(k, n) for k, n, _ in rows] == [("decrypt", 3), ("key_op", 1), ("decrypt", 4)], rows
+    assert len({i for _, _, i in rows}) == 3, rows
+
+
+def test_a_transaction_cannot_claim_more_than_half_the_queue(audited):
+    """Review 44: a transaction's key-management records claim their slots at COMMIT; one with
+    8,190 of them took all but two slots of the queue for a moment, refusing everyone else's
+    key use. More than half the queue (4,096) is refused at once, with a hint to split it."""
+    with connect(PORT_A, DB) as c:
+        c.execute("BEGIN")
+        c.execute("DO $$ BEGIN FOR i IN 1..4097 LOOP PERFORM envelope.grant_tenant('audit_t', current_user); END LOOP; END $$")
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.Error) as e:
+            c.execute("COMMIT")
+        assert e.value.sqlstate == "57P03" and "split it" in str(e.value), e.value
+        assert time.monotonic() - t0 < 1.0  # refused at once, not after a wait for room
+
+
 def test_sixteen_made_up_tenants_do_not_hide_a_real_tenants_decryptions(audited):
     """Insider review 27: a statement's aggregates are capped at 16 for failures (the rest share
     tenant "*"), but a success keeps its tenant: sixteen cheap failures under made-up tenant

@@ -636,7 +636,8 @@ struct Acc {
 
 thread_local! {
     static ACC: RefCell<Acc> = RefCell::new(Acc::default());
-    static STATEMENT_COUNTER: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+    /// The backend's statement counter: (the statement start it was last given for, its id).
+    static STATEMENT_ID: std::cell::Cell<(i64, i64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 /// The 5-character SQLSTATE of an error.
@@ -826,7 +827,7 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
         fold(&mut a);
         disarm();
         if a.stmt != stmt {
-            flush_acc(&mut a, true);
+            flush_acc(&mut a);
             a.stmt = stmt;
         }
         let tenant = tenant.unwrap_or("");
@@ -855,7 +856,7 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
         // queue through aggregates that had failed first).
         let needs_claim = err.is_none() && hit.is_none_or(|i| !a.entries[i].claimed);
         let hit = if needs_claim && HELD.load(Ordering::Relaxed) >= claims_per_backend() {
-            flush_acc(&mut a, false);
+            flush_acc(&mut a);
             None
         } else {
             hit
@@ -994,9 +995,40 @@ fn settle_no_room(idx: usize, set_code: bool) -> bool {
     true
 }
 
-/// Pushes what the current statement did (at transaction end, and before a new statement;
-/// `ended` false: a part of a statement that is still running, see [`claims_per_backend`]).
-fn flush_acc(a: &mut Acc, ended: bool) {
+/// The id of the statement that started at `stmt` (its start timestamp): the backend's
+/// statement counter moves once per statement that is recorded, whichever of its records asks
+/// first (review 44: the counter moved only when an aggregate was pushed, so a key operation
+/// and the next statement's decryption, in one transaction, shared an id).
+fn statement_id_for(stmt: i64) -> i64 {
+    STATEMENT_ID.with(|c| {
+        let (at, id) = c.get();
+        if id != 0 && at == stmt {
+            id
+        } else {
+            c.set((stmt, id + 1));
+            id + 1
+        }
+    })
+}
+
+/// Before a key-management record of the current statement takes its id: the aggregates of an
+/// earlier statement still held (pushed otherwise at the next key use or the transaction's end)
+/// are pushed first, so statement ids follow the statements' order.
+fn flush_earlier_statement() {
+    let stmt = crate::nothrow::statement_start();
+    ACC.with(|a| {
+        if let Ok(mut a) = a.try_borrow_mut() {
+            if a.stmt != stmt && !a.entries.is_empty() {
+                flush_acc(&mut a);
+                a.stmt = stmt;
+            }
+        }
+    });
+}
+
+/// Pushes what the current statement did (at transaction end, before a new statement, and in
+/// parts while it runs, see [`claims_per_backend`]).
+fn flush_acc(a: &mut Acc) {
     fold(a);
     disarm();
     if a.entries.is_empty() {
@@ -1011,15 +1043,8 @@ fn flush_acc(a: &mut Acc, ended: bool) {
         }
     }
     let _flushing = Flushing(FLUSHING.with(|f| f.replace(true)));
-    // A statement's parts share its id: the counter moves when the statement has ended.
-    let statement_id = STATEMENT_COUNTER.with(|c| {
-        if ended {
-            c.set(c.get() + 1);
-            c.get()
-        } else {
-            c.get() + 1
-        }
-    });
+    // A statement's parts share its id (see `statement_id_for`).
+    let statement_id = statement_id_for(a.stmt);
     // Encoded from borrowed fields (no owned Record: its dozen Strings were a third of the
     // audit's cost per statement).
     let session = session();
@@ -1141,8 +1166,10 @@ fn room_for_key_ops_at_pre_commit() {
         }
         // Claimed, not just seen free: other backends' records cannot take the room between
         // this check and the commit callback's pushes (review 42's residual).
-        let mut got = claim(wanted);
-        for _ in 0..if wanted > SLOTS as u64 { 0 } else { 200 } {
+        // More than half the queue is refused outright (review 44: up to all 8,192 slots could
+        // be claimed by one transaction, refusing every other session's key use meanwhile).
+        let mut got = wanted <= SLOTS as u64 / 2 && claim(wanted);
+        for _ in 0..if wanted > SLOTS as u64 / 2 { 0 } else { 200 } {
             if got {
                 KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
                 return;
@@ -1150,7 +1177,7 @@ fn room_for_key_ops_at_pre_commit() {
             wake_writer();
             unsafe { pg_sys::pg_usleep(5_000) };
             pgrx::check_for_interrupts!();
-            got = claim(wanted);
+            got = wanted <= SLOTS as u64 / 2 && claim(wanted);
         }
         if got {
             KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
@@ -1209,7 +1236,8 @@ pub fn key_op(operation: &str, tenant: &str, detail: &str, immediate: bool) {
     r.tenant = tenant.to_string();
     r.detail = detail.to_string();
     r.value_count = 1;
-    r.statement_id = STATEMENT_COUNTER.with(|c| c.get() + 1);
+    flush_earlier_statement();
+    r.statement_id = statement_id_for(crate::nothrow::statement_start());
     if immediate {
         r.outcome = "ok".into();
         push(r);
@@ -1234,7 +1262,8 @@ pub fn refused(operation: &str, tenant: &str, err: &EnvelopeError) {
     r.value_count = 1;
     r.failure_count = 1;
     r.outcome = sqlstate(err);
-    r.statement_id = STATEMENT_COUNTER.with(|c| c.get() + 1);
+    flush_earlier_statement();
+    r.statement_id = statement_id_for(crate::nothrow::statement_start());
     push(r);
 }
 
@@ -1243,7 +1272,7 @@ pub fn at_transaction_end(committed: bool) {
     AT_END.with(|e| e.set(true));
     let flushed = ACC.with(|a| match a.try_borrow_mut() {
         Ok(mut a) => {
-            flush_acc(&mut a, true);
+            flush_acc(&mut a);
             true
         }
         Err(_) => false,
@@ -1275,6 +1304,12 @@ pub fn at_transaction_end(committed: bool) {
         push_ref(r.as_ref(), !committed && !claimed, claimed);
     }
     KEY_OPS_CLAIMED.set(0);
+    // With auditing off the writer drains only at its naptime: what this transaction pushed would
+    // wait there (lost at a restart), and, once auditing is back on, make the next statements'
+    // check see a writer that fell behind (review 44).
+    if !enabled() {
+        wake_writer();
+    }
     // Nothing is held past a transaction's end (a session ending while an aggregate was being
     // updated, above, leaves that aggregate's claim).
     release_held();
