@@ -650,6 +650,31 @@ def test_a_transaction_cannot_claim_more_than_half_the_queue(audited):
         assert time.monotonic() - t0 < 1.0  # refused at once, not after a wait for room
 
 
+def test_records_pushed_with_auditing_off_are_written_at_once(audited):
+    """Review 44: records pushed at a transaction's end after auditing was turned off waited for
+    the writer's naptime (a minute) in shared memory, lost at a restart, and made a statement's
+    check refuse once auditing was back on. Such a push wakes the writer."""
+    name = f"aud_wake_{secrets.token_hex(3)}"
+    with connect(PORT_A, DB) as c, connect(PORT_A, DB) as admin:
+        assert admin.execute("SHOW envelope.maintenance_naptime").fetchone()[0] == "1min"
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'wake'")
+        c.execute("BEGIN")
+        c.execute("SELECT envelope.create_tenant(%s)", (name,))
+        try:
+            set_audit(admin, False)
+            t0 = time.monotonic()
+            c.execute("COMMIT")
+            queued = lambda: admin.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0]
+            assert wait_until(lambda: queued() == 0, timeout=10), queued()
+            assert time.monotonic() - t0 < 10
+        finally:
+            set_audit(admin, True)
+        rows = records_after(c, start, "wake")
+        c.execute("RESET envelope.request_id")
+    assert [r[5] for r in rows if r[0] == "key_op" and r[1] == name] == ["ok"], rows
+
+
 def test_sixteen_made_up_tenants_do_not_hide_a_real_tenants_decryptions(audited):
     """Insider review 27: a statement's aggregates are capped at 16 for failures (the rest share
     tenant "*"), but a success keeps its tenant: sixteen cheap failures under made-up tenant
