@@ -404,11 +404,6 @@ fn claim(n: u64) -> bool {
     ok
 }
 
-/// [`claim`], waiting for room as [`wait_for_room`] does when there is none.
-fn claim_waiting(n: u64) -> bool {
-    claim(n) || wait_for(|| claim(n))
-}
-
 /// Gives back what this backend still holds (at a transaction's end nothing should be left; a
 /// session ending in the middle of an aggregate's update leaves its claim).
 fn release_held() {
@@ -522,7 +517,7 @@ fn push_bytes(bytes: &[u8], error_path: bool, claimed: bool) {
     };
     // A record without a claim claims its slot now (waiting for room, up to a second, unless it
     // may not wait); one that finds none is counted as dropped.
-    if !claimed && !(claim(1) || (!no_wait && { wake_writer(); claim_waiting(1) })) {
+    if !claimed && !(claim(1) || (!no_wait && wait_for(|| claim(1)))) {
         dropped();
         return;
     }
@@ -959,8 +954,7 @@ fn new_entry(a: &mut Acc, op: Op, tenant: &str, role: pg_sys::Oid, exists: bool,
 /// leaves it counted as refused (57P03, fail closed) and returns false.
 #[cold]
 fn settle_no_room(idx: usize, set_code: bool) -> bool {
-    wake_writer();
-    let got = claim_waiting(1);
+    let got = wait_for(|| claim(1));
     let fail_closed = gucs::AUDIT_FAIL_CLOSED.get();
     let mut kept = false;
     ACC.with(|a| {
@@ -1168,25 +1162,13 @@ fn room_for_key_ops_at_pre_commit() {
         // this check and the commit callback's pushes (review 42's residual).
         // More than half the queue is refused outright (review 44: up to all 8,192 slots could
         // be claimed by one transaction, refusing every other session's key use meanwhile).
-        let mut got = wanted <= SLOTS as u64 / 2 && claim(wanted);
-        for _ in 0..if wanted > SLOTS as u64 / 2 { 0 } else { 200 } {
-            if got {
-                KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
-                return;
-            }
-            wake_writer();
-            unsafe { pg_sys::pg_usleep(5_000) };
-            pgrx::check_for_interrupts!();
-            got = wanted <= SLOTS as u64 / 2 && claim(wanted);
-        }
-        if got {
+        // The wait services interrupts (at PRE_COMMIT the transaction can still abort).
+        if wanted <= SLOTS as u64 / 2 && wait_for(|| claim(wanted)) {
             KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
             return;
         }
         let mut why = format!("the audit queue has no room for this transaction's {wanted} key-management record(s)");
         if wanted > SLOTS as u64 / 2 {
-            // (Never: claims held by statements in progress and records not yet written share
-            // the queue's 8,192 slots.)
             why.push_str(&format!("; a transaction can record at most about {} key-management operations: split it", SLOTS / 2));
         }
         if gucs::AUDIT_FAIL_CLOSED.get() {
