@@ -4,35 +4,36 @@
 -- who, where, which keys, how many values, the outcome. Never plaintext, keys, parameters or query
 -- text. Each record carries the hash chain (hash = SHA-256 over the previous hash and the canonical
 -- record); envelope.audit_verify() walks it.
-CREATE TABLE audit_log (
-    seq               bigint PRIMARY KEY,
-    at                timestamptz NOT NULL,
-    at_us             bigint NOT NULL,
-    kind              text NOT NULL,
-    database          text NOT NULL,
-    session_user_name text NOT NULL,
-    role_name         text NOT NULL,
-    client_addr       text NOT NULL,
-    application_name  text NOT NULL,
-    backend_pid       bigint NOT NULL,
-    statement_id      bigint NOT NULL,
-    request_id        text NOT NULL,
-    tenant            text NOT NULL,
-    key_versions      text NOT NULL,
-    operation         text NOT NULL,
-    value_count       bigint NOT NULL,
-    failure_count     bigint NOT NULL,
-    outcome           text NOT NULL,
-    duration_us       bigint NOT NULL,
-    detail            text NOT NULL,
+-- Stored as blocks (crates/core/src/audit_blocks.rs): one row per few records (up to ~1.6 kB of
+-- them, so a row is neither compressed nor moved out of line), the records' canonical bytes and
+-- hashes; envelope.audit_log shows one row per record. One heap tuple and one index entry per
+-- record were most of the writer's CPU (docs/design-decisions.md, "Writer cost").
+CREATE TABLE audit_blocks (
+    first_seq         bigint PRIMARY KEY,
+    last_seq          bigint NOT NULL,
+    first_at          timestamptz NOT NULL,
+    last_at           timestamptz NOT NULL,
+    -- The hash before the first record (the chain's link to the previous block).
     prev_hash         bytea NOT NULL,
-    hash              bytea NOT NULL,
-    -- Where the record was in the shared-memory queue (not hashed): a restarted writer resumes
-    -- after the last record it committed, never writing one twice.
+    -- The records: per record a 4-byte big-endian length, the canonical bytes the chain hashes,
+    -- the 32-byte hash.
+    records           bytea NOT NULL,
+    -- Where the block's last record was in the shared-memory queue (not hashed).
     server_started_at bigint NOT NULL,
     queue_pos         bigint NOT NULL
 );
-COMMENT ON TABLE audit_log IS 'pg_envelope audit trail: append-only, hash-chained; verify with envelope.audit_verify().';
+-- Never compressed (a block is written once and read rarely; compression cost the writer CPU).
+ALTER TABLE audit_blocks ALTER COLUMN records SET STORAGE EXTERNAL;
+COMMENT ON TABLE audit_blocks IS 'pg_envelope audit trail storage (several records per row); read it through envelope.audit_log.';
+
+-- One row per record. Filtering by column decodes every block: narrow by audit_blocks.first_seq,
+-- last_seq, first_at or last_at for large trails (envelope.audit_export does, by sequence).
+CREATE VIEW audit_log AS
+    SELECT r.seq, r.at, r.at_us, r.kind, r.database, r.session_user_name, r.role_name, r.client_addr, r.application_name,
+           r.backend_pid, r.statement_id, r.request_id, r.tenant, r.key_versions, r.operation, r.value_count,
+           r.failure_count, r.outcome, r.duration_us, r.detail, r.prev_hash, r.hash
+      FROM audit_blocks b CROSS JOIN LATERAL audit_block_records(b.prev_hash, b.records) r;
+COMMENT ON VIEW audit_log IS 'pg_envelope audit trail: append-only, hash-chained; verify with envelope.audit_verify().';
 
 -- Signed heads of the chain: every envelope.audit_checkpoint_interval the writer has the key of
 -- envelope.audit_checkpoint_provider MAC (seq, hash, time) inside its KMS or HSM (Transit hmac,
@@ -54,19 +55,22 @@ CREATE TABLE audit_checkpoints (
 -- (the table owner and superusers included: disabling the triggers is a deliberate, visible act,
 -- and audit_verify finds what it changed).
 -- The one exception: envelope.audit_prune (superusers; recorded and checkpointed) deletes the
--- oldest records of audit_log up to a checkpoint.
+-- oldest blocks of audit_blocks up to a checkpoint.
 CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log' AND TG_LEVEL = 'ROW' AND @extschema@.audit_prune_in_progress() THEN
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_blocks' AND TG_LEVEL = 'ROW' AND @extschema@.audit_prune_in_progress() THEN
         RETURN OLD;
     END IF;
     RAISE EXCEPTION 'pg_envelope: % is append-only (% refused)', TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege';
 END $$;
-CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+CREATE TRIGGER audit_blocks_append_only BEFORE UPDATE OR DELETE ON audit_blocks
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
-CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+CREATE TRIGGER audit_blocks_no_truncate BEFORE TRUNCATE ON audit_blocks
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+-- The view refuses writes with the same error (it could not take them anyway).
+CREATE TRIGGER audit_log_append_only INSTEAD OF INSERT OR UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
@@ -115,12 +119,12 @@ CREATE TRIGGER audit_alerts_append_only BEFORE UPDATE OR DELETE ON audit_alerts
 CREATE TRIGGER audit_alerts_no_truncate BEFORE TRUNCATE ON audit_alerts
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
 
-SELECT pg_catalog.pg_extension_config_dump('audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('audit_blocks', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_alerts', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_canaries', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_checkpoints', '');
-REVOKE ALL ON audit_log, audit_checkpoints, audit_hourly, audit_alerts, audit_canaries FROM PUBLIC;
+REVOKE ALL ON audit_blocks, audit_log, audit_checkpoints, audit_hourly, audit_alerts, audit_canaries FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_append_only() FROM PUBLIC;
 -- ANALYZE keeps no sample of the trail: pg_stats (most common values, histograms) would otherwise
 -- show an auditor, and pg_statistic a superuser, who did what, when, and the chain's hashes,
@@ -130,7 +134,7 @@ DO $$
 DECLARE r record;
 BEGIN
     FOR r IN SELECT a.attrelid::pg_catalog.regclass AS rel, a.attname FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY['@extschema@.audit_log'::pg_catalog.regclass,
+              WHERE a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY['@extschema@.audit_blocks'::pg_catalog.regclass,
                         '@extschema@.audit_checkpoints'::pg_catalog.regclass, '@extschema@.audit_hourly'::pg_catalog.regclass,
                         '@extschema@.audit_alerts'::pg_catalog.regclass, '@extschema@.audit_canaries'::pg_catalog.regclass]::pg_catalog.oid[])
                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
@@ -162,7 +166,8 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
             'value_count', l.value_count, 'failure_count', l.failure_count, 'outcome', l.outcome,
             'duration_us', l.duration_us, 'detail', l.detail,
             'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text AS line
-          FROM @extschema@.audit_log l, s WHERE l.seq >= s.start
+          FROM s, @extschema@.audit_blocks b CROSS JOIN LATERAL @extschema@.audit_block_records(b.prev_hash, b.records) l
+         WHERE b.last_seq >= s.start AND l.seq >= s.start
         UNION ALL
         SELECT 1, c.seq, json_build_object(
             'type', 'checkpoint', 'seq', c.seq, 'hash', encode(c.hash, 'hex'), 'at', c.at, 'at_us', c.at_us,
@@ -170,7 +175,7 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
           FROM @extschema@.audit_checkpoints c, s WHERE c.seq >= s.start - 1
         UNION ALL
         SELECT 2, 0, json_build_object(
-            'type', 'export', 'from_seq', s.start, 'head_seq', (SELECT max(seq) FROM @extschema@.audit_log),
+            'type', 'export', 'from_seq', s.start, 'head_seq', (SELECT max(last_seq) FROM @extschema@.audit_blocks),
             'at_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 'database', current_database())::text
           FROM s
     ) e ORDER BY part, seq

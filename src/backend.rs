@@ -172,10 +172,10 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
 /// with the schema by `test_lifecycle.py` (the list must name every table of `envelope`).
 pub const ENVELOPE_TABLES: &[&std::ffi::CStr] = &[
     c"audit_alerts",
+    c"audit_blocks",
     c"audit_canaries",
     c"audit_checkpoints",
     c"audit_hourly",
-    c"audit_log",
     c"blind_index_purposes",
     c"data_keys",
     c"grant_anchor",

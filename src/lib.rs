@@ -147,6 +147,7 @@ extension_sql_file!(
     name = "audit",
     requires = [
         "shred",
+        audit::trail::audit_block_records,
         audit::trail::audit_verify,
         audit::trail::audit_prune,
         audit::trail::audit_prune_in_progress,

@@ -260,7 +260,7 @@ fn lock_bound_ms(default_ms: i64) -> i64 {
     }
 }
 
-/// The audit writer: drains the shared-memory queue into envelope.audit_log, batch by batch,
+/// The audit writer: drains the shared-memory queue into envelope.audit_blocks, batch by batch,
 /// each in its own transaction; a batch's slots are freed only after it committed. Also on a
 /// standby? No: it cannot write (records wait, and key use there fails closed or warns).
 fn audit_step(writer: &mut crate::audit::Writer) {

@@ -6,7 +6,7 @@
 //!   next statement's first key use, or at the end of the transaction, committed or not), so a
 //!   rolled-back decryption is recorded. Key-management operations push one record each.
 //! * The one writer is the maintenance worker (src/worker.rs): it drains the queue, assigns the
-//!   gapless sequence and the hash chain, and appends to `envelope.audit_log` in the database
+//!   gapless sequence and the hash chain, and appends to `envelope.audit_blocks` (read through the view `envelope.audit_log`) in the database
 //!   named by `envelope.database`; it checkpoints the chain's head with a MAC.
 //! * Fail closed: with `envelope.audit` on, a key use is refused (57P03, see [`health`]) when the queue is full or the writer has not drained it for
 //!   `envelope.audit_max_delay`, unless `envelope.audit_fail_closed` is off (then a WARNING, and

@@ -2,7 +2,8 @@
 //! `envelope.audit_prune()` (retention, itself a recorded and checkpointed event). The export is
 //! SQL (sql/audit.sql: `envelope.audit_export`, `envelope.audit_events`).
 
-use pg_envelope_core::audit::{Head, Record, Stored};
+use pg_envelope_core::audit::Head;
+use pg_envelope_core::audit_blocks::{records_of, StoredBlock};
 use pgrx::prelude::*;
 
 use super::writer::{checkpoint_mac_valid, hex};
@@ -38,48 +39,102 @@ fn audit_verify(
     TableIterator::once(verify_impl(all_checkpoints).or_raise())
 }
 
-fn load() -> Result<(Vec<Stored>, Vec<Checkpoint>)> {
+/// `envelope.audit_block_records(prev_hash, records)`: the records of one stored block (see
+/// `pg_envelope_core::audit_blocks`), one row each, as `envelope.audit_log` shows them. Bytes that
+/// are not records (a block edited by hand) give one last row of kind `unreadable` with a NULL
+/// `seq`; `envelope.audit_verify()` names the break. A pure function of its arguments (nothing
+/// is read), so it is executable by everyone: `GRANT SELECT ON envelope.audit_log` is all an
+/// auditor needs.
+#[pg_extern(immutable, parallel_safe, strict)]
+#[allow(clippy::type_complexity)]
+fn audit_block_records(
+    prev_hash: &[u8],
+    records: &[u8],
+) -> TableIterator<
+    'static,
+    (
+        name!(seq, Option<i64>),
+        name!(at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(at_us, i64),
+        name!(kind, String),
+        name!(database, String),
+        name!(session_user_name, String),
+        name!(role_name, String),
+        name!(client_addr, String),
+        name!(application_name, String),
+        name!(backend_pid, i64),
+        name!(statement_id, i64),
+        name!(request_id, String),
+        name!(tenant, String),
+        name!(key_versions, String),
+        name!(operation, String),
+        name!(value_count, i64),
+        name!(failure_count, i64),
+        name!(outcome, String),
+        name!(duration_us, i64),
+        name!(detail, String),
+        name!(prev_hash, Vec<u8>),
+        name!(hash, Vec<u8>),
+    ),
+> {
+    // PostgreSQL's timestamps count microseconds from 2000-01-01.
+    const PG_EPOCH_US: i64 = 946_684_800_000_000;
+    let prev: [u8; 32] = prev_hash.try_into().unwrap_or([0xff; 32]);
+    let read = pg_envelope_core::audit_blocks::read_block(prev, records);
+    let mut rows = Vec::with_capacity(read.records.len() + 1);
+    let mut bad_at = read.unreadable_at;
+    for (i, s) in read.records.into_iter().enumerate() {
+        let r = s.record;
+        // text cannot hold NUL: such a record is shown as unreadable (audit_verify checks its hash).
+        if [&r.kind, &r.database, &r.session_user, &r.current_role, &r.client_addr, &r.application_name, &r.request_id, &r.tenant, &r.key_versions, &r.operation, &r.outcome, &r.detail]
+            .iter()
+            .any(|f| f.contains('\0'))
+        {
+            bad_at = Some(bad_at.unwrap_or(i));
+            break;
+        }
+        let at = r.at_us.checked_sub(PG_EPOCH_US).and_then(|t| pgrx::datum::TimestampWithTimeZone::try_from(t).ok());
+        rows.push((
+            Some(r.seq), at, r.at_us, r.kind, r.database, r.session_user, r.current_role, r.client_addr, r.application_name,
+            r.backend_pid, r.statement_id, r.request_id, r.tenant, r.key_versions, r.operation, r.value_count, r.failure_count,
+            r.outcome, r.duration_us, r.detail, s.prev_hash.to_vec(), s.hash.to_vec(),
+        ));
+    }
+    if bad_at.is_some() {
+        let e = String::new;
+        rows.push((
+            None, None, 0, "unreadable".into(), e(), e(), e(), e(), e(), 0, 0, e(), e(), e(), e(), 0, 0, "unreadable".into(), 0,
+            "bytes of this stored block are not audit records: altered (envelope.audit_verify() names the break)".into(),
+            Vec::new(), Vec::new(),
+        ));
+    }
+    TableIterator::new(rows)
+}
+
+/// The stored blocks in sequence order, and the checkpoints.
+fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
     as_extension_owner(|| {
         hooks::without_read_records(|| {
             Spi::connect(|c| {
                 let t = c
                     .select(
-                        "SELECT seq, at_us, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
-                                statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
-                                duration_us, detail, prev_hash, hash FROM envelope.audit_log ORDER BY seq",
+                        "SELECT first_seq, last_seq, (extract(epoch FROM first_at) * 1000000)::int8, (extract(epoch FROM last_at) * 1000000)::int8,
+                                prev_hash, records FROM envelope.audit_blocks ORDER BY first_seq",
                         None,
                         &[],
                     )
                     .map_err(spi_err)?;
                 let mut rows = Vec::new();
                 for r in t {
-                    let s = |i: usize| r.get::<String>(i).map_err(spi_err).map(|v| v.unwrap_or_default());
                     let n = |i: usize| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0));
-                    let record = Record {
-                        seq: n(1)?,
-                        at_us: n(2)?,
-                        kind: s(3)?,
-                        database: s(4)?,
-                        session_user: s(5)?,
-                        current_role: s(6)?,
-                        client_addr: s(7)?,
-                        application_name: s(8)?,
-                        backend_pid: n(9)?,
-                        statement_id: n(10)?,
-                        request_id: s(11)?,
-                        tenant: s(12)?,
-                        key_versions: s(13)?,
-                        operation: s(14)?,
-                        value_count: n(15)?,
-                        failure_count: n(16)?,
-                        outcome: s(17)?,
-                        duration_us: n(18)?,
-                        detail: s(19)?,
-                    };
-                    let h = |i: usize| -> Result<[u8; 32]> {
-                        Ok(r.get::<Vec<u8>>(i).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32]))
-                    };
-                    rows.push(Stored { record, prev_hash: h(20)?, hash: h(21)? });
+                    rows.push(StoredBlock {
+                        first_seq: n(1)?,
+                        last_seq: n(2)?,
+                        first_at_us: n(3)?,
+                        last_at_us: n(4)?,
+                        prev_hash: r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32]),
+                        bytes: r.get::<Vec<u8>>(6).map_err(spi_err)?.unwrap_or_default(),
+                    });
                 }
                 let t = c
                     .select("SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq, at_us", None, &[])
@@ -118,13 +173,15 @@ fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
     Ok(verdict)
 }
 
-fn judge(rows: Vec<Stored>, cps: &[Checkpoint], all_checkpoints: bool) -> Result<Verdict> {
+fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) -> Result<Verdict> {
     let newest = cps.iter().max_by_key(|c| (c.head.seq, c.at_us));
     let cp_seq = newest.map(|c| c.head.seq);
     // The checkpoint the kept records start after (after a retention) is an anchor: its MAC is
     // always checked too, or a superuser could delete the oldest records and insert a made-up
     // checkpoint in front of the rest.
-    let anchor_seq = rows.first().filter(|r| r.record.seq > 1).map(|r| r.record.seq);
+    // (The first block's label: the records are checked against it as the chain is walked.)
+    let first_seq = blocks.first().map(|b| b.first_seq);
+    let anchor_seq = first_seq.filter(|&s| s > 1);
     let anchor = anchor_seq.and_then(|first| cps.iter().filter(|c| c.head.seq < first).max_by_key(|c| (c.head.seq, c.at_us)));
     let mut to_check: Vec<&Checkpoint> = if all_checkpoints { cps.iter().collect() } else { newest.into_iter().collect() };
     if let Some(a) = anchor {
@@ -142,12 +199,12 @@ fn judge(rows: Vec<Stored>, cps: &[Checkpoint], all_checkpoints: bool) -> Result
     // anchors them. Records missing at the start with no checkpoint there: deleted.
     // (The newest checkpoint before the first kept record: when it is not the record just before
     // it, the records in between were deleted, and the report names the first of them.)
-    let start = match rows.first() {
-        Some(r) if r.record.seq > 1 => cps.iter().filter(|c| c.head.seq < r.record.seq).max_by_key(|c| c.head.seq).map(|c| c.head),
+    let start = match first_seq {
+        Some(first) if first > 1 => cps.iter().filter(|c| c.head.seq < first).max_by_key(|c| c.head.seq).map(|c| c.head),
         _ => None,
     };
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
-    let v = pg_envelope_core::audit::verify(rows, start, &heads);
+    let v = pg_envelope_core::audit::verify_stored(records_of(blocks), start, &heads);
     Ok((v.records as i64, v.head.map(|h| h.seq), cp_seq, v.first_break.is_none(), v.first_break.map(|b| b.to_string())))
 }
 
@@ -178,14 +235,18 @@ fn prune_impl(older_than: pgrx::datum::Interval) -> Result<i64> {
     let anchor = Spi::connect(|c| {
         let t = c
             .select(
-                "SELECT c.seq, c.hash, l.hash, (SELECT min(seq) FROM envelope.audit_log)
-                   FROM envelope.audit_checkpoints c JOIN envelope.audit_log l USING (seq)
-                  WHERE l.at < pg_catalog.now() - $1
+                // A checkpoint certifies the last record of a batch, which is the last record
+                // of a block (blocks never span batches): whole blocks up to it are removed.
+                "SELECT c.seq, c.hash, l.hash, (SELECT min(first_seq) FROM envelope.audit_blocks)
+                   FROM envelope.audit_checkpoints c
+                   JOIN envelope.audit_blocks b ON b.last_seq = c.seq
+                   CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) l
+                  WHERE l.seq = c.seq AND b.last_at < pg_catalog.now() - $1
                     -- Never the newest record: a prune always leaves the chain's head, so the
                     -- writer (after a restart) continues the chain instead of starting a new one
                     -- at 1, and audit_verify has a record to anchor at the checkpoint
                     -- (review 40: an emptied trail read as truncated, then as a broken chain).
-                    AND c.seq < (SELECT max(seq) FROM envelope.audit_log)
+                    AND c.seq < (SELECT max(last_seq) FROM envelope.audit_blocks)
                   ORDER BY c.seq DESC, c.at_us DESC LIMIT 1",
                 None,
                 &[older_than.into()],
@@ -215,7 +276,9 @@ fn prune_impl(older_than: pgrx::datum::Interval) -> Result<i64> {
     PRUNING.with(|p| p.set(true));
     let _reset = Reset;
     let removed = Spi::connect_mut(|c| {
-        c.update("DELETE FROM envelope.audit_log WHERE seq <= $1", None, &[seq.into()]).map(|t| t.len() as i64).map_err(spi_err)
+        c.update("DELETE FROM envelope.audit_blocks WHERE last_seq <= $1 RETURNING last_seq - first_seq + 1", None, &[seq.into()])
+            .and_then(|t| t.map(|r| r.get::<i64>(1).map(|v| v.unwrap_or(0))).sum::<std::result::Result<i64, _>>())
+            .map_err(spi_err)
     })?;
     drop(_reset);
     super::key_op(

@@ -3,6 +3,7 @@
 //! head with a MAC made inside the key server.
 
 use pg_envelope_core::audit::{Chain, Head, Record, Stored};
+use pg_envelope_core::audit_blocks::{Block, Blocks};
 use pg_envelope_core::provider::CheckpointMac;
 use pgrx::prelude::*;
 
@@ -45,6 +46,8 @@ pub struct Writer {
     /// Records of the last batch, given back to be parsed into again (their strings keep their
     /// allocations: see `Record::read_canonical`).
     pool: Vec<Record>,
+    /// The batch's blocks (their buffers kept from batch to batch).
+    blocks: Blocks,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -60,12 +63,20 @@ impl Writer {
     /// queue slots are freed only after the writer's own commit.
     fn load_head(&mut self) -> Result<Option<String>> {
         let row = Spi::connect(|c| {
-            let t = c.select("SELECT seq, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1", None, &[]).map_err(spi_err)?;
+            // The last block's last record (its bytes are read back: a block whose last entry
+            // does not parse gives a head that matches nothing, recorded as tampering).
+            let t = c
+                .select("SELECT last_seq, prev_hash, records FROM envelope.audit_blocks ORDER BY first_seq DESC LIMIT 1", None, &[])
+                .map_err(spi_err)?;
             if t.is_empty() {
                 return Ok::<_, EnvelopeError>(None);
             }
             let r = t.first();
-            Ok(Some((r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0), r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default())))
+            let prev: [u8; 32] = r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32]);
+            let bytes = r.get::<Vec<u8>>(3).map_err(spi_err)?.unwrap_or_default();
+            let last = pg_envelope_core::audit_blocks::read_block(prev, &bytes).records.pop();
+            let seq = r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0);
+            Ok(Some((seq, last.filter(|s| s.record.seq == seq).map_or(vec![0xff; 32], |s| s.hash.to_vec()))))
         })?;
         let table = match row {
             None => Head { seq: 0, hash: pg_envelope_core::audit::GENESIS },
@@ -123,7 +134,7 @@ impl Writer {
         };
         if relid == 0 {
             return Err(EnvelopeError::Internal(
-                "audit: envelope.audit_log does not exist in envelope.database (pg_envelope there is older than 0.2.0: ALTER EXTENSION pg_envelope UPDATE)".into(),
+                "audit: envelope.audit_blocks does not exist in envelope.database (pg_envelope there is older than 0.2.0: ALTER EXTENSION pg_envelope UPDATE)".into(),
             ));
         }
         if relid != self.relid {
@@ -161,25 +172,27 @@ impl Writer {
         let first_pos = upto - records.len() as u64 - bad;
         let mut chain = Chain::after(self.head);
         let started = unsafe { pg_sys::PgStartTime };
-        let mut rows: Vec<(Stored, u64)> = Vec::with_capacity(records.len() + 2);
+        let mut rows: Vec<Stored> = Vec::with_capacity(records.len() + 2);
+        let blocks = &mut self.blocks;
+        blocks.clear();
         if let Some(why) = alarm {
             crate::warning!("pg_envelope audit: {why}");
             let mut r = base_record(if why.starts_with("the audit table was replaced") { "chain_restart" } else { "tamper" }, String::new());
             r.operation = "writer".into();
             r.outcome = "alert".into();
             r.detail = why;
-            rows.push((chain.append(r), first_pos.saturating_sub(1)));
+            rows.push(blocks.push(&mut chain, r, first_pos.saturating_sub(1)));
         }
         // The writer's own records of the previous batch (its alerts), before the queue's.
         self.pending_taken = self.pending.len();
-        rows.extend(self.pending.iter().cloned().map(|r| (chain.append(r), first_pos.saturating_sub(1))));
-        rows.extend(summaries.into_iter().map(|r| (chain.append(r), first_pos.saturating_sub(1))));
-        rows.extend(records.into_iter().enumerate().map(|(i, r)| (chain.append(r), first_pos + i as u64)));
+        rows.extend(self.pending.iter().cloned().map(|r| blocks.push(&mut chain, r, first_pos.saturating_sub(1))));
+        rows.extend(summaries.into_iter().map(|r| blocks.push(&mut chain, r, first_pos.saturating_sub(1))));
+        rows.extend(records.into_iter().enumerate().map(|(i, r)| blocks.push(&mut chain, r, first_pos + i as u64)));
         if bad > 0 {
             let mut r = base_record("dropped", String::new());
             r.detail = format!("{bad} unreadable record(s) in the audit queue");
             r.outcome = "dropped".into();
-            rows.push((chain.append(r), upto - 1));
+            rows.push(blocks.push(&mut chain, r, upto - 1));
         }
         if self.dropped_taken > 0 {
             let mut r = base_record("dropped", String::new());
@@ -190,23 +203,23 @@ impl Writer {
                 "{} audit record(s) counted as dropped since the previous such record (queue full past the wait, or a session ending while its records were updated); their contents are lost",
                 self.dropped_taken
             );
-            rows.push((chain.append(r), upto.saturating_sub(1)));
+            rows.push(blocks.push(&mut chain, r, upto.saturating_sub(1)));
         }
         // Appended the way COPY appends (see `insert_direct`), unless the table was changed so
         // that only the executor inserts correctly (see `direct_insert_possible`): then one
         // INSERT per batch through SPI.
-        if !unsafe { insert_direct(relid, &rows, started) }? {
-            insert_spi(&rows, started)?;
+        if !unsafe { insert_direct(relid, blocks.blocks(), started) }? {
+            insert_spi(blocks.blocks(), started)?;
         }
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
-        self.raised = super::alerts::evaluate(rows.iter().map(|(s, _)| s))?;
-        if rows.iter().any(|(s, _)| s.record.operation == "audit_prune") {
+        self.raised = super::alerts::evaluate(rows.iter())?;
+        if rows.iter().any(|s| s.record.operation == "audit_prune") {
             self.force_checkpoint = true;
         }
         let n = rows.len();
         // (Bounded: a batch's records and the few the writer adds.)
-        self.pool.extend(rows.into_iter().map(|(s, _)| s.record).take((BATCH + 16).saturating_sub(self.pool.len())));
+        self.pool.extend(rows.into_iter().map(|s| s.record).take((BATCH + 16).saturating_sub(self.pool.len())));
         Ok((n, upto))
     }
 
@@ -280,15 +293,15 @@ pub(super) fn checkpoint_mac_valid(provider: &str, head: &Head, at_us: i64, mac:
         .map_err(|error| EnvelopeError::Provider { provider: provider.to_string(), error })
 }
 
-/// The columns of `envelope.audit_log`, in order, as `sql/audit.sql` creates them.
-const AUDIT_LOG_TYPES: [pg_sys::Oid; 24] = {
-    use pg_sys::{BYTEAOID as B, INT8OID as I, TEXTOID as T, TIMESTAMPTZOID as TS};
-    [I, TS, I, T, T, T, T, T, T, I, I, T, T, T, T, I, I, T, I, T, B, B, I, I]
+/// The columns of `envelope.audit_blocks`, in order, as `sql/audit.sql` creates them.
+const AUDIT_BLOCK_TYPES: [pg_sys::Oid; 8] = {
+    use pg_sys::{BYTEAOID as B, INT8OID as I, TIMESTAMPTZOID as TS};
+    [I, I, TS, TS, B, B, I, I]
 };
 
-/// Whether the records can be appended without the executor and give the same table as an
+/// Whether the blocks can be appended without the executor and give the same table as an
 /// INSERT: a plain table with exactly the columns of `sql/audit.sql`, no CHECK constraints, no
-/// rules, no INSERT triggers (a DBA's trigger that forwards records fires, through the executor
+/// rules, no INSERT triggers (a DBA's trigger that forwards blocks fires, through the executor
 /// path), and only plain immediate indexes (no expressions, predicates or exclusion).
 unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::ResultRelInfo) -> bool {
     unsafe {
@@ -299,7 +312,7 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
             || form.relam != pg_sys::HEAP_TABLE_AM_OID
             || form.relhasrules
-            || (*desc).natts != 24
+            || (*desc).natts != AUDIT_BLOCK_TYPES.len() as i32
         {
             return false;
         }
@@ -309,7 +322,7 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
         }
         // (PgTupleDesc: the attribute array's layout differs between PostgreSQL 15 and 18.)
         let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
-        for (i, want) in AUDIT_LOG_TYPES.iter().enumerate() {
+        for (i, want) in AUDIT_BLOCK_TYPES.iter().enumerate() {
             match attrs.get(i) {
                 // (No type modifier: a `timestamptz(0)` would be rounded by an INSERT, not here.)
                 Some(a) if !a.attisdropped && a.atttypid == *want && a.atttypmod == -1 && a.attgenerated == 0 => {}
@@ -354,7 +367,7 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
 /// (The TIDs are taken from the slots, which `heap_multi_insert` sets in every case, not from
 /// the formed tuples: a row it had to TOAST is inserted as a copy. PostgreSQL's own
 /// CatalogTuplesMultiInsertWithInfo reads the tuple's.)
-unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Result<bool> {
+unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<bool> {
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(pg_sys::Oid::from(relid), lock);
@@ -372,7 +385,7 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
         const PG_EPOCH_US: i64 = 946_684_800_000_000;
         // Everything below is palloc'd in the batch's transaction: freed at its commit.
         let desc = (*rel).rd_att;
-        let mut nulls = [false; 24];
+        let mut nulls = [false; 8];
         // Slots reused chunk by chunk (each slot pins the tuple descriptor with the resource
         // owner, whose release searches its list: one slot per row made a batch of 2,000 rows
         // quadratic).
@@ -383,54 +396,21 @@ unsafe fn insert_direct(relid: u32, rows: &[(Stored, u64)], started: i64) -> Res
         let mut ivalues = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
         let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
         for chunk in rows.chunks(CHUNK) {
-            for ((s, pos), &slot) in chunk.iter().zip(&slots) {
-                let r = &s.record;
+            for (blk, &slot) in chunk.iter().zip(&slots) {
                 texts.clear();
                 // Every value in first (the buffer may grow), then their datums.
-                let offsets = [
-                    texts.push(r.kind.as_bytes()),
-                    texts.push(r.database.as_bytes()),
-                    texts.push(r.session_user.as_bytes()),
-                    texts.push(r.current_role.as_bytes()),
-                    texts.push(r.client_addr.as_bytes()),
-                    texts.push(r.application_name.as_bytes()),
-                    texts.push(r.request_id.as_bytes()),
-                    texts.push(r.tenant.as_bytes()),
-                    texts.push(r.key_versions.as_bytes()),
-                    texts.push(r.operation.as_bytes()),
-                    texts.push(r.outcome.as_bytes()),
-                    texts.push(r.detail.as_bytes()),
-                    texts.push(&s.prev_hash),
-                    texts.push(&s.hash),
-                ];
-                let [kind, database, session_user, role, client, app, request_id, tenant, versions, operation, outcome, detail, prev_hash, hash] =
-                    offsets.map(|o| texts.datum(o));
+                let offsets = [texts.push(&blk.prev_hash), texts.push(&blk.bytes)];
+                let [prev_hash, records] = offsets.map(|o| texts.datum(o));
                 // In the column order of `sql/audit.sql` (checked by `direct_insert_possible`).
-                let mut values: [pg_sys::Datum; 24] = [
-                    int(r.seq),
-                    int(r.at_us - PG_EPOCH_US),
-                    int(r.at_us),
-                    kind,
-                    database,
-                    session_user,
-                    role,
-                    client,
-                    app,
-                    int(r.backend_pid),
-                    int(r.statement_id),
-                    request_id,
-                    tenant,
-                    versions,
-                    operation,
-                    int(r.value_count),
-                    int(r.failure_count),
-                    outcome,
-                    int(r.duration_us),
-                    detail,
+                let mut values: [pg_sys::Datum; 8] = [
+                    int(blk.first_seq),
+                    int(blk.last_seq),
+                    int(blk.first_at_us - PG_EPOCH_US),
+                    int(blk.last_at_us - PG_EPOCH_US),
                     prev_hash,
-                    hash,
+                    records,
                     int(started),
-                    int(*pos as i64),
+                    int(blk.queue_pos as i64),
                 ];
                 let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
                 // The slot owns the tuple (so heap_multi_insert does not copy it; freed when
@@ -508,49 +488,33 @@ impl Varlenas {
 }
 
 /// The executor path: one INSERT per batch (arrays unnested).
-fn insert_spi(rows: &[(Stored, u64)], started: i64) -> Result<()> {
-        let col_i64 = |f: &dyn Fn(&Stored, u64) -> i64| rows.iter().map(|(s, p)| f(s, *p)).collect::<Vec<i64>>();
-        let col_str = |f: &dyn Fn(&Record) -> &str| rows.iter().map(|(s, _)| f(&s.record).to_string()).collect::<Vec<String>>();
-        let col_hash = |f: &dyn Fn(&Stored) -> [u8; 32]| rows.iter().map(|(s, _)| f(s).to_vec()).collect::<Vec<Vec<u8>>>();
-        let args: Vec<pgrx::datum::DatumWithOid> = vec![
-            col_i64(&|s, _| s.record.seq).into(),
-            col_i64(&|s, _| s.record.at_us).into(),
-            col_str(&|r| &r.kind).into(),
-            col_str(&|r| &r.database).into(),
-            col_str(&|r| &r.session_user).into(),
-            col_str(&|r| &r.current_role).into(),
-            col_str(&|r| &r.client_addr).into(),
-            col_str(&|r| &r.application_name).into(),
-            col_i64(&|s, _| s.record.backend_pid).into(),
-            col_i64(&|s, _| s.record.statement_id).into(),
-            col_str(&|r| &r.request_id).into(),
-            col_str(&|r| &r.tenant).into(),
-            col_str(&|r| &r.key_versions).into(),
-            col_str(&|r| &r.operation).into(),
-            col_i64(&|s, _| s.record.value_count).into(),
-            col_i64(&|s, _| s.record.failure_count).into(),
-            col_str(&|r| &r.outcome).into(),
-            col_i64(&|s, _| s.record.duration_us).into(),
-            col_str(&|r| &r.detail).into(),
-            col_hash(&|s| s.prev_hash).into(),
-            col_hash(&|s| s.hash).into(),
-            started.into(),
-            col_i64(&|_, p| p as i64).into(),
-        ];
-        Spi::connect_mut(|c| {
-            c.update(
-                "INSERT INTO envelope.audit_log
-                 SELECT u.seq, pg_catalog.to_timestamp(u.at_us::float8 / 1e6), u.at_us, u.kind, u.database, u.su, u.role, u.client,
-                        u.app, u.pid, u.stmt, u.req, u.tenant, u.versions, u.op, u.n, u.failures, u.outcome, u.duration, u.detail,
-                        u.prev, u.hash, $22, u.pos
-                   FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]), pg_catalog.unnest($9::int8[]), pg_catalog.unnest($10::int8[]), pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]), pg_catalog.unnest($13::text[]), pg_catalog.unnest($14::text[]), pg_catalog.unnest($15::int8[]), pg_catalog.unnest($16::int8[]), pg_catalog.unnest($17::text[]), pg_catalog.unnest($18::int8[]), pg_catalog.unnest($19::text[]), pg_catalog.unnest($20::bytea[]), pg_catalog.unnest($21::bytea[]), pg_catalog.unnest($23::int8[]))
-                        AS u(seq, at_us, kind, database, su, role, client, app, pid, stmt, req, tenant, versions, op, n, failures,
-                             outcome, duration, detail, prev, hash, pos)",
-                None,
-                &args,
-            )
-            .map_err(spi_err)?;
-            Ok::<_, EnvelopeError>(())
-        })?;
-        Ok(())
+fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
+    let col_i64 = |f: &dyn Fn(&Block) -> i64| blocks.iter().map(f).collect::<Vec<i64>>();
+    let col_bytes = |f: &dyn Fn(&Block) -> &[u8]| blocks.iter().map(|b| f(b).to_vec()).collect::<Vec<Vec<u8>>>();
+    let args: Vec<pgrx::datum::DatumWithOid> = vec![
+        col_i64(&|b| b.first_seq).into(),
+        col_i64(&|b| b.last_seq).into(),
+        col_i64(&|b| b.first_at_us).into(),
+        col_i64(&|b| b.last_at_us).into(),
+        col_bytes(&|b| &b.prev_hash).into(),
+        col_bytes(&|b| &b.bytes).into(),
+        started.into(),
+        col_i64(&|b| b.queue_pos as i64).into(),
+    ];
+    Spi::connect_mut(|c| {
+        c.update(
+            "INSERT INTO envelope.audit_blocks
+             SELECT u.first_seq, u.last_seq, pg_catalog.to_timestamp(0) + u.first_us * interval '1 microsecond',
+                    pg_catalog.to_timestamp(0) + u.last_us * interval '1 microsecond', u.prev, u.records, $7, u.pos
+               FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::int8[]),
+                               pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::bytea[]), pg_catalog.unnest($6::bytea[]),
+                               pg_catalog.unnest($8::int8[]))
+                    AS u(first_seq, last_seq, first_us, last_us, prev, records, pos)",
+            None,
+            &args,
+        )
+        .map_err(spi_err)?;
+        Ok::<_, EnvelopeError>(())
+    })?;
+    Ok(())
 }

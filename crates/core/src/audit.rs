@@ -296,12 +296,17 @@ impl Record {
     pub fn hash_with(&self, prev: &[u8; 32], scratch: &mut Vec<u8>) -> [u8; 32] {
         scratch.clear();
         self.as_ref().canonical_into(scratch);
-        let mut h = Sha256::new();
-        h.update(CHAIN_DOMAIN);
-        h.update(prev);
-        h.update(&scratch[..]);
-        h.finalize().into()
+        chain_hash(prev, scratch)
     }
+}
+
+/// The chain's hash of a record's canonical bytes after `prev`.
+pub fn chain_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(CHAIN_DOMAIN);
+    h.update(prev);
+    h.update(canonical);
+    h.finalize().into()
 }
 
 /// A stored record: the record, and the previous hash and hash the writer stored with it.
@@ -346,6 +351,11 @@ pub enum Break {
     Truncated { checkpoint_seq: i64, last_seq: i64 },
     /// The chain has the checkpoint's sequence number with another hash.
     CheckpointMismatch { seq: i64 },
+    /// A stored block's bytes after record `after_seq` (0: at its start) are not records.
+    Unreadable { after_seq: i64 },
+    /// A stored block's labels (first and last sequence numbers, times) are not those of the
+    /// records it holds.
+    Mislabelled { first_seq: i64 },
 }
 
 impl std::fmt::Display for Break {
@@ -359,6 +369,10 @@ impl std::fmt::Display for Break {
                 write!(f, "the chain ends at record {last_seq}, before the checkpoint at record {checkpoint_seq}: truncated")
             }
             Break::CheckpointMismatch { seq } => write!(f, "record {seq} does not have the hash its checkpoint certified: rewritten"),
+            Break::Unreadable { after_seq } => write!(f, "the stored block after record {after_seq} holds bytes that are not records: altered"),
+            Break::Mislabelled { first_seq } => {
+                write!(f, "the stored block of records from {first_seq} is labelled with other sequence numbers or times: altered")
+            }
         }
     }
 }
@@ -379,6 +393,13 @@ pub struct Verified {
 /// must match the record at its sequence; the chain must reach the newest one (whose MAC the
 /// caller verified), or its tail was truncated.
 pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, checkpoints: &[Head]) -> Verified {
+    verify_stored(records.into_iter().map(Ok), start, checkpoints)
+}
+
+/// [`verify`] over what the storage gave back: a record, or a break found in the storage
+/// itself (a block that does not parse, or whose labels do not match its records), reported
+/// where it is met unless the chain broke before it.
+pub fn verify_stored(records: impl IntoIterator<Item = Result<Stored, Break>>, start: Option<Head>, checkpoints: &[Head]) -> Verified {
     // `None`: nothing can follow (the sequence reached i64::MAX; only a forged row gets there).
     let (mut expected, mut prev) = match start {
         Some(h) => (h.seq.checked_add(1), h.hash),
@@ -393,6 +414,13 @@ pub fn verify(records: impl IntoIterator<Item = Stored>, start: Option<Head>, ch
     let mut n = 0u64;
     let mut brk = None;
     for s in records {
+        let s = match s {
+            Ok(s) => s,
+            Err(b) => {
+                brk = Some(b);
+                break;
+            }
+        };
         let seq = s.record.seq;
         if Some(seq) != expected {
             brk = Some(if head.is_some_and(|h| h.seq == seq) {
@@ -445,6 +473,23 @@ impl Chain {
 
     pub fn head(&self) -> Head {
         self.head
+    }
+
+    /// [`Chain::append`] that also writes the record as a block entry at the end of `out` (see
+    /// [`crate::audit_blocks`]): the canonical bytes are encoded once, into the block, and hashed
+    /// there.
+    pub fn append_entry(&mut self, mut record: Record, out: &mut Vec<u8>) -> Stored {
+        record.seq = self.head.seq + 1;
+        let prev = self.head.hash;
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        record.as_ref().canonical_into(out);
+        let len = u32::try_from(out.len() - at - 4).expect("an audit record is far below 4 GB");
+        out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        let hash = chain_hash(&prev, &out[at + 4..]);
+        out.extend_from_slice(&hash);
+        self.head = Head { seq: record.seq, hash };
+        Stored { record, prev_hash: prev, hash }
     }
 
     /// Assigns the next sequence number to `record` and returns it stored.

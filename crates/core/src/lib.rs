@@ -15,6 +15,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod audit;
+pub mod audit_blocks;
 pub mod cache;
 pub mod datakey;
 pub mod envelope;
