@@ -11,6 +11,7 @@ INSERT INTO au SELECT g, ('value ' || g)::text FROM generate_series(1, 20) g;
 -- Nothing of the trail is open to PUBLIC: reading, verifying, exporting, pruning, canaries.
 SET ROLE regress_other;
 SELECT sqlstate_of($$SELECT * FROM envelope.audit_log$$) AS log_public,
+       sqlstate_of($$SELECT * FROM envelope.audit_blocks$$) AS blocks_public,
        sqlstate_of($$SELECT * FROM envelope.audit_checkpoints$$) AS checkpoints_public,
        sqlstate_of($$SELECT * FROM envelope.audit_alerts$$) AS alerts_public,
        sqlstate_of($$SELECT * FROM envelope.audit_hourly$$) AS hourly_public,
@@ -24,18 +25,23 @@ SELECT sqlstate_of($$SELECT * FROM envelope.audit_log$$) AS log_public,
        sqlstate_of($$SET envelope.max_decrypts_per_statement = 0$$) AS cap_not_settable;
 RESET ROLE;
 
--- Append-only: UPDATE, DELETE and TRUNCATE refused to everyone, the superuser included (a row
--- made up by hand, in a transaction rolled back; audit_verify reports it: it is not in the chain).
+-- Append-only: UPDATE, DELETE and TRUNCATE refused to everyone, the superuser included (a block
+-- made up by hand, in a transaction rolled back; audit_verify reports it: it is not in the chain,
+-- and the view shows its bytes as unreadable).
 BEGIN;
-INSERT INTO envelope.audit_log VALUES (1, now(), 0, 'decrypt', 'db', 'u', 'u', '', '', 0, 0, '', 't', '', 'decrypt',
-       1, 0, 'ok', 0, '', '\x00'::bytea, '\x00'::bytea, 0, 0);
-SELECT ok, first_break FROM envelope.audit_verify() AS made_up_row;
-SELECT sqlstate_of($$UPDATE envelope.audit_log SET detail = 'x'$$) AS update_log,
-       sqlstate_of($$DELETE FROM envelope.audit_log$$) AS delete_log;
-ROLLBACK;
+INSERT INTO envelope.audit_blocks VALUES (1, 1, now(), now(), '\x00'::bytea, '\x0000'::bytea, 0, 0);
+SELECT ok, first_break FROM envelope.audit_verify() AS made_up_block;
+SELECT seq, kind, outcome FROM envelope.audit_log AS shown_unreadable;
 SELECT sqlstate_of($$UPDATE envelope.audit_log SET detail = 'x'$$) AS update_log,
        sqlstate_of($$DELETE FROM envelope.audit_log$$) AS delete_log,
-       sqlstate_of($$TRUNCATE envelope.audit_log$$) AS truncate_log,
+       sqlstate_of($$INSERT INTO envelope.audit_log (seq) VALUES (2)$$) AS insert_log,
+       sqlstate_of($$UPDATE envelope.audit_blocks SET last_seq = 2$$) AS update_blocks,
+       sqlstate_of($$DELETE FROM envelope.audit_blocks$$) AS delete_blocks;
+ROLLBACK;
+SELECT sqlstate_of($$UPDATE envelope.audit_blocks SET last_seq = 2$$) AS update_blocks,
+       sqlstate_of($$DELETE FROM envelope.audit_blocks$$) AS delete_blocks,
+       sqlstate_of($$TRUNCATE envelope.audit_blocks$$) AS truncate_blocks,
+       sqlstate_of($$TRUNCATE envelope.audit_log$$) AS truncate_log_a_view,
        sqlstate_of($$TRUNCATE envelope.audit_checkpoints$$) AS truncate_checkpoints,
        sqlstate_of($$TRUNCATE envelope.audit_alerts$$) AS truncate_alerts;
 -- The one deletion path is audit_prune; an empty trail has nothing to prune.
