@@ -288,6 +288,74 @@ def test_key_operations_undone_by_a_savepoint_are_recorded_as_rolled_back(audite
     assert ops == [(undone, "rolled back"), (kept, "ok"), (caught, "rolled back")], ops
 
 
+# The trail's storage (crates/core/src/audit_blocks.rs): per record a u32 big-endian length, the
+# canonical bytes, the 32-byte hash. For the tampering tests, which change blocks as a forger would.
+def block_entries(b):
+    out, i = [], 0
+    while i < len(b):
+        n = int.from_bytes(b[i:i + 4], "big")
+        out.append((bytes(b[i + 4:i + 4 + n]), bytes(b[i + 4 + n:i + 36 + n])))
+        i += 36 + n
+    return out
+
+
+def entry_seq_at(canon):
+    return int.from_bytes(canon[1:9], "big", signed=True), int.from_bytes(canon[9:17], "big", signed=True)
+
+
+def value_count_offset(canon):
+    """Where value_count is in a canonical record (format byte, seq, at_us, six strings,
+    backend_pid, statement_id, four strings, then value_count)."""
+    i = 17
+    for _ in range(6):
+        i += 4 + int.from_bytes(canon[i:i + 4], "big")
+    i += 16
+    for _ in range(4):
+        i += 4 + int.from_bytes(canon[i:i + 4], "big")
+    return i
+
+
+def index_of(entries, seq):
+    return [entry_seq_at(e[0])[0] for e in entries].index(seq)
+
+
+def write_block(c, first_seq, entries):
+    """Replaces the block stored at `first_seq` with `entries`, its labels made to match."""
+    if not entries:
+        c.execute("DELETE FROM envelope.audit_blocks WHERE first_seq = %s", (first_seq,))
+        return
+    (f, fat), (l, lat) = entry_seq_at(entries[0][0]), entry_seq_at(entries[-1][0])
+    data = b"".join(len(canon).to_bytes(4, "big") + canon + h for canon, h in entries)
+    c.execute("UPDATE envelope.audit_blocks SET first_seq = %s, last_seq = %s, first_at = to_timestamp(0) + %s * interval '1 microsecond', "
+              "last_at = to_timestamp(0) + %s * interval '1 microsecond', records = %s WHERE first_seq = %s",
+              (f, l, fat, lat, data, first_seq))
+
+
+def change_records(c, seq, change):
+    first, data = c.execute("SELECT first_seq, records FROM envelope.audit_blocks WHERE %s BETWEEN first_seq AND last_seq", (seq,)).fetchone()
+    entries = block_entries(data)
+    change(entries)
+    write_block(c, first, entries)
+
+
+def swap_records(c, a, b):
+    """Swaps two records (in one block or across two)."""
+    blocks = {}
+    for s in (a, b):
+        first, data = c.execute("SELECT first_seq, records FROM envelope.audit_blocks WHERE %s BETWEEN first_seq AND last_seq", (s,)).fetchone()
+        blocks.setdefault(first, block_entries(data))
+    where = {s: next((f, index_of(e, s)) for f, e in blocks.items() if s in [entry_seq_at(x[0])[0] for x in e]) for s in (a, b)}
+    (fa, ia), (fb, ib) = where[a], where[b]
+    blocks[fa][ia], blocks[fb][ib] = blocks[fb][ib], blocks[fa][ia]
+    for first, entries in blocks.items():
+        write_block(c, first, entries)
+
+
+def truncate_after(c, seq):
+    c.execute("DELETE FROM envelope.audit_blocks WHERE first_seq > %s", (seq,))
+    change_records(c, seq, lambda e: e.__delitem__(slice(index_of(e, seq) + 1, None)))
+
+
 def test_chain_verifies_and_every_tampering_is_reported(audited):
     with connect(PORT_A, DB) as c:
         c.execute("SET envelope.request_id = 'chain'")
@@ -301,27 +369,47 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
         assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
         ok = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
         assert ok == (True, None), ok
-        # Normal paths refuse changes, even to a superuser.
-        for q in ("UPDATE envelope.audit_log SET value_count = 0", "DELETE FROM envelope.audit_log", "TRUNCATE envelope.audit_log"):
+        # Normal paths refuse changes, even to a superuser (the view and its table).
+        for q in ("UPDATE envelope.audit_log SET value_count = 0", "DELETE FROM envelope.audit_log",
+                  "UPDATE envelope.audit_blocks SET last_seq = 0", "DELETE FROM envelope.audit_blocks", "TRUNCATE envelope.audit_blocks"):
             with pytest.raises(psycopg.Error) as e:
                 c.execute(q)
             assert e.value.sqlstate == "42501" and "append-only" in str(e.value)
         seq = last_seq(c) - 2
         # Each tampering, done as a superuser with the triggers disabled, inside a transaction
-        # that is rolled back afterwards (the chain must stay usable for the next test).
+        # that is rolled back afterwards (the chain must stay usable for the next test). The
+        # records are changed inside their blocks, and the blocks' labels (first and last
+        # sequence numbers and times) made to match, as a careful forger would.
+        def edit(entries):
+            i = index_of(entries, seq)
+            canon = bytearray(entries[i][0])
+            at = value_count_offset(canon)
+            canon[at:at + 8] = (int.from_bytes(canon[at:at + 8], "big", signed=True) + 1).to_bytes(8, "big", signed=True)
+            entries[i] = (bytes(canon), entries[i][1])
+
+        def delete(entries):
+            del entries[index_of(entries, seq)]
+
+        def insert(entries):
+            i = index_of(entries, seq)
+            entries.insert(i + 1, entries[i])
+
         cases = {
-            "edit": (f"UPDATE envelope.audit_log SET value_count = value_count + 1 WHERE seq = {seq}", f"record {seq} does not match its hash: altered"),
-            "delete": (f"DELETE FROM envelope.audit_log WHERE seq = {seq}", f"record {seq} is missing"),
-            "insert": (f"ALTER TABLE envelope.audit_log DROP CONSTRAINT audit_log_pkey; INSERT INTO envelope.audit_log SELECT * FROM envelope.audit_log WHERE seq = {seq}",
-                       f"record {seq} appears twice: inserted"),
-            "reorder": (f"UPDATE envelope.audit_log SET seq = -1 WHERE seq = {seq}; UPDATE envelope.audit_log SET seq = {seq} WHERE seq = {seq + 1};"
-                        f" UPDATE envelope.audit_log SET seq = {seq + 1} WHERE seq = -1", f"record {seq} does not"),
-            "truncate-tail": (f"DELETE FROM envelope.audit_log WHERE seq > {seq}", "truncated"),
+            "edit": (lambda: change_records(c, seq, edit), f"record {seq} does not match its hash: altered"),
+            "delete": (lambda: change_records(c, seq, delete), f"record {seq} is missing"),
+            "insert": (lambda: change_records(c, seq, insert), f"record {seq} appears twice: inserted"),
+            # (Two records swapped: the first out of place reads as missing there.)
+            "reorder": (lambda: swap_records(c, seq, seq + 1), f"record {seq} is missing"),
+            "truncate-tail": (lambda: truncate_after(c, seq), "truncated"),
+            "relabel": (lambda: c.execute("UPDATE envelope.audit_blocks SET last_at = last_at + interval '1 hour' "
+                                          "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "labelled"),
+            "garbage": (lambda: c.execute("UPDATE envelope.audit_blocks SET records = records || '\\x0102'::bytea "
+                                          "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "not records"),
         }
         for name, (tamper, expected) in cases.items():
             c.execute("BEGIN")
-            c.execute("ALTER TABLE envelope.audit_log DISABLE TRIGGER USER")
-            c.execute(tamper)
+            c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+            tamper()
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
             c.execute("ROLLBACK")
             print(f"{name}: {brk}")
