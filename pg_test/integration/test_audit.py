@@ -956,7 +956,7 @@ def test_failure_summaries_survive_failing_batches_and_a_writer_restart(audited)
         fresh_role(su, role)
         su.execute("""CREATE OR REPLACE FUNCTION public.audit_fail_batches() RETURNS trigger LANGUAGE plpgsql
                       AS $$ BEGIN RAISE EXCEPTION 'batch refused for the test'; END $$""")
-        su.execute("CREATE TRIGGER audit_fail_batches BEFORE INSERT ON envelope.audit_log "
+        su.execute("CREATE TRIGGER audit_fail_batches BEFORE INSERT ON envelope.audit_blocks "
                    "FOR EACH STATEMENT EXECUTE FUNCTION public.audit_fail_batches()")
         try:
             with connect(PORT_A, DB) as c:
@@ -965,7 +965,7 @@ def test_failure_summaries_survive_failing_batches_and_a_writer_restart(audited)
             time.sleep(2.5)  # the summaries are due and the writer's batches with them fail
             su.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'")
         finally:
-            su.execute("DROP TRIGGER audit_fail_batches ON envelope.audit_log")
+            su.execute("DROP TRIGGER audit_fail_batches ON envelope.audit_blocks")
             su.execute("DROP FUNCTION public.audit_fail_batches()")
         def total():
             return su.execute("SELECT coalesce(sum(failure_count), 0) FROM envelope.audit_log WHERE seq > %s AND role_name = %s",
@@ -1031,7 +1031,7 @@ def test_failures_past_every_summary_entry_survive_failing_batches(audited):
         END $$"""
         su.execute("""CREATE OR REPLACE FUNCTION public.audit_fail_batches() RETURNS trigger LANGUAGE plpgsql
                       AS $$ BEGIN RAISE EXCEPTION 'batch refused for the test'; END $$""")
-        su.execute("CREATE TRIGGER audit_fail_batches BEFORE INSERT ON envelope.audit_log "
+        su.execute("CREATE TRIGGER audit_fail_batches BEFORE INSERT ON envelope.audit_blocks "
                    "FOR EACH STATEMENT EXECUTE FUNCTION public.audit_fail_batches()")
         try:
             for r in roles[:16]:
@@ -1046,7 +1046,7 @@ def test_failures_past_every_summary_entry_survive_failing_batches(audited):
             time.sleep(1.0)
             su.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'")
         finally:
-            su.execute("DROP TRIGGER audit_fail_batches ON envelope.audit_log")
+            su.execute("DROP TRIGGER audit_fail_batches ON envelope.audit_blocks")
             su.execute("DROP FUNCTION public.audit_fail_batches()")
         expected = 16 * (120 + 16) + 2 * 121
         def total():
@@ -1500,8 +1500,8 @@ def test_retention_is_a_recorded_checkpointed_event(audited):
             c.execute("DELETE FROM envelope.audit_log")
         assert e.value.sqlstate == "42501"
         c.execute("BEGIN")
-        c.execute("ALTER TABLE envelope.audit_log DISABLE TRIGGER USER")
-        c.execute("DELETE FROM envelope.audit_log WHERE seq = %s", (cp + 1,))
+        c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+        change_records(c, cp + 1, lambda e: e.__delitem__(0))
         ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
         c.execute("ROLLBACK")
         assert ok is False and f"record {cp + 1} is missing" in brk, brk
@@ -1696,40 +1696,42 @@ def one_value_statements(c, n, request_id):
 
 
 def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_still_fires(audited):
-    """The writer appends without the executor (heap_insert and the index inserts, as
-    PostgreSQL writes its catalogs): amcheck finds every row in the primary key's index and the
-    index sound, and lookups by seq find them. With an INSERT trigger on audit_log (a DBA who
-    forwards records elsewhere), the writer takes the executor path and the trigger sees every
-    record."""
+    """The writer appends without the executor (heap_multi_insert and the index inserts, as
+    COPY does): amcheck finds every block in the primary key's index and the index sound, and
+    lookups of blocks by sequence find them. With an INSERT trigger on audit_blocks (a DBA who
+    forwards the trail elsewhere), the writer takes the executor path and the trigger sees every
+    block."""
     with connect(PORT_A, DB) as c:
         start = last_seq(c)
         one_value_statements(c, 1200, 'direct')
         had_amcheck = c.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone() is not None
         c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
         try:
-            c.execute("SELECT bt_index_parent_check('envelope.audit_log_pkey', true)")  # heapallindexed
+            c.execute("SELECT bt_index_parent_check('envelope.audit_blocks_pkey', true)")  # heapallindexed
         finally:
             if not had_amcheck:
                 c.execute("DROP EXTENSION amcheck")
         c.execute("SET enable_seqscan = off")
         c.execute("SET enable_bitmapscan = off")
-        by_index = c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'direct'", (start,)).fetchone()[0]
+        by_index = c.execute("SELECT count(*) FROM envelope.audit_blocks b CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) r "
+                             "WHERE b.first_seq > %s - 50 AND r.seq > %s AND r.request_id = 'direct'", (start, start)).fetchone()[0]
         c.execute("RESET enable_seqscan")
         c.execute("RESET enable_bitmapscan")
         assert by_index == 1200
 
         c.execute("DROP TABLE IF EXISTS public.audit_forwarded")
-        c.execute("CREATE TABLE public.audit_forwarded (seq bigint, hash bytea)")
+        c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")
         c.execute("CREATE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
-                  "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.seq, NEW.hash); RETURN NEW; END$$")
-        c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_log FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
+                  "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.prev_hash, NEW.records); RETURN NEW; END$$")
+        c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
         try:
             start = last_seq(c)
             one_value_statements(c, 600, 'forwarded')
             stored = c.execute("SELECT seq, hash FROM envelope.audit_log WHERE seq > %s ORDER BY seq", (start,)).fetchall()
-            forwarded = c.execute("SELECT seq, hash FROM public.audit_forwarded WHERE seq > %s ORDER BY seq", (start,)).fetchall()
+            forwarded = c.execute("SELECT r.seq, r.hash FROM public.audit_forwarded f CROSS JOIN LATERAL envelope.audit_block_records(f.prev, f.records) r "
+                                  "WHERE r.seq > %s ORDER BY r.seq", (start,)).fetchall()
         finally:
-            c.execute("DROP TRIGGER audit_forward ON envelope.audit_log")
+            c.execute("DROP TRIGGER audit_forward ON envelope.audit_blocks")
             c.execute("DROP FUNCTION public.audit_forward()")
             c.execute("DROP TABLE public.audit_forwarded")
         assert len(stored) >= 600
@@ -1741,14 +1743,14 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
         # PostgreSQL's own inserts skip it: inserting into it failed every batch of the direct
         # path, so nothing was written and key use was refused after audit_max_delay (review 31).
         with pytest.raises(psycopg.errors.UniqueViolation):
-            c.execute("CREATE UNIQUE INDEX CONCURRENTLY audit_log_not_ready ON envelope.audit_log (kind)")
+            c.execute("CREATE UNIQUE INDEX CONCURRENTLY audit_blocks_not_ready ON envelope.audit_blocks (server_started_at)")
         try:
-            assert c.execute("SELECT NOT indisready FROM pg_index WHERE indexrelid = 'envelope.audit_log_not_ready'::regclass").fetchone()[0]
+            assert c.execute("SELECT NOT indisready FROM pg_index WHERE indexrelid = 'envelope.audit_blocks_not_ready'::regclass").fetchone()[0]
             start = last_seq(c)
             one_value_statements(c, 300, 'not_ready')
             assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'not_ready'", (start,)).fetchone()[0] == 300
         finally:
-            c.execute("DROP INDEX IF EXISTS envelope.audit_log_not_ready")
+            c.execute("DROP INDEX IF EXISTS envelope.audit_blocks_not_ready")
         assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
 
 
@@ -1795,15 +1797,13 @@ def test_a_row_slipped_in_by_a_superuser_hides_nothing_and_is_reported(audited):
     with connect(PORT_A, DB) as c, connect(PORT_A, DB) as app:
         assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
         c.execute("BEGIN")
-        c.execute("LOCK envelope.audit_log IN EXCLUSIVE MODE")
-        nxt = c.execute("SELECT max(seq) + 1 FROM envelope.audit_log").fetchone()[0]
+        c.execute("LOCK envelope.audit_blocks IN EXCLUSIVE MODE")
+        nxt = c.execute("SELECT max(last_seq) + 1 FROM envelope.audit_blocks").fetchone()[0]
         app.execute("SET envelope.request_id = 'hidden?'")
         with as_tenant(app, TENANT):
             app.execute("SELECT count(v::text) FROM audit_t WHERE id <= 9")
-        c.execute("INSERT INTO envelope.audit_log SELECT %s, at, at_us, kind, database, session_user_name, role_name, client_addr, "
-                  "application_name, backend_pid, statement_id, 'forged', tenant, key_versions, operation, value_count, failure_count, "
-                  "outcome, duration_us, detail, hash, sha256(hash), server_started_at, queue_pos + 100 "
-                  "FROM envelope.audit_log WHERE seq = %s - 1", (nxt, nxt))
+        c.execute("INSERT INTO envelope.audit_blocks SELECT %s, %s, first_at, last_at, prev_hash, records, server_started_at, queue_pos + 100 "
+                  "FROM envelope.audit_blocks WHERE last_seq = %s - 1", (nxt, nxt, nxt))
         time.sleep(0.5)     # the writer tries, and waits for the lock
         c.execute("COMMIT")
         assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE request_id = 'hidden?' AND kind = 'decrypt'").fetchone()[0] == 1)
