@@ -338,7 +338,9 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
     };
     // Only where the extension is installed (its audit tables exist): a database without it
     // (postgres, template1, a monitoring database) is not touched, and must not fail.
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && audit_rels().is_some() {
+    // (Not in a parallel worker: the leader checked the same range table and records the read;
+    // each worker of a parallel scan of the trail recorded it again.)
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && unsafe { pg_sys::ParallelWorkerNumber } < 0 && audit_rels().is_some() {
         remember_role();
         let rels = list_ptrs(range_table).map(|p| p.cast::<pg_sys::RangeTblEntry>()).filter_map(|rte| {
             ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION).then(|| ((*rte).relid, (*rte).requiredPerms as u64))
@@ -359,7 +361,9 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, perm_inf
     };
     // Only where the extension is installed (its audit tables exist): a database without it
     // (postgres, template1, a monitoring database) is not touched, and must not fail.
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && audit_rels().is_some() {
+    // (Not in a parallel worker: the leader checked the same range table and records the read;
+    // each worker of a parallel scan of the trail recorded it again.)
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && unsafe { pg_sys::ParallelWorkerNumber } < 0 && audit_rels().is_some() {
         remember_role();
         let rels = list_ptrs(perm_infos).map(|p| p.cast::<pg_sys::RTEPermissionInfo>()).map(|pi| ((*pi).relid, (*pi).requiredPerms as u64));
         if let Some(t) = tables_read(rels) {
