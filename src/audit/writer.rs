@@ -1,5 +1,5 @@
 //! The audit writer, run by the maintenance worker: drains the shared-memory queue into
-//! `envelope.audit_log` (the gapless sequence and the hash chain), and checkpoints the chain's
+//! `envelope.audit_blocks` (the gapless sequence and the hash chain, read through the view `envelope.audit_log`), and checkpoints the chain's
 //! head with a MAC made inside the key server.
 
 use pg_envelope_core::audit::{Chain, Head, Record, Stored};
@@ -21,7 +21,7 @@ pub const BATCH: usize = 2000;
 pub struct Writer {
     head: Option<Head>,
     checkpointed: Option<(i64, i64)>,
-    /// The oid of the audit_log table the head belongs to.
+    /// The oid of the audit_blocks table the head belongs to.
     relid: u32,
     /// A retention record was written: checkpoint the new head at once.
     pub force_checkpoint: bool,
@@ -130,7 +130,7 @@ impl Writer {
         // starts again at 1 in the new table.
         let relid = unsafe {
             let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
-            if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns).to_u32() }
+            if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() }
         };
         if relid == 0 {
             return Err(EnvelopeError::Internal(
