@@ -218,6 +218,8 @@ class Break:
             # As envelope.audit_verify() says it: the chain walked from the newest checkpoint
             # before the first record (or from the start) misses the records in between.
             return f"record {(self.nearest or 0) + 1} is missing (the next record is {self.seq}): deleted"
+        if self.kind == "unreadable":
+            return f"the stored block after record {self.seq} holds bytes that are not records: altered"
         if self.kind == "mac":
             return f"the checkpoint at record {self.seq} has an invalid MAC (provider {self.provider}): forged or altered"
         if self.kind == "mac_missing":
@@ -390,6 +392,7 @@ def _export_checkpoint(obj: Dict, lineno: int, path: str) -> Checkpoint:
 
 def load_export(path: str) -> Tuple[List[Stored], List[Checkpoint], List[str], str]:
     """Records (in file order), checkpoints, warnings, and the encoding found ("json" or "copy")."""
+    UNREADABLE.clear()
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -440,6 +443,11 @@ def load_export(path: str) -> Tuple[List[Stored], List[Checkpoint], List[str], s
             records.append(s)
         elif t == "checkpoint":
             checkpoints.append(_export_checkpoint(first, lineno, path))
+        elif t == "unreadable":
+            # Bytes of a stored block that are not records (the database's decoder said so): the
+            # trail was altered there, whatever the chain around them says.
+            after = first.get("after_seq")
+            UNREADABLE.append(after if isinstance(after, int) else 0)
         elif t == "export":
             # The trailer: when the export was taken. Log checkpoints made after it cover records
             # the file cannot hold (the export is itself a recorded read).
@@ -790,6 +798,8 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
         v = verify_chain(records, start, heads)
         rep.records_checked, rep.head, rep.chain_break = v.records, v.head, v.first_break
         rep.hint = _hint(rep, records, good, start, export_mtime_us)
+    if UNREADABLE and (rep.chain_break is None or min(UNREADABLE) < (rep.head.seq if rep.head else 0)):
+        rep.chain_break = Break("unreadable", seq=min(UNREADABLE))
     rep.first_break = mac_break or rep.chain_break
     if rep.first_break is None and require_mac:
         relied = [c for c in good if c.mac_status != "verified" and (start is None or c.seq >= start.seq)]
@@ -885,6 +895,8 @@ def build_verifiers(args, parser) -> Dict[str, object]:
 
 
 EXPORT_META = {}
+# `after_seq` of every "unreadable" line of the export (see load_export).
+UNREADABLE: List[int] = []
 
 
 def run(args, parser) -> Report:

@@ -68,6 +68,11 @@ CREATE TRIGGER audit_blocks_append_only BEFORE UPDATE OR DELETE ON audit_blocks
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_blocks_no_truncate BEFORE TRUNCATE ON audit_blocks
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+-- ALWAYS: also with session_replication_role = replica, which any superuser may SET and which
+-- would otherwise skip them without an ALTER TABLE (insider review 45). (A logical-replication
+-- subscriber of these tables therefore refuses the publisher's retention deletes: prune there too.)
+ALTER TABLE audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
+ALTER TABLE audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate;
 -- The view refuses writes with the same error (it could not take them anyway).
 CREATE TRIGGER audit_log_append_only INSTEAD OF INSERT OR UPDATE OR DELETE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
@@ -75,6 +80,8 @@ CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_ch
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+ALTER TABLE audit_checkpoints ENABLE ALWAYS TRIGGER audit_checkpoints_append_only;
+ALTER TABLE audit_checkpoints ENABLE ALWAYS TRIGGER audit_checkpoints_no_truncate;
 
 -- Anomaly detection (src/audit/alerts.rs): hourly counts per role and tenant, kept by the writer
 -- from the per-statement records (derived data: it can be rebuilt from audit_log).
@@ -118,6 +125,8 @@ CREATE TRIGGER audit_alerts_append_only BEFORE UPDATE OR DELETE ON audit_alerts
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_alerts_no_truncate BEFORE TRUNCATE ON audit_alerts
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+ALTER TABLE audit_alerts ENABLE ALWAYS TRIGGER audit_alerts_append_only;
+ALTER TABLE audit_alerts ENABLE ALWAYS TRIGGER audit_alerts_no_truncate;
 
 SELECT pg_catalog.pg_extension_config_dump('audit_blocks', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_hourly', '');
@@ -158,27 +167,30 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
         SELECT coalesce((SELECT max(c.seq) + 1 FROM @extschema@.audit_checkpoints c WHERE c.seq < from_seq), 1) AS start
     )
     SELECT line FROM (
-        SELECT 0 AS part, l.seq, json_build_object(
+        SELECT 0 AS part, b.first_seq AS k1, l.seq AS k2, CASE WHEN l.seq IS NULL THEN json_build_object(
+            -- Bytes of a stored block that are not records (altered): the offline verifier fails on it.
+            'type', 'unreadable', 'after_seq', b.first_seq - 1, 'block_first_seq', b.first_seq, 'detail', l.detail)::text
+          ELSE json_build_object(
             'type', 'record', 'seq', l.seq, 'at', l.at, 'at_us', l.at_us, 'kind', l.kind, 'database', l.database,
             'session_user', l.session_user_name, 'current_role', l.role_name, 'client_addr', l.client_addr,
             'application_name', l.application_name, 'backend_pid', l.backend_pid, 'statement_id', l.statement_id,
             'request_id', l.request_id, 'tenant', l.tenant, 'key_versions', l.key_versions, 'operation', l.operation,
             'value_count', l.value_count, 'failure_count', l.failure_count, 'outcome', l.outcome,
             'duration_us', l.duration_us, 'detail', l.detail,
-            'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text AS line
+            'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text END AS line
           FROM s, @extschema@.audit_blocks b CROSS JOIN LATERAL @extschema@.audit_block_records(b.prev_hash, b.records) l
-         WHERE b.last_seq >= s.start AND l.seq >= s.start
+         WHERE b.last_seq >= s.start AND (l.seq >= s.start OR l.seq IS NULL)
         UNION ALL
-        SELECT 1, c.seq, json_build_object(
+        SELECT 1, c.seq, 0, json_build_object(
             'type', 'checkpoint', 'seq', c.seq, 'hash', encode(c.hash, 'hex'), 'at', c.at, 'at_us', c.at_us,
             'method', c.method, 'provider', c.provider, 'key_name', c.key_name, 'mac', encode(c.mac, 'hex'))::text
           FROM @extschema@.audit_checkpoints c, s WHERE c.seq >= s.start - 1
         UNION ALL
-        SELECT 2, 0, json_build_object(
+        SELECT 2, 0, 0, json_build_object(
             'type', 'export', 'from_seq', s.start, 'head_seq', (SELECT max(last_seq) FROM @extschema@.audit_blocks),
             'at_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 'database', current_database())::text
           FROM s
-    ) e ORDER BY part, seq
+) e ORDER BY part, k1, k2 NULLS LAST
 $$;
 
 -- The trail for people and dashboards: one row per record, hashes in hex.

@@ -291,24 +291,29 @@ unsafe extern "C-unwind" fn flush_at_exit(_code: std::ffi::c_int, _arg: pg_sys::
     let _ = std::panic::catch_unwind(|| flush_suppressed(true));
 }
 
-/// The audit tables among `(relid, required permissions)`, when one is read.
-fn tables_read(rels: impl Iterator<Item = (pg_sys::Oid, u64)>) -> Option<String> {
+/// The audit tables among `(relid, required permissions, checked as another role)`, when one is
+/// read.
+fn tables_read(rels: impl Iterator<Item = (pg_sys::Oid, u64, bool)>) -> Option<String> {
     let mut read: Vec<&'static str> = Vec::new();
+    let mut blocks_directly = false;
     let mut audit = None;
-    for (relid, perms) in rels {
+    for (relid, perms, as_other) in rels {
         if perms & pg_sys::ACL_SELECT as u64 == 0 {
             continue;
         }
         let Some(ours) = audit.get_or_insert_with(audit_rels) else { return None };
         if let Some(i) = ours.iter().position(|&o| o != 0 && o == relid.to_u32()) {
             let name = AUDIT_TABLES[i].to_str().unwrap_or("");
+            blocks_directly |= name == "audit_blocks" && !as_other;
             if !read.contains(&name) {
                 read.push(name);
             }
         }
     }
-    // Reading the view reads its table (checked as the view's owner): one read, of the view.
-    if read.contains(&"audit_log") {
+    // audit_log's own read of its table (checked as the view's owner) is the view's read; the
+    // table named in the statement itself, or read through another view, is recorded too
+    // (insider review 45).
+    if read.contains(&"audit_log") && !blocks_directly {
         read.retain(|n| *n != "audit_blocks");
     }
     (!read.is_empty()).then(|| read.iter().map(|n| format!("envelope.{n}")).collect::<Vec<_>>().join(","))
@@ -338,12 +343,15 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
     };
     // Only where the extension is installed (its audit tables exist): a database without it
     // (postgres, template1, a monitoring database) is not touched, and must not fail.
-    // (Not in a parallel worker: the leader checked the same range table and records the read;
-    // each worker of a parallel scan of the trail recorded it again.)
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && unsafe { pg_sys::ParallelWorkerNumber } < 0 && audit_rels().is_some() {
+    // (In a parallel worker, not the check of the plan the leader sent, which the leader checked
+    // and recorded: each worker of a parallel scan of the trail recorded it again. A query run
+    // inside that plan, by a function, is the worker's own and is recorded: insider review 45.)
+    let leaders_plan = unsafe { pg_sys::ParallelWorkerNumber } >= 0 && crate::backend::executor_run_depth() == 0;
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && !leaders_plan && audit_rels().is_some() {
         remember_role();
         let rels = list_ptrs(range_table).map(|p| p.cast::<pg_sys::RangeTblEntry>()).filter_map(|rte| {
-            ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION).then(|| ((*rte).relid, (*rte).requiredPerms as u64))
+            ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION)
+                .then(|| ((*rte).relid, (*rte).requiredPerms as u64, (*rte).checkAsUser != pg_sys::InvalidOid))
         });
         if let Some(t) = tables_read(rels) {
             record_read(t);
@@ -361,11 +369,15 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, perm_inf
     };
     // Only where the extension is installed (its audit tables exist): a database without it
     // (postgres, template1, a monitoring database) is not touched, and must not fail.
-    // (Not in a parallel worker: the leader checked the same range table and records the read;
-    // each worker of a parallel scan of the trail recorded it again.)
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && unsafe { pg_sys::ParallelWorkerNumber } < 0 && audit_rels().is_some() {
+    // (In a parallel worker, not the check of the plan the leader sent, which the leader checked
+    // and recorded: each worker of a parallel scan of the trail recorded it again. A query run
+    // inside that plan, by a function, is the worker's own and is recorded: insider review 45.)
+    let leaders_plan = unsafe { pg_sys::ParallelWorkerNumber } >= 0 && crate::backend::executor_run_depth() == 0;
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && !leaders_plan && audit_rels().is_some() {
         remember_role();
-        let rels = list_ptrs(perm_infos).map(|p| p.cast::<pg_sys::RTEPermissionInfo>()).map(|pi| ((*pi).relid, (*pi).requiredPerms as u64));
+        let rels = list_ptrs(perm_infos)
+            .map(|p| p.cast::<pg_sys::RTEPermissionInfo>())
+            .map(|pi| ((*pi).relid, (*pi).requiredPerms as u64, (*pi).checkAsUser != pg_sys::InvalidOid));
         if let Some(t) = tables_read(rels) {
             record_read(t);
         }

@@ -44,12 +44,14 @@ fn audit_verify(
 /// are not records (a block edited by hand) give one last row of kind `unreadable` with a NULL
 /// `seq`; `envelope.audit_verify()` names the break. A pure function of its arguments (nothing
 /// is read), so it is executable by everyone: `GRANT SELECT ON envelope.audit_log` is all an
-/// auditor needs.
-#[pg_extern(immutable, parallel_safe, strict)]
+/// auditor needs. Not STRICT: a block whose columns were set to NULL shows as unreadable instead
+/// of vanishing from the view; input larger than any block the writer makes is not decoded
+/// (`MAX_BLOCK_BYTES`; insider review 45).
+#[pg_extern(immutable, parallel_safe)]
 #[allow(clippy::type_complexity)]
 fn audit_block_records(
-    prev_hash: &[u8],
-    records: &[u8],
+    prev_hash: Option<&[u8]>,
+    records: Option<&[u8]>,
 ) -> TableIterator<
     'static,
     (
@@ -79,8 +81,11 @@ fn audit_block_records(
 > {
     // PostgreSQL's timestamps count microseconds from 2000-01-01.
     const PG_EPOCH_US: i64 = 946_684_800_000_000;
-    let prev: [u8; 32] = prev_hash.try_into().unwrap_or([0xff; 32]);
-    let read = pg_envelope_core::audit_blocks::read_block(prev, records);
+    let prev: [u8; 32] = prev_hash.and_then(|p| p.try_into().ok()).unwrap_or([0xff; 32]);
+    let read = match records {
+        Some(records) => pg_envelope_core::audit_blocks::read_block(prev, records),
+        None => pg_envelope_core::audit_blocks::Read { records: Vec::new(), unreadable_at: Some(0) },
+    };
     let mut rows = Vec::with_capacity(read.records.len() + 1);
     let mut bad_at = read.unreadable_at;
     for (i, s) in read.records.into_iter().enumerate() {
@@ -109,6 +114,34 @@ fn audit_block_records(
         ));
     }
     TableIterator::new(rows)
+}
+
+/// Whether relation `relid` belongs to pg_envelope (the trail's table, not one put in its place
+/// under the same name: insider review 45 renamed `audit_blocks` and created another, which the
+/// writer then filled while the view still showed the old one).
+pub(super) fn is_extension_member(relid: u32) -> bool {
+    unsafe {
+        let ext = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true);
+        ext != pg_sys::InvalidOid && pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, pg_sys::Oid::from(relid)) == ext
+    }
+}
+
+/// `envelope.audit_blocks` and `envelope.audit_log` as the extension made them: both its own,
+/// the view reading that table.
+fn trail_is_the_extensions() -> Result<bool> {
+    let ours = Spi::get_one::<bool>(
+        "SELECT to_regclass('envelope.audit_blocks') IS NOT NULL AND to_regclass('envelope.audit_log') IS NOT NULL
+            AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+                         WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND r.ev_class = 'envelope.audit_log'::pg_catalog.regclass
+                           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = 'envelope.audit_blocks'::pg_catalog.regclass)",
+    )
+    .map_err(spi_err)?
+    .unwrap_or(false);
+    Ok(ours
+        && [c"audit_blocks", c"audit_log"].iter().all(|name| unsafe {
+            let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+            ns != pg_sys::InvalidOid && is_extension_member(pg_sys::get_relname_relid(name.as_ptr(), ns).to_u32())
+        }))
 }
 
 /// The stored blocks in sequence order, and the checkpoints.
@@ -160,8 +193,13 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
 type Verdict = (i64, Option<i64>, Option<i64>, bool, Option<String>);
 
 fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
-    let (rows, cps) = load()?;
-    let verdict = judge(rows, &cps, all_checkpoints)?;
+    let verdict = if as_extension_owner(|| hooks::without_read_records(trail_is_the_extensions))? {
+        let (rows, cps) = load()?;
+        judge(rows, &cps, all_checkpoints)?
+    } else {
+        let why = "envelope.audit_blocks or envelope.audit_log is not the extension's own (replaced or renamed): the trail cannot be verified";
+        (0, None, None, false, Some(why.to_string()))
+    };
     if enabled() {
         prime_session();
         let mut r = base_record("audit_read", crate::backend::role_name(crate::nothrow::current_user_id()));

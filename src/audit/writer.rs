@@ -48,6 +48,9 @@ pub struct Writer {
     pool: Vec<Record>,
     /// The batch's blocks (their buffers kept from batch to batch).
     blocks: Blocks,
+    /// Blocks the batch in progress appended (direct, through the executor): counted in
+    /// shared memory once it committed.
+    appended: (u64, u64),
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -120,6 +123,9 @@ impl Writer {
             q.head_seq = h.seq;
             q.head_hash = h.hash;
             q.head_relid = self.relid;
+            let (direct, executor) = std::mem::take(&mut self.appended);
+            q.blocks_direct += direct;
+            q.blocks_executor += executor;
         }
     }
 
@@ -132,6 +138,11 @@ impl Writer {
             let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
             if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() }
         };
+        if relid != 0 && !super::trail::is_extension_member(relid) {
+            return Err(EnvelopeError::Internal(
+                "audit: envelope.audit_blocks is not pg_envelope's table (it was replaced): the records stay queued; see envelope.audit_verify()".into(),
+            ));
+        }
         if relid == 0 {
             return Err(EnvelopeError::Internal(
                 "audit: envelope.audit_blocks does not exist in envelope.database (pg_envelope there is older than 0.2.0: ALTER EXTENSION pg_envelope UPDATE)".into(),
@@ -208,9 +219,13 @@ impl Writer {
         // Appended the way COPY appends (see `insert_direct`), unless the table was changed so
         // that only the executor inserts correctly (see `direct_insert_possible`): then one
         // INSERT per batch through SPI.
-        if !unsafe { insert_direct(relid, blocks.blocks(), started) }? {
+        let n_blocks = blocks.blocks().len() as u64;
+        self.appended = if unsafe { insert_direct(relid, blocks.blocks(), started) }? {
+            (n_blocks, 0)
+        } else {
             insert_spi(blocks.blocks(), started)?;
-        }
+            (0, n_blocks)
+        };
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
         self.raised = super::alerts::evaluate(rows.iter())?;
@@ -226,6 +241,7 @@ impl Writer {
     /// Forgets the head (after a failed transaction: re-read next time).
     pub fn reset(&mut self) {
         self.head = None;
+        self.appended = (0, 0);
         self.pending_taken = 0;
         self.dropped_taken = 0;
         super::limit::release(&std::mem::take(&mut self.summaries_taken), std::mem::take(&mut self.overflow_taken), false);
@@ -501,7 +517,7 @@ fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
         started.into(),
         col_i64(&|b| b.queue_pos as i64).into(),
     ];
-    Spi::connect_mut(|c| {
+    let inserted = Spi::connect_mut(|c| {
         c.update(
             "INSERT INTO envelope.audit_blocks
              SELECT u.first_seq, u.last_seq, pg_catalog.to_timestamp(0) + u.first_us * interval '1 microsecond',
@@ -513,8 +529,16 @@ fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
             None,
             &args,
         )
-        .map_err(spi_err)?;
-        Ok::<_, EnvelopeError>(())
+        .map(|t| t.len())
+        .map_err(spi_err)
     })?;
+    // A BEFORE INSERT trigger that returns NULL (or a rule) would drop blocks without an error:
+    // the batch fails instead, its records stay queued (insider review 45).
+    if inserted != blocks.len() {
+        return Err(EnvelopeError::Internal(format!(
+            "audit: {inserted} of {} blocks were stored in envelope.audit_blocks (a trigger or rule on it dropped or added rows); the records stay queued",
+            blocks.len()
+        )));
+    }
     Ok(())
 }

@@ -24,6 +24,13 @@ use crate::audit::{Break, Chain, Record, Stored};
 /// about 7 records of ~230 bytes.
 pub const BLOCK_BYTES: usize = 1_600;
 
+/// The most bytes [`read_block`] parses: a block the writer makes is at most [`BLOCK_BYTES`]
+/// plus one record (a queue slot holds 1,200 bytes; the writer's own records are a few hundred).
+/// Anything larger was not written by the writer, and is reported unreadable instead of decoded
+/// (decoding is done in memory outside PostgreSQL's allocator: a 1 GB argument to the SQL
+/// decoder asked for about 8 GB, and a failed allocation aborts the server: insider review 45).
+pub const MAX_BLOCK_BYTES: usize = 256 * 1024;
+
 /// One block being built or written.
 #[derive(Debug, Default)]
 pub struct Block {
@@ -108,6 +115,10 @@ pub struct Read {
 /// not entries (a block edited by hand) end the parse at their offset.
 pub fn read_block(prev_hash: [u8; 32], bytes: &[u8]) -> Read {
     let mut out = Read::default();
+    if bytes.len() > MAX_BLOCK_BYTES {
+        out.unreadable_at = Some(0);
+        return out;
+    }
     let mut prev = prev_hash;
     let mut rest = bytes;
     while !rest.is_empty() {
@@ -304,6 +315,10 @@ mod tests {
         let mut x = good.clone();
         x[0] = 0xff; // a length of ~4 GB
         assert_eq!(read_block(GENESIS, &x).unreadable_at, Some(0));
+        // Larger than any block the writer makes: not decoded at all.
+        let big: Vec<u8> = good.iter().copied().cycle().take(MAX_BLOCK_BYTES + 1).collect();
+        let r = read_block(GENESIS, &big);
+        assert!(r.records.is_empty() && r.unreadable_at == Some(0));
         let mut state = 0x1234_5678_u64;
         for _ in 0..2_000 {
             let n = (state % 300) as usize;
