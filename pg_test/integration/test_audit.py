@@ -405,12 +405,20 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
                                           "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "labelled"),
             "garbage": (lambda: c.execute("UPDATE envelope.audit_blocks SET records = records || '\\x0102'::bytea "
                                           "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "not records"),
+            # Another table put in the trail's place (the view still reads the old one).
+            "swapped": (lambda: c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_old; "
+                                          "CREATE TABLE envelope.audit_blocks (LIKE envelope.audit_blocks_old INCLUDING ALL); "
+                                          "INSERT INTO envelope.audit_blocks SELECT * FROM envelope.audit_blocks_old"), "not the extension's own"),
         }
         for name, (tamper, expected) in cases.items():
             c.execute("BEGIN")
             c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
             tamper()
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            if name == "garbage":
+                # The export carries the unreadable bytes (the offline verifier fails on them).
+                kinds = [json.loads(line)["type"] for (line,) in c.execute("SELECT line FROM envelope.audit_export(1)")]
+                assert "unreadable" in kinds, kinds
             c.execute("ROLLBACK")
             print(f"{name}: {brk}")
             assert ok is False and expected in brk, (name, brk)
@@ -1257,7 +1265,29 @@ def test_a_parallel_read_of_the_trail_is_one_read_record(audited):
         c.execute("SELECT count(*) FROM envelope.audit_log")
         c.execute("RESET envelope.request_id")
         rows = records_after(c, start, "parallel-read")
-    assert [(r[0], r[2]) for r in rows] == [("audit_read", "select")], rows
+        assert [(r[0], r[2]) for r in rows] == [("audit_read", "select")], rows
+        # A query a function runs inside a worker is the worker's own read (the leader never saw
+        # it): recorded (insider review 45 read the whole trail this way, unrecorded).
+        c.execute("CREATE FUNCTION pg_temp.peek() RETURNS bigint LANGUAGE plpgsql PARALLEL SAFE AS "
+                  "$$ DECLARE n bigint; BEGIN SELECT count(*) INTO n FROM envelope.audit_log; RETURN n; END $$")
+        c.execute("SET force_parallel_mode = on")
+        plan = "\n".join(r[0] for r in c.execute("EXPLAIN SELECT pg_temp.peek()").fetchall())
+        assert "Gather" in plan, plan
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'parallel-fn'")
+        assert c.execute("SELECT pg_temp.peek()").fetchone()[0] > 0
+        c.execute("RESET envelope.request_id")
+        c.execute("RESET force_parallel_mode")
+        rows = records_after(c, start, "parallel-fn")
+        assert [(r[0], r[2]) for r in rows] == [("audit_read", "select")], rows
+        # The view and its table named in one statement: both recorded.
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'view-and-table'")
+        c.execute("SELECT (SELECT count(*) FROM envelope.audit_log), (SELECT max(queue_pos) FROM envelope.audit_blocks)")
+        c.execute("RESET envelope.request_id")
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        details = [d for (d,) in c.execute("SELECT detail FROM envelope.audit_log WHERE seq > %s AND request_id = 'view-and-table'", (start,))]
+    assert details == ["envelope.audit_log,envelope.audit_blocks"], details
 
 
 def test_refusals_on_look_alikes_and_in_other_databases_make_no_records(audited):
@@ -1735,6 +1765,29 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
         c.execute("RESET enable_seqscan")
         c.execute("RESET enable_bitmapscan")
         assert by_index == 1200
+        # ... and they went through the direct path (an unchanged table), not an INSERT.
+        blocks = lambda: c.execute("SELECT envelope.status()->'audit'->'blocks_written'").fetchone()[0]
+        before = blocks()
+        one_value_statements(c, 100, 'direct-2')
+        after = blocks()
+        assert after["direct"] > before["direct"] and after["executor"] == before["executor"], (before, after)
+
+        # A DBA's trigger that drops blocks (returns NULL) fails the batch: the records stay
+        # queued and are written once it is gone, never lost without an error.
+        c.execute("CREATE FUNCTION public.audit_swallow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$")
+        c.execute("CREATE TRIGGER audit_swallow BEFORE INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_swallow()")
+        try:
+            start = last_seq(c)
+            c.execute("SET envelope.request_id = 'swallowed'")
+            with as_tenant(c, TENANT):
+                c.execute("SELECT envelope.encrypt_field('x')")
+            c.execute("RESET envelope.request_id")
+            time.sleep(1.0)
+            assert c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] > 0
+        finally:
+            c.execute("DROP TRIGGER audit_swallow ON envelope.audit_blocks")
+            c.execute("DROP FUNCTION public.audit_swallow()")
+        assert [r[0] for r in records_after(c, start, "swallowed")] == ["encrypt"]
 
         c.execute("DROP TABLE IF EXISTS public.audit_forwarded")
         c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")
@@ -1747,6 +1800,7 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
             stored = c.execute("SELECT seq, hash FROM envelope.audit_log WHERE seq > %s ORDER BY seq", (start,)).fetchall()
             forwarded = c.execute("SELECT r.seq, r.hash FROM public.audit_forwarded f CROSS JOIN LATERAL envelope.audit_block_records(f.prev, f.records) r "
                                   "WHERE r.seq > %s ORDER BY r.seq", (start,)).fetchall()
+            assert blocks()["executor"] > after["executor"]
         finally:
             c.execute("DROP TRIGGER audit_forward ON envelope.audit_blocks")
             c.execute("DROP FUNCTION public.audit_forward()")

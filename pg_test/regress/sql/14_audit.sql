@@ -44,6 +44,21 @@ SELECT sqlstate_of($$UPDATE envelope.audit_blocks SET last_seq = 2$$) AS update_
        sqlstate_of($$TRUNCATE envelope.audit_log$$) AS truncate_log_a_view,
        sqlstate_of($$TRUNCATE envelope.audit_checkpoints$$) AS truncate_checkpoints,
        sqlstate_of($$TRUNCATE envelope.audit_alerts$$) AS truncate_alerts;
+-- session_replication_role = replica does not switch the append-only triggers off (ALWAYS).
+BEGIN;
+SET LOCAL session_replication_role = replica;
+SELECT sqlstate_of($$TRUNCATE envelope.audit_blocks$$) AS truncate_as_replica,
+       sqlstate_of($$TRUNCATE envelope.audit_checkpoints$$) AS truncate_checkpoints_as_replica;
+ROLLBACK;
+-- The decoder behind the view: executable by anyone (it reads nothing), bounded, never an error:
+-- NULLs and bytes that are not records are one `unreadable` row; input larger than any block the
+-- writer makes is not decoded.
+SET ROLE regress_other;
+SELECT seq, kind FROM envelope.audit_block_records(NULL, NULL) AS null_block;
+SELECT seq, kind FROM envelope.audit_block_records('\x00', '\xffffffff00') AS huge_length;
+SELECT count(*) AS rows, bool_and(kind = 'unreadable') AS unreadable
+  FROM envelope.audit_block_records('\x00', convert_to(repeat('x', 300000), 'UTF8')) AS oversized;
+RESET ROLE;
 -- The one deletion path is audit_prune; an empty trail has nothing to prune.
 SELECT envelope.audit_prune('0 seconds') AS pruned_nothing;
 SELECT ok, records_checked, first_break FROM envelope.audit_verify() AS empty_chain_verifies;
