@@ -241,8 +241,30 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
         Some(first) if first > 1 => cps.iter().filter(|c| c.head.seq < first).max_by_key(|c| c.head.seq).map(|c| c.head),
         _ => None,
     };
+    // Records before the first kept one were removed: only `audit_prune` does that, and its
+    // record names the checkpoint the kept chain starts after. Without such a record the oldest
+    // blocks were deleted by hand, up to a checkpoint (insider review 45: that verified). (A
+    // prune's record is written at its transaction's end: a verification in the same instant
+    // may report this until the writer has written it.)
+    let unpruned = match (start, first_seq) {
+        (Some(anchor), Some(first)) => {
+            let needle = format!("the kept chain starts after checkpoint {} (hash {})", anchor.seq, hex(&anchor.hash));
+            let found = blocks.iter().any(|b| {
+                pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes)
+                    .records
+                    .iter()
+                    .any(|s| s.record.operation == "audit_prune" && s.record.outcome == "ok" && s.record.detail.contains(&needle))
+            });
+            (!found).then_some(first)
+        }
+        _ => None,
+    };
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
-    let v = pg_envelope_core::audit::verify_stored(records_of(blocks), start, &heads);
+    let mut v = pg_envelope_core::audit::verify_stored(records_of(blocks), start, &heads);
+    if let Some(first_seq) = unpruned {
+        // (At the start of the kept chain: before any other break.)
+        v.first_break = Some(pg_envelope_core::audit::Break::Unpruned { first_seq });
+    }
     Ok((v.records as i64, v.head.map(|h| h.seq), cp_seq, v.first_break.is_none(), v.first_break.map(|b| b.to_string())))
 }
 

@@ -356,6 +356,9 @@ pub enum Break {
     /// A stored block's labels (first and last sequence numbers, times) are not those of the
     /// records it holds.
     Mislabelled { first_seq: i64 },
+    /// The kept records start after a checkpoint, but no `audit_prune` record names that
+    /// checkpoint as where the kept chain starts: the records before were deleted by hand.
+    Unpruned { first_seq: i64 },
 }
 
 impl std::fmt::Display for Break {
@@ -370,6 +373,9 @@ impl std::fmt::Display for Break {
             }
             Break::CheckpointMismatch { seq } => write!(f, "record {seq} does not have the hash its checkpoint certified: rewritten"),
             Break::Unreadable { after_seq } => write!(f, "the stored block after record {after_seq} holds bytes that are not records: altered"),
+            Break::Unpruned { first_seq } => {
+                write!(f, "the records before record {first_seq} are gone and no audit_prune record says so: deleted")
+            }
             Break::Mislabelled { first_seq } => {
                 write!(f, "the stored block of records from {first_seq} is labelled with other sequence numbers or times: altered")
             }
