@@ -218,6 +218,8 @@ class Break:
             # As envelope.audit_verify() says it: the chain walked from the newest checkpoint
             # before the first record (or from the start) misses the records in between.
             return f"record {(self.nearest or 0) + 1} is missing (the next record is {self.seq}): deleted"
+        if self.kind == "unpruned":
+            return f"the records before record {self.seq} are gone and no audit_prune record says so: deleted"
         if self.kind == "unreadable":
             return f"the stored block after record {self.seq} holds bytes that are not records: altered"
         if self.kind == "mac":
@@ -393,6 +395,7 @@ def _export_checkpoint(obj: Dict, lineno: int, path: str) -> Checkpoint:
 def load_export(path: str) -> Tuple[List[Stored], List[Checkpoint], List[str], str]:
     """Records (in file order), checkpoints, warnings, and the encoding found ("json" or "copy")."""
     UNREADABLE.clear()
+    EXPORT_META.pop("from_seq", None)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -454,6 +457,8 @@ def load_export(path: str) -> Tuple[List[Stored], List[Checkpoint], List[str], s
             at = first.get("at_us")
             if isinstance(at, int):
                 EXPORT_META["at_us"] = at
+            if isinstance(first.get("from_seq"), int):
+                EXPORT_META["from_seq"] = first["from_seq"]
         else:
             warnings.append(f"{path} line {lineno}: unknown type {t!r} ignored")
     return records, checkpoints, warnings, encoding
@@ -775,6 +780,7 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
     good = [c for c in checkpoints if c.mac_status != "invalid"]
     start: Optional[Head] = None
     unanchored = None
+    unpruned = None
     if records and records[0].record["seq"] > 1:
         first = records[0]
         at = [c for c in good if c.seq == first.record["seq"] - 1]
@@ -787,6 +793,13 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
             pick = next((c for c in at if c.hash == first.prev_hash), at[0])
             rep.anchor = pick
             start = Head(pick.seq, pick.hash)
+            # An export of the whole trail (from record 1) that starts later: the records before
+            # were removed, which only audit_prune does, and its record names this anchor.
+            if EXPORT_META.get("from_seq") == 1:
+                needle = f"the kept chain starts after checkpoint {pick.seq} (hash {pick.hash.hex()})"
+                if not any(r.record.get("operation") == "audit_prune" and r.record.get("outcome") == "ok"
+                           and needle in r.record.get("detail", "") for r in records):
+                    unpruned = Break("unpruned", seq=first.record["seq"])
     if unanchored is not None:
         rep.chain_break = unanchored
         rep.hint = (
@@ -800,6 +813,8 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
         rep.hint = _hint(rep, records, good, start, export_mtime_us)
     if UNREADABLE and (rep.chain_break is None or min(UNREADABLE) < (rep.head.seq if rep.head else 0)):
         rep.chain_break = Break("unreadable", seq=min(UNREADABLE))
+    if unpruned is not None:
+        rep.chain_break = unpruned  # (at the start of what the export holds: before any other break)
     rep.first_break = mac_break or rep.chain_break
     if rep.first_break is None and require_mac:
         relied = [c for c in good if c.mac_status != "verified" and (start is None or c.seq >= start.seq)]

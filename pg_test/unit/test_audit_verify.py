@@ -388,6 +388,28 @@ def test_retention_and_from_seq_need_an_anchor(tmp_path, capsys, trail, key_file
     assert run(capsys, exp, "--local-root-key", key_file, "--log", log2)[0] == 0
 
 
+def test_a_whole_trail_export_that_starts_later_needs_the_prune_record(tmp_path, capsys, key_file):
+    """An export from record 1 (its trailer says so) whose records start after a checkpoint: the
+    records before were removed, and only audit_prune does that, recording the anchor. Without
+    that record they were deleted by hand (envelope.audit_verify() says the same)."""
+    first = chain(10)
+    needle = f"the kept chain starts after checkpoint 10 (hash {first[9].hash.hex()})"
+    pruned = lambda i: dict(rec(i), operation="audit_prune", kind="key_op", detail=f"removed records 1..10 older than 1 day; {needle}") if i == 13 else rec(i)
+    kept = chain(10, after=head(first[9]), make=pruned, first=11)
+    cps = [local_cp(first[9]), local_cp(kept[9])]
+    trailer = {"type": "export", "from_seq": 1, "head_seq": 20, "at_us": kept[9].record["at_us"] + 10_000_000, "database": "app"}
+    exp = write(tmp_path, "pruned.jsonl", [record_obj(s) for s in kept] + cps + [trailer])
+    code, j = run_json(capsys, exp, "--local-root-key", key_file)
+    assert code == 0 and j["first_break"] is None, j
+    bare = chain(10, after=head(first[9]), first=11)
+    exp = write(tmp_path, "deleted.jsonl", [record_obj(s) for s in bare] + [local_cp(first[9]), local_cp(bare[9]), trailer])
+    code, j = run_json(capsys, exp, "--local-root-key", key_file)
+    assert (code, j["first_break"]) == (1, "the records before record 11 are gone and no audit_prune record says so: deleted"), j
+    # An export asked from a later record starts after a checkpoint without any prune: fine.
+    exp = write(tmp_path, "from11.jsonl", [record_obj(s) for s in bare] + [local_cp(first[9]), local_cp(bare[9]), dict(trailer, from_seq=11)])
+    assert run(capsys, exp, "--local-root-key", key_file)[0] == 0
+
+
 def test_a_log_of_an_earlier_chain(tmp_path, capsys, key_file):
     """The extension dropped and created again: the log holds the old chain's checkpoints."""
     old = chain(30, make=lambda i: dict(rec(i), at_us=1_600_000_000_000_000 + i))
