@@ -24,6 +24,9 @@ CREATE TABLE audit_blocks (
 );
 -- Never compressed (a block is written once and read rarely; compression cost the writer CPU).
 ALTER TABLE audit_blocks ALTER COLUMN records SET STORAGE EXTERNAL;
+-- Never scanned by parallel workers: each worker's read of the trail is recorded (a function's
+-- query in a worker must be), so a parallel scan would record one statement's read several times.
+ALTER TABLE audit_blocks SET (parallel_workers = 0);
 COMMENT ON TABLE audit_blocks IS 'pg_envelope audit trail storage (several records per row); read it through envelope.audit_log.';
 
 -- One row per record. Filtering by column decodes every block: narrow by audit_blocks.first_seq,
@@ -128,6 +131,9 @@ CREATE TRIGGER audit_alerts_no_truncate BEFORE TRUNCATE ON audit_alerts
 ALTER TABLE audit_alerts ENABLE ALWAYS TRIGGER audit_alerts_append_only;
 ALTER TABLE audit_alerts ENABLE ALWAYS TRIGGER audit_alerts_no_truncate;
 
+ALTER TABLE audit_checkpoints SET (parallel_workers = 0);
+ALTER TABLE audit_hourly SET (parallel_workers = 0);
+ALTER TABLE audit_alerts SET (parallel_workers = 0);
 SELECT pg_catalog.pg_extension_config_dump('audit_blocks', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('audit_alerts', '');

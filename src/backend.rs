@@ -97,32 +97,6 @@ pub fn install_statement_hooks() {
     }
 }
 
-thread_local! {
-    static RUN_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// ExecutorRun calls in progress in this process (left by unwinding too). In a parallel worker
-/// 0 means the permission check in progress is of the plan the leader sent (which the leader
-/// checked and recorded); a query run inside it (a function's) is the worker's own.
-pub fn executor_run_depth() -> u32 {
-    RUN_DEPTH.with(|d| d.get())
-}
-
-struct RunDepth;
-
-impl RunDepth {
-    fn enter() -> RunDepth {
-        RUN_DEPTH.with(|d| d.set(d.get() + 1));
-        RunDepth
-    }
-}
-
-impl Drop for RunDepth {
-    fn drop(&mut self) {
-        RUN_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
-    }
-}
-
 #[cfg(not(feature = "pg18"))]
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_run(
@@ -131,7 +105,6 @@ unsafe extern "C-unwind" fn executor_run(
     count: u64,
     execute_once: bool,
 ) {
-    let _depth = RunDepth::enter();
     unsafe {
         match PREV_EXECUTOR_RUN {
             Some(prev) => prev(query_desc, direction, count, execute_once),
@@ -144,7 +117,6 @@ unsafe extern "C-unwind" fn executor_run(
 #[cfg(feature = "pg18")]
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_run(query_desc: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64) {
-    let _depth = RunDepth::enter();
     unsafe {
         match PREV_EXECUTOR_RUN {
             Some(prev) => prev(query_desc, direction, count),

@@ -1253,13 +1253,15 @@ def test_reads_of_the_trail_refused_calls_and_setting_changes_are_recorded(audit
 
 def test_a_parallel_read_of_the_trail_is_one_read_record(audited):
     """Parallel workers check the range table again: each recorded the leader's read once more
-    (found when the trail became blocks read through a parallel-safe function)."""
+    (found when the trail became blocks read through a parallel-safe function). The trail is
+    not scanned in parallel; a query run inside a worker is recorded (reviews 45 and 46)."""
     with connect(PORT_A, DB) as c:
         for k, v in (("parallel_setup_cost", 0), ("parallel_tuple_cost", 0), ("min_parallel_table_scan_size", 0),
                      ("max_parallel_workers_per_gather", 2)):
             c.execute(f"SET {k} = {v}")
-        plan = "\n".join(r[0] for r in c.execute("EXPLAIN SELECT count(*) FROM envelope.audit_log").fetchall())
-        assert "Gather" in plan, plan
+        for q in ("SELECT count(*) FROM envelope.audit_log", "SELECT count(*) FROM envelope.audit_blocks"):
+            plan = "\n".join(r[0] for r in c.execute("EXPLAIN " + q).fetchall())
+            assert "Parallel" not in plan, plan
         start = last_seq(c)
         c.execute("SET envelope.request_id = 'parallel-read'")
         c.execute("SELECT count(*) FROM envelope.audit_log")
@@ -1280,6 +1282,25 @@ def test_a_parallel_read_of_the_trail_is_one_read_record(audited):
         c.execute("RESET force_parallel_mode")
         rows = records_after(c, start, "parallel-fn")
         assert [(r[0], r[2]) for r in rows] == [("audit_read", "select")], rows
+        # ... also when the function runs while the worker starts its plan (initial partition
+        # pruning, before ExecutorRun: review 46 read the trail there, unrecorded).
+        c.execute("DROP TABLE IF EXISTS public.audit_parts")
+        c.execute("CREATE TABLE public.audit_parts (k int) PARTITION BY LIST (k)")
+        c.execute("CREATE TABLE public.audit_parts_1 PARTITION OF public.audit_parts FOR VALUES IN (1)")
+        c.execute("CREATE TABLE public.audit_parts_2 PARTITION OF public.audit_parts FOR VALUES IN (2)")
+        c.execute("CREATE FUNCTION pg_temp.pick(lpid int) RETURNS int LANGUAGE plpgsql STABLE PARALLEL SAFE AS "
+                  "$$ DECLARE n bigint; BEGIN IF pg_backend_pid() <> lpid THEN SELECT count(*) INTO n FROM envelope.audit_log; "
+                  "END IF; RETURN 1; END $$")
+        c.execute("SET force_parallel_mode = on")
+        lpid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'parallel-pruning'")
+        c.execute(f"SELECT * FROM public.audit_parts WHERE k = pg_temp.pick({lpid})").fetchall()
+        c.execute("RESET envelope.request_id")
+        c.execute("RESET force_parallel_mode")
+        c.execute("DROP TABLE public.audit_parts")
+        rows = records_after(c, start, "parallel-pruning")
+        assert [(r[0], r[2]) for r in rows][:1] == [("audit_read", "select")], rows
         # The view and its table named in one statement: both recorded.
         start = last_seq(c)
         c.execute("SET envelope.request_id = 'view-and-table'")
@@ -1800,6 +1821,23 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
             c.execute("DROP TRIGGER audit_swallow ON envelope.audit_blocks")
             c.execute("DROP FUNCTION public.audit_swallow()")
         assert [r[0] for r in records_after(c, start, "swallowed")] == ["encrypt"]
+        # A rule that diverts the blocks elsewhere (DO INSTEAD): refused the same way (review 46).
+        c.execute("DROP TABLE IF EXISTS public.audit_sink")
+        c.execute("CREATE TABLE public.audit_sink (LIKE envelope.audit_blocks)")
+        c.execute("CREATE RULE audit_divert AS ON INSERT TO envelope.audit_blocks DO INSTEAD INSERT INTO public.audit_sink VALUES (NEW.*)")
+        try:
+            start = last_seq(c)
+            c.execute("SET envelope.request_id = 'diverted'")
+            with as_tenant(c, TENANT):
+                c.execute("SELECT envelope.encrypt_field('x')")
+            c.execute("RESET envelope.request_id")
+            time.sleep(1.0)
+            assert c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] > 0
+            assert c.execute("SELECT count(*) FROM public.audit_sink").fetchone()[0] == 0
+        finally:
+            c.execute("DROP RULE audit_divert ON envelope.audit_blocks")
+            c.execute("DROP TABLE public.audit_sink")
+        assert [r[0] for r in records_after(c, start, "diverted")] == ["encrypt"]
 
         c.execute("DROP TABLE IF EXISTS public.audit_forwarded")
         c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")

@@ -343,11 +343,12 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
     };
     // Only where the extension is installed (its audit tables exist): a database without it
     // (postgres, template1, a monitoring database) is not touched, and must not fail.
-    // (In a parallel worker, not the check of the plan the leader sent, which the leader checked
-    // and recorded: each worker of a parallel scan of the trail recorded it again. A query run
-    // inside that plan, by a function, is the worker's own and is recorded: insider review 45.)
-    let leaders_plan = unsafe { pg_sys::ParallelWorkerNumber } >= 0 && crate::backend::executor_run_depth() == 0;
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && !leaders_plan && audit_rels().is_some() {
+    // (Parallel workers too: a query a function runs inside a worker is seen only there. The
+    // audit tables are never scanned in parallel (parallel_workers = 0, the decoder PARALLEL
+    // RESTRICTED: sql/audit.sql), so workers do not repeat the leader's reads. Skipping the
+    // worker's check of the plan the leader sent, by executor depth, let functions run during
+    // the worker's plan start-up (partition pruning) read the trail unrecorded: reviews 45, 46.)
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && audit_rels().is_some() {
         remember_role();
         let rels = list_ptrs(range_table).map(|p| p.cast::<pg_sys::RangeTblEntry>()).filter_map(|rte| {
             ((*rte).rtekind == pg_sys::RTEKind::RTE_RELATION)
@@ -369,11 +370,12 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, perm_inf
     };
     // Only where the extension is installed (its audit tables exist): a database without it
     // (postgres, template1, a monitoring database) is not touched, and must not fail.
-    // (In a parallel worker, not the check of the plan the leader sent, which the leader checked
-    // and recorded: each worker of a parallel scan of the trail recorded it again. A query run
-    // inside that plan, by a function, is the worker's own and is recorded: insider review 45.)
-    let leaders_plan = unsafe { pg_sys::ParallelWorkerNumber } >= 0 && crate::backend::executor_run_depth() == 0;
-    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && !leaders_plan && audit_rels().is_some() {
+    // (Parallel workers too: a query a function runs inside a worker is seen only there. The
+    // audit tables are never scanned in parallel (parallel_workers = 0, the decoder PARALLEL
+    // RESTRICTED: sql/audit.sql), so workers do not repeat the leader's reads. Skipping the
+    // worker's check of the plan the leader sent, by executor depth, let functions run during
+    // the worker's plan start-up (partition pruning) read the trail unrecorded: reviews 45, 46.)
+    if ok && super::enabled() && SUPPRESS.with(|s| s.get()) == 0 && audit_rels().is_some() {
         remember_role();
         let rels = list_ptrs(perm_infos)
             .map(|p| p.cast::<pg_sys::RTEPermissionInfo>())

@@ -46,8 +46,9 @@ fn audit_verify(
 /// is read), so it is executable by everyone: `GRANT SELECT ON envelope.audit_log` is all an
 /// auditor needs. Not STRICT: a block whose columns were set to NULL shows as unreadable instead
 /// of vanishing from the view; input larger than any block the writer makes is not decoded
-/// (`MAX_BLOCK_BYTES`; insider review 45).
-#[pg_extern(immutable, parallel_safe)]
+/// (`MAX_BLOCK_BYTES`; insider review 45). PARALLEL RESTRICTED: the trail is not decoded in
+/// parallel workers, each of which would record the leader's read again.
+#[pg_extern(immutable, parallel_restricted)]
 #[allow(clippy::type_complexity)]
 fn audit_block_records(
     prev_hash: Option<&[u8]>,

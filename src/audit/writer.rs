@@ -327,7 +327,7 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
         // goes through the executor).
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
             || form.relam != pg_sys::HEAP_TABLE_AM_OID
-            || form.relhasrules
+            || !(*rel).rd_rules.is_null()
             || (*desc).natts != AUDIT_BLOCK_TYPES.len() as i32
         {
             return false;
@@ -505,6 +505,17 @@ impl Varlenas {
 
 /// The executor path: one INSERT per batch (arrays unnested).
 fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
+    // A rule on the table (DO INSTEAD INSERT INTO elsewhere) would count the diverted rows as
+    // stored: refused, the records stay queued (insider review 46).
+    // (pg_rewrite, not relhasrules: that stays true after DROP RULE until a VACUUM.)
+    if Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite WHERE ev_class = 'envelope.audit_blocks'::pg_catalog.regclass)")
+        .map_err(spi_err)?
+        .unwrap_or(true)
+    {
+        return Err(EnvelopeError::Internal(
+            "audit: envelope.audit_blocks has a rule: the writer does not append through rules (they can divert the trail); the records stay queued".into(),
+        ));
+    }
     let col_i64 = |f: &dyn Fn(&Block) -> i64| blocks.iter().map(f).collect::<Vec<i64>>();
     let col_bytes = |f: &dyn Fn(&Block) -> &[u8]| blocks.iter().map(|b| f(b).to_vec()).collect::<Vec<Vec<u8>>>();
     let args: Vec<pgrx::datum::DatumWithOid> = vec![
