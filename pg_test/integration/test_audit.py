@@ -1775,6 +1775,27 @@ def one_value_statements(c, n, request_id):
     assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
 
 
+def held_back_while(c, tag, setup, teardown, check=lambda: True):
+    """With `setup` done to the trail's table, one encryption's record stays queued (the writer
+    refuses the batch) and nothing of it lands elsewhere (`check`); after `teardown` it is
+    written, once."""
+    for q in setup:
+        c.execute(q)
+    try:
+        start = last_seq(c)
+        c.execute(f"SET envelope.request_id = '{tag}'")
+        with as_tenant(c, TENANT):
+            c.execute("SELECT envelope.encrypt_field('x')")
+        c.execute("RESET envelope.request_id")
+        time.sleep(1.0)
+        assert c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] > 0
+        assert check()
+    finally:
+        for q in teardown:
+            c.execute(q)
+    assert [r[0] for r in records_after(c, start, tag)] == ["encrypt"]
+
+
 def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_still_fires(audited):
     """The writer appends without the executor (heap_multi_insert and the index inserts, as
     COPY does): amcheck finds every block in the primary key's index and the index sound, and
@@ -1807,37 +1828,17 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
 
         # A DBA's trigger that drops blocks (returns NULL) fails the batch: the records stay
         # queued and are written once it is gone, never lost without an error.
-        c.execute("CREATE FUNCTION public.audit_swallow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$")
-        c.execute("CREATE TRIGGER audit_swallow BEFORE INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_swallow()")
-        try:
-            start = last_seq(c)
-            c.execute("SET envelope.request_id = 'swallowed'")
-            with as_tenant(c, TENANT):
-                c.execute("SELECT envelope.encrypt_field('x')")
-            c.execute("RESET envelope.request_id")
-            time.sleep(1.0)
-            assert c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] > 0
-        finally:
-            c.execute("DROP TRIGGER audit_swallow ON envelope.audit_blocks")
-            c.execute("DROP FUNCTION public.audit_swallow()")
-        assert [r[0] for r in records_after(c, start, "swallowed")] == ["encrypt"]
+        held_back_while(c, "swallowed",
+                        ["CREATE FUNCTION public.audit_swallow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$",
+                         "CREATE TRIGGER audit_swallow BEFORE INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_swallow()"],
+                        ["DROP TRIGGER audit_swallow ON envelope.audit_blocks", "DROP FUNCTION public.audit_swallow()"])
         # A rule that diverts the blocks elsewhere (DO INSTEAD): refused the same way (review 46).
         c.execute("DROP TABLE IF EXISTS public.audit_sink")
-        c.execute("CREATE TABLE public.audit_sink (LIKE envelope.audit_blocks)")
-        c.execute("CREATE RULE audit_divert AS ON INSERT TO envelope.audit_blocks DO INSTEAD INSERT INTO public.audit_sink VALUES (NEW.*)")
-        try:
-            start = last_seq(c)
-            c.execute("SET envelope.request_id = 'diverted'")
-            with as_tenant(c, TENANT):
-                c.execute("SELECT envelope.encrypt_field('x')")
-            c.execute("RESET envelope.request_id")
-            time.sleep(1.0)
-            assert c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] > 0
-            assert c.execute("SELECT count(*) FROM public.audit_sink").fetchone()[0] == 0
-        finally:
-            c.execute("DROP RULE audit_divert ON envelope.audit_blocks")
-            c.execute("DROP TABLE public.audit_sink")
-        assert [r[0] for r in records_after(c, start, "diverted")] == ["encrypt"]
+        held_back_while(c, "diverted",
+                        ["CREATE TABLE public.audit_sink (LIKE envelope.audit_blocks)",
+                         "CREATE RULE audit_divert AS ON INSERT TO envelope.audit_blocks DO INSTEAD INSERT INTO public.audit_sink VALUES (NEW.*)"],
+                        ["DROP RULE audit_divert ON envelope.audit_blocks", "DROP TABLE public.audit_sink"],
+                        check=lambda: c.execute("SELECT count(*) FROM public.audit_sink").fetchone()[0] == 0)
 
         c.execute("DROP TABLE IF EXISTS public.audit_forwarded")
         c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")
