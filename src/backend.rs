@@ -702,21 +702,36 @@ pub fn interruptible<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) 
 /// syscache callback behind `crate::audit::hooks::privileges_generation`: a rename committed
 /// anywhere is seen at the next statement, as the lookup itself would see it).
 pub fn role_name(role: pg_sys::Oid) -> String {
+    let mut s = String::new();
+    role_name_into(role, &mut s);
+    s
+}
+
+/// [`role_name`] into `into` (its allocation reused: the audit asks once per statement).
+pub fn role_name_into(role: pg_sys::Oid, into: &mut String) {
     thread_local! {
         static NAMES: RefCell<(u64, Vec<(pg_sys::Oid, String)>)> = const { RefCell::new((u64::MAX, Vec::new())) };
     }
+    into.clear();
     let generation = crate::audit::hooks::privileges_generation();
     let cached = NAMES.with(|n| {
         let n = n.borrow();
         if n.0 != generation {
-            return None;
+            return false;
         }
-        n.1.iter().find(|(o, _)| *o == role).map(|(_, name)| name.clone())
+        match n.1.iter().find(|(o, _)| *o == role) {
+            Some((_, name)) => {
+                into.push_str(name);
+                true
+            }
+            None => false,
+        }
     });
-    if let Some(name) = cached {
-        return name;
+    if cached {
+        return;
     }
     let name = role_name_uncached(role);
+    into.push_str(&name);
     NAMES.with(|n| {
         let mut n = n.borrow_mut();
         if n.0 != generation {
@@ -725,9 +740,8 @@ pub fn role_name(role: pg_sys::Oid) -> String {
         if n.1.len() >= 8 {
             n.1.remove(0);
         }
-        n.1.push((role, name.clone()));
+        n.1.push((role, name));
     });
-    name
 }
 
 fn role_name_uncached(role: pg_sys::Oid) -> String {

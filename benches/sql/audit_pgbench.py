@@ -155,6 +155,14 @@ def cpu_delta(c0, c1):
     return by
 
 
+def machine_ticks():
+    """The machine's CPU time so far from /proc/stat (all CPUs, in ticks): (idle + iowait, steal,
+    total). With audit on, a throughput lost to waiting (for a lock, for the WAL) shows as idle
+    CPUs rather than as CPU per transaction."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return f[3] + f[4], f[7], sum(f)
+
+
 def pgbench(script, clients, seconds):
     p = subprocess.run(
         ["sudo", "-u", "postgres", str(BIN / "pgbench"), "-h", SOCK, "-p", str(PORT), "-n", "-M", "prepared",
@@ -187,14 +195,25 @@ def main():
     tps = {False: [], True: []}
     cpu = {False: [], True: []}  # CPU microseconds per transaction: server + pgbench
     split = {False: [], True: []}  # the same by kind of process
+    idle = {False: [], True: []}  # the machine's idle share, percent
+    pairs = []  # per round: (TPS on/off, CPU off/on) of that round's two runs
     try:
         for r in range(a.rounds):
             for on in ((False, True) if r % 2 == 0 else (True, False)):
                 set_audit(admin, on)
                 before = admin.execute("SELECT envelope.status()->'audit'").fetchone()[0]
-                c0, r0 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                c0, r0, m0 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN), machine_ticks()
                 t, n = pgbench(f.name, a.clients, a.seconds)
-                c1, r1 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                # pgbench's backends are still exiting when it returns; an exited child that is
+                # not yet reaped (a zombie) shows no CPU time in /proc, so a reading taken then
+                # lost a whole round's backends (one round read 65 us per transaction).
+                wait_until = time.monotonic() + 5
+                while time.monotonic() < wait_until and any(
+                        k != "reaped" and k not in c0 and kind(v[0]) == "backends" for k, v in server_cpu().items()):
+                    time.sleep(0.05)
+                c1, r1, m1 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN), machine_ticks()
+                idle[on].append(100.0 * (m1[0] - m0[0]) / max(1, m1[2] - m0[2]))
+                steal = 100.0 * (m1[1] - m0[1]) / max(1, m1[2] - m0[2])
                 tps[on].append(t)
                 client = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
                 by = cpu_delta(c0, c1)
@@ -207,7 +226,9 @@ def main():
                     n = after["records_written"] - before["records_written"]
                     extra = f" ({n / a.seconds:.0f} records/s, {after['queue_full_waits'] - before['queue_full_waits']} waits for a full queue)"
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(split[on][-1].items()))
-                print(f"round {r + 1} audit {'on ' if on else 'off'}: {tps[on][-1]:.1f} tps, {cpu[on][-1]:.1f} CPU-us/transaction ({parts}){extra}", flush=True)
+                print(f"round {r + 1} audit {'on ' if on else 'off'}: {tps[on][-1]:.1f} tps, {cpu[on][-1]:.1f} CPU-us/transaction ({parts}), "
+                      f"machine idle {idle[on][-1]:.1f}%, steal {steal:.1f}%{extra}", flush=True)
+            pairs.append((tps[True][-1] / tps[False][-1], cpu[False][-1] / cpu[True][-1]))
     finally:
         set_audit(admin, False)
         admin.execute("ALTER SYSTEM RESET envelope.audit")
@@ -221,6 +242,12 @@ def main():
     print(f"mix {a.mix}: pgbench {a.clients} clients x {a.seconds} s x {a.rounds} rounds: audit off {off:.1f} tps, on {on:.1f} tps, "
           f"on/off {on / off:.3f}; CPU per transaction (server + pgbench) off {coff:.1f} us, on {con:.1f} us, "
           f"off/on {coff / con:.3f} (the throughput ratio of a CPU-bound machine without the noise; goal >= 0.95)")
+    if pairs:
+        q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        tq, cq = q([p[0] for p in pairs]), q([p[1] for p in pairs])
+        print(f"per round (the two runs of one round side by side): TPS on/off median {statistics.median(p[0] for p in pairs):.3f} "
+              f"[IQR {tq[0]:.3f}-{tq[2]:.3f}], CPU off/on median {statistics.median(p[1] for p in pairs):.3f} [IQR {cq[0]:.3f}-{cq[2]:.3f}]; "
+              f"machine idle off {statistics.median(idle[False]):.1f}%, on {statistics.median(idle[True]):.1f}% (medians)")
     kinds = sorted({k for d in split[False] + split[True] for k in d})
     med = lambda on, k: statistics.median(d.get(k, 0.0) for d in split[on])
     print("CPU-us per transaction by process (medians), off -> on: " + ", ".join(f"{k} {med(False, k):.1f} -> {med(True, k):.1f}" for k in kinds))

@@ -409,6 +409,25 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
             "swapped": (lambda: c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_old; "
                                           "CREATE TABLE envelope.audit_blocks (LIKE envelope.audit_blocks_old INCLUDING ALL); "
                                           "INSERT INTO envelope.audit_blocks SELECT * FROM envelope.audit_blocks_old"), "not the extension's own"),
+            # The view replaced by one that hides a role's records from its readers (insider
+            # review 46 F3: the stored chain is whole, what readers of the view see is not).
+            "filtered view": (lambda: c.execute(
+                "CREATE OR REPLACE VIEW envelope.audit_log AS SELECT r.* FROM envelope.audit_blocks b "
+                "CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) r WHERE r.request_id <> 'chain'"),
+                "query is not the one the extension made"),
+            "invoker's row security": (lambda: c.execute(
+                "ALTER VIEW envelope.audit_log SET (security_invoker = true); "
+                "ALTER TABLE envelope.audit_blocks ENABLE ROW LEVEL SECURITY"), "not as the extension made it"),
+            # The decoder replaced in place (still the extension's member) by one that shows nothing.
+            "decoder replaced": (lambda: c.execute(
+                "CREATE OR REPLACE FUNCTION envelope.audit_block_records(prev_hash bytea, records bytea) RETURNS TABLE("
+                "seq bigint, at timestamptz, at_us bigint, kind text, database text, session_user_name text, role_name text, "
+                "client_addr text, application_name text, backend_pid bigint, statement_id bigint, request_id text, "
+                "tenant text, key_versions text, operation text, value_count bigint, failure_count bigint, outcome text, "
+                "duration_us bigint, detail text, prev_hash bytea, hash bytea) LANGUAGE sql IMMUTABLE AS "
+                "'SELECT NULL::bigint, NULL::timestamptz, 0::bigint, '''', '''', '''', '''', '''', '''', 0::bigint, 0::bigint, "
+                "'''', '''', '''', '''', 0::bigint, 0::bigint, '''', 0::bigint, '''', NULL::bytea, NULL::bytea WHERE false'"),
+                "not as the extension made it"),
         }
         for name, (tamper, expected) in cases.items():
             c.execute("BEGIN")
@@ -422,6 +441,15 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
             c.execute("ROLLBACK")
             print(f"{name}: {brk}")
             assert ok is False and expected in brk, (name, brk)
+        # The view made again exactly as the extension makes it is the extension's view.
+        c.execute("BEGIN")
+        c.execute("CREATE OR REPLACE VIEW envelope.audit_log AS SELECT r.seq, r.at, r.at_us, r.kind, r.database, "
+                  "r.session_user_name, r.role_name, r.client_addr, r.application_name, r.backend_pid, r.statement_id, "
+                  "r.request_id, r.tenant, r.key_versions, r.operation, r.value_count, r.failure_count, r.outcome, "
+                  "r.duration_us, r.detail, r.prev_hash, r.hash FROM envelope.audit_blocks b "
+                  "CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) r")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+        c.execute("ROLLBACK")
         assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
         # A forged checkpoint (another MAC) is reported.
         c.execute("BEGIN")

@@ -145,6 +145,68 @@ fn trail_is_the_extensions() -> Result<bool> {
         }))
 }
 
+/// The query `envelope.audit_log` was created with (sql/audit.sql), every name qualified.
+const AUDIT_LOG_QUERY: &std::ffi::CStr = c"SELECT r.seq, r.at, r.at_us, r.kind, r.database, r.session_user_name, r.role_name, r.client_addr,
+       r.application_name, r.backend_pid, r.statement_id, r.request_id, r.tenant, r.key_versions, r.operation,
+       r.value_count, r.failure_count, r.outcome, r.duration_us, r.detail, r.prev_hash, r.hash
+  FROM envelope.audit_blocks b CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) r";
+
+/// Why readers of `envelope.audit_log` may not see the stored trail as it is, or `None`: the
+/// view's query is the one the extension made (insider review 46: a superuser's `CREATE OR
+/// REPLACE VIEW ... WHERE role_name <> 'postgres'` hid that role's records from every reader of
+/// the view while `audit_verify`, reading the blocks, said ok), the decoder it calls is the
+/// extension's C function, the view has no options (`security_invoker` would apply the
+/// table's row-level security to readers), and the table has no row-level security. Both
+/// queries, the view's stored one and [`AUDIT_LOG_QUERY`] analysed now, are printed by
+/// PostgreSQL's own `pg_get_querydef` and compared: a filter, a join, a renamed or reordered
+/// column, another function or table all print differently.
+fn view_alteration() -> Result<Option<String>> {
+    let attrs_ok = Spi::get_one::<bool>(
+        "SELECT v.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
+                AND p.prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'c')
+                AND p.prosrc = 'audit_block_records_wrapper' AND p.probin = '$libdir/pg_envelope'
+           FROM pg_catalog.pg_class v, pg_catalog.pg_class b, pg_catalog.pg_proc p
+          WHERE v.oid = 'envelope.audit_log'::pg_catalog.regclass AND b.oid = 'envelope.audit_blocks'::pg_catalog.regclass
+            AND p.oid = pg_catalog.to_regprocedure('envelope.audit_block_records(bytea, bytea)')",
+    )
+    .map_err(spi_err)?
+    .unwrap_or(false);
+    if !attrs_ok {
+        return Ok(Some(
+            "envelope.audit_log is not as the extension made it (its decoder function, its options or row-level security on envelope.audit_blocks were changed): readers of the view may not see every record".into(),
+        ));
+    }
+    // SAFETY: PostgreSQL's parser, analyser and deparser on a constant query and on a copy of the
+    // view's rule, in the current memory context; the view is opened under AccessShareLock and
+    // its rule copied while it is open.
+    let (made, now) = unsafe {
+        let raw = pg_sys::raw_parser(AUDIT_LOG_QUERY.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        let stmt = (*(*raw).elements).ptr_value as *mut pg_sys::RawStmt;
+        let q = pg_sys::parse_analyze_fixedparams(stmt, AUDIT_LOG_QUERY.as_ptr(), std::ptr::null_mut(), 0, std::ptr::null_mut());
+        let made = std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec();
+        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), false);
+        let rel = pg_sys::relation_open(pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns), pg_sys::AccessShareLock as _);
+        let rules = (*rel).rd_rules;
+        let mut now = None;
+        if !rules.is_null() && (*rules).numLocks == 1 {
+            let rule = *(*rules).rules;
+            let actions = (*rule).actions;
+            if (*rule).event == pg_sys::CmdType::CMD_SELECT && !actions.is_null() && (*actions).length == 1 {
+                // A copy: the deparser takes locks through the tree and may change it in place
+                // (AcquireRewriteLocks), and this one is the relation cache's (the first build
+                // deparsed it in place and left pointers into freed memory there).
+                let q = pg_sys::copyObjectImpl((*(*actions).elements).ptr_value) as *mut pg_sys::Query;
+                now = Some(std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec());
+            }
+        }
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as _);
+        (made, now)
+    };
+    Ok((now.as_deref() != Some(made.as_slice())).then(|| {
+        "envelope.audit_log's query is not the one the extension made (replaced: a filter or another source would hide records from its readers; the stored trail is what audit_verify checked)".into()
+    }))
+}
+
 /// The stored blocks in sequence order, and the checkpoints.
 fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
     as_extension_owner(|| {
@@ -196,7 +258,15 @@ type Verdict = (i64, Option<i64>, Option<i64>, bool, Option<String>);
 fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
     let verdict = if as_extension_owner(|| hooks::without_read_records(trail_is_the_extensions))? {
         let (rows, cps) = load()?;
-        judge(rows, &cps, all_checkpoints)?
+        let verdict = judge(rows, &cps, all_checkpoints)?;
+        match verdict {
+            // The stored chain holds: whether the view shows it as stored.
+            (n, head, cp, true, _) => match as_extension_owner(|| hooks::without_read_records(view_alteration))? {
+                Some(why) => (n, head, cp, false, Some(why)),
+                None => verdict,
+            },
+            broken => broken,
+        }
     } else {
         let why = "envelope.audit_blocks or envelope.audit_log is not the extension's own (replaced or renamed): the trail cannot be verified";
         (0, None, None, false, Some(why.to_string()))
