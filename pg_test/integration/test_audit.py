@@ -1872,6 +1872,7 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
         c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")
         c.execute("CREATE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
                   "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.prev_hash, NEW.records); RETURN NEW; END$$")
+        before_trigger = last_seq(c)
         c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
         try:
             start = last_seq(c)
@@ -1880,8 +1881,28 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
             forwarded = c.execute("SELECT r.seq, r.hash FROM public.audit_forwarded f CROSS JOIN LATERAL envelope.audit_block_records(f.prev, f.records) r "
                                   "WHERE r.seq > %s ORDER BY r.seq", (start,)).fetchall()
             assert blocks()["executor"] > after["executor"]
+            # The trigger that saw the blocks is named in the trail itself (review 46: it runs
+            # in the writer, whose own reads are not recorded), once, not per batch.
+            named = c.execute("SELECT detail FROM envelope.audit_log WHERE seq > %s AND kind = 'config' "
+                              "AND operation = 'audit_insert_triggers'", (before_trigger,)).fetchall()
+            assert len(named) == 1 and "audit_forward (public.audit_forward()" in named[0][0], named
         finally:
             c.execute("DROP TRIGGER audit_forward ON envelope.audit_blocks")
+            c.execute("DROP FUNCTION public.audit_forward()")
+            c.execute("DROP TABLE public.audit_forwarded")
+        # Created again after batches went the direct way: named again.
+        c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")
+        c.execute("CREATE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.prev_hash, NEW.records); RETURN NEW; END$$")
+        try:
+            one_value_statements(c, 50, 'direct_again')
+            again = last_seq(c)
+            c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
+            one_value_statements(c, 50, 'forwarded_again')
+            assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND operation = 'audit_insert_triggers'",
+                             (again,)).fetchone()[0] == 1
+        finally:
+            c.execute("DROP TRIGGER IF EXISTS audit_forward ON envelope.audit_blocks")
             c.execute("DROP FUNCTION public.audit_forward()")
             c.execute("DROP TABLE public.audit_forwarded")
         assert len(stored) >= 600

@@ -221,6 +221,8 @@ impl Writer {
         // INSERT per batch through SPI.
         let n_blocks = blocks.blocks().len() as u64;
         self.appended = if unsafe { insert_direct(relid, blocks.blocks(), started) }? {
+            // No INSERT trigger fired: a trigger created again later is named again.
+            INSERT_TRIGGERS.with(|l| l.borrow_mut().take());
             (n_blocks, 0)
         } else {
             insert_spi(blocks.blocks(), started)?;
@@ -503,6 +505,46 @@ impl Varlenas {
     }
 }
 
+/// A DBA's INSERT trigger on `envelope.audit_blocks` fires in the writer (the executor path) and
+/// sees every block, records included, as its NEW row: it could copy the trail elsewhere with no
+/// read of the trail to record (insider review 46). So the triggers the writer fires are
+/// themselves in the trail: a `config` record (operation `audit_insert_triggers`) naming them,
+/// with their functions, each time the set changes (and once per writer start). It is queued
+/// when the writer first fires them, so it lands in the chain right after the batch they saw
+/// first. The extension's own triggers (functions that are its members) are not named.
+fn note_insert_triggers() -> Result<()> {
+    let now = Spi::get_one::<String>(
+        "SELECT coalesce(pg_catalog.string_agg(pg_catalog.format('%I (%s, %s)', t.tgname, t.tgfoid::pg_catalog.regprocedure,
+                        CASE WHEN t.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END), ', ' ORDER BY t.tgname), '')
+           FROM pg_catalog.pg_trigger t
+          WHERE t.tgrelid = 'envelope.audit_blocks'::pg_catalog.regclass AND NOT t.tgisinternal
+            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                             WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = t.tgfoid AND d.deptype = 'e'
+                               AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope'))",
+    )
+    .map_err(spi_err)?
+    .unwrap_or_default();
+    if INSERT_TRIGGERS.with(|l| l.borrow().as_deref() == Some(now.as_str())) {
+        return Ok(());
+    }
+    if !now.is_empty() {
+        let mut r = super::base_record("config", String::new());
+        r.operation = "audit_insert_triggers".into();
+        r.detail = format!("envelope.audit_blocks has triggers that fire for every block the writer appends: {now}");
+        r.value_count = 1;
+        r.outcome = "ok".into();
+        crate::log!("pg_envelope audit: {}", r.detail);
+        super::push(r);
+    }
+    INSERT_TRIGGERS.with(|l| *l.borrow_mut() = Some(now));
+    Ok(())
+}
+
+thread_local! {
+    /// The INSERT triggers last named in the trail (see [`note_insert_triggers`]).
+    static INSERT_TRIGGERS: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 /// The executor path: one INSERT per batch (arrays unnested).
 fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
     // A rule on the table (DO INSTEAD INSERT INTO elsewhere) would count the diverted rows as
@@ -516,6 +558,7 @@ fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
             "audit: envelope.audit_blocks has a rule: the writer does not append through rules (they can divert the trail); the records stay queued".into(),
         ));
     }
+    note_insert_triggers()?;
     let col_i64 = |f: &dyn Fn(&Block) -> i64| blocks.iter().map(f).collect::<Vec<i64>>();
     let col_bytes = |f: &dyn Fn(&Block) -> &[u8]| blocks.iter().map(|b| f(b).to_vec()).collect::<Vec<Vec<u8>>>();
     let args: Vec<pgrx::datum::DatumWithOid> = vec![
