@@ -415,6 +415,11 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
                 "CREATE OR REPLACE VIEW envelope.audit_log AS SELECT r.* FROM envelope.audit_blocks b "
                 "CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) r WHERE r.request_id <> 'chain'"),
                 "query is not the one the extension made"),
+            "filtered events view": (lambda: c.execute(
+                "CREATE OR REPLACE VIEW envelope.audit_events AS SELECT seq, at, kind, database, session_user_name, role_name, "
+                "client_addr, application_name, backend_pid, statement_id, request_id, tenant, key_versions, operation, "
+                "value_count, failure_count, outcome, duration_us, detail, pg_catalog.encode(hash, 'hex') AS hash "
+                "FROM envelope.audit_log WHERE kind <> 'decrypt'"), "audit_events's query is not the one"),
             "invoker's row security": (lambda: c.execute(
                 "ALTER VIEW envelope.audit_log SET (security_invoker = true); "
                 "ALTER TABLE envelope.audit_blocks ENABLE ROW LEVEL SECURITY"), "not as the extension made it"),

@@ -151,22 +151,22 @@ const AUDIT_LOG_QUERY: &std::ffi::CStr = c"SELECT r.seq, r.at, r.at_us, r.kind, 
        r.value_count, r.failure_count, r.outcome, r.duration_us, r.detail, r.prev_hash, r.hash
   FROM envelope.audit_blocks b CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) r";
 
-/// Why readers of `envelope.audit_log` may not see the stored trail as it is, or `None`: the
-/// view's query is the one the extension made (insider review 46: a superuser's `CREATE OR
-/// REPLACE VIEW ... WHERE role_name <> 'postgres'` hid that role's records from every reader of
-/// the view while `audit_verify`, reading the blocks, said ok), the decoder it calls is the
-/// extension's C function, the view has no options (`security_invoker` would apply the
-/// table's row-level security to readers), and the table has no row-level security. Both
-/// queries, the view's stored one and [`AUDIT_LOG_QUERY`] analysed now, are printed by
+/// Why readers of `envelope.audit_log` (or of `envelope.audit_events`, over it) may not see the
+/// stored trail as it is, or `None`. Insider review 46: a superuser's `CREATE OR REPLACE VIEW ...
+/// WHERE role_name <> 'postgres'` hid that role's records from every reader of the view while
+/// `audit_verify`, reading the blocks, said ok. Checked: each view's query is the one the
+/// extension made (the view's stored query and the extension's, analysed now, both printed by
 /// PostgreSQL's own `pg_get_querydef` and compared: a filter, a join, a renamed or reordered
-/// column, another function or table all print differently.
+/// column, another function or table all print differently); the decoder is the extension's C
+/// function; the views have no options (`security_invoker` would apply the table's row-level
+/// security to readers); the table has no row-level security.
 fn view_alteration() -> Result<Option<String>> {
     let attrs_ok = Spi::get_one::<bool>(
-        "SELECT v.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
+        "SELECT v.reloptions IS NULL AND e.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
                 AND p.prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'c')
                 AND p.prosrc = 'audit_block_records_wrapper' AND p.probin = '$libdir/pg_envelope'
-           FROM pg_catalog.pg_class v, pg_catalog.pg_class b, pg_catalog.pg_proc p
-          WHERE v.oid = 'envelope.audit_log'::pg_catalog.regclass AND b.oid = 'envelope.audit_blocks'::pg_catalog.regclass
+           FROM pg_catalog.pg_class v, pg_catalog.pg_class e, pg_catalog.pg_class b, pg_catalog.pg_proc p
+          WHERE v.oid = 'envelope.audit_log'::pg_catalog.regclass AND e.oid = pg_catalog.to_regclass('envelope.audit_events') AND b.oid = 'envelope.audit_blocks'::pg_catalog.regclass
             AND p.oid = pg_catalog.to_regprocedure('envelope.audit_block_records(bytea, bytea)')",
     )
     .map_err(spi_err)?
@@ -176,19 +176,63 @@ fn view_alteration() -> Result<Option<String>> {
             "envelope.audit_log is not as the extension made it (its decoder function, its options or row-level security on envelope.audit_blocks were changed): readers of the view may not see every record".into(),
         ));
     }
+    for (view, query) in [(c"audit_log", AUDIT_LOG_QUERY), (c"audit_events", AUDIT_EVENTS_QUERY)] {
+        if !view_query_is(view, query) {
+            return Ok(Some(format!(
+                "envelope.{}'s query is not the one the extension made (replaced: a filter or another source would hide records from its readers; the stored trail is what audit_verify checked)",
+                view.to_string_lossy()
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The query `envelope.audit_events` was created with (sql/audit.sql), every name qualified.
+const AUDIT_EVENTS_QUERY: &std::ffi::CStr = c"SELECT seq, at, kind, database, session_user_name, role_name, client_addr, application_name, backend_pid,
+       statement_id, request_id, tenant, key_versions, operation, value_count, failure_count, outcome,
+       duration_us, detail, pg_catalog.encode(hash, 'hex') AS hash
+  FROM envelope.audit_log";
+
+/// Before PostgreSQL 16 a view's stored query starts its range table with two entries for the
+/// view itself (OLD and NEW, never joined): the deparser then qualifies every column, which the
+/// same query analysed afresh, with one source, does not. They are taken out (the rest renumbered)
+/// so both print alike. From 16 on there are none.
+unsafe fn without_old_and_new(q: *mut pg_sys::Query, view: pg_sys::Oid) {
+    unsafe {
+        let rt = (*q).rtable;
+        if rt.is_null() || (*rt).length < 2 {
+            return;
+        }
+        let is_view = |i: usize| {
+            let rte = (*(*rt).elements.add(i)).ptr_value as *mut pg_sys::RangeTblEntry;
+            (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && (*rte).relid == view
+        };
+        if is_view(0) && is_view(1) {
+            (*q).rtable = pg_sys::list_delete_first(pg_sys::list_delete_first(rt));
+            pg_sys::OffsetVarNodes(q.cast(), -2, 0);
+        }
+    }
+}
+
+/// Whether view `envelope.<view>` exists and its stored query prints as `query` analysed now.
+fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
     // SAFETY: PostgreSQL's parser, analyser and deparser on a constant query and on a copy of the
     // view's rule, in the current memory context; the view is opened under AccessShareLock and
     // its rule copied while it is open.
-    let (made, now) = unsafe {
-        let raw = pg_sys::raw_parser(AUDIT_LOG_QUERY.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
-        let stmt = (*(*raw).elements).ptr_value as *mut pg_sys::RawStmt;
-        let q = pg_sys::parse_analyze_fixedparams(stmt, AUDIT_LOG_QUERY.as_ptr(), std::ptr::null_mut(), 0, std::ptr::null_mut());
-        let made = std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec();
+    unsafe {
         let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), false);
-        let rel = pg_sys::relation_open(pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns), pg_sys::AccessShareLock as _);
+        let relid = pg_sys::get_relname_relid(view.as_ptr(), ns);
+        if relid == pg_sys::InvalidOid {
+            return false;
+        }
+        let raw = pg_sys::raw_parser(query.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        let stmt = (*(*raw).elements).ptr_value as *mut pg_sys::RawStmt;
+        let q = pg_sys::parse_analyze_fixedparams(stmt, query.as_ptr(), std::ptr::null_mut(), 0, std::ptr::null_mut());
+        let made = std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec();
+        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as _);
         let rules = (*rel).rd_rules;
         let mut now = None;
-        if !rules.is_null() && (*rules).numLocks == 1 {
+        if (*(*rel).rd_rel).relkind == pg_sys::RELKIND_VIEW as std::ffi::c_char && !rules.is_null() && (*rules).numLocks == 1 {
             let rule = *(*rules).rules;
             let actions = (*rule).actions;
             if (*rule).event == pg_sys::CmdType::CMD_SELECT && !actions.is_null() && (*actions).length == 1 {
@@ -196,15 +240,13 @@ fn view_alteration() -> Result<Option<String>> {
                 // (AcquireRewriteLocks), and this one is the relation cache's (the first build
                 // deparsed it in place and left pointers into freed memory there).
                 let q = pg_sys::copyObjectImpl((*(*actions).elements).ptr_value) as *mut pg_sys::Query;
+                without_old_and_new(q, relid);
                 now = Some(std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec());
             }
         }
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as _);
-        (made, now)
-    };
-    Ok((now.as_deref() != Some(made.as_slice())).then(|| {
-        "envelope.audit_log's query is not the one the extension made (replaced: a filter or another source would hide records from its readers; the stored trail is what audit_verify checked)".into()
-    }))
+        now.as_deref() == Some(made.as_slice())
+    }
 }
 
 /// The stored blocks in sequence order, and the checkpoints.
