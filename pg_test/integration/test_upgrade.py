@@ -170,6 +170,9 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
             # 0.1.0's grants carried over (and now hold their role through the anchor privilege).
             assert c.execute("SELECT has_table_privilege('upg_app', 'envelope.grant_anchor', 'SELECT')").fetchone()[0]
             assert c.execute("""SELECT has_table_privilege('Upg Mixed "Q" Role', 'envelope.grant_anchor', 'SELECT')""").fetchone()[0]
+            # The trail's views, as the update made them, are the extension's (audit_verify
+            # compares their queries with the extension's).
+            assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
         with connect(PORT, "planted") as c:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not controlled by superusers only"):
                 c.execute("ALTER EXTENSION pg_envelope UPDATE")
