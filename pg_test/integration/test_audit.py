@@ -420,6 +420,18 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
                 "client_addr, application_name, backend_pid, statement_id, request_id, tenant, key_versions, operation, "
                 "value_count, failure_count, outcome, duration_us, detail, pg_catalog.encode(hash, 'hex') AS hash "
                 "FROM envelope.audit_log WHERE kind <> 'decrypt'"), "audit_events's query is not the one"),
+            # Two columns swapped by name (the stored query prints the same: review 47).
+            "renamed columns": (lambda: c.execute(
+                "ALTER VIEW envelope.audit_log RENAME COLUMN role_name TO tmp_x; "
+                "ALTER VIEW envelope.audit_log RENAME COLUMN session_user_name TO role_name; "
+                "ALTER VIEW envelope.audit_log RENAME COLUMN tmp_x TO session_user_name"), "audit_log's query is not the one"),
+            "renamed events columns": (lambda: c.execute(
+                "ALTER VIEW envelope.audit_events RENAME COLUMN value_count TO tmp_x; "
+                "ALTER VIEW envelope.audit_events RENAME COLUMN failure_count TO value_count; "
+                "ALTER VIEW envelope.audit_events RENAME COLUMN tmp_x TO failure_count"), "audit_events's query is not the one"),
+            # A dropped view is a report, not an error (review 47).
+            "dropped events view": (lambda: c.execute("ALTER EXTENSION pg_envelope DROP VIEW envelope.audit_events; "
+                                                      "DROP VIEW envelope.audit_events"), "not as the extension made it"),
             "invoker's row security": (lambda: c.execute(
                 "ALTER VIEW envelope.audit_log SET (security_invoker = true); "
                 "ALTER TABLE envelope.audit_blocks ENABLE ROW LEVEL SECURITY"), "not as the extension made it"),
@@ -1886,11 +1898,14 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
             forwarded = c.execute("SELECT r.seq, r.hash FROM public.audit_forwarded f CROSS JOIN LATERAL envelope.audit_block_records(f.prev, f.records) r "
                                   "WHERE r.seq > %s ORDER BY r.seq", (start,)).fetchall()
             assert blocks()["executor"] > after["executor"]
-            # The trigger that saw the blocks is named in the trail itself (review 46: it runs
-            # in the writer, whose own reads are not recorded), once, not per batch.
-            named = c.execute("SELECT detail FROM envelope.audit_log WHERE seq > %s AND kind = 'config' "
-                              "AND operation = 'audit_insert_triggers'", (before_trigger,)).fetchall()
-            assert len(named) == 1 and "audit_forward (public.audit_forward()" in named[0][0], named
+            # The trigger that saw the blocks is named in the trail itself, in front of the
+            # first blocks it saw (review 46: it runs in the writer, whose own reads are not
+            # recorded), once, not per batch.
+            named = c.execute("SELECT seq, detail FROM envelope.audit_log WHERE seq > %s AND kind = 'config' "
+                              "AND operation = 'audit_insert_code'", (before_trigger,)).fetchall()
+            assert len(named) == 1 and "1/1 trigger audit_forward (public.audit_forward(), enabled" in named[0][1], named
+            first_forwarded = min(f[0] for f in forwarded)
+            assert named[0][0] <= c.execute("SELECT max(seq) FROM envelope.audit_log WHERE seq <= %s", (first_forwarded,)).fetchone()[0]
         finally:
             c.execute("DROP TRIGGER audit_forward ON envelope.audit_blocks")
             c.execute("DROP FUNCTION public.audit_forward()")
@@ -1904,9 +1919,27 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
             again = last_seq(c)
             c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
             one_value_statements(c, 50, 'forwarded_again')
-            assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND operation = 'audit_insert_triggers'",
+            assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND operation = 'audit_insert_code'",
                              (again,)).fetchone()[0] == 1
+            # A replaced function body is a change; so are a CHECK constraint's function and an
+            # index (their functions see every block too: review 47).
+            c.execute("CREATE OR REPLACE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.prev_hash, NEW.records); RETURN NULL; END$$")
+            c.execute("CREATE FUNCTION public.audit_peek(bytea) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true'")
+            c.execute("ALTER TABLE envelope.audit_blocks ADD CONSTRAINT audit_peek CHECK (public.audit_peek(records))")
+            c.execute("CREATE INDEX audit_blocks_first_at ON envelope.audit_blocks (first_at)")
+            again = last_seq(c)
+            one_value_statements(c, 50, 'code_again')
+            lines = [d for (d,) in c.execute("SELECT detail FROM envelope.audit_log WHERE seq > %s AND operation = 'audit_insert_code' "
+                                             "ORDER BY seq", (again,))]
+            assert len(lines) == 3, lines
+            assert lines[0].startswith("1/3 constraint audit_peek: CHECK (public.audit_peek(records))"), lines
+            assert lines[1].startswith("2/3 index CREATE INDEX audit_blocks_first_at ON envelope.audit_blocks"), lines
+            assert lines[2].startswith("3/3 trigger audit_forward (public.audit_forward(), enabled, source md5 "), lines
         finally:
+            c.execute("ALTER TABLE envelope.audit_blocks DROP CONSTRAINT IF EXISTS audit_peek")
+            c.execute("DROP FUNCTION IF EXISTS public.audit_peek(bytea)")
+            c.execute("DROP INDEX IF EXISTS envelope.audit_blocks_first_at")
             c.execute("DROP TRIGGER IF EXISTS audit_forward ON envelope.audit_blocks")
             c.execute("DROP FUNCTION public.audit_forward()")
             c.execute("DROP TABLE public.audit_forwarded")

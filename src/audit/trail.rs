@@ -133,8 +133,8 @@ fn trail_is_the_extensions() -> Result<bool> {
     let ours = Spi::get_one::<bool>(
         "SELECT to_regclass('envelope.audit_blocks') IS NOT NULL AND to_regclass('envelope.audit_log') IS NOT NULL
             AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
-                         WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND r.ev_class = 'envelope.audit_log'::pg_catalog.regclass
-                           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = 'envelope.audit_blocks'::pg_catalog.regclass)",
+                         WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND r.ev_class = pg_catalog.to_regclass('envelope.audit_log')
+                           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = pg_catalog.to_regclass('envelope.audit_blocks'))",
     )
     .map_err(spi_err)?
     .unwrap_or(false);
@@ -162,12 +162,12 @@ const AUDIT_LOG_QUERY: &std::ffi::CStr = c"SELECT r.seq, r.at, r.at_us, r.kind, 
 /// security to readers); the table has no row-level security.
 fn view_alteration() -> Result<Option<String>> {
     let attrs_ok = Spi::get_one::<bool>(
-        "SELECT v.reloptions IS NULL AND e.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
+        "SELECT coalesce((SELECT v.reloptions IS NULL AND e.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
                 AND p.prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'c')
                 AND p.prosrc = 'audit_block_records_wrapper' AND p.probin = '$libdir/pg_envelope'
            FROM pg_catalog.pg_class v, pg_catalog.pg_class e, pg_catalog.pg_class b, pg_catalog.pg_proc p
-          WHERE v.oid = 'envelope.audit_log'::pg_catalog.regclass AND e.oid = pg_catalog.to_regclass('envelope.audit_events') AND b.oid = 'envelope.audit_blocks'::pg_catalog.regclass
-            AND p.oid = pg_catalog.to_regprocedure('envelope.audit_block_records(bytea, bytea)')",
+          WHERE v.oid = pg_catalog.to_regclass('envelope.audit_log') AND e.oid = pg_catalog.to_regclass('envelope.audit_events') AND b.oid = pg_catalog.to_regclass('envelope.audit_blocks')
+            AND p.oid = pg_catalog.to_regprocedure('envelope.audit_block_records(bytea, bytea)')), false)",
     )
     .map_err(spi_err)?
     .unwrap_or(false);
@@ -214,7 +214,8 @@ unsafe fn without_old_and_new(q: *mut pg_sys::Query, view: pg_sys::Oid) {
     }
 }
 
-/// Whether view `envelope.<view>` exists and its stored query prints as `query` analysed now.
+/// Whether view `envelope.<view>` exists, its stored query prints as `query` analysed now, and
+/// its columns have the names `query` gives them, in order.
 fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
     // SAFETY: PostgreSQL's parser, analyser and deparser on a constant query and on a copy of the
     // view's rule, in the current memory context; the view is opened under AccessShareLock and
@@ -244,8 +245,28 @@ fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
                 now = Some(std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec());
             }
         }
+        // The view's column names too: `ALTER VIEW ... RENAME COLUMN` changes them and not the
+        // stored query, so two columns swapped by name print the same query and show each
+        // other's values (insider review 47).
+        let mut names_ok = true;
+        let attrs = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let mut i = 0;
+        let tl = (*q).targetList;
+        for j in 0..(if tl.is_null() { 0 } else { (*tl).length as usize }) {
+            let te = (*(*tl).elements.add(j)).ptr_value as *mut pg_sys::TargetEntry;
+            if (*te).resjunk {
+                continue;
+            }
+            let want = if (*te).resname.is_null() { &b""[..] } else { std::ffi::CStr::from_ptr((*te).resname).to_bytes() };
+            match attrs.get(i) {
+                Some(a) if !a.attisdropped && std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == want => {}
+                _ => names_ok = false,
+            }
+            i += 1;
+        }
+        names_ok &= i == attrs.len();
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as _);
-        now.as_deref() == Some(made.as_slice())
+        names_ok && now.as_deref() == Some(made.as_slice())
     }
 }
 

@@ -51,6 +51,10 @@ pub struct Writer {
     /// Blocks the batch in progress appended (direct, through the executor): counted in
     /// shared memory once it committed.
     appended: (u64, u64),
+    /// What runs code on every appended block (see [`insert_code`]) as the trail last named it
+    /// (committed), and as the batch in progress names it.
+    insert_code: Option<Vec<String>>,
+    insert_code_taken: Option<Vec<String>>,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -112,6 +116,9 @@ impl Writer {
 
     /// After the batch's transaction committed: the head this server's writer stands behind.
     pub fn committed(&mut self) {
+        if let Some(code) = self.insert_code_taken.take() {
+            self.insert_code = Some(code);
+        }
         let taken = std::mem::take(&mut self.pending_taken).min(self.pending.len());
         self.pending.drain(..taken);
         self.pending.append(&mut self.raised);
@@ -194,6 +201,27 @@ impl Writer {
             r.detail = why;
             rows.push(blocks.push(&mut chain, r, first_pos.saturating_sub(1)));
         }
+        // Code that will see this batch's blocks, named in the chain in front of them whenever
+        // it changed since the trail last named it (and at the writer's first batch). Added by
+        // the writer itself, not queued: a full queue cannot drop it (review 47).
+        // (The table's lock first, the one the insert takes anyway: a trigger, index or
+        // constraint cannot be added between this look and the insert.)
+        unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(relid), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+        let code = insert_code()?;
+        if self.insert_code.as_ref() != Some(&code) && !(self.insert_code.is_none() && code.is_empty()) {
+            crate::log!("pg_envelope audit: code that sees every appended block of envelope.audit_blocks: {}", if code.is_empty() { "none".to_string() } else { code.join("; ") });
+            let n = code.len();
+            let lines: Vec<String> = if code.is_empty() { vec!["none any more".into()] } else { code.iter().enumerate().map(|(i, d)| format!("{}/{n} {d}", i + 1)).collect() };
+            for line in lines {
+                let mut r = base_record("config", String::new());
+                r.operation = "audit_insert_code".into();
+                r.value_count = n as i64;
+                r.outcome = "ok".into();
+                r.detail = line;
+                rows.push(blocks.push(&mut chain, r, first_pos.saturating_sub(1)));
+            }
+        }
+        self.insert_code_taken = Some(code);
         // The writer's own records of the previous batch (its alerts), before the queue's.
         self.pending_taken = self.pending.len();
         rows.extend(self.pending.iter().cloned().map(|r| blocks.push(&mut chain, r, first_pos.saturating_sub(1))));
@@ -221,8 +249,6 @@ impl Writer {
         // INSERT per batch through SPI.
         let n_blocks = blocks.blocks().len() as u64;
         self.appended = if unsafe { insert_direct(relid, blocks.blocks(), started) }? {
-            // No INSERT trigger fired: a trigger created again later is named again.
-            INSERT_TRIGGERS.with(|l| l.borrow_mut().take());
             (n_blocks, 0)
         } else {
             insert_spi(blocks.blocks(), started)?;
@@ -243,6 +269,7 @@ impl Writer {
     /// Forgets the head (after a failed transaction: re-read next time).
     pub fn reset(&mut self) {
         self.head = None;
+        self.insert_code_taken = None;
         self.appended = (0, 0);
         self.pending_taken = 0;
         self.dropped_taken = 0;
@@ -505,44 +532,57 @@ impl Varlenas {
     }
 }
 
-/// A DBA's INSERT trigger on `envelope.audit_blocks` fires in the writer (the executor path) and
-/// sees every block, records included, as its NEW row: it could copy the trail elsewhere with no
-/// read of the trail to record (insider review 46). So the triggers the writer fires are
-/// themselves in the trail: a `config` record (operation `audit_insert_triggers`) naming them,
-/// with their functions, each time the set changes (and once per writer start). It is queued
-/// when the writer first fires them, so it lands in the chain right after the batch they saw
-/// first. The extension's own triggers (functions that are its members) are not named.
-fn note_insert_triggers() -> Result<()> {
-    let now = Spi::get_one::<String>(
-        "SELECT coalesce(pg_catalog.string_agg(pg_catalog.format('%I (%s, %s)', t.tgname, t.tgfoid::pg_catalog.regprocedure,
-                        CASE WHEN t.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END), ', ' ORDER BY t.tgname), '')
-           FROM pg_catalog.pg_trigger t
-          WHERE t.tgrelid = 'envelope.audit_blocks'::pg_catalog.regclass AND NOT t.tgisinternal
-            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                             WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = t.tgfoid AND d.deptype = 'e'
-                               AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope'))",
-    )
-    .map_err(spi_err)?
-    .unwrap_or_default();
-    if INSERT_TRIGGERS.with(|l| l.borrow().as_deref() == Some(now.as_str())) {
-        return Ok(());
-    }
-    if !now.is_empty() {
-        let mut r = super::base_record("config", String::new());
-        r.operation = "audit_insert_triggers".into();
-        r.detail = format!("envelope.audit_blocks has triggers that fire for every block the writer appends: {now}");
-        r.value_count = 1;
-        r.outcome = "ok".into();
-        crate::log!("pg_envelope audit: {}", r.detail);
-        super::push(r);
-    }
-    INSERT_TRIGGERS.with(|l| *l.borrow_mut() = Some(now));
-    Ok(())
-}
-
-thread_local! {
-    /// The INSERT triggers last named in the trail (see [`note_insert_triggers`]).
-    static INSERT_TRIGGERS: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+/// What runs user code on, or sees, every block the writer appends to `envelope.audit_blocks`,
+/// beyond the extension's own table and primary key: INSERT triggers (with a digest of their
+/// function's source, so a replaced body counts as a change), CHECK and foreign-key
+/// constraints, indexes other than the primary key (an operator class's support function sees
+/// every value), generated columns and a table access method other than heap. One line each,
+/// sorted. Insider reviews 46 and 47: a trigger, a CHECK constraint's function or a custom hash
+/// operator class could copy the whole trail elsewhere with no read of the trail to record.
+/// The writer does not refuse them (forwarding blocks by a trigger is a legitimate DBA choice)
+/// but names them in the trail itself: see [`Writer::batch`].
+fn insert_code() -> Result<Vec<String>> {
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "WITH rel AS (SELECT 'envelope.audit_blocks'::pg_catalog.regclass AS oid)
+                 SELECT d FROM (
+                   SELECT pg_catalog.format('trigger %I (%s, %s, source md5 %s)', t.tgname, t.tgfoid::pg_catalog.regprocedure,
+                            CASE WHEN t.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END, pg_catalog.md5(coalesce(p.prosrc, ''))) AS d
+                     FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid, rel
+                    WHERE t.tgrelid = rel.oid AND (t.tgtype & 4) <> 0
+                   UNION ALL
+                   SELECT pg_catalog.format('constraint %I: %s', k.conname, pg_catalog.pg_get_constraintdef(k.oid))
+                     FROM pg_catalog.pg_constraint k, rel
+                    WHERE k.conrelid = rel.oid AND k.contype NOT IN ('p', 'n')
+                   UNION ALL
+                   SELECT pg_catalog.format('index %s', pg_catalog.pg_get_indexdef(i.indexrelid))
+                     FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid, rel
+                    WHERE i.indrelid = rel.oid
+                      AND NOT (i.indisprimary AND i.indnatts = 1 AND i.indkey[0] = 1 AND i.indexprs IS NULL AND i.indpred IS NULL
+                               AND ic.relam = (SELECT oid FROM pg_catalog.pg_am WHERE amname = 'btree')
+                               AND i.indclass[0] = (SELECT o.oid FROM pg_catalog.pg_opclass o
+                                                      WHERE o.opcname = 'int8_ops' AND o.opcnamespace = 'pg_catalog'::pg_catalog.regnamespace
+                                                        AND o.opcmethod = (SELECT oid FROM pg_catalog.pg_am WHERE amname = 'btree')))
+                   UNION ALL
+                   SELECT pg_catalog.format('generated column %I: %s', a.attname, pg_catalog.pg_get_expr(ad.adbin, ad.adrelid))
+                     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum, rel
+                    WHERE a.attrelid = rel.oid AND a.attgenerated <> ''
+                   UNION ALL
+                   SELECT pg_catalog.format('table access method %s', am.amname)
+                     FROM pg_catalog.pg_class cl JOIN pg_catalog.pg_am am ON am.oid = cl.relam, rel
+                    WHERE cl.oid = rel.oid AND am.amname <> 'heap'
+                 ) x ORDER BY d",
+                None,
+                &[],
+            )
+            .map_err(spi_err)?;
+        let mut out = Vec::new();
+        for r in t {
+            out.push(r.get::<String>(1).map_err(spi_err)?.unwrap_or_default());
+        }
+        Ok(out)
+    })
 }
 
 /// The executor path: one INSERT per batch (arrays unnested).
@@ -558,7 +598,6 @@ fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
             "audit: envelope.audit_blocks has a rule: the writer does not append through rules (they can divert the trail); the records stay queued".into(),
         ));
     }
-    note_insert_triggers()?;
     let col_i64 = |f: &dyn Fn(&Block) -> i64| blocks.iter().map(f).collect::<Vec<i64>>();
     let col_bytes = |f: &dyn Fn(&Block) -> &[u8]| blocks.iter().map(|b| f(b).to_vec()).collect::<Vec<Vec<u8>>>();
     let args: Vec<pgrx::datum::DatumWithOid> = vec![
