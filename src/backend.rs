@@ -295,7 +295,6 @@ pub fn note_tenants_oid(oid: pg_sys::Oid) {
 pub unsafe extern "C-unwind" fn on_relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     crate::audit::hooks::on_relcache_changed(relid);
     crate::audit::alerts::on_relcache_changed(relid);
-    crate::audit::writer::on_relcache_changed(relid);
     let anchor = ANCHOR_OID.load(Ordering::Relaxed);
     if relid == pg_sys::InvalidOid || (anchor != 0 && relid.to_u32() == anchor) {
         ROLES_GENERATION.fetch_add(1, Ordering::Relaxed);

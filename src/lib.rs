@@ -93,14 +93,6 @@ pub extern "C-unwind" fn _PG_init() {
             pg_sys::CacheRegisterSyscacheCallback(cache as std::ffi::c_int, Some(audit::hooks::on_privileges_changed), pg_sys::Datum::from(0))
         };
     }
-    // The audit writer looks again at what runs code on its inserts (see audit::writer).
-    unsafe {
-        pg_sys::CacheRegisterSyscacheCallback(
-            pg_sys::SysCacheIdentifier::PROCOID as std::ffi::c_int,
-            Some(audit::writer::on_proc_changed),
-            pg_sys::Datum::from(0),
-        )
-    };
     // CREATE INDEX CONCURRENTLY over encrypted columns is refused before it starts (src/guards.rs).
     guards::install();
     backend::install_statement_hooks();

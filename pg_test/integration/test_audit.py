@@ -436,6 +436,15 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
                 "ALTER VIEW envelope.audit_log SET (security_invoker = true); "
                 "ALTER TABLE envelope.audit_blocks ENABLE ROW LEVEL SECURITY"), "not as the extension made it"),
             # The decoder replaced in place (still the extension's member) by one that shows nothing.
+            # A child table: its rows would show in the views (review 48).
+            "child table": (lambda: c.execute("CREATE TABLE envelope.audit_blocks_child () INHERITS (envelope.audit_blocks)"),
+                            "inheritance children"),
+            # A renamed column of the table is a report, not an error (review 48).
+            "renamed table column": (lambda: c.execute("ALTER TABLE envelope.audit_blocks RENAME COLUMN prev_hash TO ph"),
+                                     "exactly the extension's columns"),
+            "decoder overload": (lambda: c.execute(
+                "CREATE FUNCTION envelope.audit_block_records(bytea, bytea, int DEFAULT 0) RETURNS SETOF int LANGUAGE sql AS 'SELECT 1'"),
+                "not as the extension made it"),
             "decoder replaced": (lambda: c.execute(
                 "CREATE OR REPLACE FUNCTION envelope.audit_block_records(prev_hash bytea, records bytea) RETURNS TABLE("
                 "seq bigint, at timestamptz, at_us bigint, kind text, database text, session_user_name text, role_name text, "
@@ -1841,12 +1850,14 @@ def held_back_while(c, tag, setup, teardown, check=lambda: True):
     assert [r[0] for r in records_after(c, start, tag)] == ["encrypt"]
 
 
-def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_still_fires(audited):
+def test_the_writers_rows_are_what_an_insert_leaves_and_code_on_the_table_holds_the_trail_back(audited):
     """The writer appends without the executor (heap_multi_insert and the index inserts, as
     COPY does): amcheck finds every block in the primary key's index and the index sound, and
-    lookups of blocks by sequence find them. With an INSERT trigger on audit_blocks (a DBA who
-    forwards the trail elsewhere), the writer takes the executor path and the trigger sees every
-    block."""
+    lookups of blocks by sequence find them. Code attached to audit_blocks would get every
+    block inside the writer, whose own reads are not recorded (insider reviews 45-48: a trigger,
+    a rule, a CHECK constraint's function, a column default, a domain's CHECK, a custom operator
+    class): the writer refuses such a table, the records stay queued, audit_verify names why,
+    and once it is undone they are written. A plain btree index (to narrow by time) is fine."""
     with connect(PORT_A, DB) as c:
         start = last_seq(c)
         one_value_statements(c, 1200, 'direct')
@@ -1864,89 +1875,78 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_a_dbas_insert_trigger_st
         c.execute("RESET enable_seqscan")
         c.execute("RESET enable_bitmapscan")
         assert by_index == 1200
-        # ... and they went through the direct path (an unchanged table), not an INSERT.
-        blocks = lambda: c.execute("SELECT envelope.status()->'audit'->'blocks_written'").fetchone()[0]
+        blocks = lambda: c.execute("SELECT (envelope.status()->'audit'->>'blocks_written')::int8").fetchone()[0]
         before = blocks()
         one_value_statements(c, 100, 'direct-2')
-        after = blocks()
-        assert after["direct"] > before["direct"] and after["executor"] == before["executor"], (before, after)
+        assert blocks() > before
 
-        # A DBA's trigger that drops blocks (returns NULL) fails the batch: the records stay
-        # queued and are written once it is gone, never lost without an error.
-        held_back_while(c, "swallowed",
-                        ["CREATE FUNCTION public.audit_swallow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$",
-                         "CREATE TRIGGER audit_swallow BEFORE INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_swallow()"],
-                        ["DROP TRIGGER audit_swallow ON envelope.audit_blocks", "DROP FUNCTION public.audit_swallow()"])
-        # A rule that diverts the blocks elsewhere (DO INSTEAD): refused the same way (review 46).
-        c.execute("DROP TABLE IF EXISTS public.audit_sink")
-        held_back_while(c, "diverted",
-                        ["CREATE TABLE public.audit_sink (LIKE envelope.audit_blocks)",
-                         "CREATE RULE audit_divert AS ON INSERT TO envelope.audit_blocks DO INSTEAD INSERT INTO public.audit_sink VALUES (NEW.*)"],
-                        ["DROP RULE audit_divert ON envelope.audit_blocks", "DROP TABLE public.audit_sink"],
-                        check=lambda: c.execute("SELECT count(*) FROM public.audit_sink").fetchone()[0] == 0)
-
-        c.execute("DROP TABLE IF EXISTS public.audit_forwarded")
+        verify = lambda: c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+        for d in ("audit_sink", "audit_forwarded"):
+            c.execute(f"DROP TABLE IF EXISTS public.{d}")
         c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")
         c.execute("CREATE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
                   "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.prev_hash, NEW.records); RETURN NEW; END$$")
-        before_trigger = last_seq(c)
-        c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
+        c.execute("CREATE FUNCTION public.audit_peek(bytea) RETURNS boolean LANGUAGE plpgsql AS "
+                  "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NULL, $1); RETURN true; END$$")
+        nothing_forwarded = lambda: c.execute("SELECT count(*) FROM public.audit_forwarded").fetchone()[0] == 0
+        cases = [
+            # (tag, setup, teardown, what audit_verify says meanwhile)
+            ("swallowed", ["CREATE FUNCTION public.audit_swallow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$",
+                           "CREATE TRIGGER audit_swallow BEFORE INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_swallow()"],
+             ["DROP TRIGGER audit_swallow ON envelope.audit_blocks", "DROP FUNCTION public.audit_swallow()"], "INSERT trigger"),
+            ("forwarded", ["CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_forward()"],
+             ["DROP TRIGGER audit_forward ON envelope.audit_blocks"], "INSERT trigger"),
+            ("statement", ["CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH STATEMENT EXECUTE FUNCTION public.audit_forward()"],
+             ["DROP TRIGGER audit_forward ON envelope.audit_blocks"], "INSERT trigger"),
+            ("diverted", ["CREATE TABLE public.audit_sink (LIKE envelope.audit_blocks)",
+                          "CREATE RULE audit_divert AS ON INSERT TO envelope.audit_blocks DO INSTEAD INSERT INTO public.audit_sink VALUES (NEW.*)"],
+             ["DROP RULE audit_divert ON envelope.audit_blocks", "DROP TABLE public.audit_sink"], "has a rule"),
+            ("checked", ["ALTER TABLE envelope.audit_blocks ADD CONSTRAINT audit_peek CHECK (public.audit_peek(records)) NOT VALID"],
+             ["ALTER TABLE envelope.audit_blocks DROP CONSTRAINT audit_peek"], "CHECK constraint"),
+            # (A constant default: a volatile one would be evaluated for every stored block by
+            # the ALTER TABLE itself, DDL the trail does not record as a read.)
+            ("defaulted", ["ALTER TABLE envelope.audit_blocks ADD COLUMN extra int DEFAULT 0"],
+             ["ALTER TABLE envelope.audit_blocks DROP COLUMN extra"], "column default"),
+            ("domain", ["CREATE DOMAIN public.audit_pos AS bigint CHECK (VALUE > -1)",
+                        "ALTER TABLE envelope.audit_blocks ALTER COLUMN queue_pos TYPE public.audit_pos"],
+             ["ALTER TABLE envelope.audit_blocks ALTER COLUMN queue_pos TYPE bigint", "DROP DOMAIN public.audit_pos"], "columns"),
+            ("hashed", ["CREATE INDEX audit_blocks_records_hash ON envelope.audit_blocks USING hash (records)"],
+             ["DROP INDEX envelope.audit_blocks_records_hash"], "index"),
+        ]
+        try:
+            for tag, setup, teardown, why in cases:
+                c.execute("TRUNCATE public.audit_forwarded")
+                seen = {}
+                def check(why=why, seen=seen):
+                    seen["verify"] = verify()
+                    return nothing_forwarded()
+                held_back_while(c, tag, setup, teardown, check=check)
+                ok, brk = seen["verify"]
+                print(f"{tag}: {brk}")
+                assert ok is False and "envelope.audit_blocks" in brk and why in brk, (tag, brk)
+        finally:
+            c.execute("DROP TRIGGER IF EXISTS audit_forward ON envelope.audit_blocks")
+            c.execute("DROP TABLE IF EXISTS public.audit_forwarded")
+            for f in ("audit_forward()", "audit_peek(bytea)"):
+                c.execute(f"DROP FUNCTION IF EXISTS public.{f} CASCADE")
+        # A column added and dropped again leaves a dropped attribute: ignored, the writer writes.
+        start = last_seq(c)
+        one_value_statements(c, 20, 'after_dropped_column')
+        assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'after_dropped_column'", (start,)).fetchone()[0] == 20
+        # A plain btree index (to narrow the trail by time) is allowed: blocks are written, and
+        # it indexes them.
+        c.execute("CREATE INDEX audit_blocks_first_at ON envelope.audit_blocks (first_at)")
         try:
             start = last_seq(c)
-            one_value_statements(c, 600, 'forwarded')
-            stored = c.execute("SELECT seq, hash FROM envelope.audit_log WHERE seq > %s ORDER BY seq", (start,)).fetchall()
-            forwarded = c.execute("SELECT r.seq, r.hash FROM public.audit_forwarded f CROSS JOIN LATERAL envelope.audit_block_records(f.prev, f.records) r "
-                                  "WHERE r.seq > %s ORDER BY r.seq", (start,)).fetchall()
-            assert blocks()["executor"] > after["executor"]
-            # The trigger that saw the blocks is named in the trail itself, in front of the
-            # first blocks it saw (review 46: it runs in the writer, whose own reads are not
-            # recorded), once, not per batch.
-            named = c.execute("SELECT seq, detail FROM envelope.audit_log WHERE seq > %s AND kind = 'config' "
-                              "AND operation = 'audit_insert_code'", (before_trigger,)).fetchall()
-            assert len(named) == 1 and "1/1 trigger audit_forward (public.audit_forward(), enabled" in named[0][1], named
-            first_forwarded = min(f[0] for f in forwarded)
-            assert named[0][0] <= c.execute("SELECT max(seq) FROM envelope.audit_log WHERE seq <= %s", (first_forwarded,)).fetchone()[0]
+            one_value_statements(c, 50, 'with_time_index')
+            assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND request_id = 'with_time_index'", (start,)).fetchone()[0] == 50
+            c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            c.execute("SELECT bt_index_check('envelope.audit_blocks_first_at', true)")
+            if not had_amcheck:
+                c.execute("DROP EXTENSION amcheck")
         finally:
-            c.execute("DROP TRIGGER audit_forward ON envelope.audit_blocks")
-            c.execute("DROP FUNCTION public.audit_forward()")
-            c.execute("DROP TABLE public.audit_forwarded")
-        # Created again after batches went the direct way: named again.
-        c.execute("CREATE TABLE public.audit_forwarded (prev bytea, records bytea)")
-        c.execute("CREATE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
-                  "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.prev_hash, NEW.records); RETURN NEW; END$$")
-        try:
-            one_value_statements(c, 50, 'direct_again')
-            again = last_seq(c)
-            c.execute("CREATE TRIGGER audit_forward AFTER INSERT ON envelope.audit_blocks FOR EACH ROW EXECUTE FUNCTION public.audit_forward()")
-            one_value_statements(c, 50, 'forwarded_again')
-            assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND operation = 'audit_insert_code'",
-                             (again,)).fetchone()[0] == 1
-            # A replaced function body is a change; so are a CHECK constraint's function and an
-            # index (their functions see every block too: review 47).
-            c.execute("CREATE OR REPLACE FUNCTION public.audit_forward() RETURNS trigger LANGUAGE plpgsql AS "
-                      "$$BEGIN INSERT INTO public.audit_forwarded VALUES (NEW.prev_hash, NEW.records); RETURN NULL; END$$")
-            c.execute("CREATE FUNCTION public.audit_peek(bytea) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true'")
-            c.execute("ALTER TABLE envelope.audit_blocks ADD CONSTRAINT audit_peek CHECK (public.audit_peek(records))")
-            c.execute("CREATE INDEX audit_blocks_first_at ON envelope.audit_blocks (first_at)")
-            again = last_seq(c)
-            one_value_statements(c, 50, 'code_again')
-            lines = [d for (d,) in c.execute("SELECT detail FROM envelope.audit_log WHERE seq > %s AND operation = 'audit_insert_code' "
-                                             "ORDER BY seq", (again,))]
-            assert len(lines) == 3, lines
-            assert lines[0].startswith("1/3 constraint audit_peek: CHECK (public.audit_peek(records))"), lines
-            assert lines[1].startswith("2/3 index CREATE INDEX audit_blocks_first_at ON envelope.audit_blocks"), lines
-            assert lines[2].startswith("3/3 trigger audit_forward (public.audit_forward(), enabled, source md5 "), lines
-        finally:
-            c.execute("ALTER TABLE envelope.audit_blocks DROP CONSTRAINT IF EXISTS audit_peek")
-            c.execute("DROP FUNCTION IF EXISTS public.audit_peek(bytea)")
             c.execute("DROP INDEX IF EXISTS envelope.audit_blocks_first_at")
-            c.execute("DROP TRIGGER IF EXISTS audit_forward ON envelope.audit_blocks")
-            c.execute("DROP FUNCTION public.audit_forward()")
-            c.execute("DROP TABLE public.audit_forwarded")
-        assert len(stored) >= 600
-        # (Records written after `stored` was read, its own read among them, are forwarded too.)
-        assert [f for f in forwarded if f[0] <= stored[-1][0]] == stored
-        assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+        assert verify() == (True, None)
 
         # An index that is not ready for inserts (a failed concurrent build leaves one behind,
         # and one being built is in that state until its build ends) is skipped, as

@@ -70,10 +70,8 @@ pub struct Queue {
     pub head_seq: i64,
     pub head_hash: [u8; 32],
     pub head_relid: u32,
-    /// Blocks of records the writer appended (committed) without the executor, and through an
-    /// INSERT (a table a DBA changed: triggers, rules, other columns), in this server run.
+    /// Blocks of records the writer appended (committed) in this server run.
     pub blocks_direct: u64,
-    pub blocks_executor: u64,
 }
 
 unsafe impl pgrx::shmem::PGRXSharedMemory for Queue {}
@@ -1435,9 +1433,9 @@ pub fn status_json() -> serde_json::Value {
     if !crate::backend::PRELOADED.load(Ordering::Relaxed) {
         return serde_json::json!({ "enabled": false });
     }
-    let (dropped, drained_at, checkpoint_seq, checkpointed_at, checkpoint_failed_at, waits, blocks_direct, blocks_executor) = {
+    let (dropped, drained_at, checkpoint_seq, checkpointed_at, checkpoint_failed_at, waits, blocks_written) = {
         let q = QUEUE.share();
-        (q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at, q.waits, q.blocks_direct, q.blocks_executor)
+        (q.dropped, q.drained_at, q.checkpoint_seq, q.checkpointed_at, q.checkpoint_failed_at, q.waits, q.blocks_direct)
     };
     let queued = queued();
     // Slots claimed by statements and transactions in progress for records they push later.
@@ -1452,7 +1450,7 @@ pub fn status_json() -> serde_json::Value {
         "dropped": dropped,
         "queue_full_waits": waits,
         "records_written": records_written,
-        "blocks_written": { "direct": blocks_direct, "executor": blocks_executor },
+        "blocks_written": blocks_written,
         "seconds_since_drain": ago(drained_at),
         "checkpoint_provider": gucs::audit_checkpoint_provider(),
         "last_checkpoint_seq": (checkpoint_seq != 0).then_some(checkpoint_seq),

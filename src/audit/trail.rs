@@ -145,6 +145,36 @@ fn trail_is_the_extensions() -> Result<bool> {
         }))
 }
 
+/// Why `envelope.audit_blocks` is not as the extension made it, or `None`: what the writer
+/// refuses to append to (see `writer::table_refusal`: code attached to it), and inheritance
+/// children (the views read the table with its children: insider review 48 gave readers of
+/// `audit_log` rows of a foreign child table that returned nothing to `audit_verify`). Checked
+/// before the blocks are read, so a renamed column is a report, not an error.
+fn table_alteration() -> Result<Option<String>> {
+    let children = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = pg_catalog.to_regclass('envelope.audit_blocks'))
+             OR (SELECT relkind <> 'r' FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass('envelope.audit_blocks'))",
+    )
+    .map_err(spi_err)?
+    .unwrap_or(true);
+    if children {
+        return Ok(Some(
+            "envelope.audit_blocks has inheritance children or is partitioned: readers of envelope.audit_log would see their rows as records".into(),
+        ));
+    }
+    // SAFETY: the table is opened under AccessShareLock with its indexes, and closed.
+    let why = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), false);
+        let rel = pg_sys::table_open(pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns), pg_sys::AccessShareLock as _);
+        let ind = pg_sys::CatalogOpenIndexes(rel);
+        let why = super::writer::table_refusal(rel, ind);
+        pg_sys::CatalogCloseIndexes(ind);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as _);
+        why
+    };
+    Ok(why.map(|w| format!("envelope.audit_blocks {w}: the writer does not append to it (its records stay queued), and code attached to it would see every block")))
+}
+
 /// The query `envelope.audit_log` was created with (sql/audit.sql), every name qualified.
 const AUDIT_LOG_QUERY: &std::ffi::CStr = c"SELECT r.seq, r.at, r.at_us, r.kind, r.database, r.session_user_name, r.role_name, r.client_addr,
        r.application_name, r.backend_pid, r.statement_id, r.request_id, r.tenant, r.key_versions, r.operation,
@@ -165,6 +195,8 @@ fn view_alteration() -> Result<Option<String>> {
         "SELECT coalesce((SELECT v.reloptions IS NULL AND e.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
                 AND p.prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'c')
                 AND p.prosrc = 'audit_block_records_wrapper' AND p.probin = '$libdir/pg_envelope'
+                AND (SELECT count(*) FROM pg_catalog.pg_proc o WHERE o.proname = 'audit_block_records'
+                        AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1
            FROM pg_catalog.pg_class v, pg_catalog.pg_class e, pg_catalog.pg_class b, pg_catalog.pg_proc p
           WHERE v.oid = pg_catalog.to_regclass('envelope.audit_log') AND e.oid = pg_catalog.to_regclass('envelope.audit_events') AND b.oid = pg_catalog.to_regclass('envelope.audit_blocks')
             AND p.oid = pg_catalog.to_regprocedure('envelope.audit_block_records(bytea, bytea)')), false)",
@@ -278,7 +310,7 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
                 let t = c
                     .select(
                         "SELECT first_seq, last_seq, (extract(epoch FROM first_at) * 1000000)::int8, (extract(epoch FROM last_at) * 1000000)::int8,
-                                prev_hash, records FROM envelope.audit_blocks ORDER BY first_seq",
+                                prev_hash, records FROM ONLY envelope.audit_blocks ORDER BY first_seq",
                         None,
                         &[],
                     )
@@ -319,7 +351,11 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
 type Verdict = (i64, Option<i64>, Option<i64>, bool, Option<String>);
 
 fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
-    let verdict = if as_extension_owner(|| hooks::without_read_records(trail_is_the_extensions))? {
+    let ours = as_extension_owner(|| hooks::without_read_records(trail_is_the_extensions))?;
+    let table = if ours { as_extension_owner(|| hooks::without_read_records(table_alteration))? } else { None };
+    let verdict = if let Some(why) = table {
+        (0, None, None, false, Some(why))
+    } else if ours {
         let (rows, cps) = load()?;
         let verdict = judge(rows, &cps, all_checkpoints)?;
         match verdict {

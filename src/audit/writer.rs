@@ -6,7 +6,6 @@ use pg_envelope_core::audit::{Chain, Head, Record, Stored};
 use pg_envelope_core::audit_blocks::{Block, Blocks};
 use pg_envelope_core::provider::CheckpointMac;
 use pgrx::prelude::*;
-use std::sync::atomic::Ordering;
 
 use super::{base_record, now_ts, peek, pg_to_unix_us, QUEUE};
 use crate::catalog::spi_err;
@@ -49,36 +48,8 @@ pub struct Writer {
     pool: Vec<Record>,
     /// The batch's blocks (their buffers kept from batch to batch).
     blocks: Blocks,
-    /// Blocks the batch in progress appended (direct, through the executor): counted in
-    /// shared memory once it committed.
-    appended: (u64, u64),
-    /// What runs code on every appended block (see [`insert_code`]) as the trail last named it
-    /// (committed), and as the batch in progress names it.
-    insert_code: Option<Vec<String>>,
-    insert_code_taken: Option<Vec<String>>,
-    /// The last look at it (see [`INSERT_CODE_STALE`]).
-    insert_code_now: Option<Vec<String>>,
-}
-
-/// Set by the relation cache's invalidation of `audit_blocks` (or of every relation) and by any
-/// change to `pg_proc`: the writer looks at what runs code on its inserts again (see
-/// [`insert_code`]). Process-local: only the writer reads it.
-static INSERT_CODE_STALE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-static WRITER_RELID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// Relation cache invalidation (see [`INSERT_CODE_STALE`]).
-pub fn on_relcache_changed(relid: pg_sys::Oid) {
-    let ours = WRITER_RELID.load(Ordering::Relaxed);
-    if ours != 0 && (relid == pg_sys::InvalidOid || relid.to_u32() == ours) {
-        INSERT_CODE_STALE.store(true, Ordering::Relaxed);
-    }
-}
-
-/// A `pg_proc` change (see [`INSERT_CODE_STALE`]).
-pub unsafe extern "C-unwind" fn on_proc_changed(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
-    if WRITER_RELID.load(Ordering::Relaxed) != 0 {
-        INSERT_CODE_STALE.store(true, Ordering::Relaxed);
-    }
+    /// Blocks the batch in progress appended: counted in shared memory once it committed.
+    appended: u64,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -140,9 +111,6 @@ impl Writer {
 
     /// After the batch's transaction committed: the head this server's writer stands behind.
     pub fn committed(&mut self) {
-        if let Some(code) = self.insert_code_taken.take() {
-            self.insert_code = Some(code);
-        }
         let taken = std::mem::take(&mut self.pending_taken).min(self.pending.len());
         self.pending.drain(..taken);
         self.pending.append(&mut self.raised);
@@ -154,9 +122,7 @@ impl Writer {
             q.head_seq = h.seq;
             q.head_hash = h.hash;
             q.head_relid = self.relid;
-            let (direct, executor) = std::mem::take(&mut self.appended);
-            q.blocks_direct += direct;
-            q.blocks_executor += executor;
+            q.blocks_direct += std::mem::take(&mut self.appended);
         }
     }
 
@@ -225,41 +191,6 @@ impl Writer {
             r.detail = why;
             rows.push(blocks.push(&mut chain, r, first_pos.saturating_sub(1)));
         }
-        // Code that will see this batch's blocks, named in the chain in front of them whenever
-        // it changed since the trail last named it (and at the writer's first batch). Added by
-        // the writer itself, not queued: a full queue cannot drop it (review 47).
-        // (The table's lock first, the one the insert takes anyway: a trigger, index or
-        // constraint cannot be added between this look and the insert.)
-        unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(relid), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
-        // Looked up again only after an invalidation of the table (a trigger, index or
-        // constraint added or dropped) or of any function (a trigger's body replaced): the
-        // query per batch cost more than the rest of the writer (8.8 µs per transaction of the
-        // OLTP mix against 2.7).
-        WRITER_RELID.store(relid, Ordering::Relaxed);
-        if INSERT_CODE_STALE.swap(false, Ordering::Relaxed) || self.insert_code_now.is_none() {
-            match insert_code() {
-                Ok(c) => self.insert_code_now = Some(c),
-                Err(e) => {
-                    INSERT_CODE_STALE.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-        }
-        let code = self.insert_code_now.clone().unwrap_or_default();
-        if self.insert_code.as_ref() != Some(&code) && !(self.insert_code.is_none() && code.is_empty()) {
-            crate::log!("pg_envelope audit: code that sees every appended block of envelope.audit_blocks: {}", if code.is_empty() { "none".to_string() } else { code.join("; ") });
-            let n = code.len();
-            let lines: Vec<String> = if code.is_empty() { vec!["none any more".into()] } else { code.iter().enumerate().map(|(i, d)| format!("{}/{n} {d}", i + 1)).collect() };
-            for line in lines {
-                let mut r = base_record("config", String::new());
-                r.operation = "audit_insert_code".into();
-                r.value_count = n as i64;
-                r.outcome = "ok".into();
-                r.detail = line;
-                rows.push(blocks.push(&mut chain, r, first_pos.saturating_sub(1)));
-            }
-        }
-        self.insert_code_taken = Some(code);
         // The writer's own records of the previous batch (its alerts), before the queue's.
         self.pending_taken = self.pending.len();
         rows.extend(self.pending.iter().cloned().map(|r| blocks.push(&mut chain, r, first_pos.saturating_sub(1))));
@@ -282,16 +213,10 @@ impl Writer {
             );
             rows.push(blocks.push(&mut chain, r, upto.saturating_sub(1)));
         }
-        // Appended the way COPY appends (see `insert_direct`), unless the table was changed so
-        // that only the executor inserts correctly (see `direct_insert_possible`): then one
-        // INSERT per batch through SPI.
-        let n_blocks = blocks.blocks().len() as u64;
-        self.appended = if unsafe { insert_direct(relid, blocks.blocks(), started) }? {
-            (n_blocks, 0)
-        } else {
-            insert_spi(blocks.blocks(), started)?;
-            (0, n_blocks)
-        };
+        // Appended the way COPY appends (see `insert_direct`), to the table as the extension
+        // made it and nothing else (see `table_refusal`).
+        unsafe { insert_direct(relid, blocks.blocks(), started) }?;
+        self.appended = blocks.blocks().len() as u64;
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
         self.raised = super::alerts::evaluate(rows.iter())?;
@@ -307,9 +232,7 @@ impl Writer {
     /// Forgets the head (after a failed transaction: re-read next time).
     pub fn reset(&mut self) {
         self.head = None;
-        self.insert_code_taken = None;
-        INSERT_CODE_STALE.store(true, Ordering::Relaxed);
-        self.appended = (0, 0);
+        self.appended = 0;
         self.pending_taken = 0;
         self.dropped_taken = 0;
         super::limit::release(&std::mem::take(&mut self.summaries_taken), std::mem::take(&mut self.overflow_taken), false);
@@ -383,35 +306,54 @@ const AUDIT_BLOCK_TYPES: [pg_sys::Oid; 8] = {
     [I, I, TS, TS, B, B, I, I]
 };
 
-/// Whether the blocks can be appended without the executor and give the same table as an
-/// INSERT: a plain table with exactly the columns of `sql/audit.sql`, no CHECK constraints, no
-/// rules, no INSERT triggers (a DBA's trigger that forwards blocks fires, through the executor
-/// path), and only plain immediate indexes (no expressions, predicates or exclusion).
-unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::ResultRelInfo) -> bool {
+/// The columns of `envelope.audit_blocks`, in order, as `sql/audit.sql` creates them.
+const AUDIT_BLOCK_NAMES: [&[u8]; 8] =
+    [b"first_seq", b"last_seq", b"first_at", b"last_at", b"prev_hash", b"records", b"server_started_at", b"queue_pos"];
+
+/// Why the writer will not append to `envelope.audit_blocks`, or `None` when the table is as
+/// `sql/audit.sql` made it, so that appending a block runs no code but PostgreSQL's own: a heap
+/// table with exactly the extension's columns (names, types, no type modifier; dropped columns
+/// are ignored), no column default or generated column, no CHECK constraint, no rule, no INSERT
+/// trigger of any kind (foreign keys included: theirs are INSERT triggers), and indexes that
+/// are plain btree indexes on columns with their types' default operator classes (the primary
+/// key, or one a DBA adds on `first_at` to narrow by time), no expressions, no predicates.
+///
+/// Insider reviews 45-48: anything else runs code that gets every block (records included)
+/// inside the writer, whose own reads of the trail are not recorded: a trigger, a CHECK
+/// constraint's function, a column default, a domain's CHECK, a custom operator class's
+/// support function, a table access method. An earlier version took the executor path for
+/// such a table and named the code in the trail; every review found code it did not name. Now
+/// the writer refuses: the records stay queued, key use fails closed after
+/// `envelope.audit_max_delay` (or warns, per `envelope.audit_fail_closed`), and the reason is
+/// in the server log, in `status()` and in `audit_verify()`. Forwarding the trail is done by
+/// reading it (`audit_export`), which is recorded.
+pub(super) unsafe fn table_refusal(rel: pg_sys::Relation, ind: *mut pg_sys::ResultRelInfo) -> Option<String> {
     unsafe {
         let form = &*(*rel).rd_rel;
         let desc = (*rel).rd_att;
-        // A heap (heap_multi_insert writes heap pages: a table moved to another access method
-        // goes through the executor).
-        if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
-            || form.relam != pg_sys::HEAP_TABLE_AM_OID
-            || !(*rel).rd_rules.is_null()
-            || (*desc).natts != AUDIT_BLOCK_TYPES.len() as i32
-        {
-            return false;
+        if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char || form.relam != pg_sys::HEAP_TABLE_AM_OID {
+            return Some("is not a heap table".into());
+        }
+        if !(*rel).rd_rules.is_null() {
+            return Some("has a rule".into());
         }
         let constr = (*desc).constr;
-        if !constr.is_null() && ((*constr).num_check > 0 || (*constr).has_generated_stored) {
-            return false;
+        if !constr.is_null() && ((*constr).num_check > 0 || (*constr).has_generated_stored || (*constr).num_defval > 0) {
+            return Some("has a CHECK constraint, a column default or a generated column".into());
         }
         // (PgTupleDesc: the attribute array's layout differs between PostgreSQL 15 and 18.)
         let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
-        for (i, want) in AUDIT_BLOCK_TYPES.iter().enumerate() {
-            match attrs.get(i) {
-                // (No type modifier: a `timestamptz(0)` would be rounded by an INSERT, not here.)
-                Some(a) if !a.attisdropped && a.atttypid == *want && a.atttypmod == -1 && a.attgenerated == 0 => {}
-                _ => return false,
-            }
+        let live: Vec<_> = (0..attrs.len()).filter_map(|i| attrs.get(i)).filter(|a| !a.attisdropped).collect();
+        let columns_ok = live.len() == AUDIT_BLOCK_TYPES.len()
+            && live.iter().zip(AUDIT_BLOCK_TYPES.iter().zip(AUDIT_BLOCK_NAMES)).all(|(a, (ty, name))| {
+                a.atttypid == *ty
+                    && a.atttypmod == -1
+                    && a.attgenerated == 0
+                    && !a.atthasdef
+                    && std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name
+            });
+        if !columns_ok {
+            return Some("does not have exactly the extension's columns (names, types, no defaults)".into());
         }
         let t = (*rel).trigdesc;
         if !t.is_null() {
@@ -423,22 +365,40 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
                 || t.trig_insert_after_statement
                 || t.trig_insert_new_table
             {
-                return false;
+                return Some("has an INSERT trigger (or a foreign key)".into());
             }
         }
         let ind = &*ind;
         for i in 0..ind.ri_NumIndices as usize {
             let info = &**ind.ri_IndexRelationInfo.add(i);
             let index = &**ind.ri_IndexRelationDescs.add(i);
-            if !info.ii_Expressions.is_null()
-                || !info.ii_Predicate.is_null()
-                || !info.ii_ExclusionOps.is_null()
-                || !(*index.rd_index).indimmediate
-            {
-                return false;
+            let form = &*index.rd_index;
+            let mut plain = info.ii_Expressions.is_null()
+                && info.ii_Predicate.is_null()
+                && info.ii_ExclusionOps.is_null()
+                && form.indimmediate
+                && (*index.rd_rel).relam == pg_sys::BTREE_AM_OID;
+            let keys = form.indnkeyatts as usize;
+            for k in 0..keys {
+                if !plain {
+                    break;
+                }
+                let attno = *form.indkey.values.as_ptr().add(k);
+                // (The key's operator family, from the relation cache: the default operator
+                // class's family of the column's type, which is PostgreSQL's own.)
+                let family = *index.rd_opfamily.add(k);
+                plain = attno > 0
+                    && attrs.get(attno as usize - 1).is_some_and(|a| {
+                        let default = pg_sys::GetDefaultOpClass(a.atttypid, pg_sys::BTREE_AM_OID);
+                        default != pg_sys::InvalidOid && pg_sys::get_opclass_family(default) == family
+                    });
+            }
+            // (INCLUDE columns run no code.)
+            if !plain {
+                return Some("has an index that is not a plain btree index with default operator classes".into());
             }
         }
-        true
+        None
     }
 }
 
@@ -451,15 +411,17 @@ unsafe fn direct_insert_possible(rel: pg_sys::Relation, ind: *mut pg_sys::Result
 /// (The TIDs are taken from the slots, which `heap_multi_insert` sets in every case, not from
 /// the formed tuples: a row it had to TOAST is inserted as a copy. PostgreSQL's own
 /// CatalogTuplesMultiInsertWithInfo reads the tuple's.)
-unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<bool> {
+unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<()> {
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(pg_sys::Oid::from(relid), lock);
         let ind = pg_sys::CatalogOpenIndexes(rel);
-        if !direct_insert_possible(rel, ind) {
+        if let Some(why) = table_refusal(rel, ind) {
             pg_sys::CatalogCloseIndexes(ind);
             pg_sys::table_close(rel, lock);
-            return Ok(false);
+            return Err(EnvelopeError::Internal(format!(
+                "audit: envelope.audit_blocks {why}: the writer appends only to the table as pg_envelope made it (code attached to it would see every block); the records stay queued until it is undone (see envelope.audit_verify())"
+            )));
         }
         let int = pg_sys::Datum::from;
         // The row's text and bytea values, built in one reused buffer (heap_form_tuple copies
@@ -469,7 +431,16 @@ unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<bool
         const PG_EPOCH_US: i64 = 946_684_800_000_000;
         // Everything below is palloc'd in the batch's transaction: freed at its commit.
         let desc = (*rel).rd_att;
-        let mut nulls = [false; 8];
+        // Where each of the 8 values goes among the table's attributes (dropped columns, which
+        // `table_refusal` ignores, are NULL).
+        let natts = (*desc).natts as usize;
+        let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
+        let live: Vec<usize> = (0..natts).filter(|&i| attrs.get(i).is_some_and(|a| !a.attisdropped)).collect();
+        let mut nulls = vec![true; natts];
+        for &i in &live {
+            nulls[i] = false;
+        }
+        let mut full = vec![pg_sys::Datum::from(0usize); natts];
         // Slots reused chunk by chunk (each slot pins the tuple descriptor with the resource
         // owner, whose release searches its list: one slot per row made a batch of 2,000 rows
         // quadratic).
@@ -496,7 +467,10 @@ unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<bool
                     int(started),
                     int(blk.queue_pos as i64),
                 ];
-                let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                for (v, &i) in values.iter_mut().zip(&live) {
+                    full[i] = *v;
+                }
+                let tuple = pg_sys::heap_form_tuple(desc, full.as_mut_ptr(), nulls.as_mut_ptr());
                 // The slot owns the tuple (so heap_multi_insert does not copy it; freed when
                 // the slot is cleared or dropped).
                 pg_sys::ExecStoreHeapTuple(tuple, slot, true);
@@ -514,7 +488,7 @@ unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<bool
                     if !(*info).ii_ReadyForInserts {
                         continue;
                     }
-                    // Plain column indexes only (checked above): no executor state needed.
+                    // Plain btree column indexes only (`table_refusal`): no executor state needed.
                     pg_sys::FormIndexDatum(info, slot, std::ptr::null_mut(), ivalues.as_mut_ptr(), inulls.as_mut_ptr());
                     let unique =
                         if (*(*index).rd_index).indisunique { pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES } else { pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO };
@@ -529,7 +503,7 @@ unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<bool
         pg_sys::CatalogCloseIndexes(ind);
         // The lock is held to the end of the transaction, as an INSERT holds it.
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -571,106 +545,3 @@ impl Varlenas {
     }
 }
 
-/// What runs user code on, or sees, every block the writer appends to `envelope.audit_blocks`,
-/// beyond the extension's own table and primary key: INSERT triggers (with a digest of their
-/// function's source, so a replaced body counts as a change), CHECK and foreign-key
-/// constraints, indexes other than the primary key (an operator class's support function sees
-/// every value), generated columns and a table access method other than heap. One line each,
-/// sorted. Insider reviews 46 and 47: a trigger, a CHECK constraint's function or a custom hash
-/// operator class could copy the whole trail elsewhere with no read of the trail to record.
-/// The writer does not refuse them (forwarding blocks by a trigger is a legitimate DBA choice)
-/// but names them in the trail itself: see [`Writer::batch`].
-fn insert_code() -> Result<Vec<String>> {
-    Spi::connect(|c| {
-        let t = c
-            .select(
-                "WITH rel AS (SELECT 'envelope.audit_blocks'::pg_catalog.regclass AS oid)
-                 SELECT d FROM (
-                   SELECT pg_catalog.format('trigger %I (%s, %s, source md5 %s)', t.tgname, t.tgfoid::pg_catalog.regprocedure,
-                            CASE WHEN t.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END, pg_catalog.md5(coalesce(p.prosrc, ''))) AS d
-                     FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid, rel
-                    WHERE t.tgrelid = rel.oid AND (t.tgtype & 4) <> 0
-                   UNION ALL
-                   SELECT pg_catalog.format('constraint %I: %s', k.conname, pg_catalog.pg_get_constraintdef(k.oid))
-                     FROM pg_catalog.pg_constraint k, rel
-                    WHERE k.conrelid = rel.oid AND k.contype NOT IN ('p', 'n')
-                   UNION ALL
-                   SELECT pg_catalog.format('index %s', pg_catalog.pg_get_indexdef(i.indexrelid))
-                     FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid, rel
-                    WHERE i.indrelid = rel.oid
-                      AND NOT (i.indisprimary AND i.indnatts = 1 AND i.indkey[0] = 1 AND i.indexprs IS NULL AND i.indpred IS NULL
-                               AND ic.relam = (SELECT oid FROM pg_catalog.pg_am WHERE amname = 'btree')
-                               AND i.indclass[0] = (SELECT o.oid FROM pg_catalog.pg_opclass o
-                                                      WHERE o.opcname = 'int8_ops' AND o.opcnamespace = 'pg_catalog'::pg_catalog.regnamespace
-                                                        AND o.opcmethod = (SELECT oid FROM pg_catalog.pg_am WHERE amname = 'btree')))
-                   UNION ALL
-                   SELECT pg_catalog.format('generated column %I: %s', a.attname, pg_catalog.pg_get_expr(ad.adbin, ad.adrelid))
-                     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum, rel
-                    WHERE a.attrelid = rel.oid AND a.attgenerated <> ''
-                   UNION ALL
-                   SELECT pg_catalog.format('table access method %s', am.amname)
-                     FROM pg_catalog.pg_class cl JOIN pg_catalog.pg_am am ON am.oid = cl.relam, rel
-                    WHERE cl.oid = rel.oid AND am.amname <> 'heap'
-                 ) x ORDER BY d",
-                None,
-                &[],
-            )
-            .map_err(spi_err)?;
-        let mut out = Vec::new();
-        for r in t {
-            out.push(r.get::<String>(1).map_err(spi_err)?.unwrap_or_default());
-        }
-        Ok(out)
-    })
-}
-
-/// The executor path: one INSERT per batch (arrays unnested).
-fn insert_spi(blocks: &[Block], started: i64) -> Result<()> {
-    // A rule on the table (DO INSTEAD INSERT INTO elsewhere) would count the diverted rows as
-    // stored: refused, the records stay queued (insider review 46).
-    // (pg_rewrite, not relhasrules: that stays true after DROP RULE until a VACUUM.)
-    if Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite WHERE ev_class = 'envelope.audit_blocks'::pg_catalog.regclass)")
-        .map_err(spi_err)?
-        .unwrap_or(true)
-    {
-        return Err(EnvelopeError::Internal(
-            "audit: envelope.audit_blocks has a rule: the writer does not append through rules (they can divert the trail); the records stay queued".into(),
-        ));
-    }
-    let col_i64 = |f: &dyn Fn(&Block) -> i64| blocks.iter().map(f).collect::<Vec<i64>>();
-    let col_bytes = |f: &dyn Fn(&Block) -> &[u8]| blocks.iter().map(|b| f(b).to_vec()).collect::<Vec<Vec<u8>>>();
-    let args: Vec<pgrx::datum::DatumWithOid> = vec![
-        col_i64(&|b| b.first_seq).into(),
-        col_i64(&|b| b.last_seq).into(),
-        col_i64(&|b| b.first_at_us).into(),
-        col_i64(&|b| b.last_at_us).into(),
-        col_bytes(&|b| &b.prev_hash).into(),
-        col_bytes(&|b| &b.bytes).into(),
-        started.into(),
-        col_i64(&|b| b.queue_pos as i64).into(),
-    ];
-    let inserted = Spi::connect_mut(|c| {
-        c.update(
-            "INSERT INTO envelope.audit_blocks
-             SELECT u.first_seq, u.last_seq, pg_catalog.to_timestamp(0) + u.first_us * interval '1 microsecond',
-                    pg_catalog.to_timestamp(0) + u.last_us * interval '1 microsecond', u.prev, u.records, $7, u.pos
-               FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::int8[]),
-                               pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::bytea[]), pg_catalog.unnest($6::bytea[]),
-                               pg_catalog.unnest($8::int8[]))
-                    AS u(first_seq, last_seq, first_us, last_us, prev, records, pos)",
-            None,
-            &args,
-        )
-        .map(|t| t.len())
-        .map_err(spi_err)
-    })?;
-    // A BEFORE INSERT trigger that returns NULL (or a rule) would drop blocks without an error:
-    // the batch fails instead, its records stay queued (insider review 45).
-    if inserted != blocks.len() {
-        return Err(EnvelopeError::Internal(format!(
-            "audit: {inserted} of {} blocks were stored in envelope.audit_blocks (a trigger or rule on it dropped or added rows); the records stay queued",
-            blocks.len()
-        )));
-    }
-    Ok(())
-}
