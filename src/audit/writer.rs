@@ -405,8 +405,8 @@ pub(super) unsafe fn table_refusal(rel: pg_sys::Relation, ind: *mut pg_sys::Resu
 /// Appends `rows` the way COPY does: the tuples formed here, `heap_multi_insert` (one buffer
 /// lookup and one WAL record per page instead of per row), then
 /// each index entry pointing at the TID the heap insert gave the row's slot. No parse, plan or
-/// tuplestore of unnested arrays per batch. Returns false, having written nothing, when the table
-/// does not allow it (see [`direct_insert_possible`]).
+/// tuplestore of unnested arrays per batch. Fails, having written nothing, when the table is not
+/// as the extension made it (see [`table_refusal`]).
 ///
 /// (The TIDs are taken from the slots, which `heap_multi_insert` sets in every case, not from
 /// the formed tuples: a row it had to TOAST is inserted as a copy. PostgreSQL's own
@@ -456,7 +456,7 @@ unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<()> 
                 // Every value in first (the buffer may grow), then their datums.
                 let offsets = [texts.push(&blk.prev_hash), texts.push(&blk.bytes)];
                 let [prev_hash, records] = offsets.map(|o| texts.datum(o));
-                // In the column order of `sql/audit.sql` (checked by `direct_insert_possible`).
+                // In the column order of `sql/audit.sql` (checked by `table_refusal`).
                 let mut values: [pg_sys::Datum; 8] = [
                     int(blk.first_seq),
                     int(blk.last_seq),
