@@ -152,27 +152,27 @@ fn trail_is_the_extensions() -> Result<bool> {
 /// before the blocks are read, so a renamed column is a report, not an error.
 fn table_alteration() -> Result<Option<String>> {
     let children = Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = pg_catalog.to_regclass('envelope.audit_blocks'))
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE pg_catalog.to_regclass('envelope.audit_blocks') IN (inhparent, inhrelid))
              OR (SELECT relkind <> 'r' FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass('envelope.audit_blocks'))",
     )
     .map_err(spi_err)?
     .unwrap_or(true);
     if children {
         return Ok(Some(
-            "envelope.audit_blocks has inheritance children or is partitioned: readers of envelope.audit_log would see their rows as records".into(),
+            "envelope.audit_blocks has inheritance children or a parent, or is partitioned: readers of envelope.audit_log would see other rows as records, or read the trail through another table unrecorded".into(),
         ));
     }
     // SAFETY: the table is opened under AccessShareLock with its indexes, and closed.
     let why = unsafe {
         let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), false);
         let rel = pg_sys::table_open(pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns), pg_sys::AccessShareLock as _);
-        let ind = pg_sys::CatalogOpenIndexes(rel);
-        let why = super::writer::table_refusal(rel, ind);
-        pg_sys::CatalogCloseIndexes(ind);
+        let why = super::writer::table_refusal(rel);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as _);
         why
     };
-    Ok(why.map(|w| format!("envelope.audit_blocks {w}: the writer does not append to it (its records stay queued), and code attached to it would see every block")))
+    Ok(why
+        .map(|w| format!("envelope.audit_blocks {w}: the writer does not append to it (its records stay queued), and code attached to it would see every block"))
+        .or_else(|| super::writer::other_tables_refusal().map(|w| format!("{w}: the writer does not write (its records stay queued)"))))
 }
 
 /// The query `envelope.audit_log` was created with (sql/audit.sql), every name qualified.

@@ -145,6 +145,22 @@ impl Writer {
                 "audit: envelope.audit_blocks does not exist in envelope.database (pg_envelope there is older than 0.2.0: ALTER EXTENSION pg_envelope UPDATE)".into(),
             ));
         }
+        // Before anything reads the table (planning a query on it evaluates its indexes'
+        // expressions): the table as the extension made it, its lock held to the end of the
+        // transaction (see `table_refusal`), and nothing attached to the writer's other tables.
+        // SAFETY: opened under RowExclusiveLock, the lock the insert takes anyway, kept.
+        let refusal = unsafe {
+            let rel = pg_sys::table_open(pg_sys::Oid::from(relid), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            let why = table_refusal(rel);
+            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            why.map(|w| format!("envelope.audit_blocks {w}"))
+        }
+        .or_else(other_tables_refusal);
+        if let Some(why) = refusal {
+            return Err(EnvelopeError::Internal(format!(
+                "audit: {why}: the writer writes only to its tables as pg_envelope made them (code attached to them would see the trail); the records stay queued until it is undone (see envelope.audit_verify())"
+            )));
+        }
         if relid != self.relid {
             super::alerts::forget_hour_memo();
             self.head = None;
@@ -327,12 +343,16 @@ const AUDIT_BLOCK_NAMES: [&[u8]; 8] =
 /// `envelope.audit_max_delay` (or warns, per `envelope.audit_fail_closed`), and the reason is
 /// in the server log, in `status()` and in `audit_verify()`. Forwarding the trail is done by
 /// reading it (`audit_export`), which is recorded.
-pub(super) unsafe fn table_refusal(rel: pg_sys::Relation, ind: *mut pg_sys::ResultRelInfo) -> Option<String> {
+pub(super) unsafe fn table_refusal(rel: pg_sys::Relation) -> Option<String> {
     unsafe {
         let form = &*(*rel).rd_rel;
         let desc = (*rel).rd_att;
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char || form.relam != pg_sys::HEAP_TABLE_AM_OID {
             return Some("is not a heap table".into());
+        }
+        // (A partition gets its parent's readers, who are not recorded: insider review 49.)
+        if form.relispartition {
+            return Some("is a partition of another table".into());
         }
         if !(*rel).rd_rules.is_null() {
             return Some("has a rule".into());
@@ -355,47 +375,119 @@ pub(super) unsafe fn table_refusal(rel: pg_sys::Relation, ind: *mut pg_sys::Resu
         if !columns_ok {
             return Some("does not have exactly the extension's columns (names, types, no defaults)".into());
         }
-        let t = (*rel).trigdesc;
-        if !t.is_null() {
-            let t = &*t;
-            if t.trig_insert_before_row
-                || t.trig_insert_after_row
-                || t.trig_insert_instead_row
-                || t.trig_insert_before_statement
-                || t.trig_insert_after_statement
-                || t.trig_insert_new_table
-            {
-                return Some("has an INSERT trigger (or a foreign key)".into());
+        if has_insert_triggers(rel, false) {
+            return Some("has an INSERT trigger (or a foreign key)".into());
+        }
+        // The indexes from their catalog rows only: opening them for inserts (or planning a
+        // query on the table) evaluates their expressions and predicates, which runs code
+        // (insider review 49: an IMMUTABLE function in an index expression read the whole
+        // trail from the writer before the first version of this check refused the table).
+        let list = pg_sys::RelationGetIndexList(rel);
+        let n = if list.is_null() { 0 } else { (*list).length as usize };
+        for i in 0..n {
+            let oid = (*(*list).elements.add(i)).oid_value;
+            let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let ok = index_is_plain(index, &attrs);
+            pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            if !ok {
+                return Some("has an index that is not a plain btree index with its columns' default operator classes".into());
             }
         }
-        let ind = &*ind;
-        for i in 0..ind.ri_NumIndices as usize {
-            let info = &**ind.ri_IndexRelationInfo.add(i);
-            let index = &**ind.ri_IndexRelationDescs.add(i);
-            let form = &*index.rd_index;
-            let mut plain = info.ii_Expressions.is_null()
-                && info.ii_Predicate.is_null()
-                && info.ii_ExclusionOps.is_null()
-                && form.indimmediate
-                && (*index.rd_rel).relam == pg_sys::BTREE_AM_OID;
-            let keys = form.indnkeyatts as usize;
-            for k in 0..keys {
-                if !plain {
-                    break;
-                }
-                let attno = *form.indkey.values.as_ptr().add(k);
-                // (The key's operator family, from the relation cache: the default operator
-                // class's family of the column's type, which is PostgreSQL's own.)
-                let family = *index.rd_opfamily.add(k);
-                plain = attno > 0
-                    && attrs.get(attno as usize - 1).is_some_and(|a| {
-                        let default = pg_sys::GetDefaultOpClass(a.atttypid, pg_sys::BTREE_AM_OID);
-                        default != pg_sys::InvalidOid && pg_sys::get_opclass_family(default) == family
-                    });
+        None
+    }
+}
+
+/// A btree index on plain columns, each with its type's default operator class itself (not
+/// another class of the same family: review 49 put a plpgsql comparison in `bytea_ops`'s family
+/// under a non-default class), no expressions, no predicate, not an exclusion constraint,
+/// immediate. Read from the index's catalog row and relation-cache entry, not evaluated.
+unsafe fn index_is_plain(index: pg_sys::Relation, attrs: &pgrx::PgTupleDesc) -> bool {
+    unsafe {
+        let tuple = (*index).rd_indextuple;
+        let form = &*(*index).rd_index;
+        if (*(*index).rd_rel).relam != pg_sys::BTREE_AM_OID
+            || !form.indimmediate
+            || form.indisexclusion
+            || !pg_sys::heap_attisnull(tuple, pg_sys::Anum_pg_index_indexprs as i32, std::ptr::null_mut())
+            || !pg_sys::heap_attisnull(tuple, pg_sys::Anum_pg_index_indpred as i32, std::ptr::null_mut())
+        {
+            return false;
+        }
+        let mut isnull = false;
+        let classes = pg_sys::SysCacheGetAttr(
+            pg_sys::SysCacheIdentifier::INDEXRELID as i32,
+            tuple,
+            pg_sys::Anum_pg_index_indclass as pg_sys::AttrNumber,
+            &mut isnull,
+        );
+        if isnull {
+            return false;
+        }
+        let classes = classes.cast_mut_ptr::<pg_sys::oidvector>();
+        let keys = form.indnkeyatts as usize;
+        (0..keys).all(|k| {
+            let attno = *form.indkey.values.as_ptr().add(k);
+            let class = *(*classes).values.as_ptr().add(k);
+            attno > 0
+                && attrs.get(attno as usize - 1).is_some_and(|a| {
+                    let default = pg_sys::GetDefaultOpClass(a.atttypid, pg_sys::BTREE_AM_OID);
+                    default != pg_sys::InvalidOid && default == class
+                })
+        })
+    }
+}
+
+/// Whether `rel` has a trigger that an INSERT (or, with `updates`, an UPDATE) fires (foreign
+/// keys included: their checks are INSERT triggers).
+unsafe fn has_insert_triggers(rel: pg_sys::Relation, updates: bool) -> bool {
+    unsafe {
+        let t = (*rel).trigdesc;
+        if t.is_null() {
+            return false;
+        }
+        let t = &*t;
+        t.trig_insert_before_row
+            || t.trig_insert_after_row
+            || t.trig_insert_instead_row
+            || t.trig_insert_before_statement
+            || t.trig_insert_after_statement
+            || t.trig_insert_new_table
+            || (updates
+                && (t.trig_update_before_row
+                    || t.trig_update_after_row
+                    || t.trig_update_instead_row
+                    || t.trig_update_before_statement
+                    || t.trig_update_after_statement
+                    || t.trig_update_new_table
+                    || t.trig_update_old_table))
+    }
+}
+
+/// Why the writer will not write its other tables, or `None`: an INSERT trigger or a rule on
+/// `audit_checkpoints` or `audit_alerts`, an INSERT or UPDATE trigger or a rule on
+/// `audit_hourly` (the writer upserts it) would run in the writer, whose reads of the trail are
+/// not recorded (insider review 49: a trigger on `audit_hourly` copied every block).
+pub(super) fn other_tables_refusal() -> Option<String> {
+    // SAFETY: each table is opened under AccessShareLock (kept to the transaction's end, as the
+    // writer's own statements take it anyway) and its relation-cache entry read.
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+        if ns == pg_sys::InvalidOid {
+            return None;
+        }
+        for (name, updates) in [(c"audit_hourly", true), (c"audit_alerts", false), (c"audit_checkpoints", false)] {
+            let relid = pg_sys::get_relname_relid(name.as_ptr(), ns);
+            if relid == pg_sys::InvalidOid {
+                continue;
             }
-            // (INCLUDE columns run no code.)
-            if !plain {
-                return Some("has an index that is not a plain btree index with default operator classes".into());
+            let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let bad = !(*rel).rd_rules.is_null() || has_insert_triggers(rel, updates);
+            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            if bad {
+                return Some(format!(
+                    "envelope.{} has a trigger or rule that the writer's writes would fire (code there would run in the writer, whose reads of the trail are not recorded)",
+                    name.to_string_lossy()
+                ));
             }
         }
         None
@@ -415,14 +507,9 @@ unsafe fn insert_direct(relid: u32, rows: &[Block], started: i64) -> Result<()> 
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(pg_sys::Oid::from(relid), lock);
+        // (`write_batch` checked the table with `table_refusal` first, under the lock it still
+        // holds: nothing was added since.)
         let ind = pg_sys::CatalogOpenIndexes(rel);
-        if let Some(why) = table_refusal(rel, ind) {
-            pg_sys::CatalogCloseIndexes(ind);
-            pg_sys::table_close(rel, lock);
-            return Err(EnvelopeError::Internal(format!(
-                "audit: envelope.audit_blocks {why}: the writer appends only to the table as pg_envelope made it (code attached to it would see every block); the records stay queued until it is undone (see envelope.audit_verify())"
-            )));
-        }
         let int = pg_sys::Datum::from;
         // The row's text and bytea values, built in one reused buffer (heap_form_tuple copies
         // them into the tuple): no palloc and no guarded call per value.
