@@ -2021,6 +2021,33 @@ def test_a_reencryption_job_waiting_for_a_lock_does_not_hold_the_trail_back(audi
             set_audit(c, True, audit_max_delay=10)
 
 
+def test_a_trigger_run_by_a_reencryption_job_reads_the_trail_on_the_record(audited):
+    """The maintenance worker also runs re-encryption jobs, which fire the table's triggers. Its
+    own reads of the trail (the writer's) are not recorded, but only around its batches and
+    checkpoints: a trigger it fires that reads the trail is recorded as anyone's read (insider
+    review 50: the worker suppressed every read of its whole process)."""
+    with connect(PORT_A, DB) as c:
+        c.execute("DROP TABLE IF EXISTS public.audit_rj")
+        c.execute("CREATE TABLE public.audit_rj (id int PRIMARY KEY, v envelope.encrypted_text)")
+        with as_tenant(c, TENANT):
+            c.execute("INSERT INTO public.audit_rj SELECT i, ('x' || i)::text FROM generate_series(1, 20) i")
+        c.execute("CREATE FUNCTION public.audit_rj_peek() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$BEGIN PERFORM count(*) FROM envelope.audit_log; RETURN NEW; END$$")
+        c.execute("CREATE TRIGGER audit_rj_peek BEFORE UPDATE ON public.audit_rj FOR EACH ROW EXECUTE FUNCTION public.audit_rj_peek()")
+        try:
+            worker = c.execute("SELECT (envelope.status()->'maintenance_worker'->>'pid')::int").fetchone()[0]
+            start = last_seq(c)
+            c.execute("SELECT envelope.rotate_data_key(%s)", (TENANT,))
+            c.execute("SELECT envelope.queue_reencrypt('public.audit_rj', 'v')")
+            assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.reencrypt_jobs WHERE state IN ('queued', 'running')").fetchone()[0] == 0, timeout=60)
+            assert wait_until(lambda: c.execute(
+                "SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND kind = 'audit_read' AND backend_pid = %s",
+                (start, worker)).fetchone()[0] > 0), "the worker's trigger read of the trail was not recorded"
+        finally:
+            c.execute("DROP TABLE IF EXISTS public.audit_rj")
+            c.execute("DROP FUNCTION IF EXISTS public.audit_rj_peek()")
+
+
 def test_a_row_slipped_in_by_a_superuser_hides_nothing_and_is_reported(audited):
     """A superuser holds the table, adds a row at the next sequence number (INSERT is not
     blocked by the triggers) while a decryption's record waits in the queue: the writer's insert

@@ -165,11 +165,6 @@ pub fn without_read_records<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// For the maintenance worker: its reads of the audit tables (the writer's) are not recorded.
-pub fn suppress_reads_in_this_process() {
-    SUPPRESS.with(|s| s.set(s.get() + 1_000_000));
-}
-
 /// From the relcache callback: an audit table changed or went (DROP EXTENSION): resolve again.
 pub fn on_relcache_changed(relid: pg_sys::Oid) {
     RELS.with(|r| {
