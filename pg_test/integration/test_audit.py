@@ -2034,6 +2034,7 @@ def test_a_trigger_run_by_a_reencryption_job_reads_the_trail_on_the_record(audit
         c.execute("CREATE FUNCTION public.audit_rj_peek() RETURNS trigger LANGUAGE plpgsql AS "
                   "$$BEGIN PERFORM count(*) FROM envelope.audit_log; RETURN NEW; END$$")
         c.execute("CREATE TRIGGER audit_rj_peek BEFORE UPDATE ON public.audit_rj FOR EACH ROW EXECUTE FUNCTION public.audit_rj_peek()")
+        set_audit(c, True, maintenance_naptime=1)  # (the job is picked up within a second)
         try:
             worker = c.execute("SELECT (envelope.status()->'maintenance_worker'->>'pid')::int").fetchone()[0]
             start = last_seq(c)
@@ -2044,6 +2045,8 @@ def test_a_trigger_run_by_a_reencryption_job_reads_the_trail_on_the_record(audit
                 "SELECT count(*) FROM envelope.audit_log WHERE seq > %s AND kind = 'audit_read' AND backend_pid = %s",
                 (start, worker)).fetchone()[0] > 0), "the worker's trigger read of the trail was not recorded"
         finally:
+            c.execute("ALTER SYSTEM RESET envelope.maintenance_naptime")
+            set_audit(c, True, audit_max_delay=10)
             c.execute("DROP TABLE IF EXISTS public.audit_rj")
             c.execute("DROP FUNCTION IF EXISTS public.audit_rj_peek()")
 
