@@ -5,8 +5,8 @@
 -- text. Each record carries the hash chain (hash = SHA-256 over the previous hash and the canonical
 -- record); envelope.audit_verify() walks it.
 -- Stored as blocks (crates/core/src/audit_blocks.rs): one row per few records (up to ~1.6 kB of
--- them, so a row is neither compressed nor moved out of line), the records' canonical bytes and
--- hashes; envelope.audit_log shows one row per record. One heap tuple and one index entry per
+-- them, so a row is neither compressed nor moved out of line), the records and their hashes'
+-- tags; envelope.audit_log shows one row per record. One heap tuple and one index entry per
 -- record were most of the writer's CPU (docs/design-decisions.md, "Writer cost").
 CREATE TABLE audit_blocks (
     first_seq         bigint PRIMARY KEY,
@@ -15,8 +15,10 @@ CREATE TABLE audit_blocks (
     last_at           timestamptz NOT NULL,
     -- The hash before the first record (the chain's link to the previous block).
     prev_hash         bytea NOT NULL,
-    -- The records: per record a 4-byte big-endian length, the canonical bytes the chain hashes,
-    -- the 32-byte hash.
+    -- The records (crates/core/src/audit_blocks.rs): format 2, what the writer writes, stores per
+    -- record only what differs from the record before it in the block and an 8-byte tag of its
+    -- hash (the full hashes are computed when the block is read); format 1, read forever, per
+    -- record a 4-byte big-endian length, the canonical bytes the chain hashes, the 32-byte hash.
     records           bytea NOT NULL,
     -- Where the block's last record was in the shared-memory queue (not hashed).
     server_started_at bigint NOT NULL,

@@ -288,35 +288,88 @@ def test_key_operations_undone_by_a_savepoint_are_recorded_as_rolled_back(audite
     assert ops == [(undone, "rolled back"), (kept, "ok"), (caught, "rolled back")], ops
 
 
-# The trail's storage (crates/core/src/audit_blocks.rs): per record a u32 big-endian length, the
-# canonical bytes, the 32-byte hash. For the tampering tests, which change blocks as a forger would.
+# The trail's storage (crates/core/src/audit_blocks.rs), format 2: a byte 2, then per record a
+# varint mask of the string fields that differ from the previous record's, seven zigzag varints
+# (seq, at_us and backend_pid as differences), the strings the mask names (varint length, bytes)
+# and the first 8 bytes of the record's hash. For the tampering tests, which change blocks as a
+# forger would: decoded to records, changed, encoded again with each record's stored tag.
+STRINGS = ["kind", "operation", "tenant", "key_versions", "outcome", "request_id", "detail", "current_role",
+           "session_user", "application_name", "client_addr", "database"]
+NUMBERS = ["seq", "at_us", "backend_pid", "statement_id", "value_count", "failure_count", "duration_us"]
+DELTAS = {"seq", "at_us", "backend_pid"}
+
+
+def offline_verifier():
+    """scripts/audit-verify.py as a module (its canonical encoding and hash)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("audit_verify", ROOT / "scripts/audit-verify.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def empty_record():
+    return {**{k: "" for k in STRINGS}, **{k: 0 for k in NUMBERS}}
+
+
 def block_entries(b):
-    out, i = [], 0
+    """[(record, tag)] of a compact block."""
+    b = bytes(b)
+    assert b[0] == 2, "a format-2 block"
+    i, out, cur = 1, [], empty_record()
+
+    def varint():
+        nonlocal i
+        v, shift = 0, 0
+        while True:
+            x = b[i]
+            i += 1
+            v |= (x & 0x7f) << shift
+            shift += 7
+            if x < 0x80:
+                return v
     while i < len(b):
-        n = int.from_bytes(b[i:i + 4], "big")
-        out.append((bytes(b[i + 4:i + 4 + n]), bytes(b[i + 4 + n:i + 36 + n])))
-        i += 36 + n
+        cur = dict(cur)
+        mask = varint()
+        for k in NUMBERS:
+            u = varint()
+            v = (u >> 1) ^ -(u & 1)
+            cur[k] = cur[k] + v if k in DELTAS else v
+        for bit, k in enumerate(STRINGS):
+            if mask >> bit & 1:
+                n = varint()
+                cur[k] = b[i:i + n].decode()
+                i += n
+        out.append((cur, b[i:i + 8]))
+        i += 8
     return out
 
 
-def entry_seq_at(canon):
-    return int.from_bytes(canon[1:9], "big", signed=True), int.from_bytes(canon[9:17], "big", signed=True)
+def encode_block(entries):
+    out, prev = bytearray([2]), empty_record()
 
-
-def value_count_offset(canon):
-    """Where value_count is in a canonical record (format byte, seq, at_us, six strings,
-    backend_pid, statement_id, four strings, then value_count)."""
-    i = 17
-    for _ in range(6):
-        i += 4 + int.from_bytes(canon[i:i + 4], "big")
-    i += 16
-    for _ in range(4):
-        i += 4 + int.from_bytes(canon[i:i + 4], "big")
-    return i
+    def varint(v):
+        while v >= 0x80:
+            out.append(v & 0x7f | 0x80)
+            v >>= 7
+        out.append(v)
+    for rec, tag in entries:
+        varint(sum(1 << bit for bit, k in enumerate(STRINGS) if rec[k] != prev[k]))
+        for k in NUMBERS:
+            v = rec[k] - prev[k] if k in DELTAS else rec[k]
+            varint(((v << 1) ^ (v >> 63)) & (2 ** 64 - 1))
+        for k in STRINGS:
+            if rec[k] != prev[k]:
+                data = rec[k].encode()
+                varint(len(data))
+                out += data
+        out += tag
+        prev = rec
+    return bytes(out)
 
 
 def index_of(entries, seq):
-    return [entry_seq_at(e[0])[0] for e in entries].index(seq)
+    return [e[0]["seq"] for e in entries].index(seq)
 
 
 def write_block(c, first_seq, entries):
@@ -324,11 +377,10 @@ def write_block(c, first_seq, entries):
     if not entries:
         c.execute("DELETE FROM envelope.audit_blocks WHERE first_seq = %s", (first_seq,))
         return
-    (f, fat), (l, lat) = entry_seq_at(entries[0][0]), entry_seq_at(entries[-1][0])
-    data = b"".join(len(canon).to_bytes(4, "big") + canon + h for canon, h in entries)
+    first, last = entries[0][0], entries[-1][0]
     c.execute("UPDATE envelope.audit_blocks SET first_seq = %s, last_seq = %s, first_at = to_timestamp(0) + %s * interval '1 microsecond', "
               "last_at = to_timestamp(0) + %s * interval '1 microsecond', records = %s WHERE first_seq = %s",
-              (f, l, fat, lat, data, first_seq))
+              (first["seq"], last["seq"], first["at_us"], last["at_us"], encode_block(entries), first_seq))
 
 
 def change_records(c, seq, change):
@@ -344,7 +396,7 @@ def swap_records(c, a, b):
     for s in (a, b):
         first, data = c.execute("SELECT first_seq, records FROM envelope.audit_blocks WHERE %s BETWEEN first_seq AND last_seq", (s,)).fetchone()
         blocks.setdefault(first, block_entries(data))
-    where = {s: next((f, index_of(e, s)) for f, e in blocks.items() if s in [entry_seq_at(x[0])[0] for x in e]) for s in (a, b)}
+    where = {s: next((f, index_of(e, s)) for f, e in blocks.items() if s in [x[0]["seq"] for x in e]) for s in (a, b)}
     (fa, ia), (fb, ib) = where[a], where[b]
     blocks[fa][ia], blocks[fb][ib] = blocks[fb][ib], blocks[fa][ia]
     for first, entries in blocks.items():
@@ -382,10 +434,7 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
         # sequence numbers and times) made to match, as a careful forger would.
         def edit(entries):
             i = index_of(entries, seq)
-            canon = bytearray(entries[i][0])
-            at = value_count_offset(canon)
-            canon[at:at + 8] = (int.from_bytes(canon[at:at + 8], "big", signed=True) + 1).to_bytes(8, "big", signed=True)
-            entries[i] = (bytes(canon), entries[i][1])
+            entries[i] = ({**entries[i][0], "value_count": entries[i][0]["value_count"] + 1}, entries[i][1])
 
         def delete(entries):
             del entries[index_of(entries, seq)]
@@ -482,6 +531,24 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
         c.execute("ROLLBACK")
         assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+        # Blocks in format 1, as builds before the compact format wrote them (per record its
+        # canonical bytes and full hash), still read and verify beside compact ones.
+        verifier = offline_verifier()
+        c.execute("BEGIN")
+        c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+        first, prev, data = c.execute("SELECT first_seq, prev_hash, records FROM envelope.audit_blocks "
+                                      "WHERE %s BETWEEN first_seq AND last_seq", (seq,)).fetchone()
+        shown = c.execute("SELECT * FROM envelope.audit_log WHERE seq >= %s ORDER BY seq", (first,)).fetchall()
+        old, h = b"", bytes(prev)
+        for rec, tag in block_entries(data):
+            h = verifier.record_hash(rec, h)
+            assert h[:8] == tag
+            canon = verifier.canonical(rec)
+            old += len(canon).to_bytes(4, "big") + canon + h
+        c.execute("UPDATE envelope.audit_blocks SET records = %s WHERE first_seq = %s", (old, first))
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+        assert c.execute("SELECT * FROM envelope.audit_log WHERE seq >= %s ORDER BY seq", (first,)).fetchall() == shown
+        c.execute("ROLLBACK")
         # A forged checkpoint (another MAC) is reported.
         c.execute("BEGIN")
         c.execute("ALTER TABLE envelope.audit_checkpoints DISABLE TRIGGER USER")

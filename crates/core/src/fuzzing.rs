@@ -228,6 +228,10 @@ pub fn provider_answers(data: &[u8]) {
 /// * 1: a recipe: a genuine chain of 1–16 records, one tampering (edit, delete, duplicate, swap,
 ///   truncate under a checkpoint) chosen by the bytes; `verify` must report a break exactly when
 ///   the stored chain differs from the genuine one;
+/// * 3: the bytes of a stored block, as a superuser could write them (either format): they
+///   parse without a panic and decode to at most `MAX_DECODED_BYTES`;
+/// * 4: a recipe: a genuine chain of 1–64 records with strings from the bytes, stored as
+///   compact blocks: read back, it is the same chain;
 /// * otherwise: arbitrary stored rows (sequence numbers, hashes), start and checkpoints, as a
 ///   superuser could write them into the table: `verify` must return, never panic.
 pub fn audit_records(data: &[u8]) {
@@ -279,6 +283,43 @@ pub fn audit_records(data: &[u8]) {
                 assert_eq!(v.records, n as u64);
                 assert_eq!(v.head, Some(head));
             }
+        }
+        3 => {
+            let r = crate::audit_blocks::read_block(hash_at(rest, 0), rest);
+            let decoded: usize = r.records.iter().map(|s| s.record.canonical().len()).sum();
+            assert!(decoded <= crate::audit_blocks::MAX_DECODED_BYTES);
+        }
+        4 => {
+            let n = 1 + rest.first().map_or(0, |b| b % 64) as usize;
+            let parts: Vec<String> = String::from_utf8_lossy(rest.get(1..).unwrap_or_default()).split(',').map(str::to_owned).collect();
+            let part = |i: usize| parts.get(i % parts.len().max(1)).cloned().unwrap_or_default();
+            let mut chain = Chain::after(None);
+            let mut plain = Chain::after(None);
+            let mut blocks = crate::audit_blocks::Blocks::default();
+            let mut genuine = Vec::new();
+            for i in 0..n {
+                let r = Record {
+                    at_us: i64_at(rest, i) ^ i as i64,
+                    kind: part(i),
+                    tenant: part(i / 2),
+                    detail: part(i * 7),
+                    backend_pid: i64_at(rest, i + 1),
+                    value_count: i as i64 - 3,
+                    ..Record::default()
+                };
+                genuine.push(plain.append(r.clone()));
+                blocks.push(&mut chain, r, i as u64);
+            }
+            let stored = blocks.blocks().iter().map(|b| crate::audit_blocks::StoredBlock {
+                first_seq: b.first_seq,
+                last_seq: b.last_seq,
+                first_at_us: b.first_at_us,
+                last_at_us: b.last_at_us,
+                prev_hash: b.prev_hash,
+                bytes: b.bytes.clone(),
+            });
+            let read: Vec<Stored> = crate::audit_blocks::records_of(stored.collect::<Vec<_>>()).map(|r| r.expect("a genuine block reads")).collect();
+            assert_eq!(read, genuine);
         }
         _ => {
             let n = rest.len() / 72;
@@ -370,6 +411,15 @@ mod tests {
         rows.extend_from_slice(&i64::MAX.to_be_bytes());
         rows.extend_from_slice(&[0u8; 32]);
         put("audit_records", "rows", &rows);
+        put("audit_records", "block-recipe", b"\x04\x20decrypt,acme,ok,,x");
+        {
+            let mut chain = crate::audit::Chain::after(None);
+            let mut blocks = crate::audit_blocks::Blocks::default();
+            for i in 0..3 {
+                blocks.push(&mut chain, crate::audit::Record { kind: "decrypt".into(), value_count: i, ..Default::default() }, 0);
+            }
+            put("audit_records", "block-compact", &[&[3u8][..], &blocks.blocks()[0].bytes].concat());
+        }
         let k = super::key(3);
         for (i, aad) in [
             crate::wrap::WrapAad::TenantKey { tenant: "fuzz", tenant_key_id: 1 },
