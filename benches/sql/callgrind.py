@@ -216,18 +216,24 @@ def audit_per_statement(bindir, tmp, k1, k2):
     (the aggregate, the record's names and encoding, the queue push, the once-per-statement
     check and hooks). The writer's share (the row, the chain) is not in it: in single-user mode
     there is no writer, the records wait in the queue (K2 stays under its 2,048 slots)."""
-    stmt = "SELECT count(envelope.decrypt_field(v)) FROM (SELECT * FROM dec_field_s LIMIT 1) s"
+    statements = {
+        "": "SELECT count(envelope.decrypt_field(v)) FROM (SELECT * FROM dec_field_s LIMIT 1) s",
+        # A statement that uses no key: what the hooks cost every other statement of a transaction.
+        "plain_": "SELECT 1",
+    }
     out = {}
-    for label, conf in (("off", ()), ("on", AUDIT_ON)):
-        counts = []
-        for k in (k1, k2):
-            counts.append(run_one(bindir, "\n".join([stmt] * k), f"{tmp}/stmt_{label}.{k}.out", conf, whole=True))
-        out[label] = (counts[1] - counts[0]) / (k2 - k1)
-        keep = ROOT / "target/callgrind"
-        keep.mkdir(parents=True, exist_ok=True)
-        for k in (k1, k2):  # for callgrind_annotate (diff the two sizes' profiles)
-            subprocess.run(["cp", f"{tmp}/stmt_{label}.{k}.out", str(keep / f"stmt_{label}.{k}.callgrind")], check=True)
-        print(f"  one-value statement, audit {label:3s} {out[label]:10.1f} instructions/statement", flush=True)
+    for prefix, stmt in statements.items():
+        for label, conf in (("off", ()), ("on", AUDIT_ON)):
+            counts = []
+            name = f"stmt_{prefix}{label}"
+            for k in (k1, k2):
+                counts.append(run_one(bindir, "\n".join([stmt] * k), f"{tmp}/{name}.{k}.out", conf, whole=True))
+            out[prefix + label] = (counts[1] - counts[0]) / (k2 - k1)
+            keep = ROOT / "target/callgrind"
+            keep.mkdir(parents=True, exist_ok=True)
+            for k in (k1, k2):  # for callgrind_annotate (diff the two sizes' profiles)
+                subprocess.run(["cp", f"{tmp}/{name}.{k}.out", str(keep / f"{name}.{k}.callgrind")], check=True)
+            print(f"  {'one-value' if not prefix else 'key-less'} statement, audit {label:3s} {out[prefix + label]:10.1f} instructions/statement", flush=True)
     return out
 
 
@@ -370,6 +376,7 @@ def main():
     if "audit_per_statement" in extra:
         st = extra["audit_per_statement"]
         print(f"\naudit per one-value statement: on {st['on']:.0f}, off {st['off']:.0f} instructions: +{st['on'] - st['off']:.0f}")
+        print(f"audit per key-less statement (SELECT 1): on {st['plain_on']:.0f}, off {st['plain_off']:.0f} instructions: +{st['plain_on'] - st['plain_off']:.0f}")
     for name, p in profiles.items():
         for kind in ("self", "inclusive"):
             print(f"\nprofile {name}: {kind} instructions per row")
