@@ -71,7 +71,8 @@ TABLES = {"dense": "bench_accounts, bench_history",
           "tpcb": "pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history"}
 
 
-def setup(admin, mix):
+def setup(admin, mix, port=None):
+    port = port or PORT
     admin.execute(f"DROP TABLE IF EXISTS {TABLES[mix]}")
     admin.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
     if mix == "dense":
@@ -80,7 +81,7 @@ def setup(admin, mix):
         admin.execute("INSERT INTO bench_accounts SELECT g, 0, ('user' || g || '@example.com')::text, lpad(g::text, 9, '0')::text FROM generate_series(1, 10000) g")
         admin.execute("VACUUM ANALYZE bench_accounts")
         return
-    subprocess.run(["sudo", "-u", "postgres", str(BIN / "pgbench"), "-h", SOCK, "-p", str(PORT), "-i", "-q",
+    subprocess.run(["sudo", "-u", "postgres", str(BIN / "pgbench"), "-h", SOCK, "-p", str(port), "-i", "-q",
                     "-s", str(TPCB_SCALE), "-I", "dtg", DB], check=True, capture_output=True)
     # The two encrypted columns, written as the application would (one pass: a new table).
     admin.execute("""CREATE TABLE pgbench_accounts_e AS
@@ -95,8 +96,8 @@ def setup(admin, mix):
     admin.execute("VACUUM ANALYZE pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history")
 
 
-def connect():
-    return psycopg.connect(host=SOCK, port=PORT, dbname=DB, user="postgres", autocommit=True)
+def connect(port=None):
+    return psycopg.connect(host=SOCK, port=port or PORT, dbname=DB, user="postgres", autocommit=True)
 
 
 def set_audit(c, on):
@@ -105,13 +106,13 @@ def set_audit(c, on):
     time.sleep(0.5)
 
 
-def server_cpu():
+def server_cpu(instance="pg15"):
     """CPU seconds (user + system) of the whole server so far, by process: {(pid, start): (title,
     s)} for the postmaster's live children (backends, the worker, the checkpointer...; keyed
     with their start time, as pids are reused) and `reaped` for the children it reaped (every
     backend or autovacuum worker that ended: their time accrues to the postmaster's
     cutime/cstime) plus the postmaster's own."""
-    pm = int((STATE / "pg15" / "data" / "postmaster.pid").read_text().split()[0])
+    pm = int((STATE / instance / "data" / "postmaster.pid").read_text().split()[0])
     hz = os.sysconf("SC_CLK_TCK")
     out = {}
     for pid in os.listdir("/proc"):
@@ -163,16 +164,106 @@ def machine_ticks():
     return f[3] + f[4], f[7], sum(f)
 
 
+def pgbench_argv(script, clients, seconds, port):
+    return ["sudo", "-u", "postgres", str(BIN / "pgbench"), "-h", SOCK, "-p", str(port), "-n", "-M", "prepared",
+            "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), "-f", script, DB]
+
+
+def pgbench_result(out):
+    return float(re.search(r"tps = ([0-9.]+)", out).group(1)), int(re.search(r"number of transactions actually processed: ([0-9]+)", out).group(1))
+
+
 def pgbench(script, clients, seconds):
-    p = subprocess.run(
-        ["sudo", "-u", "postgres", str(BIN / "pgbench"), "-h", SOCK, "-p", str(PORT), "-n", "-M", "prepared",
-         "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), "-f", script, DB],
-        capture_output=True, text=True,
-    )
+    p = subprocess.run(pgbench_argv(script, clients, seconds, PORT), capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"pgbench failed:\n{p.stderr[-2000:]}")
-    out = p.stdout
-    return float(re.search(r"tps = ([0-9.]+)", out).group(1)), int(re.search(r"number of transactions actually processed: ([0-9]+)", out).group(1))
+    return pgbench_result(p.stdout)
+
+
+def prepare(admin, mix):
+    had = admin.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_envelope'").fetchone() is not None
+    admin.execute("CREATE EXTENSION IF NOT EXISTS pg_envelope")
+    if not admin.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (TENANT,)).fetchone():
+        admin.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
+    admin.execute("SELECT envelope.grant_tenant(%s, 'postgres')", (TENANT,))
+    return had
+
+
+def cleanup(admin, mix, had):
+    set_audit(admin, False)
+    admin.execute("ALTER SYSTEM RESET envelope.audit")
+    admin.execute("SELECT pg_reload_conf()")
+    admin.execute(f"DROP TABLE IF EXISTS {TABLES[mix]}")
+    if not had:
+        admin.execute("DROP EXTENSION pg_envelope CASCADE")
+
+
+PAIR_INSTANCE, PAIR_PORT = "pg15-auditpair", 54361
+
+
+def paired(a, script):
+    """Both variants at once: a second cluster (PAIR_INSTANCE, same build and settings), audit on
+    in one and off in the other, each with half the clients, run simultaneously, the roles
+    swapped every round. Each round's two runs see the same machine (this VM's speed moves by
+    +-15% between 10 s periods, which sequential rounds cannot separate from the audit's cost).
+    Each variant's CPU per transaction is its cluster's processes (the writer of the audited one
+    included) plus its own pgbench (the rusage of that child alone, from wait4). What this design does not
+    charge to the audit: a slowdown the writer causes to every process on the machine (caches,
+    scheduling), which here falls on both variants alike; the sequential design charges it."""
+    env = dict(os.environ, PGE_INSTANCE=PAIR_INSTANCE, PGE_PORT=str(PAIR_PORT))
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[2] / "scripts/cluster.sh"), "start"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    clusters = [("pg15", PORT), (PAIR_INSTANCE, PAIR_PORT)]
+    admins = [connect(port) for _, port in clusters]
+    hads = [prepare(ad, a.mix) for ad in admins]
+    ratios, cpus = [], {False: [], True: []}
+    try:
+        for ad, (_, port) in zip(admins, clusters):
+            setup(ad, a.mix, port)
+        for r in range(a.rounds):
+            on_cluster = r % 2  # which cluster audits this round
+            for i, ad in enumerate(admins):
+                set_audit(ad, i == on_cluster)
+            c0 = [server_cpu(inst) for inst, _ in clusters]
+            procs = [subprocess.Popen(pgbench_argv(script, a.clients // 2, a.seconds, port), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _, port in clusters]
+            outs, client = [], []
+            for p in procs:
+                out, err = p.stdout.read(), p.stderr.read()
+                _, status, ru = os.wait4(p.pid, 0)  # this pgbench's CPU alone (sudo waits for it)
+                p.returncode = os.waitstatus_to_exitcode(status)
+                if p.returncode != 0:
+                    raise SystemExit(f"pgbench failed:\n{err[-2000:]}")
+                outs.append(out)
+                client.append(ru.ru_utime + ru.ru_stime)
+            wait_until = time.monotonic() + 5
+            while time.monotonic() < wait_until and any(
+                    k != "reaped" and k not in c0[i] and kind(v[0]) == "backends"
+                    for i, (inst, _) in enumerate(clusters) for k, v in server_cpu(inst).items()):
+                time.sleep(0.05)
+            c1 = [server_cpu(inst) for inst, _ in clusters]
+            res = [pgbench_result(o) for o in outs]
+            per = []
+            for i in range(2):
+                by = cpu_delta(c0[i], c1[i])
+                by["pgbench"] = client[i]
+                per.append((sum(by.values()) / res[i][1] * 1e6, by.get("writer", 0.0) / res[i][1] * 1e6))
+            on_cpu, off_cpu = per[on_cluster][0], per[1 - on_cluster][0]
+            cpus[True].append(on_cpu)
+            cpus[False].append(off_cpu)
+            ratios.append(off_cpu / on_cpu)
+            print(f"round {r + 1}: audit on in {clusters[on_cluster][0]}: on {res[on_cluster][0]:.0f} tps, {on_cpu:.1f} CPU-us/tx "
+                  f"(writer {per[on_cluster][1]:.1f}); off {res[1 - on_cluster][0]:.0f} tps, {off_cpu:.1f}; off/on {ratios[-1]:.3f}", flush=True)
+    finally:
+        for ad, had in zip(admins, hads):
+            cleanup(ad, a.mix, had)
+        subprocess.run(["bash", str(Path(__file__).resolve().parents[2] / "scripts/cluster.sh"), "stop"], env=env,
+                       stdout=subprocess.DEVNULL)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    by_cluster = [statistics.median(ratios[i::2]) for i in range(2)] if len(ratios) > 1 else [ratios[0]] * 2
+    print(f"mix {a.mix}, paired: 2 clusters x {a.clients // 2} clients x {a.seconds} s x {a.rounds} rounds: CPU per transaction (server + pgbench) "
+          f"off {statistics.median(cpus[False]):.1f} us, on {statistics.median(cpus[True]):.1f} us; per round off/on median "
+          f"{statistics.median(ratios):.3f} [IQR {q[0]:.3f}-{q[2]:.3f}] (audit in pg15: {by_cluster[0]:.3f}, in the pair: {by_cluster[1]:.3f}; goal >= 0.95)")
 
 
 def main():
@@ -181,17 +272,20 @@ def main():
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mix", choices=sorted(SCRIPTS), default="dense")
+    ap.add_argument("--paired", action="store_true", help="both variants at once on two clusters (see `paired`)")
     a = ap.parse_args()
-    admin = connect()
-    had = admin.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_envelope'").fetchone() is not None
-    admin.execute("CREATE EXTENSION IF NOT EXISTS pg_envelope")
-    if not admin.execute("SELECT 1 FROM envelope.tenants WHERE name = %s", (TENANT,)).fetchone():
-        admin.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
-    admin.execute("SELECT envelope.grant_tenant(%s, 'postgres')", (TENANT,))
-    setup(admin, a.mix)
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(SCRIPTS[a.mix])
     os.chmod(f.name, 0o644)
+    if a.paired:
+        try:
+            paired(a, f.name)
+        finally:
+            os.unlink(f.name)
+        return
+    admin = connect()
+    had = prepare(admin, a.mix)
+    setup(admin, a.mix)
     tps = {False: [], True: []}
     cpu = {False: [], True: []}  # CPU microseconds per transaction: server + pgbench
     split = {False: [], True: []}  # the same by kind of process
@@ -230,13 +324,8 @@ def main():
                       f"machine idle {idle[on][-1]:.1f}%, steal {steal:.1f}%{extra}", flush=True)
             pairs.append((tps[True][-1] / tps[False][-1], cpu[False][-1] / cpu[True][-1]))
     finally:
-        set_audit(admin, False)
-        admin.execute("ALTER SYSTEM RESET envelope.audit")
-        admin.execute("SELECT pg_reload_conf()")
         os.unlink(f.name)
-        admin.execute(f"DROP TABLE IF EXISTS {TABLES[a.mix]}")
-        if not had:
-            admin.execute("DROP EXTENSION pg_envelope CASCADE")
+        cleanup(admin, a.mix, had)
     off, on = statistics.median(tps[False]), statistics.median(tps[True])
     coff, con = statistics.median(cpu[False]), statistics.median(cpu[True])
     print(f"mix {a.mix}: pgbench {a.clients} clients x {a.seconds} s x {a.rounds} rounds: audit off {off:.1f} tps, on {on:.1f} tps, "
