@@ -216,7 +216,7 @@ def paired(a, script):
     clusters = [("pg15", PORT), (PAIR_INSTANCE, PAIR_PORT)]
     admins = [connect(port) for _, port in clusters]
     hads = [prepare(ad, a.mix) for ad in admins]
-    ratios, cpus = [], {False: [], True: []}
+    ratios, cpus, splits = [], {False: [], True: []}, {False: [], True: []}
     try:
         for ad, (_, port) in zip(admins, clusters):
             setup(ad, a.mix, port)
@@ -247,8 +247,11 @@ def paired(a, script):
             for i in range(2):
                 by = cpu_delta(c0[i], c1[i])
                 by["pgbench"] = client[i]
-                per.append((sum(by.values()) / res[i][1] * 1e6, by.get("writer", 0.0) / res[i][1] * 1e6))
+                per.append((sum(by.values()) / res[i][1] * 1e6, by.get("writer", 0.0) / res[i][1] * 1e6,
+                            {k: v / res[i][1] * 1e6 for k, v in by.items()}))
             on_cpu, off_cpu = per[on_cluster][0], per[1 - on_cluster][0]
+            splits[True].append(per[on_cluster][2])
+            splits[False].append(per[1 - on_cluster][2])
             cpus[True].append(on_cpu)
             cpus[False].append(off_cpu)
             ratios.append(off_cpu / on_cpu)
@@ -264,6 +267,11 @@ def paired(a, script):
     print(f"mix {a.mix}, paired: 2 clusters x {a.clients // 2} clients x {a.seconds} s x {a.rounds} rounds: CPU per transaction (server + pgbench) "
           f"off {statistics.median(cpus[False]):.1f} us, on {statistics.median(cpus[True]):.1f} us; per round off/on median "
           f"{statistics.median(ratios):.3f} [IQR {q[0]:.3f}-{q[2]:.3f}] (audit in pg15: {by_cluster[0]:.3f}, in the pair: {by_cluster[1]:.3f}; goal >= 0.95)")
+    kinds = sorted({k for d in splits[False] + splits[True] for k in d})
+    med = lambda on, k: statistics.median(d.get(k, 0.0) for d in splits[on])
+    diff = lambda k: statistics.median(on.get(k, 0.0) - off.get(k, 0.0) for on, off in zip(splits[True], splits[False]))
+    print("CPU-us per transaction by process (medians), off -> on [median of the rounds' differences]: " +
+          ", ".join(f"{k} {med(False, k):.1f} -> {med(True, k):.1f} [{diff(k):+.1f}]" for k in kinds))
 
 
 def main():

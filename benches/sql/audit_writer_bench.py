@@ -75,6 +75,13 @@ def main():
                 continue  # warm-up: caches, the prepared upsert
             per_record.append(ns / n / 1000)
             print(f"round {r}: {n} records ({queued} queued), writer {ns / 1e6:.1f} ms on CPU, {per_record[-1]:.2f} us per record", flush=True)
+        # What the trail takes on disk per record (the records' bytes, the table with its index
+        # and TOAST, and the WAL of the rounds).
+        row = admin.execute("SELECT sum(octet_length(records)), sum(last_seq - first_seq + 1), count(*), "
+                            "pg_total_relation_size('envelope.audit_blocks') FROM envelope.audit_blocks").fetchone()
+        if row[1]:
+            print(f"stored: {row[0] / row[1]:.1f} bytes of block per record, {row[1] / row[2]:.1f} records per block, "
+                  f"{row[3] / row[1]:.1f} bytes of table and index per record", flush=True)
     finally:
         blocker.execute("ROLLBACK")
         for k in ("audit", "audit_max_delay"):
