@@ -58,6 +58,15 @@ SELECT seq, kind FROM envelope.audit_block_records(NULL, NULL) AS null_block;
 SELECT seq, kind FROM envelope.audit_block_records('\x00', '\xffffffff00') AS huge_length;
 SELECT count(*) AS rows, bool_and(kind = 'unreadable') AS unreadable
   FROM envelope.audit_block_records('\x00', convert_to(repeat('x', 300000), 'UTF8')) AS oversized;
+-- Compact blocks (format 2): a record of empty fields whose tag is not its hash's (shown, with
+-- the tag in its hash: audit_verify reports it altered), a varint longer than 64 bits, and a
+-- forged block whose entries repeat a 60 kB string: decoding stops at 1 MB of records.
+SELECT seq, kind, octet_length(hash) AS hash_bytes, substr(hash, 1, 8) = '\x0000000000000000'::bytea AS tag_kept
+  FROM envelope.audit_block_records('\x00', '\x0200020000000000000000000000000000') AS compact_one;
+SELECT seq, kind FROM envelope.audit_block_records('\x00', '\x02ffffffffffffffffff7f') AS compact_overflow;
+SELECT count(*) AS rows, count(seq) AS records, bool_or(kind = 'unreadable') AS unreadable
+  FROM envelope.audit_block_records('\x00', '\x02'::bytea || decode('4002000000000000e0d403', 'hex')
+       || convert_to(repeat('x', 60000), 'UTF8') || decode(repeat('00', 8) || repeat('0002000000000000' || repeat('00', 8), 12000), 'hex')) AS compact_bomb;
 RESET ROLE;
 -- The one deletion path is audit_prune; an empty trail has nothing to prune.
 SELECT envelope.audit_prune('0 seconds') AS pruned_nothing;
