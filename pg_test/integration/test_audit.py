@@ -452,6 +452,12 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
             "truncate-tail": (lambda: truncate_after(c, seq), "truncated"),
             "relabel": (lambda: c.execute("UPDATE envelope.audit_blocks SET last_at = last_at + interval '1 hour' "
                                           "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "labelled"),
+            # A label PostgreSQL cannot turn into microseconds: a report, not an error (review 51).
+            "infinite label": (lambda: c.execute("UPDATE envelope.audit_blocks SET last_at = 'infinity' "
+                                                 "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "labelled"),
+            # A block emptied: unreadable, in the view and the export too (review 51).
+            "emptied": (lambda: c.execute("UPDATE envelope.audit_blocks SET records = '\\x02'::bytea "
+                                          "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "not records"),
             "garbage": (lambda: c.execute("UPDATE envelope.audit_blocks SET records = records || '\\x0102'::bytea "
                                           "WHERE %s BETWEEN first_seq AND last_seq", (seq,)), "not records"),
             # Another table put in the trail's place (the view still reads the old one).
@@ -514,7 +520,7 @@ def test_chain_verifies_and_every_tampering_is_reported(audited):
             c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
             tamper()
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
-            if name == "garbage":
+            if name in ("garbage", "emptied"):
                 # The export carries the unreadable bytes (the offline verifier fails on them).
                 kinds = [json.loads(line)["type"] for (line,) in c.execute("SELECT line FROM envelope.audit_export(1)")]
                 assert "unreadable" in kinds, kinds
@@ -1708,8 +1714,22 @@ def test_retention_is_a_recorded_checkpointed_event(audited):
         c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
         c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp2,))
         ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+        assert ok is False and "no audit_prune record covered by a checkpoint says so" in brk, brk
+        # ... also with a made-up prune record naming that checkpoint, correctly chained and
+        # appended after the newest checkpoint, where no checkpoint covers it (insider review 51).
+        verifier = offline_verifier()
+        cp2_hash = bytes(c.execute("SELECT hash FROM envelope.audit_checkpoints WHERE seq = %s LIMIT 1", (cp2,)).fetchone()[0])
+        last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        forged = {**empty_record(), "seq": last[0] + 1, "at_us": last[1] + 1, "kind": "key_op", "operation": "audit_prune",
+                  "outcome": "ok", "detail": f"removed records; the kept chain starts after checkpoint {cp2} (hash {cp2_hash.hex()})"}
+        h = verifier.record_hash(forged, bytes(last[2]))
+        c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
+                  "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
+                  (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], bytes(last[2]), encode_block([(forged, h[:8])])))
+        assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE operation = 'audit_prune' AND seq = %s", (forged["seq"],)).fetchone()[0] == 1
+        ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
         c.execute("ROLLBACK")
-        assert ok is False and "no audit_prune record says so" in brk, brk
+        assert ok is False and "no audit_prune record covered by a checkpoint says so" in brk, brk
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
         set_audit(c, True, audit_checkpoint_interval=300)
 

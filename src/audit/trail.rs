@@ -309,7 +309,9 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
             Spi::connect(|c| {
                 let t = c
                     .select(
-                        "SELECT first_seq, last_seq, (extract(epoch FROM first_at) * 1000000)::int8, (extract(epoch FROM last_at) * 1000000)::int8,
+                        "SELECT first_seq, last_seq,
+                                CASE WHEN pg_catalog.isfinite(first_at) THEN (extract(epoch FROM first_at) * 1000000)::int8 END,
+                                CASE WHEN pg_catalog.isfinite(last_at) THEN (extract(epoch FROM last_at) * 1000000)::int8 END,
                                 prev_hash, records FROM ONLY envelope.audit_blocks ORDER BY first_seq",
                         None,
                         &[],
@@ -413,9 +415,11 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
     };
     // Records before the first kept one were removed: only `audit_prune` does that, and its
     // record names the checkpoint the kept chain starts after. Without such a record the oldest
-    // blocks were deleted by hand, up to a checkpoint (insider review 45: that verified). (A
-    // prune's record is written at its transaction's end: a verification in the same instant
-    // may report this until the writer has written it.)
+    // blocks were deleted by hand, up to a checkpoint (insider review 45: that verified). The
+    // record counts only where a checkpoint covers it (the writer checkpoints right after a
+    // prune's record): in the tail after the newest checkpoint, a superuser can append a made-up
+    // one, correctly chained (insider review 51). (A verification between a prune and that
+    // checkpoint, or while the checkpoint provider is down, reports this until it is written.)
     let unpruned = match (start, first_seq) {
         (Some(anchor), Some(first)) => {
             let needle = format!("the kept chain starts after checkpoint {} (hash {})", anchor.seq, hex(&anchor.hash));
@@ -423,7 +427,12 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
                 pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes)
                     .records
                     .iter()
-                    .any(|s| s.record.operation == "audit_prune" && s.record.outcome == "ok" && s.record.detail.contains(&needle))
+                    .any(|s| {
+                        s.record.operation == "audit_prune"
+                            && s.record.outcome == "ok"
+                            && s.record.detail.contains(&needle)
+                            && cp_seq.is_some_and(|c| s.record.seq <= c)
+                    })
             });
             (!found).then_some(first)
         }

@@ -374,7 +374,7 @@ impl std::fmt::Display for Break {
             Break::CheckpointMismatch { seq } => write!(f, "record {seq} does not have the hash its checkpoint certified: rewritten"),
             Break::Unreadable { after_seq } => write!(f, "the stored block after record {after_seq} holds bytes that are not records: altered"),
             Break::Unpruned { first_seq } => {
-                write!(f, "the records before record {first_seq} are gone and no audit_prune record says so: deleted")
+                write!(f, "the records before record {first_seq} are gone and no audit_prune record covered by a checkpoint says so: deleted (or a prune's checkpoint not written yet)")
             }
             Break::Mislabelled { first_seq } => {
                 write!(f, "the stored block of records from {first_seq} is labelled with other sequence numbers or times: altered")

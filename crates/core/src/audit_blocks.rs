@@ -284,10 +284,16 @@ pub struct Read {
 /// A record's `hash` is the hash stored with it: in format 1 the 32 stored bytes; in format 2
 /// the hash computed from its bytes when its tag matches, and otherwise the tag followed by the
 /// rest of the computed hash (so that verification reports that record as altered, as it
-/// would a format-1 record whose stored hash does not match).
+/// would a format-1 record whose stored hash does not match). The next record chains from that
+/// value: after a record edited in a format-2 block, the records after it in the block show
+/// altered hashes too (its original hash is not stored to chain from); verification reports the
+/// first.
 pub fn read_block(prev_hash: [u8; 32], bytes: &[u8]) -> Read {
     let mut out = Read::default();
-    if bytes.len() > MAX_BLOCK_BYTES {
+    // Larger than any block the writer makes, or empty (the writer never stores a block without
+    // records, in either format: one emptied by hand must show in the view and the export, not
+    // vanish from them: insider review 51).
+    if bytes.len() > MAX_BLOCK_BYTES || bytes.is_empty() || bytes == [COMPACT] {
         out.unreadable_at = Some(0);
         return out;
     }
@@ -319,6 +325,9 @@ pub fn read_block(prev_hash: [u8; 32], bytes: &[u8]) -> Read {
 struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {
+    /// A varint in its shortest form only (a longer one for the same number, `80 00` for 0, is
+    /// not what the writer writes: accepted, it would let the stored bytes change while the
+    /// records they decode to, and so every check, stay the same: insider review 51).
     fn varint(&mut self) -> Option<u64> {
         let mut v = 0u64;
         for (i, &b) in self.0.iter().enumerate().take(10) {
@@ -327,6 +336,9 @@ impl<'a> Cursor<'a> {
             }
             v |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
+                if i > 0 && b == 0 {
+                    return None; // not the shortest form
+                }
                 self.0 = &self.0[i + 1..];
                 return Some(v);
             }
@@ -359,6 +371,11 @@ fn read_compact_entry(c: &mut Cursor<'_>, cur: &mut Record) -> Option<[u8; TAG_B
         if mask & 1 << i != 0 {
             let len = usize::try_from(c.varint()?).ok()?;
             let v = std::str::from_utf8(c.take(len)?).ok()?;
+            // A string the mask names must differ from the previous record's: the writer names
+            // only those, and the block's bytes are then the one encoding of its records.
+            if same(s, v) {
+                return None;
+            }
             s.clear();
             s.push_str(v);
         }
@@ -661,7 +678,7 @@ mod tests {
         for good in [blocks.blocks()[0].bytes.clone(), stored_format_1(&all, 5).remove(0).bytes] {
             for cut in 0..good.len() {
                 let r = read_block(GENESIS, &good[..cut]);
-                assert!(r.unreadable_at.is_some() || cut <= 1 || !r.records.is_empty());
+                assert!(r.unreadable_at.is_some() || !r.records.is_empty());
             }
             // Larger than any block the writer makes: not decoded at all.
             let big: Vec<u8> = good.iter().copied().cycle().take(MAX_BLOCK_BYTES + 1).collect();
@@ -671,10 +688,28 @@ mod tests {
         let mut x = stored_format_1(&all, 5).remove(0).bytes;
         x[0] = 0xff; // a length of ~4 GB
         assert_eq!(read_block(GENESIS, &x).unreadable_at, Some(0));
-        // A varint longer than 64 bits, a mask with unknown bits, a string longer than the block.
-        for bad in [&[COMPACT, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f][..], &[COMPACT, 0x80, 0x40], &[COMPACT, 1, 2, 0, 0, 0, 0, 0, 0, 0x7f]] {
+        // A varint longer than 64 bits, a mask with unknown bits, a string longer than the block,
+        // a varint not in its shortest form (`80 00` for 0), a string the mask names that equals
+        // the previous record's (here the empty kind of the record before the first).
+        for bad in [
+            &[COMPACT, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f][..],
+            &[COMPACT, 0x80, 0x40],
+            &[COMPACT, 1, 2, 0, 0, 0, 0, 0, 0, 0x7f],
+            &[COMPACT, 0x80, 0x00, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[COMPACT, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ] {
             let r = read_block(GENESIS, bad);
             assert_eq!((r.records.len(), r.unreadable_at), (0, Some(1)), "{bad:?}");
+        }
+        // Empty blocks of either format: unreadable, not nothing.
+        for empty in [&[][..], &[COMPACT]] {
+            let r = read_block(GENESIS, empty);
+            assert_eq!((r.records.len(), r.unreadable_at), (0, Some(0)), "{empty:?}");
+        }
+        // The writer's own blocks are in the one encoding the reader accepts.
+        let (many, _) = build(300);
+        for b in many.blocks() {
+            assert!(read_block(b.prev_hash, &b.bytes).unreadable_at.is_none());
         }
         let mut state = 0x1234_5678_u64;
         for round in 0..4_000 {
