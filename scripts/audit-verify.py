@@ -798,11 +798,16 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
             # were removed, which only audit_prune does, and its record names this anchor.
             if EXPORT_META.get("from_seq") == 1:
                 needle = f"the kept chain starts after checkpoint {pick.seq} (hash {pick.hash.hex()})"
-                # Only a record some checkpoint covers: the tail after the newest checkpoint can
-                # be rewritten by a superuser, a made-up prune record included (insider review 51).
-                covered = max((c.seq for c in good), default=0)
+                # Only a record covered by a checkpoint whose MAC was verified here (review 52), with
+                # no writer_start record in between (a writer that started on an unwitnessed tail
+                # checkpoints it: reviews 51 and 52), as envelope.audit_verify() requires.
+                starts = [r.record["seq"] for r in records if r.record.get("kind") == "writer_start"]
+
+                def covered(p: int) -> bool:
+                    after = [c.seq for c in good if c.seq >= p and c.mac_status == "verified"]
+                    return bool(after) and not any(p < s <= min(after) for s in starts)
                 if not any(r.record.get("operation") == "audit_prune" and r.record.get("outcome") == "ok"
-                           and needle in r.record.get("detail", "") and r.record["seq"] <= covered for r in records):
+                           and needle in r.record.get("detail", "") and covered(r.record["seq"]) for r in records):
                     unpruned = Break("unpruned", seq=first.record["seq"])
     if unanchored is not None:
         rep.chain_break = unanchored
@@ -884,6 +889,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider-kind", action="append", default=[], metavar="NAME=KIND",
                    help=f"the kind of a checkpoint provider name ({', '.join(KINDS)}), instead of inferring it")
     p.add_argument("--require-mac", action="store_true", help="a checkpoint the chain relies on whose MAC was not verified is a failure")
+    p.add_argument("--from-seq", type=int, metavar="N",
+                   help="the from_seq the export was asked with (audit_export(N)), instead of what its trailer says: "
+                        "with 1, records missing before the first exported one must be explained by a checkpointed audit_prune record "
+                        "(a replaced audit_export could write another from_seq in its trailer: insider review 52)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     return p
 
@@ -927,6 +936,8 @@ def run(args, parser) -> Report:
         pinned[name] = kind
     verifiers = build_verifiers(args, parser)
     records, export_cps, warnings, encoding = load_export(args.export)
+    if args.from_seq is not None:
+        EXPORT_META["from_seq"] = args.from_seq
     if args.log_until is None and "at_us" in EXPORT_META:
         args.log_until = EXPORT_META["at_us"]
     log_cps: List[Checkpoint] = []

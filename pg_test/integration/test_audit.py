@@ -2171,3 +2171,68 @@ def test_a_row_slipped_in_by_a_superuser_hides_nothing_and_is_reported(audited):
             c.execute("SELECT envelope.encrypt_field('x')")
         assert wait_until(lambda: c.execute("SELECT kind FROM envelope.audit_log WHERE seq = 1").fetchone() == ("chain_restart",))
         assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+
+
+def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_there_excuses_nothing(audited):
+    """Insider review 52: a superuser deleted the oldest blocks up to a checkpoint, appended a
+    made-up `audit_prune` record naming it after the newest checkpoint, then crashed a backend
+    (shared memory is reinitialised: the writer forgets the head it wrote). The writer continued
+    from the table's last record and checkpointed it, and audit_verify said ok. Now the writer
+    first appends a `writer_start` record naming the records no checkpoint covered, and a prune
+    record before it is not excused by a checkpoint after it."""
+    with connect(PORT_A, DB) as c:
+        # (A test before may have dropped the extension, and audit_t's column with it.)
+        c.execute("DROP TABLE IF EXISTS audit_t")
+        c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
+        with as_tenant(c, TENANT):
+            c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
+        set_audit(c, True, audit_checkpoint_interval=1)
+        decrypt_some(c)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        head = last_seq(c)
+        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
+        set_audit(c, True, audit_checkpoint_interval=3600)   # no checkpoint until the crash
+        time.sleep(1.1)
+        cp, cp_hash = c.execute("SELECT seq, hash FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1").fetchone()
+        decrypt_some(c)
+        assert wait_until(lambda: last_seq(c) > cp + 1)
+        verifier = offline_verifier()
+        c.execute("BEGIN")
+        c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+        c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,))
+        last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        forged = {**empty_record(), "seq": last[0] + 1, "at_us": last[1] + 1, "kind": "key_op", "operation": "audit_prune",
+                  "outcome": "ok", "detail": f"removed records; the kept chain starts after checkpoint {cp} (hash {bytes(cp_hash).hex()})"}
+        h = verifier.record_hash(forged, bytes(last[2]))
+        c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
+                  "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
+                  (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], bytes(last[2]), encode_block([(forged, h[:8])])))
+        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
+        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
+        c.execute("COMMIT")
+        with connect(PORT_A, DB) as victim:
+            os.kill(victim.execute("SELECT pg_backend_pid()").fetchone()[0], signal.SIGKILL)   # a crash: shared memory reinitialised
+    def reconnects():
+        try:
+            with connect(PORT_A, DB) as x:
+                return x.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1
+        except psycopg.Error:
+            return False
+    assert wait_until(reconnects, timeout=60, step=0.5)
+    with connect(PORT_A, DB) as c:
+        set_audit(c, True, audit_checkpoint_interval=1)
+        decrypt_some(c)
+        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'writer_start' AND seq > %s",
+                                            (forged["seq"],)).fetchone()[0] == 1, timeout=30)
+        detail = c.execute("SELECT detail FROM envelope.audit_log WHERE kind = 'writer_start' AND seq > %s", (forged["seq"],)).fetchone()[0]
+        assert f"records {cp + 1}..{forged['seq']} were not covered by a checkpoint" in detail, detail
+        start = last_seq(c)
+        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= start, timeout=30)
+        ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+        assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
+        # The trail stays broken; a fresh one for whoever comes next.
+        c.execute("DROP EXTENSION pg_envelope CASCADE")
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
+        c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
+        set_audit(c, True, audit_checkpoint_interval=300)

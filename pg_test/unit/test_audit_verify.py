@@ -411,6 +411,26 @@ def test_a_whole_trail_export_that_starts_later_needs_the_prune_record(tmp_path,
     exp = write(tmp_path, "uncovered.jsonl", [record_obj(s) for s in kept] + [local_cp(first[9]), local_cp(kept[1]), trailer])
     code, j = run_json(capsys, exp, "--local-root-key", key_file)
     assert code == 1 and "no audit_prune record covered by a checkpoint" in j["first_break"], j
+    # A writer_start record between the prune record and the checkpoint covering it: the writer
+    # started on an unwitnessed tail and checkpointed it, a made-up prune record included
+    # (insider review 52).
+    started = lambda i: dict(pruned(i), kind="writer_start", operation="writer", detail="writer_start: ...") if i == 15 else pruned(i)
+    restarted = chain(10, after=head(first[9]), make=started, first=11)
+    exp = write(tmp_path, "restarted.jsonl", [record_obj(s) for s in restarted] + [local_cp(first[9]), local_cp(restarted[9]), trailer])
+    code, j = run_json(capsys, exp, "--local-root-key", key_file)
+    assert code == 1 and "no audit_prune record covered by a checkpoint" in j["first_break"], j
+    # The covering checkpoint's MAC must have been verified here (review 52 F5): one made with
+    # an HSM key this run cannot check does not cover the prune record.
+    hsm = dict(local_cp(kept[9]), provider="hsm", key_name="pkcs11 x")
+    exp = write(tmp_path, "hsmcover.jsonl", [record_obj(s) for s in kept] + [local_cp(first[9]), hsm, trailer])
+    code, j = run_json(capsys, exp, "--local-root-key", key_file)
+    assert code == 1 and "no audit_prune record covered by a checkpoint" in j["first_break"], j
+    # A trailer that says the export was asked from record 11 (a replaced audit_export can write
+    # one): --from-seq 1 says what was asked (review 52 F3).
+    exp = write(tmp_path, "liar.jsonl", [record_obj(s) for s in bare] + [local_cp(first[9]), local_cp(bare[9]), dict(trailer, from_seq=11)])
+    assert run(capsys, exp, "--local-root-key", key_file)[0] == 0
+    code, j = run_json(capsys, exp, "--local-root-key", key_file, "--from-seq", "1")
+    assert code == 1 and "no audit_prune record covered by a checkpoint" in j["first_break"], j
     # An export asked from a later record starts after a checkpoint without any prune: fine.
     exp = write(tmp_path, "from11.jsonl", [record_obj(s) for s in bare] + [local_cp(first[9]), local_cp(bare[9]), dict(trailer, from_seq=11)])
     assert run(capsys, exp, "--local-root-key", key_file)[0] == 0

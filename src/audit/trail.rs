@@ -310,8 +310,8 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
                 let t = c
                     .select(
                         "SELECT first_seq, last_seq,
-                                CASE WHEN pg_catalog.isfinite(first_at) THEN (extract(epoch FROM first_at) * 1000000)::int8 END,
-                                CASE WHEN pg_catalog.isfinite(last_at) THEN (extract(epoch FROM last_at) * 1000000)::int8 END,
+                                CASE WHEN extract(epoch FROM first_at) BETWEEN -9223372036854 AND 9223372036854 THEN (extract(epoch FROM first_at) * 1000000)::int8 END,
+                                CASE WHEN extract(epoch FROM last_at) BETWEEN -9223372036854 AND 9223372036854 THEN (extract(epoch FROM last_at) * 1000000)::int8 END,
                                 prev_hash, records FROM ONLY envelope.audit_blocks ORDER BY first_seq",
                         None,
                         &[],
@@ -393,18 +393,6 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
     let first_seq = blocks.first().map(|b| b.first_seq);
     let anchor_seq = first_seq.filter(|&s| s > 1);
     let anchor = anchor_seq.and_then(|first| cps.iter().filter(|c| c.head.seq < first).max_by_key(|c| (c.head.seq, c.at_us)));
-    let mut to_check: Vec<&Checkpoint> = if all_checkpoints { cps.iter().collect() } else { newest.into_iter().collect() };
-    if let Some(a) = anchor {
-        if !all_checkpoints {
-            to_check.push(a);
-        }
-    }
-    for c in to_check {
-        if !checkpoint_mac_valid(&c.provider, &c.head, c.at_us, c.mac.clone())? {
-            let why = format!("the checkpoint at record {} has an invalid MAC (provider {}): forged or altered", c.head.seq, c.provider);
-            return Ok((0, None, cp_seq, false, Some(why)));
-        }
-    }
     // After a retention the kept records start after a checkpointed record: that checkpoint
     // anchors them. Records missing at the start with no checkpoint there: deleted.
     // (The newest checkpoint before the first kept record: when it is not the record just before
@@ -416,28 +404,55 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
     // Records before the first kept one were removed: only `audit_prune` does that, and its
     // record names the checkpoint the kept chain starts after. Without such a record the oldest
     // blocks were deleted by hand, up to a checkpoint (insider review 45: that verified). The
-    // record counts only where a checkpoint covers it (the writer checkpoints right after a
-    // prune's record): in the tail after the newest checkpoint, a superuser can append a made-up
-    // one, correctly chained (insider review 51). (A verification between a prune and that
-    // checkpoint, or while the checkpoint provider is down, reports this until it is written.)
-    let unpruned = match (start, first_seq) {
-        (Some(anchor), Some(first)) => {
-            let needle = format!("the kept chain starts after checkpoint {} (hash {})", anchor.seq, hex(&anchor.hash));
-            let found = blocks.iter().any(|b| {
-                pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes)
-                    .records
-                    .iter()
-                    .any(|s| {
-                        s.record.operation == "audit_prune"
-                            && s.record.outcome == "ok"
-                            && s.record.detail.contains(&needle)
-                            && cp_seq.is_some_and(|c| s.record.seq <= c)
-                    })
-            });
-            (!found).then_some(first)
+    // record counts only where a checkpoint covers it, made in the same server run (the writer
+    // checkpoints right after a prune's record) and with a valid MAC: the tail after the
+    // newest checkpoint can be rewritten by a superuser, a made-up prune record included
+    // (insider review 51), and a writer starting after a restart continues from that tail and
+    // checkpoints it, which the `writer_start` record it appends first marks (review 52). (A
+    // verification between a prune and its checkpoint, or while the checkpoint provider is
+    // down, reports the prune as unanchored until the checkpoint is written.)
+    let mut cover = None;
+    let mut unpruned = None;
+    if let (Some(anchor), Some(first)) = (start, first_seq) {
+        let needle = format!("the kept chain starts after checkpoint {} (hash {})", anchor.seq, hex(&anchor.hash));
+        let (mut prunes, mut starts) = (Vec::new(), Vec::new());
+        for b in &blocks {
+            for s in pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes).records {
+                if s.record.kind == super::writer::WRITER_START {
+                    starts.push(s.record.seq);
+                } else if s.record.operation == "audit_prune" && s.record.outcome == "ok" && s.record.detail.contains(&needle) {
+                    prunes.push(s.record.seq);
+                }
+            }
         }
-        _ => None,
-    };
+        cover = prunes.iter().find_map(|&p| {
+            let c = cps.iter().filter(|c| c.head.seq >= p).min_by_key(|c| (c.head.seq, c.at_us))?;
+            (!starts.iter().any(|&s| s > p && s <= c.head.seq)).then_some(c)
+        });
+        if cover.is_none() {
+            unpruned = Some(first);
+        }
+    }
+    let mut to_check: Vec<&Checkpoint> = if all_checkpoints { cps.iter().collect() } else { newest.into_iter().collect() };
+    if !all_checkpoints {
+        to_check.extend(anchor);
+        to_check.extend(cover);
+    }
+    for c in to_check {
+        // A checkpoint naming a provider that is not registered (any more) is reported, not an
+        // error (insider review 52).
+        let valid = match checkpoint_mac_valid(&c.provider, &c.head, c.at_us, c.mac.clone()) {
+            Ok(v) => v,
+            Err(e) => {
+                let why = format!("the checkpoint at record {} cannot be checked with provider {}: {}", c.head.seq, c.provider, e.message());
+                return Ok((0, None, cp_seq, false, Some(why)));
+            }
+        };
+        if !valid {
+            let why = format!("the checkpoint at record {} has an invalid MAC (provider {}): forged or altered", c.head.seq, c.provider);
+            return Ok((0, None, cp_seq, false, Some(why)));
+        }
+    }
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
     let mut v = pg_envelope_core::audit::verify_stored(records_of(blocks), start, &heads);
     if let Some(first_seq) = unpruned {

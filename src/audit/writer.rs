@@ -16,6 +16,10 @@ use crate::gucs;
 /// flush, the hourly counts' upsert and the relation lookups, are shared by four times as many).
 pub const BATCH: usize = 2000;
 
+/// The kind (and the detail's first word) of the record a writer appends when it starts on a
+/// trail whose last records no checkpoint covers (see `load_head`).
+pub const WRITER_START: &str = "writer_start";
+
 /// The writer's state between batches: the chain's head and the last checkpointed head.
 #[derive(Default)]
 pub struct Writer {
@@ -90,7 +94,24 @@ impl Writer {
             (q.head_seq, q.head_hash, q.head_relid)
         };
         if committed_seq == 0 && committed_relid == 0 {
-            return Ok(None); // nothing written by this server run yet
+            // Nothing written by this server run yet (a start, or shared memory reinitialised
+            // after a crash): the writer continues from the table's last record. What follows
+            // the newest checkpoint was witnessed by nothing outside the table, and could have
+            // been rewritten while the server was down or restarting; a record says which records
+            // those are, and verification does not let a retention record among them excuse
+            // missing records (insider review 52: a made-up `audit_prune` record, then a crash,
+            // and the writer's next checkpoint covered it).
+            let checkpointed = Spi::get_one::<i64>("SELECT max(seq) FROM envelope.audit_checkpoints").map_err(spi_err)?.unwrap_or(0);
+            if table.seq > checkpointed {
+                return Ok(Some(format!(
+                    "{WRITER_START}: the writer continues the chain from the table's last record {} (hash {}); records {}..{} were not covered by a checkpoint before this start: nothing outside the table witnessed them",
+                    table.seq,
+                    hex(&table.hash),
+                    checkpointed + 1,
+                    table.seq
+                )));
+            }
+            return Ok(None);
         }
         if committed_relid != self.relid {
             return Ok(Some(format!(
@@ -200,10 +221,16 @@ impl Writer {
         let blocks = &mut self.blocks;
         blocks.clear();
         if let Some(why) = alarm {
-            crate::warning!("pg_envelope audit: {why}");
-            let mut r = base_record(if why.starts_with("the audit table was replaced") { "chain_restart" } else { "tamper" }, String::new());
+            let kind = if why.starts_with(WRITER_START) {
+                crate::log!("pg_envelope audit: {why}");
+                WRITER_START
+            } else {
+                crate::warning!("pg_envelope audit: {why}");
+                if why.starts_with("the audit table was replaced") { "chain_restart" } else { "tamper" }
+            };
+            let mut r = base_record(kind, String::new());
             r.operation = "writer".into();
-            r.outcome = "alert".into();
+            r.outcome = if kind == WRITER_START { "ok".into() } else { "alert".into() };
             r.detail = why;
             rows.push(blocks.push(&mut chain, r, first_pos.saturating_sub(1)));
         }
