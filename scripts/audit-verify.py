@@ -220,7 +220,10 @@ class Break:
             return f"record {(self.nearest or 0) + 1} is missing (the next record is {self.seq}): deleted"
         if self.kind == "unpruned":
             return (f"the records before record {self.seq} are gone and no audit_prune record covered by a checkpoint says so: "
-                    f"deleted (or a prune's checkpoint not written yet)")
+                    f"deleted (or a prune whose checkpoint is not written yet, or was not before a restart: prune again)")
+        if self.kind == "tamper_recorded":
+            return (f"record {self.seq} is the writer's tamper record: the chain's head was changed outside the writer "
+                    f"(records added or removed at its tail)")
         if self.kind == "unreadable":
             return f"the stored block after record {self.seq} holds bytes that are not records: altered"
         if self.kind == "mac":
@@ -801,7 +804,7 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
                 # Only a record covered by a checkpoint whose MAC was verified here (review 52), with
                 # no writer_start record in between (a writer that started on an unwitnessed tail
                 # checkpoints it: reviews 51 and 52), as envelope.audit_verify() requires.
-                starts = [r.record["seq"] for r in records if r.record.get("kind") == "writer_start"]
+                starts = [r.record["seq"] for r in records if r.record.get("kind") in ("writer_start", "tamper")]
 
                 def covered(p: int) -> bool:
                     after = [c.seq for c in good if c.seq >= p and c.mac_status == "verified"]
@@ -824,6 +827,11 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
         rep.chain_break = Break("unreadable", seq=min(UNREADABLE))
     if unpruned is not None:
         rep.chain_break = unpruned  # (at the start of what the export holds: before any other break)
+    if rep.chain_break is None:
+        # The writer's own tamper record in an otherwise whole chain (insider review 53).
+        tampered = next((r.record["seq"] for r in records if r.record.get("kind") == "tamper"), None)
+        if tampered is not None:
+            rep.chain_break = Break("tamper_recorded", seq=tampered)
     rep.first_break = mac_break or rep.chain_break
     if rep.first_break is None and require_mac:
         relied = [c for c in good if c.mac_status != "verified" and (start is None or c.seq >= start.seq)]

@@ -2236,3 +2236,56 @@ def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_the
         c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
         c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
         set_audit(c, True, audit_checkpoint_interval=300)
+
+
+def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
+    """Insider review 53: with the writer stopped (shared memory intact), a superuser deleted the
+    oldest blocks up to a checkpoint and appended a made-up prune record naming it. The writer
+    came back, found the head changed, wrote its `tamper` record and checkpointed: verify said
+    ok. Its own tamper record is now a break, and it disqualifies a prune record before it."""
+    with connect(PORT_A, DB) as c:
+        c.execute("DROP TABLE IF EXISTS audit_t")
+        c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
+        with as_tenant(c, TENANT):
+            c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
+        set_audit(c, True, audit_checkpoint_interval=1)
+        decrypt_some(c)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        head = last_seq(c)
+        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
+        set_audit(c, True, audit_checkpoint_interval=3600)   # no checkpoint until the end
+        time.sleep(1.1)
+        cp, cp_hash = c.execute("SELECT seq, hash FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1").fetchone()
+        decrypt_some(c)
+        assert wait_until(lambda: last_seq(c) > cp + 1)
+        pid = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0]
+        c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        verifier = offline_verifier()
+        c.execute("BEGIN")
+        c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+        c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,))
+        last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        forged = {**empty_record(), "seq": last[0] + 1, "at_us": last[1] + 1, "kind": "key_op", "operation": "audit_prune",
+                  "outcome": "ok", "detail": f"removed records; the kept chain starts after checkpoint {cp} (hash {bytes(cp_hash).hex()})"}
+        h = verifier.record_hash(forged, bytes(last[2]))
+        c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
+                  "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
+                  (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], bytes(last[2]), encode_block([(forged, h[:8])])))
+        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
+        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
+        c.execute("COMMIT")
+        # The postmaster starts the writer again (10 s); it records the changed head.
+        decrypt_some(c)
+        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'tamper' AND seq > %s",
+                                            (forged["seq"],)).fetchone()[0] == 1, timeout=40)
+        set_audit(c, True, audit_checkpoint_interval=1)
+        now = last_seq(c)
+        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= now, timeout=30)
+        ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+        assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
+        # The trail stays broken; a fresh one for whoever comes next.
+        c.execute("DROP EXTENSION pg_envelope CASCADE")
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
+        c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
+        set_audit(c, True, audit_checkpoint_interval=300)

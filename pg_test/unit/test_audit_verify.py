@@ -405,7 +405,7 @@ def test_a_whole_trail_export_that_starts_later_needs_the_prune_record(tmp_path,
     exp = write(tmp_path, "deleted.jsonl", [record_obj(s) for s in bare] + [local_cp(first[9]), local_cp(bare[9]), trailer])
     code, j = run_json(capsys, exp, "--local-root-key", key_file)
     assert (code, j["first_break"]) == (1, "the records before record 11 are gone and no audit_prune record covered by a checkpoint says so: "
-                                           "deleted (or a prune's checkpoint not written yet)"), j
+                                           "deleted (or a prune whose checkpoint is not written yet, or was not before a restart: prune again)"), j
     # A prune record no checkpoint covers (after the newest one: the part of the trail a
     # superuser can rewrite) does not count (insider review 51).
     exp = write(tmp_path, "uncovered.jsonl", [record_obj(s) for s in kept] + [local_cp(first[9]), local_cp(kept[1]), trailer])
@@ -431,6 +431,16 @@ def test_a_whole_trail_export_that_starts_later_needs_the_prune_record(tmp_path,
     assert run(capsys, exp, "--local-root-key", key_file)[0] == 0
     code, j = run_json(capsys, exp, "--local-root-key", key_file, "--from-seq", "1")
     assert code == 1 and "no audit_prune record covered by a checkpoint" in j["first_break"], j
+    # The writer's own tamper record in an otherwise whole chain is a break (insider review 53:
+    # a made-up prune record, then the writer found the head changed and said so).
+    tampered = lambda i: dict(pruned(i), kind="tamper", operation="writer", outcome="alert", detail="the chain's head changed") if i == 15 else pruned(i)
+    t_chain = chain(10, after=head(first[9]), make=tampered, first=11)
+    exp = write(tmp_path, "tampered.jsonl", [record_obj(s) for s in t_chain] + [local_cp(first[9]), local_cp(t_chain[9]), trailer])
+    code, j = run_json(capsys, exp, "--local-root-key", key_file)
+    assert code == 1 and "no audit_prune record covered by a checkpoint" in j["first_break"], j
+    exp = write(tmp_path, "tampered11.jsonl", [record_obj(s) for s in t_chain] + [local_cp(first[9]), local_cp(t_chain[9]), dict(trailer, from_seq=11)])
+    code, j = run_json(capsys, exp, "--local-root-key", key_file)
+    assert code == 1 and j["first_break"].startswith("record 15 is the writer's tamper record"), j
     # An export asked from a later record starts after a checkpoint without any prune: fine.
     exp = write(tmp_path, "from11.jsonl", [record_obj(s) for s in bare] + [local_cp(first[9]), local_cp(bare[9]), dict(trailer, from_seq=11)])
     assert run(capsys, exp, "--local-root-key", key_file)[0] == 0

@@ -418,7 +418,9 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
         let (mut prunes, mut starts) = (Vec::new(), Vec::new());
         for b in &blocks {
             for s in pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes).records {
-                if s.record.kind == super::writer::WRITER_START {
+                // (A `tamper` record marks the same: the writer continued from a tail it did
+                // not write: insider review 53.)
+                if s.record.kind == super::writer::WRITER_START || s.record.kind == "tamper" {
                     starts.push(s.record.seq);
                 } else if s.record.operation == "audit_prune" && s.record.outcome == "ok" && s.record.detail.contains(&needle) {
                     prunes.push(s.record.seq);
@@ -454,10 +456,21 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
         }
     }
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
+    let tamper_seq = blocks.iter().find_map(|b| {
+        pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes).records.into_iter().find(|s| s.record.kind == "tamper").map(|s| s.record.seq)
+    });
     let mut v = pg_envelope_core::audit::verify_stored(records_of(blocks), start, &heads);
     if let Some(first_seq) = unpruned {
         // (At the start of the kept chain: before any other break.)
         v.first_break = Some(pg_envelope_core::audit::Break::Unpruned { first_seq });
+    }
+    if v.first_break.is_none() {
+        // The writer's own `tamper` record in an otherwise whole chain: the tail was changed
+        // outside it and re-chained (insider review 53: the oldest records deleted and a made-up
+        // prune record appended while the writer was stopped verified ok).
+        if let Some(seq) = tamper_seq {
+            v.first_break = Some(pg_envelope_core::audit::Break::TamperRecorded { seq });
+        }
     }
     Ok((v.records as i64, v.head.map(|h| h.seq), cp_seq, v.first_break.is_none(), v.first_break.map(|b| b.to_string())))
 }

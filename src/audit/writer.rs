@@ -101,13 +101,51 @@ impl Writer {
             // those are, and verification does not let a retention record among them excuse
             // missing records (insider review 52: a made-up `audit_prune` record, then a crash,
             // and the writer's next checkpoint covered it).
-            let checkpointed = Spi::get_one::<i64>("SELECT max(seq) FROM envelope.audit_checkpoints").map_err(spi_err)?.unwrap_or(0);
-            if table.seq > checkpointed {
+            // Covered only by a checkpoint of exactly the table's head whose MAC verifies now (one
+            // provider call per server start): a checkpoint row is as easy to insert as a record
+            // (insider review 53 could have hidden the tail behind a made-up one).
+            if table.seq == 0 {
+                return Ok(None);
+            }
+            let newest = Spi::connect(|c| {
+                let t = c
+                    .select("SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1", None, &[])
+                    .map_err(spi_err)?;
+                if t.is_empty() {
+                    return Ok::<_, EnvelopeError>(None);
+                }
+                let r = t.first();
+                Ok(Some((
+                    r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
+                    r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
+                    r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
+                    r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default(),
+                )))
+            })?;
+            let first = Spi::get_one::<i64>("SELECT min(first_seq) FROM envelope.audit_blocks").map_err(spi_err)?.unwrap_or(1);
+            let uncovered = match newest {
+                None => Some((first, "no checkpoint covers them".to_string())),
+                Some((seq, hash, at_us, provider, mac)) => {
+                    let valid = hash32(hash.clone())
+                        .ok()
+                        .map(|h| checkpoint_mac_valid(&provider, &Head { seq, hash: h }, at_us, mac))
+                        .unwrap_or(Ok(false));
+                    match valid {
+                        Ok(true) if seq == table.seq && hash == table.hash => None,
+                        Ok(true) if seq < table.seq => Some((seq + 1, format!("the newest checkpoint is at record {seq}"))),
+                        Ok(true) => Some((first, format!("the newest checkpoint (record {seq}) is not of the table's head"))),
+                        Ok(false) => Some((first, format!("the newest checkpoint (record {seq}, provider {provider}) has an invalid MAC"))),
+                        Err(e) => Some((first, format!("the newest checkpoint (record {seq}, provider {provider}) could not be verified: {}", e.message()))),
+                    }
+                }
+            };
+            if let Some((from, why)) = uncovered {
                 return Ok(Some(format!(
-                    "{WRITER_START}: the writer continues the chain from the table's last record {} (hash {}); records {}..{} were not covered by a checkpoint before this start: nothing outside the table witnessed them",
+                    "{WRITER_START}: the writer continues the chain from the table's last record {} (hash {}); records {}..{} were not covered by a checkpoint before this start ({why}): nothing outside the table witnessed them",
                     table.seq,
                     hex(&table.hash),
-                    checkpointed + 1,
+                    from,
                     table.seq
                 )));
             }

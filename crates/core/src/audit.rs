@@ -359,6 +359,10 @@ pub enum Break {
     /// The kept records start after a checkpoint, but no `audit_prune` record names that
     /// checkpoint as where the kept chain starts: the records before were deleted by hand.
     Unpruned { first_seq: i64 },
+    /// Record `seq` is the writer's own `tamper` record: it found the chain's head changed by
+    /// someone else (rows added or removed at the tail), and continued from what it found. The
+    /// chain from there on may hash correctly; what was there before is gone (insider review 53).
+    TamperRecorded { seq: i64 },
 }
 
 impl std::fmt::Display for Break {
@@ -374,7 +378,10 @@ impl std::fmt::Display for Break {
             Break::CheckpointMismatch { seq } => write!(f, "record {seq} does not have the hash its checkpoint certified: rewritten"),
             Break::Unreadable { after_seq } => write!(f, "the stored block after record {after_seq} holds bytes that are not records: altered"),
             Break::Unpruned { first_seq } => {
-                write!(f, "the records before record {first_seq} are gone and no audit_prune record covered by a checkpoint says so: deleted (or a prune's checkpoint not written yet)")
+                write!(f, "the records before record {first_seq} are gone and no audit_prune record covered by a checkpoint says so: deleted (or a prune whose checkpoint is not written yet, or was not before a restart: prune again)")
+            }
+            Break::TamperRecorded { seq } => {
+                write!(f, "record {seq} is the writer's tamper record: the chain's head was changed outside the writer (records added or removed at its tail)")
             }
             Break::Mislabelled { first_seq } => {
                 write!(f, "the stored block of records from {first_seq} is labelled with other sequence numbers or times: altered")
