@@ -124,6 +124,12 @@ def canonical(rec: Dict) -> bytes:
     return bytes(out)
 
 
+def is_tamper(rec: Dict) -> bool:
+    """The writer's record that the chain's head changed outside it: `tamper`, or `chain_restart`
+    anywhere but at record 1 (insider review 54), as envelope.audit_verify() reads them."""
+    return rec.get("kind") == "tamper" or (rec.get("kind") == "chain_restart" and rec.get("seq") != 1)
+
+
 def record_hash(rec: Dict, prev: bytes) -> bytes:
     """`Record::hash`: SHA-256(domain || previous hash || canonical bytes)."""
     return hashlib.sha256(CHAIN_DOMAIN + prev + canonical(rec)).digest()
@@ -804,7 +810,7 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
                 # Only a record covered by a checkpoint whose MAC was verified here (review 52), with
                 # no writer_start record in between (a writer that started on an unwitnessed tail
                 # checkpoints it: reviews 51 and 52), as envelope.audit_verify() requires.
-                starts = [r.record["seq"] for r in records if r.record.get("kind") in ("writer_start", "tamper")]
+                starts = [r.record["seq"] for r in records if r.record.get("kind") == "writer_start" or is_tamper(r.record)]
 
                 def covered(p: int) -> bool:
                     after = [c.seq for c in good if c.seq >= p and c.mac_status == "verified"]
@@ -829,7 +835,7 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
         rep.chain_break = unpruned  # (at the start of what the export holds: before any other break)
     if rep.chain_break is None:
         # The writer's own tamper record in an otherwise whole chain (insider review 53).
-        tampered = next((r.record["seq"] for r in records if r.record.get("kind") == "tamper"), None)
+        tampered = next((r.record["seq"] for r in records if is_tamper(r.record)), None)
         if tampered is not None:
             rep.chain_break = Break("tamper_recorded", seq=tampered)
     rep.first_break = mac_break or rep.chain_break

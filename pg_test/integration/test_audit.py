@@ -2289,3 +2289,74 @@ def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
         c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
         c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
         set_audit(c, True, audit_checkpoint_interval=300)
+
+
+def test_a_replaced_table_that_already_holds_records_is_tampering(audited):
+    """Insider review 54: the trail copied into a new table without its oldest records and with a
+    made-up prune record, made the extension's `audit_blocks` (and the view rebuilt as the
+    extension makes it): the writer wrote `chain_restart` (a new table) and checkpointed, and
+    verify said ok. A replaced table that already holds records is now a `tamper` record, and a
+    `chain_restart` anywhere but at record 1 is read as one."""
+    with connect(PORT_A, DB) as c:
+        c.execute("DROP TABLE IF EXISTS audit_t")
+        c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
+        with as_tenant(c, TENANT):
+            c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
+        set_audit(c, True, audit_checkpoint_interval=1)
+        decrypt_some(c)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        head = last_seq(c)
+        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
+        set_audit(c, True, audit_checkpoint_interval=3600)
+        time.sleep(1.1)
+        cp, cp_hash = c.execute("SELECT seq, hash FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1").fetchone()
+        decrypt_some(c)
+        assert wait_until(lambda: last_seq(c) > cp + 1)
+        verifier = offline_verifier()
+        c.execute("BEGIN")
+        c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_old")
+        c.execute("CREATE TABLE envelope.audit_blocks (LIKE envelope.audit_blocks_old INCLUDING ALL)")
+        c.execute("ALTER TABLE envelope.audit_blocks SET (parallel_workers = 0)")
+        c.execute("INSERT INTO envelope.audit_blocks SELECT * FROM envelope.audit_blocks_old WHERE last_seq > %s", (cp,))
+        prev_hash, data = c.execute("SELECT prev_hash, records FROM envelope.audit_blocks ORDER BY first_seq DESC LIMIT 1").fetchone()
+        prev = bytes(prev_hash)
+        entries = block_entries(data)
+        for rec, _ in entries:
+            prev = verifier.record_hash(rec, prev)
+        forged = {**empty_record(), "seq": entries[-1][0]["seq"] + 1, "at_us": entries[-1][0]["at_us"] + 1, "kind": "key_op",
+                  "operation": "audit_prune", "outcome": "ok",
+                  "detail": f"removed records; the kept chain starts after checkpoint {cp} (hash {bytes(cp_hash).hex()})"}
+        h = verifier.record_hash(forged, prev)
+        c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
+                  "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
+                  (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], prev, encode_block([(forged, h[:8])])))
+        c.execute("CREATE OR REPLACE VIEW envelope.audit_log AS SELECT r.seq, r.at, r.at_us, r.kind, r.database, "
+                  "r.session_user_name, r.role_name, r.client_addr, r.application_name, r.backend_pid, r.statement_id, "
+                  "r.request_id, r.tenant, r.key_versions, r.operation, r.value_count, r.failure_count, r.outcome, "
+                  "r.duration_us, r.detail, r.prev_hash, r.hash FROM envelope.audit_blocks b "
+                  "CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) r")
+        c.execute("ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_old")
+        c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
+        c.execute("CREATE TRIGGER audit_blocks_append_only BEFORE DELETE OR UPDATE ON envelope.audit_blocks "
+                  "FOR EACH ROW EXECUTE FUNCTION envelope.audit_append_only()")
+        c.execute("CREATE TRIGGER audit_blocks_no_truncate BEFORE TRUNCATE ON envelope.audit_blocks "
+                  "FOR EACH STATEMENT EXECUTE FUNCTION envelope.audit_append_only()")
+        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
+        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
+        for col in ("first_seq", "last_seq", "first_at", "last_at", "prev_hash", "records", "server_started_at", "queue_pos"):
+            c.execute(f"ALTER TABLE envelope.audit_blocks ALTER COLUMN {col} SET STATISTICS 0")
+        c.execute("DROP TABLE envelope.audit_blocks_old")
+        c.execute("COMMIT")
+        decrypt_some(c)
+        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'tamper' AND seq > %s",
+                                            (forged["seq"],)).fetchone()[0] == 1, timeout=30)
+        set_audit(c, True, audit_checkpoint_interval=1)
+        now = last_seq(c)
+        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= now, timeout=30)
+        ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+        assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
+        c.execute("DROP EXTENSION pg_envelope CASCADE")
+        c.execute("CREATE EXTENSION pg_envelope")
+        c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
+        c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
+        set_audit(c, True, audit_checkpoint_interval=300)

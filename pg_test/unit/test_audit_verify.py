@@ -441,6 +441,13 @@ def test_a_whole_trail_export_that_starts_later_needs_the_prune_record(tmp_path,
     exp = write(tmp_path, "tampered11.jsonl", [record_obj(s) for s in t_chain] + [local_cp(first[9]), local_cp(t_chain[9]), dict(trailer, from_seq=11)])
     code, j = run_json(capsys, exp, "--local-root-key", key_file)
     assert code == 1 and j["first_break"].startswith("record 15 is the writer's tamper record"), j
+    # A chain_restart record in the middle of a chain reads the same (review 54: a replaced
+    # table that already held records).
+    restarted_mid = lambda i: dict(tampered(i), kind="chain_restart") if i == 15 else tampered(i)
+    r_chain = chain(10, after=head(first[9]), make=restarted_mid, first=11)
+    exp = write(tmp_path, "restart_mid.jsonl", [record_obj(s) for s in r_chain] + [local_cp(first[9]), local_cp(r_chain[9]), dict(trailer, from_seq=11)])
+    code, j = run_json(capsys, exp, "--local-root-key", key_file)
+    assert code == 1 and j["first_break"].startswith("record 15 is the writer's tamper record"), j
     # An export asked from a later record starts after a checkpoint without any prune: fine.
     exp = write(tmp_path, "from11.jsonl", [record_obj(s) for s in bare] + [local_cp(first[9]), local_cp(bare[9]), dict(trailer, from_seq=11)])
     assert run(capsys, exp, "--local-root-key", key_file)[0] == 0

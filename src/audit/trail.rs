@@ -383,6 +383,14 @@ fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
     Ok(verdict)
 }
 
+/// The writer's record that the chain's head changed outside it: a `tamper` record, or a
+/// `chain_restart` anywhere but at the start of a chain (a new chain starts at record 1; one in
+/// the middle was written by an older writer for a replaced table that held records: insider
+/// review 54).
+fn is_tamper(r: &pg_envelope_core::audit::Record) -> bool {
+    r.kind == "tamper" || (r.kind == "chain_restart" && r.seq != 1)
+}
+
 fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) -> Result<Verdict> {
     let newest = cps.iter().max_by_key(|c| (c.head.seq, c.at_us));
     let cp_seq = newest.map(|c| c.head.seq);
@@ -420,7 +428,7 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
             for s in pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes).records {
                 // (A `tamper` record marks the same: the writer continued from a tail it did
                 // not write: insider review 53.)
-                if s.record.kind == super::writer::WRITER_START || s.record.kind == "tamper" {
+                if s.record.kind == super::writer::WRITER_START || is_tamper(&s.record) {
                     starts.push(s.record.seq);
                 } else if s.record.operation == "audit_prune" && s.record.outcome == "ok" && s.record.detail.contains(&needle) {
                     prunes.push(s.record.seq);
@@ -457,7 +465,7 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
     }
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
     let tamper_seq = blocks.iter().find_map(|b| {
-        pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes).records.into_iter().find(|s| s.record.kind == "tamper").map(|s| s.record.seq)
+        pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes).records.into_iter().find(|s| is_tamper(&s.record)).map(|s| s.record.seq)
     });
     let mut v = pg_envelope_core::audit::verify_stored(records_of(blocks), start, &heads);
     if let Some(first_seq) = unpruned {

@@ -152,6 +152,18 @@ impl Writer {
             return Ok(None);
         }
         if committed_relid != self.relid {
+            // A new, empty table (DROP/CREATE EXTENSION) starts a new chain. A new table that
+            // already holds records was put there by hand (insider review 54: the trail copied
+            // into another table without its oldest records and with a made-up prune record, and
+            // `chain_restart` records were not breaks): that is tampering.
+            if table.seq > 0 {
+                return Ok(Some(format!(
+                    "the chain's head changed outside the writer: the audit table was replaced by one that already holds records up to {} (hash {}); the previous chain ended at record {committed_seq} (hash {})",
+                    table.seq,
+                    hex(&table.hash),
+                    hex(&committed_hash)
+                )));
+            }
             return Ok(Some(format!(
                 "the audit table was replaced (DROP/CREATE EXTENSION?): the previous chain ended at record {committed_seq} (hash {})",
                 hex(&committed_hash)
