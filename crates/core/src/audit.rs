@@ -28,7 +28,9 @@ pub struct Record {
     pub seq: i64,
     /// Microseconds since the Unix epoch (UTC).
     pub at_us: i64,
-    /// `key_op`, `encrypt`, `decrypt`, `alert`, `audit_read`, `retention`, `dropped`, ...
+    /// `key_op`, `encrypt`, `decrypt`, `search`, `alert`, `audit_read`, `config`, `dropped`, and the
+    /// writer's own `tamper`, `chain_restart` (record 1 of a new table) and `writer_start` (a start
+    /// on a tail no checkpoint covered), ...
     pub kind: String,
     pub database: String,
     pub session_user: String,
