@@ -334,7 +334,7 @@ def main():
                 vs = {k: v for k, v in vs.items() if k in keep}
             results.update(measure(bindir, tmp, vs, n1, n2))
         extra = {}
-        if a.audit:
+        if a.audit and "decrypt_field_s" in results:
             vs = {k: v for k, v in variants("s").items() if k in ("base_field_s", "decrypt_field_s")}
             on = measure(bindir, tmp, vs, a.rows[0], a.rows[1], AUDIT_ON)
             extra["audit_on_decrypt_net"] = on["decrypt_field_s"]["net"]

@@ -251,6 +251,12 @@ impl DataKey {
 
     /// Authenticates and decrypts `env` into `out` (exactly `env.plaintext_len()` bytes).
     /// On any failure `out` is zeroed and the error is opaque.
+    ///
+    /// `#[inline]` so that it (and aes-gcm's generic CTR and GHASH code under it) is compiled in
+    /// the calling crate, as `encrypt_into` (generic) is: compiled in this crate, the same
+    /// aes-gcm code came out ~840 instructions slower per 1 KiB value and ~140 per short one
+    /// under callgrind (issue 15; docs/benchmarks.md, 2026-12-06).
+    #[inline]
     pub fn decrypt_into(
         &mut self,
         tenant: &str,
@@ -272,34 +278,34 @@ impl DataKey {
         let nonce = nonce_of(&env.nonce[12..]);
         let tag = Tag::from(*env.tag);
         debug_assert_eq!(env.tag.len(), TAG_LEN);
-        let open = |gcm: &Aes256Gcm, out: &mut [u8]| -> Result<(), DecryptError> {
-            let buf = InOutBuf::new(env.ciphertext, &mut *out).map_err(|_| DecryptError)?;
-            gcm.decrypt_inout_detached(&nonce, aad, buf, &tag).map_err(|_| DecryptError)
-        };
-        let r = match &st.enc {
-            Some(s) if &s.prefix == prefix => open(&s.gcm, out),
+        // One call site of the decryption, whichever key it uses.
+        let mut fresh: Option<SecureBox<Aes256Gcm>> = None;
+        let gcm: &Aes256Gcm = match &st.enc {
+            Some(s) if &s.prefix == prefix => &s.gcm,
             _ => match st.dec.get(prefix) {
-                Some(gcm) => open(gcm, out),
+                Some(gcm) => gcm,
                 None => {
                     // A writer not seen yet: derive its key, and keep it only once a value
                     // under it has authenticated, so forged envelopes (any prefix passes the
                     // public commitment check) cannot evict real writers' keys or fill the
                     // locked pool.
-                    let gcm = SecureBox::new(Self::derive(&st.kdf, &st.k1, prefix));
                     st.derivations += 1;
-                    let r = open(&gcm, out);
-                    if r.is_ok() {
-                        if st.dec.len() >= DECRYPT_PREFIX_CACHE {
-                            if let Some(victim) = st.dec.keys().next().copied() {
-                                st.dec.remove(&victim); // SecureBox wipes the key schedule
-                            }
-                        }
-                        st.dec.insert(*prefix, gcm);
-                    }
-                    r
+                    fresh.insert(SecureBox::new(Self::derive(&st.kdf, &st.k1, prefix)))
                 }
             },
         };
+        let r = match InOutBuf::new(env.ciphertext, &mut *out) {
+            Ok(buf) => gcm.decrypt_inout_detached(&nonce, aad, buf, &tag).map_err(|_| DecryptError),
+            Err(_) => Err(DecryptError),
+        };
+        if let (Some(gcm), true) = (fresh, r.is_ok()) {
+            if st.dec.len() >= DECRYPT_PREFIX_CACHE {
+                if let Some(victim) = st.dec.keys().next().copied() {
+                    st.dec.remove(&victim); // SecureBox wipes the key schedule
+                }
+            }
+            st.dec.insert(*prefix, gcm);
+        }
         if r.is_err() {
             out.zeroize();
         }
