@@ -217,6 +217,7 @@ def paired(a, script):
     admins = [connect(port) for _, port in clusters]
     hads = [prepare(ad, a.mix) for ad in admins]
     ratios, cpus, splits = [], {False: [], True: []}, {False: [], True: []}
+    tps_ratios = []
     try:
         for ad, (_, port) in zip(admins, clusters):
             setup(ad, a.mix, port)
@@ -255,6 +256,7 @@ def paired(a, script):
             cpus[True].append(on_cpu)
             cpus[False].append(off_cpu)
             ratios.append(off_cpu / on_cpu)
+            tps_ratios.append(res[on_cluster][0] / res[1 - on_cluster][0])
             print(f"round {r + 1}: audit on in {clusters[on_cluster][0]}: on {res[on_cluster][0]:.0f} tps, {on_cpu:.1f} CPU-us/tx "
                   f"(writer {per[on_cluster][1]:.1f}); off {res[1 - on_cluster][0]:.0f} tps, {off_cpu:.1f}; off/on {ratios[-1]:.3f}", flush=True)
     finally:
@@ -267,11 +269,38 @@ def paired(a, script):
     print(f"mix {a.mix}, paired: 2 clusters x {a.clients // 2} clients x {a.seconds} s x {a.rounds} rounds: CPU per transaction (server + pgbench) "
           f"off {statistics.median(cpus[False]):.1f} us, on {statistics.median(cpus[True]):.1f} us; per round off/on median "
           f"{statistics.median(ratios):.3f} [IQR {q[0]:.3f}-{q[2]:.3f}] (audit in pg15: {by_cluster[0]:.3f}, in the pair: {by_cluster[1]:.3f}; goal >= 0.95)")
+    print(interval(ratios, "CPU off/on per round"))
+    print(interval(tps_ratios, "TPS on/off per round (each cluster's own throughput)"))
     kinds = sorted({k for d in splits[False] + splits[True] for k in d})
     med = lambda on, k: statistics.median(d.get(k, 0.0) for d in splits[on])
     diff = lambda k: statistics.median(on.get(k, 0.0) - off.get(k, 0.0) for on, off in zip(splits[True], splits[False]))
     print("CPU-us per transaction by process (medians), off -> on [median of the rounds' differences]: " +
           ", ".join(f"{k} {med(False, k):.1f} -> {med(True, k):.1f} [{diff(k):+.1f}]" for k in kinds))
+
+
+def interval(ratios, label):
+    """The geometric mean of the rounds' ratios with a 95% confidence interval (Student's t over
+    the logarithms: each round's two runs share the machine's speed of that moment, so a round's
+    ratio is what varies independently), and a bootstrap 95% interval of their median. Many short
+    rounds pin the ratio down where a few long ones cannot (this machine's speed moves by +-15%
+    from one 10 s period to the next)."""
+    import math
+    import random
+    n = len(ratios)
+    if n < 3:
+        return ""
+    logs = [math.log(x) for x in ratios]
+    m = statistics.fmean(logs)
+    se = statistics.stdev(logs) / math.sqrt(n)
+    # Student's t, two-sided 95%, for n - 1 degrees of freedom (table; 1.96 past 120).
+    t_table = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+               12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+    df = n - 1
+    t = next((v for k, v in sorted(t_table.items()) if k >= df), 1.96)
+    rng = random.Random(20261206)
+    meds = sorted(statistics.median(rng.choices(ratios, k=n)) for _ in range(2000))
+    return (f"{label}: geometric mean {math.exp(m):.3f} [95% CI {math.exp(m - t * se):.3f}-{math.exp(m + t * se):.3f}], "
+            f"median {statistics.median(ratios):.3f} [bootstrap 95% CI {meds[50]:.3f}-{meds[1949]:.3f}], {n} rounds")
 
 
 def main():
@@ -345,6 +374,8 @@ def main():
         print(f"per round (the two runs of one round side by side): TPS on/off median {statistics.median(p[0] for p in pairs):.3f} "
               f"[IQR {tq[0]:.3f}-{tq[2]:.3f}], CPU off/on median {statistics.median(p[1] for p in pairs):.3f} [IQR {cq[0]:.3f}-{cq[2]:.3f}]; "
               f"machine idle off {statistics.median(idle[False]):.1f}%, on {statistics.median(idle[True]):.1f}% (medians)")
+        print(interval([p[0] for p in pairs], "TPS on/off per round"))
+        print(interval([p[1] for p in pairs], "CPU off/on per round"))
     kinds = sorted({k for d in split[False] + split[True] for k in d})
     med = lambda on, k: statistics.median(d.get(k, 0.0) for d in split[on])
     print("CPU-us per transaction by process (medians), off -> on: " + ", ".join(f"{k} {med(False, k):.1f} -> {med(True, k):.1f}" for k in kinds))

@@ -2173,6 +2173,49 @@ def test_a_row_slipped_in_by_a_superuser_hides_nothing_and_is_reported(audited):
         assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
 
 
+def unwitnessed_tail(c):
+    """A trail whose head a checkpoint certifies, then (checkpoints stopped) more records after
+    it: returns the newest checkpoint's (seq, hash). (A test before may have dropped the
+    extension, and audit_t's column with it.)"""
+    c.execute("DROP TABLE IF EXISTS audit_t")
+    c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
+    with as_tenant(c, TENANT):
+        c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
+    set_audit(c, True, audit_checkpoint_interval=1)
+    decrypt_some(c)
+    assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+    head = last_seq(c)
+    assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
+    set_audit(c, True, audit_checkpoint_interval=3600)
+    time.sleep(1.1)
+    cp, cp_hash = c.execute("SELECT seq, hash FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1").fetchone()
+    decrypt_some(c)
+    assert wait_until(lambda: last_seq(c) > cp + 1)
+    return cp, cp_hash
+
+
+def append_forged_prune(c, verifier, after_seq, after_at_us, prev_hash, cp, cp_hash):
+    """Appends, as a careful forger would (chained, compact block), a made-up `audit_prune`
+    record after record `after_seq` (whose hash is `prev_hash`) claiming the trail was pruned up
+    to checkpoint `cp`; returns the record."""
+    forged = {**empty_record(), "seq": after_seq + 1, "at_us": after_at_us + 1, "kind": "key_op", "operation": "audit_prune",
+              "outcome": "ok", "detail": f"removed records; the kept chain starts after checkpoint {cp} (hash {bytes(cp_hash).hex()})"}
+    h = verifier.record_hash(forged, prev_hash)
+    c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
+              "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
+              (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], prev_hash, encode_block([(forged, h[:8])])))
+    return forged
+
+
+def fresh_trail(c):
+    """A new trail (DROP/CREATE EXTENSION), the test tenant granted again, audit on."""
+    c.execute("DROP EXTENSION pg_envelope CASCADE")
+    c.execute("CREATE EXTENSION pg_envelope")
+    c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
+    c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
+    set_audit(c, True, audit_checkpoint_interval=300)
+
+
 def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_there_excuses_nothing(audited):
     """Insider review 52: a superuser deleted the oldest blocks up to a checkpoint, appended a
     made-up `audit_prune` record naming it after the newest checkpoint, then crashed a backend
@@ -2181,32 +2224,13 @@ def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_the
     first appends a `writer_start` record naming the records no checkpoint covered, and a prune
     record before it is not excused by a checkpoint after it."""
     with connect(PORT_A, DB) as c:
-        # (A test before may have dropped the extension, and audit_t's column with it.)
-        c.execute("DROP TABLE IF EXISTS audit_t")
-        c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
-        with as_tenant(c, TENANT):
-            c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
-        set_audit(c, True, audit_checkpoint_interval=1)
-        decrypt_some(c)
-        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
-        head = last_seq(c)
-        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
-        set_audit(c, True, audit_checkpoint_interval=3600)   # no checkpoint until the crash
-        time.sleep(1.1)
-        cp, cp_hash = c.execute("SELECT seq, hash FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1").fetchone()
-        decrypt_some(c)
-        assert wait_until(lambda: last_seq(c) > cp + 1)
+        cp, cp_hash = unwitnessed_tail(c)   # no checkpoint until the crash
         verifier = offline_verifier()
         c.execute("BEGIN")
         c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
         c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,))
         last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        forged = {**empty_record(), "seq": last[0] + 1, "at_us": last[1] + 1, "kind": "key_op", "operation": "audit_prune",
-                  "outcome": "ok", "detail": f"removed records; the kept chain starts after checkpoint {cp} (hash {bytes(cp_hash).hex()})"}
-        h = verifier.record_hash(forged, bytes(last[2]))
-        c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
-                  "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
-                  (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], bytes(last[2]), encode_block([(forged, h[:8])])))
+        forged = append_forged_prune(c, verifier, last[0], last[1], bytes(last[2]), cp, cp_hash)
         c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
         c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
         c.execute("COMMIT")
@@ -2230,12 +2254,7 @@ def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_the
         assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= start, timeout=30)
         ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
         assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
-        # The trail stays broken; a fresh one for whoever comes next.
-        c.execute("DROP EXTENSION pg_envelope CASCADE")
-        c.execute("CREATE EXTENSION pg_envelope")
-        c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
-        c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
-        set_audit(c, True, audit_checkpoint_interval=300)
+        fresh_trail(c)   # the trail stays broken; a fresh one for whoever comes next
 
 
 def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
@@ -2244,20 +2263,7 @@ def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
     came back, found the head changed, wrote its `tamper` record and checkpointed: verify said
     ok. Its own tamper record is now a break, and it disqualifies a prune record before it."""
     with connect(PORT_A, DB) as c:
-        c.execute("DROP TABLE IF EXISTS audit_t")
-        c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
-        with as_tenant(c, TENANT):
-            c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
-        set_audit(c, True, audit_checkpoint_interval=1)
-        decrypt_some(c)
-        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
-        head = last_seq(c)
-        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
-        set_audit(c, True, audit_checkpoint_interval=3600)   # no checkpoint until the end
-        time.sleep(1.1)
-        cp, cp_hash = c.execute("SELECT seq, hash FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1").fetchone()
-        decrypt_some(c)
-        assert wait_until(lambda: last_seq(c) > cp + 1)
+        cp, cp_hash = unwitnessed_tail(c)   # no checkpoint until the end
         pid = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0]
         c.execute("SELECT pg_terminate_backend(%s)", (pid,))
         verifier = offline_verifier()
@@ -2265,12 +2271,7 @@ def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
         c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
         c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,))
         last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        forged = {**empty_record(), "seq": last[0] + 1, "at_us": last[1] + 1, "kind": "key_op", "operation": "audit_prune",
-                  "outcome": "ok", "detail": f"removed records; the kept chain starts after checkpoint {cp} (hash {bytes(cp_hash).hex()})"}
-        h = verifier.record_hash(forged, bytes(last[2]))
-        c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
-                  "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
-                  (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], bytes(last[2]), encode_block([(forged, h[:8])])))
+        forged = append_forged_prune(c, verifier, last[0], last[1], bytes(last[2]), cp, cp_hash)
         c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
         c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
         c.execute("COMMIT")
@@ -2283,12 +2284,7 @@ def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
         assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= now, timeout=30)
         ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
         assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
-        # The trail stays broken; a fresh one for whoever comes next.
-        c.execute("DROP EXTENSION pg_envelope CASCADE")
-        c.execute("CREATE EXTENSION pg_envelope")
-        c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
-        c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
-        set_audit(c, True, audit_checkpoint_interval=300)
+        fresh_trail(c)   # the trail stays broken; a fresh one for whoever comes next
 
 
 def test_a_replaced_table_that_already_holds_records_is_tampering(audited):
@@ -2298,20 +2294,7 @@ def test_a_replaced_table_that_already_holds_records_is_tampering(audited):
     verify said ok. A replaced table that already holds records is now a `tamper` record, and a
     `chain_restart` anywhere but at record 1 is read as one."""
     with connect(PORT_A, DB) as c:
-        c.execute("DROP TABLE IF EXISTS audit_t")
-        c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
-        with as_tenant(c, TENANT):
-            c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
-        set_audit(c, True, audit_checkpoint_interval=1)
-        decrypt_some(c)
-        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
-        head = last_seq(c)
-        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= head)
-        set_audit(c, True, audit_checkpoint_interval=3600)
-        time.sleep(1.1)
-        cp, cp_hash = c.execute("SELECT seq, hash FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1").fetchone()
-        decrypt_some(c)
-        assert wait_until(lambda: last_seq(c) > cp + 1)
+        cp, cp_hash = unwitnessed_tail(c)
         verifier = offline_verifier()
         c.execute("BEGIN")
         c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_old")
@@ -2323,13 +2306,7 @@ def test_a_replaced_table_that_already_holds_records_is_tampering(audited):
         entries = block_entries(data)
         for rec, _ in entries:
             prev = verifier.record_hash(rec, prev)
-        forged = {**empty_record(), "seq": entries[-1][0]["seq"] + 1, "at_us": entries[-1][0]["at_us"] + 1, "kind": "key_op",
-                  "operation": "audit_prune", "outcome": "ok",
-                  "detail": f"removed records; the kept chain starts after checkpoint {cp} (hash {bytes(cp_hash).hex()})"}
-        h = verifier.record_hash(forged, prev)
-        c.execute("INSERT INTO envelope.audit_blocks VALUES (%s, %s, to_timestamp(0) + %s * interval '1 microsecond', "
-                  "to_timestamp(0) + %s * interval '1 microsecond', %s, %s, 0, 0)",
-                  (forged["seq"], forged["seq"], forged["at_us"], forged["at_us"], prev, encode_block([(forged, h[:8])])))
+        forged = append_forged_prune(c, verifier, entries[-1][0]["seq"], entries[-1][0]["at_us"], prev, cp, cp_hash)
         c.execute("CREATE OR REPLACE VIEW envelope.audit_log AS SELECT r.seq, r.at, r.at_us, r.kind, r.database, "
                   "r.session_user_name, r.role_name, r.client_addr, r.application_name, r.backend_pid, r.statement_id, "
                   "r.request_id, r.tenant, r.key_versions, r.operation, r.value_count, r.failure_count, r.outcome, "
@@ -2355,8 +2332,4 @@ def test_a_replaced_table_that_already_holds_records_is_tampering(audited):
         assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= now, timeout=30)
         ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
         assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
-        c.execute("DROP EXTENSION pg_envelope CASCADE")
-        c.execute("CREATE EXTENSION pg_envelope")
-        c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
-        c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
-        set_audit(c, True, audit_checkpoint_interval=300)
+        fresh_trail(c)

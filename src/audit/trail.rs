@@ -12,11 +12,35 @@ use crate::catalog::{as_extension_owner, spi_err};
 use crate::error::{EnvelopeError, OrRaise, Result, OrRaiseAudited};
 
 /// One stored checkpoint.
-struct Checkpoint {
-    head: Head,
-    at_us: i64,
-    provider: String,
-    mac: Vec<u8>,
+pub(super) struct Checkpoint {
+    pub head: Head,
+    pub at_us: i64,
+    pub provider: String,
+    pub mac: Vec<u8>,
+}
+
+/// The checkpoint rows in sequence order (the newest alone with `newest_only`), as `audit_verify`
+/// and the writer's start read them. A hash that is not 32 bytes reads as all `0xff`: it matches
+/// no record and no MAC.
+pub(super) fn read_checkpoints(c: &pgrx::spi::SpiClient<'_>, newest_only: bool) -> Result<Vec<Checkpoint>> {
+    let q = if newest_only {
+        "SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1"
+    } else {
+        "SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq, at_us"
+    };
+    let mut cps = Vec::new();
+    for r in c.select(q, None, &[]).map_err(spi_err)? {
+        cps.push(Checkpoint {
+            head: Head {
+                seq: r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
+                hash: r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32]),
+            },
+            at_us: r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
+            provider: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
+            mac: r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default(),
+        });
+    }
+    Ok(cps)
 }
 
 /// `envelope.audit_verify(all_checkpoints)`: walks the chain in sequence order and reports the
@@ -329,21 +353,7 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
                         bytes: r.get::<Vec<u8>>(6).map_err(spi_err)?.unwrap_or_default(),
                     });
                 }
-                let t = c
-                    .select("SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq, at_us", None, &[])
-                    .map_err(spi_err)?;
-                let mut cps = Vec::new();
-                for r in t {
-                    cps.push(Checkpoint {
-                        head: Head {
-                            seq: r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
-                            hash: r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32]),
-                        },
-                        at_us: r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
-                        provider: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
-                        mac: r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default(),
-                    });
-                }
+                let cps = read_checkpoints(&c, false)?;
                 Ok::<_, EnvelopeError>((rows, cps))
             })
         })

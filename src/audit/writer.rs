@@ -107,32 +107,14 @@ impl Writer {
             if table.seq == 0 {
                 return Ok(None);
             }
-            let newest = Spi::connect(|c| {
-                let t = c
-                    .select("SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1", None, &[])
-                    .map_err(spi_err)?;
-                if t.is_empty() {
-                    return Ok::<_, EnvelopeError>(None);
-                }
-                let r = t.first();
-                Ok(Some((
-                    r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
-                    r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
-                    r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0),
-                    r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
-                    r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default(),
-                )))
-            })?;
+            let newest = Spi::connect(|c| super::trail::read_checkpoints(&c, true))?.pop();
             let first = Spi::get_one::<i64>("SELECT min(first_seq) FROM envelope.audit_blocks").map_err(spi_err)?.unwrap_or(1);
             let uncovered = match newest {
                 None => Some((first, "no checkpoint covers them".to_string())),
-                Some((seq, hash, at_us, provider, mac)) => {
-                    let valid = hash32(hash.clone())
-                        .ok()
-                        .map(|h| checkpoint_mac_valid(&provider, &Head { seq, hash: h }, at_us, mac))
-                        .unwrap_or(Ok(false));
-                    match valid {
-                        Ok(true) if seq == table.seq && hash == table.hash => None,
+                Some(super::trail::Checkpoint { head, at_us, provider, mac }) => {
+                    let seq = head.seq;
+                    match checkpoint_mac_valid(&provider, &head, at_us, mac) {
+                        Ok(true) if head == table => None,
                         Ok(true) if seq < table.seq => Some((seq + 1, format!("the newest checkpoint is at record {seq}"))),
                         Ok(true) => Some((first, format!("the newest checkpoint (record {seq}) is not of the table's head"))),
                         Ok(false) => Some((first, format!("the newest checkpoint (record {seq}, provider {provider}) has an invalid MAC"))),

@@ -218,6 +218,20 @@ pub struct Blocks {
     used: usize,
 }
 
+impl Block {
+    /// The block as a row of the table holds it (what [`records_of`] reads back).
+    pub fn to_stored(&self) -> StoredBlock {
+        StoredBlock {
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            first_at_us: self.first_at_us,
+            last_at_us: self.last_at_us,
+            prev_hash: self.prev_hash,
+            bytes: self.bytes.clone(),
+        }
+    }
+}
+
 impl Blocks {
     /// Empties the list (the buffers are kept).
     pub fn clear(&mut self) {
@@ -471,18 +485,7 @@ mod tests {
     }
 
     fn stored(blocks: &Blocks) -> Vec<StoredBlock> {
-        blocks
-            .blocks()
-            .iter()
-            .map(|b| StoredBlock {
-                first_seq: b.first_seq,
-                last_seq: b.last_seq,
-                first_at_us: b.first_at_us,
-                last_at_us: b.last_at_us,
-                prev_hash: b.prev_hash,
-                bytes: b.bytes.clone(),
-            })
-            .collect()
+        blocks.blocks().iter().map(Block::to_stored).collect()
     }
 
     fn build(n: i64) -> (Blocks, Vec<Stored>) {

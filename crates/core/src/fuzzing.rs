@@ -310,15 +310,8 @@ pub fn audit_records(data: &[u8]) {
                 genuine.push(plain.append(r.clone()));
                 blocks.push(&mut chain, r, i as u64);
             }
-            let stored = blocks.blocks().iter().map(|b| crate::audit_blocks::StoredBlock {
-                first_seq: b.first_seq,
-                last_seq: b.last_seq,
-                first_at_us: b.first_at_us,
-                last_at_us: b.last_at_us,
-                prev_hash: b.prev_hash,
-                bytes: b.bytes.clone(),
-            });
-            let read: Vec<Stored> = crate::audit_blocks::records_of(stored.collect::<Vec<_>>()).map(|r| r.expect("a genuine block reads")).collect();
+            let stored: Vec<_> = blocks.blocks().iter().map(crate::audit_blocks::Block::to_stored).collect();
+            let read: Vec<Stored> = crate::audit_blocks::records_of(stored).map(|r| r.expect("a genuine block reads")).collect();
             assert_eq!(read, genuine);
         }
         _ => {
