@@ -277,3 +277,96 @@ def test_an_export_from_a_later_record_starts_at_a_checkpoint(trail):
     code, v = verify(trail["tmp"] / "cut.jsonl", *opts)
     assert (code, v["anchored"]) == (1, False), v
     assert f"the export starts at record {loose} and no checkpoint at record {loose - 1} anchors it" in v["hint"], v
+
+
+def test_a_replaced_export_function_is_reported_by_audit_verify(trail):
+    """Insider review 52 F3: a superuser's `audit_export` that wrote another `from_seq` in its
+    trailer (and left the oldest records out) fooled the offline verifier unless it was told
+    `--from-seq 1`; audit_verify did not look at the function. It now reports a replaced body,
+    changed settings and an overload beside it, and says ok again once the function is back."""
+    with connect(PORT_A, trail["db"]) as c:
+        original = c.execute("SELECT pg_get_functiondef('envelope.audit_export(bigint)'::regprocedure)").fetchone()[0]
+        assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+        lying = original.replace("'from_seq', s.start", "'from_seq', 1")
+        assert lying != original
+        tries = [
+            ("a replaced body", lying, None),
+            ("SECURITY DEFINER", original, "ALTER FUNCTION envelope.audit_export(bigint) SECURITY DEFINER"),
+            ("another search_path", original, "ALTER FUNCTION envelope.audit_export(bigint) SET search_path = public, pg_catalog"),
+            ("an overload", original, "CREATE FUNCTION envelope.audit_export(from_seq integer) RETURNS TABLE (line text) "
+                                      "LANGUAGE sql AS $$ SELECT line FROM envelope.audit_export(from_seq::bigint) $$"),
+        ]
+        try:
+            for what, definition, extra in tries:
+                c.execute(definition)
+                if extra:
+                    c.execute(extra)
+                ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+                assert ok is False and "envelope.audit_export is not the function the extension made" in brk, (what, brk)
+                c.execute("DROP FUNCTION IF EXISTS envelope.audit_export(integer)")
+                c.execute("ALTER FUNCTION envelope.audit_export(bigint) RESET ALL")
+                c.execute("ALTER FUNCTION envelope.audit_export(bigint) SECURITY INVOKER")
+                c.execute(original)
+        finally:
+            c.execute("DROP FUNCTION IF EXISTS envelope.audit_export(integer)")
+            c.execute("ALTER FUNCTION envelope.audit_export(bigint) RESET ALL")
+            c.execute("ALTER FUNCTION envelope.audit_export(bigint) SECURITY INVOKER")
+            c.execute(original)
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+        # A parsed body (`prosqlbody`, what BEGIN ATOMIC stores) runs instead of the text: put
+        # there by a catalog update, it changed the export while the text stayed the same.
+        c.execute("CREATE FUNCTION envelope.r52_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text) "
+                  "LANGUAGE sql BEGIN ATOMIC SELECT 'nothing to see'::text; END")
+        try:
+            c.execute("UPDATE pg_catalog.pg_proc SET prosqlbody = (SELECT prosqlbody FROM pg_catalog.pg_proc "
+                      "WHERE oid = 'envelope.r52_export(bigint)'::regprocedure) WHERE oid = 'envelope.audit_export(bigint)'::regprocedure")
+            c.execute("DROP FUNCTION envelope.r52_export(bigint)")
+        finally:
+            c.execute("DROP FUNCTION IF EXISTS envelope.r52_export(bigint)")
+        try:
+            with connect(PORT_A, trail["db"]) as other:   # a new session: no cached plan of the function
+                assert other.execute("SELECT line FROM envelope.audit_export(1)").fetchall() == [("nothing to see",)]
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "envelope.audit_export is not the function the extension made" in brk, brk
+        finally:
+            c.execute("UPDATE pg_catalog.pg_proc SET prosqlbody = NULL WHERE oid = 'envelope.audit_export(bigint)'::regprocedure")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
+def test_additions_to_pg_catalog_are_reported_by_audit_verify(trail):
+    """Insider review 55: the export's body (search_path pg_catalog) names built-in functions,
+    operators and casts unqualified, and a superuser can add better matches to pg_catalog: a new
+    json-to-text cast blanked the newest records out of every export, a json_build_object
+    overload rewrote the trailer, and an `=` operator on text[] made audit_verify's own check of
+    the function's settings pass. audit_verify now reports objects added to pg_catalog (and
+    row-level security on audit_checkpoints, which hid the newest checkpoints from an auditor
+    without BYPASSRLS)."""
+    with connect(PORT_A, trail["db"]) as c:
+        assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
+        c.execute("CREATE SCHEMA IF NOT EXISTS r55")
+        c.execute("CREATE OR REPLACE FUNCTION r55.json_to_text(j json) RETURNS text LANGUAGE sql IMMUTABLE "
+                  "AS $$ SELECT CASE WHEN j->>'type' = 'record' THEN NULL ELSE textin(json_out(j)) END $$")
+        c.execute("CREATE OR REPLACE FUNCTION r55.always(text[], text[]) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true'")
+        undo = {
+            "a cast": ("CREATE CAST (json AS text) WITH FUNCTION r55.json_to_text(json)", "DROP CAST IF EXISTS (json AS text)", "1 cast(s)"),
+            "a function": ("CREATE FUNCTION pg_catalog.json_build_object(text, text) RETURNS json LANGUAGE sql "
+                           "AS $$ SELECT '{}'::json $$", "DROP FUNCTION IF EXISTS pg_catalog.json_build_object(text, text)",
+                           "function(s): json_build_object"),
+            "an operator": ("CREATE OPERATOR pg_catalog.= (LEFTARG = text[], RIGHTARG = text[], FUNCTION = r55.always)",
+                            "DROP OPERATOR IF EXISTS pg_catalog.= (text[], text[])", "operator(s): ="),
+            "row-level security": ("ALTER TABLE envelope.audit_checkpoints ENABLE ROW LEVEL SECURITY",
+                                   "ALTER TABLE envelope.audit_checkpoints DISABLE ROW LEVEL SECURITY", "row-level security"),
+        }
+        try:
+            for what, (do, _, says) in undo.items():
+                c.execute(do)
+                ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+                assert ok is False and says in brk, (what, brk)
+                c.execute(undo[what][1])
+            if c.execute("SELECT 1 FROM pg_cast WHERE castsource = 'json'::regtype AND casttarget = 'text'::regtype").fetchone():
+                pytest.fail("the cast was not dropped")
+        finally:
+            for _, (_, drop, _) in undo.items():
+                c.execute(drop)
+            c.execute("DROP SCHEMA r55 CASCADE")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)

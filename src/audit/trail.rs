@@ -215,21 +215,28 @@ const AUDIT_LOG_QUERY: &std::ffi::CStr = c"SELECT r.seq, r.at, r.at_us, r.kind, 
 /// function; the views have no options (`security_invoker` would apply the table's row-level
 /// security to readers); the table has no row-level security.
 fn view_alteration() -> Result<Option<String>> {
+    // First: nothing added to pg_catalog that the queries below, the views and the export
+    // would resolve their names to (insider review 55).
+    if let Some(why) = catalog_additions()? {
+        return Ok(Some(why));
+    }
     let attrs_ok = Spi::get_one::<bool>(
         "SELECT coalesce((SELECT v.reloptions IS NULL AND e.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
+                AND NOT c.relrowsecurity AND NOT c.relforcerowsecurity
                 AND p.prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'c')
                 AND p.prosrc = 'audit_block_records_wrapper' AND p.probin = '$libdir/pg_envelope'
                 AND (SELECT count(*) FROM pg_catalog.pg_proc o WHERE o.proname = 'audit_block_records'
                         AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1
-           FROM pg_catalog.pg_class v, pg_catalog.pg_class e, pg_catalog.pg_class b, pg_catalog.pg_proc p
+           FROM pg_catalog.pg_class v, pg_catalog.pg_class e, pg_catalog.pg_class b, pg_catalog.pg_class c, pg_catalog.pg_proc p
           WHERE v.oid = pg_catalog.to_regclass('envelope.audit_log') AND e.oid = pg_catalog.to_regclass('envelope.audit_events') AND b.oid = pg_catalog.to_regclass('envelope.audit_blocks')
+            AND c.oid = pg_catalog.to_regclass('envelope.audit_checkpoints')
             AND p.oid = pg_catalog.to_regprocedure('envelope.audit_block_records(bytea, bytea)')), false)",
     )
     .map_err(spi_err)?
     .unwrap_or(false);
     if !attrs_ok {
         return Ok(Some(
-            "envelope.audit_log is not as the extension made it (its decoder function, its options or row-level security on envelope.audit_blocks were changed): readers of the view may not see every record".into(),
+            "envelope.audit_log is not as the extension made it (its decoder function, its options, or row-level security on envelope.audit_blocks or envelope.audit_checkpoints were changed): readers of the view or the export may not see every record or checkpoint".into(),
         ));
     }
     for (view, query) in [(c"audit_log", AUDIT_LOG_QUERY), (c"audit_events", AUDIT_EVENTS_QUERY)] {
@@ -240,7 +247,133 @@ fn view_alteration() -> Result<Option<String>> {
             )));
         }
     }
-    Ok(None)
+    export_alteration()
+}
+
+/// Functions, operators and casts added to `pg_catalog` after initdb (object ids from
+/// `FirstNormalObjectId` on), or `None`. The export's body, the views and the checks here run
+/// with `search_path = pg_catalog, pg_temp` and name built-in functions, operators and casts
+/// unqualified; a superuser can add to pg_catalog, and an addition that matches better wins
+/// PostgreSQL's resolution. Insider review 55 rewrote the export's lines through a new
+/// json-to-text cast and through a `json_build_object` overload with exact argument types, and
+/// made this check's own comparisons pass through a new `=` operator, while audit_verify said
+/// ok. Read with plain column lists (no operator, function or cast a superuser could add to is
+/// resolved) and compared here. Only additions that can match a call on built-in types count:
+/// functions whose arguments and operators whose operands are all of built-in types, casts
+/// between two built-in types (pg_envelope keeps its `blind_index` operators in pg_catalog, and
+/// other extensions add casts between their own types). An extension installed in schema
+/// pg_catalog with such functions is reported too. Not covered: a catalog row of a built-in object edited in place (`UPDATE pg_proc`),
+/// which no check inside the server can tell from the original (docs/design-decisions.md).
+fn catalog_additions() -> Result<Option<String>> {
+    let first_normal = pg_sys::FirstNormalObjectId;
+    let catalog = pg_sys::PG_CATALOG_NAMESPACE;
+    let (mut functions, mut operators, mut casts) = (Vec::new(), Vec::new(), 0usize);
+    Spi::connect(|c| {
+        // (An operator's missing operand, of a prefix operator, is oid 0: built-in.)
+        let built_in = |o: Option<pg_sys::Oid>| o.is_none_or(|o| o.to_u32() < first_normal);
+        let added = |o: Option<pg_sys::Oid>, ns: Option<pg_sys::Oid>| {
+            o.is_some_and(|o| o.to_u32() >= first_normal) && ns.is_some_and(|n| n.to_u32() == catalog)
+        };
+        for r in c.select("SELECT oid, pronamespace FROM pg_catalog.pg_proc", None, &[]).map_err(spi_err)? {
+            let oid = r.get::<pg_sys::Oid>(1).map_err(spi_err)?;
+            if added(oid, r.get::<pg_sys::Oid>(2).map_err(spi_err)?) {
+                functions.extend(oid);
+            }
+        }
+        for r in c.select("SELECT oid, oprnamespace, oprleft, oprright FROM pg_catalog.pg_operator", None, &[]).map_err(spi_err)? {
+            let oid = r.get::<pg_sys::Oid>(1).map_err(spi_err)?;
+            if added(oid, r.get::<pg_sys::Oid>(2).map_err(spi_err)?)
+                && built_in(r.get::<pg_sys::Oid>(3).map_err(spi_err)?)
+                && built_in(r.get::<pg_sys::Oid>(4).map_err(spi_err)?)
+            {
+                operators.extend(oid);
+            }
+        }
+        for r in c.select("SELECT oid, castsource, casttarget FROM pg_catalog.pg_cast", None, &[]).map_err(spi_err)? {
+            let built_in = |i| r.get::<pg_sys::Oid>(i).map(|o| o.is_some_and(|o| o.to_u32() < first_normal));
+            if r.get::<pg_sys::Oid>(1).map_err(spi_err)?.is_some_and(|o| o.to_u32() >= first_normal)
+                && built_in(2).map_err(spi_err)?
+                && built_in(3).map_err(spi_err)?
+            {
+                casts += 1;
+            }
+        }
+        Ok::<_, EnvelopeError>(())
+    })?;
+    // Functions only when every argument is of a built-in type (pg_envelope's own operators on
+    // its `blind_index` type live in pg_catalog, and so may other extensions' on theirs: a
+    // function or operator taking a type that is not built-in cannot match the built-in calls).
+    // SAFETY: an lsyscache lookup by oid; the argument type array is palloc'd and read at once.
+    functions.retain(|&f| unsafe {
+        let mut types: *mut pg_sys::Oid = std::ptr::null_mut();
+        let mut n: std::ffi::c_int = 0;
+        pg_sys::get_func_signature(f, &mut types, &mut n);
+        types.is_null() || (0..n.max(0) as usize).all(|i| (*types.add(i)).to_u32() < first_normal)
+    });
+    if functions.is_empty() && operators.is_empty() && casts == 0 {
+        return Ok(None);
+    }
+    // Their names, for the report (the catalog caches, not SQL). SAFETY: lsyscache lookups by
+    // oid, returning a palloc'd copy or NULL for an oid that is gone; read at once.
+    let name = |p: *mut std::ffi::c_char| {
+        if p.is_null() { "?".to_string() } else { unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned() }
+    };
+    let mut functions: Vec<String> = functions.into_iter().map(|o| name(unsafe { pg_sys::get_func_name(o) })).collect();
+    let mut operators: Vec<String> = operators.into_iter().map(|o| name(unsafe { pg_sys::get_opname(o) })).collect();
+    functions.sort();
+    functions.dedup();
+    operators.sort();
+    operators.dedup();
+    let list = |v: &[String]| v.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    Ok(Some(format!(
+        "pg_catalog holds objects added after initdb ({} function(s){}, {} operator(s){}, {} cast(s) between built-in types): they can take the place of the built-ins that envelope.audit_export, the views and audit_verify's own checks name, so the trail as readers and exports see it is not vouched for",
+        functions.len(),
+        if functions.is_empty() { String::new() } else { format!(": {}", list(&functions)) },
+        operators.len(),
+        if operators.is_empty() { String::new() } else { format!(": {}", list(&operators)) },
+        casts
+    )))
+}
+
+/// The body `envelope.audit_export` was created with: sql/audit.sql's, with the extension's
+/// schema in place of `@extschema@` (as `CREATE EXTENSION` and the upgrade script, which holds
+/// the same text, store it).
+fn audit_export_body() -> Option<String> {
+    const SQL: &str = include_str!("../../sql/audit.sql");
+    let start = SQL.find("CREATE FUNCTION audit_export(")?;
+    let body_start = start + SQL[start..].find("AS $$")? + "AS $$".len();
+    let body_end = body_start + SQL[body_start..].find("\n$$;")? + 1;
+    Some(SQL[body_start..body_end].replace("@extschema@", "envelope"))
+}
+
+/// Why `envelope.audit_export` may not export the stored trail as it is, or `None`. Insider
+/// review 52 F3: a superuser's replacement wrote another `from_seq` in the export's trailer and
+/// left the oldest records out, which the offline verifier could only catch when told
+/// `--from-seq 1`; a replacement could as well leave out the newest records and checkpoints.
+/// Checked: it is the extension's SQL function with the body, settings and security it was
+/// created with (and no parsed body, `prosqlbody`, which PostgreSQL would run instead of the
+/// text), and the only function of that name in the schema (an `audit_export(integer)`
+/// beside it would be the one `audit_export(1)` calls).
+fn export_alteration() -> Result<Option<String>> {
+    let row = Spi::get_two::<String, bool>(
+        "WITH p AS (SELECT * FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('envelope.audit_export(bigint)'))
+         SELECT (SELECT prosrc FROM p),
+                coalesce((SELECT prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'sql') AND NOT prosecdef
+                                 AND prosqlbody IS NULL AND prokind = 'f' AND NOT proisstrict AND prosupport = 0
+                                 AND pg_catalog.pg_get_function_arguments(oid) = 'from_seq bigint DEFAULT 1'
+                                 AND provolatile = 'v' AND proconfig IS NOT DISTINCT FROM ARRAY['search_path=pg_catalog, pg_temp']
+                                 AND prorettype = 'pg_catalog.text'::pg_catalog.regtype AND proretset FROM p), false)
+                AND (SELECT count(*) FROM pg_catalog.pg_proc o WHERE o.proname = 'audit_export'
+                        AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1",
+    )
+    .map_err(spi_err)?;
+    let ours = match (row, audit_export_body()) {
+        ((Some(src), Some(true)), Some(body)) => src == body,
+        _ => false,
+    };
+    Ok((!ours).then(|| {
+        "envelope.audit_export is not the function the extension made (replaced, or another audit_export beside it): an export through it may leave records or checkpoints out; the stored trail is what audit_verify checked".into()
+    }))
 }
 
 /// The query `envelope.audit_events` was created with (sql/audit.sql), every name qualified.
