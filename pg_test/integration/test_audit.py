@@ -2032,6 +2032,11 @@ def test_the_writers_rows_are_what_an_insert_leaves_and_code_on_the_table_holds_
                 held_back_while(c, tag, setup, teardown, check=check)
                 ok, brk = seen["verify"]
                 print(f"{tag}: {brk}")
+                if tag == "family":
+                    # Its implicit cast between two built-in types is reported first (insider
+                    # review 55: such a cast can rewrite what the export's SQL computes).
+                    assert ok is False and "1 cast(s) between built-in types" in brk, (tag, brk)
+                    continue
                 assert ok is False and "envelope.audit_" in brk and why in brk, (tag, brk)
         finally:
             c.execute("DROP TRIGGER IF EXISTS audit_forward ON envelope.audit_blocks")

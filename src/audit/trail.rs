@@ -215,11 +215,6 @@ const AUDIT_LOG_QUERY: &std::ffi::CStr = c"SELECT r.seq, r.at, r.at_us, r.kind, 
 /// function; the views have no options (`security_invoker` would apply the table's row-level
 /// security to readers); the table has no row-level security.
 fn view_alteration() -> Result<Option<String>> {
-    // First: nothing added to pg_catalog that the queries below, the views and the export
-    // would resolve their names to (insider review 55).
-    if let Some(why) = catalog_additions()? {
-        return Ok(Some(why));
-    }
     let attrs_ok = Spi::get_one::<bool>(
         "SELECT coalesce((SELECT v.reloptions IS NULL AND e.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
                 AND NOT c.relrowsecurity AND NOT c.relforcerowsecurity
@@ -257,20 +252,31 @@ fn view_alteration() -> Result<Option<String>> {
 /// PostgreSQL's resolution. Insider review 55 rewrote the export's lines through a new
 /// json-to-text cast and through a `json_build_object` overload with exact argument types, and
 /// made this check's own comparisons pass through a new `=` operator, while audit_verify said
-/// ok. Read with plain column lists (no operator, function or cast a superuser could add to is
-/// resolved) and compared here. Only additions that can match a call on built-in types count:
-/// functions whose arguments and operators whose operands are all of built-in types, casts
-/// between two built-in types (pg_envelope keeps its `blind_index` operators in pg_catalog, and
-/// other extensions add casts between their own types). An extension installed in schema
-/// pg_catalog with such functions is reported too. Not covered: a catalog row of a built-in object edited in place (`UPDATE pg_proc`),
+/// ok; review 56 then did it with additions on types of its own (a `json_build_object`
+/// overload taking a domain over text, which the keys' `unknown` literals matched exactly;
+/// operators on a domain the checkpoint table's column was changed to). Read with plain column
+/// lists (no operator, function or cast a superuser could add to is resolved) and compared
+/// here. Every function and operator added to pg_catalog counts, whatever its types, except
+/// pg_envelope's own operators between two `blind_index` values; casts count between two
+/// built-in types (other extensions add casts between their own types and built-in ones,
+/// which nothing in pg_catalog takes once additions there are reported). An extension
+/// installed in schema pg_catalog is reported too. Not covered: a catalog row of a built-in object edited in place (`UPDATE pg_proc`),
 /// which no check inside the server can tell from the original (docs/design-decisions.md).
 fn catalog_additions() -> Result<Option<String>> {
     let first_normal = pg_sys::FirstNormalObjectId;
     let catalog = pg_sys::PG_CATALOG_NAMESPACE;
     let (mut functions, mut operators, mut casts) = (Vec::new(), Vec::new(), 0usize);
     Spi::connect(|c| {
-        // (An operator's missing operand, of a prefix operator, is oid 0: built-in.)
-        let built_in = |o: Option<pg_sys::Oid>| o.is_none_or(|o| o.to_u32() < first_normal);
+        // pg_envelope's own comparison operators on its `blind_index` type live in pg_catalog:
+        // both operands of that type (named through the type cache, not SQL), they cannot
+        // match a call on anything else.
+        let is_blind_index = |o: Option<pg_sys::Oid>| {
+            o.is_some_and(|o| o != pg_sys::InvalidOid && {
+                // SAFETY: a type-cache lookup by oid, returning a palloc'd name.
+                let p = unsafe { pg_sys::format_type_be_qualified(o) };
+                !p.is_null() && unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes() == b"envelope.blind_index"
+            })
+        };
         let added = |o: Option<pg_sys::Oid>, ns: Option<pg_sys::Oid>| {
             o.is_some_and(|o| o.to_u32() >= first_normal) && ns.is_some_and(|n| n.to_u32() == catalog)
         };
@@ -283,8 +289,7 @@ fn catalog_additions() -> Result<Option<String>> {
         for r in c.select("SELECT oid, oprnamespace, oprleft, oprright FROM pg_catalog.pg_operator", None, &[]).map_err(spi_err)? {
             let oid = r.get::<pg_sys::Oid>(1).map_err(spi_err)?;
             if added(oid, r.get::<pg_sys::Oid>(2).map_err(spi_err)?)
-                && built_in(r.get::<pg_sys::Oid>(3).map_err(spi_err)?)
-                && built_in(r.get::<pg_sys::Oid>(4).map_err(spi_err)?)
+                && !(is_blind_index(r.get::<pg_sys::Oid>(3).map_err(spi_err)?) && is_blind_index(r.get::<pg_sys::Oid>(4).map_err(spi_err)?))
             {
                 operators.extend(oid);
             }
@@ -300,16 +305,6 @@ fn catalog_additions() -> Result<Option<String>> {
         }
         Ok::<_, EnvelopeError>(())
     })?;
-    // Functions only when every argument is of a built-in type (pg_envelope's own operators on
-    // its `blind_index` type live in pg_catalog, and so may other extensions' on theirs: a
-    // function or operator taking a type that is not built-in cannot match the built-in calls).
-    // SAFETY: an lsyscache lookup by oid; the argument type array is palloc'd and read at once.
-    functions.retain(|&f| unsafe {
-        let mut types: *mut pg_sys::Oid = std::ptr::null_mut();
-        let mut n: std::ffi::c_int = 0;
-        pg_sys::get_func_signature(f, &mut types, &mut n);
-        types.is_null() || (0..n.max(0) as usize).all(|i| (*types.add(i)).to_u32() < first_normal)
-    });
     if functions.is_empty() && operators.is_empty() && casts == 0 {
         return Ok(None);
     }
@@ -496,9 +491,15 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
 type Verdict = (i64, Option<i64>, Option<i64>, bool, Option<String>);
 
 fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
-    let ours = as_extension_owner(|| hooks::without_read_records(trail_is_the_extensions))?;
+    // First, before any query of the checks below names a built-in operator or function: nothing
+    // added to pg_catalog that they, the views or the export would resolve to (insider reviews
+    // 55 and 56: an added operator also made the checks' own queries fail or pass).
+    let added = as_extension_owner(|| hooks::without_read_records(catalog_additions))?;
+    let ours = added.is_none() && as_extension_owner(|| hooks::without_read_records(trail_is_the_extensions))?;
     let table = if ours { as_extension_owner(|| hooks::without_read_records(table_alteration))? } else { None };
-    let verdict = if let Some(why) = table {
+    let verdict = if let Some(why) = added {
+        (0, None, None, false, Some(why))
+    } else if let Some(why) = table {
         (0, None, None, false, Some(why))
     } else if ours {
         let (rows, cps) = load()?;
