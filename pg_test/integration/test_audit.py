@@ -2212,6 +2212,34 @@ def append_forged_prune(c, verifier, after_seq, after_at_us, prev_hash, cp, cp_h
     return forged
 
 
+def prune_forged_in_place(c, verifier, cp, cp_hash):
+    """As a superuser with the trail's triggers disabled: deletes the blocks up to checkpoint
+    `cp` and appends a made-up prune record naming it after the table's last record."""
+    c.execute("BEGIN")
+    c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+    c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,))
+    last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    forged = append_forged_prune(c, verifier, last[0], last[1], bytes(last[2]), cp, cp_hash)
+    c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
+    c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
+    c.execute("COMMIT")
+    return forged
+
+
+def assert_writer_marked_and_prune_unexcused(c, kind, after_seq, timeout):
+    """Waits for the writer's one `kind` record after `after_seq`, lets a checkpoint cover the new
+    head, and asserts that audit_verify does not let the forged prune record excuse the deleted
+    records; returns the record's detail."""
+    marked = "SELECT detail FROM envelope.audit_log WHERE kind = %s AND seq > %s"
+    assert wait_until(lambda: len(c.execute(marked, (kind, after_seq)).fetchall()) == 1, timeout=timeout)
+    set_audit(c, True, audit_checkpoint_interval=1)
+    now = last_seq(c)
+    assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= now, timeout=30)
+    ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+    assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
+    return c.execute(marked, (kind, after_seq)).fetchone()[0]
+
+
 def fresh_trail(c):
     """A new trail (DROP/CREATE EXTENSION), the test tenant granted again, audit on."""
     c.execute("DROP EXTENSION pg_envelope CASCADE")
@@ -2231,14 +2259,7 @@ def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_the
     with connect(PORT_A, DB) as c:
         cp, cp_hash = unwitnessed_tail(c)   # no checkpoint until the crash
         verifier = offline_verifier()
-        c.execute("BEGIN")
-        c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
-        c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,))
-        last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        forged = append_forged_prune(c, verifier, last[0], last[1], bytes(last[2]), cp, cp_hash)
-        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
-        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
-        c.execute("COMMIT")
+        forged = prune_forged_in_place(c, verifier, cp, cp_hash)
         with connect(PORT_A, DB) as victim:
             os.kill(victim.execute("SELECT pg_backend_pid()").fetchone()[0], signal.SIGKILL)   # a crash: shared memory reinitialised
     def reconnects():
@@ -2251,14 +2272,8 @@ def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_the
     with connect(PORT_A, DB) as c:
         set_audit(c, True, audit_checkpoint_interval=1)
         decrypt_some(c)
-        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'writer_start' AND seq > %s",
-                                            (forged["seq"],)).fetchone()[0] == 1, timeout=30)
-        detail = c.execute("SELECT detail FROM envelope.audit_log WHERE kind = 'writer_start' AND seq > %s", (forged["seq"],)).fetchone()[0]
+        detail = assert_writer_marked_and_prune_unexcused(c, "writer_start", forged["seq"], timeout=30)
         assert f"records {cp + 1}..{forged['seq']} were not covered by a checkpoint" in detail, detail
-        start = last_seq(c)
-        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= start, timeout=30)
-        ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
-        assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
         fresh_trail(c)   # the trail stays broken; a fresh one for whoever comes next
 
 
@@ -2272,23 +2287,10 @@ def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
         pid = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0]
         c.execute("SELECT pg_terminate_backend(%s)", (pid,))
         verifier = offline_verifier()
-        c.execute("BEGIN")
-        c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
-        c.execute("DELETE FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,))
-        last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        forged = append_forged_prune(c, verifier, last[0], last[1], bytes(last[2]), cp, cp_hash)
-        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
-        c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
-        c.execute("COMMIT")
+        forged = prune_forged_in_place(c, verifier, cp, cp_hash)
         # The postmaster starts the writer again (10 s); it records the changed head.
         decrypt_some(c)
-        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'tamper' AND seq > %s",
-                                            (forged["seq"],)).fetchone()[0] == 1, timeout=40)
-        set_audit(c, True, audit_checkpoint_interval=1)
-        now = last_seq(c)
-        assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= now, timeout=30)
-        ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
-        assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
+        assert_writer_marked_and_prune_unexcused(c, "tamper", forged["seq"], timeout=40)
         fresh_trail(c)   # the trail stays broken; a fresh one for whoever comes next
 
 
@@ -2330,11 +2332,26 @@ def test_a_replaced_table_that_already_holds_records_is_tampering(audited):
         c.execute("DROP TABLE envelope.audit_blocks_old")
         c.execute("COMMIT")
         decrypt_some(c)
-        assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'tamper' AND seq > %s",
-                                            (forged["seq"],)).fetchone()[0] == 1, timeout=30)
+        assert_writer_marked_and_prune_unexcused(c, "tamper", forged["seq"], timeout=30)
+        fresh_trail(c)
+
+
+def test_a_record_appended_by_hand_and_chained_is_reported_at_the_writers_tamper_record(audited):
+    """A superuser appends a correctly chained record at the tail while the writer runs: the
+    writer's next batch finds the head changed and writes its `tamper` record, and the chain is
+    otherwise whole, so the break audit_verify reports is that record (insider review 53)."""
+    with connect(PORT_A, DB) as c:
+        cp, cp_hash = unwitnessed_tail(c)
+        verifier = offline_verifier()
+        last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        forged = append_forged_prune(c, verifier, last[0], last[1], bytes(last[2]), cp, cp_hash)
+        decrypt_some(c)
+        assert_writer_marked = "SELECT seq FROM envelope.audit_log WHERE kind = 'tamper' AND seq > %s"
+        assert wait_until(lambda: len(c.execute(assert_writer_marked, (forged["seq"],)).fetchall()) == 1, timeout=30)
+        seq = c.execute(assert_writer_marked, (forged["seq"],)).fetchone()[0]
         set_audit(c, True, audit_checkpoint_interval=1)
         now = last_seq(c)
         assert wait_until(lambda: c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_checkpoints").fetchone()[0] >= now, timeout=30)
         ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
-        assert ok is False and "no audit_prune record covered by a checkpoint" in brk, brk
+        assert ok is False and f"record {seq} is the writer's tamper record" in brk, brk
         fresh_trail(c)

@@ -608,10 +608,16 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
         }
     }
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
-    let tamper_seq = blocks.iter().find_map(|b| {
-        pg_envelope_core::audit_blocks::read_block(b.prev_hash, &b.bytes).records.into_iter().find(|s| is_tamper(&s.record)).map(|s| s.record.seq)
+    // (Noted as the chain is walked: the trail is decoded once here.)
+    let mut tamper_seq = None;
+    let walked = records_of(blocks).inspect(|r| {
+        if let (None, Ok(s)) = (tamper_seq, r) {
+            if is_tamper(&s.record) {
+                tamper_seq = Some(s.record.seq);
+            }
+        }
     });
-    let mut v = pg_envelope_core::audit::verify_stored(records_of(blocks), start, &heads);
+    let mut v = pg_envelope_core::audit::verify_stored(walked, start, &heads);
     if let Some(first_seq) = unpruned {
         // (At the start of the kept chain: before any other break.)
         v.first_break = Some(pg_envelope_core::audit::Break::Unpruned { first_seq });
