@@ -576,25 +576,27 @@ fn record_json(r: &Record) -> String {
 /// full, and `read` moves only when this process (the one reader) calls [`consumed`]; the
 /// lock's acquire orders the reads after the pushes that the positions count.
 ///
-/// The records are parsed into records taken from `pool` (their strings' allocations reused:
-/// see `Record::read_canonical`); the writer gives them back after the batch.
-pub fn peek(max: usize, pool: &mut Vec<Record>) -> (Vec<Record>, u64, u64) {
+/// The records are parsed in place into `batch[..n]` (its records, and their strings'
+/// allocations, kept from batch to batch: see `Record::read_canonical`; nothing is moved). Returns
+/// `n`, the position after the last record taken, and how many were unreadable.
+pub fn peek_into(max: usize, batch: &mut Vec<Record>) -> (usize, u64, u64) {
     let r = ring();
-    let mut out = Vec::with_capacity(r.queued().min(max as u64) as usize);
+    let mut n = 0;
     let mut bad = 0;
     // SAFETY: the writer process is the ring's only reader.
     let upto = unsafe {
         r.peek(max, |bytes| {
-            let mut rec = pool.pop().unwrap_or_default();
-            if rec.read_canonical(bytes) {
-                out.push(rec);
+            if n == batch.len() {
+                batch.push(Record::default());
+            }
+            if batch[n].read_canonical(bytes) {
+                n += 1;
             } else {
-                pool.push(rec);
                 bad += 1;
             }
         })
     };
-    (out, upto, bad)
+    (n, upto, bad)
 }
 
 /// After the records up to `upto` are committed: free their slots.

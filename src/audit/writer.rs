@@ -2,12 +2,12 @@
 //! `envelope.audit_blocks` (the gapless sequence and the hash chain, read through the view `envelope.audit_log`), and checkpoints the chain's
 //! head with a MAC made inside the key server.
 
-use pg_envelope_core::audit::{Chain, Head, Record, Stored};
+use pg_envelope_core::audit::{Chain, Head, Record};
 use pg_envelope_core::audit_blocks::{Block, Blocks};
 use pg_envelope_core::provider::CheckpointMac;
 use pgrx::prelude::*;
 
-use super::{base_record, now_ts, peek, pg_to_unix_us, QUEUE};
+use super::{base_record, now_ts, peek_into, pg_to_unix_us, QUEUE};
 use crate::catalog::spi_err;
 use crate::error::{EnvelopeError, Result};
 use crate::gucs;
@@ -47,9 +47,9 @@ pub struct Writer {
     overflow_taken: bool,
     /// Summaries a previous writer process took were put back (once per process).
     untaken: bool,
-    /// Records of the last batch, given back to be parsed into again (their strings keep their
-    /// allocations: see `Record::read_canonical`).
-    pool: Vec<Record>,
+    /// The queue's records of the batch, parsed and chained in place (`batch[..n]`; kept from
+    /// batch to batch with their strings' allocations: see `Record::read_canonical`).
+    batch: Vec<Record>,
     /// The batch's blocks (their buffers kept from batch to batch).
     blocks: Blocks,
     /// Blocks the batch in progress appended: counted in shared memory once it committed.
@@ -242,14 +242,17 @@ impl Writer {
             (q.dropped, q.dropped_recorded)
         };
         self.dropped_taken = dropped.saturating_sub(dropped_recorded);
-        let (records, upto, bad) = peek(BATCH, &mut self.pool);
-        if records.is_empty() && bad == 0 && alarm.is_none() && self.pending.is_empty() && self.dropped_taken == 0 && summaries.is_empty() {
+        let (n, upto, bad) = peek_into(BATCH, &mut self.batch);
+        if n == 0 && bad == 0 && alarm.is_none() && self.pending.is_empty() && self.dropped_taken == 0 && summaries.is_empty() {
             return Ok((0, upto));
         }
-        let first_pos = upto - records.len() as u64 - bad;
+        let first_pos = upto - n as u64 - bad;
         let mut chain = Chain::after(self.head);
         let started = unsafe { pg_sys::PgStartTime };
-        let mut rows: Vec<Stored> = Vec::with_capacity(records.len() + 2);
+        // The writer's own records before the queue's (`pre`) and after them (`post`); all are
+        // chained where they lie (`Blocks::push_in_place`), in this order.
+        let mut pre: Vec<Record> = Vec::new();
+        let mut post: Vec<Record> = Vec::new();
         let blocks = &mut self.blocks;
         blocks.clear();
         if let Some(why) = alarm {
@@ -264,18 +267,23 @@ impl Writer {
             r.operation = "writer".into();
             r.outcome = if kind == WRITER_START { "ok".into() } else { "alert".into() };
             r.detail = why;
-            rows.push(blocks.push(&mut chain, r, first_pos.saturating_sub(1)));
+            pre.push(r);
         }
         // The writer's own records of the previous batch (its alerts), before the queue's.
         self.pending_taken = self.pending.len();
-        rows.extend(self.pending.iter().cloned().map(|r| blocks.push(&mut chain, r, first_pos.saturating_sub(1))));
-        rows.extend(summaries.into_iter().map(|r| blocks.push(&mut chain, r, first_pos.saturating_sub(1))));
-        rows.extend(records.into_iter().enumerate().map(|(i, r)| blocks.push(&mut chain, r, first_pos + i as u64)));
+        pre.extend(self.pending.iter().cloned());
+        pre.extend(summaries);
+        for r in pre.iter_mut() {
+            blocks.push_in_place(&mut chain, r, first_pos.saturating_sub(1));
+        }
+        for (i, r) in self.batch[..n].iter_mut().enumerate() {
+            blocks.push_in_place(&mut chain, r, first_pos + i as u64);
+        }
         if bad > 0 {
             let mut r = base_record("dropped", String::new());
             r.detail = format!("{bad} unreadable record(s) in the audit queue");
             r.outcome = "dropped".into();
-            rows.push(blocks.push(&mut chain, r, upto - 1));
+            post.push(r);
         }
         if self.dropped_taken > 0 {
             let mut r = base_record("dropped", String::new());
@@ -286,7 +294,10 @@ impl Writer {
                 "{} audit record(s) counted as dropped since the previous such record (queue full past the wait, or a session ending while its records were updated); their contents are lost",
                 self.dropped_taken
             );
-            rows.push(blocks.push(&mut chain, r, upto.saturating_sub(1)));
+            post.push(r);
+        }
+        for r in post.iter_mut() {
+            blocks.push_in_place(&mut chain, r, upto.saturating_sub(1));
         }
         // Appended the way COPY appends (see `insert_direct`), to the table as the extension
         // made it and nothing else (see `table_refusal`).
@@ -294,14 +305,12 @@ impl Writer {
         self.appended = blocks.blocks().len() as u64;
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
-        self.raised = super::alerts::evaluate(rows.iter())?;
-        if rows.iter().any(|s| s.record.operation == "audit_prune") {
+        let rows = || pre.iter().chain(&self.batch[..n]).chain(&post);
+        self.raised = super::alerts::evaluate(rows())?;
+        if rows().any(|r| r.operation == "audit_prune") {
             self.force_checkpoint = true;
         }
-        let n = rows.len();
-        // (Bounded: a batch's records and the few the writer adds.)
-        self.pool.extend(rows.into_iter().map(|s| s.record).take((BATCH + 16).saturating_sub(self.pool.len())));
-        Ok((n, upto))
+        Ok((pre.len() + n + post.len(), upto))
     }
 
     /// Forgets the head (after a failed transaction: re-read next time).

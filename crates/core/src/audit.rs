@@ -509,11 +509,20 @@ impl Chain {
 
     /// Assigns the next sequence number to `record` and returns it stored.
     pub fn append(&mut self, mut record: Record) -> Stored {
-        record.seq = self.head.seq + 1;
         let prev = self.head.hash;
-        let hash = record.hash_with(&prev, &mut self.scratch);
-        self.head = Head { seq: record.seq, hash };
+        let hash = self.append_in_place(&mut record);
         Stored { record, prev_hash: prev, hash }
+    }
+
+    /// [`Chain::append`] without moving the record (the writer chains a batch of records where
+    /// they were parsed: moving each ~400-byte `Record` into and out of a `Stored` was a fifth
+    /// of its CPU): assigns the next sequence number and returns the record's hash (the previous
+    /// hash is the head before the call).
+    pub fn append_in_place(&mut self, record: &mut Record) -> [u8; 32] {
+        record.seq = self.head.seq + 1;
+        let hash = record.hash_with(&self.head.hash, &mut self.scratch);
+        self.head = Head { seq: record.seq, hash };
+        hash
     }
 }
 

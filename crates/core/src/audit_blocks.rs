@@ -245,7 +245,15 @@ impl Blocks {
 
     /// Appends `record` to the chain and to the last block (a new one when the last is full);
     /// `pos` is its queue position. Returns it stored.
-    pub fn push(&mut self, chain: &mut Chain, record: Record, pos: u64) -> Stored {
+    pub fn push(&mut self, chain: &mut Chain, mut record: Record, pos: u64) -> Stored {
+        let prev_hash = chain.head().hash;
+        let hash = self.push_in_place(chain, &mut record, pos);
+        Stored { record, prev_hash, hash }
+    }
+
+    /// [`Blocks::push`] without moving the record (see [`Chain::append_in_place`]): assigns its
+    /// sequence number and returns its hash.
+    pub fn push_in_place(&mut self, chain: &mut Chain, record: &mut Record, pos: u64) -> [u8; 32] {
         let open = self.used > 0 && self.blocks[self.used - 1].bytes.len() < BLOCK_BYTES;
         if !open {
             if self.used == self.blocks.len() {
@@ -260,18 +268,18 @@ impl Blocks {
             self.used += 1;
         }
         let b = &mut self.blocks[self.used - 1];
-        let s = chain.append(record);
-        let changed = put_compact(&mut b.bytes, &b.last.as_ref(), &s.record.as_ref(), &s.hash);
-        copy_record(&mut b.last, &s.record, changed);
+        let hash = chain.append_in_place(record);
+        let changed = put_compact(&mut b.bytes, &b.last.as_ref(), &record.as_ref(), &hash);
+        copy_record(&mut b.last, record, changed);
         if b.records == 0 {
-            b.first_seq = s.record.seq;
-            b.first_at_us = s.record.at_us;
+            b.first_seq = record.seq;
+            b.first_at_us = record.at_us;
         }
-        b.last_seq = s.record.seq;
-        b.last_at_us = s.record.at_us;
+        b.last_seq = record.seq;
+        b.last_at_us = record.at_us;
         b.records += 1;
         b.queue_pos = pos;
-        s
+        hash
     }
 }
 
