@@ -1380,9 +1380,13 @@ END $$;
 --   psql -XAt -c 'SELECT line FROM envelope.audit_export(1)' -o audit.jsonl
 -- (not \copy: COPY's text format doubles backslashes, so a field holding " or \ would break the
 -- JSON). Reading it is recorded like any read of the audit tables.
--- VOLATILE: it reads the clock for its trailer, and every call is a recorded read.
+-- VOLATILE: it reads the clock for its trailer, and every call is a recorded read. It reads the
+-- tables without their indexes: an index that a superuser kept from receiving new blocks (and
+-- then marked ready again) would leave the newest records out of a plan that used it, whatever
+-- planner settings the reader's role carries (insider review 57).
 CREATE FUNCTION audit_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text)
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+    SET enable_indexscan = off SET enable_indexonlyscan = off SET enable_bitmapscan = off SET enable_seqscan = on AS $$
     WITH s AS (
         SELECT coalesce((SELECT max(c.seq) + 1 FROM @extschema@.audit_checkpoints c WHERE c.seq < from_seq), 1) AS start
     )

@@ -2355,3 +2355,46 @@ def test_a_record_appended_by_hand_and_chained_is_reported_at_the_writers_tamper
         ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
         assert ok is False and f"record {seq} is the writer's tamper record" in brk, brk
         fresh_trail(c)
+
+
+def rechain_from(c, verifier, seq, change):
+    """As a careful forger would: applies `change` to record `seq` and re-chains every record
+    after it (hashes, tags, the blocks' prev_hash), in the caller's transaction."""
+    rows = c.execute("SELECT first_seq, prev_hash, records FROM envelope.audit_blocks WHERE last_seq >= %s ORDER BY first_seq", (seq,)).fetchall()
+    prev = bytes(rows[0][1])
+    for first, _, data in rows:
+        entries = block_entries(data)
+        c.execute("UPDATE envelope.audit_blocks SET prev_hash = %s WHERE first_seq = %s", (prev, first))
+        for i, (rec, _) in enumerate(entries):
+            if rec["seq"] == seq:
+                change(rec)
+            h = verifier.record_hash(rec, prev)
+            entries[i] = (rec, h[:8])
+            prev = h
+        write_block(c, first, entries)
+
+
+def test_a_tail_rewritten_and_rechained_under_the_running_writer_is_a_break(audited):
+    """Insider review 57: the records after the newest checkpoint rewritten and re-chained while
+    the writer could not commit (held up inside a batch) verified ok, and exported so, until the
+    writer's next commit. audit_verify now holds the trail to the head the writer committed in
+    this server run. (The rewrite holds the table's lock until it is rolled back: the writer
+    commits nothing in between, as when a superuser stalls it.)"""
+    with connect(PORT_A, DB) as c:
+        cp, _ = unwitnessed_tail(c)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        verifier = offline_verifier()
+        c.execute("BEGIN")
+        try:
+            c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+            target = c.execute("SELECT min(seq) FROM envelope.audit_log WHERE seq > %s AND kind = 'decrypt'", (cp,)).fetchone()[0]
+            rechain_from(c, verifier, target, lambda r: r.update(current_role="r57_someone_else"))
+            c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
+            c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
+            # The forgery is whole as a chain: the export shows it.
+            assert c.execute("SELECT role_name FROM envelope.audit_log WHERE seq = %s", (target,)).fetchone()[0] == "r57_someone_else"
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "is not the record the audit writer committed" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)

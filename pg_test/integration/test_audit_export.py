@@ -391,3 +391,136 @@ def test_additions_to_pg_catalog_are_reported_by_audit_verify(trail):
             assert c.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
                              "WHERE attrelid = 'envelope.audit_checkpoints'::regclass AND attname = 'seq'").fetchone() == ("bigint",)
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
+def test_insider_review_57_changes_to_the_decoder_views_export_and_tables_are_reported(trail):
+    """Insider review 57 made audit_verify say ok while the views or the export lied, through the
+    extension's own objects: a result column's type of the decoder changed in pg_proc, a junk
+    target entry with a set-returning function put into audit_log's stored rule (the deparser
+    does not print it: the view's readers lost every decrypt record), a function call hidden
+    behind the printed default of audit_export's `from_seq`; made it raise an error (a composite
+    type in place of a table of the writer's); made it report pg_envelope's own operators as
+    foreign (`quote_all_identifiers`); and an index kept from receiving new blocks, then marked
+    ready again, made the export leave out the newest records under the reader's planner
+    settings. Each is done, checked and undone."""
+    db = trail["db"]
+    with connect(PORT_A, db) as c:
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+        # The caller's settings do not change the verdict.
+        for setting in ("quote_all_identifiers = on", "enable_seqscan = off", "enable_bitmapscan = off"):
+            c.execute(f"SET {setting}")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+        c.execute("RESET ALL")
+        dec = "'envelope.audit_block_records(bytea,bytea)'::regprocedure"
+        exp = "'envelope.audit_export(bigint)'::regprocedure"
+        types = c.execute(f"SELECT proallargtypes::text FROM pg_proc WHERE oid = {dec}").fetchone()[0]
+        rule = c.execute("SELECT ev_action::text FROM pg_rewrite WHERE ev_class = 'envelope.audit_log'::regclass").fetchone()[0]
+        default = c.execute(f"SELECT proargdefaults::text FROM pg_proc WHERE oid = {exp}").fetchone()[0]
+        decrypts = c.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'decrypt'").fetchone()[0]
+        assert decrypts > 0
+        c.execute("CREATE SCHEMA IF NOT EXISTS r57")
+        c.execute("CREATE FUNCTION r57.keep(kind text) RETURNS SETOF int LANGUAGE sql IMMUTABLE "
+                  "AS $$ SELECT 1 WHERE kind IS DISTINCT FROM 'decrypt' $$")
+        c.execute("CREATE FUNCTION r57.late_start(int) RETURNS bigint LANGUAGE sql STABLE "
+                  "AS $$ SELECT coalesce((SELECT max(seq) FROM envelope.audit_checkpoints), 0) $$")
+        keep = c.execute("SELECT 'r57.keep(text)'::regprocedure::oid").fetchone()[0]
+        late = c.execute("SELECT 'r57.late_start(int)'::regprocedure::oid").fetchone()[0]
+        junk = (" {TARGETENTRY :expr {FUNCEXPR :funcid %d :funcresulttype 23 :funcretset true :funcvariadic false :funcformat 0 "
+                ":funccollid 0 :inputcollid 100 :args ({VAR :varno 4 :varattno 4 :vartype 25 :vartypmod -1 :varcollid 100 "
+                ":varlevelsup 0 :varnosyn 4 :varattnosyn 4 :location -1}) :location -1} :resno 23 :resname <> :ressortgroupref 0 "
+                ":resorigtbl 0 :resorigcol 0 :resjunk true}" % keep)
+        last_te = ":resname hash :ressortgroupref 0 :resorigtbl 0 :resorigcol 0 :resjunk false})"
+        assert last_te in rule and ":hasTargetSRFs false" in rule
+        forged_rule = rule.replace(last_te, last_te[:-2] + "}" + junk + ")").replace(":hasTargetSRFs false", ":hasTargetSRFs true")
+        assert ":funcid 481 " in default
+
+        def as_tree(text):
+            # (A cast of text to pg_node_tree exists only while a catalog row is written: verify
+            # reports any cast added between built-in types.)
+            c.execute("CREATE CAST (text AS pg_node_tree) WITHOUT FUNCTION")
+            return text
+
+        def done():
+            c.execute("DROP CAST IF EXISTS (text AS pg_node_tree)")
+
+        cases = {
+            "a result column's type": (
+                lambda: c.execute(f"UPDATE pg_proc SET proallargtypes = (SELECT array_agg(CASE WHEN i = 9 THEN 17 ELSE t END ORDER BY i) "
+                                  f"FROM unnest(proallargtypes) WITH ORDINALITY u(t, i))::oid[] WHERE oid = {dec}"),
+                lambda: c.execute(f"UPDATE pg_proc SET proallargtypes = %s::oid[] WHERE oid = {dec}", (types,)),
+                "envelope.audit_log is not as the extension made it"),
+            "a junk entry in the view's rule": (
+                lambda: (as_tree(None), c.execute("UPDATE pg_rewrite SET ev_action = %s::text::pg_node_tree "
+                                                  "WHERE ev_class = 'envelope.audit_log'::regclass", (forged_rule,)), done()),
+                lambda: (as_tree(None), c.execute("UPDATE pg_rewrite SET ev_action = %s::text::pg_node_tree "
+                                                  "WHERE ev_class = 'envelope.audit_log'::regclass", (rule,)), done()),
+                "envelope.audit_log's query is not the one the extension made"),
+            "a call behind the export's default": (
+                lambda: (as_tree(None), c.execute(f"UPDATE pg_proc SET proargdefaults = %s::text::pg_node_tree WHERE oid = {exp}",
+                                                  (default.replace(":funcid 481 ", f":funcid {late} "),)), done()),
+                lambda: (as_tree(None), c.execute(f"UPDATE pg_proc SET proargdefaults = %s::text::pg_node_tree WHERE oid = {exp}",
+                                                  (default,)), done()),
+                "envelope.audit_export is not the function the extension made"),
+            "a composite type in place of a table": (
+                lambda: (c.execute("ALTER TABLE envelope.audit_alerts RENAME TO audit_alerts_r57"),
+                         c.execute("CREATE TYPE envelope.audit_alerts AS (a int)")),
+                lambda: c.execute("DO $$ BEGIN IF to_regclass('envelope.audit_alerts_r57') IS NOT NULL THEN "
+                                  "DROP TYPE IF EXISTS envelope.audit_alerts; ALTER TABLE envelope.audit_alerts_r57 RENAME TO audit_alerts; "
+                                  "END IF; END $$"),
+                "envelope.audit_alerts is missing or is not pg_envelope's table"),
+        }
+        try:
+            for what, (do, undo, says) in cases.items():
+                do()
+                with connect(PORT_A, db) as other:   # a new session: the rule and the function as stored now
+                    if what == "a junk entry in the view's rule":
+                        # The attack works: the view's readers lose every decrypt record.
+                        assert other.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'decrypt'").fetchone()[0] == 0
+                    if what == "a call behind the export's default":
+                        # The attack works: the printed default is intact, the export starts late.
+                        first = json.loads(other.execute("SELECT line FROM envelope.audit_export()").fetchone()[0])
+                        assert first["type"] == "record" and first["seq"] > 1, first
+                        assert other.execute("SELECT pg_get_function_arguments(%s::regprocedure)" % exp).fetchone()[0] == "from_seq bigint DEFAULT 1"
+                    ok, brk = other.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+                assert ok is False and says in brk, (what, brk)
+                undo()
+                with connect(PORT_A, db) as other:
+                    assert other.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None), what
+        finally:
+            done()
+            for _, (_, undo, _) in cases.items():
+                undo()
+            c.execute("DROP SCHEMA r57 CASCADE")
+        with connect(PORT_A, db) as other:
+            assert other.execute("SELECT count(*) FROM envelope.audit_log WHERE kind = 'decrypt'").fetchone()[0] >= decrypts
+            assert other.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
+def test_an_index_kept_from_new_blocks_does_not_shorten_the_export(trail):
+    """Insider review 57: an index on audit_blocks.last_seq that a superuser kept from receiving
+    new blocks (indisready off while the writer appended), then marked ready again, made the
+    export leave out the newest records for a reader whose role disabled sequential scans. The
+    export and audit_verify read the tables without indexes."""
+    db = trail["db"]
+    with connect(PORT_A, db) as c:
+        c.execute("CREATE INDEX r57_last_seq ON envelope.audit_blocks (last_seq)")
+        try:
+            c.execute("UPDATE pg_index SET indisready = false WHERE indexrelid = 'envelope.r57_last_seq'::regclass")
+            before = c.execute("SELECT max(last_seq) FROM envelope.audit_blocks").fetchone()[0]
+            with as_tenant(c, TENANT):
+                c.execute("SELECT count(v::text) FROM audit_export_t WHERE id <= 3")
+            assert wait_until(lambda: audit_status(c)["queued"] == 0 and
+                              c.execute("SELECT max(last_seq) FROM envelope.audit_blocks").fetchone()[0] > before)
+            c.execute("UPDATE pg_index SET indisready = true WHERE indexrelid = 'envelope.r57_last_seq'::regclass")
+            with connect(PORT_A, db) as reader:
+                for setting in ("enable_seqscan = off", "enable_bitmapscan = off"):
+                    reader.execute(f"SET {setting}")
+                # The stale index really is what such a plan would read.
+                assert reader.execute("SELECT count(*) FROM envelope.audit_blocks WHERE last_seq > %s", (before,)).fetchone()[0] == 0
+                newest = reader.execute("SELECT max(seq) FROM envelope.audit_log").fetchone()[0]
+                lines = [json.loads(r[0]) for r in reader.execute("SELECT line FROM envelope.audit_export(1)")]
+                assert max(x["seq"] for x in lines if x["type"] == "record") >= newest
+                ok, brk = reader.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+                assert ok is True, brk
+        finally:
+            c.execute("DROP INDEX IF EXISTS envelope.r57_last_seq")

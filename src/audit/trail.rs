@@ -7,7 +7,7 @@ use pg_envelope_core::audit_blocks::{records_of, StoredBlock};
 use pgrx::prelude::*;
 
 use super::writer::{checkpoint_mac_valid, hex};
-use super::{base_record, enabled, hooks, prime_session, push};
+use super::{base_record, enabled, hooks, prime_session, push, QUEUE};
 use crate::catalog::{as_extension_owner, spi_err};
 use crate::error::{EnvelopeError, OrRaise, Result, OrRaiseAudited};
 
@@ -220,6 +220,19 @@ fn view_alteration() -> Result<Option<String>> {
                 AND NOT c.relrowsecurity AND NOT c.relforcerowsecurity
                 AND p.prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'c')
                 AND p.prosrc = 'audit_block_records_wrapper' AND p.probin = '$libdir/pg_envelope'
+                -- Its whole signature (insider review 57: a result column's type changed in
+                -- pg_proc, with a cast of that type to json, rewrote the export's role names;
+                -- the decoder declared again with two result columns' names swapped and made
+                -- the extension's member again swapped them in the views).
+                AND p.proargnames = '{prev_hash,records,seq,at,at_us,kind,database,session_user_name,role_name,client_addr,application_name,backend_pid,statement_id,request_id,tenant,key_versions,operation,value_count,failure_count,outcome,duration_us,detail,prev_hash,hash}'::pg_catalog.text[]
+                AND p.proallargtypes = '{17,17,20,1184,20,25,25,25,25,25,25,20,20,25,25,25,25,20,20,25,20,25,17,17}'::pg_catalog.oid[]
+                AND p.proargmodes = '{i,i,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t}'::pg_catalog.\"char\"[]
+                AND p.proargtypes = '17 17'::pg_catalog.oidvector AND p.prorettype = 2249 AND p.proretset AND p.prokind = 'f'
+                AND p.provolatile = 'i' AND NOT p.proisstrict AND NOT p.prosecdef AND p.prosupport = 0 AND p.proconfig IS NULL
+                AND p.proargdefaults IS NULL
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid
+                               AND d.deptype = 'e' AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+                               AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope'))
                 AND (SELECT count(*) FROM pg_catalog.pg_proc o WHERE o.proname = 'audit_block_records'
                         AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1
            FROM pg_catalog.pg_class v, pg_catalog.pg_class e, pg_catalog.pg_class b, pg_catalog.pg_class c, pg_catalog.pg_proc p
@@ -356,19 +369,61 @@ fn export_alteration() -> Result<Option<String>> {
                 coalesce((SELECT prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'sql') AND NOT prosecdef
                                  AND prosqlbody IS NULL AND prokind = 'f' AND NOT proisstrict AND prosupport = 0
                                  AND pg_catalog.pg_get_function_arguments(oid) = 'from_seq bigint DEFAULT 1'
-                                 AND provolatile = 'v' AND proconfig IS NOT DISTINCT FROM ARRAY['search_path=pg_catalog, pg_temp']
-                                 AND prorettype = 'pg_catalog.text'::pg_catalog.regtype AND proretset FROM p), false)
+                                 AND provolatile = 'v'
+                                 AND proconfig IS NOT DISTINCT FROM ARRAY['search_path=pg_catalog, pg_temp', 'enable_indexscan=off', 'enable_indexonlyscan=off', 'enable_bitmapscan=off', 'enable_seqscan=on']
+                                 AND prorettype = 'pg_catalog.text'::pg_catalog.regtype AND proretset
+                                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                                AND d.objid = p.oid AND d.deptype = 'e' AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+                                                AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope')) FROM p), false)
                 AND (SELECT count(*) FROM pg_catalog.pg_proc o WHERE o.proname = 'audit_export'
                         AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1",
     )
     .map_err(spi_err)?;
+    // The default of `from_seq` as a tree, not as printed: the printing hides an implicit cast,
+    // and a catalog update put a function of the superuser's behind the printed `1` (insider
+    // review 57: `audit_export()` then started at the newest checkpoint).
+    let default = Spi::get_one::<String>(
+        "SELECT proargdefaults::pg_catalog.text FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('envelope.audit_export(bigint)')",
+    )
+    .map_err(spi_err)?;
     let ours = match (row, audit_export_body()) {
-        ((Some(src), Some(true)), Some(body)) => src == body,
+        ((Some(src), Some(true)), Some(body)) => src == body && default.as_deref().is_some_and(default_is_one),
         _ => false,
     };
     Ok((!ours).then(|| {
         "envelope.audit_export is not the function the extension made (replaced, or another audit_export beside it): an export through it may leave records or checkpoints out; the stored trail is what audit_verify checked".into()
     }))
+}
+
+/// Whether a stored default expression list (`pg_proc.proargdefaults`) is the one
+/// `from_seq bigint DEFAULT 1` stores: the integer 1 through the implicit cast to bigint. Read
+/// back into nodes and printed again by PostgreSQL (a hand-written text can label a field with
+/// another name: the reader goes by position), then compared without parse locations.
+fn default_is_one(text: &str) -> bool {
+    const ONE: &str = "({FUNCEXPR :funcid 481 :funcresulttype 20 :funcretset false :funcvariadic false :funcformat 2 :funccollid 0 :inputcollid 0 :args ({CONST :consttype 23 :consttypmod -1 :constcollid 0 :constlen 4 :constbyval true :constisnull false :constvalue 4 [ 1 0 0 0 0 0 0 0 ]})})";
+    let Ok(c) = std::ffi::CString::new(text) else { return false };
+    // SAFETY: PostgreSQL's node reader and writer on a palloc'd copy (an unreadable text is an
+    // ERROR, raised as any other).
+    let printed = unsafe {
+        let node = pg_sys::stringToNode(c.as_ptr());
+        std::ffi::CStr::from_ptr(pg_sys::nodeToString(node)).to_string_lossy().into_owned()
+    };
+    without_locations(&printed) == ONE
+}
+
+/// A printed node tree without its ` :location N` fields.
+fn without_locations(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(" :location ") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + " :location ".len()..];
+        let digits = tail.strip_prefix('-').unwrap_or(tail);
+        let n = digits.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(digits.len());
+        rest = &digits[n..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The query `envelope.audit_events` was created with (sql/audit.sql), every name qualified.
@@ -417,6 +472,7 @@ fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
         let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as _);
         let rules = (*rel).rd_rules;
         let mut now = None;
+        let mut same_tree = false;
         if (*(*rel).rd_rel).relkind == pg_sys::RELKIND_VIEW as std::ffi::c_char && !rules.is_null() && (*rules).numLocks == 1 {
             let rule = *(*rules).rules;
             let actions = (*rule).actions;
@@ -424,9 +480,18 @@ fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
                 // A copy: the deparser takes locks through the tree and may change it in place
                 // (AcquireRewriteLocks), and this one is the relation cache's (the first build
                 // deparsed it in place and left pointers into freed memory there).
-                let q = pg_sys::copyObjectImpl((*(*actions).elements).ptr_value) as *mut pg_sys::Query;
-                without_old_and_new(q, relid);
-                now = Some(std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec());
+                let stored = pg_sys::copyObjectImpl((*(*actions).elements).ptr_value) as *mut pg_sys::Query;
+                without_old_and_new(stored, relid);
+                let printed = std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(stored, false)).to_bytes().to_vec();
+                // The trees, not only their printing: the deparser leaves out junk target
+                // entries, and a set-returning function in one (put there by a catalog update
+                // of the rule) deleted the rows it returned nothing for (insider review 57).
+                // `equal` ignores parse locations; what differs legitimately is set equal
+                // first: the relation cache sets every range-table entry's checkAsUser to the
+                // view's owner, the statement's extent in its source text, and a table's
+                // column names (see `query_trees_equal`).
+                same_tree = query_trees_equal(q, stored);
+                now = Some(printed);
             }
         }
         // The view's column names too: `ALTER VIEW ... RENAME COLUMN` changes them and not the
@@ -450,7 +515,31 @@ fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
         }
         names_ok &= i == attrs.len();
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as _);
-        names_ok && now.as_deref() == Some(made.as_slice())
+        names_ok && same_tree && now.as_deref() == Some(made.as_slice())
+    }
+}
+
+/// Whether a view's stored query (OLD and NEW taken out) is the query analysed now, node for
+/// node, once what the relation cache and the source text set differently is set alike (see
+/// `view_query_is`). Both are this function's own copies.
+unsafe fn query_trees_equal(made: *mut pg_sys::Query, stored: *mut pg_sys::Query) -> bool {
+    unsafe {
+        for q in [made, stored] {
+            (*q).stmt_location = -1;
+            (*q).stmt_len = 0;
+            let rt = (*q).rtable;
+            for i in 0..(if rt.is_null() { 0 } else { (*rt).length as usize }) {
+                let rte = (*(*rt).elements.add(i)).ptr_value as *mut pg_sys::RangeTblEntry;
+                (*rte).checkAsUser = pg_sys::InvalidOid;
+                // A table's column names as they were when the query was analysed (a column
+                // dropped since adds an empty name to a fresh analysis); only printing uses
+                // them, and the printed queries are compared too.
+                if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && !(*rte).eref.is_null() {
+                    (*(*rte).eref).colnames = std::ptr::null_mut();
+                }
+            }
+        }
+        pg_sys::equal(made.cast(), stored.cast())
     }
 }
 
@@ -490,7 +579,67 @@ fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
 
 type Verdict = (i64, Option<i64>, Option<i64>, bool, Option<String>);
 
+/// Runs `f` with settings that audit_verify's reads and comparisons must not take from the
+/// caller's role or session (insider review 57), restored when it returns (or at the
+/// transaction's abort): no index (an index a superuser kept from receiving new blocks, then
+/// marked ready again, left the newest records out of a plan that used it), and names printed
+/// without quotes (`quote_all_identifiers` made pg_envelope's own operators look foreign).
+fn with_plain_settings<T>(f: impl FnOnce() -> T) -> T {
+    struct Level(i32);
+    impl Drop for Level {
+        fn drop(&mut self) {
+            // SAFETY: the nest level made below, in this transaction.
+            unsafe { pg_sys::AtEOXact_GUC(true, self.0) }
+        }
+    }
+    // SAFETY: user-settable settings, saved at a new nest level (as PostgreSQL's own RI checks
+    // set theirs).
+    let _level = unsafe {
+        let level = Level(pg_sys::NewGUCNestLevel());
+        for (name, value) in [
+            (c"quote_all_identifiers", c"off"),
+            (c"enable_indexscan", c"off"),
+            (c"enable_indexonlyscan", c"off"),
+            (c"enable_bitmapscan", c"off"),
+            (c"enable_seqscan", c"on"),
+        ] {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+        level
+    };
+    f()
+}
+
+/// The head the writer committed in this server run, when it is of the current
+/// `envelope.audit_blocks` (read before the trail is, so that under READ COMMITTED the trail's
+/// snapshot holds that commit).
+fn committed_head() -> Option<Head> {
+    let (seq, hash, relid) = {
+        let q = QUEUE.share();
+        (q.head_seq, q.head_hash, q.head_relid)
+    };
+    // SAFETY: catalog lookups by name.
+    let table = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+        if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() }
+    };
+    (seq > 0 && relid != 0 && relid == table).then_some(Head { seq, hash })
+}
+
 fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
+    with_plain_settings(|| verify_checked(all_checkpoints))
+}
+
+fn verify_checked(all_checkpoints: bool) -> Result<Verdict> {
     // First, before any query of the checks below names a built-in operator or function: nothing
     // added to pg_catalog that they, the views or the export would resolve to (insider reviews
     // 55 and 56: an added operator also made the checks' own queries fail or pass).
@@ -502,8 +651,9 @@ fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
     } else if let Some(why) = table {
         (0, None, None, false, Some(why))
     } else if ours {
+        let committed = committed_head();
         let (rows, cps) = load()?;
-        let verdict = judge(rows, &cps, all_checkpoints)?;
+        let verdict = judge(rows, &cps, all_checkpoints, committed)?;
         match verdict {
             // The stored chain holds: whether the view shows it as stored.
             (n, head, cp, true, _) => match as_extension_owner(|| hooks::without_read_records(view_alteration))? {
@@ -535,7 +685,8 @@ fn is_tamper(r: &pg_envelope_core::audit::Record) -> bool {
     r.kind == "tamper" || (r.kind == "chain_restart" && r.seq != 1)
 }
 
-fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) -> Result<Verdict> {
+/// `committed`: the head the writer committed in this server run (see [`committed_head`]).
+fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool, committed: Option<Head>) -> Result<Verdict> {
     let newest = cps.iter().max_by_key(|c| (c.head.seq, c.at_us));
     let cp_seq = newest.map(|c| c.head.seq);
     // The checkpoint the kept records start after (after a retention) is an anchor: its MAC is
@@ -610,10 +761,14 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
     let heads: Vec<Head> = cps.iter().filter(|c| start.is_none_or(|s| c.head.seq >= s.seq)).map(|c| c.head).collect();
     // (Noted as the chain is walked: the trail is decoded once here.)
     let mut tamper_seq = None;
+    let mut at_committed = None;
     let walked = records_of(blocks).inspect(|r| {
-        if let (None, Ok(s)) = (tamper_seq, r) {
-            if is_tamper(&s.record) {
+        if let Ok(s) = r {
+            if tamper_seq.is_none() && is_tamper(&s.record) {
                 tamper_seq = Some(s.record.seq);
+            }
+            if committed.is_some_and(|c| c.seq == s.record.seq) {
+                at_committed = Some(s.hash);
             }
         }
     });
@@ -630,7 +785,27 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool) ->
             v.first_break = Some(pg_envelope_core::audit::Break::TamperRecorded { seq });
         }
     }
-    Ok((v.records as i64, v.head.map(|h| h.seq), cp_seq, v.first_break.is_none(), v.first_break.map(|b| b.to_string())))
+    let mut why = v.first_break.map(|b| b.to_string());
+    if why.is_none() {
+        // The head the writer committed in this server run (insider review 57: records after
+        // the newest checkpoint rewritten and re-chained while the writer was held up inside a
+        // batch verified ok, as did the export, until the writer's next commit). The table
+        // must still hold that record with that hash; ending before it, records were removed
+        // (unless this transaction's snapshot predates that commit: REPEATABLE READ).
+        let last = v.head.map_or(0, |h| h.seq);
+        let snapshot_may_be_older = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
+        why = match (committed, at_committed) {
+            (Some(c), Some(h)) if h != c.hash => {
+                Some(format!("record {} is not the record the audit writer committed (its hash differs): the trail was rewritten after the writer wrote it", c.seq))
+            }
+            (Some(c), None) if c.seq > last && !snapshot_may_be_older => Some(format!(
+                "the trail ends at record {last}, but the audit writer committed records up to {} in this server run: the newest records were removed",
+                c.seq
+            )),
+            _ => None,
+        };
+    }
+    Ok((v.records as i64, v.head.map(|h| h.seq), cp_seq, why.is_none(), why))
 }
 
 thread_local! {

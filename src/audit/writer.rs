@@ -552,11 +552,18 @@ pub(super) fn other_tables_refusal() -> Option<String> {
             return None;
         }
         for (name, updates) in [(c"audit_hourly", true), (c"audit_alerts", false), (c"audit_checkpoints", false)] {
+            // A table of the extension's, not something else by that name (insider review 57:
+            // a composite type or an index in its place made audit_verify raise an error
+            // instead of reporting, and a foreign table is no place for checkpoints).
             let relid = pg_sys::get_relname_relid(name.as_ptr(), ns);
-            if relid == pg_sys::InvalidOid {
-                continue;
+            if relid == pg_sys::InvalidOid || !super::trail::is_extension_member(relid.to_u32()) {
+                return Some(format!("envelope.{} is missing or is not pg_envelope's table", name.to_string_lossy()));
             }
-            let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char {
+                pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+                return Some(format!("envelope.{} is not a plain table", name.to_string_lossy()));
+            }
             let bad = !(*rel).rd_rules.is_null() || has_insert_triggers(rel, updates);
             // The checkpoints' columns as sql/audit.sql makes them: a column changed to a domain
             // (whose operators in pg_catalog then filtered the export's checkpoints: insider
@@ -569,7 +576,7 @@ pub(super) fn other_tables_refusal() -> Option<String> {
                         a.atttypid == *ty && a.atttypmod == -1 && std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == n
                     }))
             };
-            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             if columns_changed {
                 return Some("envelope.audit_checkpoints does not have exactly the extension's columns (names and types)".into());
             }
