@@ -2398,3 +2398,42 @@ def test_a_tail_rewritten_and_rechained_under_the_running_writer_is_a_break(audi
         finally:
             c.execute("ROLLBACK")
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
+def test_the_committed_head_holds_under_repeatable_read_and_for_a_table_swapped_in(audited):
+    """Insider review 58: with REPEATABLE READ as the auditor's default, the check of the
+    committed head was skipped, and the newest records deleted while the writer was held up
+    verified ok; a copy of the trail swapped in under the table's name (within the same
+    installation of the extension) skipped it too, and an empty one swapped in drew a
+    `chain_restart` record that made 138 records vanish without a break."""
+    with connect(PORT_A, DB) as c:
+        cp, _ = unwitnessed_tail(c)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        try:
+            c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+            newest = c.execute("SELECT max(first_seq) FROM envelope.audit_blocks").fetchone()[0]
+            assert newest > cp
+            c.execute("DELETE FROM envelope.audit_blocks WHERE first_seq = %s", (newest,))
+            c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
+            c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "but the audit writer committed records up to" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+        # A copy of the trail under the table's name, the view pointed at it: reported at once.
+        view = c.execute("SELECT pg_get_viewdef('envelope.audit_log'::regclass)").fetchone()[0]
+        c.execute("BEGIN")
+        try:
+            c.execute("CREATE TABLE envelope.audit_blocks_r58 (LIKE envelope.audit_blocks INCLUDING ALL)")
+            c.execute("INSERT INTO envelope.audit_blocks_r58 SELECT * FROM envelope.audit_blocks")
+            c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_orig")
+            c.execute("ALTER TABLE envelope.audit_blocks_r58 RENAME TO audit_blocks")
+            c.execute("ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_orig")
+            c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
+            c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "is not the table the audit writer last committed to" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)

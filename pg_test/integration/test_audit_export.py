@@ -461,6 +461,39 @@ def test_insider_review_57_changes_to_the_decoder_views_export_and_tables_are_re
                 lambda: (as_tree(None), c.execute(f"UPDATE pg_proc SET proargdefaults = %s::text::pg_node_tree WHERE oid = {exp}",
                                                   (default,)), done()),
                 "envelope.audit_export is not the function the extension made"),
+            # Review 58: a qualification in the rule (every read of the views failed).
+            "a qualification in the view's rule": (
+                lambda: (as_tree(None), c.execute("UPDATE pg_rewrite SET ev_qual = %s::text::pg_node_tree "
+                                                  "WHERE ev_class = 'envelope.audit_log'::regclass",
+                                                  ("{CONST :consttype 16 :consttypmod -1 :constcollid 0 :constlen 1 :constbyval true "
+                                                   ":constisnull false :location -1 :constvalue 1 [ 1 0 0 0 0 0 0 0 ]}",)), done()),
+                lambda: (as_tree(None), c.execute("UPDATE pg_rewrite SET ev_qual = %s::text::pg_node_tree "
+                                                  "WHERE ev_class = 'envelope.audit_log'::regclass", ("<>",)), done()),
+                "envelope.audit_log's query is not the one the extension made"),
+            # Review 58: a truncated tree crashed PostgreSQL's node reader in the check.
+            "a malformed default": (
+                lambda: (as_tree(None), c.execute(f"UPDATE pg_proc SET proargdefaults = %s::text::pg_node_tree WHERE oid = {exp}",
+                                                  ("({FUNCEXPR :funcid",)), done()),
+                lambda: (as_tree(None), c.execute(f"UPDATE pg_proc SET proargdefaults = %s::text::pg_node_tree WHERE oid = {exp}",
+                                                  (default,)), done()),
+                "envelope.audit_export is not the function the extension made"),
+            # Review 58: code on the writer's other tables, and tables a crash empties.
+            "a CHECK constraint on the hourly counts": (
+                lambda: c.execute("ALTER TABLE envelope.audit_hourly ADD CONSTRAINT r57_peek CHECK (decrypts >= 0)"),
+                lambda: c.execute("ALTER TABLE envelope.audit_hourly DROP CONSTRAINT IF EXISTS r57_peek"),
+                "envelope.audit_hourly has a CHECK constraint"),
+            "another default on the alerts": (
+                lambda: c.execute("ALTER TABLE envelope.audit_alerts ALTER COLUMN detail SET DEFAULT r57.late_start(1)::text"),
+                lambda: c.execute("ALTER TABLE envelope.audit_alerts ALTER COLUMN detail DROP DEFAULT"),
+                "envelope.audit_alerts has a column default the extension did not give it"),
+            "an unlogged trail": (
+                lambda: c.execute("ALTER TABLE envelope.audit_blocks SET UNLOGGED"),
+                lambda: c.execute("ALTER TABLE envelope.audit_blocks SET LOGGED"),
+                "is not a permanent (logged) table"),
+            "unlogged checkpoints": (
+                lambda: c.execute("ALTER TABLE envelope.audit_checkpoints SET UNLOGGED"),
+                lambda: c.execute("ALTER TABLE envelope.audit_checkpoints SET LOGGED"),
+                "envelope.audit_checkpoints is not a permanent heap table"),
             "a composite type in place of a table": (
                 lambda: (c.execute("ALTER TABLE envelope.audit_alerts RENAME TO audit_alerts_r57"),
                          c.execute("CREATE TYPE envelope.audit_alerts AS (a int)")),

@@ -362,7 +362,20 @@ fn audit_export_body() -> Option<String> {
 /// created with (and no parsed body, `prosqlbody`, which PostgreSQL would run instead of the
 /// text), and the only function of that name in the schema (an `audit_export(integer)`
 /// beside it would be the one `audit_export(1)` calls).
+const ALTERED_EXPORT: &str = "envelope.audit_export is not the function the extension made (replaced, or another audit_export beside it): an export through it may leave records or checkpoints out; the stored trail is what audit_verify checked";
+
 fn export_alteration() -> Result<Option<String>> {
+    // The default of `from_seq` as a tree, not as printed: the printing hides an implicit cast,
+    // and a catalog update put a function of the superuser's behind the printed `1` (insider
+    // review 57: `audit_export()` then started at the newest checkpoint).
+    let default = Spi::get_one::<String>(
+        "SELECT proargdefaults::pg_catalog.text FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('envelope.audit_export(bigint)')",
+    )
+    .map_err(spi_err)?;
+    // (Before anything below prints the arguments: PostgreSQL's own printing parses the tree.)
+    if !default.as_deref().is_some_and(default_is_one) {
+        return Ok(Some(ALTERED_EXPORT.into()));
+    }
     let row = Spi::get_two::<String, bool>(
         "WITH p AS (SELECT * FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('envelope.audit_export(bigint)'))
          SELECT (SELECT prosrc FROM p),
@@ -379,20 +392,11 @@ fn export_alteration() -> Result<Option<String>> {
                         AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1",
     )
     .map_err(spi_err)?;
-    // The default of `from_seq` as a tree, not as printed: the printing hides an implicit cast,
-    // and a catalog update put a function of the superuser's behind the printed `1` (insider
-    // review 57: `audit_export()` then started at the newest checkpoint).
-    let default = Spi::get_one::<String>(
-        "SELECT proargdefaults::pg_catalog.text FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('envelope.audit_export(bigint)')",
-    )
-    .map_err(spi_err)?;
     let ours = match (row, audit_export_body()) {
-        ((Some(src), Some(true)), Some(body)) => src == body && default.as_deref().is_some_and(default_is_one),
+        ((Some(src), Some(true)), Some(body)) => src == body,
         _ => false,
     };
-    Ok((!ours).then(|| {
-        "envelope.audit_export is not the function the extension made (replaced, or another audit_export beside it): an export through it may leave records or checkpoints out; the stored trail is what audit_verify checked".into()
-    }))
+    Ok((!ours).then(|| ALTERED_EXPORT.into()))
 }
 
 /// Whether a stored default expression list (`pg_proc.proargdefaults`) is the one
@@ -401,6 +405,11 @@ fn export_alteration() -> Result<Option<String>> {
 /// another name: the reader goes by position), then compared without parse locations.
 fn default_is_one(text: &str) -> bool {
     const ONE: &str = "({FUNCEXPR :funcid 481 :funcresulttype 20 :funcretset false :funcvariadic false :funcformat 2 :funccollid 0 :inputcollid 0 :args ({CONST :consttype 23 :consttypmod -1 :constcollid 0 :constlen 4 :constbyval true :constisnull false :constvalue 4 [ 1 0 0 0 0 0 0 0 ]})})";
+    // The stored text first, without locations: a malformed tree crashes PostgreSQL's node
+    // reader (insider review 58), so nothing is parsed unless it already reads as expected.
+    if without_locations(text) != ONE {
+        return false;
+    }
     let Ok(c) = std::ffi::CString::new(text) else { return false };
     // SAFETY: PostgreSQL's node reader and writer on a palloc'd copy (an unreadable text is an
     // ERROR, raised as any other).
@@ -412,7 +421,7 @@ fn default_is_one(text: &str) -> bool {
 }
 
 /// A printed node tree without its ` :location N` fields.
-fn without_locations(s: &str) -> String {
+pub(super) fn without_locations(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find(" :location ") {
@@ -476,7 +485,9 @@ fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
         if (*(*rel).rd_rel).relkind == pg_sys::RELKIND_VIEW as std::ffi::c_char && !rules.is_null() && (*rules).numLocks == 1 {
             let rule = *(*rules).rules;
             let actions = (*rule).actions;
-            if (*rule).event == pg_sys::CmdType::CMD_SELECT && !actions.is_null() && (*actions).length == 1 {
+            // (An unconditional INSTEAD rule: a qualification put into the rule by a catalog
+            // update made every read of the view fail: insider review 58.)
+            if (*rule).event == pg_sys::CmdType::CMD_SELECT && (*rule).isInstead && (*rule).qual.is_null() && !actions.is_null() && (*actions).length == 1 {
                 // A copy: the deparser takes locks through the tree and may change it in place
                 // (AcquireRewriteLocks), and this one is the relation cache's (the first build
                 // deparsed it in place and left pointers into freed memory there).
@@ -527,10 +538,22 @@ unsafe fn query_trees_equal(made: *mut pg_sys::Query, stored: *mut pg_sys::Query
         for q in [made, stored] {
             (*q).stmt_location = -1;
             (*q).stmt_len = 0;
+            // (From PostgreSQL 16 on, checkAsUser is in the query's permission entries.)
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            {
+                let perms = (*q).rteperminfos;
+                for i in 0..(if perms.is_null() { 0 } else { (*perms).length as usize }) {
+                    let p = (*(*perms).elements.add(i)).ptr_value as *mut pg_sys::RTEPermissionInfo;
+                    (*p).checkAsUser = pg_sys::InvalidOid;
+                }
+            }
             let rt = (*q).rtable;
             for i in 0..(if rt.is_null() { 0 } else { (*rt).length as usize }) {
                 let rte = (*(*rt).elements.add(i)).ptr_value as *mut pg_sys::RangeTblEntry;
-                (*rte).checkAsUser = pg_sys::InvalidOid;
+                #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+                {
+                    (*rte).checkAsUser = pg_sys::InvalidOid;
+                }
                 // A table's column names as they were when the query was analysed (a column
                 // dropped since adds an empty name to a fresh analysis); only printing uses
                 // them, and the printed queries are compared too.
@@ -622,17 +645,34 @@ fn with_plain_settings<T>(f: impl FnOnce() -> T) -> T {
 /// The head the writer committed in this server run, when it is of the current
 /// `envelope.audit_blocks` (read before the trail is, so that under READ COMMITTED the trail's
 /// snapshot holds that commit).
-fn committed_head() -> Option<Head> {
-    let (seq, hash, relid) = {
+/// `Err`: the writer committed to another `audit_blocks` of this same installation of the
+/// extension in this server run (a table swapped in by hand: insider review 58 put a rewritten
+/// copy, and an empty one, in its place). The head comes with the committing transaction's id.
+fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
+    let (seq, hash, relid, extoid, xid) = {
         let q = QUEUE.share();
-        (q.head_seq, q.head_hash, q.head_relid)
+        (q.head_seq, q.head_hash, q.head_relid, q.head_extoid, q.head_xid)
     };
     // SAFETY: catalog lookups by name.
-    let table = unsafe {
+    let (table, ext) = unsafe {
         let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
-        if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() }
+        let table = if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() };
+        (table, pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32())
     };
-    (seq > 0 && relid != 0 && relid == table).then_some(Head { seq, hash })
+    if seq > 0 && relid != 0 && relid != table && extoid != 0 && extoid == ext {
+        return Err(format!(
+            "envelope.audit_blocks is not the table the audit writer last committed to in this server run (up to record {seq}): it was replaced by hand, not by DROP/CREATE EXTENSION"
+        ));
+    }
+    Ok((seq > 0 && relid != 0 && relid == table).then_some((Head { seq, hash }, xid)))
+}
+
+/// Whether the writer's commit `xid` is visible to this transaction's snapshot (a REPEATABLE
+/// READ snapshot may predate it).
+fn commit_visible(xid: u32) -> bool {
+    let xid = pg_sys::TransactionId::from(xid);
+    // SAFETY: clog and snapshot lookups of a transaction id this server run assigned.
+    unsafe { xid.into_inner() >= pg_sys::FirstNormalTransactionId.into_inner() && pg_sys::TransactionIdDidCommit(xid) && !pg_sys::XidInMVCCSnapshot(xid, pg_sys::GetTransactionSnapshot()) }
 }
 
 fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
@@ -653,7 +693,10 @@ fn verify_checked(all_checkpoints: bool) -> Result<Verdict> {
     } else if ours {
         let committed = committed_head();
         let (rows, cps) = load()?;
-        let verdict = judge(rows, &cps, all_checkpoints, committed)?;
+        let verdict = match committed {
+            Err(why) => (0, None, None, false, Some(why)),
+            Ok(committed) => judge(rows, &cps, all_checkpoints, committed)?,
+        };
         match verdict {
             // The stored chain holds: whether the view shows it as stored.
             (n, head, cp, true, _) => match as_extension_owner(|| hooks::without_read_records(view_alteration))? {
@@ -686,7 +729,8 @@ fn is_tamper(r: &pg_envelope_core::audit::Record) -> bool {
 }
 
 /// `committed`: the head the writer committed in this server run (see [`committed_head`]).
-fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool, committed: Option<Head>) -> Result<Verdict> {
+fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool, committed: Option<(Head, u32)>) -> Result<Verdict> {
+    let (committed, committed_xid) = (committed.map(|c| c.0), committed.map_or(0, |c| c.1));
     let newest = cps.iter().max_by_key(|c| (c.head.seq, c.at_us));
     let cp_seq = newest.map(|c| c.head.seq);
     // The checkpoint the kept records start after (after a retention) is an anchor: its MAC is
@@ -791,9 +835,11 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool, co
         // the newest checkpoint rewritten and re-chained while the writer was held up inside a
         // batch verified ok, as did the export, until the writer's next commit). The table
         // must still hold that record with that hash; ending before it, records were removed
-        // (unless this transaction's snapshot predates that commit: REPEATABLE READ).
+        // (unless this transaction's snapshot predates that commit: REPEATABLE READ; insider
+        // review 58 set that isolation as the auditor's default, so it is asked of the snapshot
+        // whether the writer's commit is in it).
         let last = v.head.map_or(0, |h| h.seq);
-        let snapshot_may_be_older = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
+        let snapshot_may_be_older = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 && !commit_visible(committed_xid);
         why = match (committed, at_committed) {
             (Some(c), Some(h)) if h != c.hash => {
                 Some(format!("record {} is not the record the audit writer committed (its hash differs): the trail was rewritten after the writer wrote it", c.seq))

@@ -54,6 +54,9 @@ pub struct Writer {
     blocks: Blocks,
     /// Blocks the batch in progress appended: counted in shared memory once it committed.
     appended: u64,
+    /// The extension the table belongs to, and the batch's transaction id (see `Queue::head_extoid`).
+    extoid: u32,
+    xid: u32,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -89,9 +92,9 @@ impl Writer {
             Some((seq, hash)) => Head { seq, hash: hash32(hash)? },
         };
         self.head = Some(table);
-        let (committed_seq, committed_hash, committed_relid) = {
+        let (committed_seq, committed_hash, committed_relid, committed_extoid) = {
             let q = QUEUE.share();
-            (q.head_seq, q.head_hash, q.head_relid)
+            (q.head_seq, q.head_hash, q.head_relid, q.head_extoid)
         };
         if committed_seq == 0 && committed_relid == 0 {
             // Nothing written by this server run yet (a start, or shared memory reinitialised
@@ -146,6 +149,16 @@ impl Writer {
                     hex(&committed_hash)
                 )));
             }
+            // An empty table swapped in within the same extension (no DROP/CREATE EXTENSION):
+            // the whole trail replaced by hand (insider review 58), tampering too.
+            // SAFETY: a lookup of the extension by name.
+            let extoid = unsafe { pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32() };
+            if committed_extoid != 0 && extoid == committed_extoid {
+                return Ok(Some(format!(
+                    "the chain's head changed outside the writer: the audit table was replaced by an empty one within the same installation of the extension (not by DROP/CREATE EXTENSION); the previous chain ended at record {committed_seq} (hash {})",
+                    hex(&committed_hash)
+                )));
+            }
             return Ok(Some(format!(
                 "the audit table was replaced (DROP/CREATE EXTENSION?): the previous chain ended at record {committed_seq} (hash {})",
                 hex(&committed_hash)
@@ -175,6 +188,8 @@ impl Writer {
             q.head_seq = h.seq;
             q.head_hash = h.hash;
             q.head_relid = self.relid;
+            q.head_extoid = self.extoid;
+            q.head_xid = self.xid;
             q.blocks_direct += std::mem::take(&mut self.appended);
         }
     }
@@ -302,6 +317,11 @@ impl Writer {
         // Appended the way COPY appends (see `insert_direct`), to the table as the extension
         // made it and nothing else (see `table_refusal`).
         unsafe { insert_direct(relid, blocks.blocks(), started) }?;
+        // SAFETY: lookups of this transaction's id and of the extension by name.
+        unsafe {
+            self.xid = pg_sys::GetTopTransactionIdIfAny().into_inner();
+            self.extoid = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32();
+        }
         self.appended = blocks.blocks().len() as u64;
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
@@ -425,6 +445,10 @@ pub(super) unsafe fn table_refusal(rel: pg_sys::Relation) -> Option<String> {
         let desc = (*rel).rd_att;
         if form.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char || form.relam != pg_sys::HEAP_TABLE_AM_OID {
             return Some("is not a heap table".into());
+        }
+        // UNLOGGED: emptied by a crash, after which the writer starts a new chain (review 58).
+        if form.relpersistence != pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char {
+            return Some("is not a permanent (logged) table".into());
         }
         // (A partition gets its parent's readers, who are not recorded: insider review 49.)
         if form.relispartition {
@@ -564,6 +588,10 @@ pub(super) fn other_tables_refusal() -> Option<String> {
                 pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
                 return Some(format!("envelope.{} is not a plain table", name.to_string_lossy()));
             }
+            if let Some(why) = other_table_code(rel, name) {
+                pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+                return Some(format!("envelope.{} {why}", name.to_string_lossy()));
+            }
             let bad = !(*rel).rd_rules.is_null() || has_insert_triggers(rel, updates);
             // The checkpoints' columns as sql/audit.sql makes them: a column changed to a domain
             // (whose operators in pg_catalog then filtered the export's checkpoints: insider
@@ -585,6 +613,56 @@ pub(super) fn other_tables_refusal() -> Option<String> {
                     "envelope.{} has a trigger or rule that the writer's writes would fire (code there would run in the writer, whose reads of the trail are not recorded)",
                     name.to_string_lossy()
                 ));
+            }
+        }
+        None
+    }
+}
+
+/// The column defaults the extension gives its other tables (`pg_attrdef.adbin` without parse
+/// locations): the hourly counts' zeros, the alerts' time.
+const OTHER_DEFAULTS: &[(&[u8], &str)] = &[
+    (b"audit_hourly", "{FUNCEXPR :funcid 481 :funcresulttype 20 :funcretset false :funcvariadic false :funcformat 2 :funccollid 0 :inputcollid 0 :args ({CONST :consttype 23 :consttypmod -1 :constcollid 0 :constlen 4 :constbyval true :constisnull false :constvalue 4 [ 0 0 0 0 0 0 0 0 ]})}"),
+    (b"audit_alerts", "{FUNCEXPR :funcid 1299 :funcresulttype 1184 :funcretset false :funcvariadic false :funcformat 0 :funccollid 0 :inputcollid 0 :args <>}"),
+];
+
+/// Code attached to one of the writer's other tables that its writes would run, or a table that
+/// would not survive a crash (insider review 58: a CHECK constraint on `audit_hourly` and
+/// `audit_checkpoints` copied the whole trail from inside the writer, unrecorded; an UNLOGGED
+/// trail came back empty after a crash and the writer started a new chain): a permanent heap
+/// table, not a partition, no CHECK constraint or generated column, no default but the
+/// extension's own, indexes plain btree ones with default operator classes.
+unsafe fn other_table_code(rel: pg_sys::Relation, name: &std::ffi::CStr) -> Option<String> {
+    unsafe {
+        let form = &*(*rel).rd_rel;
+        if form.relam != pg_sys::HEAP_TABLE_AM_OID || form.relispartition || form.relpersistence != pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char {
+            return Some("is not a permanent heap table of its own".into());
+        }
+        let desc = (*rel).rd_att;
+        let constr = (*desc).constr;
+        if !constr.is_null() {
+            if (*constr).num_check > 0 || (*constr).has_generated_stored {
+                return Some("has a CHECK constraint or a generated column (code the writer's writes would run)".into());
+            }
+            for i in 0..(*constr).num_defval as usize {
+                let d = (*constr).defval.add(i);
+                let text = if (*d).adbin.is_null() { String::new() } else { std::ffi::CStr::from_ptr((*d).adbin).to_string_lossy().into_owned() };
+                let text = super::trail::without_locations(&text);
+                if !OTHER_DEFAULTS.iter().any(|(t, want)| *t == name.to_bytes() && text == *want) {
+                    return Some("has a column default the extension did not give it (code the writer's writes would run)".into());
+                }
+            }
+        }
+        let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
+        let list = pg_sys::RelationGetIndexList(rel);
+        let n = if list.is_null() { 0 } else { (*list).length as usize };
+        for i in 0..n {
+            let oid = (*(*list).elements.add(i)).oid_value;
+            let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let ok = index_is_plain(index, &attrs);
+            pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            if !ok {
+                return Some("has an index that is not a plain btree index with its columns' default operator classes".into());
             }
         }
         None
