@@ -2434,6 +2434,23 @@ def test_the_committed_head_holds_under_repeatable_read_and_for_a_table_swapped_
             c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
             assert ok is False and "is not the table the audit writer last committed to" in brk, brk
+            # Review 59: also with the extension's oid changed (it passed for a new installation).
+            ext = c.execute("SELECT oid FROM pg_extension WHERE extname = 'pg_envelope'").fetchone()[0]
+            c.execute("UPDATE pg_depend SET refobjid = 99999 WHERE refclassid = 'pg_extension'::regclass AND refobjid = %s", (ext,))
+            c.execute("UPDATE pg_extension SET oid = 99999 WHERE oid = %s", (ext,))
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "is not the table the audit writer last committed to" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+        # Review 59: a forged block appended after the writer's head (as while the writer is held
+        # up inside a batch): records the writer never committed.
+        verifier = offline_verifier()
+        c.execute("BEGIN")
+        try:
+            last = c.execute("SELECT seq, at_us, hash FROM envelope.audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+            append_forged_prune(c, verifier, last[0], last[1], bytes(last[2]), cp, b"\0" * 32)
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "were not written by the audit writer" in brk, brk
         finally:
             c.execute("ROLLBACK")
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)

@@ -494,6 +494,11 @@ def test_insider_review_57_changes_to_the_decoder_views_export_and_tables_are_re
                 lambda: c.execute("ALTER TABLE envelope.audit_checkpoints SET UNLOGGED"),
                 lambda: c.execute("ALTER TABLE envelope.audit_checkpoints SET LOGGED"),
                 "envelope.audit_checkpoints is not a permanent heap table"),
+            # Review 59: an inheritance child's index expressions ran inside verify and the writer.
+            "a child of the checkpoints": (
+                lambda: c.execute("CREATE TABLE envelope.r59_cp_child () INHERITS (envelope.audit_checkpoints)"),
+                lambda: c.execute("DROP TABLE IF EXISTS envelope.r59_cp_child"),
+                "envelope.audit_checkpoints has inheritance children or a parent"),
             "a composite type in place of a table": (
                 lambda: (c.execute("ALTER TABLE envelope.audit_alerts RENAME TO audit_alerts_r57"),
                          c.execute("CREATE TYPE envelope.audit_alerts AS (a int)")),
@@ -557,3 +562,20 @@ def test_an_index_kept_from_new_blocks_does_not_shorten_the_export(trail):
                 assert ok is True, brk
         finally:
             c.execute("DROP INDEX IF EXISTS envelope.r57_last_seq")
+
+
+def test_a_catalog_replaced_by_a_view_is_reported(trail):
+    """Insider review 59: with allow_system_table_mods a superuser renamed pg_catalog.pg_cast and
+    put a view under its name that left out their new json-to-text cast; audit_verify's checks,
+    reading the catalog by name, said ok while the export was rewritten through the cast."""
+    with connect(PORT_A, trail["db"]) as c:
+        c.execute("BEGIN")
+        try:
+            c.execute("SET LOCAL allow_system_table_mods = on")
+            c.execute("ALTER TABLE pg_catalog.pg_cast RENAME TO pg_cast_r59")
+            c.execute("CREATE VIEW pg_catalog.pg_cast AS SELECT * FROM pg_catalog.pg_cast_r59")
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "pg_catalog.pg_cast is not the system catalog of that name" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)

@@ -24,9 +24,9 @@ pub(super) struct Checkpoint {
 /// no record and no MAC.
 pub(super) fn read_checkpoints(c: &pgrx::spi::SpiClient<'_>, newest_only: bool) -> Result<Vec<Checkpoint>> {
     let q = if newest_only {
-        "SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1"
+        "SELECT seq, hash, at_us, provider, mac FROM ONLY envelope.audit_checkpoints ORDER BY seq DESC, at_us DESC LIMIT 1"
     } else {
-        "SELECT seq, hash, at_us, provider, mac FROM envelope.audit_checkpoints ORDER BY seq, at_us"
+        "SELECT seq, hash, at_us, provider, mac FROM ONLY envelope.audit_checkpoints ORDER BY seq, at_us"
     };
     let mut cps = Vec::new();
     for r in c.select(q, None, &[]).map_err(spi_err)? {
@@ -659,7 +659,7 @@ fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
         let table = if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() };
         (table, pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32())
     };
-    if seq > 0 && relid != 0 && relid != table && extoid != 0 && extoid == ext {
+    if seq > 0 && relid != 0 && relid != table && extoid != 0 && super::writer::same_installation(extoid, relid, ext) {
         return Err(format!(
             "envelope.audit_blocks is not the table the audit writer last committed to in this server run (up to record {seq}): it was replaced by hand, not by DROP/CREATE EXTENSION"
         ));
@@ -679,7 +679,52 @@ fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
     with_plain_settings(|| verify_checked(all_checkpoints))
 }
 
+/// The system catalogs audit_verify's queries name, each with its fixed oid (the same in every
+/// PostgreSQL version): a superuser with
+/// `allow_system_table_mods` renamed `pg_catalog.pg_cast` and put a view filtering out their new
+/// cast under its name, which the checks' SQL then read while PostgreSQL's own lookups (by oid)
+/// used the real table (insider review 59).
+const NAMED_CATALOGS: &[(&std::ffi::CStr, u32)] = &[
+    (c"pg_cast", 2605),
+    (c"pg_proc", 1255),
+    (c"pg_operator", 2617),
+    (c"pg_depend", 2608),
+    (c"pg_rewrite", 2618),
+    (c"pg_inherits", 2611),
+    (c"pg_class", 1259),
+    (c"pg_language", 2612),
+    (c"pg_extension", 3079),
+    (c"pg_namespace", 2615),
+    (c"pg_attribute", 1249),
+    (c"pg_type", 1247),
+    (c"pg_index", 2610),
+    (c"pg_trigger", 2620),
+    (c"pg_policy", 3256),
+    (c"pg_database", 1262),
+];
+
+/// A catalog name that is not its catalog (see [`NAMED_CATALOGS`]), or a relation added to
+/// pg_catalog after initdb.
+fn catalog_names_replaced() -> Option<String> {
+    // SAFETY: catalog-cache lookups by name and oid.
+    unsafe {
+        for (name, oid) in NAMED_CATALOGS {
+            let found = pg_sys::get_relname_relid(name.as_ptr(), pg_sys::PG_CATALOG_NAMESPACE.into());
+            if found.to_u32() != *oid || pg_sys::get_rel_relkind(found) != pg_sys::RELKIND_RELATION as std::ffi::c_char {
+                return Some(format!(
+                    "pg_catalog.{} is not the system catalog of that name (renamed, and something else put in its place): audit_verify's checks read it by name",
+                    name.to_string_lossy()
+                ));
+            }
+        }
+    }
+    None
+}
+
 fn verify_checked(all_checkpoints: bool) -> Result<Verdict> {
+    if let Some(why) = catalog_names_replaced() {
+        return Ok((0, None, None, false, Some(why)));
+    }
     // First, before any query of the checks below names a built-in operator or function: nothing
     // added to pg_catalog that they, the views or the export would resolve to (insider reviews
     // 55 and 56: an added operator also made the checks' own queries fail or pass).
@@ -696,6 +741,32 @@ fn verify_checked(all_checkpoints: bool) -> Result<Verdict> {
         let verdict = match committed {
             Err(why) => (0, None, None, false, Some(why)),
             Ok(committed) => judge(rows, &cps, all_checkpoints, committed)?,
+        };
+        // Records past the head the writer has committed were not written by it (insider
+        // review 59: a forged block appended while the writer was held up inside a batch). Read
+        // again after the trail (the writer publishes its head just after its commit: a few
+        // tries cover that moment).
+        let verdict = match (&verdict, committed_head()) {
+            ((n, Some(last), cp, true, _), Ok(Some((head, _)))) if *last > head.seq => {
+                let mut head_seq = head.seq;
+                for _ in 0..20 {
+                    if head_seq >= *last {
+                        break;
+                    }
+                    unsafe { pg_sys::pg_usleep(50_000) };
+                    head_seq = committed_head().ok().flatten().map_or(head_seq, |(h, _)| h.seq);
+                }
+                if head_seq >= *last {
+                    verdict
+                } else {
+                    (*n, Some(*last), *cp, false, Some(format!(
+                        "records {}..{} were not written by the audit writer (it has committed up to record {head_seq} in this server run): appended by hand",
+                        head_seq + 1,
+                        last
+                    )))
+                }
+            }
+            _ => verdict,
         };
         match verdict {
             // The stored chain holds: whether the view shows it as stored.

@@ -153,7 +153,7 @@ impl Writer {
             // the whole trail replaced by hand (insider review 58), tampering too.
             // SAFETY: a lookup of the extension by name.
             let extoid = unsafe { pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32() };
-            if committed_extoid != 0 && extoid == committed_extoid {
+            if committed_extoid != 0 && same_installation(committed_extoid, committed_relid, extoid) {
                 return Ok(Some(format!(
                     "the chain's head changed outside the writer: the audit table was replaced by an empty one within the same installation of the extension (not by DROP/CREATE EXTENSION); the previous chain ended at record {committed_seq} (hash {})",
                     hex(&committed_hash)
@@ -619,6 +619,45 @@ pub(super) fn other_tables_refusal() -> Option<String> {
     }
 }
 
+/// Whether a table has inheritance children (PostgreSQL's `find_inheritance_children`, not in
+/// pgrx's bindings; `relhassubclass` stays set after the last child is dropped, until a VACUUM).
+unsafe fn has_children(relid: pg_sys::Oid) -> bool {
+    unsafe extern "C-unwind" {
+        fn find_inheritance_children(parent: pg_sys::Oid, lockmode: pg_sys::LOCKMODE) -> *mut pg_sys::List;
+    }
+    unsafe { !find_inheritance_children(relid, pg_sys::NoLock as pg_sys::LOCKMODE).is_null() }
+}
+
+/// Whether a table inherits from another (PostgreSQL's `has_superclass`, an index scan of
+/// `pg_inherits`; not in pgrx's bindings).
+unsafe fn has_parent(relid: pg_sys::Oid) -> bool {
+    unsafe extern "C-unwind" {
+        fn has_superclass(relation_id: pg_sys::Oid) -> bool;
+    }
+    unsafe { has_superclass(relid) }
+}
+
+/// Whether the extension installed now (`extoid`) is the one the writer last committed under
+/// (`committed_extoid`, to table `committed_relid`): the same oid, or the table it committed to
+/// still exists (DROP EXTENSION drops it), or its tenants table is older than that trail table
+/// (CREATE EXTENSION makes both anew; insider review 59 changed the extension's oid by a catalog
+/// update so that a swapped-in empty trail passed for a new installation).
+pub(super) fn same_installation(committed_extoid: u32, committed_relid: u32, extoid: u32) -> bool {
+    // SAFETY: catalog-cache lookups by oid and name.
+    unsafe {
+        if extoid == committed_extoid {
+            return true;
+        }
+        if pg_sys::SearchSysCacheExists(pg_sys::SysCacheIdentifier::RELOID as _, pg_sys::Datum::from(committed_relid), pg_sys::Datum::from(0), pg_sys::Datum::from(0), pg_sys::Datum::from(0)) {
+            return true;
+        }
+        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+        let tenants = if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"tenants".as_ptr(), ns).to_u32() };
+        // (Oids are handed out in increasing order until they wrap at 2^32.)
+        tenants != 0 && tenants < committed_relid
+    }
+}
+
 /// The column defaults the extension gives its other tables (`pg_attrdef.adbin` without parse
 /// locations): the hourly counts' zeros, the alerts' time.
 const OTHER_DEFAULTS: &[(&[u8], &str)] = &[
@@ -637,6 +676,11 @@ unsafe fn other_table_code(rel: pg_sys::Relation, name: &std::ffi::CStr) -> Opti
         let form = &*(*rel).rd_rel;
         if form.relam != pg_sys::HEAP_TABLE_AM_OID || form.relispartition || form.relpersistence != pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char {
             return Some("is not a permanent heap table of its own".into());
+        }
+        // (An inheritance child's index expressions ran in audit_verify and the writer when a
+        // query covered the child: insider review 59.)
+        if has_children((*rel).rd_id) || has_parent((*rel).rd_id) {
+            return Some("has inheritance children or a parent".into());
         }
         let desc = (*rel).rd_att;
         let constr = (*desc).constr;
