@@ -75,6 +75,9 @@ pub struct Queue {
     /// new chain; a REPEATABLE READ verification sees whether that commit is in its snapshot).
     pub head_extoid: u32,
     pub head_xid: u32,
+    /// The database the writer committed in (`envelope.database`): the head says nothing about
+    /// the trail of any other database.
+    pub head_dboid: u32,
     /// Blocks of records the writer appended (committed) in this server run.
     pub blocks_direct: u64,
 }

@@ -649,10 +649,15 @@ fn with_plain_settings<T>(f: impl FnOnce() -> T) -> T {
 /// extension in this server run (a table swapped in by hand: insider review 58 put a rewritten
 /// copy, and an empty one, in its place). The head comes with the committing transaction's id.
 fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
-    let (seq, hash, relid, extoid, xid) = {
+    let (seq, hash, relid, extoid, xid, dboid) = {
         let q = QUEUE.share();
-        (q.head_seq, q.head_hash, q.head_relid, q.head_extoid, q.head_xid)
+        (q.head_seq, q.head_hash, q.head_relid, q.head_extoid, q.head_xid, q.head_dboid)
     };
+    // The writer's head is of envelope.database's trail: nothing to hold another database's to.
+    // SAFETY: a global set at the backend's start.
+    if dboid != unsafe { pg_sys::MyDatabaseId }.to_u32() {
+        return Ok(None);
+    }
     // SAFETY: catalog lookups by name.
     let (table, ext) = unsafe {
         let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);

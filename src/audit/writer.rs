@@ -94,7 +94,12 @@ impl Writer {
         self.head = Some(table);
         let (committed_seq, committed_hash, committed_relid, committed_extoid) = {
             let q = QUEUE.share();
-            (q.head_seq, q.head_hash, q.head_relid, q.head_extoid)
+            // A head committed in another database (envelope.database changed) is no head here.
+            if q.head_dboid != unsafe { pg_sys::MyDatabaseId }.to_u32() {
+                (0, [0; 32], 0, 0)
+            } else {
+                (q.head_seq, q.head_hash, q.head_relid, q.head_extoid)
+            }
         };
         if committed_seq == 0 && committed_relid == 0 {
             // Nothing written by this server run yet (a start, or shared memory reinitialised
@@ -190,6 +195,8 @@ impl Writer {
             q.head_relid = self.relid;
             q.head_extoid = self.extoid;
             q.head_xid = self.xid;
+            // SAFETY: a global set at the process's start.
+            q.head_dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
             q.blocks_direct += std::mem::take(&mut self.appended);
         }
     }
