@@ -2440,6 +2440,13 @@ def test_the_committed_head_holds_under_repeatable_read_and_for_a_table_swapped_
             c.execute("UPDATE pg_extension SET oid = 99999 WHERE oid = %s", (ext,))
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
             assert ok is False and "is not the table the audit writer last committed to" in brk, brk
+            # Review 60: and with the old table dropped and a view, newer than it, in place of
+            # `tenants`: only a committed DROP EXTENSION makes a new chain.
+            c.execute("DROP TABLE envelope.audit_blocks_orig")
+            c.execute("ALTER TABLE envelope.tenants RENAME TO tenants_r60")
+            c.execute("CREATE VIEW envelope.tenants AS SELECT * FROM envelope.tenants_r60")
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "is not the table the audit writer last committed to" in brk, brk
         finally:
             c.execute("ROLLBACK")
         # Review 59: a forged block appended after the writer's head (as while the writer is held

@@ -78,6 +78,10 @@ pub struct Queue {
     /// The database the writer committed in (`envelope.database`): the head says nothing about
     /// the trail of any other database.
     pub head_dboid: u32,
+    /// The transaction that dropped pg_envelope in this server run, and its database (insider
+    /// review 60): only a committed DROP EXTENSION makes a new trail table a new chain.
+    pub ext_drop_xid: u32,
+    pub ext_drop_dboid: u32,
     /// Blocks of records the writer appended (committed) in this server run.
     pub blocks_direct: u64,
 }
@@ -98,6 +102,7 @@ const REGION: usize = META_BYTES + SLOTS * std::mem::size_of::<Slot>();
 const _: () = assert!(META_BYTES % std::mem::align_of::<Slot>() == 0 && META_BYTES % 64 == 0);
 static SLOTS_PTR: std::sync::atomic::AtomicPtr<u8> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
 
 pub fn register() {
@@ -108,6 +113,36 @@ pub fn register() {
         pg_sys::shmem_request_hook = Some(request_slots);
         PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(attach_slots);
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(note_extension_drop);
+    }
+}
+
+/// Notes, in shared memory, the transaction that drops pg_envelope (see `Queue::ext_drop_xid`):
+/// the writer and `audit_verify` take a trail table other than the one the writer last committed
+/// to for a new chain only when that transaction committed (insider review 60 made a swapped-in
+/// empty trail pass for a new installation by reshaping everything else a check could look at).
+#[pg_guard]
+unsafe extern "C-unwind" fn note_extension_drop(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: std::ffi::c_int,
+    arg: *mut std::ffi::c_void,
+) {
+    unsafe {
+        if let Some(prev) = PREV_OBJECT_ACCESS {
+            prev(access, class_id, object_id, sub_id, arg);
+        }
+        if access == pg_sys::ObjectAccessType::OAT_DROP
+            && class_id.to_u32() == 3079 // pg_extension
+            && object_id == pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true)
+        {
+            let xid = pg_sys::GetTopTransactionId().into_inner();
+            let mut q = QUEUE.exclusive();
+            q.ext_drop_xid = xid;
+            q.ext_drop_dboid = pg_sys::MyDatabaseId.to_u32();
+        }
     }
 }
 

@@ -197,6 +197,11 @@ impl Writer {
             q.head_xid = self.xid;
             // SAFETY: a global set at the process's start.
             q.head_dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+            // A drop of the extension before this commit is accounted for (the new chain began).
+            if q.ext_drop_dboid == q.head_dboid {
+                q.ext_drop_xid = 0;
+                q.ext_drop_dboid = 0;
+            }
             q.blocks_direct += std::mem::take(&mut self.appended);
         }
     }
@@ -644,25 +649,24 @@ unsafe fn has_parent(relid: pg_sys::Oid) -> bool {
     unsafe { has_superclass(relid) }
 }
 
-/// Whether the extension installed now (`extoid`) is the one the writer last committed under
-/// (`committed_extoid`, to table `committed_relid`): the same oid, or the table it committed to
-/// still exists (DROP EXTENSION drops it), or its tenants table is older than that trail table
-/// (CREATE EXTENSION makes both anew; insider review 59 changed the extension's oid by a catalog
-/// update so that a swapped-in empty trail passed for a new installation).
-pub(super) fn same_installation(committed_extoid: u32, committed_relid: u32, extoid: u32) -> bool {
-    // SAFETY: catalog-cache lookups by oid and name.
-    unsafe {
-        if extoid == committed_extoid {
-            return true;
-        }
-        if pg_sys::SearchSysCacheExists(pg_sys::SysCacheIdentifier::RELOID as _, pg_sys::Datum::from(committed_relid), pg_sys::Datum::from(0), pg_sys::Datum::from(0), pg_sys::Datum::from(0)) {
-            return true;
-        }
-        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
-        let tenants = if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"tenants".as_ptr(), ns).to_u32() };
-        // (Oids are handed out in increasing order until they wrap at 2^32.)
-        tenants != 0 && tenants < committed_relid
-    }
+/// Whether the trail tables now are still of the installation the writer last committed under:
+/// unless pg_envelope was dropped, in this database, by a transaction that committed (noted by
+/// `note_extension_drop`), a trail table other than the one it last committed to was put there
+/// by hand. (Review 59 changed the extension's oid by a catalog update; review 60 then also
+/// dropped the old table and put a view in place of `tenants`: every property of the catalog a
+/// check could compare can be reshaped by a superuser, the drop of the extension cannot be
+/// faked without dropping it.)
+pub(super) fn same_installation(_committed_extoid: u32, _committed_relid: u32, _extoid: u32) -> bool {
+    let (xid, db) = {
+        let q = QUEUE.share();
+        (q.ext_drop_xid, q.ext_drop_dboid)
+    };
+    // SAFETY: a global set at the process's start, and a commit-log lookup of an xid this server
+    // run assigned.
+    let dropped = unsafe {
+        db == pg_sys::MyDatabaseId.to_u32() && xid >= pg_sys::FirstNormalTransactionId.into_inner() && pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid))
+    };
+    !dropped
 }
 
 /// The column defaults the extension gives its other tables (`pg_attrdef.adbin` without parse
