@@ -70,10 +70,8 @@ pub struct Queue {
     pub head_seq: i64,
     pub head_hash: [u8; 32],
     pub head_relid: u32,
-    /// The extension that table belonged to, and the writer's transaction that committed the
-    /// head (insider review 58: a table replaced inside the same extension is tampering, not a
-    /// new chain; a REPEATABLE READ verification sees whether that commit is in its snapshot).
-    pub head_extoid: u32,
+    /// The writer's transaction that committed the head (a REPEATABLE READ verification asks
+    /// whether that commit is in its snapshot: insider review 58).
     pub head_xid: u32,
     /// The database the writer committed in (`envelope.database`): the head says nothing about
     /// the trail of any other database.

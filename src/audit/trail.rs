@@ -649,9 +649,9 @@ fn with_plain_settings<T>(f: impl FnOnce() -> T) -> T {
 /// extension in this server run (a table swapped in by hand: insider review 58 put a rewritten
 /// copy, and an empty one, in its place). The head comes with the committing transaction's id.
 fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
-    let (seq, hash, relid, extoid, xid, dboid) = {
+    let (seq, hash, relid, xid, dboid) = {
         let q = QUEUE.share();
-        (q.head_seq, q.head_hash, q.head_relid, q.head_extoid, q.head_xid, q.head_dboid)
+        (q.head_seq, q.head_hash, q.head_relid, q.head_xid, q.head_dboid)
     };
     // The writer's head is of envelope.database's trail: nothing to hold another database's to.
     // SAFETY: a global set at the backend's start.
@@ -659,12 +659,11 @@ fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
         return Ok(None);
     }
     // SAFETY: catalog lookups by name.
-    let (table, ext) = unsafe {
+    let table = unsafe {
         let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
-        let table = if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() };
-        (table, pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32())
+        if ns == pg_sys::InvalidOid { 0 } else { pg_sys::get_relname_relid(c"audit_blocks".as_ptr(), ns).to_u32() }
     };
-    if seq > 0 && relid != 0 && relid != table && extoid != 0 && super::writer::same_installation(extoid, relid, ext) {
+    if seq > 0 && relid != 0 && relid != table && super::writer::same_installation() {
         return Err(format!(
             "envelope.audit_blocks is not the table the audit writer last committed to in this server run (up to record {seq}): it was replaced by hand, not by DROP/CREATE EXTENSION"
         ));

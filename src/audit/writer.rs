@@ -54,8 +54,7 @@ pub struct Writer {
     blocks: Blocks,
     /// Blocks the batch in progress appended: counted in shared memory once it committed.
     appended: u64,
-    /// The extension the table belongs to, and the batch's transaction id (see `Queue::head_extoid`).
-    extoid: u32,
+    /// The batch's transaction id (see `Queue::head_xid`).
     xid: u32,
 }
 
@@ -92,13 +91,13 @@ impl Writer {
             Some((seq, hash)) => Head { seq, hash: hash32(hash)? },
         };
         self.head = Some(table);
-        let (committed_seq, committed_hash, committed_relid, committed_extoid) = {
+        let (committed_seq, committed_hash, committed_relid) = {
             let q = QUEUE.share();
             // A head committed in another database (envelope.database changed) is no head here.
             if q.head_dboid != unsafe { pg_sys::MyDatabaseId }.to_u32() {
-                (0, [0; 32], 0, 0)
+                (0, [0; 32], 0)
             } else {
-                (q.head_seq, q.head_hash, q.head_relid, q.head_extoid)
+                (q.head_seq, q.head_hash, q.head_relid)
             }
         };
         if committed_seq == 0 && committed_relid == 0 {
@@ -156,9 +155,7 @@ impl Writer {
             }
             // An empty table swapped in within the same extension (no DROP/CREATE EXTENSION):
             // the whole trail replaced by hand (insider review 58), tampering too.
-            // SAFETY: a lookup of the extension by name.
-            let extoid = unsafe { pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32() };
-            if committed_extoid != 0 && same_installation(committed_extoid, committed_relid, extoid) {
+            if same_installation() {
                 return Ok(Some(format!(
                     "the chain's head changed outside the writer: the audit table was replaced by an empty one within the same installation of the extension (not by DROP/CREATE EXTENSION); the previous chain ended at record {committed_seq} (hash {})",
                     hex(&committed_hash)
@@ -193,7 +190,6 @@ impl Writer {
             q.head_seq = h.seq;
             q.head_hash = h.hash;
             q.head_relid = self.relid;
-            q.head_extoid = self.extoid;
             q.head_xid = self.xid;
             // SAFETY: a global set at the process's start.
             q.head_dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
@@ -329,11 +325,8 @@ impl Writer {
         // Appended the way COPY appends (see `insert_direct`), to the table as the extension
         // made it and nothing else (see `table_refusal`).
         unsafe { insert_direct(relid, blocks.blocks(), started) }?;
-        // SAFETY: lookups of this transaction's id and of the extension by name.
-        unsafe {
-            self.xid = pg_sys::GetTopTransactionIdIfAny().into_inner();
-            self.extoid = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32();
-        }
+        // SAFETY: a lookup of this transaction's id.
+        self.xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
         self.appended = blocks.blocks().len() as u64;
         self.head = Some(chain.head());
         // Hourly counts and alerts (same transaction); alert records join the chain next batch.
@@ -494,18 +487,25 @@ pub(super) unsafe fn table_refusal(rel: pg_sys::Relation) -> Option<String> {
         // query on the table) evaluates their expressions and predicates, which runs code
         // (insider review 49: an IMMUTABLE function in an index expression read the whole
         // trail from the writer before the first version of this check refused the table).
-        let list = pg_sys::RelationGetIndexList(rel);
-        let n = if list.is_null() { 0 } else { (*list).length as usize };
-        for i in 0..n {
-            let oid = (*(*list).elements.add(i)).oid_value;
-            let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            let ok = index_is_plain(index, &attrs);
-            pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            if !ok {
-                return Some("has an index that is not a plain btree index with its columns' default operator classes".into());
-            }
+        if !indexes_plain(rel, &attrs) {
+            return Some("has an index that is not a plain btree index with its columns' default operator classes".into());
         }
         None
+    }
+}
+
+/// Whether every index of `rel` is plain (see [`index_is_plain`]), read from its catalog rows.
+unsafe fn indexes_plain(rel: pg_sys::Relation, attrs: &pgrx::PgTupleDesc) -> bool {
+    unsafe {
+        let list = pg_sys::RelationGetIndexList(rel);
+        let n = if list.is_null() { 0 } else { (*list).length as usize };
+        (0..n).all(|i| {
+            let oid = (*(*list).elements.add(i)).oid_value;
+            let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let ok = index_is_plain(index, attrs);
+            pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            ok
+        })
     }
 }
 
@@ -656,7 +656,7 @@ unsafe fn has_parent(relid: pg_sys::Oid) -> bool {
 /// dropped the old table and put a view in place of `tenants`: every property of the catalog a
 /// check could compare can be reshaped by a superuser, the drop of the extension cannot be
 /// faked without dropping it.)
-pub(super) fn same_installation(_committed_extoid: u32, _committed_relid: u32, _extoid: u32) -> bool {
+pub(super) fn same_installation() -> bool {
     let (xid, db) = {
         let q = QUEUE.share();
         (q.ext_drop_xid, q.ext_drop_dboid)
@@ -709,16 +709,8 @@ unsafe fn other_table_code(rel: pg_sys::Relation, name: &std::ffi::CStr) -> Opti
             }
         }
         let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
-        let list = pg_sys::RelationGetIndexList(rel);
-        let n = if list.is_null() { 0 } else { (*list).length as usize };
-        for i in 0..n {
-            let oid = (*(*list).elements.add(i)).oid_value;
-            let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            let ok = index_is_plain(index, &attrs);
-            pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            if !ok {
-                return Some("has an index that is not a plain btree index with its columns' default operator classes".into());
-            }
+        if !indexes_plain(rel, &attrs) {
+            return Some("has an index that is not a plain btree index with its columns' default operator classes".into());
         }
         None
     }
