@@ -23,7 +23,7 @@ FUNCTIONS = [
     "destroy_data_key", "rewrap_tenants_start", "rewrap_tenants_batch", "reencrypt_value", "needs_reencryption",
     "reencrypt_open", "reencrypt_batch", "cancel_reencrypt", "column_key_versions_of", "default_rotation_period", "maintenance_due",
     "rotate_data_key_if_due", "maintenance_status", "suspend_tenant", "resume_tenant", "lockdown", "lift_lockdown",
-    "schedule_shred", "cancel_shred", "confirm_shred", "shred_if_due", "shred_destroy_root_key", "shred_compact_key_tables", "audit_block_records", "audit_verify",
+    "schedule_shred", "cancel_shred", "confirm_shred", "shred_if_due", "shred_destroy_root_key", "shred_compact_key_tables", "audit_block_records", "audit_verify", "audit_export",
     "audit_prune", "audit_prune_in_progress", "add_canary", "drop_canary", "declare_blind_index", "rotate_index_key", "destroy_index_key",
     "active_index_version", "current_tenant_key_id", "blind_index_cardinality_warning",
 ]

@@ -569,6 +569,14 @@ CREATE  FUNCTION "audit_verify"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'audit_verify_wrapper';
+CREATE  FUNCTION "audit_export"(
+	"from_seq" bigint DEFAULT 1 /* Option < i64 > */
+) RETURNS TABLE (
+	"line" TEXT  /* String */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'audit_export_wrapper';
 CREATE  FUNCTION "audit_prune"(
 	"older_than" interval /* pgrx :: datum :: Interval */
 ) RETURNS bigint /* i64 */
@@ -1372,50 +1380,18 @@ BEGIN
     END LOOP;
 END $$;
 
--- Export for SIEMs and the offline verifier (scripts/audit-verify.py): one JSON object per line:
--- the records from `from_seq` on in sequence order ("type": "record": the hashed fields, and
--- prev_hash/hash in hex), rounded down to the record after the nearest checkpoint so the export
--- can be verified from its first line; then every checkpoint from there on ("type":
--- "checkpoint"); then one trailer ("type": "export": when it was taken, the head, the database).
+-- Export for SIEMs and the offline verifier (scripts/audit-verify.py): envelope.audit_export(from_seq
+-- bigint DEFAULT 1) RETURNS TABLE (line text), a C function (src/audit/export.rs; the lines are
+-- built in crates/core/src/audit_export.rs): one JSON object per line: the records from
+-- `from_seq` on in sequence order ("type": "record": the hashed fields, and prev_hash/hash in
+-- hex), rounded down to the record after the nearest checkpoint so the export can be verified
+-- from its first line; then every checkpoint from there on ("type": "checkpoint"); then one
+-- trailer ("type": "export": when it was taken, the head, the database).
 --   psql -XAt -c 'SELECT line FROM envelope.audit_export(1)' -o audit.jsonl
 -- (not \copy: COPY's text format doubles backslashes, so a field holding " or \ would break the
--- JSON). Reading it is recorded like any read of the audit tables.
--- VOLATILE: it reads the clock for its trailer, and every call is a recorded read. It reads the
--- tables without their indexes: an index that a superuser kept from receiving new blocks (and
--- then marked ready again) would leave the newest records out of a plan that used it, whatever
--- planner settings the reader's role carries (insider review 57).
-CREATE FUNCTION audit_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text)
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
-    SET enable_indexscan = off SET enable_indexonlyscan = off SET enable_bitmapscan = off SET enable_seqscan = on AS $$
-    WITH s AS (
-        SELECT coalesce((SELECT max(c.seq) + 1 FROM @extschema@.audit_checkpoints c WHERE c.seq < from_seq), 1) AS start
-    )
-    SELECT line FROM (
-        SELECT 0 AS part, b.first_seq AS k1, l.seq AS k2, CASE WHEN l.seq IS NULL THEN json_build_object(
-            -- Bytes of a stored block that are not records (altered): the offline verifier fails on it.
-            'type', 'unreadable', 'after_seq', b.first_seq - 1, 'block_first_seq', b.first_seq, 'detail', l.detail)::text
-          ELSE json_build_object(
-            'type', 'record', 'seq', l.seq, 'at', l.at, 'at_us', l.at_us, 'kind', l.kind, 'database', l.database,
-            'session_user', l.session_user_name, 'current_role', l.role_name, 'client_addr', l.client_addr,
-            'application_name', l.application_name, 'backend_pid', l.backend_pid, 'statement_id', l.statement_id,
-            'request_id', l.request_id, 'tenant', l.tenant, 'key_versions', l.key_versions, 'operation', l.operation,
-            'value_count', l.value_count, 'failure_count', l.failure_count, 'outcome', l.outcome,
-            'duration_us', l.duration_us, 'detail', l.detail,
-            'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text END AS line
-          FROM s, @extschema@.audit_blocks b CROSS JOIN LATERAL @extschema@.audit_block_records(b.prev_hash, b.records) l
-         WHERE b.last_seq >= s.start AND (l.seq >= s.start OR l.seq IS NULL)
-        UNION ALL
-        SELECT 1, c.seq, 0, json_build_object(
-            'type', 'checkpoint', 'seq', c.seq, 'hash', encode(c.hash, 'hex'), 'at', c.at, 'at_us', c.at_us,
-            'method', c.method, 'provider', c.provider, 'key_name', c.key_name, 'mac', encode(c.mac, 'hex'))::text
-          FROM @extschema@.audit_checkpoints c, s WHERE c.seq >= s.start - 1
-        UNION ALL
-        SELECT 2, 0, 0, json_build_object(
-            'type', 'export', 'from_seq', s.start, 'head_seq', (SELECT max(last_seq) FROM @extschema@.audit_blocks),
-            'at_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 'database', current_database())::text
-          FROM s
-) e ORDER BY part, k1, k2 NULLS LAST
-$$;
+-- JSON). Reading it is recorded. It reads the tables by heap scans and builds the JSON in Rust:
+-- a SQL body resolves its casts and operators by name at every call, and a cast inserted into
+-- pg_cast with a chosen low object id rewrote the first (SQL) export (insider review 58).
 
 -- The trail for people and dashboards: one row per record, hashes in hex.
 CREATE VIEW audit_events AS
@@ -1424,7 +1400,6 @@ CREATE VIEW audit_events AS
            duration_us, detail, pg_catalog.encode(hash, 'hex') AS hash
       FROM audit_log;
 
-REVOKE ALL ON FUNCTION audit_export(bigint) FROM PUBLIC;
 REVOKE ALL ON audit_events FROM PUBLIC;
 -- sql/search.sql as of 0.2.0:
 -- Blind indexes: equality search on encrypted columns (src/search.rs; the terms themselves in
@@ -1757,6 +1732,7 @@ REVOKE ALL ON FUNCTION shred_destroy_root_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_compact_key_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_verify(boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_export(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_prune_in_progress() FROM PUBLIC;
 REVOKE ALL ON FUNCTION add_canary(bytea, text) FROM PUBLIC;

@@ -82,6 +82,9 @@ pub enum EnvelopeError {
     AuditRetentionDenied,
     /// Retention refused: the chain does not match its checkpoint at `seq`.
     AuditChainBroken { seq: i64 },
+    /// `audit_export` cannot export the whole trail: a table is not the extension's (42P01 /
+    /// 55000), or row-level security would hide rows from the caller (42501).
+    AuditExportRefused { reason: String, rls: bool },
     /// `envelope.max_decrypts_per_statement` reached.
     DecryptCapReached { limit: i64 },
     /// A decryption in a parallel worker while `envelope.max_decrypts_per_statement` is set: the
@@ -351,6 +354,16 @@ impl EnvelopeError {
                 format!("pg_envelope: the audit chain does not match its checkpoint at record {seq}; nothing was pruned"),
                 None,
                 Some("Run SELECT * FROM envelope.audit_verify(true) and investigate before pruning.".into()),
+            ),
+            EnvelopeError::AuditExportRefused { reason, rls } => (
+                if *rls { ERRCODE_INSUFFICIENT_PRIVILEGE } else { ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE },
+                format!("pg_envelope: the audit trail cannot be exported: {reason}"),
+                None,
+                Some(if *rls {
+                    "An export holds every record or none: export as a role row-level security does not apply to (the tables' owner, or BYPASSRLS), or drop the policies.".into()
+                } else {
+                    "Run SELECT * FROM envelope.audit_verify() for the reason; the stored trail is what it checks.".into()
+                }),
             ),
             EnvelopeError::DecryptCapReached { limit } => (
                 ERRCODE_PROGRAM_LIMIT_EXCEEDED,

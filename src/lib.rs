@@ -235,6 +235,7 @@ REVOKE ALL ON FUNCTION shred_compact_key_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION shred_report(text) FROM PUBLIC;
 -- The audit trail (sql/audit.sql): auditors (grant EXECUTE and SELECT as needed).
 REVOKE ALL ON FUNCTION audit_verify(boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_export(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_prune(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_prune_in_progress() FROM PUBLIC;
 REVOKE ALL ON FUNCTION add_canary(bytea, text) FROM PUBLIC;

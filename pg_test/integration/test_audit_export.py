@@ -282,43 +282,53 @@ def test_an_export_from_a_later_record_starts_at_a_checkpoint(trail):
 def test_a_replaced_export_function_is_reported_by_audit_verify(trail):
     """Insider review 52 F3: a superuser's `audit_export` that wrote another `from_seq` in its
     trailer (and left the oldest records out) fooled the offline verifier unless it was told
-    `--from-seq 1`; audit_verify did not look at the function. It now reports a replaced body,
-    changed settings and an overload beside it, and says ok again once the function is back."""
+    `--from-seq 1`; audit_verify did not look at the function. The export is pg_envelope's C
+    function (review 58); audit_verify reports a body in another language, another symbol,
+    changed settings, security or strictness and an overload beside it, and says ok again once
+    the function is back."""
     with connect(PORT_A, trail["db"]) as c:
         original = c.execute("SELECT pg_get_functiondef('envelope.audit_export(bigint)'::regprocedure)").fetchone()[0]
+        assert "LANGUAGE c" in original and "audit_export_wrapper" in original, original
         assert c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is True
-        lying = original.replace("'from_seq', s.start", "'from_seq', 1")
-        assert lying != original
+        lying = ("CREATE OR REPLACE FUNCTION envelope.audit_export(from_seq bigint DEFAULT 1) RETURNS TABLE(line text) "
+                 "LANGUAGE sql AS $$ SELECT '{\"type\" : \"export\", \"from_seq\" : 1}'::text $$")
         tries = [
             ("a replaced body", lying, None),
+            ("another symbol", original.replace("audit_export_wrapper", "audit_prune_in_progress_wrapper"), None),
             ("SECURITY DEFINER", original, "ALTER FUNCTION envelope.audit_export(bigint) SECURITY DEFINER"),
+            ("STRICT", original, "ALTER FUNCTION envelope.audit_export(bigint) STRICT"),
             ("another search_path", original, "ALTER FUNCTION envelope.audit_export(bigint) SET search_path = public, pg_catalog"),
             ("an overload", original, "CREATE FUNCTION envelope.audit_export(from_seq integer) RETURNS TABLE (line text) "
                                       "LANGUAGE sql AS $$ SELECT line FROM envelope.audit_export(from_seq::bigint) $$"),
         ]
+
+        def restore():
+            c.execute("DROP FUNCTION IF EXISTS envelope.audit_export(integer)")
+            c.execute(original)
+            c.execute("ALTER FUNCTION envelope.audit_export(bigint) RESET ALL")
+            c.execute("ALTER FUNCTION envelope.audit_export(bigint) SECURITY INVOKER CALLED ON NULL INPUT")
+
         try:
             for what, definition, extra in tries:
                 c.execute(definition)
                 if extra:
                     c.execute(extra)
+                if what == "a replaced body":   # the attack works
+                    assert c.execute("SELECT count(*) FROM envelope.audit_export(1)").fetchone()[0] == 1
                 ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
                 assert ok is False and "envelope.audit_export is not the function the extension made" in brk, (what, brk)
-                c.execute("DROP FUNCTION IF EXISTS envelope.audit_export(integer)")
-                c.execute("ALTER FUNCTION envelope.audit_export(bigint) RESET ALL")
-                c.execute("ALTER FUNCTION envelope.audit_export(bigint) SECURITY INVOKER")
-                c.execute(original)
+                restore()
         finally:
-            c.execute("DROP FUNCTION IF EXISTS envelope.audit_export(integer)")
-            c.execute("ALTER FUNCTION envelope.audit_export(bigint) RESET ALL")
-            c.execute("ALTER FUNCTION envelope.audit_export(bigint) SECURITY INVOKER")
-            c.execute(original)
+            restore()
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
-        # A parsed body (`prosqlbody`, what BEGIN ATOMIC stores) runs instead of the text: put
-        # there by a catalog update, it changed the export while the text stayed the same.
+        assert c.execute("SELECT count(*) FROM envelope.audit_export(1)").fetchone()[0] > 1
+        # A parsed body (`prosqlbody`, what BEGIN ATOMIC stores) with the language made SQL by a
+        # catalog update: PostgreSQL runs the body; the symbol and library stay as they were.
         c.execute("CREATE FUNCTION envelope.r52_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text) "
                   "LANGUAGE sql BEGIN ATOMIC SELECT 'nothing to see'::text; END")
         try:
-            c.execute("UPDATE pg_catalog.pg_proc SET prosqlbody = (SELECT prosqlbody FROM pg_catalog.pg_proc "
+            c.execute("UPDATE pg_catalog.pg_proc SET prolang = (SELECT oid FROM pg_language WHERE lanname = 'sql'), "
+                      "prosqlbody = (SELECT prosqlbody FROM pg_catalog.pg_proc "
                       "WHERE oid = 'envelope.r52_export(bigint)'::regprocedure) WHERE oid = 'envelope.audit_export(bigint)'::regprocedure")
             c.execute("DROP FUNCTION envelope.r52_export(bigint)")
         finally:
@@ -329,7 +339,44 @@ def test_a_replaced_export_function_is_reported_by_audit_verify(trail):
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
             assert ok is False and "envelope.audit_export is not the function the extension made" in brk, brk
         finally:
-            c.execute("UPDATE pg_catalog.pg_proc SET prosqlbody = NULL WHERE oid = 'envelope.audit_export(bigint)'::regprocedure")
+            c.execute("UPDATE pg_catalog.pg_proc SET prolang = (SELECT oid FROM pg_language WHERE lanname = 'c'), prosqlbody = NULL "
+                      "WHERE oid = 'envelope.audit_export(bigint)'::regprocedure")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
+def test_a_cast_inserted_with_a_low_object_id_does_not_change_the_export(trail):
+    """Insider review 58 F3: `INSERT INTO pg_cast` of a json-to-text cast with a chosen object id
+    below 16384 passed the check of additions (which went by id), and the SQL export's
+    `json_build_object(...)::text` took it: records blanked, the export cut at a checkpoint with
+    a matching trailer, the offline verifier INTACT. The export is built in Rust over heap scans
+    now: with the cast in place its records are the same lines; audit_verify reports the cast
+    (its function was created after initdb, whatever the cast's own id)."""
+    db = trail["db"]
+    with connect(PORT_A, db) as c:
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+        before = [r[0] for r in c.execute("SELECT line FROM envelope.audit_export(1)")]
+        records_before = [l for l in before if json.loads(l)["type"] == "record"]
+        assert len(records_before) > 10
+        c.execute("BEGIN")
+        try:
+            c.execute("CREATE SCHEMA r58")
+            c.execute("CREATE FUNCTION r58.j2t(j json) RETURNS text LANGUAGE sql IMMUTABLE "
+                      "AS $$ SELECT CASE WHEN j->>'type' = 'record' THEN NULL ELSE textin(json_out(j)) END $$")
+            free = c.execute("SELECT min(g) FROM generate_series(16000, 16383) g "
+                             "WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_cast WHERE oid = g)").fetchone()[0]
+            c.execute("INSERT INTO pg_catalog.pg_cast (oid, castsource, casttarget, castfunc, castcontext, castmethod) "
+                      "VALUES (%s, 'json'::regtype, 'text'::regtype, 'r58.j2t(json)'::regprocedure, 'e', 'f')", (free,))
+            # The cast is live: what the first (SQL) export did with every record.
+            assert c.execute("""SELECT json_build_object('type', 'record', 'seq', 1)::text""").fetchone()[0] is None
+            after = [r[0] for r in c.execute("SELECT line FROM envelope.audit_export(1)")]
+            assert all(l is not None for l in after)
+            records_after = [l for l in after if json.loads(l)["type"] == "record"]
+            assert records_after[:len(records_before)] == records_before
+            assert json.loads(after[-1])["head_seq"] >= json.loads(before[-1])["head_seq"]
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "1 cast(s) between built-in types" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
 
 

@@ -13,8 +13,10 @@
 //!   the loss is counted).
 
 pub mod alerts;
+pub mod export;
 pub mod hooks;
 pub mod limit;
+mod stored;
 pub mod trail;
 pub mod writer;
 

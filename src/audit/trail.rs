@@ -1,13 +1,13 @@
 //! Reading the audit trail back: `envelope.audit_verify()` (the chain and its checkpoints) and
 //! `envelope.audit_prune()` (retention, itself a recorded and checkpointed event). The export is
-//! SQL (sql/audit.sql: `envelope.audit_export`, `envelope.audit_events`).
+//! `export.rs`; both read the stored trail by heap scans (`stored.rs`).
 
 use pg_envelope_core::audit::Head;
 use pg_envelope_core::audit_blocks::{records_of, StoredBlock};
 use pgrx::prelude::*;
 
 use super::writer::{checkpoint_mac_valid, hex};
-use super::{base_record, enabled, hooks, prime_session, push, QUEUE};
+use super::{base_record, enabled, hooks, prime_session, push, stored, QUEUE};
 use crate::catalog::{as_extension_owner, spi_err};
 use crate::error::{EnvelopeError, OrRaise, Result, OrRaiseAudited};
 
@@ -273,8 +273,15 @@ fn view_alteration() -> Result<Option<String>> {
 /// pg_envelope's own operators between two `blind_index` values; casts count between two
 /// built-in types (other extensions add casts between their own types and built-in ones,
 /// which nothing in pg_catalog takes once additions there are reported). An extension
-/// installed in schema pg_catalog is reported too. Not covered: a catalog row of a built-in object edited in place (`UPDATE pg_proc`),
-/// which no check inside the server can tell from the original (docs/design-decisions.md).
+/// installed in schema pg_catalog is reported too. Rows inserted directly with a chosen object id
+/// below `FirstNormalObjectId` (insider review 58) are told by what they run, not by their id:
+/// a cast between built-in types or an operator in pg_catalog whose function was created after
+/// initdb, and a function in pg_catalog in a language other than internal, C or SQL. Since
+/// then the export and audit_verify's reading of the trail resolve nothing by name (`stored`,
+/// `export`): these checks guard the views' readers and audit_verify's own remaining queries.
+/// Not covered: a catalog row of a built-in object edited in place (`UPDATE pg_proc`), or an
+/// SQL-language function inserted with a low id, which no check inside the server can tell
+/// from the original (docs/design-decisions.md).
 fn catalog_additions() -> Result<Option<String>> {
     let first_normal = pg_sys::FirstNormalObjectId;
     let catalog = pg_sys::PG_CATALOG_NAMESPACE;
@@ -293,23 +300,28 @@ fn catalog_additions() -> Result<Option<String>> {
         let added = |o: Option<pg_sys::Oid>, ns: Option<pg_sys::Oid>| {
             o.is_some_and(|o| o.to_u32() >= first_normal) && ns.is_some_and(|n| n.to_u32() == catalog)
         };
-        for r in c.select("SELECT oid, pronamespace FROM pg_catalog.pg_proc", None, &[]).map_err(spi_err)? {
+        // (Languages: internal 12, C 13 and SQL 14, fixed in pg_language.dat.)
+        let initdb_language = |l: Option<pg_sys::Oid>| l.is_some_and(|l| (12..=14).contains(&l.to_u32()));
+        let later = |o: Option<pg_sys::Oid>| o.is_some_and(|o| o.to_u32() >= first_normal);
+        for r in c.select("SELECT oid, pronamespace, prolang FROM pg_catalog.pg_proc", None, &[]).map_err(spi_err)? {
             let oid = r.get::<pg_sys::Oid>(1).map_err(spi_err)?;
-            if added(oid, r.get::<pg_sys::Oid>(2).map_err(spi_err)?) {
+            let ns = r.get::<pg_sys::Oid>(2).map_err(spi_err)?;
+            if added(oid, ns) || (ns.is_some_and(|n| n.to_u32() == catalog) && !initdb_language(r.get::<pg_sys::Oid>(3).map_err(spi_err)?)) {
                 functions.extend(oid);
             }
         }
-        for r in c.select("SELECT oid, oprnamespace, oprleft, oprright FROM pg_catalog.pg_operator", None, &[]).map_err(spi_err)? {
+        for r in c.select("SELECT oid, oprnamespace, oprleft, oprright, oprcode::pg_catalog.oid FROM pg_catalog.pg_operator", None, &[]).map_err(spi_err)? {
             let oid = r.get::<pg_sys::Oid>(1).map_err(spi_err)?;
-            if added(oid, r.get::<pg_sys::Oid>(2).map_err(spi_err)?)
+            let ns = r.get::<pg_sys::Oid>(2).map_err(spi_err)?;
+            if (added(oid, ns) || (ns.is_some_and(|n| n.to_u32() == catalog) && later(r.get::<pg_sys::Oid>(5).map_err(spi_err)?)))
                 && !(is_blind_index(r.get::<pg_sys::Oid>(3).map_err(spi_err)?) && is_blind_index(r.get::<pg_sys::Oid>(4).map_err(spi_err)?))
             {
                 operators.extend(oid);
             }
         }
-        for r in c.select("SELECT oid, castsource, casttarget FROM pg_catalog.pg_cast", None, &[]).map_err(spi_err)? {
+        for r in c.select("SELECT oid, castsource, casttarget, castfunc FROM pg_catalog.pg_cast", None, &[]).map_err(spi_err)? {
             let built_in = |i| r.get::<pg_sys::Oid>(i).map(|o| o.is_some_and(|o| o.to_u32() < first_normal));
-            if r.get::<pg_sys::Oid>(1).map_err(spi_err)?.is_some_and(|o| o.to_u32() >= first_normal)
+            if (later(r.get::<pg_sys::Oid>(1).map_err(spi_err)?) || later(r.get::<pg_sys::Oid>(4).map_err(spi_err)?))
                 && built_in(2).map_err(spi_err)?
                 && built_in(3).map_err(spi_err)?
             {
@@ -343,60 +355,90 @@ fn catalog_additions() -> Result<Option<String>> {
     )))
 }
 
-/// The body `envelope.audit_export` was created with: sql/audit.sql's, with the extension's
-/// schema in place of `@extschema@` (as `CREATE EXTENSION` and the upgrade script, which holds
-/// the same text, store it).
-fn audit_export_body() -> Option<String> {
-    const SQL: &str = include_str!("../../sql/audit.sql");
-    let start = SQL.find("CREATE FUNCTION audit_export(")?;
-    let body_start = start + SQL[start..].find("AS $$")? + "AS $$".len();
-    let body_end = body_start + SQL[body_start..].find("\n$$;")? + 1;
-    Some(SQL[body_start..body_end].replace("@extschema@", "envelope"))
-}
-
 /// Why `envelope.audit_export` may not export the stored trail as it is, or `None`. Insider
 /// review 52 F3: a superuser's replacement wrote another `from_seq` in the export's trailer and
 /// left the oldest records out, which the offline verifier could only catch when told
 /// `--from-seq 1`; a replacement could as well leave out the newest records and checkpoints.
-/// Checked: it is the extension's SQL function with the body, settings and security it was
-/// created with (and no parsed body, `prosqlbody`, which PostgreSQL would run instead of the
-/// text), and the only function of that name in the schema (an `audit_export(integer)`
-/// beside it would be the one `audit_export(1)` calls).
+/// Checked from the catalog caches (no SQL: nothing resolved by name): it is the only function
+/// of that name in the schema (an `audit_export(integer)` beside it would be the one
+/// `audit_export(1)` calls), pg_envelope's member, this library's C function `audit_export_wrapper`
+/// with the arguments, result, volatility, security and settings it was created with, and the
+/// default `1` (insider review 57: a call hidden behind the printed default).
 const ALTERED_EXPORT: &str = "envelope.audit_export is not the function the extension made (replaced, or another audit_export beside it): an export through it may leave records or checkpoints out; the stored trail is what audit_verify checked";
 
 fn export_alteration() -> Result<Option<String>> {
-    // The default of `from_seq` as a tree, not as printed: the printing hides an implicit cast,
-    // and a catalog update put a function of the superuser's behind the printed `1` (insider
-    // review 57: `audit_export()` then started at the newest checkpoint).
-    let default = Spi::get_one::<String>(
-        "SELECT proargdefaults::pg_catalog.text FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('envelope.audit_export(bigint)')",
-    )
-    .map_err(spi_err)?;
-    // (Before anything below prints the arguments: PostgreSQL's own printing parses the tree.)
-    if !default.as_deref().is_some_and(default_is_one) {
-        return Ok(Some(ALTERED_EXPORT.into()));
-    }
-    let row = Spi::get_two::<String, bool>(
-        "WITH p AS (SELECT * FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('envelope.audit_export(bigint)'))
-         SELECT (SELECT prosrc FROM p),
-                coalesce((SELECT prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'sql') AND NOT prosecdef
-                                 AND prosqlbody IS NULL AND prokind = 'f' AND NOT proisstrict AND prosupport = 0
-                                 AND pg_catalog.pg_get_function_arguments(oid) = 'from_seq bigint DEFAULT 1'
-                                 AND provolatile = 'v'
-                                 AND proconfig IS NOT DISTINCT FROM ARRAY['search_path=pg_catalog, pg_temp', 'enable_indexscan=off', 'enable_indexonlyscan=off', 'enable_bitmapscan=off', 'enable_seqscan=on']
-                                 AND prorettype = 'pg_catalog.text'::pg_catalog.regtype AND proretset
-                                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-                                                AND d.objid = p.oid AND d.deptype = 'e' AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
-                                                AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope')) FROM p), false)
-                AND (SELECT count(*) FROM pg_catalog.pg_proc o WHERE o.proname = 'audit_export'
-                        AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1",
-    )
-    .map_err(spi_err)?;
-    let ours = match (row, audit_export_body()) {
-        ((Some(src), Some(true)), Some(body)) => src == body,
-        _ => false,
-    };
+    // SAFETY: catalog-cache lookups by name and oid, each list and tuple released.
+    let ours = unsafe { export_is_ours() };
     Ok((!ours).then(|| ALTERED_EXPORT.into()))
+}
+
+unsafe fn export_is_ours() -> bool {
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
+        let ext = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true);
+        if ns == pg_sys::InvalidOid || ext == pg_sys::InvalidOid {
+            return false;
+        }
+        // Every function named audit_export, in any schema: exactly one of them in ours.
+        let list = pg_sys::SearchSysCacheList(
+            pg_sys::SysCacheIdentifier::PROCNAMEARGSNSP as i32,
+            1,
+            pg_sys::Datum::from(c"audit_export".as_ptr()),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        );
+        let mut found = Vec::new();
+        for i in 0..(*list).n_members as usize {
+            let tuple = &raw mut (**(*list).members.as_ptr().add(i)).tuple;
+            let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
+            if form.pronamespace == ns {
+                found.push(form.oid);
+            }
+        }
+        pg_sys::ReleaseCatCacheList(list);
+        let [oid] = found[..] else { return false };
+        if pg_sys::getExtensionOfObject(pg_sys::ProcedureRelationId, oid) != ext {
+            return false;
+        }
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, pg_sys::Datum::from(oid));
+        if tuple.is_null() {
+            return false;
+        }
+        let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
+        let text = |attr: u32| {
+            let mut isnull = false;
+            let d = pg_sys::SysCacheGetAttr(pg_sys::SysCacheIdentifier::PROCOID as i32, tuple, attr as pg_sys::AttrNumber, &mut isnull);
+            (!isnull).then(|| String::from_utf8_lossy(&Vec::<u8>::from_datum(d, false).unwrap_or_default()).into_owned())
+        };
+        let is_null = |attr: u32| {
+            let mut isnull = false;
+            pg_sys::SysCacheGetAttr(pg_sys::SysCacheIdentifier::PROCOID as i32, tuple, attr as pg_sys::AttrNumber, &mut isnull);
+            isnull
+        };
+        let shape = form.prolang == pg_sys::Oid::from(13u32) /* ClanguageId (pg_language.dat) */
+            && form.prokind == b'f' as std::ffi::c_char
+            && !form.prosecdef
+            && !form.proisstrict
+            && form.proretset
+            && form.provolatile == b'v' as std::ffi::c_char
+            && form.prorettype == pg_sys::TEXTOID
+            && form.prosupport == pg_sys::InvalidOid
+            && form.pronargs == 1
+            && form.pronargdefaults == 1
+            && *form.proargtypes.values.as_ptr() == pg_sys::INT8OID
+            && text(pg_sys::Anum_pg_proc_prosrc).as_deref() == Some("audit_export_wrapper")
+            && text(pg_sys::Anum_pg_proc_probin).as_deref() == Some("$libdir/pg_envelope")
+            && is_null(pg_sys::Anum_pg_proc_proconfig)
+            && is_null(pg_sys::Anum_pg_proc_prosqlbody);
+        // The default as stored, before anything parses it (a malformed tree crashed the node
+        // reader: insider review 58), then the arguments and result as PostgreSQL prints them.
+        let default = text(pg_sys::Anum_pg_proc_proargdefaults);
+        pg_sys::ReleaseSysCache(tuple);
+        shape
+            && default.as_deref().is_some_and(default_is_one)
+            && pgrx::direct_function_call::<String>(pg_sys::pg_get_function_arguments, &[oid.into_datum()]).as_deref() == Some("from_seq bigint DEFAULT 1")
+            && pgrx::direct_function_call::<String>(pg_sys::pg_get_function_result, &[oid.into_datum()]).as_deref() == Some("TABLE(line text)")
+    }
 }
 
 /// Whether a stored default expression list (`pg_proc.proargdefaults`) is the one
@@ -566,38 +608,17 @@ unsafe fn query_trees_equal(made: *mut pg_sys::Query, stored: *mut pg_sys::Query
     }
 }
 
-/// The stored blocks in sequence order, and the checkpoints.
+/// The stored blocks in sequence order, and the checkpoints, read by heap scans with a new
+/// snapshot (`stored`: nothing resolved by name; the tables are as the extension made them,
+/// checked before).
 fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
-    as_extension_owner(|| {
-        hooks::without_read_records(|| {
-            Spi::connect(|c| {
-                let t = c
-                    .select(
-                        "SELECT first_seq, last_seq,
-                                CASE WHEN extract(epoch FROM first_at) BETWEEN -9223372036854 AND 9223372036854 THEN (extract(epoch FROM first_at) * 1000000)::int8 END,
-                                CASE WHEN extract(epoch FROM last_at) BETWEEN -9223372036854 AND 9223372036854 THEN (extract(epoch FROM last_at) * 1000000)::int8 END,
-                                prev_hash, records FROM ONLY envelope.audit_blocks ORDER BY first_seq",
-                        None,
-                        &[],
-                    )
-                    .map_err(spi_err)?;
-                let mut rows = Vec::new();
-                for r in t {
-                    let n = |i: usize| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0));
-                    rows.push(StoredBlock {
-                        first_seq: n(1)?,
-                        last_seq: n(2)?,
-                        first_at_us: n(3)?,
-                        last_at_us: n(4)?,
-                        prev_hash: r.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default().try_into().unwrap_or([0xff; 32]),
-                        bytes: r.get::<Vec<u8>>(6).map_err(spi_err)?.unwrap_or_default(),
-                    });
-                }
-                let cps = read_checkpoints(&c, false)?;
-                Ok::<_, EnvelopeError>((rows, cps))
-            })
-        })
-    })
+    let internal = |why: String| EnvelopeError::Internal(format!("the audit trail cannot be read: {why}"));
+    let blocks = stored::Table::blocks().map_err(internal)?;
+    let checkpoints = stored::Table::checkpoints().map_err(internal)?;
+    let snapshot = stored::Snapshot::now();
+    let rows = stored::blocks(&blocks, snapshot.raw());
+    let cps = stored::checkpoints(&checkpoints, snapshot.raw()).iter().map(|c| c.checkpoint()).collect();
+    Ok((rows, cps))
 }
 
 type Verdict = (i64, Option<i64>, Option<i64>, bool, Option<String>);

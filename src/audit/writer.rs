@@ -411,20 +411,20 @@ pub(super) fn checkpoint_mac_valid(provider: &str, head: &Head, at_us: i64, mac:
 
 /// The column types and names of `envelope.audit_checkpoints`, in order, as `sql/audit.sql`
 /// creates them.
-const AUDIT_CHECKPOINT_TYPES: [pg_sys::Oid; 8] = {
+pub(super) const AUDIT_CHECKPOINT_TYPES: [pg_sys::Oid; 8] = {
     use pg_sys::{BYTEAOID as B, INT8OID as I, TEXTOID as T, TIMESTAMPTZOID as TS};
     [I, B, I, TS, T, T, T, B]
 };
-const AUDIT_CHECKPOINT_NAMES: [&[u8]; 8] = [b"seq", b"hash", b"at_us", b"at", b"method", b"provider", b"key_name", b"mac"];
+pub(super) const AUDIT_CHECKPOINT_NAMES: [&[u8]; 8] = [b"seq", b"hash", b"at_us", b"at", b"method", b"provider", b"key_name", b"mac"];
 
 /// The columns of `envelope.audit_blocks`, in order, as `sql/audit.sql` creates them.
-const AUDIT_BLOCK_TYPES: [pg_sys::Oid; 8] = {
+pub(super) const AUDIT_BLOCK_TYPES: [pg_sys::Oid; 8] = {
     use pg_sys::{BYTEAOID as B, INT8OID as I, TIMESTAMPTZOID as TS};
     [I, I, TS, TS, B, B, I, I]
 };
 
 /// The columns of `envelope.audit_blocks`, in order, as `sql/audit.sql` creates them.
-const AUDIT_BLOCK_NAMES: [&[u8]; 8] =
+pub(super) const AUDIT_BLOCK_NAMES: [&[u8]; 8] =
     [b"first_seq", b"last_seq", b"first_at", b"last_at", b"prev_hash", b"records", b"server_started_at", b"queue_pos"];
 
 /// Why the writer will not append to `envelope.audit_blocks`, or `None` when the table is as

@@ -7,6 +7,7 @@
 //! * [`KeyCache`]: per-backend cache of unwrapped tenant keys with a TTL.
 //! * [`lifecycle`]: new data key versions (rotation).
 //! * [`audit`]: the audit chain (canonical records, hash chain, verification, checkpoints).
+//! * [`audit_export`]: the audit trail's export lines (JSON, built here rather than in SQL).
 //! * [`search`]: blind indexes (keyed deterministic terms for equality search on encrypted columns).
 //! * [`stampede`]: the cluster-wide bound on concurrent key-provider calls (slots in shared memory).
 //! * [`BackendRng`]: the per-process, fork-aware nonce generator.
@@ -16,6 +17,7 @@
 
 pub mod audit;
 pub mod audit_blocks;
+pub mod audit_export;
 pub mod cache;
 pub mod datakey;
 pub mod envelope;

@@ -74,6 +74,8 @@ SELECT ok, records_checked, first_break FROM envelope.audit_verify() AS empty_ch
 SELECT count(*) = 1 AS export_has_its_trailer,
        bool_and(line::jsonb ->> 'type' = 'export') AS only_the_trailer
   FROM envelope.audit_export(1);
+-- A NULL start is an error, not an empty export.
+SELECT sqlstate_of($$SELECT * FROM envelope.audit_export(NULL)$$) AS export_from_null;
 
 -- Canaries: a value that is not an envelope is refused; a real one is registered once.
 SELECT sqlstate_of($$SELECT envelope.add_canary('\x0001', 'bad')$$) AS canary_not_an_envelope;
