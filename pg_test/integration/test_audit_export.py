@@ -344,6 +344,66 @@ def test_a_replaced_export_function_is_reported_by_audit_verify(trail):
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
 
 
+# The first export (a SQL function, until insider review 58): the reference for the lines'
+# format, which SIEM parsers and the offline verifier read.
+SQL_EXPORT = """
+CREATE FUNCTION pg_temp.sql_export(from_seq bigint DEFAULT 1) RETURNS TABLE (line text)
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+    SET enable_indexscan = off SET enable_indexonlyscan = off SET enable_bitmapscan = off SET enable_seqscan = on AS $$
+    WITH s AS (
+        SELECT coalesce((SELECT max(c.seq) + 1 FROM envelope.audit_checkpoints c WHERE c.seq < from_seq), 1) AS start
+    )
+    SELECT line FROM (
+        SELECT 0 AS part, b.first_seq AS k1, l.seq AS k2, CASE WHEN l.seq IS NULL THEN json_build_object(
+            -- Bytes of a stored block that are not records (altered): the offline verifier fails on it.
+            'type', 'unreadable', 'after_seq', b.first_seq - 1, 'block_first_seq', b.first_seq, 'detail', l.detail)::text
+          ELSE json_build_object(
+            'type', 'record', 'seq', l.seq, 'at', l.at, 'at_us', l.at_us, 'kind', l.kind, 'database', l.database,
+            'session_user', l.session_user_name, 'current_role', l.role_name, 'client_addr', l.client_addr,
+            'application_name', l.application_name, 'backend_pid', l.backend_pid, 'statement_id', l.statement_id,
+            'request_id', l.request_id, 'tenant', l.tenant, 'key_versions', l.key_versions, 'operation', l.operation,
+            'value_count', l.value_count, 'failure_count', l.failure_count, 'outcome', l.outcome,
+            'duration_us', l.duration_us, 'detail', l.detail,
+            'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text END AS line
+          FROM s, envelope.audit_blocks b CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) l
+         WHERE b.last_seq >= s.start AND (l.seq >= s.start OR l.seq IS NULL)
+        UNION ALL
+        SELECT 1, c.seq, 0, json_build_object(
+            'type', 'checkpoint', 'seq', c.seq, 'hash', encode(c.hash, 'hex'), 'at', c.at, 'at_us', c.at_us,
+            'method', c.method, 'provider', c.provider, 'key_name', c.key_name, 'mac', encode(c.mac, 'hex'))::text
+          FROM envelope.audit_checkpoints c, s WHERE c.seq >= s.start - 1
+        UNION ALL
+        SELECT 2, 0, 0, json_build_object(
+            'type', 'export', 'from_seq', s.start, 'head_seq', (SELECT max(last_seq) FROM envelope.audit_blocks),
+            'at_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 'database', current_database())::text
+          FROM s
+) e ORDER BY part, k1, k2 NULLS LAST
+$$;
+"""
+
+
+def test_the_export_writes_the_lines_the_sql_export_wrote(trail):
+    """The export became a C function (review 58); its lines are the SQL export's, byte for byte
+    (times in UTC, which the SQL export printed in the session's time zone), in the same order,
+    from the start and from a later sequence number; only the trailer's clock differs."""
+    with connect(PORT_A, trail["db"]) as c:
+        c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        try:
+            c.execute("SET LOCAL timezone = 'UTC'")
+            c.execute(SQL_EXPORT)
+            checkpoints = [r[0] for r in c.execute("SELECT seq FROM envelope.audit_checkpoints ORDER BY seq")]
+            assert len(checkpoints) >= 2
+            for from_seq in (1, checkpoints[1], checkpoints[-1] + 1):
+                new = [r[0] for r in c.execute("SELECT line FROM envelope.audit_export(%s)", (from_seq,))]
+                old = [r[0] for r in c.execute("SELECT line FROM pg_temp.sql_export(%s)", (from_seq,))]
+                assert len(new) == len(old) > 1 and new[:-1] == old[:-1], from_seq
+                tn, to = json.loads(new[-1]), json.loads(old[-1])
+                assert abs(tn.pop("at_us") - to.pop("at_us")) < 60_000_000 and tn == to, (new[-1], old[-1])
+            assert any(json.loads(l)["type"] == "checkpoint" for l in new)
+        finally:
+            c.execute("ROLLBACK")
+
+
 def test_a_cast_inserted_with_a_low_object_id_does_not_change_the_export(trail):
     """Insider review 58 F3: `INSERT INTO pg_cast` of a json-to-text cast with a chosen object id
     below 16384 passed the check of additions (which went by id), and the SQL export's
