@@ -7,7 +7,7 @@
         [--aws-endpoint URL --aws-region R --aws-key-id ID --aws-credentials-file F]
         [--json]
 
-EXPORT.jsonl is the output of envelope.audit_export() (sql/audit.sql), one JSON object a line:
+EXPORT.jsonl is the output of envelope.audit_export() (src/audit/export.rs), one JSON object a line:
 records first, then checkpoints. Either form of export is read:
 
     psql -XAt -c 'SELECT line FROM envelope.audit_export(1)' -o audit.jsonl
@@ -22,7 +22,11 @@ export starting after record 1 (a retention prune, or audit_export(from_seq)) mu
 after a checkpoint (from the export or a --log file) whose hash is the first record's prev_hash.
 Every checkpoint (the export's rows, and the copies the writer logged, which survive a row deleted
 in the database) must match the chain, and the chain must reach the newest one (else its tail was
-truncated). Checkpoint MACs are verified with the key of the provider that made them when the
+truncated). The export must end with its trailer (an export cut short has none), the trailer's
+head must be the last record, and when the trailer carries what the audit writer had committed
+(`writer_head_seq`/`writer_head_hash`, from the server's shared memory, not the table) the export
+must hold that record with that hash and no record past `writer_committed_seq` (insider review
+61: a tail rewritten and re-chained while the writer was held up). Checkpoint MACs are verified with the key of the provider that made them when the
 matching options are given (local root key file, OpenBao/Vault Transit, AWS KMS); the others are
 reported as "MAC not checked (provider X)".
 
@@ -232,6 +236,17 @@ class Break:
                     f"(records added or removed at its tail)")
         if self.kind == "unreadable":
             return f"the stored block after record {self.seq} holds bytes that are not records: altered"
+        if self.kind == "no_trailer":
+            return "the export has no trailer (its last line): cut short, or not an export of envelope.audit_export()"
+        if self.kind == "cut":
+            return (f"the export's records end at record {self.last_seq}, but its trailer says the trail ended at record "
+                    f"{self.found}: cut short")
+        if self.kind == "writer_head":
+            return (f"record {self.seq} is not the record the audit writer had committed (its hash differs, or it is missing): "
+                    f"the trail was rewritten or cut after the writer wrote it")
+        if self.kind == "past_writer":
+            return (f"records {self.seq}..{self.last_seq} were not written by the audit writer (it had committed up to record "
+                    f"{self.seq - 1}): appended by hand")
         if self.kind == "mac":
             return f"the checkpoint at record {self.seq} has an invalid MAC (provider {self.provider}): forged or altered"
         if self.kind == "mac_missing":
@@ -405,7 +420,7 @@ def _export_checkpoint(obj: Dict, lineno: int, path: str) -> Checkpoint:
 def load_export(path: str) -> Tuple[List[Stored], List[Checkpoint], List[str], str]:
     """Records (in file order), checkpoints, warnings, and the encoding found ("json" or "copy")."""
     UNREADABLE.clear()
-    EXPORT_META.pop("from_seq", None)
+    EXPORT_META.clear()
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -463,7 +478,19 @@ def load_export(path: str) -> Tuple[List[Stored], List[Checkpoint], List[str], s
             UNREADABLE.append(after if isinstance(after, int) else 0)
         elif t == "export":
             # The trailer: when the export was taken. Log checkpoints made after it cover records
-            # the file cannot hold (the export is itself a recorded read).
+            # the file cannot hold (the export is itself a recorded read). The last line of every
+            # export; what the writer had committed, when the trail was its own.
+            EXPORT_META["trailers"] = EXPORT_META.get("trailers", 0) + 1
+            EXPORT_META["trailer_last"] = lineno == parsed[-1][0]
+            for k in ("head_seq", "writer_head_seq", "writer_committed_seq"):
+                if isinstance(first.get(k), int) and not isinstance(first.get(k), bool):
+                    EXPORT_META[k] = first[k]
+            wh = first.get("writer_head_hash")
+            if isinstance(wh, str):
+                try:
+                    EXPORT_META["writer_head_hash"] = bytes.fromhex(wh)
+                except ValueError:
+                    raise InputError(f"{path} line {lineno}: writer_head_hash is not hex") from None
             at = first.get("at_us")
             if isinstance(at, int):
                 EXPORT_META["at_us"] = at
@@ -784,7 +811,14 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
             errs.setdefault(c.mac_note, []).append(c.seq)
     for note, seqs in errs.items():
         rep.errors.append(f"{len(seqs)} checkpoint(s) (first at record {seqs[0]}): {note}")
-    bad = [c for c in checkpoints if c.mac_status == "invalid"]
+    # A checkpoint with an invalid MAC is a break when the export holds it (the table's row); a
+    # line found only in the server log is not evidence of anything: any role can write a log
+    # line that looks like one (RAISE LOG; insider review 61b raised false alarms that way).
+    for c in checkpoints:
+        if c.mac_status == "invalid" and not c.in_export:
+            rep.warnings.append(f"a checkpoint line in the server log at record {c.seq} has an invalid MAC (provider {c.provider}): "
+                                f"ignored (any role can write a log line; only verified ones count)")
+    bad = [c for c in checkpoints if c.mac_status == "invalid" and c.in_export]
     mac_break = Break("mac", seq=bad[0].seq, provider=bad[0].provider) if bad else None
     # Only checkpoints whose MAC did not fail are evidence about the chain.
     good = [c for c in checkpoints if c.mac_status != "invalid"]
@@ -834,6 +868,8 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
     if unpruned is not None:
         rep.chain_break = unpruned  # (at the start of what the export holds: before any other break)
     if rep.chain_break is None:
+        rep.chain_break = export_bounds_break(records)
+    if rep.chain_break is None:
         # The writer's own tamper record in an otherwise whole chain (insider review 53).
         tampered = next((r.record["seq"] for r in records if is_tamper(r.record)), None)
         if tampered is not None:
@@ -844,6 +880,27 @@ def verify_export(records: List[Stored], checkpoints: List[Checkpoint], verifier
         if relied:
             rep.first_break = Break("mac_missing", seq=relied[0].seq, provider=relied[0].provider)
     return rep
+
+
+def export_bounds_break(records: List[Stored]) -> Optional[Break]:
+    """The export's own bounds: its trailer (the last line, exactly one), the trailer's head as
+    the last record, and what the audit writer had committed (review 61)."""
+    if EXPORT_META.get("trailers", 0) != 1 or not EXPORT_META.get("trailer_last"):
+        return Break("no_trailer")
+    last = records[-1].record["seq"] if records else None
+    head = EXPORT_META.get("head_seq")
+    if last is not None and head is not None and head != last:
+        return Break("cut", last_seq=last, found=head)
+    wseq, whash = EXPORT_META.get("writer_head_seq"), EXPORT_META.get("writer_head_hash")
+    first = records[0].record["seq"] if records else None
+    if wseq is not None and whash is not None and first is not None and wseq >= first:
+        at = next((r for r in records if r.record["seq"] == wseq), None)
+        if at is None or at.hash != whash:
+            return Break("writer_head", seq=wseq)
+    committed = EXPORT_META.get("writer_committed_seq")
+    if committed is not None and last is not None and last > committed:
+        return Break("past_writer", seq=committed + 1, last_seq=last)
+    return None
 
 
 def _hint(rep: Report, records: List[Stored], good: List[Checkpoint], start: Optional[Head], export_mtime_us: Optional[int]) -> str:

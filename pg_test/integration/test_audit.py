@@ -2249,6 +2249,79 @@ def fresh_trail(c):
     set_audit(c, True, audit_checkpoint_interval=300)
 
 
+def test_a_drop_rolled_back_to_a_savepoint_makes_no_new_installation(audited):
+    """Insider review 61 F1: DROP EXTENSION inside a savepoint that was rolled back still noted a
+    drop (the top transaction's id, which then committed), and an empty trail swapped in by the
+    same transaction passed for a new installation: the writer wrote `chain_restart` at record 1
+    and audit_verify said ok, 13 records gone. The drop is noted with the subtransaction's own
+    id (aborted with its savepoint) and the dropped extension's oid."""
+    with connect(PORT_A, DB) as c:
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        before = last_seq(c)
+        assert before > 1
+        view = c.execute("SELECT pg_get_viewdef('envelope.audit_log'::regclass)").fetchone()[0]
+        try:
+            c.execute("BEGIN")
+            c.execute("SAVEPOINT s")
+            c.execute("DROP EXTENSION pg_envelope CASCADE")
+            c.execute("ROLLBACK TO SAVEPOINT s")
+            c.execute("CREATE TABLE envelope.audit_blocks_r61 (LIKE envelope.audit_blocks INCLUDING ALL)")
+            c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_r61_orig")
+            c.execute("ALTER TABLE envelope.audit_blocks_r61 RENAME TO audit_blocks")
+            c.execute("ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_r61_orig")
+            c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
+            c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
+            c.execute("COMMIT")
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "is not the table the audit writer last committed to" in brk, brk
+            with as_tenant(c, TENANT):
+                c.execute("SELECT envelope.encrypt_field('after the swap')")
+            assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log").fetchone()[0] > 0)
+            kinds = c.execute("SELECT seq, kind FROM envelope.audit_log ORDER BY seq LIMIT 1").fetchone()
+            assert kinds != (1, "chain_restart"), kinds
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False, brk
+        finally:
+            c.execute("ROLLBACK")
+            c.execute("DROP TABLE IF EXISTS envelope.audit_blocks_r61_orig")
+            fresh_trail(c)
+
+
+def test_a_repeatable_read_snapshot_taken_after_a_cut_does_not_hide_it(audited):
+    """Insider review 61 F3: with REPEATABLE READ as the auditor's isolation, a snapshot taken
+    after the newest records were deleted but before the writer's next commit made audit_verify
+    skip the "ends before the committed head" check (the commit was not in the snapshot) and say
+    ok. The trail is read with the latest snapshot, whatever the isolation."""
+    with connect(PORT_A, DB) as c, connect(PORT_A, DB) as auditor:
+        unwitnessed_tail(c)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        newest = c.execute("SELECT max(first_seq) FROM envelope.audit_blocks").fetchone()[0]
+        c.execute("CREATE TEMP TABLE r61_stash AS SELECT * FROM envelope.audit_blocks WHERE false")
+        try:
+            c.execute("BEGIN")
+            c.execute("ALTER TABLE envelope.audit_blocks DISABLE TRIGGER USER")
+            c.execute("WITH d AS (DELETE FROM envelope.audit_blocks WHERE first_seq >= %s RETURNING *) "
+                      "INSERT INTO r61_stash SELECT * FROM d", (newest,))
+            c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only")
+            c.execute("ALTER TABLE envelope.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_no_truncate")
+            c.execute("COMMIT")
+            auditor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            auditor.execute("SELECT 1")             # the snapshot: after the cut
+            head = c.execute("SELECT (envelope.status()->'audit'->>'blocks_written')::bigint").fetchone()[0]
+            decrypt_some(c)                         # the writer commits after that snapshot
+            assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'blocks_written')::bigint").fetchone()[0] > head)
+            ok, brk = auditor.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and f"record {newest}" in brk, brk
+            auditor.execute("ROLLBACK")
+        finally:
+            auditor.execute("ROLLBACK")
+            c.execute("ROLLBACK")
+            c.execute("INSERT INTO envelope.audit_blocks SELECT * FROM r61_stash")
+            c.execute("DROP TABLE r61_stash")
+        if c.execute("SELECT ok FROM envelope.audit_verify()").fetchone()[0] is not True:
+            fresh_trail(c)   # (the writer may have marked the cut it saw: a fresh trail for the tests after)
+
+
 def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_there_excuses_nothing(audited):
     """Insider review 52: a superuser deleted the oldest blocks up to a checkpoint, appended a
     made-up `audit_prune` record naming it after the newest checkpoint, then crashed a backend

@@ -206,7 +206,13 @@ def log_line(cp):
             f"at_us={cp['at_us']} provider={cp['provider']} mac={cp['mac']}")
 
 
-def write(tmp_path, name, objs_or_lines):
+def write(tmp_path, name, objs_or_lines, trailer=True):
+    """An export file. Every real export ends with its trailer: one is added (head only: no
+    from_seq or time, which other checks read) unless the objects carry one, or `trailer` is off."""
+    objs_or_lines = list(objs_or_lines)
+    if trailer and all(isinstance(o, dict) for o in objs_or_lines) and not any(o.get("type") == "export" for o in objs_or_lines):
+        seqs = [o["seq"] for o in objs_or_lines if o.get("type") == "record" and isinstance(o.get("seq"), int)]
+        objs_or_lines.append({"type": "export", "head_seq": seqs[-1] if seqs else None})
     p = tmp_path / name
     p.write_text("".join((o if isinstance(o, str) else export_line(o)) + "\n" for o in objs_or_lines), encoding="utf-8")
     return str(p)
@@ -300,6 +306,19 @@ def test_a_rewritten_tail_with_its_checkpoint_rows_deleted(tmp_path, capsys, tra
     exp = write(tmp_path, "rw.jsonl", [record_obj(s) for s in t] + cps[:1])
     code, j = run_json(capsys, exp, "--local-root-key", key_file, "--log", log)
     assert (code, j["first_break"]) == (1, "record 20 does not have the hash its checkpoint certified: rewritten"), j
+
+
+def test_a_log_line_with_an_invalid_mac_is_a_warning_not_a_break(tmp_path, capsys, trail, key_file):
+    """Insider review 61b: any role can RAISE LOG a line that looks like a checkpoint; with an
+    invalid MAC it made an intact export BROKEN. Only the export's own checkpoints and verified
+    log lines are evidence."""
+    rows, cps = trail
+    fake = dict(cps[0], seq=14, hash="ab" * 32, mac="cd" * 32)
+    log = write(tmp_path, "server.log", [log_line(c) for c in cps] + [log_line(fake)], trailer=False)
+    exp = write(tmp_path, "intact.jsonl", [record_obj(s) for s in rows] + cps)
+    code, j = run_json(capsys, exp, "--local-root-key", key_file, "--log", log)
+    assert code == 0 and j["first_break"] is None, j
+    assert any("server log at record 14 has an invalid MAC" in w for w in j["warnings"]), j
 
 
 def test_a_forged_checkpoint_mac_is_a_break(tmp_path, capsys, trail, key_file):
@@ -469,7 +488,7 @@ def test_copy_text_format_export_with_backslashes_and_quotes(tmp_path, capsys, k
     weird = {3: 'say "hi"', 4: "C:\\dir\\file", 5: "tab\there", 6: "ünïcode\\\"", 7: "\\\\"}
     rows = chain(8, make=lambda i: dict(rec(i), detail=weird.get(i, ""), application_name='a"b' if i == 2 else "psql"))
     cps = [local_cp(rows[7])]
-    lines = [export_line(o) for o in [record_obj(s) for s in rows] + cps]
+    lines = [export_line(o) for o in [record_obj(s) for s in rows] + cps + [{"type": "export", "head_seq": 8}]]
     copied = [ln.replace("\\", "\\\\") for ln in lines]  # what COPY TO (text format) does to them
     for name, content in (("raw.jsonl", lines), ("copy.jsonl", copied)):
         exp = write(tmp_path, name, content)
@@ -477,7 +496,7 @@ def test_copy_text_format_export_with_backslashes_and_quotes(tmp_path, capsys, k
         assert (code, j["head_seq"], j["encoding"]) == (0, 8, "copy" if name == "copy.jsonl" else "json"), (name, j)
     # Only literal backslashes: undecidable from the text, the stored hash decides.
     rows = chain(3, make=lambda i: dict(rec(i), detail="\\\\" if i == 2 else ""))
-    lines = [export_line(record_obj(s)) for s in rows]
+    lines = [export_line(record_obj(s)) for s in rows] + [export_line({"type": "export", "head_seq": 3})]
     for content in (lines, [ln.replace("\\", "\\\\") for ln in lines]):
         exp = write(tmp_path, "amb.jsonl", content)
         assert run_json(capsys, exp)[0] == 0
@@ -587,6 +606,38 @@ def test_input_errors_exit_2(tmp_path, capsys, trail):
         av.main([str(tmp_path / "ok.jsonl"), "--transit-url", "http://127.0.0.1:1"])
     assert e.value.code == 2
     capsys.readouterr()
+
+
+def test_an_export_is_held_to_its_trailer_and_to_what_the_writer_committed(tmp_path, capsys, trail):
+    """Insider review 61: an export cut after a record line (no checkpoints, no trailer) verified
+    intact; a tail rewritten and re-chained while the writer was held up exported and verified
+    intact. Every export ends with its trailer, whose head is its last record; the trailer
+    carries the head the writer had committed (shared memory), which the export must hold."""
+    rows, cps = trail
+    recs = [record_obj(s) for s in rows]
+    # Cut short: no trailer, or records after it, or a trailer whose head is further on.
+    code, j = run_json(capsys, write(tmp_path, "cut.jsonl", recs[:8], trailer=False))
+    assert (code, j["first_break"]) == (1, "the export has no trailer (its last line): cut short, or not an export of envelope.audit_export()"), j
+    code, j = run_json(capsys, write(tmp_path, "after.jsonl", recs[:8] + [{"type": "export", "head_seq": 8}] + recs[8:], trailer=False))
+    assert code == 1 and "no trailer" in j["first_break"], j
+    code, j = run_json(capsys, write(tmp_path, "short.jsonl", recs[:8] + [{"type": "export", "head_seq": 20}]))
+    assert (code, j["first_break"]) == (1, "the export's records end at record 8, but its trailer says the trail ended at record 20: cut short"), j
+    # Held to the writer's committed head.
+    ok = {"type": "export", "head_seq": 20, "writer_head_seq": 19, "writer_head_hash": rows[18].hash.hex(), "writer_committed_seq": 20}
+    code, j = run_json(capsys, write(tmp_path, "ok.jsonl", recs + cps + [ok]))
+    assert code == 0 and j["first_break"] is None, j
+    # The tail from record 12 rewritten and re-chained: a valid chain the writer never wrote.
+    forged12 = rec(12)
+    forged12["current_role"] = "postgres"
+    t = rows[:11] + chain(9, head(rows[10]), lambda i: forged12 if i == 12 else rec(i), 12)
+    code, j = run_json(capsys, write(tmp_path, "rewritten.jsonl", [record_obj(s) for s in t] + cps[:1] + [ok]))
+    assert (code, j["first_break"]) == (1, "record 19 is not the record the audit writer had committed (its hash differs, or it is missing): the trail was rewritten or cut after the writer wrote it"), j
+    # Records past what the writer had committed.
+    code, j = run_json(capsys, write(tmp_path, "past.jsonl", recs + cps + [dict(ok, writer_committed_seq=18)]))
+    assert (code, j["first_break"]) == (1, "records 19..20 were not written by the audit writer (it had committed up to record 18): appended by hand"), j
+    # Fields absent or null (a trail the writer has not committed to in this server run): not checked.
+    code, j = run_json(capsys, write(tmp_path, "nulls.jsonl", recs + cps + [dict(ok, writer_head_seq=None, writer_head_hash=None, writer_committed_seq=None)]))
+    assert code == 0, j
 
 
 def test_an_empty_export(tmp_path, capsys, trail):

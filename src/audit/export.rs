@@ -8,9 +8,11 @@
 //! Order: the records from the start (the record after the newest checkpoint before `from_seq`)
 //! in sequence order, a block's unreadable bytes as an `unreadable` line after its readable
 //! records; then every checkpoint from the one at the start's previous record on; then the
-//! trailer. The blocks' places are read first (24 bytes each), each block is read and decoded
-//! when its lines are due, with the statement's snapshot throughout: a large trail is not held
-//! in memory.
+//! trailer, which also carries what the audit writer had committed (from shared memory): the
+//! offline verifier holds the export to it. The blocks' places are read first (24 bytes each)
+//! with the latest snapshot (the trail as it is when the export starts, at any isolation
+//! level), each block is read and decoded when its lines are due: a large trail is not held in
+//! memory.
 //!
 //! Privileges are the caller's, as for a query: SELECT on `audit_blocks` and
 //! `audit_checkpoints` (the table or every column); row-level security that applies to the
@@ -57,7 +59,17 @@ impl Export {
         for (table, name) in [(&blocks_table, c"audit_blocks"), (&checkpoints_table, c"audit_checkpoints")] {
             may_read(table.oid(), name)?;
         }
-        let snapshot = statement_snapshot()?;
+        // What the writer had committed, read before the trail (review 61: an export that is
+        // not held to it showed a tail rewritten and re-chained while the writer was held up,
+        // and the offline verifier, which sees only the file, said intact). A table other than
+        // the one the writer committed to is refused (audit_verify names it).
+        let writer_head = super::trail::committed_head().map_err(refused)?.map(|(h, _)| h);
+        // The trail as it is now, read with the latest snapshot (it holds the writer's commit
+        // of that head, at any isolation level); blocks are fetched later with a new latest
+        // snapshot each: append-only, one seen here stays, unless someone removes it, which
+        // shows as an unreadable line.
+        let latest = stored::Snapshot::latest();
+        let snapshot = latest.raw();
         let cps = stored::checkpoints(&checkpoints_table, snapshot);
         let refs = stored::block_refs(&blocks_table, snapshot);
         let start = lines::export_start(from_seq, cps.iter().map(|c| c.seq));
@@ -80,7 +92,25 @@ impl Export {
                 })
             })
             .collect();
-        let trailer = lines::trailer_line(start, head_seq, now_unix_us(), &current_database());
+        drop(latest);
+        // And after it, with a second's grace for the moment between the writer's commit and
+        // its publishing the head: records past what the writer committed were not written by
+        // it (the offline verifier reports them).
+        let committed_seq = writer_head.map(|h| {
+            let newest = head_seq.unwrap_or(0);
+            let mut seq = h.seq;
+            for _ in 0..20 {
+                seq = super::trail::committed_head().ok().flatten().map_or(seq, |(c, _)| c.seq.max(seq));
+                if seq >= newest {
+                    break;
+                }
+                // SAFETY: a sleep that services interrupts.
+                unsafe { pg_sys::pg_usleep(50_000) };
+            }
+            seq
+        });
+        let writer = writer_head.as_ref().zip(committed_seq).map(|(h, committed_seq)| lines::WriterHead { head_seq: h.seq, head_hash: &h.hash, committed_seq });
+        let trailer = lines::trailer_line(start, head_seq, now_unix_us(), &current_database(), writer);
         if enabled() {
             prime_session();
             let mut r = base_record("audit_read", crate::backend::role_name(crate::nothrow::current_user_id()));
@@ -98,10 +128,10 @@ impl Export {
         // (Opened again for each block: nothing is held between the calls PostgreSQL makes; the
         // lock taken by the first call is held to the transaction's end.)
         let table = Table::again(&self.table);
-        let snapshot = statement_snapshot().or_raise();
-        let Some((prev_hash, bytes)) = stored::block_at(&table, snapshot, at) else {
-            // Not visible any more to the statement's snapshot: cannot happen while it is held;
-            // said rather than skipped.
+        let latest = stored::Snapshot::latest();
+        let Some((prev_hash, bytes)) = stored::block_at(&table, latest.raw(), at) else {
+            // Removed since the export began (the trail is append-only: by hand, or a retention
+            // that deleted it): said rather than skipped.
             self.pending.push_back(lines::unreadable_line(at.first_seq));
             return;
         };
@@ -134,19 +164,6 @@ impl Iterator for Export {
                 Some(at) => self.read_next_block(&at),
                 None => return self.checkpoints.next().or_else(|| self.trailer.take()),
             }
-        }
-    }
-}
-
-/// The statement's snapshot: pushed for the whole execution of the query that calls the
-/// export, so every call of it reads with the same one.
-fn statement_snapshot() -> Result<pg_sys::Snapshot> {
-    // SAFETY: reads the active-snapshot stack.
-    unsafe {
-        if pg_sys::ActiveSnapshotSet() {
-            Ok(pg_sys::GetActiveSnapshot())
-        } else {
-            Err(EnvelopeError::Internal("audit_export needs a statement snapshot".into()))
         }
     }
 }

@@ -13,6 +13,7 @@
 //!   the loss is counted).
 
 pub mod alerts;
+mod catalog_facts;
 pub mod export;
 pub mod hooks;
 pub mod limit;
@@ -80,8 +81,12 @@ pub struct Queue {
     pub head_dboid: u32,
     /// The transaction that dropped pg_envelope in this server run, and its database (insider
     /// review 60): only a committed DROP EXTENSION makes a new trail table a new chain.
+    /// The (sub)transaction's own id: a DROP inside a savepoint that was rolled back is no drop
+    /// (insider review 61 dropped and rolled back to a savepoint, then swapped the trail). With
+    /// the dropped extension's oid (a new installation has another).
     pub ext_drop_xid: u32,
     pub ext_drop_dboid: u32,
+    pub ext_drop_extoid: u32,
     /// Blocks of records the writer appended (committed) in this server run.
     pub blocks_direct: u64,
 }
@@ -138,10 +143,13 @@ unsafe extern "C-unwind" fn note_extension_drop(
             && class_id.to_u32() == 3079 // pg_extension
             && object_id == pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true)
         {
-            let xid = pg_sys::GetTopTransactionId().into_inner();
+            // The subtransaction's own id: it counts as committed only when it and every parent
+            // committed (a savepoint rolled back aborts it).
+            let xid = pg_sys::GetCurrentTransactionId().into_inner();
             let mut q = QUEUE.exclusive();
             q.ext_drop_xid = xid;
             q.ext_drop_dboid = pg_sys::MyDatabaseId.to_u32();
+            q.ext_drop_extoid = object_id.to_u32();
         }
     }
 }

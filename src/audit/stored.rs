@@ -173,16 +173,16 @@ impl Row<'_> {
     }
 }
 
-/// A snapshot for reading the trail now: a new one under READ COMMITTED (which sees what the
-/// writer committed before this call; the statement's snapshot may predate it), the
-/// transaction's under REPEATABLE READ and SERIALIZABLE. Registered; unregistered on drop (at
+/// A snapshot for reading the trail as it is now, at any isolation level (it sees everything
+/// committed before this call: what the writer committed, and what anyone removed; a REPEATABLE
+/// READ transaction's snapshot may be older than either). Registered; unregistered on drop (at
 /// an error's abort, the resource owner releases it).
 pub(super) struct Snapshot(pg_sys::Snapshot);
 
 impl Snapshot {
-    pub(super) fn now() -> Snapshot {
-        // SAFETY: GetTransactionSnapshot's result is static storage: registered (copied) at once.
-        Snapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot()) })
+    pub(super) fn latest() -> Snapshot {
+        // SAFETY: GetLatestSnapshot's result is static storage: registered (copied) at once.
+        Snapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot()) })
     }
 }
 

@@ -7,6 +7,7 @@ use pg_envelope_core::audit_blocks::{records_of, StoredBlock};
 use pgrx::prelude::*;
 
 use super::writer::{checkpoint_mac_valid, hex};
+use super::catalog_facts as facts;
 use super::{base_record, enabled, hooks, prime_session, push, stored, QUEUE};
 use crate::catalog::{as_extension_owner, spi_err};
 use crate::error::{EnvelopeError, OrRaise, Result, OrRaiseAudited};
@@ -151,22 +152,14 @@ pub(super) fn is_extension_member(relid: u32) -> bool {
     }
 }
 
-/// `envelope.audit_blocks` and `envelope.audit_log` as the extension made them: both its own,
-/// the view reading that table.
+/// `envelope.audit_blocks` and `envelope.audit_log` as the extension made them: both its own, a
+/// table and a view (that the view reads that table is checked with its query, node for node:
+/// [`view_alteration`]). From the catalog caches (`catalog_facts`: no SQL).
 fn trail_is_the_extensions() -> Result<bool> {
-    let ours = Spi::get_one::<bool>(
-        "SELECT to_regclass('envelope.audit_blocks') IS NOT NULL AND to_regclass('envelope.audit_log') IS NOT NULL
-            AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
-                         WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND r.ev_class = pg_catalog.to_regclass('envelope.audit_log')
-                           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = pg_catalog.to_regclass('envelope.audit_blocks'))",
-    )
-    .map_err(spi_err)?
-    .unwrap_or(false);
-    Ok(ours
-        && [c"audit_blocks", c"audit_log"].iter().all(|name| unsafe {
-            let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
-            ns != pg_sys::InvalidOid && is_extension_member(pg_sys::get_relname_relid(name.as_ptr(), ns).to_u32())
-        }))
+    let member = |name: &std::ffi::CStr, kind: u8| {
+        facts::relation(name).is_some_and(|relid| is_extension_member(relid.to_u32()) && facts::class(relid).is_some_and(|c| c.relkind == kind))
+    };
+    Ok(member(c"audit_blocks", pg_sys::RELKIND_RELATION) && member(c"audit_log", pg_sys::RELKIND_VIEW))
 }
 
 /// Why `envelope.audit_blocks` is not as the extension made it, or `None`: what the writer
@@ -175,12 +168,11 @@ fn trail_is_the_extensions() -> Result<bool> {
 /// `audit_log` rows of a foreign child table that returned nothing to `audit_verify`). Checked
 /// before the blocks are read, so a renamed column is a report, not an error.
 fn table_alteration() -> Result<Option<String>> {
-    let children = Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE pg_catalog.to_regclass('envelope.audit_blocks') IN (inhparent, inhrelid))
-             OR (SELECT relkind <> 'r' FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass('envelope.audit_blocks'))",
-    )
-    .map_err(spi_err)?
-    .unwrap_or(true);
+    // (PostgreSQL's own lookups by oid: the SQL first written here was blinded by an operator
+    // row inserted with a low object id, and by renamed catalog columns: insider review 61.)
+    let children = facts::relation(c"audit_blocks").is_none_or(|relid| {
+        facts::inherits(relid) || facts::class(relid).is_none_or(|c| c.relkind != pg_sys::RELKIND_RELATION)
+    });
     if children {
         return Ok(Some(
             "envelope.audit_blocks has inheritance children or a parent, or is partitioned: readers of envelope.audit_log would see other rows as records, or read the trail through another table unrecorded".into(),
@@ -215,33 +207,7 @@ const AUDIT_LOG_QUERY: &std::ffi::CStr = c"SELECT r.seq, r.at, r.at_us, r.kind, 
 /// function; the views have no options (`security_invoker` would apply the table's row-level
 /// security to readers); the table has no row-level security.
 fn view_alteration() -> Result<Option<String>> {
-    let attrs_ok = Spi::get_one::<bool>(
-        "SELECT coalesce((SELECT v.reloptions IS NULL AND e.reloptions IS NULL AND NOT b.relrowsecurity AND NOT b.relforcerowsecurity
-                AND NOT c.relrowsecurity AND NOT c.relforcerowsecurity
-                AND p.prolang = (SELECT oid FROM pg_catalog.pg_language WHERE lanname = 'c')
-                AND p.prosrc = 'audit_block_records_wrapper' AND p.probin = '$libdir/pg_envelope'
-                -- Its whole signature (insider review 57: a result column's type changed in
-                -- pg_proc, with a cast of that type to json, rewrote the export's role names;
-                -- the decoder declared again with two result columns' names swapped and made
-                -- the extension's member again swapped them in the views).
-                AND p.proargnames = '{prev_hash,records,seq,at,at_us,kind,database,session_user_name,role_name,client_addr,application_name,backend_pid,statement_id,request_id,tenant,key_versions,operation,value_count,failure_count,outcome,duration_us,detail,prev_hash,hash}'::pg_catalog.text[]
-                AND p.proallargtypes = '{17,17,20,1184,20,25,25,25,25,25,25,20,20,25,25,25,25,20,20,25,20,25,17,17}'::pg_catalog.oid[]
-                AND p.proargmodes = '{i,i,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t}'::pg_catalog.\"char\"[]
-                AND p.proargtypes = '17 17'::pg_catalog.oidvector AND p.prorettype = 2249 AND p.proretset AND p.prokind = 'f'
-                AND p.provolatile = 'i' AND NOT p.proisstrict AND NOT p.prosecdef AND p.prosupport = 0 AND p.proconfig IS NULL
-                AND p.proargdefaults IS NULL
-                AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid
-                               AND d.deptype = 'e' AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
-                               AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_envelope'))
-                AND (SELECT count(*) FROM pg_catalog.pg_proc o WHERE o.proname = 'audit_block_records'
-                        AND o.pronamespace = 'envelope'::pg_catalog.regnamespace) = 1
-           FROM pg_catalog.pg_class v, pg_catalog.pg_class e, pg_catalog.pg_class b, pg_catalog.pg_class c, pg_catalog.pg_proc p
-          WHERE v.oid = pg_catalog.to_regclass('envelope.audit_log') AND e.oid = pg_catalog.to_regclass('envelope.audit_events') AND b.oid = pg_catalog.to_regclass('envelope.audit_blocks')
-            AND c.oid = pg_catalog.to_regclass('envelope.audit_checkpoints')
-            AND p.oid = pg_catalog.to_regprocedure('envelope.audit_block_records(bytea, bytea)')), false)",
-    )
-    .map_err(spi_err)?
-    .unwrap_or(false);
+    let attrs_ok = decoder_and_options_intact();
     if !attrs_ok {
         return Ok(Some(
             "envelope.audit_log is not as the extension made it (its decoder function, its options, or row-level security on envelope.audit_blocks or envelope.audit_checkpoints were changed): readers of the view or the export may not see every record or checkpoint".into(),
@@ -256,6 +222,42 @@ fn view_alteration() -> Result<Option<String>> {
         }
     }
     export_alteration()
+}
+
+/// The views without options (`security_invoker` would put their readers under the table's
+/// row-level security), no row-level security on `audit_blocks` or `audit_checkpoints`, and the
+/// decoder `audit_block_records` as the extension made it: the only one of that name in the
+/// schema, its member, this library's C function, with its whole signature (insider review 57:
+/// a result column's type changed in pg_proc, with a cast of that type to json, rewrote the
+/// export's role names; the decoder declared again with two result columns' names swapped and
+/// made the extension's member again swapped them in the views). From the catalog caches.
+fn decoder_and_options_intact() -> bool {
+    let plain_view = |name: &std::ffi::CStr| facts::relation(name).and_then(facts::class).is_some_and(|c| !c.has_options);
+    let no_rls = |name: &std::ffi::CStr| facts::relation(name).and_then(facts::class).is_some_and(|c| !c.row_security);
+    if !(plain_view(c"audit_log") && plain_view(c"audit_events") && no_rls(c"audit_blocks") && no_rls(c"audit_checkpoints")) {
+        return false;
+    }
+    let Some(oid) = facts::only_function(c"audit_block_records") else { return false };
+    let Some(p) = facts::proc(oid) else { return false };
+    facts::is_extensions_function(oid)
+        && p.prolang == 13 // ClanguageId (pg_language.dat)
+        && p.prosrc.as_deref() == Some("audit_block_records_wrapper")
+        && p.probin.as_deref() == Some("$libdir/pg_envelope")
+        && p.proargnames.as_deref() == Some("{prev_hash,records,seq,at,at_us,kind,database,session_user_name,role_name,client_addr,application_name,backend_pid,statement_id,request_id,tenant,key_versions,operation,value_count,failure_count,outcome,duration_us,detail,prev_hash,hash}")
+        && p.proallargtypes.as_deref() == Some("{17,17,20,1184,20,25,25,25,25,25,25,20,20,25,25,25,25,20,20,25,20,25,17,17}")
+        && p.proargmodes.as_deref() == Some("{i,i,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t,t}")
+        && p.arg_types == [pg_sys::BYTEAOID, pg_sys::BYTEAOID]
+        && p.prorettype == pg_sys::RECORDOID
+        && p.proretset
+        && p.prokind == b'f'
+        && p.provolatile == b'i'
+        && !p.proisstrict
+        && !p.prosecdef
+        && p.prosupport == pg_sys::InvalidOid
+        && p.proconfig.is_none()
+        && p.proargdefaults.is_none()
+        && p.pronargdefaults == 0
+        && !p.prosqlbody
 }
 
 /// Functions, operators and casts added to `pg_catalog` after initdb (object ids from
@@ -286,50 +288,32 @@ fn catalog_additions() -> Result<Option<String>> {
     let first_normal = pg_sys::FirstNormalObjectId;
     let catalog = pg_sys::PG_CATALOG_NAMESPACE;
     let (mut functions, mut operators, mut casts) = (Vec::new(), Vec::new(), 0usize);
-    Spi::connect(|c| {
-        // pg_envelope's own comparison operators on its `blind_index` type live in pg_catalog:
-        // both operands of that type (named through the type cache, not SQL), they cannot
-        // match a call on anything else.
-        let is_blind_index = |o: Option<pg_sys::Oid>| {
-            o.is_some_and(|o| o != pg_sys::InvalidOid && {
-                // SAFETY: a type-cache lookup by oid, returning a palloc'd name.
-                let p = unsafe { pg_sys::format_type_be_qualified(o) };
-                !p.is_null() && unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes() == b"envelope.blind_index"
-            })
-        };
-        let added = |o: Option<pg_sys::Oid>, ns: Option<pg_sys::Oid>| {
-            o.is_some_and(|o| o.to_u32() >= first_normal) && ns.is_some_and(|n| n.to_u32() == catalog)
-        };
-        // (Languages: internal 12, C 13 and SQL 14, fixed in pg_language.dat.)
-        let initdb_language = |l: Option<pg_sys::Oid>| l.is_some_and(|l| (12..=14).contains(&l.to_u32()));
-        let later = |o: Option<pg_sys::Oid>| o.is_some_and(|o| o.to_u32() >= first_normal);
-        for r in c.select("SELECT oid, pronamespace, prolang FROM pg_catalog.pg_proc", None, &[]).map_err(spi_err)? {
-            let oid = r.get::<pg_sys::Oid>(1).map_err(spi_err)?;
-            let ns = r.get::<pg_sys::Oid>(2).map_err(spi_err)?;
-            if added(oid, ns) || (ns.is_some_and(|n| n.to_u32() == catalog) && !initdb_language(r.get::<pg_sys::Oid>(3).map_err(spi_err)?)) {
-                functions.extend(oid);
-            }
+    let later = |o: pg_sys::Oid| o.to_u32() >= first_normal;
+    let in_catalog = |ns: pg_sys::Oid| ns.to_u32() == catalog;
+    // Scans of the catalogs by their fixed oids, each row read as its catalog's struct (by
+    // attribute position, not column name: insider review 61 renamed catalog columns and added
+    // look-alikes, which SQL would have read).
+    // (Languages: internal 12, C 13 and SQL 14, fixed in pg_language.dat.)
+    facts::scan_catalog::<pg_sys::FormData_pg_proc>(1255, |p| {
+        if in_catalog(p.pronamespace) && (later(p.oid) || !(12..=14).contains(&p.prolang.to_u32())) {
+            functions.push(p.oid);
         }
-        for r in c.select("SELECT oid, oprnamespace, oprleft, oprright, oprcode::pg_catalog.oid FROM pg_catalog.pg_operator", None, &[]).map_err(spi_err)? {
-            let oid = r.get::<pg_sys::Oid>(1).map_err(spi_err)?;
-            let ns = r.get::<pg_sys::Oid>(2).map_err(spi_err)?;
-            if (added(oid, ns) || (ns.is_some_and(|n| n.to_u32() == catalog) && later(r.get::<pg_sys::Oid>(5).map_err(spi_err)?)))
-                && !(is_blind_index(r.get::<pg_sys::Oid>(3).map_err(spi_err)?) && is_blind_index(r.get::<pg_sys::Oid>(4).map_err(spi_err)?))
-            {
-                operators.extend(oid);
-            }
+    });
+    // pg_envelope's own comparison operators on its `blind_index` type live in pg_catalog: both
+    // operands of that type, they cannot match a call on anything else.
+    facts::scan_catalog::<pg_sys::FormData_pg_operator>(2617, |o| {
+        if in_catalog(o.oprnamespace)
+            && (later(o.oid) || later(o.oprcode))
+            && !(facts::is_blind_index(o.oprleft) && facts::is_blind_index(o.oprright))
+        {
+            operators.push(o.oid);
         }
-        for r in c.select("SELECT oid, castsource, casttarget, castfunc FROM pg_catalog.pg_cast", None, &[]).map_err(spi_err)? {
-            let built_in = |i| r.get::<pg_sys::Oid>(i).map(|o| o.is_some_and(|o| o.to_u32() < first_normal));
-            if (later(r.get::<pg_sys::Oid>(1).map_err(spi_err)?) || later(r.get::<pg_sys::Oid>(4).map_err(spi_err)?))
-                && built_in(2).map_err(spi_err)?
-                && built_in(3).map_err(spi_err)?
-            {
-                casts += 1;
-            }
+    });
+    facts::scan_catalog::<facts::FormPgCast>(2605, |c| {
+        if (later(c.oid) || later(c.castfunc)) && !later(c.castsource) && !later(c.casttarget) {
+            casts += 1;
         }
-        Ok::<_, EnvelopeError>(())
-    })?;
+    });
     if functions.is_empty() && operators.is_empty() && casts == 0 {
         return Ok(None);
     }
@@ -373,72 +357,32 @@ fn export_alteration() -> Result<Option<String>> {
 }
 
 unsafe fn export_is_ours() -> bool {
-    unsafe {
-        let ns = pg_sys::get_namespace_oid(c"envelope".as_ptr(), true);
-        let ext = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true);
-        if ns == pg_sys::InvalidOid || ext == pg_sys::InvalidOid {
-            return false;
-        }
-        // Every function named audit_export, in any schema: exactly one of them in ours.
-        let list = pg_sys::SearchSysCacheList(
-            pg_sys::SysCacheIdentifier::PROCNAMEARGSNSP as i32,
-            1,
-            pg_sys::Datum::from(c"audit_export".as_ptr()),
-            pg_sys::Datum::from(0),
-            pg_sys::Datum::from(0),
-        );
-        let mut found = Vec::new();
-        for i in 0..(*list).n_members as usize {
-            let tuple = &raw mut (**(*list).members.as_ptr().add(i)).tuple;
-            let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
-            if form.pronamespace == ns {
-                found.push(form.oid);
-            }
-        }
-        pg_sys::ReleaseCatCacheList(list);
-        let [oid] = found[..] else { return false };
-        if pg_sys::getExtensionOfObject(pg_sys::ProcedureRelationId, oid) != ext {
-            return false;
-        }
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, pg_sys::Datum::from(oid));
-        if tuple.is_null() {
-            return false;
-        }
-        let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
-        let text = |attr: u32| {
-            let mut isnull = false;
-            let d = pg_sys::SysCacheGetAttr(pg_sys::SysCacheIdentifier::PROCOID as i32, tuple, attr as pg_sys::AttrNumber, &mut isnull);
-            (!isnull).then(|| String::from_utf8_lossy(&Vec::<u8>::from_datum(d, false).unwrap_or_default()).into_owned())
-        };
-        let is_null = |attr: u32| {
-            let mut isnull = false;
-            pg_sys::SysCacheGetAttr(pg_sys::SysCacheIdentifier::PROCOID as i32, tuple, attr as pg_sys::AttrNumber, &mut isnull);
-            isnull
-        };
-        let shape = form.prolang == pg_sys::Oid::from(13u32) /* ClanguageId (pg_language.dat) */
-            && form.prokind == b'f' as std::ffi::c_char
-            && !form.prosecdef
-            && !form.proisstrict
-            && form.proretset
-            && form.provolatile == b'v' as std::ffi::c_char
-            && form.prorettype == pg_sys::TEXTOID
-            && form.prosupport == pg_sys::InvalidOid
-            && form.pronargs == 1
-            && form.pronargdefaults == 1
-            && *form.proargtypes.values.as_ptr() == pg_sys::INT8OID
-            && text(pg_sys::Anum_pg_proc_prosrc).as_deref() == Some("audit_export_wrapper")
-            && text(pg_sys::Anum_pg_proc_probin).as_deref() == Some("$libdir/pg_envelope")
-            && is_null(pg_sys::Anum_pg_proc_proconfig)
-            && is_null(pg_sys::Anum_pg_proc_prosqlbody);
-        // The default as stored, before anything parses it (a malformed tree crashed the node
-        // reader: insider review 58), then the arguments and result as PostgreSQL prints them.
-        let default = text(pg_sys::Anum_pg_proc_proargdefaults);
-        pg_sys::ReleaseSysCache(tuple);
-        shape
-            && default.as_deref().is_some_and(default_is_one)
-            && pgrx::direct_function_call::<String>(pg_sys::pg_get_function_arguments, &[oid.into_datum()]).as_deref() == Some("from_seq bigint DEFAULT 1")
-            && pgrx::direct_function_call::<String>(pg_sys::pg_get_function_result, &[oid.into_datum()]).as_deref() == Some("TABLE(line text)")
-    }
+    let Some(oid) = facts::only_function(c"audit_export") else { return false };
+    let Some(p) = facts::proc(oid) else { return false };
+    let shape = facts::is_extensions_function(oid)
+        && p.prolang == 13 // ClanguageId (pg_language.dat)
+        && p.prokind == b'f'
+        && !p.prosecdef
+        && !p.proisstrict
+        && p.proretset
+        && p.provolatile == b'v'
+        && p.prorettype == pg_sys::TEXTOID
+        && p.prosupport == pg_sys::InvalidOid
+        && p.arg_types == [pg_sys::INT8OID]
+        && p.pronargdefaults == 1
+        && p.prosrc.as_deref() == Some("audit_export_wrapper")
+        && p.probin.as_deref() == Some("$libdir/pg_envelope")
+        && p.proconfig.is_none()
+        && !p.prosqlbody
+        && p.proargnames.as_deref() == Some("{from_seq,line}")
+        && p.proallargtypes.as_deref() == Some("{20,25}")
+        && p.proargmodes.as_deref() == Some("{i,t}");
+    // The default as stored, before anything parses it (a malformed tree crashed the node
+    // reader: insider review 58), then the arguments and result as PostgreSQL prints them.
+    shape
+        && p.proargdefaults.as_deref().is_some_and(default_is_one)
+        && pgrx::direct_function_call::<String>(pg_sys::pg_get_function_arguments, &[oid.into_datum()]).as_deref() == Some("from_seq bigint DEFAULT 1")
+        && pgrx::direct_function_call::<String>(pg_sys::pg_get_function_result, &[oid.into_datum()]).as_deref() == Some("TABLE(line text)")
 }
 
 /// Whether a stored default expression list (`pg_proc.proargdefaults`) is the one
@@ -519,6 +463,13 @@ fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
         let raw = pg_sys::raw_parser(query.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         let stmt = (*(*raw).elements).ptr_value as *mut pg_sys::RawStmt;
         let q = pg_sys::parse_analyze_fixedparams(stmt, query.as_ptr(), std::ptr::null_mut(), 0, std::ptr::null_mut());
+        // The functions the analysis resolved must be the decoder and the built-in `encode`
+        // (by its fixed oid), and no operator: a function row inserted into pg_catalog with a
+        // low id (`encode(bytea, unknown)` over md5) matched the analysis better, and a view
+        // made again with the same text then matched it too (insider review 61b).
+        if !resolves_to_ours(q) {
+            return false;
+        }
         let made = std::ffi::CStr::from_ptr(pg_sys::pg_get_querydef(q, false)).to_bytes().to_vec();
         let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as _);
         let rules = (*rel).rd_rules;
@@ -572,6 +523,18 @@ fn view_query_is(view: &std::ffi::CStr, query: &std::ffi::CStr) -> bool {
     }
 }
 
+/// Whether every function an analysed view query calls is the decoder or PostgreSQL's `encode`
+/// (oid 1946), and it uses no operator, read from the printed tree.
+unsafe fn resolves_to_ours(q: *mut pg_sys::Query) -> bool {
+    let Some(decoder) = facts::only_function(c"audit_block_records") else { return false };
+    // SAFETY: prints a tree the caller analysed.
+    let printed = unsafe { std::ffi::CStr::from_ptr(pg_sys::nodeToString(q.cast())) }.to_string_lossy().into_owned();
+    let ids = |key: &str| -> Vec<u32> {
+        printed.split(key).skip(1).map(|t| t.split(|c: char| !c.is_ascii_digit()).next().unwrap_or("").parse().unwrap_or(0)).collect()
+    };
+    ids(" :opno ").is_empty() && ids(" :funcid ").iter().all(|&f| f == decoder.to_u32() || f == pg_sys::F_ENCODE)
+}
+
 /// Whether a view's stored query (OLD and NEW taken out) is the query analysed now, node for
 /// node, once what the relation cache and the source text set differently is set alike (see
 /// `view_query_is`). Both are this function's own copies.
@@ -608,14 +571,14 @@ unsafe fn query_trees_equal(made: *mut pg_sys::Query, stored: *mut pg_sys::Query
     }
 }
 
-/// The stored blocks in sequence order, and the checkpoints, read by heap scans with a new
-/// snapshot (`stored`: nothing resolved by name; the tables are as the extension made them,
-/// checked before).
+/// The stored blocks in sequence order, and the checkpoints, read by heap scans with the latest
+/// snapshot, whatever the transaction's isolation (`stored`: nothing resolved by name; the
+/// tables are as the extension made them, checked before).
 fn load() -> Result<(Vec<StoredBlock>, Vec<Checkpoint>)> {
     let internal = |why: String| EnvelopeError::Internal(format!("the audit trail cannot be read: {why}"));
     let blocks = stored::Table::blocks().map_err(internal)?;
     let checkpoints = stored::Table::checkpoints().map_err(internal)?;
-    let snapshot = stored::Snapshot::now();
+    let snapshot = stored::Snapshot::latest();
     let rows = stored::blocks(&blocks, snapshot.raw());
     let cps = stored::checkpoints(&checkpoints, snapshot.raw()).iter().map(|c| c.checkpoint()).collect();
     Ok((rows, cps))
@@ -642,6 +605,9 @@ fn with_plain_settings<T>(f: impl FnOnce() -> T) -> T {
         let level = Level(pg_sys::NewGUCNestLevel());
         for (name, value) in [
             (c"quote_all_identifiers", c"off"),
+            // (audit_prune's query resolved `-` through the caller's search_path: insider
+            // review 61b put an operator that made every block "old" in front of pg_catalog.)
+            (c"search_path", c"pg_catalog, pg_temp"),
             (c"enable_indexscan", c"off"),
             (c"enable_indexonlyscan", c"off"),
             (c"enable_bitmapscan", c"off"),
@@ -669,7 +635,7 @@ fn with_plain_settings<T>(f: impl FnOnce() -> T) -> T {
 /// `Err`: the writer committed to another `audit_blocks` of this same installation of the
 /// extension in this server run (a table swapped in by hand: insider review 58 put a rewritten
 /// copy, and an empty one, in its place). The head comes with the committing transaction's id.
-fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
+pub(super) fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
     let (seq, hash, relid, xid, dboid) = {
         let q = QUEUE.share();
         (q.head_seq, q.head_hash, q.head_relid, q.head_xid, q.head_dboid)
@@ -690,14 +656,6 @@ fn committed_head() -> std::result::Result<Option<(Head, u32)>, String> {
         ));
     }
     Ok((seq > 0 && relid != 0 && relid == table).then_some((Head { seq, hash }, xid)))
-}
-
-/// Whether the writer's commit `xid` is visible to this transaction's snapshot (a REPEATABLE
-/// READ snapshot may predate it).
-fn commit_visible(xid: u32) -> bool {
-    let xid = pg_sys::TransactionId::from(xid);
-    // SAFETY: clog and snapshot lookups of a transaction id this server run assigned.
-    unsafe { xid.into_inner() >= pg_sys::FirstNormalTransactionId.into_inner() && pg_sys::TransactionIdDidCommit(xid) && !pg_sys::XidInMVCCSnapshot(xid, pg_sys::GetTransactionSnapshot()) }
 }
 
 fn verify_impl(all_checkpoints: bool) -> Result<Verdict> {
@@ -782,7 +740,26 @@ fn verify_checked(all_checkpoints: bool) -> Result<Verdict> {
                     head_seq = committed_head().ok().flatten().map_or(head_seq, |(h, _)| h.seq);
                 }
                 if head_seq >= *last {
-                    verdict
+                    // The writer committed meanwhile: judged again, on the trail as it is now and
+                    // against the writer's new head (review 61b: a forged block put beside the
+                    // writer's own at the same sequence number passed the wait).
+                    let again = committed_head();
+                    let (rows, cps) = load()?;
+                    match again {
+                        Err(why) => (0, None, None, false, Some(why)),
+                        Ok(c) => {
+                            let v = judge(rows, &cps, all_checkpoints, c)?;
+                            match (&v, c) {
+                                ((n2, Some(last2), cp2, true, _), Some((h, _))) if *last2 > h.seq => (*n2, Some(*last2), *cp2, false, Some(format!(
+                                    "records {}..{} were not written by the audit writer (it has committed up to record {} in this server run): appended by hand",
+                                    h.seq + 1,
+                                    last2,
+                                    h.seq
+                                ))),
+                                _ => v,
+                            }
+                        }
+                    }
                 } else {
                     (*n, Some(*last), *cp, false, Some(format!(
                         "records {}..{} were not written by the audit writer (it has committed up to record {head_seq} in this server run): appended by hand",
@@ -826,7 +803,7 @@ fn is_tamper(r: &pg_envelope_core::audit::Record) -> bool {
 
 /// `committed`: the head the writer committed in this server run (see [`committed_head`]).
 fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool, committed: Option<(Head, u32)>) -> Result<Verdict> {
-    let (committed, committed_xid) = (committed.map(|c| c.0), committed.map_or(0, |c| c.1));
+    let committed = committed.map(|c| c.0);
     let newest = cps.iter().max_by_key(|c| (c.head.seq, c.at_us));
     let cp_seq = newest.map(|c| c.head.seq);
     // The checkpoint the kept records start after (after a retention) is an anchor: its MAC is
@@ -930,17 +907,18 @@ fn judge(blocks: Vec<StoredBlock>, cps: &[Checkpoint], all_checkpoints: bool, co
         // The head the writer committed in this server run (insider review 57: records after
         // the newest checkpoint rewritten and re-chained while the writer was held up inside a
         // batch verified ok, as did the export, until the writer's next commit). The table
-        // must still hold that record with that hash; ending before it, records were removed
-        // (unless this transaction's snapshot predates that commit: REPEATABLE READ; insider
-        // review 58 set that isolation as the auditor's default, so it is asked of the snapshot
-        // whether the writer's commit is in it).
+        // must still hold that record with that hash; ending before it, records were removed.
+        // The trail is read with a snapshot taken after the head was (`load`), which holds
+        // the writer's commit at any isolation level (insider review 58 set REPEATABLE READ as
+        // the auditor's default; review 61 then had the transaction's snapshot taken after a
+        // deletion but before the writer's next commit, when an exception for snapshots older
+        // than that commit let the cut tail pass).
         let last = v.head.map_or(0, |h| h.seq);
-        let snapshot_may_be_older = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 && !commit_visible(committed_xid);
         why = match (committed, at_committed) {
             (Some(c), Some(h)) if h != c.hash => {
                 Some(format!("record {} is not the record the audit writer committed (its hash differs): the trail was rewritten after the writer wrote it", c.seq))
             }
-            (Some(c), None) if c.seq > last && !snapshot_may_be_older => Some(format!(
+            (Some(c), None) if c.seq > last => Some(format!(
                 "the trail ends at record {last}, but the audit writer committed records up to {} in this server run: the newest records were removed",
                 c.seq
             )),
@@ -971,6 +949,10 @@ fn audit_prune(older_than: pgrx::datum::Interval) -> i64 {
 }
 
 fn prune_impl(older_than: pgrx::datum::Interval) -> Result<i64> {
+    with_plain_settings(|| prune_checked(older_than))
+}
+
+fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
     if !unsafe { pg_sys::superuser() } {
         return Err(EnvelopeError::AuditRetentionDenied);
     }

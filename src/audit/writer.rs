@@ -197,6 +197,7 @@ impl Writer {
             if q.ext_drop_dboid == q.head_dboid {
                 q.ext_drop_xid = 0;
                 q.ext_drop_dboid = 0;
+                q.ext_drop_extoid = 0;
             }
             q.blocks_direct += std::mem::take(&mut self.appended);
         }
@@ -459,6 +460,11 @@ pub(super) unsafe fn table_refusal(rel: pg_sys::Relation) -> Option<String> {
         if form.relispartition {
             return Some("is a partition of another table".into());
         }
+        // Inheritance children show their rows in the views as records (insider review 61
+        // forged one that way while hiding the child from audit_verify's SQL).
+        if has_children((*rel).rd_id) || has_parent((*rel).rd_id) {
+            return Some("has inheritance children or a parent".into());
+        }
         if !(*rel).rd_rules.is_null() {
             return Some("has a rule".into());
         }
@@ -490,7 +496,35 @@ pub(super) unsafe fn table_refusal(rel: pg_sys::Relation) -> Option<String> {
         if !indexes_plain(rel, &attrs) {
             return Some("has an index that is not a plain btree index with its columns' default operator classes".into());
         }
+        // The primary key on first_seq: without it a block forged at a sequence number the
+        // writer is about to write sits beside the writer's own (insider review 61b).
+        let first_seq = live.first().map_or(0, |a| a.attnum);
+        if !has_unique_index_on(rel, first_seq) {
+            return Some("has no valid unique index on first_seq (its primary key)".into());
+        }
         None
+    }
+}
+
+/// Whether `rel` has a valid, ready, immediate unique index on column `attnum` alone.
+unsafe fn has_unique_index_on(rel: pg_sys::Relation, attnum: i16) -> bool {
+    unsafe {
+        let list = pg_sys::RelationGetIndexList(rel);
+        let n = if list.is_null() { 0 } else { (*list).length as usize };
+        (0..n).any(|i| {
+            let oid = (*(*list).elements.add(i)).oid_value;
+            let index = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let f = &*(*index).rd_index;
+            let ok = f.indisunique
+                && f.indimmediate
+                && f.indisvalid
+                && f.indisready
+                && f.indislive
+                && f.indnkeyatts == 1
+                && *f.indkey.values.as_ptr() == attnum;
+            pg_sys::index_close(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            ok
+        })
     }
 }
 
@@ -657,14 +691,18 @@ unsafe fn has_parent(relid: pg_sys::Oid) -> bool {
 /// check could compare can be reshaped by a superuser, the drop of the extension cannot be
 /// faked without dropping it.)
 pub(super) fn same_installation() -> bool {
-    let (xid, db) = {
+    let (xid, db, extoid) = {
         let q = QUEUE.share();
-        (q.ext_drop_xid, q.ext_drop_dboid)
+        (q.ext_drop_xid, q.ext_drop_dboid, q.ext_drop_extoid)
     };
-    // SAFETY: a global set at the process's start, and a commit-log lookup of an xid this server
-    // run assigned.
+    // SAFETY: a global set at the process's start, commit-log lookups of an xid this server run
+    // assigned (a subtransaction's: committed only when its parents committed too, through
+    // pg_subtrans), and a catalog-cache lookup.
     let dropped = unsafe {
-        db == pg_sys::MyDatabaseId.to_u32() && xid >= pg_sys::FirstNormalTransactionId.into_inner() && pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid))
+        db == pg_sys::MyDatabaseId.to_u32()
+            && xid >= pg_sys::FirstNormalTransactionId.into_inner()
+            && pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid))
+            && pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32() != extoid
     };
     !dropped
 }

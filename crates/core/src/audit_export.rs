@@ -150,14 +150,37 @@ pub fn checkpoint_line(c: &CheckpointRow<'_>) -> String {
     l.done()
 }
 
-/// The trailer: where the export starts, the trail's newest record when it was taken, when, and
-/// in which database.
-pub fn trailer_line(from_seq: i64, head_seq: Option<i64>, at_us: i64, database: &str) -> String {
+/// What the audit writer had committed when an export was taken (shared memory, not the table):
+/// `head` read before the export's snapshot (the export holds that record with that hash unless
+/// the trail was rewritten or cut), `committed_seq` after it (no record past it was written by
+/// the writer).
+pub struct WriterHead<'a> {
+    pub head_seq: i64,
+    pub head_hash: &'a [u8; 32],
+    pub committed_seq: i64,
+}
+
+/// The trailer: where the export starts, the trail's newest record when it was taken, when, in
+/// which database, and what the writer had committed (`null`s when the trail is not the one the
+/// writer committed to in this server run).
+pub fn trailer_line(from_seq: i64, head_seq: Option<i64>, at_us: i64, database: &str, writer: Option<WriterHead<'_>>) -> String {
     let mut l = Line::new("export");
     l.int("from_seq", from_seq);
     l.opt_int("head_seq", head_seq);
     l.int("at_us", at_us);
     l.str("database", database);
+    match writer {
+        Some(w) => {
+            l.int("writer_head_seq", w.head_seq);
+            l.hex("writer_head_hash", w.head_hash);
+            l.int("writer_committed_seq", w.committed_seq);
+        }
+        None => {
+            l.null("writer_head_seq");
+            l.null("writer_head_hash");
+            l.null("writer_committed_seq");
+        }
+    }
     l.done()
 }
 
@@ -271,9 +294,14 @@ mod tests {
         assert_eq!((v["type"].as_str(), v["seq"].as_i64(), v["at"].is_null(), v["mac"].as_str(), v["key_name"].as_str()), (Some("checkpoint"), Some(40), true, Some("0102"), Some("k\"")));
         let v: serde_json::Value = serde_json::from_str(&unreadable_line(42)).unwrap();
         assert_eq!((v["type"].as_str(), v["after_seq"].as_i64(), v["block_first_seq"].as_i64()), (Some("unreadable"), Some(41), Some(42)));
-        let v: serde_json::Value = serde_json::from_str(&trailer_line(1, None, 9, "d")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&trailer_line(1, None, 9, "d", None)).unwrap();
         assert_eq!((v["type"].as_str(), v["from_seq"].as_i64(), v["head_seq"].is_null(), v["database"].as_str()), (Some("export"), Some(1), true, Some("d")));
-        assert_eq!(trailer_line(3, Some(41), 9, "d"), "{\"type\" : \"export\", \"from_seq\" : 3, \"head_seq\" : 41, \"at_us\" : 9, \"database\" : \"d\"}");
+        assert!(v["writer_head_seq"].is_null() && v["writer_head_hash"].is_null() && v["writer_committed_seq"].is_null());
+        let w = WriterHead { head_seq: 40, head_hash: &[0xcd; 32], committed_seq: 41 };
+        assert_eq!(
+            trailer_line(3, Some(41), 9, "d", Some(w)),
+            format!("{{\"type\" : \"export\", \"from_seq\" : 3, \"head_seq\" : 41, \"at_us\" : 9, \"database\" : \"d\", \"writer_head_seq\" : 40, \"writer_head_hash\" : \"{}\", \"writer_committed_seq\" : 41}}", "cd".repeat(32))
+        );
     }
 
     #[test]
