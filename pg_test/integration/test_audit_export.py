@@ -465,6 +465,56 @@ def test_a_child_of_the_trail_is_reported_whatever_the_catalogs_say(trail):
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
 
 
+def test_a_low_id_function_behind_a_view_made_again_is_reported(trail):
+    """Insider review 61b: a row inserted into pg_proc with a low id, `encode(bytea, unknown)`
+    running `md5_bytea`, matched the analysis of audit_events' query better than the built-in,
+    and the view made again with the same text then matched that analysis: audit_events showed
+    md5s for hashes, verify ok. The analysed query must call the decoder and the built-in
+    `encode` by their ids."""
+    with connect(PORT_A, trail["db"]) as c:
+        free = c.execute("SELECT min(g) FROM generate_series(9000, 16383) g "
+                         "WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid = g)").fetchone()[0]
+        c.execute("BEGIN")
+        try:
+            c.execute("INSERT INTO pg_catalog.pg_proc SELECT %s, 'encode', pronamespace, proowner, prolang, procost, prorows, "
+                      "provariadic, prosupport, prokind, prosecdef, proleakproof, proisstrict, proretset, provolatile, proparallel, "
+                      "pronargs, pronargdefaults, prorettype, '17 705'::oidvector, proallargtypes, proargmodes, proargnames, "
+                      "proargdefaults, protrftypes, 'md5_bytea', probin, prosqlbody, proconfig, proacl "
+                      "FROM pg_catalog.pg_proc WHERE oid = 'pg_catalog.encode(bytea,text)'::regprocedure", (free,))
+            # (sql/audit.sql's text: the 'hex' literal is of type unknown, which the inserted row takes.)
+            c.execute("CREATE OR REPLACE VIEW envelope.audit_events AS SELECT seq, at, kind, database, session_user_name, role_name, "
+                      "client_addr, application_name, backend_pid, statement_id, request_id, tenant, key_versions, operation, "
+                      "value_count, failure_count, outcome, duration_us, detail, pg_catalog.encode(hash, 'hex') AS hash "
+                      "FROM envelope.audit_log")
+            shown, real = c.execute("SELECT e.hash, pg_catalog.encode(l.hash, 'hex'::text) FROM envelope.audit_events e "
+                                    "JOIN envelope.audit_log l USING (seq) ORDER BY seq LIMIT 1").fetchone()
+            assert shown != real and len(shown) == 32   # the attack works: an md5 in place of the hash
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "envelope.audit_events's query is not the one the extension made" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
+def test_audit_prune_ignores_the_callers_search_path(trail):
+    """Insider review 61b: audit_prune resolved `now() - interval` through the caller's
+    search_path, and an operator there made every block "older than 400 days"."""
+    with connect(PORT_A, trail["db"]) as c:
+        first = c.execute("SELECT min(first_seq) FROM envelope.audit_blocks").fetchone()[0]
+        c.execute("BEGIN")
+        try:
+            c.execute("CREATE SCHEMA r61_evil")
+            c.execute("CREATE FUNCTION r61_evil.minus(timestamptz, interval) RETURNS timestamptz LANGUAGE sql "
+                      "AS $$ SELECT 'infinity'::timestamptz $$")
+            c.execute("CREATE OPERATOR r61_evil.- (LEFTARG = timestamptz, RIGHTARG = interval, FUNCTION = r61_evil.minus)")
+            c.execute("SET LOCAL search_path = r61_evil, pg_catalog")
+            assert c.execute("SELECT now() - interval '400 days' = 'infinity'::timestamptz").fetchone()[0] is True
+            assert c.execute("SELECT envelope.audit_prune('400 days')").fetchone()[0] == 0
+            assert c.execute("SELECT min(first_seq) FROM envelope.audit_blocks").fetchone()[0] == first
+        finally:
+            c.execute("ROLLBACK")
+
+
 def test_a_cast_inserted_with_a_low_object_id_does_not_change_the_export(trail):
     """Insider review 58 F3: `INSERT INTO pg_cast` of a json-to-text cast with a chosen object id
     below 16384 passed the check of additions (which went by id), and the SQL export's
@@ -658,6 +708,13 @@ def test_insider_review_57_changes_to_the_decoder_views_export_and_tables_are_re
                 lambda: c.execute("ALTER TABLE envelope.audit_blocks SET UNLOGGED"),
                 lambda: c.execute("ALTER TABLE envelope.audit_blocks SET LOGGED"),
                 "is not a permanent (logged) table"),
+            # Review 61b: without its primary key a block forged at the writer's next sequence
+            # number sat beside the writer's own.
+            "no primary key on the trail": (
+                lambda: c.execute("ALTER TABLE envelope.audit_blocks DROP CONSTRAINT audit_blocks_pkey"),
+                lambda: c.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'audit_blocks_pkey') THEN "
+                                  "ALTER TABLE envelope.audit_blocks ADD CONSTRAINT audit_blocks_pkey PRIMARY KEY (first_seq); END IF; END $$"),
+                "has no valid unique index on first_seq"),
             "unlogged checkpoints": (
                 lambda: c.execute("ALTER TABLE envelope.audit_checkpoints SET UNLOGGED"),
                 lambda: c.execute("ALTER TABLE envelope.audit_checkpoints SET LOGGED"),
