@@ -1263,7 +1263,6 @@ INLINED_SQL = {
     "envelope.blind_index_all(text,integer)": "blind_index_all('vault.any', 1::int)",
     "envelope.queue_reencrypt(regclass,name,text,name,integer)": "queue_reencrypt('vault', 't', batch_rows => 3)",
     "envelope.column_key_versions(regclass,name)": "column_key_versions('vault_copy', 't')",
-    "envelope.audit_export(bigint)": "audit_text(): audit_export(1)",
     "envelope.trust_report()": "SELECT * FROM envelope.trust_report()",
 }
 
