@@ -2287,6 +2287,40 @@ def test_a_drop_rolled_back_to_a_savepoint_makes_no_new_installation(audited):
             fresh_trail(c)
 
 
+def test_a_fake_extension_row_dropped_is_no_drop(audited):
+    """Insider review 62: a row named pg_envelope inserted into pg_extension (the real one
+    renamed aside) and dropped with real DDL was noted as a drop of the extension; a trail
+    swapped in after it then passed for a new installation. Only the extension that owns the
+    writer's table counts."""
+    with connect(PORT_A, DB) as c:
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        with as_tenant(c, TENANT):
+            c.execute("SELECT envelope.encrypt_field('so the writer has a head')")
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        free = c.execute("SELECT min(g) FROM generate_series(90000, 99999) g WHERE NOT EXISTS (SELECT 1 FROM pg_extension WHERE oid = g)").fetchone()[0]
+        try:
+            c.execute("UPDATE pg_extension SET extname = 'pg_envelope_r62' WHERE extname = 'pg_envelope'")
+            c.execute("INSERT INTO pg_extension (oid, extname, extowner, extnamespace, extrelocatable, extversion) "
+                      "VALUES (%s, 'pg_envelope', 10, 2200, false, '1')", (free,))
+            c.execute("DROP EXTENSION pg_envelope")
+        finally:
+            c.execute("UPDATE pg_extension SET extname = 'pg_envelope' WHERE extname = 'pg_envelope_r62'")
+        view = c.execute("SELECT pg_get_viewdef('envelope.audit_log'::regclass)").fetchone()[0]
+        c.execute("BEGIN")
+        try:
+            c.execute("CREATE TABLE envelope.audit_blocks_r62 (LIKE envelope.audit_blocks INCLUDING ALL)")
+            c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_r62_orig")
+            c.execute("ALTER TABLE envelope.audit_blocks_r62 RENAME TO audit_blocks")
+            c.execute("ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_r62_orig")
+            c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
+            c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "is not the table the audit writer last committed to" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
 def test_a_repeatable_read_snapshot_taken_after_a_cut_does_not_hide_it(audited):
     """Insider review 61 F3: with REPEATABLE READ as the auditor's isolation, a snapshot taken
     after the newest records were deleted but before the writer's next commit made audit_verify

@@ -87,6 +87,8 @@ pub struct Queue {
     pub ext_drop_xid: u32,
     pub ext_drop_dboid: u32,
     pub ext_drop_extoid: u32,
+    /// The trail table the dropped extension owned (the writer's last): a real drop drops it.
+    pub ext_drop_relid: u32,
     /// Blocks of records the writer appended (committed) in this server run.
     pub blocks_direct: u64,
 }
@@ -143,6 +145,23 @@ unsafe extern "C-unwind" fn note_extension_drop(
             && class_id.to_u32() == 3079 // pg_extension
             && object_id == pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true)
         {
+            // Only the extension that owns the table the writer last committed to in this
+            // database: a row named pg_envelope inserted into pg_extension and dropped by real
+            // DDL was noted as a drop while the real extension and its trail stayed (insider
+            // review 62).
+            let (head_relid, head_dboid) = {
+                let q = QUEUE.share();
+                (q.head_relid, q.head_dboid)
+            };
+            // (A real DROP EXTENSION drops its member tables first, in this same command: the
+            // table is gone by now.)
+            if head_relid != 0
+                && head_dboid == pg_sys::MyDatabaseId.to_u32()
+                && !pg_sys::get_rel_name(pg_sys::Oid::from(head_relid)).is_null()
+                && pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, pg_sys::Oid::from(head_relid)) != object_id
+            {
+                return;
+            }
             // The subtransaction's own id: it counts as committed only when it and every parent
             // committed (a savepoint rolled back aborts it).
             let xid = pg_sys::GetCurrentTransactionId().into_inner();
@@ -150,6 +169,7 @@ unsafe extern "C-unwind" fn note_extension_drop(
             q.ext_drop_xid = xid;
             q.ext_drop_dboid = pg_sys::MyDatabaseId.to_u32();
             q.ext_drop_extoid = object_id.to_u32();
+            q.ext_drop_relid = head_relid;
         }
     }
 }

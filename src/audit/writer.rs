@@ -19,6 +19,9 @@ pub const BATCH: usize = 2000;
 /// The kind (and the detail's first word) of the record a writer appends when it starts on a
 /// trail whose last records no checkpoint covers (see `load_head`).
 pub const WRITER_START: &str = "writer_start";
+/// The writer's record of a start with new shared memory on a trail whose head a checkpoint
+/// covers (a `writer_start` names records none covered).
+pub const WRITER_RESTART: &str = "writer_restart";
 
 /// The writer's state between batches: the chain's head and the last checkpointed head.
 #[derive(Default)]
@@ -138,7 +141,16 @@ impl Writer {
                     table.seq
                 )));
             }
-            return Ok(None);
+            // Covered: still said in the chain. Shared memory is new (a server start, or a crash
+            // restart, which any superuser can cause from SQL): records written after that
+            // checkpoint and removed before the restart leave nothing in the table, and the
+            // head the writer had committed went with the old shared memory (insider review
+            // 62). The record puts the restart where the auditor can set it against the log.
+            return Ok(Some(format!(
+                "{WRITER_RESTART}: the writer started with new shared memory (a server start or a crash restart) after record {} (hash {}), which the newest checkpoint covers; records written after that checkpoint and before the restart, if there were any, were witnessed only by the table and the server log",
+                table.seq,
+                hex(&table.hash)
+            )));
         }
         if committed_relid != self.relid {
             // A new, empty table (DROP/CREATE EXTENSION) starts a new chain. A new table that
@@ -198,6 +210,7 @@ impl Writer {
                 q.ext_drop_xid = 0;
                 q.ext_drop_dboid = 0;
                 q.ext_drop_extoid = 0;
+                q.ext_drop_relid = 0;
             }
             q.blocks_direct += std::mem::take(&mut self.appended);
         }
@@ -283,13 +296,16 @@ impl Writer {
             let kind = if why.starts_with(WRITER_START) {
                 crate::log!("pg_envelope audit: {why}");
                 WRITER_START
+            } else if why.starts_with(WRITER_RESTART) {
+                crate::log!("pg_envelope audit: {why}");
+                WRITER_RESTART
             } else {
                 crate::warning!("pg_envelope audit: {why}");
                 if why.starts_with("the audit table was replaced") { "chain_restart" } else { "tamper" }
             };
             let mut r = base_record(kind, String::new());
             r.operation = "writer".into();
-            r.outcome = if kind == WRITER_START { "ok".into() } else { "alert".into() };
+            r.outcome = if kind == WRITER_START || kind == WRITER_RESTART { "ok".into() } else { "alert".into() };
             r.detail = why;
             pre.push(r);
         }
@@ -691,9 +707,9 @@ unsafe fn has_parent(relid: pg_sys::Oid) -> bool {
 /// check could compare can be reshaped by a superuser, the drop of the extension cannot be
 /// faked without dropping it.)
 pub(super) fn same_installation() -> bool {
-    let (xid, db, extoid) = {
+    let (xid, db, extoid, relid) = {
         let q = QUEUE.share();
-        (q.ext_drop_xid, q.ext_drop_dboid, q.ext_drop_extoid)
+        (q.ext_drop_xid, q.ext_drop_dboid, q.ext_drop_extoid, q.ext_drop_relid)
     };
     // SAFETY: a global set at the process's start, commit-log lookups of an xid this server run
     // assigned (a subtransaction's: committed only when its parents committed too, through
@@ -703,6 +719,8 @@ pub(super) fn same_installation() -> bool {
             && xid >= pg_sys::FirstNormalTransactionId.into_inner()
             && pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid))
             && pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true).to_u32() != extoid
+            // (and the trail table it owned is gone, as a real drop leaves it)
+            && (relid == 0 || pg_sys::get_rel_name(pg_sys::Oid::from(relid)).is_null())
     };
     !dropped
 }
