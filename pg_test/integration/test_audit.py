@@ -2321,6 +2321,49 @@ def test_a_fake_extension_row_dropped_is_no_drop(audited):
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
 
 
+def test_a_trail_table_dropped_by_hand_then_a_fake_extension_drop_is_no_drop(audited):
+    """Insider review 63: the writer's table taken out of the extension and dropped by hand, an
+    empty one put in its place, then a fake pg_extension row named pg_envelope dropped: the drop
+    was noted (the writer's table was gone) and the empty trail passed for a new installation.
+    A drop counts only when the writer's table was dropped in the same command while a member
+    of the extension being dropped, the one that owned it when the writer took it."""
+    with connect(PORT_A, DB) as c:
+        with as_tenant(c, TENANT):
+            c.execute("SELECT envelope.encrypt_field('so the writer has a head')")
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        log_view = c.execute("SELECT pg_get_viewdef('envelope.audit_log'::regclass)").fetchone()[0]
+        events_view = c.execute("SELECT pg_get_viewdef('envelope.audit_events'::regclass)").fetchone()[0]
+        real = c.execute("SELECT oid FROM pg_extension WHERE extname = 'pg_envelope'").fetchone()[0]
+        free = c.execute("SELECT min(g) FROM generate_series(90000, 99999) g WHERE NOT EXISTS (SELECT 1 FROM pg_extension WHERE oid = g)").fetchone()[0]
+        try:
+            c.execute("BEGIN")
+            c.execute("CREATE TABLE envelope.audit_blocks_r63 (LIKE envelope.audit_blocks INCLUDING ALL)")
+            for obj in ("VIEW envelope.audit_events", "VIEW envelope.audit_log", "TABLE envelope.audit_blocks"):
+                c.execute(f"ALTER EXTENSION pg_envelope DROP {obj}")
+            c.execute("DROP VIEW envelope.audit_events")
+            c.execute("DROP VIEW envelope.audit_log")
+            c.execute("DROP TABLE envelope.audit_blocks")
+            c.execute("ALTER TABLE envelope.audit_blocks_r63 RENAME TO audit_blocks")
+            c.execute(f"CREATE VIEW envelope.audit_log AS {log_view}")
+            c.execute(f"CREATE VIEW envelope.audit_events AS {events_view}")
+            for obj in ("TABLE envelope.audit_blocks", "VIEW envelope.audit_log", "VIEW envelope.audit_events"):
+                c.execute(f"ALTER EXTENSION pg_envelope ADD {obj}")
+            c.execute("UPDATE pg_extension SET extname = 'pg_envelope_r63' WHERE oid = %s", (real,))
+            c.execute("INSERT INTO pg_extension (oid, extname, extowner, extnamespace, extrelocatable, extversion) "
+                      "VALUES (%s, 'pg_envelope', 10, 2200, false, '1')", (free,))
+            c.execute("DROP EXTENSION pg_envelope")
+            c.execute("UPDATE pg_extension SET extname = 'pg_envelope' WHERE oid = %s", (real,))
+            c.execute("COMMIT")
+            ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
+            assert ok is False and "is not the table the audit writer last committed to" in brk, brk
+        finally:
+            c.execute("ROLLBACK")
+            c.execute("UPDATE pg_extension SET extname = 'pg_envelope' WHERE oid = %s", (real,))
+            # (The writer takes the table in, marking it, before the real drop that follows.)
+            wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+            fresh_trail(c)
+
+
 def test_a_repeatable_read_snapshot_taken_after_a_cut_does_not_hide_it(audited):
     """Insider review 61 F3: with REPEATABLE READ as the auditor's isolation, a snapshot taken
     after the newest records were deleted but before the writer's next commit made audit_verify

@@ -89,6 +89,14 @@ pub struct Queue {
     pub ext_drop_extoid: u32,
     /// The trail table the dropped extension owned (the writer's last): a real drop drops it.
     pub ext_drop_relid: u32,
+    /// The extension that owned the writer's table when the writer took it.
+    pub head_extoid: u32,
+    /// The drop of the writer's table itself (insider review 63): the dropping (sub)transaction
+    /// and the extension the table was a member of at that moment. A real DROP EXTENSION drops
+    /// its member tables first, in the same command; a table taken out of the extension and
+    /// dropped by hand has no owner.
+    pub head_table_drop_xid: u32,
+    pub head_table_drop_owner: u32,
     /// Blocks of records the writer appended (committed) in this server run.
     pub blocks_direct: u64,
 }
@@ -141,6 +149,20 @@ unsafe extern "C-unwind" fn note_extension_drop(
         if let Some(prev) = PREV_OBJECT_ACCESS {
             prev(access, class_id, object_id, sub_id, arg);
         }
+        // The writer's table dropped: by whose membership (read before its dependency rows go).
+        if access == pg_sys::ObjectAccessType::OAT_DROP && class_id == pg_sys::RelationRelationId && sub_id == 0 {
+            let (head_relid, head_dboid) = {
+                let q = QUEUE.share();
+                (q.head_relid, q.head_dboid)
+            };
+            if head_relid != 0 && head_relid == object_id.to_u32() && head_dboid == pg_sys::MyDatabaseId.to_u32() {
+                let owner = pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, object_id).to_u32();
+                let xid = pg_sys::GetCurrentTransactionId().into_inner();
+                let mut q = QUEUE.exclusive();
+                q.head_table_drop_xid = xid;
+                q.head_table_drop_owner = owner;
+            }
+        }
         if access == pg_sys::ObjectAccessType::OAT_DROP
             && class_id.to_u32() == 3079 // pg_extension
             && object_id == pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true)
@@ -149,16 +171,20 @@ unsafe extern "C-unwind" fn note_extension_drop(
             // database: a row named pg_envelope inserted into pg_extension and dropped by real
             // DDL was noted as a drop while the real extension and its trail stayed (insider
             // review 62).
-            let (head_relid, head_dboid) = {
+            let (head_relid, head_dboid, head_extoid, table_drop_xid, table_drop_owner) = {
                 let q = QUEUE.share();
-                (q.head_relid, q.head_dboid)
+                (q.head_relid, q.head_dboid, q.head_extoid, q.head_table_drop_xid, q.head_table_drop_owner)
             };
-            // (A real DROP EXTENSION drops its member tables first, in this same command: the
-            // table is gone by now.)
+            // A real DROP EXTENSION drops its member tables first, in this same command: the
+            // writer's table was dropped by this (sub)transaction while a member of this very
+            // extension, the one that owned it when the writer took it. (Review 62 dropped a
+            // fake pg_extension row named pg_envelope; review 63 took the table out of the
+            // extension and dropped it by hand first.)
             if head_relid != 0
                 && head_dboid == pg_sys::MyDatabaseId.to_u32()
-                && !pg_sys::get_rel_name(pg_sys::Oid::from(head_relid)).is_null()
-                && pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, pg_sys::Oid::from(head_relid)) != object_id
+                && !(table_drop_xid == pg_sys::GetCurrentTransactionId().into_inner()
+                    && table_drop_owner == object_id.to_u32()
+                    && head_extoid == object_id.to_u32())
             {
                 return;
             }

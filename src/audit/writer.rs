@@ -59,6 +59,8 @@ pub struct Writer {
     appended: u64,
     /// The batch's transaction id (see `Queue::head_xid`).
     xid: u32,
+    /// The extension that owned `relid` when the writer took it (see `Queue::head_extoid`).
+    extoid: u32,
 }
 
 pub(super) fn hash32(v: Vec<u8>) -> Result<[u8; 32]> {
@@ -202,6 +204,7 @@ impl Writer {
             q.head_seq = h.seq;
             q.head_hash = h.hash;
             q.head_relid = self.relid;
+            q.head_extoid = self.extoid;
             q.head_xid = self.xid;
             // SAFETY: a global set at the process's start.
             q.head_dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
@@ -256,6 +259,8 @@ impl Writer {
             self.head = None;
             self.checkpointed = None;
             self.relid = relid;
+            // SAFETY: a dependency lookup by oid.
+            self.extoid = unsafe { pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, pg_sys::Oid::from(relid)) }.to_u32();
         }
         let mut alarm = None;
         if self.head.is_none() {
