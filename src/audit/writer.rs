@@ -483,7 +483,7 @@ pub(super) unsafe fn table_refusal(rel: pg_sys::Relation) -> Option<String> {
         }
         // Inheritance children show their rows in the views as records (insider review 61
         // forged one that way while hiding the child from audit_verify's SQL).
-        if has_children((*rel).rd_id) || has_parent((*rel).rd_id) {
+        if super::catalog_facts::inherits((*rel).rd_id) {
             return Some("has inheritance children or a parent".into());
         }
         if !(*rel).rd_rules.is_null() {
@@ -686,24 +686,6 @@ pub(super) fn other_tables_refusal() -> Option<String> {
     }
 }
 
-/// Whether a table has inheritance children (PostgreSQL's `find_inheritance_children`, not in
-/// pgrx's bindings; `relhassubclass` stays set after the last child is dropped, until a VACUUM).
-unsafe fn has_children(relid: pg_sys::Oid) -> bool {
-    unsafe extern "C-unwind" {
-        fn find_inheritance_children(parent: pg_sys::Oid, lockmode: pg_sys::LOCKMODE) -> *mut pg_sys::List;
-    }
-    unsafe { !find_inheritance_children(relid, pg_sys::NoLock as pg_sys::LOCKMODE).is_null() }
-}
-
-/// Whether a table inherits from another (PostgreSQL's `has_superclass`, an index scan of
-/// `pg_inherits`; not in pgrx's bindings).
-unsafe fn has_parent(relid: pg_sys::Oid) -> bool {
-    unsafe extern "C-unwind" {
-        fn has_superclass(relation_id: pg_sys::Oid) -> bool;
-    }
-    unsafe { has_superclass(relid) }
-}
-
 /// Whether the trail tables now are still of the installation the writer last committed under:
 /// unless pg_envelope was dropped, in this database, by a transaction that committed (noted by
 /// `note_extension_drop`), a trail table other than the one it last committed to was put there
@@ -751,7 +733,7 @@ unsafe fn other_table_code(rel: pg_sys::Relation, name: &std::ffi::CStr) -> Opti
         }
         // (An inheritance child's index expressions ran in audit_verify and the writer when a
         // query covered the child: insider review 59.)
-        if has_children((*rel).rd_id) || has_parent((*rel).rd_id) {
+        if super::catalog_facts::inherits((*rel).rd_id) {
             return Some("has inheritance children or a parent".into());
         }
         let desc = (*rel).rd_att;

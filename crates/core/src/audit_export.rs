@@ -190,15 +190,9 @@ pub fn export_start(from_seq: i64, checkpoint_seqs: impl IntoIterator<Item = i64
     checkpoint_seqs.into_iter().filter(|&s| s < from_seq).max().map_or(1, |s| s.saturating_add(1))
 }
 
-/// Microseconds since the Unix epoch as PostgreSQL's JSON shows a `timestamptz` in UTC:
-/// `2026-12-06T07:24:17.123456+00:00` (the fraction without trailing zeros, none when whole).
-/// `None` outside years 1 to 9999.
-pub fn iso_utc(at_us: i64) -> Option<String> {
-    let secs = at_us.div_euclid(1_000_000);
-    let micros = at_us.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let tod = secs.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil (proleptic Gregorian).
+/// (year, month, day) of a count of days since 1970-01-01, proleptic Gregorian (Howard
+/// Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -207,7 +201,17 @@ pub fn iso_utc(at_us: i64) -> Option<String> {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Microseconds since the Unix epoch as PostgreSQL's JSON shows a `timestamptz` in UTC:
+/// `2026-12-06T07:24:17.123456+00:00` (the fraction without trailing zeros, none when whole).
+/// `None` outside years 1 to 9999.
+pub fn iso_utc(at_us: i64) -> Option<String> {
+    let secs = at_us.div_euclid(1_000_000);
+    let micros = at_us.rem_euclid(1_000_000);
+    let tod = secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
     if !(1..=9999).contains(&year) {
         return None;
     }

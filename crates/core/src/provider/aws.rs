@@ -402,16 +402,7 @@ impl KeyProvider for AwsKmsProvider {
 
 /// `YYYY-MM-DD` (UTC) of a Unix time, for reports.
 fn utc_date(secs: i64) -> String {
-    // Howard Hinnant's civil_from_days.
-    let z = secs.div_euclid(86400) + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = crate::audit_export::civil_from_days(secs.div_euclid(86400));
     format!("{y:04}-{m:02}-{d:02}")
 }
 
