@@ -159,10 +159,16 @@ pub(super) fn proc(oid: pg_sys::Oid) -> Option<Proc> {
 
 /// Whether `oid` is pg_envelope's function (its extension membership).
 pub(super) fn is_extensions_function(oid: pg_sys::Oid) -> bool {
+    is_extension_member(pg_sys::ProcedureRelationId, oid)
+}
+
+/// Whether object `oid` of catalog `class` (a table, a function) is a member of pg_envelope,
+/// by its `pg_depend` extension entry (PostgreSQL's own lookup).
+pub(super) fn is_extension_member(class: pg_sys::Oid, oid: pg_sys::Oid) -> bool {
     // SAFETY: catalog lookups by name and oid.
     unsafe {
         let ext = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true);
-        ext != pg_sys::InvalidOid && pg_sys::getExtensionOfObject(pg_sys::ProcedureRelationId, oid) == ext
+        ext != pg_sys::InvalidOid && pg_sys::getExtensionOfObject(class, oid) == ext
     }
 }
 

@@ -146,10 +146,7 @@ fn audit_block_records(
 /// under the same name: insider review 45 renamed `audit_blocks` and created another, which the
 /// writer then filled while the view still showed the old one).
 pub(super) fn is_extension_member(relid: u32) -> bool {
-    unsafe {
-        let ext = pg_sys::get_extension_oid(c"pg_envelope".as_ptr(), true);
-        ext != pg_sys::InvalidOid && pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, pg_sys::Oid::from(relid)) == ext
-    }
+    facts::is_extension_member(pg_sys::RelationRelationId, pg_sys::Oid::from(relid))
 }
 
 /// `envelope.audit_blocks` and `envelope.audit_log` as the extension made them: both its own, a
