@@ -9,6 +9,7 @@ again at the end.
 """
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -1687,10 +1688,19 @@ def test_retention_is_a_recorded_checkpointed_event(audited):
         set_audit(c, True, audit_checkpoint_interval=3600)   # from now on, only a forced checkpoint
         time.sleep(1.1)
         cp = c.execute("SELECT max(seq) FROM envelope.audit_checkpoints").fetchone()[0]
+        # The newest removed record's time (the last record of the last removed block), as the
+        # export writes times.
+        newest = c.execute("SELECT max(last_at) FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,)).fetchone()[0]
         removed = c.execute("SELECT envelope.audit_prune('1 second')").fetchone()[0]
         assert removed > 0
         assert c.execute("SELECT min(seq) FROM envelope.audit_log").fetchone()[0] == cp + 1
         assert wait_until(lambda: c.execute("SELECT count(*) FROM envelope.audit_log WHERE operation = 'audit_prune' AND outcome = 'ok'").fetchone()[0] == 1)
+        # The record says how recent the removed records were (the retention it claims can be
+        # checked without them).
+        detail = c.execute("SELECT detail FROM envelope.audit_log WHERE operation = 'audit_prune'").fetchone()[0]
+        stated = re.search(r"newest at (\S+),", detail)
+        assert stated, detail
+        assert datetime.datetime.fromisoformat(stated.group(1)) == newest, (detail, newest)
         prune_seq = c.execute("SELECT seq FROM envelope.audit_log WHERE operation = 'audit_prune'").fetchone()[0]
         # The retention record is checkpointed at once, though the interval is an hour.
         assert wait_until(lambda: c.execute("SELECT max(seq) FROM envelope.audit_checkpoints").fetchone()[0] >= prune_seq)

@@ -995,16 +995,35 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
     }
     PRUNING.with(|p| p.set(true));
     let _reset = Reset;
-    let removed = Spi::connect_mut(|c| {
-        c.update("DELETE FROM envelope.audit_blocks WHERE last_seq <= $1 RETURNING last_seq - first_seq + 1", None, &[seq.into()])
-            .and_then(|t| t.map(|r| r.get::<i64>(1).map(|v| v.unwrap_or(0))).sum::<std::result::Result<i64, _>>())
-            .map_err(spi_err)
+    // How many records went, and the newest time among them (the record says it, so a reader
+    // can hold the removal to the retention it claims without the removed blocks).
+    let (removed, newest_us) = Spi::connect_mut(|c| {
+        let mut removed = 0i64;
+        let mut newest = i64::MIN;
+        let t = c
+            .update(
+                "DELETE FROM envelope.audit_blocks WHERE last_seq <= $1
+                 RETURNING last_seq - first_seq + 1, (pg_catalog.extract('epoch', last_at) * 1000000)::pg_catalog.int8",
+                None,
+                &[seq.into()],
+            )
+            .map_err(spi_err)?;
+        for r in t {
+            removed += r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0);
+            newest = newest.max(r.get::<i64>(2).map_err(spi_err)?.unwrap_or(i64::MIN));
+        }
+        Ok::<_, EnvelopeError>((removed, newest))
     })?;
     drop(_reset);
+    let newest = pg_envelope_core::audit_export::iso_utc(newest_us).unwrap_or_else(|| "unknown".into());
     super::key_op(
         "audit_prune",
         "",
-        &format!("removed records {first}..{seq} older than {older_than}; the kept chain starts after checkpoint {seq} (hash {})", hex(&cp_hash)),
+        // The checkpoint first: details are cut at 200 bytes, and verifiers look for it.
+        &format!(
+            "the kept chain starts after checkpoint {seq} (hash {}); removed records {first}..{seq}, newest at {newest}, older than {older_than}",
+            hex(&cp_hash)
+        ),
         false,
     );
     Ok(removed)
