@@ -19,6 +19,7 @@
 //! | envelope.audit_fail_closed    | SIGHUP   | on               | postgresql.conf only         |
 //! | envelope.audit_max_delay      | SIGHUP   | 10s              | postgresql.conf only         |
 //! | envelope.audit_checkpoint_interval | SIGHUP | 5min          | postgresql.conf only         |
+//! | envelope.audit_queue_size     | POSTMASTER | 16384          | postgresql.conf, restart     |
 //! | envelope.request_id           | USERSET  | (unset)          | anyone (recorded, not trusted) |
 //! | envelope.shred_requires_confirmation | SIGHUP | off         | postgresql.conf only         |
 //!
@@ -47,6 +48,8 @@ pub static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static AUDIT_FAIL_CLOSED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static AUDIT_MAX_DELAY_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static AUDIT_CHECKPOINT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(300);
+/// Records the audit queue holds (1,208 bytes of shared memory each). See [`audit_queue_size`].
+pub static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16384);
 pub static AUDIT_CHECKPOINT_PROVIDER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"local"));
 pub static ALERT_DECRYPTS_PER_HOUR: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static ALERT_FAILURES_PER_HOUR: GucSetting<i32> = GucSetting::<i32>::new(100);
@@ -99,6 +102,16 @@ pub fn init() {
         24 * 3600,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"envelope.audit_queue_size",
+        c"How many audit records the shared-memory queue holds for the audit writer.",
+        c"About 1.2 kB of shared memory each. Size it for the peak record rate times the longest stall of the writer to absorb; key use waits, then fails closed, when it is full.",
+        &AUDIT_QUEUE_SIZE,
+        1024,
+        262_144,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"envelope.audit_checkpoint_provider",
@@ -417,6 +430,16 @@ pub fn alert_hours() -> Option<(i32, i32)> {
 /// `envelope.audit_checkpoint_provider` (a provider name; `local` by default).
 pub fn audit_checkpoint_provider() -> String {
     AUDIT_CHECKPOINT_PROVIDER.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty()).unwrap_or_else(|| "local".into())
+}
+
+/// `envelope.audit_queue_size`: the audit queue's slots, fixed when the server starts (the
+/// queue is shared memory sized by the postmaster). 16,384 by default: under an 8-client OLTP
+/// load on 2 cores (~50,000 records a second) the writer sometimes stalls for 150-300 ms in the
+/// operating system (extending its table: a page written for the first time on a VM), and 8,192
+/// slots (the size until 2026-12-06) filled up in about a third of the 5-second rounds' worth
+/// of such stalls: every backend then waited for room (issue 13; docs/benchmarks.md).
+pub fn audit_queue_size() -> usize {
+    AUDIT_QUEUE_SIZE.get().clamp(1024, 262_144) as usize
 }
 
 /// `envelope.audit_checkpoint_interval` in seconds.

@@ -621,12 +621,18 @@ def test_writer_killed_and_restarted_by_the_postmaster_loses_nothing(audited):
     assert [r[3:6] for r in rows if r[0] == "decrypt"] == [(6, 0, "ok"), (1, 1, "57P03"), (6, 0, "ok")], rows
 
 
+def queue_size(c):
+    """The audit queue's size in records (`envelope.audit_queue_size`, fixed at server start)."""
+    return int(c.execute("SHOW envelope.audit_queue_size").fetchone()[0])
+
+
 def test_a_burst_of_short_statements_outruns_no_writer(audited):
     """More single-value statements than the queue holds, as fast as one client sends them:
     backends wake the writer as the queue fills and wait for room, so none is refused and every
     statement is recorded once."""
-    n = 9000  # the queue holds 8,192
     with connect(PORT_A, DB) as c:
+        n = queue_size(c) + 808  # more than the queue holds
+        assert int(c.execute("SELECT envelope.status()->'audit'->>'queue_size'").fetchone()[0]) == n - 808
         start = last_seq(c)
         dropped_before = c.execute("SELECT (envelope.status()->'audit'->>'dropped')::int").fetchone()[0]
         c.execute("SET envelope.request_id = 'burst'")
@@ -677,11 +683,12 @@ def _no_room_then_room(names, tag):
         blocker.execute("LOCK TABLE envelope.audit_log IN SHARE MODE")
         filler.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
         queued = lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0]
-        # One record per statement, up to 10 slots short of the queue's 8,192.
-        for _ in range(8192 - 10 - queued()):
+        # One record per statement, up to 10 slots short of the queue's size.
+        size = queue_size(c)
+        for _ in range(size - 10 - queued()):
             filler.execute("SELECT envelope.encrypt_field('x'::text)", prepare=True)
         filler.execute("SELECT 1")
-        assert 8192 - 12 <= queued() <= 8192 - 8, queued()
+        assert size - 12 <= queued() <= size - 8, queued()
         c.execute("SET envelope.request_id = 'room-1'")
         c.execute("BEGIN")
         for n in names:
@@ -725,10 +732,11 @@ def test_a_statement_that_used_keys_keeps_room_for_its_record(audited):
             blocker.execute("BEGIN")
             blocker.execute("LOCK TABLE envelope.audit_log IN SHARE MODE")  # the writer stalls
             filler.execute("SELECT set_config('app.tenant_id', %s, false)", (TENANT,))
-            for _ in range(8192 - 3 - status()["queued"]):
+            size = queue_size(c)
+            for _ in range(size - 3 - status()["queued"]):
                 filler.execute("SELECT envelope.encrypt_field('x'::text)", prepare=True)
             filler.execute("SELECT 1")
-            assert status()["queued"] == 8192 - 3
+            assert status()["queued"] == size - 3
             # The victim's statement decrypts with room left; its record waits in the session.
             victim.execute("SET envelope.request_id = 'claimed-1'")
             victim.execute("BEGIN")
@@ -770,27 +778,28 @@ def test_a_statement_through_many_tenants_holds_a_bounded_number_of_slots(audite
     every other session. Past its share (half the queue over MaxBackends) a backend pushes what
     it has (parts of one statement: same statement id) and goes on; the counts stay exact.
     Review 43: aggregates that first failed (garbage decrypted under each tenant) and then
-    succeeded claimed past the share; 28 sessions held all 8,192 slots."""
+    succeeded claimed past the share; 28 sessions held all 8,192 slots (the queue's size then)."""
     tag = secrets.token_hex(3)
-    names = [f"aud_many_{tag}_{i:02}" for i in range(40)]
     with connect(PORT_A, DB) as c:
+        share = c.execute("""SELECT current_setting('envelope.audit_queue_size')::int / 2 / (current_setting('max_connections')::int
+            + current_setting('autovacuum_max_workers')::int + 1 + current_setting('max_worker_processes')::int
+            + current_setting('max_wal_senders')::int)""").fetchone()[0]
+        count = max(40, share + 8)  # more tenants than the share
+        names = [f"aud_many_{tag}_{i:03}" for i in range(count)]
         for n in names:
             c.execute("SELECT envelope.create_tenant(%s)", (n,))
             c.execute("SELECT envelope.grant_tenant(%s, current_user)", (n,))
         start = last_seq(c)
         c.execute("SET envelope.request_id = 'many-tenants'")
-        share = c.execute("""SELECT 8192 / 2 / (current_setting('max_connections')::int
-            + current_setting('autovacuum_max_workers')::int + 1 + current_setting('max_worker_processes')::int
-            + current_setting('max_wal_senders')::int)""").fetchone()[0]
-        assert 2 <= share < 40, share  # (this test needs a share below its 40 tenants)
+        assert 2 <= share < count, share  # (this test needs a share below its tenants)
         c.execute("BEGIN")
         c.execute("""DO $$ DECLARE x bytea; p int; BEGIN
-            FOR i IN 0..39 LOOP
-              PERFORM set_config('app.tenant_id', 'aud_many_""" + tag + """_' || lpad(i::text, 2, '0'), true);
+            FOR i IN 0..""" + str(count - 1) + """ LOOP
+              PERFORM set_config('app.tenant_id', 'aud_many_""" + tag + """_' || lpad(i::text, 3, '0'), true);
               BEGIN PERFORM envelope.decrypt_field('\\x00'::bytea); EXCEPTION WHEN others THEN NULL; END;
             END LOOP;
-            FOR i IN 0..39 LOOP
-              PERFORM set_config('app.tenant_id', 'aud_many_""" + tag + """_' || lpad(i::text, 2, '0'), true);
+            FOR i IN 0..""" + str(count - 1) + """ LOOP
+              PERFORM set_config('app.tenant_id', 'aud_many_""" + tag + """_' || lpad(i::text, 3, '0'), true);
               x := envelope.encrypt_field('v' || i);
               PERFORM envelope.decrypt_field(x);
               PERFORM envelope.decrypt_field(x);
@@ -1221,12 +1230,13 @@ def test_a_cancelled_wait_for_room_still_counts_the_statements_records(audited):
         su.execute("BEGIN")
         su.execute("LOCK TABLE envelope.audit_log IN ACCESS EXCLUSIVE MODE")
         try:
-            # Fill the queue (8,192 records: one per committed transaction that decrypted, less
-            # the slot S1's record holds: the flood is refused once none is left).
+            # Fill the queue (one record per committed transaction that decrypted, less the
+            # slot S1's record holds: the flood is refused once none is left).
+            size = queue_size(flood)
             flood.execute("SET envelope.request_id = 'flood'")
             with pytest.raises(psycopg.Error) as e:
                 flood.execute(f"""DO $$ BEGIN
-                    FOR i IN 1..8194 LOOP
+                    FOR i IN 1..{size + 2} LOOP
                       PERFORM set_config('app.tenant_id', '{TENANT}', false);
                       PERFORM count(v::text) FROM audit_t WHERE id = 1;
                       COMMIT;
@@ -1235,7 +1245,7 @@ def test_a_cancelled_wait_for_room_still_counts_the_statements_records(audited):
             assert e.value.sqlstate == "57P03", e.value
             with connect(PORT_A, DB) as probe:
                 assert probe.execute("SELECT (envelope.status()->'audit'->>'queued')::int + "
-                                     "(envelope.status()->'audit'->>'promised')::int").fetchone()[0] >= 8192
+                                     "(envelope.status()->'audit'->>'promised')::int").fetchone()[0] >= size
                 before = probe.execute("SELECT (envelope.status()->'audit'->>'dropped')::int").fetchone()[0]
             v.execute("SET LOCAL statement_timeout = '1500ms'")
             with pytest.raises(psycopg.Error) as e:

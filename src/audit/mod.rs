@@ -33,12 +33,20 @@ use pgrx::PgLwLock;
 use crate::error::{EnvelopeError, Result};
 use crate::gucs;
 
-/// Records the queue holds (8 MB of shared memory). The writer needs a small share of a CPU (a
-/// seventh of a core at 35,000 records a second) but gets it in slices: on a machine whose cores
-/// are all busy with client backends, the scheduler runs it every few tens of milliseconds, and
-/// 2,048 slots filled in 60 ms at that rate (backends then waited for room: 0.83x the TPS of
-/// audit off in an 8-client pgbench on 2 cores).
-pub const SLOTS: usize = 8192;
+/// Records the queue holds: `envelope.audit_queue_size` (16,384 by default, ~20 MB of shared
+/// memory), read once by the postmaster when it sizes shared memory (`register`); every process
+/// it starts inherits the value. The writer needs a small share of a CPU (a seventh of a core
+/// at 35,000 records a second) but gets it in slices: on a machine whose cores are all busy
+/// with client backends, the scheduler runs it every few tens of milliseconds, and 2,048 slots
+/// filled in 60 ms at that rate (backends then waited for room: 0.83x the TPS of audit off in
+/// an 8-client pgbench on 2 cores); stalls of the writer in the operating system (150-300 ms)
+/// filled 8,192 (see `gucs::audit_queue_size`).
+static SLOT_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The queue's size in records (see [`SLOT_COUNT`]).
+pub fn slots() -> usize {
+    SLOT_COUNT.load(Ordering::Relaxed)
+}
 /// A record's largest canonical form: ten strings cut at 64 bytes, the tenant at 255, the
 /// detail at 200, eight integers, the lengths and the format byte (1,200 bytes).
 const SLOT_BYTES: usize = 1200;
@@ -112,15 +120,24 @@ pub static QUEUE: PgLwLock<Queue> = unsafe { PgLwLock::new(c"pg_envelope_audit_q
 type Slot = pg_envelope_core::ring::Slot<SLOT_BYTES>;
 type Meta = pg_envelope_core::ring::Meta;
 
-const META_BYTES: usize = SLOTS * std::mem::size_of::<Meta>();
-const REGION: usize = META_BYTES + SLOTS * std::mem::size_of::<Slot>();
-const _: () = assert!(META_BYTES % std::mem::align_of::<Slot>() == 0 && META_BYTES % 64 == 0);
+/// The slots' headers, then the slots: the headers' size keeps the slots aligned (any count
+/// of 16-byte headers that is a multiple of 4 fills whole cache lines; the counts allowed are
+/// multiples of 4 once rounded in `register`).
+fn meta_bytes() -> usize {
+    slots() * std::mem::size_of::<Meta>()
+}
+fn region() -> usize {
+    meta_bytes() + slots() * std::mem::size_of::<Slot>()
+}
+const _: () = assert!(std::mem::size_of::<Meta>() * 4 % 64 == 0 && std::mem::size_of::<Meta>() * 4 % std::mem::align_of::<Slot>() == 0);
 static SLOTS_PTR: std::sync::atomic::AtomicPtr<u8> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
 
 pub fn register() {
+    // Rounded down to a multiple of 4 (whole cache lines of headers, see `meta_bytes`).
+    SLOT_COUNT.store(gucs::audit_queue_size() / 4 * 4, Ordering::Relaxed);
     pgrx::pg_shmem_init!(QUEUE);
     limit::register();
     unsafe {
@@ -205,7 +222,7 @@ unsafe extern "C-unwind" fn request_slots() {
     if let Some(prev) = PREV_SHMEM_REQUEST {
         prev();
     }
-    pg_sys::RequestAddinShmemSpace(REGION);
+    pg_sys::RequestAddinShmemSpace(region());
 }
 
 #[pg_guard]
@@ -217,14 +234,14 @@ unsafe extern "C-unwind" fn attach_slots() {
     // AddinShmemInitLock is MainLWLockArray[21] (as pgrx's own shared-memory types take it).
     let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
     pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-    let p = pg_sys::ShmemInitStruct(c"pg_envelope audit slots".as_ptr(), REGION, &mut found);
+    let p = pg_sys::ShmemInitStruct(c"pg_envelope audit slots".as_ptr(), region(), &mut found);
     // (PostgreSQL aligns shared-memory allocations to cache lines.)
     assert!(p as usize % std::mem::align_of::<Meta>() == 0, "audit slots misaligned");
     if !found {
         // All zeros is a valid slot; then the slots are numbered for a ring at position 0 (the
         // header's positions start at 0 too: pgrx zero-initialises it in the same startup).
-        std::ptr::write_bytes(p.cast::<u8>(), 0, REGION);
-        pg_envelope_core::ring::init(std::slice::from_raw_parts(p.cast::<Meta>(), SLOTS));
+        std::ptr::write_bytes(p.cast::<u8>(), 0, region());
+        pg_envelope_core::ring::init(std::slice::from_raw_parts(p.cast::<Meta>(), slots()));
     }
     pg_sys::LWLockRelease(init_lock);
     SLOTS_PTR.store(p.cast(), Ordering::Release);
@@ -326,8 +343,8 @@ fn ring() -> pg_envelope_core::ring::Ring<'static, SLOT_BYTES> {
     let q = fast_lock::header();
     // SAFETY: the slots' region and the header live as long as the process (shared memory);
     // the positions are 8-byte aligned (asserted above) and only ever accessed atomically. The
-    // region (cache-line aligned, as PostgreSQL allocates shared memory) holds SLOTS headers,
-    // then SLOTS slots (META_BYTES keeps the slots aligned).
+    // region (cache-line aligned, as PostgreSQL allocates shared memory) holds `slots()` headers,
+    // then as many slots (`meta_bytes` keeps the slots aligned).
     unsafe {
         pg_envelope_core::ring::Ring::new(
             pg_envelope_core::ring::Positions {
@@ -335,8 +352,8 @@ fn ring() -> pg_envelope_core::ring::Ring<'static, SLOT_BYTES> {
                 read: AtomicU64::from_ptr(&raw mut (*q).read),
                 claimed: AtomicU64::from_ptr(&raw mut (*q).claimed),
             },
-            std::slice::from_raw_parts(base.cast::<Meta>(), SLOTS),
-            std::slice::from_raw_parts(base.add(META_BYTES).cast::<Slot>(), SLOTS),
+            std::slice::from_raw_parts(base.cast::<Meta>(), slots()),
+            std::slice::from_raw_parts(base.add(meta_bytes()).cast::<Slot>(), slots()),
         )
     }
 }
@@ -364,10 +381,10 @@ pub fn health() -> std::result::Result<(), String> {
     let r = ring();
     // Full: every slot holds a record or is promised to one (a statement that used keys and
     // pushes its record when it ends).
-    if r.claimed() >= SLOTS as u64 {
+    if r.claimed() >= slots() as u64 {
         wait_for_room();
-        if r.claimed() >= SLOTS as u64 {
-            return Err(format!("the audit queue is full ({SLOTS} records waiting for the writer, or promised to statements in progress)"));
+        if r.claimed() >= slots() as u64 {
+            return Err(format!("the audit queue is full ({} records waiting for the writer, or promised to statements in progress)", slots()));
         }
     }
     let oldest = r.oldest_pushed_at();
@@ -512,7 +529,7 @@ fn queued() -> u64 {
 /// A full queue: wake the writer and wait for room, up to one second (a burst of short
 /// statements can outrun the writer's tick; it must not fail statements while the writer works).
 fn wait_for_room() -> bool {
-    wait_for(|| ring().claimed() < SLOTS as u64)
+    wait_for(|| ring().claimed() < slots() as u64)
 }
 
 /// Slots this backend claimed and has not pushed yet (its statements' aggregates, its
@@ -662,7 +679,7 @@ fn push_bytes(bytes: &[u8], error_path: bool, claimed: bool) {
     match ring().push(bytes, now_ts()) {
         Ok(n) => {
             held_sub(1);
-            if n >= SLOTS as u64 / 4 {
+            if n >= slots() as u64 / 4 {
                 wake_writer();
             }
         }
@@ -873,7 +890,7 @@ pub fn finish(op: Op, armed: bool, tenant: Option<&str>, version: u32, err: Opti
 
 /// The error of a key use whose record found no room (see [`finish`]).
 pub fn no_room() -> EnvelopeError {
-    EnvelopeError::AuditUnavailable { reason: format!("the audit queue has no room for this statement's record ({SLOTS} records waiting for the writer, or promised to statements in progress)") }
+    EnvelopeError::AuditUnavailable { reason: format!("the audit queue has no room for this statement's record ({} records waiting for the writer, or promised to statements in progress)", slots()) }
 }
 
 #[inline(never)]
@@ -1065,7 +1082,7 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
 fn claims_per_backend() -> u64 {
     // SAFETY: a global PostgreSQL sets once at startup, before any backend runs SQL.
     let backends = unsafe { pg_sys::MaxBackends }.max(1) as u64;
-    (SLOTS as u64 / 2 / backends).clamp(2, 256)
+    (slots() as u64 / 2 / backends).clamp(2, 256)
 }
 
 /// A new aggregate of the current statement; its index.
@@ -1353,13 +1370,13 @@ fn room_for_key_ops_at_pre_commit() {
         // More than half the queue is refused outright (review 44: up to all 8,192 slots could
         // be claimed by one transaction, refusing every other session's key use meanwhile).
         // The wait services interrupts (at PRE_COMMIT the transaction can still abort).
-        if wanted <= SLOTS as u64 / 2 && wait_for(|| claim(wanted)) {
+        if wanted <= slots() as u64 / 2 && wait_for(|| claim(wanted)) {
             KEY_OPS_CLAIMED.set(KEY_OPS_CLAIMED.get() + wanted);
             return;
         }
         let mut why = format!("the audit queue has no room for this transaction's {wanted} key-management record(s)");
-        if wanted > SLOTS as u64 / 2 {
-            why.push_str(&format!("; a transaction can record at most about {} key-management operations: split it", SLOTS / 2));
+        if wanted > slots() as u64 / 2 {
+            why.push_str(&format!("; a transaction can record at most about {} key-management operations: split it", slots() / 2));
         }
         if gucs::AUDIT_FAIL_CLOSED.get() {
             EnvelopeError::AuditUnavailable { reason: why }.raise();
@@ -1566,6 +1583,7 @@ pub fn status_json() -> serde_json::Value {
         "enabled": enabled(),
         "fail_closed": gucs::AUDIT_FAIL_CLOSED.get(),
         "queued": queued,
+        "queue_size": slots(),
         "promised": promised,
         "dropped": dropped,
         "queue_full_waits": waits,
