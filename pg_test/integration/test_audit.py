@@ -135,6 +135,21 @@ def try_as_tenants_in_one_statement(c, tenants):
     c.execute("SELECT sum(pg_temp.try(t)) FROM unnest(%s::text[]) AS u(t)", (tenants,))
 
 
+def swap_in_trail_table(c, tag, view, copy_rows=False):
+    """The insider reviews' swap (58-62): a new table put in the place of envelope.audit_blocks as
+    the extension's member (empty, or a copy of the trail), the old one renamed
+    `audit_blocks_<tag>_orig` and left out of the extension, and `audit_log` made again over it
+    from its definition `view`. The caller undoes it (a transaction rolled back)."""
+    c.execute(f"CREATE TABLE envelope.audit_blocks_{tag} (LIKE envelope.audit_blocks INCLUDING ALL)")
+    if copy_rows:
+        c.execute(f"INSERT INTO envelope.audit_blocks_{tag} SELECT * FROM envelope.audit_blocks")
+    c.execute(f"ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_{tag}_orig")
+    c.execute(f"ALTER TABLE envelope.audit_blocks_{tag} RENAME TO audit_blocks")
+    c.execute(f"ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_{tag}_orig")
+    c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
+    c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
+
+
 def last_seq(c):
     return c.execute("SELECT coalesce(max(seq), 0) FROM envelope.audit_log").fetchone()[0]
 
@@ -2285,12 +2300,7 @@ def test_a_drop_rolled_back_to_a_savepoint_makes_no_new_installation(audited):
             c.execute("SAVEPOINT s")
             c.execute("DROP EXTENSION pg_envelope CASCADE")
             c.execute("ROLLBACK TO SAVEPOINT s")
-            c.execute("CREATE TABLE envelope.audit_blocks_r61 (LIKE envelope.audit_blocks INCLUDING ALL)")
-            c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_r61_orig")
-            c.execute("ALTER TABLE envelope.audit_blocks_r61 RENAME TO audit_blocks")
-            c.execute("ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_r61_orig")
-            c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
-            c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
+            swap_in_trail_table(c, "r61", view)
             c.execute("COMMIT")
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
             assert ok is False and "is not the table the audit writer last committed to" in brk, brk
@@ -2328,12 +2338,7 @@ def test_a_fake_extension_row_dropped_is_no_drop(audited):
         view = c.execute("SELECT pg_get_viewdef('envelope.audit_log'::regclass)").fetchone()[0]
         c.execute("BEGIN")
         try:
-            c.execute("CREATE TABLE envelope.audit_blocks_r62 (LIKE envelope.audit_blocks INCLUDING ALL)")
-            c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_r62_orig")
-            c.execute("ALTER TABLE envelope.audit_blocks_r62 RENAME TO audit_blocks")
-            c.execute("ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_r62_orig")
-            c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
-            c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
+            swap_in_trail_table(c, "r62", view)
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
             assert ok is False and "is not the table the audit writer last committed to" in brk, brk
         finally:
@@ -2595,13 +2600,7 @@ def test_the_committed_head_holds_under_repeatable_read_and_for_a_table_swapped_
         view = c.execute("SELECT pg_get_viewdef('envelope.audit_log'::regclass)").fetchone()[0]
         c.execute("BEGIN")
         try:
-            c.execute("CREATE TABLE envelope.audit_blocks_r58 (LIKE envelope.audit_blocks INCLUDING ALL)")
-            c.execute("INSERT INTO envelope.audit_blocks_r58 SELECT * FROM envelope.audit_blocks")
-            c.execute("ALTER TABLE envelope.audit_blocks RENAME TO audit_blocks_orig")
-            c.execute("ALTER TABLE envelope.audit_blocks_r58 RENAME TO audit_blocks")
-            c.execute("ALTER EXTENSION pg_envelope DROP TABLE envelope.audit_blocks_orig")
-            c.execute("ALTER EXTENSION pg_envelope ADD TABLE envelope.audit_blocks")
-            c.execute(f"CREATE OR REPLACE VIEW envelope.audit_log AS {view}")
+            swap_in_trail_table(c, "r58", view, copy_rows=True)
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
             assert ok is False and "is not the table the audit writer last committed to" in brk, brk
             # Review 59: also with the extension's oid changed (it passed for a new installation).
@@ -2612,7 +2611,7 @@ def test_the_committed_head_holds_under_repeatable_read_and_for_a_table_swapped_
             assert ok is False and "is not the table the audit writer last committed to" in brk, brk
             # Review 60: and with the old table dropped and a view, newer than it, in place of
             # `tenants`: only a committed DROP EXTENSION makes a new chain.
-            c.execute("DROP TABLE envelope.audit_blocks_orig")
+            c.execute("DROP TABLE envelope.audit_blocks_r58_orig")
             c.execute("ALTER TABLE envelope.tenants RENAME TO tenants_r60")
             c.execute("CREATE VIEW envelope.tenants AS SELECT * FROM envelope.tenants_r60")
             ok, brk = c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone()
