@@ -2452,6 +2452,47 @@ def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_the
         fresh_trail(c)   # the trail stays broken; a fresh one for whoever comes next
 
 
+def test_a_crash_restart_on_a_checkpointed_trail_is_marked_by_a_writer_restart_record(audited):
+    """Insider review 62: records written after the newest checkpoint and deleted by a superuser
+    just before a crash restart (shared memory, with the head the writer had committed, is
+    reinitialised) leave no break. The writer marks every start with new shared memory on a
+    trail that a checkpoint covers with a `writer_restart` record naming the head it continued
+    from, so the restart, and the window before it that only the table witnessed, are in the
+    chain itself (and verify stays ok: a restart is no tampering)."""
+    with connect(PORT_A, DB) as c:
+        status = lambda: c.execute("SELECT envelope.status()->'audit'").fetchone()[0]
+        set_audit(c, True, audit_checkpoint_interval=1)
+        decrypt_some(c)
+        # Drained and checkpointed, with nothing after the checkpoint (status() is not a read
+        # of the trail: no record).
+        assert wait_until(lambda: status()["queued"] == 0)
+        time.sleep(2.5)
+        before = status()
+        assert before["queued"] == 0, before   # (with a 1 s interval a record left uncovered would be checkpointed by now)
+        head = before["last_checkpoint_seq"]
+        with connect(PORT_A, DB) as victim:
+            os.kill(victim.execute("SELECT pg_backend_pid()").fetchone()[0], signal.SIGKILL)   # a crash: shared memory reinitialised
+    def reconnects():
+        try:
+            with connect(PORT_A, DB) as x:
+                return x.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1
+        except psycopg.Error:
+            return False
+    assert wait_until(reconnects, timeout=60, step=0.5)
+    with connect(PORT_A, DB) as c:
+        decrypt_some(c)   # the writer's first batch after the restart
+        marked = lambda: c.execute("SELECT seq, kind, detail FROM envelope.audit_log WHERE seq > %s AND kind IN ('writer_restart', 'writer_start')",
+                                   (head - 1,)).fetchall()
+        assert wait_until(lambda: len(marked()) > 0, timeout=30)
+        head_hash = c.execute("SELECT hash FROM envelope.audit_log WHERE seq = %s", (head,)).fetchone()[0]
+        # Right after the checkpointed head (a `writer_start` would say records were left
+        # uncovered), naming it.
+        [(seq, kind, detail)] = marked()
+        assert (seq, kind) == (head + 1, "writer_restart"), (seq, kind, detail)
+        assert f"after record {head} (hash {bytes(head_hash).hex()}), which the newest checkpoint covers" in detail, detail
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
+
 def test_a_tail_changed_while_the_writer_was_stopped_is_a_break(audited):
     """Insider review 53: with the writer stopped (shared memory intact), a superuser deleted the
     oldest blocks up to a checkpoint and appended a made-up prune record naming it. The writer
