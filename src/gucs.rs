@@ -106,7 +106,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"envelope.audit_queue_size",
         c"How many audit records the shared-memory queue holds for the audit writer.",
-        c"About 1.2 kB of shared memory each. Size it for the peak record rate times the longest stall of the writer to absorb; key use waits, then fails closed, when it is full.",
+        c"About 1.2 kB of shared memory each; at least 4 per process the server may run, rounded down to a multiple of 4. Size it for the peak record rate times the longest stall of the writer to absorb; key use waits, then fails closed, when it is full.",
         &AUDIT_QUEUE_SIZE,
         1024,
         262_144,

@@ -891,10 +891,11 @@ def test_statements_of_one_transaction_get_their_own_ids_in_order(audited):
 def test_a_transaction_cannot_claim_more_than_half_the_queue(audited):
     """Review 44: a transaction's key-management records claim their slots at COMMIT; one with
     8,190 of them took all but two slots of the queue for a moment, refusing everyone else's
-    key use. More than half the queue (4,096) is refused at once, with a hint to split it."""
+    key use. More than half the queue (4,096 then) is refused at once, with a hint to split it."""
     with connect(PORT_A, DB) as c:
+        over = queue_size(c) // 2 + 1
         c.execute("BEGIN")
-        c.execute("DO $$ BEGIN FOR i IN 1..4097 LOOP PERFORM envelope.grant_tenant('audit_t', current_user); END LOOP; END $$")
+        c.execute(f"DO $$ BEGIN FOR i IN 1..{over} LOOP PERFORM envelope.grant_tenant('audit_t', current_user); END LOOP; END $$")
         t0 = time.monotonic()
         with pytest.raises(psycopg.Error) as e:
             c.execute("COMMIT")
@@ -1713,9 +1714,9 @@ def test_retention_is_a_recorded_checkpointed_event(audited):
         set_audit(c, True, audit_checkpoint_interval=3600)   # from now on, only a forced checkpoint
         time.sleep(1.1)
         cp = c.execute("SELECT max(seq) FROM envelope.audit_checkpoints").fetchone()[0]
-        # The newest removed record's time (the last record of the last removed block), as the
-        # export writes times.
-        newest = c.execute("SELECT max(last_at) FROM envelope.audit_blocks WHERE last_seq <= %s", (cp,)).fetchone()[0]
+        # The newest removed record's time (records' times are not in sequence order: the
+        # newest of them all, not the last block's last).
+        newest = c.execute("SELECT max(at) FROM envelope.audit_log WHERE seq <= %s", (cp,)).fetchone()[0]
         removed = c.execute("SELECT envelope.audit_prune('1 second')").fetchone()[0]
         assert removed > 0
         assert c.execute("SELECT min(seq) FROM envelope.audit_log").fetchone()[0] == cp + 1
@@ -1723,9 +1724,11 @@ def test_retention_is_a_recorded_checkpointed_event(audited):
         # The record says how recent the removed records were (the retention it claims can be
         # checked without them).
         detail = c.execute("SELECT detail FROM envelope.audit_log WHERE operation = 'audit_prune'").fetchone()[0]
-        stated = re.search(r"newest at (\S+),", detail)
+        stated = re.search(r"newest ([^;\s]+)", detail)
         assert stated, detail
         assert datetime.datetime.fromisoformat(stated.group(1)) == newest, (detail, newest)
+        # The retention asked for, whole (it is left out rather than cut when it does not fit).
+        assert detail.endswith("; older than 00:00:01"), detail
         prune_seq = c.execute("SELECT seq FROM envelope.audit_log WHERE operation = 'audit_prune'").fetchone()[0]
         # The retention record is checkpointed at once, though the interval is an hour.
         assert wait_until(lambda: c.execute("SELECT max(seq) FROM envelope.audit_checkpoints").fetchone()[0] >= prune_seq)
@@ -1771,6 +1774,43 @@ def test_retention_is_a_recorded_checkpointed_event(audited):
 
 # ---------------------------------------------------------------------------------------------
 # Alerts, canaries, the per-statement cap.
+
+def test_retention_keeps_a_recent_record_written_before_an_old_one(audited):
+    """Insider review 64: a record's time is when its statement first used a key, and it is
+    written when the transaction ends, so a transaction left open past the retention and
+    committed right after a read puts an old record after a recent one. `audit_prune` chose its
+    anchor by the anchor block's last time and removed the recent read; the prune record's
+    "newest" time (the blocks' last times) then looked consistent with the retention."""
+    name = f"aud_stale_{secrets.token_hex(3)}"
+    with connect(PORT_A, DB) as c, connect(PORT_A, DB) as stale:
+        set_audit(c, True, audit_checkpoint_interval=1)
+        start = last_seq(c)
+        stale.execute("BEGIN")
+        stale.execute("SELECT envelope.create_tenant(%s)", (name,))    # its record's time: now
+        time.sleep(3.5)
+        c.execute("SET envelope.request_id = 'recent-read'")
+        decrypt_some(c)                                                # recorded after the key op
+        c.execute("RESET envelope.request_id")
+        stale.execute("COMMIT")                                        # the old record, after it
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        time.sleep(1.5)                                                # checkpointed (1 s interval)
+        decrypt_some(c)                                                # the head moves past it
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        recent, old = c.execute(
+            "SELECT (SELECT seq FROM envelope.audit_log WHERE request_id = 'recent-read' AND kind = 'decrypt'),"
+            "       (SELECT seq FROM envelope.audit_log WHERE operation = 'create_tenant' AND tenant = %s)", (name,)).fetchone()
+        assert recent < old, (recent, old)   # the situation: an older record after a recent one
+        c.execute("SELECT envelope.audit_prune('3 seconds')")
+        # (A prune record is checkpointed at once; verification waits for that.)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        assert wait_until(lambda: c.execute("SELECT coalesce(max(c.seq), 0) >= max(l.seq) FROM envelope.audit_checkpoints c, envelope.audit_log l").fetchone()[0])
+        assert c.execute("SELECT count(*) FROM envelope.audit_log WHERE seq = %s", (recent,)).fetchone()[0] == 1, \
+            "a record younger than the retention was pruned"
+        for (detail,) in c.execute("SELECT detail FROM envelope.audit_log WHERE seq > %s AND operation = 'audit_prune' AND outcome = 'ok'", (start,)).fetchall():
+            stated = datetime.datetime.fromisoformat(re.search(r"newest ([^;\s]+)", detail).group(1))
+            assert stated < c.execute("SELECT at FROM envelope.audit_log WHERE seq = %s", (recent,)).fetchone()[0], detail
+        assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
+
 
 def alert_rows(c, rule):
     return c.execute("SELECT role_name, tenant, observed, detail FROM envelope.audit_alerts WHERE rule = %s ORDER BY id", (rule,)).fetchall()
@@ -2281,6 +2321,11 @@ def fresh_trail(c):
     c.execute("CREATE EXTENSION pg_envelope")
     c.execute("SELECT envelope.create_tenant(%s)", (TENANT,))
     c.execute("SELECT envelope.grant_tenant(%s, current_user)", (TENANT,))
+    # (The drop took audit_t's encrypted column with it: the table again, for the tests after.)
+    c.execute("DROP TABLE IF EXISTS audit_t")
+    c.execute("CREATE TABLE audit_t (id int, v envelope.encrypted_text)")
+    with as_tenant(c, TENANT):
+        c.execute("INSERT INTO audit_t SELECT g, ('v' || g)::text FROM generate_series(1, 100) g")
     set_audit(c, True, audit_checkpoint_interval=300)
 
 

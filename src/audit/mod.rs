@@ -43,6 +43,16 @@ use crate::gucs;
 /// filled 8,192 (see `gucs::audit_queue_size`).
 static SLOT_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// The queue's size for the setting and MaxBackends (`pg_envelope_core::ring::capacity_for`:
+/// at least 4 slots per process the server may run, so that the per-backend share of claims,
+/// half the queue over MaxBackends and at least 2 (`claims_per_backend`), keeps every session
+/// at once below half the queue: insider review 64 had 512 sessions idle in their transactions
+/// hold all of a 1,024-slot queue and refuse everyone else's key use).
+fn effective_slots(setting: usize, max_backends: usize) -> (usize, bool) {
+    let n = pg_envelope_core::ring::capacity_for(setting, max_backends);
+    (n, n != setting)
+}
+
 /// The queue's size in records (see [`SLOT_COUNT`]).
 pub fn slots() -> usize {
     SLOT_COUNT.load(Ordering::Relaxed)
@@ -136,8 +146,6 @@ static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
 
 pub fn register() {
-    // Rounded down to a multiple of 4 (whole cache lines of headers, see `meta_bytes`).
-    SLOT_COUNT.store(gucs::audit_queue_size() / 4 * 4, Ordering::Relaxed);
     pgrx::pg_shmem_init!(QUEUE);
     limit::register();
     unsafe {
@@ -222,6 +230,17 @@ unsafe extern "C-unwind" fn request_slots() {
     if let Some(prev) = PREV_SHMEM_REQUEST {
         prev();
     }
+    // Here, not in `_PG_init`: MaxBackends is known by now (PostgreSQL 15 added this hook for
+    // that), and the processes the postmaster starts inherit the value.
+    let max_backends = pg_sys::MaxBackends.max(1) as usize;
+    let (slots, raised) = effective_slots(gucs::audit_queue_size(), max_backends);
+    if raised {
+        crate::log!(
+            "pg_envelope audit: envelope.audit_queue_size {} is {slots} here (a multiple of 4, and at least 4 slots per process the server may run, {max_backends}, so that every session at once holds at most half the queue)",
+            gucs::audit_queue_size()
+        );
+    }
+    SLOT_COUNT.store(slots, Ordering::Relaxed);
     pg_sys::RequestAddinShmemSpace(region());
 }
 

@@ -953,15 +953,34 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
         return Err(EnvelopeError::AuditRetentionDenied);
     }
     let anchor = Spi::connect(|c| {
+        // The first record that is not older than `older_than`. A record's time is when its
+        // statement first used a key, and it is written when the statement or transaction
+        // ends, so times are not in sequence order: a block's last time says nothing about the
+        // records before it (insider review 64: a transaction left open past the retention and
+        // committed right after a read made a block whose last time was old, and the prune
+        // removed that read). The blocks are read in order until such a record is found: about
+        // the blocks the prune removes.
+        let young = c
+            .select(
+                "SELECT y FROM (SELECT (SELECT pg_catalog.min(l.seq) FROM envelope.audit_block_records(b.prev_hash, b.records) l
+                                         WHERE l.at >= pg_catalog.now() - $1) AS y
+                                  FROM envelope.audit_blocks b ORDER BY b.first_seq) x
+                  WHERE y IS NOT NULL LIMIT 1",
+                None,
+                &[older_than.into()],
+            )
+            .map_err(spi_err)?;
+        let young: Option<i64> = if young.is_empty() { None } else { young.first().get::<i64>(1).map_err(spi_err)? };
         let t = c
             .select(
                 // A checkpoint certifies the last record of a batch, which is the last record
-                // of a block (blocks never span batches): whole blocks up to it are removed.
+                // of a block (blocks never span batches): whole blocks up to it are removed,
+                // every record of them older than `older_than` (before the first young one).
                 "SELECT c.seq, c.hash, l.hash, (SELECT min(first_seq) FROM envelope.audit_blocks)
                    FROM envelope.audit_checkpoints c
                    JOIN envelope.audit_blocks b ON b.last_seq = c.seq
                    CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) l
-                  WHERE l.seq = c.seq AND b.last_at < pg_catalog.now() - $1
+                  WHERE l.seq = c.seq AND ($1::pg_catalog.int8 IS NULL OR c.seq < $1)
                     -- Never the newest record: a prune always leaves the chain's head, so the
                     -- writer (after a restart) continues the chain instead of starting a new one
                     -- at 1, and audit_verify has a record to anchor at the checkpoint
@@ -969,7 +988,7 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
                     AND c.seq < (SELECT max(last_seq) FROM envelope.audit_blocks)
                   ORDER BY c.seq DESC, c.at_us DESC LIMIT 1",
                 None,
-                &[older_than.into()],
+                &[young.into()],
             )
             .map_err(spi_err)?;
         if t.is_empty() {
@@ -999,18 +1018,26 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
     // can hold the removal to the retention it claims without the removed blocks).
     let (removed, newest_us) = Spi::connect_mut(|c| {
         let mut removed = 0i64;
-        let mut newest = i64::MIN;
-        let t = c
-            .update(
-                "DELETE FROM envelope.audit_blocks WHERE last_seq <= $1
-                 RETURNING last_seq - first_seq + 1, (pg_catalog.extract('epoch', last_at) * 1000000)::pg_catalog.int8",
+        // The newest of the removed records' own times (not the blocks' last times: see above),
+        // read before they go.
+        let newest = c
+            .select(
+                "SELECT pg_catalog.max(l.at_us) FROM envelope.audit_blocks b
+                   CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) l
+                  WHERE b.last_seq <= $1",
                 None,
                 &[seq.into()],
             )
+            .map_err(spi_err)?
+            .first()
+            .get::<i64>(1)
+            .map_err(spi_err)?
+            .unwrap_or(i64::MIN);
+        let t = c
+            .update("DELETE FROM envelope.audit_blocks WHERE last_seq <= $1 RETURNING last_seq - first_seq + 1", None, &[seq.into()])
             .map_err(spi_err)?;
         for r in t {
             removed += r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0);
-            newest = newest.max(r.get::<i64>(2).map_err(spi_err)?.unwrap_or(i64::MIN));
         }
         Ok::<_, EnvelopeError>((removed, newest))
     })?;
@@ -1019,11 +1046,7 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
     super::key_op(
         "audit_prune",
         "",
-        // The checkpoint first: details are cut at 200 bytes, and verifiers look for it.
-        &format!(
-            "the kept chain starts after checkpoint {seq} (hash {}); removed records {first}..{seq}, newest at {newest}, older than {older_than}",
-            hex(&cp_hash)
-        ),
+        &pg_envelope_core::audit::prune_detail(seq, &hex(&cp_hash), first, &newest, &older_than.to_string()),
         false,
     );
     Ok(removed)

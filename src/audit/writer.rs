@@ -136,11 +136,12 @@ impl Writer {
             };
             if let Some((from, why)) = uncovered {
                 return Ok(Some(format!(
-                    "{WRITER_START}: the writer continues the chain from the table's last record {} (hash {}); records {}..{} were not covered by a checkpoint before this start ({why}): nothing outside the table witnessed them",
+                    "{WRITER_START}: the writer continues the chain from the table's last record {} (hash {}); records {}..{} were not covered by a checkpoint before this start ({why}): nothing outside the table witnessed them; envelope.audit_queue_size {}",
                     table.seq,
                     hex(&table.hash),
                     from,
-                    table.seq
+                    table.seq,
+                    super::slots()
                 )));
             }
             // Covered: still said in the chain. Shared memory is new (a server start, or a crash
@@ -149,9 +150,10 @@ impl Writer {
             // head the writer had committed went with the old shared memory (insider review
             // 62). The record puts the restart where the auditor can set it against the log.
             return Ok(Some(format!(
-                "{WRITER_RESTART}: the writer started with new shared memory (a server start or a crash restart) after record {} (hash {}), which the newest checkpoint covers; records written after that checkpoint and before the restart, if there were any, were witnessed only by the table and the server log",
+                "{WRITER_RESTART}: the writer started with new shared memory (a server start or a crash restart) after record {} (hash {}), which the newest checkpoint covers; records written after that checkpoint and before the restart, if there were any, were witnessed only by the table and the server log; envelope.audit_queue_size {}",
                 table.seq,
-                hex(&table.hash)
+                hex(&table.hash),
+                super::slots()
             )));
         }
         if committed_relid != self.relid {

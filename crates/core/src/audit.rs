@@ -526,6 +526,19 @@ impl Chain {
     }
 }
 
+/// The `audit_prune` record's detail: the anchor first (details are cut at 200 bytes, and
+/// verifiers look for it), then the range removed and the newest removed record's time, then
+/// the retention asked for only if all of it fits (insider review 64: cut, `older than
+/// 00:00:30` read as `older than 00:00`).
+pub fn prune_detail(seq: i64, cp_hash: &str, first: i64, newest: &str, older_than: &str) -> String {
+    let mut d = format!("the kept chain starts after checkpoint {seq} (hash {cp_hash}); removed {first}..{seq}, newest {newest}");
+    let retention = format!("; older than {older_than}");
+    if d.len() + retention.len() <= 200 {
+        d.push_str(&retention);
+    }
+    d
+}
+
 /// The `local` provider's checkpoint key: HKDF-SHA-256 of the root key with a fixed label.
 /// **Development only**, like the provider: whoever holds the root key file can forge
 /// checkpoints. Real providers MAC inside the KMS.
@@ -571,6 +584,20 @@ pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_prune_detail_keeps_the_anchor_whole_and_the_retention_whole_or_not_at_all() {
+        let hash = "ab".repeat(32);
+        let short = super::prune_detail(931, &hash, 919, "2026-12-06T11:35:44.202872+00:00", "00:00:30");
+        assert!(short.starts_with(&format!("the kept chain starts after checkpoint 931 (hash {hash}); removed 919..931, newest 2026-12-06T11:35:44.202872+00:00")));
+        assert!(short.ends_with("; older than 00:00:30"), "{short}");
+        assert!(short.len() <= 200);
+        // Large sequence numbers: no room for the retention, which is left out, not cut.
+        let long = super::prune_detail(315_050_123, &hash, 1, "2026-12-06T11:35:44.202872+00:00", "1 year 2 mons 3 days 04:05:06");
+        assert!(long.contains("the kept chain starts after checkpoint 315050123 (hash"), "{long}");
+        assert!(!long.contains("older than"), "{long}");
+        assert!(long.len() <= 200, "{}", long.len());
+    }
+
     #[test]
     fn same_bytes_is_equality_for_every_length_and_every_differing_byte() {
         for n in 0..40usize {

@@ -76,6 +76,14 @@ pub enum PushError {
     TooLong,
 }
 
+/// The number of slots a ring gets when `setting` are asked for and up to `writers` processes
+/// may claim: at least 4 per writer (a caller that lets each writer hold up to half the ring
+/// over `writers`, but never fewer than 2, then keeps all of them together below half the
+/// ring), rounded down to a multiple of 4 (the headers then fill whole cache lines).
+pub fn capacity_for(setting: usize, writers: usize) -> usize {
+    setting.max(4 * writers.max(1)) / 4 * 4
+}
+
 /// Numbers the slots of a ring that starts at position 0 (after the region was zeroed).
 pub fn init(meta: &[Meta]) {
     for (i, m) in meta.iter().enumerate() {
@@ -247,6 +255,20 @@ pub fn heap_slots<const N: usize>(count: usize) -> (Vec<Meta>, Vec<Slot<N>>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn capacity_leaves_half_the_ring_to_records_whatever_the_writers() {
+        for (setting, writers) in [(1024, 1), (1024, 256), (1024, 257), (1024, 600), (16384, 222), (1027, 10), (4096, 5000)] {
+            let n = super::capacity_for(setting, writers);
+            assert_eq!(n % 4, 0, "{setting} {writers}");
+            assert!(n >= setting / 4 * 4, "never below the setting (rounded): {setting} {writers} {n}");
+            // Each writer may hold max(2, n / 2 / writers) claims: together at most half.
+            let share = (n / 2 / writers).max(2);
+            assert!(share * writers <= n / 2, "{setting} {writers} {n}");
+        }
+        assert_eq!(super::capacity_for(1027, 10), 1024);
+        assert_eq!(super::capacity_for(1024, 600), 2400);
+    }
+
     use super::*;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
