@@ -1775,6 +1775,56 @@ def test_retention_is_a_recorded_checkpointed_event(audited):
 # ---------------------------------------------------------------------------------------------
 # Alerts, canaries, the per-statement cap.
 
+def test_retention_reads_the_trail_itself_whatever_the_decoder_or_the_time_zone(audited):
+    """Insider review 65: audit_prune decoded the blocks through `audit_block_records` by name,
+    so a decoder that shifted every time by 400 days, put in its place for one transaction,
+    made it remove minutes-old records (and name a false newest time); and its `now() -
+    interval` was calendar arithmetic in the session's time zone, which a made-up zone with a
+    daylight-saving offset of almost a day turned from "1 day" into ten seconds."""
+    with connect(PORT_A, DB) as c:
+        set_audit(c, True, audit_checkpoint_interval=1)
+        decrypt_some(c)
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        time.sleep(1.5)   # checkpointed
+        decrypt_some(c)   # the head past the checkpoint: something a prune could remove
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        oldest = c.execute("SELECT min(at) FROM envelope.audit_log").fetchone()[0]
+        assert oldest > datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=300), oldest
+        before = c.execute("SELECT min(seq) FROM envelope.audit_log").fetchone()[0]
+        cols = ("seq bigint, at timestamptz, at_us bigint, kind text, database text, session_user_name text, role_name text, "
+                "client_addr text, application_name text, backend_pid bigint, statement_id bigint, request_id text, tenant text, "
+                "key_versions text, operation text, value_count bigint, failure_count bigint, outcome text, duration_us bigint, "
+                "detail text, prev_hash bytea, hash bytea")
+        c.execute("BEGIN")
+        try:
+            c.execute("ALTER FUNCTION envelope.audit_block_records(bytea, bytea) RENAME TO abr_r65")
+            c.execute(f"""CREATE FUNCTION envelope.audit_block_records(prev_hash bytea, records bytea) RETURNS TABLE({cols})
+                LANGUAGE sql IMMUTABLE AS $$ SELECT r.seq, r.at - interval '400 days', r.at_us - 400::bigint * 86400000000,
+                  r.kind, r.database, r.session_user_name, r.role_name, r.client_addr, r.application_name, r.backend_pid,
+                  r.statement_id, r.request_id, r.tenant, r.key_versions, r.operation, r.value_count, r.failure_count, r.outcome,
+                  r.duration_us, r.detail, r.prev_hash, r.hash FROM envelope.abr_r65($1, $2) r $$""")
+            # The attack is live: a query calling the decoder by name sees every record 400 days old.
+            assert c.execute("SELECT min(r.at) FROM envelope.audit_blocks b, envelope.audit_block_records(b.prev_hash, b.records) r"
+                             ).fetchone()[0] < oldest - datetime.timedelta(days=399)
+            assert c.execute("SELECT envelope.audit_prune('365 days')").fetchone()[0] == 0
+        finally:
+            c.execute("ROLLBACK")
+        # A zone whose daylight-saving time (23:59:50 ahead) started five seconds ago, today.
+        now = datetime.datetime.now(datetime.timezone.utc)
+        day = now.timetuple().tm_yday - (1 if now.year % 4 == 0 and now.timetuple().tm_yday > 59 else 0)   # Jn: no 29 Feb
+        start = now - datetime.timedelta(seconds=5)
+        if day < 363 and start.date() == now.date():
+            zone = f"UTC0FAKE-23:59:50,J{day}/{start:%H:%M:%S},J{day + 2}/0"
+            c.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+            try:
+                # The attack is live: in this zone "a day ago" is seconds ago.
+                assert c.execute("SELECT now() - (now() - interval '1 day') < interval '1 minute'").fetchone()[0]
+                assert c.execute("SELECT envelope.audit_prune('1 day')").fetchone()[0] == 0
+            finally:
+                c.execute("RESET TimeZone")
+        assert c.execute("SELECT min(seq) FROM envelope.audit_log").fetchone()[0] == before
+
+
 def test_retention_keeps_a_recent_record_written_before_an_old_one(audited):
     """Insider review 64: a record's time is when its statement first used a key, and it is
     written when the transaction ends, so a transaction left open past the retention and

@@ -605,6 +605,9 @@ fn with_plain_settings<T>(f: impl FnOnce() -> T) -> T {
             // (audit_prune's query resolved `-` through the caller's search_path: insider
             // review 61b put an operator that made every block "old" in front of pg_catalog.)
             (c"search_path", c"pg_catalog, pg_temp"),
+            // (audit_prune's `now() - interval` is calendar arithmetic in the session's zone:
+            // insider review 65 made a day ten seconds with a made-up daylight-saving rule.)
+            (c"TimeZone", c"UTC"),
             (c"enable_indexscan", c"off"),
             (c"enable_indexonlyscan", c"off"),
             (c"enable_bitmapscan", c"off"),
@@ -952,60 +955,68 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
     if !unsafe { pg_sys::superuser() } {
         return Err(EnvelopeError::AuditRetentionDenied);
     }
-    let anchor = Spi::connect(|c| {
-        // The first record that is not older than `older_than`. A record's time is when its
-        // statement first used a key, and it is written when the statement or transaction
-        // ends, so times are not in sequence order: a block's last time says nothing about the
-        // records before it (insider review 64: a transaction left open past the retention and
-        // committed right after a read made a block whose last time was old, and the prune
-        // removed that read). The blocks are read in order until such a record is found: about
-        // the blocks the prune removes.
-        let young = c
-            .select(
-                "SELECT y FROM (SELECT (SELECT pg_catalog.min(l.seq) FROM envelope.audit_block_records(b.prev_hash, b.records) l
-                                         WHERE l.at >= pg_catalog.now() - $1) AS y
-                                  FROM envelope.audit_blocks b ORDER BY b.first_seq) x
-                  WHERE y IS NOT NULL LIMIT 1",
-                None,
-                &[older_than.into()],
-            )
-            .map_err(spi_err)?;
-        let young: Option<i64> = if young.is_empty() { None } else { young.first().get::<i64>(1).map_err(spi_err)? };
-        let t = c
-            .select(
-                // A checkpoint certifies the last record of a batch, which is the last record
-                // of a block (blocks never span batches): whole blocks up to it are removed,
-                // every record of them older than `older_than` (before the first young one).
-                "SELECT c.seq, c.hash, l.hash, (SELECT min(first_seq) FROM envelope.audit_blocks)
-                   FROM envelope.audit_checkpoints c
-                   JOIN envelope.audit_blocks b ON b.last_seq = c.seq
-                   CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) l
-                  WHERE l.seq = c.seq AND ($1::pg_catalog.int8 IS NULL OR c.seq < $1)
-                    -- Never the newest record: a prune always leaves the chain's head, so the
-                    -- writer (after a restart) continues the chain instead of starting a new one
-                    -- at 1, and audit_verify has a record to anchor at the checkpoint
-                    -- (review 40: an emptied trail read as truncated, then as a broken chain).
-                    AND c.seq < (SELECT max(last_seq) FROM envelope.audit_blocks)
-                  ORDER BY c.seq DESC, c.at_us DESC LIMIT 1",
-                None,
-                &[young.into()],
-            )
-            .map_err(spi_err)?;
-        if t.is_empty() {
-            return Ok::<_, EnvelopeError>(None);
+    // The cutoff (calendar arithmetic on the transaction's time, in UTC: `with_plain_settings`
+    // pins TimeZone; insider review 65 made "1 day" ten seconds with a made-up zone whose
+    // daylight-saving offset was almost a day).
+    let cutoff_us = Spi::get_one_with_args::<i64>(
+        "SELECT (pg_catalog.extract('epoch', pg_catalog.now() - $1) * 1000000)::pg_catalog.int8",
+        &[older_than.into()],
+    )
+    .map_err(spi_err)?
+    .ok_or_else(|| EnvelopeError::Internal("audit_prune: no cutoff".into()))?;
+    // The trail read as `audit_verify` reads it: the extension's own tables by heap scans and
+    // the blocks decoded here, not through `audit_block_records` (insider review 65 put a
+    // decoder that shifted every time by 400 days in its place for one transaction, and the
+    // prune removed minutes-old records and named a false newest time).
+    let blocks = stored::Table::blocks().map_err(|e| EnvelopeError::Internal(format!("audit_prune: {e}")))?;
+    let checkpoints = stored::Table::checkpoints().map_err(|e| EnvelopeError::Internal(format!("audit_prune: {e}")))?;
+    let snapshot = stored::Snapshot::latest();
+    let refs = stored::block_refs(&blocks, snapshot.raw());
+    let (Some(oldest), Some(newest_block)) = (refs.first(), refs.last()) else { return Ok(0) };
+    let (first, head) = (oldest.first_seq, newest_block.last_seq);
+    // The blocks in order up to the first record that is not older than the cutoff. A record's
+    // time is when its statement first used a key, and it is written when the statement or
+    // transaction ends, so times are not in sequence order: a block's last time says nothing
+    // about the records before it (insider review 64: a transaction left open past the
+    // retention and committed right after a read made a block whose last time was old, and the
+    // prune removed that read). Per block: its last record's sequence number and hash, and the
+    // newest time among its records.
+    let mut scanned: Vec<(i64, [u8; 32], i64)> = Vec::new();
+    let mut young = None;
+    for r in &refs {
+        let Some((prev_hash, bytes)) = stored::block_at(&blocks, snapshot.raw(), r) else { continue };
+        let read = pg_envelope_core::audit_blocks::read_block(prev_hash, &bytes);
+        if read.unreadable_at.is_some() {
+            return Err(EnvelopeError::AuditChainBroken { seq: r.first_seq });
         }
-        let r = t.first();
-        Ok(Some((
-            r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0),
-            r.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default(),
-            r.get::<Vec<u8>>(3).map_err(spi_err)?.unwrap_or_default(),
-            r.get::<i64>(4).map_err(spi_err)?.unwrap_or(1),
-        )))
-    })?;
-    let Some((seq, cp_hash, log_hash, first)) = anchor else { return Ok(0) };
-    if cp_hash != log_hash {
-        return Err(EnvelopeError::AuditChainBroken { seq });
+        if let Some(y) = read.records.iter().find(|s| s.record.at_us >= cutoff_us) {
+            young = Some(y.record.seq);
+            break;
+        }
+        let Some(last) = read.records.last() else { continue };
+        scanned.push((last.record.seq, last.hash, read.records.iter().map(|s| s.record.at_us).max().unwrap_or(i64::MIN)));
     }
+    // A checkpoint certifies the last record of a batch, which is the last record of a block
+    // (blocks never span batches): whole blocks up to it are removed, every record of them
+    // older than the cutoff. Never the newest record: a prune always leaves the chain's head,
+    // so the writer (after a restart) continues the chain instead of starting a new one at 1,
+    // and audit_verify has a record to anchor at the checkpoint (review 40: an emptied trail
+    // read as truncated, then as a broken chain).
+    let cps = stored::checkpoints(&checkpoints, snapshot.raw());
+    let anchor = cps
+        .iter()
+        .rev()
+        .filter(|c| c.seq < head && young.is_none_or(|y| c.seq < y))
+        .find_map(|c| scanned.iter().find(|b| b.0 == c.seq).map(|b| (c, b)));
+    let Some((cp, block)) = anchor else { return Ok(0) };
+    if cp.hash.as_slice() != block.1.as_slice() {
+        return Err(EnvelopeError::AuditChainBroken { seq: cp.seq });
+    }
+    let (seq, cp_hash) = (cp.seq, cp.hash.clone());
+    let newest_us = scanned.iter().filter(|b| b.0 <= seq).map(|b| b.2).max().unwrap_or(i64::MIN);
+    drop(snapshot);
+    drop(checkpoints);
+    drop(blocks);
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -1014,32 +1025,15 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
     }
     PRUNING.with(|p| p.set(true));
     let _reset = Reset;
-    // How many records went, and the newest time among them (the record says it, so a reader
-    // can hold the removal to the retention it claims without the removed blocks).
-    let (removed, newest_us) = Spi::connect_mut(|c| {
-        let mut removed = 0i64;
-        // The newest of the removed records' own times (not the blocks' last times: see above),
-        // read before they go.
-        let newest = c
-            .select(
-                "SELECT pg_catalog.max(l.at_us) FROM envelope.audit_blocks b
-                   CROSS JOIN LATERAL envelope.audit_block_records(b.prev_hash, b.records) l
-                  WHERE b.last_seq <= $1",
-                None,
-                &[seq.into()],
-            )
-            .map_err(spi_err)?
-            .first()
-            .get::<i64>(1)
-            .map_err(spi_err)?
-            .unwrap_or(i64::MIN);
+    let removed = Spi::connect_mut(|c| {
         let t = c
             .update("DELETE FROM envelope.audit_blocks WHERE last_seq <= $1 RETURNING last_seq - first_seq + 1", None, &[seq.into()])
             .map_err(spi_err)?;
+        let mut removed = 0i64;
         for r in t {
             removed += r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0);
         }
-        Ok::<_, EnvelopeError>((removed, newest))
+        Ok::<_, EnvelopeError>(removed)
     })?;
     drop(_reset);
     let newest = pg_envelope_core::audit_export::iso_utc(newest_us).unwrap_or_else(|| "unknown".into());
