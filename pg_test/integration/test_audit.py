@@ -1809,16 +1809,17 @@ def test_retention_reads_the_trail_itself_whatever_the_decoder_or_the_time_zone(
             assert c.execute("SELECT envelope.audit_prune('365 days')").fetchone()[0] == 0
         finally:
             c.execute("ROLLBACK")
-        # A zone whose daylight-saving time (23:59:50 ahead) started five seconds ago, today.
+        # A zone whose daylight-saving time (23:59:59 ahead) started five seconds ago, today.
         now = datetime.datetime.now(datetime.timezone.utc)
         day = now.timetuple().tm_yday - (1 if now.year % 4 == 0 and now.timetuple().tm_yday > 59 else 0)   # Jn: no 29 Feb
         start = now - datetime.timedelta(seconds=5)
         if day < 363 and start.date() == now.date():
-            zone = f"UTC0FAKE-23:59:50,J{day}/{start:%H:%M:%S},J{day + 2}/0"
+            zone = f"UTC0FAKE-23:59:59,J{day}/{start:%H:%M:%S},J{day + 2}/0"
             c.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
             try:
-                # The attack is live: in this zone "a day ago" is seconds ago.
-                assert c.execute("SELECT now() - (now() - interval '1 day') < interval '1 minute'").fetchone()[0]
+                # The attack is live: in this zone "a day ago" is a second ago, and the records
+                # decrypted above (checkpointed, then passed by the head) are older than that.
+                assert c.execute("SELECT now() - (now() - interval '1 day') < interval '2 seconds'").fetchone()[0]
                 assert c.execute("SELECT envelope.audit_prune('1 day')").fetchone()[0] == 0
             finally:
                 c.execute("RESET TimeZone")
@@ -2519,6 +2520,21 @@ def test_a_repeatable_read_snapshot_taken_after_a_cut_does_not_hide_it(audited):
             fresh_trail(c)   # (the writer may have marked the cut it saw: a fresh trail for the tests after)
 
 
+def crash_and_wait_for_the_writer():
+    """A backend killed (SIGKILL: the postmaster reinitialises shared memory, the writer's
+    committed head with it), then the server back with its maintenance worker."""
+    with connect(PORT_A, DB) as victim:
+        os.kill(victim.execute("SELECT pg_backend_pid()").fetchone()[0], signal.SIGKILL)
+
+    def reconnects():
+        try:
+            with connect(PORT_A, DB) as x:
+                return x.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1
+        except psycopg.Error:
+            return False
+    assert wait_until(reconnects, timeout=60, step=0.5)
+
+
 def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_there_excuses_nothing(audited):
     """Insider review 52: a superuser deleted the oldest blocks up to a checkpoint, appended a
     made-up `audit_prune` record naming it after the newest checkpoint, then crashed a backend
@@ -2530,15 +2546,7 @@ def test_a_writer_starting_on_an_unwitnessed_tail_says_so_and_a_prune_record_the
         cp, cp_hash = unwitnessed_tail(c)   # no checkpoint until the crash
         verifier = offline_verifier()
         forged = prune_forged_in_place(c, verifier, cp, cp_hash)
-        with connect(PORT_A, DB) as victim:
-            os.kill(victim.execute("SELECT pg_backend_pid()").fetchone()[0], signal.SIGKILL)   # a crash: shared memory reinitialised
-    def reconnects():
-        try:
-            with connect(PORT_A, DB) as x:
-                return x.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1
-        except psycopg.Error:
-            return False
-    assert wait_until(reconnects, timeout=60, step=0.5)
+    crash_and_wait_for_the_writer()
     with connect(PORT_A, DB) as c:
         set_audit(c, True, audit_checkpoint_interval=1)
         decrypt_some(c)
@@ -2565,15 +2573,7 @@ def test_a_crash_restart_on_a_checkpointed_trail_is_marked_by_a_writer_restart_r
         before = status()
         assert before["queued"] == 0, before   # (with a 1 s interval a record left uncovered would be checkpointed by now)
         head = before["last_checkpoint_seq"]
-        with connect(PORT_A, DB) as victim:
-            os.kill(victim.execute("SELECT pg_backend_pid()").fetchone()[0], signal.SIGKILL)   # a crash: shared memory reinitialised
-    def reconnects():
-        try:
-            with connect(PORT_A, DB) as x:
-                return x.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1
-        except psycopg.Error:
-            return False
-    assert wait_until(reconnects, timeout=60, step=0.5)
+    crash_and_wait_for_the_writer()
     with connect(PORT_A, DB) as c:
         decrypt_some(c)   # the writer's first batch after the restart
         marked = lambda: c.execute("SELECT seq, kind, detail FROM envelope.audit_log WHERE seq > %s AND kind IN ('writer_restart', 'writer_start')",
@@ -2585,6 +2585,8 @@ def test_a_crash_restart_on_a_checkpointed_trail_is_marked_by_a_writer_restart_r
         [(seq, kind, detail)] = marked()
         assert (seq, kind) == (head + 1, "writer_restart"), (seq, kind, detail)
         assert f"after record {head} (hash {bytes(head_hash).hex()}), which the newest checkpoint covers" in detail, detail
+        # ...and the queue's size in use (a size changed by the restart is in the trail).
+        assert f"envelope.audit_queue_size {before['queue_size']}" in detail, detail
         assert c.execute("SELECT ok, first_break FROM envelope.audit_verify()").fetchone() == (True, None)
 
 

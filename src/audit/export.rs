@@ -63,9 +63,8 @@ impl Export {
         // not held to it showed a tail rewritten and re-chained while the writer was held up,
         // and the offline verifier, which sees only the file, said intact). A table other than
         // the one the writer committed to is refused (audit_verify names it).
-        // (Without the library preloaded there is no writer and no shared memory: no head.)
-        let preloaded = crate::backend::PRELOADED.load(std::sync::atomic::Ordering::Relaxed);
-        let writer_head = if preloaded { super::trail::committed_head().map_err(refused)?.map(|(h, _)| h) } else { None };
+        // (Without the library preloaded there is no writer: `committed_head` says none.)
+        let writer_head = super::trail::committed_head().map_err(refused)?.map(|(h, _)| h);
         // The trail as it is now, read with the latest snapshot (it holds the writer's commit
         // of that head, at any isolation level); blocks are fetched later with a new latest
         // snapshot each: append-only, one seen here stays, unless someone removes it, which

@@ -34,24 +34,15 @@ use crate::error::{EnvelopeError, Result};
 use crate::gucs;
 
 /// Records the queue holds: `envelope.audit_queue_size` (16,384 by default, ~20 MB of shared
-/// memory), read once by the postmaster when it sizes shared memory (`register`); every process
-/// it starts inherits the value. The writer needs a small share of a CPU (a seventh of a core
+/// memory), fixed by the postmaster when it sizes shared memory (`request_slots`: at least 4
+/// slots per process the server may run, see `pg_envelope_core::ring::capacity_for`); every
+/// process it starts inherits the value. The writer needs a small share of a CPU (a seventh of a core
 /// at 35,000 records a second) but gets it in slices: on a machine whose cores are all busy
 /// with client backends, the scheduler runs it every few tens of milliseconds, and 2,048 slots
 /// filled in 60 ms at that rate (backends then waited for room: 0.83x the TPS of audit off in
 /// an 8-client pgbench on 2 cores); stalls of the writer in the operating system (150-300 ms)
 /// filled 8,192 (see `gucs::audit_queue_size`).
 static SLOT_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// The queue's size for the setting and MaxBackends (`pg_envelope_core::ring::capacity_for`:
-/// at least 4 slots per process the server may run, so that the per-backend share of claims,
-/// half the queue over MaxBackends and at least 2 (`claims_per_backend`), keeps every session
-/// at once below half the queue: insider review 64 had 512 sessions idle in their transactions
-/// hold all of a 1,024-slot queue and refuse everyone else's key use).
-fn effective_slots(setting: usize, max_backends: usize) -> (usize, bool) {
-    let n = pg_envelope_core::ring::capacity_for(setting, max_backends);
-    (n, n != setting)
-}
 
 /// The queue's size in records (see [`SLOT_COUNT`]).
 pub fn slots() -> usize {
@@ -131,8 +122,8 @@ type Slot = pg_envelope_core::ring::Slot<SLOT_BYTES>;
 type Meta = pg_envelope_core::ring::Meta;
 
 /// The slots' headers, then the slots: the headers' size keeps the slots aligned (any count
-/// of 16-byte headers that is a multiple of 4 fills whole cache lines; the counts allowed are
-/// multiples of 4 once rounded in `register`).
+/// of 16-byte headers that is a multiple of 4 fills whole cache lines, and `capacity_for`
+/// rounds the count to one).
 fn meta_bytes() -> usize {
     slots() * std::mem::size_of::<Meta>()
 }
@@ -231,10 +222,14 @@ unsafe extern "C-unwind" fn request_slots() {
         prev();
     }
     // Here, not in `_PG_init`: MaxBackends is known by now (PostgreSQL 15 added this hook for
-    // that), and the processes the postmaster starts inherit the value.
+    // that), and the processes the postmaster starts inherit the value. At least 4 slots per
+    // process, so that the per-backend share of claims (half the queue over MaxBackends, at
+    // least 2: `claims_per_backend`) keeps every session at once below half the queue
+    // (insider review 64: 512 sessions idle in their transactions held all of a 1,024-slot
+    // queue and refused everyone else's key use).
     let max_backends = pg_sys::MaxBackends.max(1) as usize;
-    let (slots, raised) = effective_slots(gucs::audit_queue_size(), max_backends);
-    if raised {
+    let slots = pg_envelope_core::ring::capacity_for(gucs::audit_queue_size(), max_backends);
+    if slots != gucs::audit_queue_size() {
         crate::log!(
             "pg_envelope audit: envelope.audit_queue_size {} is {slots} here (a multiple of 4, and at least 4 slots per process the server may run, {max_backends}, so that every session at once holds at most half the queue)",
             gucs::audit_queue_size()

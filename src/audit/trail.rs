@@ -984,7 +984,11 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
     let mut scanned: Vec<(i64, [u8; 32], i64)> = Vec::new();
     let mut young = None;
     for r in &refs {
-        let Some((prev_hash, bytes)) = stored::block_at(&blocks, snapshot.raw(), r) else { continue };
+        // (A block the snapshot no longer shows cannot be judged: nothing from it on is removed.)
+        let Some((prev_hash, bytes)) = stored::block_at(&blocks, snapshot.raw(), r) else {
+            young = Some(r.first_seq);
+            break;
+        };
         let read = pg_envelope_core::audit_blocks::read_block(prev_hash, &bytes);
         if read.unreadable_at.is_some() {
             return Err(EnvelopeError::AuditChainBroken { seq: r.first_seq });
@@ -1007,7 +1011,8 @@ fn prune_checked(older_than: pgrx::datum::Interval) -> Result<i64> {
         .iter()
         .rev()
         .filter(|c| c.seq < head && young.is_none_or(|y| c.seq < y))
-        .find_map(|c| scanned.iter().find(|b| b.0 == c.seq).map(|b| (c, b)));
+        // (`scanned` is in sequence order: a binary search per candidate.)
+        .find_map(|c| scanned.binary_search_by_key(&c.seq, |b| b.0).ok().map(|i| (c, &scanned[i])));
     let Some((cp, block)) = anchor else { return Ok(0) };
     if cp.hash.as_slice() != block.1.as_slice() {
         return Err(EnvelopeError::AuditChainBroken { seq: cp.seq });
