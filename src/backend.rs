@@ -23,6 +23,7 @@ use pgrx::PgAtomic;
 use crate::catalog;
 use crate::error::{EnvelopeError, Result};
 use crate::gucs;
+use crate::main_thread::MainThread;
 
 /// Bumped (after commit) by every change to keys or grants; a backend that sees a new value
 /// drops its whole cache before its next key use. Lives in shared memory.
@@ -40,13 +41,11 @@ pub unsafe extern "C-unwind" fn on_roles_changed(_arg: pg_sys::Datum, _cache_id:
     ROLES_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
-thread_local! {
-    /// What the end of the transaction and of the statement must wipe: [`STACK`] (this
-    /// transaction used or built keys) and [`REGISTERS`] (keys were used since the SIMD
-    /// registers were last wiped). One thread-local for both: every key use sets them, and each
-    /// thread-local access of a `dlopen`ed library is a call to `__tls_get_addr`.
-    static KEYS_USED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
-}
+/// What the end of the transaction and of the statement must wipe: [`STACK`] (this transaction
+/// used or built keys) and [`REGISTERS`] (keys were used since the SIMD registers were last
+/// wiped). One static for both: every key use sets them (a static, not a thread-local: see
+/// `main_thread`).
+static KEYS_USED: MainThread<std::cell::Cell<u8>> = MainThread::new(std::cell::Cell::new(0));
 const STACK: u8 = 1;
 const REGISTERS: u8 = 2;
 
@@ -428,9 +427,8 @@ pub struct Backend {
     clock_seen: (std::time::Duration, Option<Instant>),
 }
 
-thread_local! {
-    static BACKEND: RefCell<Option<Backend>> = const { RefCell::new(None) };
-}
+/// This backend's key state (a static, not a thread-local: see `main_thread`).
+static BACKEND: MainThread<RefCell<Option<Backend>>> = MainThread::new(RefCell::new(None));
 
 /// Whether a tenant of that name exists (this backend's tenant directory, read on a miss and
 /// cached, negative answers included), for the audit of failures. Never said to the caller.
@@ -569,6 +567,7 @@ pub fn invalidate_after_commit() {
 }
 
 /// The current tenant from the tenant setting, or `TenantUnset`. Borrowed from the GUC; no copy.
+#[inline(always)]
 pub fn current_tenant() -> Result<&'static str> {
     let name = gucs::tenant_setting_name();
     let unset = || EnvelopeError::TenantUnset { setting: name.to_string_lossy().into_owned() };
@@ -759,6 +758,7 @@ impl Backend {
     /// Drops whatever a committed key or grant change (the shared epoch) or a role change (the
     /// syscache callback) may have made stale. The epoch is read *before* anything is reloaded,
     /// and reloads read under a fresh snapshot, so nothing cached is older than the epoch seen.
+    #[inline(always)]
     fn check_epoch(&mut self) {
         let e = current_epoch();
         let c = CATALOG_GENERATION.load(Ordering::Relaxed);
@@ -1184,13 +1184,18 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result
         return encrypt_inner(plaintext, context, &mut 0, &mut None);
     }
     let (mut version, mut tenant) = (0, None);
-    let armed = crate::audit::begin(crate::audit::Op::Encrypt)?;
-    // The error boxed while the result is looked at (see decrypt_to).
-    let r = encrypt_inner(plaintext, context, &mut version, &mut tenant).map_err(Box::new);
-    if !crate::audit::finish(crate::audit::Op::Encrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e)) {
-        return Err(crate::audit::no_room());
+    let op = crate::audit::Op::Encrypt;
+    let armed = crate::audit::begin(op)?;
+    // Matched at once (see decrypt_to).
+    match encrypt_inner(plaintext, context, &mut version, &mut tenant) {
+        Ok(b) => {
+            if !crate::audit::finish(op, armed, tenant, version, None) {
+                return Err(crate::audit::no_room());
+            }
+            Ok(b)
+        }
+        Err(e) => Err(crate::audit::finished_failure(op, tenant, version, e)),
     }
-    r.map_err(|e| *e)
 }
 
 fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &mut u32, tenant_out: &mut Option<&'static str>) -> Result<B> {
@@ -1248,10 +1253,9 @@ fn count_against_cap(cap: i64) -> Result<()> {
 /// without a second call into PostgreSQL.
 pub static KEYS_ROLE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-thread_local! {
-    /// The nonce generator, kept apart from the cache so both can be borrowed at once.
-    static BACKEND_RNG: RefCell<BackendRng> = const { RefCell::new(BackendRng::new()) };
-}
+/// The nonce generator, kept apart from the cache so both can be borrowed at once (a static,
+/// not a thread-local: see `main_thread`).
+static BACKEND_RNG: MainThread<RefCell<BackendRng>> = MainThread::new(RefCell::new(BackendRng::new()));
 
 /// Decrypts for the current tenant into a new `B`. Every failure is the same opaque error.
 /// Audited per statement when `envelope.audit` is on (src/audit.rs).
@@ -1269,24 +1273,25 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
         return decrypt_inner(envelope, context, &mut 0, &mut None);
     }
     let (mut version, mut tenant) = (0, None);
-    let armed = crate::audit::begin(crate::audit::Op::Decrypt)?;
-    // The error boxed while the result is looked at: a `Result<B>` is 80 bytes (the error's
-    // size) and was copied whole into the caller's on every value; boxed, the success is two
-    // words (the per-value fast path is a few dozen instructions: the copy was a sixth of it).
-    let r = decrypt_inner::<B>(envelope, context, &mut version, &mut tenant).map_err(Box::new);
-    if !crate::audit::finish(crate::audit::Op::Decrypt, armed, tenant, version, r.as_ref().err().map(|e| &**e)) {
-        // Fail closed: the value's record has no room, the value is not returned.
-        if let Ok(mut b) = r {
-            zeroize::Zeroize::zeroize(b.bytes_mut());
+    let op = crate::audit::Op::Decrypt;
+    let armed = crate::audit::begin(op)?;
+    // Matched at once, not kept as a `Result` and looked at again: a `Result<B>` is 80 bytes
+    // (the error's size), and the success path is a few dozen instructions.
+    match decrypt_inner::<B>(envelope, context, &mut version, &mut tenant) {
+        Ok(mut b) => {
+            if !crate::audit::finish(op, armed, tenant, version, None) {
+                // Fail closed: the value's record has no room, the value is not returned.
+                zeroize::Zeroize::zeroize(b.bytes_mut());
+                return Err(crate::audit::no_room());
+            }
+            crate::audit::alerts::check_canary(envelope, tenant);
+            Ok(b)
         }
-        return Err(crate::audit::no_room());
+        Err(e) => Err(crate::audit::finished_failure(op, tenant, version, e)),
     }
-    if r.is_ok() {
-        crate::audit::alerts::check_canary(envelope, tenant);
-    }
-    r.map_err(|e| *e)
 }
 
+#[inline(always)]
 fn decrypt_inner<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>, version: &mut u32, tenant_out: &mut Option<&'static str>) -> Result<B> {
     let env = Envelope::parse(envelope).map_err(|_| EnvelopeError::DecryptFailed)?;
     *version = env.dek_version;

@@ -47,6 +47,7 @@ mod guards;
 mod gucs;
 mod lifecycle;
 mod maintenance;
+mod main_thread;
 mod nothrow;
 mod reencrypt;
 mod revocation;

@@ -217,9 +217,8 @@ mod guc15 {
         record_name: *const c_char,
     }
 
-    thread_local! {
-        static FOUND: RefCell<Option<Found>> = const { RefCell::new(None) };
-    }
+    /// (A static, not a thread-local: see `main_thread`.)
+    static FOUND: crate::main_thread::MainThread<RefCell<Option<Found>>> = crate::main_thread::MainThread::new(RefCell::new(None));
 
     /// `Some(value)` when the remembered record is still the setting's; `None` to fall back to
     /// `GetConfigOption` (not found, not a string setting, or the table changed and the setting

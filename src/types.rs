@@ -76,6 +76,7 @@ fn invalid_input(type_hint: String) -> ! {
 pub struct PallocVarlena(*mut pg_sys::varlena, usize);
 
 impl backend::OutBuf for PallocVarlena {
+    #[inline(always)]
     fn zeroed(len: usize) -> Self {
         unsafe {
             let ptr = crate::nothrow::palloc0(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
@@ -193,6 +194,7 @@ pub(crate) unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -
 /// every envelope read from a page, where they are stored uncompressed): read in place, as
 /// `pg_detoast_datum_packed` itself would return it, without its guarded call (~150
 /// instructions per value); otherwise through that call.
+#[inline(always)]
 unsafe fn varlena_bytes<'a>(raw: *mut pg_sys::varlena) -> &'a [u8] {
     if !pgrx::varatt_is_4b_c(raw) && !pgrx::varatt_is_1b_e(raw) {
         return pgrx::varlena_to_byte_slice(raw);

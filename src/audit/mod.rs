@@ -831,12 +831,13 @@ fn sqlstate(e: &EnvelopeError) -> String {
 // backend runs SQL functions on one thread (pgrx refuses others), and a thread-local in a
 // `dlopen`ed library costs a `__tls_get_addr` call per access.
 
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU8, AtomicUsize};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize};
 
-/// The statement the fast path is armed for (0: disarmed). Armed only after the statement's
+/// The statement the fast path is armed for, at the index of its operation (`op_code`; 0 at
+/// every other index, and at all of them when disarmed): one load and compare per value, the
+/// operation being a constant at each call site. Armed only after the statement's
 /// `check_can_record` passed, so it also stands for that check.
-static HOT_STMT: AtomicI64 = AtomicI64::new(0);
-static HOT_OP: AtomicU8 = AtomicU8::new(0);
+static HOT_STMT: [AtomicI64; 4] = [const { AtomicI64::new(0) }; 4];
 static HOT_ROLE: AtomicU32 = AtomicU32::new(0);
 static HOT_VERSION: AtomicU32 = AtomicU32::new(0);
 /// The entry's own copy of the tenant name (its `String`'s buffer, alive until the flush, which
@@ -902,6 +903,18 @@ pub fn finish(op: Op, armed: bool, tenant: Option<&str>, version: u32, err: Opti
     (armed && err.is_none() && note_fast(tenant, version)) || finish_slow(op, tenant, version, err)
 }
 
+/// [`finish`] for a key use that failed with `err`: the error to return (`err`, or
+/// [`no_room`] when its record found no room).
+#[cold]
+#[inline(never)]
+pub fn finished_failure(op: Op, tenant: Option<&str>, version: u32, err: EnvelopeError) -> EnvelopeError {
+    if finish_slow(op, tenant, version, Some(&err)) {
+        err
+    } else {
+        no_room()
+    }
+}
+
 /// The error of a key use whose record found no room (see [`finish`]).
 pub fn no_room() -> EnvelopeError {
     EnvelopeError::AuditUnavailable { reason: format!("the audit queue has no room for this statement's record ({} records waiting for the writer, or promised to statements in progress)", slots()) }
@@ -925,7 +938,7 @@ fn finish_slow(op: Op, tenant: Option<&str>, version: u32, err: Option<&Envelope
 #[inline]
 pub fn fast_armed(op: Op) -> bool {
     let stmt = crate::nothrow::statement_start();
-    HOT_STMT.load(Ordering::Relaxed) == stmt && HOT_OP.load(Ordering::Relaxed) == op_code(op)
+    HOT_STMT[op_code(op) as usize].load(Ordering::Relaxed) == stmt
 }
 
 /// After a successful key use on an armed path: counts it and returns true when it is like the
@@ -955,8 +968,9 @@ pub fn note_fast(tenant: Option<&str>, version: u32) -> bool {
 }
 
 fn disarm() {
-    HOT_STMT.store(0, Ordering::Relaxed);
-    HOT_OP.store(0, Ordering::Relaxed);
+    for s in &HOT_STMT {
+        s.store(0, Ordering::Relaxed);
+    }
     HOT_TENANT.store(std::ptr::null_mut(), Ordering::Relaxed);
     HOT_TENANT_LEN.store(usize::MAX, Ordering::Relaxed);
 }
@@ -1068,13 +1082,13 @@ pub fn note(op: Op, tenant: Option<&str>, version: u32, err: Option<&EnvelopeErr
             if e.tenant != "*" && !e.tenant.is_empty() {
                 // A success under a named tenant: the statement's next values like this one take
                 // the fast path (the caller passed check_can_record for this statement).
-                HOT_OP.store(op_code(op), Ordering::Relaxed);
                 HOT_ROLE.store(role.to_u32(), Ordering::Relaxed);
                 HOT_VERSION.store(version, Ordering::Relaxed);
                 HOT_TENANT.store(e.tenant.as_ptr().cast_mut(), Ordering::Relaxed);
                 HOT_TENANT_LEN.store(e.tenant.len(), Ordering::Relaxed);
                 HOT_ENTRY.store(idx, Ordering::Relaxed);
-                HOT_STMT.store(stmt, Ordering::Relaxed);
+                // Disarmed above (`disarm`): only this operation's index is set.
+                HOT_STMT[op_code(op) as usize].store(stmt, Ordering::Relaxed);
             }
         }
     });

@@ -423,6 +423,7 @@ impl<M> KeyCache<M> {
 
     /// The entry if it is fresh at `now`, counting a hit: the hot path. The last hit's entry is
     /// tried first (one name compare), then one hash lookup.
+    #[inline(always)]
     pub fn fresh_hit(&mut self, tenant: &str, now: Instant) -> Option<&mut CacheEntry<M>> {
         let hinted = self.entries.get_index(self.last).is_some_and(|(k, _)| crate::text::short_eq(k.as_bytes(), tenant.as_bytes()));
         if !hinted {

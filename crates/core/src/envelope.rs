@@ -166,6 +166,7 @@ pub fn type_code(context: &[u8]) -> Option<u8> {
 /// Builds the AAD into `buf` (cleared first) and returns it. The format version is the
 /// header's first byte (authenticated itself), so the context's encoding cannot disagree with
 /// the version the envelope says it is.
+#[inline(always)]
 pub(crate) fn build_aad<'b>(
     buf: &'b mut Vec<u8>,
     header: &[u8],
@@ -317,5 +318,50 @@ mod tests {
         let x = build_aad(&mut a, &v3, "acme", Some(&[5])).to_vec();
         let y = build_aad(&mut b, &v3, "acme", Some(b"pg_envelope/type/numeric")).to_vec();
         assert_ne!(x, y);
+    }
+
+    /// The AAD of one call, built into an empty buffer.
+    fn fresh_aad(header: &[u8], tenant: &str, context: Option<&[u8]>) -> Vec<u8> {
+        build_aad(&mut Vec::new(), header, tenant, context).to_vec()
+    }
+
+    #[test]
+    fn a_reused_aad_buffer_gives_what_a_fresh_one_gives_whatever_it_held() {
+        // Each key reuses one buffer for every value's AAD: whatever the previous call left in
+        // it, every pair of calls that differ in one part (or in none) must give exactly the
+        // fresh AAD of the second (a reuse of the previous AAD was tried for issue 15 and cost
+        // more than it saved; this guards any later attempt).
+        let v3 = |id: u8| [VERSION_3, 1, 0, 0, 0, id, 0, 0, 0, 1];
+        let v2 = [VERSION_2, 1, 0, 0, 0, 1, 0, 0, 0, 1];
+        let tenants = ["", "a", "acme", "bench_t0", "bench_t1", "a_tenant_name_of_17", "x".repeat(255).leak()];
+        let contexts: [Option<&[u8]>; 6] =
+            [None, Some(b""), Some(b"pg_envelope/type/text"), Some(b"pg_envelope/type/int8"), Some(b"users.email"), Some(&[0])];
+        let headers: [&[u8]; 4] = [&v3(1), &v3(2), &v2, &v3(1)[..9]];
+        let mut calls: Vec<(&[u8], &str, Option<&[u8]>)> = Vec::new();
+        for h in headers {
+            for t in tenants {
+                for c in contexts {
+                    calls.push((h, t, c));
+                }
+            }
+        }
+        for first in &calls {
+            let mut buf = Vec::new();
+            build_aad(&mut buf, first.0, first.1, first.2);
+            for second in &calls {
+                let mut reused = buf.clone();
+                let got = build_aad(&mut reused, second.0, second.1, second.2).to_vec();
+                assert_eq!(got, fresh_aad(second.0, second.1, second.2), "after {first:?}, for {second:?}");
+            }
+        }
+        // A buffer holding anything at all (not an AAD) is never mistaken for one.
+        let want = fresh_aad(&v3(1), "acme", None);
+        for n in 0..=want.len() + 1 {
+            let mut junk: Vec<u8> = want.iter().copied().chain([0, 0]).take(n).collect();
+            if n == want.len() {
+                junk[n - 1] ^= 1;
+            }
+            assert_eq!(build_aad(&mut junk, &v3(1), "acme", None), &want[..], "{n}");
+        }
     }
 }
