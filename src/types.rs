@@ -186,6 +186,7 @@ unsafe fn varlena_datum(bytes: &[u8]) -> pg_sys::Datum {
 }
 
 /// The bytes of a (possibly toasted) varlena argument.
+#[inline(always)]
 pub(crate) unsafe fn arg_bytes<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> &'a [u8] {
     varlena_bytes(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr::<pg_sys::varlena>())
 }
@@ -276,11 +277,19 @@ impl TypeIo {
 
 /// Looks up (once per call site) the base type of an encrypt (`encrypt = true`: the argument) or
 /// decrypt (the return type) function, and the I/O function its codec needs.
+#[inline(always)]
 unsafe fn type_io(fcinfo: pg_sys::FunctionCallInfo, encrypt: bool) -> &'static TypeIo {
     let flinfo = (*fcinfo).flinfo;
     if !(*flinfo).fn_extra.is_null() {
         return &*((*flinfo).fn_extra as *const TypeIo);
     }
+    type_io_lookup(flinfo, encrypt)
+}
+
+/// [`type_io`]'s first call at a call site.
+#[cold]
+#[inline(never)]
+unsafe fn type_io_lookup(flinfo: *mut pg_sys::FmgrInfo, encrypt: bool) -> &'static TypeIo {
     let mut argtypes: *mut pg_sys::Oid = std::ptr::null_mut();
     let mut nargs = 0;
     let ret = pg_sys::get_func_signature((*flinfo).fn_oid, &mut argtypes, &mut nargs);
@@ -371,13 +380,14 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
             // int8, date and timestamptz are fixed-size big-endian integers: decoded here, with
             // the receive functions' own range checks; anything else (a wrong length, a value
             // out of range) goes to the receive function, which raises PostgreSQL's error.
-            if let Some(d) = decode_fixed(io.base, backend::OutBuf::bytes_mut(&mut plain)) {
+            // numeric first: decode_fixed's match would only say no to it.
+            let decoded = if io.base == pg_sys::NUMERICOID {
+                decode_numeric(backend::OutBuf::bytes_mut(&mut plain))
+            } else {
+                decode_fixed(io.base, backend::OutBuf::bytes_mut(&mut plain))
+            };
+            if let Some(d) = decoded {
                 return d;
-            }
-            if io.base == pg_sys::NUMERICOID {
-                if let Some(d) = decode_numeric(backend::OutBuf::bytes_mut(&mut plain)) {
-                    return d;
-                }
             }
             // The receive function reads the plaintext where it is: a StringInfo over the
             // buffer (NUL-terminated, as a StringInfo's data must be), no copy to wipe.
