@@ -43,26 +43,46 @@ pub unsafe extern "C-unwind" fn on_roles_changed(_arg: pg_sys::Datum, _cache_id:
 
 /// What the end of the transaction and of the statement must wipe: [`STACK`] (this transaction
 /// used or built keys) and [`REGISTERS`] (keys were used since the SIMD registers were last
-/// wiped). One static for both: every key use sets them (a static, not a thread-local: see
-/// `main_thread`).
-static KEYS_USED: MainThread<std::cell::Cell<u8>> = MainThread::new(std::cell::Cell::new(0));
+/// wiped), and how deep the stack was at the deepest key use since the last stack wipe. One
+/// static for all: every key use sets them (a static, not a thread-local: see `main_thread`).
+struct KeysUsed {
+    flags: std::cell::Cell<u8>,
+    /// The lowest stack pointer a key use ran at (`usize::MAX`: none since the last wipe). A
+    /// statement can use keys hundreds of kilobytes below the transaction's end (a recursive
+    /// PL/pgSQL function, a deep plan): the wipe reaches that far (insider review 66: a derived
+    /// key's schedule left 600 KB down the stack by a decryption 150 calls deep).
+    deepest: std::cell::Cell<usize>,
+}
+static KEYS_USED: MainThread<KeysUsed> =
+    MainThread::new(KeysUsed { flags: std::cell::Cell::new(0), deepest: std::cell::Cell::new(usize::MAX) });
 const STACK: u8 = 1;
 const REGISTERS: u8 = 2;
 
-/// Marks the transaction as one whose end must wipe the stack, and the statement as one whose
-/// end must wipe the SIMD registers.
+/// Marks the transaction as one whose end must wipe the stack (down to here at least), and the
+/// statement as one whose end must wipe the SIMD registers.
 #[inline]
 pub fn note_keys_used() {
-    KEYS_USED.with(|k| k.set(STACK | REGISTERS));
+    let sp = pg_envelope_core::secure::stack_pointer();
+    KEYS_USED.with(|k| {
+        k.flags.set(STACK | REGISTERS);
+        if sp < k.deepest.get() {
+            k.deepest.set(sp);
+        }
+    });
 }
 
 /// Clears `flag` and says whether it was set.
 fn take_keys_used(flag: u8) -> bool {
     KEYS_USED.with(|k| {
-        let v = k.get();
-        k.set(v & !flag);
+        let v = k.flags.get();
+        k.flags.set(v & !flag);
         v & flag != 0
     })
+}
+
+/// The deepest stack pointer of a key use since the last call (see [`KeysUsed::deepest`]).
+fn take_deepest_key_use() -> usize {
+    KEYS_USED.with(|k| k.deepest.replace(usize::MAX))
 }
 
 /// At the end of a statement that used keys (ExecutorEnd, ProcessUtility): zero the SIMD
@@ -162,7 +182,7 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
         }
     }
     if ended && take_keys_used(STACK) {
-        pg_envelope_core::secure::wipe_stack();
+        pg_envelope_core::secure::wipe_stack_below(take_deepest_key_use());
     }
 }
 
@@ -449,7 +469,9 @@ pub fn tenant_exists(tenant: &str) -> bool {
 pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
     BACKEND.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let b = slot.get_or_insert_with(|| Backend {
+        let b = slot.get_or_insert_with(|| {
+            ensure_exit_wipe();
+            Backend {
             cache: KeyCache::new(gucs::key_cache_ttl()),
             epoch_seen: current_epoch(),
             roles_generation_seen: ROLES_GENERATION.load(Ordering::Relaxed),
@@ -460,9 +482,25 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
             names: HashMap::new(),
             ttl_setting_seen: gucs::KEY_CACHE_TTL_S.get(),
             clock_seen: (std::time::Duration::ZERO, None),
+            }
         });
         f(b)
     })
+}
+
+/// Registers [`on_proc_exit`] in this process, once: when its key state is first made. Not in
+/// `_PG_init`: with `shared_preload_libraries` that runs in the postmaster, and every backend
+/// forgets the postmaster's exit callbacks (`on_exit_reset` in `InitPostmasterChild`); the key
+/// state was a thread-local until the tenth session, whose destructor `exit()` ran, and is now a
+/// static, which nothing drops (insider review 66: a backend exited with its data keys and
+/// derived keys unwiped).
+fn ensure_exit_wipe() {
+    static REGISTERED_IN: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    if REGISTERED_IN.swap(pid, Ordering::Relaxed) != pid {
+        unsafe { pg_sys::on_proc_exit(Some(on_proc_exit), pg_sys::Datum::from(0)) };
+    }
 }
 
 /// Drops every cached key (zeroizing it). Registered for backend exit.

@@ -79,9 +79,10 @@ pub extern "C-unwind" fn _PG_init() {
         // The maintenance worker (src/worker.rs): scheduled rotation, rewraps, queued jobs.
         worker::register();
     }
-    // Wipe cached keys when the backend exits. The nonce generator is NOT touched here: in the
-    // postmaster this runs before fork, and each backend must seed its own.
-    unsafe { pg_sys::on_proc_exit(Some(backend::on_proc_exit), pg_sys::Datum::from(0)) };
+    // Cached keys are wiped when a backend exits: registered by the backend itself when it makes
+    // its key state (backend::ensure_exit_wipe), not here, where the postmaster's registration
+    // would be forgotten by every backend it forks. The nonce generator is NOT touched here
+    // either: in the postmaster this runs before fork, and each backend must seed its own.
     // Role membership changes reset the grant-check memo (see backend::on_roles_changed).
     for cache in [pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM, pg_sys::SysCacheIdentifier::AUTHOID] {
         unsafe {

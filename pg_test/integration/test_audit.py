@@ -256,6 +256,35 @@ def test_every_value_of_a_mixed_statement_lands_in_its_own_aggregate(audited):
     assert second == [(TENANT, me, 1001, 1, "partial:22000", "1")], second
 
 
+def test_a_statement_that_decrypts_and_encrypts_every_row_counts_each_operation_apart(audited):
+    """The per-value fast path is armed for one statement and one operation (src/audit/mod.rs,
+    `HOT_STMT`, indexed by operation). A statement that decrypts and re-encrypts every row
+    alternates the two operations value by value: each must be counted under its own record,
+    none under the other's, and a third statement's values under neither."""
+    with connect(PORT_A, DB) as c:
+        c.execute("DROP TABLE IF EXISTS audit_ops")
+        with as_tenant(c, TENANT):
+            c.execute("CREATE TABLE audit_ops AS SELECT g AS id, envelope.encrypt_field('v' || g) AS v "
+                      "FROM generate_series(1, 700) g")
+            start = last_seq(c)
+            c.execute("SET envelope.request_id = 'ops-1'")
+            try:
+                with c.transaction():
+                    got = c.execute("SELECT count(envelope.encrypt_field(envelope.decrypt_field(v))) FROM audit_ops").fetchone()[0]
+                    # Then decryptions only, in the same transaction: a statement of their own.
+                    c.execute("SELECT count(envelope.decrypt_field(v)) FROM audit_ops WHERE id <= 300").fetchone()
+            finally:
+                c.execute("RESET envelope.request_id")
+                c.execute("DROP TABLE audit_ops")
+        assert got == 700
+        assert wait_until(lambda: c.execute("SELECT (envelope.status()->'audit'->>'queued')::int").fetchone()[0] == 0)
+        rows = c.execute("SELECT statement_id, kind, value_count, failure_count, outcome FROM envelope.audit_log "
+                         "WHERE seq > %s AND request_id = 'ops-1' AND kind IN ('encrypt', 'decrypt') "
+                         "ORDER BY statement_id, kind", (start,)).fetchall()
+    assert [r[1:] for r in rows] == [("decrypt", 700, 0, "ok"), ("encrypt", 700, 0, "ok"), ("decrypt", 300, 0, "ok")], rows
+    assert rows[0][0] == rows[1][0] != rows[2][0], rows
+
+
 def test_a_root_key_rotation_records_every_tenant_key_it_rewraps(audited):
     """Insider review 41: `CALL envelope.rewrap_tenants` (a root-key rotation: every tenant key
     of a provider re-wrapped) left nothing in the trail when it succeeded. One key_op record per

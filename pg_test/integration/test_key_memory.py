@@ -34,6 +34,7 @@ tenant under a unique name.
 
 import os
 import shutil
+import subprocess
 import time
 import uuid
 
@@ -377,6 +378,115 @@ def test_idle_backend_drops_keys_at_a_suspension_without_another_call(root_key_f
         problems.append("control: the canary was not found after the suspension: the scan is broken")
     if left:
         problems.append("key material left in the idle backend 5 s after the suspension:\n" + keyscan.format_hits(left, "left"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
+
+
+def test_a_decryption_deep_in_the_stack_leaves_no_key_there(root_key_file):
+    """Insider review 66: the transaction's end wiped a fixed 128 KiB of stack below its callback,
+    but a statement can use keys far deeper (a recursive PL/pgSQL function: 150 calls put the
+    decryption ~600 KB down), where the schedule of a key derived for a new nonce prefix stayed,
+    in memory a core dump keeps. The wipe now reaches the deepest key use of the transaction."""
+    with connect(PORT_A, DB) as admin:
+        tenant = new_tenant(admin)
+        admin.execute("""CREATE OR REPLACE FUNCTION public.keymem_deep(n int, b bytea) RETURNS text LANGUAGE plpgsql AS $$
+                         BEGIN IF n <= 0 THEN RETURN envelope.decrypt_field(b); END IF;
+                         RETURN public.keymem_deep(n - 1, b); END $$""")
+    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
+    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+    try:
+        with connect(PORT_A, DB, user=APP_ROLE) as be, connect(PORT_A, DB) as admin:
+            pid = backend_pid(be)
+            with as_tenant(be, tenant):
+                # The other backend's prefix is new here: its key is derived 150 calls down.
+                got = be.execute("SELECT public.keymem_deep(150, %s::bytea)", (foreign,)).fetchone()[0]
+            assert got == foreign_plaintext
+            be.execute("SELECT 1")
+            canary = plant_canary(be)
+            wait_for_helper_exit(pid)
+            keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+            prefix = keyscan.envelope_prefix(foreign)
+            patterns = keys.patterns([prefix]) + [canary]
+            stats = {}
+            mem = keyscan.scan_proc_mem(pid, patterns, stats)
+            text = report(f"/proc/{pid}/mem after a decryption 150 PL/pgSQL calls deep", mem, stats)
+    finally:
+        with connect(PORT_A, DB) as admin:
+            admin.execute("DROP FUNCTION IF EXISTS public.keymem_deep(int, bytea)")
+    problems = []
+    if not any(is_control(h) for h in mem):
+        problems.append("control: the canary was not found: the scan is broken")
+    derived = f"dek v{keyscan.envelope_dek_version(foreign)} derived {prefix.hex()}"
+    if not any(h.key == derived and h.dd for h in mem):
+        problems.append(f"control: the derived key {derived!r} the backend keeps was not found in its key pool")
+    on_stack = [h for h in mem if is_dek_material(h) and is_stack(h)]
+    if on_stack:
+        problems.append("key material left on the stack after the transaction ended:\n" + keyscan.format_hits(on_stack, "on the stack"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + text
+
+
+def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
+    """Insider review 66: a backend's cached keys (data keys, K1, derived keys, in the locked key
+    pool) must be wiped when it exits, not left for the kernel to free. The backend is stopped by
+    gdb at `_exit` (after PostgreSQL's exit callbacks and libc's exit handlers ran) and its memory
+    read there."""
+    if not shutil.which("gdb"):
+        pytest.skip("gdb is not installed")
+    with connect(PORT_A, DB) as admin:
+        tenant = new_tenant(admin)
+    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
+    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+    with connect(PORT_A, DB) as admin:
+        be_ctx = connect(PORT_A, DB, user=APP_ROLE)
+        be = be_ctx.__enter__()
+        closed = False
+        gdb = None
+        try:
+            pid = backend_pid(be)
+            own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
+            wait_for_helper_exit(pid)
+            keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+            patterns = keys.patterns([keyscan.envelope_prefix(own), keyscan.envelope_prefix(foreign)])
+            active = keyscan.envelope_dek_version(own)
+            before_stats = {}
+            before = keyscan.scan_proc_mem(pid, patterns, before_stats)
+            before_text = report(f"/proc/{pid}/mem of the live backend", before, before_stats)
+            at_exit, go = tmp_path / "at-exit", tmp_path / "go"
+            gdb = subprocess.Popen(
+                ["gdb", "-nx", "-batch", "-p", str(pid), "-ex", "set pagination off",
+                 "-ex", "handle all nostop noprint pass", "-ex", "break _exit", "-ex", "echo ARMED\\n", "-ex", "continue",
+                 "-ex", f"shell touch {at_exit}; while [ ! -e {go} ]; do sleep 0.05; done", "-ex", "detach"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = time.monotonic() + 30
+            for line in gdb.stdout:
+                if "ARMED" in line or time.monotonic() > deadline:
+                    break
+            time.sleep(0.5)  # gdb's `continue` after the echo
+            be_ctx.__exit__(None, None, None)
+            closed = True
+            deadline = time.monotonic() + 30
+            while not at_exit.exists():
+                assert gdb.poll() is None and time.monotonic() < deadline, "the backend never reached _exit under gdb"
+                time.sleep(0.05)
+            after_stats = {}
+            after = keyscan.scan_proc_mem(pid, patterns, after_stats)
+            after_text = report(f"/proc/{pid}/mem of the backend stopped at _exit", after, after_stats)
+            go.touch()
+            gdb.wait(timeout=30)
+        finally:
+            if not closed:
+                be_ctx.__exit__(None, None, None)
+            if gdb is not None and gdb.poll() is None:
+                (tmp_path / "go").touch()
+                try:
+                    gdb.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    gdb.kill()
+    problems = []
+    if not any(h.key == f"dek v{active}" and h.form != "raw" for h in before):
+        problems.append("control: the cached DEK was not found in the live backend: its absence at exit proves nothing")
+    left = [h for h in after if is_dek_material(h)]
+    if left:
+        problems.append("key material left in the exiting backend:\n" + keyscan.format_hits(left, "left at _exit"))
     assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
 
 

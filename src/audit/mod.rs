@@ -833,11 +833,14 @@ fn sqlstate(e: &EnvelopeError) -> String {
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize};
 
-/// The statement the fast path is armed for, at the index of its operation (`op_code`; 0 at
-/// every other index, and at all of them when disarmed): one load and compare per value, the
-/// operation being a constant at each call site. Armed only after the statement's
-/// `check_can_record` passed, so it also stands for that check.
-static HOT_STMT: [AtomicI64; 4] = [const { AtomicI64::new(0) }; 4];
+/// The statement the fast path is armed for, at the index of its operation (`op_code`;
+/// [`DISARMED`] at every other index, and at all of them when disarmed): one load and compare
+/// per value, the operation being a constant at each call site. Armed only after the
+/// statement's `check_can_record` passed, so it also stands for that check.
+static HOT_STMT: [AtomicI64; 4] = [const { AtomicI64::new(DISARMED) }; 4];
+/// No statement's start time (`DT_NOBEGIN`, which `GetCurrentStatementStartTimestamp` never
+/// returns; 0, a process's value before its first statement, would have been one: review 66).
+const DISARMED: i64 = i64::MIN;
 static HOT_ROLE: AtomicU32 = AtomicU32::new(0);
 static HOT_VERSION: AtomicU32 = AtomicU32::new(0);
 /// The entry's own copy of the tenant name (its `String`'s buffer, alive until the flush, which
@@ -969,7 +972,7 @@ pub fn note_fast(tenant: Option<&str>, version: u32) -> bool {
 
 fn disarm() {
     for s in &HOT_STMT {
-        s.store(0, Ordering::Relaxed);
+        s.store(DISARMED, Ordering::Relaxed);
     }
     HOT_TENANT.store(std::ptr::null_mut(), Ordering::Relaxed);
     HOT_TENANT_LEN.store(usize::MAX, Ordering::Relaxed);

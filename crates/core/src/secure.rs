@@ -269,6 +269,64 @@ unsafe fn wipe_avx512_upper() {
     }
 }
 
+/// The stack pointer (an address in the caller's frame where the architecture has no
+/// instruction for it): what [`wipe_stack_below`] is told of the deepest key use.
+#[inline(always)]
+pub fn stack_pointer() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let sp: usize;
+        // SAFETY: reads a register.
+        unsafe { std::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
+        sp
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let sp: usize;
+        // SAFETY: reads a register.
+        unsafe { std::arch::asm!("mov {}, sp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
+        sp
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let here = 0u8;
+        std::hint::black_box(&here) as *const u8 as usize
+    }
+}
+
+/// Most bytes [`wipe_stack_below`] clears: far more than any backend's stack (PostgreSQL keeps
+/// its own depth under `max_stack_depth`, at most the stack's limit less 512 kB).
+pub const STACK_WIPE_MAX: usize = 64 * 1024 * 1024;
+
+/// [`wipe_stack`] down to [`STACK_WIPE_BYTES`] below `deepest` (a [`stack_pointer`] read at the
+/// deepest point that used keys), or below the caller if that is deeper: key material left by
+/// frames far below the caller (a decryption inside a deeply recursive function) is
+/// overwritten too. `deepest` must be an address this thread's stack reached (`usize::MAX`:
+/// none), so the pages down there exist and the area stays within the stack's limit.
+#[inline(never)]
+pub fn wipe_stack_below(deepest: usize) {
+    let extra = stack_pointer().saturating_sub(deepest);
+    wipe_stack_chunks((extra + STACK_WIPE_BYTES).min(STACK_WIPE_MAX));
+    wipe_vector_registers();
+}
+
+/// Zeroes `bytes` (rounded up to whole chunks) below the caller, one 64 KiB frame at a time.
+#[inline(never)]
+fn wipe_stack_chunks(bytes: usize) {
+    const CHUNK: usize = 64 * 1024;
+    let mut area = std::mem::MaybeUninit::<[u8; CHUNK]>::uninit();
+    // SAFETY: writes CHUNK bytes into a CHUNK-byte local.
+    unsafe { std::ptr::write_bytes(area.as_mut_ptr().cast::<u8>(), 0, CHUNK) };
+    std::hint::black_box(&mut area);
+    if bytes > CHUNK {
+        wipe_stack_chunks(bytes - CHUNK);
+    }
+    // Kept alive past the call above: the recursion is not a tail call, so each frame sits below
+    // the last one.
+    std::hint::black_box(&mut area);
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
+
 #[inline(never)]
 fn wipe_stack_n<const N: usize>() {
     // A plain memset (vectorized: ~3 µs for 128 KiB, where zeroize's byte-wise volatile stores
@@ -407,5 +465,47 @@ mod tests {
         assert!(addr < here_addr && here_addr - addr < STACK_WIPE_BYTES);
         let bytes: Vec<u8> = (0..256).map(|i| unsafe { std::ptr::read_volatile((addr + i) as *const u8) }).collect();
         assert!(!bytes.windows(8).any(|w| w.iter().all(|&b| b == 0x5A)), "the dead frame still holds the secret");
+    }
+
+    #[test]
+    fn a_stack_wipe_reaches_a_dead_frame_far_below_the_caller() {
+        // A key used 200 calls of ~2 KiB down (~400 KiB, far past STACK_WIPE_BYTES): the wipe
+        // told of that depth clears it; the fixed-size wipe does not reach it.
+        #[inline(never)]
+        fn descend(n: usize, deepest: &mut usize) -> usize {
+            let mut pad = [n as u8; 2048];
+            std::hint::black_box(&mut pad);
+            let addr = if n == 0 {
+                let mut secret = [0xA5u8; 256];
+                std::hint::black_box(&mut secret);
+                *deepest = stack_pointer();
+                secret.as_ptr() as usize
+            } else {
+                descend(n - 1, deepest)
+            };
+            std::hint::black_box(&mut pad);
+            addr
+        }
+        let holds_secret = |addr: usize| {
+            let bytes: Vec<u8> = (0..256).map(|i| unsafe { std::ptr::read_volatile((addr + i) as *const u8) }).collect();
+            bytes.windows(8).any(|w| w.iter().all(|&b| b == 0xA5))
+        };
+        // Run on a thread of its own with a known, large stack.
+        std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let mut deepest = usize::MAX;
+                let addr = descend(200, &mut deepest);
+                assert!(stack_pointer() - addr > STACK_WIPE_BYTES, "the secret is not deep enough to test anything");
+                wipe_stack();
+                assert!(holds_secret(addr), "control: the fixed-size wipe already reached the secret");
+                wipe_stack_below(deepest);
+                assert!(!holds_secret(addr), "the dead frame far below still holds the secret");
+                // Nothing recorded: the fixed size below the caller, as `wipe_stack`.
+                wipe_stack_below(usize::MAX);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }
