@@ -80,9 +80,19 @@ fn take_keys_used(flag: u8) -> bool {
     })
 }
 
+/// Whether `flag` is set, leaving it set.
+fn keys_used_pending(flag: u8) -> bool {
+    KEYS_USED.with(|k| k.flags.get() & flag != 0)
+}
+
 /// The deepest stack pointer of a key use since the last call (see [`KeysUsed::deepest`]).
 fn take_deepest_key_use() -> usize {
     KEYS_USED.with(|k| k.deepest.replace(usize::MAX))
+}
+
+/// [`take_deepest_key_use`], leaving it recorded.
+fn peek_deepest_key_use() -> usize {
+    KEYS_USED.with(|k| k.deepest.get())
 }
 
 /// At the end of a statement that used keys (ExecutorEnd, ProcessUtility): zero the SIMD
@@ -181,8 +191,20 @@ pub unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg
             crate::audit::at_transaction_end(matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE));
         }
     }
-    if ended && take_keys_used(STACK) {
-        pg_envelope_core::secure::wipe_stack_below(take_deepest_key_use());
+    if ended {
+        // SAFETY: reads SPI's state; no error path.
+        if unsafe { pg_sys::SPI_inside_nonatomic_context() } {
+            // A COMMIT or ROLLBACK inside a procedure (CALL, DO): this callback can run deeper
+            // than the frames that used keys (nested CALLs before the COMMIT), and what they left
+            // lies above it, among the procedure's live frames (insider review 67: a derived key
+            // found 30 KiB above such a callback). What is below is wiped now; the flags stay for
+            // the end of the top-level statement's transaction, above every frame of the call.
+            if keys_used_pending(STACK) {
+                pg_envelope_core::secure::wipe_stack_below(peek_deepest_key_use());
+            }
+        } else if take_keys_used(STACK) {
+            pg_envelope_core::secure::wipe_stack_below(take_deepest_key_use());
+        }
     }
 }
 
@@ -503,7 +525,7 @@ fn ensure_exit_wipe() {
     }
 }
 
-/// Drops every cached key (zeroizing it). Registered for backend exit.
+/// Drops every cached key (zeroizing it).
 pub fn wipe() {
     BACKEND.with(|cell| {
         if let Ok(mut slot) = cell.try_borrow_mut() {
@@ -514,8 +536,13 @@ pub fn wipe() {
     });
 }
 
+/// At process exit: the cached keys dropped, then the whole key pool zeroed, whatever holds its
+/// slots. A FATAL error (a terminated backend, a lost client) exits from inside `with_backend`,
+/// where the key state is borrowed and cannot be cleared, and keys being unwrapped then are not
+/// in the cache yet (insider review 67).
 pub unsafe extern "C-unwind" fn on_proc_exit(_code: i32, _arg: pg_sys::Datum) {
     wipe();
+    pg_envelope_core::secure::wipe_pool();
 }
 
 fn current_epoch() -> u64 {

@@ -35,6 +35,7 @@ tenant under a unique name.
 import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 
@@ -424,13 +425,43 @@ def test_a_decryption_deep_in_the_stack_leaves_no_key_there(root_key_file):
     assert not problems, "\n\n".join(problems) + "\n\n" + text
 
 
+class StoppedAtExit:
+    """gdb attached to a backend, stopped when it reaches `_exit` (after PostgreSQL's exit
+    callbacks and libc's exit handlers ran) until `release()`."""
+
+    def __init__(self, pid, tmp_path):
+        if not shutil.which("gdb"):
+            pytest.skip("gdb is not installed")
+        self.at_exit, self.go = tmp_path / f"at-exit-{pid}", tmp_path / f"go-{pid}"
+        self.gdb = subprocess.Popen(
+            ["gdb", "-nx", "-batch", "-p", str(pid), "-ex", "set pagination off",
+             "-ex", "handle all nostop noprint pass", "-ex", "break _exit", "-ex", "echo ARMED\\n", "-ex", "continue",
+             "-ex", f"shell touch {self.at_exit}; while [ ! -e {self.go} ]; do sleep 0.05; done", "-ex", "detach"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        for line in self.gdb.stdout:
+            if "ARMED" in line or time.monotonic() > deadline:
+                break
+        time.sleep(0.5)  # gdb's `continue` after the echo
+
+    def wait(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while not self.at_exit.exists():
+            assert self.gdb.poll() is None and time.monotonic() < deadline, "the backend never reached _exit under gdb"
+            time.sleep(0.05)
+
+    def release(self):
+        self.go.touch()
+        try:
+            self.gdb.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.gdb.kill()
+
+
 def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
     """Insider review 66: a backend's cached keys (data keys, K1, derived keys, in the locked key
     pool) must be wiped when it exits, not left for the kernel to free. The backend is stopped by
-    gdb at `_exit` (after PostgreSQL's exit callbacks and libc's exit handlers ran) and its memory
-    read there."""
-    if not shutil.which("gdb"):
-        pytest.skip("gdb is not installed")
+    gdb at `_exit` and its memory read there."""
     with connect(PORT_A, DB) as admin:
         tenant = new_tenant(admin)
     foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
@@ -438,8 +469,7 @@ def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
     with connect(PORT_A, DB) as admin:
         be_ctx = connect(PORT_A, DB, user=APP_ROLE)
         be = be_ctx.__enter__()
-        closed = False
-        gdb = None
+        closed, stopped = False, None
         try:
             pid = backend_pid(be)
             own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
@@ -450,37 +480,18 @@ def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
             before_stats = {}
             before = keyscan.scan_proc_mem(pid, patterns, before_stats)
             before_text = report(f"/proc/{pid}/mem of the live backend", before, before_stats)
-            at_exit, go = tmp_path / "at-exit", tmp_path / "go"
-            gdb = subprocess.Popen(
-                ["gdb", "-nx", "-batch", "-p", str(pid), "-ex", "set pagination off",
-                 "-ex", "handle all nostop noprint pass", "-ex", "break _exit", "-ex", "echo ARMED\\n", "-ex", "continue",
-                 "-ex", f"shell touch {at_exit}; while [ ! -e {go} ]; do sleep 0.05; done", "-ex", "detach"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            deadline = time.monotonic() + 30
-            for line in gdb.stdout:
-                if "ARMED" in line or time.monotonic() > deadline:
-                    break
-            time.sleep(0.5)  # gdb's `continue` after the echo
+            stopped = StoppedAtExit(pid, tmp_path)
             be_ctx.__exit__(None, None, None)
             closed = True
-            deadline = time.monotonic() + 30
-            while not at_exit.exists():
-                assert gdb.poll() is None and time.monotonic() < deadline, "the backend never reached _exit under gdb"
-                time.sleep(0.05)
+            stopped.wait()
             after_stats = {}
             after = keyscan.scan_proc_mem(pid, patterns, after_stats)
             after_text = report(f"/proc/{pid}/mem of the backend stopped at _exit", after, after_stats)
-            go.touch()
-            gdb.wait(timeout=30)
         finally:
             if not closed:
                 be_ctx.__exit__(None, None, None)
-            if gdb is not None and gdb.poll() is None:
-                (tmp_path / "go").touch()
-                try:
-                    gdb.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    gdb.kill()
+            if stopped is not None:
+                stopped.release()
     problems = []
     if not any(h.key == f"dek v{active}" and h.form != "raw" for h in before):
         problems.append("control: the cached DEK was not found in the live backend: its absence at exit proves nothing")
@@ -488,6 +499,119 @@ def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
     if left:
         problems.append("key material left in the exiting backend:\n" + keyscan.format_hits(left, "left at _exit"))
     assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
+
+
+def test_a_backend_terminated_while_it_waits_inside_its_key_state_wipes_its_keys(root_key_file, tmp_path):
+    """Insider review 67: a FATAL exit (pg_terminate_backend, which a role may do to its own
+    backends) from inside `with_backend`, here while a new tenant's directory read waits for a
+    lock, found the key state borrowed: the exit wipe skipped the cache, and another tenant's
+    cached keys stayed in the pool. The exit now zeroes the whole pool."""
+    with connect(PORT_A, DB) as admin:
+        tenant, waiting_for = new_tenant(admin), new_tenant(admin)
+    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
+    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+    other_value = encrypt_in_another_backend(waiting_for, "other tenant's value")
+    with connect(PORT_A, DB) as admin, connect(PORT_A, DB) as locker:
+        be_ctx = connect(PORT_A, DB, user=APP_ROLE)
+        be = be_ctx.__enter__()
+        stopped, closed = None, False
+        try:
+            pid = backend_pid(be)
+            own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
+            wait_for_helper_exit(pid)
+            keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+            patterns = keys.patterns([keyscan.envelope_prefix(own), keyscan.envelope_prefix(foreign)])
+            active = keyscan.envelope_dek_version(own)
+            before_stats = {}
+            before = keyscan.scan_proc_mem(pid, patterns, before_stats)
+            before_text = report(f"/proc/{pid}/mem of the live backend", before, before_stats)
+            # The other tenant is not cached: its first use reads the catalog, which waits.
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE envelope.tenants IN ACCESS EXCLUSIVE MODE")
+            be.execute("SELECT set_config('app.tenant_id', %s, false)", (waiting_for,))
+            def use():
+                try:
+                    be.execute("SELECT envelope.decrypt_field(%s::bytea)", (other_value,))
+                except psycopg.Error:
+                    pass
+            t = threading.Thread(target=use, daemon=True)
+            t.start()
+            deadline = time.monotonic() + 20
+            while not admin.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+                assert time.monotonic() < deadline, "the backend never waited for the lock"
+                time.sleep(0.05)
+            stopped = StoppedAtExit(pid, tmp_path)
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
+            stopped.wait()
+            after_stats = {}
+            after = keyscan.scan_proc_mem(pid, patterns, after_stats)
+            after_text = report(f"/proc/{pid}/mem of the terminated backend stopped at _exit", after, after_stats)
+        finally:
+            locker.execute("ROLLBACK")
+            if stopped is not None:
+                stopped.release()
+            try:
+                be_ctx.__exit__(None, None, None)
+            except psycopg.Error:
+                pass
+    problems = []
+    if not any(h.key == f"dek v{active}" and h.form != "raw" for h in before):
+        problems.append("control: the cached DEK was not found in the live backend: its absence at exit proves nothing")
+    left = [h for h in after if is_dek_material(h)]
+    if left:
+        problems.append("key material left in the terminated backend:\n" + keyscan.format_hits(left, "left at _exit"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
+
+
+def test_a_commit_inside_nested_calls_leaves_no_key_on_the_stack(root_key_file):
+    """Insider review 67: a COMMIT inside a procedure runs the transaction's end callback from
+    `SPI_commit`, here five nested CALLs deeper than the decryption before it: the stack wipe
+    started at the callback's frame, below the key use's leftovers, and nothing wiped them later
+    (the next transactions used no key). Inside a procedure the wipe now also waits for the end
+    of the top-level statement's transaction."""
+    with connect(PORT_A, DB) as admin:
+        tenant = new_tenant(admin)
+        admin.execute("""CREATE OR REPLACE PROCEDURE public.keymem_commit_deep(n int) LANGUAGE plpgsql AS $$
+                         BEGIN IF n <= 0 THEN COMMIT; RETURN; END IF; CALL public.keymem_commit_deep(n - 1); END $$""")
+        admin.execute("""CREATE OR REPLACE FUNCTION public.keymem_dec(b bytea) RETURNS int LANGUAGE plpgsql AS $$
+                         BEGIN RETURN length(envelope.decrypt_field(b)); END $$""")
+        admin.execute("""CREATE OR REPLACE PROCEDURE public.keymem_use_then_commit(b bytea, d int) LANGUAGE plpgsql AS $$
+                         BEGIN PERFORM public.keymem_dec(b); CALL public.keymem_commit_deep(d); END $$""")
+    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
+    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+    warm = encrypt_in_another_backend(tenant, "warm-up")
+    try:
+        with connect(PORT_A, DB, user=APP_ROLE) as be, connect(PORT_A, DB) as admin:
+            pid = backend_pid(be)
+            # Autocommit and the simple protocol (no parameters): a procedure may COMMIT only so.
+            be.execute(f"SELECT set_config('app.tenant_id', '{tenant}', false)")
+            be.execute(f"CALL public.keymem_use_then_commit('\\x{warm.hex()}'::bytea, 5)")
+            # The other backend's prefix is new here: its key is derived, then five CALLs down the COMMIT.
+            be.execute(f"CALL public.keymem_use_then_commit('\\x{foreign.hex()}'::bytea, 5)")
+            be.execute("RESET app.tenant_id")
+            be.execute("SELECT 1")
+            canary = plant_canary(be)
+            wait_for_helper_exit(pid)
+            keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
+            prefix = keyscan.envelope_prefix(foreign)
+            stats = {}
+            mem = keyscan.scan_proc_mem(pid, keys.patterns([prefix]) + [canary], stats)
+            text = report(f"/proc/{pid}/mem after a COMMIT five CALLs below a decryption", mem, stats)
+    finally:
+        with connect(PORT_A, DB) as admin:
+            admin.execute("DROP PROCEDURE IF EXISTS public.keymem_use_then_commit(bytea, int)")
+            admin.execute("DROP PROCEDURE IF EXISTS public.keymem_commit_deep(int)")
+            admin.execute("DROP FUNCTION IF EXISTS public.keymem_dec(bytea)")
+    problems = []
+    if not any(is_control(h) for h in mem):
+        problems.append("control: the canary was not found: the scan is broken")
+    derived = f"dek v{keyscan.envelope_dek_version(foreign)} derived {prefix.hex()}"
+    if not any(h.key == derived and h.dd for h in mem):
+        problems.append(f"control: the derived key {derived!r} the backend keeps was not found in its key pool")
+    on_stack = [h for h in mem if is_dek_material(h) and is_stack(h)]
+    if on_stack:
+        problems.append("key material left on the stack after the procedure's COMMIT:\n" + keyscan.format_hits(on_stack, "on the stack"))
+    assert not problems, "\n\n".join(problems) + "\n\n" + text
 
 
 # -- the key pool under a small RLIMIT_MEMLOCK ----------------------------------------------------

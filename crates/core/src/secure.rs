@@ -26,9 +26,14 @@ struct Pool {
     /// Current chunk being carved: (base, used bytes).
     current: Option<(usize, usize)>,
     free: [Vec<usize>; CLASSES.len()],
+    /// Every chunk mapped (they are never unmapped), for [`wipe_pool`].
+    chunks: Vec<usize>,
+    /// Values too large for a class, each in a mapping of its own: (base, length).
+    large: Vec<(usize, usize)>,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool { current: None, free: [const { Vec::new() }; CLASSES.len()] });
+static POOL: Mutex<Pool> =
+    Mutex::new(Pool { current: None, free: [const { Vec::new() }; CLASSES.len()], chunks: Vec::new(), large: Vec::new() });
 
 static MAPPED_BYTES: AtomicU64 = AtomicU64::new(0);
 static LOCKED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -93,7 +98,10 @@ fn page_round(n: usize) -> usize {
 
 fn alloc(layout: Layout) -> NonNull<u8> {
     let Some(class) = class_of(layout) else {
-        return NonNull::new(map(page_round(layout.size())) as *mut u8).expect("mapped");
+        let len = page_round(layout.size());
+        let base = map(len);
+        POOL.lock().unwrap_or_else(|e| e.into_inner()).large.push((base, len));
+        return NonNull::new(base as *mut u8).expect("mapped");
     };
     let size = CLASSES[class];
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,7 +110,11 @@ fn alloc(layout: Layout) -> NonNull<u8> {
     }
     let (base, used) = match pool.current {
         Some((base, used)) if used.next_multiple_of(size) + size <= CHUNK => (base, used.next_multiple_of(size)),
-        _ => (map(CHUNK), 0),
+        _ => {
+            let base = map(CHUNK);
+            pool.chunks.push(base);
+            (base, 0)
+        }
     };
     pool.current = Some((base, used + size));
     NonNull::new((base + used) as *mut u8).expect("pool slot")
@@ -117,10 +129,25 @@ fn free(p: NonNull<u8>, layout: Layout) {
         }
         None => {
             let len = page_round(layout.size());
+            let base = p.as_ptr() as usize;
+            POOL.lock().unwrap_or_else(|e| e.into_inner()).large.retain(|&(b, _)| b != base);
             // SAFETY: a mapping of exactly this length made by `map`.
             unsafe { libc::munmap(p.as_ptr().cast(), len) };
             MAPPED_BYTES.fetch_sub(len as u64, Ordering::Relaxed);
         }
+    }
+}
+
+/// Zeroes every byte of the pool, live values included: for a process about to exit, whose
+/// values may still be held by frames that will never drop them (an exit from inside a
+/// borrow). Nothing may use a pool value afterwards (it would read zeros).
+pub fn wipe_pool() {
+    let pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    for &base in &pool.chunks {
+        wipe_bytes(base as *mut u8, CHUNK);
+    }
+    for &(base, len) in &pool.large {
+        wipe_bytes(base as *mut u8, len);
     }
 }
 
@@ -294,9 +321,21 @@ pub fn stack_pointer() -> usize {
     }
 }
 
-/// Most bytes [`wipe_stack_below`] clears: far more than any backend's stack (PostgreSQL keeps
-/// its own depth under `max_stack_depth`, at most the stack's limit less 512 kB).
+/// Most bytes [`wipe_stack_below`] clears when the stack's size is unlimited, or when
+/// `RLIMIT_STACK` cannot be read: PostgreSQL keeps its own depth under `max_stack_depth`, at most
+/// the stack's limit less 512 kB, and a superuser may raise it to anything under an unlimited
+/// stack (insider review 67: a key used 77 MB down with `max_stack_depth = 200MB`).
 pub const STACK_WIPE_MAX: usize = 64 * 1024 * 1024;
+
+/// The stack's size limit (`RLIMIT_STACK`), or `None` when it is unlimited or unknown.
+fn stack_limit() -> Option<usize> {
+    // SAFETY: a valid rlimit pointer.
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut rl) } != 0 || rl.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    usize::try_from(rl.rlim_cur).ok()
+}
 
 /// [`wipe_stack`] down to [`STACK_WIPE_BYTES`] below `deepest` (a [`stack_pointer`] read at the
 /// deepest point that used keys), or below the caller if that is deeper: key material left by
@@ -306,7 +345,13 @@ pub const STACK_WIPE_MAX: usize = 64 * 1024 * 1024;
 #[inline(never)]
 pub fn wipe_stack_below(deepest: usize) {
     let extra = stack_pointer().saturating_sub(deepest);
-    wipe_stack_chunks((extra + STACK_WIPE_BYTES).min(STACK_WIPE_MAX));
+    // Within the stack's limit (the pages down to `deepest` exist: the thread reached it), or
+    // as deep as the key use itself when the stack is unlimited.
+    let cap = match stack_limit() {
+        Some(limit) => limit,
+        None => STACK_WIPE_MAX.max(extra + STACK_WIPE_BYTES),
+    };
+    wipe_stack_chunks((extra + STACK_WIPE_BYTES).min(cap));
     wipe_vector_registers();
 }
 
