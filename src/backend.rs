@@ -62,6 +62,7 @@ const REGISTERS: u8 = 2;
 /// statement as one whose end must wipe the SIMD registers.
 #[inline]
 pub fn note_keys_used() {
+    ensure_exit_wipe();
     let sp = pg_envelope_core::secure::stack_pointer();
     KEYS_USED.with(|k| {
         k.flags.set(STACK | REGISTERS);
@@ -134,6 +135,7 @@ unsafe extern "C-unwind" fn executor_run(
     count: u64,
     execute_once: bool,
 ) {
+    ensure_exit_wipe();
     unsafe {
         match PREV_EXECUTOR_RUN {
             Some(prev) => prev(query_desc, direction, count, execute_once),
@@ -146,6 +148,7 @@ unsafe extern "C-unwind" fn executor_run(
 #[cfg(feature = "pg18")]
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_run(query_desc: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64) {
+    ensure_exit_wipe();
     unsafe {
         match PREV_EXECUTOR_RUN {
             Some(prev) => prev(query_desc, direction, count),
@@ -516,13 +519,29 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
 /// state was a thread-local until the tenth session, whose destructor `exit()` ran, and is now a
 /// static, which nothing drops (insider review 66: a backend exited with its data keys and
 /// derived keys unwiped).
-fn ensure_exit_wipe() {
-    static REGISTERED_IN: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    if REGISTERED_IN.swap(pid, Ordering::Relaxed) != pid {
-        unsafe { pg_sys::on_proc_exit(Some(on_proc_exit), pg_sys::Datum::from(0)) };
+///
+/// Also called on every key use (`note_keys_used`) and before every statement (the ExecutorRun
+/// and ProcessUtility hooks): a process can fill the key pool without making key state first
+/// (`create_tenant` in a fresh session unwraps the root key on the provider thread), and a
+/// FATAL exit then left it unwiped (insider review 68). One compare of `MyProcPid` when done.
+#[inline(always)]
+pub fn ensure_exit_wipe() {
+    // SAFETY: reads a backend global, set in every process before any statement.
+    let pid = unsafe { pg_sys::MyProcPid };
+    if EXIT_WIPE_REGISTERED_IN.load(Ordering::Relaxed) != pid {
+        register_exit_wipe(pid);
     }
+}
+
+/// The process whose exit callbacks hold [`on_proc_exit`] (0: none yet). A forked child reads
+/// its parent's pid here, never its own: it registers again.
+static EXIT_WIPE_REGISTERED_IN: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+#[cold]
+#[inline(never)]
+fn register_exit_wipe(pid: i32) {
+    EXIT_WIPE_REGISTERED_IN.store(pid, Ordering::Relaxed);
+    unsafe { pg_sys::on_proc_exit(Some(on_proc_exit), pg_sys::Datum::from(0)) };
 }
 
 /// Drops every cached key (zeroizing it).

@@ -563,6 +563,44 @@ def test_a_backend_terminated_while_it_waits_inside_its_key_state_wipes_its_keys
     assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
 
 
+def test_every_session_registers_the_exit_wipe_before_its_first_key(tmp_path):
+    """Insider review 68: the exit wipe (the whole key pool zeroed) was registered only when a
+    process made its key state, and a fresh session's `create_tenant` fills the pool (the root
+    key, on the provider thread) without that: a FATAL exit during the provider call left the
+    root key in the pool. The wipe is now registered before a process's first statement runs.
+    A session that ran one statement without any key is stopped by gdb when it exits: the wipe
+    must be called."""
+    if not shutil.which("gdb") or not shutil.which("nm"):
+        pytest.skip("gdb and nm (binutils) are needed")
+    libdir = subprocess.run(["pg_config", "--pkglibdir"], capture_output=True, text=True).stdout.strip() or "/usr/lib/postgresql/15/lib"
+    so = os.path.join(libdir, "pg_envelope.so")
+    symbols = subprocess.run(["nm", so], capture_output=True, text=True).stdout.split("\n")
+    wipe = [l.split()[-1] for l in symbols if "11pg_envelope7backend12on_proc_exit" in l]
+    assert len(wipe) == 1, f"backend::on_proc_exit not found in {so}'s symbols"
+    # A new session, with one statement and no key.
+    c = connect(PORT_A, DB, user=APP_ROLE)
+    pid = backend_pid(c)
+    gdb = subprocess.Popen(
+        ["gdb", "-nx", "-batch", "-p", str(pid), "-ex", "set pagination off", "-ex", "handle all nostop noprint pass",
+         "-ex", f"break {wipe[0]}", "-ex", "echo ARMED\\n", "-ex", "continue", "-ex", "echo WIPE-CALLED\\n", "-ex", "continue"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.monotonic() + 30
+    for line in gdb.stdout:
+        seen.append(line)
+        if "ARMED" in line or time.monotonic() > deadline:
+            break
+    time.sleep(0.5)
+    c.close()
+    try:
+        out = "".join(seen) + gdb.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        gdb.kill()
+        out = "".join(seen) + gdb.communicate()[0]
+    assert "Breakpoint 1 at" in out, out
+    assert "WIPE-CALLED" in out and "Breakpoint 1," in out, "the exit wipe did not run in a session that made no key state:\n" + out
+
+
 def test_a_commit_inside_nested_calls_leaves_no_key_on_the_stack(root_key_file):
     """Insider review 67: a COMMIT inside a procedure runs the transaction's end callback from
     `SPI_commit`, here five nested CALLs deeper than the decryption before it: the stack wipe
