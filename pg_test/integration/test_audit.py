@@ -2552,13 +2552,19 @@ def test_a_repeatable_read_snapshot_taken_after_a_cut_does_not_hide_it(audited):
 def crash_and_wait_for_the_writer():
     """A backend killed (SIGKILL: the postmaster reinitialises shared memory, the writer's
     committed head with it), then the server back with its maintenance worker."""
+    workers = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'"
     with connect(PORT_A, DB) as victim:
+        before = {p for (p,) in victim.execute(workers).fetchall()}
         os.kill(victim.execute("SELECT pg_backend_pid()").fetchone()[0], signal.SIGKILL)
 
     def reconnects():
+        # A new worker, not the one from before the crash: right after the kill the postmaster
+        # may not have begun its restart yet, and a connection then still sees the old worker
+        # (a test went on, and its next connection met the restart: "in recovery mode").
         try:
             with connect(PORT_A, DB) as x:
-                return x.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_envelope maintenance'").fetchone()[0] == 1
+                now = {p for (p,) in x.execute(workers).fetchall()}
+                return len(now) == 1 and not now & before
         except psycopg.Error:
             return False
     assert wait_until(reconnects, timeout=60, step=0.5)
