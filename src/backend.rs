@@ -513,7 +513,7 @@ pub fn with_backend<R>(f: impl FnOnce(&mut Backend) -> R) -> R {
     })
 }
 
-/// Registers [`on_proc_exit`] in this process, once: when its key state is first made. Not in
+/// Registers [`on_proc_exit`] in this process, once (first when its key state is made). Not in
 /// `_PG_init`: with `shared_preload_libraries` that runs in the postmaster, and every backend
 /// forgets the postmaster's exit callbacks (`on_exit_reset` in `InitPostmasterChild`); the key
 /// state was a thread-local until the tenth session, whose destructor `exit()` ran, and is now a
