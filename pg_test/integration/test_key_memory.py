@@ -458,18 +458,18 @@ class StoppedAtExit:
             self.gdb.kill()
 
 
-def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
-    """Insider review 66: a backend's cached keys (data keys, K1, derived keys, in the locked key
-    pool) must be wiped when it exits, not left for the kernel to free. The backend is stopped by
-    gdb at `_exit` and its memory read there."""
+def keys_left_at_exit(root_key_file, tmp_path, end):
+    """A backend that encrypted and decrypted for a new tenant is scanned live, then `end(be, pid,
+    admin)` makes it exit (it may close `be`) while gdb holds it at `_exit`, and it is scanned
+    again there. Asserts the control (the cached DEK seen in the live backend) and that no key
+    material of the tenant is left at `_exit`."""
     with connect(PORT_A, DB) as admin:
         tenant = new_tenant(admin)
     foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
     foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
     with connect(PORT_A, DB) as admin:
-        be_ctx = connect(PORT_A, DB, user=APP_ROLE)
-        be = be_ctx.__enter__()
-        closed, stopped = False, None
+        be = connect(PORT_A, DB, user=APP_ROLE)
+        stopped = None
         try:
             pid = backend_pid(be)
             own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
@@ -481,17 +481,18 @@ def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
             before = keyscan.scan_proc_mem(pid, patterns, before_stats)
             before_text = report(f"/proc/{pid}/mem of the live backend", before, before_stats)
             stopped = StoppedAtExit(pid, tmp_path)
-            be_ctx.__exit__(None, None, None)
-            closed = True
+            end(be, pid, admin)
             stopped.wait()
             after_stats = {}
             after = keyscan.scan_proc_mem(pid, patterns, after_stats)
             after_text = report(f"/proc/{pid}/mem of the backend stopped at _exit", after, after_stats)
         finally:
-            if not closed:
-                be_ctx.__exit__(None, None, None)
             if stopped is not None:
                 stopped.release()
+            try:
+                be.close()
+            except psycopg.Error:
+                pass
     problems = []
     if not any(h.key == f"dek v{active}" and h.form != "raw" for h in before):
         problems.append("control: the cached DEK was not found in the live backend: its absence at exit proves nothing")
@@ -501,66 +502,50 @@ def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
     assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
 
 
+def test_an_exiting_backend_wipes_its_keys(root_key_file, tmp_path):
+    """Insider review 66: a backend's cached keys (data keys, K1, derived keys, in the locked key
+    pool) must be wiped when it exits, not left for the kernel to free. The backend is stopped by
+    gdb at `_exit` and its memory read there."""
+    keys_left_at_exit(root_key_file, tmp_path, lambda be, pid, admin: be.close())
+
+
 def test_a_backend_terminated_while_it_waits_inside_its_key_state_wipes_its_keys(root_key_file, tmp_path):
     """Insider review 67: a FATAL exit (pg_terminate_backend, which a role may do to its own
     backends) from inside `with_backend`, here while a new tenant's directory read waits for a
     lock, found the key state borrowed: the exit wipe skipped the cache, and another tenant's
     cached keys stayed in the pool. The exit now zeroes the whole pool."""
     with connect(PORT_A, DB) as admin:
-        tenant, waiting_for = new_tenant(admin), new_tenant(admin)
-    foreign_plaintext = f"written-elsewhere-{uuid.uuid4().hex}"
-    foreign = encrypt_in_another_backend(tenant, foreign_plaintext)
+        waiting_for = new_tenant(admin)
     other_value = encrypt_in_another_backend(waiting_for, "other tenant's value")
-    with connect(PORT_A, DB) as admin, connect(PORT_A, DB) as locker:
-        be_ctx = connect(PORT_A, DB, user=APP_ROLE)
-        be = be_ctx.__enter__()
-        stopped, closed = None, False
-        try:
-            pid = backend_pid(be)
-            own = encrypt_then_decrypt(be, tenant, foreign, foreign_plaintext)
-            wait_for_helper_exit(pid)
-            keys = keyscan.KeyMaterial.from_catalog(admin, root_key_file, tenant)
-            patterns = keys.patterns([keyscan.envelope_prefix(own), keyscan.envelope_prefix(foreign)])
-            active = keyscan.envelope_dek_version(own)
-            before_stats = {}
-            before = keyscan.scan_proc_mem(pid, patterns, before_stats)
-            before_text = report(f"/proc/{pid}/mem of the live backend", before, before_stats)
+
+    def terminate_while_waiting(be, pid, admin):
+        with connect(PORT_A, DB) as locker:
             # The other tenant is not cached: its first use reads the catalog, which waits.
             locker.execute("BEGIN")
             locker.execute("LOCK TABLE envelope.tenants IN ACCESS EXCLUSIVE MODE")
-            be.execute("SELECT set_config('app.tenant_id', %s, false)", (waiting_for,))
-            def use():
-                try:
-                    be.execute("SELECT envelope.decrypt_field(%s::bytea)", (other_value,))
-                except psycopg.Error:
-                    pass
-            t = threading.Thread(target=use, daemon=True)
-            t.start()
-            deadline = time.monotonic() + 20
-            while not admin.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
-                assert time.monotonic() < deadline, "the backend never waited for the lock"
-                time.sleep(0.05)
-            stopped = StoppedAtExit(pid, tmp_path)
-            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
-            stopped.wait()
-            after_stats = {}
-            after = keyscan.scan_proc_mem(pid, patterns, after_stats)
-            after_text = report(f"/proc/{pid}/mem of the terminated backend stopped at _exit", after, after_stats)
-        finally:
-            locker.execute("ROLLBACK")
-            if stopped is not None:
-                stopped.release()
             try:
-                be_ctx.__exit__(None, None, None)
-            except psycopg.Error:
-                pass
-    problems = []
-    if not any(h.key == f"dek v{active}" and h.form != "raw" for h in before):
-        problems.append("control: the cached DEK was not found in the live backend: its absence at exit proves nothing")
-    left = [h for h in after if is_dek_material(h)]
-    if left:
-        problems.append("key material left in the terminated backend:\n" + keyscan.format_hits(left, "left at _exit"))
-    assert not problems, "\n\n".join(problems) + "\n\n" + before_text + "\n\n" + after_text
+                be.execute("SELECT set_config('app.tenant_id', %s, false)", (waiting_for,))
+
+                def use():
+                    try:
+                        be.execute("SELECT envelope.decrypt_field(%s::bytea)", (other_value,))
+                    except psycopg.Error:
+                        pass
+                threading.Thread(target=use, daemon=True).start()
+                deadline = time.monotonic() + 20
+                while not admin.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+                    assert time.monotonic() < deadline, "the backend never waited for the lock"
+                    time.sleep(0.05)
+                assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
+                # The lock is held until the backend has left (it is then at `_exit`): its FATAL
+                # comes while it waits, inside its key state.
+                while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+                    assert time.monotonic() < deadline + 20, "the terminated backend never left"
+                    time.sleep(0.05)
+            finally:
+                locker.execute("ROLLBACK")
+
+    keys_left_at_exit(root_key_file, tmp_path, terminate_while_waiting)
 
 
 def test_every_session_registers_the_exit_wipe_before_its_first_key(tmp_path):
