@@ -506,6 +506,98 @@ mod tests {
         assert!(!can_encrypt("pgt_creator"), "CREATEROLE's implicit membership (16+) does not inherit");
     }
 
+    /// `encrypted_jsonb` stores PostgreSQL's internal form (marker, this machine's byte order,
+    /// the document as a jsonb column holds it) for every document PostgreSQL makes here, and
+    /// reads it back equal; a payload of the other byte order reads the same; payloads a holder
+    /// of the tenant's key could forge are refused before PostgreSQL reads them (XX001); text
+    /// payloads (what 0.1.0 wrote) still decrypt through `jsonb_in`.
+    #[pg_test]
+    fn encrypted_jsonb_stores_the_internal_form_and_refuses_a_forged_one() {
+        use pg_envelope_core::jsonb::{self, model, Order};
+        struct Plain(Vec<u8>);
+        impl crate::backend::OutBuf for Plain {
+            fn zeroed(len: usize) -> Self {
+                Plain(vec![0; len])
+            }
+            fn bytes_mut(&mut self) -> &mut [u8] {
+                &mut self.0
+            }
+        }
+        const TAG: &[u8] = b"pg_envelope/type/jsonb";
+        setup_tenant("pgt_jsonb");
+        Spi::run("SET LOCAL app.tenant_id = 'pgt_jsonb'").unwrap();
+        Spi::run(
+            r#"CREATE TEMP TABLE docs AS SELECT row_number() OVER () AS id, d FROM (VALUES
+                 ('{"b": [1, 2.50, -0.001], "a": null, "é": "ünï ✓", "": true, "bb": false}'::jsonb),
+                 ('"a string"'), ('null'), ('true'), ('0'), ('-0.000'), ('1e100'), ('-1.5e-100'), ('[]'), ('{}'),
+                 ('12345678901234567890123456789012345678901234567890.000000000000000000000000000000000000000000000000000000000000000000001'),
+                 ((SELECT jsonb_agg(i) FROM generate_series(1, 100) i)),
+                 ((SELECT jsonb_agg(repeat('x', i)) FROM generate_series(0, 70) i)),
+                 ((SELECT jsonb_object_agg('k' || i, i * 1.5) FROM generate_series(1, 80) i)),
+                 ((SELECT jsonb_object_agg(repeat('z', 80 - i), jsonb_build_array(i, NULL, 'v')) FROM generate_series(1, 40) i)),
+                 ((repeat('[', 300) || '{"deep": 1}' || repeat(']', 300))::jsonb),
+                 (to_jsonb(now()::timestamptz(0) - now()::timestamptz(0))),
+                 (jsonb_build_object('n', 1.0::numeric / 3, 'm', 10::numeric ^ 200, 'x', 0.1 + 0.2)),
+                 (jsonb_set('{"a": {"b": [0, 1]}}', '{a,b,1}', '"changed"'))
+               ) v(d)"#,
+        )
+        .unwrap();
+        Spi::run("ALTER TABLE docs ADD e envelope.encrypted_jsonb; UPDATE docs SET e = d").unwrap();
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM docs").unwrap().unwrap();
+        let same = Spi::get_one::<i64>("SELECT count(*) FROM docs WHERE e::jsonb = d AND e::jsonb::text = d::text AND envelope.decrypt_field(e) = d").unwrap();
+        assert_eq!(same, Some(n));
+        // The stored plaintext of every one: the internal form in this machine's byte order.
+        for id in 1..=n {
+            let env = Spi::get_one::<Vec<u8>>(&format!("SELECT envelope.encrypted_jsonb_send(e) FROM docs WHERE id = {id}")).unwrap().unwrap();
+            let plain: Plain = crate::backend::decrypt_to(&env, Some(TAG)).unwrap();
+            assert_eq!(plain.0[..2], [jsonb::MARKER, Order::HOST.form_byte()], "document {id}");
+            assert_eq!(jsonb::check_native(&plain.0[2..], &mut |s| std::str::from_utf8(s).is_ok()), Ok(()), "document {id}");
+        }
+        // Payloads made with the tenant's key, as its holder could, read through the cast.
+        let read = |plain: &[u8]| -> Result<String, String> {
+            let env: Plain = crate::backend::encrypt_to(plain, Some(TAG)).unwrap();
+            let text = pg_envelope_core::envelope::text_form(&env.0);
+            PgTryBuilder::new(|| Ok(Spi::get_one::<String>(&format!("SELECT envelope.decrypt_field('{text}'::envelope.encrypted_jsonb)::text")).unwrap().unwrap()))
+                .catch_others(|e| match e {
+                    pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                        Err(format!("{:?}: {}", r.sql_error_code(), r.message()))
+                    }
+                    pg_sys::panic::CaughtError::RustPanic { ereport, .. } => Err(format!("{:?}: {}", ereport.sql_error_code(), ereport.message())),
+                })
+                .execute()
+        };
+        let doc = model::Value::Object(vec![
+            (b"k".to_vec(), model::Value::Array(vec![model::Value::Null, model::Value::Str("s3cr3t-canary".into())])),
+        ]);
+        let internal = |order: Order| [vec![jsonb::MARKER, order.form_byte()], model::encode(&doc, order)].concat();
+        assert_eq!(read(&internal(Order::Little)).as_deref(), Ok(r#"{"k": [null, "s3cr3t-canary"]}"#));
+        assert_eq!(read(&internal(Order::Big)).as_deref(), Ok(r#"{"k": [null, "s3cr3t-canary"]}"#));
+        assert_eq!(read(br#"{"old": "text form"}"#).as_deref(), Ok(r#"{"old": "text form"}"#));
+        let mut past_the_end = internal(Order::HOST);
+        // The value's entry (after the root header and the key's entry): a container of 256 MB.
+        past_the_end[2 + 8..2 + 12].copy_from_slice(&0x5FFF_FFF0u32.to_ne_bytes());
+        let mut nul = internal(Order::HOST);
+        let at = nul.windows(6).position(|w| w == b"s3cr3t").unwrap();
+        nul[at] = 0;
+        let mut unsorted = [vec![jsonb::MARKER, Order::HOST.form_byte()], model::encode(&model::Value::Object(vec![(b"a".to_vec(), model::Value::Null), (b"b".to_vec(), model::Value::Null)]), Order::HOST)].concat();
+        let l = unsorted.len();
+        unsorted.swap(l - 1, l - 2);
+        for (what, forged) in [
+            ("an unknown byte order", vec![jsonb::MARKER, 0x03, 1, 0, 0, 0x20]),
+            ("an entry past the end", past_the_end),
+            ("a NUL in a string", nul),
+            ("unsorted keys", unsorted),
+            ("a marker alone", vec![jsonb::MARKER]),
+        ] {
+            let r = read(&forged);
+            let e = r.expect_err(what);
+            assert!(e.starts_with("ERRCODE_DATA_CORRUPTED: pg_envelope: an encrypted_jsonb value does not hold"), "{what}: {e}");
+            assert!(!e.contains("s3cr3t"), "{what}: {e}");
+        }
+        // Text payloads that are not JSON: jsonb_in's own error, as before.
+        assert!(read(b"not json").unwrap_err().starts_with("ERRCODE_INVALID_TEXT_REPRESENTATION"));
+    }
+
     #[pg_test]
     fn nonce_generator_is_seeded_in_the_backend_not_the_postmaster() {
         setup_tenant("pgt_seed");

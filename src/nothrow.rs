@@ -41,6 +41,8 @@ mod raw {
         pub fn active_snapshot_set() -> bool;
         #[link_name = "RecoveryInProgress"]
         pub fn recovery_in_progress() -> bool;
+        #[link_name = "pg_verify_mbstr"]
+        pub fn pg_verify_mbstr(encoding: c_int, mbstr: *const c_char, len: c_int, no_error: bool) -> bool;
     }
 }
 
@@ -135,6 +137,15 @@ pub fn current_user_id() -> pg_sys::Oid {
 pub fn database_encoding() -> c_int {
     // SAFETY: returns a backend global; no error path.
     unsafe { raw::get_database_encoding() }
+}
+
+/// Whether `s` is valid in `encoding` with no NUL byte (`mbutils.c` pg_verify_mbstr with
+/// `noError = true`: its only error path is skipped; PostgreSQL 15-18).
+#[inline]
+pub fn verify_mbstr(encoding: c_int, s: &[u8]) -> bool {
+    let Ok(len) = c_int::try_from(s.len()) else { return false };
+    // SAFETY: a valid encoding (the database's) and a readable slice of `len` bytes.
+    unsafe { raw::pg_verify_mbstr(encoding, s.as_ptr().cast(), len, true) }
 }
 
 /// A setting's current value, or None when it does not exist

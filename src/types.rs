@@ -15,9 +15,11 @@
 //!
 //! Each value is bound to its type: the AAD context is `pg_envelope/type/<base type>`, so an
 //! envelope moved between columns of different encrypted types fails to decrypt instead of
-//! decoding into garbage. Plaintext encodings: text and bytea as raw bytes, jsonb as its
-//! canonical text output, and int8, numeric, date and timestamptz as their binary send format
-//! (independent of DateStyle, TimeZone and client_encoding).
+//! decoding into garbage. Plaintext encodings: text and bytea as raw bytes, jsonb as PostgreSQL's
+//! internal form behind a marker of its byte order (checked completely before PostgreSQL reads
+//! it: `pg_envelope_core::jsonb`; values written before the eleventh session hold the canonical
+//! text output and decrypt through `jsonb_in`, forever), and int8, numeric, date and timestamptz
+//! as their binary send format (independent of DateStyle, TimeZone and client_encoding).
 //!
 //! The functions here are plain V1 C functions declared by hand in `sql/encrypted_types.sql`:
 //! one C symbol serves every type, reading the concrete type from its SQL signature.
@@ -253,7 +255,8 @@ unsafe fn envelope_send_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Codec {
     Raw,
-    TextIo,
+    /// jsonb: the internal form (text form as the fallback and for older values).
+    Jsonb,
     BinaryIo,
 }
 
@@ -297,7 +300,7 @@ unsafe fn type_io_lookup(flinfo: *mut pg_sys::FmgrInfo, encrypt: bool) -> &'stat
     let (codec, name) = match base {
         pg_sys::TEXTOID => (Codec::Raw, "text"),
         pg_sys::BYTEAOID => (Codec::Raw, "bytea"),
-        pg_sys::JSONBOID => (Codec::TextIo, "jsonb"),
+        pg_sys::JSONBOID => (Codec::Jsonb, "jsonb"),
         pg_sys::INT8OID => (Codec::BinaryIo, "int8"),
         pg_sys::NUMERICOID => (Codec::BinaryIo, "numeric"),
         pg_sys::DATEOID => (Codec::BinaryIo, "date"),
@@ -324,8 +327,8 @@ unsafe fn type_io_lookup(flinfo: *mut pg_sys::FmgrInfo, encrypt: bool) -> &'stat
     let mut is_varlena = false;
     match (codec, encrypt) {
         (Codec::Raw, _) => {}
-        (Codec::TextIo, true) => pg_sys::getTypeOutputInfo(base, &mut func, &mut is_varlena),
-        (Codec::TextIo, false) => pg_sys::getTypeInputInfo(base, &mut func, &mut ioparam),
+        (Codec::Jsonb, true) => pg_sys::getTypeOutputInfo(base, &mut func, &mut is_varlena),
+        (Codec::Jsonb, false) => pg_sys::getTypeInputInfo(base, &mut func, &mut ioparam),
         (Codec::BinaryIo, true) => pg_sys::getTypeBinaryOutputInfo(base, &mut func, &mut is_varlena),
         (Codec::BinaryIo, false) => pg_sys::getTypeBinaryInputInfo(base, &mut func, &mut ioparam),
     }
@@ -344,12 +347,7 @@ unsafe fn encrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
     let value = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
     let envelope: PallocVarlena = match io.codec {
         Codec::Raw => backend::encrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())),
-        Codec::TextIo => {
-            let s = pg_sys::OutputFunctionCall(&io.io as *const _ as *mut _, value);
-            let r = backend::encrypt_to(CStr::from_ptr(s).to_bytes(), Some(io.tag()));
-            pg_sys::pfree(s as *mut _);
-            r
-        }
+        Codec::Jsonb => encrypt_jsonb(io, value),
         Codec::BinaryIo => {
             let b = pg_sys::SendFunctionCall(&io.io as *const _ as *mut _, value);
             let r = backend::encrypt_to(pgrx::varlena_to_byte_slice(b as *const _), Some(io.tag()));
@@ -370,12 +368,14 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
         let out: PallocVarlena = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
         return out.into_datum();
     }
+    if io.codec == Codec::Jsonb {
+        return decrypt_jsonb(fcinfo, io);
+    }
     // Room for a trailing NUL (the text input function needs it), wiped on drop: no
     // reallocation leaves an unwiped copy of the plaintext behind.
     let mut plain: WipedCString = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
     match io.codec {
-        Codec::Raw => unreachable!("handled above"),
-        Codec::TextIo => pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, plain.as_c_ptr(), io.ioparam, -1),
+        Codec::Raw | Codec::Jsonb => unreachable!("handled above"),
         Codec::BinaryIo => {
             // int8, date and timestamptz are fixed-size big-endian integers: decoded here, with
             // the receive functions' own range checks; anything else (a wrong length, a value
@@ -396,6 +396,129 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
             pg_sys::ReceiveFunctionCall(&io.io as *const _ as *mut _, &mut si, io.ioparam, -1)
         }
     }
+}
+
+/// The server encoding's check of a jsonb string's bytes (NUL bytes are refused before it is
+/// asked): Rust's UTF-8 validation in a UTF-8 database (the same set PostgreSQL's verifier
+/// accepts: no overlong forms, surrogates or code points above U+10FFFF), PostgreSQL's own
+/// verifier in any other.
+fn jsonb_string_check() -> impl FnMut(&[u8]) -> bool {
+    let encoding = crate::nothrow::database_encoding();
+    move |s: &[u8]| {
+        if encoding == pg_sys::pg_enc::PG_UTF8 as i32 {
+            std::str::from_utf8(s).is_ok()
+        } else {
+            crate::nothrow::verify_mbstr(encoding, s)
+        }
+    }
+}
+
+/// jsonb -> envelope: the document's internal form behind its marker (`pg_envelope_core::jsonb`),
+/// when the same check decryption runs accepts it; the canonical text form otherwise (a document
+/// PostgreSQL's current writer would not produce byte for byte, such as one holding a numeric
+/// from before PostgreSQL 9.1), which decrypts through `jsonb_in` as older values do.
+unsafe fn encrypt_jsonb(io: &TypeIo, value: pg_sys::Datum) -> crate::error::Result<PallocVarlena> {
+    use pg_envelope_core::jsonb;
+    let raw = value.cast_mut_ptr::<pg_sys::varlena>();
+    // A 4-byte header, uncompressed and in line: the form jsonb's own functions read.
+    let full = pg_sys::pg_detoast_datum(raw);
+    let body = pgrx::varlena_to_byte_slice(full);
+    let r = if jsonb::check_native(body, &mut jsonb_string_check()).is_ok() {
+        let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(jsonb::PREFIX_LEN + body.len()));
+        plain.push(jsonb::MARKER);
+        plain.push(jsonb::Order::HOST.form_byte());
+        plain.extend_from_slice(body);
+        backend::encrypt_to(&plain, Some(io.tag()))
+    } else {
+        let s = pg_sys::OutputFunctionCall(&io.io as *const _ as *mut _, value);
+        let text = CStr::from_ptr(s).to_bytes();
+        let r = backend::encrypt_to(text, Some(io.tag()));
+        zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(s as *mut u8, text.len()));
+        pg_sys::pfree(s as *mut _);
+        r
+    };
+    if full != raw {
+        // A copy made here (detoasted or decompressed): wiped before it is freed.
+        zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(pgrx::vardata_4b(full) as *mut u8, body.len()));
+        pg_sys::pfree(full.cast());
+    }
+    r
+}
+
+/// A decrypted `encrypted_jsonb` plaintext, laid out so that an internal-form payload is the
+/// result datum as it stands: the allocation has 2 bytes before the plaintext (with the 2-byte
+/// marker, the room for a varlena header) and a NUL after it (for `jsonb_in`, older values).
+struct JsonbPlain {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl backend::OutBuf for JsonbPlain {
+    #[inline(always)]
+    fn zeroed(len: usize) -> Self {
+        JsonbPlain { ptr: crate::nothrow::palloc0(len + 3).cast(), len }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `len + 3` bytes allocated; the plaintext is bytes 2 .. len + 2.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(2), self.len) }
+    }
+}
+
+/// Wipes the whole allocation when dropped, unless disarmed (the result datum): also on the
+/// unwinding of an error raised by `jsonb_in`.
+struct WipeOnDrop<'a>(&'a mut JsonbPlain, bool);
+
+impl Drop for WipeOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            // SAFETY: the allocation of `len + 3` bytes made by `zeroed`.
+            zeroize::Zeroize::zeroize(unsafe { std::slice::from_raw_parts_mut(self.0.ptr, self.0.len + 3) });
+        }
+    }
+}
+
+/// envelope -> jsonb: an internal-form plaintext, checked (and put in this machine's byte
+/// order), becomes the result with no copy; a text-form one goes through `jsonb_in`.
+unsafe fn decrypt_jsonb(fcinfo: pg_sys::FunctionCallInfo, io: &TypeIo) -> pg_sys::Datum {
+    use pg_envelope_core::jsonb;
+    let mut plain: JsonbPlain = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
+    let len = plain.len;
+    let mut guard = WipeOnDrop(&mut plain, true);
+    match jsonb::form(backend::OutBuf::bytes_mut(guard.0)) {
+        Ok(jsonb::Form::Internal(order)) => {
+            let body = std::slice::from_raw_parts_mut(guard.0.ptr.add(2 + jsonb::PREFIX_LEN), len - jsonb::PREFIX_LEN);
+            if jsonb::check_foreign(body, order, &mut jsonb_string_check()).is_ok() {
+                guard.1 = false;
+                let ptr = guard.0.ptr;
+                pgrx::set_varsize_4b(ptr.cast(), (len + 2) as i32);
+                return pg_sys::Datum::from(ptr);
+            }
+        }
+        Ok(jsonb::Form::Text) => {
+            let d = pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, guard.0.ptr.add(2).cast(), io.ioparam, -1);
+            drop(guard);
+            pg_sys::pfree(plain.ptr.cast());
+            return d;
+        }
+        Err(jsonb::Invalid) => {}
+    }
+    drop(guard);
+    pg_sys::pfree(plain.ptr.cast());
+    malformed_jsonb()
+}
+
+/// An authenticated `encrypted_jsonb` plaintext that is not a document pg_envelope writes.
+#[cold]
+fn malformed_jsonb() -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        "pg_envelope: an encrypted_jsonb value does not hold a well-formed jsonb document",
+        "pg_envelope",
+    )
+    .set_detail("The value decrypted under the tenant's key, but its plaintext is not a jsonb document as pg_envelope writes it; it is refused before PostgreSQL reads it, and not shown.")
+    .set_hint("A value like this is made outside pg_envelope by a holder of the tenant's key. Check who holds it (docs/threat-model.md).")
+    .report(PgLogLevel::ERROR);
+    unreachable!()
 }
 
 /// The binary form of an int8, date or timestamptz as a Datum, when it is well-formed and in

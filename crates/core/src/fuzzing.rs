@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("typed_text", typed_text),
     ("provider_answers", provider_answers),
     ("audit_records", audit_records),
+    ("jsonb", jsonb),
 ];
 
 fn key(b: u8) -> SecretKey {
@@ -331,6 +332,22 @@ pub fn audit_records(data: &[u8]) {
     }
 }
 
+/// An `encrypted_jsonb` internal-form body from untrusted bytes (the first byte picks the byte
+/// order it is read in): refused, or accepted only if PostgreSQL's reader (the model's) reads it
+/// within bounds and PostgreSQL's writer would have written exactly these bytes, in that order,
+/// and the rewrite into this machine's order is that document's native form.
+pub fn jsonb(data: &[u8]) {
+    use crate::jsonb::{check_foreign, model, utf8_string, Order};
+    let Some((&sel, body)) = data.split_first() else { return };
+    let order = if sel & 1 == 0 { Order::Little } else { Order::Big };
+    let mut b = body.to_vec();
+    if check_foreign(&mut b, order, &mut utf8_string).is_ok() {
+        let v = model::decode(&b).expect("an accepted body reads within bounds");
+        assert_eq!(model::encode(&v, Order::HOST), b, "an accepted body is canonical");
+        assert_eq!(model::encode(&v, order), body, "and was canonical in its own byte order");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Replays every input kept in `fuzz/corpus/<target>/` and every crash reproducer in
@@ -437,5 +454,34 @@ mod tests {
         put("text_inputs", "paths", b"/var/lib/a, /etc/b");
         put("text_inputs", "hexkey", b"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n");
         put("text_inputs", "creds", b"[default]\naws_access_key_id = AKIAFUZZ\naws_secret_access_key = s3cr3t\n");
+    }
+
+    /// Writes the `jsonb` target's seeds (run once by hand: `cargo test -p pg_envelope_core
+    /// write_jsonb_seed_corpus -- --ignored`; deterministic).
+    #[test]
+    #[ignore]
+    fn write_jsonb_seed_corpus() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+        let put = |target: &str, name: &str, data: &[u8]| {
+            let d = root.join(target);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(format!("seed-{name}")), data).unwrap();
+        };
+        {
+            use crate::jsonb::model::{encode, Numeric, Value};
+            use crate::jsonb::Order;
+            let num = |w, ds, d: &[u16]| Value::Num(Numeric { negative: w < 0, weight: w, dscale: ds, digits: d.to_vec() });
+            let docs = [
+                ("object", Value::Object(vec![(b"a".to_vec(), Value::Array(vec![num(0, 0, &[1]), num(0, 1, &[2, 5000])])), (b"bc".to_vec(), Value::Str("✓".into()))])),
+                ("scalar", Value::Str(b"x".to_vec())),
+                ("numbers", Value::Array((0..40).map(|i| num(i - 20, (i * 3) as u16, &[1 + i as u16 * 97])).collect())),
+                ("nested", Value::Array(vec![Value::Object(vec![(b"k".to_vec(), Value::Array(vec![Value::Null, Value::Bool(true), Value::Bool(false)]))])])),
+            ];
+            for (name, v) in docs {
+                for (sel, order) in [(0u8, Order::Little), (1u8, Order::Big)] {
+                    put("jsonb", &format!("{name}-{sel}"), &[vec![sel], encode(&v, order)].concat());
+                }
+            }
+        }
     }
 }

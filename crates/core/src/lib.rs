@@ -21,6 +21,7 @@ pub mod audit_export;
 pub mod cache;
 pub mod datakey;
 pub mod envelope;
+pub mod jsonb;
 pub mod fuzzing;
 pub mod lifecycle;
 pub mod provider;

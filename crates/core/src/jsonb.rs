@@ -1,0 +1,949 @@
+//! `encrypted_jsonb`'s plaintext: PostgreSQL's internal jsonb, checked before PostgreSQL reads it.
+//!
+//! Since the eleventh session an `encrypted_jsonb` value holds the document as PostgreSQL keeps
+//! it in a plain jsonb column (the varlena's data, without its 4-byte header), behind a two-byte
+//! marker: `0x00` (never the first byte of jsonb's text form, which is what older values hold:
+//! they decrypt as before, forever), then the byte order the form was written in (`0x01`
+//! little-endian, `0x02` big-endian: the internal form is native-endian). Decryption then
+//! needs no parse: the plaintext is the result.
+//!
+//! PostgreSQL trusts its on-disk jsonb: offsets and lengths are followed without bounds checks.
+//! An authenticated plaintext is not proof of a well-formed one: whoever holds a tenant's key
+//! (a BYOK customer who unwraps it in its own KMS, a dump of a backend's memory) can make any
+//! payload of that tenant. So every internal payload is checked here, completely, before a byte
+//! of it reaches PostgreSQL: [`check_native`] (or [`check_foreign`], which also rewrites a
+//! payload of the other byte order in place) accepts exactly what PostgreSQL's writer
+//! (`convertToJsonb`, utils/adt/jsonb_util.c, the same format since 9.4 and in 15-18) produces
+//! for a valid document, and refuses everything else:
+//!
+//! * container headers: an object, an array, or at the root only a one-element "raw scalar"
+//!   array; no other flag bits;
+//! * every JEntry: a known type; the end offset stored in every 32nd child (`JB_OFFSET_STRIDE`,
+//!   counted across an object's keys then values) and a length in the others, exactly as the
+//!   writer stores them; every child inside its container; no bytes after the last child;
+//! * the zero padding (`INTALIGN`) before numerics and nested containers;
+//! * object keys: strings, strictly increasing by (length, bytes) (sorted and unique, which the
+//!   binary search of `getKeyJsonValueFromContainer` relies on);
+//! * strings: no NUL byte and valid in the server encoding (a caller-supplied check);
+//! * numerics: a 4-byte uncompressed varlena header whose length is the entry's, the short form
+//!   exactly when `make_result` would choose it, no NaN or infinity (jsonb has none), digits
+//!   below 10,000, no leading or trailing zero digit, zero with weight 0 and a positive sign;
+//! * booleans and nulls with no data.
+//!
+//! Nesting depth is not limited: PostgreSQL builds documents of any depth itself (`jsonb_set`),
+//! and the checks here use a work list, not recursion. The encryption side runs the same check
+//! on the document it is given and stores the text form instead when it fails (a document from
+//! an older PostgreSQL can hold a long-form numeric the current writer would make short), so
+//! nothing is written that the reader refuses.
+//!
+//! [`model`] is a reference reader and writer of the format (for the tests and the fuzz target:
+//! whatever the check accepts must decode and re-encode to the same bytes).
+
+/// First byte of an internal-form payload (jsonb's text form never starts with it).
+pub const MARKER: u8 = 0x00;
+/// Marker and byte-order byte.
+pub const PREFIX_LEN: usize = 2;
+
+const JENTRY_OFFLENMASK: u32 = 0x0FFF_FFFF;
+const JENTRY_TYPEMASK: u32 = 0x7000_0000;
+const JENTRY_HAS_OFF: u32 = 0x8000_0000;
+const JENTRY_ISSTRING: u32 = 0x0000_0000;
+const JENTRY_ISNUMERIC: u32 = 0x1000_0000;
+const JENTRY_ISBOOL_FALSE: u32 = 0x2000_0000;
+const JENTRY_ISBOOL_TRUE: u32 = 0x3000_0000;
+const JENTRY_ISNULL: u32 = 0x4000_0000;
+const JENTRY_ISCONTAINER: u32 = 0x5000_0000;
+const JB_OFFSET_STRIDE: usize = 32;
+const JB_CMASK: u32 = 0x0FFF_FFFF;
+const JB_FSCALAR: u32 = 0x1000_0000;
+const JB_FOBJECT: u32 = 0x2000_0000;
+const JB_FARRAY: u32 = 0x4000_0000;
+
+// utils/adt/numeric.c
+const NUMERIC_SIGN_MASK: u16 = 0xC000;
+const NUMERIC_NEG: u16 = 0x4000;
+const NUMERIC_SHORT: u16 = 0x8000;
+const NUMERIC_SPECIAL: u16 = 0xC000;
+const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
+const NUMERIC_SHORT_DSCALE_MASK: u16 = 0x1F80;
+const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
+const NUMERIC_SHORT_DSCALE_MAX: u16 = NUMERIC_SHORT_DSCALE_MASK >> NUMERIC_SHORT_DSCALE_SHIFT;
+const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
+const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
+const NUMERIC_DSCALE_MASK: u16 = 0x3FFF;
+const NBASE: u16 = 10_000;
+const VARHDRSZ: usize = 4;
+
+/// The byte order of an internal-form payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Little,
+    Big,
+}
+
+impl Order {
+    /// This machine's.
+    pub const HOST: Order = if cfg!(target_endian = "little") { Order::Little } else { Order::Big };
+
+    /// The byte after [`MARKER`] for a payload in this order.
+    pub const fn form_byte(self) -> u8 {
+        match self {
+            Order::Little => 0x01,
+            Order::Big => 0x02,
+        }
+    }
+
+    fn u32(self, b: [u8; 4]) -> u32 {
+        match self {
+            Order::Little => u32::from_le_bytes(b),
+            Order::Big => u32::from_be_bytes(b),
+        }
+    }
+
+    fn u16(self, b: [u8; 2]) -> u16 {
+        match self {
+            Order::Little => u16::from_le_bytes(b),
+            Order::Big => u16::from_be_bytes(b),
+        }
+    }
+
+    fn put_u32(self, v: u32) -> [u8; 4] {
+        match self {
+            Order::Little => v.to_le_bytes(),
+            Order::Big => v.to_be_bytes(),
+        }
+    }
+
+    fn put_u16(self, v: u16) -> [u8; 2] {
+        match self {
+            Order::Little => v.to_le_bytes(),
+            Order::Big => v.to_be_bytes(),
+        }
+    }
+
+    /// The length in a 4-byte uncompressed varlena header (`VARATT_IS_4B_U`, `VARSIZE_4B`), or
+    /// `None` for any other kind of header.
+    fn varlena_4b_u(self, b: [u8; 4]) -> Option<u32> {
+        match self {
+            Order::Little => {
+                let h = u32::from_le_bytes(b);
+                (h & 0x3 == 0).then_some(h >> 2)
+            }
+            Order::Big => {
+                let h = u32::from_be_bytes(b);
+                (h & 0xC000_0000 == 0).then_some(h & 0x3FFF_FFFF)
+            }
+        }
+    }
+
+    fn put_varlena_4b_u(self, len: u32) -> [u8; 4] {
+        match self {
+            Order::Little => (len << 2).to_le_bytes(),
+            Order::Big => (len & 0x3FFF_FFFF).to_be_bytes(),
+        }
+    }
+}
+
+/// What a decrypted `encrypted_jsonb` plaintext holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Form {
+    /// jsonb's text form (values written before the internal form existed).
+    Text,
+    /// The internal form in this byte order, after [`PREFIX_LEN`] bytes.
+    Internal(Order),
+}
+
+/// Refused: not a well-formed document. Says nothing about why (the bytes are plaintext).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Invalid;
+
+/// The form of a decrypted plaintext, from its first bytes.
+pub fn form(plain: &[u8]) -> Result<Form, Invalid> {
+    match plain {
+        [MARKER, 0x01, ..] => Ok(Form::Internal(Order::Little)),
+        [MARKER, 0x02, ..] => Ok(Form::Internal(Order::Big)),
+        [MARKER, ..] => Err(Invalid),
+        _ => Ok(Form::Text),
+    }
+}
+
+/// Whether `s` is a jsonb string in a UTF-8 database: valid UTF-8, no NUL.
+#[inline]
+pub fn utf8_string(s: &[u8]) -> bool {
+    std::str::from_utf8(s).is_ok() && !s.contains(&0)
+}
+
+/// Checks an internal-form body in this machine's byte order (read only).
+/// `string_ok` says whether a string's bytes are valid in the server encoding (NUL bytes are
+/// refused before it is asked).
+pub fn check_native(body: &[u8], string_ok: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Invalid> {
+    walk(&mut Native(body), string_ok)
+}
+
+/// Checks an internal-form body written in byte order `from` and rewrites it, in place, in this
+/// machine's. On `Err` the body may be partly rewritten (the caller discards it).
+pub fn check_foreign(body: &mut [u8], from: Order, string_ok: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Invalid> {
+    if from == Order::HOST {
+        return check_native(body, string_ok);
+    }
+    walk(&mut Foreign(body, from), string_ok)
+}
+
+/// Reads of the body's fixed-size fields: each field is read exactly once, which lets
+/// [`Foreign`] rewrite it in place as it reads it.
+trait Body {
+    fn len(&self) -> usize;
+    fn bytes(&self, at: usize, end: usize) -> Result<&[u8], Invalid>;
+    fn u32(&mut self, at: usize) -> Result<u32, Invalid>;
+    fn u16(&mut self, at: usize) -> Result<u16, Invalid>;
+    fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid>;
+}
+
+fn field<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], Invalid> {
+    let end = at.checked_add(N).ok_or(Invalid)?;
+    b.get(at..end).and_then(|s| s.try_into().ok()).ok_or(Invalid)
+}
+
+struct Native<'a>(&'a [u8]);
+
+impl Body for Native<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn bytes(&self, at: usize, end: usize) -> Result<&[u8], Invalid> {
+        self.0.get(at..end).ok_or(Invalid)
+    }
+    #[inline]
+    fn u32(&mut self, at: usize) -> Result<u32, Invalid> {
+        Ok(u32::from_ne_bytes(field(self.0, at)?))
+    }
+    #[inline]
+    fn u16(&mut self, at: usize) -> Result<u16, Invalid> {
+        Ok(u16::from_ne_bytes(field(self.0, at)?))
+    }
+    fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid> {
+        Order::HOST.varlena_4b_u(field(self.0, at)?).ok_or(Invalid)
+    }
+}
+
+struct Foreign<'a>(&'a mut [u8], Order);
+
+impl Foreign<'_> {
+    fn put<const N: usize>(&mut self, at: usize, v: [u8; N]) {
+        self.0[at..at + N].copy_from_slice(&v);
+    }
+}
+
+impl Body for Foreign<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn bytes(&self, at: usize, end: usize) -> Result<&[u8], Invalid> {
+        self.0.get(at..end).ok_or(Invalid)
+    }
+    fn u32(&mut self, at: usize) -> Result<u32, Invalid> {
+        let v = self.1.u32(field(self.0, at)?);
+        self.put(at, Order::HOST.put_u32(v));
+        Ok(v)
+    }
+    fn u16(&mut self, at: usize) -> Result<u16, Invalid> {
+        let v = self.1.u16(field(self.0, at)?);
+        self.put(at, Order::HOST.put_u16(v));
+        Ok(v)
+    }
+    fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid> {
+        let len = self.1.varlena_4b_u(field(self.0, at)?).ok_or(Invalid)?;
+        self.put(at, Order::HOST.put_varlena_4b_u(len));
+        Ok(len)
+    }
+}
+
+/// Containers still to check: (start, end), in bytes of the body. A few inline, the rest on
+/// the heap (most documents nest a few levels at most: no allocation for them).
+struct WorkList {
+    inline: [(usize, usize); 8],
+    n: usize,
+    spill: Vec<(usize, usize)>,
+}
+
+impl WorkList {
+    fn push(&mut self, c: (usize, usize)) {
+        if self.n < self.inline.len() {
+            self.inline[self.n] = c;
+            self.n += 1;
+        } else {
+            self.spill.push(c);
+        }
+    }
+    fn pop(&mut self) -> Option<(usize, usize)> {
+        if let Some(c) = self.spill.pop() {
+            return Some(c);
+        }
+        if self.n == 0 {
+            return None;
+        }
+        self.n -= 1;
+        Some(self.inline[self.n])
+    }
+}
+
+fn walk<B: Body>(b: &mut B, string_ok: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Invalid> {
+    let mut work = WorkList { inline: [(0, 0); 8], n: 0, spill: Vec::new() };
+    container(b, 0, b.len(), true, &mut work, string_ok)?;
+    while let Some((start, end)) = work.pop() {
+        container(b, start, end, false, &mut work, string_ok)?;
+    }
+    Ok(())
+}
+
+/// Bytes of zero padding before a numeric or container at `off` (relative to its container's
+/// data, which starts 4-aligned): `INTALIGN(off) - off`.
+#[inline]
+fn pad(off: usize) -> usize {
+    (4 - (off & 3)) & 3
+}
+
+/// Checks the container at `start..end` (its own bytes exactly, padding excluded): its header,
+/// every child's entry and scalar data; nested containers go on the work list.
+fn container<B: Body>(
+    b: &mut B,
+    start: usize,
+    end: usize,
+    root: bool,
+    work: &mut WorkList,
+    string_ok: &mut dyn FnMut(&[u8]) -> bool,
+) -> Result<(), Invalid> {
+    if end.checked_sub(start).ok_or(Invalid)? < 4 {
+        return Err(Invalid);
+    }
+    let header = b.u32(start)?;
+    let count = (header & JB_CMASK) as usize;
+    let (object, scalar) = match header & !JB_CMASK {
+        JB_FOBJECT => (true, false),
+        JB_FARRAY => (false, false),
+        f if f == JB_FARRAY | JB_FSCALAR && root && count == 1 => (false, true),
+        _ => return Err(Invalid),
+    };
+    let n = if object { count * 2 } else { count };
+    // Every entry is 4 bytes inside the container (checked before any is read: `n` is at most
+    // 2^29, so this cannot overflow).
+    let base = start + 4 + 4 * n;
+    if base > end {
+        return Err(Invalid);
+    }
+    let room = end - base;
+    let mut off = 0usize;
+    let mut prev_key: Option<(usize, usize)> = None;
+    for i in 0..n {
+        let je = b.u32(start + 4 + 4 * i)?;
+        let f = (je & JENTRY_OFFLENMASK) as usize;
+        let has_off = je & JENTRY_HAS_OFF != 0;
+        if has_off != (i % JB_OFFSET_STRIDE == 0) {
+            return Err(Invalid);
+        }
+        let len = if has_off { f.checked_sub(off).ok_or(Invalid)? } else { f };
+        if len > room - off {
+            return Err(Invalid);
+        }
+        let at = base + off;
+        let child_end = at + len;
+        let kind = je & JENTRY_TYPEMASK;
+        let is_key = object && i < count;
+        if is_key && kind != JENTRY_ISSTRING {
+            return Err(Invalid);
+        }
+        match kind {
+            JENTRY_ISSTRING => {
+                let s = b.bytes(at, child_end)?;
+                if s.contains(&0) || !string_ok(s) {
+                    return Err(Invalid);
+                }
+                if is_key {
+                    if let Some((p, pe)) = prev_key {
+                        let prev = b.bytes(p, pe)?;
+                        if (prev.len(), prev) >= (s.len(), s) {
+                            return Err(Invalid);
+                        }
+                    }
+                    prev_key = Some((at, child_end));
+                }
+            }
+            JENTRY_ISNUMERIC | JENTRY_ISCONTAINER => {
+                let p = pad(off);
+                if len < p || b.bytes(at, at + p)?.iter().any(|&z| z != 0) {
+                    return Err(Invalid);
+                }
+                if kind == JENTRY_ISNUMERIC {
+                    numeric(b, at + p, child_end)?;
+                } else if scalar {
+                    return Err(Invalid);
+                } else {
+                    work.push((at + p, child_end));
+                }
+            }
+            JENTRY_ISBOOL_FALSE | JENTRY_ISBOOL_TRUE | JENTRY_ISNULL => {
+                if len != 0 {
+                    return Err(Invalid);
+                }
+            }
+            _ => return Err(Invalid),
+        }
+        off += len;
+    }
+    if off != room {
+        return Err(Invalid);
+    }
+    Ok(())
+}
+
+/// Checks a numeric at `at..end`: as `make_result` (utils/adt/numeric.c) writes a finite value.
+fn numeric<B: Body>(b: &mut B, at: usize, end: usize) -> Result<(), Invalid> {
+    let size = end.checked_sub(at).ok_or(Invalid)?;
+    if size < VARHDRSZ + 2 || b.varlena_4b_u(at)? as usize != size {
+        return Err(Invalid);
+    }
+    let h = b.u16(at + VARHDRSZ)?;
+    let (negative, dscale, weight, digits_at) = if h & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
+        return Err(Invalid); // NaN and the infinities: jsonb holds none
+    } else if h & NUMERIC_SHORT != 0 {
+        let w = (h & NUMERIC_SHORT_WEIGHT_MASK) as i32;
+        let weight = if h & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 { w - 64 } else { w };
+        (h & NUMERIC_SHORT_SIGN_MASK != 0, (h & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT, weight, at + VARHDRSZ + 2)
+    } else {
+        if size < VARHDRSZ + 4 {
+            return Err(Invalid);
+        }
+        let weight = b.u16(at + VARHDRSZ + 2)? as i16 as i32;
+        let (negative, dscale) = (h & NUMERIC_SIGN_MASK == NUMERIC_NEG, h & NUMERIC_DSCALE_MASK);
+        // make_result writes the long form only when the short one cannot hold the value.
+        if short_fits(dscale, weight) {
+            return Err(Invalid);
+        }
+        (negative, dscale, weight, at + VARHDRSZ + 4)
+    };
+    let _ = dscale;
+    let digits = end - digits_at;
+    if digits % 2 != 0 {
+        return Err(Invalid);
+    }
+    let n = digits / 2;
+    if n == 0 {
+        // Zero: make_result gives it weight 0 and a positive sign.
+        return if weight == 0 && !negative { Ok(()) } else { Err(Invalid) };
+    }
+    for i in 0..n {
+        let d = b.u16(digits_at + 2 * i)?;
+        if d >= NBASE || (d == 0 && (i == 0 || i == n - 1)) {
+            return Err(Invalid);
+        }
+    }
+    Ok(())
+}
+
+/// `NUMERIC_CAN_BE_SHORT`.
+fn short_fits(dscale: u16, weight: i32) -> bool {
+    dscale <= NUMERIC_SHORT_DSCALE_MAX && (-64..=63).contains(&weight)
+}
+
+/// A reference model of the format: a document tree, PostgreSQL's writer (canonical: object
+/// keys sorted and unique, the short numeric form where it fits) and a reader that follows
+/// PostgreSQL's reader (`getJsonbOffset`, `fillJsonbValue`) with every read bounds-checked and
+/// no other check. For tests and the fuzz target; not on any per-value path.
+pub mod model {
+    use super::*;
+
+    /// A finite numeric as `make_result` keeps it.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Numeric {
+        pub negative: bool,
+        pub weight: i16,
+        pub dscale: u16,
+        pub digits: Vec<u16>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Value {
+        Null,
+        Bool(bool),
+        Str(Vec<u8>),
+        Num(Numeric),
+        Array(Vec<Value>),
+        /// Pairs in any order; [`encode`] sorts them and keeps the last of equal keys (as
+        /// PostgreSQL's `uniqueifyJsonbObject` does).
+        Object(Vec<(Vec<u8>, Value)>),
+    }
+
+    /// The document's body (without the varlena header) as PostgreSQL writes it, in `order`.
+    pub fn encode(v: &Value, order: Order) -> Vec<u8> {
+        let mut buf = vec![0u8; VARHDRSZ];
+        let root = match v {
+            Value::Array(_) | Value::Object(_) => v.clone(),
+            scalar => Value::Array(vec![scalar.clone()]),
+        };
+        let raw_scalar = !matches!(v, Value::Array(_) | Value::Object(_));
+        container(&mut buf, &root, raw_scalar, order);
+        buf.split_off(VARHDRSZ)
+    }
+
+    fn pad_buf(buf: &mut Vec<u8>) -> usize {
+        let p = pad(buf.len());
+        buf.resize(buf.len() + p, 0);
+        p
+    }
+
+    /// Appends a container; returns its entry's length (padding included).
+    fn container(buf: &mut Vec<u8>, v: &Value, raw_scalar: bool, order: Order) -> u32 {
+        let begin = buf.len();
+        pad_buf(buf);
+        let children: Vec<&Value>;
+        let mut keys: Vec<(Vec<u8>, Value)> = Vec::new();
+        let header = match v {
+            Value::Array(items) => {
+                children = items.iter().collect();
+                items.len() as u32 | JB_FARRAY | if raw_scalar { JB_FSCALAR } else { 0 }
+            }
+            Value::Object(pairs) => {
+                for (k, val) in pairs {
+                    match keys.iter_mut().find(|(kk, _)| kk == k) {
+                        Some(slot) => slot.1 = val.clone(),
+                        None => keys.push((k.clone(), val.clone())),
+                    }
+                }
+                keys.sort_by(|a, b| (a.0.len(), &a.0).cmp(&(b.0.len(), &b.0)));
+                children = Vec::new();
+                keys.len() as u32 | JB_FOBJECT
+            }
+            _ => unreachable!("containers only"),
+        };
+        buf.extend_from_slice(&order.put_u32(header));
+        let key_strs: Vec<Value> = keys.iter().map(|(k, _)| Value::Str(k.clone())).collect();
+        let all: Vec<&Value> = if let Value::Object(_) = v {
+            key_strs.iter().chain(keys.iter().map(|(_, val)| val)).collect()
+        } else {
+            children
+        };
+        let entries_at = buf.len();
+        buf.resize(buf.len() + 4 * all.len(), 0);
+        let mut total = 0u32;
+        for (i, child) in all.iter().enumerate() {
+            let (kind, len) = match child {
+                Value::Null => (JENTRY_ISNULL, 0),
+                Value::Bool(false) => (JENTRY_ISBOOL_FALSE, 0),
+                Value::Bool(true) => (JENTRY_ISBOOL_TRUE, 0),
+                Value::Str(s) => {
+                    buf.extend_from_slice(s);
+                    (JENTRY_ISSTRING, s.len() as u32)
+                }
+                Value::Num(n) => {
+                    let p = pad_buf(buf);
+                    let bytes = numeric_bytes(n, order);
+                    buf.extend_from_slice(&bytes);
+                    (JENTRY_ISNUMERIC, (p + bytes.len()) as u32)
+                }
+                Value::Array(_) | Value::Object(_) => (JENTRY_ISCONTAINER, container(buf, child, false, order)),
+            };
+            total += len;
+            let je = if i % JB_OFFSET_STRIDE == 0 { kind | total | JENTRY_HAS_OFF } else { kind | len };
+            buf[entries_at + 4 * i..entries_at + 4 * i + 4].copy_from_slice(&order.put_u32(je));
+        }
+        (buf.len() - begin) as u32
+    }
+
+    /// A numeric's varlena (header included) as `make_result` writes it.
+    pub fn numeric_bytes(n: &Numeric, order: Order) -> Vec<u8> {
+        let (weight, negative) = if n.digits.is_empty() { (0, false) } else { (n.weight as i32, n.negative) };
+        let mut out = vec![0u8; VARHDRSZ];
+        if short_fits(n.dscale, weight) {
+            let h = NUMERIC_SHORT
+                | if negative { NUMERIC_SHORT_SIGN_MASK } else { 0 }
+                | (n.dscale << NUMERIC_SHORT_DSCALE_SHIFT)
+                | if weight < 0 { NUMERIC_SHORT_WEIGHT_SIGN_MASK } else { 0 }
+                | (weight as u16 & NUMERIC_SHORT_WEIGHT_MASK);
+            out.extend_from_slice(&order.put_u16(h));
+        } else {
+            out.extend_from_slice(&order.put_u16(if negative { NUMERIC_NEG } else { 0 } | (n.dscale & NUMERIC_DSCALE_MASK)));
+            out.extend_from_slice(&order.put_u16(weight as i16 as u16));
+        }
+        for d in &n.digits {
+            out.extend_from_slice(&order.put_u16(*d));
+        }
+        let len = out.len() as u32;
+        out[..4].copy_from_slice(&order.put_varlena_4b_u(len));
+        out
+    }
+
+    /// Reads a body in this machine's byte order as PostgreSQL's reader would, every read
+    /// bounds-checked; `None` where PostgreSQL would read outside the value or meet an entry
+    /// type it does not know.
+    pub fn decode(body: &[u8]) -> Option<Value> {
+        let v = read_container(body, 0, body.len())?;
+        match v {
+            Value::Array(mut items) if u32::from_ne_bytes(field(body, 0).ok()?) & JB_FSCALAR != 0 => items.pop(),
+            other => Some(other),
+        }
+    }
+
+    fn read_container(body: &[u8], start: usize, end: usize) -> Option<Value> {
+        let c = body.get(start..end)?;
+        let header = u32::from_ne_bytes(field(c, 0).ok()?);
+        let count = (header & JB_CMASK) as usize;
+        let object = header & JB_FOBJECT != 0;
+        let n = if object { count * 2 } else { count };
+        let base = 4usize.checked_add(n.checked_mul(4)?)?;
+        let je = |i: usize| field(c, 4 + 4 * i).ok().map(u32::from_ne_bytes);
+        let mut out = Vec::with_capacity(n.min(1024));
+        for i in 0..n {
+            // getJsonbOffset and getJsonbLength.
+            let mut off = 0u32;
+            for j in (0..i).rev() {
+                let e = je(j)?;
+                off = off.wrapping_add(e & JENTRY_OFFLENMASK);
+                if e & JENTRY_HAS_OFF != 0 {
+                    break;
+                }
+            }
+            let e = je(i)?;
+            let len = if e & JENTRY_HAS_OFF != 0 { (e & JENTRY_OFFLENMASK).wrapping_sub(off) } else { e & JENTRY_OFFLENMASK };
+            let at = base.checked_add(off as usize)?;
+            let data_end = at.checked_add(len as usize)?;
+            let v = match e & JENTRY_TYPEMASK {
+                JENTRY_ISNULL => Value::Null,
+                JENTRY_ISBOOL_FALSE => Value::Bool(false),
+                JENTRY_ISBOOL_TRUE => Value::Bool(true),
+                JENTRY_ISSTRING => Value::Str(c.get(at..data_end)?.to_vec()),
+                JENTRY_ISNUMERIC => Value::Num(read_numeric(c.get(at + pad(off as usize)..data_end)?)?),
+                JENTRY_ISCONTAINER => read_container(c, at + pad(off as usize), data_end)?,
+                _ => return None,
+            };
+            out.push(v);
+        }
+        if object {
+            let values = out.split_off(count);
+            let mut pairs = Vec::with_capacity(count);
+            for (k, v) in out.into_iter().zip(values) {
+                let Value::Str(k) = k else { return None };
+                pairs.push((k, v));
+            }
+            Some(Value::Object(pairs))
+        } else {
+            Some(Value::Array(out))
+        }
+    }
+
+    fn read_numeric(b: &[u8]) -> Option<Numeric> {
+        let size = Order::HOST.varlena_4b_u(field(b, 0).ok()?)? as usize;
+        let b = b.get(..size)?;
+        let h = u16::from_ne_bytes(field(b, 4).ok()?);
+        let (negative, dscale, weight, at) = if h & NUMERIC_SHORT != 0 {
+            let w = (h & NUMERIC_SHORT_WEIGHT_MASK) as i16;
+            let weight = if h & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 { w - 64 } else { w };
+            (h & NUMERIC_SHORT_SIGN_MASK != 0, (h & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT, weight, 6)
+        } else {
+            (h & NUMERIC_SIGN_MASK == NUMERIC_NEG, h & NUMERIC_DSCALE_MASK, u16::from_ne_bytes(field(b, 6).ok()?) as i16, 8)
+        };
+        let digits = b.get(at..)?.chunks_exact(2).map(|d| u16::from_ne_bytes([d[0], d[1]])).collect();
+        Some(Numeric { negative, weight, dscale, digits })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model::{decode, encode, numeric_bytes, Numeric, Value};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ok(s: &[u8]) -> bool {
+        utf8_string(s)
+    }
+
+    fn num(negative: bool, weight: i16, dscale: u16, digits: &[u16]) -> Value {
+        Value::Num(Numeric { negative, weight, dscale, digits: digits.to_vec() })
+    }
+
+    fn s(x: &str) -> Vec<u8> {
+        x.as_bytes().to_vec()
+    }
+
+    /// `{"a": [1, 2.5]}` as PostgreSQL 15 stores it: the tuple's data read with pageinspect
+    /// (`heap_page_items(get_raw_page(...))`) from a jsonb column with plain storage on this
+    /// machine, without its 1-byte varlena header. The writer here must produce the same bytes.
+    const A_1_2_5: &[u8] = &[
+        0x01, 0x00, 0x00, 0x20, // object, 1 pair
+        0x01, 0x00, 0x00, 0x80, // key: string, end offset 1
+        0x21, 0x00, 0x00, 0x50, // value: container, length 33 (padding included)
+        0x61, // "a"
+        0x00, 0x00, 0x00, // padding
+        0x02, 0x00, 0x00, 0x40, // array, 2 elements
+        0x08, 0x00, 0x00, 0x90, // numeric, end offset 8
+        0x0a, 0x00, 0x00, 0x10, // numeric, length 10
+        0x20, 0x00, 0x00, 0x00, 0x00, 0x80, 0x01, 0x00, // 1: size 8, short, weight 0; digit 1
+        0x28, 0x00, 0x00, 0x00, 0x80, 0x80, 0x02, 0x00, 0x88, 0x13, // 2.5: size 10, dscale 1; 2, 5000
+    ];
+
+    #[test]
+    fn the_writer_matches_postgresqls_bytes_for_a_known_document() {
+        let doc = Value::Object(vec![(s("a"), Value::Array(vec![num(false, 0, 0, &[1]), num(false, 0, 1, &[2, 5000])]))]);
+        assert_eq!(encode(&doc, Order::Little), A_1_2_5);
+        assert_eq!(check_native(A_1_2_5, &mut ok), Ok(()));
+        assert_eq!(decode(A_1_2_5), Some(doc));
+    }
+
+    #[test]
+    fn the_payload_form_is_read_from_its_first_two_bytes() {
+        assert_eq!(form(b"{\"a\": 1}"), Ok(Form::Text));
+        assert_eq!(form(b"\x00\x01...."), Ok(Form::Internal(Order::Little)));
+        assert_eq!(form(b"\x00\x02...."), Ok(Form::Internal(Order::Big)));
+        assert_eq!(form(b"\x00\x03...."), Err(Invalid));
+        assert_eq!(form(b"\x00"), Err(Invalid));
+        assert_eq!(form(b""), Ok(Form::Text));
+    }
+
+    fn sample() -> Value {
+        // More than 32 children (offsets stored every 32nd), a long-form numeric, nesting,
+        // an empty key, every scalar, a raw scalar below.
+        let many: Vec<Value> = (1..=70u16).map(|i| if i % 3 == 0 { Value::Str(vec![b'x'; i as usize]) } else { num(i % 2 == 0, 0, 0, &[i]) }).collect();
+        Value::Object(vec![
+            (s("many"), Value::Array(many)),
+            (s(""), Value::Null),
+            (s("t"), Value::Bool(true)),
+            (s("f"), Value::Bool(false)),
+            (s("big"), num(true, 200, 3, &[12, 3400])),
+            (s("tiny"), num(false, -70, 300, &[5])),
+            (s("zero"), num(false, 0, 2, &[])),
+            (s("nested"), Value::Object((0..40).map(|i| (format!("k{i:02}").into_bytes(), Value::Array(vec![Value::Object(vec![])]))).collect())),
+            (s("ünï"), Value::Str(s("ćódé ✓"))),
+        ])
+    }
+
+    #[test]
+    fn a_document_of_every_kind_passes_and_round_trips() {
+        for v in [sample(), Value::Null, Value::Str(s("x")), num(false, 0, 0, &[7]), Value::Array(vec![]), Value::Object(vec![])] {
+            let body = encode(&v, Order::HOST);
+            assert_eq!(check_native(&body, &mut ok), Ok(()), "{v:?}");
+            assert_eq!(decode(&body), Some(v.clone()).map(|v| canonical(v)));
+        }
+    }
+
+    fn canonical(v: Value) -> Value {
+        decode(&encode(&v, Order::HOST)).unwrap()
+    }
+
+    #[test]
+    fn a_foreign_byte_order_is_rewritten_to_this_machines() {
+        let other = if Order::HOST == Order::Little { Order::Big } else { Order::Little };
+        let native = encode(&sample(), Order::HOST);
+        let mut foreign = encode(&sample(), other);
+        assert_ne!(foreign, native);
+        // Read as native, the foreign bytes are refused.
+        assert_eq!(check_native(&foreign, &mut ok), Err(Invalid));
+        assert_eq!(check_foreign(&mut foreign, other, &mut ok), Ok(()));
+        assert_eq!(foreign, native);
+    }
+
+    /// Every single-byte change of a valid document is either refused or still a canonical
+    /// document (one PostgreSQL's writer could have made, read back within bounds).
+    #[test]
+    fn every_one_byte_change_is_refused_or_canonical() {
+        let body = encode(&sample(), Order::HOST);
+        let mut accepted = 0;
+        for i in 0..body.len() {
+            for x in [0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xff] {
+                let mut m = body.clone();
+                m[i] ^= x;
+                if check_native(&m, &mut ok).is_ok() {
+                    accepted += 1;
+                    let v = decode(&m).expect("accepted bodies read within bounds");
+                    assert_eq!(encode(&v, Order::HOST), m, "accepted bodies are canonical");
+                }
+            }
+        }
+        // Some changes are harmless (a string's letter, a digit's value): not all are refused.
+        assert!(accepted > 0);
+    }
+
+    #[test]
+    fn malformed_documents_are_refused() {
+        let good = encode(&Value::Object(vec![(s("a"), num(false, 0, 0, &[1])), (s("bb"), Value::Str(s("x")))]), Order::HOST);
+        assert_eq!(check_native(&good, &mut ok), Ok(()));
+        let le = |v: u32| v.to_ne_bytes();
+        let set = |b: &[u8], at: usize, v: [u8; 4]| {
+            let mut b = b.to_vec();
+            b[at..at + 4].copy_from_slice(&v);
+            b
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("truncated header", good[..3].to_vec()),
+            ("a trailing byte", [good.clone(), vec![0]].concat()),
+            ("one byte short", good[..good.len() - 1].to_vec()),
+            ("unknown header flag", set(&good, 0, le(2 | JB_FOBJECT | 0x8000_0000))),
+            ("object and array", set(&good, 0, le(2 | JB_FOBJECT | JB_FARRAY))),
+            ("scalar flag on an object", set(&good, 0, le(2 | JB_FOBJECT | JB_FSCALAR))),
+            ("more children than room", set(&good, 0, le(0x0FFF_FFFF | JB_FOBJECT))),
+            ("a key that is not a string", set(&good, 4, le(JENTRY_ISNULL | JENTRY_HAS_OFF | 1))),
+            ("an unknown entry type", set(&good, 12, le(0x6000_0000 | 8))),
+            ("a length past the end", set(&good, 12, le(JENTRY_ISNUMERIC | 0x0FFF_FFF0))),
+            ("an offset where a length belongs", set(&good, 8, le(JENTRY_ISSTRING | JENTRY_HAS_OFF | 3))),
+            ("a length where an offset belongs", set(&good, 4, le(JENTRY_ISSTRING | 1))),
+        ];
+        for (what, b) in cases {
+            assert_eq!(check_native(&b, &mut ok), Err(Invalid), "{what}");
+        }
+        // Keys out of order, and a duplicate key: written by hand (the writer sorts).
+        let ab = encode(&Value::Object(vec![(s("a"), Value::Null), (s("b"), Value::Null)]), Order::HOST);
+        let mut ba = ab.clone();
+        let keys = ab.len() - 2;
+        ba[keys] = b'b';
+        ba[keys + 1] = b'a';
+        assert_eq!(check_native(&ba, &mut ok), Err(Invalid), "unsorted keys");
+        ba[keys] = b'a';
+        ba[keys + 1] = b'a';
+        assert_eq!(check_native(&ba, &mut ok), Err(Invalid), "a duplicate key");
+        // A raw scalar that is not at the root, or holds a container, or two elements.
+        let nested_scalar = {
+            let mut b = encode(&Value::Array(vec![Value::Array(vec![Value::Null])]), Order::HOST);
+            // The inner array's header is at 8: flag it a raw scalar.
+            b[8..12].copy_from_slice(&le(1 | JB_FARRAY | JB_FSCALAR));
+            b
+        };
+        assert_eq!(check_native(&nested_scalar, &mut ok), Err(Invalid), "a nested raw scalar");
+        let mut scalar_container = encode(&Value::Array(vec![Value::Array(vec![])]), Order::HOST);
+        scalar_container[0..4].copy_from_slice(&le(1 | JB_FARRAY | JB_FSCALAR));
+        assert_eq!(check_native(&scalar_container, &mut ok), Err(Invalid), "a raw scalar holding a container");
+        let mut two = encode(&Value::Array(vec![Value::Null, Value::Null]), Order::HOST);
+        two[0..4].copy_from_slice(&le(2 | JB_FARRAY | JB_FSCALAR));
+        assert_eq!(check_native(&two, &mut ok), Err(Invalid), "a raw scalar of two elements");
+        // Strings: a NUL, invalid UTF-8, and what the caller's encoding check refuses.
+        for bad in [&b"a\0b"[..], b"\xff", b"\xed\xa0\x80"] {
+            let b = encode(&Value::Str(bad.to_vec()), Order::HOST);
+            assert_eq!(check_native(&b, &mut ok), Err(Invalid), "string {bad:?}");
+        }
+        let b = encode(&Value::Str(s("fine")), Order::HOST);
+        assert_eq!(check_native(&b, &mut |_| false), Err(Invalid), "the encoding check is asked");
+        // Non-zero padding before a numeric.
+        let mut padded = encode(&Value::Array(vec![Value::Str(s("x")), num(false, 0, 0, &[1])]), Order::HOST);
+        let pad_at = 4 + 8 + 1;
+        assert_eq!(padded[pad_at], 0);
+        padded[pad_at] = 1;
+        assert_eq!(check_native(&padded, &mut ok), Err(Invalid), "padding that is not zero");
+    }
+
+    #[test]
+    fn numerics_are_refused_unless_make_result_could_have_written_them() {
+        let body_of = |bytes: Vec<u8>| {
+            // A raw scalar array holding one numeric entry with these bytes.
+            let mut b = Vec::new();
+            b.extend_from_slice(&(1 | JB_FARRAY | JB_FSCALAR).to_ne_bytes());
+            b.extend_from_slice(&(JENTRY_ISNUMERIC | JENTRY_HAS_OFF | bytes.len() as u32).to_ne_bytes());
+            b.extend_from_slice(&bytes);
+            b
+        };
+        let n = |negative, weight, dscale, digits: &[u16]| Numeric { negative, weight, dscale, digits: digits.to_vec() };
+        assert_eq!(check_native(&body_of(numeric_bytes(&n(false, 0, 0, &[1]), Order::HOST)), &mut ok), Ok(()));
+        let h = Order::HOST;
+        let mut nan = numeric_bytes(&n(false, 0, 0, &[]), h);
+        nan[4..6].copy_from_slice(&h.put_u16(0xC000));
+        let mut inf = nan.clone();
+        inf[4..6].copy_from_slice(&h.put_u16(0xD000));
+        let mut long_that_fits = vec![0u8; 4];
+        long_that_fits.extend_from_slice(&h.put_u16(0));
+        long_that_fits.extend_from_slice(&h.put_u16(0));
+        long_that_fits.extend_from_slice(&h.put_u16(1));
+        let l = long_that_fits.len() as u32;
+        long_that_fits[..4].copy_from_slice(&h.put_varlena_4b_u(l));
+        let mut short_header = numeric_bytes(&n(false, 0, 0, &[1]), h);
+        short_header[0] = (6 << 1) | 1; // a 1-byte varlena header
+        let mut wrong_size = numeric_bytes(&n(false, 0, 0, &[1]), h);
+        wrong_size[..4].copy_from_slice(&h.put_varlena_4b_u(7));
+        let cases = [
+            ("NaN", nan),
+            ("infinity", inf),
+            ("the long form where the short fits", long_that_fits),
+            ("a digit of 10000", numeric_bytes(&n(false, 0, 0, &[10_000]), h)),
+            ("a leading zero digit", numeric_bytes(&n(false, 1, 0, &[0, 1]), h)),
+            ("a trailing zero digit", numeric_bytes(&n(false, 1, 0, &[1, 0]), h)),
+            ("a negative zero", {
+                let mut z = numeric_bytes(&n(false, 0, 0, &[]), h);
+                z[4..6].copy_from_slice(&h.put_u16(NUMERIC_SHORT | NUMERIC_SHORT_SIGN_MASK));
+                z
+            }),
+            ("a zero with a weight", {
+                let mut z = numeric_bytes(&n(false, 0, 0, &[]), h);
+                z[4..6].copy_from_slice(&h.put_u16(NUMERIC_SHORT | 3));
+                z
+            }),
+            ("a short varlena header", short_header),
+            ("a size that is not the entry's", wrong_size),
+            ("an odd number of digit bytes", [numeric_bytes(&n(false, 0, 0, &[1]), h), vec![0]].concat()),
+        ];
+        for (what, bytes) in cases {
+            assert_eq!(check_native(&body_of(bytes), &mut ok), Err(Invalid), "{what}");
+        }
+        // The long form where the short one cannot hold the value is fine.
+        assert_eq!(check_native(&body_of(numeric_bytes(&n(false, 64, 0, &[1]), h)), &mut ok), Ok(()));
+        assert_eq!(check_native(&body_of(numeric_bytes(&n(false, 0, 64, &[1]), h)), &mut ok), Ok(()));
+    }
+
+    #[test]
+    fn a_deep_document_is_checked_without_recursion() {
+        let body = encode_deep(100_000);
+        assert_eq!(check_native(&body, &mut ok), Ok(()));
+        // One level's entry changed deep inside: found.
+        let mut bad = body.clone();
+        let at = body.len() - 8 * 10;
+        bad[at + 4] ^= 0x01;
+        assert_eq!(check_native(&bad, &mut ok), Err(Invalid));
+    }
+
+    /// `[[[...null...]]]` `depth` levels deep, written in one pass (the model's writer
+    /// recurses): level k's header at 8k, its one entry (a container, end offset stored) after
+    /// it, the innermost `[null]` last.
+    fn encode_deep(depth: usize) -> Vec<u8> {
+        let h = Order::HOST;
+        let total = 8 * depth;
+        let mut b = Vec::with_capacity(total);
+        for k in 0..depth {
+            b.extend_from_slice(&h.put_u32(1 | JB_FARRAY));
+            let entry = if k + 1 == depth { JENTRY_ISNULL | JENTRY_HAS_OFF } else { JENTRY_ISCONTAINER | JENTRY_HAS_OFF | (total - 8 * (k + 1)) as u32 };
+            b.extend_from_slice(&h.put_u32(entry));
+        }
+        b
+    }
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let numeric = (any::<bool>(), -80i16..80, 0u16..80, proptest::collection::vec(1u16..10_000, 0..5)).prop_map(|(neg, w, ds, mut d)| {
+            if let Some(l) = d.last_mut() {
+                *l = (*l).max(1);
+            }
+            Value::Num(Numeric { negative: neg, weight: if d.is_empty() { 0 } else { w }, dscale: ds, digits: d })
+        });
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            "[a-zé✓ ]{0,12}".prop_map(|x| Value::Str(x.into_bytes())),
+            numeric,
+        ];
+        leaf.prop_recursive(4, 200, 40, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..40).prop_map(Value::Array),
+                proptest::collection::vec(("[a-c]{0,3}", inner), 0..40).prop_map(|p| Value::Object(p.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn any_document_the_writer_makes_passes_in_either_byte_order(v in arb_value()) {
+            let native = encode(&v, Order::HOST);
+            prop_assert_eq!(check_native(&native, &mut ok), Ok(()));
+            let v2 = decode(&native).expect("reads back");
+            prop_assert_eq!(encode(&v2, Order::HOST), native.clone());
+            for other in [Order::Little, Order::Big] {
+                let mut b = encode(&v, other);
+                prop_assert_eq!(check_foreign(&mut b, other, &mut ok), Ok(()));
+                prop_assert_eq!(&b, &native);
+            }
+        }
+    }
+}
