@@ -1258,6 +1258,23 @@ fn rand_u32() -> u32 {
 pub trait OutBuf: Sized {
     fn zeroed(len: usize) -> Self;
     fn bytes_mut(&mut self) -> &mut [u8];
+    /// Whether the decrypted plaintext is one the caller may use (`encrypted_jsonb` checks its
+    /// document here); asked before the decryption is audited, so that a refusal is recorded
+    /// as a failure (`MalformedJsonb`). A refusing buffer wipes what it holds.
+    #[inline(always)]
+    fn accept(&mut self) -> bool {
+        true
+    }
+}
+
+/// [`OutBuf::accept`] as a `Result`.
+#[inline(always)]
+fn accepted<B: OutBuf>(mut b: B) -> Result<B> {
+    if b.accept() {
+        Ok(b)
+    } else {
+        Err(EnvelopeError::MalformedJsonb)
+    }
 }
 
 
@@ -1354,7 +1371,7 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
         }
     }
     if !crate::audit::enabled() {
-        return decrypt_inner(envelope, context, &mut 0, &mut None);
+        return decrypt_inner(envelope, context, &mut 0, &mut None).and_then(accepted);
     }
     let (mut version, mut tenant) = (0, None);
     let op = crate::audit::Op::Decrypt;
@@ -1363,6 +1380,9 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
     // (the error's size), and the success path is a few dozen instructions.
     match decrypt_inner::<B>(envelope, context, &mut version, &mut tenant) {
         Ok(mut b) => {
+            if !b.accept() {
+                return Err(crate::audit::finished_failure(op, tenant, version, EnvelopeError::MalformedJsonb));
+            }
             if !crate::audit::finish(op, armed, tenant, version, None) {
                 // Fail closed: the value's record has no room, the value is not returned.
                 zeroize::Zeroize::zeroize(b.bytes_mut());

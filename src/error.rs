@@ -27,6 +27,10 @@ pub enum EnvelopeError {
     /// The decrypted bytes are not valid text in the database encoding (decrypt_field on a
     /// value that was encrypted from bytea).
     NotText,
+    /// An `encrypted_jsonb` plaintext that authenticated but is not a document pg_envelope
+    /// writes (made outside it by a holder of the tenant's key): refused before PostgreSQL's
+    /// jsonb code reads it (`pg_envelope_core::jsonb`).
+    MalformedJsonb,
     /// The plaintext is larger than `envelope.max_value_size`.
     TooLarge { size: usize, limit: usize },
     /// The named key provider does not exist.
@@ -162,6 +166,12 @@ impl EnvelopeError {
                 "pg_envelope: decryption failed".into(),
                 Some("The value is not a ciphertext of the current tenant and context, or it was altered.".into()),
                 Some("Check the tenant setting and the context argument.".into()),
+            ),
+            EnvelopeError::MalformedJsonb => (
+                ERRCODE_DATA_CORRUPTED,
+                "pg_envelope: an encrypted_jsonb value does not hold a well-formed jsonb document".into(),
+                Some("The value decrypted under the tenant's key, but its plaintext is not a jsonb document as pg_envelope writes it; it is refused before PostgreSQL reads it, and not shown.".into()),
+                Some("A value like this is made outside pg_envelope by a holder of the tenant's key: check who holds it (docs/threat-model.md). The refusal is in the audit trail.".into()),
             ),
             EnvelopeError::NotText => (
                 ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,

@@ -524,6 +524,10 @@ mod tests {
             }
         }
         const TAG: &[u8] = b"pg_envelope/type/jsonb";
+        // A root scalar holding one numeric's bytes.
+        fn raw_scalar(numeric: &[u8]) -> Vec<u8> {
+            [(0x5000_0001u32).to_ne_bytes().to_vec(), (0x9000_0000u32 | numeric.len() as u32).to_ne_bytes().to_vec(), numeric.to_vec()].concat()
+        }
         setup_tenant("pgt_jsonb");
         Spi::run("SET LOCAL app.tenant_id = 'pgt_jsonb'").unwrap();
         Spi::run(
@@ -582,7 +586,29 @@ mod tests {
         let mut unsorted = [vec![jsonb::MARKER, Order::HOST.form_byte()], model::encode(&model::Value::Object(vec![(b"a".to_vec(), model::Value::Null), (b"b".to_vec(), model::Value::Null)]), Order::HOST)].concat();
         let l = unsorted.len();
         unsorted.swap(l - 1, l - 2);
+        // Review 69's F1: 1.5 stored with display scale 0 (prints 1, compares as 1.5).
+        let hidden_digit = {
+            let mut n = model::numeric_bytes(&model::Numeric { negative: false, weight: 0, dscale: 1, digits: vec![1, 5000] }, Order::HOST);
+            assert_eq!(read(&[vec![jsonb::MARKER, Order::HOST.form_byte()], raw_scalar(&n)].concat()).as_deref(), Ok("1.5"));
+            n[4..6].copy_from_slice(&0x8000u16.to_ne_bytes()); // short form, dscale 0, weight 0
+            [vec![jsonb::MARKER, Order::HOST.form_byte()], raw_scalar(&n)].concat()
+        };
+        // One level deeper than MAX_DEPTH: [[...[null]...]].
+        let too_deep = {
+            let depth = jsonb::MAX_DEPTH as usize + 1;
+            let mut b = vec![jsonb::MARKER, Order::HOST.form_byte()];
+            for k in 0..depth {
+                b.extend_from_slice(&0x4000_0001u32.to_ne_bytes());
+                let e = if k + 1 == depth { 0xC000_0000u32 } else { 0xD000_0000 | (8 * (depth - k - 1)) as u32 };
+                b.extend_from_slice(&e.to_ne_bytes());
+            }
+            b
+        };
         for (what, forged) in [
+            ("a numeric whose scale hides a digit", hidden_digit),
+            ("deeper than MAX_DEPTH", too_deep),
+            ("invalid UTF-8 in a text-form string (review 69's F2)", b"{\"a\": \"\xf0\"}".to_vec()),
+            ("a NUL in a text form", b"{\"a\": 1}\0junk".to_vec()),
             ("an unknown byte order", vec![jsonb::MARKER, 0x03, 1, 0, 0, 0x20]),
             ("an entry past the end", past_the_end),
             ("a NUL in a string", nul),
@@ -594,6 +620,19 @@ mod tests {
             assert!(e.starts_with("ERRCODE_DATA_CORRUPTED: pg_envelope: an encrypted_jsonb value does not hold"), "{what}: {e}");
             assert!(!e.contains("s3cr3t"), "{what}: {e}");
         }
+        // With the one level less, the deepest document accepted reads.
+        let deepest = {
+            let depth = jsonb::MAX_DEPTH as usize;
+            let mut b = vec![jsonb::MARKER, Order::HOST.form_byte()];
+            for k in 0..depth {
+                b.extend_from_slice(&0x4000_0001u32.to_ne_bytes());
+                let e = if k + 1 == depth { 0xC000_0000u32 } else { 0xD000_0000 | (8 * (depth - k - 1)) as u32 };
+                b.extend_from_slice(&e.to_ne_bytes());
+            }
+            b
+        };
+        let text = read(&deepest).expect("MAX_DEPTH levels read");
+        assert!(text.starts_with("[[[") && text.contains("[null]") && text.len() == 2 * jsonb::MAX_DEPTH as usize + 4, "{}...{}", &text[..10.min(text.len())], &text[text.len().saturating_sub(10)..]);
         // Text payloads that are not JSON: jsonb_in's own error, as before.
         assert!(read(b"not json").unwrap_err().starts_with("ERRCODE_INVALID_TEXT_REPRESENTATION"));
     }

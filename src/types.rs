@@ -448,77 +448,75 @@ unsafe fn encrypt_jsonb(io: &TypeIo, value: pg_sys::Datum) -> crate::error::Resu
 /// A decrypted `encrypted_jsonb` plaintext, laid out so that an internal-form payload is the
 /// result datum as it stands: the allocation has 2 bytes before the plaintext (with the 2-byte
 /// marker, the room for a varlena header) and a NUL after it (for `jsonb_in`, older values).
+/// Checked in [`backend::OutBuf::accept`], before the decryption is audited.
 struct JsonbPlain {
     ptr: *mut u8,
     len: usize,
+    internal: bool,
+}
+
+impl JsonbPlain {
+    /// The whole allocation, wiped.
+    fn wipe(&mut self) {
+        // SAFETY: the allocation of `len + 3` bytes made by `zeroed`.
+        zeroize::Zeroize::zeroize(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len + 3) });
+    }
 }
 
 impl backend::OutBuf for JsonbPlain {
     #[inline(always)]
     fn zeroed(len: usize) -> Self {
-        JsonbPlain { ptr: crate::nothrow::palloc0(len + 3).cast(), len }
+        JsonbPlain { ptr: crate::nothrow::palloc0(len + 3).cast(), len, internal: false }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: `len + 3` bytes allocated; the plaintext is bytes 2 .. len + 2.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(2), self.len) }
     }
+    /// The internal form checked completely (and put in this machine's byte order); the text
+    /// form checked for NUL bytes and the server encoding before `jsonb_in` parses it.
+    fn accept(&mut self) -> bool {
+        use pg_envelope_core::jsonb;
+        let mut strings = jsonb_string_check();
+        // SAFETY: as in `bytes_mut` (a borrow of the allocation, not of `self`).
+        let plain = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(2), self.len) };
+        let ok = match jsonb::form(plain) {
+            Ok(jsonb::Form::Internal(order)) => {
+                self.internal = true;
+                jsonb::check_foreign(&mut plain[jsonb::PREFIX_LEN..], order, &mut strings).is_ok()
+            }
+            Ok(jsonb::Form::Text) => jsonb::text_form_ok(plain, &mut strings),
+            Err(jsonb::Invalid) => false,
+        };
+        if !ok {
+            self.wipe();
+        }
+        ok
+    }
 }
 
-/// Wipes the whole allocation when dropped, unless disarmed (the result datum): also on the
-/// unwinding of an error raised by `jsonb_in`.
-struct WipeOnDrop<'a>(&'a mut JsonbPlain, bool);
+/// Wipes the plaintext when dropped: also on the unwinding of an error raised by `jsonb_in`.
+struct WipeOnDrop<'a>(&'a mut JsonbPlain);
 
 impl Drop for WipeOnDrop<'_> {
     fn drop(&mut self) {
-        if self.1 {
-            // SAFETY: the allocation of `len + 3` bytes made by `zeroed`.
-            zeroize::Zeroize::zeroize(unsafe { std::slice::from_raw_parts_mut(self.0.ptr, self.0.len + 3) });
-        }
+        self.0.wipe();
     }
 }
 
-/// envelope -> jsonb: an internal-form plaintext, checked (and put in this machine's byte
-/// order), becomes the result with no copy; a text-form one goes through `jsonb_in`.
+/// envelope -> jsonb: an internal-form plaintext (checked and put in this machine's byte order
+/// by `accept`) becomes the result with no copy; a text-form one goes through `jsonb_in`.
 unsafe fn decrypt_jsonb(fcinfo: pg_sys::FunctionCallInfo, io: &TypeIo) -> pg_sys::Datum {
-    use pg_envelope_core::jsonb;
     let mut plain: JsonbPlain = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
-    let len = plain.len;
-    let mut guard = WipeOnDrop(&mut plain, true);
-    match jsonb::form(backend::OutBuf::bytes_mut(guard.0)) {
-        Ok(jsonb::Form::Internal(order)) => {
-            let body = std::slice::from_raw_parts_mut(guard.0.ptr.add(2 + jsonb::PREFIX_LEN), len - jsonb::PREFIX_LEN);
-            if jsonb::check_foreign(body, order, &mut jsonb_string_check()).is_ok() {
-                guard.1 = false;
-                let ptr = guard.0.ptr;
-                pgrx::set_varsize_4b(ptr.cast(), (len + 2) as i32);
-                return pg_sys::Datum::from(ptr);
-            }
-        }
-        Ok(jsonb::Form::Text) => {
-            let d = pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, guard.0.ptr.add(2).cast(), io.ioparam, -1);
-            drop(guard);
-            pg_sys::pfree(plain.ptr.cast());
-            return d;
-        }
-        Err(jsonb::Invalid) => {}
+    if plain.internal {
+        pgrx::set_varsize_4b(plain.ptr.cast(), (plain.len + 2) as i32);
+        return pg_sys::Datum::from(plain.ptr);
     }
-    drop(guard);
+    let d = {
+        let guard = WipeOnDrop(&mut plain);
+        pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, guard.0.ptr.add(2).cast(), io.ioparam, -1)
+    };
     pg_sys::pfree(plain.ptr.cast());
-    malformed_jsonb()
-}
-
-/// An authenticated `encrypted_jsonb` plaintext that is not a document pg_envelope writes.
-#[cold]
-fn malformed_jsonb() -> ! {
-    ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-        "pg_envelope: an encrypted_jsonb value does not hold a well-formed jsonb document",
-        "pg_envelope",
-    )
-    .set_detail("The value decrypted under the tenant's key, but its plaintext is not a jsonb document as pg_envelope writes it; it is refused before PostgreSQL reads it, and not shown.")
-    .set_hint("A value like this is made outside pg_envelope by a holder of the tenant's key. Check who holds it (docs/threat-model.md).")
-    .report(PgLogLevel::ERROR);
-    unreachable!()
+    d
 }
 
 /// The binary form of an int8, date or timestamptz as a Datum, when it is well-formed and in

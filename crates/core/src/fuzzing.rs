@@ -470,7 +470,11 @@ mod tests {
         {
             use crate::jsonb::model::{encode, Numeric, Value};
             use crate::jsonb::Order;
-            let num = |w, ds, d: &[u16]| Value::Num(Numeric { negative: w < 0, weight: w, dscale: ds, digits: d.to_vec() });
+            let num = |w, ds: u16, d: &[u16]| {
+                let mut n = Numeric { negative: w < 0, weight: w, dscale: ds, digits: d.to_vec() };
+                n.dscale = ds.max(n.min_dscale());
+                Value::Num(n)
+            };
             let docs = [
                 ("object", Value::Object(vec![(b"a".to_vec(), Value::Array(vec![num(0, 0, &[1]), num(0, 1, &[2, 5000])])), (b"bc".to_vec(), Value::Str("✓".into()))])),
                 ("scalar", Value::Str(b"x".to_vec())),

@@ -27,20 +27,30 @@
 //! * strings: no NUL byte and valid in the server encoding (a caller-supplied check);
 //! * numerics: a 4-byte uncompressed varlena header whose length is the entry's, the short form
 //!   exactly when `make_result` would choose it, no NaN or infinity (jsonb has none), digits
-//!   below 10,000, no leading or trailing zero digit, zero with weight 0 and a positive sign;
-//! * booleans and nulls with no data.
+//!   below 10,000, no leading or trailing zero digit, zero with weight 0 and a positive sign, no
+//!   stored fractional digit beyond the display scale (`dscale`: PostgreSQL keeps the digits
+//!   within it, and its text output, equality and GIN keys disagree about a value that breaks
+//!   this; insider review 69);
+//! * booleans and nulls with no data;
+//! * nesting at most [`MAX_DEPTH`] levels: PostgreSQL's own writer and parser stop at its stack
+//!   limit (10,000-20,000 levels at the default `max_stack_depth`), so a deeper forged document
+//!   could be stored in a plain column but never restored from a dump or replicated (review 69).
+//!   The checks use a work list, not recursion.
 //!
-//! Nesting depth is not limited: PostgreSQL builds documents of any depth itself (`jsonb_set`),
-//! and the checks here use a work list, not recursion. The encryption side runs the same check
-//! on the document it is given and stores the text form instead when it fails (a document from
-//! an older PostgreSQL can hold a long-form numeric the current writer would make short), so
-//! nothing is written that the reader refuses.
+//! The encryption side runs the same check on the document it is given and stores the text
+//! form instead when it fails (a document from an older PostgreSQL can hold a long-form numeric
+//! the current writer would make short; a document deeper than [`MAX_DEPTH`]), so nothing is
+//! written that the reader refuses. Text-form plaintexts are checked too before `jsonb_in`
+//! parses them ([`text_form_ok`]): PostgreSQL's JSON lexer copies string bytes without checking
+//! the server encoding.
 //!
 //! [`model`] is a reference reader and writer of the format (for the tests and the fuzz target:
 //! whatever the check accepts must decode and re-encode to the same bytes).
 
 /// First byte of an internal-form payload (jsonb's text form never starts with it).
 pub const MARKER: u8 = 0x00;
+/// The deepest nesting accepted in the internal form (the root container is level 1).
+pub const MAX_DEPTH: u32 = 10_000;
 /// Marker and byte-order byte.
 pub const PREFIX_LEN: usize = 2;
 
@@ -173,16 +183,25 @@ pub fn utf8_string(s: &[u8]) -> bool {
     std::str::from_utf8(s).is_ok() && !s.contains(&0)
 }
 
+/// Whether a text-form plaintext may go to `jsonb_in`: no NUL (which would cut the C string
+/// short) and valid in the server encoding as a whole (`jsonb_in` copies string bytes as they
+/// are; its escapes always produce valid characters), so that every string of the parsed
+/// document is.
+pub fn text_form_ok(plain: &[u8], string_ok: &mut impl FnMut(&[u8]) -> bool) -> bool {
+    !plain.contains(&0) && string_ok(plain)
+}
+
 /// Checks an internal-form body in this machine's byte order (read only).
 /// `string_ok` says whether a string's bytes are valid in the server encoding (NUL bytes are
 /// refused before it is asked).
-pub fn check_native(body: &[u8], string_ok: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Invalid> {
+#[inline]
+pub fn check_native<F: FnMut(&[u8]) -> bool>(body: &[u8], string_ok: &mut F) -> Result<(), Invalid> {
     walk(&mut Native(body), string_ok)
 }
 
 /// Checks an internal-form body written in byte order `from` and rewrites it, in place, in this
 /// machine's. On `Err` the body may be partly rewritten (the caller discards it).
-pub fn check_foreign(body: &mut [u8], from: Order, string_ok: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Invalid> {
+pub fn check_foreign<F: FnMut(&[u8]) -> bool>(body: &mut [u8], from: Order, string_ok: &mut F) -> Result<(), Invalid> {
     if from == Order::HOST {
         return check_native(body, string_ok);
     }
@@ -258,40 +277,43 @@ impl Body for Foreign<'_> {
     }
 }
 
-/// Containers still to check: (start, end), in bytes of the body. A few inline, the rest on
-/// the heap (most documents nest a few levels at most: no allocation for them).
+/// A container still to check: its bytes in the body and its nesting level.
+#[derive(Clone, Copy)]
+struct Pending {
+    start: usize,
+    end: usize,
+    depth: u32,
+}
+
+/// Containers still to check: one inline (a document's root usually holds at most one nested
+/// container at a time worth keeping apart), the rest on the heap, allocated only for documents
+/// with more than one nested container.
 struct WorkList {
-    inline: [(usize, usize); 8],
-    n: usize,
-    spill: Vec<(usize, usize)>,
+    one: Option<Pending>,
+    spill: Vec<Pending>,
 }
 
 impl WorkList {
-    fn push(&mut self, c: (usize, usize)) {
-        if self.n < self.inline.len() {
-            self.inline[self.n] = c;
-            self.n += 1;
+    #[inline]
+    fn push(&mut self, c: Pending) {
+        if self.one.is_none() {
+            self.one = Some(c);
         } else {
             self.spill.push(c);
         }
     }
-    fn pop(&mut self) -> Option<(usize, usize)> {
-        if let Some(c) = self.spill.pop() {
-            return Some(c);
-        }
-        if self.n == 0 {
-            return None;
-        }
-        self.n -= 1;
-        Some(self.inline[self.n])
+    #[inline]
+    fn pop(&mut self) -> Option<Pending> {
+        self.spill.pop().or_else(|| self.one.take())
     }
 }
 
-fn walk<B: Body>(b: &mut B, string_ok: &mut dyn FnMut(&[u8]) -> bool) -> Result<(), Invalid> {
-    let mut work = WorkList { inline: [(0, 0); 8], n: 0, spill: Vec::new() };
-    container(b, 0, b.len(), true, &mut work, string_ok)?;
-    while let Some((start, end)) = work.pop() {
-        container(b, start, end, false, &mut work, string_ok)?;
+#[inline]
+fn walk<B: Body, F: FnMut(&[u8]) -> bool>(b: &mut B, string_ok: &mut F) -> Result<(), Invalid> {
+    let mut work = WorkList { one: None, spill: Vec::new() };
+    container(b, Pending { start: 0, end: b.len(), depth: 1 }, true, &mut work, string_ok)?;
+    while let Some(p) = work.pop() {
+        container(b, p, false, &mut work, string_ok)?;
     }
     Ok(())
 }
@@ -305,13 +327,12 @@ fn pad(off: usize) -> usize {
 
 /// Checks the container at `start..end` (its own bytes exactly, padding excluded): its header,
 /// every child's entry and scalar data; nested containers go on the work list.
-fn container<B: Body>(
+fn container<B: Body, F: FnMut(&[u8]) -> bool>(
     b: &mut B,
-    start: usize,
-    end: usize,
+    Pending { start, end, depth }: Pending,
     root: bool,
     work: &mut WorkList,
-    string_ok: &mut dyn FnMut(&[u8]) -> bool,
+    string_ok: &mut F,
 ) -> Result<(), Invalid> {
     if end.checked_sub(start).ok_or(Invalid)? < 4 {
         return Err(Invalid);
@@ -375,10 +396,10 @@ fn container<B: Body>(
                 }
                 if kind == JENTRY_ISNUMERIC {
                     numeric(b, at + p, child_end)?;
-                } else if scalar {
+                } else if scalar || depth >= MAX_DEPTH {
                     return Err(Invalid);
                 } else {
-                    work.push((at + p, child_end));
+                    work.push(Pending { start: at + p, end: child_end, depth: depth + 1 });
                 }
             }
             JENTRY_ISBOOL_FALSE | JENTRY_ISBOOL_TRUE | JENTRY_ISNULL => {
@@ -421,7 +442,6 @@ fn numeric<B: Body>(b: &mut B, at: usize, end: usize) -> Result<(), Invalid> {
         }
         (negative, dscale, weight, at + VARHDRSZ + 4)
     };
-    let _ = dscale;
     let digits = end - digits_at;
     if digits % 2 != 0 {
         return Err(Invalid);
@@ -431,13 +451,36 @@ fn numeric<B: Body>(b: &mut B, at: usize, end: usize) -> Result<(), Invalid> {
         // Zero: make_result gives it weight 0 and a positive sign.
         return if weight == 0 && !negative { Ok(()) } else { Err(Invalid) };
     }
+    let mut last = 0;
     for i in 0..n {
         let d = b.u16(digits_at + 2 * i)?;
         if d >= NBASE || (d == 0 && (i == 0 || i == n - 1)) {
             return Err(Invalid);
         }
+        last = d;
+    }
+    if fraction_digits(weight, n, last) > dscale as i64 {
+        return Err(Invalid);
     }
     Ok(())
+}
+
+/// The decimal digits after the point a numeric's stored digits reach (its last non-zero
+/// decimal digit's place), for `n` base-10,000 digits from `weight` ending in `last` (not 0).
+fn fraction_digits(weight: i32, n: usize, last: u16) -> i64 {
+    // The last digit's place is NBASE^(weight - n + 1); below the point it spans 4 decimal
+    // digits per place, less its own trailing zeros.
+    let places = n as i64 - 1 - weight as i64;
+    if places <= 0 {
+        return 0;
+    }
+    let trailing = match last {
+        d if d % 1000 == 0 => 3,
+        d if d % 100 == 0 => 2,
+        d if d % 10 == 0 => 1,
+        _ => 0,
+    };
+    places * 4 - trailing
 }
 
 /// `NUMERIC_CAN_BE_SHORT`.
@@ -459,6 +502,16 @@ pub mod model {
         pub weight: i16,
         pub dscale: u16,
         pub digits: Vec<u16>,
+    }
+
+    impl Numeric {
+        /// The smallest display scale that shows every stored digit.
+        pub fn min_dscale(&self) -> u16 {
+            match self.digits.last() {
+                Some(&last) if last != 0 => fraction_digits(self.weight as i32, self.digits.len(), last).clamp(0, NUMERIC_DSCALE_MASK as i64) as u16,
+                _ => 0,
+            }
+        }
     }
 
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -885,14 +938,58 @@ mod tests {
     }
 
     #[test]
-    fn a_deep_document_is_checked_without_recursion() {
-        let body = encode_deep(100_000);
-        assert_eq!(check_native(&body, &mut ok), Ok(()));
+    fn nesting_is_accepted_to_max_depth_and_checked_without_recursion() {
+        let depth = MAX_DEPTH as usize;
+        assert_eq!(check_native(&encode_deep(depth), &mut ok), Ok(()));
+        assert_eq!(check_native(&encode_deep(depth + 1), &mut ok), Err(Invalid), "one level too deep");
+        // Far deeper (PostgreSQL's writer and parser stop at their stack limit): refused, with
+        // no recursion here to overflow.
+        assert_eq!(check_native(&encode_deep(1_000_000), &mut ok), Err(Invalid));
         // One level's entry changed deep inside: found.
+        let body = encode_deep(depth);
         let mut bad = body.clone();
         let at = body.len() - 8 * 10;
         bad[at + 4] ^= 0x01;
         assert_eq!(check_native(&bad, &mut ok), Err(Invalid));
+    }
+
+    /// Review 69's F1: a numeric whose display scale hides stored digits (1.5 stored with
+    /// dscale 0 prints as 1 but compares as 1.5, and GIN keys it by the text). Refused; the same
+    /// digits with the display scale that shows them pass.
+    #[test]
+    fn a_numeric_with_digits_beyond_its_display_scale_is_refused() {
+        let body_of = |n: &Numeric| {
+            let bytes = numeric_bytes(n, Order::HOST);
+            let mut b = Vec::new();
+            b.extend_from_slice(&(1 | JB_FARRAY | JB_FSCALAR).to_ne_bytes());
+            b.extend_from_slice(&(JENTRY_ISNUMERIC | JENTRY_HAS_OFF | bytes.len() as u32).to_ne_bytes());
+            b.extend_from_slice(&bytes);
+            b
+        };
+        let n = |weight, dscale, digits: &[u16]| Numeric { negative: false, weight, dscale, digits: digits.to_vec() };
+        for (value, ok_at, digits, weight) in [
+            ("1.5", 1, &[1u16, 5000][..], 0i16),
+            ("0.0001", 4, &[1], -1),
+            ("0.00012", 5, &[1, 2000], -1),
+            ("1.0001", 4, &[1, 1], 0),
+            ("5e-400", 400, &[5], -100),
+        ] {
+            assert_eq!(n(weight, ok_at, digits).min_dscale(), ok_at, "{value}");
+            assert_eq!(check_native(&body_of(&n(weight, ok_at, digits)), &mut ok), Ok(()), "{value} at dscale {ok_at}");
+            assert_eq!(check_native(&body_of(&n(weight, ok_at + 3, digits)), &mut ok), Ok(()), "{value} with more scale");
+            assert_eq!(check_native(&body_of(&n(weight, ok_at - 1, digits)), &mut ok), Err(Invalid), "{value} at dscale {}", ok_at - 1);
+        }
+        // Integers and large weights need no scale at all.
+        assert_eq!(check_native(&body_of(&n(3, 0, &[12, 3400])), &mut ok), Ok(()));
+        assert_eq!(check_native(&body_of(&n(32767, 0, &[1])), &mut ok), Ok(()));
+    }
+
+    #[test]
+    fn a_text_form_plaintext_is_checked_before_the_parser() {
+        assert!(text_form_ok(r#"{"a": "\u00e9t\u00e9", "b": "été"}"#.as_bytes(), &mut ok));
+        assert!(!text_form_ok(b"{\"a\": \"\xf0\"}", &mut ok), "invalid UTF-8 inside a string");
+        assert!(!text_form_ok(b"{\"a\": 1}\0{\"b\": 2}", &mut ok), "a NUL");
+        assert!(!text_form_ok(b"[1]", &mut |_| false), "the encoding check is asked");
     }
 
     /// `[[[...null...]]]` `depth` levels deep, written in one pass (the model's writer
@@ -915,7 +1012,9 @@ mod tests {
             if let Some(l) = d.last_mut() {
                 *l = (*l).max(1);
             }
-            Value::Num(Numeric { negative: neg, weight: if d.is_empty() { 0 } else { w }, dscale: ds, digits: d })
+            let mut n = Numeric { negative: neg, weight: if d.is_empty() { 0 } else { w }, dscale: ds, digits: d };
+            n.dscale = n.dscale.max(n.min_dscale());
+            Value::Num(n)
         });
         let leaf = prop_oneof![
             Just(Value::Null),
