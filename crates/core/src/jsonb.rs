@@ -218,9 +218,9 @@ trait Body {
     fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid>;
 }
 
+#[inline(always)]
 fn field<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], Invalid> {
-    let end = at.checked_add(N).ok_or(Invalid)?;
-    b.get(at..end).and_then(|s| s.try_into().ok()).ok_or(Invalid)
+    b.get(at..).and_then(|s| s.first_chunk::<N>()).copied().ok_or(Invalid)
 }
 
 struct Native<'a>(&'a [u8]);
@@ -310,10 +310,10 @@ impl WorkList {
 
 #[inline]
 fn walk<B: Body, F: FnMut(&[u8]) -> bool>(b: &mut B, string_ok: &mut F) -> Result<(), Invalid> {
-    let mut work = WorkList { one: None, spill: Vec::new() };
-    container(b, Pending { start: 0, end: b.len(), depth: 1 }, true, &mut work, string_ok)?;
+    // The root is the only container at depth 1 (one call site: `container` is inlined here).
+    let mut work = WorkList { one: Some(Pending { start: 0, end: b.len(), depth: 1 }), spill: Vec::new() };
     while let Some(p) = work.pop() {
-        container(b, p, false, &mut work, string_ok)?;
+        container(b, p, &mut work, string_ok)?;
     }
     Ok(())
 }
@@ -327,13 +327,14 @@ fn pad(off: usize) -> usize {
 
 /// Checks the container at `start..end` (its own bytes exactly, padding excluded): its header,
 /// every child's entry and scalar data; nested containers go on the work list.
+#[inline(always)]
 fn container<B: Body, F: FnMut(&[u8]) -> bool>(
     b: &mut B,
     Pending { start, end, depth }: Pending,
-    root: bool,
     work: &mut WorkList,
     string_ok: &mut F,
 ) -> Result<(), Invalid> {
+    let root = depth == 1;
     if end.checked_sub(start).ok_or(Invalid)? < 4 {
         return Err(Invalid);
     }
@@ -391,7 +392,7 @@ fn container<B: Body, F: FnMut(&[u8]) -> bool>(
             }
             JENTRY_ISNUMERIC | JENTRY_ISCONTAINER => {
                 let p = pad(off);
-                if len < p || b.bytes(at, at + p)?.iter().any(|&z| z != 0) {
+                if p > 0 && (len < p || b.bytes(at, at + p)?.iter().any(|&z| z != 0)) {
                     return Err(Invalid);
                 }
                 if kind == JENTRY_ISNUMERIC {
