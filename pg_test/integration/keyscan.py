@@ -269,6 +269,25 @@ def decrypt_envelope(dek: bytes, tenant: str, context: bytes | None, envelope: b
     return AESGCM(xaes_derive(dek, nonce[:12])).decrypt(nonce[12:], body, aad)
 
 
+def encrypt_envelope(dek: bytes, tenant: str, context: bytes | None, header: bytes, plaintext: bytes) -> bytes:
+    """Seals `plaintext` as a v3 envelope under `header` (a genuine envelope's first 42 bytes:
+    version, algorithm, key id, DEK version, commitment) with a fresh nonce: what a holder of
+    the tenant's keys can make (for tests of what the extension does with forged plaintexts)."""
+    header = bytes(header)
+    if len(header) != 42 or header[0] != 3:
+        raise ValueError("a v3 header of 42 bytes")
+    nonce = os.urandom(24)
+    t = tenant.encode("utf-8")
+    aad = header[:10] + struct.pack(">I", len(t)) + t
+    if context is None:
+        aad += b"\x00"
+    elif context.startswith(TYPE_CONTEXT_PREFIX) and context[len(TYPE_CONTEXT_PREFIX):] in TYPE_CODES:
+        aad += b"\x02" + bytes([TYPE_CODES[context[len(TYPE_CONTEXT_PREFIX):]]])
+    else:
+        aad += b"\x01" + struct.pack(">I", len(context)) + context
+    return header + nonce + AESGCM(xaes_derive(dek, nonce[:12])).encrypt(nonce[12:], plaintext, aad)
+
+
 # ---------------------------------------------------------------------------------------------
 # Key material and search patterns
 # ---------------------------------------------------------------------------------------------

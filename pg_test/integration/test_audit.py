@@ -184,6 +184,40 @@ def test_one_record_per_statement_also_when_rolled_back_and_failures_with_their_
     assert len(rows) == 52
 
 
+def test_a_forged_jsonb_plaintext_is_refused_and_recorded_as_a_failure(audited):
+    """A holder of the tenant's keys (unwrapped here from the local root key file, as a BYOK
+    customer unwraps its own in its KMS) seals a plaintext that is not a jsonb document
+    pg_envelope writes: the cast refuses it (XX001) before PostgreSQL reads it, the error shows
+    nothing of it, and the trail records the decryption as failed with XX001, next to a genuine
+    one that reads."""
+    import base64
+    import keyscan
+    ctx = b"pg_envelope/type/jsonb"
+    with connect(PORT_A, DB) as c:
+        km = keyscan.KeyMaterial.from_catalog(c, c.execute("SHOW envelope.local_root_key_file").fetchone()[0], TENANT)
+        with as_tenant(c, TENANT):
+            genuine = bytes(c.execute("""SELECT envelope.encrypted_jsonb_send('{"a": "forged-canary"}'::jsonb::envelope.encrypted_jsonb)""").fetchone()[0])
+        dek = km.deks[keyscan.envelope_dek_version(genuine)]
+        plain = keyscan.decrypt_envelope(dek, TENANT, ctx, genuine)
+        # The internal form (this machine is little-endian): marker, order, then the object's
+        # header, the key's entry and the value's entry (a string's length) at 2 + 8.
+        assert plain[:2] == b"\x00\x01" and b"forged-canary" in plain, plain
+        forged = bytearray(plain)
+        forged[10:14] = (0x0FFF_FFF0).to_bytes(4, "little")  # a string of 256 MB in a 40-byte value
+        text = lambda env: "pge1:" + base64.b64encode(env).decode()
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'forged-jsonb'")
+        with as_tenant(c, TENANT):
+            assert c.execute(f"SELECT ('{text(keyscan.encrypt_envelope(dek, TENANT, ctx, genuine[:42], plain))}'::envelope.encrypted_jsonb)::jsonb::text").fetchone()[0] == '{"a": "forged-canary"}'
+        with pytest.raises(psycopg.errors.DataCorrupted) as e:
+            with as_tenant(c, TENANT):
+                c.execute(f"SELECT ('{text(keyscan.encrypt_envelope(dek, TENANT, ctx, genuine[:42], bytes(forged)))}'::envelope.encrypted_jsonb)::jsonb")
+        shown = f"{e.value} {e.value.diag.message_detail} {e.value.diag.message_hint}"
+        assert "well-formed jsonb" in shown and "forged-canary" not in shown, shown
+        rows = records_after(c, start, "forged-jsonb")
+    assert [r[2:6] for r in rows] == [("decrypt", 1, 0, "ok"), ("decrypt", 1, 1, "XX001")], rows
+
+
 def test_every_value_of_a_mixed_statement_lands_in_its_own_aggregate(audited):
     """The per-value fast path (src/audit/mod.rs) counts a value without looking at the
     aggregate when it is like the statement's last one. One statement here switches tenant per
