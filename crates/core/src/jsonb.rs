@@ -32,6 +32,10 @@
 //!   within it, and its text output, equality and GIN keys disagree about a value that breaks
 //!   this; insider review 69);
 //! * booleans and nulls with no data;
+//! * at most [`MAX_BODY`] bytes, [`MAX_ELEMS`] elements in an array and [`MAX_PAIRS`] pairs in
+//!   an object: the limits PostgreSQL's writer enforces (a larger forged document would read
+//!   within bounds but could not be dumped, restored or replicated once copied into a plain
+//!   column; insider review 70);
 //! * nesting at most [`MAX_DEPTH`] levels: PostgreSQL's own writer and parser stop at its stack
 //!   limit (10,000-20,000 levels at the default `max_stack_depth`), so a deeper forged document
 //!   could be stored in a plain column but never restored from a dump or replicated (review 69).
@@ -51,6 +55,15 @@
 pub const MARKER: u8 = 0x00;
 /// The deepest nesting accepted in the internal form (the root container is level 1).
 pub const MAX_DEPTH: u32 = 10_000;
+/// The largest document PostgreSQL's writer makes: a container's total size must fit a JEntry's
+/// 28-bit length (`JENTRY_OFFLENMASK`, checked by `convertJsonbArray`/`convertJsonbObject`);
+/// nested containers are bounded by their entries, the root only by this.
+pub const MAX_BODY: usize = 0x0FFF_FFFF;
+/// The most elements an array may hold (`JSONB_MAX_ELEMS`: MaxAllocSize / sizeof(JsonbValue),
+/// 32 bytes on 64-bit PostgreSQL 15-18) and pairs an object may hold (`JSONB_MAX_PAIRS`:
+/// MaxAllocSize / sizeof(JsonbPair), 72 bytes), which `appendElement` and `appendKey` enforce.
+pub const MAX_ELEMS: usize = 0x3FFF_FFFF / 32;
+pub const MAX_PAIRS: usize = 0x3FFF_FFFF / 72;
 /// Marker and byte-order byte.
 pub const PREFIX_LEN: usize = 2;
 
@@ -357,6 +370,9 @@ impl WorkList {
 
 #[inline]
 fn walk<B: Body, F: FnMut(&[u8]) -> bool>(b: &mut B, string_ok: &mut F) -> Result<(), Invalid> {
+    if b.len() > MAX_BODY {
+        return Err(Invalid);
+    }
     // The root is the only container at depth 1 (one call site: `container` is inlined here).
     let mut work = WorkList { one: Some(Pending { start: 0, end: b.len(), depth: 1 }), spill: Vec::new() };
     while let Some(p) = work.pop() {
@@ -393,6 +409,9 @@ fn container<B: Body, F: FnMut(&[u8]) -> bool>(
         f if f == JB_FARRAY | JB_FSCALAR && root && count == 1 => (false, true),
         _ => return Err(Invalid),
     };
+    if count > if object { MAX_PAIRS } else { MAX_ELEMS } {
+        return Err(Invalid);
+    }
     let n = if object { count * 2 } else { count };
     // Every entry is 4 bytes inside the container (checked before any is read: `n` is at most
     // 2^29, so this cannot overflow).
@@ -1015,6 +1034,51 @@ mod tests {
         let at = body.len() - 8 * 10;
         bad[at + 4] ^= 0x01;
         assert_eq!(check_native(&bad, &mut ok), Err(Invalid));
+    }
+
+    /// Review 70's F1: PostgreSQL's writer refuses a document over 2^28 - 1 bytes, an array of
+    /// more than MAX_ELEMS elements and an object of more than MAX_PAIRS pairs; bodies that are
+    /// otherwise well formed are refused at once (each would pass every other rule).
+    #[test]
+    fn documents_over_the_writers_size_limits_are_refused() {
+        let h = Order::HOST;
+        // A root array of one ASCII string filling the body to MAX_BODY + 1 bytes.
+        let len = MAX_BODY + 1 - 8;
+        let mut big = Vec::with_capacity(MAX_BODY + 1);
+        big.extend_from_slice(&h.put_u32(1 | JB_FARRAY));
+        big.extend_from_slice(&h.put_u32(JENTRY_ISSTRING | JENTRY_HAS_OFF | len as u32));
+        big.resize(MAX_BODY + 1, b'a');
+        assert_eq!(check_native(&big, &mut ok), Err(Invalid), "over MAX_BODY");
+        drop(big);
+        // MAX_ELEMS + 1 nulls (offsets every 32nd entry, as the writer stores them).
+        let n = MAX_ELEMS + 1;
+        let mut arr = Vec::with_capacity(4 + 4 * n);
+        arr.extend_from_slice(&h.put_u32(n as u32 | JB_FARRAY));
+        for i in 0..n {
+            arr.extend_from_slice(&h.put_u32(if i % 32 == 0 { JENTRY_ISNULL | JENTRY_HAS_OFF } else { JENTRY_ISNULL }));
+        }
+        assert_eq!(check_native(&arr, &mut ok), Err(Invalid), "over MAX_ELEMS");
+        drop(arr);
+        // MAX_PAIRS + 1 pairs of distinct 5-byte keys in order (base 62), null values.
+        let n = MAX_PAIRS + 1;
+        let key = |i: usize| -> [u8; 5] {
+            let d = |k: u32| b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"[(i / 62usize.pow(k)) % 62];
+            [d(4), d(3), d(2), d(1), d(0)]
+        };
+        let mut obj = Vec::with_capacity(4 + 8 * n + 5 * n);
+        obj.extend_from_slice(&h.put_u32(n as u32 | JB_FOBJECT));
+        for i in 0..n {
+            let end = 5 * (i + 1) as u32;
+            obj.extend_from_slice(&h.put_u32(if i % 32 == 0 { JENTRY_ISSTRING | JENTRY_HAS_OFF | end } else { JENTRY_ISSTRING | 5 }));
+        }
+        for i in n..2 * n {
+            obj.extend_from_slice(&h.put_u32(if i % 32 == 0 { JENTRY_ISNULL | JENTRY_HAS_OFF | (5 * n) as u32 } else { JENTRY_ISNULL }));
+        }
+        for i in 0..n {
+            obj.extend_from_slice(&key(i));
+        }
+        assert!(key(n - 1) > key(n - 2) && 62usize.pow(5) > n);
+        assert_eq!(check_native(&obj, &mut ok), Err(Invalid), "over MAX_PAIRS");
     }
 
     /// Review 69's F1: a numeric whose display scale hides stored digits (1.5 stored with
