@@ -335,13 +335,20 @@ pub fn audit_records(data: &[u8]) {
 /// An `encrypted_jsonb` internal-form body from untrusted bytes (the first byte picks the byte
 /// order it is read in): refused, or accepted only if PostgreSQL's reader (the model's) reads it
 /// within bounds and PostgreSQL's writer would have written exactly these bytes, in that order,
-/// and the rewrite into this machine's order is that document's native form.
+/// and the rewrite into this machine's order is that document's native form. In this machine's
+/// order the check must also agree with `model::reference_accepts` both ways.
 pub fn jsonb(data: &[u8]) {
     use crate::jsonb::{check_foreign, model, utf8_string, Order};
     let Some((&sel, body)) = data.split_first() else { return };
     let order = if sel & 1 == 0 { Order::Little } else { Order::Big };
     let mut b = body.to_vec();
-    if check_foreign(&mut b, order, &mut utf8_string).is_ok() {
+    let accepted = check_foreign(&mut b, order, &mut utf8_string).is_ok();
+    if order == Order::HOST {
+        // A second opinion by another route (read, check the document, write back): a wrong
+        // refusal shows here as well as a wrong acceptance.
+        assert_eq!(accepted, model::reference_accepts(body, &mut utf8_string), "the check and the reference disagree");
+    }
+    if accepted {
         let v = model::decode(&b).expect("an accepted body reads within bounds");
         assert_eq!(model::encode(&v, Order::HOST), b, "an accepted body is canonical");
         assert_eq!(model::encode(&v, order), body, "and was canonical in its own byte order");
