@@ -241,7 +241,7 @@ def test_update_from_previous_release_keeps_every_value(previous_stage):
                 assert c.execute("SELECT string_agg(doc::jsonb::text, ' | ' ORDER BY id) FROM tj").fetchone()[0] == json_before
                 c.execute("UPDATE tj SET doc = doc::jsonb")
                 assert c.execute("SELECT string_agg(doc::jsonb::text, ' | ' ORDER BY id) FROM tj").fetchone()[0] == json_before
-                assert c.execute("SELECT bool_and(doc::jsonb = %s::jsonb[][id + 1]) FROM tj", (JSON_DOCS,)).fetchone()[0]
+                assert c.execute("SELECT bool_and(doc::jsonb = (%s::jsonb[])[id + 1]) FROM tj", (JSON_DOCS,)).fetchone()[0]
         with connect(PORT, "upgraded") as c:
             assert c.execute("SELECT md5(string_agg(email::varchar || n::varchar || encode(blob, 'hex'), ',' ORDER BY id)) FROM t").fetchone()[0] != stored
             # Root-level rotation: re-wrap a tenant of 0.1.0 under the (current) root key.
