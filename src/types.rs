@@ -553,20 +553,11 @@ fn decode_fixed(base: pg_sys::Oid, b: &[u8]) -> Option<pg_sys::Datum> {
 /// compares value, scale and stored size with the original's. `numeric_recv` cost ~850
 /// instructions per value here (a guarded call, a NumericVar allocated, filled, copied, freed).
 fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
-    // utils/adt/numeric.c and utils/numeric.h.
-    const NBASE: u16 = 10000;
-    const DEC_DIGITS: i32 = 4;
-    const NUMERIC_POS: u16 = 0x0000;
-    const NUMERIC_NEG: u16 = 0x4000;
-    const NUMERIC_SHORT: u16 = 0x8000;
-    const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
-    const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
-    const NUMERIC_SHORT_DSCALE_MAX: u16 = 0x1F80 >> 7;
-    const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
-    const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
-    const NUMERIC_SHORT_WEIGHT_MAX: i32 = NUMERIC_SHORT_WEIGHT_MASK as i32;
-    const NUMERIC_SHORT_WEIGHT_MIN: i32 = -(NUMERIC_SHORT_WEIGHT_MASK as i32) - 1;
-    const NUMERIC_DSCALE_MASK: u16 = 0x3FFF;
+    // The on-disk format and make_result's rules: shared with the jsonb check.
+    use pg_envelope_core::numeric::{
+        fraction_digits, short_fits, NBASE, NUMERIC_DSCALE_MASK, NUMERIC_NEG, NUMERIC_POS, NUMERIC_SHORT,
+        NUMERIC_SHORT_DSCALE_SHIFT, NUMERIC_SHORT_SIGN_MASK, NUMERIC_SHORT_WEIGHT_MASK, NUMERIC_SHORT_WEIGHT_SIGN_MASK,
+    };
     let (hdr, rest) = b.split_first_chunk::<8>()?;
     let (digits, tail) = rest.as_chunks::<2>();
     let n = u16::from_be_bytes([hdr[0], hdr[1]]) as usize;
@@ -587,20 +578,12 @@ fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
             // Already normalised (make_result would strip zero digits at either end) and
             // nothing beyond the display scale (trunc_var would cut it).
             let last = u16::from_be_bytes(*last);
-            if u16::from_be_bytes(*first) == 0 || last == 0 {
+            if u16::from_be_bytes(*first) == 0 || last == 0 || fraction_digits(weight, n, last) > dscale as i64 {
                 return None;
-            }
-            let frac_groups = n as i32 - (weight + 1);
-            if frac_groups > 0 {
-                let beyond = frac_groups * DEC_DIGITS - dscale as i32;
-                const POW10: [u16; DEC_DIGITS as usize] = [1, 10, 100, 1000];
-                if beyond >= DEC_DIGITS || (beyond > 0 && last % POW10[beyond as usize] != 0) {
-                    return None;
-                }
             }
         }
     }
-    let short = dscale <= NUMERIC_SHORT_DSCALE_MAX && (NUMERIC_SHORT_WEIGHT_MIN..=NUMERIC_SHORT_WEIGHT_MAX).contains(&weight);
+    let short = short_fits(dscale, weight);
     let head = if short { 2 } else { 4 };
     let size = pg_sys::VARHDRSZ + head + 2 * n;
     unsafe {
@@ -638,9 +621,9 @@ fn decode_numeric(b: &[u8]) -> Option<pg_sys::Datum> {
 /// backend, longer ones from their own allocation.
 const SCRATCH: usize = 256;
 
-/// The backend's buffer for short typed plaintexts (int8, date, timestamptz, most numerics and
-/// small jsonb): no allocation per value. All zeros whenever it is not in use (wiped after every
-/// value). A process static, not a thread-local: a backend runs SQL functions on one thread
+/// The backend's buffer for short typed plaintexts (int8, date, timestamptz and most numerics;
+/// jsonb decrypts into its own result, `JsonbPlain`): no allocation per value. All zeros
+/// whenever it is not in use (wiped after every value). A process static, not a thread-local: a backend runs SQL functions on one thread
 /// (pgrx refuses others), and a thread-local in a `dlopen`ed library costs a `__tls_get_addr`
 /// call per access (two per value, with the `RefCell` and `Option` around the buffer).
 struct Scratch {

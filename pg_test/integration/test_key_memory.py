@@ -413,6 +413,13 @@ def test_a_decryption_deep_in_the_stack_leaves_no_key_there(root_key_file):
     finally:
         with connect(PORT_A, DB) as admin:
             admin.execute("DROP FUNCTION IF EXISTS public.keymem_deep(int, bytea)")
+    assert_no_key_on_the_stack(mem, foreign, prefix, text, "after the transaction ended")
+
+
+def assert_no_key_on_the_stack(mem, foreign, prefix, text, when):
+    """A live backend's scan (`mem`) holds no key material on its stack, with two controls: the
+    planted canary was found (the scan works) and the derived key of `foreign`'s nonce prefix
+    was found in the key pool (the backend did use it)."""
     problems = []
     if not any(is_control(h) for h in mem):
         problems.append("control: the canary was not found: the scan is broken")
@@ -421,7 +428,7 @@ def test_a_decryption_deep_in_the_stack_leaves_no_key_there(root_key_file):
         problems.append(f"control: the derived key {derived!r} the backend keeps was not found in its key pool")
     on_stack = [h for h in mem if is_dek_material(h) and is_stack(h)]
     if on_stack:
-        problems.append("key material left on the stack after the transaction ended:\n" + keyscan.format_hits(on_stack, "on the stack"))
+        problems.append(f"key material left on the stack {when}:\n" + keyscan.format_hits(on_stack, "on the stack"))
     assert not problems, "\n\n".join(problems) + "\n\n" + text
 
 
@@ -625,16 +632,7 @@ def test_a_commit_inside_nested_calls_leaves_no_key_on_the_stack(root_key_file):
             admin.execute("DROP PROCEDURE IF EXISTS public.keymem_use_then_commit(bytea, int)")
             admin.execute("DROP PROCEDURE IF EXISTS public.keymem_commit_deep(int)")
             admin.execute("DROP FUNCTION IF EXISTS public.keymem_dec(bytea)")
-    problems = []
-    if not any(is_control(h) for h in mem):
-        problems.append("control: the canary was not found: the scan is broken")
-    derived = f"dek v{keyscan.envelope_dek_version(foreign)} derived {prefix.hex()}"
-    if not any(h.key == derived and h.dd for h in mem):
-        problems.append(f"control: the derived key {derived!r} the backend keeps was not found in its key pool")
-    on_stack = [h for h in mem if is_dek_material(h) and is_stack(h)]
-    if on_stack:
-        problems.append("key material left on the stack after the procedure's COMMIT:\n" + keyscan.format_hits(on_stack, "on the stack"))
-    assert not problems, "\n\n".join(problems) + "\n\n" + text
+    assert_no_key_on_the_stack(mem, foreign, prefix, text, "after the procedure's COMMIT")
 
 
 # -- the key pool under a small RLIMIT_MEMLOCK ----------------------------------------------------

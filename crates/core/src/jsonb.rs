@@ -82,19 +82,11 @@ const JB_FSCALAR: u32 = 0x1000_0000;
 const JB_FOBJECT: u32 = 0x2000_0000;
 const JB_FARRAY: u32 = 0x4000_0000;
 
-// utils/adt/numeric.c
-const NUMERIC_SIGN_MASK: u16 = 0xC000;
-const NUMERIC_NEG: u16 = 0x4000;
-const NUMERIC_SHORT: u16 = 0x8000;
-const NUMERIC_SPECIAL: u16 = 0xC000;
-const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
-const NUMERIC_SHORT_DSCALE_MASK: u16 = 0x1F80;
-const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
-const NUMERIC_SHORT_DSCALE_MAX: u16 = NUMERIC_SHORT_DSCALE_MASK >> NUMERIC_SHORT_DSCALE_SHIFT;
-const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
-const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
-const NUMERIC_DSCALE_MASK: u16 = 0x3FFF;
-const NBASE: u16 = 10_000;
+use crate::numeric::{
+    fraction_digits, short_fits, NBASE, NUMERIC_DSCALE_MASK, NUMERIC_NEG, NUMERIC_SHORT, NUMERIC_SHORT_DSCALE_MASK,
+    NUMERIC_SHORT_DSCALE_SHIFT, NUMERIC_SHORT_SIGN_MASK, NUMERIC_SHORT_WEIGHT_MASK, NUMERIC_SHORT_WEIGHT_SIGN_MASK,
+    NUMERIC_SIGN_MASK, NUMERIC_SPECIAL,
+};
 const VARHDRSZ: usize = 4;
 
 /// The byte order of an internal-form payload.
@@ -543,29 +535,6 @@ fn numeric<B: Body>(b: &mut B, at: usize, end: usize) -> Result<(), Invalid> {
         return Err(Invalid);
     }
     Ok(())
-}
-
-/// The decimal digits after the point a numeric's stored digits reach (its last non-zero
-/// decimal digit's place), for `n` base-10,000 digits from `weight` ending in `last` (not 0).
-fn fraction_digits(weight: i32, n: usize, last: u16) -> i64 {
-    // The last digit's place is NBASE^(weight - n + 1); below the point it spans 4 decimal
-    // digits per place, less its own trailing zeros.
-    let places = n as i64 - 1 - weight as i64;
-    if places <= 0 {
-        return 0;
-    }
-    let trailing = match last {
-        d if d % 1000 == 0 => 3,
-        d if d % 100 == 0 => 2,
-        d if d % 10 == 0 => 1,
-        _ => 0,
-    };
-    places * 4 - trailing
-}
-
-/// `NUMERIC_CAN_BE_SHORT`.
-fn short_fits(dscale: u16, weight: i32) -> bool {
-    dscale <= NUMERIC_SHORT_DSCALE_MAX && (-64..=63).contains(&weight)
 }
 
 /// A reference model of the format: a document tree, PostgreSQL's writer (canonical: object

@@ -22,6 +22,7 @@ pub mod cache;
 pub mod datakey;
 pub mod envelope;
 pub mod jsonb;
+pub mod numeric;
 pub mod fuzzing;
 pub mod lifecycle;
 pub mod provider;
