@@ -1256,7 +1256,11 @@ fn rand_u32() -> u32 {
 /// A buffer an envelope or a plaintext is written into: a palloc'd varlena handed to PostgreSQL
 /// without another copy, or a wiped buffer for the typed decoders.
 pub trait OutBuf: Sized {
-    fn zeroed(len: usize) -> Self;
+    /// A buffer of `len` bytes, not necessarily zeroed: the encryption writes every byte of an
+    /// envelope, the decryption every byte of a plaintext before `accept` or anyone else reads
+    /// it (`DataKey::decrypt_into`: on a failure the buffer is wiped or holds only what it did
+    /// before, and is discarded unread).
+    fn allocate(len: usize) -> Self;
     fn bytes_mut(&mut self) -> &mut [u8];
     /// Whether the decrypted plaintext is one the caller may use (`encrypted_jsonb` checks its
     /// document here); asked before the decryption is audited, so that a refusal is recorded
@@ -1310,7 +1314,7 @@ fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &
         b.with_tenant_keys(tenant, |keys| {
             let dek: &mut DataKey = keys.active();
             *version = dek.version();
-            let mut out = B::zeroed(pg_envelope_core::envelope_len(plaintext.len()));
+            let mut out = B::allocate(pg_envelope_core::envelope_len(plaintext.len()));
             BACKEND_RNG.with(|r| {
                 dek.encrypt_into(&mut *r.borrow_mut(), tenant, context, plaintext, out.bytes_mut())
             });
@@ -1410,7 +1414,7 @@ fn decrypt_inner<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>, version: &m
                 Some(dek) => dek,
                 None => return Err(unusable_version(tenant, keys, env.dek_version)),
             };
-            let mut out = B::zeroed(env.plaintext_len());
+            let mut out = B::allocate(env.plaintext_len());
             dek.decrypt_into(tenant, context, &env, out.bytes_mut())
                 .map_err(|_| EnvelopeError::DecryptFailed)?;
             Ok(out)
@@ -1453,7 +1457,7 @@ pub fn reencrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Resul
             };
             let mut plain = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
             dek.decrypt_into(tenant, context, &env, &mut plain).map_err(|_| EnvelopeError::DecryptFailed)?;
-            let mut out = B::zeroed(pg_envelope_core::envelope_len(plain.len()));
+            let mut out = B::allocate(pg_envelope_core::envelope_len(plain.len()));
             let active = keys.active();
             BACKEND_RNG.with(|r| active.encrypt_into(&mut *r.borrow_mut(), tenant, context, &plain, out.bytes_mut()));
             Ok(out)

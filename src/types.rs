@@ -79,9 +79,10 @@ pub struct PallocVarlena(*mut pg_sys::varlena, usize);
 
 impl backend::OutBuf for PallocVarlena {
     #[inline(always)]
-    fn zeroed(len: usize) -> Self {
+    fn allocate(len: usize) -> Self {
         unsafe {
-            let ptr = crate::nothrow::palloc0(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
+            // Not zeroed: the envelope or plaintext is written over all of it (`OutBuf::allocate`).
+            let ptr = crate::nothrow::palloc(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
             pgrx::set_varsize_4b(ptr, (len + pg_sys::VARHDRSZ) as i32);
             PallocVarlena(ptr, len)
         }
@@ -448,32 +449,76 @@ unsafe fn encrypt_jsonb(io: &TypeIo, value: pg_sys::Datum) -> crate::error::Resu
 /// A decrypted `encrypted_jsonb` plaintext, laid out so that an internal-form payload is the
 /// result datum as it stands: the allocation has 2 bytes before the plaintext (with the 2-byte
 /// marker, the room for a varlena header) and a NUL after it (for `jsonb_in`, older values).
-/// Checked in [`backend::OutBuf::accept`], before the decryption is audited.
+/// Checked in [`backend::OutBuf::accept`], before the decryption is audited; a text-form
+/// plaintext is parsed there too (`parsed`), so that one that is not a document is refused and
+/// audited as a failure like a malformed internal form.
 struct JsonbPlain {
     ptr: *mut u8,
     len: usize,
     internal: bool,
+    parsed: Option<pg_sys::Datum>,
 }
 
 impl JsonbPlain {
+    /// A text-form plaintext (values written before the internal form existed) parsed by
+    /// `jsonb_in`: the document, or `None` for text that is not one (a payload only a key holder
+    /// could have made: `jsonb_out` wrote every genuine one). `jsonb_in`'s own error would quote
+    /// the offending token, which is plaintext, so data exceptions (class 22) and its size
+    /// limits (54000) are caught here and become the opaque `MalformedJsonb`; anything else (a
+    /// cancel, the stack depth, out of memory) is raised as it is, after the plaintext is
+    /// wiped. Caught without a subtransaction: `jsonb_in` holds no lock, buffer or other
+    /// resource, only memory in the current context (`PgTryBuilder` restores the context and
+    /// flushes the error state, as `search.rs` does for a conversion).
+    unsafe fn parse_text(&mut self) -> Option<pg_sys::Datum> {
+        use pgrx::pg_sys::panic::CaughtError;
+        use pgrx::PgSqlErrorCode as E;
+        let (ptr, len) = (self.ptr, self.len);
+        pgrx::PgTryBuilder::new(|| {
+            Some(pg_sys::OidInputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_IN), ptr.add(2).cast(), pg_sys::JSONBOID, -1))
+        })
+        .catch_others(move |e| {
+            // SQLSTATE classes are the code's low 12 bits (ERRCODE_TO_CATEGORY).
+            let class = |c: E| (c as isize) & 0xFFF;
+            let not_a_document = matches!(&e, CaughtError::PostgresError(r)
+                if class(r.sql_error_code()) == class(E::ERRCODE_DATA_EXCEPTION)
+                    || r.sql_error_code() == E::ERRCODE_PROGRAM_LIMIT_EXCEEDED);
+            // SAFETY: the allocation of `len + 3` bytes made by `allocate`.
+            zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(ptr, len + 3));
+            if not_a_document {
+                None
+            } else {
+                e.rethrow()
+            }
+        })
+        .execute()
+    }
+
     /// The whole allocation, wiped.
     fn wipe(&mut self) {
-        // SAFETY: the allocation of `len + 3` bytes made by `zeroed`.
+        // SAFETY: the allocation of `len + 3` bytes made by `allocate`.
         zeroize::Zeroize::zeroize(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len + 3) });
     }
 }
 
 impl backend::OutBuf for JsonbPlain {
     #[inline(always)]
-    fn zeroed(len: usize) -> Self {
-        JsonbPlain { ptr: crate::nothrow::palloc0(len + 3).cast(), len, internal: false }
+    fn allocate(len: usize) -> Self {
+        // The plaintext's bytes are written by the decryption (`OutBuf::allocate`); the two
+        // before it (marker room, then the varlena header) and the NUL after it are set here.
+        let ptr: *mut u8 = crate::nothrow::palloc(len + 3).cast();
+        // SAFETY: `len + 3` bytes allocated.
+        unsafe {
+            ptr.cast::<[u8; 2]>().write_unaligned([0, 0]);
+            ptr.add(len + 2).write(0);
+        }
+        JsonbPlain { ptr, len, internal: false, parsed: None }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: `len + 3` bytes allocated; the plaintext is bytes 2 .. len + 2.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(2), self.len) }
     }
     /// The internal form checked completely (and put in this machine's byte order); the text
-    /// form checked for NUL bytes and the server encoding before `jsonb_in` parses it.
+    /// form checked for NUL bytes and the server encoding, then parsed by `jsonb_in`.
     fn accept(&mut self) -> bool {
         use pg_envelope_core::jsonb;
         let mut strings = jsonb_string_check();
@@ -484,7 +529,11 @@ impl backend::OutBuf for JsonbPlain {
                 self.internal = true;
                 jsonb::check_foreign(&mut plain[jsonb::PREFIX_LEN..], order, &mut strings).is_ok()
             }
-            Ok(jsonb::Form::Text) => jsonb::text_form_ok(plain, &mut strings),
+            Ok(jsonb::Form::Text) => jsonb::text_form_ok(plain, &mut strings) && {
+                // SAFETY: a NUL-terminated plaintext (`allocate`).
+                self.parsed = unsafe { self.parse_text() };
+                self.parsed.is_some()
+            },
             Err(jsonb::Invalid) => false,
         };
         if !ok {
@@ -494,29 +543,19 @@ impl backend::OutBuf for JsonbPlain {
     }
 }
 
-/// Wipes the plaintext when dropped: also on the unwinding of an error raised by `jsonb_in`.
-struct WipeOnDrop<'a>(&'a mut JsonbPlain);
-
-impl Drop for WipeOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.wipe();
-    }
-}
-
 /// envelope -> jsonb: an internal-form plaintext (checked and put in this machine's byte order
-/// by `accept`) becomes the result with no copy; a text-form one goes through `jsonb_in`.
+/// by `accept`) becomes the result with no copy; a text-form one was parsed by `accept`, and its
+/// plaintext is wiped and freed here.
 unsafe fn decrypt_jsonb(fcinfo: pg_sys::FunctionCallInfo, io: &TypeIo) -> pg_sys::Datum {
     let mut plain: JsonbPlain = backend::decrypt_to(arg_bytes(fcinfo, 0), Some(io.tag())).or_raise();
     if plain.internal {
         pgrx::set_varsize_4b(plain.ptr.cast(), (plain.len + 2) as i32);
         return pg_sys::Datum::from(plain.ptr);
     }
-    let d = {
-        let guard = WipeOnDrop(&mut plain);
-        pg_sys::InputFunctionCall(&io.io as *const _ as *mut _, guard.0.ptr.add(2).cast(), io.ioparam, -1)
-    };
+    let parsed = plain.parsed.expect("an accepted text-form plaintext is parsed");
+    plain.wipe();
     pg_sys::pfree(plain.ptr.cast());
-    d
+    parsed
 }
 
 /// The binary form of an int8, date or timestamptz as a Datum, when it is well-formed and in
@@ -644,7 +683,7 @@ enum WipedCString {
 }
 
 impl backend::OutBuf for WipedCString {
-    fn zeroed(len: usize) -> Self {
+    fn allocate(len: usize) -> Self {
         if len < SCRATCH && !SCRATCH_BUF.busy.replace(true) {
             return WipedCString::Scratch(len);
         }

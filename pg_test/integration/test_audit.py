@@ -218,6 +218,42 @@ def test_a_forged_jsonb_plaintext_is_refused_and_recorded_as_a_failure(audited):
     assert [r[2:6] for r in rows] == [("decrypt", 1, 0, "ok"), ("decrypt", 1, 1, "XX001")], rows
 
 
+def test_a_forged_text_form_jsonb_plaintext_is_refused_without_quoting_it(audited):
+    """Values written before the internal form hold jsonb's text form and decrypt through
+    `jsonb_in`. A key holder can seal text that is not a document: `jsonb_in`'s own error would
+    quote the offending token (plaintext) and the decryption would already be audited as a
+    success. pg_envelope parses it before the decryption is audited: the cast refuses it with
+    XX001, quoting nothing, and the trail records each failure; a genuine text-form value
+    still reads."""
+    import base64
+    import keyscan
+    ctx = b"pg_envelope/type/jsonb"
+    text = lambda env: "pge1:" + base64.b64encode(env).decode()
+    with connect(PORT_A, DB) as c:
+        km = keyscan.KeyMaterial.from_catalog(c, c.execute("SHOW envelope.local_root_key_file").fetchone()[0], TENANT)
+        with as_tenant(c, TENANT):
+            genuine = bytes(c.execute("""SELECT envelope.encrypted_jsonb_send('{"a": 1}'::jsonb::envelope.encrypted_jsonb)""").fetchone()[0])
+        dek = km.deks[keyscan.envelope_dek_version(genuine)]
+        seal = lambda plain: text(keyscan.encrypt_envelope(dek, TENANT, ctx, genuine[:42], plain))
+        start = last_seq(c)
+        c.execute("SET envelope.request_id = 'forged-jsonb-text'")
+        with as_tenant(c, TENANT):
+            legacy = seal(b'{"a": "text-form"}')
+            assert c.execute(f"SELECT ('{legacy}'::envelope.encrypted_jsonb)::jsonb::text").fetchone()[0] == '{"a": "text-form"}'
+        # A syntax error (22P02 from jsonb_in, whose detail quotes the token) and a number
+        # numeric cannot hold (22003).
+        for forged in (b'{"a": forged-canary', b'["forged-canary", 1e1000000]'):
+            with pytest.raises(psycopg.errors.DataCorrupted) as e:
+                with as_tenant(c, TENANT):
+                    c.execute(f"SELECT ('{seal(forged)}'::envelope.encrypted_jsonb)::jsonb")
+            shown = f"{e.value} {e.value.diag.message_detail} {e.value.diag.message_hint} {e.value.diag.context}"
+            assert "well-formed jsonb" in shown and "forged-canary" not in shown, shown
+        # The session goes on (the error was caught without a subtransaction).
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+        rows = records_after(c, start, "forged-jsonb-text")
+    assert [r[2:6] for r in rows] == [("decrypt", 1, 0, "ok"), ("decrypt", 1, 1, "XX001"), ("decrypt", 1, 1, "XX001")], rows
+
+
 def test_every_value_of_a_mixed_statement_lands_in_its_own_aggregate(audited):
     """The per-value fast path (src/audit/mod.rs) counts a value without looking at the
     aggregate when it is like the statement's last one. One statement here switches tenant per

@@ -115,13 +115,6 @@ impl Order {
         }
     }
 
-    fn u16(self, b: [u8; 2]) -> u16 {
-        match self {
-            Order::Little => u16::from_le_bytes(b),
-            Order::Big => u16::from_be_bytes(b),
-        }
-    }
-
     fn put_u32(self, v: u32) -> [u8; 4] {
         match self {
             Order::Little => v.to_le_bytes(),
@@ -260,12 +253,16 @@ pub fn check_foreign<F: FnMut(&[u8]) -> bool>(body: &mut [u8], from: Order, stri
 
 /// Reads of the body's fixed-size fields: each field is read exactly once, which lets
 /// [`Foreign`] rewrite it in place as it reads it.
-trait Body {
+trait Body<'a> {
     fn len(&self) -> usize;
     fn bytes(&self, at: usize, end: usize) -> Result<&[u8], Invalid>;
     fn u32(&mut self, at: usize) -> Result<u32, Invalid>;
-    fn u16(&mut self, at: usize) -> Result<u16, Invalid>;
     fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid>;
+    /// The `N`-byte integers at `at..end` (a container's JEntries, a numeric's digits) in this
+    /// machine's byte order, each read once: the body's own bytes for [`Native`] (no copy), a
+    /// copy of the rewritten ones for [`Foreign`].
+    type Ints: std::ops::Deref<Target = [u8]>;
+    fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Self::Ints, Invalid>;
 }
 
 #[inline(always)]
@@ -275,7 +272,7 @@ fn field<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], Invalid> {
 
 struct Native<'a>(&'a [u8]);
 
-impl Body for Native<'_> {
+impl<'a> Body<'a> for Native<'a> {
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -288,12 +285,14 @@ impl Body for Native<'_> {
         Ok(u32::from_ne_bytes(field(self.0, at)?))
     }
     #[inline(always)]
-    fn u16(&mut self, at: usize) -> Result<u16, Invalid> {
-        Ok(u16::from_ne_bytes(field(self.0, at)?))
-    }
-    #[inline(always)]
     fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid> {
         Order::HOST.varlena_4b_u(field(self.0, at)?).ok_or(Invalid)
+    }
+    type Ints = &'a [u8];
+    #[inline(always)]
+    fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<&'a [u8], Invalid> {
+        let body: &'a [u8] = self.0;
+        body.get(at..end).ok_or(Invalid)
     }
 }
 
@@ -305,7 +304,7 @@ impl Foreign<'_> {
     }
 }
 
-impl Body for Foreign<'_> {
+impl<'a> Body<'a> for Foreign<'a> {
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -317,15 +316,21 @@ impl Body for Foreign<'_> {
         self.put(at, Order::HOST.put_u32(v));
         Ok(v)
     }
-    fn u16(&mut self, at: usize) -> Result<u16, Invalid> {
-        let v = self.1.u16(field(self.0, at)?);
-        self.put(at, Order::HOST.put_u16(v));
-        Ok(v)
-    }
     fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid> {
         let len = self.1.varlena_4b_u(field(self.0, at)?).ok_or(Invalid)?;
         self.put(at, Order::HOST.put_varlena_4b_u(len));
         Ok(len)
+    }
+    type Ints = Vec<u8>;
+    fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Vec<u8>, Invalid> {
+        let e = self.0.get_mut(at..end).ok_or(Invalid)?;
+        if self.1 != Order::HOST {
+            // Both orders are byte reversals of each other: an integer's bytes reversed.
+            for w in e.chunks_exact_mut(N) {
+                w.reverse();
+            }
+        }
+        Ok(e.to_vec())
     }
 }
 
@@ -361,16 +366,20 @@ impl WorkList {
 }
 
 #[inline]
-fn walk<B: Body, F: FnMut(&[u8]) -> bool>(b: &mut B, string_ok: &mut F) -> Result<(), Invalid> {
+fn walk<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(b: &mut B, string_ok: &mut F) -> Result<(), Invalid> {
     if b.len() > MAX_BODY {
         return Err(Invalid);
     }
     // The root is the only container at depth 1 (one call site: `container` is inlined here).
-    let mut work = WorkList { one: Some(Pending { start: 0, end: b.len(), depth: 1 }), spill: Vec::new() };
-    while let Some(p) = work.pop() {
+    let mut work = WorkList { one: None, spill: Vec::new() };
+    let mut p = Pending { start: 0, end: b.len(), depth: 1 };
+    loop {
         container(b, p, &mut work, string_ok)?;
+        match work.pop() {
+            Some(next) => p = next,
+            None => return Ok(()),
+        }
     }
-    Ok(())
 }
 
 /// Bytes of zero padding before a numeric or container at `off` (relative to its container's
@@ -382,8 +391,15 @@ fn pad(off: usize) -> usize {
 
 /// Checks the container at `start..end` (its own bytes exactly, padding excluded): its header,
 /// every child's entry and scalar data; nested containers go on the work list.
+///
+/// The entries' rules are folded into one flag, `bad`, tested once at the end (a refusal needs
+/// no early exit: every read is bounds-checked against the body, and a nested container is
+/// checked only after its parent passed): the end offset stored in every 32nd child
+/// (`JB_OFFSET_STRIDE`, counted across an object's keys then values) and a length in the
+/// others, exactly as the writer stores them; ends that never decrease; the last one the
+/// container's own end (so every child lies inside it).
 #[inline(always)]
-fn container<B: Body, F: FnMut(&[u8]) -> bool>(
+fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     b: &mut B,
     Pending { start, end, depth }: Pending,
     work: &mut WorkList,
@@ -412,76 +428,69 @@ fn container<B: Body, F: FnMut(&[u8]) -> bool>(
         return Err(Invalid);
     }
     let room = end - base;
+    let entries = b.ints::<4>(start + 4, base)?;
+    let (entries, _) = entries.as_chunks::<4>();
+    if scalar {
+        // A root scalar: its one entry holds the end offset (the first child always does),
+        // which is the container's end.
+        let je = u32::from_ne_bytes(entries[0]);
+        if je & JENTRY_HAS_OFF == 0 || (je & JENTRY_OFFLENMASK) as usize != room {
+            return Err(Invalid);
+        }
+        return value(b, je, base, 0, room, None, string_ok);
+    }
+    // Every child's end: the stored end offset in every 32nd child (`JB_OFFSET_STRIDE`, counted
+    // across an object's keys then values) and a length in the others, exactly as the writer
+    // stores them; ends that never decrease and stay inside the container (the last one its
+    // end, checked after the values). Rules are folded into `bad` and tested once per child.
+    let mut bad = false;
     let mut off = 0usize;
-    // Entry i's data: (type, start, length), its stored offset or length checked against the
-    // writer's rule and the container's room. Entries are read in order, each once.
-    let entry = |b: &mut B, i: usize, off: usize| -> Result<(u32, usize, usize), Invalid> {
-        let je = b.u32(start + 4 + 4 * i)?;
-        let f = (je & JENTRY_OFFLENMASK) as usize;
-        let has_off = je & JENTRY_HAS_OFF != 0;
-        if has_off != (i % JB_OFFSET_STRIDE == 0) {
-            return Err(Invalid);
-        }
-        let len = if has_off { f.checked_sub(off).ok_or(Invalid)? } else { f };
-        if len > room - off {
-            return Err(Invalid);
-        }
-        Ok((je & JENTRY_TYPEMASK, base + off, len))
-    };
-    let first_value = if object { count } else { 0 };
+    let (keys, values) = entries.split_at(if object { count } else { 0 });
     // An object's keys: strings, strictly increasing by (length, bytes), as
-    // lengthCompareJsonbString orders them.
-    let mut prev: Option<(usize, usize)> = None;
-    for i in 0..first_value {
-        let (kind, at, len) = entry(b, i, off)?;
-        let s = b.bytes(at, at + len)?;
-        if kind != JENTRY_ISSTRING || !valid_string(s, string_ok) {
+    // lengthCompareJsonbString orders them. Their bytes are one run (strings are not padded),
+    // checked at once when it is ASCII, key by key otherwise.
+    let mut prev_len = 0usize;
+    for (i, w) in keys.iter().enumerate() {
+        let je = u32::from_ne_bytes(*w);
+        let e = child_end(je, off);
+        let len = e.wrapping_sub(off);
+        bad |= ((je & JENTRY_HAS_OFF != 0) != (i % JB_OFFSET_STRIDE == 0))
+            | (e < off)
+            | (je & JENTRY_TYPEMASK != JENTRY_ISSTRING)
+            | (i > 0 && len < prev_len);
+        if bad {
             return Err(Invalid);
         }
-        if let Some((p, plen)) = prev {
-            let in_order = match plen.cmp(&len) {
-                std::cmp::Ordering::Less => true,
-                std::cmp::Ordering::Greater => false,
-                std::cmp::Ordering::Equal => b.bytes(p, p + plen)? < s,
-            };
-            if !in_order {
+        if i > 0 && len == prev_len && b.bytes(base + off - len, base + off)? >= b.bytes(base + off, base + e)? {
+            return Err(Invalid);
+        }
+        prev_len = len;
+        off = e;
+    }
+    if off > room {
+        return Err(Invalid);
+    }
+    if object && !ascii_without_nul(b.bytes(base, base + off)?) {
+        let mut at = 0;
+        for w in keys {
+            let e = child_end(u32::from_ne_bytes(*w), at);
+            if !valid_string(b.bytes(base + at, base + e)?, string_ok) {
                 return Err(Invalid);
             }
+            at = e;
         }
-        prev = Some((at, len));
-        off += len;
     }
     // Values and array elements.
-    for i in first_value..n {
-        let (kind, at, len) = entry(b, i, off)?;
-        let child_end = at + len;
-        match kind {
-            JENTRY_ISSTRING => {
-                if !valid_string(b.bytes(at, child_end)?, string_ok) {
-                    return Err(Invalid);
-                }
-            }
-            JENTRY_ISNUMERIC | JENTRY_ISCONTAINER => {
-                let p = pad(off);
-                if p > 0 && (len < p || b.bytes(at, at + p)?.iter().any(|&z| z != 0)) {
-                    return Err(Invalid);
-                }
-                if kind == JENTRY_ISNUMERIC {
-                    numeric(b, at + p, child_end)?;
-                } else if scalar || depth >= MAX_DEPTH {
-                    return Err(Invalid);
-                } else {
-                    work.push(Pending { start: at + p, end: child_end, depth: depth + 1 });
-                }
-            }
-            JENTRY_ISBOOL_FALSE | JENTRY_ISBOOL_TRUE | JENTRY_ISNULL => {
-                if len != 0 {
-                    return Err(Invalid);
-                }
-            }
-            _ => return Err(Invalid),
+    let nested = if depth >= MAX_DEPTH { None } else { Some((&mut *work, depth + 1)) };
+    let mut nested = nested;
+    for (i, w) in values.iter().enumerate() {
+        let je = u32::from_ne_bytes(*w);
+        let e = child_end(je, off);
+        if ((je & JENTRY_HAS_OFF != 0) != ((keys.len() + i) % JB_OFFSET_STRIDE == 0)) | (e < off) | (e > room) {
+            return Err(Invalid);
         }
-        off += len;
+        value(b, je, base, off, e, nested.as_mut().map(|(w, d)| (&mut **w, *d)), string_ok)?;
+        off = e;
     }
     if off != room {
         return Err(Invalid);
@@ -489,49 +498,102 @@ fn container<B: Body, F: FnMut(&[u8]) -> bool>(
     Ok(())
 }
 
+/// Checks one value or array element at `base + off .. base + end` (inside its container):
+/// a string, a numeric, a boolean or null, or a nested container (pushed on `nested`'s work
+/// list, at its depth; `None` where none may be: under a root scalar, or at the depth limit).
+#[inline(always)]
+fn value<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
+    b: &mut B,
+    je: u32,
+    base: usize,
+    off: usize,
+    end: usize,
+    nested: Option<(&mut WorkList, u32)>,
+    string_ok: &mut F,
+) -> Result<(), Invalid> {
+    let (at, child_end) = (base + off, base + end);
+    match je & JENTRY_TYPEMASK {
+        JENTRY_ISSTRING => {
+            if !valid_string(b.bytes(at, child_end)?, string_ok) {
+                return Err(Invalid);
+            }
+        }
+        kind @ (JENTRY_ISNUMERIC | JENTRY_ISCONTAINER) => {
+            let p = pad(off);
+            if p > 0 && (end - off < p || b.bytes(at, at + p)?.iter().any(|&z| z != 0)) {
+                return Err(Invalid);
+            }
+            if kind == JENTRY_ISNUMERIC {
+                numeric(b, at + p, child_end)?;
+            } else if let Some((work, depth)) = nested {
+                work.push(Pending { start: at + p, end: child_end, depth });
+            } else {
+                return Err(Invalid);
+            }
+        }
+        JENTRY_ISBOOL_FALSE | JENTRY_ISBOOL_TRUE | JENTRY_ISNULL => {
+            if end != off {
+                return Err(Invalid);
+            }
+        }
+        _ => return Err(Invalid),
+    }
+    Ok(())
+}
+
+/// The end (relative to its container's data) of a child whose entry is `je` and which starts
+/// at `off`: the stored end offset, or `off` plus the stored length (`off` is at most `n`
+/// times 2^28 with `n` below 2^30: no overflow on a 64-bit machine, which PostgreSQL 15-18's
+/// jsonb limits assume too).
+#[inline(always)]
+fn child_end(je: u32, off: usize) -> usize {
+    let f = (je & JENTRY_OFFLENMASK) as usize;
+    if je & JENTRY_HAS_OFF != 0 {
+        f
+    } else {
+        off + f
+    }
+}
+
 /// Checks a numeric at `at..end`: as `make_result` (utils/adt/numeric.c) writes a finite value.
-fn numeric<B: Body>(b: &mut B, at: usize, end: usize) -> Result<(), Invalid> {
+/// After its 4-byte varlena header a numeric is 2-byte integers only (the header word, the long
+/// form's weight, the digits), read as one run.
+#[inline(always)]
+fn numeric<'a, B: Body<'a>>(b: &mut B, at: usize, end: usize) -> Result<(), Invalid> {
     let size = end.checked_sub(at).ok_or(Invalid)?;
-    if size < VARHDRSZ + 2 || b.varlena_4b_u(at)? as usize != size {
+    if size < VARHDRSZ + 2 || size % 2 != 0 || b.varlena_4b_u(at)? as usize != size {
         return Err(Invalid);
     }
-    let h = b.u16(at + VARHDRSZ)?;
-    let (negative, dscale, weight, digits_at) = if h & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
+    let words = b.ints::<2>(at + VARHDRSZ, end)?;
+    let (words, _) = words.as_chunks::<2>();
+    let h = u16::from_ne_bytes(words[0]);
+    let (negative, dscale, weight, digits) = if h & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
         return Err(Invalid); // NaN and the infinities: jsonb holds none
     } else if h & NUMERIC_SHORT != 0 {
         let w = (h & NUMERIC_SHORT_WEIGHT_MASK) as i32;
         let weight = if h & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 { w - 64 } else { w };
-        (h & NUMERIC_SHORT_SIGN_MASK != 0, (h & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT, weight, at + VARHDRSZ + 2)
+        (h & NUMERIC_SHORT_SIGN_MASK != 0, (h & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT, weight, &words[1..])
     } else {
-        if size < VARHDRSZ + 4 {
-            return Err(Invalid);
-        }
-        let weight = b.u16(at + VARHDRSZ + 2)? as i16 as i32;
+        let Some(w) = words.get(1) else { return Err(Invalid) };
+        let weight = u16::from_ne_bytes(*w) as i16 as i32;
         let (negative, dscale) = (h & NUMERIC_SIGN_MASK == NUMERIC_NEG, h & NUMERIC_DSCALE_MASK);
         // make_result writes the long form only when the short one cannot hold the value.
         if short_fits(dscale, weight) {
             return Err(Invalid);
         }
-        (negative, dscale, weight, at + VARHDRSZ + 4)
+        (negative, dscale, weight, &words[2..])
     };
-    let digits = end - digits_at;
-    if digits % 2 != 0 {
-        return Err(Invalid);
-    }
-    let n = digits / 2;
-    if n == 0 {
+    let (Some(first), Some(last)) = (digits.first(), digits.last()) else {
         // Zero: make_result gives it weight 0 and a positive sign.
         return if weight == 0 && !negative { Ok(()) } else { Err(Invalid) };
+    };
+    let (first, last) = (u16::from_ne_bytes(*first), u16::from_ne_bytes(*last));
+    // Digits below NBASE, no leading or trailing zero digit.
+    let mut bad = first == 0 || last == 0;
+    for d in digits {
+        bad |= u16::from_ne_bytes(*d) >= NBASE;
     }
-    let mut last = 0;
-    for i in 0..n {
-        let d = b.u16(digits_at + 2 * i)?;
-        if d >= NBASE || (d == 0 && (i == 0 || i == n - 1)) {
-            return Err(Invalid);
-        }
-        last = d;
-    }
-    if fraction_digits(weight, n, last) > dscale as i64 {
+    if bad || fraction_digits(weight, digits.len(), last) > dscale as i64 {
         return Err(Invalid);
     }
     Ok(())
