@@ -1284,7 +1284,14 @@ fn accepted<B: OutBuf>(mut b: B) -> Result<B> {
 
 /// Encrypts for the current tenant into a new `B`. Audited per statement when `envelope.audit`
 /// is on (src/audit.rs).
+#[inline(always)]
 pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result<B> {
+    encrypt_parts_to([plaintext], context)
+}
+
+/// [`encrypt_to`] of the concatenation of `parts`, made in the envelope itself
+/// (`DataKey::encrypt_parts_into`): no buffer holds the joined plaintext.
+pub fn encrypt_parts_to<B: OutBuf, const N: usize>(plaintext: [&[u8]; N], context: Option<&[u8]>) -> Result<B> {
     if !crate::audit::enabled() {
         return encrypt_inner(plaintext, context, &mut 0, &mut None);
     }
@@ -1303,20 +1310,26 @@ pub fn encrypt_to<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>) -> Result
     }
 }
 
-fn encrypt_inner<B: OutBuf>(plaintext: &[u8], context: Option<&[u8]>, version: &mut u32, tenant_out: &mut Option<&'static str>) -> Result<B> {
+fn encrypt_inner<B: OutBuf, const N: usize>(
+    plaintext: [&[u8]; N],
+    context: Option<&[u8]>,
+    version: &mut u32,
+    tenant_out: &mut Option<&'static str>,
+) -> Result<B> {
     let limit = gucs::max_value_size();
     let tenant = current_tenant()?;
     *tenant_out = Some(tenant);
-    if plaintext.len() > limit {
-        return Err(EnvelopeError::TooLarge { size: plaintext.len(), limit });
+    let len: usize = plaintext.iter().map(|p| p.len()).sum();
+    if len > limit {
+        return Err(EnvelopeError::TooLarge { size: len, limit });
     }
     with_backend(|b| {
         b.with_tenant_keys(tenant, |keys| {
             let dek: &mut DataKey = keys.active();
             *version = dek.version();
-            let mut out = B::allocate(pg_envelope_core::envelope_len(plaintext.len()));
+            let mut out = B::allocate(pg_envelope_core::envelope_len(len));
             BACKEND_RNG.with(|r| {
-                dek.encrypt_into(&mut *r.borrow_mut(), tenant, context, plaintext, out.bytes_mut())
+                dek.encrypt_parts_into(&mut *r.borrow_mut(), tenant, context, plaintext, out.bytes_mut())
             });
             Ok(out)
         })

@@ -425,11 +425,8 @@ unsafe fn encrypt_jsonb(io: &TypeIo, value: pg_sys::Datum) -> crate::error::Resu
     let full = pg_sys::pg_detoast_datum(raw);
     let body = pgrx::varlena_to_byte_slice(full);
     let r = if jsonb::check_native(body, &mut jsonb_string_check()).is_ok() {
-        let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(jsonb::PREFIX_LEN + body.len()));
-        plain.push(jsonb::MARKER);
-        plain.push(jsonb::Order::HOST.form_byte());
-        plain.extend_from_slice(body);
-        backend::encrypt_to(&plain, Some(io.tag()))
+        // Marker and document sealed straight from where they are: no joined copy to wipe.
+        backend::encrypt_parts_to([&[jsonb::MARKER, jsonb::Order::HOST.form_byte()], body], Some(io.tag()))
     } else {
         let s = pg_sys::OutputFunctionCall(&io.io as *const _ as *mut _, value);
         let text = CStr::from_ptr(s).to_bytes();
