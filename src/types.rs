@@ -267,15 +267,15 @@ struct TypeIo {
     base: pg_sys::Oid,
     codec: Codec,
     ioparam: pg_sys::Oid,
-    tag: [u8; 48],
-    tag_len: usize,
+    tag: &'static [u8],
     io: pg_sys::FmgrInfo,
 }
 
 impl TypeIo {
-    /// The type's context (`pg_envelope/type/<base>`), bound into every value's AAD.
+    /// The type's context (`pg_envelope/type/<base>`), bound into every value's AAD: the core's
+    /// static (`envelope::TYPE_CONTEXTS`), whose code the AAD takes from its address.
     fn tag(&self) -> &[u8] {
-        &self.tag[..self.tag_len]
+        self.tag
     }
 }
 
@@ -298,14 +298,15 @@ unsafe fn type_io_lookup(flinfo: *mut pg_sys::FmgrInfo, encrypt: bool) -> &'stat
     let mut nargs = 0;
     let ret = pg_sys::get_func_signature((*flinfo).fn_oid, &mut argtypes, &mut nargs);
     let base = if encrypt { *argtypes } else { ret };
-    let (codec, name) = match base {
-        pg_sys::TEXTOID => (Codec::Raw, "text"),
-        pg_sys::BYTEAOID => (Codec::Raw, "bytea"),
-        pg_sys::JSONBOID => (Codec::Jsonb, "jsonb"),
-        pg_sys::INT8OID => (Codec::BinaryIo, "int8"),
-        pg_sys::NUMERICOID => (Codec::BinaryIo, "numeric"),
-        pg_sys::DATEOID => (Codec::BinaryIo, "date"),
-        pg_sys::TIMESTAMPTZOID => (Codec::BinaryIo, "timestamptz"),
+    // The context's index in `TYPE_CONTEXTS` (its code minus one).
+    let (codec, ctx) = match base {
+        pg_sys::TEXTOID => (Codec::Raw, 0),
+        pg_sys::BYTEAOID => (Codec::Raw, 1),
+        pg_sys::JSONBOID => (Codec::Jsonb, 2),
+        pg_sys::INT8OID => (Codec::BinaryIo, 3),
+        pg_sys::NUMERICOID => (Codec::BinaryIo, 4),
+        pg_sys::DATEOID => (Codec::BinaryIo, 5),
+        pg_sys::TIMESTAMPTZOID => (Codec::BinaryIo, 6),
         other => {
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -320,9 +321,7 @@ unsafe fn type_io_lookup(flinfo: *mut pg_sys::FmgrInfo, encrypt: bool) -> &'stat
     let c = &mut *cache;
     c.base = base;
     c.codec = codec;
-    let tag = format!("pg_envelope/type/{name}");
-    c.tag[..tag.len()].copy_from_slice(tag.as_bytes());
-    c.tag_len = tag.len();
+    c.tag = pg_envelope_core::envelope::TYPE_CONTEXTS[ctx];
     let mut func = pg_sys::Oid::INVALID;
     let mut ioparam = pg_sys::Oid::INVALID;
     let mut is_varlena = false;
@@ -735,11 +734,6 @@ unsafe fn reencrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datu
 /// The type context of a function's first argument (an encrypted type, or a domain over one):
 /// `pg_envelope/type/<base>`, cached per call site.
 unsafe fn typed_tag(fcinfo: pg_sys::FunctionCallInfo) -> &'static [u8] {
-    #[repr(C)]
-    struct Tag {
-        len: usize,
-        bytes: [u8; 48],
-    }
     let flinfo = (*fcinfo).flinfo;
     if (*flinfo).fn_extra.is_null() {
         let mut argtypes: *mut pg_sys::Oid = std::ptr::null_mut();
@@ -748,7 +742,12 @@ unsafe fn typed_tag(fcinfo: pg_sys::FunctionCallInfo) -> &'static [u8] {
         let base = pg_sys::getBaseType(*argtypes);
         let name = CStr::from_ptr(pg_sys::format_type_be(base)).to_string_lossy().into_owned();
         let short = name.rsplit('.').next().unwrap_or("").trim_matches('"');
-        let Some(base_name) = short.strip_prefix("encrypted_") else {
+        // The core's static context (its code is then read from its address: `type_code`).
+        let tag = short.strip_prefix("encrypted_").and_then(|b| {
+            let tag = format!("pg_envelope/type/{b}");
+            pg_envelope_core::envelope::TYPE_CONTEXTS.iter().find(|c| **c == tag.as_bytes())
+        });
+        let Some(tag) = tag else {
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
                 format!("pg_envelope: {name} is not an encrypted type"),
@@ -757,14 +756,9 @@ unsafe fn typed_tag(fcinfo: pg_sys::FunctionCallInfo) -> &'static [u8] {
             .report(PgLogLevel::ERROR);
             unreachable!()
         };
-        let tag = format!("pg_envelope/type/{base_name}");
-        let t = pg_sys::MemoryContextAllocZero((*flinfo).fn_mcxt, std::mem::size_of::<Tag>()) as *mut Tag;
-        let n = tag.len().min(48);
-        let t = &mut *t;
-        t.bytes[..n].copy_from_slice(&tag.as_bytes()[..n]);
-        t.len = n;
-        (*flinfo).fn_extra = t as *mut Tag as *mut std::ffi::c_void;
+        let t = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<&'static [u8]>()) as *mut &'static [u8];
+        t.write(*tag);
+        (*flinfo).fn_extra = t.cast();
     }
-    let t = &*((*flinfo).fn_extra as *const Tag);
-    &t.bytes[..t.len]
+    *((*flinfo).fn_extra as *const &'static [u8])
 }
