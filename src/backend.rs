@@ -1256,11 +1256,10 @@ fn rand_u32() -> u32 {
 /// A buffer an envelope or a plaintext is written into: a palloc'd varlena handed to PostgreSQL
 /// without another copy, or a wiped buffer for the typed decoders.
 pub trait OutBuf: Sized {
-    /// A buffer of `len` bytes, not necessarily zeroed: the encryption writes every byte of an
-    /// envelope, the decryption every byte of a plaintext before `accept` or anyone else reads
-    /// it (`DataKey::decrypt_into`: on a failure the buffer is wiped or holds only what it did
-    /// before, and is discarded unread).
-    fn allocate(len: usize) -> Self;
+    /// A buffer of `len` zero bytes (zeroed, not left uninitialised: the decryption writes it
+    /// through a slice, and a slice over uninitialised memory is not sound Rust; see
+    /// `nothrow::palloc` and docs/design-decisions.md, "Backend state in process statics").
+    fn zeroed(len: usize) -> Self;
     fn bytes_mut(&mut self) -> &mut [u8];
     /// Whether the decrypted plaintext is one the caller may use (`encrypted_jsonb` checks its
     /// document here); asked before the decryption is audited, so that a refusal is recorded
@@ -1327,7 +1326,7 @@ fn encrypt_inner<B: OutBuf, const N: usize>(
         b.with_tenant_keys(tenant, |keys| {
             let dek: &mut DataKey = keys.active();
             *version = dek.version();
-            let mut out = B::allocate(pg_envelope_core::envelope_len(len));
+            let mut out = B::zeroed(pg_envelope_core::envelope_len(len));
             BACKEND_RNG.with(|r| {
                 dek.encrypt_parts_into(&mut *r.borrow_mut(), tenant, context, plaintext, out.bytes_mut())
             });
@@ -1427,7 +1426,7 @@ fn decrypt_inner<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>, version: &m
                 Some(dek) => dek,
                 None => return Err(unusable_version(tenant, keys, env.dek_version)),
             };
-            let mut out = B::allocate(env.plaintext_len());
+            let mut out = B::zeroed(env.plaintext_len());
             dek.decrypt_into(tenant, context, &env, out.bytes_mut())
                 .map_err(|_| EnvelopeError::DecryptFailed)?;
             Ok(out)
@@ -1470,7 +1469,7 @@ pub fn reencrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Resul
             };
             let mut plain = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
             dek.decrypt_into(tenant, context, &env, &mut plain).map_err(|_| EnvelopeError::DecryptFailed)?;
-            let mut out = B::allocate(pg_envelope_core::envelope_len(plain.len()));
+            let mut out = B::zeroed(pg_envelope_core::envelope_len(plain.len()));
             let active = keys.active();
             BACKEND_RNG.with(|r| active.encrypt_into(&mut *r.borrow_mut(), tenant, context, &plain, out.bytes_mut()));
             Ok(out)

@@ -516,7 +516,7 @@ mod tests {
         use pg_envelope_core::jsonb::{self, model, Order};
         struct Plain(Vec<u8>);
         impl crate::backend::OutBuf for Plain {
-            fn allocate(len: usize) -> Self {
+            fn zeroed(len: usize) -> Self {
                 Plain(vec![0; len])
             }
             fn bytes_mut(&mut self) -> &mut [u8] {

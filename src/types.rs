@@ -79,10 +79,9 @@ pub struct PallocVarlena(*mut pg_sys::varlena, usize);
 
 impl backend::OutBuf for PallocVarlena {
     #[inline(always)]
-    fn allocate(len: usize) -> Self {
+    fn zeroed(len: usize) -> Self {
         unsafe {
-            // Not zeroed: the envelope or plaintext is written over all of it (`OutBuf::allocate`).
-            let ptr = crate::nothrow::palloc(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
+            let ptr = crate::nothrow::palloc0(len + pg_sys::VARHDRSZ) as *mut pg_sys::varlena;
             pgrx::set_varsize_4b(ptr, (len + pg_sys::VARHDRSZ) as i32);
             PallocVarlena(ptr, len)
         }
@@ -478,7 +477,7 @@ impl JsonbPlain {
             let not_a_document = matches!(&e, CaughtError::PostgresError(r)
                 if class(r.sql_error_code()) == class(E::ERRCODE_DATA_EXCEPTION)
                     || r.sql_error_code() == E::ERRCODE_PROGRAM_LIMIT_EXCEEDED);
-            // SAFETY: the allocation of `len + 3` bytes made by `allocate`.
+            // SAFETY: the allocation of `len + 3` bytes made by `zeroed`.
             zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(ptr, len + 3));
             if not_a_document {
                 None
@@ -491,23 +490,15 @@ impl JsonbPlain {
 
     /// The whole allocation, wiped.
     fn wipe(&mut self) {
-        // SAFETY: the allocation of `len + 3` bytes made by `allocate`.
+        // SAFETY: the allocation of `len + 3` bytes made by `zeroed`.
         zeroize::Zeroize::zeroize(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len + 3) });
     }
 }
 
 impl backend::OutBuf for JsonbPlain {
     #[inline(always)]
-    fn allocate(len: usize) -> Self {
-        // The plaintext's bytes are written by the decryption (`OutBuf::allocate`); the two
-        // before it (marker room, then the varlena header) and the NUL after it are set here.
-        let ptr: *mut u8 = crate::nothrow::palloc(len + 3).cast();
-        // SAFETY: `len + 3` bytes allocated.
-        unsafe {
-            ptr.cast::<[u8; 2]>().write_unaligned([0, 0]);
-            ptr.add(len + 2).write(0);
-        }
-        JsonbPlain { ptr, len, internal: false, parsed: None }
+    fn zeroed(len: usize) -> Self {
+        JsonbPlain { ptr: crate::nothrow::palloc0(len + 3).cast(), len, internal: false, parsed: None }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: `len + 3` bytes allocated; the plaintext is bytes 2 .. len + 2.
@@ -526,7 +517,7 @@ impl backend::OutBuf for JsonbPlain {
                 jsonb::check_foreign(&mut plain[jsonb::PREFIX_LEN..], order, &mut strings).is_ok()
             }
             Ok(jsonb::Form::Text) => jsonb::text_form_ok(plain, &mut strings) && {
-                // SAFETY: a NUL-terminated plaintext (`allocate`).
+                // SAFETY: a NUL-terminated plaintext (`zeroed`).
                 self.parsed = unsafe { self.parse_text() };
                 self.parsed.is_some()
             },
@@ -679,7 +670,7 @@ enum WipedCString {
 }
 
 impl backend::OutBuf for WipedCString {
-    fn allocate(len: usize) -> Self {
+    fn zeroed(len: usize) -> Self {
         if len < SCRATCH && !SCRATCH_BUF.busy.replace(true) {
             return WipedCString::Scratch(len);
         }
