@@ -1262,21 +1262,44 @@ pub trait OutBuf: Sized {
     fn zeroed(len: usize) -> Self;
     fn bytes_mut(&mut self) -> &mut [u8];
     /// Whether the decrypted plaintext is one the caller may use (`encrypted_jsonb` checks its
-    /// document here); asked before the decryption is audited, so that a refusal is recorded
-    /// as a failure (`MalformedJsonb`). A refusing buffer wipes what it holds.
+    /// document here, and parses a text-form one); asked before the decryption is audited, so
+    /// that a refusal is recorded as a failure (`MalformedJsonb`), and so is an error
+    /// PostgreSQL raised meanwhile (`Refusal::Raised`, rethrown after it is recorded: insider
+    /// review 71). A refusing buffer wipes what it holds.
     #[inline(always)]
-    fn accept(&mut self) -> bool {
-        true
+    fn accept(&mut self) -> std::result::Result<(), Refusal> {
+        Ok(())
+    }
+    /// Wipes everything the buffer holds (a value that will not be returned).
+    fn discard(&mut self) {
+        zeroize::Zeroize::zeroize(self.bytes_mut());
     }
 }
 
-/// [`OutBuf::accept`] as a `Result`.
+/// Why [`OutBuf::accept`] refused a plaintext.
+pub enum Refusal {
+    /// Not a value pg_envelope writes (`MalformedJsonb`).
+    Malformed,
+    /// PostgreSQL raised this error meanwhile: recorded, then rethrown as it is.
+    Raised(pgrx::pg_sys::panic::CaughtError),
+}
+
+impl Refusal {
+    fn sqlstate(e: &pgrx::pg_sys::panic::CaughtError) -> PgSqlErrorCode {
+        use pgrx::pg_sys::panic::CaughtError::*;
+        match e {
+            PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r.sql_error_code(),
+        }
+    }
+}
+
+/// [`OutBuf::accept`] without auditing: a refusal as `MalformedJsonb`, an error rethrown.
 #[inline(always)]
 fn accepted<B: OutBuf>(mut b: B) -> Result<B> {
-    if b.accept() {
-        Ok(b)
-    } else {
-        Err(EnvelopeError::MalformedJsonb)
+    match b.accept() {
+        Ok(()) => Ok(b),
+        Err(Refusal::Malformed) => Err(EnvelopeError::MalformedJsonb),
+        Err(Refusal::Raised(e)) => e.rethrow(),
     }
 }
 
@@ -1396,12 +1419,18 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
     // (the error's size), and the success path is a few dozen instructions.
     match decrypt_inner::<B>(envelope, context, &mut version, &mut tenant) {
         Ok(mut b) => {
-            if !b.accept() {
-                return Err(crate::audit::finished_failure(op, tenant, version, EnvelopeError::MalformedJsonb));
+            match b.accept() {
+                Ok(()) => {}
+                Err(Refusal::Malformed) => return Err(crate::audit::finished_failure(op, tenant, version, EnvelopeError::MalformedJsonb)),
+                Err(Refusal::Raised(e)) => {
+                    let code = Refusal::sqlstate(&e);
+                    let _ = crate::audit::finished_failure(op, tenant, version, EnvelopeError::Raised { code });
+                    e.rethrow()
+                }
             }
             if !crate::audit::finish(op, armed, tenant, version, None) {
                 // Fail closed: the value's record has no room, the value is not returned.
-                zeroize::Zeroize::zeroize(b.bytes_mut());
+                b.discard();
                 return Err(crate::audit::no_room());
             }
             crate::audit::alerts::check_canary(envelope, tenant);

@@ -31,6 +31,10 @@ pub enum EnvelopeError {
     /// writes (made outside it by a holder of the tenant's key): refused before PostgreSQL's
     /// jsonb code reads it (`pg_envelope_core::jsonb`).
     MalformedJsonb,
+    /// PostgreSQL raised an error in the middle of a key use (a cancel, the stack depth, out
+    /// of memory, while `jsonb_in` parsed a text-form plaintext): recorded in the audit trail
+    /// with its SQLSTATE; the client sees PostgreSQL's own error, rethrown as it was.
+    Raised { code: PgSqlErrorCode },
     /// The plaintext is larger than `envelope.max_value_size`.
     TooLarge { size: usize, limit: usize },
     /// The named key provider does not exist.
@@ -173,6 +177,7 @@ impl EnvelopeError {
                 Some("The value decrypted under the tenant's key, but its plaintext is not a jsonb document as pg_envelope writes it; it is refused before PostgreSQL reads it, and not shown.".into()),
                 Some("A value like this is made outside pg_envelope by a holder of the tenant's key: check who holds it (docs/threat-model.md). The refusal is in the audit trail.".into()),
             ),
+            EnvelopeError::Raised { code } => (*code, "pg_envelope: PostgreSQL raised an error during a key use".into(), None, None),
             EnvelopeError::NotText => (
                 ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
                 "pg_envelope: the decrypted value is not valid text in the database encoding".into(),

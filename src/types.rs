@@ -456,20 +456,22 @@ struct JsonbPlain {
 
 impl JsonbPlain {
     /// A text-form plaintext (values written before the internal form existed) parsed by
-    /// `jsonb_in`: the document, or `None` for text that is not one (a payload only a key holder
+    /// `jsonb_in`: the document, or `Malformed` for text that is not one (a payload only a key holder
     /// could have made: `jsonb_out` wrote every genuine one). `jsonb_in`'s own error would quote
     /// the offending token, which is plaintext, so data exceptions (class 22) and its size
     /// limits (54000) are caught here and become the opaque `MalformedJsonb`; anything else (a
-    /// cancel, the stack depth, out of memory) is raised as it is, after the plaintext is
-    /// wiped. Caught without a subtransaction: `jsonb_in` holds no lock, buffer or other
-    /// resource, only memory in the current context (`PgTryBuilder` restores the context and
-    /// flushes the error state, as `search.rs` does for a conversion).
-    unsafe fn parse_text(&mut self) -> Option<pg_sys::Datum> {
+    /// cancel, the stack depth, out of memory) is handed back (`Refusal::Raised`) to be recorded
+    /// in the audit trail with its SQLSTATE and then raised as it is (insider review 71: it
+    /// unwound past the audit and left no record), after the plaintext is wiped. Caught
+    /// without a subtransaction: `jsonb_in` holds no lock, buffer or other resource, only
+    /// memory in the current context (`PgTryBuilder` restores the context and flushes the
+    /// error state, as `search.rs` does for a conversion).
+    unsafe fn parse_text(&mut self) -> std::result::Result<pg_sys::Datum, backend::Refusal> {
         use pgrx::pg_sys::panic::CaughtError;
         use pgrx::PgSqlErrorCode as E;
         let (ptr, len) = (self.ptr, self.len);
         pgrx::PgTryBuilder::new(|| {
-            Some(pg_sys::OidInputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_IN), ptr.add(2).cast(), pg_sys::JSONBOID, -1))
+            Ok(pg_sys::OidInputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_IN), ptr.add(2).cast(), pg_sys::JSONBOID, -1))
         })
         .catch_others(move |e| {
             // SQLSTATE classes are the code's low 12 bits (ERRCODE_TO_CATEGORY).
@@ -479,11 +481,7 @@ impl JsonbPlain {
                     || r.sql_error_code() == E::ERRCODE_PROGRAM_LIMIT_EXCEEDED);
             // SAFETY: the allocation of `len + 3` bytes made by `zeroed`.
             zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(ptr, len + 3));
-            if not_a_document {
-                None
-            } else {
-                e.rethrow()
-            }
+            Err(if not_a_document { backend::Refusal::Malformed } else { backend::Refusal::Raised(e) })
         })
         .execute()
     }
@@ -506,7 +504,7 @@ impl backend::OutBuf for JsonbPlain {
     }
     /// The internal form checked completely (and put in this machine's byte order); the text
     /// form checked for NUL bytes and the server encoding, then parsed by `jsonb_in`.
-    fn accept(&mut self) -> bool {
+    fn accept(&mut self) -> std::result::Result<(), backend::Refusal> {
         use pg_envelope_core::jsonb;
         let mut strings = jsonb_string_check();
         // SAFETY: as in `bytes_mut` (a borrow of the allocation, not of `self`).
@@ -516,17 +514,27 @@ impl backend::OutBuf for JsonbPlain {
                 self.internal = true;
                 jsonb::check_foreign(&mut plain[jsonb::PREFIX_LEN..], order, &mut strings).is_ok()
             }
-            Ok(jsonb::Form::Text) => jsonb::text_form_ok(plain, &mut strings) && {
+            Ok(jsonb::Form::Text) if jsonb::text_form_ok(plain, &mut strings) => {
                 // SAFETY: a NUL-terminated plaintext (`zeroed`).
-                self.parsed = unsafe { self.parse_text() };
-                self.parsed.is_some()
-            },
-            Err(jsonb::Invalid) => false,
+                self.parsed = Some(unsafe { self.parse_text() }?);
+                true
+            }
+            Ok(jsonb::Form::Text) | Err(jsonb::Invalid) => false,
         };
         if !ok {
             self.wipe();
+            return Err(backend::Refusal::Malformed);
         }
-        ok
+        Ok(())
+    }
+    /// The plaintext and, for a text-form value, the document `jsonb_in` made of it (review
+    /// 71: a value the audit refused to return kept its parsed copy).
+    fn discard(&mut self) {
+        self.wipe();
+        if let Some(d) = self.parsed.take() {
+            // SAFETY: `jsonb_in`'s result, a palloc'd varlena with a 4-byte header.
+            unsafe { zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(d.cast_mut_ptr::<u8>(), pgrx::varsize_any(d.cast_mut_ptr()))) };
+        }
     }
 }
 

@@ -223,8 +223,8 @@ def test_a_forged_text_form_jsonb_plaintext_is_refused_without_quoting_it(audite
     `jsonb_in`. A key holder can seal text that is not a document: `jsonb_in`'s own error would
     quote the offending token (plaintext) and the decryption would already be audited as a
     success. pg_envelope parses it before the decryption is audited: the cast refuses it with
-    XX001, quoting nothing, and the trail records each failure; a genuine text-form value
-    still reads."""
+    XX001, quoting nothing, and the trail records each failure, also one PostgreSQL raises for
+    another reason while it parses; a genuine text-form value still reads."""
     import base64
     import keyscan
     ctx = b"pg_envelope/type/jsonb"
@@ -248,10 +248,16 @@ def test_a_forged_text_form_jsonb_plaintext_is_refused_without_quoting_it(audite
                     c.execute(f"SELECT ('{seal(forged)}'::envelope.encrypted_jsonb)::jsonb")
             shown = f"{e.value} {e.value.diag.message_detail} {e.value.diag.message_hint} {e.value.diag.context}"
             assert "well-formed jsonb" in shown and "forged-canary" not in shown, shown
-        # The session goes on (the error was caught without a subtransaction).
+        # An error that is not about the document (the stack depth, from a forged nesting far
+        # deeper than jsonb_in's recursion can go) is PostgreSQL's own, raised as it is, and
+        # recorded with its SQLSTATE (insider review 71: it unwound past the audit record).
+        with pytest.raises(psycopg.errors.StatementTooComplex) as e:
+            with as_tenant(c, TENANT):
+                c.execute(f"SELECT ('{seal(b'[' * 200_000)}'::envelope.encrypted_jsonb)::jsonb")
+        # The session goes on (the errors were caught without a subtransaction).
         assert c.execute("SELECT 1").fetchone()[0] == 1
         rows = records_after(c, start, "forged-jsonb-text")
-    assert [r[2:6] for r in rows] == [("decrypt", 1, 0, "ok"), ("decrypt", 1, 1, "XX001"), ("decrypt", 1, 1, "XX001")], rows
+    assert [r[2:6] for r in rows] == [("decrypt", 1, 0, "ok"), ("decrypt", 1, 1, "XX001"), ("decrypt", 1, 1, "XX001"), ("decrypt", 1, 1, "54001")], rows
 
 
 def test_every_value_of_a_mixed_statement_lands_in_its_own_aggregate(audited):

@@ -298,6 +298,23 @@ impl<'a> Body<'a> for Native<'a> {
 
 struct Foreign<'a>(&'a mut [u8], Order);
 
+/// A copy of plaintext integers (a byte-swapped payload's entries or digits), wiped when
+/// dropped (insider review 71).
+struct Wiped(Vec<u8>);
+
+impl std::ops::Deref for Wiped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl Foreign<'_> {
     fn put<const N: usize>(&mut self, at: usize, v: [u8; N]) {
         self.0[at..at + N].copy_from_slice(&v);
@@ -321,8 +338,8 @@ impl<'a> Body<'a> for Foreign<'a> {
         self.put(at, Order::HOST.put_varlena_4b_u(len));
         Ok(len)
     }
-    type Ints = Vec<u8>;
-    fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Vec<u8>, Invalid> {
+    type Ints = Wiped;
+    fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Wiped, Invalid> {
         let e = self.0.get_mut(at..end).ok_or(Invalid)?;
         if self.1 != Order::HOST {
             // Both orders are byte reversals of each other: an integer's bytes reversed.
@@ -330,7 +347,7 @@ impl<'a> Body<'a> for Foreign<'a> {
                 w.reverse();
             }
         }
-        Ok(e.to_vec())
+        Ok(Wiped(e.to_vec()))
     }
 }
 
@@ -811,7 +828,9 @@ pub mod model {
                 Value::Num(n) => {
                     n.digits.iter().all(|&d| d < NBASE)
                         && match (n.digits.first(), n.digits.last()) {
-                            (Some(&f), Some(&l)) => f != 0 && l != 0 && n.dscale >= n.min_dscale(),
+                            // The unclamped count (insider review 71: `min_dscale` clamps to the
+                            // largest display scale, which made this accept digits beyond it).
+                            (Some(&f), Some(&l)) => f != 0 && l != 0 && fraction_digits(n.weight as i32, n.digits.len(), l) <= n.dscale as i64,
                             _ => n.weight == 0 && !n.negative,
                         }
                 }
@@ -1238,6 +1257,14 @@ mod tests {
         // Integers and large weights need no scale at all.
         assert_eq!(check_native(&body_of(&n(3, 0, &[12, 3400])), &mut ok), Ok(()));
         assert_eq!(check_native(&body_of(&n(32767, 0, &[1])), &mut ok), Ok(()));
+        // Review 71's F2: digits beyond even the largest display scale (16,383), which
+        // PostgreSQL cannot write ('1e-16384'::jsonb is out of range): refused by the check and
+        // by the reference alike (the reference compared against a clamped scale).
+        for weight in [-4096i16, -4097, -4100, -32768] {
+            let body = body_of(&n(weight, NUMERIC_DSCALE_MASK, &[1]));
+            assert_eq!(check_native(&body, &mut ok), Err(Invalid), "weight {weight}");
+            assert!(!model::reference_accepts(&body, &mut ok), "weight {weight}: the reference accepts it");
+        }
     }
 
     #[test]
