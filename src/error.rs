@@ -31,8 +31,9 @@ pub enum EnvelopeError {
     /// writes (made outside it by a holder of the tenant's key): refused before PostgreSQL's
     /// jsonb code reads it (`pg_envelope_core::jsonb`).
     MalformedJsonb,
-    /// PostgreSQL raised an error in the middle of a key use (a cancel, the stack depth, out
-    /// of memory, while `jsonb_in` parsed a text-form plaintext): recorded in the audit trail
+    /// PostgreSQL raised an error in the middle of a key use (the stack depth, out of memory,
+    /// an encoding conversion, while `jsonb_in` parsed a text-form plaintext; `jsonb_in` checks
+    /// no interrupts, so a cancel is raised after the cast, its value recorded as used): recorded in the audit trail
     /// with its SQLSTATE; the client sees PostgreSQL's own error, rethrown as it was.
     Raised { code: PgSqlErrorCode },
     /// The plaintext is larger than `envelope.max_value_size`.

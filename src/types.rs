@@ -459,8 +459,8 @@ impl JsonbPlain {
     /// `jsonb_in`: the document, or `Malformed` for text that is not one (a payload only a key holder
     /// could have made: `jsonb_out` wrote every genuine one). `jsonb_in`'s own error would quote
     /// the offending token, which is plaintext, so data exceptions (class 22) and its size
-    /// limits (54000) are caught here and become the opaque `MalformedJsonb`; anything else (a
-    /// cancel, the stack depth, out of memory) is handed back (`Refusal::Raised`) to be recorded
+    /// limits (54000) are caught here and become the opaque `MalformedJsonb`; anything else (the
+    /// stack depth, out of memory, an encoding conversion) is handed back (`Refusal::Raised`) to be recorded
     /// in the audit trail with its SQLSTATE and then raised as it is (insider review 71: it
     /// unwound past the audit and left no record), after the plaintext is wiped. Caught
     /// without a subtransaction: `jsonb_in` holds no lock, buffer or other resource, only
