@@ -11,7 +11,9 @@ so the net figure was a small difference of two large, independently noisy numbe
  * every round runs in a new backend (a backend's memory layout alone moved one backend's
    figures by up to 20%), the rounds are spread over several server starts (default 3: where
    shared buffers put the tables moved a whole run by up to 10%), and the reported ratio is the
-   median over the rounds (default 21), with the interquartile range.
+   median over the rounds (default 41: with 21, two runs of one build on this 2-vCPU machine
+   differed by up to 7% on a ratio; with 41 they agree within 5% on every goal ratio, runs P
+   and Q in docs/benchmarks.md), with the interquartile range.
 CPU is the backend's own user+system time (getrusage via envelope_bench.backend_cpu_ns(); the
 bench-floor build), so other processes on the machine do not count, only their effect on caches.
 
@@ -48,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=500000)
     ap.add_argument("--rows-1k", type=int, default=50000)
-    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--rounds", type=int, default=41)
     ap.add_argument("--restarts", type=int, default=3, help="server starts per run")
     ap.add_argument("--only", help="a regular expression over the ratio labels")
     ap.add_argument("--out-json", default=str(cg.ROOT / "target/cpu-ratios.json"))
