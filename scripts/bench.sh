@@ -7,7 +7,7 @@
 #   PGE_BENCH_QUICK=1 scripts/bench.sh   # a smoke run with small row counts
 #   scripts/bench.sh --search        # only the blind-index benchmark (benches/sql/search_bench.py)
 #   scripts/bench.sh --ratios        # per-value ratios to bare AES-GCM, HMAC and pgcrypto: instruction
-#                                    # counts (benches/sql/callgrind.py, ~4 min) then CPU (cpu_ratios.py, ~2 min)
+#                                    # counts (benches/sql/callgrind.py, ~4 min) then CPU (cpu_ratios.py, 41 rounds, ~7 min)
 #   scripts/bench.sh --callgrind     # only the instruction counts
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
