@@ -1284,12 +1284,11 @@ pub enum Refusal {
     Raised(pgrx::pg_sys::panic::CaughtError),
 }
 
-impl Refusal {
-    fn sqlstate(e: &pgrx::pg_sys::panic::CaughtError) -> PgSqlErrorCode {
-        use pgrx::pg_sys::panic::CaughtError::*;
-        match e {
-            PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r.sql_error_code(),
-        }
+/// The SQLSTATE of a caught error, whatever raised it.
+fn caught_sqlstate(e: &pgrx::pg_sys::panic::CaughtError) -> PgSqlErrorCode {
+    use pgrx::pg_sys::panic::CaughtError::*;
+    match e {
+        PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r.sql_error_code(),
     }
 }
 
@@ -1423,7 +1422,7 @@ pub fn decrypt_to<B: OutBuf>(envelope: &[u8], context: Option<&[u8]>) -> Result<
                 Ok(()) => {}
                 Err(Refusal::Malformed) => return Err(crate::audit::finished_failure(op, tenant, version, EnvelopeError::MalformedJsonb)),
                 Err(Refusal::Raised(e)) => {
-                    let code = Refusal::sqlstate(&e);
+                    let code = caught_sqlstate(&e);
                     let _ = crate::audit::finished_failure(op, tenant, version, EnvelopeError::Raised { code });
                     e.rethrow()
                 }

@@ -33,8 +33,9 @@ pub enum EnvelopeError {
     MalformedJsonb,
     /// PostgreSQL raised an error in the middle of a key use (the stack depth, out of memory,
     /// an encoding conversion, while `jsonb_in` parsed a text-form plaintext; `jsonb_in` checks
-    /// no interrupts, so a cancel is raised after the cast, its value recorded as used): recorded in the audit trail
-    /// with its SQLSTATE; the client sees PostgreSQL's own error, rethrown as it was.
+    /// no interrupts, so a cancel is raised after the cast, its value recorded as used):
+    /// recorded in the audit trail with its SQLSTATE; the client sees PostgreSQL's own error,
+    /// rethrown as it was.
     Raised { code: PgSqlErrorCode },
     /// The plaintext is larger than `envelope.max_value_size`.
     TooLarge { size: usize, limit: usize },

@@ -327,7 +327,9 @@ unsafe fn type_io_lookup(flinfo: *mut pg_sys::FmgrInfo, encrypt: bool) -> &'stat
     match (codec, encrypt) {
         (Codec::Raw, _) => {}
         (Codec::Jsonb, true) => pg_sys::getTypeOutputInfo(base, &mut func, &mut is_varlena),
-        (Codec::Jsonb, false) => pg_sys::getTypeInputInfo(base, &mut func, &mut ioparam),
+        // Decryption parses older text-form values with jsonb_in by its built-in OID, inside
+        // `JsonbPlain::accept` (which has no call site's cache): nothing to look up.
+        (Codec::Jsonb, false) => {}
         (Codec::BinaryIo, true) => pg_sys::getTypeBinaryOutputInfo(base, &mut func, &mut is_varlena),
         (Codec::BinaryIo, false) => pg_sys::getTypeBinaryInputInfo(base, &mut func, &mut ioparam),
     }
@@ -456,13 +458,14 @@ struct JsonbPlain {
 
 impl JsonbPlain {
     /// A text-form plaintext (values written before the internal form existed) parsed by
-    /// `jsonb_in`: the document, or `Malformed` for text that is not one (a payload only a key holder
-    /// could have made: `jsonb_out` wrote every genuine one). `jsonb_in`'s own error would quote
-    /// the offending token, which is plaintext, so data exceptions (class 22) and its size
-    /// limits (54000) are caught here and become the opaque `MalformedJsonb`; anything else (the
-    /// stack depth, out of memory, an encoding conversion) is handed back (`Refusal::Raised`) to be recorded
-    /// in the audit trail with its SQLSTATE and then raised as it is (insider review 71: it
-    /// unwound past the audit and left no record), after the plaintext is wiped. Caught
+    /// `jsonb_in`: the document, or `Malformed` for text that is not one (a payload only a key
+    /// holder could have made: `jsonb_out` wrote every genuine one). `jsonb_in`'s own error
+    /// would quote the offending token, which is plaintext, so data exceptions (class 22) and
+    /// its size limits (54000) are caught here and become the opaque `MalformedJsonb`; anything
+    /// else (the stack depth, out of memory, an encoding conversion) is handed back
+    /// (`Refusal::Raised`) to be recorded in the audit trail with its SQLSTATE and then raised
+    /// as it is (insider review 71: it unwound past the audit and left no record), after the
+    /// plaintext is wiped. Caught
     /// without a subtransaction: `jsonb_in` holds no lock, buffer or other resource, only
     /// memory in the current context (`PgTryBuilder` restores the context and flushes the
     /// error state, as `search.rs` does for a conversion).
@@ -657,8 +660,8 @@ const SCRATCH: usize = 256;
 
 /// The backend's buffer for short typed plaintexts (int8, date, timestamptz and most numerics;
 /// jsonb decrypts into its own result, `JsonbPlain`): no allocation per value. All zeros
-/// whenever it is not in use (wiped after every value). A process static, not a thread-local: a backend runs SQL functions on one thread
-/// (pgrx refuses others), and a thread-local in a `dlopen`ed library costs a `__tls_get_addr`
+/// whenever it is not in use (wiped after every value). A process static, not a thread-local:
+/// a backend runs SQL functions on one thread (pgrx refuses others), and a thread-local in a `dlopen`ed library costs a `__tls_get_addr`
 /// call per access (two per value, with the `RefCell` and `Option` around the buffer).
 struct Scratch {
     buf: std::cell::UnsafeCell<[u8; SCRATCH]>,

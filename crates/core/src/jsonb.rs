@@ -260,8 +260,8 @@ trait Body<'a> {
     fn varlena_4b_u(&mut self, at: usize) -> Result<u32, Invalid>;
     /// The `N`-byte integers at `at..end` (a container's JEntries, a numeric's digits) in this
     /// machine's byte order, each read once: the body's own bytes for [`Native`] (no copy), a
-    /// copy of the rewritten ones for [`Foreign`].
-    type Ints: std::ops::Deref<Target = [u8]>;
+    /// wiped-on-drop copy of the rewritten ones for [`Foreign`] (they are plaintext).
+    type Ints: AsRef<[u8]>;
     fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Self::Ints, Invalid>;
 }
 
@@ -298,23 +298,6 @@ impl<'a> Body<'a> for Native<'a> {
 
 struct Foreign<'a>(&'a mut [u8], Order);
 
-/// A copy of plaintext integers (a byte-swapped payload's entries or digits), wiped when
-/// dropped (insider review 71).
-struct Wiped(Vec<u8>);
-
-impl std::ops::Deref for Wiped {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Wiped {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0);
-    }
-}
-
 impl Foreign<'_> {
     fn put<const N: usize>(&mut self, at: usize, v: [u8; N]) {
         self.0[at..at + N].copy_from_slice(&v);
@@ -338,16 +321,15 @@ impl<'a> Body<'a> for Foreign<'a> {
         self.put(at, Order::HOST.put_varlena_4b_u(len));
         Ok(len)
     }
-    type Ints = Wiped;
-    fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Wiped, Invalid> {
+    type Ints = zeroize::Zeroizing<Vec<u8>>;
+    fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Self::Ints, Invalid> {
         let e = self.0.get_mut(at..end).ok_or(Invalid)?;
-        if self.1 != Order::HOST {
-            // Both orders are byte reversals of each other: an integer's bytes reversed.
-            for w in e.chunks_exact_mut(N) {
-                w.reverse();
-            }
+        // The other order is this one's byte reversal (`check_foreign` never makes a `Foreign`
+        // of this machine's order): each integer's bytes reversed in place.
+        for w in e.chunks_exact_mut(N) {
+            w.reverse();
         }
-        Ok(Wiped(e.to_vec()))
+        Ok(zeroize::Zeroizing::new(e.to_vec()))
     }
 }
 
@@ -407,14 +389,8 @@ fn pad(off: usize) -> usize {
 }
 
 /// Checks the container at `start..end` (its own bytes exactly, padding excluded): its header,
-/// every child's entry and scalar data; nested containers go on the work list.
-///
-/// The entries' rules are folded into one flag, `bad`, tested once at the end (a refusal needs
-/// no early exit: every read is bounds-checked against the body, and a nested container is
-/// checked only after its parent passed): the end offset stored in every 32nd child
-/// (`JB_OFFSET_STRIDE`, counted across an object's keys then values) and a length in the
-/// others, exactly as the writer stores them; ends that never decrease; the last one the
-/// container's own end (so every child lies inside it).
+/// every child's entry and scalar data; nested containers go on the work list (checked only
+/// after this one passed: `walk` stops at the first refusal).
 #[inline(always)]
 fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     b: &mut B,
@@ -446,7 +422,7 @@ fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     }
     let room = end - base;
     let entries = b.ints::<4>(start + 4, base)?;
-    let (entries, _) = entries.as_chunks::<4>();
+    let (entries, _) = entries.as_ref().as_chunks::<4>();
     if scalar {
         // A root scalar: its one entry holds the end offset (the first child always does),
         // which is the container's end.
@@ -582,7 +558,7 @@ fn numeric<'a, B: Body<'a>>(b: &mut B, at: usize, end: usize) -> Result<(), Inva
         return Err(Invalid);
     }
     let words = b.ints::<2>(at + VARHDRSZ, end)?;
-    let (words, _) = words.as_chunks::<2>();
+    let (words, _) = words.as_ref().as_chunks::<2>();
     let h = u16::from_ne_bytes(words[0]);
     let (negative, dscale, weight, digits) = if h & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
         return Err(Invalid); // NaN and the infinities: jsonb holds none
