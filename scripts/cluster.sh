@@ -6,6 +6,7 @@
 #   scripts/cluster.sh start     # initdb if needed, root key, start (restart if the .so changed)
 #   scripts/cluster.sh stop
 #   scripts/cluster.sh status
+#   scripts/cluster.sh reset     # drop envelope.* settings a test left in postgresql.auto.conf
 #   PGE_INSTANCE=pg15-b PGE_PORT=54316 scripts/cluster.sh start   # a second cluster
 #   PGE_NO_ROOT_KEY=1 ...                                           # without the local root key
 #
@@ -97,6 +98,22 @@ start() {
   echo "PostgreSQL 15 ($PGE_INSTANCE) running: 127.0.0.1:$PGE_PORT and $PGE_SOCKDIR (log: $PGE_STATE/$PGE_INSTANCE/server.log)"
 }
 
+# The test tiers set envelope.* settings with ALTER SYSTEM and reset them when they finish; a run
+# that is killed (a session's end, a CI timeout) leaves them in postgresql.auto.conf, and the next
+# run's golden tests would see them. Resets every envelope.* setting found there and restarts the
+# cluster if there was one (some are read only at a start). Settings of other names are kept.
+reset_settings() {
+  local names n
+  names="$(pge_psql -d postgres -Atc "SELECT DISTINCT name FROM pg_file_settings
+      WHERE sourcefile LIKE '%/postgresql.auto.conf' AND name LIKE 'envelope.%' ORDER BY 1")"
+  [ -n "$names" ] || return 0
+  for n in $names; do
+    echo "resetting $n (left in postgresql.auto.conf by an earlier, interrupted run)"
+    pge_psql -d postgres -qc "ALTER SYSTEM RESET $n"
+  done
+  pg_ctl -D "$PGE_DATA" -w -m fast restart -l "$PGE_STATE/$PGE_INSTANCE/server.log" >/dev/null
+}
+
 stop() {
   if [ -f "$PGE_DATA/PG_VERSION" ] && pg_ctl -D "$PGE_DATA" status >/dev/null 2>&1; then
     pg_ctl -D "$PGE_DATA" -w -m fast stop >/dev/null
@@ -108,5 +125,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) pg_ctl -D "$PGE_DATA" status ;;
-  *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
+  reset) reset_settings ;;
+  *) echo "usage: $0 install|start|stop|status|reset" >&2; exit 2 ;;
 esac

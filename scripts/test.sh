@@ -41,6 +41,7 @@ pgrx_test() {
 regress() {
   bash "$here/cluster.sh" install
   bash "$here/cluster.sh" start
+  bash "$here/cluster.sh" reset
   bash "$here/regress.sh"
   # pgspot over the installed extension SQL (justified findings: docs/security-checklist.md).
   bash "$here/pgspot.sh"
@@ -49,6 +50,7 @@ regress() {
 integration() {
   bash "$here/cluster.sh" install
   bash "$here/cluster.sh" start
+  bash "$here/cluster.sh" reset
   bash "$here/kms.sh" start-openbao
   bash "$here/kms.sh" start-softhsm
   bash "$here/kms.sh" start-moto
