@@ -432,6 +432,9 @@ fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
         }
         return value(b, je, base, 0, room, None, string_ok);
     }
+    if n <= JB_OFFSET_STRIDE && !general_only() {
+        return small(b, entries, if object { count } else { 0 }, base, room, depth, work, string_ok);
+    }
     // Every child's end: the stored end offset in every 32nd child (`JB_OFFSET_STRIDE`, counted
     // across an object's keys then values) and a length in the others, exactly as the writer
     // stores them; ends that never decrease and stay inside the container (the last one its
@@ -486,6 +489,97 @@ fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
         off = e;
     }
     if off != room {
+        return Err(Invalid);
+    }
+    Ok(())
+}
+
+/// Tests check every small container both ways: through [`small`] and through the general path.
+#[cfg(not(test))]
+#[inline(always)]
+fn general_only() -> bool {
+    false
+}
+
+#[cfg(test)]
+thread_local! {
+    static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn general_only() -> bool {
+    GENERAL_ONLY.with(|g| g.get())
+}
+
+/// [`container`] for at most [`JB_OFFSET_STRIDE`] children, what most documents' containers
+/// hold: the writer stores the end offset in the first child only and a length in the others,
+/// so every child's end is the running sum of the stored fields, ends cannot decrease, and the
+/// last one equal to the container's end puts every child inside it. The general path's
+/// per-child rules (the offset flag, ends that never decrease, inside the container) become a
+/// count of offset flags and one comparison at the end; a child whose bytes are read before
+/// that comparison is still inside the body (every read is bounds-checked), and a refusal
+/// discards everything. Accepts exactly what the general path accepts (the tests run both).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn small<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
+    b: &mut B,
+    entries: &[[u8; 4]],
+    keys: usize,
+    base: usize,
+    room: usize,
+    depth: u32,
+    work: &mut WorkList,
+    string_ok: &mut F,
+) -> Result<(), Invalid> {
+    debug_assert!(entries.len() <= JB_OFFSET_STRIDE && keys <= entries.len());
+    let Some(first) = entries.first() else {
+        return if room == 0 { Ok(()) } else { Err(Invalid) };
+    };
+    if u32::from_ne_bytes(*first) & JENTRY_HAS_OFF == 0 {
+        return Err(Invalid);
+    }
+    // Entries with the offset flag (the first one only, checked at the end), the keys' types
+    // (strings: zero) folded together.
+    let mut offsets = 0u32;
+    let mut key_types = 0u32;
+    let (keys, values) = entries.split_at(keys);
+    // Keys strictly increasing by (length, bytes), as lengthCompareJsonbString orders them;
+    // their bytes one run, checked at once when it is ASCII (see `container`).
+    let mut off = 0usize;
+    let mut prev_len = 0usize;
+    for (i, w) in keys.iter().enumerate() {
+        let je = u32::from_ne_bytes(*w);
+        offsets += je >> 31;
+        key_types |= je & JENTRY_TYPEMASK;
+        let len = (je & JENTRY_OFFLENMASK) as usize;
+        if i > 0 && (len < prev_len || (len == prev_len && b.bytes(base + off - len, base + off)? >= b.bytes(base + off, base + off + len)?)) {
+            return Err(Invalid);
+        }
+        prev_len = len;
+        off += len;
+    }
+    if key_types != 0 || off > room {
+        return Err(Invalid);
+    }
+    if !keys.is_empty() && !ascii_without_nul(b.bytes(base, base + off)?) {
+        let mut at = 0;
+        for w in keys {
+            let e = at + (u32::from_ne_bytes(*w) & JENTRY_OFFLENMASK) as usize;
+            if !valid_string(b.bytes(base + at, base + e)?, string_ok) {
+                return Err(Invalid);
+            }
+            at = e;
+        }
+    }
+    let mut nested = if depth >= MAX_DEPTH { None } else { Some((work, depth + 1)) };
+    for w in values {
+        let je = u32::from_ne_bytes(*w);
+        offsets += je >> 31;
+        let e = off + (je & JENTRY_OFFLENMASK) as usize;
+        value(b, je, base, off, e, nested.as_mut().map(|(w, d)| (&mut **w, *d)), string_ok)?;
+        off = e;
+    }
+    if offsets != 1 || off != room {
         return Err(Invalid);
     }
     Ok(())
@@ -986,6 +1080,11 @@ mod tests {
                 let a = check_native(m, &mut ok).is_ok();
                 let r = model::reference_accepts(m, &mut ok);
                 assert_eq!(a, r, "check {a}, reference {r}: {m:02x?}");
+                // The small-container path and the general one agree.
+                GENERAL_ONLY.with(|g| g.set(true));
+                let general = check_native(m, &mut ok).is_ok();
+                GENERAL_ONLY.with(|g| g.set(false));
+                assert_eq!(a, general, "small-container path {a}, general path {general}: {m:02x?}");
                 agreed += 1;
                 accepted += a as u64;
             };
