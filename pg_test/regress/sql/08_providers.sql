@@ -64,6 +64,16 @@ SELECT envelope.grant_tenant('acme', 'regress_other') IS NOT NULL AS invalidate;
 SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM keep$$) AS key_check_mismatch;
 ROLLBACK;
 SELECT envelope.decrypt_field(env) AS intact_after_rollback FROM keep;
+-- Key tables altered so that no data key version is active (a superuser's UPDATE; checklist
+-- row 16): the tenant's keys do not load, for writing or reading, with XX001 and no key used.
+BEGIN;
+UPDATE envelope.data_keys SET state = 'retired', retired_at = now()
+ WHERE tenant_id = (SELECT id FROM envelope.tenants WHERE name = 'acme') AND state = 'active';
+SELECT envelope.grant_tenant('acme', 'regress_other') IS NOT NULL AS invalidate;
+SELECT sqlstate_of($$SELECT envelope.encrypt_field('no active version')$$) AS no_active_version_encrypt;
+SELECT sqlstate_of($$SELECT envelope.decrypt_field(env) FROM keep$$) AS no_active_version_decrypt;
+ROLLBACK;
+SELECT envelope.decrypt_field(env) AS intact_after_no_active_rollback FROM keep;
 -- A stale entry (past its TTL) whose refresh meets a different key is evicted and fails closed;
 -- it is never served degraded (only an unreachable provider is). Checklist row 38.
 SET envelope.key_cache_ttl = '1s';
