@@ -161,6 +161,14 @@ SELECT sqlstate_of($$SELECT v::text FROM old_value$$) AS decrypt_destroyed;
 RESET app.tenant_id;
 SELECT (SELECT before FROM digest) = re_digest() AS same_plaintexts_after_destroy;
 
+-- A REPEATABLE READ reader whose snapshot predates the tenant key rotation and the root key
+-- rewrap below, with neither tenant's keys cached (checklist row 12): it loads them after the
+-- rotation, reading the key tables with its old snapshot, and decrypts everything.
+SELECT dblink_connect('rr', format('host=%s port=%s dbname=%s user=%s',
+       current_setting('unix_socket_directories'), current_setting('port'), current_database(), current_user));
+SELECT dblink_exec('rr', 'BEGIN ISOLATION LEVEL REPEATABLE READ');
+SELECT * FROM dblink('rr', $$SELECT count(*) FROM re$$) AS t(rr_snapshot_rows bigint);
+SELECT * FROM dblink('rr', $$SELECT count(*) FROM envelope.key_cache()$$) AS t(rr_cached_tenants bigint);
 -- Tenant key rotation: a new tenant key, every data key re-wrapped; nothing re-encrypted, the
 -- header's tenant key id unchanged; the key check changes.
 CREATE TEMP TABLE kek AS SELECT key_check, wrapped_key, key_generation FROM envelope.tenants WHERE name = 're_b';
@@ -168,6 +176,10 @@ SELECT envelope.rotate_tenant_key('re_b') AS generation;
 SELECT t.key_check <> k.key_check AS new_check, t.wrapped_key <> k.wrapped_key AS rewrapped, t.key_generation
   FROM envelope.tenants t, kek k WHERE t.name = 're_b';
 SELECT (SELECT before FROM digest) = re_digest() AS same_plaintexts_after_kek_rotation;
+SELECT dblink_exec('rr', 'SET LOCAL app.tenant_id = ''re_b''');
+SELECT * FROM dblink('rr', $$SELECT count(*) FILTER (WHERE v::text = 'v' || id AND n::int8 = id
+                                   AND envelope.decrypt_field(b, ctx) = 'b' || id)
+                               FROM re WHERE tenant = 're_b'$$) AS t(rr_reader_after_kek_rotation bigint);
 SELECT sqlstate_of($$SELECT envelope.rotate_tenant_key('nope')$$) AS unknown_tenant;
 -- Older versions cannot be disabled in the transaction that rotated the tenant (it still writes
 -- with the version before its own until it commits).
@@ -186,6 +198,11 @@ SELECT (SELECT before FROM digest) = re_digest() AS still_same;
 CALL envelope.rewrap_tenants('local', batch_size => 1);
 SELECT provider, state, tenants_done = tenants_total AS done_all FROM envelope.rewrap_progress;
 SELECT (SELECT before FROM digest) = re_digest() AS same_after_rewrap;
+SELECT dblink_exec('rr', 'SET LOCAL app.tenant_id = ''re_a''');
+SELECT * FROM dblink('rr', $$SELECT count(*) FILTER (WHERE v::text = 'v' || id AND envelope.decrypt_field(b, ctx) = 'b' || id)
+                               FROM re WHERE tenant = 're_a'$$) AS t(rr_reader_after_rewrap bigint);
+SELECT dblink_exec('rr', 'COMMIT');
+SELECT dblink_disconnect('rr');
 \set VERBOSITY terse
 CALL envelope.rewrap_tenants('nope');
 \set VERBOSITY default
