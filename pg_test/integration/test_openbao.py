@@ -279,6 +279,44 @@ def test_hung_kms_past_ttl_costs_one_timeout_per_statement_then_serves_degraded(
                 )
 
 
+def test_hung_kms_cold_tenant_fails_within_kms_timeout_and_stores_nothing(hanging, kms_db):
+    """A tenant no backend has cached, its KMS accepting connections and never answering: the
+    first key use fails with 58000 after about envelope.kms_timeout (not a hang), nothing is
+    stored in its place, and the next attempt fails at once during the backoff (no second wait).
+    Checklist row 36: until the thirteenth session only a stopped server was tested here."""
+    with connect(PORT_A, kms_db) as c:
+        c.execute("SELECT envelope.create_tenant('kms_cold_hung', provider => 'bao')")
+        c.execute("SELECT envelope.grant_tenant('kms_cold_hung', current_user)")
+        c.execute("DROP TABLE IF EXISTS cold_hung")
+        c.execute("CREATE TABLE cold_hung (v envelope.encrypted_text)")
+    with connect(PORT_A, kms_db) as admin:
+        admin.execute(
+            "UPDATE envelope.key_providers SET options = jsonb_set(options, '{url}', to_jsonb(%s::text)) WHERE name = 'bao'",
+            (f"https://127.0.0.1:{hanging.port}",),
+        )
+    try:
+        with connect(PORT_A, kms_db) as c:  # a new backend: nothing cached
+            c.execute("SET envelope.kms_timeout = '700ms'")
+            with as_tenant(c, "kms_cold_hung"):
+                t0 = time.monotonic()
+                state, msg = sqlstate(c, "INSERT INTO cold_hung VALUES ('must not be stored'::text)")
+                took = time.monotonic() - t0
+                assert state == "58000" and 0.6 < took < 2.0, (state, took, msg)
+                assert "must not be stored" not in msg, msg
+            with as_tenant(c, "kms_cold_hung"):
+                t0 = time.monotonic()
+                state, msg = sqlstate(c, "SELECT envelope.encrypt_field('again')")
+                took = time.monotonic() - t0
+                assert state == "58000" and "not retried" in msg and took < 0.5, (state, took, msg)
+            assert c.execute("SELECT count(*) FROM cold_hung").fetchone()[0] == 0
+    finally:
+        with connect(PORT_A, kms_db) as admin:
+            admin.execute(
+                "UPDATE envelope.key_providers SET options = jsonb_set(options, '{url}', '\"https://127.0.0.1:8200\"') WHERE name = 'bao'"
+            )
+            admin.execute("DROP TABLE IF EXISTS cold_hung")
+
+
 def test_kms_down_cached_tenant_works_cold_tenant_fails_fast(kms_db):
     with connect(PORT_A, kms_db) as warm:
         with as_tenant(warm, "kms_acme"):
