@@ -1279,6 +1279,13 @@ def test_rotate_tenant_key_with_kms_down_changes_nothing_and_succeeds_later(bao,
             assert took < 6, took
             # Nothing changed: same tenant key, same data keys, same generation.
             assert key_state(kms_db, t) == before
+            # A data key rotation needs the tenant key too (one root-key unwrap), also in the
+            # backend that has the tenant's data keys cached: the same clear error, nothing
+            # changed (checklist row 14).
+            t0 = time.monotonic()
+            state, msg = sqlstate(warm, "SELECT envelope.rotate_data_key(%s)", (t,))
+            assert state == "58000" and "lcbao" in msg and time.monotonic() - t0 < 6, (state, msg)
+            assert key_state(kms_db, t) == before
             # The cached backend keeps working through the outage.
             assert decrypt_all(kms_db, [t], conn=warm) == plain
         finally:
