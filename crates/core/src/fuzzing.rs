@@ -343,6 +343,19 @@ pub fn jsonb(data: &[u8]) {
     let order = if sel & 1 == 0 { Order::Little } else { Order::Big };
     let mut b = body.to_vec();
     let accepted = check_foreign(&mut b, order, &mut utf8_string).is_ok();
+    // The path for containers of at most 32 children and the general one: the same verdict,
+    // the same rewrite (compiled for the fuzzer and the core tier's replay only).
+    #[cfg(any(test, fuzzing))]
+    {
+        crate::jsonb::GENERAL_ONLY.with(|g| g.set(true));
+        let mut g = body.to_vec();
+        let general = check_foreign(&mut g, order, &mut utf8_string).is_ok();
+        crate::jsonb::GENERAL_ONLY.with(|g| g.set(false));
+        assert_eq!(accepted, general, "the small-container path and the general path disagree");
+        if accepted {
+            assert_eq!(g, b, "the two paths rewrite differently");
+        }
+    }
     if order == Order::HOST {
         // A second opinion by another route (read, check the document, write back): a wrong
         // refusal shows here as well as a wrong acceptance.

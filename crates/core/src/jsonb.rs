@@ -494,19 +494,21 @@ fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     Ok(())
 }
 
-/// Tests check every small container both ways: through [`small`] and through the general path.
-#[cfg(not(test))]
+/// The tests and the fuzz target (`fuzzing::jsonb`, also replayed in the core tier) check every
+/// small container both ways: through [`small`] and through the general path (insider review
+/// 73: the fuzz target compared the check with the reference reader only).
+#[cfg(not(any(test, fuzzing)))]
 #[inline(always)]
 fn general_only() -> bool {
     false
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 thread_local! {
-    static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(crate) static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 fn general_only() -> bool {
     GENERAL_ONLY.with(|g| g.get())
 }
