@@ -739,9 +739,31 @@ pub mod model {
     }
 
     fn pad_buf(buf: &mut Vec<u8>) -> usize {
-        let p = pad(buf.len());
+        // INTALIGN, restated (not the check's `pad`: insider review 73 asked for a model that
+        // shares no rule with what it checks).
+        let p = (4 - buf.len() % 4) % 4;
         buf.resize(buf.len() + p, 0);
         p
+    }
+
+    /// `NUMERIC_CAN_BE_SHORT` as utils/adt/numeric.c states it, restated from its constants
+    /// (`NUMERIC_SHORT_DSCALE_MAX` 63, `NUMERIC_SHORT_WEIGHT_MAX` 63, `NUMERIC_SHORT_WEIGHT_MIN`
+    /// -64), not the check's `numeric::short_fits`.
+    fn can_be_short(dscale: u16, weight: i32) -> bool {
+        dscale <= 63 && weight <= 63 && weight >= -64
+    }
+
+    /// How many decimal digits a finite numeric shows after the point with its trailing zeros
+    /// cut: its digits written out in decimal, 4 per base-10,000 digit, the point after
+    /// `weight + 1` of them, then counted (not the check's arithmetic `fraction_digits`).
+    fn shown_fraction_digits(weight: i16, digits: &[u16]) -> usize {
+        let mut fraction = "0000".repeat((-(weight as i32) - 1).max(0) as usize);
+        for (i, d) in digits.iter().enumerate() {
+            if i as i32 > weight as i32 {
+                fraction.push_str(&format!("{d:04}"));
+            }
+        }
+        fraction.trim_end_matches('0').len()
     }
 
     /// Appends a container; returns its entry's length (padding included).
@@ -806,7 +828,7 @@ pub mod model {
     pub fn numeric_bytes(n: &Numeric, order: Order) -> Vec<u8> {
         let (weight, negative) = if n.digits.is_empty() { (0, false) } else { (n.weight as i32, n.negative) };
         let mut out = vec![0u8; VARHDRSZ];
-        if short_fits(n.dscale, weight) {
+        if can_be_short(n.dscale, weight) {
             let h = NUMERIC_SHORT
                 | if negative { NUMERIC_SHORT_SIGN_MASK } else { 0 }
                 | (n.dscale << NUMERIC_SHORT_DSCALE_SHIFT)
@@ -902,7 +924,7 @@ pub mod model {
                         && match (n.digits.first(), n.digits.last()) {
                             // The unclamped count (insider review 71: `min_dscale` clamps to the
                             // largest display scale, which made this accept digits beyond it).
-                            (Some(&f), Some(&l)) => f != 0 && l != 0 && fraction_digits(n.weight as i32, n.digits.len(), l) <= n.dscale as i64,
+                            (Some(&f), Some(&l)) => f != 0 && l != 0 && shown_fraction_digits(n.weight, &n.digits) <= n.dscale as usize,
                             _ => n.weight == 0 && !n.negative,
                         }
                 }
