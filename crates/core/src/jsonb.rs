@@ -466,15 +466,8 @@ fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     if off > room {
         return Err(Invalid);
     }
-    if object && !ascii_without_nul(b.bytes(base, base + off)?) {
-        let mut at = 0;
-        for w in keys {
-            let e = child_end(u32::from_ne_bytes(*w), at);
-            if !valid_string(b.bytes(base + at, base + e)?, string_ok) {
-                return Err(Invalid);
-            }
-            at = e;
-        }
+    if object {
+        key_strings(b, keys, base, off, string_ok)?;
     }
     // Values and array elements.
     let nested = if depth >= MAX_DEPTH { None } else { Some((&mut *work, depth + 1)) };
@@ -545,8 +538,8 @@ fn small<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     let mut offsets = 0u32;
     let mut key_types = 0u32;
     let (keys, values) = entries.split_at(keys);
-    // Keys strictly increasing by (length, bytes), as lengthCompareJsonbString orders them;
-    // their bytes one run, checked at once when it is ASCII (see `container`).
+    // Keys strictly increasing by (length, bytes), as lengthCompareJsonbString orders them,
+    // then valid strings (`key_strings`).
     let mut off = 0usize;
     let mut prev_len = 0usize;
     for (i, w) in keys.iter().enumerate() {
@@ -563,15 +556,8 @@ fn small<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     if key_types != 0 || off > room {
         return Err(Invalid);
     }
-    if !keys.is_empty() && !ascii_without_nul(b.bytes(base, base + off)?) {
-        let mut at = 0;
-        for w in keys {
-            let e = at + (u32::from_ne_bytes(*w) & JENTRY_OFFLENMASK) as usize;
-            if !valid_string(b.bytes(base + at, base + e)?, string_ok) {
-                return Err(Invalid);
-            }
-            at = e;
-        }
+    if !keys.is_empty() {
+        key_strings(b, keys, base, off, string_ok)?;
     }
     let mut nested = if depth >= MAX_DEPTH { None } else { Some((work, depth + 1)) };
     for w in values {
@@ -583,6 +569,31 @@ fn small<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
     }
     if offsets != 1 || off != room {
         return Err(Invalid);
+    }
+    Ok(())
+}
+
+/// An object's keys (bytes `base .. base + end`, their ends already checked): valid strings.
+/// Keys are not padded, so their bytes are one run, checked at once when it is ASCII without
+/// NUL (most keys), key by key otherwise. Shared by [`container`] and [`small`].
+#[inline(always)]
+fn key_strings<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
+    b: &B,
+    keys: &[[u8; 4]],
+    base: usize,
+    end: usize,
+    string_ok: &mut F,
+) -> Result<(), Invalid> {
+    if ascii_without_nul(b.bytes(base, base + end)?) {
+        return Ok(());
+    }
+    let mut at = 0;
+    for w in keys {
+        let e = child_end(u32::from_ne_bytes(*w), at);
+        if !valid_string(b.bytes(base + at, base + e)?, string_ok) {
+            return Err(Invalid);
+        }
+        at = e;
     }
     Ok(())
 }
