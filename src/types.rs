@@ -404,8 +404,9 @@ unsafe fn decrypt_typed_impl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum 
 /// accepts: no overlong forms, surrogates or code points above U+10FFFF), PostgreSQL's own
 /// verifier in any other.
 fn jsonb_string_check() -> impl FnMut(&[u8]) -> bool {
-    let encoding = crate::nothrow::database_encoding();
+    // Asked only for strings that are not plain ASCII: the encoding is looked up then.
     move |s: &[u8]| {
+        let encoding = crate::nothrow::database_encoding();
         if encoding == pg_sys::pg_enc::PG_UTF8 as i32 {
             std::str::from_utf8(s).is_ok()
         } else {

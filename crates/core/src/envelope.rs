@@ -144,25 +144,63 @@ pub const TYPE_CODES: [(&str, u8); 7] =
 /// The prefix of the encrypted types' contexts.
 pub const TYPE_CONTEXT_PREFIX: &[u8; 17] = b"pg_envelope/type/";
 
+/// Room for one type context in [`TYPE_CONTEXT_SLOTS`] (the longest is 28 bytes).
+const TYPE_CONTEXT_SLOT: usize = 32;
+
+const fn slot(s: &[u8]) -> [u8; TYPE_CONTEXT_SLOT] {
+    let mut a = [0u8; TYPE_CONTEXT_SLOT];
+    let mut i = 0;
+    while i < s.len() {
+        a[i] = s[i];
+        i += 1;
+    }
+    a
+}
+
+/// The type contexts' bytes, one per 32-byte slot in code order: a context that starts at a
+/// slot's address and has its length is that type's, which [`type_code`] tells from the
+/// address alone.
+static TYPE_CONTEXT_SLOTS: [[u8; TYPE_CONTEXT_SLOT]; 7] = [
+    slot(b"pg_envelope/type/text"),
+    slot(b"pg_envelope/type/bytea"),
+    slot(b"pg_envelope/type/jsonb"),
+    slot(b"pg_envelope/type/int8"),
+    slot(b"pg_envelope/type/numeric"),
+    slot(b"pg_envelope/type/date"),
+    slot(b"pg_envelope/type/timestamptz"),
+];
+
 /// The encrypted types' contexts in code order (`TYPE_CODES`: code = index + 1). The typed
 /// columns pass these very slices, whose code [`type_code`] then reads from the slice's address
 /// and length (a static's bytes cannot change) instead of comparing ~20 bytes per value.
 pub static TYPE_CONTEXTS: [&[u8]; 7] = [
-    b"pg_envelope/type/text",
-    b"pg_envelope/type/bytea",
-    b"pg_envelope/type/jsonb",
-    b"pg_envelope/type/int8",
-    b"pg_envelope/type/numeric",
-    b"pg_envelope/type/date",
-    b"pg_envelope/type/timestamptz",
+    TYPE_CONTEXT_SLOTS[0].split_at(21).0,
+    TYPE_CONTEXT_SLOTS[1].split_at(22).0,
+    TYPE_CONTEXT_SLOTS[2].split_at(22).0,
+    TYPE_CONTEXT_SLOTS[3].split_at(21).0,
+    TYPE_CONTEXT_SLOTS[4].split_at(24).0,
+    TYPE_CONTEXT_SLOTS[5].split_at(21).0,
+    TYPE_CONTEXT_SLOTS[6].split_at(28).0,
 ];
 
 /// The v3 code of an encrypted type's context, `None` for any other context.
-#[inline]
+#[inline(always)]
 pub fn type_code(context: &[u8]) -> Option<u8> {
-    if let Some(i) = TYPE_CONTEXTS.iter().position(|c| std::ptr::eq(*c, context)) {
-        return Some(i as u8 + 1);
+    // One of `TYPE_CONTEXTS` by its address: at the start of slot `i`, with its length
+    // (the slot's bytes past the context are zeros, never part of a context).
+    let d = (context.as_ptr() as usize).wrapping_sub(TYPE_CONTEXT_SLOTS.as_ptr() as usize);
+    if d % TYPE_CONTEXT_SLOT == 0 {
+        if let Some(c) = TYPE_CONTEXTS.get(d / TYPE_CONTEXT_SLOT) {
+            if c.len() == context.len() {
+                return Some((d / TYPE_CONTEXT_SLOT) as u8 + 1);
+            }
+        }
     }
+    type_code_by_bytes(context)
+}
+
+#[inline(never)]
+fn type_code_by_bytes(context: &[u8]) -> Option<u8> {
     let (prefix, name) = context.split_first_chunk::<17>()?;
     if prefix != TYPE_CONTEXT_PREFIX {
         return None;

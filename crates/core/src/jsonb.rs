@@ -216,30 +216,68 @@ fn ascii_without_nul(s: &[u8]) -> bool {
         let w = u32::from_ne_bytes(w);
         (w | (w.wrapping_sub(0x0101_0101) & !w)) & 0x8080_8080
     }
-    match s.len() {
-        0 => true,
-        1..=3 => s.iter().all(|&c| c.wrapping_sub(1) < 0x7F),
-        4..=8 => {
-            let (first, last) = (s.first_chunk::<4>(), s.last_chunk::<4>());
-            matches!((first, last), (Some(f), Some(l)) if bad4(*f) | bad4(*l) == 0)
+    // Tested longest first: most keys' runs and many strings are 4-16 bytes.
+    let n = s.len();
+    if n > 8 {
+        if n > 16 {
+            return ascii_without_nul_long(s);
         }
-        _ => {
-            let (words, _) = s.as_chunks::<8>();
-            let mut bad = 0u64;
-            for w in words {
-                bad |= bad8(*w);
-            }
-            bad == 0 && s.last_chunk::<8>().is_some_and(|l| bad8(*l) == 0)
-        }
+        let (first, last) = (s.first_chunk::<8>(), s.last_chunk::<8>());
+        matches!((first, last), (Some(f), Some(l)) if bad8(*f) | bad8(*l) == 0)
+    } else if n >= 4 {
+        let (first, last) = (s.first_chunk::<4>(), s.last_chunk::<4>());
+        matches!((first, last), (Some(f), Some(l)) if bad4(*f) | bad4(*l) == 0)
+    } else {
+        s.iter().all(|&c| c.wrapping_sub(1) < 0x7F)
     }
+}
+
+/// [`ascii_without_nul`] for more than 16 bytes: out of line, so that its loop's constants are
+/// not set up in every caller for the short strings most are.
+#[inline(never)]
+fn ascii_without_nul_long(s: &[u8]) -> bool {
+    #[inline(always)]
+    fn bad8(w: [u8; 8]) -> u64 {
+        let w = u64::from_ne_bytes(w);
+        (w | (w.wrapping_sub(0x0101_0101_0101_0101) & !w)) & 0x8080_8080_8080_8080
+    }
+    let (words, _) = s.as_chunks::<8>();
+    let mut bad = 0u64;
+    for w in words {
+        bad |= bad8(*w);
+    }
+    bad == 0 && s.last_chunk::<8>().is_some_and(|l| bad8(*l) == 0)
 }
 
 /// Checks an internal-form body in this machine's byte order (read only).
 /// `string_ok` says whether a string's bytes are valid in the server encoding (NUL bytes are
 /// refused before it is asked).
-#[inline]
+#[inline(always)]
 pub fn check_native<F: FnMut(&[u8]) -> bool>(body: &[u8], string_ok: &mut F) -> Result<(), Invalid> {
-    walk(&mut Native(body), string_ok)
+    // A root object or array of at most `JB_OFFSET_STRIDE` entries (most documents) goes
+    // straight to `small`; anything else (a root scalar, a bigger root) through `walk`.
+    let Some((header, rest)) = body.split_first_chunk::<4>() else { return Err(Invalid) };
+    if body.len() > MAX_BODY {
+        return Err(Invalid);
+    }
+    let header = u32::from_ne_bytes(*header);
+    let count = (header & JB_CMASK) as usize;
+    let keys = match header & !JB_CMASK {
+        JB_FOBJECT if count <= JB_OFFSET_STRIDE / 2 => count,
+        JB_FARRAY if count <= JB_OFFSET_STRIDE => 0,
+        _ => return walk(&mut Native(body), string_ok),
+    };
+    if general_only() {
+        return walk(&mut Native(body), string_ok);
+    }
+    let Some((entries, data)) = rest.split_at_checked(4 * (count + keys)) else { return Err(Invalid) };
+    let (entries, _) = entries.as_chunks::<4>();
+    let mut work = WorkList { one: None, spill: Vec::new() };
+    small(data, 4 + 4 * (count + keys), entries, keys, 1, &mut work, string_ok)?;
+    if work.one.is_none() {
+        return Ok(());
+    }
+    nested(&mut Native(body), work, string_ok)
 }
 
 /// Checks an internal-form body written in byte order `from` and rewrites it, in place, in this
@@ -263,6 +301,9 @@ trait Body<'a> {
     /// wiped-on-drop copy of the rewritten ones for [`Foreign`] (they are plaintext).
     type Ints: AsRef<[u8]>;
     fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<Self::Ints, Invalid>;
+    /// The body itself when it is in this machine's byte order (nothing to rewrite): what
+    /// [`small`] reads.
+    fn native(&self) -> Option<&'a [u8]>;
 }
 
 #[inline(always)]
@@ -293,6 +334,10 @@ impl<'a> Body<'a> for Native<'a> {
     fn ints<const N: usize>(&mut self, at: usize, end: usize) -> Result<&'a [u8], Invalid> {
         let body: &'a [u8] = self.0;
         body.get(at..end).ok_or(Invalid)
+    }
+    #[inline(always)]
+    fn native(&self) -> Option<&'a [u8]> {
+        Some(self.0)
     }
 }
 
@@ -330,6 +375,9 @@ impl<'a> Body<'a> for Foreign<'a> {
             w.reverse();
         }
         Ok(zeroize::Zeroizing::new(e.to_vec()))
+    }
+    fn native(&self) -> Option<&'a [u8]> {
+        None
     }
 }
 
@@ -369,16 +417,22 @@ fn walk<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(b: &mut B, string_ok: &mut F) 
     if b.len() > MAX_BODY {
         return Err(Invalid);
     }
-    // The root is the only container at depth 1 (one call site: `container` is inlined here).
+    // The root is the only container at depth 1; the containers nested in it, if any, are
+    // checked after it passed, by `nested` (out of line: most documents have none).
     let mut work = WorkList { one: None, spill: Vec::new() };
-    let mut p = Pending { start: 0, end: b.len(), depth: 1 };
-    loop {
-        container(b, p, &mut work, string_ok)?;
-        match work.pop() {
-            Some(next) => p = next,
-            None => return Ok(()),
-        }
+    container(b, Pending { start: 0, end: b.len(), depth: 1 }, &mut work, string_ok)?;
+    if work.one.is_none() {
+        return Ok(());
     }
+    nested(b, work, string_ok)
+}
+
+#[inline(never)]
+fn nested<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(b: &mut B, mut work: WorkList, string_ok: &mut F) -> Result<(), Invalid> {
+    while let Some(p) = work.pop() {
+        container(b, p, &mut work, string_ok)?;
+    }
+    Ok(())
 }
 
 /// Bytes of zero padding before a numeric or container at `off` (relative to its container's
@@ -433,7 +487,10 @@ fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
         return value(b, je, base, 0, room, None, string_ok);
     }
     if n <= JB_OFFSET_STRIDE && !general_only() {
-        return small(b, entries, if object { count } else { 0 }, base, room, depth, work, string_ok);
+        if let Some(body) = b.native() {
+            let data = body.get(base..end).ok_or(Invalid)?;
+            return small(data, base, entries, if object { count } else { 0 }, depth, work, string_ok);
+        }
     }
     // Every child's end: the stored end offset in every 32nd child (`JB_OFFSET_STRIDE`, counted
     // across an object's keys then values) and a length in the others, exactly as the writer
@@ -515,59 +572,143 @@ fn general_only() -> bool {
 /// that comparison is still inside the body (every read is bounds-checked), and a refusal
 /// discards everything. Accepts exactly what the general path accepts (the tests run both).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn small<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
-    b: &mut B,
+fn small<F: FnMut(&[u8]) -> bool>(
+    data: &[u8],
+    base: usize,
     entries: &[[u8; 4]],
     keys: usize,
-    base: usize,
-    room: usize,
     depth: u32,
     work: &mut WorkList,
     string_ok: &mut F,
 ) -> Result<(), Invalid> {
     debug_assert!(entries.len() <= JB_OFFSET_STRIDE && keys <= entries.len());
-    let Some(first) = entries.first() else {
-        return if room == 0 { Ok(()) } else { Err(Invalid) };
-    };
-    if u32::from_ne_bytes(*first) & JENTRY_HAS_OFF == 0 {
-        return Err(Invalid);
+    if entries.is_empty() {
+        return if data.is_empty() { Ok(()) } else { Err(Invalid) };
     }
-    // Entries with the offset flag (the first one only, checked at the end), the keys' types
-    // (strings: zero) folded together.
-    let mut offsets = 0u32;
-    let mut key_types = 0u32;
     let (keys, values) = entries.split_at(keys);
-    // Keys strictly increasing by (length, bytes), as lengthCompareJsonbString orders them,
-    // then valid strings (`key_strings`).
+    // The offset flag: on the first entry (an object's first key, an array's first element)
+    // and no other. Keys are strings (type 0): an object's keys other than the first are
+    // folded into `rest` and tested once; values count their flags into `offsets`.
     let mut off = 0usize;
-    let mut prev_len = 0usize;
-    for (i, w) in keys.iter().enumerate() {
-        let je = u32::from_ne_bytes(*w);
-        offsets += je >> 31;
-        key_types |= je & JENTRY_TYPEMASK;
-        let len = (je & JENTRY_OFFLENMASK) as usize;
-        if i > 0 && (len < prev_len || (len == prev_len && b.bytes(base + off - len, base + off)? >= b.bytes(base + off, base + off + len)?)) {
+    let mut offsets = 0u32;
+    if let Some((k0, others)) = keys.split_first() {
+        let je = u32::from_ne_bytes(*k0);
+        if je & (JENTRY_HAS_OFF | JENTRY_TYPEMASK) != JENTRY_HAS_OFF {
             return Err(Invalid);
         }
-        prev_len = len;
-        off += len;
+        let mut prev_len = (je & JENTRY_OFFLENMASK) as usize;
+        let mut rest = 0u32;
+        off = prev_len;
+        for w in others {
+            let je = u32::from_ne_bytes(*w);
+            rest |= je;
+            let len = (je & JENTRY_OFFLENMASK) as usize;
+            // Strictly increasing by (length, bytes), as lengthCompareJsonbString orders them.
+            if len <= prev_len && (len < prev_len || data.get(off - len..off).ok_or(Invalid)? >= data.get(off..off + len).ok_or(Invalid)?) {
+                return Err(Invalid);
+            }
+            prev_len = len;
+            off += len;
+        }
+        if rest & (JENTRY_HAS_OFF | JENTRY_TYPEMASK) != 0 {
+            return Err(Invalid);
+        }
+        let key_bytes = data.get(..off).ok_or(Invalid)?;
+        if !ascii_without_nul(key_bytes) {
+            let mut at = 0;
+            for w in keys {
+                let e = at + (u32::from_ne_bytes(*w) & JENTRY_OFFLENMASK) as usize;
+                if !valid_string(&key_bytes[at..e], string_ok) {
+                    return Err(Invalid);
+                }
+                at = e;
+            }
+        }
+        // The values' flags are all clear: counted as if the first key's were among them.
+        offsets = 1;
     }
-    if key_types != 0 || off > room {
-        return Err(Invalid);
-    }
-    if !keys.is_empty() {
-        key_strings(b, keys, base, off, string_ok)?;
-    }
-    let mut nested = if depth >= MAX_DEPTH { None } else { Some((work, depth + 1)) };
     for w in values {
         let je = u32::from_ne_bytes(*w);
         offsets += je >> 31;
         let e = off + (je & JENTRY_OFFLENMASK) as usize;
-        value(b, je, base, off, e, nested.as_mut().map(|(w, d)| (&mut **w, *d)), string_ok)?;
+        let child = data.get(off..e).ok_or(Invalid)?;
+        let kind = je & JENTRY_TYPEMASK;
+        if kind == JENTRY_ISSTRING {
+            if !valid_string(child, string_ok) {
+                return Err(Invalid);
+            }
+        } else if kind == JENTRY_ISNUMERIC || kind == JENTRY_ISCONTAINER {
+            let p = pad(off);
+            let (zeros, rest) = child.split_at_checked(p).ok_or(Invalid)?;
+            if zeros.iter().any(|&z| z != 0) {
+                return Err(Invalid);
+            }
+            if kind == JENTRY_ISNUMERIC {
+                numeric_bytes(rest)?;
+            } else if depth < MAX_DEPTH {
+                work.push(Pending { start: base + off + p, end: base + e, depth: depth + 1 });
+            } else {
+                return Err(Invalid);
+            }
+        } else if kind > JENTRY_ISNULL || !child.is_empty() {
+            // Booleans and null have no bytes; anything above null but a container is no type.
+            return Err(Invalid);
+        }
         off = e;
     }
-    if offsets != 1 || off != room {
+    if offsets != 1 || off != data.len() || values.first().is_some_and(|w| keys.is_empty() && u32::from_ne_bytes(*w) & JENTRY_HAS_OFF == 0) {
+        return Err(Invalid);
+    }
+    Ok(())
+}
+
+/// [`numeric`] over its bytes in this machine's order (what [`small`] reads): the same rules,
+/// written separately (the tests and the fuzz target compare the two paths).
+#[inline(always)]
+fn numeric_bytes(n: &[u8]) -> Result<(), Invalid> {
+    // A 4-byte varlena header holding the length, then 2-byte words (the header word, the long
+    // form's weight, the digits). `n` is at most MAX_BODY bytes: its length fits the header.
+    let Some((hdr, rest)) = n.split_first_chunk::<4>() else { return Err(Invalid) };
+    let Some((h, tail)) = rest.split_first_chunk::<2>() else { return Err(Invalid) };
+    if n.len() % 2 != 0 || *hdr != Order::HOST.put_varlena_4b_u(n.len() as u32) {
+        return Err(Invalid);
+    }
+    let (words, _) = tail.as_chunks::<2>();
+    let h = u16::from_ne_bytes(*h);
+    let (negative, dscale, weight, digits) = if h & NUMERIC_SIGN_MASK == NUMERIC_SHORT {
+        let w = (h & NUMERIC_SHORT_WEIGHT_MASK) as i32;
+        let weight = if h & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 { w - 64 } else { w };
+        (h & NUMERIC_SHORT_SIGN_MASK != 0, (h & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT, weight, words)
+    } else if h & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
+        return Err(Invalid); // NaN and the infinities: jsonb holds none
+    } else {
+        let Some((w, digits)) = words.split_first() else { return Err(Invalid) };
+        let weight = u16::from_ne_bytes(*w) as i16 as i32;
+        let dscale = h & NUMERIC_DSCALE_MASK;
+        // make_result writes the long form only when the short one cannot hold the value.
+        if short_fits(dscale, weight) {
+            return Err(Invalid);
+        }
+        (h & NUMERIC_SIGN_MASK == NUMERIC_NEG, dscale, weight, digits)
+    };
+    let Some((&first, inner)) = digits.split_first() else {
+        // Zero: make_result gives it weight 0 and a positive sign.
+        return if weight == 0 && !negative { Ok(()) } else { Err(Invalid) };
+    };
+    let last = inner.last().copied().unwrap_or(first);
+    let (first, last) = (u16::from_ne_bytes(first), u16::from_ne_bytes(last));
+    // Digits below NBASE, the first and the last not zero (1..=9999), the ones between any.
+    if first.wrapping_sub(1) >= NBASE - 1 || last.wrapping_sub(1) >= NBASE - 1 {
+        return Err(Invalid);
+    }
+    if let Some((_, between)) = inner.split_last() {
+        for d in between {
+            if u16::from_ne_bytes(*d) >= NBASE {
+                return Err(Invalid);
+            }
+        }
+    }
+    if fraction_digits(weight, digits.len(), last) > dscale as i64 {
         return Err(Invalid);
     }
     Ok(())
@@ -1221,6 +1362,60 @@ mod tests {
         assert_eq!(check_native(&padded, &mut ok), Err(Invalid), "padding that is not zero");
     }
 
+    /// `[x, true]` and `{"a": x}` with `bytes` as `x`'s data (after its padding), entry type
+    /// `kind`: bodies the small-container path reads (the tests compare it with the general one).
+    fn in_small_containers(bytes: &[u8], kind: u32) -> [Vec<u8>; 2] {
+        let e = |v: u32| v.to_ne_bytes();
+        let mut array = Vec::new();
+        array.extend_from_slice(&e(2 | JB_FARRAY));
+        array.extend_from_slice(&e(kind | JENTRY_HAS_OFF | bytes.len() as u32));
+        array.extend_from_slice(&e(JENTRY_ISBOOL_TRUE));
+        array.extend_from_slice(bytes);
+        let mut object = Vec::new();
+        object.extend_from_slice(&e(1 | JB_FOBJECT));
+        object.extend_from_slice(&e(JENTRY_ISSTRING | JENTRY_HAS_OFF | 1));
+        object.extend_from_slice(&e(kind | (3 + bytes.len() as u32)));
+        object.extend_from_slice(b"a\0\0\0");
+        object.extend_from_slice(bytes);
+        [array, object]
+    }
+
+    /// The offset flag on the first entry only, in containers of at most 32 children (the
+    /// small-container path counts them): every pair of entries with both flags toggled, in
+    /// objects and arrays, agrees with the general path and the reference, and only the
+    /// untouched document passes (checked first).
+    #[test]
+    fn every_pair_of_toggled_offset_flags_is_refused_in_small_containers() {
+        let docs = [
+            Value::Object(vec![(s("a"), num(false, 0, 0, &[1])), (s("bb"), Value::Str(s("x"))), (s("cc"), Value::Bool(true)), (s("dd"), Value::Null)]),
+            Value::Array(vec![num(false, 0, 0, &[1]), Value::Str(s("x")), Value::Bool(false), Value::Null, Value::Array(vec![])]),
+        ];
+        let mut tried = 0;
+        for d in &docs {
+            let body = encode(d, Order::HOST);
+            let count = (u32::from_ne_bytes(body[..4].try_into().unwrap()) & JB_CMASK) as usize;
+            let n = if matches!(d, Value::Object(_)) { count * 2 } else { count };
+            assert_eq!(check_native(&body, &mut ok), Ok(()));
+            for i in 0..n {
+                for j in i..n {
+                    let mut m = body.clone();
+                    for k in if i == j { vec![i] } else { vec![i, j] } {
+                        m[4 + 4 * k + if cfg!(target_endian = "little") { 3 } else { 0 }] ^= 0x80;
+                    }
+                    let a = check_native(&m, &mut ok).is_ok();
+                    GENERAL_ONLY.with(|g| g.set(true));
+                    let general = check_native(&m, &mut ok).is_ok();
+                    GENERAL_ONLY.with(|g| g.set(false));
+                    assert_eq!(a, general, "small {a}, general {general}: entries {i} and {j}");
+                    assert_eq!(a, model::reference_accepts(&m, &mut ok), "entries {i} and {j}");
+                    assert!(!a, "entries {i} and {j}");
+                    tried += 1;
+                }
+            }
+        }
+        assert!(tried > 40);
+    }
+
     #[test]
     fn numerics_are_refused_unless_make_result_could_have_written_them() {
         let body_of = |bytes: Vec<u8>| {
@@ -1253,6 +1448,8 @@ mod tests {
             ("infinity", inf),
             ("the long form where the short fits", long_that_fits),
             ("a digit of 10000", numeric_bytes(&n(false, 0, 0, &[10_000]), h)),
+            ("a middle digit of 10000", numeric_bytes(&n(false, 2, 0, &[1, 10_000, 1]), h)),
+            ("a last digit of 10000", numeric_bytes(&n(false, 1, 0, &[1, 10_000]), h)),
             ("a leading zero digit", numeric_bytes(&n(false, 1, 0, &[0, 1]), h)),
             ("a trailing zero digit", numeric_bytes(&n(false, 1, 0, &[1, 0]), h)),
             ("a negative zero", {
@@ -1269,8 +1466,27 @@ mod tests {
             ("a size that is not the entry's", wrong_size),
             ("an odd number of digit bytes", [numeric_bytes(&n(false, 0, 0, &[1]), h), vec![0]].concat()),
         ];
-        for (what, bytes) in cases {
-            assert_eq!(check_native(&body_of(bytes), &mut ok), Err(Invalid), "{what}");
+        // An odd size that the varlena header and the entry both state (the case above has a
+        // header that disagrees with its entry, refused for that alone).
+        let mut odd = [numeric_bytes(&n(false, 0, 0, &[1]), h), vec![0]].concat();
+        let l = odd.len() as u32;
+        odd[..4].copy_from_slice(&h.put_varlena_4b_u(l));
+        for (what, bytes) in cases.into_iter().chain([("an odd size, header and entry agreeing", odd)]) {
+            // As a raw scalar (the general path) and as an array element and an object value
+            // (both paths: `small` for containers of at most 32 children, and the general one).
+            assert_eq!(check_native(&body_of(bytes.clone()), &mut ok), Err(Invalid), "{what}");
+            for body in in_small_containers(&bytes, JENTRY_ISNUMERIC) {
+                for general in [false, true] {
+                    GENERAL_ONLY.with(|g| g.set(general));
+                    let r = check_native(&body, &mut ok);
+                    GENERAL_ONLY.with(|g| g.set(false));
+                    assert_eq!(r, Err(Invalid), "{what} in a container (general path only: {general})");
+                }
+            }
+        }
+        // The wrapping itself is sound: a good numeric passes in it.
+        for body in in_small_containers(&numeric_bytes(&n(false, 0, 0, &[1]), h), JENTRY_ISNUMERIC) {
+            assert_eq!(check_native(&body, &mut ok), Ok(()));
         }
         // The long form where the short one cannot hold the value is fine.
         assert_eq!(check_native(&body_of(numeric_bytes(&n(false, 64, 0, &[1]), h)), &mut ok), Ok(()));
