@@ -50,6 +50,16 @@
 //!
 //! [`model`] is a reference reader and writer of the format (for the tests and the fuzz target:
 //! whatever the check accepts must decode and re-encode to the same bytes).
+//!
+//! Two paths check the same rules. The general one (`walk`, `container`, `numeric`) reads
+//! through `Body` (which rewrites a foreign-order body as it reads it) and serves every
+//! container. A container of this machine's byte order with at most `JB_OFFSET_STRIDE` children
+//! (what most documents are made of; the root itself when it is such an object or array) takes
+//! `small`, written over its data's bytes: the writer then stores the end offset in the first
+//! child only, so the offset flags are counted, every field is a length, and one comparison of
+//! their sum with the container's room replaces the per-child bounds rules; its numerics go
+//! through `numeric_bytes`. The tests and the fuzz target run every input through both paths
+//! and the reference (`GENERAL_ONLY`).
 
 /// First byte of an internal-form payload (jsonb's text form never starts with it).
 pub const MARKER: u8 = 0x00;
