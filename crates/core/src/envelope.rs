@@ -344,6 +344,9 @@ mod tests {
             let ctx = [&TYPE_CONTEXT_PREFIX[..], name.as_bytes()].concat();
             assert_eq!(TYPE_CONTEXTS[i], &ctx[..], "{name}");
             assert_eq!(type_code(TYPE_CONTEXTS[i]), Some(*code), "{name} by address");
+            // The address is what `type_code` reads first (review 74: nothing showed the slots
+            // were used; a broken layout would only cost the byte comparison's time).
+            assert_eq!(TYPE_CONTEXTS[i].as_ptr(), TYPE_CONTEXT_SLOTS[i].as_ptr(), "{name} in its slot");
             assert_eq!(type_code(&ctx), Some(*code), "{name} by bytes");
             // The address of a static with a shorter length is not the static.
             assert_eq!(type_code(&TYPE_CONTEXTS[i][..ctx.len() - 1]), None, "{name} cut short");

@@ -1607,7 +1607,9 @@ mod tests {
     fn the_ascii_fast_path_agrees_with_a_bytewise_check() {
         let bytewise = |s: &[u8]| s.iter().all(|&c| (1..=0x7F).contains(&c));
         let mut cases: Vec<Vec<u8>> = vec![vec![], b"a".to_vec(), b"12345678".to_vec(), b"123456789abcdefgh".to_vec()];
-        for len in [1usize, 7, 8, 9, 16, 17, 31] {
+        // Every length through the bytewise, 4-byte, 8-byte and out-of-line branches and their
+        // edges (review 74: lengths 2-6 and 10-15 were not covered).
+        for len in 1usize..=40 {
             for at in 0..len {
                 for bad in [0x00u8, 0x80, 0xff, 0x7f, 0x01] {
                     let mut v = vec![b'x'; len];
