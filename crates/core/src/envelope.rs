@@ -161,26 +161,37 @@ const fn slot(s: &[u8]) -> [u8; TYPE_CONTEXT_SLOT] {
 /// slot's address and has its length is that type's, which [`type_code`] tells from the
 /// address alone.
 static TYPE_CONTEXT_SLOTS: [[u8; TYPE_CONTEXT_SLOT]; 7] = [
-    slot(b"pg_envelope/type/text"),
-    slot(b"pg_envelope/type/bytea"),
-    slot(b"pg_envelope/type/jsonb"),
-    slot(b"pg_envelope/type/int8"),
-    slot(b"pg_envelope/type/numeric"),
-    slot(b"pg_envelope/type/date"),
-    slot(b"pg_envelope/type/timestamptz"),
+    slot(CONTEXTS[0]),
+    slot(CONTEXTS[1]),
+    slot(CONTEXTS[2]),
+    slot(CONTEXTS[3]),
+    slot(CONTEXTS[4]),
+    slot(CONTEXTS[5]),
+    slot(CONTEXTS[6]),
+];
+
+/// The contexts' bytes, in code order (written once: the slots and the slices are made of them).
+const CONTEXTS: [&[u8]; 7] = [
+    b"pg_envelope/type/text",
+    b"pg_envelope/type/bytea",
+    b"pg_envelope/type/jsonb",
+    b"pg_envelope/type/int8",
+    b"pg_envelope/type/numeric",
+    b"pg_envelope/type/date",
+    b"pg_envelope/type/timestamptz",
 ];
 
 /// The encrypted types' contexts in code order (`TYPE_CODES`: code = index + 1). The typed
 /// columns pass these very slices, whose code [`type_code`] then reads from the slice's address
 /// and length (a static's bytes cannot change) instead of comparing ~20 bytes per value.
 pub static TYPE_CONTEXTS: [&[u8]; 7] = [
-    TYPE_CONTEXT_SLOTS[0].split_at(21).0,
-    TYPE_CONTEXT_SLOTS[1].split_at(22).0,
-    TYPE_CONTEXT_SLOTS[2].split_at(22).0,
-    TYPE_CONTEXT_SLOTS[3].split_at(21).0,
-    TYPE_CONTEXT_SLOTS[4].split_at(24).0,
-    TYPE_CONTEXT_SLOTS[5].split_at(21).0,
-    TYPE_CONTEXT_SLOTS[6].split_at(28).0,
+    TYPE_CONTEXT_SLOTS[0].split_at(CONTEXTS[0].len()).0,
+    TYPE_CONTEXT_SLOTS[1].split_at(CONTEXTS[1].len()).0,
+    TYPE_CONTEXT_SLOTS[2].split_at(CONTEXTS[2].len()).0,
+    TYPE_CONTEXT_SLOTS[3].split_at(CONTEXTS[3].len()).0,
+    TYPE_CONTEXT_SLOTS[4].split_at(CONTEXTS[4].len()).0,
+    TYPE_CONTEXT_SLOTS[5].split_at(CONTEXTS[5].len()).0,
+    TYPE_CONTEXT_SLOTS[6].split_at(CONTEXTS[6].len()).0,
 ];
 
 /// The v3 code of an encrypted type's context, `None` for any other context.

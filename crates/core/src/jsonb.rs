@@ -214,18 +214,21 @@ fn valid_string(s: &[u8], string_ok: &mut impl FnMut(&[u8]) -> bool) -> bool {
 /// classic `(w - 0x01..) & !w & 0x80..` test (exact as a yes/no). Strings of 4 bytes or more
 /// are covered by whole words plus one last word that overlaps the one before it; shorter
 /// ones bytewise. Most keys and many values are a few bytes long.
+/// The bytes of `w` that are 0x00 or above 0x7F, as their high bits (`bad8`, `bad4`).
+#[inline(always)]
+fn bad8(w: [u8; 8]) -> u64 {
+    let w = u64::from_ne_bytes(w);
+    (w | (w.wrapping_sub(0x0101_0101_0101_0101) & !w)) & 0x8080_8080_8080_8080
+}
+
+#[inline(always)]
+fn bad4(w: [u8; 4]) -> u32 {
+    let w = u32::from_ne_bytes(w);
+    (w | (w.wrapping_sub(0x0101_0101) & !w)) & 0x8080_8080
+}
+
 #[inline(always)]
 fn ascii_without_nul(s: &[u8]) -> bool {
-    #[inline(always)]
-    fn bad8(w: [u8; 8]) -> u64 {
-        let w = u64::from_ne_bytes(w);
-        (w | (w.wrapping_sub(0x0101_0101_0101_0101) & !w)) & 0x8080_8080_8080_8080
-    }
-    #[inline(always)]
-    fn bad4(w: [u8; 4]) -> u32 {
-        let w = u32::from_ne_bytes(w);
-        (w | (w.wrapping_sub(0x0101_0101) & !w)) & 0x8080_8080
-    }
     // Tested longest first: most keys' runs and many strings are 4-16 bytes.
     let n = s.len();
     if n > 8 {
@@ -246,11 +249,6 @@ fn ascii_without_nul(s: &[u8]) -> bool {
 /// not set up in every caller for the short strings most are.
 #[inline(never)]
 fn ascii_without_nul_long(s: &[u8]) -> bool {
-    #[inline(always)]
-    fn bad8(w: [u8; 8]) -> u64 {
-        let w = u64::from_ne_bytes(w);
-        (w | (w.wrapping_sub(0x0101_0101_0101_0101) & !w)) & 0x8080_8080_8080_8080
-    }
     let (words, _) = s.as_chunks::<8>();
     let mut bad = 0u64;
     for w in words {
@@ -534,7 +532,7 @@ fn container<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
         return Err(Invalid);
     }
     if object {
-        key_strings(b, keys, base, off, string_ok)?;
+        key_strings(b.bytes(base, base + off)?, keys, string_ok)?;
     }
     // Values and array elements.
     let nested = if depth >= MAX_DEPTH { None } else { Some((&mut *work, depth + 1)) };
@@ -623,17 +621,7 @@ fn small<F: FnMut(&[u8]) -> bool>(
         if rest & (JENTRY_HAS_OFF | JENTRY_TYPEMASK) != 0 {
             return Err(Invalid);
         }
-        let key_bytes = data.get(..off).ok_or(Invalid)?;
-        if !ascii_without_nul(key_bytes) {
-            let mut at = 0;
-            for w in keys {
-                let e = at + (u32::from_ne_bytes(*w) & JENTRY_OFFLENMASK) as usize;
-                if !valid_string(&key_bytes[at..e], string_ok) {
-                    return Err(Invalid);
-                }
-                at = e;
-            }
-        }
+        key_strings(data.get(..off).ok_or(Invalid)?, keys, string_ok)?;
         // The values' flags are all clear: counted as if the first key's were among them.
         offsets = 1;
     }
@@ -724,24 +712,18 @@ fn numeric_bytes(n: &[u8]) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// An object's keys (bytes `base .. base + end`, their ends already checked): valid strings.
-/// Keys are not padded, so their bytes are one run, checked at once when it is ASCII without
-/// NUL (most keys), key by key otherwise. Shared by [`container`] and [`small`].
+/// An object's keys, whose bytes are `run` (their ends already checked to lie in it): valid
+/// strings. Keys are not padded, so their bytes are one run, checked at once when it is ASCII
+/// without NUL (most keys), key by key otherwise. Shared by [`container`] and [`small`].
 #[inline(always)]
-fn key_strings<'a, B: Body<'a>, F: FnMut(&[u8]) -> bool>(
-    b: &B,
-    keys: &[[u8; 4]],
-    base: usize,
-    end: usize,
-    string_ok: &mut F,
-) -> Result<(), Invalid> {
-    if ascii_without_nul(b.bytes(base, base + end)?) {
+fn key_strings<F: FnMut(&[u8]) -> bool>(run: &[u8], keys: &[[u8; 4]], string_ok: &mut F) -> Result<(), Invalid> {
+    if ascii_without_nul(run) {
         return Ok(());
     }
     let mut at = 0;
     for w in keys {
         let e = child_end(u32::from_ne_bytes(*w), at);
-        if !valid_string(b.bytes(base + at, base + e)?, string_ok) {
+        if !valid_string(run.get(at..e).ok_or(Invalid)?, string_ok) {
             return Err(Invalid);
         }
         at = e;
