@@ -200,7 +200,7 @@ pub fn type_code(context: &[u8]) -> Option<u8> {
     // One of `TYPE_CONTEXTS` by its address: at the start of slot `i`, with its length
     // (the slot's bytes past the context are zeros, never part of a context).
     let d = (context.as_ptr() as usize).wrapping_sub(TYPE_CONTEXT_SLOTS.as_ptr() as usize);
-    if d % TYPE_CONTEXT_SLOT == 0 {
+    if d.is_multiple_of(TYPE_CONTEXT_SLOT) {
         if let Some(c) = TYPE_CONTEXTS.get(d / TYPE_CONTEXT_SLOT) {
             if c.len() == context.len() {
                 return Some((d / TYPE_CONTEXT_SLOT) as u8 + 1);

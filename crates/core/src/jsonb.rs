@@ -668,7 +668,7 @@ fn numeric_bytes(n: &[u8]) -> Result<(), Invalid> {
     // form's weight, the digits). `n` is at most MAX_BODY bytes: its length fits the header.
     let Some((hdr, rest)) = n.split_first_chunk::<4>() else { return Err(Invalid) };
     let Some((h, tail)) = rest.split_first_chunk::<2>() else { return Err(Invalid) };
-    if n.len() % 2 != 0 || *hdr != Order::HOST.put_varlena_4b_u(n.len() as u32) {
+    if !n.len().is_multiple_of(2) || *hdr != Order::HOST.put_varlena_4b_u(n.len() as u32) {
         return Err(Invalid);
     }
     let (words, _) = tail.as_chunks::<2>();
